@@ -1,0 +1,44 @@
+"""Progress line for long solves: on a terminal after about a second, or when asked."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+
+class Progress:
+    """Prints ``label iter N | marginal error E | eps e`` on one refreshed stderr line.
+
+    ``verbose=None`` (default): only when stderr is a terminal and the run has
+    lasted more than ``after`` seconds. ``True``: always. ``False``: never.
+    """
+
+    def __init__(self, verbose: Optional[bool], label: str, after: float = 1.0):
+        self.label = label
+        self.enabled = bool(verbose) if verbose is not None else sys.stderr.isatty()
+        self.after = 0.0 if verbose else after
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.printed = False
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def update(self, it: int, err: float, eps: float, stage: str = "") -> None:
+        if not self.enabled:
+            return
+        now = self.elapsed
+        if now < self.after or now - self.last < 0.25:
+            return
+        self.last = now
+        self.printed = True
+        extra = f" | {stage}" if stage else ""
+        sys.stderr.write(f"\r{self.label} iter {it:6d} | marginal error {err:.3e} | eps {eps:.3g}{extra} | {now:6.1f}s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.printed:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

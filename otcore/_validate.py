@@ -1,0 +1,99 @@
+"""Input checks shared by the public entry points.
+
+Every check raises before any work is done, with the argument's name in the
+message. Nothing is clamped or repaired silently.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 inputs are computed in float32; float32/float64 stay as they are."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tensor(name: str, t, ndims: tuple[int, ...]) -> torch.Tensor:
+    """Check that ``t`` is a finite floating tensor with one of ``ndims`` dimensions."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    if t.dim() not in ndims:
+        want = " or ".join(str(k) for k in ndims)
+        raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
+    if any(s == 0 for s in t.shape):
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return t
+
+
+def positive(name: str, v, *, allow_none: bool = False) -> Optional[float]:
+    """A finite number > 0 (``eps``, ``tol``, ``gamma``, ``rho``...)."""
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = float(v)
+        else:
+            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    return v
+
+
+def positive_int(name: str, v, *, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def choice(name: str, v, options) -> str:
+    if v not in options:
+        raise ValueError(f"{name} must be one of {sorted(options)}, got {v!r}")
+    return v
+
+
+def weights(name: str, w, batch: int, size: int, batched: bool, like: torch.Tensor) -> torch.Tensor:
+    """Return weights as a ``(B, size)`` tensor in ``like``'s dtype and device.
+
+    ``None`` means uniform weights ``1/size``. Weights must be finite,
+    non-negative and not all zero in any problem of the batch.
+    """
+    if w is None:
+        return torch.full((batch, size), 1.0 / size, dtype=like.dtype, device=like.device)
+    tensor(name, w, (2,) if batched else (1,))
+    if w.device != like.device:
+        raise ValueError(f"{name} is on {w.device} but the geometry is on {like.device}")
+    want = (batch, size) if batched else (size,)
+    if tuple(w.shape) != want:
+        raise ValueError(f"{name} must have shape {want}, got {tuple(w.shape)}")
+    if bool((w < 0).any()):
+        raise ValueError(f"{name} has negative entries")
+    w = w.detach().reshape(batch, size).to(like.dtype)
+    if bool((w.sum(-1) <= 0).any()):
+        raise ValueError(f"{name} is all zero (in at least one problem of the batch)")
+    return w
+
+
+def balanced_mass(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Balanced OT needs equal total mass on both sides."""
+    ma, mb = a.sum(-1), b.sum(-1)
+    rtol = 1e-4 if a.dtype != torch.float64 else 1e-8
+    bad = (ma - mb).abs() > rtol * torch.maximum(ma, mb)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"a and b must have the same total mass in balanced mode (got {float(ma[i]):.6g} vs "
+            f"{float(mb[i]):.6g}); normalise them or pass rho= for unbalanced OT"
+        )

@@ -1,0 +1,155 @@
+"""Geometries: the only code that knows the cost.
+
+A geometry holds either two point clouds (cost computed on the fly) or a dense
+cost matrix, always internally with a leading batch dimension ``B`` (``B = 1``
+for unbatched input, remembered in ``batched``). Solvers only call the
+primitives below; each dispatches to the torch reference or the Triton kernels
+(:mod:`otcore._dispatch`).
+
+Primitives take *biased* potentials ``F = f + eps*log a`` (B,n) and
+``G = g + eps*log b`` (B,m) so that ``P_ij = exp((F_i + G_j - C_ij)/eps)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch, _validate
+
+COSTS = ("sqeuclidean", "euclidean")
+
+
+class Geometry:
+    """Common part of :class:`PointCloud` and :class:`CostMatrix`."""
+
+    is_dense: bool
+    batched: bool
+    batch: int
+    n: int
+    m: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._ref.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._ref.device
+
+    # --- primitives -------------------------------------------------------
+    def _call(self, name, backend, *args, **kw):
+        return _dispatch.primitive(name, backend)(self, *args, **kw)
+
+    def softmin(self, h, eps, axis, backend="torch", precision="fp32"):
+        """``axis=1``: ``-eps log sum_j exp((h_j - C_ij)/eps)`` (B,n); ``axis=0``: over i, (B,m)."""
+        return self._call("softmin", backend, h, eps, axis, precision=precision)
+
+    def apply_plan(self, F, G, eps, v, axis, backend="torch", precision="fp32"):
+        """``axis=1``: ``P v`` with v (B,m[,k]); ``axis=0``: ``P^T u`` with u (B,n[,k])."""
+        return self._call("apply_plan", backend, F, G, eps, v, axis, precision=precision)
+
+    def marginals(self, F, G, eps, axis, backend="torch", precision="fp32"):
+        """``axis=1``: ``P 1`` (B,n); ``axis=0``: ``P^T 1`` (B,m)."""
+        return self._call("marginals", backend, F, G, eps, axis, precision=precision)
+
+    def plan(self, F, G, eps, backend="torch", precision="fp32"):
+        """Dense plan (B,n,m)."""
+        return self._call("plan_dense", backend, F, G, eps, precision=precision)
+
+    def plan_cost(self, F, G, eps, backend="torch", precision="fp32"):
+        """``<P, C>`` per problem (B,)."""
+        return self._call("plan_cost", backend, F, G, eps, precision=precision)
+
+    def plan_topk(self, F, G, eps, k, backend="torch", precision="fp32"):
+        """The k largest entries of each row of P: values, column indices (B,n,k)."""
+        return self._call("plan_topk", backend, F, G, eps, k, precision=precision)
+
+    def plan_cost_grad(self, F, G, eps, backend="torch", precision="fp32"):
+        """Gradient of ``<P, C>`` w.r.t. :meth:`inputs`, P fixed (see reference.plan_cost_grad)."""
+        return self._call("plan_cost_grad", backend, F, G, eps, precision=precision)
+
+
+class PointCloud(Geometry):
+    """Two point clouds with a cost computed on the fly.
+
+    Args:
+        x: ``(n, d)`` or ``(B, n, d)`` source points.
+        y: ``(m, d)`` or ``(B, m, d)`` target points (same batch, same ``d``).
+        cost: ``"sqeuclidean"`` for ``C_ij = ||x_i - y_j||^2`` (no 1/2 factor) or
+            ``"euclidean"`` for ``C_ij = ||x_i - y_j||``.
+
+    fp16/bf16 inputs are computed in float32; float64 stays float64. The tensors
+    are kept as given (not copied), so gradients flow back to them.
+    """
+
+    is_dense = False
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, cost: str = "sqeuclidean"):
+        _validate.tensor("x", x, (2, 3))
+        _validate.tensor("y", y, (2, 3))
+        _validate.choice("cost", cost, COSTS)
+        if x.dim() != y.dim():
+            raise ValueError(f"x and y must both be batched or both not: shapes {tuple(x.shape)}, {tuple(y.shape)}")
+        if x.device != y.device:
+            raise ValueError(f"x is on {x.device} but y is on {y.device}")
+        if x.shape[-1] != y.shape[-1]:
+            raise ValueError(f"x and y must have the same dimension d, got {x.shape[-1]} and {y.shape[-1]}")
+        if x.dim() == 3 and x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y must have the same batch size, got {x.shape[0]} and {y.shape[0]}")
+        self.batched = x.dim() == 3
+        self.x_in, self.y_in = x, y
+        dt = _validate.compute_dtype(torch.promote_types(x.dtype, y.dtype))
+        self.x = (x if self.batched else x[None]).detach().to(dt)
+        self.y = (y if self.batched else y[None]).detach().to(dt)
+        self.cost = cost
+        self.batch, self.n, self.d = self.x.shape
+        self.m = self.y.shape[1]
+        self._ref = self.x
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """The user's tensors the cost depends on (for autograd)."""
+        return (self.x_in, self.y_in)
+
+    def cost_block(self, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """``C[:, rows, cols]`` computed from the points, (B, r, c).
+
+        Distances are computed directly (no ``|x|^2 + |y|^2 - 2xy`` expansion), so
+        they keep full relative accuracy for large or far-from-origin coordinates.
+        """
+        D = torch.cdist(self.x[:, rows], self.y[:, cols], compute_mode="donot_use_mm_for_euclid_dist")
+        return D * D if self.cost == "sqeuclidean" else D
+
+    def diameter(self) -> float:
+        """Largest possible cost between the clouds' bounding boxes (for eps scaling)."""
+        lo = torch.minimum(self.x.amin(1), self.y.amin(1))
+        hi = torch.maximum(self.x.amax(1), self.y.amax(1))
+        ext = float(((hi - lo) ** 2).sum(-1).max())
+        return ext if self.cost == "sqeuclidean" else ext**0.5
+
+
+class CostMatrix(Geometry):
+    """A dense cost matrix ``C`` of shape ``(n, m)`` or ``(B, n, m)``.
+
+    fp16/bf16 inputs are computed in float32. The tensor is kept as given, so
+    gradients flow back to it.
+    """
+
+    is_dense = True
+    cost = "matrix"
+
+    def __init__(self, C: torch.Tensor):
+        _validate.tensor("C", C, (2, 3))
+        self.batched = C.dim() == 3
+        self.C_in = C
+        self.C = (C if self.batched else C[None]).detach().to(_validate.compute_dtype(C.dtype))
+        self.batch, self.n, self.m = self.C.shape
+        self._ref = self.C
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.C_in,)
+
+    def cost_block(self, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        return self.C[:, rows, cols]
+
+    def diameter(self) -> float:
+        return float((self.C.amax((1, 2)) - self.C.amin((1, 2))).max())

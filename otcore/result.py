@@ -1,0 +1,97 @@
+"""Result records returned by the solvers (small, immutable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+
+class ConvergenceWarning(UserWarning):
+    """A solver stopped at ``max_iter`` (or on non-finite values) before meeting ``tol``."""
+
+
+@dataclass(frozen=True)
+class OTResult:
+    """Solution of an entropic OT problem.
+
+    The plan is ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``; it is never stored,
+    the methods below stream it from the potentials.
+
+    Attributes (unbatched shapes; batched ones have a leading ``B``):
+        f: ``(n,)`` and g: ``(m,)`` dual potentials, detached.
+        cost: ``<P, C>``, a scalar tensor (``(B,)`` batched); differentiable.
+        value: the regularized objective ``<P,C> + eps*KL(P | a x b)`` (plus
+            ``rho*KL(P1 | a) + rho*KL(P^T 1 | b)`` when unbalanced), evaluated
+            through its dual at ``(f, g)``; differentiable by the envelope theorem.
+        n_iter: iterations run (int; ``(B,)`` long tensor batched).
+        marginal_error: ``|P1 - a|_1 + |P^T 1 - b|_1`` (float; ``(B,)`` batched).
+        converged: whether the stopping test passed (bool; ``(B,)`` batched).
+        info: extra diagnostics (residual used for stopping, eps stages, times).
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    cost: torch.Tensor
+    value: torch.Tensor
+    n_iter: Union[int, torch.Tensor]
+    marginal_error: Union[float, torch.Tensor]
+    converged: Union[bool, torch.Tensor]
+    info: dict = field(default_factory=dict, repr=False)
+    # what the methods need to stream the plan (internal, batched)
+    _geom: Any = field(default=None, repr=False)
+    _F: Optional[torch.Tensor] = field(default=None, repr=False)
+    _G: Optional[torch.Tensor] = field(default=None, repr=False)
+    _eps: float = field(default=1.0, repr=False)
+    _backend: str = field(default="torch", repr=False)
+    _precision: str = field(default="fp32", repr=False)
+
+    @property
+    def batched(self) -> bool:
+        return bool(self._geom.batched)
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.batched else t[0]
+
+    def _kw(self):
+        return dict(backend=self._backend, precision=self._precision)
+
+    def plan(self) -> torch.Tensor:
+        """The dense plan ``(n, m)`` (``(B, n, m)`` batched). Small problems only."""
+        return self._out(self._geom.plan(self._F, self._G, self._eps, **self._kw()))
+
+    def apply(self, v: torch.Tensor, axis: int = 1) -> torch.Tensor:
+        """Apply the plan without forming it.
+
+        ``axis=1``: ``P @ v`` (sum over j) with ``v`` of shape ``(m,)`` or ``(m, k)``,
+        giving ``(n,)`` / ``(n, k)``. ``axis=0``: ``P^T @ u`` with ``u`` ``(n,)`` or
+        ``(n, k)``, giving ``(m,)`` / ``(m, k)``. Batched results take and give a
+        leading ``B``. E.g. the barycentric map is ``res.apply(y) / res.apply(ones)[:, None]``.
+        """
+        if axis not in (0, 1):
+            raise ValueError(f"axis must be 0 or 1, got {axis}")
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+        size = self._geom.m if axis == 1 else self._geom.n
+        lead = 1 if self.batched else 0
+        if v.dim() not in (lead + 1, lead + 2) or v.shape[lead] != size or (
+            self.batched and v.shape[0] != self._geom.batch
+        ):
+            raise ValueError(f"v must have shape ({'B, ' if self.batched else ''}{size}[, k]) for axis={axis}, got {tuple(v.shape)}")
+        V = (v if self.batched else v[None]).to(self._F.dtype)
+        return self._out(self._geom.apply_plan(self._F, self._G, self._eps, V, axis, **self._kw()))
+
+    def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` largest plan entries of each row: values and column indices, ``(n, k)`` each."""
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if not 1 <= k <= self._geom.m:
+            raise ValueError(f"k must be in [1, m={self._geom.m}], got {k}")
+        vals, idx = self._geom.plan_topk(self._F, self._G, self._eps, k, **self._kw())
+        return self._out(vals), self._out(idx)
+
+
+# PLACEHOLDER (being written by the sparse-OT work): SparseOTResult
+class SparseOTResult:
+    pass

@@ -1,0 +1,1 @@
+"""Solvers: they call geometry primitives only, never kernels."""

@@ -1,0 +1,139 @@
+"""Shared pieces of the entropic solvers (Sinkhorn, SNS): argument checks and results."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import _dispatch, _validate
+from ..autograd import EnvelopeSpec, envelope_value, phi
+from ..geometry import Geometry
+from ..result import ConvergenceWarning, OTResult
+
+PRECISIONS = ("fp32", "tf32")
+
+
+@dataclass
+class Problem:
+    """A validated entropic OT problem (batched tensors in the compute dtype)."""
+
+    geom: Geometry
+    A: torch.Tensor  # (B, n) weights
+    Bw: torch.Tensor  # (B, m) weights
+    loga: torch.Tensor
+    logb: torch.Tensor
+    a_in: Optional[torch.Tensor]
+    b_in: Optional[torch.Tensor]
+    eps: float
+    rho_a: Optional[float]
+    rho_b: Optional[float]
+    backend: str
+    precision: str
+
+    def kw(self):
+        return dict(backend=self.backend, precision=self.precision)
+
+
+def parse_rho(rho) -> tuple[Optional[float], Optional[float]]:
+    """``rho``: None (balanced), a number (both marginals), or a pair ``(rho_a, rho_b)``
+    whose entries may be None (that marginal stays an exact constraint)."""
+    if isinstance(rho, (tuple, list)):
+        if len(rho) != 2:
+            raise ValueError(f"rho must be a number or a pair (rho_a, rho_b), got {rho!r}")
+        return (
+            _validate.positive("rho[0]", rho[0], allow_none=True),
+            _validate.positive("rho[1]", rho[1], allow_none=True),
+        )
+    r = _validate.positive("rho", rho, allow_none=True)
+    return r, r
+
+
+def make_problem(geom, a, b, eps, rho, backend, precision) -> Problem:
+    """Validate every argument before any work is done."""
+    if not isinstance(geom, Geometry):
+        raise TypeError(f"geom must be an otcore.PointCloud or otcore.CostMatrix, got {type(geom).__name__}")
+    eps = _validate.positive("eps", eps)
+    _validate.choice("precision", precision, PRECISIONS)
+    backend = _dispatch.resolve(backend, geom.device)
+    A = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
+    Bw = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
+    rho_a, rho_b = parse_rho(rho)
+    if rho_a is None and rho_b is None:
+        _validate.balanced_mass(A, Bw)
+    return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision)
+
+
+def check_init(init, geom) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warm start ``(f, g)`` with the unbatched or batched shapes of the potentials."""
+    zeros = lambda k: torch.zeros(geom.batch, k, dtype=geom.dtype, device=geom.device)  # noqa: E731
+    if init is None:
+        return zeros(geom.n), zeros(geom.m)
+    if not isinstance(init, (tuple, list)) or len(init) != 2:
+        raise TypeError("init must be a pair (f, g) of tensors")
+    out = []
+    for name, t, k in (("init[0] (f)", init[0], geom.n), ("init[1] (g)", init[1], geom.m)):
+        _validate.tensor(name, t, (2,) if geom.batched else (1,))
+        want = (geom.batch, k) if geom.batched else (k,)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        if t.device != geom.device:
+            raise ValueError(f"{name} is on {t.device} but the geometry is on {geom.device}")
+        out.append(t.detach().reshape(geom.batch, k).to(geom.dtype))
+    return out[0], out[1]
+
+
+def optimality_residual(pb: Problem, r: torch.Tensor, c: torch.Tensor, f, g) -> torch.Tensor:
+    """L1 violation of the first-order conditions, (B,).
+
+    Balanced: ``|P1 - a|_1 + |P^T 1 - b|_1``. A KL-relaxed marginal's target is
+    ``a * exp(-f/rho)`` instead of ``a`` (the optimum of the relaxed problem).
+    """
+    ta = pb.A if pb.rho_a is None else pb.A * torch.exp(-f / pb.rho_a)
+    tb = pb.Bw if pb.rho_b is None else pb.Bw * torch.exp(-g / pb.rho_b)
+    return (r - ta).abs().sum(-1) + (c - tb).abs().sum(-1)
+
+
+def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dict) -> OTResult:
+    """Build the :class:`OTResult` at potentials ``(f, g)``: exact marginals, cost, value
+    (through its dual), convergence, and envelope gradients. Three streamed passes."""
+    geom, eps, kw = pb.geom, pb.eps, pb.kw()
+    with torch.no_grad():
+        F, G = f + eps * pb.loga, g + eps * pb.logb
+        r = geom.marginals(F, G, eps, 1, **kw)
+        c = geom.marginals(F, G, eps, 0, **kw)
+        marg_err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
+        resid = optimality_residual(pb, r, c, f, g)
+        cost = geom.plan_cost(F, G, eps, **kw)
+        mass_ab = pb.A.sum(-1) * pb.Bw.sum(-1)
+        value = (pb.A * phi(f, pb.rho_a)).sum(-1) + (pb.Bw * phi(g, pb.rho_b)).sum(-1) - eps * (r.sum(-1) - mass_ab)
+        finite = torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1) & torch.isfinite(value)
+        converged = (passed | (resid <= tol)) & finite
+    spec = EnvelopeSpec(geom, pb.A, pb.Bw, f, g, eps, pb.rho_a, pb.rho_b, pb.backend, pb.precision, pb.a_in, pb.b_in)
+    value, cost = envelope_value(spec, value, cost)
+    info = dict(info, residual=resid if geom.batched else float(resid[0]))
+    if not bool(converged.all()):
+        bad = int((~converged).sum())
+        why = "non-finite potentials (eps too small for the dtype?)" if not bool(finite.all()) else (
+            f"residual {float(resid[~converged].max()):.3e} > tol={tol:g} after {int(n_iter.max())} iterations"
+        )
+        warnings.warn(f"{name} did not converge for {bad} of {geom.batch} problem(s): {why}", ConvergenceWarning, stacklevel=3)
+    out = (lambda t: t) if geom.batched else (lambda t: t[0])
+    return OTResult(
+        f=out(f),
+        g=out(g),
+        cost=out(cost),
+        value=out(value),
+        n_iter=n_iter if geom.batched else int(n_iter[0]),
+        marginal_error=marg_err if geom.batched else float(marg_err[0]),
+        converged=converged if geom.batched else bool(converged[0]),
+        info=info,
+        _geom=geom,
+        _F=F,
+        _G=G,
+        _eps=eps,
+        _backend=pb.backend,
+        _precision=pb.precision,
+    )
