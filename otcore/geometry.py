@@ -12,9 +12,11 @@ Primitives take *biased* potentials ``F = f + eps*log a`` (B,n) and
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import _dispatch, _validate
+from . import _dispatch, _validate, reference
 
 COSTS = ("sqeuclidean", "euclidean")
 
@@ -105,6 +107,7 @@ class PointCloud(Geometry):
         self.batch, self.n, self.d = self.x.shape
         self.m = self.y.shape[1]
         self._ref = self.x
+        self._dense: Optional[torch.Tensor] = None
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """The user's tensors the cost depends on (for autograd)."""
@@ -116,8 +119,14 @@ class PointCloud(Geometry):
         Distances are computed directly (no ``|x|^2 + |y|^2 - 2xy`` expansion), so
         they keep full relative accuracy for large or far-from-origin coordinates.
         """
+        full = rows == slice(None) and cols == slice(None)
+        if full and self._dense is not None:
+            return self._dense
         D = torch.cdist(self.x[:, rows], self.y[:, cols], compute_mode="donot_use_mm_for_euclid_dist")
-        return D * D if self.cost == "sqeuclidean" else D
+        D = D * D if self.cost == "sqeuclidean" else D
+        if full and self.batch * self.n * self.m <= reference.BLOCK_ELEMENTS:
+            self._dense = D  # small problem: keep the cost instead of recomputing it every pass
+        return D
 
     def diameter(self) -> float:
         """Largest possible cost between the clouds' bounding boxes (for eps scaling)."""

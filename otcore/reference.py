@@ -32,6 +32,9 @@ def blocks(geom, axis: int) -> Iterator[tuple[slice, torch.Tensor]]:
     full = geom.n if axis == 1 else geom.m
     other = geom.m if axis == 1 else geom.n
     step = full if geom.is_dense else max(1, BLOCK_ELEMENTS // max(1, geom.batch * other))
+    if step >= full:  # one block: the whole (possibly cached) cost
+        yield slice(None), geom.cost_block()
+        return
     for s in range(0, full, step):
         sl = slice(s, min(full, s + step))
         yield sl, (geom.cost_block(rows=sl) if axis == 1 else geom.cost_block(cols=sl))
