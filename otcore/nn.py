@@ -70,6 +70,9 @@ class SinkhornLoss(nn.Module):
             backend=backend, precision=precision, verbose=False,
         )
 
+    # torch.compile: the solve (data-dependent loop, host checks) is one opaque call;
+    # its envelope gradient is an autograd.Function, so a compiled model trains through it.
+    @torch.compiler.disable
     def _ot(self, x, y, a, b) -> torch.Tensor:
         return sinkhorn(PointCloud(x, y, cost=self.cost), a, b, **self.solver_kw).value
 

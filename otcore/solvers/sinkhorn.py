@@ -110,9 +110,10 @@ def sinkhorn(
     f, g = check_init(init, geom)
     stages = eps_stages(eps_schedule, geom, pb.eps)
     progress = Progress(verbose, "sinkhorn")
-    f, g, n_iter, passed = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress)
-    info = {"eps_stages": stages, "time_s": progress.elapsed}
-    return entropic_result(pb, f, g, n_iter, passed, tol, "sinkhorn", info)
+    with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
+        f, g, n_iter, passed = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress)
+        info = {"eps_stages": stages, "time_s": progress.elapsed}
+        return entropic_result(pb, f, g, n_iter, passed, tol, "sinkhorn", info)
 
 
 @torch.no_grad()
