@@ -1,6 +1,8 @@
 """Backend selection: which implementation of a geometry primitive runs.
 
-``"torch"`` runs :mod:`otcore.reference`; ``"triton"`` runs the Triton kernels
+``"torch"`` runs the pure-torch twins (:mod:`otcore.reference` for the dense-plan
+primitives, :mod:`otcore.reference_sparse` for the ELL plan rows of Newton,
+:mod:`otcore.reference_ksparse` for the k-sparse plans); ``"triton"`` runs the Triton kernels
 through :mod:`otcore.triton_ops` (on CPU tensors that needs the Triton
 interpreter, ``TRITON_INTERPRET=1`` set before Triton is imported);
 ``"auto"`` picks Triton for CUDA tensors when it is importable, torch otherwise.
@@ -15,7 +17,7 @@ import os
 
 import torch
 
-from . import reference
+from . import reference, reference_ksparse, reference_sparse
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -51,8 +53,12 @@ def resolve(backend: str, device: torch.device) -> str:
 def primitive(name: str, backend: str):
     """The implementation of primitive ``name`` for a resolved ``backend``."""
     if backend == "triton":
-        ops = importlib.import_module("otcore.triton_ops")
+        from . import triton_ops as ops  # an import statement (not importlib) so torch.compile traces through
         fn = getattr(ops, name, None)
         if fn is not None:
             return fn
-    return getattr(reference, name)
+    for twins in (reference, reference_sparse, reference_ksparse):
+        fn = getattr(twins, name, None)
+        if fn is not None:
+            return fn
+    raise AttributeError(f"no geometry primitive named {name!r}")

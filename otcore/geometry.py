@@ -70,6 +70,25 @@ class Geometry:
         """Gradient of ``<P, C>`` w.r.t. :meth:`inputs`, P fixed (see reference.plan_cost_grad)."""
         return self._call("plan_cost_grad", backend, F, G, eps, precision=precision)
 
+    def ksparse_columns(self, h, gamma, k, axis, mass=None, beta=None, backend="torch", precision="fp32"):
+        """k-sparse plan ``T = [h_r + beta_l - C_rl]_+ / gamma`` on the top k of each column
+        (``axis=0``) or row (``axis=1``); see :mod:`otcore.reference_ksparse`."""
+        return self._call("ksparse_columns", backend, h, gamma, k, axis, mass=mass, beta=beta, precision=precision)
+
+    def plan_sparse_rows(self, F, G, eps, s, backend="torch", precision="fp32"):
+        """The s largest entries of each row of P in ELL form: values, int64 column
+        indices (B,n,s), values decreasing; see :mod:`otcore.reference_sparse`."""
+        return self._call("plan_sparse_rows", backend, F, G, eps, s, precision=precision)
+
+    def ell_matvec(self, vals, idx, v, axis, backend="torch"):
+        """ELL matrix S (vals, idx (B,n,s)) times a vector: ``axis=1`` ``S v`` (B,n) for
+        v (B,m); ``axis=0`` ``S^T u`` (B,m) for u (B,n)."""
+        return self._call("ell_matvec", backend, vals, idx, v, axis)
+
+    def sparse_cost_grad(self, W, idx, axis, backend="torch"):
+        """Gradient of ``sum W * C`` over a (B, lines, k) support w.r.t. :meth:`inputs`."""
+        return self._call("sparse_cost_grad", backend, W, idx, axis)
+
 
 class PointCloud(Geometry):
     """Two point clouds with a cost computed on the fly.

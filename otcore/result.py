@@ -92,6 +92,61 @@ class OTResult:
         return self._out(vals), self._out(idx)
 
 
-# PLACEHOLDER (being written by the sparse-OT work): SparseOTResult
+@dataclass(frozen=True)
 class SparseOTResult:
-    pass
+    """Solution of a sparsity-constrained (top-k) OT problem (:func:`otcore.sparse_ot`).
+
+    The plan ``T`` has at most ``k`` nonzeros per column (``axis=0``) or per row
+    (``axis=1``) and is stored line by line, positions ascending within a line.
+
+    Attributes (unbatched shapes; batched ones have a leading ``B``):
+        values: ``(m, k)`` plan entries ``T[indices[j, s], j]`` (``axis=0``), or
+            ``(n, k)`` entries ``T[i, indices[i, s]]`` (``axis=1``); zeros allowed.
+            Differentiable with respect to the inputs (see ``plan_grad``).
+        indices: int64, same shape: the row (``axis=0``) or column (``axis=1``) of each entry.
+        alpha: ``(n,)`` and beta: ``(m,)`` dual variables, detached. On the support
+            ``T_ij = (alpha_i + beta_j - C_ij) / gamma``; for the semi-dual the line
+            multipliers (``beta`` for ``axis=0``) are the ones that make the line sums exact.
+        cost: ``<T, C>``, a scalar tensor (``(B,)`` batched); gradient with ``T`` held fixed.
+        value: optimum of the (semi-)dual objective (a lower bound of the primal
+            ``<T, C> + (gamma/2)|T|^2`` over k-sparse couplings, equal to it when
+            ``k`` is large); differentiable by the envelope theorem.
+        n_iter: L-BFGS iterations (int; ``(B,)`` long tensor batched).
+        converged: whether ``grad_norm <= tol`` was reached (bool; ``(B,)`` batched).
+        grad_norm: L1 norm of the objective's gradient at the end, i.e. the violation
+            of the dualized marginal constraints (float; ``(B,)`` batched).
+        marginal_error: ``|T1 - a|_1 + |T^T 1 - b|_1`` (float; ``(B,)`` batched).
+        axis: 0 (columns are k-sparse) or 1 (rows are k-sparse).
+        shape: ``(n, m)``, the dense plan's shape (without the batch).
+        info: extra diagnostics (formulation, gamma, k, time).
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    cost: torch.Tensor
+    value: torch.Tensor
+    n_iter: Union[int, torch.Tensor]
+    converged: Union[bool, torch.Tensor]
+    grad_norm: Union[float, torch.Tensor]
+    marginal_error: Union[float, torch.Tensor]
+    axis: int = 0
+    shape: tuple = (0, 0)
+    info: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batched(self) -> bool:
+        return self.values.dim() == 3
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense plan ``(n, m)`` (``(B, n, m)`` batched); differentiable like ``values``."""
+        vals = self.values if self.batched else self.values[None]
+        idx = self.indices if self.batched else self.indices[None]
+        n, m = self.shape
+        B = vals.shape[0]
+        if self.axis == 0:  # line j holds rows idx[:, j, :]
+            dense = vals.new_zeros(B, n, m).scatter_add(1, idx.transpose(1, 2), vals.transpose(1, 2))
+        else:
+            dense = vals.new_zeros(B, n, m).scatter_add(2, idx, vals)
+        return dense if self.batched else dense[0]

@@ -1,6 +1,175 @@
-"""PLACEHOLDER (being written): SparseOTRouter."""
+"""Mixture-of-experts routing by sparsity-constrained optimal transport.
+
+Tokens (rows) are transported to experts (columns) with the token-expert cost
+``C = -scores``. Every token carries mass 1 and every expert receives ``n_tokens /
+n_experts``, so loads are balanced by construction; the plan entry ``T_te`` is the
+share of token ``t`` handled by expert ``e`` and serves as the combine weight.
+
+- ``mode="capacity"`` (expert choice): at most ``capacity = ceil(n_tokens *
+  capacity_factor / n_experts)`` tokens per expert, i.e. k-sparse *columns*. The
+  semi-dual makes every expert's load exactly ``n_tokens / n_experts``; the tokens'
+  masses are matched at the optimum up to the relaxation's gap (a token may be dropped
+  or split when capacities bind).
+- ``mode="tokens"`` (token choice): at most ``k`` experts per token, k-sparse *rows*;
+  every token's weights sum to exactly 1 and the experts' loads are balanced at the
+  optimum up to the same gap.
+
+The plan is differentiable with respect to the scores (see
+:func:`otcore.sparse_ot`'s ``plan_grad``), so the scoring network trains through it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from . import _validate
+from .geometry import CostMatrix
+from .result import ConvergenceWarning, SparseOTResult
+from .solvers.sparse import sparse_ot
+
+MODES = ("capacity", "tokens")
 
 
-class SparseOTRouter:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("SparseOTRouter is being written")
+class RouterOutput(NamedTuple):
+    """What a MoE layer needs (unbatched shapes; batched scores add a leading ``B``).
+
+    ``mode="capacity"``: one row per expert, ``capacity`` slots each:
+        combine_weights ``(E, capacity)``: plan entries ``T[token, expert]``, differentiable.
+        dispatch_index ``(E, capacity)`` int64: the token in each slot.
+        dispatch_mask ``(E, capacity)`` bool: the slot carries mass (``weight > 0``).
+    ``mode="tokens"``: one row per token, ``k`` slots each, with expert indices.
+    expert_load ``(E,)``: token mass routed to each expert (``n_tokens / E`` when balanced).
+    result: the :class:`~otcore.SparseOTResult` (duals, convergence, ``to_dense()``).
+    """
+
+    combine_weights: torch.Tensor
+    dispatch_index: torch.Tensor
+    dispatch_mask: torch.Tensor
+    expert_load: torch.Tensor
+    result: SparseOTResult
+
+    def combine_dense(self) -> torch.Tensor:
+        """Dense ``(n_tokens, E)`` combine matrix (differentiable); small problems and tests."""
+        return self.result.to_dense()
+
+
+class SparseOTRouter(nn.Module):
+    """Token-to-expert router solving a top-k sparse OT problem per forward pass.
+
+    Args:
+        n_experts: number of experts ``E``.
+        mode: ``"capacity"`` (each expert takes at most ``capacity`` tokens) or
+            ``"tokens"`` (each token goes to at most ``k`` experts).
+        capacity_factor: ``>= 1``; ``capacity = ceil(n_tokens * capacity_factor / E)``
+            (``mode="capacity"``).
+        k: experts per token (``mode="tokens"``).
+        gamma: quadratic regularization in score units: about the score margin over
+            which a token's weight goes from 0 to 1. Smaller is harder (closer to an
+            assignment); larger spreads tokens over more experts until the capacities
+            bind (then tokens' masses are only approximately matched, see docs/router.md).
+            The default suits scores of unit scale.
+        tol: stopping tolerance as a fraction of the total token mass (the solver's
+            ``tol`` is ``tol * n_tokens``).
+        max_iter: L-BFGS iterations per forward pass.
+        plan_grad: ``"implicit"`` (exact derivative of the optimal plan) or ``"fixed"``
+            (projection Jacobian with the duals held fixed; cheaper).
+        warm_start: start each solve from the previous call's duals when the shapes
+            agree (consecutive training steps have similar scores).
+        formulation, backend: passed to :func:`otcore.sparse_ot`.
+
+    Input: scores ``(n_tokens, E)`` or ``(B, n_tokens, E)`` (higher = better match).
+    Returns a :class:`RouterOutput`. Non-convergence within ``max_iter`` is reported in
+    ``result.converged`` and warned about once per module (routing is approximate by
+    design; the plan is still feasible for the per-expert / per-token sparsity).
+
+    Example::
+
+        router = otcore.SparseOTRouter(n_experts=8, capacity_factor=1.25)
+        out = router(tokens @ w_gate)                 # (n_tokens, 8) scores
+        for e in range(8):
+            sel = out.dispatch_index[e]
+            y.index_add_(0, sel, experts[e](x[sel]) * out.combine_weights[e, :, None])
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        mode: str = "capacity",
+        capacity_factor: float = 1.25,
+        k: int = 2,
+        gamma: float = 0.1,
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        plan_grad: str = "implicit",
+        warm_start: bool = False,
+        formulation: str = "semi-dual",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.n_experts = _validate.positive_int("n_experts", n_experts)
+        self.mode = _validate.choice("mode", mode, MODES)
+        self.capacity_factor = _validate.positive("capacity_factor", capacity_factor)
+        if self.capacity_factor < 1:
+            raise ValueError(
+                f"capacity_factor must be >= 1 (every expert must be able to take its n_tokens/n_experts share), got {capacity_factor}"
+            )
+        self.k = _validate.positive_int("k", k)
+        self.gamma = _validate.positive("gamma", gamma)
+        self.tol = _validate.positive("tol", tol)
+        self.max_iter = _validate.positive_int("max_iter", max_iter)
+        self.plan_grad = _validate.choice("plan_grad", plan_grad, ("implicit", "fixed"))
+        self.warm_start = bool(warm_start)
+        self.formulation = _validate.choice("formulation", formulation, ("semi-dual", "dual"))
+        self.backend = backend
+        self._init: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._warned = False
+
+    def capacity(self, n_tokens: int) -> int:
+        """Tokens per expert: ``ceil(n_tokens * capacity_factor / n_experts)`` (at most n_tokens)."""
+        return min(n_tokens, math.ceil(n_tokens * self.capacity_factor / self.n_experts))
+
+    def forward(self, scores: torch.Tensor) -> RouterOutput:
+        _validate.tensor("scores", scores, (2, 3))
+        if scores.shape[-1] != self.n_experts:
+            raise ValueError(f"scores must have n_experts={self.n_experts} columns, got shape {tuple(scores.shape)}")
+        batched = scores.dim() == 3
+        n_tokens = scores.shape[-2]
+        dt = _validate.compute_dtype(scores.dtype)
+        lead = scores.shape[:-2]
+        a = torch.ones(*lead, n_tokens, dtype=dt, device=scores.device)
+        b = torch.full((*lead, self.n_experts), n_tokens / self.n_experts, dtype=dt, device=scores.device)
+        axis, k = (0, self.capacity(n_tokens)) if self.mode == "capacity" else (1, min(self.k, self.n_experts))
+        init = self._init if self.warm_start and self._init is not None and self._init[0].shape == a.shape else None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            res = sparse_ot(
+                CostMatrix(-scores), a, b, k=k, gamma=self.gamma, formulation=self.formulation, axis=axis,
+                tol=self.tol * n_tokens, max_iter=self.max_iter, init=init, plan_grad=self.plan_grad,
+                backend=self.backend, verbose=False,
+            )
+        for w in caught:
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif not self._warned:
+                self._warned = True
+                warnings.warn(f"SparseOTRouter: {w.message} (warned once per router)", ConvergenceWarning, stacklevel=4)
+        if self.warm_start:
+            self._init = (res.alpha.detach(), res.beta.detach())
+        vals = res.values
+        if axis == 0:
+            load = vals.sum(-1)
+        else:
+            idx = res.indices if batched else res.indices[None]
+            v = vals if batched else vals[None]
+            load = v.new_zeros(v.shape[0], self.n_experts).scatter_add(1, idx.reshape(v.shape[0], -1), v.reshape(v.shape[0], -1))
+            load = load if batched else load[0]
+        return RouterOutput(vals, res.indices, vals.detach() > 0, load, res)
+
+    def extra_repr(self) -> str:
+        what = f"capacity_factor={self.capacity_factor}" if self.mode == "capacity" else f"k={self.k}"
+        return f"n_experts={self.n_experts}, mode={self.mode!r}, {what}, gamma={self.gamma}"

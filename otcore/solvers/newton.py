@@ -1,5 +1,377 @@
-"""PLACEHOLDER (being written): Sinkhorn-Newton-Sparse solver."""
+"""Sinkhorn-Newton-Sparse (SNS): Tang et al., *Accelerating Sinkhorn Algorithm with
+Sparse Newton Iterations* (ICLR 2024).
+
+The balanced entropic OT dual (Lyapunov potential) is
+
+    L(f, g) = <a, f> + <b, g> - eps * sum_ij P_ij,   P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps),
+
+concave, with gradient ``(a - r, b - c)`` (``r = P1``, ``c = P^T 1``) and Hessian
+``-(1/eps) M``, ``M = [[diag(r), P], [P^T, diag(c)]]``, singular along ``(1, -1)``
+(shifting ``f`` up and ``g`` down leaves ``P`` unchanged).
+
+1. Warm-up: Sinkhorn iterations (the same loop as :func:`otcore.sinkhorn`) until a
+   loose residual or an iteration cap.
+2. Newton (the paper's stage 2): ``M`` is replaced by ``M_s``, whose off-diagonal
+   block keeps only the ``s`` largest entries of each row of ``P`` (ELL format) while
+   the diagonal stays exact: ``M_s`` is symmetric and diagonally dominant, hence
+   positive semi-definite. ``(M_s + lam D) d = eps * grad`` (``D = diag(r, c)``) is
+   solved by Jacobi-preconditioned conjugate gradient, the right-hand side made
+   orthogonal to ``(1, -1)`` (it is in exact arithmetic, as ``sum a = sum b``), to the
+   relative residual ``sqrt(err)`` (inexact Newton).
+   The Levenberg-Marquardt damping ``lam`` matters: top-``s`` rows can split the graph
+   of kept entries into weakly coupled blocks, each with its own near-null direction
+   ``(1_K, -1_K)`` along which an undamped step is huge. ``lam`` shrinks tenfold after
+   full steps (down to 1e-10 in float64), grows after short or rejected ones; as
+   ``lam -> inf`` the step tends to ``eps (a - r) / (r (1 + lam))``, a damped
+   simultaneous Sinkhorn step.
+   A backtracking line search accepts a step by Armijo's test on ``L`` while the
+   predicted increase is above ``L``'s floating-point resolution, and by a decrease of
+   the marginal error below it (near the solution differences of ``L`` are rounding
+   noise, but the gradient is still measured accurately).
+3. When no step is accepted, a few Sinkhorn iterations are run instead.
+
+Stops when ``|P1 - a|_1 + |P^T 1 - b|_1 <= tol``. Each Newton iteration costs one
+extraction pass, the CG iterations on the sparse matrix (``O(n s)`` each), and two
+streamed passes per line-search trial.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from .. import _validate
+from .._progress import Progress
+from ..result import OTResult
+from ._entropic import Problem, check_init, entropic_result, make_problem
+from .sinkhorn import _iterate
+
+#: Largest ELL size ``B * n * s`` the automatic sparsity grows to (16M entries).
+MAX_ELL_ENTRIES = 1 << 24
 
 
-def sinkhorn_newton(*args, **kwargs):
-    raise NotImplementedError("sinkhorn_newton is being written")
+def sinkhorn_newton(
+    geom,
+    a: Optional[torch.Tensor] = None,
+    b: Optional[torch.Tensor] = None,
+    *,
+    eps: float,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    warmup_iter: int = 20,
+    warmup_tol: float = 1e-2,
+    sparsity: Optional[int] = None,
+    drop_tol: float = 1e-3,
+    cg_tol: float = 1e-10,
+    cg_max_iter: int = 2000,
+    fallback_iter: int = 10,
+    init: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    backend: str = "auto",
+    precision: str = "fp32",
+    verbose: Optional[bool] = None,
+) -> OTResult:
+    """Balanced entropic OT by Sinkhorn warm-up then sparse Newton steps (SNS).
+
+    Same problem and solution as :func:`otcore.sinkhorn` (balanced): the plan
+    ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)`` minimizing
+    ``<P, C> + eps KL(P | a x b)`` over couplings of ``a`` and ``b``. At small
+    ``eps`` Sinkhorn converges slowly (its rate degrades like ``1 - O(eps)``), while
+    the Newton stage converges in tens of steps because the plan is then nearly
+    sparse and a sparse Hessian captures it.
+
+    Args:
+        geom: :class:`~otcore.PointCloud` or :class:`~otcore.CostMatrix` (``B`` problems if batched).
+        a: ``(n,)`` / ``(B, n)`` non-negative weights, uniform if None; b: likewise ``(m,)``.
+            Equal total mass (balanced OT only).
+        eps: entropic regularization, in units of the cost (> 0).
+        tol: stop when ``|P1 - a|_1 + |P^T 1 - b|_1 <= tol``. 1e-6 needs float64 at
+            small ``eps``: in float32 the plan's entries carry a relative error of about
+            ``1e-7 * max|f + g - C| / eps``, which floors the reachable error.
+        max_iter: cap on Newton iterations (the Sinkhorn iterations are capped separately).
+            A problem also stops, unconverged, after 5 Newton iterations without progress
+            (no resolvable increase of the dual, error not 10% below its best): the
+            accuracy floor of the dtype.
+        warmup_iter: cap on warm-up Sinkhorn iterations (0 skips the warm-up).
+        warmup_tol: the warm-up stops once the marginal error is below this.
+        sparsity: entries ``s`` kept per row of the plan in the Hessian (``1 <= s <= m``);
+            None chooses it: start at 8 and double (up to ``m``, and ``B n s`` at most
+            ``MAX_ELL_ENTRIES``) while the dropped mass ``1 - sum(kept)/sum(P)`` exceeds ``drop_tol``.
+        drop_tol: target dropped-mass fraction for ``sparsity=None``.
+        cg_tol: floor of the conjugate-gradient tolerance. Each Newton step stops CG at the
+            relative preconditioned residual ``clamp(sqrt(err), cg_tol, 0.1)`` (inexact
+            Newton: cheap far from the solution, superlinear near it).
+        cg_max_iter: cap on conjugate-gradient iterations per Newton step.
+        fallback_iter: Sinkhorn iterations run when the line search finds no step.
+        init: warm start ``(f, g)``, e.g. the potentials of a nearby problem.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`otcore.sinkhorn`).
+        precision: ``"fp32"`` or ``"tf32"`` for the dense passes (see :func:`otcore.sinkhorn`).
+        verbose: progress line on stderr; None = on a terminal after ~1 s.
+
+    Returns:
+        :class:`~otcore.OTResult` (``plan()``, ``apply``, ``topk``, differentiable
+        ``value``/``cost`` as for Sinkhorn). ``n_iter`` counts all Sinkhorn and Newton
+        iterations; ``info`` holds ``warmup_iter``, ``newton_iter``, ``fallback_iter``
+        (per problem), ``cg_iter``, ``line_search_evals``, ``sparsity`` (final ``s``) and
+        ``time_warmup_s``, ``time_newton_s``, ``time_fallback_s``, ``time_s``.
+    """
+    pb = make_problem(geom, a, b, eps, None, backend, precision)
+    tol = _validate.positive("tol", tol)
+    max_iter = _validate.positive_int("max_iter", max_iter)
+    warmup_iter = _validate.positive_int("warmup_iter", warmup_iter, minimum=0)
+    warmup_tol = _validate.positive("warmup_tol", warmup_tol)
+    if sparsity is not None:
+        sparsity = _validate.positive_int("sparsity", sparsity)
+        if sparsity > geom.m:
+            raise ValueError(f"sparsity must be in [1, m={geom.m}], got {sparsity}")
+    drop_tol = _validate.positive("drop_tol", drop_tol)
+    cg_tol = _validate.positive("cg_tol", cg_tol)
+    cg_max_iter = _validate.positive_int("cg_max_iter", cg_max_iter)
+    fallback_iter = _validate.positive_int("fallback_iter", fallback_iter)
+    f, g = check_init(init, geom)
+    progress = Progress(verbose, "sinkhorn_newton")
+    with torch.autocast(geom.device.type, enabled=False):
+        state = _Solve(pb, f, g, progress)
+        state.warmup(warmup_iter, max(warmup_tol, tol))
+        state.newton(tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter)
+        progress.close()
+        out = (lambda t: t) if geom.batched else (lambda t: int(t[0]))
+        info = {
+            "warmup_iter": out(state.warmup_its),
+            "newton_iter": out(state.newton_its),
+            "fallback_iter": out(state.fallback_its),
+            "cg_iter": state.cg_its,
+            "line_search_evals": state.ls_evals,
+            "sparsity": state.s,
+            "time_warmup_s": state.times["warmup"],
+            "time_newton_s": state.times["newton"],
+            "time_fallback_s": state.times["fallback"],
+            "time_s": progress.elapsed,
+        }
+        n_iter = state.warmup_its + state.newton_its + state.fallback_its
+        return entropic_result(pb, state.f, state.g, n_iter, state.passed, tol, "sinkhorn_newton", info)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dot(u: tuple[torch.Tensor, torch.Tensor], v: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per-problem inner product of (f-part, g-part) pairs, (B,)."""
+    return (u[0] * v[0]).sum(-1) + (u[1] * v[1]).sum(-1)
+
+
+class _Solve:
+    """Mutable state of one SNS run (batched potentials, per-problem counters)."""
+
+    def __init__(self, pb: Problem, f: torch.Tensor, g: torch.Tensor, progress: Progress):
+        self.pb, self.f, self.g, self.progress = pb, f, g, progress
+        B, dev = pb.geom.batch, pb.geom.device
+        self.passed = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.warmup_its = torch.zeros(B, dtype=torch.long, device=dev)
+        self.newton_its = torch.zeros_like(self.warmup_its)
+        self.fallback_its = torch.zeros_like(self.warmup_its)
+        self.cg_its = 0
+        self.ls_evals = 0
+        self.s = 0
+        self.times = {"warmup": 0.0, "newton": 0.0, "fallback": 0.0}
+        # Levenberg-Marquardt damping of the Newton system, per problem (see newton())
+        tiny = 1e-10 if f.dtype == torch.float64 else 1e-6
+        self.lam_min, self.lam_max = tiny, 1e2
+        self.lam = torch.full((B,), 1e-4, dtype=f.dtype, device=dev)
+
+    # --- pieces -------------------------------------------------------------
+    def _biased(self, f, g):
+        eps = self.pb.eps
+        return f + eps * self.pb.loga, g + eps * self.pb.logb
+
+    def _marginals(self, f, g):
+        """``(r, c, err)``: ``P1`` (B,n), ``P^T 1`` (B,m), marginal error (B,). Two passes."""
+        pb = self.pb
+        F, G = self._biased(f, g)
+        r = pb.geom.marginals(F, G, pb.eps, 1, **pb.kw())
+        c = pb.geom.marginals(F, G, pb.eps, 0, **pb.kw())
+        err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
+        return r, c, err
+
+    def _sinkhorn(self, n_iter: int, tol: float, stage: str) -> torch.Tensor:
+        """Run up to ``n_iter`` Sinkhorn iterations (each problem stops at ``tol``)."""
+        _sync(self.pb.geom.device)
+        t0 = time.perf_counter()
+        self.f, self.g, its, _ = _iterate(self.pb, self.f, self.g, [], tol, n_iter, 10, self.progress)
+        _sync(self.pb.geom.device)
+        self.times[stage] += time.perf_counter() - t0
+        return its
+
+    # --- stages -------------------------------------------------------------
+    @torch.no_grad()
+    def warmup(self, n_iter: int, tol: float) -> None:
+        if n_iter > 0:
+            self.warmup_its += self._sinkhorn(n_iter, tol, "warmup")
+
+    @torch.no_grad()
+    def newton(self, tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter, patience=5) -> None:
+        pb, geom = self.pb, self.pb.geom
+        _sync(geom.device)
+        t0 = time.perf_counter()
+        fallback_time = self.times["fallback"]
+        r, c, err = self._marginals(self.f, self.g)
+        self.ls_evals += 1
+        s = sparsity if sparsity is not None else min(geom.m, 8)
+        s_max = geom.m if sparsity is not None else max(s, min(geom.m, MAX_ELL_ENTRIES // (geom.batch * geom.n)))
+        best = err.clone()
+        stalled = torch.zeros_like(self.newton_its)
+        for _ in range(max_iter):
+            ok = err <= tol
+            self.passed |= ok
+            active = ~self.passed & torch.isfinite(err) & (stalled < patience)
+            if not bool(active.any()):
+                break
+            self.progress.update(int(self.newton_its.max()), float(err[active].max()), pb.eps, "newton")
+            vals, idx, s = self._sparse_plan(r, active, s, s_max, sparsity is None, drop_tol)
+            # inexact Newton: relative CG residual ~ sqrt(error) (superlinear steps
+            # near the solution, cheap ones far from it), within [cg_tol, 0.1]
+            forcing = err.sqrt().clamp(min=cg_tol, max=0.1)
+            df, dg = self._direction(r, c, vals, idx, active, forcing, cg_max_iter)
+            self.newton_its += active
+            r, c, err, accepted, alpha, armijo = self._line_search(df, dg, r, c, err, active)
+            # damping: relax after full steps, tighten after short or failed ones
+            lam = torch.where(accepted & (alpha >= 0.5), self.lam / 10, self.lam)
+            lam = torch.where(accepted & (alpha < 0.25), self.lam * 10, lam)
+            lam = torch.where(active & ~accepted, self.lam * 100, lam)
+            self.lam = lam.clamp(self.lam_min, self.lam_max)
+            stuck = active & ~accepted
+            if bool(stuck.any()):  # Newton did not help: Sinkhorn steps for those problems
+                f_old, g_old = self.f, self.g
+                its = self._sinkhorn(fallback_iter, tol, "fallback")
+                self.f = torch.where(stuck[:, None], self.f, f_old)
+                self.g = torch.where(stuck[:, None], self.g, g_old)
+                self.fallback_its += torch.where(stuck, its, torch.zeros_like(its))
+                r2, c2, err2 = self._marginals(self.f, self.g)
+                self.ls_evals += 1
+                r = torch.where(stuck[:, None], r2, r)
+                c = torch.where(stuck[:, None], c2, c)
+                err = torch.where(stuck, err2, err)
+            # progress: a resolvable increase of L, or the error down by 10% from its best;
+            # without it for `patience` iterations we are at the dtype's accuracy floor
+            progress = armijo | (err < 0.9 * best)
+            best = torch.minimum(best, err)
+            stalled = torch.where(active & ~progress, stalled + 1, torch.zeros_like(stalled))
+        self.passed |= err <= tol
+        self.s = s
+        _sync(geom.device)
+        self.times["newton"] += time.perf_counter() - t0 - (self.times["fallback"] - fallback_time)
+
+    def _sparse_plan(self, r, active, s, s_max, adaptive, drop_tol):
+        """ELL top-``s`` rows of P; with ``adaptive`` double ``s`` until the dropped
+        mass fraction of every active problem is at most ``drop_tol``."""
+        pb = self.pb
+        F, G = self._biased(self.f, self.g)
+        while True:
+            vals, idx = pb.geom.plan_sparse_rows(F, G, pb.eps, s, **pb.kw())
+            if not adaptive or s >= s_max:
+                return vals, idx, s
+            dropped = 1 - vals.sum((1, 2)) / r.sum(-1)
+            if not bool((active & (dropped > drop_tol)).any()):
+                return vals, idx, s
+            s = min(s_max, 2 * s)
+
+    def _direction(self, r, c, vals, idx, active, rtol, cg_max_iter):
+        """Newton direction: solve ``(M_s + lam D) d = eps * grad`` by Jacobi-PCG.
+
+        ``M_s = [[diag(r), S], [S^T, diag(c)]]`` with ``S`` the ELL matrix,
+        ``D = diag(r, c)``, ``lam`` the per-problem damping ``self.lam``. Zero-weight
+        rows/columns (``r_i = 0``) get ``d_i = 0``.
+        """
+        pb, geom = self.pb, self.pb.geom
+        eps = pb.eps
+        lam = self.lam[:, None]
+        kw = dict(backend=pb.backend)
+        ga, gb = pb.A - r, pb.Bw - c
+        # project the right-hand side onto the complement of (1, -1) over the live entries
+        live_a, live_b = r > 0, c > 0
+        cnt = live_a.sum(-1) + live_b.sum(-1)
+        t = ((ga * live_a).sum(-1) - (gb * live_b).sum(-1)) / cnt.clamp(min=1)
+        rhs = (eps * torch.where(live_a, ga - t[:, None], 0.0), eps * torch.where(live_b, gb + t[:, None], 0.0))
+        dr, dc = r * (1 + lam), c * (1 + lam)
+        inv = (torch.where(live_a, 1 / dr.clamp(min=torch.finfo(r.dtype).tiny), 0.0),
+               torch.where(live_b, 1 / dc.clamp(min=torch.finfo(c.dtype).tiny), 0.0))
+
+        def apply_m(p):
+            return (dr * p[0] + geom.ell_matvec(vals, idx, p[1], 1, **kw),
+                    dc * p[1] + geom.ell_matvec(vals, idx, p[0], 0, **kw))
+
+        x = (torch.zeros_like(r), torch.zeros_like(c))
+        res = rhs
+        z = (inv[0] * res[0], inv[1] * res[1])
+        p = z
+        rz = _dot(res, z)
+        stop = rz * rtol**2
+        run = active & (rz > 0)
+        for k in range(cg_max_iter):
+            # a host sync every 8 iterations only: finished problems just idle (alpha = 0)
+            if k % 8 == 0 and not bool(run.any()):
+                break
+            q = apply_m(p)
+            pq = _dot(p, q)
+            alpha = torch.where(run & (pq > 0), rz / torch.where(pq > 0, pq, 1.0), 0.0)
+            x = (x[0] + alpha[:, None] * p[0], x[1] + alpha[:, None] * p[1])
+            res = (res[0] - alpha[:, None] * q[0], res[1] - alpha[:, None] * q[1])
+            z = (inv[0] * res[0], inv[1] * res[1])
+            rz_new = _dot(res, z)
+            run = run & (pq > 0) & (rz_new > stop)
+            beta = torch.where(run, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
+            p = (z[0] + beta[:, None] * p[0], z[1] + beta[:, None] * p[1])
+            rz = rz_new
+            self.cg_its += 1
+        return x
+
+    def _line_search(self, df, dg, r, c, err, active, max_halvings: int = 12, c1: float = 1e-4):
+        """Backtracking on ``alpha`` in {1, 1/2, ...}; moves ``self.f``, ``self.g``.
+
+        Returns the new ``(r, c, err)`` and, per problem, whether a step was taken,
+        its ``alpha``, and whether it was taken on a resolvable increase of ``L``.
+
+        Accept when ``L(new) - L(old) >= c1 * alpha * <grad, d>`` if the predicted increase
+        ``alpha <grad, d>`` is above the rounding noise of ``L``, else when the marginal
+        error decreases.
+        """
+        pb = self.pb
+        eps = pb.eps
+        ulp = torch.finfo(r.dtype).eps
+        slope = _dot((pb.A - r, pb.Bw - c), (df, dg))  # <grad L, d> >= 0
+        lin = (pb.A * df).sum(-1) + (pb.Bw * dg).sum(-1)
+        mass = r.sum(-1)
+        F, G = self._biased(self.f, self.g)
+        finite_abs = lambda t: torch.where(torch.isfinite(t), t.abs(), 0.0).amax(-1)  # noqa: E731 (zero weights: -inf)
+        scale = (finite_abs(F) + finite_abs(G)) / eps
+        alpha = torch.ones_like(err)
+        searching = active.clone()
+        accepted = torch.zeros_like(active)
+        by_armijo = torch.zeros_like(active)
+        for _ in range(max_halvings + 1):
+            f_new = self.f + alpha[:, None] * df
+            g_new = self.g + alpha[:, None] * dg
+            r_new, c_new, err_new = self._marginals(f_new, g_new)
+            self.ls_evals += 1
+            gain = alpha * lin - eps * (r_new.sum(-1) - mass)
+            noise = 16 * ulp * (alpha * (pb.A * df).abs().sum(-1) + alpha * (pb.Bw * dg).abs().sum(-1)
+                                + eps * (mass + r_new.sum(-1)) * (1 + scale))
+            armijo = gain >= c1 * alpha * slope
+            resolvable = alpha * slope > noise
+            ok = torch.where(resolvable, armijo, err_new < err) & torch.isfinite(err_new)
+            take = searching & ok
+            by_armijo |= take & resolvable
+            self.f = torch.where(take[:, None], f_new, self.f)
+            self.g = torch.where(take[:, None], g_new, self.g)
+            r = torch.where(take[:, None], r_new, r)
+            c = torch.where(take[:, None], c_new, c)
+            err = torch.where(take, err_new, err)
+            accepted |= take
+            searching &= ~ok
+            if not bool(searching.any()):
+                break
+            alpha = torch.where(searching, alpha / 2, alpha)
+        return r, c, err, accepted, alpha, by_armijo

@@ -1,0 +1,403 @@
+"""GPU check and benchmark of the Sinkhorn kernels (softmin passes and the loss layer).
+
+    python bench/bench_sinkhorn_kernels.py                 # the TARGETS.md sizes, on a GPU
+    python bench/bench_sinkhorn_kernels.py --quick         # tiny sizes; runs on CPU (interpreter)
+    python bench/bench_sinkhorn_kernels.py --sizes 8192x3 32768x64 --out out/h100
+
+Problems follow TARGETS.md: x ~ U[0,1]^d, y ~ U[0.05,0.95]^d, squared Euclidean
+cost, eps = 0.05, uniform weights.
+
+1. Correctness. From potentials after a few fp32 iterations, one row pass and
+   one column pass are recomputed by each method and compared with a float64
+   reference on a subset of at most ``--check-rows`` outputs:
+   ``relerr = max |f - f64| / max |f64|``. For n <= 8192 the converged
+   potentials of a full ``otcore.sinkhorn`` solve are also compared with a
+   float64 torch solve.
+2. Speed. One Sinkhorn iteration (row pass + column pass), median over runs
+   (``triton.testing.do_bench`` on CUDA, wall clock on CPU), for otcore fp32 /
+   tf32, torch dense log-sum-exp on a materialised C, POT ``sinkhorn_log``
+   (torch backend) and FlashSinkhorn (``flash_sinkhorn.SamplesLoss``; its time per
+   iteration is estimated as solve time / length of its eps-scaling schedule)
+   when importable; with each time as a fraction of the exp-unit floor
+   ``2 n m / 4.2e12 s`` (H100: 16 exp2/clock/SM x 132 SMs x 1.98 GHz).
+3. The loss layer: ``otcore.SinkhornLoss`` forward + backward at n = 10,000,
+   d = 3 (GeomLoss convention blur = 0.05, i.e. eps = 0.005 on ||x - y||^2),
+   beside GeomLoss's tensorized backend when importable.
+
+Writes ``results.csv``, ``results.json`` and ``sinkhorn_kernels.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: the kernels run in the interpreter
+
+import otcore  # noqa: E402
+from otcore import reference, triton_ops  # noqa: E402
+
+EXP_PER_S = 4.2e12
+EPS = 0.05
+TARGET_SIZES = ["8192x3", "32768x3", "32768x64", "50000x64", "1000000x3"]
+QUICK_SIZES = ["64x3", "96x17"]
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def parse_size(s: str) -> tuple[int, int]:
+    n, d = s.lower().split("x")
+    return int(float(n)), int(d)
+
+
+def problem(n: int, d: int, device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.rand(n, d, generator=g).to(device)
+    y = (torch.rand(n, d, generator=g) * 0.9 + 0.05).to(device)
+    return x, y
+
+
+def exp_floor_ms(n: int, m: int) -> float:
+    """Time one iteration needs at the H100's exp2 throughput: 2 n m exponentials."""
+    return 2.0 * n * m / EXP_PER_S * 1e3
+
+
+def time_ms(fn, device) -> float:
+    """Median time of ``fn()`` in ms: triton.testing.do_bench on CUDA, wall clock on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        try:
+            return float(triton.testing.do_bench(fn, return_mode="median"))
+        except TypeError:  # older Triton without return_mode
+            return float(triton.testing.do_bench(fn, quantiles=[0.5]))
+    fn()  # warm-up
+    runs = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(runs)
+
+
+def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def free_bytes(device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    return 4e9
+
+
+# ---------------------------------------------------------------------------
+# one Sinkhorn iteration per method
+# ---------------------------------------------------------------------------
+def otcore_iteration(geom, logw, precision):
+    """Row pass then column pass through the Triton geometry primitives."""
+    state = {"g": torch.zeros(1, geom.m, device=geom.device)}
+
+    def step():
+        f = triton_ops.softmin(geom, state["g"] + EPS * logw, EPS, 1, precision)
+        state["g"] = triton_ops.softmin(geom, f + EPS * logw, EPS, 0, precision)
+
+    return step
+
+
+def cuda_graph(step):
+    """``step`` captured in a CUDA graph (after two warm-up runs): its replay times the
+    kernels without the host-side launch overhead that dominates small problems."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def torch_dense_iteration(x, y, logw):
+    """The same two passes as torch.logsumexp over a materialised cost matrix."""
+    C = torch.cdist(x, y) ** 2
+    state = {"g": torch.zeros(y.shape[0], device=x.device)}
+
+    def step():
+        f = -EPS * torch.logsumexp((state["g"] + EPS * logw - C) / EPS, dim=1)
+        state["g"] = -EPS * torch.logsumexp((f[:, None] + EPS * logw - C) / EPS, dim=0)
+
+    return step, C
+
+
+def pot_iterations(x, y, k):
+    """POT sinkhorn_log (torch backend), ``k`` iterations per call."""
+    import ot
+
+    n = x.shape[0]
+    M = ot.dist(x, y)
+    a = torch.full((n,), 1.0 / n, device=x.device)
+
+    def run():
+        ot.bregman.sinkhorn_log(a, a, M, EPS, numItermax=k, stopThr=0.0, warn=False)
+
+    return run
+
+
+def flash_solve(x, y, scaling=0.5):
+    """FlashSinkhorn's potentials and its eps-scaling schedule length (GeomLoss rule)."""
+    from flash_sinkhorn import SamplesLoss
+
+    blur = math.sqrt(EPS)  # FlashSinkhorn: eps = blur^2 on ||x - y||^2
+    loss = SamplesLoss("sinkhorn", blur=blur, scaling=scaling, debias=False, potentials=True)
+    diam = float(torch.cdist(torch.stack([x.min(0).values, x.max(0).values]),
+                             torch.stack([y.min(0).values, y.max(0).values])).max())
+    steps = 2 + max(0, math.ceil(2 * math.log(max(diam, blur) / blur) / (-2 * math.log(scaling))))
+    return (lambda: loss(x, y)), steps
+
+
+# ---------------------------------------------------------------------------
+# benchmark sections
+# ---------------------------------------------------------------------------
+def check_rows(n: int, limit: int, device) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(1))[: min(n, limit)].sort().values.to(device)
+
+
+def correctness(n, d, device, args, rows_out):
+    """Pass errors (and, for small n, full-solve errors) vs float64."""
+    x, y = problem(n, d, device)
+    geom = otcore.PointCloud(x, y)
+    logw = torch.full((1, n), -math.log(n), device=device)
+    # realistic potentials: a few fp32 iterations from zero
+    g = torch.zeros(1, n, device=device)
+    for _ in range(args.warm_iters):
+        f = triton_ops.softmin(geom, g + EPS * logw, EPS, 1)
+        g = triton_ops.softmin(geom, f + EPS * logw, EPS, 0)
+    S = check_rows(n, args.check_rows, device)
+    hg, hf = (g + EPS * logw).double(), (f + EPS * logw).double()
+    ref_row = reference.softmin(otcore.PointCloud(x[S].double(), y.double()), hg, EPS, 1)
+    ref_col = reference.softmin(otcore.PointCloud(x.double(), y[S].double()), hf, EPS, 0)
+    methods = {p: (lambda p=p: (triton_ops.softmin(geom, g + EPS * logw, EPS, 1, p),
+                                triton_ops.softmin(geom, f + EPS * logw, EPS, 0, p))) for p in ("fp32", "tf32")}
+    if 3 * n * n * 4 < 0.6 * free_bytes(device):
+        C = torch.cdist(x, y) ** 2
+        methods["torch dense fp32"] = lambda: (
+            -EPS * torch.logsumexp((hg[0].float() - C) / EPS, dim=1)[None],
+            -EPS * torch.logsumexp((hf[0, :, None].float() - C) / EPS, dim=0)[None],
+        )
+    for name, fn in methods.items():
+        row, col = fn()
+        rec = dict(section="pass_error", n=n, d=d, method=name,
+                   row_relerr=relerr(row[:, S], ref_row), col_relerr=relerr(col[:, S], ref_col))
+        rows_out.append(rec)
+        print(f"  pass error {name:>18}: row {rec['row_relerr']:.2e}  col {rec['col_relerr']:.2e}", flush=True)
+    methods.pop("torch dense fp32", None)
+    if n <= args.solve_max_n:
+        ref = otcore.sinkhorn(otcore.PointCloud(x.double(), y.double()), eps=EPS, backend="torch",
+                              tol=1e-7, max_iter=5000, verbose=False)
+        for p in ("fp32", "tf32"):
+            res = otcore.sinkhorn(geom, eps=EPS, backend="triton", precision=p, tol=1e-6, max_iter=5000, verbose=False)
+            # potentials are unique up to (f + c, g - c): remove the constant before comparing
+            c = float((res.f.double() - ref.f).mean())
+            rec = dict(section="solve_error", n=n, d=d, method=p, f_relerr=relerr(res.f - c, ref.f),
+                       g_relerr=relerr(res.g + c, ref.g), n_iter=int(res.n_iter),
+                       cost_relerr=relerr(res.cost, ref.cost))
+            rows_out.append(rec)
+            print(f"  solve error {p}: f {rec['f_relerr']:.2e} g {rec['g_relerr']:.2e} "
+                  f"cost {rec['cost_relerr']:.2e} ({rec['n_iter']} it)", flush=True)
+
+
+def speed(n, d, device, args, rows_out):
+    """Per-iteration time of every method at one size."""
+    x, y = problem(n, d, device)
+    geom = otcore.PointCloud(x, y)
+    logw = torch.full((1, n), -math.log(n), device=device)
+    floor = exp_floor_ms(n, n)
+
+    def record(method, ms, note=""):
+        rec = dict(section="iteration_ms", n=n, d=d, method=method, ms=ms,
+                   floor_ms=floor, floor_fraction=floor / ms if ms else float("nan"), note=note)
+        rows_out.append(rec)
+        print(f"  {method:>22}: {ms:9.3f} ms/it  ({rec['floor_fraction']:.0%} of the exp floor {floor:.3f} ms) {note}",
+              flush=True)
+
+    for p in ("fp32", "tf32"):
+        record(f"otcore {p}", time_ms(otcore_iteration(geom, logw, p), device))
+    if device.type == "cuda":
+        try:
+            record("otcore fp32 CUDA graph", time_ms(cuda_graph(otcore_iteration(geom, logw, "fp32")), device))
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+            print(f"  CUDA graph capture failed: {type(e).__name__}: {e}")
+    if args.skip_peers:
+        return
+    if 3 * n * n * 4 < 0.6 * free_bytes(device):
+        step, C = torch_dense_iteration(x, y, logw[0])
+        record("torch dense", time_ms(step, device))
+        del C, step
+        try:
+            k = args.pot_iters
+            record("POT sinkhorn_log", time_ms(pot_iterations(x, y, k), device) / k, f"({k} iterations per call)")
+        except Exception as e:  # noqa: BLE001 - optional peer, report why it did not run
+            print(f"  POT skipped: {type(e).__name__}: {e}")
+    else:
+        print("  torch dense / POT skipped: the n x m cost matrix does not fit")
+    if device.type == "cuda":
+        try:
+            run, steps = flash_solve(x, y)
+            record("FlashSinkhorn (est.)", time_ms(run, device) / steps, f"(solve / {steps} eps-scaling steps)")
+        except ImportError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            print(f"  FlashSinkhorn failed: {type(e).__name__}: {e}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def loss_layer(device, args, rows_out):
+    """SinkhornLoss forward + backward vs GeomLoss tensorized (same eps, debiased)."""
+    n = args.loss_n
+    x, y = problem(n, 3, device, seed=2)
+    x.requires_grad_(True)
+    blur = args.loss_blur
+    # backend="triton": the kernels (the interpreter on CPU); GeomLoss: eps = blur^2 on |x-y|^2 / 2
+    ours = otcore.SinkhornLoss(eps=2 * blur**2, debias=True, backend="triton")
+
+    def run_ours():
+        val = ours(x, y)
+        (gx,) = torch.autograd.grad(val, x)
+        return val.detach() / 2, gx / 2  # in GeomLoss's half-cost units
+
+    v0, g0 = run_ours()
+    ms = time_ms(run_ours, device)
+    rows_out.append(dict(section="loss_fwd_bwd_ms", n=n, d=3, method="otcore SinkhornLoss", ms=ms, value=float(v0)))
+    print(f"  otcore SinkhornLoss fwd+bwd (blur {blur}): {ms:.2f} ms (value {float(v0):.6e})", flush=True)
+    try:
+        import geomloss
+    except ImportError:
+        print("  GeomLoss not importable: comparison skipped")
+        return
+    for scaling in (0.5, 0.9):
+        theirs = geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=True, backend="tensorized")
+
+        def run_theirs():
+            val = theirs(x, y)
+            (gx,) = torch.autograd.grad(val, x)
+            return val.detach(), gx
+
+        v1, g1 = run_theirs()
+        ms = time_ms(run_theirs, device)
+        rows_out.append(dict(section="loss_fwd_bwd_ms", n=n, d=3, method=f"GeomLoss tensorized s={scaling}", ms=ms,
+                             value=float(v1), value_relerr_vs_otcore=relerr(v1, v0),
+                             grad_relerr_vs_otcore=relerr(g1, g0)))
+        print(f"  GeomLoss tensorized (scaling {scaling}): {ms:.2f} ms (value {float(v1):.6e}, "
+              f"grad relerr vs otcore {relerr(g1, g0):.1e})", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------
+def write_outputs(rows, out_dir, meta):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    keys = sorted({k for r in rows for k in r})
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, os.path.join(out_dir, "sinkhorn_kernels.png"), meta)
+
+
+def plot(rows, path, meta):
+    """Grouped bars: ms per iteration per method and size (log scale), the exp floor as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not importable: no plot")
+        return
+    it = [r for r in rows if r["section"] == "iteration_ms"]
+    if not it:
+        return
+    sizes = list(dict.fromkeys(f"{r['n']}x{r['d']}" for r in it))
+    methods = list(dict.fromkeys(r["method"] for r in it))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(sizes)), 4))
+    for k, meth in enumerate(methods):
+        xs, ys = [], []
+        for s, size in enumerate(sizes):
+            hit = [r["ms"] for r in it if r["method"] == meth and f"{r['n']}x{r['d']}" == size]
+            if hit:
+                xs.append(s + (k - (len(methods) - 1) / 2) * width)
+                ys.append(hit[0])
+        ax.bar(xs, ys, width, label=meth)
+    for s, size in enumerate(sizes):
+        fl = next(r["floor_ms"] for r in it if f"{r['n']}x{r['d']}" == size)
+        ax.hlines(fl, s - 0.45, s + 0.45, colors="k", linestyles="--", label="H100 exp-unit floor" if s == 0 else None)
+    ax.set_xticks(range(len(sizes)))
+    ax.set_xticklabels([f"n=m={s.split('x')[0]}\nd={s.split('x')[1]}" for s in sizes])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per Sinkhorn iteration (row + column pass)")
+    ax.set_title(f"Sinkhorn iteration, eps={EPS}, {meta['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU/interpreter smoke run)")
+    ap.add_argument("--sizes", nargs="*", help="n x d sizes, e.g. 8192x3 (default: TARGETS.md sizes)")
+    ap.add_argument("--out", default=None, help="output folder (default out/bench_sinkhorn_kernels[_quick])")
+    ap.add_argument("--skip-peers", action="store_true", help="only time otcore")
+    ap.add_argument("--skip-loss", action="store_true", help="skip the loss-layer section")
+    ap.add_argument("--check-rows", type=int, default=2048, help="outputs compared with float64 per pass")
+    ap.add_argument("--warm-iters", type=int, default=10, help="fp32 iterations before the pass check")
+    ap.add_argument("--solve-max-n", type=int, default=8192, help="largest n for the full-solve check")
+    ap.add_argument("--pot-iters", type=int, default=10, help="POT iterations per timed call")
+    ap.add_argument("--loss-n", type=int, default=10_000, help="points per cloud in the loss-layer section")
+    ap.add_argument("--loss-blur", type=float, default=0.05, help="GeomLoss blur of the loss-layer section")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        args.check_rows, args.warm_iters, args.pot_iters = min(args.check_rows, 64), min(args.warm_iters, 3), 3
+        args.solve_max_n, args.loss_n, args.loss_blur = min(args.solve_max_n, 64), min(args.loss_n, 40), 0.2
+    sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else TARGET_SIZES))]
+    out = args.out or os.path.join("out", "bench_sinkhorn_kernels" + ("_quick" if args.quick else ""))
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    import triton
+
+    meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__, eps=EPS,
+                quick=args.quick, argv=sys.argv[1:])
+    print(f"# {dev_name}, torch {torch.__version__}, triton {triton.__version__}, eps {EPS}", flush=True)
+    rows: list[dict] = []
+    for n, d in sizes:
+        print(f"n = m = {n}, d = {d}", flush=True)
+        correctness(n, d, device, args, rows)
+        speed(n, d, device, args, rows)
+        write_outputs(rows, out, meta)  # after every size, so a time-out keeps what finished
+    if not args.skip_loss:
+        print(f"loss layer, n = m = {args.loss_n}, d = 3", flush=True)
+        loss_layer(device, args, rows)
+    write_outputs(rows, out, meta)
+    print(f"wrote {out}/results.csv, results.json, sinkhorn_kernels.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

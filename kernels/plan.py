@@ -1,0 +1,358 @@
+"""Streamed operations on the entropic plan ``P_ij = exp((F_i + G_j - C_ij)/eps)``.
+
+Same tiling and cost tiles as :mod:`otcore.kernels.softmin` (own rows x other
+columns, the column side obtained by swapping the clouds or C's strides); the
+plan is formed tile by tile as ``2^(s F_i + s G_j - s C_ij)`` with
+``s = log2(e)/eps`` and never stored, except by :func:`launch_plan_dense`.
+
+- :func:`launch_plan_reduce`: ``sum_j W_ij V_jk`` and/or ``sum_j W_ij`` for the
+  weights ``W = P`` (apply_plan, marginals), ``W = P * C`` (``<P, C>``) or
+  ``W = P / C`` (the Euclidean cost's gradient), in one pass.
+- :func:`launch_plan_topk`: the ``k`` largest ``P_ij`` of each own row with their
+  column indices, by a running top-k merged tile by tile.
+- :func:`launch_plan_dense`: ``P`` itself (small problems).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .softmin import COST_DOT, CostOperand, block_sizes, cost_tile, own_block, scalars
+
+WEIGHT_P = 0  # W = P
+WEIGHT_PC = 1  # W = P * C
+WEIGHT_P_OVER_C = 2  # W = P / C, 0 where C = 0
+
+#: Largest k for the in-kernel running top-k (k selection rounds per tile).
+TOPK_MAX = 32
+
+
+@triton.jit
+def _log2_plan_tile(f_ptr, g_ptr, scale, C, offs_i, offs_j, mask_i, mask_j):
+    """``log2 P`` on a tile: ``s F_i + (s G_j - s C_ij)``; masked rows/columns are ``-inf``."""
+    fs = tl.load(f_ptr + offs_i, mask=mask_i, other=float("-inf")) * scale
+    gs = tl.load(g_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
+    return fs[:, None] + (gs[None, :] - C * scale)
+
+
+@triton.jit
+def plan_reduce_kernel(
+    out_v_ptr, out_s_ptr, f_ptr, g_ptr, v_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    n_own, n_oth, n_val, tiles_own,
+    s_ovb, s_ovr, s_osb, s_fb, s_gb, s_vb, s_vr, s_vk,
+    s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
+    D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_V: tl.constexpr, V_MATRIX: tl.constexpr, WITH_SUM: tl.constexpr, WEIGHT: tl.constexpr,
+    VIP: tl.constexpr,
+):
+    """``out_v[i, k] = sum_j W_ij V[j, k]`` and ``out_s[i] = sum_j W_ij`` for own rows i.
+
+    Grid: ``(B * tiles_own, cdiv(n_val, BLOCK_K))``; program ``(p, q)`` handles
+    problem ``p // tiles_own``, own rows ``(p % tiles_own)*BLOCK_I + [0, BLOCK_I)``
+    and value columns ``q*BLOCK_K + [0, BLOCK_K)``, streaming every other point.
+
+    Pointers and strides (elements):
+
+    - ``out_v_ptr``: ``(B, n_own, n_val)`` (strides ``s_ovb``, ``s_ovr``, 1), or
+      ``(B, n_own)`` when ``V_MATRIX`` is False (vector ``V``).
+    - ``out_s_ptr``: ``(B, n_own)`` row sums of W (problem stride ``s_osb``);
+      written by the ``q = 0`` programs when ``WITH_SUM``.
+    - ``f_ptr`` / ``g_ptr``: biased potentials of the own / other side, ``(B, n_own)``
+      and ``(B, n_oth)``, contiguous rows (problem strides ``s_fb``, ``s_gb``).
+    - ``v_ptr``: ``V`` ``(B, n_oth, n_val)`` (strides ``s_vb``, ``s_vr``, ``s_vk``),
+      or ``(B, n_oth)`` when not ``V_MATRIX``; unused unless ``HAS_V``.
+    - ``scal_ptr``: ``[log2(e)/eps, eps*ln 2]``.
+    - ``own_ptr``, ``oth_ptr``, ``c_ptr`` and their strides: see
+      :func:`otcore.kernels.softmin.cost_tile`.
+
+    ``WEIGHT``: 0 ``W = P``, 1 ``W = P*C``, 2 ``W = P/C`` (0 where ``C = 0``).
+    ``VIP``: tl.dot input precision of ``W @ V`` (``"tf32x3"`` keeps float32 accuracy).
+    """
+    pid = tl.program_id(0)
+    q = tl.program_id(1)
+    b = (pid // tiles_own).to(tl.int64)
+    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask_i = offs_i < n_own
+    offs_k = q * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < n_val
+    own_ptr += b * s_ob
+    oth_ptr += b * s_tb
+    c_ptr += b * s_cb
+    f_ptr += b * s_fb
+    g_ptr += b * s_gb
+    v_ptr += b * s_vb
+    scale = tl.load(scal_ptr)
+    own_t, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D, DP, COST)
+
+    dtype = f_ptr.dtype.element_ty
+    # sums are kept per tile entry and reduced across the tile's threads once, after the loop
+    acc_s = tl.zeros((BLOCK_I, BLOCK_J), dtype=dtype)
+    if V_MATRIX:
+        acc_v = tl.zeros((BLOCK_I, BLOCK_K), dtype=dtype)
+    else:
+        acc_v = tl.zeros((BLOCK_I, BLOCK_J), dtype=dtype)
+    for j0 in range(0, n_oth, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < n_oth
+        C = cost_tile(own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+                      s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
+        W = tl.exp2(_log2_plan_tile(f_ptr, g_ptr, scale, C, offs_i, offs_j, mask_i, mask_j))
+        if WEIGHT == 1:
+            W = W * C
+        elif WEIGHT == 2:
+            W = tl.where(C > 0, W / tl.where(C > 0, C, 1.0), 0.0)
+        if WITH_SUM:
+            acc_s += W
+        if HAS_V:
+            if V_MATRIX:
+                V = tl.load(v_ptr + offs_j[:, None] * s_vr + offs_k[None, :] * s_vk,
+                            mask=mask_j[:, None] & mask_k[None, :], other=0.0)
+                acc_v += tl.dot(W, V, input_precision=VIP).to(dtype)
+            else:
+                v = tl.load(v_ptr + offs_j * s_vr, mask=mask_j, other=0.0)
+                acc_v += W * v[None, :]
+    if HAS_V:
+        if V_MATRIX:
+            ptrs = out_v_ptr + b * s_ovb + offs_i[:, None] * s_ovr + offs_k[None, :]
+            tl.store(ptrs, acc_v, mask=mask_i[:, None] & mask_k[None, :])
+        else:
+            tl.store(out_v_ptr + b * s_ovb + offs_i * s_ovr, tl.sum(acc_v, axis=1), mask=mask_i)
+    if WITH_SUM:
+        tl.store(out_s_ptr + b * s_osb + offs_i, tl.sum(acc_s, axis=1), mask=mask_i & ((offs_i * 0 + q) == 0))
+
+
+@triton.jit
+def plan_topk_kernel(
+    val_ptr, idx_ptr, f_ptr, g_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    n_own, n_oth, tiles_own, s_fb, s_gb,
+    s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
+    D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, LOWEST: tl.constexpr,
+):
+    """The ``K`` largest plan entries of each own row (unsorted), with their columns.
+
+    Grid ``(B * tiles_own,)``. ``val_ptr``/``idx_ptr``: ``(B, n_own, K)`` contiguous
+    outputs (values ``P_ij``, int64 column indices). ``f_ptr``/``g_ptr``/``scal_ptr``
+    and the cost pointers: as in :func:`plan_reduce_kernel`.
+
+    The key of entry ``(i, j)`` is ``log2 P_ij - s F_i = s G_j - s C_ij`` (the row
+    constant does not change the order). Each row keeps ``K`` slots (padded to
+    ``KP``; the padding holds ``+inf`` so it is never replaced). Per tile, ``K``
+    rounds take the tile's largest remaining key and, if it beats the row's
+    smallest slot, overwrite that slot: any tile entry in the final top-k is among
+    the tile's ``K`` largest, so this is exact. A zero-weight column (key ``-inf``)
+    is ranked as ``LOWEST`` (the dtype's most negative finite value) so it can
+    still fill a slot with a valid index (value 0) when a row has fewer than ``K``
+    positive entries; columns past ``n_oth`` stay ``-inf`` and never enter.
+    """
+    pid = tl.program_id(0)
+    b = (pid // tiles_own).to(tl.int64)
+    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask_i = offs_i < n_own
+    own_ptr += b * s_ob
+    oth_ptr += b * s_tb
+    c_ptr += b * s_cb
+    f_ptr += b * s_fb
+    g_ptr += b * s_gb
+    scale = tl.load(scal_ptr)
+    own_t, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D, DP, COST)
+
+    slot = tl.arange(0, KP)
+    dtype = f_ptr.dtype.element_ty
+    top = tl.where(slot[None, :] < K, float("-inf"), float("inf")) + tl.zeros((BLOCK_I, KP), dtype=dtype)
+    top_idx = tl.zeros((BLOCK_I, KP), dtype=tl.int32)
+    col = tl.arange(0, BLOCK_J)
+    for j0 in range(0, n_oth, BLOCK_J):
+        offs_j = j0 + col
+        mask_j = offs_j < n_oth
+        C = cost_tile(own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+                      s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
+        gs = tl.load(g_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
+        key = tl.where(mask_j[None, :], tl.maximum(gs[None, :] - C * scale, LOWEST), float("-inf"))
+        for _ in tl.static_range(K):
+            best = tl.max(key, axis=1)
+            best_j = tl.argmax(key, axis=1)
+            worst = tl.min(top, axis=1)
+            worst_slot = tl.argmin(top, axis=1)
+            hit = (best > worst)[:, None] & (slot[None, :] == worst_slot[:, None])
+            top = tl.where(hit, best[:, None], top)
+            top_idx = tl.where(hit, (j0 + best_j)[:, None], top_idx)
+            key = tl.where(col[None, :] == best_j[:, None], float("-inf"), key)
+    fs = tl.load(f_ptr + offs_i, mask=mask_i, other=float("-inf")) * scale
+    smask = mask_i[:, None] & (slot[None, :] < K)
+    vals = tl.exp2(fs[:, None] + tl.where(smask, top, 0.0))  # the +inf padding never meets F = -inf
+    out = b * n_own * K + offs_i[:, None] * K + slot[None, :]
+    tl.store(val_ptr + out, vals, mask=smask)
+    tl.store(idx_ptr + out, top_idx.to(tl.int64), mask=smask)
+
+
+@triton.jit
+def plan_dense_kernel(
+    out_ptr, f_ptr, g_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    n_own, n_oth, tiles_own, s_pb, s_pr, s_fb, s_gb,
+    s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
+    D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Write ``P`` tile ``(own rows of program p, other columns of program q)``.
+
+    Grid ``(B * tiles_own, cdiv(n_oth, BLOCK_J))``; ``out_ptr``: ``(B, n_own, n_oth)``
+    with strides ``s_pb``, ``s_pr``, 1. Other pointers: as in :func:`plan_reduce_kernel`.
+    """
+    pid = tl.program_id(0)
+    q = tl.program_id(1)
+    b = (pid // tiles_own).to(tl.int64)
+    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = q * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i = offs_i < n_own
+    mask_j = offs_j < n_oth
+    own_ptr += b * s_ob
+    oth_ptr += b * s_tb
+    c_ptr += b * s_cb
+    f_ptr += b * s_fb
+    g_ptr += b * s_gb
+    scale = tl.load(scal_ptr)
+    own_t, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D, DP, COST)
+    C = cost_tile(own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+                  s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
+    P = tl.exp2(_log2_plan_tile(f_ptr, g_ptr, scale, C, offs_i, offs_j, mask_i, mask_j))
+    ptrs = out_ptr + b * s_pb + offs_i[:, None].to(tl.int64) * s_pr + offs_j[None, :]
+    tl.store(ptrs, P, mask=mask_i[:, None] & mask_j[None, :])
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+def value_block(n_val: int) -> int:
+    """Value columns per program for ``W @ V``: the accumulator is BLOCK_I x BLOCK_K
+    registers, so at most 64 columns (one program per 64 more, each recomputing its
+    tile of P, which costs exps but keeps registers bounded); at least 16, the
+    smallest tl.dot operand."""
+    return min(64, max(16, triton.next_power_of_2(n_val)))
+
+
+def reduce_block_sizes(op: CostOperand, bk: int) -> tuple[int, int, int]:
+    """``(BLOCK_I, BLOCK_J, num_warps)`` for :func:`plan_reduce_kernel`.
+
+    The softmin tiles (:func:`~otcore.kernels.softmin.block_sizes`), except that a
+    wide ``W @ V`` accumulator (BLOCK_K >= 32) next to the d >= 32 own tile of the
+    dot path does not fit: at 64 rows the sm_90 cubin for d = 64, BLOCK_K = 64
+    spills (255 registers + stack), at 32 rows and 8 warps it uses 240 and none.
+    """
+    bi, bj, warps = block_sizes(op.n_own, op.n_oth, op.mode, op.d)
+    if bk >= 32 and op.mode == COST_DOT and op.d >= 32:
+        bi, warps = min(bi, 32), 8
+    return bi, bj, warps
+
+
+def _value_precision(op: CostOperand) -> str:
+    """``W @ V`` on the tensor cores: 3xTF32 keeps float32 accuracy, tf32 in fast mode."""
+    if op.ref.dtype == torch.float64:
+        return "ieee"
+    return "tf32" if op.input_precision == "tf32" else "tf32x3"
+
+
+def launch_plan_reduce(
+    op: CostOperand,
+    F_own: torch.Tensor,
+    G_oth: torch.Tensor,
+    eps: float,
+    V: Optional[torch.Tensor] = None,
+    with_sum: bool = False,
+    weight: int = WEIGHT_P,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(W V, W 1)`` over the operand's other side, in one streamed pass.
+
+    Args:
+        op: the cost seen from the output's side.
+        F_own: ``(B, n_own)`` biased potential of the own side; G_oth ``(B, n_oth)``.
+        eps: regularization.
+        V: None, ``(B, n_oth)`` or ``(B, n_oth, k)`` values on the other side.
+        with_sum: also return the row sums ``sum_j W_ij`` ``(B, n_own)``.
+        weight: ``WEIGHT_P`` / ``WEIGHT_PC`` / ``WEIGHT_P_OVER_C``.
+
+    Returns:
+        ``(WV or None, W1 or None)``; ``WV`` is ``(B, n_own)`` or ``(B, n_own, k)``.
+    """
+    ref = op.ref
+    dt, dev = ref.dtype, ref.device
+    B, n_own, n_oth = op.batch, op.n_own, op.n_oth
+    F_own = F_own.to(dt).contiguous()
+    G_oth = G_oth.to(dt).contiguous()
+    has_v = V is not None
+    matrix = has_v and V.dim() == 3
+    n_val = V.shape[2] if matrix else 1
+    bk = value_block(n_val) if matrix else 16
+    bi, bj, warps = reduce_block_sizes(op, bk)
+    tiles_own = triton.cdiv(n_own, bi)
+    if has_v:
+        V = V.to(dt)
+        out_v = torch.empty((B, n_own, n_val) if matrix else (B, n_own), dtype=dt, device=dev)
+        vs = (V.stride(0), V.stride(1), V.stride(2) if matrix else 0)
+        ovs = (out_v.stride(0), out_v.stride(1))
+    else:
+        V, out_v, vs, ovs = F_own, None, (0, 0, 0), (0, 0)
+    out_s = torch.empty((B, n_own), dtype=dt, device=dev) if with_sum else None
+    args = op.pointer_args()
+    grid = (B * tiles_own, triton.cdiv(n_val, bk) if matrix else 1)
+    plan_reduce_kernel[grid](
+        out_v if has_v else F_own, out_s if with_sum else F_own, F_own, G_oth, V,
+        scalars(eps, dt, dev), *args[:3],
+        n_own, n_oth, n_val, tiles_own,
+        *ovs, n_own, F_own.stride(0), G_oth.stride(0), *vs, *args[3:],
+        **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk,
+        HAS_V=has_v, V_MATRIX=matrix, WITH_SUM=with_sum, WEIGHT=weight, VIP=_value_precision(op),
+        num_warps=warps,
+    )
+    return out_v, out_s
+
+
+def launch_plan_topk(op: CostOperand, F_own, G_oth, eps: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest ``P_ij`` per own row, sorted decreasingly: values and
+    int64 column indices, each ``(B, n_own, k)``. Needs ``1 <= k <= min(n_oth, TOPK_MAX)``."""
+    if not 1 <= k <= op.n_oth:
+        raise ValueError(f"k must be in [1, {op.n_oth}] (the number of columns), got {k}")
+    if k > TOPK_MAX:
+        raise ValueError(f"k must be <= {TOPK_MAX} for the Triton top-k (k selection rounds per tile), got {k}")
+    ref = op.ref
+    dt, dev = ref.dtype, ref.device
+    B, n_own, n_oth = op.batch, op.n_own, op.n_oth
+    F_own = F_own.to(dt).contiguous()
+    G_oth = G_oth.to(dt).contiguous()
+    bi, bj, warps = block_sizes(n_own, n_oth, op.mode, op.d)
+    tiles_own = triton.cdiv(n_own, bi)
+    vals = torch.empty((B, n_own, k), dtype=dt, device=dev)
+    idx = torch.empty((B, n_own, k), dtype=torch.int64, device=dev)
+    args = op.pointer_args()
+    plan_topk_kernel[(B * tiles_own,)](
+        vals, idx, F_own, G_oth, scalars(eps, dt, dev), *args[:3],
+        n_own, n_oth, tiles_own, F_own.stride(0), G_oth.stride(0), *args[3:],
+        **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, K=k, KP=triton.next_power_of_2(k),
+        LOWEST=float(torch.finfo(dt).min), num_warps=warps,
+    )
+    vals, order = torch.sort(vals, dim=-1, descending=True)
+    return vals, torch.gather(idx, -1, order)
+
+
+def launch_plan_dense(op: CostOperand, F_own, G_oth, eps: float) -> torch.Tensor:
+    """The dense plan ``(B, n_own, n_oth)`` (an n x m buffer: small problems only)."""
+    ref = op.ref
+    dt, dev = ref.dtype, ref.device
+    B, n_own, n_oth = op.batch, op.n_own, op.n_oth
+    F_own = F_own.to(dt).contiguous()
+    G_oth = G_oth.to(dt).contiguous()
+    bi, bj, warps = block_sizes(n_own, n_oth, op.mode, op.d)
+    tiles_own = triton.cdiv(n_own, bi)
+    P = torch.empty((B, n_own, n_oth), dtype=dt, device=dev)
+    args = op.pointer_args()
+    plan_dense_kernel[(B * tiles_own, triton.cdiv(n_oth, bj))](
+        P, F_own, G_oth, scalars(eps, dt, dev), *args[:3],
+        n_own, n_oth, tiles_own, P.stride(0), P.stride(1), F_own.stride(0), G_oth.stride(0), *args[3:],
+        **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, num_warps=warps,
+    )
+    return P

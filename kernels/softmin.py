@@ -1,0 +1,413 @@
+"""Fused online log-sum-exp ("softmin") over a cost computed on the fly or streamed.
+
+One Sinkhorn half-step reduces the cost matrix along one axis:
+
+    axis=1 (rows):    out_i = -eps * log sum_j exp((h_j - C_ij) / eps)
+    axis=0 (columns): out_j = -eps * log sum_i exp((h_i - C_ij) / eps)
+
+Both are the same reduction seen from one side: an *own* index (the output's,
+``i`` for axis=1) and an *other* index (the reduced one). For point clouds the
+cost is symmetric in its arguments, so the column pass is the row pass with the
+two clouds' pointers swapped; for a dense ``C`` it is the same tiles read with
+the two strides swapped. Nothing is transposed or copied in memory.
+
+Base 2: with ``s = log2(e) / eps`` the kernel streams ``z_ij = s*h_j - s*C_ij``
+and keeps a running maximum ``m`` and a running sum ``l = sum_j 2^(z_ij - m)``
+(rescaled whenever the maximum grows), by default one pair per tile entry
+(row, column lane) merged once at the end, so the loop needs no communication
+between threads (see :func:`lse_lanes`). Then ``out = -(m + log2 l) / s``.
+No n x m buffer exists.
+
+How the cost tile is obtained (``COST``, a compile-time flag):
+
+- ``COST_DENSE``: read ``C`` (streamed, bandwidth-bound).
+- ``COST_DIRECT``: ``sum_k (x_ik - y_jk)^2`` with one FMA per coordinate (static
+  loop over d). Float32-faithful whatever the offset of the clouds.
+- ``COST_DOT``: ``|x_i|^2 + |y_j|^2 - 2 x_i.y_j`` with the cross term on the tensor
+  cores (``tl.dot``) at ``input_precision`` ``"tf32x3"`` (float32-faithful: error
+  ~ 2^-22 |x||y|) or ``"tf32"`` (fast: error ~ 2^-11 |x||y|), ``"ieee"`` for float64.
+  The expansion cancels ``|x|^2 + |y|^2`` against ``2 x.y``, so the caller centres
+  both clouds on their joint mean first (the cost is translation invariant).
+
+``EUCLID`` takes the square root of the squared distance. The tiles and the cost
+helpers below are shared with :mod:`otcore.kernels.plan`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+COST_DENSE = 0
+COST_DIRECT = 1
+COST_DOT = 2
+
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+
+#: Largest d for which float32 mode computes distances coordinate by coordinate.
+#: Each coordinate costs a subtract and an FMA per cost entry on the FP32 pipe
+#: (128 lanes/SM/clock on an H100) against one exp2 on the 16-lane MUFU, so up to
+#: d ~ 8 the FMAs stay within ~2x of the exp floor; beyond, the tensor-core 3xTF32
+#: cross term is cheaper.
+DIRECT_MAX_D = 8
+
+
+# ---------------------------------------------------------------------------
+# Shared tile helpers
+# ---------------------------------------------------------------------------
+@triton.jit
+def own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr):
+    """The own rows' coordinates ``(BLOCK_I, DP)`` and squared norms ``(BLOCK_I,)``.
+
+    Only ``COST_DOT`` needs them (loaded once per program, reused for every tile of
+    the other side); the other modes get zeros that are never read.
+    ``own_ptr`` points at this problem's first own point; point ``i``, coordinate
+    ``k`` is at ``own_ptr + i*s_or + k*s_ok``.
+    """
+    offs_k = tl.arange(0, DP)
+    if COST == 2:
+        ptrs = own_ptr + offs_i[:, None] * s_or + offs_k[None, :] * s_ok
+        tile = tl.load(ptrs, mask=mask_i[:, None] & (offs_k[None, :] < D), other=0.0)
+        sqn = tl.sum(tile * tile, axis=1)
+    else:
+        tile = tl.zeros((offs_i.shape[0], DP), dtype=own_ptr.dtype.element_ty)
+        sqn = tl.zeros((offs_i.shape[0],), dtype=own_ptr.dtype.element_ty)
+    return tile, sqn
+
+
+@triton.jit
+def cost_tile(
+    own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+    s_or, s_ok, s_tr, s_tk, s_co, s_ct,
+    D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
+):
+    """The cost block ``C[own i, other j]`` as a ``(BLOCK_I, BLOCK_J)`` tensor, unscaled.
+
+    Pointers are already offset to the current problem of the batch:
+
+    - ``own_ptr``/``oth_ptr``: coordinates of the own / other points; own point ``i``,
+      coordinate ``k`` at ``own_ptr + i*s_or + k*s_ok``, other point ``j`` at
+      ``oth_ptr + j*s_tr + k*s_tk`` (used by ``COST_DIRECT``/``COST_DOT``).
+    - ``c_ptr``: dense cost; entry (own i, other j) at ``c_ptr + i*s_co + j*s_ct``
+      (``COST_DENSE``; the column pass swaps the two strides).
+    - ``own_t``/``own_sqn``: :func:`own_block`'s tile and norms (``COST_DOT`` only).
+
+    Masked-out entries are finite (loads fill zeros); callers mask them through
+    the potentials, which they load as ``-inf``.
+    """
+    if COST == 0:
+        ptrs = c_ptr + offs_i[:, None].to(tl.int64) * s_co + offs_j[None, :].to(tl.int64) * s_ct
+        C = tl.load(ptrs, mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+    elif COST == 1:
+        # direct differences: exact to rounding whatever the clouds' offset
+        C = tl.zeros((offs_i.shape[0], offs_j.shape[0]), dtype=own_ptr.dtype.element_ty)
+        for k in tl.static_range(D):
+            xk = tl.load(own_ptr + offs_i * s_or + k * s_ok, mask=mask_i, other=0.0)
+            yk = tl.load(oth_ptr + offs_j * s_tr + k * s_tk, mask=mask_j, other=0.0)
+            diff = xk[:, None] - yk[None, :]
+            C += diff * diff
+    else:
+        # |x|^2 + |y|^2 - 2 x.y with the cross term on the tensor cores at precision IP
+        offs_k = tl.arange(0, DP)
+        yt = tl.load(
+            oth_ptr + offs_j[None, :] * s_tr + offs_k[:, None] * s_tk,
+            mask=mask_j[None, :] & (offs_k[:, None] < D), other=0.0,
+        )  # (DP, BLOCK_J): the other tile read transposed through its strides
+        sqn_j = tl.sum(yt * yt, axis=0)
+        cross = tl.dot(own_t, yt, input_precision=IP)
+        # rounding can leave a tiny negative value where x ~ y; the distance is >= 0
+        C = tl.maximum(own_sqn[:, None] + sqn_j[None, :] - 2.0 * cross.to(own_t.dtype), 0.0)
+    if EUCLID:
+        C = tl.sqrt(C)
+    return C
+
+
+# ---------------------------------------------------------------------------
+# The softmin kernel
+# ---------------------------------------------------------------------------
+@triton.jit
+def softmin_kernel(
+    out_ptr, h_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    n_own, n_oth, tiles_own, split_len,
+    s_outb, s_outs, s_hb,
+    s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
+    D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PARTIAL: tl.constexpr, LANE: tl.constexpr,
+    LOWEST: tl.constexpr,
+):
+    """Row softmin of one ``BLOCK_I`` slice of own points over one slice of the other side.
+
+    Grid: ``(B * tiles_own, S)``; program ``(p, s)`` handles problem ``p // tiles_own``,
+    own rows ``(p % tiles_own) * BLOCK_I + [0, BLOCK_I)``, other points
+    ``[s * split_len, (s + 1) * split_len)``.
+
+    Pointers and strides (elements):
+
+    - ``out_ptr``: ``PARTIAL=False``: the result ``(B, n_own)``, problem stride ``s_outb``.
+      ``PARTIAL=True``: base-2 partial log-sums ``(B, S, n_own)`` (strides
+      ``s_outb``, ``s_outs``), combined by the launcher.
+    - ``h_ptr``: the shifted potential on the other side, ``(B, n_oth)``, contiguous
+      rows, problem stride ``s_hb``; ``-inf`` entries are zero-weight points.
+    - ``scal_ptr``: ``[log2(e)/eps, eps*ln 2]`` in the compute dtype (a tensor so
+      float64 problems keep float64 scalars).
+    - ``own_ptr``/``oth_ptr`` (+ problem strides ``s_ob``/``s_tb``, row strides
+      ``s_or``/``s_tr``, coordinate strides ``s_ok``/``s_tk``): point coordinates.
+    - ``c_ptr`` (+ ``s_cb``, own stride ``s_co``, other stride ``s_ct``): dense cost.
+
+    ``LANE`` selects how the online log-sum-exp is kept (see :func:`lse_lanes`):
+    per entry of the tile (one running max/sum per (row, column lane), merged
+    once after the loop; ``LOWEST`` is the dtype's most negative finite value,
+    their start) or per row (a max and a sum reduction across the tile's
+    threads in every iteration).
+    """
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    b = (pid // tiles_own).to(tl.int64)
+    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask_i = offs_i < n_own
+    own_ptr += b * s_ob
+    oth_ptr += b * s_tb
+    c_ptr += b * s_cb
+    h_ptr += b * s_hb
+    scale = tl.load(scal_ptr)
+    inv_scale = tl.load(scal_ptr + 1)
+    own_t, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D, DP, COST)
+
+    dtype = h_ptr.dtype.element_ty
+    if LANE:
+        # per-entry-lane running max and sum: no cross-thread reduction inside the loop
+        m2 = tl.full((BLOCK_I, BLOCK_J), LOWEST, dtype=dtype)
+        l2 = tl.zeros((BLOCK_I, BLOCK_J), dtype=dtype)
+    else:
+        m_i = tl.full((BLOCK_I,), float("-inf"), dtype=dtype)  # running row max of z (base 2)
+        l_i = tl.zeros((BLOCK_I,), dtype=dtype)  # running row sum of 2^(z - m_i)
+    j_lo = sid * split_len
+    j_hi = tl.minimum(j_lo + split_len, n_oth)
+    for j0 in range(j_lo, j_hi, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < j_hi
+        hs = tl.load(h_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
+        C = cost_tile(own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+                      s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
+        z = hs[None, :] - C * scale
+        if LANE:
+            # one exp2 per entry: whichever of 2^(z - m), 2^(m - z) is <= 1 rescales the
+            # other side; m starts at LOWEST (finite), so z = -inf gives e = 0, never NaN
+            e = tl.exp2(-tl.abs(z - m2))
+            l2 = tl.where(z > m2, l2 * e + 1.0, l2 + e)
+            m2 = tl.maximum(m2, z)
+        else:
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            # all-(-inf) so far (zero weights / masked): shift by 0 so no (-inf) - (-inf) = NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
+            m_i = m_new
+    if LANE:
+        # combine the lanes once: sum_lanes l * 2^(m_lane - m_row)
+        m_i = tl.max(m2, axis=1)
+        l_i = tl.sum(l2 * tl.exp2(m2 - m_i[:, None]), axis=1)
+    # every weight zero: l_i = 0, lse2 = -inf and out = +inf (= -eps log 0), without evaluating log2(0)
+    lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    if PARTIAL:
+        tl.store(out_ptr + b * s_outb + sid * s_outs + offs_i, lse2, mask=mask_i)
+    else:
+        tl.store(out_ptr + b * s_outb + offs_i, -lse2 * inv_scale, mask=mask_i)
+
+
+# ---------------------------------------------------------------------------
+# Host side: operands, heuristics, launcher
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CostOperand:
+    """Where the cost comes from, seen from one reduction's side.
+
+    Point clouds: ``own`` ``(B, n_own, d)`` holds the points indexed by the output
+    (x for a row pass), ``oth`` ``(B, n_oth, d)`` the reduced ones. Dense: ``C``
+    ``(B, n, m)`` and ``transposed`` (True for a column pass: own index = column).
+    """
+
+    own: Optional[torch.Tensor]
+    oth: Optional[torch.Tensor]
+    C: Optional[torch.Tensor]
+    transposed: bool
+    euclidean: bool
+    mode: int
+    input_precision: str
+
+    @property
+    def batch(self) -> int:
+        return (self.C if self.C is not None else self.own).shape[0]
+
+    @property
+    def n_own(self) -> int:
+        if self.C is not None:
+            return self.C.shape[2 if self.transposed else 1]
+        return self.own.shape[1]
+
+    @property
+    def n_oth(self) -> int:
+        if self.C is not None:
+            return self.C.shape[1 if self.transposed else 2]
+        return self.oth.shape[1]
+
+    @property
+    def d(self) -> int:
+        return 1 if self.C is not None else self.own.shape[2]
+
+    @property
+    def ref(self) -> torch.Tensor:
+        return self.C if self.C is not None else self.own
+
+    def pointer_args(self) -> tuple:
+        """``own, oth, c`` pointers and their 9 strides, in the kernels' argument order."""
+        if self.C is not None:
+            C = self.C
+            s_co, s_ct = (C.stride(2), C.stride(1)) if self.transposed else (C.stride(1), C.stride(2))
+            return (C, C, C, 0, 0, 0, 0, 0, 0, C.stride(0), s_co, s_ct)
+        o, t = self.own, self.oth
+        return (o, t, o, o.stride(0), o.stride(1), o.stride(2), t.stride(0), t.stride(1), t.stride(2), 0, 0, 0)
+
+    def constexprs(self) -> dict:
+        d = self.d
+        dp = max(16, triton.next_power_of_2(d)) if self.mode == COST_DOT else triton.next_power_of_2(d)
+        return dict(D=d, DP=dp, COST=self.mode, EUCLID=self.euclidean, IP=self.input_precision)
+
+
+def point_cost_mode(precision: str, d: int, dtype: torch.dtype) -> tuple[int, str]:
+    """How a point-cloud cost tile is computed: ``(COST_*, tl.dot input precision)``.
+
+    - float64: direct differences (FMA), exact to float64 rounding.
+    - ``"tf32"``: the expansion with a plain tf32 dot (fast, ~1e-3 relative error).
+    - ``"fp32"``: direct differences up to :data:`DIRECT_MAX_D` coordinates,
+      beyond that the expansion with a 3xTF32 dot on centred coordinates.
+    """
+    if dtype == torch.float64:
+        return COST_DIRECT, "ieee"
+    if precision == "tf32":
+        return COST_DOT, "tf32"
+    if d <= DIRECT_MAX_D:
+        return COST_DIRECT, "tf32x3"
+    return COST_DOT, "tf32x3"
+
+
+def point_operand(own, oth, euclidean: bool, precision: str, mode: Optional[int] = None) -> CostOperand:
+    """A point-cloud :class:`CostOperand`; ``mode`` overrides :func:`point_cost_mode`."""
+    auto_mode, ip = point_cost_mode(precision, own.shape[2], own.dtype)
+    if own.dtype == torch.float64:
+        ip = "ieee"
+    return CostOperand(own, oth, None, False, euclidean, auto_mode if mode is None else mode, ip)
+
+
+def dense_operand(C, transposed: bool) -> CostOperand:
+    """A dense-cost :class:`CostOperand` (``transposed``: the column pass)."""
+    return CostOperand(None, None, C, transposed, False, COST_DENSE, "ieee")
+
+
+def block_sizes(n_own: int, n_oth: int, mode: int, d: int) -> tuple[int, int, int]:
+    """``(BLOCK_I, BLOCK_J, num_warps)`` for a streamed pass.
+
+    64 x 64 tiles: large enough that loading the other side's coordinates and
+    potential (O(BLOCK_J) per tile) is amortised over BLOCK_I rows, and that one
+    program streams a useful amount of work between its O(BLOCK_I) loads and
+    stores. Warps: one per 512 tile entries (16 entries per thread). The sm_90
+    cubins of the softmin kernel (cuobjdump --dump-resource-usage) then use
+    116-204 registers (d = 3 direct: 127) and no stack; at 4 warps the same tile
+    needs ~240 registers, and 128 x 128 tiles spill. Small problems shrink the tile to the problem (a power of 2,
+    at least 16, the smallest tl.dot operand). ``mode`` and ``d`` are accepted so
+    that a per-path choice can be added without touching the launchers.
+    """
+    bi = min(64, max(16, triton.next_power_of_2(n_own)))
+    bj = min(64, max(16, triton.next_power_of_2(n_oth)))
+    warps = max(1, min(8, bi * bj // 512))
+    return bi, bj, warps
+
+
+def lse_lanes() -> bool:
+    """Keep the online log-sum-exp per tile entry (True) rather than per row.
+
+    Per row, every tile needs a max and a sum across the threads that share a row:
+    in the sm_90 SASS of the d = 3 kernel (64 x 64 tile, 8 warps) that is 5
+    butterfly shuffles per value, ~190 SHFL per thread and tile against 16 MUFU.EX2,
+    so the shuffles, not the exp unit, would bound it. Per entry, each (row, lane)
+    keeps its own max m and sum l and the update costs one exp2 and ~5 FP32 ops
+    with no communication; lanes are merged once after the loop. Override with
+    OTCORE_LSE_LANES=0 to time the per-row form.
+    """
+    return os.environ.get("OTCORE_LSE_LANES", "1") != "0"
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_splits(programs: int, tiles_oth: int, device: torch.device) -> int:
+    """How many slices the reduced axis is cut into (split-K, combined on the host side).
+
+    A GPU needs several programs per SM to hide latency; with few own tiles (e.g.
+    n = 8192: 128 tiles of 64 for 132 SMs) the other axis is split so that about
+    4 programs per SM exist, each still streaming >= 8 tiles so the extra partial
+    results (one per own row and slice) stay negligible. On CPU (the interpreter)
+    more programs only cost time: 1.
+    """
+    if device.type != "cuda":
+        return 1
+    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= target // 2:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), tiles_oth // 8))
+
+
+@functools.lru_cache(maxsize=64)
+def _scalars(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor([LOG2E / eps, eps * LN2], dtype=dtype, device=device)
+
+
+def scalars(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[log2(e)/eps, eps*ln 2]`` as a tensor of the compute dtype (cached per eps)."""
+    return _scalars(float(eps), dtype, device)
+
+
+def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optional[int] = None) -> torch.Tensor:
+    """``out_i = -eps log sum_j exp((h_j - C_ij)/eps)`` over the operand's other side.
+
+    Args:
+        op: the cost, seen from the output's side (:func:`point_operand`/:func:`dense_operand`).
+        h: ``(B, n_oth)`` potential on the reduced side (``-inf`` = zero weight).
+        eps: regularization (> 0).
+        splits: number of slices of the reduced axis (default :func:`num_splits`).
+
+    Returns:
+        ``(B, n_own)`` in the operand's dtype.
+    """
+    ref = op.ref
+    B, n_own, n_oth = op.batch, op.n_own, op.n_oth
+    h = h.to(ref.dtype).contiguous()
+    bi, bj, warps = block_sizes(n_own, n_oth, op.mode, op.d)
+    tiles_own = triton.cdiv(n_own, bi)
+    tiles_oth = triton.cdiv(n_oth, bj)
+    S = num_splits(B * tiles_own, tiles_oth, ref.device) if splits is None else max(1, min(splits, tiles_oth))
+    split_len = triton.cdiv(tiles_oth, S) * bj
+    S = triton.cdiv(n_oth, split_len)
+    partial = S > 1
+    out = torch.empty((B, S, n_own) if partial else (B, n_own), dtype=ref.dtype, device=ref.device)
+    s_outs = out.stride(1) if partial else 0
+    softmin_kernel[(B * tiles_own, S)](
+        out, h, scalars(eps, ref.dtype, ref.device), *op.pointer_args()[:3],
+        n_own, n_oth, tiles_own, split_len,
+        out.stride(0), s_outs, h.stride(0), *op.pointer_args()[3:],
+        **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, PARTIAL=partial, LANE=lse_lanes(),
+        LOWEST=float(torch.finfo(ref.dtype).min), num_warps=warps,
+    )
+    if not partial:
+        return out
+    # combine base-2 partial log-sums: -eps * log sum_s 2^(lse2_s)
+    return -eps * torch.logsumexp(out * LN2, dim=1)

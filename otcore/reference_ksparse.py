@@ -1,0 +1,173 @@
+"""Pure-torch twins of the k-sparse OT kernels (fallback and test oracle).
+
+Everything here works on *lines* of the cost matrix: the columns ``C[:, j]``
+(``axis=0``, lines indexed by ``j``, positions along a line by ``i``) or the rows
+``C[i, :]`` (``axis=1``, the transposed / row-sparse variant). For a line ``l``
+with potential ``h`` on the positions (``alpha`` over rows for columns, ``beta``
+over columns for rows) the scores are ``x_r = h_r - C_rl`` and the line of the plan is
+
+    T_rl = [x_r + beta_l]_+ / gamma   on the k largest x_r of the line, 0 elsewhere.
+
+Two ways to fix the line multiplier ``beta_l``:
+
+- *semi-dual* (``mass`` given): ``beta_l`` makes the line sum exact,
+  ``sum_r T_rl = mass_l``. This is the k-sparse simplex projection:
+  ``T_:l / mass_l = P_k(x / (gamma mass_l))`` with
+  ``P_k(z) = argmin_{p in simplex, |p|_0 <= k} |p - z|^2`` (keep the top k entries,
+  project them onto the simplex), and ``-beta_l`` is the projection's threshold
+  ``theta = max_r (sum of the r largest x - gamma mass_l) / r`` (r <= k).
+- *dual* (``beta`` given): the positive parts of the top k, as in the dual objective.
+
+Per line it also returns ``reg_l = (gamma/2) |T_:l|^2``, so that both objectives read
+``<alpha, a> + <beta, b> - sum_l reg_l`` (with the semi-dual's beta).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import reference
+
+
+class KSparse(NamedTuple):
+    """Output of one k-sparse pass over the lines (``L`` lines of length ``N``, ``O`` = the other size).
+
+    beta: (B, L) line multipliers (solved in semi-dual mode, echoed in dual mode).
+    reg: (B, L) ``(gamma/2) sum_r T_rl^2``.
+    vals: (B, L, k) plan entries ``T_rl`` on the line's support (zeros allowed).
+    idx: (B, L, k) int64 positions ``r`` along the line, ascending.
+    cost: (B, L, k) ``C_rl`` at those positions.
+    line_sum: (B, L) ``sum_r T_rl``.
+    cross_sum: (B, N) plan summed over the lines (``T 1`` for columns).
+    """
+
+    beta: torch.Tensor
+    reg: torch.Tensor
+    vals: torch.Tensor
+    idx: torch.Tensor
+    cost: torch.Tensor
+    line_sum: torch.Tensor
+    cross_sum: torch.Tensor
+
+
+def simplex_threshold(u_sorted: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Threshold ``theta`` with ``sum_r [u_r - theta]_+ = budget`` over the given entries.
+
+    ``u_sorted`` (..., k) is sorted in decreasing order, ``budget`` (...) >= 0.
+    ``theta = max_r (u_1 + ... + u_r - budget) / r`` (Duchi et al.'s rule: every
+    prefix gives a lower bound, the support's prefix attains it). Computed relative
+    to the largest entry so that the sums stay well conditioned.
+    """
+    top = u_sorted[..., :1]
+    csum = torch.cumsum(u_sorted - top, dim=-1)
+    r = torch.arange(1, u_sorted.shape[-1] + 1, dtype=u_sorted.dtype, device=u_sorted.device)
+    return ((csum - budget[..., None]) / r).amax(-1) + top[..., 0]
+
+
+def ksparse_simplex(z: torch.Tensor, k: int) -> torch.Tensor:
+    """k-sparse projection onto the probability simplex along the last dimension.
+
+    ``P_k(z) = argmin_{p >= 0, sum p = 1, |p|_0 <= k} |p - z|^2``: keep the k largest
+    entries of ``z`` and project them onto the simplex (Kyrillidis et al., 2013).
+    Returns a tensor of ``z``'s shape. E.g. ``z = [0.5, 0.4, 0.3, -1]``, ``k = 2``
+    gives ``[0.55, 0.45, 0, 0]``.
+    """
+    k = min(k, z.shape[-1])
+    u, idx = torch.topk(z, k, dim=-1)
+    theta = simplex_threshold(u, torch.ones(z.shape[:-1], dtype=z.dtype, device=z.device))
+    p = torch.clamp(u - theta[..., None], min=0)
+    return torch.zeros_like(z).scatter(-1, idx, p)
+
+
+def _line_scores(geom, h: torch.Tensor, axis: int):
+    """Yield ``(sl, x, C)`` with lines on dim 1: ``x = h_r - C_rl`` and ``C`` as (B, lines, N)."""
+    for sl, C in reference.blocks(geom, axis):
+        Cl = C.transpose(1, 2) if axis == 0 else C
+        yield sl, h[:, None, :] - Cl, Cl
+
+
+def ksparse_columns(
+    geom,
+    h: torch.Tensor,
+    gamma: float,
+    k: int,
+    axis: int,
+    mass: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+    precision: str = "fp32",
+) -> KSparse:
+    """One pass of the k-sparse plan over every column (``axis=0``) or row (``axis=1``).
+
+    Args:
+        geom: the geometry (``C`` is ``(B, n, m)``).
+        h: potential on the positions, ``(B, n)`` for ``axis=0``, ``(B, m)`` for ``axis=1``.
+        gamma: quadratic regularization (> 0).
+        k: support size per line, ``1 <= k <= N`` (``N`` = line length).
+        axis: 0 = columns are k-sparse, 1 = rows are k-sparse.
+        mass: (B, L) line sums (semi-dual mode), or None.
+        beta: (B, L) line multipliers (dual mode), or None. Exactly one of the two.
+        precision: accepted for interface parity; the torch path is exact in its dtype.
+
+    Returns:
+        :class:`KSparse` (see the module docstring for the math).
+    """
+    if (mass is None) == (beta is None):
+        raise ValueError("exactly one of mass (semi-dual) and beta (dual) must be given")
+    out = {f: [] for f in ("beta", "reg", "vals", "idx", "cost")}
+    for sl, x, Cl in _line_scores(geom, h, axis):
+        u, ix = torch.topk(x, k, dim=2)  # sorted, largest first
+        if mass is not None:
+            bl = -simplex_threshold(u, gamma * mass[:, sl])
+        else:
+            bl = beta[:, sl]
+        T = torch.clamp(u + bl[..., None], min=0) / gamma
+        # canonical layout: positions ascending within each line
+        ix, order = torch.sort(ix, dim=2)
+        T = torch.gather(T, 2, order)
+        out["beta"].append(bl)
+        out["reg"].append(0.5 * gamma * (T * T).sum(2))
+        out["vals"].append(T)
+        out["idx"].append(ix)
+        out["cost"].append(torch.gather(Cl, 2, ix))
+    beta_o, reg, vals, idx, cost = (torch.cat(out[f], 1) for f in ("beta", "reg", "vals", "idx", "cost"))
+    return KSparse(beta_o, reg, vals, idx, cost, vals.sum(2), cross_sum(vals, idx, h.shape[1]))
+
+
+def cross_sum(vals: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Plan summed over the lines: ``out[b, r] = sum_{l, s: idx[b,l,s] = r} vals[b, l, s]``, (B, size)."""
+    B = vals.shape[0]
+    out = torch.zeros(B, size, dtype=vals.dtype, device=vals.device)
+    return out.scatter_add_(1, idx.reshape(B, -1), vals.reshape(B, -1))
+
+
+def sparse_cost_grad(geom, W: torch.Tensor, idx: torch.Tensor, axis: int) -> tuple[torch.Tensor, ...]:
+    """Gradient of ``sum_{l,s} W_ls C(pos=idx_ls, line=l)`` with respect to the geometry's inputs.
+
+    ``W`` and ``idx`` are (B, L, k) in the layout of :class:`KSparse`. Returns, like
+    ``geom.inputs()``: ``(dC,)`` (a dense (B, n, m) tensor, nonzero on the support) for
+    a cost matrix; ``(gx, gy)`` (B, n, d), (B, m, d) for point clouds, with
+    ``dC_ij/dx_i = 2 (x_i - y_j)`` (squared Euclidean) or ``(x_i - y_j)/|x_i - y_j|``
+    (Euclidean, 0 where the points coincide) and ``dC_ij/dy_j = -dC_ij/dx_i``.
+    A gather/scatter over the B*L*k support entries (no n x m work for point clouds).
+    """
+    B, L, k = W.shape
+    if geom.is_dense:
+        G = torch.zeros(B, geom.n, geom.m, dtype=W.dtype, device=W.device)
+        if axis == 0:
+            return (G.scatter_add_(1, idx.transpose(1, 2), W.transpose(1, 2)),)
+        return (G.scatter_add_(2, idx, W),)
+    pos_pts, line_pts = (geom.x, geom.y) if axis == 0 else (geom.y, geom.x)
+    d = pos_pts.shape[-1]
+    P = torch.gather(pos_pts, 1, idx.reshape(B, L * k, 1).expand(B, L * k, d)).reshape(B, L, k, d)
+    diff = P - line_pts[:, :, None, :]  # (position point) - (line point)
+    if geom.cost == "sqeuclidean":
+        dpos = 2 * diff
+    else:
+        nrm = diff.norm(dim=-1, keepdim=True)
+        dpos = torch.where(nrm > 0, diff / torch.where(nrm > 0, nrm, torch.ones_like(nrm)), torch.zeros_like(diff))
+    dpos = dpos * W[..., None]
+    g_line = -dpos.sum(2)
+    g_pos = torch.zeros_like(pos_pts).scatter_add_(1, idx.reshape(B, L * k, 1).expand(B, L * k, d), dpos.reshape(B, L * k, d))
+    return (g_pos, g_line) if axis == 0 else (g_line, g_pos)

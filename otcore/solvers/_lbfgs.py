@@ -1,0 +1,150 @@
+"""Batched L-BFGS for the sparsity-constrained OT duals (piecewise-quadratic, concave).
+
+One L-BFGS per problem of a batch, run in lockstep on tensors with a leading batch
+dimension; problems that stop early are frozen by masks, so the loop never moves data to
+the host except for the line search's "all accepted?" test and the stopping test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _where(mask: torch.Tensor, new, old):
+    """Per-problem select on tensors (or tuples of tensors) with a leading batch dimension."""
+    if isinstance(new, tuple):
+        parts = [_where(mask, u, v) for u, v in zip(new, old)]
+        return type(new)(*parts) if hasattr(new, "_fields") else tuple(parts)
+    return torch.where(mask.reshape(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def _two_loop(g, S, Y, rho, slots, h0):
+    """L-BFGS two-loop recursion: ``H g`` from the pairs in ``slots`` (newest first)."""
+    q = g.clone()
+    coef = []
+    for s in slots:
+        c = rho[:, s] * (S[:, s] * q).sum(-1)
+        q -= c[:, None] * Y[:, s]
+        coef.append(c)
+    r = h0[:, None] * q
+    for s, c in zip(reversed(slots), reversed(coef)):
+        bcoef = rho[:, s] * (Y[:, s] * r).sum(-1)
+        r += (c - bcoef)[:, None] * S[:, s]
+    return r
+
+
+def lbfgs(
+    evaluate, theta, h0: float, tol: float, ftol: float, max_iter: int, history: int, progress=None,
+    max_step: float = math.inf, c1: float = 1e-4, c2: float = 0.9, max_ls: int = 40, window: int = 10,
+):
+    """Minimize a batch of functions with L-BFGS and a weak Wolfe line search.
+
+    ``evaluate(theta) -> (f (B,), g (B, D), aux, scale (B,))``; ``aux`` is a tuple of
+    batch-leading tensors carried along with the accepted iterate. The line search
+    brackets a step with sufficient decrease (Armijo, ``c1``) and a risen slope (weak
+    Wolfe, ``c2``), doubling or bisecting per problem (Lewis & Overton's choice for
+    nonsmooth objectives: the curvature pairs stay informative across kinks); if the
+    trials run out, the last step with sufficient decrease is taken. The Armijo test
+    allows a rounding slack of ``16 eps |scale|`` so that a problem at the limit of its
+    dtype does not stall the line search. A pair ``(s, y)`` enters the memory only
+    when ``s.y > 0`` (the objective is piecewise quadratic and may be flat). The first
+    trial step moves no coordinate by more than ``max_step``: where the objective is
+    nearly flat the quasi-Newton scaling ``s.y / y.y`` can be huge.
+
+    Stops a problem when ``|g|_1 <= tol`` (reason 0) or when its objective improved by
+    at most ``ftol * (scale + |f|)`` over the last ``window`` iterations (reason 4: the
+    optimum of a nonsmooth objective, where the gradient need not vanish, or the
+    dtype's resolution); both count as converged. Otherwise: 1 = ``max_iter``,
+    2 = line search failed, 3 = non-finite values.
+
+    Returns ``(theta, aux, n_iter, grad_l1, converged, reason)`` with per-problem tensors.
+    """
+    B, D = theta.shape
+    dev, dt = theta.device, theta.dtype
+    slack = 16 * torch.finfo(dt).eps
+    f, g, aux, scale = evaluate(theta)
+    gnorm = g.abs().sum(-1)
+    converged = gnorm <= tol
+    finite = torch.isfinite(f) & torch.isfinite(gnorm)
+    active = ~converged & finite
+    stalled = torch.zeros_like(active)
+    n_iter = torch.zeros(B, dtype=torch.long, device=dev)
+    S = torch.zeros(B, history, D, dtype=dt, device=dev)
+    Y = torch.zeros_like(S)
+    rho = torch.zeros(B, history, dtype=dt, device=dev)
+    hscale = torch.full((B,), h0, dtype=dt, device=dev)
+    filled, head = 0, 0
+    grad_ok = converged.clone()
+    recent = []  # objective values of the last `window` iterations
+    for it in range(max_iter):
+        if not bool(active.any()):
+            break
+        slots = [(head - 1 - i) % history for i in range(filled)]
+        d = -_two_loop(g, S, Y, rho, slots, hscale)
+        gd = (g * d).sum(-1)
+        reset = ~(gd < 0)  # not a descent direction: restart from scaled steepest descent (no sync)
+        d = torch.where(reset[:, None], -h0 * g, d)
+        gd = torch.where(reset, (g * d).sum(-1), gd)
+        rho = torch.where(reset[:, None], torch.zeros_like(rho), rho)
+        t = torch.clamp(max_step / d.abs().amax(-1).clamp(min=torch.finfo(dt).tiny), max=1.0)
+        lo = torch.zeros_like(t)
+        hi = torch.full_like(t, math.inf)
+        done = ~active
+        armijo_seen = torch.zeros_like(done)
+        new = (theta, f, g, aux, scale)
+        fallback = new
+        for _ in range(max_ls):
+            cand = theta + t[:, None] * d
+            fc, gc, auxc, sc = evaluate(cand)
+            armijo = ~done & torch.isfinite(fc) & (fc <= f + c1 * t * gd + slack * (scale + f.abs()))
+            curv = (gc * d).sum(-1) >= c2 * gd  # weak Wolfe: the slope has risen enough
+            ok = armijo & curv
+            if bool(ok.all()):  # the usual case: every problem takes this step (one sync)
+                new, done = (cand, fc, gc, auxc, sc), ok
+                break
+            new = _where(ok, (cand, fc, gc, auxc, sc), new)
+            fallback = _where(armijo, (cand, fc, gc, auxc, sc), fallback)
+            armijo_seen |= armijo
+            done |= ok
+            if bool(done.all()):
+                break
+            # bracket [lo, hi]: too long where Armijo fails, too short where the slope is still steep
+            hi = torch.where(~done & ~armijo, t, hi)
+            lo = torch.where(armijo & ~ok, t, lo)
+            t = torch.where(done, t, torch.where(torch.isinf(hi), 2.0 * t, 0.5 * (lo + hi)))
+        # trials exhausted: fall back to the last step with sufficient decrease
+        late = ~done & armijo_seen
+        new = _where(late, fallback, new)
+        done |= late
+        moved = active & done
+        stalled |= active & ~done
+        s_new, y_new = new[0] - theta, new[2] - g
+        sy = (s_new * y_new).sum(-1)
+        keep = moved & (sy > 1e-10 * s_new.norm(dim=-1) * y_new.norm(dim=-1))
+        S[:, head] = torch.where(keep[:, None], s_new, S[:, head])
+        Y[:, head] = torch.where(keep[:, None], y_new, Y[:, head])
+        rho[:, head] = torch.where(keep, 1.0 / torch.where(keep, sy, torch.ones_like(sy)), torch.zeros_like(sy))
+        hscale = torch.where(keep, sy / torch.where(keep, (y_new * y_new).sum(-1), torch.ones_like(sy)), hscale)
+        head, filled = (head + 1) % history, min(filled + 1, history)
+        theta, f, g, aux, scale = new
+        n_iter += moved
+        gnorm = g.abs().sum(-1)
+        grad_ok = grad_ok | (moved & (gnorm <= tol))
+        recent.append(f)
+        if len(recent) > window:
+            old_f = recent.pop(0)
+            grad_ok_or_flat = grad_ok | (moved & (old_f - f <= ftol * (scale + f.abs())))
+        else:
+            grad_ok_or_flat = grad_ok
+        converged = converged | (active & grad_ok_or_flat)
+        active = active & moved & ~converged
+        if progress is not None and progress.enabled:
+            progress.update(it + 1, float(gnorm.max()), float("nan"), "L-BFGS")
+    if progress is not None:
+        progress.close()
+    reason = torch.where(
+        grad_ok, 0, torch.where(converged, 4, torch.where(~(torch.isfinite(f) & torch.isfinite(gnorm)), 3, torch.where(stalled, 2, 1)))
+    )
+    return theta, aux, n_iter, gnorm, converged, reason

@@ -1,0 +1,263 @@
+"""Geometry primitives on the Triton kernels (same names and signatures as :mod:`otcore.reference`).
+
+:mod:`otcore._dispatch` calls these for ``backend="triton"``. Each turns a
+geometry and a pass direction into a :class:`~otcore.kernels.softmin.CostOperand`
+(the cost seen from the output's side) and launches one kernel per pass for the
+whole batch. On CPU tensors the kernels run under the Triton interpreter
+(``TRITON_INTERPRET=1``).
+
+Point clouds are centred first: both clouds of a problem are shifted by their
+joint mean, which leaves ``|x_i - y_j|`` unchanged but keeps ``|x|^2 + |y|^2 -
+2 x.y`` (the tensor-core path) from cancelling large numbers. The centred copies
+are computed once per geometry and cached (weakly, they die with the geometry).
+
+Under ``torch.compile`` every launch goes through a ``torch.library`` custom op
+(``otcore::softmin``, ``otcore::plan_reduce``, ``otcore::plan_topk``,
+``otcore::plan_dense``) with a shape-only fake implementation, so a compiled
+graph holds the kernels as opaque calls; eager calls launch directly.
+
+Potentials are *biased*: ``F = f + eps log a``, ``G = g + eps log b`` and
+``P_ij = exp((F_i + G_j - C_ij)/eps)``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+from . import _validate, reference
+from .kernels import plan as _plan
+from .kernels import softmin as _softmin
+
+PRECISIONS = ("fp32", "tf32")
+
+_CENTRED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def centred_points(geom) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x - mu, y - mu)`` with ``mu`` the joint mean of both clouds of each problem, (B,1,d)."""
+    compiling = torch.compiler.is_compiling()
+    hit = None if compiling else _CENTRED.get(geom)
+    if hit is not None:
+        return hit
+    x, y = geom.x, geom.y
+    mu = (x.sum(1, keepdim=True) + y.sum(1, keepdim=True)) / (geom.n + geom.m)
+    out = ((x - mu).contiguous(), (y - mu).contiguous())
+    if not compiling:  # inside a compiled graph the centring is part of the graph
+        _CENTRED[geom] = out
+    return out
+
+
+# ---------------------------------------------------------------------------
+# torch.library custom ops: under torch.compile the kernels are opaque ops with
+# shape functions (Dynamo cannot trace a Triton launch on the interpreter, and
+# needs no more than shapes on the GPU). Eager calls skip the op dispatch.
+# ---------------------------------------------------------------------------
+def _fields(op: _softmin.CostOperand) -> tuple:
+    return (op.own, op.oth, op.C, op.transposed, op.euclidean, op.mode, op.input_precision)
+
+
+def _operand_of(own, oth, C, transposed, euclidean, mode, ip) -> _softmin.CostOperand:
+    return _softmin.CostOperand(own, oth, C, transposed, euclidean, mode, ip)
+
+
+def _fake_shape(own, C, transposed) -> tuple:
+    """(B, n_own) of an operand from its tensors."""
+    if C is not None:
+        return (C.shape[0], C.shape[2] if transposed else C.shape[1])
+    return (own.shape[0], own.shape[1])
+
+
+@torch.library.custom_op("otcore::softmin", mutates_args=())
+def _softmin_op(
+    own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
+    transposed: bool, euclidean: bool, mode: int, ip: str, h: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    op = _operand_of(own, oth, C, transposed, euclidean, mode, ip)
+    return _softmin.launch_softmin(op, h, eps)
+
+
+@_softmin_op.register_fake
+def _(own, oth, C, transposed, euclidean, mode, ip, h, eps):
+    ref = C if C is not None else own
+    return ref.new_empty(_fake_shape(own, C, transposed))
+
+
+@torch.library.custom_op("otcore::plan_reduce", mutates_args=())
+def _plan_reduce_op(
+    own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
+    transposed: bool, euclidean: bool, mode: int, ip: str, F: torch.Tensor, G: torch.Tensor, eps: float,
+    V: Optional[torch.Tensor], with_sum: bool, weight: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    op = _operand_of(own, oth, C, transposed, euclidean, mode, ip)
+    WV, W1 = _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight)
+    empty = op.ref.new_empty(0)  # a custom op returns tensors: empty stands for "not asked"
+    return (WV if WV is not None else empty), (W1 if W1 is not None else empty)
+
+
+@_plan_reduce_op.register_fake
+def _(own, oth, C, transposed, euclidean, mode, ip, F, G, eps, V, with_sum, weight):
+    ref = C if C is not None else own
+    shape = _fake_shape(own, C, transposed)
+    WV = ref.new_empty(0) if V is None else ref.new_empty(shape + tuple(V.shape[2:]))
+    return WV, (ref.new_empty(shape) if with_sum else ref.new_empty(0))
+
+
+@torch.library.custom_op("otcore::plan_topk", mutates_args=())
+def _plan_topk_op(
+    own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
+    transposed: bool, euclidean: bool, mode: int, ip: str, F: torch.Tensor, G: torch.Tensor, eps: float, k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _plan.launch_plan_topk(_operand_of(own, oth, C, transposed, euclidean, mode, ip), F, G, eps, k)
+
+
+@_plan_topk_op.register_fake
+def _(own, oth, C, transposed, euclidean, mode, ip, F, G, eps, k):
+    ref = C if C is not None else own
+    shape = _fake_shape(own, C, transposed) + (k,)
+    return ref.new_empty(shape), ref.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("otcore::plan_dense", mutates_args=())
+def _plan_dense_op(
+    own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
+    transposed: bool, euclidean: bool, mode: int, ip: str, F: torch.Tensor, G: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    return _plan.launch_plan_dense(_operand_of(own, oth, C, transposed, euclidean, mode, ip), F, G, eps)
+
+
+@_plan_dense_op.register_fake
+def _(own, oth, C, transposed, euclidean, mode, ip, F, G, eps):
+    ref = C if C is not None else own
+    n_oth = (C.shape[1] if transposed else C.shape[2]) if C is not None else oth.shape[1]
+    return ref.new_empty(_fake_shape(own, C, transposed) + (n_oth,))
+
+
+def _launch_softmin(op, h, eps):
+    if torch.compiler.is_compiling():
+        return _softmin_op(*_fields(op), h, eps)
+    return _softmin.launch_softmin(op, h, eps)
+
+
+def _launch_reduce(op, F, G, eps, V=None, with_sum=False, weight=_plan.WEIGHT_P):
+    if torch.compiler.is_compiling():
+        WV, W1 = _plan_reduce_op(*_fields(op), F, G, eps, V, with_sum, weight)
+        return (WV if V is not None else None), (W1 if with_sum else None)
+    return _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight)
+
+
+def _check(precision: str, axis=None) -> None:
+    _validate.choice("precision", precision, PRECISIONS)
+    if axis is not None and axis not in (0, 1):
+        raise ValueError(f"axis must be 0 (columns) or 1 (rows), got {axis!r}")
+
+
+def operand(geom, axis: int, precision: str) -> _softmin.CostOperand:
+    """The cost seen from the output side of an ``axis`` pass: rows (x) for ``axis=1``,
+    columns (y, or C read transposed) for ``axis=0``."""
+    if geom.is_dense:
+        return _softmin.dense_operand(geom.C, transposed=axis == 0)
+    xc, yc = centred_points(geom)
+    own, oth = (xc, yc) if axis == 1 else (yc, xc)
+    return _softmin.point_operand(own, oth, geom.cost == "euclidean", precision)
+
+
+def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32") -> torch.Tensor:
+    """``axis=1``: ``out_i = -eps log sum_j exp((h_j - C_ij)/eps)``, h (B,m) -> (B,n);
+    ``axis=0``: ``out_j = -eps log sum_i exp((h_i - C_ij)/eps)``, h (B,n) -> (B,m).
+    ``-inf`` entries of ``h`` are zero-weight points; all of them give ``+inf``."""
+    _check(precision, axis)
+    return _launch_softmin(operand(geom, axis, precision), h, float(eps))
+
+
+def _sides(F, G, axis):
+    """(own, other) potentials of an ``axis`` pass."""
+    return (F, G) if axis == 1 else (G, F)
+
+
+def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: str = "fp32") -> torch.Tensor:
+    """``axis=1``: ``(P v)_i = sum_j P_ij v_j``, v (B,m) or (B,m,k) -> (B,n[,k]);
+    ``axis=0``: ``(P^T u)_j = sum_i P_ij u_i``, u (B,n) or (B,n,k) -> (B,m[,k])."""
+    _check(precision, axis)
+    own, oth = _sides(F, G, axis)
+    out, _ = _launch_reduce(operand(geom, axis, precision), own, oth, float(eps), V=v)
+    return out
+
+
+def marginals(geom, F, G, eps: float, axis: int, precision: str = "fp32") -> torch.Tensor:
+    """``axis=1``: row sums ``P 1`` (B,n); ``axis=0``: column sums ``P^T 1`` (B,m)."""
+    _check(precision, axis)
+    own, oth = _sides(F, G, axis)
+    _, s = _launch_reduce(operand(geom, axis, precision), own, oth, float(eps), with_sum=True)
+    return s
+
+
+def plan_dense(geom, F, G, eps: float, precision: str = "fp32") -> torch.Tensor:
+    """The dense plan ``P`` (B,n,m). Small problems only: this *is* an n x m buffer."""
+    _check(precision)
+    op = operand(geom, 1, precision)
+    if torch.compiler.is_compiling():
+        return _plan_dense_op(*_fields(op), F, G, float(eps))
+    return _plan.launch_plan_dense(op, F, G, float(eps))
+
+
+def plan_cost(geom, F, G, eps: float, precision: str = "fp32") -> torch.Tensor:
+    """Transport cost ``<P, C> = sum_ij P_ij C_ij`` per problem, (B,)."""
+    _check(precision)
+    _, rows = _launch_reduce(operand(geom, 1, precision), F, G, float(eps), with_sum=True, weight=_plan.WEIGHT_PC)
+    return rows.sum(-1)
+
+
+def plan_topk(geom, F, G, eps: float, k: int, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row of ``P``, sorted decreasingly:
+    values (B,n,k) and column indices (B,n,k).
+
+    ``k > TOPK_MAX`` (32) runs the blockwise torch top-k of :mod:`otcore.reference`
+    instead: the kernel spends k selection rounds per tile, so beyond a few dozen
+    a sort-based top-k of materialised row blocks is the faster algorithm.
+    """
+    _check(precision)
+    k = _validate.positive_int("k", k)
+    if k > geom.m:
+        raise ValueError(f"k must be <= m = {geom.m} (the number of columns), got {k}")
+    if k > _plan.TOPK_MAX:
+        return reference.plan_topk(geom, F, G, eps, k)
+    op = operand(geom, 1, precision)
+    if torch.compiler.is_compiling():
+        return _plan_topk_op(*_fields(op), F, G, float(eps), k)
+    return _plan.launch_plan_topk(op, F, G, float(eps), k)
+
+
+def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[torch.Tensor, ...]:
+    """Derivative of ``<P, C>`` w.r.t. the cost's inputs, ``P`` held fixed.
+
+    Dense cost: ``(P,)``. Point clouds: ``(gx, gy)``, (B,n,d) and (B,m,d), with
+    ``gx_i = sum_j P_ij dC_ij/dx_i``:
+
+    - squared Euclidean: ``gx_i = 2 (x_i (P1)_i - (P y)_i)``;
+    - Euclidean: ``gx_i = x_i (W1)_i - (W y)_i`` with ``W = P / C`` (0 where ``C = 0``).
+
+    Each side is one streamed pass (the weighted sum and the row sum together),
+    on the centred clouds (both formulas are translation invariant, and centring
+    keeps the difference of the two terms from cancelling large numbers).
+    """
+    _check(precision)
+    if geom.is_dense:
+        return (plan_dense(geom, F, G, eps, precision),)
+    weight = _plan.WEIGHT_P if geom.cost == "sqeuclidean" else _plan.WEIGHT_P_OVER_C
+    factor = 2.0 if geom.cost == "sqeuclidean" else 1.0
+    grads = []
+    for axis in (1, 0):
+        op = operand(geom, axis, precision)
+        own, oth = _sides(F, G, axis)
+        WV, W1 = _launch_reduce(op, own, oth, float(eps), V=op.oth, with_sum=True, weight=weight)
+        grads.append(factor * (op.own * W1[..., None] - WV))
+    return tuple(grads)
+
+
+# Sparse (ELL) plan rows and products for Sinkhorn-Newton-Sparse (kernels/sparse.py) and
+# the k-sparse plans of sparsity-constrained OT (kernels/ksparse.py).
+from .kernels.ksparse import ksparse_columns  # noqa: E402,F401
+from .kernels.sparse import ell_matvec, plan_sparse_rows  # noqa: E402,F401

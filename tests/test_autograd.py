@@ -1,0 +1,193 @@
+"""Envelope-theorem gradients of ``OTResult.value`` / ``.cost`` (torch path, float64).
+
+``torch.autograd.gradcheck`` compares the analytic gradient with central finite
+differences of fresh, tightly converged solves. For balanced problems ``a`` and
+``b`` live on a simplex (a perturbation must keep the masses equal), so their
+gradient is checked by directional finite differences along zero-sum directions.
+"""
+
+import pytest
+import torch
+
+import otcore
+
+T = dict(backend="torch")
+# a solve that does not converge must not pass silently: unexpected warnings fail the test
+pytestmark = pytest.mark.filterwarnings("error::otcore.ConvergenceWarning")
+F64 = torch.float64
+SOLVE = dict(tol=1e-13, max_iter=50_000, **T)
+
+
+def rand(*shape, seed=0, dtype=F64):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def simplex(n, seed):
+    w = rand(n, seed=seed) + 0.3
+    return w / w.sum()
+
+
+def value_fn(cost="sqeuclidean", eps=0.1, rho=None, which="value", a=None, b=None):
+    def f(x, y):
+        res = otcore.sinkhorn(otcore.PointCloud(x, y, cost=cost), a, b, eps=eps, rho=rho, **SOLVE)
+        assert res.converged
+        return getattr(res, which)
+
+    return f
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+@pytest.mark.parametrize("rho", [None, 0.5])
+def test_gradcheck_value_wrt_points(cost, rho):
+    x = rand(5, 2, seed=1).requires_grad_(True)
+    y = rand(6, 2, seed=2).requires_grad_(True)
+    a, b = simplex(5, 3), simplex(6, 4)
+    assert torch.autograd.gradcheck(value_fn(cost, rho=rho, a=a, b=b), (x, y), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_value_wrt_cost_matrix():
+    C = rand(4, 5, seed=1).requires_grad_(True)
+
+    def f(C):
+        return otcore.sinkhorn(otcore.CostMatrix(C), eps=0.1, **SOLVE).value
+
+    assert torch.autograd.gradcheck(f, (C,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_unbalanced_value_wrt_everything():
+    """Unbalanced: a and b are free (no mass constraint), so gradcheck applies directly."""
+    x = rand(4, 2, seed=1).requires_grad_(True)
+    y = rand(5, 2, seed=2).requires_grad_(True)
+    a = (rand(4, seed=3) + 0.2).requires_grad_(True)
+    b = (rand(5, seed=4) + 0.2).requires_grad_(True)
+
+    def f(x, y, a, b):
+        return otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.1, rho=(0.3, 0.7), **SOLVE).value
+
+    assert torch.autograd.gradcheck(f, (x, y, a, b), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_semi_unbalanced_weight_of_relaxed_side():
+    C = rand(4, 5, seed=5)
+    a = simplex(4, 1)
+    b = (rand(5, seed=2) + 0.2).requires_grad_(True)
+
+    def f(b):
+        return otcore.sinkhorn(otcore.CostMatrix(C), a, b, eps=0.1, rho=(None, 0.5), **SOLVE).value
+
+    assert torch.autograd.gradcheck(f, (b,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_balanced_weight_gradient_along_zero_sum_directions():
+    n, m, eps, h = 6, 7, 0.1, 1e-5
+    x, y = rand(n, 2, seed=1), rand(m, 2, seed=2)
+    a0, b0 = simplex(n, 3), simplex(m, 4)
+    a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    geom = otcore.PointCloud(x, y)
+    res = otcore.sinkhorn(geom, a, b, eps=eps, **SOLVE)
+    ga, gb = torch.autograd.grad(res.value, (a, b))
+    assert ga.shape == (n,) and gb.shape == (m,)
+
+    def val(aa, bb):
+        return float(otcore.sinkhorn(geom, aa, bb, eps=eps, **SOLVE).value)
+
+    for seed in range(3):
+        da = rand(n, seed=10 + seed) - 0.5
+        da -= da.mean()
+        db = rand(m, seed=20 + seed) - 0.5
+        db -= db.mean()
+        fd_a = (val(a0 + h * da, b0) - val(a0 - h * da, b0)) / (2 * h)
+        fd_b = (val(a0, b0 + h * db) - val(a0, b0 - h * db)) / (2 * h)
+        assert float(ga @ da) == pytest.approx(fd_a, rel=1e-5, abs=1e-8)
+        assert float(gb @ db) == pytest.approx(fd_b, rel=1e-5, abs=1e-8)
+        # moving mass between both sides at once
+        t = 0.5
+        fd_ab = (val(a0 + h * da, b0 + h * t * db) - val(a0 - h * da, b0 - h * t * db)) / (2 * h)
+        assert float(ga @ da + t * (gb @ db)) == pytest.approx(fd_ab, rel=1e-5, abs=1e-8)
+
+
+def test_cost_gradient_wrt_cost_matrix_is_the_plan():
+    C = rand(7, 9, seed=1).requires_grad_(True)
+    res = otcore.sinkhorn(otcore.CostMatrix(C), eps=0.05, **SOLVE)
+    (g,) = torch.autograd.grad(res.cost, C)
+    torch.testing.assert_close(g, res.plan(), rtol=1e-12, atol=0)
+    # the value's gradient w.r.t. C is the plan too (envelope theorem)
+    res = otcore.sinkhorn(otcore.CostMatrix(C), eps=0.05, **SOLVE)
+    (gv,) = torch.autograd.grad(res.value, C)
+    torch.testing.assert_close(gv, res.plan(), rtol=1e-12, atol=0)
+
+
+def test_cost_gradient_wrt_points_holds_the_plan_fixed():
+    """d<P, C>/dx with P frozen: 2 (x_i (P1)_i - (P y)_i) for the squared Euclidean cost."""
+    x = rand(6, 3, seed=1).requires_grad_(True)
+    y = rand(8, 3, seed=2).requires_grad_(True)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, **SOLVE)
+    gx, gy = torch.autograd.grad(res.cost, (x, y))
+    P = res.plan()
+    xd, yd = x.detach(), y.detach()
+    torch.testing.assert_close(gx, 2 * (xd * P.sum(1, keepdim=True) - P @ yd))
+    torch.testing.assert_close(gy, 2 * (yd * P.sum(0)[:, None] - P.T @ xd))
+
+
+def test_value_gradient_matches_plan_formula_for_sqeuclidean():
+    x = rand(6, 3, seed=1).requires_grad_(True)
+    y = rand(8, 3, seed=2).requires_grad_(True)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, **SOLVE)
+    (gx,) = torch.autograd.grad(res.value, x)
+    P = res.plan()
+    torch.testing.assert_close(gx, 2 * (x.detach() * P.sum(1, keepdim=True) - P @ y.detach()))
+
+
+def test_batched_gradients_equal_per_problem_gradients():
+    x = rand(2, 5, 2, seed=1).requires_grad_(True)
+    y = rand(2, 6, 2, seed=2).requires_grad_(True)
+    a = torch.stack([simplex(5, 3), simplex(5, 4)]).requires_grad_(True)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), a, eps=0.1, **SOLVE)
+    w = torch.tensor([1.0, -2.0], dtype=F64)
+    gx, gy, ga = torch.autograd.grad((res.value * w).sum(), (x, y, a))
+    for i in range(2):
+        xi, yi = x[i].detach().clone().requires_grad_(True), y[i].detach().clone().requires_grad_(True)
+        ai = a[i].detach().clone().requires_grad_(True)
+        one = otcore.sinkhorn(otcore.PointCloud(xi, yi), ai, eps=0.1, **SOLVE)
+        gxi, gyi, gai = torch.autograd.grad(one.value, (xi, yi, ai))
+        torch.testing.assert_close(gx[i], w[i] * gxi)
+        torch.testing.assert_close(gy[i], w[i] * gyi)
+        torch.testing.assert_close(ga[i], w[i] * gai)
+
+
+def test_value_and_cost_both_backpropagate():
+    """d(value + cost)/dC = 2P."""
+    C = rand(5, 5, seed=3).requires_grad_(True)
+    res = otcore.sinkhorn(otcore.CostMatrix(C), eps=0.1, **SOLVE)
+    (res.value + res.cost).backward()
+    torch.testing.assert_close(C.grad, 2 * res.plan())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gradient_dtype_follows_the_input(dtype):
+    x = rand(6, 2, seed=1).to(dtype).requires_grad_(True)
+    y = rand(7, 2, seed=2).to(dtype)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, **T)
+    res.value.backward()
+    assert x.grad is not None and x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+    # same numbers as the float32 solve on the rounded inputs
+    x32 = x.detach().float().requires_grad_(True)
+    otcore.sinkhorn(otcore.PointCloud(x32, y.float()), eps=0.1, **T).value.backward()
+    torch.testing.assert_close(x.grad.float(), x32.grad.to(dtype).float())
+
+
+def test_no_graph_without_requires_grad():
+    res = otcore.sinkhorn(otcore.PointCloud(rand(4, 2), rand(5, 2, seed=1)), eps=0.1, **T)
+    assert not res.value.requires_grad and not res.cost.requires_grad
+    assert not res.f.requires_grad and not res.g.requires_grad
+
+
+def test_only_some_inputs_require_grad():
+    x = rand(4, 2, seed=1)
+    y = rand(5, 2, seed=2).requires_grad_(True)
+    b = simplex(5, 3)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), None, b, eps=0.1, **SOLVE)
+    (gy,) = torch.autograd.grad(res.value, y)
+    P = res.plan()
+    torch.testing.assert_close(gy, 2 * (y.detach() * P.sum(0)[:, None] - P.T @ x))
+    assert x.grad is None

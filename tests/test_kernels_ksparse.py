@@ -1,0 +1,168 @@
+"""The fused k-sparse Triton kernel (kernels/ksparse.py) against its torch twin and float64.
+
+Without CUDA the kernel runs in the Triton interpreter (TRITON_INTERPRET=1 is set
+before Triton is imported when tests/conftest.py has not done it already), on small
+odd shapes. The interpreter proves the algebra, not GPU speed or register limits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import otcore  # noqa: E402
+from otcore import reference_ksparse as R  # noqa: E402
+from otcore.kernels import ksparse as K  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def _geom(kind, n, m, d, batch, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "matrix":
+        return otcore.CostMatrix(torch.rand(batch, n, m, generator=g, dtype=dtype).to(DEVICE))
+    x = torch.rand(batch, n, d, generator=g, dtype=dtype).to(DEVICE)
+    y = torch.rand(batch, m, d, generator=g, dtype=dtype).to(DEVICE)
+    return otcore.PointCloud(x, y, cost=kind)
+
+
+def _inputs(geom, axis, mode, seed):
+    g = torch.Generator().manual_seed(seed)
+    N, L = (geom.n, geom.m) if axis == 0 else (geom.m, geom.n)
+    dt = geom.dtype
+    h = (0.2 * torch.randn(geom.batch, N, generator=g, dtype=dt)).to(DEVICE)
+    line = torch.rand(geom.batch, L, generator=g, dtype=dt).to(DEVICE)
+    kw = dict(mass=line) if mode == "semi" else dict(beta=0.5 * line - 0.1)
+    return h, kw
+
+
+def _as64(geom):
+    if geom.is_dense:
+        return otcore.CostMatrix(geom.C.double())
+    return otcore.PointCloud(geom.x.double(), geom.y.double(), cost=geom.cost)
+
+
+CASES = [
+    # kind, n, m, d, k, axis, mode
+    ("matrix", 37, 53, 0, 5, 0, "semi"),
+    ("matrix", 37, 53, 0, 37, 1, "dual"),
+    ("sqeuclidean", 37, 53, 3, 1, 1, "semi"),
+    ("sqeuclidean", 53, 37, 17, 8, 0, "dual"),
+    ("euclidean", 37, 53, 3, 33, 0, "semi"),
+    ("euclidean", 53, 37, 17, 3, 1, "semi"),
+]
+
+
+@pytest.mark.parametrize("kind,n,m,d,k,axis,mode", CASES)
+def test_kernel_matches_twin_and_float64(kind, n, m, d, k, axis, mode):
+    geom = _geom(kind, n, m, d, batch=2, dtype=torch.float32, seed=n + m + d + k)
+    h, kw = _inputs(geom, axis, mode, seed=k)
+    got = K.ksparse_columns(geom, h, 0.3, k, axis, **kw)
+    twin = R.ksparse_columns(geom, h, 0.3, k, axis, **kw)
+    ref = R.ksparse_columns(_as64(geom), h.double(), 0.3, k, axis, **{a: v.double() for a, v in kw.items()})
+    assert torch.equal(got.idx, twin.idx) and torch.equal(got.idx, ref.idx)
+    for field in ("beta", "reg", "vals", "cost", "line_sum", "cross_sum"):
+        g_, t_, r_ = (getattr(o, field) for o in (got, twin, ref))
+        assert g_.dtype == torch.float32
+        torch.testing.assert_close(g_, t_, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_.double(), r_, rtol=1e-5, atol=2e-5)
+    L = geom.m if axis == 0 else geom.n
+    assert got.vals.shape == (2, L, k)
+    if mode == "semi":  # exact line sums
+        torch.testing.assert_close(got.line_sum, kw["mass"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["matrix", "sqeuclidean"])
+def test_kernel_float64_is_exact(kind):
+    geom = _geom(kind, 29, 41, 5, batch=1, dtype=torch.float64, seed=3)
+    h, kw = _inputs(geom, 0, "semi", seed=4)
+    got = K.ksparse_columns(geom, h, 0.05, 6, 0, **kw)
+    ref = R.ksparse_columns(geom, h, 0.05, 6, 0, **kw)
+    assert got.vals.dtype == torch.float64
+    assert torch.equal(got.idx, ref.idx)
+    for field in ("beta", "reg", "vals", "line_sum", "cross_sum"):
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-12, atol=1e-13)
+
+
+def test_projection_unit_cases_in_the_kernel():
+    x = torch.tensor([0.5, 0.4, 0.3, -1.0], dtype=torch.float64, device=DEVICE)
+    want = {1: [1, 0, 0, 0], 2: [0.55, 0.45, 0, 0], 3: [13 / 30, 10 / 30, 7 / 30, 0]}
+    geom = otcore.CostMatrix(-x[:, None])
+    for k, expected in want.items():
+        out = K.ksparse_columns(geom, torch.zeros(1, 4, dtype=torch.float64, device=DEVICE), 1.0, k, 0,
+                                mass=torch.ones(1, 1, dtype=torch.float64, device=DEVICE))
+        dense = torch.zeros(4, dtype=torch.float64, device=DEVICE).scatter(0, out.idx[0, 0], out.vals[0, 0])
+        torch.testing.assert_close(dense.cpu(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_ties_take_exactly_k_distinct_positions():
+    """Integer costs: many scores tie at the k-th value. Any choice among the tied positions
+    is a valid top k; the kernel takes the first ones in position order."""
+    g = torch.Generator().manual_seed(5)
+    C = torch.randint(0, 3, (1, 45, 19), generator=g).to(torch.float32).to(DEVICE)
+    geom = otcore.CostMatrix(C)
+    h = torch.zeros(1, 45, device=DEVICE)
+    mass = torch.ones(1, 19, device=DEVICE)
+    got = K.ksparse_columns(geom, h, 0.5, 7, 0, mass=mass)
+    twin = R.ksparse_columns(geom, h, 0.5, 7, 0, mass=mass)
+    for field in ("beta", "reg", "line_sum"):  # value-only quantities do not depend on the choice
+        torch.testing.assert_close(getattr(got, field), getattr(twin, field))
+    idx = got.idx[0]
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())  # distinct, ascending
+    Cl = C[0].T  # (lines, positions)
+    chosen = torch.gather(Cl, 1, idx)
+    kth = torch.sort(Cl, dim=1).values[:, 6:7]  # the 7th smallest cost of each column
+    assert bool((chosen <= kth).all())
+    torch.testing.assert_close(got.cost, chosen[None])
+    # among the tied costs, the first positions are taken
+    for j in range(19):
+        tied = (Cl[j] == kth[j]).nonzero().flatten()
+        picked = idx[j][chosen[j] == kth[j]]
+        assert torch.equal(picked, tied[: len(picked)])
+
+
+def test_strided_and_transposed_cost():
+    """A non-contiguous C (a transposed view) is read through its strides."""
+    g = torch.Generator().manual_seed(6)
+    base = torch.rand(2, 41, 23, generator=g).to(DEVICE)
+    geom = otcore.CostMatrix(base.transpose(1, 2))  # (2, 23, 41), not contiguous
+    for axis in (0, 1):
+        N, L = (23, 41) if axis == 0 else (41, 23)
+        h = torch.randn(2, N, generator=g).to(DEVICE) * 0.1
+        mass = torch.rand(2, L, generator=g).to(DEVICE)
+        got = K.ksparse_columns(geom, h, 0.2, 4, axis, mass=mass)
+        twin = R.ksparse_columns(geom, h, 0.2, 4, axis, mass=mass)
+        assert torch.equal(got.idx, twin.idx)
+        torch.testing.assert_close(got.vals, twin.vals, rtol=1e-5, atol=1e-6)
+
+
+def test_large_k_falls_back_to_the_twin():
+    geom = _geom("matrix", K.K_MAX + 5, 3, 0, batch=1, dtype=torch.float32, seed=7)
+    h, kw = _inputs(geom, 0, "semi", seed=8)
+    got = K.ksparse_columns(geom, h, 0.3, K.K_MAX + 1, 0, **kw)
+    twin = R.ksparse_columns(geom, h, 0.3, K.K_MAX + 1, 0, **kw)
+    assert torch.equal(got.idx, twin.idx) and torch.equal(got.vals, twin.vals)
+
+
+def test_solver_on_the_triton_backend_matches_torch():
+    """The same L-BFGS iterates through the kernel and through the twin (float64)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(13, 3, generator=g, dtype=torch.float64).to(DEVICE)
+    y = torch.rand(11, 3, generator=g, dtype=torch.float64).to(DEVICE)
+    kw = dict(k=3, gamma=0.2, tol=1e-30, ftol=1e-30, max_iter=6)
+    with pytest.warns(otcore.ConvergenceWarning):
+        tri = otcore.sparse_ot(otcore.PointCloud(x, y), backend="triton", **kw)
+    with pytest.warns(otcore.ConvergenceWarning):
+        ref = otcore.sparse_ot(otcore.PointCloud(x, y), backend="torch", **kw)
+    assert tri.n_iter == ref.n_iter == 6
+    assert torch.equal(tri.indices, ref.indices)
+    torch.testing.assert_close(tri.value, ref.value, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(tri.values, ref.values, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,278 @@
+"""Streamed plan kernels (interpreter on CPU) against otcore.reference and float64.
+
+The float64 oracle forms the plan densely, ``P = exp((F_i + G_j - C_ij)/eps)``,
+from explicit coordinate differences; gradients are also checked against
+torch.autograd of ``sum(P * C(x, y))`` with ``P`` detached.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import otcore  # noqa: E402
+from otcore import triton_ops  # noqa: E402
+from otcore.kernels import plan as KP  # noqa: E402
+
+B, N, M = 2, 37, 53
+EPS = 0.05
+INF = float("inf")
+
+
+def cost64(x, y, cost):
+    diff = x.double()[:, :, None, :] - y.double()[:, None, :, :]
+    sq = (diff * diff).sum(-1)
+    return sq if cost == "sqeuclidean" else sq.sqrt()
+
+
+def plan64(C, F, G, eps):
+    return torch.exp((F.double()[:, :, None] + G.double()[:, None, :] - C.double()) / eps)
+
+
+def relerr(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def problem(d, cost="sqeuclidean", seed=0, zero_weights=True, dtype=torch.float32):
+    """Clouds and potentials near the Sinkhorn fixed point scale (P sums to ~1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, N, d, generator=g, dtype=torch.float64).to(dtype)
+    y = (torch.rand(B, M, d, generator=g, dtype=torch.float64) * 0.9 + 0.05).to(dtype)
+    geom = otcore.PointCloud(x, y, cost=cost)
+    C = cost64(x, y, cost)
+    # F, G from one Sinkhorn-like sweep so that P has O(1/(nm)) entries
+    G = torch.full((B, M), -EPS * torch.log(torch.tensor(float(M))).item(), dtype=torch.float64)
+    F = -EPS * torch.logsumexp((G[:, None, :] - C) / EPS, dim=2) - EPS * torch.log(torch.tensor(float(N)))
+    G = -EPS * torch.logsumexp((F[:, :, None] - C) / EPS, dim=1)
+    if zero_weights:
+        F[0, 3] = -INF
+        G[1, 5] = -INF
+    return geom, C, F.to(dtype), G.to(dtype)
+
+
+@pytest.mark.parametrize("d", [3, 17])
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+def test_apply_plan_vectors_and_matrices_both_axes(d, cost):
+    geom, C, F, G = problem(d, cost)
+    P = plan64(C, F, G, EPS)
+    g = torch.Generator().manual_seed(2)
+    cases = [
+        (1, torch.randn(B, M, generator=g), lambda v: P @ v.double()[..., None]),
+        (1, torch.randn(B, M, 5, generator=g), lambda v: P @ v.double()),
+        (0, torch.randn(B, N, generator=g), lambda u: P.transpose(1, 2) @ u.double()[..., None]),
+        (0, torch.randn(B, N, 4, generator=g), lambda u: P.transpose(1, 2) @ u.double()),
+    ]
+    for axis, v, exact in cases:
+        out = geom.apply_plan(F, G, EPS, v, axis, backend="triton")
+        ref = geom.apply_plan(F, G, EPS, v, axis, backend="torch")
+        want = exact(v).reshape(out.shape)
+        assert out.shape == ref.shape
+        assert relerr(out, want) < 2e-5
+        assert relerr(out, ref) < 2e-5
+
+
+def test_apply_plan_wide_matrix_uses_several_value_blocks():
+    geom, C, F, G = problem(3, seed=4)
+    V = torch.randn(B, M, 70)  # 70 > 64 columns: two programs per row block
+    out = geom.apply_plan(F, G, EPS, V, 1, backend="triton")
+    assert relerr(out, plan64(C, F, G, EPS) @ V.double()) < 2e-5
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+def test_marginals_dense_plan_and_cost(cost):
+    geom, C, F, G = problem(3, cost, seed=1)
+    P = plan64(C, F, G, EPS)
+    r = geom.marginals(F, G, EPS, 1, backend="triton")
+    c = geom.marginals(F, G, EPS, 0, backend="triton")
+    assert relerr(r, P.sum(2)) < 1e-5 and relerr(c, P.sum(1)) < 1e-5
+    assert r[0, 3] == 0 and c[1, 5] == 0  # zero weights: empty row / column
+    assert relerr(r, geom.marginals(F, G, EPS, 1, backend="torch")) < 1e-5
+    dense = geom.plan(F, G, EPS, backend="triton")
+    assert dense.shape == (B, N, M) and relerr(dense, P) < 1e-5
+    cost_val = geom.plan_cost(F, G, EPS, backend="triton")
+    assert cost_val.shape == (B,)
+    assert relerr(cost_val, (P * C).sum((1, 2))) < 1e-5
+    assert relerr(cost_val, geom.plan_cost(F, G, EPS, backend="torch")) < 1e-5
+
+
+def test_d17_dot_path_plan_ops():
+    """d = 17 takes the tensor-core expansion path in fp32 mode."""
+    geom, C, F, G = problem(17, seed=6)
+    P = plan64(C, F, G, EPS)
+    assert relerr(geom.marginals(F, G, EPS, 0, backend="triton"), P.sum(1)) < 2e-5
+    assert relerr(geom.plan_cost(F, G, EPS, backend="triton"), (P * C).sum((1, 2))) < 2e-5
+
+
+def test_cost_matrix_plan_ops_both_axes():
+    g = torch.Generator().manual_seed(3)
+    C = torch.rand(B, N, M, generator=g)
+    F = torch.randn(B, N, generator=g) * 0.05 - 0.2
+    G = torch.randn(B, M, generator=g) * 0.05 - 0.2
+    G[0, :4] = -INF
+    geom = otcore.CostMatrix(C)
+    P = plan64(C, F, G, EPS)
+    u = torch.randn(B, N, 3, generator=g)
+    assert relerr(geom.apply_plan(F, G, EPS, u, 0, backend="triton"), P.transpose(1, 2) @ u.double()) < 1e-5
+    assert relerr(geom.marginals(F, G, EPS, 1, backend="triton"), P.sum(2)) < 1e-5
+    assert relerr(geom.plan_cost(F, G, EPS, backend="triton"), (P * C.double()).sum((1, 2))) < 1e-5
+    (gP,) = geom.plan_cost_grad(F, G, EPS, backend="triton")
+    assert relerr(gP, P) < 1e-5
+
+
+def test_float64_plan_ops():
+    geom, C, F, G = problem(3, seed=5, dtype=torch.float64)
+    P = plan64(C, F, G, EPS)
+    v = torch.randn(B, M, 3, dtype=torch.float64)
+    out = geom.apply_plan(F, G, EPS, v, 1, backend="triton")
+    assert out.dtype == torch.float64 and relerr(out, P @ v) < 1e-12
+    assert relerr(geom.marginals(F, G, EPS, 0, backend="triton"), P.sum(1)) < 1e-12
+    vals, idx = geom.plan_topk(F, G, EPS, 3, backend="triton")
+    assert vals.dtype == torch.float64
+    assert relerr(vals[:, 4:], torch.topk(P, 3, dim=2).values[:, 4:]) < 1e-12
+
+
+@pytest.mark.parametrize("k", [1, 5, 16])
+def test_plan_topk_matches_torch_topk(k):
+    geom, C, F, G = problem(3, seed=7)
+    G[0, 10:50] = -INF  # problem 0: only 13 columns carry mass
+    P = plan64(C, F, G, EPS)
+    vals, idx = geom.plan_topk(F, G, EPS, k, backend="triton")
+    ref_vals, ref_idx = torch.topk(P, k, dim=2)
+    assert vals.shape == idx.shape == (B, N, k) and idx.dtype == torch.int64
+    assert relerr(vals, ref_vals) < 1e-5
+    assert bool((vals[..., :-1] >= vals[..., 1:]).all())  # sorted, like torch.topk
+    # indices agree wherever the value is positive (zero entries may come in any order)
+    pos = ref_vals > 0
+    assert torch.equal(idx[pos], ref_idx[pos])
+    # every index is a valid, distinct column and carries the value it claims
+    assert int(idx.min()) >= 0 and int(idx.max()) < M
+    assert all(len(set(row.tolist())) == k for row in idx.reshape(-1, k))
+    assert relerr(torch.gather(P, 2, idx), vals) < 1e-5
+
+
+def test_plan_topk_large_k_falls_back_and_bad_k_raises():
+    geom, C, F, G = problem(3, seed=8, zero_weights=False)
+    k = KP.TOPK_MAX + 1
+    vals, idx = geom.plan_topk(F, G, EPS, k, backend="triton")
+    assert relerr(vals, torch.topk(plan64(C, F, G, EPS), k, dim=2).values) < 1e-5
+    with pytest.raises(ValueError, match="k"):
+        geom.plan_topk(F, G, EPS, M + 1, backend="triton")
+    with pytest.raises(ValueError, match="k"):
+        geom.plan_topk(F, G, EPS, 0, backend="triton")
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+@pytest.mark.parametrize("d", [3, 17])
+def test_plan_cost_grad_against_autograd(cost, d):
+    geom, C, F, G = problem(d, cost, seed=9)
+    P = plan64(C, F, G, EPS)
+    x = geom.x.double().requires_grad_()
+    y = geom.y.double().requires_grad_()
+    (P.detach() * cost64(x, y, cost)).sum().backward()
+    gx, gy = geom.plan_cost_grad(F, G, EPS, backend="triton")
+    rx, ry = geom.plan_cost_grad(F, G, EPS, backend="torch")
+    assert gx.shape == x.shape and gy.shape == y.shape
+    assert relerr(gx, x.grad) < 5e-5 and relerr(gy, y.grad) < 5e-5
+    assert relerr(gx, rx) < 5e-5 and relerr(gy, ry) < 5e-5
+
+
+def test_euclidean_grad_ignores_coincident_points():
+    """W = P / C is 0 where x_i = y_j (the reference's convention, the subgradient 0)."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.rand(1, 9, 2, generator=g)
+    y = torch.cat([x[:, :4], torch.rand(1, 7, 2, generator=g)], 1)
+    geom = otcore.PointCloud(x, y, cost="euclidean")
+    F, G = torch.full((1, 9), -0.1), torch.full((1, 11), -0.1)
+    gx, gy = geom.plan_cost_grad(F, G, 0.1, backend="triton")
+    rx, ry = geom.plan_cost_grad(F, G, 0.1, backend="torch")
+    assert torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    assert relerr(gx, rx) < 1e-5 and relerr(gy, ry) < 1e-5
+
+
+def test_tiny_eps_plan_ops_are_finite():
+    geom, C, F, G = problem(3, seed=11)
+    eps = 1e-3
+    G64 = -eps * torch.log(torch.tensor(float(M))) + torch.zeros(B, M, dtype=torch.float64)
+    F64 = -eps * torch.logsumexp((G64[:, None, :] - C) / eps, 2) - eps * torch.log(torch.tensor(float(N)))
+    F, G = F64.float(), G64.float()
+    P = plan64(C, F, G, eps)
+    r = geom.marginals(F, G, eps, 1, backend="triton")
+    assert torch.isfinite(r).all()
+    assert relerr(r, P.sum(2)) < 1e-3  # P is exp of eps-scaled float32 potentials: ~|C|/eps * 6e-8
+    assert torch.isfinite(geom.plan_cost(F, G, eps, backend="triton")).all()
+
+
+def test_sinkhorn_end_to_end_triton_matches_torch():
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(2, 23, 3, generator=g)
+    y = torch.rand(2, 31, 3, generator=g)
+    a64 = torch.rand(2, 23, generator=g, dtype=torch.float64)
+    a64[0, 2] = 0.0  # a zero-weight point
+    a64 = a64 / a64.sum(1, keepdim=True)
+    a = a64.float()
+    kw = dict(eps=0.1, tol=1e-6)
+    res_t = otcore.sinkhorn(otcore.PointCloud(x, y), a, backend="triton", **kw)
+    res_r = otcore.sinkhorn(otcore.PointCloud(x.double(), y.double()), a64, backend="torch", **kw)
+    assert bool(res_t.converged.all())
+    fin = a > 0
+    assert relerr(res_t.f[fin], res_r.f[fin]) < 1e-5
+    assert relerr(res_t.g, res_r.g) < 1e-5
+    assert relerr(res_t.cost, res_r.cost) < 1e-5
+    assert relerr(res_t.apply(y, 1), res_r.apply(y.double(), 1)) < 1e-5
+
+
+def test_loss_gradient_through_kernels_matches_torch_backend():
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(17, 2, generator=g, requires_grad=True)
+    y = torch.rand(19, 2, generator=g)
+    grads = {}
+    for backend in ("triton", "torch"):
+        loss = otcore.SinkhornLoss(eps=0.1, backend=backend, eps_schedule=None, tol=1e-6)
+        (gx,) = torch.autograd.grad(loss(x, y), x)
+        grads[backend] = gx
+    assert relerr(grads["triton"], grads["torch"]) < 1e-4
+
+
+def test_triton_ops_names_match_reference():
+    import inspect
+
+    from otcore import reference
+
+    for name in ("softmin", "apply_plan", "marginals", "plan_dense", "plan_cost", "plan_topk", "plan_cost_grad"):
+        assert inspect.signature(getattr(triton_ops, name)) == inspect.signature(getattr(reference, name))
+
+
+def test_primitives_compile_as_custom_ops():
+    """Under torch.compile the kernels are torch.library ops with fake (shape) functions:
+    a full graph through the geometry primitives gives the eager results."""
+    geom, C, F, G = problem(3, seed=14, zero_weights=False)
+    y = geom.y
+
+    def prims(F, G):
+        return (
+            geom.softmin(G, EPS, 1, backend="triton"),
+            geom.apply_plan(F, G, EPS, y, 1, backend="triton"),
+            geom.marginals(F, G, EPS, 0, backend="triton"),
+            geom.plan_topk(F, G, EPS, 3, backend="triton")[1],
+            geom.plan(F, G, EPS, backend="triton"),
+        )
+
+    eager = prims(F, G)
+    compiled = torch.compile(prims, backend="aot_eager", fullgraph=True)(F, G)
+    for a, b in zip(compiled, eager):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b)
+
+
+def test_custom_op_registrations_pass_opcheck():
+    geom, C, F, G = problem(3, seed=15, zero_weights=False)
+    op = triton_ops.operand(geom, 1, "fp32")
+    fields = triton_ops._fields(op)
+    torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, G, EPS))
+    torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, geom.y, True, KP.WEIGHT_P))

@@ -1,0 +1,221 @@
+"""The fused softmin kernels (interpreter on CPU) against otcore.reference and float64.
+
+Every case compares three things: the Triton kernel on float32 inputs, the torch
+reference (otcore.reference) and an independent float64 dense log-sum-exp
+written out below. Shapes are small and odd (37 x 53) so that every tile is
+partially masked.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import otcore  # noqa: E402
+from otcore import reference, triton_ops  # noqa: E402
+from otcore.kernels import softmin as K  # noqa: E402
+
+B, N, M = 2, 37, 53
+INF = float("inf")
+
+
+def cost64(x, y, cost):
+    """Dense cost in float64 from explicit coordinate differences, (B, n, m)."""
+    diff = x.double()[:, :, None, :] - y.double()[:, None, :, :]
+    sq = (diff * diff).sum(-1)
+    return sq if cost == "sqeuclidean" else sq.sqrt()
+
+
+def softmin64(C, h, eps, axis):
+    """``-eps log sum exp((h - C)/eps)`` in float64 along the reduced axis."""
+    C, h = C.double(), h.double()
+    if axis == 1:
+        return -eps * torch.logsumexp((h[:, None, :] - C) / eps, dim=2)
+    return -eps * torch.logsumexp((h[:, :, None] - C) / eps, dim=1)
+
+
+def relerr(a, b):
+    """max |a - b| / max |b| over finite entries; +inf entries must agree exactly."""
+    a, b = a.double(), b.double()
+    assert torch.equal(torch.isinf(a), torch.isinf(b)), "inf pattern differs"
+    fin = torch.isfinite(b)
+    return float((a[fin] - b[fin]).abs().max() / b[fin].abs().max())
+
+
+def clouds(d, scale=1.0, offset=0.0, batch=B, n=N, m=M, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, n, d, generator=g) * scale + offset
+    y = (torch.rand(batch, m, d, generator=g) * 0.9 + 0.05) * scale + offset
+    return x, y
+
+
+def potential(k, seed=1, scale=0.1, batch=B):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, k, generator=g) * scale
+
+
+@pytest.mark.parametrize("d", [3, 17])
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+@pytest.mark.parametrize("axis", [1, 0])
+def test_softmin_pointcloud_matches_reference_and_float64(d, cost, axis):
+    x, y = clouds(d)
+    geom = otcore.PointCloud(x, y, cost=cost)
+    h = potential(M if axis == 1 else N)
+    h[0, 4] = -INF  # a zero-weight point
+    out = geom.softmin(h, 0.05, axis, backend="triton")
+    ref = geom.softmin(h, 0.05, axis, backend="torch")
+    exact = softmin64(cost64(x, y, cost), h, 0.05, axis)
+    assert out.shape == (B, N if axis == 1 else M) and out.dtype == torch.float32
+    assert relerr(out, exact) < 1e-5
+    assert relerr(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("mode", [K.COST_DIRECT, K.COST_DOT])
+@pytest.mark.parametrize("d", [3, 17])
+@pytest.mark.parametrize("euclidean", [False, True])
+def test_every_cost_mode_on_both_dtypes(mode, d, euclidean):
+    """Both ways of computing distances, float32 and float64, forced explicitly."""
+    x, y = clouds(d, seed=3)
+    h = potential(M, seed=4)
+    exact = softmin64(cost64(x, y, "euclidean" if euclidean else "sqeuclidean"), h, 0.05, 1)
+    for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        op = K.point_operand(x.to(dt) - 0.5, y.to(dt) - 0.5, euclidean, "fp32", mode=mode)
+        out = K.launch_softmin(op, h.to(dt), 0.05)
+        assert out.dtype == dt
+        assert relerr(out, exact) < tol
+
+
+def test_precision_modes_pick_documented_paths():
+    assert K.point_cost_mode("fp32", 3, torch.float32) == (K.COST_DIRECT, "tf32x3")
+    assert K.point_cost_mode("fp32", 64, torch.float32) == (K.COST_DOT, "tf32x3")
+    assert K.point_cost_mode("tf32", 3, torch.float32) == (K.COST_DOT, "tf32")
+    assert K.point_cost_mode("tf32", 64, torch.float64)[0] == K.COST_DIRECT
+
+
+def test_tf32_mode_runs_the_same_algebra():
+    """The interpreter computes tl.dot in full fp32, so tf32 mode is only checked for
+    its algebra here; its GPU error is measured by bench/bench_sinkhorn_kernels.py."""
+    x, y = clouds(3)
+    geom = otcore.PointCloud(x, y)
+    h = potential(M)
+    out = geom.softmin(h, 0.05, 1, backend="triton", precision="tf32")
+    assert relerr(out, softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)) < 1e-5
+
+
+@pytest.mark.parametrize("axis", [1, 0])
+def test_softmin_cost_matrix_both_axes_and_strides(axis):
+    x, y = clouds(5, seed=7)
+    C = cost64(x, y, "sqeuclidean").float()
+    h = potential(M if axis == 1 else N, seed=8)
+    h[1, :3] = -INF
+    exact = softmin64(C, h, 0.05, axis)
+    geom = otcore.CostMatrix(C)
+    assert relerr(geom.softmin(h, 0.05, axis, backend="triton"), exact) < 1e-6
+    assert relerr(geom.softmin(h, 0.05, axis, backend="torch"), exact) < 1e-6
+    # the same cost stored transposed (non-contiguous view): read through its strides
+    geom_t = otcore.CostMatrix(C.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not geom_t.C.is_contiguous()
+    assert relerr(geom_t.softmin(h, 0.05, axis, backend="triton"), exact) < 1e-6
+
+
+def test_unbatched_cost_matrix_float64():
+    C = torch.rand(N, M, dtype=torch.float64)
+    h = torch.randn(1, M, dtype=torch.float64)
+    out = otcore.CostMatrix(C).softmin(h, 0.1, 1, backend="triton")
+    assert out.dtype == torch.float64
+    assert relerr(out, softmin64(C[None], h, 0.1, 1)) < 1e-13
+
+
+def test_zero_weights_give_inf_exactly_where_reference_does():
+    x, y = clouds(3)
+    geom = otcore.PointCloud(x, y)
+    h = potential(M)
+    h[0] = -INF  # every point of problem 0 has zero weight: -eps log 0 = +inf
+    h[1, ::2] = -INF
+    out = geom.softmin(h, 0.05, 1, backend="triton")
+    exact = softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)
+    assert torch.isposinf(out[0]).all()
+    assert not torch.isnan(out).any()
+    assert relerr(out, exact) < 1e-5
+
+
+def test_large_coordinates_are_centred():
+    """Far from the origin the |x|^2 + |y|^2 - 2xy expansion cancels ~1e6-sized terms
+    in float32; centring the clouds (the geometry layer does it) restores accuracy."""
+    x, y = clouds(17, offset=1000.0, seed=11)
+    geom = otcore.PointCloud(x, y)
+    h = potential(M)
+    exact = softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)
+    assert relerr(geom.softmin(h, 0.05, 1, backend="triton"), exact) < 1e-5
+    # the dot path is only faithful because of the centring: uncentred it is far off
+    raw = K.launch_softmin(K.point_operand(x, y, False, "fp32", mode=K.COST_DOT), h, 0.05)
+    assert relerr(raw, exact) > 1e-3
+    # scaled by 1000 with eps scaled alike (cost x 1e6): same relative accuracy
+    xs, ys = clouds(3, scale=1000.0, seed=12)
+    geom = otcore.PointCloud(xs, ys)
+    exact = softmin64(cost64(xs, ys, "sqeuclidean"), h * 1e6, 0.05e6, 1)
+    assert relerr(geom.softmin(h * 1e6, 0.05e6, 1, backend="triton"), exact) < 1e-5
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+def test_tiny_eps_stays_finite_and_accurate(cost):
+    x, y = clouds(3, seed=5)
+    geom = otcore.PointCloud(x, y, cost=cost)
+    h = potential(M)
+    for axis in (1, 0):
+        hh = h if axis == 1 else potential(N, seed=6)
+        out = geom.softmin(hh, 1e-3, axis, backend="triton")
+        assert torch.isfinite(out).all()
+        assert relerr(out, softmin64(cost64(x, y, cost), hh, 1e-3, axis)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(dtype):
+    x, y = clouds(3)
+    x, y = x.to(dtype), y.to(dtype)
+    geom = otcore.PointCloud(x, y)
+    h = potential(M)
+    out = geom.softmin(h, 0.05, 1, backend="triton")
+    assert out.dtype == torch.float32
+    assert relerr(out, softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)) < 1e-5
+
+
+def test_split_reduction_matches_single_pass():
+    """The split-K path (used on GPUs when there are few own tiles) combines partial
+    log-sums; forced here with 3 slices of a 200-point reduced axis."""
+    x, y = clouds(3, m=200, seed=9)
+    h = potential(200, seed=10)
+    h[0, 70:140] = -INF  # one slice of problem 0 is entirely zero-weight
+    op = K.point_operand(x - 0.5, y - 0.5, False, "fp32")
+    exact = softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)
+    split = K.launch_softmin(op, h, 0.05, splits=3)
+    assert relerr(split, exact) < 1e-5
+    assert relerr(split, K.launch_softmin(op, h, 0.05, splits=1)) < 1e-6
+
+
+def test_tiny_problems_in_a_large_batch():
+    x, y = clouds(2, batch=64, n=4, m=5, seed=13)
+    h = potential(5, batch=64)
+    geom = otcore.PointCloud(x, y)
+    out = geom.softmin(h, 0.1, 0 + 1, backend="triton")
+    assert relerr(out, softmin64(cost64(x, y, "sqeuclidean"), h, 0.1, 1)) < 1e-5
+
+
+def test_bad_arguments_raise():
+    geom = otcore.PointCloud(*clouds(3))
+    with pytest.raises(ValueError, match="precision"):
+        geom.softmin(potential(M), 0.05, 1, backend="triton", precision="fp16")
+    with pytest.raises(ValueError, match="axis"):
+        triton_ops.softmin(geom, potential(M), 0.05, 2)
+
+
+def test_backend_triton_goes_through_triton_ops():
+    from otcore import _dispatch
+
+    assert _dispatch.primitive("softmin", "triton") is triton_ops.softmin
+    assert _dispatch.primitive("softmin", "torch") is reference.softmin

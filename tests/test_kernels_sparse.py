@@ -1,0 +1,155 @@
+"""ELL sparse-plan kernels (interpreter on CPU) against their torch twins and float64.
+
+The float64 oracle forms the plan densely, ``P = exp((F_i + G_j - C_ij)/eps)``
+with the cost from explicit coordinate differences, and ranks each row with
+``torch.sort``; the matrix products are checked against torch's sparse CSR
+product and a dense float64 matrix built from the ELL entries.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import otcore  # noqa: E402
+from otcore import reference_sparse as RS  # noqa: E402
+from otcore.kernels import sparse as KS  # noqa: E402
+
+N, M = 37, 53
+EPS = 0.05
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def cost64(geom):
+    if geom.is_dense:
+        return geom.C.double()
+    diff = geom.x.double()[:, :, None, :] - geom.y.double()[:, None, :, :]
+    sq = (diff * diff).sum(-1)
+    return sq if geom.cost == "sqeuclidean" else sq.sqrt()
+
+
+def make(kind, dtype, batch, seed=0):
+    """A geometry and potentials at the Sinkhorn scale (P sums to ~1), with a
+    zero-weight row and column (``-inf`` potentials)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch,) if batch else ()
+    if kind == "dense":
+        geom = otcore.CostMatrix(torch.rand(*shape, N, M, generator=g, dtype=torch.float64).to(dtype))
+    else:
+        d, cost = {"sq3": (3, "sqeuclidean"), "euc17": (17, "euclidean")}[kind]
+        x = torch.rand(*shape, N, d, generator=g, dtype=torch.float64).to(dtype)
+        y = torch.rand(*shape, M, d, generator=g, dtype=torch.float64).to(dtype)
+        geom = otcore.PointCloud(x, y, cost=cost)
+    C = cost64(geom)
+    Bn = geom.batch
+    G = torch.full((Bn, M), -EPS * torch.log(torch.tensor(float(M))).item(), dtype=torch.float64)
+    F = -EPS * torch.logsumexp((G[:, None, :] - C) / EPS, dim=2) - EPS * torch.log(torch.tensor(float(N)))
+    G = -EPS * torch.logsumexp((F[:, :, None] - C) / EPS, dim=1)
+    F[0, 3] = -float("inf")
+    G[-1, 5] = -float("inf")
+    return geom, C, F.to(dtype), G.to(dtype)
+
+
+def check_topk(vals, idx, P64, s, tol):
+    """``vals`` are the s largest entries of each row of P64, decreasing, at ``idx``."""
+    ref = torch.sort(P64, dim=2, descending=True).values[:, :, :s]
+    scale = float(P64.max())
+    assert vals.shape == idx.shape == ref.shape
+    assert idx.dtype == torch.int64
+    assert float((vals.double() - ref).abs().max()) <= tol * scale
+    assert float((torch.gather(P64, 2, idx) - vals.double()).abs().max()) <= tol * scale
+    assert bool((vals[:, :, 1:] <= vals[:, :, :-1]).all())
+    # distinct columns in every row where entries are nonzero
+    nz = vals > 0
+    for b in range(idx.shape[0]):
+        for i in range(idx.shape[1]):
+            cols = idx[b, i][nz[b, i]]
+            assert cols.unique().numel() == cols.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind,batch", [("sq3", 2), ("euc17", 0), ("dense", 2)])
+@pytest.mark.parametrize("s", [1, 5, 20])
+def test_plan_sparse_rows_matches_twin_and_float64(kind, batch, dtype, s):
+    geom, C, F, G = make(kind, dtype, batch)
+    P64 = torch.exp((F.double()[:, :, None] + G.double()[:, None, :] - C) / EPS)
+    vk, ik = KS.plan_sparse_rows(geom, F, G, EPS, s)
+    vt, it = RS.plan_sparse_rows(geom, F, G, EPS, s)
+    assert vk.dtype == vt.dtype == dtype
+    check_topk(vk, ik, P64, s, TOL[dtype])
+    check_topk(vt, it, P64, s, TOL[dtype])
+    # the zero-weight row is all zeros; the zero-weight column is never kept
+    assert float(vk[0, 3].abs().max()) == 0.0
+    assert not bool((ik[-1][vk[-1] > 0] == 5).any())
+
+
+def test_plan_sparse_rows_full_width_equals_plan():
+    """s = m keeps every entry: scattering the ELL rows back gives the dense plan
+    (the zero-weight column's slot holds a zero)."""
+    geom, C, F, G = make("sq3", torch.float64, 1)
+    vals, idx = KS.plan_sparse_rows(geom, F, G, EPS, M)
+    dense = torch.zeros(1, N, M, dtype=torch.float64).scatter_add_(2, idx, vals)
+    P64 = torch.exp((F[:, :, None] + G[:, None, :] - C) / EPS)
+    assert float((dense - P64).abs().max()) <= 1e-12 * float(P64.max())
+
+
+def test_geometry_dispatch_reaches_kernel_and_twin():
+    geom, C, F, G = make("dense", torch.float64, 2)
+    vk, ik = geom.plan_sparse_rows(F, G, EPS, 4, backend="triton")
+    vt, it = geom.plan_sparse_rows(F, G, EPS, 4, backend="torch")
+    assert float((vk - vt).abs().max()) <= 1e-12 * float(vt.max())
+    u = torch.rand(2, N, dtype=torch.float64)
+    assert torch.allclose(geom.ell_matvec(vk, ik, u, 0, backend="triton"), geom.ell_matvec(vt, it, u, 0), rtol=1e-12)
+
+
+def random_ell(dtype, B=2, n=N, m=M, s=6, seed=1):
+    """Random ELL matrix with repeated column indices inside rows (sums must add up)."""
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.rand(B, n, s, generator=g, dtype=torch.float64).to(dtype)
+    idx = torch.randint(0, m, (B, n, s), generator=g)
+    if s > 1:
+        idx[:, :, 1] = idx[:, :, 0]
+    vals[:, 2, :] = 0  # an empty row
+    return vals, idx
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("s", [1, 6, 33])
+def test_ell_matvec_both_directions(dtype, s):
+    geom = otcore.CostMatrix(torch.rand(2, N, M, dtype=dtype))
+    vals, idx = random_ell(dtype, s=s)
+    dense = torch.zeros(2, N, M, dtype=torch.float64).scatter_add_(2, idx, vals.double())
+    v = torch.randn(2, M, dtype=dtype)
+    u = torch.randn(2, N, dtype=dtype)
+    ref_rows = torch.einsum("bij,bj->bi", dense, v.double())
+    ref_cols = torch.einsum("bij,bi->bj", dense, u.double())
+    csr = RS.ell_to_csr(vals, idx, M)
+    csr_t = RS.ell_to_csr(vals, idx, M, transpose=True)
+    csr_rows = (csr @ v.reshape(-1, 1)).reshape(2, N)
+    csr_cols = (csr_t @ u.reshape(-1, 1)).reshape(2, M)
+    tol = TOL[dtype] * 10
+    for out, ref in (
+        (KS.ell_matvec(geom, vals, idx, v, 1), ref_rows),
+        (RS.ell_matvec(geom, vals, idx, v, 1), ref_rows),
+        (csr_rows, ref_rows),
+        (KS.ell_matvec(geom, vals, idx, u, 0), ref_cols),
+        (RS.ell_matvec(geom, vals, idx, u, 0), ref_cols),
+        (csr_cols, ref_cols),
+    ):
+        assert out.dtype == dtype
+        assert float((out.double() - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+def test_ell_matvec_rectangular_transpose_shape():
+    """S^T u has the column count m of the geometry, not the ELL width."""
+    geom = otcore.PointCloud(torch.rand(N, 3), torch.rand(M + 8, 3))
+    vals, idx = random_ell(torch.float32, B=1, m=M + 8, s=3)
+    out = KS.ell_matvec(geom, vals, idx, torch.ones(1, N), 0)
+    assert out.shape == (1, M + 8)
+    assert torch.allclose(out.sum(), vals.sum(), rtol=1e-5)

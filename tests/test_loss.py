@@ -1,0 +1,169 @@
+"""``otcore.SinkhornLoss``: the (debiased) Sinkhorn divergence as an ``nn.Module``.
+
+Checked against its definition from three :func:`otcore.sinkhorn` values,
+properties of the divergence (>= 0, zero on identical measures), finite
+differences in float64, batching with every reduction, and a few steps of
+gradient descent.
+"""
+
+import pytest
+import torch
+
+import otcore
+
+T = dict(backend="torch")
+# a solve that does not converge must not pass silently: unexpected warnings fail the test
+pytestmark = pytest.mark.filterwarnings("error::otcore.ConvergenceWarning")
+F64 = torch.float64
+# Self-transport OT(x, x) converges slowly with alternating updates once eps is well
+# below the spacing of the points, so the eps below stay at the points' spacing.
+TIGHT = dict(tol=1e-12, max_iter=5_000, backend="torch")
+
+
+def rand(*shape, seed=0, dtype=F64):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def ot_value(x, y, a=None, b=None, eps=0.1, cost="sqeuclidean", **kw):
+    return otcore.sinkhorn(otcore.PointCloud(x, y, cost=cost), a, b, eps=eps, **dict(TIGHT, **kw)).value
+
+
+def test_debiased_loss_is_the_divergence_formula():
+    x, y = rand(12, 2, seed=1), rand(9, 2, seed=2) + 0.3
+    a = rand(12, seed=3) + 0.1
+    a = a / a.sum()
+    loss = otcore.SinkhornLoss(eps=0.1, **TIGHT)(x, y, a)
+    want = ot_value(x, y, a) - 0.5 * (ot_value(x, x, a, a) + ot_value(y, y))
+    assert float(loss) == pytest.approx(float(want), rel=1e-10, abs=1e-14)
+    raw = otcore.SinkhornLoss(eps=0.1, debias=False, **TIGHT)(x, y, a)
+    assert float(raw) == pytest.approx(float(ot_value(x, y, a)), rel=1e-10)
+
+
+@pytest.mark.parametrize("cost,eps", [("sqeuclidean", 0.1), ("euclidean", 0.2)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_divergence_is_nonnegative_and_zero_on_identical_clouds(cost, eps, seed):
+    loss = otcore.SinkhornLoss(eps=eps, cost=cost, **TIGHT)
+    x = rand(15, 3, seed=seed)
+    y = rand(11, 3, seed=seed + 10) * 0.5 + 0.2
+    assert float(loss(x, y)) > 0
+    assert abs(float(loss(x, x.clone()))) < 1e-12
+    # permuting the points does not change the measure
+    perm = torch.randperm(15, generator=torch.Generator().manual_seed(seed))
+    assert abs(float(loss(x, x[perm]))) < 1e-8
+
+
+def test_divergence_of_a_translation_is_its_squared_length():
+    """Closed form: with C(x, x + t) = C(x, x) - 2<x, t> + 2<x + t, t> - |t|^2 separable,
+    OT_eps(x, x + t) = OT_eps(x, x) + |t|^2 and OT_eps(x + t, x + t) = OT_eps(x, x),
+    so S_eps(x, x + t) = |t|^2 for every eps."""
+    loss = otcore.SinkhornLoss(eps=0.1, **TIGHT)
+    x = rand(10, 2, seed=1)
+    for t in ([0.05, 0.0], [0.2, -0.1], [0.5, 0.5]):
+        t = torch.tensor(t, dtype=F64)
+        assert float(loss(x, x + t)) == pytest.approx(float(t @ t), rel=1e-9)
+
+
+def test_gradient_matches_finite_differences():
+    x = rand(8, 2, seed=1).requires_grad_(True)
+    y = rand(7, 2, seed=2) * 0.8 + 0.3
+    loss_fn = otcore.SinkhornLoss(eps=0.1, **TIGHT)
+    (gx,) = torch.autograd.grad(loss_fn(x, y), x)
+    h = 1e-5
+    for seed in range(3):
+        d = rand(8, 2, seed=20 + seed) - 0.5
+        fd = (float(loss_fn(x.detach() + h * d, y)) - float(loss_fn(x.detach() - h * d, y))) / (2 * h)
+        assert float((gx * d).sum()) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def test_gradcheck_weights_and_points():
+    """gradcheck over x and y; the weights by zero-sum directional differences (simplex)."""
+    x = rand(5, 2, seed=1).requires_grad_(True)
+    y = rand(4, 2, seed=2).requires_grad_(True)
+    loss_fn = otcore.SinkhornLoss(eps=0.2, **TIGHT)
+    assert torch.autograd.gradcheck(lambda x, y: loss_fn(x, y), (x, y), eps=1e-6, atol=1e-6, rtol=1e-4)
+    a0 = rand(5, seed=3) + 0.2
+    a0 = a0 / a0.sum()
+    a = a0.clone().requires_grad_(True)
+    (ga,) = torch.autograd.grad(loss_fn(x.detach(), y.detach(), a), a)
+    d = rand(5, seed=4) - 0.5
+    d -= d.mean()
+    h = 1e-5
+    fd = (float(loss_fn(x.detach(), y.detach(), a0 + h * d)) - float(loss_fn(x.detach(), y.detach(), a0 - h * d))) / (2 * h)
+    assert float(ga @ d) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def test_batched_reductions_equal_the_loop():
+    B = 3
+    x = rand(B, 9, 2, seed=1)
+    y = rand(B, 7, 2, seed=2) + torch.tensor([0.0, 0.3, 0.6], dtype=F64)[:, None, None]
+    b = rand(B, 7, seed=3) + 0.1
+    b = b / b.sum(-1, keepdim=True)
+    per = otcore.SinkhornLoss(eps=0.1, reduction="none", **TIGHT)(x, y, None, b)
+    assert per.shape == (B,)
+    loop = torch.stack([otcore.SinkhornLoss(eps=0.1, reduction="none", **TIGHT)(x[i], y[i], None, b[i]) for i in range(B)])
+    torch.testing.assert_close(per, loop, rtol=1e-9, atol=1e-13)
+    total = otcore.SinkhornLoss(eps=0.1, reduction="sum", **TIGHT)(x, y, None, b)
+    mean = otcore.SinkhornLoss(eps=0.1, reduction="mean", **TIGHT)(x, y, None, b)
+    assert total.dim() == 0 and mean.dim() == 0
+    assert float(total) == pytest.approx(float(loop.sum()), rel=1e-9)
+    assert float(mean) == pytest.approx(float(loop.mean()), rel=1e-9)
+    assert float(per[0]) < float(per[1]) < float(per[2])
+
+
+def test_batched_gradients_equal_the_loop():
+    x = rand(2, 6, 2, seed=1).requires_grad_(True)
+    y = rand(2, 5, 2, seed=2)
+    loss = otcore.SinkhornLoss(eps=0.1, reduction="sum", **TIGHT)
+    (gx,) = torch.autograd.grad(loss(x, y), x)
+    for i in range(2):
+        xi = x[i].detach().clone().requires_grad_(True)
+        (gi,) = torch.autograd.grad(loss(xi, y[i]), xi)
+        torch.testing.assert_close(gx[i], gi)
+    mean = otcore.SinkhornLoss(eps=0.1, reduction="mean", **TIGHT)
+    (gm,) = torch.autograd.grad(mean(x, y), x)
+    torch.testing.assert_close(gm, gx / 2)
+
+
+def test_unbatched_none_reduction_is_a_scalar():
+    out = otcore.SinkhornLoss(eps=0.1, reduction="none")(rand(5, 2), rand(6, 2, seed=1))
+    assert out.dim() == 0
+
+
+def test_euclidean_cost_loss():
+    x, y = rand(10, 3, seed=1), rand(12, 3, seed=2) + 0.5
+    loss = otcore.SinkhornLoss(eps=0.2, cost="euclidean", **TIGHT)(x, y)
+    want = ot_value(x, y, eps=0.2, cost="euclidean") - 0.5 * (
+        ot_value(x, x, eps=0.2, cost="euclidean") + ot_value(y, y, eps=0.2, cost="euclidean")
+    )
+    assert float(loss) == pytest.approx(float(want), rel=1e-10)
+    assert float(loss) > 0
+
+
+def test_gradient_descent_moves_x_towards_y():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(30, 2, generator=g)
+    y = torch.rand(25, 2, generator=g) * 0.5 + 1.0
+    x = x0.clone().requires_grad_(True)
+    loss_fn = otcore.SinkhornLoss(eps=0.05, **T)
+    opt = torch.optim.SGD([x], lr=10.0)  # the gradient carries the weights 1/n
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(u > v for u, v in zip(losses, losses[1:]))
+    assert losses[-1] < 0.2 * losses[0]
+    gap0 = float((x0.mean(0) - y.mean(0)).norm())
+    assert float((x.detach().mean(0) - y.mean(0)).norm()) < 0.3 * gap0
+
+
+def test_float32_module_and_repr():
+    loss_fn = otcore.SinkhornLoss(eps=0.1)
+    assert "eps=0.1" in repr(loss_fn) and "debias=True" in repr(loss_fn)
+    x = torch.rand(20, 3, requires_grad=True)
+    out = loss_fn(x, torch.rand(15, 3) + 0.2)
+    assert out.dtype == torch.float32 and float(out.detach()) > 0
+    out.backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()

@@ -1,0 +1,293 @@
+"""Sinkhorn-Newton-Sparse against long Sinkhorn runs, POT, and the first-order conditions.
+
+Independent checks: POT's ``ot.sinkhorn(..., method="sinkhorn_log")`` in float64,
+our Sinkhorn run to a much tighter tolerance, and the gradient of the dual
+``(a - P1, b - P^T 1)`` recomputed densely from the returned potentials
+(``P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps)``). The iteration counts are
+compared with Sinkhorn's on the paper's settings (random assignment at
+eps = 1/1200, discretized 1-D densities with |x-y| and |x-y|^2 costs).
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import otcore  # noqa: E402
+from otcore.result import ConvergenceWarning  # noqa: E402
+from otcore.solvers import newton as NW  # noqa: E402
+
+ot = pytest.importorskip("ot")
+
+
+def dense_cost(geom):
+    if geom.is_dense:
+        return geom.C.double()
+    diff = geom.x.double()[:, :, None, :] - geom.y.double()[:, None, :, :]
+    sq = (diff * diff).sum(-1)
+    return sq if geom.cost == "sqeuclidean" else sq.sqrt()
+
+
+def dual_gradient(geom, a, b, f, g, eps):
+    """``(a - P1, b - P^T 1)`` from the potentials, dense float64, batched (B, .)."""
+    C = dense_cost(geom)
+    f, g = f.double().reshape(geom.batch, -1), g.double().reshape(geom.batch, -1)
+    a, b = a.double().reshape(geom.batch, -1), b.double().reshape(geom.batch, -1)
+    P = a[:, :, None] * b[:, None, :] * torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
+    return a - P.sum(2), b - P.sum(1)
+
+
+def weights(n, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(n, generator=g, dtype=torch.float64) + 0.2
+    return (w / w.sum()).to(dtype)
+
+
+def densities_1d(n, cost):
+    """Two smooth densities on a grid of [0, 1] (the paper's 1-D setting)."""
+    x = torch.linspace(0, 1, n, dtype=torch.float64)[:, None]
+    a = torch.exp(-((x[:, 0] - 0.3) ** 2) / 0.02) + 0.1 * torch.exp(-((x[:, 0] - 0.7) ** 2) / 0.01)
+    b = torch.exp(-((x[:, 0] - 0.6) ** 2) / 0.05) + 0.05
+    return otcore.PointCloud(x, x, cost=cost), a / a.sum(), b / b.sum()
+
+
+def test_same_plan_as_pot_sinkhorn_log():
+    g = torch.Generator().manual_seed(0)
+    C = torch.rand(40, 50, generator=g, dtype=torch.float64)
+    a, b = weights(40, 1), weights(50, 2)
+    eps = 0.02
+    res = otcore.sinkhorn_newton(otcore.CostMatrix(C), a, b, eps=eps, tol=1e-11, backend="torch")
+    P_pot = torch.as_tensor(ot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), eps, method="sinkhorn_log",
+                                        numItermax=100000, stopThr=1e-13))
+    assert res.converged and res.marginal_error <= 1e-11
+    assert float((res.plan() - P_pot).abs().sum()) <= 1e-9
+    assert res.info["newton_iter"] >= 1
+
+
+def test_same_plan_and_value_as_long_sinkhorn_point_cloud():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(50, 2, generator=g, dtype=torch.float64)
+    y = torch.rand(60, 2, generator=g, dtype=torch.float64)
+    geom = otcore.PointCloud(x, y)
+    a, b = weights(50, 4), weights(60, 5)
+    eps = 0.005
+    res = otcore.sinkhorn_newton(geom, a, b, eps=eps, tol=1e-10, backend="torch")
+    ref = otcore.sinkhorn(geom, a, b, eps=eps, tol=1e-12, max_iter=50000, backend="torch")
+    assert res.converged and ref.converged
+    assert float((res.plan() - ref.plan()).abs().sum()) <= 1e-9
+    assert abs(float(res.value) - float(ref.value)) <= 1e-10
+    assert abs(float(res.cost) - float(ref.cost)) <= 1e-9
+    assert res.n_iter < ref.n_iter / 5
+
+
+@pytest.mark.parametrize("kind", ["dense", "cloud"])
+def test_dual_gradient_vanishes_at_solution(kind):
+    g = torch.Generator().manual_seed(7)
+    if kind == "dense":
+        geom = otcore.CostMatrix(torch.rand(2, 30, 45, generator=g, dtype=torch.float64))
+    else:
+        geom = otcore.PointCloud(torch.rand(2, 30, 3, generator=g, dtype=torch.float64),
+                                 torch.rand(2, 45, 3, generator=g, dtype=torch.float64), cost="euclidean")
+    a = torch.stack([weights(30, 1), weights(30, 2)])
+    b = torch.stack([weights(45, 3), weights(45, 4)])
+    eps, tol = 0.01, 1e-9
+    res = otcore.sinkhorn_newton(geom, a, b, eps=eps, tol=tol, backend="torch")
+    ga, gb = dual_gradient(geom, a, b, res.f, res.g, eps)
+    err = ga.abs().sum(-1) + gb.abs().sum(-1)
+    assert bool(res.converged.all())
+    assert float(err.max()) <= tol
+    assert torch.allclose(err, res.marginal_error, rtol=1e-3, atol=1e-14)
+    assert res.n_iter.shape == (2,) and res.info["newton_iter"].shape == (2,)
+
+
+def test_random_assignment_far_fewer_iterations_than_sinkhorn():
+    """Paper's setting: C ~ U[0,1], uniform marginals, eps = 1/1200 (float64)."""
+    g = torch.Generator().manual_seed(0)
+    n, eps, tol = 200, 1 / 1200, 1e-6
+    geom = otcore.CostMatrix(torch.rand(n, n, generator=g, dtype=torch.float64))
+    res = otcore.sinkhorn_newton(geom, eps=eps, tol=tol, backend="torch")
+    assert res.converged and res.marginal_error <= tol
+    assert res.n_iter == res.info["warmup_iter"] + res.info["newton_iter"] + res.info["fallback_iter"]
+    assert res.n_iter <= 100
+    budget = 20 * res.n_iter
+    with pytest.warns(ConvergenceWarning):
+        sk = otcore.sinkhorn(geom, eps=eps, tol=tol, max_iter=budget, backend="torch")
+    assert not sk.converged  # Sinkhorn needs more than 20x the iterations
+    ga, gb = dual_gradient(geom, torch.full((n,), 1 / n), torch.full((n,), 1 / n), res.f, res.g, eps)
+    assert float(ga.abs().sum() + gb.abs().sum()) <= tol
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+def test_1d_densities_fewer_iterations_same_plan(cost):
+    geom, a, b = densities_1d(150, cost)
+    eps, tol = 2e-3, 1e-8
+    res = otcore.sinkhorn_newton(geom, a, b, eps=eps, tol=tol, backend="torch")
+    sk = otcore.sinkhorn(geom, a, b, eps=eps, tol=tol, max_iter=20000, backend="torch")
+    assert res.converged and sk.converged
+    assert 5 * res.n_iter < sk.n_iter
+    assert float((res.plan() - sk.plan()).abs().sum()) <= 1e-6
+
+
+def test_digit_histograms_with_zero_pixels():
+    """Table-1 setting: scikit-learn digits as histograms on the 8x8 grid (zero pixels are
+    zero weights), Euclidean ground cost scaled to max 1, eps = 1/1200 (float64)."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    imgs = torch.as_tensor(datasets.load_digits().images[:2], dtype=torch.float64).reshape(2, 64)
+    a, b = imgs[0] / imgs[0].sum(), imgs[1] / imgs[1].sum()
+    r = torch.arange(8, dtype=torch.float64) / 7
+    pts = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1).reshape(64, 2)
+    C = torch.cdist(pts, pts)
+    geom = otcore.CostMatrix(C / C.max())
+    eps, tol = 1 / 1200, 1e-7
+    res = otcore.sinkhorn_newton(geom, a, b, eps=eps, tol=tol, backend="torch")
+    sk = otcore.sinkhorn(geom, a, b, eps=eps, tol=tol, max_iter=20000, backend="torch")
+    assert res.converged and sk.converged
+    assert 10 * res.n_iter < sk.n_iter
+    assert float((res.plan() - sk.plan()).abs().sum()) <= 1e-5
+    ga, gb = dual_gradient(geom, a, b, res.f, res.g, eps)
+    assert float(ga.abs().sum() + gb.abs().sum()) <= tol
+
+
+def test_batched_float32_matches_unbatched_and_float64():
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(3, 40, 2, generator=g)
+    y = torch.rand(3, 30, 2, generator=g)
+    a = torch.stack([weights(40, s, torch.float32) for s in range(3)])
+    eps = 0.05
+    res = otcore.sinkhorn_newton(otcore.PointCloud(x, y), a, None, eps=eps, tol=1e-5, backend="torch")
+    assert res.f.dtype == torch.float32 and res.plan().shape == (3, 40, 30)
+    assert bool(res.converged.all())
+    for k in range(3):
+        one = otcore.sinkhorn_newton(otcore.PointCloud(x[k], y[k]), a[k], None, eps=eps, tol=1e-5, backend="torch")
+        a64 = a[k].double() / a[k].double().sum()  # float32 weights sum to 1 only within 1e-7
+        ref = otcore.sinkhorn_newton(otcore.PointCloud(x[k].double(), y[k].double()), a64, None,
+                                     eps=eps, tol=1e-12, backend="torch")
+        assert ref.converged
+        assert torch.allclose(res.plan()[k], one.plan(), atol=1e-6)
+        assert float((res.plan()[k].double() - ref.plan()).abs().sum()) <= 2e-5
+
+
+def test_result_methods_and_envelope_gradients_match_sinkhorn():
+    g = torch.Generator().manual_seed(5)
+    C1 = torch.rand(25, 35, generator=g, dtype=torch.float64).requires_grad_()
+    C2 = C1.detach().clone().requires_grad_()
+    a, b = weights(25, 8), weights(35, 9)
+    eps = 0.02
+    res = otcore.sinkhorn_newton(otcore.CostMatrix(C1), a, b, eps=eps, tol=1e-11, backend="torch")
+    ref = otcore.sinkhorn(otcore.CostMatrix(C2), a, b, eps=eps, tol=1e-12, max_iter=50000, backend="torch")
+    res.value.backward()
+    ref.value.backward()
+    assert torch.allclose(C1.grad, C2.grad, atol=1e-11)
+    assert torch.allclose(C1.grad, res.plan(), atol=1e-11)  # envelope theorem: dvalue/dC = P
+    assert torch.allclose(res.apply(torch.ones(35, dtype=torch.float64)), a, atol=1e-11)
+    assert torch.allclose(res.apply(torch.ones(25, dtype=torch.float64), axis=0), b, atol=1e-11)
+    vals, idx = res.topk(3)
+    top = torch.topk(ref.plan(), 3, dim=1)
+    assert torch.equal(idx, top.indices) and torch.allclose(vals, top.values, atol=1e-12)
+
+
+def test_zero_weights_and_warm_start():
+    g = torch.Generator().manual_seed(2)
+    C = torch.rand(30, 20, generator=g, dtype=torch.float64)
+    a, b = weights(30, 1), weights(20, 2)
+    a[[3, 17]] = 0
+    a = a / a.sum()
+    b[5] = 0
+    b = b / b.sum()
+    eps = 0.01
+    res = otcore.sinkhorn_newton(otcore.CostMatrix(C), a, b, eps=eps, tol=1e-10, backend="torch")
+    ref = otcore.sinkhorn(otcore.CostMatrix(C), a, b, eps=eps, tol=1e-12, max_iter=50000, backend="torch")
+    assert res.converged and torch.isfinite(res.f).all() and torch.isfinite(res.g).all()
+    P = res.plan()
+    assert float(P[[3, 17]].abs().max()) == 0.0 and float(P[:, 5].abs().max()) == 0.0
+    assert float((P - ref.plan()).abs().sum()) <= 1e-9
+    warm = otcore.sinkhorn_newton(otcore.CostMatrix(C), a, b, eps=eps, tol=1e-9, init=(res.f, res.g), backend="torch")
+    assert warm.converged and warm.info["newton_iter"] == 0 and warm.n_iter <= 2
+
+
+def test_fallback_to_sinkhorn_when_newton_does_not_help(monkeypatch):
+    """A useless (zero) Newton direction is rejected; Sinkhorn steps carry the solve."""
+    monkeypatch.setattr(NW._Solve, "_direction", lambda self, r, c, *args: (torch.zeros_like(r), torch.zeros_like(c)))
+    C = torch.rand(20, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    res = otcore.sinkhorn_newton(otcore.CostMatrix(C), eps=0.1, tol=1e-9, warmup_iter=1, max_iter=100, backend="torch")
+    ref = otcore.sinkhorn(otcore.CostMatrix(C), eps=0.1, tol=1e-12, max_iter=10000, backend="torch")
+    assert res.converged and res.info["fallback_iter"] > 0
+    assert float((res.plan() - ref.plan()).abs().sum()) <= 1e-8
+
+
+def test_float32_accuracy_floor_stops_unconverged_without_nan():
+    g = torch.Generator().manual_seed(4)
+    geom = otcore.PointCloud(torch.rand(60, 2, generator=g), torch.rand(60, 2, generator=g))
+    with pytest.warns(ConvergenceWarning):
+        res = otcore.sinkhorn_newton(geom, eps=1e-3, tol=1e-12, max_iter=100, backend="torch")
+    assert not res.converged
+    assert res.info["newton_iter"] < 100  # stagnation detected, not the cap
+    assert torch.isfinite(res.f).all() and torch.isfinite(res.g).all() and res.marginal_error < 1e-3
+
+
+def test_triton_backend_matches_torch():
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(6)
+    geom = otcore.PointCloud(torch.rand(2, 13, 3, generator=g, dtype=torch.float64),
+                             torch.rand(2, 17, 3, generator=g, dtype=torch.float64))
+    kw = dict(eps=0.1, tol=1e-10, warmup_iter=5)
+    tri = otcore.sinkhorn_newton(geom, backend="triton", **kw)
+    ref = otcore.sinkhorn_newton(geom, backend="torch", **kw)
+    assert bool(tri.converged.all()) and int(tri.info["newton_iter"].min()) >= 1
+    assert float((tri.plan() - ref.plan()).abs().max()) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,name",
+    [
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(eps=-1.0), ValueError, "eps"),
+        (dict(eps=float("nan")), ValueError, "eps"),
+        (dict(eps=0.1, tol=0.0), ValueError, "tol"),
+        (dict(eps=0.1, max_iter=0), ValueError, "max_iter"),
+        (dict(eps=0.1, max_iter=2.5), TypeError, "max_iter"),
+        (dict(eps=0.1, warmup_iter=-1), ValueError, "warmup_iter"),
+        (dict(eps=0.1, sparsity=0), ValueError, "sparsity"),
+        (dict(eps=0.1, sparsity=9), ValueError, "sparsity"),
+        (dict(eps=0.1, sparsity=2.0), TypeError, "sparsity"),
+        (dict(eps=0.1, drop_tol=-1e-3), ValueError, "drop_tol"),
+        (dict(eps=0.1, cg_tol=0.0), ValueError, "cg_tol"),
+        (dict(eps=0.1, cg_max_iter=0), ValueError, "cg_max_iter"),
+        (dict(eps=0.1, fallback_iter=0), ValueError, "fallback_iter"),
+        (dict(eps=0.1, backend="cuda"), ValueError, "backend"),
+        (dict(eps=0.1, precision="fp8"), ValueError, "precision"),
+        (dict(eps=0.1, a=torch.tensor([0.5, 0.6, -0.1, 0, 0, 0])), ValueError, "a"),
+        (dict(eps=0.1, a=torch.full((6,), float("nan"))), ValueError, "a"),
+        (dict(eps=0.1, a=torch.ones(5) / 5), ValueError, "a"),
+        (dict(eps=0.1, b=torch.ones(8)), ValueError, "same total mass"),
+        (dict(eps=0.1, init=(torch.zeros(6), torch.zeros(7))), ValueError, "init"),
+        (dict(eps=0.1, init=torch.zeros(6)), TypeError, "init"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(kwargs, exc, name):
+    geom = otcore.CostMatrix(torch.rand(6, 8))
+    with pytest.raises(exc, match=name):
+        otcore.sinkhorn_newton(geom, **kwargs)
+
+
+def test_bad_geometry_and_unbalanced_request():
+    with pytest.raises(TypeError, match="geom"):
+        otcore.sinkhorn_newton(torch.rand(4, 4), eps=0.1)
+    with pytest.raises(TypeError, match="rho"):
+        otcore.sinkhorn_newton(otcore.CostMatrix(torch.rand(4, 4)), eps=0.1, rho=1.0)
+
+
+def test_converged_problem_reports_stage_times_and_counts():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = otcore.sinkhorn_newton(otcore.CostMatrix(torch.rand(10, 12, dtype=torch.float64)), eps=0.05,
+                                     tol=1e-9, backend="torch")
+    info = res.info
+    for key in ("time_warmup_s", "time_newton_s", "time_fallback_s", "time_s"):
+        assert info[key] >= 0.0
+    assert info["time_s"] >= info["time_warmup_s"] + info["time_newton_s"]
+    assert 1 <= info["sparsity"] <= 12 and info["cg_iter"] >= info["newton_iter"] >= 1

@@ -1,0 +1,493 @@
+"""Balanced log-domain Sinkhorn (torch path) against independent results.
+
+Oracles: POT's ``ot.sinkhorn(method="sinkhorn_log")`` (same problem: POT
+minimises ``<P, M> + reg * sum P log P`` under the marginal constraints, which
+differs from ``eps * KL(P | a x b)`` by the constant ``reg*(H(a) + H(b))``, so
+the plans and costs coincide), ``ot.emd2`` and ``scipy``'s assignment solver at
+small eps, closed forms (2 x 2 problems, Dirac masses, 1-D sorting), and
+objectives recomputed from the dense plan.
+"""
+
+import math
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+
+import otcore
+from otcore import ConvergenceWarning
+
+T = dict(backend="torch")
+# a solve that does not converge must not pass silently: unexpected warnings fail the test
+pytestmark = pytest.mark.filterwarnings("error::otcore.ConvergenceWarning")
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- helpers
+def rand(*shape, seed=0, dtype=F64):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def weights(n, seed, zeros=()):
+    w = rand(n, seed=seed) + 0.2
+    w[list(zeros)] = 0.0
+    return w / w.sum()
+
+
+def dense_cost(geom):
+    """The full (n, m) float64 cost of an unbatched geometry, from its definition."""
+    if geom.is_dense:
+        return geom.C[0].double()
+    diff = geom.x[0].double()[:, None, :] - geom.y[0].double()[None, :, :]
+    sq = (diff * diff).sum(-1)
+    return sq if geom.cost == "sqeuclidean" else sq.sqrt()
+
+
+def gen_kl(p, q):
+    """Generalized KL ``sum p log(p/q) - p + q`` with 0 log 0 = 0."""
+    p, q = p.double(), q.double()
+    terms = torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p))
+    return float(terms.sum() - p.sum() + q.sum())
+
+
+def entropic_objective(P, C, a, b, eps):
+    """``<P, C> + eps * KL(P | a x b)`` (generalized KL) from a dense plan."""
+    return float((P * C).sum()) + eps * gen_kl(P, a[:, None] * b[None, :])
+
+
+def pot_plan(a, b, C, eps, **kw):
+    kw = dict(dict(stopThr=1e-13, numItermax=100_000), **kw)
+    return torch.from_numpy(ot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), reg=eps, method="sinkhorn_log", **kw))
+
+
+def geom_of(kind, n, m, d, seed=0, dtype=F64):
+    x, y = rand(n, d, seed=seed, dtype=dtype), rand(m, d, seed=seed + 1, dtype=dtype)
+    if kind == "matrix":
+        return otcore.CostMatrix(rand(n, m, seed=seed + 2, dtype=dtype))
+    return otcore.PointCloud(x, y, cost=kind)
+
+
+# ----------------------------------------------------------------------------- POT
+@pytest.mark.parametrize("kind", ["sqeuclidean", "euclidean", "matrix"])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_matches_pot_sinkhorn_log(kind, uniform):
+    n, m, eps = 37, 53, 0.05
+    geom = geom_of(kind, n, m, 3)
+    a, b = (None, None) if uniform else (weights(n, 3), weights(m, 4))
+    res = otcore.sinkhorn(geom, a, b, eps=eps, tol=1e-10, max_iter=10_000, **T)
+    assert res.converged and res.marginal_error <= 1e-10
+    a64 = torch.full((n,), 1 / n, dtype=F64) if a is None else a
+    b64 = torch.full((m,), 1 / m, dtype=F64) if b is None else b
+    C = dense_cost(geom)
+    P_pot = pot_plan(a64, b64, C, eps)
+    P = res.plan()
+    torch.testing.assert_close(P, P_pot, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(res.cost, (P_pot * C).sum(), rtol=1e-8, atol=1e-12)
+    assert float(res.value) == pytest.approx(entropic_objective(P_pot, C, a64, b64, eps), rel=1e-8)
+
+
+def test_zero_weight_points_match_pot_on_the_reduced_problem():
+    n, m, eps = 20, 25, 0.05
+    zr, zc = [0, 7, 19], [3, 4]
+    a, b = weights(n, 1, zr), weights(m, 2, zc)
+    geom = geom_of("sqeuclidean", n, m, 2)
+    res = otcore.sinkhorn(geom, a, b, eps=eps, tol=1e-10, max_iter=10_000, **T)
+    assert res.converged
+    assert torch.isfinite(res.f).all() and torch.isfinite(res.g).all()
+    assert torch.isfinite(res.value) and torch.isfinite(res.cost)
+    P = res.plan()
+    assert (P[zr] == 0).all() and (P[:, zc] == 0).all()
+    kr, kc = [i for i in range(n) if i not in zr], [j for j in range(m) if j not in zc]
+    C = dense_cost(geom)
+    P_pot = pot_plan(a[kr], b[kc], C[kr][:, kc], eps)
+    torch.testing.assert_close(P[kr][:, kc], P_pot, rtol=1e-6, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- small eps limits
+def test_small_eps_cost_brackets_emd2():
+    """OT <= cost <= value <= OT + eps * min(H(a), H(b)) (the optimal plan's KL to a x b
+    is a mutual information, at most either entropy)."""
+    n, m, eps = 30, 40, 2e-3
+    a, b = weights(n, 5), weights(m, 6)
+    geom = geom_of("sqeuclidean", n, m, 2)
+    res = otcore.sinkhorn(geom, a, b, eps=eps, tol=1e-9, max_iter=20_000, eps_schedule="geometric", **T)
+    assert res.converged
+    C = dense_cost(geom)
+    w = ot.emd2(a.numpy(), b.numpy(), C.numpy())
+    H = min(float(-(a * a.log()).sum()), float(-(b * b.log()).sum()))
+    slack = 1e-9 * float(C.max())  # the marginals are met to tol, not exactly
+    assert w - slack <= float(res.cost) <= float(res.value) + slack
+    assert float(res.value) <= w + eps * H + slack
+    assert float(res.cost) - w <= eps * math.log(n)
+
+
+def test_permutation_is_recovered_at_small_eps():
+    n, eps = 25, 1e-3
+    x = rand(n, 2, seed=7)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(8))
+    y = x[perm] + 1e-3 * rand(n, 2, seed=9)
+    geom = otcore.PointCloud(x, y)
+    # the argmax needs the plan, not tight marginals: Sinkhorn is slow at eps far below the cost scale
+    res = otcore.sinkhorn(geom, eps=eps, tol=1e-4, max_iter=20_000, eps_schedule="geometric", **T)
+    assert res.converged
+    rows, cols = linear_sum_assignment(dense_cost(geom).numpy())
+    assert np.array_equal(rows, np.arange(n))
+    assert np.array_equal(res.plan().argmax(1).numpy(), cols)
+    _, idx = res.topk(1)
+    assert np.array_equal(idx[:, 0].numpy(), cols)
+    # y_j = x_perm[j]: the assignment sends x_i to the j with perm[j] = i
+    assert torch.equal(torch.as_tensor(cols), torch.argsort(perm))
+
+
+# ----------------------------------------------------------------------------- closed forms
+@pytest.mark.parametrize("eps", [0.3, 1.0, 3.0])
+def test_two_by_two_closed_form(eps):
+    """a = b = (1/2, 1/2): P = [[p, 1/2-p], [1/2-p, p]] with the cross ratio
+    P00 P11 / (P01 P10) = exp(-(C00 + C11 - C01 - C10)/eps), i.e.
+    p / (1/2 - p) = exp(-delta / (2 eps))."""
+    C = torch.tensor([[0.2, 1.1], [0.7, 0.4]], dtype=F64)
+    delta = float(C[0, 0] + C[1, 1] - C[0, 1] - C[1, 0])
+    r = math.exp(-delta / (2 * eps))
+    p = 0.5 * r / (1 + r)
+    res = otcore.sinkhorn(otcore.CostMatrix(C), eps=eps, tol=1e-12, max_iter=10_000, **T)
+    want = torch.tensor([[p, 0.5 - p], [0.5 - p, p]], dtype=F64)
+    torch.testing.assert_close(res.plan(), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+def test_two_diracs_value_equals_cost(cost):
+    x = torch.tensor([[0.1, -0.4, 2.0]], dtype=F64)
+    y = torch.tensor([[1.3, 0.2, -0.5]], dtype=F64)
+    c = float(((x - y) ** 2).sum())
+    c = c if cost == "sqeuclidean" else math.sqrt(c)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y, cost=cost), eps=0.01, **T)
+    assert res.converged
+    assert float(res.cost) == pytest.approx(c, rel=1e-12)
+    assert float(res.value) == pytest.approx(c, rel=1e-12)  # P = a x b: KL term is zero
+    assert res.plan().item() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_identical_clouds_cost_vanishes_as_eps_decreases():
+    """OT(x, x) = 0, so 0 <= cost <= eps * log n (up to the marginal error)."""
+    n = 30
+    x = rand(n, 3, seed=11)
+    costs = []
+    for eps in (0.3, 0.1, 0.03):  # self-transport converges slowly at smaller eps (POT too)
+        res = otcore.sinkhorn(otcore.PointCloud(x, x.clone()), eps=eps, tol=1e-6, max_iter=20_000, eps_schedule="geometric", **T)
+        assert res.converged
+        assert 0 <= float(res.cost) <= eps * math.log(n) + 1e-6 * 3
+        costs.append(float(res.cost))
+    assert costs[0] > costs[1] > costs[2]
+
+
+def test_one_dimensional_sorting_closed_form():
+    """In 1-D with uniform weights and n = m, the OT plan matches sorted points."""
+    n, eps = 40, 3e-3
+    x, y = rand(n, 1, seed=12), rand(n, 1, seed=13) * 2 - 0.5
+    w = float(((x.sort(0).values - y.sort(0).values) ** 2).mean())
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=eps, tol=1e-7, max_iter=20_000, eps_schedule="geometric", **T)
+    assert res.converged
+    assert w - 1e-7 * 4 <= float(res.cost) <= w + eps * math.log(n)
+
+
+# ----------------------------------------------------------------------------- invariants
+def test_marginals_and_value_from_the_dense_plan():
+    n, m, eps = 37, 53, 0.05
+    a, b = weights(n, 1), weights(m, 2)
+    geom = geom_of("euclidean", n, m, 17)
+    res = otcore.sinkhorn(geom, a, b, eps=eps, tol=1e-6, **T)
+    P, C = res.plan(), dense_cost(geom)
+    err = float((P.sum(1) - a).abs().sum() + (P.sum(0) - b).abs().sum())
+    assert err <= 1e-6
+    assert res.marginal_error == pytest.approx(err, rel=1e-6, abs=1e-14)
+    torch.testing.assert_close(res.cost, (P * C).sum(), rtol=1e-12, atol=0)
+    # at convergence the dual value equals the primal objective up to O(tol)
+    assert float(res.value) == pytest.approx(entropic_objective(P, C, a, b, eps), abs=1e-6)
+
+
+def test_value_uses_generalized_kl_for_non_unit_mass():
+    """With total mass 2 on both sides, value = <P,C> + eps * (sum P log(P/ab) - sum P + sum ab)."""
+    n, m, eps = 12, 9, 0.1
+    a, b = 2 * weights(n, 1), 2 * weights(m, 2)
+    geom = geom_of("sqeuclidean", n, m, 2)
+    res = otcore.sinkhorn(geom, a, b, eps=eps, tol=1e-11, max_iter=10_000, **T)
+    P, C = res.plan(), dense_cost(geom)
+    assert float(P.sum()) == pytest.approx(2.0, rel=1e-10)
+    assert float(res.value) == pytest.approx(entropic_objective(P, C, a, b, eps), rel=1e-9)
+    assert torch.allclose(P.sum(1), a, atol=1e-10) and torch.allclose(P.sum(0), b, atol=1e-10)
+
+
+def test_translating_y_keeps_the_plan_for_sqeuclidean():
+    """|x - y - t|^2 = |x - y|^2 - 2<x, t> + 2<y, t> + |t|^2: a separable change of the
+    cost, so the balanced plan is unchanged and the value shifts by its integral."""
+    n, m, eps = 30, 20, 0.05
+    a, b = weights(n, 1), weights(m, 2)
+    x, y = rand(n, 3, seed=3), rand(m, 3, seed=4)
+    t = torch.tensor([0.7, -1.5, 0.3], dtype=F64)
+    r0 = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=eps, tol=1e-11, max_iter=10_000, **T)
+    r1 = otcore.sinkhorn(otcore.PointCloud(x, y + t), a, b, eps=eps, tol=1e-11, max_iter=10_000, **T)
+    torch.testing.assert_close(r1.plan(), r0.plan(), rtol=1e-7, atol=1e-12)
+    shift = float((a * (-2 * x @ t + t @ t)).sum() + (b * (2 * y @ t)).sum())
+    assert float(r1.value) - float(r0.value) == pytest.approx(shift, abs=1e-9)
+    # and translating both clouds together changes nothing at all
+    r2 = otcore.sinkhorn(otcore.PointCloud(x + t, y + t), a, b, eps=eps, tol=1e-11, max_iter=10_000, **T)
+    torch.testing.assert_close(r2.plan(), r0.plan(), rtol=1e-7, atol=1e-12)
+    assert float(r2.value) == pytest.approx(float(r0.value), abs=1e-10)
+
+
+def test_cost_matrix_and_point_cloud_agree():
+    x, y = rand(15, 3, seed=1), rand(11, 3, seed=2)
+    pc = otcore.PointCloud(x, y)
+    r0 = otcore.sinkhorn(pc, eps=0.05, tol=1e-10, max_iter=5000, **T)
+    r1 = otcore.sinkhorn(otcore.CostMatrix(dense_cost(pc)), eps=0.05, tol=1e-10, max_iter=5000, **T)
+    torch.testing.assert_close(r0.plan(), r1.plan(), rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(r0.f, r1.f, rtol=1e-9, atol=1e-12)
+    assert r0.n_iter == r1.n_iter
+
+
+def test_default_weights_are_uniform():
+    geom = geom_of("sqeuclidean", 13, 7, 2)
+    r0 = otcore.sinkhorn(geom, eps=0.1, **T)
+    r1 = otcore.sinkhorn(geom, torch.full((13,), 1 / 13, dtype=F64), torch.full((7,), 1 / 7, dtype=F64), eps=0.1, **T)
+    torch.testing.assert_close(r0.f, r1.f)
+    torch.testing.assert_close(r0.g, r1.g)
+
+
+# ----------------------------------------------------------------------------- batches
+def test_batch_equals_loop_with_per_problem_convergence():
+    """Problems of different scales need different iteration counts; each one in the
+    batch stops on its own and matches its own solve."""
+    Bn, n, m, eps = 3, 17, 23, 0.05
+    scales = torch.tensor([0.2, 1.0, 2.0], dtype=F64)
+    x = rand(Bn, n, 3, seed=1) * scales[:, None, None]
+    y = rand(Bn, m, 3, seed=2) * scales[:, None, None]
+    a = torch.stack([weights(n, 10 + i) for i in range(Bn)])
+    b = torch.stack([weights(m, 20 + i, zeros=[i]) for i in range(Bn)])
+    kw = dict(eps=eps, tol=1e-9, max_iter=5000, **T)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, **kw)
+    assert res.f.shape == (Bn, n) and res.g.shape == (Bn, m)
+    assert res.cost.shape == (Bn,) and res.value.shape == (Bn,)
+    assert res.n_iter.shape == (Bn,) and res.converged.shape == (Bn,)
+    assert len(set(res.n_iter.tolist())) == Bn, "the test needs different iteration counts"
+    assert bool(res.converged.all())
+    plans = res.plan()
+    for i in range(Bn):
+        one = otcore.sinkhorn(otcore.PointCloud(x[i], y[i]), a[i], b[i], **kw)
+        assert int(res.n_iter[i]) == one.n_iter
+        torch.testing.assert_close(res.f[i], one.f, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res.g[i], one.g, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(plans[i], one.plan(), rtol=1e-9, atol=1e-13)
+        assert float(res.value[i]) == pytest.approx(float(one.value), rel=1e-10)
+        assert float(res.cost[i]) == pytest.approx(float(one.cost), rel=1e-10)
+        assert float(res.marginal_error[i]) == pytest.approx(one.marginal_error, rel=1e-6, abs=1e-15)
+
+
+def test_batched_cost_matrix_equals_loop():
+    C = rand(2, 9, 14, seed=3)
+    res = otcore.sinkhorn(otcore.CostMatrix(C), eps=0.02, tol=1e-9, max_iter=5000, **T)
+    for i in range(2):
+        one = otcore.sinkhorn(otcore.CostMatrix(C[i]), eps=0.02, tol=1e-9, max_iter=5000, **T)
+        torch.testing.assert_close(res.plan()[i], one.plan(), rtol=1e-9, atol=1e-13)
+        assert int(res.n_iter[i]) == one.n_iter
+
+
+def test_batch_with_one_problem_not_converged_warns_for_that_one():
+    """A tiny-scale problem converges at once; a large-scale one needs many iterations."""
+    n, eps = 20, 0.01
+    x = torch.stack([rand(n, 2, seed=1) * 0.01, rand(n, 2, seed=1) * 3])
+    y = torch.stack([rand(n, 2, seed=2) * 0.01, rand(n, 2, seed=2) * 3])
+    with pytest.warns(ConvergenceWarning, match="1 of 2"):
+        res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=eps, tol=1e-9, max_iter=15, **T)
+    assert res.converged.tolist() == [True, False]
+    assert int(res.n_iter[1]) == 15 and int(res.n_iter[0]) < 15
+
+
+# ----------------------------------------------------------------------------- options
+def test_warm_start_cuts_iterations():
+    n, m, eps = 40, 30, 0.02
+    x, y = rand(n, 2, seed=1), rand(m, 2, seed=2)
+    kw = dict(eps=eps, tol=1e-8, max_iter=10_000, **T)
+    r0 = otcore.sinkhorn(otcore.PointCloud(x, y), **kw)
+    x2 = x + 1e-5 * rand(n, 2, seed=3)
+    cold = otcore.sinkhorn(otcore.PointCloud(x2, y), **kw)
+    warm = otcore.sinkhorn(otcore.PointCloud(x2, y), init=(r0.f, r0.g), **kw)
+    assert cold.converged and warm.converged
+    assert warm.n_iter <= cold.n_iter // 2  # counts are multiples of check_every
+    torch.testing.assert_close(warm.plan(), cold.plan(), rtol=1e-5, atol=1e-9)
+    assert float(warm.value) == pytest.approx(float(cold.value), rel=1e-7)
+    # starting from the solution itself: the first check passes
+    again = otcore.sinkhorn(otcore.PointCloud(x, y), init=(r0.f, r0.g), **kw)
+    assert again.n_iter <= 1
+
+
+def test_warm_start_batched_shapes():
+    x, y = rand(2, 8, 2, seed=1), rand(2, 6, 2, seed=2)
+    r0 = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, tol=1e-9, **T)
+    r1 = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, tol=1e-9, init=(r0.f, r0.g), **T)
+    assert (r1.n_iter <= 1).all()
+
+
+@pytest.mark.parametrize("schedule", ["geometric", 0.3, [2.0, 0.5, 0.1, 0.03]])
+def test_eps_schedule_reaches_the_same_solution(schedule):
+    n, m, eps = 30, 25, 0.01
+    geom = geom_of("sqeuclidean", n, m, 2)
+    kw = dict(eps=eps, tol=1e-9, max_iter=20_000, **T)
+    ref = otcore.sinkhorn(geom, **kw)
+    res = otcore.sinkhorn(geom, eps_schedule=schedule, **kw)
+    assert ref.converged and res.converged
+    stages = res.info["eps_stages"]
+    assert len(stages) >= 3 and all(s > eps for s in stages)
+    assert all(u > v for u, v in zip(stages, stages[1:]))
+    if schedule == "geometric":
+        assert stages[0] >= geom.diameter() / 2 and stages[-1] <= 2 * eps
+    if isinstance(schedule, list):
+        assert stages == schedule
+    assert res.n_iter > len(stages)
+    torch.testing.assert_close(res.plan(), ref.plan(), rtol=1e-5, atol=1e-9)
+    assert float(res.value) == pytest.approx(float(ref.value), rel=1e-8)
+
+
+def test_max_iter_too_small_warns_and_reports_not_converged():
+    geom = geom_of("sqeuclidean", 30, 20, 2)
+    with pytest.warns(ConvergenceWarning):
+        res = otcore.sinkhorn(geom, eps=1e-3, tol=1e-9, max_iter=3, **T)
+    assert res.converged is False
+    assert res.n_iter == 3
+    assert res.marginal_error > 1e-9
+    assert torch.isfinite(res.f).all() and torch.isfinite(res.value)
+
+
+def test_converged_run_does_not_warn():
+    geom = geom_of("sqeuclidean", 10, 12, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = otcore.sinkhorn(geom, eps=0.1, **T)
+    assert res.converged
+
+
+# ----------------------------------------------------------------------------- dtypes
+def test_float32_agrees_with_float64():
+    n, m, eps = 37, 53, 0.05
+    x, y = rand(n, 3, seed=1), rand(m, 3, seed=2)
+    r64 = otcore.sinkhorn(otcore.PointCloud(x, y), eps=eps, tol=1e-10, max_iter=10_000, **T)
+    r32 = otcore.sinkhorn(otcore.PointCloud(x.float(), y.float()), eps=eps, tol=1e-6, max_iter=10_000, **T)
+    assert r32.converged
+    assert r32.f.dtype == torch.float32 and r32.value.dtype == torch.float32
+    P64 = r64.plan()
+    torch.testing.assert_close(r32.plan().double(), P64, rtol=0, atol=2e-5 * float(P64.max()))
+    assert float(r32.value) == pytest.approx(float(r64.value), rel=1e-5)
+    assert float(r32.cost) == pytest.approx(float(r64.cost), rel=1e-5)
+    # potentials are unique up to f + c, g - c: compare the gauge-free combination
+    diff = (r32.f.double()[:, None] + r32.g.double()[None]) - (r64.f[:, None] + r64.g[None])
+    assert float(diff.abs().max()) <= 1e-5 * max(1.0, float(r64.f.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_solved_in_float32(dtype):
+    x, y = rand(20, 3, seed=1).to(dtype), rand(15, 3, seed=2).to(dtype)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.05, **T)
+    ref = otcore.sinkhorn(otcore.PointCloud(x.float(), y.float()), eps=0.05, **T)
+    assert res.f.dtype == torch.float32 and res.value.dtype == torch.float32
+    assert torch.equal(res.f, ref.f) and torch.equal(res.g, ref.g)
+    assert res.converged
+    C = rand(20, 15, seed=3).to(dtype)
+    rc = otcore.sinkhorn(otcore.CostMatrix(C), eps=0.05, **T)
+    assert rc.f.dtype == torch.float32
+    torch.testing.assert_close(rc.plan(), otcore.sinkhorn(otcore.CostMatrix(C.float()), eps=0.05, **T).plan())
+
+
+def test_no_nan_escapes_at_extreme_eps():
+    """Tiny eps in float32 is handled in the log domain: finite output or converged=False."""
+    geom = geom_of("sqeuclidean", 20, 20, 2, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = otcore.sinkhorn(geom, eps=1e-6, max_iter=50, **T)
+    finite = bool(torch.isfinite(res.f).all() and torch.isfinite(res.g).all() and torch.isfinite(res.value))
+    assert finite or res.converged is False
+
+
+# ----------------------------------------------------------------------------- OTResult methods
+@pytest.mark.parametrize("batched", [False, True])
+def test_result_methods_agree_with_the_dense_plan(batched):
+    n, m = 19, 23
+    x, y = rand(2, n, 3, seed=1), rand(2, m, 3, seed=2)
+    if not batched:
+        x, y = x[0], y[0]
+    res = otcore.sinkhorn(otcore.PointCloud(x, y, cost="euclidean"), eps=0.05, tol=1e-8, **T)
+    P = res.plan()
+    lead = (2,) if batched else ()
+    assert P.shape == (*lead, n, m)
+    v, V = rand(*lead, m, seed=3), rand(*lead, m, 4, seed=4)
+    u, U = rand(*lead, n, seed=5), rand(*lead, n, 2, seed=6)
+    Pt = P.transpose(-1, -2)
+    torch.testing.assert_close(res.apply(v), (P @ v[..., None])[..., 0])
+    torch.testing.assert_close(res.apply(v, axis=1), (P @ v[..., None])[..., 0])
+    torch.testing.assert_close(res.apply(V, axis=1), P @ V)
+    torch.testing.assert_close(res.apply(u, axis=0), (Pt @ u[..., None])[..., 0])
+    torch.testing.assert_close(res.apply(U, axis=0), Pt @ U)
+    vals, idx = res.topk(3)
+    wv, wi = torch.topk(P, 3, dim=-1)
+    assert vals.shape == idx.shape == (*lead, n, 3)
+    torch.testing.assert_close(vals, wv)
+    assert torch.equal(idx, wi)
+    # barycentric projection as documented: apply(y) / apply(1)
+    ones = torch.ones(*lead, m, dtype=F64)
+    bary = res.apply(y, axis=1) / res.apply(ones, axis=1)[..., None]
+    torch.testing.assert_close(bary, (P @ y) / P.sum(-1, keepdim=True))
+
+
+def test_result_apply_rejects_bad_vectors():
+    res = otcore.sinkhorn(geom_of("sqeuclidean", 5, 6, 2), eps=0.1, **T)
+    with pytest.raises(ValueError, match="axis"):
+        res.apply(torch.ones(6, dtype=F64), axis=2)
+    with pytest.raises(ValueError, match="v must have shape"):
+        res.apply(torch.ones(5, dtype=F64), axis=1)
+    with pytest.raises(TypeError, match="v must be"):
+        res.apply([1.0] * 6)
+    with pytest.raises(ValueError, match="k must be"):
+        res.topk(7)
+    with pytest.raises(TypeError, match="k must be"):
+        res.topk(2.0)
+
+
+# ----------------------------------------------------------------------------- hypothesis
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 9))
+    m = draw(st.integers(1, 9))
+    d = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    y = torch.randn(m, d, generator=g, dtype=F64) * draw(st.sampled_from([0.5, 1.0, 2.0]))
+
+    def w(k):
+        vals = draw(st.lists(st.sampled_from([0.0, 0.1, 0.5, 1.0, 3.0]), min_size=k, max_size=k))
+        if sum(vals) == 0:
+            vals[draw(st.integers(0, k - 1))] = 1.0
+        t = torch.tensor(vals, dtype=F64)
+        return t / t.sum()
+
+    return x, y, w(n), w(m), draw(st.sampled_from([0.1, 0.5, 2.0])), draw(st.sampled_from(["sqeuclidean", "euclidean"]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(problems())
+def test_hypothesis_random_problems_match_pot(prob):
+    x, y, a, b, eps, cost = prob
+    geom = otcore.PointCloud(x, y, cost=cost)
+    res = otcore.sinkhorn(geom, a, b, eps=eps, tol=1e-9, max_iter=20_000, **T)
+    assert res.converged
+    assert torch.isfinite(res.f).all() and torch.isfinite(res.g).all()
+    P, C = res.plan(), dense_cost(geom)
+    assert (P[a == 0] == 0).all() and (P[:, b == 0] == 0).all()
+    assert float((P.sum(1) - a).abs().sum() + (P.sum(0) - b).abs().sum()) <= 1e-8
+    kr, kc = a > 0, b > 0
+    P_pot = pot_plan(a[kr], b[kc], C[kr][:, kc], eps)
+    torch.testing.assert_close(P[kr][:, kc], P_pot, rtol=1e-5, atol=1e-9)
+    assert float(res.value) == pytest.approx(entropic_objective(P, C, a, b, eps), rel=1e-6, abs=1e-9)

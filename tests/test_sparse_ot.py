@@ -1,0 +1,418 @@
+"""Sparsity-constrained (top-k) OT: the torch path against POT, SciPy and closed forms.
+
+Kernel (Triton interpreter) tests live in test_kernels_ksparse.py, router tests in
+test_router.py. Everything here is float64 on small problems unless said otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import otcore
+from otcore import reference_ksparse as R
+from otcore.result import ConvergenceWarning
+from otcore.solvers import sparse as S
+
+ot = pytest.importorskip("ot")
+
+# tight tolerances stop on the dtype's resolution ("line search failed") on purpose
+# (and POT's SciPy calls raise SciPy deprecation notices)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::otcore.result.ConvergenceWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+F64 = torch.float64
+TIGHT = dict(tol=1e-12, ftol=1e-16, max_iter=5000, backend="torch")
+
+
+def _problem(n, m, seed, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    C = torch.rand(n, m, generator=g, dtype=dtype)
+    a = torch.rand(n, generator=g, dtype=dtype) + 0.5
+    b = torch.rand(m, generator=g, dtype=dtype) + 0.5
+    return C, a / a.sum(), b / b.sum()
+
+
+def _quiet(fn, *args, **kw):
+    """POT's sparse projection prints a shape on every call: swallow it."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kw)
+
+
+def _band_problem(seed=0):
+    """k = 2 binds (gamma is large, the unconstrained plan is dense) yet the optimum is smooth:
+    a circulant band of cheap entries carries an exact k-sparse coupling."""
+    n = 6
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    band = ((i - j) % n == 0) | ((i - j) % n == 1)
+    g = torch.Generator().manual_seed(seed)
+    C = 0.3 * torch.rand(n, n, generator=g, dtype=F64) + (~band).to(F64)
+    u = torch.full((n,), 1.0 / n, dtype=F64)
+    return C, u, u.clone(), 2, 20.0
+
+
+# --- the k-sparse simplex projection -------------------------------------------------
+
+
+@pytest.mark.parametrize("k,expected", [(1, [1, 0, 0, 0]), (2, [0.55, 0.45, 0, 0]), (3, [13 / 30, 10 / 30, 7 / 30, 0])])
+def test_projection_unit_cases(k, expected):
+    x = torch.tensor([0.5, 0.4, 0.3, -1.0], dtype=F64)
+    want = torch.tensor(expected, dtype=F64)
+    torch.testing.assert_close(R.ksparse_simplex(x, k), want, rtol=0, atol=1e-12)
+    # the same through the geometry primitive: one column with C = -x, h = 0, mass 1, gamma 1
+    out = otcore.CostMatrix(-x[:, None]).ksparse_columns(torch.zeros(1, 4, dtype=F64), 1.0, k, 0, mass=torch.ones(1, 1, dtype=F64))
+    dense = torch.zeros(4, dtype=F64).scatter(0, out.idx[0, 0], out.vals[0, 0])
+    torch.testing.assert_close(dense, want, rtol=0, atol=1e-12)
+
+
+def test_projection_matches_pot_and_brute_force():
+    g = torch.Generator().manual_seed(3)
+    V = torch.randn(7, 9, generator=g, dtype=F64)
+    for k in (1, 3, 9):
+        ours = R.ksparse_simplex(V, k)
+        pot = _quiet(ot.utils.projection_sparse_simplex, V.numpy(), k, axis=1)
+        np.testing.assert_allclose(ours.numpy(), pot, atol=1e-12)
+        assert int((ours > 0).sum(1).max()) <= k
+        torch.testing.assert_close(ours.sum(1), torch.ones(7, dtype=F64))
+
+
+# --- objective and gradient of one pass against POT -----------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_pass_matches_pot_objectives(k):
+    C, a, b = _problem(9, 7, seed=1)
+    g = torch.Generator().manual_seed(2)
+    alpha = 0.3 * torch.randn(9, generator=g, dtype=F64)
+    beta = 0.3 * torch.randn(7, generator=g, dtype=F64) + 0.3
+    geom = otcore.CostMatrix(C)
+    reg = ot.smooth.SparsityConstrained(max_nz=min(k, 8), gamma=0.4) if k < 9 else ot.smooth.SquaredL2(gamma=0.4)
+    # semi-dual
+    pb, _, _ = S._make_problem(geom, a, b, k, 0.4, "semi-dual", 0, "implicit", "torch", "fp32", None)
+    f, grad, _, _ = pb.evaluate(alpha[None])
+    obj, g_pot = _quiet(ot.smooth.semi_dual_obj_grad, alpha.numpy(), a.numpy(), b.numpy(), C.numpy(), reg)
+    assert abs(-float(f) - obj) < 1e-12
+    np.testing.assert_allclose(-grad[0].numpy(), g_pot, atol=1e-12)
+    # dual
+    pb, _, _ = S._make_problem(geom, a, b, k, 0.4, "dual", 0, "implicit", "torch", "fp32", None)
+    f, grad, _, _ = pb.evaluate(torch.cat([alpha, beta])[None])
+    obj, ga, gb = _quiet(ot.smooth.dual_obj_grad, alpha.numpy(), beta.numpy(), a.numpy(), b.numpy(), C.numpy(), reg)
+    assert abs(-float(f) - obj) < 1e-12
+    np.testing.assert_allclose(-grad[0].numpy(), np.concatenate([ga, gb]), atol=1e-12)
+
+
+# --- solutions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+def test_k_large_is_quadratically_regularized_ot(formulation):
+    C, a, b = _problem(12, 9, seed=4)
+    res = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=12, gamma=0.3, formulation=formulation, **TIGHT)
+    pot = ot.smooth.smooth_ot_dual(a.numpy(), b.numpy(), C.numpy(), 0.3, reg_type="l2", stopThr=1e-14, numItermax=5000)
+    assert res.converged
+    np.testing.assert_allclose(res.to_dense().numpy(), pot, atol=1e-6)
+    # strong duality for the convex (k large) problem: value = <T, C> + gamma/2 |T|^2
+    T = res.to_dense()
+    assert abs(float(res.value) - float((T * C).sum() + 0.15 * (T * T).sum())) < 1e-9
+
+
+def test_agrees_with_pot_sparsity_constrained():
+    C, a, b = _problem(15, 10, seed=5)
+    k, gamma = 3, 0.5
+    reg = ot.smooth.SparsityConstrained(max_nz=k, gamma=gamma)
+    values = {}
+    for form in ("semi-dual", "dual"):
+        res = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=k, gamma=gamma, formulation=form, **TIGHT)
+        values[form] = float(res.value)
+        if form == "semi-dual":
+            _, log = _quiet(ot.smooth.smooth_ot_semi_dual, a.numpy(), b.numpy(), C.numpy(), gamma,
+                            reg_type="sparsity_constrained", max_nz=k, log=True)
+            pot = _quiet(ot.smooth.semi_dual_obj_grad, log["alpha"], a.numpy(), b.numpy(), C.numpy(), reg)[0]
+        else:
+            _, log = _quiet(ot.smooth.smooth_ot_dual, a.numpy(), b.numpy(), C.numpy(), gamma,
+                            reg_type="sparsity_constrained", max_nz=k, log=True)
+            pot = _quiet(ot.smooth.dual_obj_grad, log["alpha"], log["beta"], a.numpy(), b.numpy(), C.numpy(), reg)[0]
+        # both maximize the same concave objective: ours at least as high, and close
+        assert values[form] >= pot - 1e-9
+        assert values[form] - pot < 1e-3 * abs(pot)
+    # the semi-dual is the dual maximized over beta: same optimum
+    assert abs(values["semi-dual"] - values["dual"]) < 1e-5 * abs(values["dual"])
+
+
+def test_value_non_increasing_in_k_and_sparsity():
+    C, a, b = _problem(10, 8, seed=6)
+    prev = math.inf
+    for k in range(1, 11):
+        res = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=k, gamma=1.0, **TIGHT)
+        assert float(res.value) <= prev + 1e-9
+        prev = float(res.value)
+        T = res.to_dense()
+        assert int((T > 0).sum(0).max()) <= k  # at most k nonzeros per column
+        assert res.values.shape == (8, k)
+        torch.testing.assert_close(T.sum(0), b, rtol=0, atol=1e-12)  # exact column sums
+        assert float(T.min()) >= 0
+
+
+def test_row_sparse_axis_is_the_transposed_problem():
+    C, a, b = _problem(9, 11, seed=7)
+    rows = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=2, gamma=0.7, axis=1, **TIGHT)
+    cols = otcore.sparse_ot(otcore.CostMatrix(C.T.contiguous()), b, a, k=2, gamma=0.7, axis=0, **TIGHT)
+    assert rows.values.shape == (9, 2)
+    assert abs(float(rows.value) - float(cols.value)) < 1e-9
+    torch.testing.assert_close(rows.to_dense(), cols.to_dense().T, atol=1e-9, rtol=0)
+    torch.testing.assert_close(rows.alpha, cols.beta, atol=1e-9, rtol=0)
+    assert int((rows.to_dense() > 0).sum(1).max()) <= 2
+    torch.testing.assert_close(rows.to_dense().sum(1), a, rtol=0, atol=1e-12)
+
+
+def _lp_value(C, a, b):
+    from scipy.optimize import linprog
+
+    n, m = C.shape
+    A_eq = np.vstack([np.kron(np.eye(n), np.ones(m)), np.kron(np.ones(n), np.eye(m))])
+    res = linprog(C.numpy().ravel(), A_eq=A_eq, b_eq=np.concatenate([a.numpy(), b.numpy()]), bounds=(0, None), method="highs")
+    assert res.status == 0
+    return res.fun, res.x.reshape(n, m)
+
+
+def test_k1_is_the_lp_plus_a_constant():
+    """k = 1: the semi-dual is the unregularized OT semi-dual plus (gamma/2) sum_j b_j^2, so
+    its optimum is the LP value plus that constant. With n = m and uniform weights the LP
+    has a permutation solution, which the k = 1 plan recovers exactly."""
+    g = torch.Generator().manual_seed(8)
+    n, gamma = 8, 0.3
+    C = torch.rand(n, n, generator=g, dtype=F64)
+    u = torch.full((n,), 1.0 / n, dtype=F64)
+    res = otcore.sparse_ot(otcore.CostMatrix(C), u, u, k=1, gamma=gamma, **TIGHT)
+    lp, plan = _lp_value(C, u, u)
+    const = 0.5 * gamma * float((u * u).sum())
+    assert abs(float(res.value) - (lp + const)) < 1e-9
+    np.testing.assert_allclose(res.to_dense().numpy(), plan, atol=1e-9)
+    assert res.marginal_error < 1e-9
+    # General weights: no k = 1 coupling exists, the piecewise-linear semi-dual has its
+    # maximum on a kink and L-BFGS stalls below it (0.35% here; POT's L-BFGS-B stalls
+    # lower still, see docs/sparse_ot.md). A lower bound, within 1%.
+    C2, a2, b2 = _problem(7, 5, seed=9)
+    res2 = otcore.sparse_ot(otcore.CostMatrix(C2), a2, b2, k=1, gamma=gamma, **TIGHT)
+    lp2, _ = _lp_value(C2, a2, b2)
+    target = lp2 + 0.5 * gamma * float((b2 * b2).sum())
+    assert float(res2.value) <= target + 1e-9
+    assert float(res2.value) > target - 1e-2 * abs(target)
+    assert res2.grad_norm > 0.1  # the plan cannot match the row marginals
+
+
+def test_point_cloud_equals_cost_matrix_and_batches():
+    g = torch.Generator().manual_seed(10)
+    x = torch.rand(2, 9, 3, generator=g, dtype=F64)
+    y = torch.rand(2, 7, 3, generator=g, dtype=F64)
+    for cost in ("sqeuclidean", "euclidean"):
+        pc = otcore.sparse_ot(otcore.PointCloud(x, y, cost=cost), k=3, gamma=0.2, **TIGHT)
+        C = otcore.PointCloud(x, y, cost=cost).cost_block()
+        cm = otcore.sparse_ot(otcore.CostMatrix(C), k=3, gamma=0.2, **TIGHT)
+        torch.testing.assert_close(pc.value, cm.value)
+        one = otcore.sparse_ot(otcore.CostMatrix(C[1]), k=3, gamma=0.2, **TIGHT)
+        torch.testing.assert_close(one.value, cm.value[1])
+        torch.testing.assert_close(one.to_dense(), cm.to_dense()[1])
+        assert pc.values.shape == (2, 7, 3) and pc.converged.dtype == torch.bool
+        # cost = <T, C>
+        torch.testing.assert_close(pc.cost, (pc.to_dense() * C).sum((1, 2)))
+
+
+def test_float32_matches_float64():
+    C, a, b = _problem(20, 16, seed=11)
+    r64 = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=20, gamma=0.5, tol=1e-10, backend="torch")
+    r32 = otcore.sparse_ot(otcore.CostMatrix(C.float()), a.float(), b.float(), k=20, gamma=0.5, tol=1e-6, backend="torch")
+    assert r32.values.dtype == torch.float32
+    assert abs(float(r32.value) - float(r64.value)) < 1e-5 * abs(float(r64.value))
+    assert float((r32.to_dense().double() - r64.to_dense()).abs().max()) < 1e-4
+
+
+def test_max_iter_warns_and_reports():
+    C, a, b = _problem(10, 8, seed=12)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        res = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=3, gamma=0.5, max_iter=2, backend="torch")
+    assert res.converged is False and res.n_iter == 2
+    assert math.isfinite(res.grad_norm) and res.grad_norm > 0
+
+
+def test_warm_start_from_the_solution():
+    C, a, b = _problem(10, 8, seed=13)
+    res = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=8, gamma=0.5, tol=1e-9, backend="torch")
+    again = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=8, gamma=0.5, tol=1e-9, init=(res.alpha, res.beta), backend="torch")
+    assert again.n_iter <= 3 < res.n_iter and abs(float(again.value) - float(res.value)) < 1e-10
+
+
+# --- gradients ----------------------------------------------------------------------------
+
+
+def _fd(fn, h=1e-5):
+    """Central difference. The plan is piecewise linear in the data (exact differences while
+    the support holds); the error is the solver's: |grad| / (curvature * h) ~ 1e-10 / h."""
+    return (fn(h) - fn(-h)) / (2 * h)
+
+
+def _support_margin(res, C):
+    """How far the optimum is from a change of support (unbatched): the gap between
+    each line's k-th and (k+1)-th scores ``alpha_i + beta_j - C_ij`` and their distance
+    from 0 within the top k. Finite differences need it well above the step."""
+    X = res.alpha[:, None] + res.beta[None, :] - C
+    X = X.T if res.axis == 0 else X  # one line per row of X
+    k = res.values.shape[-1]
+    top = torch.sort(X, dim=1, descending=True).values
+    margins = [top[:, :k].abs().min()]
+    if k < X.shape[1]:
+        margins.append((top[:, k - 1] - top[:, k]).min())
+    return float(min(margins))
+
+
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+@pytest.mark.parametrize("case", ["k_large", "band"])
+def test_value_and_plan_gradients_by_finite_differences(formulation, case):
+    if case == "band":
+        C, a, b, k, gamma = _band_problem()
+    else:
+        C, a, b = _problem(7, 6, seed=14)
+        k, gamma = 7, 0.3
+    Cr, ar, br = (t.clone().requires_grad_() for t in (C, a, b))
+    res = otcore.sparse_ot(otcore.CostMatrix(Cr), ar, br, k=k, gamma=gamma, formulation=formulation, **TIGHT)
+    assert res.grad_norm < 1e-10  # a smooth optimum: finite differences are meaningful
+    assert _support_margin(res, C) > 3e-4
+    W = torch.randn(res.values.shape, generator=torch.Generator().manual_seed(15), dtype=F64)
+    (res.value + (res.values * W).sum()).backward()
+    g = torch.Generator().manual_seed(16)
+    dC = torch.randn(C.shape, generator=g, dtype=F64)
+    da = torch.randn(a.shape, generator=g, dtype=F64)
+    db = torch.randn(b.shape, generator=g, dtype=F64)
+    da, db = da - da.mean(), db - db.mean()  # stay on the balanced set
+
+    def loss(h):
+        r = otcore.sparse_ot(otcore.CostMatrix(C + h * dC), a + h * da, b + h * db, k=k, gamma=gamma, formulation=formulation, **TIGHT)
+        assert torch.equal(r.indices, res.indices)
+        return float(r.value + (r.values * W).sum())
+
+    analytic = float((Cr.grad * dC).sum() + (ar.grad * da).sum() + (br.grad * db).sum())
+    assert abs(_fd(loss) - analytic) < 2e-5 * max(1.0, abs(analytic))
+
+
+def test_value_gradient_is_the_plan_and_the_duals():
+    C, a, b = _problem(8, 6, seed=17)
+    Cr, ar, br = (t.clone().requires_grad_() for t in (C, a, b))
+    res = otcore.sparse_ot(otcore.CostMatrix(Cr), ar, br, k=2, gamma=0.5, **TIGHT)
+    res.value.backward()
+    torch.testing.assert_close(Cr.grad, res.to_dense().detach())  # envelope: dvalue/dC = T
+    torch.testing.assert_close(ar.grad, res.alpha)
+    torch.testing.assert_close(br.grad, res.beta)
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_point_cloud_gradients(cost, axis):
+    g = torch.Generator().manual_seed(18)
+    x = torch.rand(7, 3, generator=g, dtype=F64)
+    y = torch.rand(5, 3, generator=g, dtype=F64)
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    res = otcore.sparse_ot(otcore.PointCloud(xr, yr, cost=cost), k=10, gamma=0.5, axis=axis, **TIGHT)
+    C = otcore.PointCloud(x, y, cost=cost).cost_block()[0]
+    assert _support_margin(res, C) > 3e-4
+    W = torch.randn(res.values.shape, generator=g, dtype=F64)
+    (res.value + res.cost + (res.values * W).sum()).backward()
+    dx, dy = torch.randn(x.shape, generator=g, dtype=F64), torch.randn(y.shape, generator=g, dtype=F64)
+    T = res.to_dense().detach()
+
+    def loss(h):
+        r = otcore.sparse_ot(otcore.PointCloud(x + h * dx, y + h * dy, cost=cost), k=10, gamma=0.5, axis=axis, **TIGHT)
+        # cost is differentiated with the plan held fixed: <T_fixed, C(x, y)>
+        Ch = otcore.PointCloud(x + h * dx, y + h * dy, cost=cost).cost_block()[0]
+        return float(r.value + (T * Ch).sum() + (r.values * W).sum())
+
+    analytic = float((xr.grad * dx).sum() + (yr.grad * dy).sum())
+    assert abs(_fd(loss) - analytic) < 2e-5 * max(1.0, abs(analytic))
+
+
+def test_fixed_plan_gradient_is_the_projection_jacobian():
+    """plan_grad="fixed": on column j's support S, dT_ij/dC_i'j = -(delta_ii' - 1/|S|)/gamma."""
+    C, a, b = _problem(8, 5, seed=19)
+    Cr = C.clone().requires_grad_()
+    res = otcore.sparse_ot(otcore.CostMatrix(Cr), a, b, k=3, gamma=0.5, plan_grad="fixed", **TIGHT)
+    j = 2
+    sup = res.values[j] > 0
+    rows = res.indices[j][sup]
+    i0 = int(rows[0])
+    res.values[j][sup][0].backward()
+    want = torch.zeros_like(C)
+    want[rows, j] = 1.0 / (0.5 * len(rows))
+    want[i0, j] -= 1.0 / 0.5
+    torch.testing.assert_close(Cr.grad, want)
+
+
+def test_sparse_cost_grad_matches_autograd_of_the_cost():
+    g = torch.Generator().manual_seed(20)
+    x = torch.rand(2, 6, 4, generator=g, dtype=F64, requires_grad=True)
+    y = torch.rand(2, 5, 4, generator=g, dtype=F64, requires_grad=True)
+    for cost in ("sqeuclidean", "euclidean"):
+        for axis in (0, 1):
+            geom = otcore.PointCloud(x.detach(), y.detach(), cost=cost)
+            L, N = (5, 6) if axis == 0 else (6, 5)
+            idx = torch.stack([torch.randperm(N, generator=g)[:3] for _ in range(2 * L)]).reshape(2, L, 3)
+            W = torch.rand(2, L, 3, generator=g, dtype=F64)
+            gx, gy = geom.sparse_cost_grad(W, idx, axis)
+            D = torch.cdist(x, y)
+            Cfull = D * D if cost == "sqeuclidean" else D
+            Cl = Cfull.transpose(1, 2) if axis == 0 else Cfull
+            total = (torch.gather(Cl, 2, idx) * W).sum()
+            ex, ey = torch.autograd.grad(total, (x, y))
+            torch.testing.assert_close(gx, ex)
+            torch.testing.assert_close(gy, ey)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,err,match",
+    [
+        (dict(k=0), ValueError, "k"),
+        (dict(k=1.5), TypeError, "k"),
+        (dict(gamma=0.0), ValueError, "gamma"),
+        (dict(gamma=-1.0), ValueError, "gamma"),
+        (dict(gamma=float("nan")), ValueError, "gamma"),
+        (dict(formulation="primal"), ValueError, "formulation"),
+        (dict(axis=2), ValueError, "axis"),
+        (dict(tol=0.0), ValueError, "tol"),
+        (dict(ftol=-1.0), ValueError, "ftol"),
+        (dict(max_iter=0), ValueError, "max_iter"),
+        (dict(history=0), ValueError, "history"),
+        (dict(plan_grad="unrolled"), ValueError, "plan_grad"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(init=(torch.zeros(3, dtype=F64), torch.zeros(4, dtype=F64))), ValueError, "alpha"),
+    ],
+)
+def test_bad_arguments(kw, err, match):
+    C, a, b = _problem(5, 4, seed=21)
+    args = dict(k=2, gamma=0.5)
+    args.update(kw)
+    with pytest.raises(err, match=match):
+        otcore.sparse_ot(otcore.CostMatrix(C), a, b, **args)
+
+
+def test_bad_inputs():
+    C, a, b = _problem(5, 4, seed=22)
+    with pytest.raises(TypeError, match="geom"):
+        otcore.sparse_ot(C, a, b, k=2, gamma=0.5)
+    with pytest.raises(ValueError, match="same total mass"):
+        otcore.sparse_ot(otcore.CostMatrix(C), a, 2 * b, k=2, gamma=0.5)
+    with pytest.raises(ValueError, match="negative"):
+        otcore.sparse_ot(otcore.CostMatrix(C), -a, b, k=2, gamma=0.5)
+    bad = C.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="C contains NaN"):
+        otcore.sparse_ot(otcore.CostMatrix(bad), a, b, k=2, gamma=0.5)
+    with pytest.raises(ValueError, match="shape"):
+        otcore.sparse_ot(otcore.CostMatrix(C), a[:3], b, k=2, gamma=0.5)

@@ -1,0 +1,203 @@
+"""Unbalanced (KL-relaxed marginals) Sinkhorn against POT and the primal objective.
+
+POT's ``ot.unbalanced.sinkhorn_unbalanced(reg_type="kl")`` uses the reference
+measure ``c = a x b`` (``K = exp(-M/reg) * c``), i.e. the same entropy
+``eps * KL(P | a x b)`` as otcore, and the marginal penalties
+``reg_m * KL(P1 | a)``; ``reg_m = (r, inf)`` keeps one marginal exact, which is
+otcore's ``rho=(r, None)``. POT's ``log["total_cost"]`` omits the mass terms of
+the generalized KL, so the primal objective is recomputed here from the plan.
+"""
+
+import numpy as np
+import ot
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import otcore
+
+T = dict(backend="torch")
+# a solve that does not converge must not pass silently: unexpected warnings fail the test
+pytestmark = pytest.mark.filterwarnings("error::otcore.ConvergenceWarning")
+F64 = torch.float64
+INF = float("inf")
+
+
+def rand(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def gen_kl(p, q):
+    """Generalized KL ``sum p log(p/q) - p + q`` (0 log 0 = 0)."""
+    terms = torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p))
+    return float(terms.sum() - p.sum() + q.sum())
+
+
+def primal(P, C, a, b, eps, rho_a, rho_b):
+    """<P, C> + eps KL(P | a x b) + rho_a KL(P1 | a) + rho_b KL(P^T 1 | b), generalized KL."""
+    val = float((P * C).sum()) + eps * gen_kl(P, a[:, None] * b[None, :])
+    if rho_a is not None:
+        val += rho_a * gen_kl(P.sum(1), a)
+    if rho_b is not None:
+        val += rho_b * gen_kl(P.sum(0), b)
+    return val
+
+
+def sqdist(x, y):
+    return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+
+
+def pot_unbalanced(a, b, C, eps, rho_a, rho_b):
+    reg_m = (INF if rho_a is None else rho_a, INF if rho_b is None else rho_b)
+    P = ot.unbalanced.sinkhorn_unbalanced(
+        a.numpy(), b.numpy(), C.numpy(), reg=eps, reg_m=reg_m, reg_type="kl",
+        method="sinkhorn", numItermax=200_000, stopThr=1e-15,
+    )
+    return torch.from_numpy(np.asarray(P))
+
+
+def problem(n=23, m=31, d=3, mass_a=1.0, mass_b=1.7, seed=0):
+    x, y = rand(n, d, seed=seed), rand(m, d, seed=seed + 1) * 1.2
+    a = rand(n, seed=seed + 2) + 0.1
+    b = rand(m, seed=seed + 3) + 0.1
+    return x, y, mass_a * a / a.sum(), mass_b * b / b.sum()
+
+
+RHOS = [(0.5, 0.5), (0.1, 2.0), (0.3, None), (None, 0.3)]
+
+
+@pytest.mark.parametrize("rho_a,rho_b", RHOS)
+def test_matches_pot_sinkhorn_unbalanced(rho_a, rho_b):
+    eps = 0.05
+    x, y, a, b = problem()  # masses 1 and 1.7: an exact side fixes the plan's mass
+    rho = rho_a if rho_a == rho_b else (rho_a, rho_b)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=eps, rho=rho, tol=1e-11, max_iter=20_000, **T)
+    assert res.converged
+    C = sqdist(x, y)
+    P_pot = pot_unbalanced(a, b, C, eps, rho_a, rho_b)
+    P = res.plan()
+    torch.testing.assert_close(P, P_pot, rtol=1e-6, atol=1e-11)
+    torch.testing.assert_close(res.cost, (P_pot * C).sum(), rtol=1e-7, atol=1e-12)
+    assert float(res.value) == pytest.approx(primal(P_pot, C, a, b, eps, rho_a, rho_b), rel=1e-7)
+
+
+@pytest.mark.parametrize("rho_a,rho_b", RHOS)
+def test_first_order_conditions(rho_a, rho_b):
+    """At the optimum P1 = a exp(-f/rho_a) for a relaxed marginal and P1 = a for an exact one."""
+    x, y, a, b = problem(seed=5, mass_b=1.0)
+    rho = (rho_a, rho_b)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.05, rho=rho, tol=1e-11, max_iter=20_000, **T)
+    P = res.plan()
+    ta = a if rho_a is None else a * torch.exp(-res.f / rho_a)
+    tb = b if rho_b is None else b * torch.exp(-res.g / rho_b)
+    torch.testing.assert_close(P.sum(1), ta, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(P.sum(0), tb, rtol=1e-8, atol=1e-12)
+
+
+def test_value_equals_primal_objective():
+    eps, rho = 0.1, 0.4
+    x, y, a, b = problem(mass_a=2.0, mass_b=0.5, seed=2)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y, cost="euclidean"), a, b, eps=eps, rho=rho, tol=1e-11, max_iter=20_000, **T)
+    assert res.converged
+    diff = x[:, None, :] - y[None, :, :]
+    C = (diff * diff).sum(-1).sqrt()
+    P = res.plan()
+    assert float(res.value) == pytest.approx(primal(P, C, a, b, eps, rho, rho), rel=1e-8)
+    torch.testing.assert_close(res.cost, (P * C).sum())
+    # marginal_error is the distance to a and b, which the relaxed plan does not meet
+    err = float((P.sum(1) - a).abs().sum() + (P.sum(0) - b).abs().sum())
+    assert res.marginal_error == pytest.approx(err, rel=1e-8)
+    assert res.marginal_error > 0.1
+
+
+def test_mass_mismatch_rejected_balanced_accepted_unbalanced():
+    x, y, a, b = problem(mass_a=1.0, mass_b=2.0)
+    geom = otcore.PointCloud(x, y)
+    with pytest.raises(ValueError, match="mass"):
+        otcore.sinkhorn(geom, a, b, eps=0.1, **T)
+    res = otcore.sinkhorn(geom, a, b, eps=0.1, rho=1.0, **T)
+    assert res.converged
+    # the plan's mass lies between the two masses
+    assert 1.0 < float(res.plan().sum()) < 2.0
+
+
+def test_large_rho_tends_to_balanced():
+    eps = 0.05
+    x, y, a, b = problem(mass_b=1.0, seed=3)
+    geom = otcore.PointCloud(x, y)
+    bal = otcore.sinkhorn(geom, a, b, eps=eps, tol=1e-8, max_iter=20_000, **T)
+    gaps = []
+    for rho in (0.3, 3.0, 30.0):
+        res = otcore.sinkhorn(geom, a, b, eps=eps, rho=rho, tol=1e-8, max_iter=50_000, **T)
+        assert res.converged
+        gaps.append(float((res.plan() - bal.plan()).abs().sum()))
+    assert gaps[0] > gaps[1] > gaps[2]
+    assert gaps[2] < 0.05 * gaps[0]
+
+
+def test_unbalanced_shrinks_mass_of_far_points():
+    """A target point far from all sources receives much less mass than its weight."""
+    eps, rho = 0.05, 0.1
+    x = rand(10, 2, seed=1)
+    y = torch.cat([rand(9, 2, seed=2), torch.tensor([[5.0, 5.0]], dtype=F64)])
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=eps, rho=rho, tol=1e-10, max_iter=20_000, **T)
+    col = res.plan().sum(0)
+    assert float(col[-1]) < 1e-6 * 0.1 and float(col[:-1].min()) > 0.01
+
+
+def test_batched_unbalanced_equals_loop():
+    x = torch.stack([problem(seed=s)[0] for s in (0, 10)])
+    y = torch.stack([problem(seed=s)[1] for s in (0, 10)])
+    a = torch.stack([problem(seed=s)[2] for s in (0, 10)])
+    b = torch.stack([problem(seed=s)[3] for s in (0, 10)]) * torch.tensor([[1.0], [0.3]], dtype=F64)
+    kw = dict(eps=0.05, rho=(0.5, None), tol=1e-10, max_iter=20_000, **T)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, **kw)
+    for i in range(2):
+        one = otcore.sinkhorn(otcore.PointCloud(x[i], y[i]), a[i], b[i], **kw)
+        torch.testing.assert_close(res.plan()[i], one.plan(), rtol=1e-9, atol=1e-13)
+        assert int(res.n_iter[i]) == one.n_iter
+        assert float(res.value[i]) == pytest.approx(float(one.value), rel=1e-10)
+
+
+def test_unbalanced_with_eps_schedule_and_warm_start():
+    x, y, a, b = problem(seed=4)
+    geom = otcore.PointCloud(x, y)
+    kw = dict(eps=0.02, rho=0.5, tol=1e-9, max_iter=20_000, **T)
+    ref = otcore.sinkhorn(geom, a, b, **kw)
+    sched = otcore.sinkhorn(geom, a, b, eps_schedule="geometric", **kw)
+    torch.testing.assert_close(sched.plan(), ref.plan(), rtol=1e-6, atol=1e-11)
+    warm = otcore.sinkhorn(geom, a, b, init=(ref.f, ref.g), **kw)
+    assert warm.n_iter <= 1
+    torch.testing.assert_close(warm.plan(), ref.plan(), rtol=1e-8, atol=1e-13)
+
+
+@st.composite
+def unbalanced_problems(draw):
+    n, m, d = draw(st.integers(1, 8)), draw(st.integers(1, 8)), draw(st.integers(1, 3))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x, y = torch.randn(n, d, generator=g, dtype=F64), torch.randn(m, d, generator=g, dtype=F64)
+
+    def w(k):  # unnormalised, zeros allowed, not all zero
+        vals = draw(st.lists(st.sampled_from([0.0, 0.2, 1.0, 2.5]), min_size=k, max_size=k))
+        if sum(vals) == 0:
+            vals[0] = 1.0
+        return torch.tensor(vals, dtype=F64)
+
+    rho = draw(st.sampled_from([(0.5, 0.5), (0.2, 3.0), (1.0, None), (None, 1.0)]))
+    return x, y, w(n), w(m), draw(st.sampled_from([0.2, 1.0])), rho
+
+
+@settings(max_examples=15, deadline=None)
+@given(unbalanced_problems())
+def test_hypothesis_random_unbalanced_problems_match_pot(prob):
+    x, y, a, b, eps, (rho_a, rho_b) = prob
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=eps, rho=(rho_a, rho_b), tol=1e-11, max_iter=50_000, **T)
+    assert res.converged
+    assert torch.isfinite(res.f).all() and torch.isfinite(res.g).all()
+    P, C = res.plan(), sqdist(x, y)
+    assert (P[a == 0] == 0).all() and (P[:, b == 0] == 0).all()
+    kr, kc = a > 0, b > 0
+    P_pot = pot_unbalanced(a[kr], b[kc], C[kr][:, kc], eps, rho_a, rho_b)
+    torch.testing.assert_close(P[kr][:, kc], P_pot, rtol=1e-6, atol=1e-10)
+    assert float(res.value) == pytest.approx(primal(P, C, a, b, eps, rho_a, rho_b), rel=1e-7, abs=1e-10)

@@ -1,0 +1,338 @@
+"""Bad input fails fast with a ValueError/TypeError that names the argument.
+
+Every case of DESIGN.md: NaN/inf, negative or all-zero weights, mass mismatch in
+balanced mode, shape and device mismatches, eps/tol/max_iter out of range, unknown
+cost/backend/precision, malformed init and eps_schedule, non-tensors and integer
+tensors. Device mismatches are provoked with ``meta`` tensors, which exist on
+every machine (and with CUDA when there is one).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import otcore
+
+NAN, INF = float("nan"), float("inf")
+N, M, D = 5, 6, 2
+
+
+def x_():
+    return torch.rand(N, D, dtype=torch.float64)
+
+
+def y_():
+    return torch.rand(M, D, dtype=torch.float64)
+
+
+def geom():
+    return otcore.PointCloud(x_(), y_())
+
+
+def uniform(k):
+    return torch.full((k,), 1.0 / k, dtype=torch.float64)
+
+
+def with_value(t, index, v):
+    t = t.clone()
+    t[index] = v
+    return t
+
+
+def solve(**kw):
+    """A call with everything valid unless overridden."""
+    args = dict(geom=geom(), a=None, b=None, eps=0.1)
+    args.update(kw)
+    g, a, b = args.pop("geom"), args.pop("a"), args.pop("b")
+    return otcore.sinkhorn(g, a, b, **args)
+
+
+# ----------------------------------------------------------------------------- non-finite values
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_non_finite_points(bad):
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        otcore.PointCloud(with_value(x_(), (1, 0), bad), y_())
+    with pytest.raises(ValueError, match="y contains NaN or inf"):
+        otcore.PointCloud(x_(), with_value(y_(), (0, 1), bad))
+
+
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_non_finite_cost_matrix(bad):
+    with pytest.raises(ValueError, match="C contains NaN or inf"):
+        otcore.CostMatrix(with_value(torch.rand(N, M), (2, 3), bad))
+
+
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_non_finite_weights(bad):
+    with pytest.raises(ValueError, match="a contains NaN or inf"):
+        solve(a=with_value(uniform(N), 0, bad))
+    with pytest.raises(ValueError, match="b contains NaN or inf"):
+        solve(b=with_value(uniform(M), 0, bad))
+
+
+# ----------------------------------------------------------------------------- weights
+def test_negative_weights():
+    a = with_value(uniform(N), 0, -0.1)
+    a[1] += 0.1  # keep the total mass 1: the sign alone is at fault
+    with pytest.raises(ValueError, match="a has negative entries"):
+        solve(a=a)
+    with pytest.raises(ValueError, match="b has negative entries"):
+        solve(b=with_value(uniform(M), 2, -1e-9), rho=1.0)
+
+
+def test_all_zero_weights():
+    with pytest.raises(ValueError, match="a is all zero"):
+        solve(a=torch.zeros(N, dtype=torch.float64), rho=1.0)
+    with pytest.raises(ValueError, match="b is all zero"):
+        solve(b=torch.zeros(M, dtype=torch.float64), rho=1.0)
+    # one problem of a batch is enough
+    g = otcore.PointCloud(torch.rand(2, N, D), torch.rand(2, M, D))
+    b = torch.full((2, M), 1.0 / M)
+    b[1] = 0
+    with pytest.raises(ValueError, match="b is all zero"):
+        otcore.sinkhorn(g, None, b, eps=0.1, rho=1.0)
+
+
+def test_mass_mismatch_in_balanced_mode():
+    with pytest.raises(ValueError, match="same total mass"):
+        solve(a=2 * uniform(N))
+    with pytest.raises(ValueError, match="same total mass"):
+        solve(a=2 * uniform(N), rho=(None, None))
+    # accepted when either marginal is relaxed
+    for rho in (1.0, (1.0, None), (None, 1.0)):
+        assert solve(a=2 * uniform(N), rho=rho, max_iter=5000).converged
+
+
+# ----------------------------------------------------------------------------- shapes
+def test_point_cloud_shape_mismatches():
+    with pytest.raises(ValueError, match="dimension d"):
+        otcore.PointCloud(torch.rand(N, 2), torch.rand(M, 3))
+    with pytest.raises(ValueError, match="batch size"):
+        otcore.PointCloud(torch.rand(2, N, D), torch.rand(3, M, D))
+    with pytest.raises(ValueError, match="both be batched"):
+        otcore.PointCloud(torch.rand(2, N, D), torch.rand(M, D))
+    with pytest.raises(ValueError, match="x must have 2 or 3 dimensions"):
+        otcore.PointCloud(torch.rand(N), torch.rand(M, D))
+    with pytest.raises(ValueError, match="y must have 2 or 3 dimensions"):
+        otcore.PointCloud(torch.rand(N, D), torch.rand(1, 2, M, D))
+    with pytest.raises(ValueError, match="x must not be empty"):
+        otcore.PointCloud(torch.rand(0, D), torch.rand(M, D))
+    with pytest.raises(ValueError, match="C must have 2 or 3 dimensions"):
+        otcore.CostMatrix(torch.rand(N))
+    with pytest.raises(ValueError, match="C must not be empty"):
+        otcore.CostMatrix(torch.rand(N, 0))
+
+
+def test_weight_shape_mismatches():
+    with pytest.raises(ValueError, match="a must have shape"):
+        solve(a=uniform(N + 1))
+    with pytest.raises(ValueError, match="b must have shape"):
+        solve(b=uniform(M - 1))
+    with pytest.raises(ValueError, match="a must have 1 dimensions"):
+        solve(a=uniform(N)[None])
+    gb = otcore.PointCloud(torch.rand(2, N, D), torch.rand(2, M, D))
+    with pytest.raises(ValueError, match="a must have 2 dimensions"):  # batched geometry, unbatched a
+        otcore.sinkhorn(gb, torch.full((N,), 1.0 / N), eps=0.1)
+    with pytest.raises(ValueError, match="b must have shape"):  # wrong batch size
+        otcore.sinkhorn(gb, None, torch.full((3, M), 1.0 / M), eps=0.1)
+    with pytest.raises(ValueError, match="a must have shape"):  # a sized like b
+        otcore.sinkhorn(gb, torch.full((2, M), 1.0 / M), eps=0.1)
+
+
+# ----------------------------------------------------------------------------- devices
+def test_device_mismatch_with_meta_tensors():
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match="y is on meta"):
+        otcore.PointCloud(x_(), torch.empty(M, D, dtype=torch.float64, device=meta))
+    with pytest.raises(ValueError, match="a is on meta"):
+        solve(a=torch.empty(N, dtype=torch.float64, device=meta))
+    with pytest.raises(ValueError, match="b is on meta"):
+        solve(b=torch.empty(M, dtype=torch.float64, device=meta))
+    with pytest.raises(ValueError, match=r"init\[0\]"):
+        solve(init=(torch.empty(N, dtype=torch.float64, device=meta), torch.zeros(M, dtype=torch.float64)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a real cross-device mismatch")
+def test_device_mismatch_cpu_cuda():
+    with pytest.raises(ValueError, match="y is on cuda"):
+        otcore.PointCloud(x_(), y_().cuda())
+    with pytest.raises(ValueError, match="a is on cuda"):
+        solve(a=uniform(N).cuda())
+
+
+# ----------------------------------------------------------------------------- scalars
+@pytest.mark.parametrize("eps", [0.0, -0.1, NAN, INF])
+def test_bad_eps_value(eps):
+    with pytest.raises(ValueError, match="eps"):
+        solve(eps=eps)
+
+
+@pytest.mark.parametrize("eps", ["0.1", None, [0.1], True])
+def test_bad_eps_type(eps):
+    with pytest.raises(TypeError, match="eps"):
+        solve(eps=eps)
+
+
+@pytest.mark.parametrize("tol", [0.0, -1e-5, NAN])
+def test_bad_tol(tol):
+    with pytest.raises(ValueError, match="tol"):
+        solve(tol=tol)
+
+
+@pytest.mark.parametrize("max_iter,exc", [(0, ValueError), (-3, ValueError), (10.0, TypeError), ("10", TypeError), (True, TypeError)])
+def test_bad_max_iter(max_iter, exc):
+    with pytest.raises(exc, match="max_iter"):
+        solve(max_iter=max_iter)
+
+
+def test_bad_check_every():
+    with pytest.raises(ValueError, match="check_every"):
+        solve(check_every=0)
+    with pytest.raises(TypeError, match="check_every"):
+        solve(check_every=2.5)
+
+
+@pytest.mark.parametrize("rho,exc", [(0.0, ValueError), (-1.0, ValueError), (NAN, ValueError), ((1.0, 2.0, 3.0), ValueError), ("1", TypeError), ((1.0, -2.0), ValueError)])
+def test_bad_rho(rho, exc):
+    with pytest.raises(exc, match="rho"):
+        solve(rho=rho)
+
+
+# ----------------------------------------------------------------------------- choices
+def test_bad_cost_name():
+    with pytest.raises(ValueError, match="cost"):
+        otcore.PointCloud(x_(), y_(), cost="l1")
+    with pytest.raises(ValueError, match="cost"):
+        otcore.SinkhornLoss(cost="cosine")
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend"):
+        solve(backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        solve(backend=None)
+
+
+def test_bad_precision():
+    with pytest.raises(ValueError, match="precision"):
+        solve(precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        solve(precision="FP32")
+
+
+# ----------------------------------------------------------------------------- init
+def test_bad_init():
+    f, g = torch.zeros(N, dtype=torch.float64), torch.zeros(M, dtype=torch.float64)
+    with pytest.raises(TypeError, match="init"):
+        solve(init=f)
+    with pytest.raises(TypeError, match="init"):
+        solve(init=(f,))
+    with pytest.raises(TypeError, match="init"):
+        solve(init=(f, g, g))
+    with pytest.raises(ValueError, match=r"init\[0\]"):
+        solve(init=(torch.zeros(N + 1, dtype=torch.float64), g))
+    with pytest.raises(ValueError, match=r"init\[1\]"):
+        solve(init=(f, torch.zeros(N, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"init\[1\]"):
+        solve(init=(f, with_value(g, 0, NAN)))
+    with pytest.raises(TypeError, match=r"init\[0\]"):
+        solve(init=(np.zeros(N), g))
+    with pytest.raises(TypeError, match=r"init\[0\]"):
+        solve(init=(torch.zeros(N, dtype=torch.long), g))
+    gb = otcore.PointCloud(torch.rand(2, N, D), torch.rand(2, M, D))
+    with pytest.raises(ValueError, match=r"init\[0\]"):  # batched geometry needs (B, n)
+        otcore.sinkhorn(gb, eps=0.1, init=(torch.zeros(N), torch.zeros(2, M)))
+    with pytest.raises(ValueError, match=r"init\[1\]"):
+        otcore.sinkhorn(gb, eps=0.1, init=(torch.zeros(2, N), torch.zeros(3, M)))
+
+
+# ----------------------------------------------------------------------------- eps_schedule
+@pytest.mark.parametrize(
+    "schedule,exc",
+    [
+        ("linear", ValueError),
+        (1.5, ValueError),
+        (0.0, ValueError),
+        (-0.5, ValueError),
+        (1.0, ValueError),
+        ([0.5, 1.0], ValueError),  # increasing
+        ([1.0, 0.05], ValueError),  # below the target eps = 0.1
+        ([1.0, 0.1], ValueError),  # equal to the target
+        ([1.0, -2.0], ValueError),
+        ([1.0, NAN], ValueError),
+        (["a"], TypeError),
+        ({"geometric": 1}, TypeError),
+        (True, TypeError),
+    ],
+)
+def test_bad_eps_schedule(schedule, exc):
+    with pytest.raises(exc, match="eps_schedule"):
+        solve(eps_schedule=schedule)
+
+
+# ----------------------------------------------------------------------------- types
+def test_non_tensor_inputs():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        otcore.PointCloud([[0.0, 1.0]], y_())
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        otcore.PointCloud(x_(), np.zeros((M, D)))
+    with pytest.raises(TypeError, match="C must be a torch.Tensor"):
+        otcore.CostMatrix(np.zeros((N, M)))
+    with pytest.raises(TypeError, match="a must be a torch.Tensor"):
+        solve(a=[1.0 / N] * N)
+    with pytest.raises(TypeError, match="b must be a torch.Tensor"):
+        solve(b=np.full(M, 1.0 / M))
+    with pytest.raises(TypeError, match="geom"):
+        otcore.sinkhorn(x_(), eps=0.1)
+    with pytest.raises(TypeError, match="geom"):
+        otcore.sinkhorn(np.zeros((N, M)), eps=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_non_floating_tensors(dtype):
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        otcore.PointCloud(torch.zeros(N, D, dtype=dtype), y_())
+    with pytest.raises(TypeError, match="C must be a floating tensor"):
+        otcore.CostMatrix(torch.zeros(N, M, dtype=dtype))
+    with pytest.raises(TypeError, match="a must be a floating tensor"):
+        solve(a=torch.ones(N, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------- fail fast, loss layer
+def test_checks_run_before_any_work(monkeypatch):
+    """A bad scalar argument is reported before a single primitive runs."""
+    g = geom()
+    calls = []
+    monkeypatch.setattr(g, "softmin", lambda *a, **k: calls.append(a))
+    for kw, name in (
+        (dict(tol=-1.0), "tol"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(eps_schedule="fast"), "eps_schedule"),
+        (dict(init=(torch.zeros(1), torch.zeros(1))), "init"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=name):
+            otcore.sinkhorn(g, eps=0.1, **kw)
+    assert calls == []
+
+
+def test_sinkhorn_loss_rejects_bad_arguments_and_inputs():
+    with pytest.raises(ValueError, match="eps"):
+        otcore.SinkhornLoss(eps=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        otcore.SinkhornLoss(reduction="avg")
+    loss = otcore.SinkhornLoss(eps=0.1)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        loss(with_value(x_(), (0, 0), NAN), y_())
+    with pytest.raises(ValueError, match="dimension d"):
+        loss(torch.rand(N, 2), torch.rand(M, 3))
+    with pytest.raises(ValueError, match="a has negative"):
+        loss(x_(), y_(), with_value(uniform(N), 0, -0.2))
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        loss(x_(), y_().tolist())
+
+
+def test_tiny_positive_eps_is_accepted_not_clamped():
+    """Tiny-but-positive values are valid: eps = 1e-300 runs as given (log domain)."""
+    res = otcore.sinkhorn(otcore.CostMatrix(torch.zeros(2, 2, dtype=torch.float64)), eps=1e-300)
+    assert res.converged  # a zero cost: the plan is a x b for any eps
+    torch.testing.assert_close(res.plan(), torch.full((2, 2), 0.25, dtype=torch.float64))
