@@ -167,6 +167,7 @@ def _ksparse_kernel(
         r = (slot + 1).to(up.dtype)
         cand = tl.where(first, (tl.cumsum(up, axis=1) - gamma * mass[:, None]) / r[None, :], ninf)
         beta = -(tl.max(cand, axis=1) + vmax)
+        beta = tl.where(line_ok, beta, 0.0)  # padding lines: +inf above, and -inf + inf = NaN below
     else:
         beta = tl.load(beta_in_ptr + pid_b * L + lines, mask=line_ok, other=0.0)
     T = tl.where(first, tl.maximum(top + beta[:, None], 0.0) / gamma, 0.0)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 import numpy as np
 import torch
 
-from . import PointCloud, sinkhorn, sinkhorn_newton
-from .result import OTResult
+from . import PointCloud, sinkhorn, sinkhorn_newton, sparse_ot
+from .result import OTResult, SparseOTResult
 
 
 def _device(name: str) -> torch.device:
@@ -46,6 +47,18 @@ def _sync(device: torch.device) -> None:
 def _table(rows: list[tuple[str, str]]) -> str:
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
+
+
+def _check_int(flag: str, value: Optional[int], minimum: int = 1) -> None:
+    """``value`` (None: not given) must be an int >= ``minimum``; else exit naming ``flag``."""
+    if value is not None and value < minimum:
+        raise SystemExit(f"error: {flag} must be an integer >= {minimum}, got {value}")
+
+
+def _check_positive(flag: str, value: Optional[float]) -> None:
+    """``value`` (None: not given) must be a finite number > 0; else exit naming ``flag``."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise SystemExit(f"error: {flag} must be a finite number > 0, got {value:g}")
 
 
 # --------------------------------------------------------------------------- demo
@@ -84,9 +97,14 @@ def entropic_map(res: OTResult, x_new: torch.Tensor, y: torch.Tensor, b: torch.T
 
 
 def run_demo(args) -> int:
+    _check_int("--n", args.n)
+    _check_int("--width", args.width)
+    _check_positive("--eps", args.eps)
+    _check_positive("--tol", args.tol)
+    _check_int("--max-iter", args.max_iter)
     dev = _device(args.device)
-    n = args.n or (50_000 if dev.type == "cuda" else 2000)
-    width = args.width or (640 if dev.type == "cuda" else 320)
+    n = args.n if args.n is not None else (50_000 if dev.type == "cuda" else 2000)
+    width = args.width if args.width is not None else (640 if dev.type == "cuda" else 320)
     src = _resize(_load_photo("china.jpg"), width)
     tgt = _resize(_load_photo("flower.jpg"), width)
     gen = torch.Generator().manual_seed(args.seed)
@@ -118,7 +136,7 @@ def run_demo(args) -> int:
 
     print("otcore demo: colour transfer china.jpg -> flower.jpg (left: source, middle: target, right: result)")
     print(_table([
-        ("n = m (pixels sampled)", f"{n}"),
+        ("n = m (pixels sampled)", f"{len(x)}"),  # fewer than --n when the image is smaller
         ("eps", f"{args.eps:g} (RGB in [0,1], cost ||x-y||^2, geometric eps scaling)"),
         ("iterations", f"{res.n_iter}"),
         ("marginal error", f"{res.marginal_error:.2e} (tol {args.tol:g}, converged={res.converged})"),
@@ -132,42 +150,177 @@ def run_demo(args) -> int:
 
 
 # --------------------------------------------------------------------------- solve
-def _points(path: Optional[str], count: int, d: int, gen, lo: float, hi: float, dtype) -> torch.Tensor:
-    if path is not None:
-        arr = np.load(path)
-        if arr.ndim not in (2, 3):
-            raise SystemExit(f"error: {path} must hold an (n, d) or (B, n, d) array, got shape {arr.shape}")
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
-    return lo + (hi - lo) * torch.rand(count, d, generator=gen, dtype=dtype)
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _load_npy(flag: str, path: str) -> np.ndarray:
+    """The array in the ``.npy`` file ``path``; exits with ``error: cannot read FLAG PATH: why``
+    if the file cannot be read as one (missing, not an .npy, an .npz archive, pickled objects)."""
+    def fail(reason: str) -> NoReturn:
+        raise SystemExit(f"error: cannot read {flag} {path}: {reason}")
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_NPY_MAGIC))
+    except OSError as e:
+        fail(e.strerror or str(e))
+    if not head:
+        fail("the file is empty")
+    if head.startswith(_ZIP_MAGIC):
+        fail("it is an .npz archive, not an .npy file (save one array with np.save)")
+    if head != _NPY_MAGIC:
+        fail("not an .npy file (no NumPy header; save the array with np.save)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "bject arrays" in str(e):  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+            fail("it holds an object array (pickled Python objects), not numbers; otcore never unpickles")
+        fail(str(e))
+    except Exception as e:  # truncated or corrupt file: EOFError, OSError, ...
+        fail(str(e) or type(e).__name__)
+
+
+def _points(flag: str, path: Optional[str], count: int, d: int, gen, lo: float, hi: float, dtype) -> torch.Tensor:
+    """Points of ``flag`` (``--x``/``--y``): the ``.npy`` at ``path``, or ``count`` random points in ``[lo, hi]^d``."""
+    if path is None:
+        return lo + (hi - lo) * torch.rand(count, d, generator=gen, dtype=dtype)
+    arr = _load_npy(flag, path)
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise SystemExit(f"error: {flag} {path} must hold real numbers (an integer or floating array), got dtype {arr.dtype}")
+    if arr.ndim not in (2, 3):
+        raise SystemExit(f"error: {flag} {path} must hold an (n, d) or (B, n, d) array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise SystemExit(f"error: {flag} {path} is empty (shape {arr.shape})")
+    if not np.isfinite(arr).all():
+        raise SystemExit(f"error: {flag} {path} contains NaN or inf")
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np_dtype)  # native byte order, the solve's dtype
+    if not np.isfinite(out).all():
+        raise SystemExit(f"error: {flag} {path} has values too large for {np.dtype(np_dtype).name} (use --dtype float64)")
+    return torch.from_numpy(out)
+
+
+#: Method-specific flags of ``solve`` (argparse dest -> methods that take it). Their
+#: defaults are None so that a flag given with another method is an error, not ignored.
+_METHOD_FLAGS = {
+    "eps": ("sinkhorn", "newton"),
+    "rho": ("sinkhorn",),
+    "eps_schedule": ("sinkhorn",),
+    "check_every": ("sinkhorn",),
+    "warmup_iter": ("newton",),
+    "sparsity": ("newton",),
+    "k": ("sparse",),
+    "gamma": ("sparse",),
+    "formulation": ("sparse",),
+    "axis": ("sparse",),
+}
+_WHY_NOT = {
+    ("rho", "newton"): "Sinkhorn-Newton-Sparse solves balanced OT only; use --method sinkhorn for unbalanced OT",
+    ("eps_schedule", "newton"): "Sinkhorn-Newton-Sparse has no eps scaling; its Sinkhorn warm-up is set by --warmup-iter",
+    ("eps", "sparse"): "sparse OT is regularized by --gamma (quadratic), not by an entropic eps",
+}
+_DEFAULT_EPS = 0.05
+
+
+def _check_method_flags(args) -> None:
+    for dest, methods in _METHOD_FLAGS.items():
+        if getattr(args, dest) is not None and args.method not in methods:
+            flag = "--" + dest.replace("_", "-")
+            only = " or ".join(f"--method {m}" for m in methods)
+            why = _WHY_NOT.get((dest, args.method), f"it is for {only} only")
+            raise SystemExit(f"error: {flag} does not apply to --method {args.method}: {why}")
+    if args.method == "sparse":
+        for dest, what in (("k", "nonzeros allowed per column, or per row with --axis 1; >= 1"),
+                           ("gamma", "quadratic regularization, > 0")):
+            if getattr(args, dest) is None:
+                raise SystemExit(f"error: --method sparse needs --{dest} ({what})")
+
+
+def _plain(v):
+    """JSON-friendly: tensors and arrays to (nested) lists or numbers."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def _nonzeros(res: SparseOTResult) -> dict:
+    """Nonzeros of a sparse plan: in all, and the most in one column and in one row."""
+    vals, idx = res.values.detach(), res.indices
+    if not res.batched:
+        vals, idx = vals[None], idx[None]
+    nz = vals != 0  # (B, lines, k)
+    per_line = nz.sum(-1).amax(-1)
+    size = res.shape[res.axis]  # positions: rows for axis=0, columns for axis=1
+    counts = torch.zeros(vals.shape[0], size, dtype=torch.long, device=vals.device)
+    per_pos = counts.scatter_add_(1, idx.flatten(1), nz.flatten(1).long()).amax(-1)
+    per_col, per_row = (per_line, per_pos) if res.axis == 0 else (per_pos, per_line)
+    out = {"nonzeros": nz.flatten(1).sum(-1), "max_nonzeros_per_column": per_col, "max_nonzeros_per_row": per_row}
+    return {k: (v.tolist() if res.batched else int(v[0])) for k, v in out.items()}
 
 
 def run_solve(args) -> int:
+    _check_int("--n", args.n)
+    _check_int("--m", args.m)
+    _check_int("--d", args.d)
+    _check_method_flags(args)
+    _check_int("--check-every", args.check_every)
+    _check_int("--warmup-iter", args.warmup_iter, minimum=0)
+    _check_int("--sparsity", args.sparsity)
+    _check_int("--k", args.k)
+    _check_positive("--gamma", args.gamma)
     dev = _device(args.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     gen = torch.Generator().manual_seed(args.seed)
-    x = _points(args.x, args.n, args.d, gen, 0.0, 1.0, dtype).to(dev)
-    y = _points(args.y, args.m or args.n, args.d, gen, 0.05, 0.95, dtype).to(dev)
-    kw = dict(eps=args.eps, tol=args.tol, max_iter=args.max_iter, backend=args.backend,
+    x = _points("--x", args.x, args.n, args.d, gen, 0.0, 1.0, dtype).to(dev)
+    y = _points("--y", args.y, args.m if args.m is not None else args.n, args.d, gen, 0.05, 0.95, dtype).to(dev)
+    eps = args.eps if args.eps is not None else _DEFAULT_EPS
+    kw = dict(tol=args.tol, max_iter=args.max_iter, backend=args.backend,
               precision=args.precision, verbose=False if (args.quiet or args.json) else None)
     if args.method == "sinkhorn":
-        kw.update(rho=args.rho, eps_schedule=_schedule(args.eps_schedule), check_every=args.check_every)
+        solver = sinkhorn
+        kw.update(eps=eps, rho=args.rho, eps_schedule=_schedule(args.eps_schedule),
+                  check_every=args.check_every if args.check_every is not None else 10)
+    elif args.method == "newton":
+        solver = sinkhorn_newton
+        kw.update(eps=eps, sparsity=args.sparsity)
+        if args.warmup_iter is not None:
+            kw.update(warmup_iter=args.warmup_iter)
+    else:
+        solver = sparse_ot
+        kw.update(k=args.k, gamma=args.gamma, formulation=args.formulation or "semi-dual",
+                  axis=args.axis if args.axis is not None else 0)
     _sync(dev)
     t0 = time.perf_counter()
     try:
-        res = (sinkhorn if args.method == "sinkhorn" else sinkhorn_newton)(PointCloud(x, y, cost=args.cost), **kw)
+        res = solver(PointCloud(x, y, cost=args.cost), **kw)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}")
     _sync(dev)
     elapsed = time.perf_counter() - t0
-    tolist = lambda t: t.tolist() if isinstance(t, torch.Tensor) else t  # noqa: E731
     summary = {
         "method": args.method, "n": int(x.shape[-2]), "m": int(y.shape[-2]), "d": int(x.shape[-1]),
-        "batch": int(x.shape[0]) if x.dim() == 3 else None, "cost_fn": args.cost, "eps": args.eps,
-        "rho": args.rho, "n_iter": tolist(res.n_iter), "converged": tolist(res.converged),
-        "marginal_error": tolist(res.marginal_error), "cost": tolist(res.cost.detach()),
-        "value": tolist(res.value.detach()), "time_s": elapsed, "device": str(dev),
-        "backend": res._backend, "dtype": args.dtype,
+        "batch": int(x.shape[0]) if x.dim() == 3 else None, "cost_fn": args.cost,
     }
+    if args.method == "sparse":
+        summary.update(k=args.k, gamma=args.gamma, formulation=kw["formulation"], axis=kw["axis"])
+        summary.update(n_iter=res.n_iter, converged=res.converged, grad_norm=res.grad_norm,
+                       marginal_error=res.marginal_error, cost=res.cost, value=res.value)
+        summary.update(_nonzeros(res), stop=res.info.get("stop"))
+        backend = res.info.get("backend")
+    else:
+        summary.update(eps=eps, rho=args.rho, n_iter=res.n_iter, converged=res.converged,
+                       marginal_error=res.marginal_error, cost=res.cost, value=res.value)
+        if args.method == "newton":  # the SNS stages
+            summary.update({key: res.info[key] for key in (
+                "warmup_iter", "newton_iter", "fallback_iter", "cg_iter", "line_search_evals", "sparsity",
+                "time_warmup_s", "time_newton_s", "time_fallback_s") if key in res.info})
+        backend = res._backend
+    summary.update(time_s=elapsed, device=str(dev), backend=backend, dtype=args.dtype)
+    summary = {key: _plain(v) for key, v in summary.items()}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -193,21 +346,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--verbose", action="store_true", help="always print progress")
     d.set_defaults(func=run_demo)
 
-    s = sub.add_parser("solve", help="solve one OT problem between point clouds (.npy files or random)")
+    s = sub.add_parser(
+        "solve", help="solve one OT problem between point clouds (.npy files or random)",
+        description="Solve one OT problem between point clouds (.npy files or random) and print a summary. "
+                    "Methods: sinkhorn (entropic, balanced or unbalanced), newton (Sinkhorn-Newton-Sparse, "
+                    "entropic, balanced), sparse (sparsity-constrained OT: at most k nonzeros per column).",
+    )
     s.add_argument("--x", help="source points, .npy of shape (n, d) or (B, n, d); random U[0,1]^d if absent")
     s.add_argument("--y", help="target points, .npy; random U[0.05,0.95]^d if absent")
     s.add_argument("--n", type=int, default=1000, help="random source size")
     s.add_argument("--m", type=int, default=None, help="random target size (default n)")
     s.add_argument("--d", type=int, default=3, help="random dimension")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--method", default="sinkhorn", choices=["sinkhorn", "newton"])
+    s.add_argument("--method", default="sinkhorn", choices=["sinkhorn", "newton", "sparse"])
     s.add_argument("--cost", default="sqeuclidean", choices=["sqeuclidean", "euclidean"])
-    s.add_argument("--eps", type=float, default=0.05)
-    s.add_argument("--tol", type=float, default=1e-5)
-    s.add_argument("--max-iter", type=int, default=1000)
-    s.add_argument("--rho", type=float, default=None, help="KL marginal penalty (unbalanced)")
-    s.add_argument("--eps-schedule", default=None, help="none | geometric | decay factor in (0,1)")
-    s.add_argument("--check-every", type=int, default=10)
+    s.add_argument("--tol", type=float, default=1e-5,
+                   help="stopping tolerance: marginal error (sinkhorn, newton), gradient L1 norm (sparse)")
+    s.add_argument("--max-iter", type=int, default=1000,
+                   help="iteration cap: Sinkhorn (sinkhorn), Newton (newton), L-BFGS (sparse) iterations")
+    e = s.add_argument_group("sinkhorn and newton")
+    e.add_argument("--eps", type=float, default=None, help=f"entropic regularization (default {_DEFAULT_EPS})")
+    e.add_argument("--rho", type=float, default=None, help="KL marginal penalty (unbalanced; sinkhorn only)")
+    e.add_argument("--eps-schedule", default=None, help="none | geometric | decay factor in (0,1) (sinkhorn only)")
+    e.add_argument("--check-every", type=int, default=None, help="iterations between convergence checks (sinkhorn only; default 10)")
+    e.add_argument("--warmup-iter", type=int, default=None, help="cap on Sinkhorn warm-up iterations (newton only; default 20)")
+    e.add_argument("--sparsity", type=int, default=None, help="plan entries kept per row in the Hessian (newton only; default adaptive)")
+    k = s.add_argument_group("sparse")
+    k.add_argument("--k", type=int, default=None, help="nonzeros allowed per column (per row with --axis 1); required")
+    k.add_argument("--gamma", type=float, default=None, help="quadratic regularization; required")
+    k.add_argument("--formulation", default=None, choices=["semi-dual", "dual"], help="default semi-dual")
+    k.add_argument("--axis", type=int, default=None, choices=[0, 1], help="0: k-sparse columns (default), 1: rows")
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--precision", default="fp32", choices=["fp32", "tf32"])
     s.add_argument("--dtype", default="float32", choices=["float32", "float64"])

@@ -132,6 +132,11 @@ class PointCloud(Geometry):
         """The user's tensors the cost depends on (for autograd)."""
         return (self.x_in, self.y_in)
 
+    @property
+    def symmetric(self) -> bool:
+        """``C = C^T`` by construction: both clouds are the same tensor (self-transport)."""
+        return self.x_in is self.y_in
+
     def cost_block(self, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
         """``C[:, rows, cols]`` computed from the points, (B, r, c).
 
@@ -175,6 +180,9 @@ class CostMatrix(Geometry):
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         return (self.C_in,)
+
+    #: A cost matrix is not assumed symmetric (checking would read all of it).
+    symmetric = False
 
     def cost_block(self, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
         return self.C[:, rows, cols]

@@ -26,7 +26,9 @@ class SinkhornLoss(nn.Module):
 
     which is >= 0, zero iff the measures agree, and interpolates between OT
     (eps -> 0) and an MMD (eps -> inf). Gradients to ``x``, ``y``, ``a``, ``b``
-    come from the envelope theorem (exact at convergence, no unrolling).
+    come from the envelope theorem (exact at convergence, no unrolling). The two
+    self-transport terms run Sinkhorn's symmetric update (see :func:`otcore.sinkhorn`),
+    which converges in tens of iterations at any eps.
 
     Args:
         eps: regularization in cost units (``||x - y||^2`` by default, no 1/2).

@@ -112,7 +112,9 @@ class SparseOTResult:
             ``<T, C> + (gamma/2)|T|^2`` over k-sparse couplings, equal to it when
             ``k`` is large); differentiable by the envelope theorem.
         n_iter: L-BFGS iterations (int; ``(B,)`` long tensor batched).
-        converged: whether ``grad_norm <= tol`` was reached (bool; ``(B,)`` batched).
+        converged: whether ``grad_norm <= tol`` was reached, or the objective stopped
+            improving (``ftol``: the optimum of a binding k-constraint, where the gradient
+            need not vanish; ``info["stop"]`` says which) (bool; ``(B,)`` batched).
         grad_norm: L1 norm of the objective's gradient at the end, i.e. the violation
             of the dualized marginal constraints (float; ``(B,)`` batched).
         marginal_error: ``|T1 - a|_1 + |T^T 1 - b|_1`` (float; ``(B,)`` batched).

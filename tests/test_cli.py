@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 import otcore
+from otcore import cli
 from otcore.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +150,42 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["solve", "--x", str(x2), "--y", str(y3)], "same dimension d"),
         (["demo", "--backend", "cupy"], "invalid choice"),
         (["demo", "--device", "tpu"], "invalid choice"),
+        # sizes: 0 is not "the default"
+        (["solve", "--n", "0"], "--n must be an integer >= 1, got 0"),
+        (["solve", "--n", "-5"], "--n must be an integer >= 1, got -5"),
+        (["solve", "--n", "10", "--m", "0"], "--m must be an integer >= 1, got 0"),
+        (["solve", "--n", "10", "--d", "0"], "--d must be an integer >= 1, got 0"),
+        (["solve", "--n", "10", "--check-every", "0"], "--check-every must be an integer >= 1"),
+        # newton is balanced SNS: no unbalanced, no eps scaling, no sinkhorn checks
+        (["solve", "--n", "10", "--method", "newton", "--rho", "0.5"], "--rho does not apply to --method newton"),
+        (["solve", "--n", "10", "--method", "newton", "--eps-schedule", "geometric"], "--eps-schedule does not apply to --method newton"),
+        (["solve", "--n", "10", "--method", "newton", "--check-every", "5"], "--check-every does not apply to --method newton"),
+        (["solve", "--n", "10", "--method", "newton", "--warmup-iter", "-1"], "--warmup-iter must be an integer >= 0"),
+        (["solve", "--n", "10", "--method", "newton", "--sparsity", "0"], "--sparsity must be an integer >= 1"),
+        (["solve", "--n", "10", "--method", "newton", "--sparsity", "11"], "sparsity must be in [1, m=10]"),
+        (["solve", "--n", "10", "--method", "newton", "--k", "2"], "--k does not apply to --method newton"),
+        # SNS knobs and sparse flags are rejected with sinkhorn
+        (["solve", "--n", "10", "--warmup-iter", "5"], "--warmup-iter does not apply to --method sinkhorn"),
+        (["solve", "--n", "10", "--sparsity", "5"], "--sparsity does not apply to --method sinkhorn"),
+        (["solve", "--n", "10", "--k", "2"], "--k does not apply to --method sinkhorn"),
+        (["solve", "--n", "10", "--gamma", "0.1"], "--gamma does not apply to --method sinkhorn"),
+        (["solve", "--n", "10", "--formulation", "dual"], "--formulation does not apply to --method sinkhorn"),
+        (["solve", "--n", "10", "--axis", "1"], "--axis does not apply to --method sinkhorn"),
+        # sparse: k and gamma required and valid; entropic flags rejected
+        (["solve", "--n", "10", "--method", "sparse", "--gamma", "0.1"], "--method sparse needs --k"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2"], "--method sparse needs --gamma"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "0", "--gamma", "0.1"], "--k must be an integer >= 1, got 0"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "0"], "--gamma must be a finite number > 0"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "nan"], "--gamma must be a finite number > 0"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "0.1", "--eps", "0.1"], "--eps does not apply to --method sparse"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "0.1", "--rho", "1"], "--rho does not apply to --method sparse"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "0.1", "--eps-schedule", "geometric"], "--eps-schedule does not apply"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "0.1", "--check-every", "3"], "--check-every does not apply"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "0.1", "--warmup-iter", "3"], "--warmup-iter does not apply"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "0.1", "--sparsity", "3"], "--sparsity does not apply"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "0.1", "--axis", "2"], "invalid choice"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "0.1", "--formulation", "primal"], "invalid choice"),
+        (["solve", "--n", "10", "--method", "sparse", "--k", "2", "--gamma", "0.1", "--tol", "0"], "tol must be"),
     ]
     if not torch.cuda.is_available():
         cases.append((["solve", "--device", "cuda"], "CUDA is not available"))
@@ -164,6 +203,326 @@ def test_bad_flags_exit_nonzero_with_message(capsys, tmp_path):
         assert code not in (0, None), argv
         assert message in text, (argv, text)
         assert "error" in text, (argv, text)
+
+
+def _exit_message(argv) -> str:
+    """The message of the CLI's own ``SystemExit`` for ``argv`` (status 1, printed by Python)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert isinstance(exc.value.code, str), f"{argv}: expected an error message, got exit code {exc.value.code!r}"
+    return exc.value.code
+
+
+# --------------------------------------------------------------------------- .npy input
+class _Trap:
+    """Unpickling this creates the folder ``path``: evidence that a file was unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def _unreadable_files(tmp_path: Path) -> list[tuple[Path, str]]:
+    """(file, expected reason, a regex) for files that do not give one array."""
+    good = tmp_path / "good.npy"
+    np.save(good, np.random.default_rng(0).random((6, 2)))
+    (tmp_path / "text.npy").write_text("0.1 0.2\n0.3 0.4\n")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "truncated.npy").write_bytes(good.read_bytes()[:-8])
+    np.savez(tmp_path / "two.npz", x=np.zeros((3, 2)), y=np.zeros((3, 2)))
+    np.save(tmp_path / "objects.npy", np.array([_Trap(str(tmp_path / "UNPICKLED")), None], dtype=object), allow_pickle=True)
+    return [
+        (tmp_path / "missing.npy", "No such file or directory"),
+        (tmp_path, "Is a directory"),
+        (tmp_path / "text.npy", "not an .npy file"),
+        (tmp_path / "empty.npy", "the file is empty"),
+        (tmp_path / "truncated.npy", "12 elements|size 11"),  # numpy's own words, across versions
+        (tmp_path / "two.npz", "an .npz archive"),
+        (tmp_path / "objects.npy", "object array"),
+    ]
+
+
+@pytest.mark.parametrize("flag", ["--x", "--y"])
+def test_unreadable_npy_names_flag_and_reason(tmp_path, flag):
+    for path, reason in _unreadable_files(tmp_path):
+        msg = _exit_message(["solve", flag, str(path), "--n", "6", "--d", "2", "--device", "cpu"])
+        assert msg.startswith(f"error: cannot read {flag} {path}: "), msg
+        assert re.search(reason, msg[len(f"error: cannot read {flag} {path}: "):]), (path, msg)
+    assert not (tmp_path / "UNPICKLED").exists(), "the CLI unpickled a file"
+
+
+def _bad_arrays() -> list[tuple[str, np.ndarray, str]]:
+    nan, inf = np.ones((4, 2)), np.ones((4, 2))
+    nan[1, 1], inf[2, 0] = np.nan, -np.inf
+    return [
+        ("strings", np.array([["a", "b"], ["c", "d"]]), "must hold real numbers (an integer or floating array), got dtype <U1"),
+        ("complex", np.ones((4, 2), complex), "got dtype complex128"),
+        ("bool", np.ones((4, 2), bool), "got dtype bool"),
+        ("nan", nan, "contains NaN or inf"),
+        ("inf", inf, "contains NaN or inf"),
+        ("empty", np.zeros((0, 2)), "is empty (shape (0, 2))"),
+        ("huge", np.full((4, 2), 1e300), "too large for float32"),
+        ("flat", np.ones(4), "(n, d) or (B, n, d)"),
+    ]
+
+
+@pytest.mark.parametrize("flag", ["--x", "--y"])
+@pytest.mark.parametrize("name, arr, message", _bad_arrays(), ids=[c[0] for c in _bad_arrays()])
+def test_bad_npy_values_name_flag(tmp_path, flag, name, arr, message):
+    path = tmp_path / f"{name}.npy"
+    np.save(path, arr)
+    msg = _exit_message(["solve", flag, str(path), "--n", "4", "--d", "2", "--device", "cpu"])
+    assert msg.startswith(f"error: {flag} {path} "), msg
+    assert message in msg, msg
+
+
+def test_npy_integer_half_and_big_endian_accepted(capsys, tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 5, (12, 2)).astype(np.int16)
+    y = (rng.random((9, 2)) * 4).astype(">f8")  # big-endian: torch.from_numpy alone rejects it
+    s = run_json(capsys, "--x", str(_save(tmp_path / "x.npy", x)), "--y", str(_save(tmp_path / "y.npy", y)),
+                 "--eps", "0.5", "--tol", "1e-9", "--dtype", "float64")
+    geom = otcore.PointCloud(torch.tensor(x.astype(np.float64)), torch.tensor(y.astype("<f8")))
+    direct = otcore.sinkhorn(geom, eps=0.5, tol=1e-9)
+    assert (s["n"], s["m"], s["converged"]) == (12, 9, True)
+    assert s["value"] == pytest.approx(float(direct.value), rel=1e-12)
+
+    h = rng.random((10, 2)).astype(np.float16)
+    s = run_json(capsys, "--x", str(_save(tmp_path / "h.npy", h)), "--n", "7", "--d", "2", "--eps", "0.2")
+    assert (s["n"], s["m"], s["dtype"], s["converged"]) == (10, 7, "float32", True)
+
+
+def _save(path: Path, arr: np.ndarray) -> Path:
+    np.save(path, arr)
+    return path
+
+
+# --------------------------------------------------------------------------- newton
+def test_solve_newton_sns_knobs_and_stages(capsys, clouds):
+    x, y, xp, yp = clouds
+    geom = otcore.PointCloud(torch.from_numpy(x), torch.from_numpy(y))
+    flags = ("--x", xp, "--y", yp, "--method", "newton", "--eps", "0.02", "--tol", "1e-8", "--dtype", "float64")
+    s = run_json(capsys, *flags, "--warmup-iter", "3", "--sparsity", "6")
+    direct = otcore.sinkhorn_newton(geom, eps=0.02, tol=1e-8, max_iter=1000, warmup_iter=3, sparsity=6, verbose=False)
+    assert s["method"] == "newton" and s["converged"] is True and s["marginal_error"] <= 1e-8
+    assert s["warmup_iter"] == 3 and s["sparsity"] == 6
+    for key in ("warmup_iter", "newton_iter", "fallback_iter", "cg_iter", "line_search_evals", "sparsity"):
+        assert s[key] == direct.info[key], key
+    assert s["newton_iter"] > 0 and s["cg_iter"] > 0
+    assert s["n_iter"] == s["warmup_iter"] + s["newton_iter"] + s["fallback_iter"] == direct.n_iter
+    assert s["value"] == pytest.approx(float(direct.value), rel=1e-12)
+    for key in ("time_warmup_s", "time_newton_s", "time_fallback_s"):
+        assert 0 <= s[key] <= s["time_s"], key
+
+    # without the flags the solver's defaults apply (warm-up up to 20 iterations, adaptive s)
+    d = run_json(capsys, *flags)
+    assert 3 < d["warmup_iter"] <= 20 and d["sparsity"] != 6
+    # --warmup-iter 0 skips the warm-up (0 is a value, not "the default")
+    z = run_json(capsys, *flags, "--warmup-iter", "0")
+    assert z["warmup_iter"] == 0 and z["converged"] is True
+    assert z["value"] == pytest.approx(d["value"], rel=1e-10)
+
+
+def test_solve_newton_table_shows_stages(capsys):
+    assert main(["solve", "--method", "newton", "--n", "30", "--eps", "0.1", "--device", "cpu", "--warmup-iter", "4"]) == 0
+    rows = dict(re.findall(r"^  (\S+)\s+(\S.*)$", capsys.readouterr().out, re.M))
+    assert rows["method"] == "newton" and rows["warmup_iter"] == "4" and rows["rho"] == "None"
+    for key in ("newton_iter", "fallback_iter", "cg_iter", "line_search_evals", "sparsity", "time_newton_s"):
+        assert key in rows, key
+
+
+# --------------------------------------------------------------------------- sparse
+@pytest.mark.parametrize("formulation, axis", [("semi-dual", 0), ("dual", 0), ("semi-dual", 1), ("dual", 1)])
+def test_solve_sparse_json_matches_library(capsys, clouds, formulation, axis):
+    x, y, xp, yp = clouds  # n = 40, m = 30
+    k, gamma, tol = 3, 0.1, 1e-6
+    s = run_json(capsys, "--x", xp, "--y", yp, "--method", "sparse", "--k", str(k), "--gamma", str(gamma),
+                 "--formulation", formulation, "--axis", str(axis), "--tol", str(tol), "--dtype", "float64")
+    direct = otcore.sparse_ot(otcore.PointCloud(torch.from_numpy(x), torch.from_numpy(y)), k=k, gamma=gamma,
+                              formulation=formulation, axis=axis, tol=tol, max_iter=1000)
+    assert (s["method"], s["k"], s["gamma"], s["formulation"], s["axis"]) == ("sparse", k, gamma, formulation, axis)
+    assert (s["n"], s["m"], s["d"], s["batch"], s["dtype"], s["backend"]) == (40, 30, 3, None, "float64", "torch")
+    assert "eps" not in s and "rho" not in s
+    assert s["converged"] is True and s["converged"] == direct.converged
+    assert s["n_iter"] == direct.n_iter > 0
+    assert s["stop"] == direct.info["stop"]
+    for key in ("cost", "value"):
+        assert s[key] == pytest.approx(float(getattr(direct, key)), rel=1e-12), key
+    for key in ("grad_norm", "marginal_error"):
+        assert s[key] == pytest.approx(getattr(direct, key), rel=1e-9, abs=1e-15), key
+
+    # recomputed from the dense plan, with the cost computed here
+    T = direct.to_dense().detach().numpy()
+    C = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    assert s["cost"] == pytest.approx(float((T * C).sum()), rel=1e-10)
+    err = np.abs(T.sum(1) - 1 / 40).sum() + np.abs(T.sum(0) - 1 / 30).sum()
+    assert s["marginal_error"] == pytest.approx(err, rel=1e-8, abs=1e-14)
+    nz = T != 0
+    assert s["nonzeros"] == int(nz.sum())
+    assert s["max_nonzeros_per_column"] == int(nz.sum(0).max())
+    assert s["max_nonzeros_per_row"] == int(nz.sum(1).max())
+    constrained = s["max_nonzeros_per_column"] if axis == 0 else s["max_nonzeros_per_row"]
+    assert 1 <= constrained <= k
+    # every line of the constrained side carries mass, so the plan has at least that many entries
+    assert s["nonzeros"] >= (30 if axis == 0 else 40)
+
+
+def test_solve_sparse_table_and_defaults(capsys):
+    assert main(["solve", "--method", "sparse", "--n", "30", "--m", "20", "--k", "2", "--gamma", "0.5", "--device", "cpu"]) == 0
+    rows = dict(re.findall(r"^  (\S+)\s+(\S.*)$", capsys.readouterr().out, re.M))
+    assert (rows["method"], rows["k"], rows["formulation"], rows["axis"]) == ("sparse", "2", "semi-dual", "0")
+    assert rows["converged"] == "True" and 1 <= int(rows["max_nonzeros_per_column"]) <= 2
+    for key in ("n_iter", "grad_norm", "marginal_error", "cost", "value", "nonzeros", "max_nonzeros_per_row", "stop"):
+        assert key in rows, key
+    assert "eps" not in rows
+
+
+def test_solve_sparse_batched(capsys, tmp_path):
+    rng = np.random.default_rng(5)
+    xp, yp = save_clouds(tmp_path, rng.random((2, 20, 2)), rng.random((2, 15, 2)))
+    s = run_json(capsys, "--x", xp, "--y", yp, "--method", "sparse", "--k", "3", "--gamma", "0.5", "--dtype", "float64")
+    assert s["batch"] == 2
+    for key in ("n_iter", "converged", "grad_norm", "marginal_error", "cost", "value", "nonzeros",
+                "max_nonzeros_per_column", "max_nonzeros_per_row", "stop"):
+        assert isinstance(s[key], list) and len(s[key]) == 2, key
+    assert s["converged"] == [True, True] and max(s["max_nonzeros_per_column"]) <= 3
+    one = otcore.sparse_ot(otcore.PointCloud(torch.from_numpy(np.load(xp)[1]), torch.from_numpy(np.load(yp)[1])),
+                           k=3, gamma=0.5)
+    assert s["value"][1] == pytest.approx(float(one.value), rel=1e-8)
+
+
+def test_solve_eps_default_still_applies(capsys):
+    """--eps defaults to None in the parser so that it can be rejected with --method sparse;
+    sinkhorn and newton still get 0.05."""
+    for method in ("sinkhorn", "newton"):
+        s = run_json(capsys, "--n", "20", "--method", method)
+        assert s["eps"] == 0.05 and s["converged"] is True, method
+
+
+# --------------------------------------------------------------------------- demo input checks
+@pytest.mark.parametrize("flags, message", [
+    (["--n", "0"], "--n must be an integer >= 1, got 0"),
+    (["--n", "-4"], "--n must be an integer >= 1, got -4"),
+    (["--width", "0"], "--width must be an integer >= 1, got 0"),
+    (["--eps", "0"], "--eps must be a finite number > 0, got 0"),
+    (["--eps", "-0.1"], "--eps must be a finite number > 0"),
+    (["--eps", "nan"], "--eps must be a finite number > 0, got nan"),
+    (["--tol", "0"], "--tol must be a finite number > 0"),
+    (["--tol", "inf"], "--tol must be a finite number > 0"),
+    (["--max-iter", "0"], "--max-iter must be an integer >= 1, got 0"),
+])
+def test_demo_bad_values_fail_before_any_work(monkeypatch, flags, message):
+    monkeypatch.setattr(cli, "_load_photo", lambda name: pytest.fail("the demo loaded a photo before checking its flags"))
+    msg = _exit_message(["demo", "--device", "cpu", *flags])
+    assert msg.startswith("error: ") and message in msg, msg
+
+
+def _fake_photos(monkeypatch, shape=(30, 40, 3)):
+    """Small synthetic photos instead of scikit-learn's (no sklearn needed, fast)."""
+    rng = np.random.default_rng(0)
+    photos = {"china.jpg": rng.integers(0, 256, shape, dtype=np.uint8),
+              "flower.jpg": rng.integers(0, 256, shape, dtype=np.uint8)}
+    monkeypatch.setattr(cli, "_load_photo", lambda name: photos[name])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_demo_defaults_only_when_flags_absent(monkeypatch):
+    pytest.importorskip("PIL")
+    _fake_photos(monkeypatch, (500, 700, 3))
+    seen = {}
+    real_resize = cli._resize
+
+    def resize(img, width):
+        seen["width"] = width
+        return real_resize(img, width)
+
+    def solver(geom, **kw):
+        seen["n"], seen["m"], seen["eps"] = geom.n, geom.m, kw["eps"]
+        raise _Stop
+
+    monkeypatch.setattr(cli, "_resize", resize)
+    monkeypatch.setattr(cli, "sinkhorn", solver)
+    with pytest.raises(_Stop):
+        main(["demo", "--device", "cpu"])
+    assert seen == {"width": 320, "n": 2000, "m": 2000, "eps": 0.01}
+    with pytest.raises(_Stop):
+        main(["demo", "--device", "cpu", "--n", "7", "--width", "50", "--eps", "0.3"])
+    assert seen == {"width": 50, "n": 7, "m": 7, "eps": 0.3}
+
+
+def test_demo_reports_pixels_actually_sampled(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("PIL")
+    _fake_photos(monkeypatch, (30, 40, 3))
+    out = tmp_path / "small.png"
+    assert main(["demo", "--device", "cpu", "--n", "100000", "--width", "16", "--eps", "0.05", "--out", str(out)]) == 0
+    rows = dict(re.findall(r"^  (\S.*?)\s{2,}(\S.*)$", capsys.readouterr().out, re.M))
+    assert rows["n = m (pixels sampled)"] == str(16 * 12)  # all of the 16 x 12 resized image, not 100000
+    assert out.exists()
+
+
+# --------------------------------------------------------------------------- docs/cli.md
+def _cli_md_commands() -> list[tuple[int, str]]:
+    """``(line, command)`` of every command in the ```bash blocks of docs/cli.md, comments
+    dropped and backslash continuations joined; ``otcore demo`` commands left out (they
+    take tens of seconds on a CPU; the tests above run the demo small)."""
+    text = (ROOT / "docs/cli.md").read_text(encoding="utf-8")
+    out = []
+    for m in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        first = text.count("\n", 0, m.start()) + 2
+        pending, start = "", None
+        for i, line in enumerate(m.group(1).splitlines()):
+            if start is None:
+                start = first + i
+            pending += line
+            if pending.endswith("\\"):
+                pending = pending[:-1] + " "
+                continue
+            words = shlex.split(pending, comments=True)
+            if words and words[:2] != ["otcore", "demo"]:
+                out.append((start, shlex.join(words)))
+            pending, start = "", None
+    return out
+
+
+def test_cli_md_has_runnable_examples_of_every_method():
+    commands = [c for _, c in _cli_md_commands()]
+    for method in ("sinkhorn", "newton", "sparse"):
+        assert any(c.startswith("otcore solve") and (f"--method {method}" in c or (method == "sinkhorn" and "--method" not in c))
+                   for c in commands), method
+
+
+def test_cli_md_commands_run(capsys, tmp_path, monkeypatch):
+    """Every command of docs/cli.md's bash blocks (but the demo) runs in-process, in order,
+    in an empty folder: ``otcore ...`` through :func:`main`, ``python -c CODE`` by ``exec``.
+    Each solve must converge (a ``ConvergenceWarning`` is an error)."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    for line, command in _cli_md_commands():
+        words = shlex.split(command)
+        where = f"docs/cli.md:{line}: {command}"
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", otcore.ConvergenceWarning)
+            if words[:2] == ["python", "-c"] and len(words) == 3:
+                exec(compile(words[2], where, "exec"), {"__name__": "__cli_md__"})
+                continue
+            argv = words[1:] if words[0] == "otcore" else words[3:] if words[:3] == ["python", "-m", "otcore"] else None
+            assert argv is not None, f"{where}: not an otcore command"
+            if "--device" not in argv and argv and argv[0] == "solve":
+                argv += ["--device", "cpu"]
+            assert main(argv) == 0, where
+        elapsed = time.perf_counter() - t0
+        out = capsys.readouterr().out
+        summary = json.loads(out) if "--json" in argv else dict(re.findall(r"^  (\S+)\s+(\S.*)$", out, re.M))
+        assert summary["converged"] in (True, "True"), (where, out)
+        assert elapsed < 15, f"{where} took {elapsed:.1f} s; keep the examples fast"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -234,7 +593,10 @@ def test_demo_writes_picture_and_table(capsys, tmp_path):
     assert rows["eps"].startswith("0.01")
     assert int(rows["iterations"]) > 0
     err = re.match(r"([0-9.e+-]+) \(tol ([0-9.e+-]+), converged=True\)", rows["marginal error"])
-    assert err and float(err.group(1)) <= float(err.group(2))
+    # the stopping test counts the row residual only (the column one is zero after a column
+    # update, up to rounding); in float32 at eps = 0.01 that rounding is ~1e-6, so the
+    # recomputed error of a converged solve may sit a few percent above tol
+    assert err and float(err.group(1)) <= 1.1 * float(err.group(2))
     assert re.fullmatch(r"[0-9.]+ s", rows["solve time"])
     assert rows["map time"].endswith("pixels through the entropic map)")
     assert (rows["device"], rows["backend"], rows["image"]) == ("cpu", "torch", str(out))

@@ -22,7 +22,8 @@ from otcore import reference_ksparse as R  # noqa: E402
 from otcore.kernels import ksparse as K  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+# NaN or inf arithmetic in the interpreter (even in masked lanes) is an error
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
 def _geom(kind, n, m, d, batch, dtype, seed):

@@ -19,6 +19,9 @@ import otcore  # noqa: E402
 from otcore import triton_ops  # noqa: E402
 from otcore.kernels import plan as KP  # noqa: E402
 
+# NaN or inf arithmetic in the interpreter (even in masked lanes) is an error
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 B, N, M = 2, 37, 53
 EPS = 0.05
 INF = float("inf")

@@ -20,6 +20,9 @@ import otcore  # noqa: E402
 from otcore import reference, triton_ops  # noqa: E402
 from otcore.kernels import softmin as K  # noqa: E402
 
+# NaN or inf arithmetic in the interpreter (even in masked lanes) is an error
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 B, N, M = 2, 37, 53
 INF = float("inf")
 

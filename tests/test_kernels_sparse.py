@@ -20,6 +20,9 @@ import otcore  # noqa: E402
 from otcore import reference_sparse as RS  # noqa: E402
 from otcore.kernels import sparse as KS  # noqa: E402
 
+# NaN or inf arithmetic in the interpreter (even in masked lanes) is an error
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 N, M = 37, 53
 EPS = 0.05
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}

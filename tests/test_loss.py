@@ -15,8 +15,6 @@ T = dict(backend="torch")
 # a solve that does not converge must not pass silently: unexpected warnings fail the test
 pytestmark = pytest.mark.filterwarnings("error::otcore.ConvergenceWarning")
 F64 = torch.float64
-# Self-transport OT(x, x) converges slowly with alternating updates once eps is well
-# below the spacing of the points, so the eps below stay at the points' spacing.
 TIGHT = dict(tol=1e-12, max_iter=5_000, backend="torch")
 
 

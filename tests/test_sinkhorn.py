@@ -177,12 +177,45 @@ def test_identical_clouds_cost_vanishes_as_eps_decreases():
     n = 30
     x = rand(n, 3, seed=11)
     costs = []
-    for eps in (0.3, 0.1, 0.03):  # self-transport converges slowly at smaller eps (POT too)
-        res = otcore.sinkhorn(otcore.PointCloud(x, x.clone()), eps=eps, tol=1e-6, max_iter=20_000, eps_schedule="geometric", **T)
+    for eps in (0.3, 0.1, 0.03):
+        res = otcore.sinkhorn(otcore.PointCloud(x, x), eps=eps, tol=1e-6, max_iter=20_000, eps_schedule="geometric", **T)
         assert res.converged
         assert 0 <= float(res.cost) <= eps * math.log(n) + 1e-6 * 3
         costs.append(float(res.cost))
     assert costs[0] > costs[1] > costs[2]
+
+
+@pytest.mark.parametrize("rho", [None, 0.5])
+@pytest.mark.parametrize("batched", [False, True])
+def test_self_transport_symmetric_update_matches_alternating(rho, batched):
+    """``PointCloud(x, x)`` with ``a is b`` runs the averaged symmetric update; the
+    solution is the one alternating Sinkhorn reaches on the same problem given as two
+    distinct tensors (balanced potentials agree up to the (c, -c) shift, f = g here)."""
+    x = rand(3, 40, 2, seed=21) if batched else rand(40, 2, seed=21)
+    a = rand(*x.shape[:-1], seed=22) + 0.1
+    a = a / a.sum(-1, keepdim=True)
+    kw = dict(eps=0.05, rho=rho, tol=1e-11, max_iter=20_000, **T)
+    sym = otcore.sinkhorn(otcore.PointCloud(x, x), a, a, **kw)
+    alt = otcore.sinkhorn(otcore.PointCloud(x, x.clone()), a, a.clone(), **kw)
+    assert bool(torch.as_tensor(sym.converged).all()) and bool(torch.as_tensor(alt.converged).all())
+    assert torch.equal(sym.f, sym.g)
+    assert sym.info["symmetric"] and not alt.info["symmetric"]
+    torch.testing.assert_close(sym.value, alt.value, rtol=1e-10, atol=1e-13)
+    shift = (alt.f - alt.g) / 2 if rho is None else torch.zeros_like(alt.f)
+    torch.testing.assert_close(sym.f, alt.f - shift, rtol=0, atol=1e-8)
+    torch.testing.assert_close(sym.plan(), alt.plan(), rtol=0, atol=1e-10)
+
+
+def test_self_transport_converges_fast_where_alternating_stalls():
+    """At eps far below the points' spacing alternating updates oscillate between the
+    two sides; the symmetric update converges in tens of iterations."""
+    x = rand(300, 2, seed=23)
+    kw = dict(eps=1e-3, tol=1e-8, **T)
+    sym = otcore.sinkhorn(otcore.PointCloud(x, x), max_iter=200, **kw)
+    assert sym.converged and sym.n_iter <= 100 and sym.marginal_error <= 1e-8
+    with pytest.warns(ConvergenceWarning):
+        alt = otcore.sinkhorn(otcore.PointCloud(x, x.clone()), max_iter=2000, **kw)
+    assert not alt.converged
 
 
 def test_one_dimensional_sorting_closed_form():
@@ -473,7 +506,13 @@ def problems(draw):
         t = torch.tensor(vals, dtype=F64)
         return t / t.sum()
 
-    return x, y, w(n), w(m), draw(st.sampled_from([0.1, 0.5, 2.0])), draw(st.sampled_from(["sqeuclidean", "euclidean"]))
+    cost = draw(st.sampled_from(["sqeuclidean", "euclidean"]))
+    # eps relative to the cost's range: at eps << range the kernel exp(-C/eps) can be
+    # nearly a permutation, where Sinkhorn's rate tends to 1 (a 2x2 problem with
+    # Euclidean costs ~3 and eps = 0.1 took > 20,000 iterations to 1e-9); that case is
+    # covered by test_nearly_permutation_kernel_is_slow_but_reported
+    diam = float(otcore.PointCloud(x, y, cost=cost).diameter())
+    return x, y, w(n), w(m), draw(st.sampled_from([0.2, 0.5, 2.0])) * max(diam, 1e-3), cost
 
 
 @settings(max_examples=20, deadline=None)
@@ -491,3 +530,30 @@ def test_hypothesis_random_problems_match_pot(prob):
     P_pot = pot_plan(a[kr], b[kc], C[kr][:, kc], eps)
     torch.testing.assert_close(P[kr][:, kc], P_pot, rtol=1e-5, atol=1e-9)
     assert float(res.value) == pytest.approx(entropic_objective(P, C, a, b, eps), rel=1e-6, abs=1e-9)
+
+
+def test_nearly_permutation_kernel_is_slow_but_reported():
+    """A case hypothesis found: zero weights leave a 2x2 problem whose kernel is nearly
+    a permutation (off-diagonal plan entries ~6e-6), where Sinkhorn's linear rate is
+    close to 1. A short run must say it did not converge; SNS gets there. Closed form:
+    with uniform 2x2 marginals P = [[h - t, t], [t, h - t]] (h = 1/2) and entropic
+    optimality P00 P11 / (P01 P10) = exp(D / eps), D = C01 + C10 - C00 - C11, so
+    t = h / (1 + exp(D / (2 eps)))."""
+    x = torch.tensor([[-0.86, 1.18, 2.24, 1.44], [-0.79, 0.38, -1.24, 0.0], [-0.81, 0.03, -0.43, -0.61],
+                      [-0.35, 0.01, -0.24, -0.55]], dtype=F64)
+    y = torch.tensor([[-0.66, -0.19, -0.37, 0.5], [-0.25, 0.27, -1.08, 0.4], [0.6, 0.01, -0.31, -0.54],
+                      [0.36, 0.6, 0.74, 0.65], [-0.3, -0.04, -0.2, -0.36]], dtype=F64)
+    a = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=F64)
+    b = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.5], dtype=F64)
+    geom, eps = otcore.PointCloud(x, y, cost="euclidean"), 0.1
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        short = otcore.sinkhorn(geom, a, b, eps=eps, tol=1e-9, max_iter=2000, **T)
+    assert not short.converged and short.marginal_error > 1e-9
+    C = dense_cost(geom)[:2, 3:]
+    D = float(C[0, 1] + C[1, 0] - C[0, 0] - C[1, 1])
+    t = 0.5 / (1 + math.exp(D / (2 * eps)))
+    want = torch.tensor([[0.5 - t, t], [t, 0.5 - t]], dtype=F64)
+    assert 1e-6 < t < 1e-5  # the hard regime
+    res = otcore.sinkhorn_newton(geom, a, b, eps=eps, tol=1e-12, **T)
+    assert res.converged
+    torch.testing.assert_close(res.plan()[:2, 3:], want, rtol=1e-8, atol=1e-15)

@@ -32,6 +32,9 @@ class Problem:
     rho_b: Optional[float]
     backend: str
     precision: str
+    #: self-transport (same cloud and weights on both sides): the optimal potentials
+    #: agree, f = g, and the solver iterates on f alone (see sinkhorn._iterate).
+    symmetric: bool = False
 
     def kw(self):
         return dict(backend=self.backend, precision=self.precision)
@@ -63,7 +66,8 @@ def make_problem(geom, a, b, eps, rho, backend, precision) -> Problem:
     rho_a, rho_b = parse_rho(rho)
     if rho_a is None and rho_b is None:
         _validate.balanced_mass(A, Bw)
-    return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision)
+    symmetric = geom.symmetric and a is b and rho_a == rho_b
+    return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision, symmetric)
 
 
 def check_init(init, geom) -> tuple[torch.Tensor, torch.Tensor]:
