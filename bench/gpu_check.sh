@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# One-call GPU check of otcore: correctness + timings of every bench, each part under
+# its own time limit, all results under $OUT, a compact summary printed last.
+#
+#   OUT=/some/dir bash bench/gpu_check.sh           # on the GPU machine (about 8.5 min at most)
+#   OUT=/tmp/gc bash bench/gpu_check.sh --quick     # dry run of the plumbing on a CPU (interpreter)
+#
+# Parts, in order of priority (budget in seconds on the GPU; see docs/benchmarks.md):
+#   env   environment: versions, GPU, which peers import, copy bandwidth            30
+#   a     kernel correctness + ms/iteration, n = 8192/d3, 32768/d3, 32768/d64,
+#         50000/d64, with torch dense and POT (bench_sinkhorn_kernels.py)          110
+#   a2    the same at n = 1,000,000, d = 3 (otcore only)                             70
+#   b     SinkhornLoss fwd + bwd at n = 10,000, d = 3, checked vs float64            60
+#   c1    SNS vs Sinkhorn (bench_newton.py): clouds, eps 1e-3, n = 4096 then 16384,
+#         float64 (tol 1e-6) then float32 (tol 1e-5); whatever fits              75
+#   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair)   55
+#   d     sparse OT (n = 2048, 8192) + OT router (bench_sparse_ot.py)                70
+#   e     FlashSinkhorn peer timings (+ a second otcore measurement)                 40
+# A part that runs past its budget is killed and the next one starts; each bench writes
+# its results after every size/problem, so a killed part keeps what it finished. Parts
+# are also cut to the time left under GPU_CHECK_TOTAL_S (default 520 s; the driver
+# skips a part with under 15 s left; GPU_CHECK_PART_CAP_S caps every part, for testing the
+# plumbing). POT (CPU) for the sparse-OT speedup runs in the
+# background from the start when importable and is used by part d if it has finished.
+#
+# The repo is used without installing it: otcore/ and kernels/ (the subpackage
+# otcore.kernels) are copied into $WORK/site, which goes first on PYTHONPATH. Peers
+# missing on the GPU machine (POT, geomloss, flash_sinkhorn) can be carried as wheels
+# in .whl/ (docs/benchmarks.md says how); each is installed into $WORK/peers if it fits
+# this Python, else skipped with a note. Nothing else is installed.
+#
+# $OUT gets at most 7 files (the device tool returns 8): gpu_check.log (everything
+# printed), summary.txt, kernels.csv, newton.csv, sparse_ot.json, sinkhorn_kernels.png
+# and raw.tar.gz (every part's own outputs and log, env.json, parts.tsv).
+
+set -u
+cd "$(dirname "$0")/.."
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/otcore_gpu_check.XXXXXX")}
+mkdir -p "$WORK"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+if [ $QUICK = 1 ]; then TOTAL=${GPU_CHECK_TOTAL_S:-1500}; else TOTAL=${GPU_CHECK_TOTAL_S:-520}; fi
+RESERVE=10  # seconds kept for the final summary
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+echo "# otcore gpu_check $( [ $QUICK = 1 ] && echo '(quick, CPU dry run)' ) started $(date -u +%FT%TZ)"
+echo "# OUT=$OUT WORK=$WORK total budget ${TOTAL}s"
+
+# --- otcore from this checkout, without installing it -------------------------------
+SITE=$WORK/site
+rm -rf "$SITE" && mkdir -p "$SITE/otcore"
+cp -r otcore/. "$SITE/otcore/" && rm -rf "$SITE/otcore/kernels" && cp -r kernels "$SITE/otcore/kernels"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+# --- carried peer wheels (.whl/), one at a time so one that does not fit is skipped --
+if ls .whl/*.whl >/dev/null 2>&1; then
+  export PYTHONPATH="$PYTHONPATH:$WORK/peers"
+  for w in .whl/*.whl; do
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/peers" "$w" \
+        >"$WORK/pip.log" 2>&1; then
+      echo "# installed $(basename "$w") into \$WORK/peers"
+    else
+      echo "# note: $(basename "$w") not installed ($(tail -n 1 "$WORK/pip.log"))"
+    fi
+  done
+fi
+
+# --- environment ---------------------------------------------------------------------
+echo "== env"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu --format=csv 2>&1 | head -3
+(cd "$WORK" && timeout 60 "$PY" - "$WORK/env.json") <<'EOF'
+import importlib, json, platform, sys, time
+env = dict(python=sys.version.split()[0], platform=platform.platform())
+import torch, triton
+env.update(torch=torch.__version__, triton=triton.__version__, cuda=torch.cuda.is_available())
+import otcore
+env["otcore"] = f"{otcore.__version__} from {otcore.__file__}"
+if not otcore.__file__.startswith(sys.argv[1].rsplit("/", 1)[0] + "/site/"):
+    print("note: otcore is imported from an installed copy, not this checkout's staged one")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    env.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2**30, 1),
+               capability=f"{p.major}.{p.minor}", torch_cuda=torch.version.cuda)
+    import triton.testing
+    src = torch.empty(2**28, device="cuda")  # 1 GiB, filled (never time zeros)
+    src.uniform_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    env["copy_TBps"] = round(2 * src.numel() * 4 / (ms * 1e-3) / 1e12, 2)  # bytes read + written
+    del src, dst
+for mod in ("ot", "geomloss", "flash_sinkhorn", "sklearn", "scipy", "matplotlib", "numpy"):
+    try:
+        m = importlib.import_module(mod)
+        env[f"peer_{mod}"] = getattr(m, "__version__", "?")
+    except Exception as e:  # noqa: BLE001
+        env[f"peer_{mod}"] = None
+        print(f"note: {mod} not importable ({type(e).__name__}: {e}); the parts that use it skip it")
+for k, v in env.items():
+    print(f"  {k}: {v}")
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+EOF
+echo "# env done at $(elapsed)s"
+
+# --- parts -----------------------------------------------------------------------------
+printf "part\tbudget_s\tused_s\tstatus\n" >"$WORK/parts.tsv"
+summary() { "$PY" bench/gpu_check_summary.py --work "$WORK" --out "$OUT" "$@"; }
+
+run_part() {  # run_part NAME BUDGET_S CMD...
+  local name=$1 budget=$2
+  shift 2
+  local left=$((TOTAL - $(elapsed) - RESERVE))
+  [ "$budget" -gt "$left" ] && budget=$left
+  [ -n "${GPU_CHECK_PART_CAP_S:-}" ] && [ "$budget" -gt "$GPU_CHECK_PART_CAP_S" ] && budget=$GPU_CHECK_PART_CAP_S
+  if [ "$budget" -lt 15 ]; then
+    echo "== part $name SKIPPED: ${left}s left of the total"
+    printf "%s\t%s\t0\tskipped (no time left)\n" "$name" "$budget" >>"$WORK/parts.tsv"
+    return
+  fi
+  mkdir -p "$WORK/$name"
+  echo "== part $name (budget ${budget}s, at $(elapsed)s): $*"
+  local t0 rc status
+  t0=$(date +%s)
+  timeout -k 10 "$budget" "$@" 2>&1 | tee "$WORK/$name/log.txt"
+  rc=${PIPESTATUS[0]}
+  case $rc in
+    0) status=ok ;;
+    124|137) status=TIMEOUT ;;  # killed at its budget; the rows it wrote before are kept
+    *) status="FAILED rc=$rc" ;;
+  esac
+  echo "== part $name: $status after $(( $(date +%s) - t0 ))s"
+  printf "%s\t%s\t%s\t%s\n" "$name" "$budget" "$(( $(date +%s) - t0 ))" "$status" >>"$WORK/parts.tsv"
+  summary --quiet >/dev/null 2>&1 || true  # refresh $OUT, so a call cut short still returns results
+}
+
+K=bench/bench_sinkhorn_kernels.py
+N=bench/bench_newton.py
+S=bench/bench_sparse_ot.py
+POT_REF=bench/data/pot_sparse_ref.json
+DEV_POT_REF=$WORK/pot_ref_device.json
+
+if [ $QUICK = 1 ]; then
+  B=120
+  run_part a  $B "$PY" $K --quick --sizes 64x3 96x17 --skip-loss --out "$WORK/a"
+  run_part a2 $B "$PY" $K --quick --sizes 128x3 --skip-peers --skip-loss --warm-iters 2 --out "$WORK/a2"
+  run_part b  $B "$PY" $K --quick --only-loss --out "$WORK/b"
+  run_part c1 $B "$PY" $N --quick --sweep-only --sizes 64 --eps 1e-3 --dtypes float64 float32 --budget 2 --pot-budget 1 --out "$WORK/c1"
+  run_part c2 $B "$PY" $N --quick --table1-only --table-n 64 --pairs 1 --budget 2 --pot-budget 1 --out "$WORK/c2"
+  run_part d  $B "$PY" $S --sizes 64 --tokens 512 --experts 8 --reps 2 --max-iter 200 --check-max 64 \
+    --pot-ref $POT_REF --out "$WORK/d/sparse_ot.json"
+  run_part e  $B "$PY" $K --quick --sizes 64x3 --peers flash --skip-loss --out "$WORK/e"
+else
+  # POT's sparse-OT reference at n = 2048 runs on the CPU beside the GPU parts
+  if "$PY" -c "import ot" 2>/dev/null; then
+    echo "# POT sparse-OT reference (n = 2048, CPU) started in the background"
+    OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2 timeout $((TOTAL - 60)) \
+      "$PY" $S --pot-only --sizes 2048 --pot-ref "$DEV_POT_REF" >"$WORK/pot_background.log" 2>&1 &
+    POT_PID=$!
+  fi
+  run_part a  110 "$PY" $K --sizes 8192x3 32768x3 32768x64 50000x64 --peers dense pot --skip-loss --out "$WORK/a"
+  run_part a2  70 "$PY" $K --sizes 1000000x3 --skip-peers --skip-loss --warm-iters 3 --out "$WORK/a2"
+  run_part b   60 "$PY" $K --only-loss --out "$WORK/b"
+  run_part c1  75 "$PY" $N --sweep-only --sizes 4096 16384 --eps 1e-3 --dtypes float64 float32 --budget 8 \
+    --pot-budget 4 --out "$WORK/c1"
+  run_part c2  55 "$PY" $N --table1-only --table-n 500 --pairs 1 --budget 6 --pot-budget 3 --out "$WORK/c2"
+  REF=$POT_REF
+  [ -s "$DEV_POT_REF" ] && REF=$DEV_POT_REF
+  run_part d   70 "$PY" $S --sizes 2048 8192 --pot-max 0 --pot-ref "$REF" --reps 3 --out "$WORK/d/sparse_ot.json"
+  run_part e   40 "$PY" $K --sizes 8192x3 32768x3 32768x64 --peers flash --skip-loss --solve-max-n 0 \
+    --warm-iters 2 --out "$WORK/e"
+  if [ -n "${POT_PID:-}" ]; then
+    kill "$POT_PID" 2>/dev/null && echo "# POT background run stopped unfinished (see raw.tar.gz pot_background.log)"
+    wait "$POT_PID" 2>/dev/null
+    cat "$WORK/pot_background.log"
+  fi
+fi
+
+echo "== summary (at $(elapsed)s)"
+summary --plot
+echo "# done in $(elapsed)s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

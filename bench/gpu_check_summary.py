@@ -1,0 +1,228 @@
+"""Merge the outputs of bench/gpu_check.sh's parts and print a compact summary.
+
+    python bench/gpu_check_summary.py --work WORK --out OUT [--plot] [--quiet]
+
+Reads ``WORK/env.json``, ``WORK/parts.tsv`` and each part's results (``a``, ``a2``,
+``b``, ``e``: bench_sinkhorn_kernels ``results.json``; ``c1``, ``c2``: bench_newton
+``newton.json``; ``d``: bench_sparse_ot ``sparse_ot.json``) and writes to OUT:
+``summary.txt``, ``kernels.csv``, ``newton.csv``, ``sparse_ot.json``, ``raw.tar.gz``
+(WORK without the staged packages) and, with ``--plot``, ``sinkhorn_kernels.png``.
+Imports neither torch nor otcore unless ``--plot`` (so it can run after every part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tarfile
+
+KERNEL_PARTS = ("a", "a2", "b", "e")
+NEWTON_PARTS = ("c1", "c2")
+
+
+def load(path, default=None):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return default
+
+
+def fmt(v, spec=".3g", none="-"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return none
+    return format(v, spec)
+
+
+def write_csv(rows, path):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def kernel_rows(work):
+    rows, meta = [], None
+    for part in KERNEL_PARTS:
+        res = load(os.path.join(work, part, "results.json"))
+        if res:
+            meta = meta or res["meta"]
+            rows += [dict(r, part=part) for r in res["rows"]]
+    return rows, meta
+
+
+def section_kernels(rows, say):
+    say("[a/a2/e] Sinkhorn iteration (row + column pass), eps 0.05, ms; floor = 2nm exp2 at 4.2e12/s (TARGETS.md)")
+    sizes = list(dict.fromkeys((r["n"], r["d"]) for r in rows if r["section"] in ("pass_error", "iteration_ms")))
+    if not sizes:
+        say("  no results")
+        return
+    for n, d in sizes:
+        at = [r for r in rows if r["n"] == n and r["d"] == d]
+        err = {r["method"]: r for r in at if r["section"] == "pass_error"}
+        sol = {r["method"]: r for r in at if r["section"] == "solve_error"}
+        line = f"  n={n:<8d} d={d:<3d} pass relerr vs f64 (row/col):"
+        for m in ("fp32", "tf32", "torch dense fp32"):
+            if m in err:
+                line += f" {m} {fmt(err[m]['row_relerr'], '.1e')}/{fmt(err[m]['col_relerr'], '.1e')}"
+        say(line)
+        if sol:
+            say("      full solve vs f64 (f/g/cost): " + "  ".join(
+                f"{m} {fmt(r['f_relerr'], '.1e')}/{fmt(r['g_relerr'], '.1e')}/{fmt(r['cost_relerr'], '.1e')} ({r['n_iter']} it)"
+                for m, r in sol.items()))
+        seen = {}
+        for r in at:
+            if r["section"] == "iteration_ms":
+                seen.setdefault(r["method"], []).append(r)
+        for m, rs in seen.items():
+            r = rs[0]
+            again = f" (again in part {rs[1]['part']}: {rs[1]['ms']:.4g})" if len(rs) > 1 else ""
+            tgt = ""
+            if r.get("target_ms") is not None:
+                tgt = f"  target <= {r['target_ms']:g}: {'met' if r['target_met'] else 'MISSED'}"
+            say(f"      {m:24s} {r['ms']:10.4g} ms  {r['floor_fraction']:7.1%} of floor {r['floor_ms']:.3g}{tgt}{again}")
+
+
+def section_loss(rows, say):
+    n = rows[0]["n"] if rows else "-"
+    say(f"[b] SinkhornLoss fwd+bwd, debiased, n=m={n} d=3 (TARGETS.md at n=10,000, blur 0.05: GeomLoss 73.7 ms on "
+        "an H100, target 20x faster)")
+    chk = [r for r in rows if r["section"] == "loss_check"]
+    tim = [r for r in rows if r["section"] == "loss_fwd_bwd_ms"]
+    if not chk and not tim:
+        say("  no results")
+    for r in chk:
+        say(f"  check vs float64 torch path: value relerr {fmt(r.get('value_relerr'), '.1e')}, "
+            f"grad relerr {fmt(r.get('grad_relerr'), '.1e')}")
+    for r in tim:
+        extra = ""
+        if r.get("target_ms") is not None:
+            extra = f"  target <= {r['target_ms']:.2f} ms: {'met' if r['target_met'] else 'MISSED'}"
+        if r.get("speedup_of_otcore") is not None:
+            extra = (f"  otcore {r['speedup_of_otcore']:.1f}x faster; value/grad relerr vs otcore "
+                     f"{fmt(r['value_relerr_vs_otcore'], '.1e')}/{fmt(r['grad_relerr_vs_otcore'], '.1e')}")
+        say(f"  {r['method']:32s} {r['ms']:9.3f} ms{extra}")
+
+
+def section_newton(rows, say):
+    say("[c1/c2] SNS vs Sinkhorn to L1 marginal error 1e-6 (float32: 1e-5) (TARGETS.md: SNS >= 10x faster at small "
+        "eps, same plan)")
+    if not rows:
+        say("  no results")
+        return
+    for r in rows:
+        extra = ""
+        if r.get("speedup_sns") not in (None, ""):
+            sp = float(r["speedup_sns"])
+            conv = r["converged"] in (True, "True")
+            extra = f" floor {float(r['floor_fraction']):.1%}, SNS {'>=' if not conv else ''}{sp:.1f}x faster"
+        say(f"  {r['problem'][:20]:20s} n={r['n']:<6} eps={float(r['eps']):<8.3g} {r['dtype']:7s} {r['solver'][:22]:22s} "
+            f"{int(r['iters']):>7d} it {float(r['time_s']):8.3f}s err {float(r['marginal_error']):.1e} "
+            f"{'conv' if r['converged'] in (True, 'True') else 'NOT conv'} "
+            f"err64 {fmt(float(r['err64']) if r.get('err64') not in (None, '') else None, '.1e')} "
+            f"|P-Psns| {fmt(float(r['plan_l1_vs_sns']) if r.get('plan_l1_vs_sns') not in (None, '') else None, '.1e')}"
+            f"{extra}")
+
+
+def section_sparse(rows, dev_ref, say):
+    say("[d] sparse OT (k=4, gamma=10; TARGETS.md: >= 100x POT at n=2048) and OT router (target <= 2x softmax top-2)")
+    if not rows:
+        say("  no results")
+        return
+    for r in rows:
+        if r["part"] == "solver":
+            s = (f"  n={r['n']:<6d} ours {r['ours_s']:.3f}s ({r['ours_iters']} it) value {r['ours_value']:.7g}"
+                 f" | {r['eval_ms']:.3f} ms/eval = {r['floor_fraction']:.1%} of one read of C")
+            if r.get("value_relerr_vs_f64") is not None:
+                s += f" | vs f64 {r['value_relerr_vs_f64']:.1e}"
+            if r.get("pot_value") is not None:
+                reached = r.get("ours_to_pot_value_s")
+                key = f"n={r['n']},k={r['k']},gamma={r['gamma']:g},seed=0"
+                pot_s, src = r["pot_s"], r["pot_source"]
+                if key in dev_ref:  # POT measured on this machine in the background
+                    pot_s, src = dev_ref[key]["pot_s"], "this machine"
+                sp = f"{pot_s / reached:.0f}x" if reached else "POT's value not reached"
+                s += f" | POT {pot_s:.1f}s ({src[:40]}) -> {sp}"
+            say(s)
+        else:
+            say(f"  router T={r['tokens']:<6d} E={r['experts']:<4d} {r['mode']:8s} softmax {r['softmax_top2_ms']:8.3f} ms"
+                f"  OT {r['ot_ms']:9.3f} ms ({r['ot_iters']} it)  ratio {r['ratio']:6.1f}"
+                f"  check {'ok' if r.get('check_ok') else 'FAILED'} ({fmt(r.get('check_deviation'), '.1e')})")
+
+
+def make_tar(work, path):
+    with tarfile.open(path, "w:gz") as tar:
+        for name in sorted(os.listdir(work)):
+            if name not in ("site", "peers"):
+                tar.add(os.path.join(work, name), arcname=name)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--plot", action="store_true", help="also draw sinkhorn_kernels.png (imports torch)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    buf = io.StringIO()
+
+    def say(line=""):
+        buf.write(line + "\n")
+
+    env = load(os.path.join(args.work, "env.json"), {})
+    peers = ", ".join(f"{k[5:]} {v or 'MISSING'}" for k, v in env.items() if k.startswith("peer_"))
+    say(f"== otcore gpu_check: {env.get('gpu', 'no GPU')} ({env.get('sms', '-')} SMs, "
+        f"copy {env.get('copy_TBps', '-')} TB/s measured), torch {env.get('torch')}, triton {env.get('triton')}, "
+        f"python {env.get('python')}")
+    say(f"   peers: {peers}")
+    try:
+        with open(os.path.join(args.work, "parts.tsv")) as fh:
+            parts = list(csv.DictReader(fh, delimiter="\t"))
+    except OSError:
+        parts = []
+    say("   parts: " + " | ".join(f"{p['part']} {p['status']} {p['used_s']}/{p['budget_s']}s" for p in parts))
+
+    krows, meta = kernel_rows(args.work)
+    section_kernels([r for r in krows if r["part"] != "b"], say)
+    section_loss([r for r in krows if r["part"] == "b" or r["section"].startswith("loss")], say)
+    nrows = []
+    for part in NEWTON_PARTS:
+        res = load(os.path.join(args.work, part, "newton.json"))
+        if res:
+            nrows += res["rows"]
+    section_newton(nrows, say)
+    srows = load(os.path.join(args.work, "d", "sparse_ot.json"), [])
+    section_sparse(srows, load(os.path.join(args.work, "pot_ref_device.json"), {}), say)
+
+    text = buf.getvalue()
+    with open(os.path.join(args.out, "summary.txt"), "w") as fh:
+        fh.write(text)
+    if krows:
+        write_csv(krows, os.path.join(args.out, "kernels.csv"))
+    if nrows:
+        write_csv(nrows, os.path.join(args.out, "newton.csv"))
+    if srows:
+        shutil.copyfile(os.path.join(args.work, "d", "sparse_ot.json"), os.path.join(args.out, "sparse_ot.json"))
+    make_tar(args.work, os.path.join(args.out, "raw.tar.gz"))
+    if args.plot and krows:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        try:
+            from bench_sinkhorn_kernels import plot
+
+            plot(krows, os.path.join(args.out, "sinkhorn_kernels.png"), meta or {"device": "?"})
+        except Exception as e:  # noqa: BLE001 - the summary matters more than the picture
+            print(f"plot failed: {type(e).__name__}: {e}")
+    if not args.quiet:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
