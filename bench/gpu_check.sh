@@ -11,11 +11,13 @@
 #         50000/d64, with torch dense and POT (bench_sinkhorn_kernels.py)          110
 #   a2    the same at n = 1,000,000, d = 3 (otcore only)                             70
 #   b     SinkhornLoss fwd + bwd at n = 10,000, d = 3, checked vs float64            60
+#   l     latency-bound workloads (SwAV 3000x4096, MoE 4096x64, B = 16384 of 4x4 and
+#         64x64), plain torch vs otcore eager vs cuda_graph=True (bench_latency.py)  30
 #   c1    SNS vs Sinkhorn (bench_newton.py): clouds, eps 1e-3, n = 4096 then 16384,
 #         float64 (tol 1e-6) then float32 (tol 1e-5); whatever fits              75
-#   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair)   55
+#   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair)   40
 #   d     sparse OT (n = 2048, 8192) + OT router (bench_sparse_ot.py)                70
-#   e     FlashSinkhorn peer timings (+ a second otcore measurement)                 40
+#   e     FlashSinkhorn peer timings (+ a second otcore measurement)                 25
 # A part that runs past its budget is killed and the next one starts; each bench writes
 # its results after every size/problem, so a killed part keeps what it finished. Parts
 # are also cut to the time left under GPU_CHECK_TOTAL_S (default 520 s; the driver
@@ -143,6 +145,7 @@ run_part() {  # run_part NAME BUDGET_S CMD...
 K=bench/bench_sinkhorn_kernels.py
 N=bench/bench_newton.py
 S=bench/bench_sparse_ot.py
+L=bench/bench_latency.py
 POT_REF=bench/data/pot_sparse_ref.json
 DEV_POT_REF=$WORK/pot_ref_device.json
 
@@ -151,6 +154,7 @@ if [ $QUICK = 1 ]; then
   run_part a  $B "$PY" $K --quick --sizes 64x3 96x17 --skip-loss --out "$WORK/a"
   run_part a2 $B "$PY" $K --quick --sizes 128x3 --skip-peers --skip-loss --warm-iters 2 --out "$WORK/a2"
   run_part b  $B "$PY" $K --quick --only-loss --out "$WORK/b"
+  run_part l  $B "$PY" $L --quick --out "$WORK/l"
   run_part c1 $B "$PY" $N --quick --sweep-only --sizes 64 --eps 1e-3 --dtypes float64 float32 --budget 2 --pot-budget 1 --out "$WORK/c1"
   run_part c2 $B "$PY" $N --quick --table1-only --table-n 64 --pairs 1 --budget 2 --pot-budget 1 --out "$WORK/c2"
   run_part d  $B "$PY" $S --sizes 64 --tokens 512 --experts 8 --reps 2 --max-iter 200 --check-max 64 \
@@ -167,13 +171,14 @@ else
   run_part a  110 "$PY" $K --sizes 8192x3 32768x3 32768x64 50000x64 --peers dense pot --skip-loss --out "$WORK/a"
   run_part a2  70 "$PY" $K --sizes 1000000x3 --skip-peers --skip-loss --warm-iters 3 --out "$WORK/a2"
   run_part b   60 "$PY" $K --only-loss --out "$WORK/b"
+  run_part l   30 "$PY" $L --out "$WORK/l"
   run_part c1  75 "$PY" $N --sweep-only --sizes 4096 16384 --eps 1e-3 --dtypes float64 float32 --budget 8 \
     --pot-budget 4 --out "$WORK/c1"
-  run_part c2  55 "$PY" $N --table1-only --table-n 500 --pairs 1 --budget 6 --pot-budget 3 --out "$WORK/c2"
+  run_part c2  40 "$PY" $N --table1-only --table-n 500 --pairs 1 --budget 5 --pot-budget 2 --out "$WORK/c2"
   REF=$POT_REF
   [ -s "$DEV_POT_REF" ] && REF=$DEV_POT_REF
   run_part d   70 "$PY" $S --sizes 2048 8192 --pot-max 0 --pot-ref "$REF" --reps 3 --out "$WORK/d/sparse_ot.json"
-  run_part e   40 "$PY" $K --sizes 8192x3 32768x3 32768x64 --peers flash --skip-loss --solve-max-n 0 \
+  run_part e   25 "$PY" $K --sizes 8192x3 32768x3 32768x64 --peers flash --skip-loss --solve-max-n 0 \
     --warm-iters 2 --out "$WORK/e"
   if [ -n "${POT_PID:-}" ]; then
     kill "$POT_PID" 2>/dev/null && echo "# POT background run stopped unfinished (see raw.tar.gz pot_background.log)"

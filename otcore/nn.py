@@ -37,7 +37,7 @@ class SinkhornLoss(nn.Module):
         reduction: ``"mean"`` / ``"sum"`` over the batch, or ``"none"``.
         rho: None (balanced) or KL marginal penalty (unbalanced divergence).
         eps_schedule: eps scaling for each solve (default ``"geometric"``).
-        tol, max_iter, backend, precision: passed to :func:`otcore.sinkhorn`.
+        tol, max_iter, backend, precision, cuda_graph: passed to :func:`otcore.sinkhorn`.
 
     Shapes: ``x`` ``(n, d)`` or ``(B, n, d)``, ``y`` ``(m, d)`` or ``(B, m, d)``,
     optional weights ``a`` ``(n,)``/``(B, n)`` and ``b`` ``(m,)``/``(B, m)``.
@@ -61,6 +61,7 @@ class SinkhornLoss(nn.Module):
         max_iter: int = 1000,
         backend: str = "auto",
         precision: str = "fp32",
+        cuda_graph: bool = False,
     ):
         super().__init__()
         self.eps = _validate.positive("eps", eps)
@@ -69,7 +70,7 @@ class SinkhornLoss(nn.Module):
         self.reduction = _validate.choice("reduction", reduction, ("mean", "sum", "none"))
         self.solver_kw = dict(
             eps=self.eps, rho=rho, eps_schedule=eps_schedule, tol=tol, max_iter=max_iter,
-            backend=backend, precision=precision, verbose=False,
+            backend=backend, precision=precision, cuda_graph=cuda_graph, verbose=False,
         )
 
     # torch.compile: the solve (data-dependent loop, host checks) is one opaque call;

@@ -1,0 +1,149 @@
+"""Latency-bound Sinkhorn workloads: small problems, where launches cost more than math.
+
+    python bench/bench_latency.py                  # on a GPU: the workloads below
+    python bench/bench_latency.py --quick          # tiny versions on the CPU (torch backend)
+
+Workloads (TARGETS.md / issue 3, item 4), each run for a fixed number of iterations:
+
+- ``swav``: SwAV-style assignment, ``C = -scores`` of 3000 features x 4096 prototypes
+  (unit vectors, d = 128), eps = 0.05, 3 iterations (a full solve in SwAV).
+- ``moe``: 4096 tokens x 64 experts, ``C = -scores``, eps = 0.05, 30 iterations.
+- ``tiny4`` / ``tiny64``: B = 16,384 problems of 4 x 4 / 64 x 64 points in 3-D,
+  eps = 0.05, 30 iterations, one batched call.
+
+Methods: a plain torch log-domain loop on the materialised cost (``torch.logsumexp``,
+no convergence checks: the least a user would write), ``otcore.sinkhorn`` eager, and
+``otcore.sinkhorn(cuda_graph=True)`` (blocks of ``check_every - 1`` iterations replayed
+from CUDA graphs). Before timing, otcore's potentials are compared with the plain loop's
+after the same iterations (relative to the cost's scale). Times: median over
+``--reps`` calls, CUDA events on the GPU, wall clock on the CPU. Writes ``latency.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+import otcore
+
+EPS = 0.05
+
+
+def workloads(quick: bool, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def unit(*shape):
+        v = torch.randn(*shape, generator=g)
+        return (v / v.norm(dim=-1, keepdim=True)).to(device)
+
+    s = (lambda n: max(2, n // 64)) if quick else (lambda n: n)
+    feats, protos = unit(s(3000), 128), unit(s(4096), 128)
+    tokens, experts = unit(s(4096), 32), unit(64, 32)
+    B = s(16384)
+    return [
+        ("swav", otcore.CostMatrix(-(feats @ protos.T)), 3),
+        ("moe", otcore.CostMatrix(-(tokens @ experts.T)), 30),
+        ("tiny4", otcore.PointCloud(torch.rand(B, 4, 3, generator=g).to(device),
+                                    torch.rand(B, 4, 3, generator=g).to(device)), 30),
+        ("tiny64", otcore.PointCloud(torch.rand(B, 64, 3, generator=g).to(device),
+                                     torch.rand(B, 64, 3, generator=g).to(device)), 30),
+    ]
+
+
+def dense_cost(geom) -> torch.Tensor:
+    return geom.C if geom.is_dense else torch.cdist(geom.x, geom.y) ** 2
+
+
+def plain_torch(C: torch.Tensor, n_iter: int):
+    """Log-domain Sinkhorn on a dense (B, n, m) cost, uniform weights, no checks."""
+    B, n, m = C.shape
+    loga, logb = -math.log(n), -math.log(m)
+    f = C.new_zeros(B, n)
+    g = C.new_zeros(B, m)
+    for _ in range(n_iter):
+        f = -EPS * torch.logsumexp((g[:, None, :] + EPS * logb - C) / EPS, dim=2)
+        g = -EPS * torch.logsumexp((f[:, :, None] + EPS * loga - C) / EPS, dim=1)
+    return f, g
+
+
+def ours(geom, n_iter: int, cuda_graph: bool, backend: str):
+    with warnings.catch_warnings():  # a fixed iteration count: not converging is expected
+        warnings.simplefilter("ignore", otcore.ConvergenceWarning)
+        r = otcore.sinkhorn(geom, eps=EPS, tol=1e-30, max_iter=n_iter, cuda_graph=cuda_graph, backend=backend,
+                            verbose=False)
+    return r.f, r.g
+
+
+def time_ms(fn, device, reps: int) -> float:
+    fn()  # warm-up: compilation, graph recording
+    runs = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            runs.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(runs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per method (default 20 GPU, 2 CPU)")
+    ap.add_argument("--out", default=os.path.join("out", "bench_latency"))
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "triton" if device.type == "cuda" else "torch"
+    reps = args.reps or (20 if device.type == "cuda" else 2)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# latency-bound workloads on {name}, torch {torch.__version__}, otcore backend {backend}, eps {EPS}")
+    rows = []
+    head = f"{'workload':8} {'shape':>18} {'iters':>5} {'max err':>8} {'torch ms':>9} {'otcore ms':>10} {'graph ms':>9} {'vs torch':>8}"
+    print(head)
+    for wl, geom, n_iter in workloads(args.quick, device):
+        shape = f"{geom.batch}x{geom.n}x{geom.m}"
+        C = dense_cost(geom)
+        f0, g0 = plain_torch(C, n_iter)
+        scale = float(C.abs().max())
+        errs = []
+        for graph in (False, True):
+            f, g = ours(geom, n_iter, graph, backend)
+            # balanced potentials are defined up to (f + c, g - c): compare f + g's shape
+            shift = (f - f0).mean(-1, keepdim=True)
+            errs.append(float(torch.maximum((f - f0 - shift).abs().amax(), (g - g0 + shift).abs().amax())) / scale)
+        err = max(errs)
+        t_torch = time_ms(lambda: plain_torch(C, n_iter), device, reps)
+        t_ours = time_ms(lambda: ours(geom, n_iter, False, backend), device, reps)
+        t_graph = time_ms(lambda: ours(geom, n_iter, True, backend), device, reps)
+        best = min(t_ours, t_graph)
+        print(f"{wl:8} {shape:>18} {n_iter:>5} {err:8.1e} {t_torch:9.3f} {t_ours:10.3f} {t_graph:9.3f} "
+              f"{t_torch / best:7.2f}x", flush=True)
+        rows.append(dict(workload=wl, shape=shape, iters=n_iter, max_rel_err=err, torch_ms=t_torch,
+                         otcore_ms=t_ours, otcore_graph_ms=t_graph, speedup_vs_torch=t_torch / best,
+                         device=name, ok=err < 1e-4))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "latency.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    bad = [r["workload"] for r in rows if not r["ok"]]
+    print(f"wrote {args.out}/latency.csv" + (f"; CHECK FAILED for {bad}" if bad else "; all checks passed"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

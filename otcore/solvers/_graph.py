@@ -1,0 +1,84 @@
+"""Blocks of Sinkhorn iterations replayed from CUDA graphs.
+
+Small problems (a few thousand points, or large batches of tiny ones) are bound by
+launch latency, not by the GPU: an iteration is ~10 kernel launches of a few
+microseconds of work each, and the Python that issues them costs more than the
+kernels. Between two convergence checks the iterations need no host decision, so
+the solver hands each such block to :class:`GraphedBlock`, which records the block's
+kernels once per block length into a CUDA graph and then replays it: one launch per
+block, whatever its length.
+
+A graph reads and writes fixed addresses, so each recorded block owns static input
+buffers (``f``, ``g`` and the per-problem ``active`` mask) that are filled before a
+replay, and static outputs that are copied out after it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+#: ``block(f, g, active, k) -> (f, g)``: ``k`` iterations, potentials frozen where
+#: ``active`` is False. Must be functional (new output tensors, inputs untouched).
+Block = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple]
+
+
+def capture_cuda(block: Block, f, g, active, k: int):
+    """Record ``block(f, g, active, k)`` into a CUDA graph; returns ``(replay, outputs)``.
+
+    A one-iteration run on a side stream first compiles and caches the kernels and
+    their constants (nothing may be compiled, allocated on the host or synchronised
+    while a graph is recorded); torch asks for that warm-up on a side stream.
+    """
+    device = f.device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        block(f, g, active, 1)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = block(f, g, active, k)
+    return graph.replay, out
+
+
+class GraphedBlock:
+    """``block`` with each length ``k >= 2`` replayed from its own recorded graph.
+
+    ``capture(block, f, g, active, k) -> (replay, (f_out, g_out))`` records one block
+    on static inputs ``f, g, active``; :func:`capture_cuda` on the GPU (tests pass an
+    emulation). If recording fails, the block runs eagerly from then on, with a warning.
+    """
+
+    def __init__(self, block: Block, capture=capture_cuda):
+        self.block, self.capture = block, capture
+        self.recorded: dict[int, tuple] = {}
+        self.failed = False
+
+    def __call__(self, f, g, active, k: int):
+        if self.failed or k < 2:
+            return self.block(f, g, active, k)
+        entry = self.recorded.get(k)
+        if entry is None:
+            static = (f.clone(), g.clone(), active.clone())
+            try:
+                replay, out = self.capture(self.block, *static, k)
+            except RuntimeError as e:  # e.g. an op that cannot be recorded: run eagerly
+                self.failed = True
+                warnings.warn(f"cuda_graph: recording the Sinkhorn iterations failed ({e}); running them eagerly",
+                              RuntimeWarning, stacklevel=3)
+                return self.block(f, g, active, k)
+            entry = self.recorded[k] = (replay, static, out)
+        replay, (sf, sg, sa), (of, og) = entry
+        sf.copy_(f)
+        sg.copy_(g)
+        sa.copy_(active)
+        replay()
+        return of.clone(), og.clone()
+
+
+def graphed(block: Block, device: torch.device):
+    """``block`` replayed from CUDA graphs on a CUDA device; unchanged elsewhere."""
+    return GraphedBlock(block) if device.type == "cuda" else block
