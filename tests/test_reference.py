@@ -2,15 +2,20 @@
 
 The oracle below builds the whole cost matrix from explicit coordinate
 differences in float64 and evaluates every primitive from its definition
-(``P_ij = exp((F_i + G_j - C_ij)/eps)`` with biased potentials F, G). The
-blocked path is exercised by shrinking ``reference.BLOCK_ELEMENTS`` so that
-the 37 x 53 problems are cut into many (ragged) blocks.
+(``P_ij = exp((F_i + G_j - C_ij)/eps)`` with biased potentials F, G). Three
+regimes (the ``blocked`` fixture): one block; *streamed*, where shrinking
+``reference.BLOCK_ELEMENTS`` makes the point clouds' cost computed tile by
+tile in reused buffers and cut into many ragged blocks; and *tiled*, where
+shrinking only ``reference.TILE_ELEMENTS`` reads a held cost (a cost matrix,
+or a point cloud's cached cost) in many row and (transposed) column tiles.
 """
 
 import math
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import otcore
 from otcore import reference
@@ -28,14 +33,18 @@ def cost64(x, y, cost):
     return sq if cost == "sqeuclidean" else sq.sqrt()
 
 
-def make_case(kind, d, batch, dtype=torch.float64, seed=0):
-    """Geometry, dense float64 cost (B, n, m) and biased potentials F (B, n), G (B, m)."""
+def make_case(kind, d, batch, dtype=torch.float64, seed=0, n=N, m=M, offset=0.0):
+    """Geometry, dense float64 cost (B, n, m) and biased potentials F (B, n), G (B, m).
+
+    ``offset`` shifts both clouds (the cost does not change); the oracle's cost is
+    computed from the coordinates as the geometry holds them (rounded to ``dtype``).
+    """
     g = torch.Generator().manual_seed(seed)
     B = batch or 1
-    x = torch.rand(B, N, d, generator=g, dtype=torch.float64)
-    y = torch.rand(B, M, d, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    x = (torch.rand(B, n, d, generator=g, dtype=torch.float64) + offset).to(dtype).double()
+    y = (torch.rand(B, m, d, generator=g, dtype=torch.float64) * 0.9 + 0.05 + offset).to(dtype).double()
     if kind == "matrix":
-        C = torch.rand(B, N, M, generator=g, dtype=torch.float64)
+        C = torch.rand(B, n, m, generator=g, dtype=torch.float64)
         geom = otcore.CostMatrix((C if batch else C[0]).to(dtype))
         inputs = (C,)
     else:
@@ -43,8 +52,8 @@ def make_case(kind, d, batch, dtype=torch.float64, seed=0):
         geom = otcore.PointCloud((x if batch else x[0]).to(dtype), (y if batch else y[0]).to(dtype), cost=kind)
         inputs = (x, y)
     # potentials around the cost scale so that the plan has entries of many magnitudes
-    F = (torch.randn(B, N, generator=g, dtype=torch.float64) * 0.1 + 0.2).to(dtype)
-    G = (torch.randn(B, M, generator=g, dtype=torch.float64) * 0.1 + 0.2).to(dtype)
+    F = (torch.randn(B, n, generator=g, dtype=torch.float64) * 0.1 + 0.2).to(dtype)
+    G = (torch.randn(B, m, generator=g, dtype=torch.float64) * 0.1 + 0.2).to(dtype)
     return geom, C, F, G, inputs
 
 
@@ -75,10 +84,14 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=[False, True], ids=["one-block", "blocked"])
+@pytest.fixture(params=["one-block", "streamed", "tiled"])
 def blocked(request, monkeypatch):
-    if request.param:
+    """``streamed``: point clouds too large to hold, cost computed tile by tile;
+    ``tiled``: costs held whole (matrix, cached cloud cost) but read in small tiles."""
+    if request.param == "streamed":
         monkeypatch.setattr(reference, "BLOCK_ELEMENTS", TINY_BLOCK)
+    elif request.param == "tiled":
+        monkeypatch.setattr(reference, "TILE_ELEMENTS", TINY_BLOCK)
     return request.param
 
 
@@ -139,27 +152,89 @@ def test_plan_cost_grad_matches_autograd_of_dense_formula(kind, d, batch, blocke
         close(g_got, leaf.grad)
 
 
-def test_blocked_path_never_builds_the_full_cost(monkeypatch):
-    """With a tiny block limit every cost block of a point cloud stays within it."""
-    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", TINY_BLOCK)
-    geom, C, F, G, _ = make_case("sqeuclidean", 3, 2)
-    sizes = []
+def test_streamed_path_never_asks_for_a_cost_block(monkeypatch):
+    """A streamed point cloud computes its cost itself, tile by tile; a held cost is read
+    from ``geom.cost_block()`` (the geometry's cache), once per primitive call."""
+    geom, *_ = make_case("sqeuclidean", 3, 2)
+    F, G = torch.zeros(2, N, dtype=torch.float64), torch.zeros(2, M, dtype=torch.float64)
+    calls = []
     orig = geom.cost_block
 
     def spy(rows=slice(None), cols=slice(None)):
-        out = orig(rows, cols)
-        sizes.append(out.numel())
-        return out
+        calls.append((rows, cols))
+        return orig(rows, cols)
 
     geom.cost_block = spy
-    geom.softmin(G, EPS, 1)
-    geom.softmin(F, EPS, 0)
-    geom.marginals(F, G, EPS, 1)
-    geom.plan_cost(F, G, EPS)
+    run = [
+        lambda: geom.softmin(G, EPS, 1),
+        lambda: geom.softmin(F, EPS, 0),
+        lambda: geom.marginals(F, G, EPS, 0),
+        lambda: geom.plan_cost(F, G, EPS),
+        lambda: geom.plan_topk(F, G, EPS, 2),
+    ]
+    for f in run:
+        f()
+    assert calls == [(slice(None), slice(None))] * len(run)
+    calls.clear()
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", TINY_BLOCK)
+    for f in run:
+        f()
     geom.plan_cost_grad(F, G, EPS)
-    assert len(sizes) > 8
-    # a block holds at most one row (column) per problem beyond the limit: max(limit, B * other)
-    assert max(sizes) <= max(TINY_BLOCK, 2 * max(N, M)) < 2 * N * M
+    assert calls == []
+
+
+class FreshAllocations(TorchDispatchMode):
+    """Records the number of elements of every tensor an op creates (an output whose
+    storage is none of the op's inputs'; ``out=`` and in-place results are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        leaves = pytree.tree_leaves((args, kwargs))
+        given = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                self.sizes.append(t.numel())
+        return out
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streamed_primitives_allocate_their_tiles_once_per_call(cost, dtype, monkeypatch):
+    """Streaming 2 x 301 x 397 in ~13 ragged blocks per pass: each call allocates its 2-3
+    work tiles once, every other tensor it creates is a vector-sized result, and the
+    results still match the float64 oracle."""
+    n, m, d, B, limit = 301, 397, 3, 2, 20_000
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", limit)
+    geom, C, F, G, _ = make_case(cost, d, B, dtype=dtype, n=n, m=m)
+    P = plan64(C, F, G, EPS)
+    gen = torch.Generator().manual_seed(1)
+    V = torch.rand(B, m, 4, generator=gen, dtype=torch.float64).to(dtype)  # >= 0: no cancellation in P V
+    big = 5_000  # > any vector-sized tensor here (<= 2 * 397 * 4), < a full tile (~20,000)
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-5, 1e-6)
+    checks = [  # (name, call, tiles it may allocate, oracle)
+        ("softmin rows", lambda: geom.softmin(G, EPS, 1), 2, softmin64(C, G, EPS, 1)),
+        ("softmin cols", lambda: geom.softmin(F, EPS, 0), 2, softmin64(C, F, EPS, 0)),
+        ("marginals", lambda: geom.marginals(F, G, EPS, 0), 2, P.sum(1)),
+        ("apply_plan", lambda: geom.apply_plan(F, G, EPS, V, 1), 2, P @ V.double()),
+        ("plan_cost", lambda: geom.plan_cost(F, G, EPS), 3, (P * C).sum((1, 2))),
+        ("plan_topk", lambda: geom.plan_topk(F, G, EPS, 3)[0], 2, torch.topk(P, 3, dim=2).values),
+    ]
+    for name, call, tiles, want in checks:
+        with FreshAllocations() as spy:
+            got = call()
+        large = [k for k in spy.sizes if k >= big]
+        assert len(large) <= tiles, (name, large)
+        assert max(spy.sizes) <= limit, name
+        close(got, want, rtol=rtol, atol=atol)
+    with FreshAllocations() as spy:
+        geom.plan_cost_grad(F, G, EPS)
+    assert len([k for k in spy.sizes if k >= big]) <= 2 * (3 if cost == "euclidean" else 2)
+    assert max(spy.sizes) <= limit
 
 
 # ----------------------------------------------------------------------------- special values
@@ -182,6 +257,58 @@ def test_zero_weight_biases_give_zero_rows_and_are_ignored_by_softmin(kind, bloc
     close(geom.plan_cost(F, G, EPS), (P * C).sum((1, 2)))
 
 
+@pytest.mark.parametrize("kind", ["sqeuclidean", "euclidean"])
+def test_softmin_line_of_all_zero_weights_gives_inf(kind, blocked):
+    """Every ``h`` of a line -inf (problem 1 has no mass at all): +inf, as -eps logsumexp gives."""
+    geom, C, F, G, _ = make_case(kind, 3, 2)
+    G = G.clone()
+    G[1] = -float("inf")
+    s = geom.softmin(G, EPS, 1)
+    close(s[0], softmin64(C, G, EPS, 1)[0])
+    assert (s[1] == float("inf")).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["sqeuclidean", "euclidean"])
+def test_coordinates_far_from_the_origin_keep_their_accuracy(kind, dtype, blocked):
+    """Clouds offset by 1000: differences are taken before squaring, so the float32 cost
+    keeps ~1e-7 relative accuracy (the |x|^2 + |y|^2 - 2xy expansion loses ~all of it,
+    checked below so that the tolerance means something)."""
+    geom, C, F, G, _ = make_case(kind, 3, 2, dtype=dtype, offset=1000.0)
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-5, 1e-6)
+    close(geom.softmin(G, EPS, 1), softmin64(C, G, EPS, 1), rtol=rtol, atol=atol)
+    close(geom.softmin(F, EPS, 0), softmin64(C, F, EPS, 0), rtol=rtol, atol=atol)
+    P = plan64(C, F, G, EPS)
+    close(geom.marginals(F, G, EPS, 1), P.sum(2), rtol=10 * rtol, atol=atol)
+    close(geom.plan_cost(F, G, EPS), (P * C).sum((1, 2)), rtol=10 * rtol, atol=atol)
+    if dtype == torch.float32:
+        x, y = geom.x, geom.y
+        sq = (x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2 * x @ y.transpose(1, 2)
+        naive = sq.clamp(min=0) if kind == "sqeuclidean" else sq.clamp(min=0).sqrt()
+        assert float((naive.double() - C).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("n,m,d", [(1, 5, 3), (6, 1, 2), (1, 1, 1), (37, 53, 1)])
+@pytest.mark.parametrize("kind", ["sqeuclidean", "euclidean"])
+def test_degenerate_shapes(n, m, d, kind, blocked):
+    """Single points and one-dimensional clouds, batched, in every regime (BLOCK_ELEMENTS
+    below one line still processes one line per block)."""
+    geom, C, F, G, inputs = make_case(kind, d, 2, n=n, m=m, seed=3)
+    P = plan64(C, F, G, EPS)
+    close(geom.softmin(G, EPS, 1), softmin64(C, G, EPS, 1))
+    close(geom.softmin(F, EPS, 0), softmin64(C, F, EPS, 0))
+    close(geom.marginals(F, G, EPS, 0), P.sum(1))
+    close(geom.apply_plan(F, G, EPS, G, 1), (P @ G[..., None].double())[..., 0])
+    close(geom.plan_cost(F, G, EPS), (P * C).sum((1, 2)))
+    vals, idx = geom.plan_topk(F, G, EPS, 1)
+    close(vals[..., 0], P.amax(2))
+    x, y = (t.clone().requires_grad_(True) for t in inputs)
+    (plan64(C, F, G, EPS) * cost64(x, y, kind)).sum().backward()
+    gx, gy = geom.plan_cost_grad(F, G, EPS)
+    close(gx, x.grad)
+    close(gy, y.grad)
+
+
 def test_softmin_is_stable_for_tiny_eps():
     """Log-domain: eps far below the cost scale gives the hard minimum, not inf/nan."""
     geom, C, F, G, _ = make_case("sqeuclidean", 3, None)
@@ -194,7 +321,7 @@ def test_softmin_is_stable_for_tiny_eps():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_float32_geometry_matches_float64_oracle(kind):
+def test_float32_geometry_matches_float64_oracle(kind, blocked):
     geom, C, F, G, _ = make_case(kind, 3, 2, dtype=torch.float32)
     assert geom.dtype == torch.float32
     out = geom.softmin(G, EPS, 1)
