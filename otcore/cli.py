@@ -209,6 +209,7 @@ _METHOD_FLAGS = {
     "rho": ("sinkhorn",),
     "eps_schedule": ("sinkhorn",),
     "check_every": ("sinkhorn",),
+    "cuda_graph": ("sinkhorn",),
     "warmup_iter": ("newton",),
     "sparsity": ("newton",),
     "k": ("sparse",),
@@ -283,7 +284,8 @@ def run_solve(args) -> int:
     if args.method == "sinkhorn":
         solver = sinkhorn
         kw.update(eps=eps, rho=args.rho, eps_schedule=_schedule(args.eps_schedule),
-                  check_every=args.check_every if args.check_every is not None else 10)
+                  check_every=args.check_every if args.check_every is not None else 10,
+                  cuda_graph=bool(args.cuda_graph))
     elif args.method == "newton":
         solver = sinkhorn_newton
         kw.update(eps=eps, sparsity=args.sparsity)
@@ -369,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rho", type=float, default=None, help="KL marginal penalty (unbalanced; sinkhorn only)")
     e.add_argument("--eps-schedule", default=None, help="none | geometric | decay factor in (0,1) (sinkhorn only)")
     e.add_argument("--check-every", type=int, default=None, help="iterations between convergence checks (sinkhorn only; default 10)")
+    e.add_argument("--cuda-graph", action="store_const", const=True, default=None,
+                   help="replay the iterations between checks from a CUDA graph (sinkhorn only; CUDA tensors)")
     e.add_argument("--warmup-iter", type=int, default=None, help="cap on Sinkhorn warm-up iterations (newton only; default 20)")
     e.add_argument("--sparsity", type=int, default=None, help="plan entries kept per row in the Hessian (newton only; default adaptive)")
     k = s.add_argument_group("sparse")

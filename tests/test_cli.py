@@ -66,6 +66,23 @@ def test_solve_random_json(capsys):
     assert 0 < s["cost"] <= s["value"]
 
 
+def test_solve_cuda_graph_flag_reaches_the_solver(capsys, monkeypatch):
+    import otcore.cli as cli
+
+    seen = {}
+    real = cli.sinkhorn
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cli, "sinkhorn", spy)
+    s = run_json(capsys, "--n", "30", "--eps", "0.1", "--cuda-graph")
+    assert seen["cuda_graph"] is True and s["converged"] is True  # on CPU tensors: same solve, no graphs
+    run_json(capsys, "--n", "30", "--eps", "0.1")
+    assert seen["cuda_graph"] is False
+
+
 def test_solve_from_npy_matches_library_and_pot(capsys, clouds):
     import ot
 
@@ -160,6 +177,7 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["solve", "--n", "10", "--method", "newton", "--rho", "0.5"], "--rho does not apply to --method newton"),
         (["solve", "--n", "10", "--method", "newton", "--eps-schedule", "geometric"], "--eps-schedule does not apply to --method newton"),
         (["solve", "--n", "10", "--method", "newton", "--check-every", "5"], "--check-every does not apply to --method newton"),
+        (["solve", "--n", "10", "--method", "newton", "--cuda-graph"], "--cuda-graph does not apply to --method newton"),
         (["solve", "--n", "10", "--method", "newton", "--warmup-iter", "-1"], "--warmup-iter must be an integer >= 0"),
         (["solve", "--n", "10", "--method", "newton", "--sparsity", "0"], "--sparsity must be an integer >= 1"),
         (["solve", "--n", "10", "--method", "newton", "--sparsity", "11"], "sparsity must be in [1, m=10]"),
