@@ -31,7 +31,7 @@ import torch
 #: Largest cost materialised at once, per call (all problems of the batch together):
 #: 4M entries, 16 MB in float32. A point cloud whose whole cost fits is computed once
 #: and cached by the geometry (``geom.cost_block()``); a larger one is streamed in tiles.
-#: Also the block bound of :func:`blocks`. Tests shrink it to force many blocks.
+#: Tests shrink it to force many blocks.
 BLOCK_ELEMENTS = 1 << 22
 
 #: Entries per work tile on the CPU (capped by ``BLOCK_ELEMENTS``): 1M entries, 4 MB in
@@ -43,23 +43,6 @@ BLOCK_ELEMENTS = 1 << 22
 TILE_ELEMENTS = 1 << 20
 
 _LOG2E = 1.0 / math.log(2.0)
-
-
-def blocks(geom, axis: int) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield ``(sl, C_block)`` covering the cost matrix (fresh blocks from ``geom.cost_block``).
-
-    ``axis=1`` (reductions over j) cuts rows: ``C_block = C[:, sl, :]``.
-    ``axis=0`` (reductions over i) cuts columns: ``C_block = C[:, :, sl]``.
-    """
-    full = geom.n if axis == 1 else geom.m
-    other = geom.m if axis == 1 else geom.n
-    step = full if geom.is_dense else max(1, BLOCK_ELEMENTS // max(1, geom.batch * other))
-    if step >= full:  # one block: the whole (possibly cached) cost
-        yield slice(None), geom.cost_block()
-        return
-    for s in range(0, full, step):
-        sl = slice(s, min(full, s + step))
-        yield sl, (geom.cost_block(rows=sl) if axis == 1 else geom.cost_block(cols=sl))
 
 
 # ----------------------------------------------------------------------------- streaming

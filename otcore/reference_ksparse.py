@@ -82,10 +82,12 @@ def ksparse_simplex(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _line_scores(geom, h: torch.Tensor, axis: int):
-    """Yield ``(sl, x, C)`` with lines on dim 1: ``x = h_r - C_rl`` and ``C`` as (B, lines, N)."""
-    for sl, C in reference.blocks(geom, axis):
-        Cl = C.transpose(1, 2) if axis == 0 else C
-        yield sl, h[:, None, :] - Cl, Cl
+    """Yield ``(sl, x, C)`` with lines on dim 1: ``x = h_r - C_rl`` and ``C`` as (B, lines, N).
+
+    Both are the reference's reused work tiles (:func:`otcore.reference._tiles`), valid
+    until the next block: the pass allocates its tiles once, not per block."""
+    for sl, Cl, Z in reference._tiles(geom, axis, h.dtype, keep_cost=True):
+        yield sl, torch.sub(h[:, None, :], Cl, out=Z), Cl
 
 
 def ksparse_columns(
