@@ -100,7 +100,9 @@ class PointCloud(Geometry):
             ``"euclidean"`` for ``C_ij = ||x_i - y_j||``.
 
     fp16/bf16 inputs are computed in float32; float64 stays float64. The tensors
-    are kept as given (not copied), so gradients flow back to them.
+    are kept as given (not copied), so gradients flow back to them, and they are read
+    live: after an in-place change (an optimizer step on ``x``, say) the next call sees
+    the new points, and the cached cost of a small problem is recomputed.
     """
 
     is_dense = False
@@ -119,14 +121,46 @@ class PointCloud(Geometry):
             raise ValueError(f"x and y must have the same batch size, got {x.shape[0]} and {y.shape[0]}")
         self.batched = x.dim() == 3
         self.x_in, self.y_in = x, y
-        dt = _validate.compute_dtype(torch.promote_types(x.dtype, y.dtype))
-        self.x = (x if self.batched else x[None]).detach().to(dt)
-        self.y = (y if self.batched else y[None]).detach().to(dt)
+        self._dt = _validate.compute_dtype(torch.promote_types(x.dtype, y.dtype))
+        self._load()
         self.cost = cost
-        self.batch, self.n, self.d = self.x.shape
-        self.m = self.y.shape[1]
-        self._ref = self.x
+        self.batch, self.n, self.d = self._x.shape
+        self.m = self._y.shape[1]
+
+    def _versions(self) -> Optional[tuple[int, int]]:
+        """The inputs' version counters (bumped by in-place ops); None for inference
+        tensors, which carry none."""
+        try:
+            return (self.x_in._version, self.y_in._version)
+        except RuntimeError:
+            return None
+
+    def _load(self) -> None:
+        """Batched views of the inputs in the compute dtype (copies only for fp16/bf16)
+        and an empty cost cache, as of the inputs' current versions."""
+        self._x = (self.x_in if self.batched else self.x_in[None]).detach().to(self._dt)
+        self._y = (self.y_in if self.batched else self.y_in[None]).detach().to(self._dt)
+        self._ref = self._x
         self._dense: Optional[torch.Tensor] = None
+        self.loaded_versions = self._versions()
+
+    def _fresh(self) -> None:
+        if torch.compiler.is_compiling():  # a compiled graph reads the inputs as traced
+            return
+        if self.loaded_versions is not None and self._versions() != self.loaded_versions:
+            self._load()
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The source points, (B, n, d) in the compute dtype."""
+        self._fresh()
+        return self._x
+
+    @property
+    def y(self) -> torch.Tensor:
+        """The target points, (B, m, d) in the compute dtype."""
+        self._fresh()
+        return self._y
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """The user's tensors the cost depends on (for autograd)."""
@@ -137,18 +171,20 @@ class PointCloud(Geometry):
         """``C = C^T`` by construction: both clouds are the same tensor (self-transport)."""
         return self.x_in is self.y_in
 
-    def cost_block(self, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
-        """``C[:, rows, cols]`` computed from the points, (B, r, c).
+    def cost_block(self) -> torch.Tensor:
+        """The whole cost ``C`` computed from the points, (B, n, m); kept while the
+        inputs are unchanged when it has at most ``reference.BLOCK_ELEMENTS`` entries
+        (larger clouds are streamed by the primitives and never ask for it).
 
         Distances are computed directly (no ``|x|^2 + |y|^2 - 2xy`` expansion), so
         they keep full relative accuracy for large or far-from-origin coordinates.
         """
-        full = rows == slice(None) and cols == slice(None)
-        if full and self._dense is not None:
+        x, y = self.x, self.y  # reloads (and drops the cache) after an in-place change
+        if self._dense is not None:
             return self._dense
-        D = torch.cdist(self.x[:, rows], self.y[:, cols], compute_mode="donot_use_mm_for_euclid_dist")
+        D = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
         D = D * D if self.cost == "sqeuclidean" else D
-        if full and self.batch * self.n * self.m <= reference.BLOCK_ELEMENTS:
+        if self.batch * self.n * self.m <= reference.BLOCK_ELEMENTS:
             self._dense = D  # small problem: keep the cost instead of recomputing it every pass
         return D
 
@@ -184,8 +220,8 @@ class CostMatrix(Geometry):
     #: A cost matrix is not assumed symmetric (checking would read all of it).
     symmetric = False
 
-    def cost_block(self, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
-        return self.C[:, rows, cols]
+    def cost_block(self) -> torch.Tensor:
+        return self.C
 
     def diameter(self) -> float:
         return float((self.C.amax((1, 2)) - self.C.amin((1, 2))).max())

@@ -22,9 +22,11 @@ class SinkhornLoss(nn.Module):
     ``<P, C> + eps KL(P | a x b)`` (:attr:`otcore.OTResult.value`). With
     ``debias=True`` the loss is the Sinkhorn divergence
 
-        S(a, x; b, y) = OT_eps(a, x; b, y) - OT_eps(a, x; a, x)/2 - OT_eps(b, y; b, y)/2,
+        S(a, x; b, y) = OT_eps(a, x; b, y) - OT_eps(a, x; a, x)/2 - OT_eps(b, y; b, y)/2
+                        + eps (m(a) - m(b))^2 / 2,
 
-    which is >= 0, zero iff the measures agree, and interpolates between OT
+    (``m`` the total mass; the last term, of Sejourne et al. 2019, is zero unless
+    ``rho`` lets the masses differ) which is >= 0, zero iff the measures agree, and interpolates between OT
     (eps -> 0) and an MMD (eps -> inf). Gradients to ``x``, ``y``, ``a``, ``b``
     come from the envelope theorem (exact at convergence, no unrolling). The two
     self-transport terms run Sinkhorn's symmetric update (see :func:`otcore.sinkhorn`),
@@ -83,11 +85,20 @@ class SinkhornLoss(nn.Module):
         loss = self._ot(x, y, a, b)
         if self.debias:
             loss = loss - 0.5 * (self._ot(x, x, a, a) + self._ot(y, y, b, b))
+            # the generalized KL of the value holds + eps m(a) m(b); the debiasing leaves
+            # - eps/2 (m(a) - m(b))^2 of it, which Sejourne et al. (2019) add back so that
+            # the unbalanced divergence stays >= 0 (zero for balanced weights)
+            loss = loss + 0.5 * self.eps * (self._mass(a) - self._mass(b)) ** 2
         if self.reduction == "mean":
             return loss.mean()
         if self.reduction == "sum":
             return loss.sum()
         return loss
+
+    @staticmethod
+    def _mass(w):
+        """Total mass per problem: ``sum(w)``, or 1 for the default uniform weights."""
+        return 1.0 if w is None else w.sum(-1)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, debias={self.debias}, cost={self.cost!r}, reduction={self.reduction!r}"

@@ -39,14 +39,14 @@ _CENTRED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def centred_points(geom) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x - mu, y - mu)`` with ``mu`` the joint mean of both clouds of each problem, (B,1,d)."""
     compiling = torch.compiler.is_compiling()
+    x, y = geom.x, geom.y  # reloaded by the geometry after an in-place change of its inputs
     hit = None if compiling else _CENTRED.get(geom)
-    if hit is not None:
-        return hit
-    x, y = geom.x, geom.y
+    if hit is not None and hit[0] == geom.loaded_versions:
+        return hit[1]
     mu = (x.sum(1, keepdim=True) + y.sum(1, keepdim=True)) / (geom.n + geom.m)
     out = ((x - mu).contiguous(), (y - mu).contiguous())
     if not compiling:  # inside a compiled graph the centring is part of the graph
-        _CENTRED[geom] = out
+        _CENTRED[geom] = (geom.loaded_versions, out)
     return out
 
 

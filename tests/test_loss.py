@@ -165,3 +165,22 @@ def test_float32_module_and_repr():
     assert out.dtype == torch.float32 and float(out.detach()) > 0
     out.backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("eps", [0.1, 1.0, 10.0])
+def test_unbalanced_divergence_adds_the_mass_term_and_stays_nonnegative(eps):
+    """Sejourne et al. (2019): with KL-relaxed marginals the divergence is
+    OT(a, b) - OT(a, a)/2 - OT(b, b)/2 + eps (m(a) - m(b))^2 / 2, >= 0. Without the last
+    term the value's + eps m(a) m(b) makes it negative at large eps (same points, masses
+    1 and 3: -6.7 at eps = 10)."""
+    x = rand(20, 2, seed=31)
+    a = torch.full((20,), 1 / 20, dtype=F64)
+    b = 3 * a
+    kw = dict(rho=1.0, **TIGHT)
+    loss = otcore.SinkhornLoss(eps=eps, **kw)
+    got = loss(x, x.clone(), a, b)
+    want = ot_value(x, x.clone(), a, b, eps=eps, **kw) - 0.5 * (ot_value(x, x, a, a, eps=eps, **kw)
+                                                                 + ot_value(x, x, b, b, eps=eps, **kw)) + eps * 2.0
+    assert float(got) == pytest.approx(float(want), rel=1e-9)
+    assert float(got) > 0
+    assert abs(float(loss(x, x.clone(), a, a.clone()))) < 1e-10  # same measure: zero
