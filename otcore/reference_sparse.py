@@ -12,7 +12,7 @@ every row, in ELL format: ``vals`` (B, n, s) and int64 column indices ``idx``
   independent reference the tests compare both implementations with; on CPU
   torch's CSR product is far slower than the gather, so the solver does not use it).
 
-:func:`implementation` picks the Triton kernel or the twin for a backend.
+The geometry dispatches to these twins or to the Triton kernels (:mod:`otcore._dispatch`).
 """
 
 from __future__ import annotations

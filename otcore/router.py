@@ -144,7 +144,11 @@ class SparseOTRouter(nn.Module):
         a = torch.ones(*lead, n_tokens, dtype=dt, device=scores.device)
         b = torch.full((*lead, self.n_experts), n_tokens / self.n_experts, dtype=dt, device=scores.device)
         axis, k = (0, self.capacity(n_tokens)) if self.mode == "capacity" else (1, min(self.k, self.n_experts))
-        init = self._init if self.warm_start and self._init is not None and self._init[0].shape == a.shape else None
+        prev = self._init if self.warm_start else None
+        usable = prev is not None and prev[0].shape == a.shape and prev[1].shape == b.shape and all(
+            t.device == scores.device and t.dtype == dt for t in prev
+        )  # same problem shape, and the module not moved to another device or dtype since
+        init = prev if usable else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             res = sparse_ot(

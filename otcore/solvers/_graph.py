@@ -4,9 +4,9 @@ Small problems (a few thousand points, or large batches of tiny ones) are bound 
 launch latency, not by the GPU: an iteration is ~10 kernel launches of a few
 microseconds of work each, and the Python that issues them costs more than the
 kernels. Between two convergence checks the iterations need no host decision, so
-the solver hands each such block to :class:`GraphedBlock`, which records the block's
-kernels once per block length into a CUDA graph and then replays it: one launch per
-block, whatever its length.
+the solver hands each such block to :class:`GraphedBlock`, which records the
+steady-state block (``check_every - 1`` iterations) into a CUDA graph once per solve and
+then replays it: one launch per block.
 
 A graph reads and writes fixed addresses, so each recorded block owns static input
 buffers (``f``, ``g`` and the per-problem ``active`` mask) that are filled before a
@@ -16,7 +16,7 @@ replay, and static outputs that are copied out after it.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -45,33 +45,34 @@ def capture_cuda(block: Block, f, g, active, k: int):
 
 
 class GraphedBlock:
-    """``block`` with each length ``k >= 2`` replayed from its own recorded graph.
+    """``block`` replayed from one recorded graph when called with the length ``k``
+    given here (the steady-state block between two checks); other lengths (the first
+    blocks, the one cut at ``max_iter``) run eagerly, so a solve records one graph.
 
     ``capture(block, f, g, active, k) -> (replay, (f_out, g_out))`` records one block
     on static inputs ``f, g, active``; :func:`capture_cuda` on the GPU (tests pass an
     emulation). If recording fails, the block runs eagerly from then on, with a warning.
     """
 
-    def __init__(self, block: Block, capture=capture_cuda):
-        self.block, self.capture = block, capture
-        self.recorded: dict[int, tuple] = {}
+    def __init__(self, block: Block, k: int, capture=capture_cuda):
+        self.block, self.k, self.capture = block, k, capture
+        self.recorded: Optional[tuple] = None
         self.failed = False
 
     def __call__(self, f, g, active, k: int):
-        if self.failed or k < 2:
+        if self.failed or k != self.k or k < 2:
             return self.block(f, g, active, k)
-        entry = self.recorded.get(k)
-        if entry is None:
+        if self.recorded is None:
             static = (f.clone(), g.clone(), active.clone())
             try:
                 replay, out = self.capture(self.block, *static, k)
-            except RuntimeError as e:  # e.g. an op that cannot be recorded: run eagerly
+            except Exception as e:  # an op that cannot be recorded (torch or Triton): run eagerly
                 self.failed = True
                 warnings.warn(f"cuda_graph: recording the Sinkhorn iterations failed ({e}); running them eagerly",
                               RuntimeWarning, stacklevel=3)
                 return self.block(f, g, active, k)
-            entry = self.recorded[k] = (replay, static, out)
-        replay, (sf, sg, sa), (of, og) = entry
+            self.recorded = (replay, static, out)
+        replay, (sf, sg, sa), (of, og) = self.recorded
         sf.copy_(f)
         sg.copy_(g)
         sa.copy_(active)
@@ -79,6 +80,6 @@ class GraphedBlock:
         return of.clone(), og.clone()
 
 
-def graphed(block: Block, device: torch.device):
-    """``block`` replayed from CUDA graphs on a CUDA device; unchanged elsewhere."""
-    return GraphedBlock(block) if device.type == "cuda" else block
+def graphed(block: Block, device: torch.device, k: int):
+    """``block`` of length ``k`` replayed from a CUDA graph on a CUDA device; unchanged elsewhere."""
+    return GraphedBlock(block, k) if device.type == "cuda" else block

@@ -101,8 +101,8 @@ def lbfgs(
             armijo = ~done & torch.isfinite(fc) & (fc <= f + c1 * t * gd + slack * (scale + f.abs()))
             curv = (gc * d).sum(-1) >= c2 * gd  # weak Wolfe: the slope has risen enough
             ok = armijo & curv
-            if bool(ok.all()):  # the usual case: every problem takes this step (one sync)
-                new, done = (cand, fc, gc, auxc, sc), ok
+            if bool((ok | done).all()):  # the usual case: every live problem takes this step (one sync)
+                new, done = _where(ok, (cand, fc, gc, auxc, sc), new), done | ok
                 break
             new = _where(ok, (cand, fc, gc, auxc, sc), new)
             fallback = _where(armijo, (cand, fc, gc, auxc, sc), fallback)

@@ -196,11 +196,12 @@ class _Solve:
         err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
         return r, c, err
 
-    def _sinkhorn(self, n_iter: int, tol: float, stage: str) -> torch.Tensor:
-        """Run up to ``n_iter`` Sinkhorn iterations (each problem stops at ``tol``)."""
+    def _sinkhorn(self, n_iter: int, tol: float, stage: str, active=None) -> torch.Tensor:
+        """Run up to ``n_iter`` Sinkhorn iterations on the ``active`` problems (all if
+        None); each stops at ``tol``, the others keep their potentials."""
         _sync(self.pb.geom.device)
         t0 = time.perf_counter()
-        self.f, self.g, its, _ = _iterate(self.pb, self.f, self.g, [], tol, n_iter, 10, self.progress)
+        self.f, self.g, its, _ = _iterate(self.pb, self.f, self.g, [], tol, n_iter, 10, self.progress, active=active)
         _sync(self.pb.geom.device)
         self.times[stage] += time.perf_counter() - t0
         return its
@@ -229,7 +230,8 @@ class _Solve:
             active = ~self.passed & torch.isfinite(err) & (stalled < patience)
             if not bool(active.any()):
                 break
-            self.progress.update(int(self.newton_its.max()), float(err[active].max()), pb.eps, "newton")
+            if self.progress.enabled:
+                self.progress.update(int(self.newton_its.max()), float(err[active].max()), pb.eps, "newton")
             vals, idx, s = self._sparse_plan(r, active, s, s_max, sparsity is None, drop_tol)
             # inexact Newton: relative CG residual ~ sqrt(error) (superlinear steps
             # near the solution, cheap ones far from it), within [cg_tol, 0.1]
@@ -244,11 +246,7 @@ class _Solve:
             self.lam = lam.clamp(self.lam_min, self.lam_max)
             stuck = active & ~accepted
             if bool(stuck.any()):  # Newton did not help: Sinkhorn steps for those problems
-                f_old, g_old = self.f, self.g
-                its = self._sinkhorn(fallback_iter, tol, "fallback")
-                self.f = torch.where(stuck[:, None], self.f, f_old)
-                self.g = torch.where(stuck[:, None], self.g, g_old)
-                self.fallback_its += torch.where(stuck, its, torch.zeros_like(its))
+                self.fallback_its += self._sinkhorn(fallback_iter, tol, "fallback", active=stuck)
                 r2, c2, err2 = self._marginals(self.f, self.g)
                 self.ls_evals += 1
                 r = torch.where(stuck[:, None], r2, r)

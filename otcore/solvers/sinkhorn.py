@@ -110,8 +110,8 @@ def sinkhorn(
         precision: ``"fp32"`` (float32-faithful) or ``"tf32"`` (faster kernels, ~1e-3 error).
         check_every: iterations between convergence checks (each one host sync).
         cuda_graph: on CUDA tensors, record the ``check_every - 1`` iterations between
-            two checks into a CUDA graph once and replay it (one launch per block instead
-            of ~10 per iteration: for small, launch-bound problems). Same arithmetic as
+            two checks into a CUDA graph once per solve and replay it (one launch per
+            block instead of ~10 per iteration: for small, launch-bound problems). Same arithmetic as
             without; no effect on CPU tensors.
         verbose: progress line on stderr; None = on a terminal after ~1 s.
 
@@ -141,8 +141,12 @@ def sinkhorn(
 
 
 @torch.no_grad()
-def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cuda_graph: bool = False):
+def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cuda_graph: bool = False,
+             active=None):
     """Run the iterations; returns ``(f, g, n_iter, passed)`` (per-problem counts and flags).
+    ``active`` (B,) bool, if given, restricts the iterations at the target eps to those
+    problems (the others keep their potentials and count no iterations); callers that
+    pass it run no eps stages.
 
     An iteration that ends a check interval (the first at the target eps, then every
     ``check_every``-th) starts with the row pass whose output also gives the residual
@@ -151,12 +155,13 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
     """
     geom, kw, eps = pb.geom, pb.kw(), pb.eps
     B = geom.batch
-    active = torch.ones(B, dtype=torch.bool, device=geom.device)
+    active = torch.ones(B, dtype=torch.bool, device=geom.device) if active is None else active.clone()
     passed = torch.zeros_like(active)
     n_iter = torch.zeros(B, dtype=torch.long, device=geom.device)
     it = 0
-    if pb.symmetric:
-        f = g = 0.5 * (f + g)  # a warm start may hold two different potentials
+    if pb.symmetric:  # a warm start may hold two different potentials
+        avg = 0.5 * (f + g)
+        f, g = torch.where(active[:, None], avg, f), torch.where(active[:, None], avg, g)
     # eps scaling: one iteration per stage, no checks (the potentials are far from the target's)
     for i, e in enumerate(stages[:max_iter]):
         if pb.symmetric:
@@ -175,8 +180,8 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
             return geom.softmin(f + eps * pb.loga, eps, 1, **kw)
 
         def finish(f, g, s, active):
-            f = torch.where(active[:, None], 0.5 * (f + ta * s), f)
-            return f, f
+            new = 0.5 * (f + ta * s)
+            return torch.where(active[:, None], new, f), torch.where(active[:, None], new, g)
 
     else:  # f <- tau_a softmin(g + eps log b), g <- tau_b softmin(f + eps log a)
 
@@ -192,7 +197,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
             f, g = finish(f, g, row_pass(f, g), active)
         return f, g
 
-    run_block = graphed(block, geom.device) if cuda_graph else block
+    run_block = graphed(block, geom.device, check_every - 1) if cuda_graph else block
     sides = 2 if pb.symmetric else 1
     while it < max_iter:
         done = it - len(stages)  # iterations at the target eps so far
@@ -224,7 +229,8 @@ def _check(pb: Problem, f, s, sides: int, tol, active, passed, progress, it) -> 
     ok = resid <= tol
     passed |= active & ok
     active &= ~ok & torch.isfinite(resid)
-    if not bool(active.any()):
+    if not bool(active.any()):  # the check's one host synchronisation
         return False
-    progress.update(it, float(resid[active].max()), pb.eps)
+    if progress.enabled:
+        progress.update(it, float(resid[active].max()), pb.eps)
     return True
