@@ -107,7 +107,8 @@ def sinkhorn(
             a decay factor, or explicit values; one iteration per stage.
         init: warm start ``(f, g)``, e.g. ``(res.f, res.g)`` of a nearby problem.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
-        precision: ``"fp32"`` (float32-faithful) or ``"tf32"`` (faster kernels, ~1e-3 error).
+        precision: ``"fp32"`` (float32-faithful) or ``"tf32"`` (faster kernels; ~1e-2 relative
+            error expected, see docs/kernels.md).
         check_every: iterations between convergence checks (each one host sync).
         cuda_graph: on CUDA tensors, record the ``check_every - 1`` iterations between
             two checks into a CUDA graph once per solve and replay it (one launch per
