@@ -58,6 +58,10 @@ def positive_int(name: str, v, *, minimum: int = 1) -> int:
     return v
 
 
+#: ``precision`` of every solver and primitive: float32-faithful or the fast tf32 kernels.
+PRECISIONS = ("fp32", "tf32")
+
+
 def choice(name: str, v, options) -> str:
     if v not in options:
         raise ValueError(f"{name} must be one of {sorted(options)}, got {v!r}")

@@ -31,7 +31,6 @@ from . import _validate, reference
 from .kernels import plan as _plan
 from .kernels import softmin as _softmin
 
-PRECISIONS = ("fp32", "tf32")
 
 _CENTRED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -149,7 +148,7 @@ def _launch_reduce(op, F, G, eps, V=None, with_sum=False, weight=_plan.WEIGHT_P)
 
 
 def _check(precision: str, axis=None) -> None:
-    _validate.choice("precision", precision, PRECISIONS)
+    _validate.choice("precision", precision, _validate.PRECISIONS)
     if axis is not None and axis not in (0, 1):
         raise ValueError(f"axis must be 0 (columns) or 1 (rows), got {axis!r}")
 

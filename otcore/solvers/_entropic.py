@@ -13,8 +13,6 @@ from ..autograd import EnvelopeSpec, envelope_value, phi
 from ..geometry import Geometry
 from ..result import ConvergenceWarning, OTResult
 
-PRECISIONS = ("fp32", "tf32")
-
 
 @dataclass
 class Problem:
@@ -59,7 +57,7 @@ def make_problem(geom, a, b, eps, rho, backend, precision) -> Problem:
     if not isinstance(geom, Geometry):
         raise TypeError(f"geom must be an otcore.PointCloud or otcore.CostMatrix, got {type(geom).__name__}")
     eps = _validate.positive("eps", eps)
-    _validate.choice("precision", precision, PRECISIONS)
+    _validate.choice("precision", precision, _validate.PRECISIONS)
     backend = _dispatch.resolve(backend, geom.device)
     A = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
     Bw = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)

@@ -44,7 +44,6 @@ from ..result import ConvergenceWarning, SparseOTResult
 
 FORMULATIONS = ("semi-dual", "dual")
 PLAN_GRADS = ("implicit", "fixed")
-PRECISIONS = ("fp32", "tf32")
 
 
 @dataclass
@@ -192,7 +191,7 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     if isinstance(axis, bool) or axis not in (0, 1):
         raise ValueError(f"axis must be 0 (k-sparse columns) or 1 (k-sparse rows), got {axis!r}")
     _validate.choice("plan_grad", plan_grad, PLAN_GRADS)
-    _validate.choice("precision", precision, PRECISIONS)
+    _validate.choice("precision", precision, _validate.PRECISIONS)
     backend = _dispatch.resolve(backend, geom.device)
     A = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
     Bw = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
