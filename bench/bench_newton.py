@@ -25,7 +25,9 @@ first (compilation, caches). For n <= 4096 the marginal error of every result is
 recomputed in float64 from its dense plan (``err64``) and each plan is compared with
 the SNS plan (L1 distance): the correctness check. otcore.sinkhorn rows also carry the
 fraction of the hardware floor (TARGETS.md: ``2 n m`` exponentials at 4.2e12/s, or for
-a dense cost ``2 n m`` element reads at 2.9e12 B/s, whichever is larger) its iterations
+a dense cost ``2 n m`` element reads at copy bandwidth, whichever is larger; the copy
+bandwidth is ``$OTCORE_COPY_BPS`` (set by gpu_check.sh from its measurement), else
+measured now on CUDA, else TARGETS.md's H100 2.9e12 B/s, and is printed) its iterations
 reached, and ``speedup_sns``: its time over SNS's (TARGETS.md: >= 10x at small eps;
 a lower bound when Sinkhorn stopped on its budget). POT or scikit-learn missing: those
 rows are skipped with a note. Times are wall clock with CUDA synchronised.
@@ -51,10 +53,13 @@ if not torch.cuda.is_available():
 
 import otcore  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bandwidth import H100_COPY_BPS, copy_bandwidth, describe  # noqa: E402
+
 FIELDS = ["part", "problem", "n", "eps", "dtype", "solver", "iters", "time_s", "marginal_error", "converged",
           "err64", "plan_l1_vs_sns", "floor_fraction", "speedup_sns", "detail"]
 EXP_PER_S = 4.2e12  # TARGETS.md: H100/H200 exp2 throughput
-COPY_BYTES_PER_S = 2.9e12  # TARGETS.md: measured H100 copy bandwidth
+COPY_BYTES_PER_S = H100_COPY_BPS  # replaced in main() by this device's copy bandwidth
 PLAN_MAX_N = 4096  # dense plans (checks) up to this size
 
 
@@ -240,7 +245,8 @@ def print_row(r):
 def write(rows, args, device):
     os.makedirs(args.out, exist_ok=True)
     env = dict(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-               torch=torch.__version__, threads=torch.get_num_threads(), otcore=otcore.__file__, argv=sys.argv[1:])
+               torch=torch.__version__, threads=torch.get_num_threads(), otcore=otcore.__file__, argv=sys.argv[1:],
+               copy_Bps=COPY_BYTES_PER_S, copy_source=args.copy_source)
     with open(os.path.join(args.out, "newton.json"), "w") as fh:
         json.dump(dict(env=env, rows=rows), fh, indent=1, default=str)
     with open(os.path.join(args.out, "newton.csv"), "w", newline="") as fh:
@@ -283,6 +289,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"# device {device}, torch {torch.__version__}, otcore from {os.path.dirname(otcore.__file__)}", flush=True)
+    global COPY_BYTES_PER_S
+    COPY_BYTES_PER_S, args.copy_source = copy_bandwidth(device)
+    print(f"# dense-cost floors (Table 1): {describe(COPY_BYTES_PER_S, args.copy_source)}", flush=True)
     rows = []
     if not args.table1_only:
         for n in args.sizes:  # smallest first: a run cut by a time limit keeps every dtype of the small sizes

@@ -24,7 +24,14 @@ cost, eps = 0.05, uniform weights.
    fraction of the exp-unit floor ``2 n m / 4.2e12 s`` (H100 and H200: 16 exp2/clock/SM
    x 132 SMs x 1.98 GHz) and against the TARGETS.md target of the size. A call
    slower than 50 ms is timed as the median of 3 (after a warm-up), not by do_bench.
-3. The loss layer: ``otcore.SinkhornLoss`` forward + backward at n = 10,000,
+3. Dense ``CostMatrix`` input (``--dense-sizes``, n = m = 8192 and 32768 by default):
+   a float32 C (the squared distances of the d = 3 problem), one row and one column
+   pass checked against float64 on the same C, then ms per iteration against the
+   bandwidth floor: an iteration reads C twice, ``2 n m 4`` bytes, at the copy
+   bandwidth (``$OTCORE_COPY_BPS`` from gpu_check.sh, else measured now on CUDA, else
+   TARGETS.md's H100 2.9e12 B/s; printed). TARGETS.md: >= 80% of copy bandwidth.
+   Each runs right after the first point-cloud size with at least its n.
+4. The loss layer: ``otcore.SinkhornLoss`` forward + backward at n = 10,000,
    d = 3 (GeomLoss convention blur = 0.05, i.e. eps = 0.005 on ||x - y||^2): value
    and gradient first checked against the same loss on the float64 torch path, then
    timed, beside GeomLoss's tensorized backend when importable (TARGETS.md: GeomLoss
@@ -52,6 +59,9 @@ if not torch.cuda.is_available():
 import otcore  # noqa: E402
 from otcore import reference, triton_ops  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bandwidth import copy_bandwidth, describe  # noqa: E402
+
 EXP_PER_S = 4.2e12
 EPS = 0.05
 TARGET_SIZES = ["8192x3", "32768x3", "32768x64", "50000x64", "1000000x3"]
@@ -63,6 +73,10 @@ LOSS_SPEEDUP_TARGET = 20.0
 PEERS = ("dense", "pot", "flash")
 LONG_CALL_MS = 50.0
 QUICK_SIZES = ["64x3", "96x17"]
+#: Dense CostMatrix sizes n = m (float32 C) and TARGETS.md's target for them
+DENSE_SIZES = [8192, 32768]
+QUICK_DENSE_SIZES = [64]
+DENSE_TARGET_FRACTION = 0.8
 
 
 # ---------------------------------------------------------------------------
@@ -216,8 +230,8 @@ def correctness(n, d, device, args, rows_out):
     x, y = problem(n, d, device)
     geom = otcore.PointCloud(x, y)
     logw = torch.full((1, n), -math.log(n), device=device)
-    # realistic potentials: a few fp32 iterations from zero
-    g = torch.zeros(1, n, device=device)
+    # realistic potentials: a few fp32 iterations from zero (--warm-iters 0: both zero)
+    f = g = torch.zeros(1, n, device=device)
     for _ in range(args.warm_iters):
         f = triton_ops.softmin(geom, g + EPS * logw, EPS, 1)
         g = triton_ops.softmin(geom, f + EPS * logw, EPS, 0)
@@ -317,6 +331,54 @@ def speed(n, d, device, args, rows_out):
             record("otcore fp32 CUDA graph", time_ms(cuda_graph(otcore_iteration(geom, logw, "fp32")), device))
         except Exception as e:  # noqa: BLE001 - report, keep benchmarking
             print(f"  CUDA graph capture failed: {type(e).__name__}: {e}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def costmatrix(n, device, args, rows_out, copy_bps):
+    """Dense ``CostMatrix`` input, float32 C of the d = 3 problem's squared distances,
+    n = m: one row pass and one column pass checked against float64 on the same C, then
+    ms per iteration against the bandwidth floor. An iteration reads C twice (row pass,
+    column pass), ``2 n m 4`` bytes, so the floor is that over the copy bandwidth;
+    TARGETS.md: >= 80% of it."""
+    nbytes = n * n * 4
+    if 2 * nbytes > 0.6 * free_bytes(device):
+        print(f"  CostMatrix n = {n} skipped: C ({nbytes / 2**30:.1f} GiB) and its construction do not fit")
+        return
+    x, y = problem(n, 3, device)
+    C = torch.cdist(x, y).square_()  # float32; the check compares with float64 on this same C
+    del x, y
+    geom = otcore.CostMatrix(C)
+    logw = torch.full((1, n), -math.log(n), device=device)
+    f = g = torch.zeros(1, n, device=device)
+    for _ in range(args.warm_iters):
+        f = triton_ops.softmin(geom, g + EPS * logw, EPS, 1)
+        g = triton_ops.softmin(geom, f + EPS * logw, EPS, 0)
+    S = check_rows(n, args.check_rows, device)
+    hg, hf = g + EPS * logw, f + EPS * logw
+    ref_row = reference.softmin(otcore.CostMatrix(C[S].double()), hg.double(), EPS, 1)
+    ref_col = reference.softmin(otcore.CostMatrix(C[:, S].double()), hf.double(), EPS, 0)
+    row = triton_ops.softmin(geom, hg, EPS, 1)[:, S]
+    col = triton_ops.softmin(geom, hf, EPS, 0)[:, S]
+    rec = dict(section="costmatrix_pass_error", n=n, m=n, method="otcore CostMatrix fp32",
+               row_relerr=relerr(row, ref_row), col_relerr=relerr(col, ref_col))
+    rows_out.append(rec)
+    print(f"  pass error {'CostMatrix fp32':>18}: row {rec['row_relerr']:.2e}  col {rec['col_relerr']:.2e}", flush=True)
+    del ref_row, ref_col, row, col
+
+    ms = time_ms(otcore_iteration(geom, logw, "fp32"), device)
+    read = 2 * nbytes  # C read once per pass
+    floor = read / copy_bps * 1e3
+    frac = floor / ms
+    rec = dict(section="costmatrix_iteration_ms", n=n, m=n, method="otcore CostMatrix fp32", ms=ms,
+               bytes_per_iteration=read, copy_Bps=copy_bps, floor_ms=floor, floor_fraction=frac,
+               exp_floor_ms=exp_floor_ms(n, n), target_fraction=DENSE_TARGET_FRACTION,
+               target_met=bool(frac >= DENSE_TARGET_FRACTION))
+    rows_out.append(rec)
+    print(f"  {'otcore CostMatrix fp32':>22}: {ms:9.3f} ms/it  = {frac:6.1%} of copy bandwidth (floor {floor:.3g} ms: "
+          f"2 reads of C, {read / 1e9:.3g} GB, at {copy_bps / 1e12:.3g} TB/s) target >= "
+          f"{DENSE_TARGET_FRACTION:.0%}: {'met' if rec['target_met'] else 'MISSED'}", flush=True)
+    del C, geom
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -450,6 +512,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-loss-check", dest="loss_check", action="store_false",
                     help="skip the float64 check of the loss layer")
     ap.add_argument("--skip-loss", action="store_true", help="skip the loss-layer section")
+    ap.add_argument("--dense-sizes", type=int, nargs="*", default=None,
+                    help=f"n = m of the dense CostMatrix rows (default {DENSE_SIZES}; quick {QUICK_DENSE_SIZES})")
+    ap.add_argument("--skip-dense", action="store_true", help="skip the dense CostMatrix rows")
     ap.add_argument("--check-rows", type=int, default=2048, help="outputs compared with float64 per pass")
     ap.add_argument("--warm-iters", type=int, default=10, help="fp32 iterations before the pass check")
     ap.add_argument("--solve-max-n", type=int, default=8192, help="largest n for the full-solve check")
@@ -462,8 +527,10 @@ def main(argv=None) -> int:
         args.check_rows, args.warm_iters, args.pot_iters = min(args.check_rows, 64), min(args.warm_iters, 3), 3
         args.solve_max_n, args.loss_n, args.loss_blur = min(args.solve_max_n, 64), min(args.loss_n, 40), 0.2
     sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else TARGET_SIZES))]
+    dense = [] if args.skip_dense else sorted(
+        args.dense_sizes if args.dense_sizes is not None else (QUICK_DENSE_SIZES if args.quick else DENSE_SIZES))
     if args.only_loss:
-        sizes, args.skip_loss = [], False
+        sizes, dense, args.skip_loss = [], [], False
     out = args.out or os.path.join("out", "bench_sinkhorn_kernels" + ("_quick" if args.quick else ""))
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
     import triton
@@ -472,12 +539,27 @@ def main(argv=None) -> int:
                 quick=args.quick, argv=sys.argv[1:] if argv is None else list(argv))
     print(f"# {dev_name}, torch {torch.__version__}, triton {triton.__version__}, eps {EPS}, otcore from "
           f"{os.path.dirname(otcore.__file__)}", flush=True)
+    copy_bps = None
+    if dense:
+        copy_bps, source = copy_bandwidth(device)
+        meta.update(copy_Bps=copy_bps, copy_source=source)
+        print(f"# CostMatrix floors: {describe(copy_bps, source)}", flush=True)
     rows: list[dict] = []
+
+    def dense_upto(limit):  # CostMatrix sizes interleaved by n, so a time-out keeps the small ones
+        while dense and dense[0] <= limit:
+            n = dense.pop(0)
+            print(f"dense CostMatrix, n = m = {n}, float32", flush=True)
+            costmatrix(n, device, args, rows, copy_bps)
+            write_outputs(rows, out, meta)
+
     for n, d in sizes:
         print(f"n = m = {n}, d = {d}", flush=True)
         correctness(n, d, device, args, rows)
         speed(n, d, device, args, rows)
         write_outputs(rows, out, meta)  # after every size, so a time-out keeps what finished
+        dense_upto(n)
+    dense_upto(float("inf"))
     if not args.skip_loss:
         print(f"loss layer, n = m = {args.loss_n}, d = 3", flush=True)
         loss_layer(device, args, rows)

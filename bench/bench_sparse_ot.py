@@ -9,13 +9,19 @@ float64 on the torch path to a tight tolerance. Reported: POT's time and value; 
 our own stopping rule; ours *to POT's value* (the wall time when our objective first
 reaches the value POT stopped at) -- the "same value" speedup (TARGETS.md: >= 100x at
 n = 2048); and the time per objective evaluation as a fraction of the floor of one
-read of C at copy bandwidth (TARGETS.md: 2.9e12 B/s on an H100; dense-input target 80%).
+read of C at copy bandwidth (dense-input target 80%): ``$OTCORE_COPY_BPS`` (set by
+gpu_check.sh from its measurement), else measured now on CUDA (a device-to-device copy
+timed with CUDA events), else TARGETS.md's H100 2.9e12 B/s; the one used is printed.
 
 POT runs on the CPU whatever the device, and its result depends only on (n, k, gamma,
 seed): ``--pot-only --pot-ref FILE`` measures it and writes FILE (JSON), and
 ``--pot-ref FILE`` reuses those entries instead of running POT again (so a GPU run
 need not spend its time limit on POT, or can do without POT installed).
-``bench/data/pot_sparse_ref.json`` holds such entries measured on a CPU machine.
+``bench/data/pot_sparse_ref.json`` holds such entries measured on a CPU machine. An
+entry not measured on this machine since its last boot (``--pot-only`` records the
+kernel's boot id as ``host_id``; the stored entries have none) makes the speedup
+*provisional*: the row says so (``pot_provisional``), since the stored reference was
+measured on a shared 2-core machine and is pessimistic for POT.
 
 Part 2 (``router``): forward + backward of :class:`otcore.SparseOTRouter` (capacity
 mode, capacity factor 1.25, and token mode, k = 2) against a plain softmax top-2 router
@@ -44,6 +50,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 
@@ -58,7 +65,9 @@ from otcore.result import ConvergenceWarning  # noqa: E402
 from otcore.solvers import sparse as S  # noqa: E402
 from otcore.solvers._lbfgs import lbfgs  # noqa: E402
 
-COPY_BYTES_PER_S = 2.9e12  # TARGETS.md: measured H100 copy bandwidth
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bandwidth import copy_bandwidth, describe  # noqa: E402
+
 POT_SPEEDUP_TARGET = 100.0
 ROUTER_RATIO_TARGET = 2.0
 
@@ -91,6 +100,15 @@ def pot_solve(C: np.ndarray, k: int, gamma: float):
     return elapsed, float(value), int(log["res"].nit)
 
 
+def host_id() -> str:
+    """This machine, this boot: Linux's boot id, else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return platform.node() or "?"
+
+
 def pot_key(n, k, gamma, seed):
     return f"n={n},k={k},gamma={gamma:g},seed={seed}"
 
@@ -103,12 +121,14 @@ def load_pot_ref(path):
 
 
 def pot_reference(args, n, C64, refs):
-    """POT's (time, value, iterations, source) for this problem: from ``--pot-ref`` when
-    it holds the entry, else measured now when POT is importable and n <= --pot-max."""
+    """POT's (time, value, iterations, source, provisional) for this problem: from
+    ``--pot-ref`` when it holds the entry (provisional unless measured on this machine
+    since its last boot), else measured now when POT is importable and n <= --pot-max."""
     key = pot_key(n, args.k, args.gamma, args.seed)
     if key in refs:
         r = refs[key]
-        return r["pot_s"], r["pot_value"], r["pot_iters"], f"{args.pot_ref} ({r.get('machine', '?')})"
+        provisional = r.get("host_id") != host_id()  # measured elsewhere (or before a reboot)
+        return r["pot_s"], r["pot_value"], r["pot_iters"], f"{args.pot_ref} ({r.get('machine', '?')})", provisional
     if n > args.pot_max:
         return None
     try:
@@ -117,7 +137,7 @@ def pot_reference(args, n, C64, refs):
         print(f"  POT skipped: not importable ({e}) and no --pot-ref entry for {key}", flush=True)
         return None
     t, value, iters = pot_solve(C64.numpy(), args.k, args.gamma)
-    return t, value, iters, "measured now"
+    return t, value, iters, "measured now", False
 
 
 def check_value(C64, k, gamma, value, device):
@@ -164,6 +184,8 @@ def ours_solve(C: torch.Tensor, k: int, gamma: float, backend: str, target: floa
 
 def bench_solver(args, device, emit) -> list[dict]:
     rows = []
+    copy_bps, source = copy_bandwidth(device)
+    print(f"# floors: one read of C at {describe(copy_bps, source)}", flush=True)
     refs = load_pot_ref(args.pot_ref)
     for n in args.sizes:
         x, y = _points(n, args.seed)
@@ -172,14 +194,16 @@ def bench_solver(args, device, emit) -> list[dict]:
         C = C64.to(device=device, dtype=torch.float32)
         pot = pot_reference(args, n, C64, refs)
         row.update(ours_solve(C, args.k, args.gamma, args.backend, pot[1] if pot else None, args.max_iter))
-        floor_ms = 1e3 * n * n * 4 / COPY_BYTES_PER_S
-        row.update(floor_ms_per_eval=floor_ms, floor_fraction=floor_ms / row["eval_ms"])
+        floor_ms = 1e3 * n * n * 4 / copy_bps
+        row.update(floor_ms_per_eval=floor_ms, floor_fraction=floor_ms / row["eval_ms"], copy_Bps=copy_bps,
+                   copy_source=source)
         if n <= args.check_max:
             ref_value, rel, ref_err = check_value(C64, args.k, args.gamma, row["ours_value"], device)
             row.update(ref64_value=ref_value, value_relerr_vs_f64=rel, ref64_marginal_error=ref_err)
         if pot:
             reached = row["ours_to_pot_value_s"]
             row.update(pot_s=pot[0], pot_value=pot[1], pot_iters=pot[2], pot_source=pot[3],
+                       pot_provisional=pot[4],
                        speedup_same_value=(pot[0] / reached) if reached else None)
         rows.append(row)
         emit(row)
@@ -190,7 +214,7 @@ def bench_solver(args, device, emit) -> list[dict]:
 def _fmt_solver(r):
     s = (f"n={r['n']:6d} ours {r['ours_s']:8.3f}s value {r['ours_value']:.7g} ({r['ours_iters']} it, {r['ours_stop']}, "
          f"marginal err {r['ours_marginal_error']:.1e}) | {r['eval_ms']:.3f} ms/eval = {r['floor_fraction']:.1%} "
-         f"of one read of C at {COPY_BYTES_PER_S / 1e12:g} TB/s")
+         f"of one read of C at {r['copy_Bps'] / 1e12:.3g} TB/s")
     if "value_relerr_vs_f64" in r:
         s += f" | value vs float64 torch {r['value_relerr_vs_f64']:.1e}"
     if "pot_s" in r:
@@ -198,6 +222,8 @@ def _fmt_solver(r):
         sp = ""
         if r["speedup_same_value"] is not None:
             sp = f" -> {r['speedup_same_value']:.1f}x (target >= {POT_SPEEDUP_TARGET:g}x at n=2048)"
+            if r.get("pot_provisional"):
+                sp += " provisional (stored POT reference)"
         s += (f" | POT {r['pot_s']:8.3f}s value {r['pot_value']:.7g} ({r['pot_iters']} it; {r['pot_source']})"
               f" | ours to POT's value {to}{sp}")
     return s
@@ -290,7 +316,7 @@ def pot_only(args):
         x, y = _points(n, args.seed)
         t, value, iters = pot_solve((torch.cdist(x, y) ** 2).numpy(), args.k, args.gamma)
         refs[pot_key(n, args.k, args.gamma, args.seed)] = dict(
-            pot_s=t, pot_value=value, pot_iters=iters, pot_version=ot.__version__,
+            pot_s=t, pot_value=value, pot_iters=iters, pot_version=ot.__version__, host_id=host_id(),
             machine=f"{platform.node() or '?'}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
         print(f"POT n={n}: {t:.2f}s value {value:.9g} ({iters} it)", flush=True)
         if args.pot_ref:

@@ -60,6 +60,7 @@ def kernel_rows(work):
 
 def section_kernels(rows, say):
     say("[a/a2/e] Sinkhorn iteration (row + column pass), eps 0.05, ms; floor = 2nm exp2 at 4.2e12/s (TARGETS.md)")
+    rows = [r for r in rows if r["section"] in ("pass_error", "solve_error", "iteration_ms")]
     sizes = list(dict.fromkeys((r["n"], r["d"]) for r in rows if r["section"] in ("pass_error", "iteration_ms")))
     if not sizes:
         say("  no results")
@@ -88,6 +89,26 @@ def section_kernels(rows, say):
             if r.get("target_ms") is not None:
                 tgt = f"  target <= {r['target_ms']:g}: {'met' if r['target_met'] else 'MISSED'}"
             say(f"      {m:24s} {r['ms']:10.4g} ms  {r['floor_fraction']:7.1%} of floor {r['floor_ms']:.3g}{tgt}{again}")
+
+
+def section_costmatrix(rows, say):
+    rows = [r for r in rows if r["section"].startswith("costmatrix_")]
+    tim = [r for r in rows if r["section"] == "costmatrix_iteration_ms"]
+    bw = f"{tim[0]['copy_Bps'] / 1e12:.3g} TB/s" if tim else "copy bandwidth"
+    say(f"[a] dense CostMatrix input, float32, ms per iteration; floor = 2 reads of C (2nm*4 bytes) at {bw} "
+        "(TARGETS.md: >= 80% of copy bandwidth)")
+    if not rows:
+        say("  no results")
+        return
+    for n in dict.fromkeys(r["n"] for r in rows):
+        err = [r for r in rows if r["n"] == n and r["section"] == "costmatrix_pass_error"]
+        line = f"  n=m={n:<8d}"
+        if err:
+            line += f" pass relerr vs f64 (row/col) {fmt(err[0]['row_relerr'], '.1e')}/{fmt(err[0]['col_relerr'], '.1e')}"
+        for r in (r for r in tim if r["n"] == n):
+            line += (f" | {r['ms']:.4g} ms = {r['floor_fraction']:.1%} of copy bandwidth (floor {r['floor_ms']:.3g} ms)"
+                     f"  target >= {r['target_fraction']:.0%}: {'met' if r['target_met'] else 'MISSED'}")
+        say(line)
 
 
 def section_loss(rows, say):
@@ -139,17 +160,23 @@ def section_sparse(rows, dev_ref, say):
     for r in rows:
         if r["part"] == "solver":
             s = (f"  n={r['n']:<6d} ours {r['ours_s']:.3f}s ({r['ours_iters']} it) value {r['ours_value']:.7g}"
-                 f" | {r['eval_ms']:.3f} ms/eval = {r['floor_fraction']:.1%} of one read of C")
+                 f" | {r['eval_ms']:.3f} ms/eval = {r['floor_fraction']:.1%} of one read of C"
+                 f"{' at %.3g TB/s' % (r['copy_Bps'] / 1e12) if r.get('copy_Bps') else ''}")
             if r.get("value_relerr_vs_f64") is not None:
                 s += f" | vs f64 {r['value_relerr_vs_f64']:.1e}"
             if r.get("pot_value") is not None:
                 reached = r.get("ours_to_pot_value_s")
                 key = f"n={r['n']},k={r['k']},gamma={r['gamma']:g},seed=0"
-                pot_s, src = r["pot_s"], r["pot_source"]
+                pot_s, src, provisional = r["pot_s"], r["pot_source"], bool(r.get("pot_provisional"))
                 if key in dev_ref:  # POT measured on this machine in the background
-                    pot_s, src = dev_ref[key]["pot_s"], "this machine"
+                    pot_s, src, provisional = dev_ref[key]["pot_s"], "this machine", False
                 sp = f"{pot_s / reached:.0f}x" if reached else "POT's value not reached"
                 s += f" | POT {pot_s:.1f}s ({src[:40]}) -> {sp}"
+                if r["n"] == 2048:
+                    met = bool(reached) and pot_s / reached >= 100
+                    s += f", target >= 100x: {'met' if met else 'MISSED'}"
+                if provisional:
+                    s += " -- provisional (stored POT reference)"
             say(s)
         else:
             say(f"  router T={r['tokens']:<6d} E={r['experts']:<4d} {r['mode']:8s} softmax {r['softmax_top2_ms']:8.3f} ms"
@@ -192,6 +219,7 @@ def main(argv=None):
 
     krows, meta = kernel_rows(args.work)
     section_kernels([r for r in krows if r["part"] != "b"], say)
+    section_costmatrix([r for r in krows if r["part"] != "b"], say)
     section_loss([r for r in krows if r["part"] == "b" or r["section"].startswith("loss")], say)
     nrows = []
     for part in NEWTON_PARTS:

@@ -58,6 +58,14 @@ def positive_int(name: str, v, *, minimum: int = 1) -> int:
     return v
 
 
+def top_k(k, m: int) -> int:
+    """``k`` for the k largest entries of each of the plan's rows: an int in ``[1, m]``."""
+    k = positive_int("k", k)
+    if k > m:
+        raise ValueError(f"k must be <= m = {m} (the number of columns), got {k}")
+    return k
+
+
 #: ``precision`` of every solver and primitive: float32-faithful or the fast tf32 kernels.
 PRECISIONS = ("fp32", "tf32")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from typing import NoReturn, Optional, Sequence
@@ -16,7 +17,7 @@ from typing import NoReturn, Optional, Sequence
 import numpy as np
 import torch
 
-from . import PointCloud, sinkhorn, sinkhorn_newton, sparse_ot
+from . import PointCloud, _dispatch, sinkhorn, sinkhorn_newton, sparse_ot
 from .result import OTResult, SparseOTResult
 
 
@@ -37,6 +38,15 @@ def _schedule(text: Optional[str]):
         return float(text)
     except ValueError:
         raise SystemExit(f"error: --eps-schedule must be none, geometric or a decay factor, got {text!r}")
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    """Exit with the solver's own message if ``backend`` cannot run on ``device`` (e.g.
+    ``--backend triton --device cpu`` without the Triton interpreter), before any work."""
+    try:
+        _dispatch.resolve(backend, device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 
 
 def _sync(device: torch.device) -> None:
@@ -68,6 +78,25 @@ def _load_photo(name: str) -> np.ndarray:
     except ImportError:  # pragma: no cover - depends on the environment
         raise SystemExit('error: the demo needs scikit-learn and pillow: pip install "otcore[demo]"')
     return load_sample_image(name)
+
+
+def _check_out(path: str) -> None:
+    """Exit unless the demo can write its picture to ``path``: an image extension Pillow
+    knows, a folder that exists and is writable, and not a folder itself. Checked before
+    the solve, so a bad ``--out`` does not cost a whole run."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise SystemExit('error: the demo needs scikit-learn and pillow: pip install "otcore[demo]"')
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --out {path} is a folder; give a file name, e.g. {os.path.join(path, 'demo.png')}")
+    if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
+        raise SystemExit(f"error: --out {path}: not an image file name (use a .png extension)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: --out {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise SystemExit(f"error: --out {path}: not writable (permission denied)")
 
 
 def _resize(img: np.ndarray, width: int) -> np.ndarray:
@@ -102,7 +131,9 @@ def run_demo(args) -> int:
     _check_positive("--eps", args.eps)
     _check_positive("--tol", args.tol)
     _check_int("--max-iter", args.max_iter)
+    _check_out(args.out)
     dev = _device(args.device)
+    _check_backend(args.backend, dev)
     n = args.n if args.n is not None else (50_000 if dev.type == "cuda" else 2000)
     width = args.width if args.width is not None else (640 if dev.type == "cuda" else 320)
     src = _resize(_load_photo("china.jpg"), width)
@@ -116,13 +147,16 @@ def run_demo(args) -> int:
 
     _sync(dev)
     t0 = time.perf_counter()
-    res = sinkhorn(
-        PointCloud(x, y), eps=args.eps, tol=args.tol, max_iter=args.max_iter,
-        eps_schedule="geometric", backend=args.backend, verbose=None if args.verbose else False,
-    )
-    _sync(dev)
-    t_solve = time.perf_counter() - t0
-    mapped = entropic_map(res, xs.to(dev), y, b).clamp(0, 1)  # display only: colours live in [0, 1]
+    try:
+        res = sinkhorn(
+            PointCloud(x, y), eps=args.eps, tol=args.tol, max_iter=args.max_iter,
+            eps_schedule="geometric", backend=args.backend, verbose=None if args.verbose else False,
+        )
+        _sync(dev)
+        t_solve = time.perf_counter() - t0
+        mapped = entropic_map(res, xs.to(dev), y, b).clamp(0, 1)  # display only: colours live in [0, 1]
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
     _sync(dev)
     t_map = time.perf_counter() - t0 - t_solve
     out_img = (mapped.cpu().numpy().reshape(src.shape) * 255).round().astype(np.uint8)
@@ -132,7 +166,10 @@ def run_demo(args) -> int:
     h = src.shape[0]
     tgt_show = np.asarray(Image.fromarray(tgt).resize((round(tgt.shape[1] * h / tgt.shape[0]), h)))
     gap = np.full((h, 8, 3), 255, np.uint8)
-    Image.fromarray(np.concatenate([src, gap, tgt_show, gap, out_img], axis=1)).save(args.out)
+    try:
+        Image.fromarray(np.concatenate([src, gap, tgt_show, gap, out_img], axis=1)).save(args.out)
+    except OSError as e:  # checked up front; the folder may still vanish or fill up meanwhile
+        raise SystemExit(f"error: cannot write --out {args.out}: {e.strerror or e}")
 
     print("otcore demo: colour transfer china.jpg -> flower.jpg (left: source, middle: target, right: result)")
     print(_table([
@@ -181,10 +218,8 @@ def _load_npy(flag: str, path: str) -> np.ndarray:
         fail(str(e) or type(e).__name__)
 
 
-def _points(flag: str, path: Optional[str], count: int, d: int, gen, lo: float, hi: float, dtype) -> torch.Tensor:
-    """Points of ``flag`` (``--x``/``--y``): the ``.npy`` at ``path``, or ``count`` random points in ``[lo, hi]^d``."""
-    if path is None:
-        return lo + (hi - lo) * torch.rand(count, d, generator=gen, dtype=dtype)
+def _load_points(flag: str, path: str, dtype) -> torch.Tensor:
+    """The points of ``flag`` (``--x``/``--y``) read from the ``.npy`` file ``path``, as ``dtype``."""
     arr = _load_npy(flag, path)
     if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise SystemExit(f"error: {flag} {path} must hold real numbers (an integer or floating array), got dtype {arr.dtype}")
@@ -200,6 +235,40 @@ def _points(flag: str, path: Optional[str], count: int, d: int, gen, lo: float, 
     if not np.isfinite(out).all():
         raise SystemExit(f"error: {flag} {path} has values too large for {np.dtype(np_dtype).name} (use --dtype float64)")
     return torch.from_numpy(out)
+
+
+def _clouds(args, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of ``solve``: each read from its ``.npy`` file or drawn at random
+    (``x ~ U[0,1]^d``, ``y ~ U[0.05,0.95]^d``). A random side takes the dimension ``d``
+    and the batch size ``B`` of a ``(B, n, d)`` file on the other side (``--d``, if
+    given, must agree); two files must agree with each other. Exits on a mismatch."""
+    loaded = {flag: _load_points(flag, path, dtype) for flag, path in (("--x", args.x), ("--y", args.y)) if path}
+    paths = {"--x": args.x, "--y": args.y}
+    if len(loaded) == 2:
+        x, y = loaded["--x"], loaded["--y"]
+        both = f"--x {args.x} {tuple(x.shape)} and --y {args.y} {tuple(y.shape)}"
+        if x.shape[-1] != y.shape[-1]:
+            raise SystemExit(f"error: {both} must have the same dimension d, got {x.shape[-1]} and {y.shape[-1]}")
+        if x.dim() != y.dim():
+            raise SystemExit(f"error: {both} must both be batched (B, n, d) or both not (n, d)")
+        if x.dim() == 3 and x.shape[0] != y.shape[0]:
+            raise SystemExit(f"error: {both} must have the same batch size B, got {x.shape[0]} and {y.shape[0]}")
+    d, batch = (args.d if args.d is not None else _DEFAULT_D), ()
+    for flag, pts in loaded.items():  # the shape a random side takes from a file
+        if args.d is not None and pts.shape[-1] != args.d:
+            raise SystemExit(f"error: --d {args.d} does not match {flag} {paths[flag]}, whose points have "
+                             f"d = {pts.shape[-1]} (leave --d out: a random cloud takes d from the file)")
+        d, batch = pts.shape[-1], tuple(pts.shape[:-2])
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def draw(flag, count, lo, hi):
+        if flag in loaded:
+            return loaded[flag]
+        return lo + (hi - lo) * torch.rand(*batch, count, d, generator=gen, dtype=dtype)
+
+    x = draw("--x", args.n, 0.0, 1.0)
+    y = draw("--y", args.m if args.m is not None else args.n, 0.05, 0.95)
+    return x, y
 
 
 #: Method-specific flags of ``solve`` (argparse dest -> methods that take it). Their
@@ -223,6 +292,7 @@ _WHY_NOT = {
     ("eps", "sparse"): "sparse OT is regularized by --gamma (quadratic), not by an entropic eps",
 }
 _DEFAULT_EPS = 0.05
+_DEFAULT_D = 3
 
 
 def _check_method_flags(args) -> None:
@@ -274,10 +344,10 @@ def run_solve(args) -> int:
     _check_int("--k", args.k)
     _check_positive("--gamma", args.gamma)
     dev = _device(args.device)
+    _check_backend(args.backend, dev)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    gen = torch.Generator().manual_seed(args.seed)
-    x = _points("--x", args.x, args.n, args.d, gen, 0.0, 1.0, dtype).to(dev)
-    y = _points("--y", args.y, args.m if args.m is not None else args.n, args.d, gen, 0.05, 0.95, dtype).to(dev)
+    x, y = _clouds(args, dtype)
+    x, y = x.to(dev), y.to(dev)
     eps = args.eps if args.eps is not None else _DEFAULT_EPS
     kw = dict(tol=args.tol, max_iter=args.max_iter, backend=args.backend,
               precision=args.precision, verbose=False if (args.quiet or args.json) else None)
@@ -354,11 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "Methods: sinkhorn (entropic, balanced or unbalanced), newton (Sinkhorn-Newton-Sparse, "
                     "entropic, balanced), sparse (sparsity-constrained OT: at most k nonzeros per column).",
     )
-    s.add_argument("--x", help="source points, .npy of shape (n, d) or (B, n, d); random U[0,1]^d if absent")
-    s.add_argument("--y", help="target points, .npy; random U[0.05,0.95]^d if absent")
+    s.add_argument("--x", help="source points, .npy of shape (n, d) or (B, n, d); random U[0,1]^d if absent "
+                               "(with d and B from --y's file when there is one)")
+    s.add_argument("--y", help="target points, .npy; random U[0.05,0.95]^d if absent (d and B from --x's file)")
     s.add_argument("--n", type=int, default=1000, help="random source size")
     s.add_argument("--m", type=int, default=None, help="random target size (default n)")
-    s.add_argument("--d", type=int, default=3, help="random dimension")
+    s.add_argument("--d", type=int, default=None,
+                   help=f"random dimension (default {_DEFAULT_D}, or that of the --x/--y file)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--method", default="sinkhorn", choices=["sinkhorn", "newton", "sparse"])
     s.add_argument("--cost", default="sqeuclidean", choices=["sqeuclidean", "euclidean"])

@@ -28,6 +28,8 @@ from typing import Iterator
 
 import torch
 
+from . import _validate
+
 #: Largest cost materialised at once, per call (all problems of the batch together):
 #: 4M entries, 16 MB in float32. A point cloud whose whole cost fits is computed once
 #: and cached by the geometry (``geom.cost_block()``); a larger one is streamed in tiles.
@@ -196,6 +198,7 @@ def plan_cost(geom, F, G, eps: float, precision: str = "fp32") -> torch.Tensor:
 
 def plan_topk(geom, F, G, eps: float, k: int, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest entries of each row of ``P``: values (B,n,k), column indices (B,n,k)."""
+    k = _validate.top_k(k, geom.m)
     kk = _LOG2E / eps
     Fk, Gk = F * kk, G * kk
     vals = torch.empty(geom.batch, geom.n, k, dtype=F.dtype, device=F.device)

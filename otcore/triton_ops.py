@@ -218,9 +218,7 @@ def plan_topk(geom, F, G, eps: float, k: int, precision: str = "fp32") -> tuple[
     a sort-based top-k of materialised row blocks is the faster algorithm.
     """
     _check(precision)
-    k = _validate.positive_int("k", k)
-    if k > geom.m:
-        raise ValueError(f"k must be <= m = {geom.m} (the number of columns), got {k}")
+    k = _validate.top_k(k, geom.m)
     if k > _plan.TOPK_MAX:
         return reference.plan_topk(geom, F, G, eps, k)
     op = operand(geom, 1, precision)

@@ -114,6 +114,81 @@ def test_solve_batched_npy(capsys, tmp_path):
     assert max(s["marginal_error"]) <= 1e-6
 
 
+def _random_cloud(seed: int, shape: tuple[int, ...], lo: float, hi: float) -> torch.Tensor:
+    """The cloud ``otcore solve`` draws for a side without a file (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    return lo + (hi - lo) * torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("file_side", ["--x", "--y"])
+def test_solve_random_side_takes_d_from_the_file(capsys, tmp_path, file_side):
+    pts = np.random.default_rng(2).random((25, 2))  # d = 2, not the default 3
+    path = _save(tmp_path / "pts.npy", pts)
+    s = run_json(capsys, file_side, str(path), "--n", "15", "--eps", "0.1", "--tol", "1e-9", "--dtype", "float64")
+    assert s["d"] == 2 and s["batch"] is None and s["converged"] is True
+    if file_side == "--x":
+        x, y = torch.from_numpy(pts), _random_cloud(0, (15, 2), 0.05, 0.95)
+    else:
+        x, y = _random_cloud(0, (15, 2), 0.0, 1.0), torch.from_numpy(pts)
+    assert (s["n"], s["m"]) == (x.shape[0], y.shape[0])
+    direct = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, tol=1e-9)
+    assert s["value"] == pytest.approx(float(direct.value), rel=1e-12)
+    # a --d that agrees with the file changes nothing
+    again = run_json(capsys, file_side, str(path), "--n", "15", "--eps", "0.1", "--tol", "1e-9", "--dtype", "float64",
+                     "--d", "2")
+    assert again["value"] == s["value"]
+
+
+@pytest.mark.parametrize("file_side", ["--x", "--y"])
+def test_solve_random_side_takes_batch_from_the_file(capsys, tmp_path, file_side):
+    pts = np.random.default_rng(4).random((3, 20, 4))  # B = 3, d = 4
+    path = _save(tmp_path / "pts.npy", pts)
+    s = run_json(capsys, file_side, str(path), "--n", "12", "--m", "9", "--eps", "0.2", "--tol", "1e-9",
+                 "--dtype", "float64")
+    assert (s["batch"], s["d"]) == (3, 4) and s["converged"] == [True] * 3
+    if file_side == "--x":
+        x, y = torch.from_numpy(pts), _random_cloud(0, (3, 9, 4), 0.05, 0.95)
+    else:
+        x, y = _random_cloud(0, (3, 12, 4), 0.0, 1.0), torch.from_numpy(pts)
+    assert (s["n"], s["m"]) == (x.shape[1], y.shape[1])
+    direct = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.2, tol=1e-9)
+    assert s["value"] == pytest.approx(direct.value.tolist(), rel=1e-12)
+
+
+def test_solve_clouds_that_disagree_fail_before_solving(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "sinkhorn", lambda *a, **k: pytest.fail("solved despite mismatched clouds"))
+    rng = np.random.default_rng(0)
+    x2, y3 = _save(tmp_path / "x2.npy", rng.random((10, 2))), _save(tmp_path / "y3.npy", rng.random((8, 3)))
+    xb3, yb2 = _save(tmp_path / "xb3.npy", rng.random((3, 10, 2))), _save(tmp_path / "yb2.npy", rng.random((2, 8, 2)))
+    y2 = _save(tmp_path / "y2.npy", rng.random((8, 2)))
+    cases = [
+        (["--x", str(x2), "--y", str(y3)], f"--x {x2} (10, 2) and --y {y3} (8, 3) must have the same dimension d, got 2 and 3"),
+        (["--x", str(xb3), "--y", str(yb2)], "must have the same batch size B, got 3 and 2"),
+        (["--x", str(x2), "--y", str(yb2)], "must both be batched (B, n, d) or both not (n, d)"),
+        (["--x", str(xb3), "--y", str(y2)], "must both be batched (B, n, d) or both not (n, d)"),
+        (["--x", str(x2), "--d", "3"], f"--d 3 does not match --x {x2}, whose points have d = 2"),
+        (["--y", str(y3), "--d", "2"], f"--d 2 does not match --y {y3}, whose points have d = 3"),
+    ]
+    for flags, message in cases:
+        msg = _exit_message(["solve", "--device", "cpu", *flags])
+        assert msg.startswith("error: ") and message in msg, (flags, msg)
+
+
+def test_solve_backend_that_cannot_run_exits_with_message(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read when the backend is resolved
+    monkeypatch.setattr(cli, "sinkhorn", lambda *a, **k: pytest.fail("solved with a backend that cannot run"))
+    msg = _exit_message(["solve", "--n", "10", "--backend", "triton", "--device", "cpu"])
+    assert msg.startswith("error: backend='triton' on CPU tensors") and "TRITON_INTERPRET=1" in msg, msg
+
+
+def test_solve_solver_errors_exit_with_message(monkeypatch):
+    def solver(*args, **kw):
+        raise ValueError("something the solver rejects")
+
+    monkeypatch.setattr(cli, "sinkhorn", solver)
+    assert _exit_message(["solve", "--n", "10", "--device", "cpu"]) == "error: something the solver rejects"
+
+
 def test_solve_unbalanced_rho(capsys, clouds):
     x, y, xp, yp = clouds
     rho, eps = 0.5, 0.1
@@ -129,10 +204,6 @@ def test_solve_unbalanced_rho(capsys, clouds):
 def test_solve_method_newton(capsys, clouds):
     x, y, xp, yp = clouds
     geom = otcore.PointCloud(torch.from_numpy(x), torch.from_numpy(y))
-    try:
-        otcore.sinkhorn_newton(geom, eps=0.1, tol=1e-3, verbose=False)
-    except NotImplementedError as e:
-        pytest.skip(f"otcore.sinkhorn_newton is not implemented: {e}")
     tol = 1e-8
     s = run_json(capsys, "--x", xp, "--y", yp, "--eps", "0.1", "--tol", str(tol), "--dtype", "float64", "--method", "newton")
     assert s["method"] == "newton" and s["converged"] is True and s["marginal_error"] <= tol
@@ -437,6 +508,67 @@ def test_demo_bad_values_fail_before_any_work(monkeypatch, flags, message):
     assert msg.startswith("error: ") and message in msg, msg
 
 
+def _no_work(monkeypatch, what: str) -> None:
+    """Make loading a photo or solving fail the test: the demo must exit before either."""
+    monkeypatch.setattr(cli, "_load_photo", lambda name: pytest.fail(f"the demo loaded a photo before {what}"))
+    monkeypatch.setattr(cli, "sinkhorn", lambda *a, **k: pytest.fail(f"the demo solved before {what}"))
+
+
+def test_demo_bad_out_fails_before_any_work(monkeypatch, tmp_path):
+    _no_work(monkeypatch, "checking --out")
+    (tmp_path / "file.txt").write_text("not a folder")
+    cases = [
+        (tmp_path / "missing" / "x.png", f"the folder {tmp_path / 'missing'} does not exist"),
+        (tmp_path / "file.txt" / "x.png", "does not exist"),
+        (tmp_path, "is a folder; give a file name"),
+        (tmp_path / "picture.notanimage", "not an image file name"),
+        (tmp_path / "picture", "not an image file name"),
+    ]
+    for path, message in cases:
+        msg = _exit_message(["demo", "--device", "cpu", "--out", str(path)])
+        assert msg.startswith(f"error: --out {path}") and message in msg, msg
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_demo_unwritable_out_folder_fails_before_any_work(monkeypatch, tmp_path):
+    _no_work(monkeypatch, "checking --out")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        msg = _exit_message(["demo", "--device", "cpu", "--out", str(locked / "x.png")])
+    finally:
+        locked.chmod(0o700)
+    assert "not writable" in msg, msg
+
+
+def test_demo_unwritable_out_checked_by_access(monkeypatch, tmp_path):
+    """The writability test itself (os.access), also where the tests run as root."""
+    _no_work(monkeypatch, "checking --out")
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    msg = _exit_message(["demo", "--device", "cpu", "--out", str(tmp_path / "x.png")])
+    assert msg == f"error: --out {tmp_path / 'x.png'}: not writable (permission denied)", msg
+
+
+def test_demo_backend_that_cannot_run_fails_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _no_work(monkeypatch, "checking the backend")
+    msg = _exit_message(["demo", "--device", "cpu", "--backend", "triton", "--out", str(tmp_path / "x.png")])
+    assert msg.startswith("error: backend='triton' on CPU tensors") and "TRITON_INTERPRET=1" in msg, msg
+
+
+def test_demo_solver_errors_exit_with_message(monkeypatch, tmp_path):
+    _fake_photos(monkeypatch)
+
+    def solver(*args, **kw):
+        raise TypeError("something the solver rejects")
+
+    monkeypatch.setattr(cli, "sinkhorn", solver)
+    out = tmp_path / "x.png"
+    assert _exit_message(["demo", "--device", "cpu", "--n", "20", "--out", str(out)]) == "error: something the solver rejects"
+    assert not out.exists()
+
+
 def _fake_photos(monkeypatch, shape=(30, 40, 3)):
     """Small synthetic photos instead of scikit-learn's (no sklearn needed, fast)."""
     rng = np.random.default_rng(0)
@@ -450,7 +582,6 @@ class _Stop(Exception):
 
 
 def test_demo_defaults_only_when_flags_absent(monkeypatch):
-    pytest.importorskip("PIL")
     _fake_photos(monkeypatch, (500, 700, 3))
     seen = {}
     real_resize = cli._resize
@@ -474,7 +605,6 @@ def test_demo_defaults_only_when_flags_absent(monkeypatch):
 
 
 def test_demo_reports_pixels_actually_sampled(monkeypatch, capsys, tmp_path):
-    pytest.importorskip("PIL")
     _fake_photos(monkeypatch, (30, 40, 3))
     out = tmp_path / "small.png"
     assert main(["demo", "--device", "cpu", "--n", "100000", "--width", "16", "--eps", "0.05", "--out", str(out)]) == 0
@@ -517,15 +647,12 @@ def test_cli_md_has_runnable_examples_of_every_method():
 def test_cli_md_commands_run(capsys, tmp_path, monkeypatch):
     """Every command of docs/cli.md's bash blocks (but the demo) runs in-process, in order,
     in an empty folder: ``otcore ...`` through :func:`main`, ``python -c CODE`` by ``exec``.
-    Each solve must converge (a ``ConvergenceWarning`` is an error)."""
-    import time
-
+    Each solve must converge (every problem of a batch; a ``ConvergenceWarning`` is an error)."""
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     for line, command in _cli_md_commands():
         words = shlex.split(command)
         where = f"docs/cli.md:{line}: {command}"
-        t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("error", otcore.ConvergenceWarning)
             if words[:2] == ["python", "-c"] and len(words) == 3:
@@ -536,11 +663,10 @@ def test_cli_md_commands_run(capsys, tmp_path, monkeypatch):
             if "--device" not in argv and argv and argv[0] == "solve":
                 argv += ["--device", "cpu"]
             assert main(argv) == 0, where
-        elapsed = time.perf_counter() - t0
         out = capsys.readouterr().out
         summary = json.loads(out) if "--json" in argv else dict(re.findall(r"^  (\S+)\s+(\S.*)$", out, re.M))
-        assert summary["converged"] in (True, "True"), (where, out)
-        assert elapsed < 15, f"{where} took {elapsed:.1f} s; keep the examples fast"
+        converged = summary["converged"]  # a list for a batched input
+        assert all(c in (True, "True") for c in (converged if isinstance(converged, list) else [converged])), (where, out)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -582,7 +708,6 @@ def _expected_png_size(width: int) -> tuple[int, tuple[int, int]]:
 
 
 def test_demo_writes_picture_and_table(capsys, tmp_path):
-    pytest.importorskip("sklearn", reason="otcore demo needs the [demo] extra")
     from PIL import Image
     from sklearn.datasets import load_sample_image
 

@@ -1,12 +1,14 @@
-"""The fused softmin kernels (interpreter on CPU) against otcore.reference and float64.
+"""The fused softmin kernels against otcore.reference and float64.
 
 Every case compares three things: the Triton kernel on float32 inputs, the torch
 reference (otcore.reference) and an independent float64 dense log-sum-exp
 written out below. Shapes are small and odd (37 x 53) so that every tile is
-partially masked.
+partially masked. Tensors live on ``DEVICE``: with CUDA the real kernels run,
+without it the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py).
 """
 
 import os
+import platform
 
 import pytest
 import torch
@@ -14,11 +16,18 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-triton = pytest.importorskip("triton")
+if platform.system() == "Linux":
+    import triton  # noqa: F401  (a dependency on Linux: a broken install must fail, not skip)
+else:
+    pytest.importorskip("triton", reason="triton is a dependency on Linux only (pyproject.toml)")
 
 import otcore  # noqa: E402
 from otcore import reference, triton_ops  # noqa: E402
 from otcore.kernels import softmin as K  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# tl.dot is computed in full fp32 by the interpreter whatever its input_precision
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # NaN or inf arithmetic in the interpreter (even in masked lanes) is an error
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -54,12 +63,12 @@ def clouds(d, scale=1.0, offset=0.0, batch=B, n=N, m=M, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, n, d, generator=g) * scale + offset
     y = (torch.rand(batch, m, d, generator=g) * 0.9 + 0.05) * scale + offset
-    return x, y
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def potential(k, seed=1, scale=0.1, batch=B):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, k, generator=g) * scale
+    return (torch.randn(batch, k, generator=g) * scale).to(DEVICE)
 
 
 @pytest.mark.parametrize("d", [3, 17])
@@ -100,14 +109,38 @@ def test_precision_modes_pick_documented_paths():
     assert K.point_cost_mode("tf32", 64, torch.float64)[0] == K.COST_DIRECT
 
 
+def tf32_relerr_bound(x, y, exact):
+    """A priori bound on ``relerr`` of the tf32 path: its cost is ``|x|^2 + |y|^2 - 2 x.y``
+    on clouds centred on their joint mean, with the dot's operands cut to tf32's 10
+    mantissa bits (relative error <= u = 2^-10, truncation or rounding). So
+    ``|dC_ij| <= 2 (2u + u^2) sum_k |x_ik| |y_jk|`` (centred), a softmin moves by at most
+    max_j |dC_ij|, and the float32 rest stays within the fp32 contract (1e-5)."""
+    u = 2.0**-10
+    mu = (x.double().sum(1, keepdim=True) + y.double().sum(1, keepdim=True)) / (x.shape[1] + y.shape[1])
+    xc, yc = (x.double() - mu).abs(), (y.double() - mu).abs()
+    dC = 2 * (2 * u + u * u) * float((xc @ yc.transpose(1, 2)).max())
+    return dC / float(exact.abs().max()) + 1e-5
+
+
 def test_tf32_mode_runs_the_same_algebra():
-    """The interpreter computes tl.dot in full fp32, so tf32 mode is only checked for
-    its algebra here; its GPU error is measured by bench/bench_sinkhorn_kernels.py."""
+    """The interpreter computes tl.dot in full fp32, so there tf32 mode is held to the
+    fp32 bound: that checks its algebra. On a GPU the tf32 dot rounds its operands and
+    errs ~1e-3..1e-2 (docs/kernels.md): it is held to the a priori tf32 bound, which is
+    still far below the error of any wrong formula."""
     x, y = clouds(3)
     geom = otcore.PointCloud(x, y)
     h = potential(M)
     out = geom.softmin(h, 0.05, 1, backend="triton", precision="tf32")
-    assert relerr(out, softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)) < 1e-5
+    exact = softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)
+    err = relerr(out, exact)
+    if INTERPRETED:
+        assert err < 1e-5
+    else:
+        bound = tf32_relerr_bound(x, y, exact)
+        assert bound < 5e-2  # the bound itself is tight enough to mean something
+        assert err < bound
+    # fp32 mode on the same inputs keeps the fp32 contract everywhere
+    assert relerr(geom.softmin(h, 0.05, 1, backend="triton", precision="fp32"), exact) < 1e-5
 
 
 @pytest.mark.parametrize("axis", [1, 0])
@@ -127,8 +160,9 @@ def test_softmin_cost_matrix_both_axes_and_strides(axis):
 
 
 def test_unbatched_cost_matrix_float64():
-    C = torch.rand(N, M, dtype=torch.float64)
-    h = torch.randn(1, M, dtype=torch.float64)
+    g = torch.Generator().manual_seed(14)
+    C = torch.rand(N, M, generator=g, dtype=torch.float64).to(DEVICE)
+    h = torch.randn(1, M, generator=g, dtype=torch.float64).to(DEVICE)
     out = otcore.CostMatrix(C).softmin(h, 0.1, 1, backend="triton")
     assert out.dtype == torch.float64
     assert relerr(out, softmin64(C[None], h, 0.1, 1)) < 1e-13

@@ -1,12 +1,16 @@
-"""ELL sparse-plan kernels (interpreter on CPU) against their torch twins and float64.
+"""ELL sparse-plan kernels against their torch twins and float64.
 
 The float64 oracle forms the plan densely, ``P = exp((F_i + G_j - C_ij)/eps)``
 with the cost from explicit coordinate differences, and ranks each row with
 ``torch.sort``; the matrix products are checked against torch's sparse CSR
-product and a dense float64 matrix built from the ELL entries.
+product and a dense float64 matrix built from the ELL entries. Tensors live on
+``DEVICE``: with CUDA the real kernels run, without it the Triton interpreter
+(TRITON_INTERPRET=1, set by tests/conftest.py).
 """
 
+import math
 import os
+import platform
 
 import pytest
 import torch
@@ -14,11 +18,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-triton = pytest.importorskip("triton")
+if platform.system() == "Linux":
+    import triton  # noqa: F401  (a dependency on Linux: a broken install must fail, not skip)
+else:
+    pytest.importorskip("triton", reason="triton is a dependency on Linux only (pyproject.toml)")
 
 import otcore  # noqa: E402
 from otcore import reference_sparse as RS  # noqa: E402
 from otcore.kernels import sparse as KS  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # NaN or inf arithmetic in the interpreter (even in masked lanes) is an error
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -26,6 +35,12 @@ pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 N, M = 37, 53
 EPS = 0.05
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def rand(*shape, seed, dtype=torch.float32, normal=False):
+    """Seeded draws (on a CPU generator, so the same numbers everywhere) on DEVICE."""
+    draw = torch.randn if normal else torch.rand
+    return draw(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
 
 
 def cost64(geom):
@@ -42,16 +57,16 @@ def make(kind, dtype, batch, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = (batch,) if batch else ()
     if kind == "dense":
-        geom = otcore.CostMatrix(torch.rand(*shape, N, M, generator=g, dtype=torch.float64).to(dtype))
+        geom = otcore.CostMatrix(torch.rand(*shape, N, M, generator=g, dtype=torch.float64).to(DEVICE, dtype))
     else:
         d, cost = {"sq3": (3, "sqeuclidean"), "euc17": (17, "euclidean")}[kind]
-        x = torch.rand(*shape, N, d, generator=g, dtype=torch.float64).to(dtype)
-        y = torch.rand(*shape, M, d, generator=g, dtype=torch.float64).to(dtype)
+        x = torch.rand(*shape, N, d, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+        y = torch.rand(*shape, M, d, generator=g, dtype=torch.float64).to(DEVICE, dtype)
         geom = otcore.PointCloud(x, y, cost=cost)
     C = cost64(geom)
     Bn = geom.batch
-    G = torch.full((Bn, M), -EPS * torch.log(torch.tensor(float(M))).item(), dtype=torch.float64)
-    F = -EPS * torch.logsumexp((G[:, None, :] - C) / EPS, dim=2) - EPS * torch.log(torch.tensor(float(N)))
+    G = torch.full((Bn, M), -EPS * math.log(M), dtype=torch.float64, device=DEVICE)
+    F = -EPS * torch.logsumexp((G[:, None, :] - C) / EPS, dim=2) - EPS * math.log(N)
     G = -EPS * torch.logsumexp((F[:, :, None] - C) / EPS, dim=1)
     F[0, 3] = -float("inf")
     G[-1, 5] = -float("inf")
@@ -96,7 +111,7 @@ def test_plan_sparse_rows_full_width_equals_plan():
     (the zero-weight column's slot holds a zero)."""
     geom, C, F, G = make("sq3", torch.float64, 1)
     vals, idx = KS.plan_sparse_rows(geom, F, G, EPS, M)
-    dense = torch.zeros(1, N, M, dtype=torch.float64).scatter_add_(2, idx, vals)
+    dense = torch.zeros(1, N, M, dtype=torch.float64, device=DEVICE).scatter_add_(2, idx, vals)
     P64 = torch.exp((F[:, :, None] + G[:, None, :] - C) / EPS)
     assert float((dense - P64).abs().max()) <= 1e-12 * float(P64.max())
 
@@ -106,7 +121,7 @@ def test_geometry_dispatch_reaches_kernel_and_twin():
     vk, ik = geom.plan_sparse_rows(F, G, EPS, 4, backend="triton")
     vt, it = geom.plan_sparse_rows(F, G, EPS, 4, backend="torch")
     assert float((vk - vt).abs().max()) <= 1e-12 * float(vt.max())
-    u = torch.rand(2, N, dtype=torch.float64)
+    u = rand(2, N, seed=2, dtype=torch.float64)
     assert torch.allclose(geom.ell_matvec(vk, ik, u, 0, backend="triton"), geom.ell_matvec(vt, it, u, 0), rtol=1e-12)
 
 
@@ -118,18 +133,18 @@ def random_ell(dtype, B=2, n=N, m=M, s=6, seed=1):
     if s > 1:
         idx[:, :, 1] = idx[:, :, 0]
     vals[:, 2, :] = 0  # an empty row
-    return vals, idx
+    return vals.to(DEVICE), idx.to(DEVICE)
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("s", [1, 6, 33])
 def test_ell_matvec_both_directions(dtype, s):
-    geom = otcore.CostMatrix(torch.rand(2, N, M, dtype=dtype))
+    geom = otcore.CostMatrix(rand(2, N, M, seed=3, dtype=dtype))
     vals, idx = random_ell(dtype, s=s)
-    dense = torch.zeros(2, N, M, dtype=torch.float64).scatter_add_(2, idx, vals.double())
-    v = torch.randn(2, M, dtype=dtype)
-    u = torch.randn(2, N, dtype=dtype)
+    dense = torch.zeros(2, N, M, dtype=torch.float64, device=DEVICE).scatter_add_(2, idx, vals.double())
+    v = rand(2, M, seed=4, dtype=dtype, normal=True)
+    u = rand(2, N, seed=5, dtype=dtype, normal=True)
     ref_rows = torch.einsum("bij,bj->bi", dense, v.double())
     ref_cols = torch.einsum("bij,bi->bj", dense, u.double())
     csr = RS.ell_to_csr(vals, idx, M)
@@ -151,8 +166,8 @@ def test_ell_matvec_both_directions(dtype, s):
 
 def test_ell_matvec_rectangular_transpose_shape():
     """S^T u has the column count m of the geometry, not the ELL width."""
-    geom = otcore.PointCloud(torch.rand(N, 3), torch.rand(M + 8, 3))
+    geom = otcore.PointCloud(rand(N, 3, seed=6), rand(M + 8, 3, seed=7))
     vals, idx = random_ell(torch.float32, B=1, m=M + 8, s=3)
-    out = KS.ell_matvec(geom, vals, idx, torch.ones(1, N), 0)
+    out = KS.ell_matvec(geom, vals, idx, torch.ones(1, N, device=DEVICE), 0)
     assert out.shape == (1, M + 8)
     assert torch.allclose(out.sum(), vals.sum(), rtol=1e-5)

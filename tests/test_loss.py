@@ -160,8 +160,8 @@ def test_gradient_descent_moves_x_towards_y():
 def test_float32_module_and_repr():
     loss_fn = otcore.SinkhornLoss(eps=0.1)
     assert "eps=0.1" in repr(loss_fn) and "debias=True" in repr(loss_fn)
-    x = torch.rand(20, 3, requires_grad=True)
-    out = loss_fn(x, torch.rand(15, 3) + 0.2)
+    x = rand(20, 3, seed=1, dtype=torch.float32).requires_grad_()
+    out = loss_fn(x, rand(15, 3, seed=2, dtype=torch.float32) + 0.2)
     assert out.dtype == torch.float32 and float(out.detach()) > 0
     out.backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()

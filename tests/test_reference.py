@@ -11,6 +11,7 @@ or a point cloud's cached cost) in many row and (transposed) column tiles.
 """
 
 import math
+import platform
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ import otcore
 from otcore import reference
 
 N, M, EPS = 37, 53, 0.1
+# where backend="triton" runs: the real kernels with CUDA, the interpreter without
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # a block limit that cuts 37 x 53 into several row (and column) blocks, the last one ragged
 TINY_BLOCK = 400
 
@@ -332,8 +335,9 @@ def test_float32_geometry_matches_float64_oracle(kind, blocked):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_are_computed_in_float32(dtype):
-    x = torch.rand(N, 3).to(dtype)
-    y = torch.rand(M, 3).to(dtype)
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(N, 3, generator=g).to(dtype)
+    y = torch.rand(M, 3, generator=g).to(dtype)
     geom = otcore.PointCloud(x, y)
     assert geom.dtype == torch.float32
     C = cost64(x[None], y[None], "sqeuclidean")  # oracle on the rounded inputs
@@ -361,13 +365,15 @@ def test_geometry_reads_its_inputs_live(monkeypatch, backend, dtype, streamed):
     """An in-place change of x (an optimizer step, say) is seen by the next call on the
     same geometry: the cached cost of a small problem, the float32 copy of half inputs
     and the Triton path's centred points are all refreshed."""
+    if backend == "triton" and platform.system() != "Linux":  # a dependency on Linux: must not skip there
+        pytest.importorskip("triton", reason="triton is a dependency on Linux only (pyproject.toml)")
     if streamed:
         monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 64)
     g = torch.Generator().manual_seed(3)
-    x = torch.rand(9, 2, generator=g).to(dtype)
-    y = torch.rand(7, 2, generator=g).to(dtype)
+    x = torch.rand(9, 2, generator=g).to(DEVICE, dtype)
+    y = torch.rand(7, 2, generator=g).to(DEVICE, dtype)
     geom = otcore.PointCloud(x, y)
-    h = torch.zeros(1, 7, dtype=geom.dtype)
+    h = torch.zeros(1, 7, dtype=geom.dtype, device=DEVICE)
     geom.softmin(h, 0.1, 1, backend=backend)  # fills the caches
     with torch.no_grad():
         x.mul_(3).add_(1)
@@ -376,3 +382,12 @@ def test_geometry_reads_its_inputs_live(monkeypatch, backend, dtype, streamed):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     C = torch.cdist(x[None].double(), y[None].double()) ** 2
     torch.testing.assert_close(got.double(), -0.1 * torch.logsumexp(-C / 0.1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,err,match", [(8, ValueError, r"^k must be <= m = 7"), (0, ValueError, r"^k must be >= 1"),
+                                         (2.0, TypeError, r"^k must be an int")])
+def test_plan_topk_rejects_bad_k_on_the_torch_backend(k, err, match):
+    geom = otcore.PointCloud(torch.rand(5, 2, generator=torch.Generator().manual_seed(1)),
+                             torch.rand(7, 2, generator=torch.Generator().manual_seed(2)))
+    with pytest.raises(err, match=match):
+        geom.plan_topk(torch.zeros(1, 5), torch.zeros(1, 7), 0.1, k, backend="torch")

@@ -64,9 +64,29 @@ def test_batched_scores_route_each_problem():
 
 
 def test_more_experts_than_tokens_per_capacity_and_k_capped():
+    # more experts than tokens: capacity ceil(3 * 1.25 / 5) = 1 token per expert, and each
+    # expert still receives exactly its share 3/5 of the token mass
+    router = otcore.SparseOTRouter(5, capacity_factor=1.25, backend="torch")
+    out = router(_scores(3, 5, seed=3, dtype=F64))
+    assert router.capacity(3) == 1 and out.combine_weights.shape == (5, 1)
+    assert out.result.converged
+    torch.testing.assert_close(out.expert_load, torch.full((5,), 3 / 5, dtype=F64))
+    assert int((out.combine_dense() > 0).sum(0).max()) <= 1
+    # a capacity above the token count is capped at it: ceil(10 * 4 / 3) = 14 > 10 tokens
+    router = otcore.SparseOTRouter(3, capacity_factor=4.0, backend="torch")
+    out = router(_scores(10, 3, seed=3, dtype=F64))
+    assert math.ceil(10 * 4.0 / 3) > 10 and router.capacity(10) == 10
+    assert out.combine_weights.shape == (3, 10)
+    assert all(len(set(row.tolist())) == 10 for row in out.dispatch_index)  # each slot a distinct token
+    torch.testing.assert_close(out.expert_load, torch.full((3,), 10 / 3, dtype=F64))
+    # k capped at the number of experts: every token lists each of the 3 experts once
     router = otcore.SparseOTRouter(3, mode="tokens", k=5, backend="torch")
     out = router(_scores(10, 3, seed=3))
-    assert out.combine_weights.shape == (10, 3)  # k capped at the number of experts
+    assert out.combine_weights.shape == out.dispatch_index.shape == (10, 3)
+    assert torch.equal(out.dispatch_index.sort(1).values, torch.arange(3).expand(10, 3))
+    torch.testing.assert_close(out.combine_weights.sum(1), torch.ones(10))  # exact per token
+    D = out.combine_dense()
+    torch.testing.assert_close(torch.gather(D, 1, out.dispatch_index), out.combine_weights)
 
 
 @pytest.mark.parametrize("mode", ["capacity", "tokens"])
@@ -112,9 +132,39 @@ def test_training_through_the_router_moves_scores_toward_a_target():
 def test_warm_start_reuses_the_duals():
     s = _scores(64, 4, seed=8, dtype=F64)
     router = otcore.SparseOTRouter(4, gamma=0.2, warm_start=True, tol=1e-6, backend="torch")
-    first = router(s)
+    first = router(s)  # a cold start: no duals stored yet
     second = router(s)
     assert second.result.n_iter < first.result.n_iter
+    # ... and reaches the same solution: the same semi-dual optimum and duals
+    cold, warm = first.result, second.result
+    assert cold.converged and warm.converged
+    assert float(warm.value) == pytest.approx(float(cold.value), rel=1e-9)
+    torch.testing.assert_close(warm.alpha, cold.alpha, rtol=0, atol=1e-6)
+    torch.testing.assert_close(warm.beta, cold.beta, rtol=0, atol=1e-6)
+    torch.testing.assert_close(second.expert_load, first.expert_load)
+    # The plan follows from the duals, except where the capacity binds on a tie: each
+    # expert keeps the tokens with the `capacity` largest alpha_t + s_te (C = -scores), and
+    # when the capacity-th and the next one are equal (up to the duals' tolerance) either
+    # can take the last slot. Every other entry of the plan agrees.
+    z = cold.alpha[:, None] + s
+    cap = router.capacity(64)
+    kth = z.topk(cap, dim=0).values[-1]
+    near = (z - kth).abs() <= 1e-6
+    agree = ~(near & (near.sum(0) > 1))  # entries at a tie for an expert's last slot excluded
+    assert agree.sum() >= 64 * 4 - 8  # only a handful of (token, expert) pairs are ties
+    torch.testing.assert_close(second.combine_dense()[agree], first.combine_dense()[agree], rtol=0, atol=1e-6)
+
+
+def test_warm_start_survives_a_change_of_dtype():
+    """The stored duals are reused only for scores of the same shape, device and dtype
+    (a module moved with .to() solves cold once instead of failing)."""
+    router = otcore.SparseOTRouter(4, gamma=0.2, warm_start=True, tol=1e-6, backend="torch")
+    s = _scores(64, 4, seed=9, dtype=F64)
+    router(s)
+    out32 = router(s.float())  # float32 scores: the float64 duals are not reused
+    cold32 = otcore.SparseOTRouter(4, gamma=0.2, tol=1e-6, backend="torch")(s.float())
+    assert out32.result.alpha.dtype == torch.float32
+    assert out32.result.n_iter == cold32.result.n_iter
 
 
 @pytest.mark.parametrize(
@@ -124,7 +174,7 @@ def test_warm_start_reuses_the_duals():
         (dict(n_experts=4, capacity_factor=0.5), ValueError, "capacity_factor"),
         (dict(n_experts=4, mode="random"), ValueError, "mode"),
         (dict(n_experts=4, gamma=0.0), ValueError, "gamma"),
-        (dict(n_experts=4, k=0), ValueError, "k"),
+        (dict(n_experts=4, k=0), ValueError, "^k must be >= 1, got 0$"),
         (dict(n_experts=4, plan_grad="none"), ValueError, "plan_grad"),
     ],
 )
@@ -136,7 +186,7 @@ def test_bad_router_arguments(kw, err, match):
 def test_bad_scores():
     router = otcore.SparseOTRouter(4)
     with pytest.raises(ValueError, match="n_experts"):
-        router(torch.randn(10, 5))
+        router(_scores(10, 5, seed=9))
     with pytest.raises(ValueError, match="scores"):
         router(torch.full((10, 4), float("nan")))
     with pytest.raises(TypeError, match="scores"):

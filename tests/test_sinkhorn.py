@@ -435,13 +435,13 @@ def test_half_precision_inputs_are_solved_in_float32(dtype):
 
 
 def test_no_nan_escapes_at_extreme_eps():
-    """Tiny eps in float32 is handled in the log domain: finite output or converged=False."""
+    """Tiny eps in float32 is handled in the log domain: 50 iterations at eps = 1e-6 cannot
+    converge, and the run says so (converged=False and a warning) with finite output."""
     geom = geom_of("sqeuclidean", 20, 20, 2, dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with pytest.warns(ConvergenceWarning):
         res = otcore.sinkhorn(geom, eps=1e-6, max_iter=50, **T)
     finite = bool(torch.isfinite(res.f).all() and torch.isfinite(res.g).all() and torch.isfinite(res.value))
-    assert finite or res.converged is False
+    assert finite and not res.converged
 
 
 # ----------------------------------------------------------------------------- OTResult methods
@@ -515,7 +515,7 @@ def problems(draw):
     return x, y, w(n), w(m), draw(st.sampled_from([0.2, 0.5, 2.0])) * max(diam, 1e-3), cost
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(problems())
 def test_hypothesis_random_problems_match_pot(prob):
     x, y, a, b, eps, cost = prob

@@ -188,7 +188,7 @@ def unbalanced_problems(draw):
     return x, y, w(n), w(m), draw(st.sampled_from([0.2, 1.0])), rho
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(unbalanced_problems())
 def test_hypothesis_random_unbalanced_problems_match_pot(prob):
     x, y, a, b, eps, (rho_a, rho_b) = prob

@@ -17,12 +17,16 @@ NAN, INF = float("nan"), float("inf")
 N, M, D = 5, 6, 2
 
 
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
 def x_():
-    return torch.rand(N, D, dtype=torch.float64)
+    return rand(N, D, seed=0, dtype=torch.float64)
 
 
 def y_():
-    return torch.rand(M, D, dtype=torch.float64)
+    return rand(M, D, seed=1, dtype=torch.float64)
 
 
 def geom():
@@ -59,7 +63,7 @@ def test_non_finite_points(bad):
 @pytest.mark.parametrize("bad", [NAN, INF])
 def test_non_finite_cost_matrix(bad):
     with pytest.raises(ValueError, match="C contains NaN or inf"):
-        otcore.CostMatrix(with_value(torch.rand(N, M), (2, 3), bad))
+        otcore.CostMatrix(with_value(rand(N, M), (2, 3), bad))
 
 
 @pytest.mark.parametrize("bad", [NAN, INF])
@@ -86,7 +90,7 @@ def test_all_zero_weights():
     with pytest.raises(ValueError, match="b is all zero"):
         solve(b=torch.zeros(M, dtype=torch.float64), rho=1.0)
     # one problem of a batch is enough
-    g = otcore.PointCloud(torch.rand(2, N, D), torch.rand(2, M, D))
+    g = otcore.PointCloud(rand(2, N, D), rand(2, M, D, seed=1))
     b = torch.full((2, M), 1.0 / M)
     b[1] = 0
     with pytest.raises(ValueError, match="b is all zero"):
@@ -106,21 +110,21 @@ def test_mass_mismatch_in_balanced_mode():
 # ----------------------------------------------------------------------------- shapes
 def test_point_cloud_shape_mismatches():
     with pytest.raises(ValueError, match="dimension d"):
-        otcore.PointCloud(torch.rand(N, 2), torch.rand(M, 3))
+        otcore.PointCloud(rand(N, 2), rand(M, 3, seed=1))
     with pytest.raises(ValueError, match="batch size"):
-        otcore.PointCloud(torch.rand(2, N, D), torch.rand(3, M, D))
+        otcore.PointCloud(rand(2, N, D), rand(3, M, D, seed=1))
     with pytest.raises(ValueError, match="both be batched"):
-        otcore.PointCloud(torch.rand(2, N, D), torch.rand(M, D))
+        otcore.PointCloud(rand(2, N, D), rand(M, D, seed=1))
     with pytest.raises(ValueError, match="x must have 2 or 3 dimensions"):
-        otcore.PointCloud(torch.rand(N), torch.rand(M, D))
+        otcore.PointCloud(rand(N), rand(M, D, seed=1))
     with pytest.raises(ValueError, match="y must have 2 or 3 dimensions"):
-        otcore.PointCloud(torch.rand(N, D), torch.rand(1, 2, M, D))
+        otcore.PointCloud(rand(N, D), rand(1, 2, M, D, seed=1))
     with pytest.raises(ValueError, match="x must not be empty"):
-        otcore.PointCloud(torch.rand(0, D), torch.rand(M, D))
+        otcore.PointCloud(rand(0, D), rand(M, D, seed=1))
     with pytest.raises(ValueError, match="C must have 2 or 3 dimensions"):
-        otcore.CostMatrix(torch.rand(N))
+        otcore.CostMatrix(rand(N))
     with pytest.raises(ValueError, match="C must not be empty"):
-        otcore.CostMatrix(torch.rand(N, 0))
+        otcore.CostMatrix(rand(N, 0))
 
 
 def test_weight_shape_mismatches():
@@ -130,7 +134,7 @@ def test_weight_shape_mismatches():
         solve(b=uniform(M - 1))
     with pytest.raises(ValueError, match="a must have 1 dimensions"):
         solve(a=uniform(N)[None])
-    gb = otcore.PointCloud(torch.rand(2, N, D), torch.rand(2, M, D))
+    gb = otcore.PointCloud(rand(2, N, D), rand(2, M, D, seed=1))
     with pytest.raises(ValueError, match="a must have 2 dimensions"):  # batched geometry, unbatched a
         otcore.sinkhorn(gb, torch.full((N,), 1.0 / N), eps=0.1)
     with pytest.raises(ValueError, match="b must have shape"):  # wrong batch size
@@ -239,7 +243,7 @@ def test_bad_init():
         solve(init=(np.zeros(N), g))
     with pytest.raises(TypeError, match=r"init\[0\]"):
         solve(init=(torch.zeros(N, dtype=torch.long), g))
-    gb = otcore.PointCloud(torch.rand(2, N, D), torch.rand(2, M, D))
+    gb = otcore.PointCloud(rand(2, N, D), rand(2, M, D, seed=1))
     with pytest.raises(ValueError, match=r"init\[0\]"):  # batched geometry needs (B, n)
         otcore.sinkhorn(gb, eps=0.1, init=(torch.zeros(N), torch.zeros(2, M)))
     with pytest.raises(ValueError, match=r"init\[1\]"):
@@ -324,7 +328,7 @@ def test_sinkhorn_loss_rejects_bad_arguments_and_inputs():
     with pytest.raises(ValueError, match="x contains NaN"):
         loss(with_value(x_(), (0, 0), NAN), y_())
     with pytest.raises(ValueError, match="dimension d"):
-        loss(torch.rand(N, 2), torch.rand(M, 3))
+        loss(rand(N, 2), rand(M, 3, seed=1))
     with pytest.raises(ValueError, match="a has negative"):
         loss(x_(), y_(), with_value(uniform(N), 0, -0.2))
     with pytest.raises(TypeError, match="y must be a torch.Tensor"):
