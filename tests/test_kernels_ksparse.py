@@ -7,27 +7,15 @@ odd shapes. The interpreter proves the algebra, not GPU speed or register limits
 
 from __future__ import annotations
 
-import os
-import platform
-
 import pytest
 import torch
+from kernel_support import DEVICE, RUNTIME_WARNINGS_ARE_ERRORS
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import otcore
+from otcore import reference_ksparse as R
+from otcore.kernels import ksparse as K
 
-if platform.system() == "Linux":
-    import triton  # noqa: F401  (a dependency on Linux: a broken install must fail, not skip)
-else:
-    pytest.importorskip("triton", reason="triton is a dependency on Linux only (pyproject.toml)")
-
-import otcore  # noqa: E402
-from otcore import reference_ksparse as R  # noqa: E402
-from otcore.kernels import ksparse as K  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# NaN or inf arithmetic in the interpreter (even in masked lanes) is an error
-pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+pytestmark = RUNTIME_WARNINGS_ARE_ERRORS
 
 
 def _geom(kind, n, m, d, batch, dtype, seed):

@@ -7,30 +7,15 @@ partially masked. Tensors live on ``DEVICE``: with CUDA the real kernels run,
 without it the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py).
 """
 
-import os
-import platform
-
 import pytest
 import torch
+from kernel_support import DEVICE, INTERPRETED, RUNTIME_WARNINGS_ARE_ERRORS
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import otcore
+from otcore import reference, triton_ops
+from otcore.kernels import softmin as K
 
-if platform.system() == "Linux":
-    import triton  # noqa: F401  (a dependency on Linux: a broken install must fail, not skip)
-else:
-    pytest.importorskip("triton", reason="triton is a dependency on Linux only (pyproject.toml)")
-
-import otcore  # noqa: E402
-from otcore import reference, triton_ops  # noqa: E402
-from otcore.kernels import softmin as K  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# tl.dot is computed in full fp32 by the interpreter whatever its input_precision
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-# NaN or inf arithmetic in the interpreter (even in masked lanes) is an error
-pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+pytestmark = RUNTIME_WARNINGS_ARE_ERRORS
 
 B, N, M = 2, 37, 53
 INF = float("inf")

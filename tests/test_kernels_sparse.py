@@ -9,28 +9,16 @@ product and a dense float64 matrix built from the ELL entries. Tensors live on
 """
 
 import math
-import os
-import platform
 
 import pytest
 import torch
+from kernel_support import DEVICE, RUNTIME_WARNINGS_ARE_ERRORS
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import otcore
+from otcore import reference_sparse as RS
+from otcore.kernels import sparse as KS
 
-if platform.system() == "Linux":
-    import triton  # noqa: F401  (a dependency on Linux: a broken install must fail, not skip)
-else:
-    pytest.importorskip("triton", reason="triton is a dependency on Linux only (pyproject.toml)")
-
-import otcore  # noqa: E402
-from otcore import reference_sparse as RS  # noqa: E402
-from otcore.kernels import sparse as KS  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-# NaN or inf arithmetic in the interpreter (even in masked lanes) is an error
-pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+pytestmark = RUNTIME_WARNINGS_ARE_ERRORS
 
 N, M = 37, 53
 EPS = 0.05

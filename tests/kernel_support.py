@@ -1,0 +1,29 @@
+"""Set-up shared by the Triton kernel test files (imported by them as a module).
+
+Tensors live on ``DEVICE``: with CUDA the real kernels run, without it the Triton
+interpreter (``TRITON_INTERPRET=1``, set here and in ``conftest.py`` before Triton is
+first imported). Triton is a dependency on Linux, so there a broken install fails
+the import instead of skipping the tests; elsewhere the kernel tests are skipped.
+"""
+
+import os
+import platform
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if platform.system() == "Linux":
+    import triton  # noqa: F401  (imported for its side effect: fail loudly if broken)
+else:
+    pytest.importorskip("triton", reason="triton is a dependency on Linux only (pyproject.toml)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: The interpreter computes tl.dot in full fp32 whatever its input_precision.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+#: ``pytestmark`` of the kernel files: NaN or inf arithmetic in the interpreter (even
+#: in masked lanes) is an error.
+RUNTIME_WARNINGS_ARE_ERRORS = pytest.mark.filterwarnings("error::RuntimeWarning")
