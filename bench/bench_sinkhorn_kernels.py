@@ -225,16 +225,22 @@ def check_rows(n: int, limit: int, device) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(1))[: min(n, limit)].sort().values.to(device)
 
 
+def warm_potentials(geom, n: int, iters: int, device):
+    """Uniform log-weights and realistic potentials: ``iters`` fp32 Sinkhorn iterations
+    from zero on the kernels (``iters = 0``: both zero)."""
+    logw = torch.full((1, n), -math.log(n), device=device)
+    f = g = torch.zeros(1, n, device=device)
+    for _ in range(iters):
+        f = triton_ops.softmin(geom, g + EPS * logw, EPS, 1)
+        g = triton_ops.softmin(geom, f + EPS * logw, EPS, 0)
+    return logw, f, g
+
+
 def correctness(n, d, device, args, rows_out):
     """Pass errors (and, for small n, full-solve errors) vs float64."""
     x, y = problem(n, d, device)
     geom = otcore.PointCloud(x, y)
-    logw = torch.full((1, n), -math.log(n), device=device)
-    # realistic potentials: a few fp32 iterations from zero (--warm-iters 0: both zero)
-    f = g = torch.zeros(1, n, device=device)
-    for _ in range(args.warm_iters):
-        f = triton_ops.softmin(geom, g + EPS * logw, EPS, 1)
-        g = triton_ops.softmin(geom, f + EPS * logw, EPS, 0)
+    logw, f, g = warm_potentials(geom, n, args.warm_iters, device)
     S = check_rows(n, args.check_rows, device)
     hg, hf = (g + EPS * logw).double(), (f + EPS * logw).double()
     ref_row = reference.softmin(otcore.PointCloud(x[S].double(), y.double()), hg, EPS, 1)
@@ -349,11 +355,7 @@ def costmatrix(n, device, args, rows_out, copy_bps):
     C = torch.cdist(x, y).square_()  # float32; the check compares with float64 on this same C
     del x, y
     geom = otcore.CostMatrix(C)
-    logw = torch.full((1, n), -math.log(n), device=device)
-    f = g = torch.zeros(1, n, device=device)
-    for _ in range(args.warm_iters):
-        f = triton_ops.softmin(geom, g + EPS * logw, EPS, 1)
-        g = triton_ops.softmin(geom, f + EPS * logw, EPS, 0)
+    logw, f, g = warm_potentials(geom, n, args.warm_iters, device)
     S = check_rows(n, args.check_rows, device)
     hg, hf = g + EPS * logw, f + EPS * logw
     ref_row = reference.softmin(otcore.CostMatrix(C[S].double()), hg.double(), EPS, 1)
