@@ -68,15 +68,17 @@ def make_problem(geom, a, b, eps, rho, backend, precision) -> Problem:
     return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision, symmetric)
 
 
-def check_init(init, geom) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warm start ``(f, g)`` with the unbatched or batched shapes of the potentials."""
+def check_init(init, geom, names=("f", "g")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warm start: a pair of potentials on the two sides (``names`` in messages), with
+    the unbatched or batched shapes; returned batched, detached, in the geometry's dtype
+    (zeros if ``init`` is None)."""
     zeros = lambda k: torch.zeros(geom.batch, k, dtype=geom.dtype, device=geom.device)  # noqa: E731
     if init is None:
         return zeros(geom.n), zeros(geom.m)
     if not isinstance(init, (tuple, list)) or len(init) != 2:
-        raise TypeError("init must be a pair (f, g) of tensors")
+        raise TypeError(f"init must be a pair ({names[0]}, {names[1]}) of tensors")
     out = []
-    for name, t, k in (("init[0] (f)", init[0], geom.n), ("init[1] (g)", init[1], geom.m)):
+    for name, t, k in ((f"init[0] ({names[0]})", init[0], geom.n), (f"init[1] ({names[1]})", init[1], geom.m)):
         _validate.tensor(name, t, (2,) if geom.batched else (1,))
         want = (geom.batch, k) if geom.batched else (k,)
         if tuple(t.shape) != want:

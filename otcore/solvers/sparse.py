@@ -37,6 +37,7 @@ import torch
 
 from .. import _dispatch, _validate
 from .._progress import Progress
+from ._entropic import check_init
 from ._lbfgs import lbfgs
 from ..geometry import Geometry
 from ..reference_ksparse import KSparse, cross_sum
@@ -84,24 +85,10 @@ class _Problem:
         return -J, -grad, out, scale
 
 
-def _check_init(init, pb: _Problem, batched: bool) -> torch.Tensor:
+def _check_init(init, pb: _Problem) -> torch.Tensor:
     """Starting point from ``init = (alpha, beta)`` (zeros if None), in line coordinates."""
-    geom, B = pb.geom, pb.geom.batch
-    N, L = pb.wp.shape[1], pb.wl.shape[1]
-    if init is None:
-        return torch.zeros(B, N if pb.semi else N + L, dtype=geom.dtype, device=geom.device)
-    if not isinstance(init, (tuple, list)) or len(init) != 2:
-        raise TypeError("init must be a pair (alpha, beta) of tensors")
-    out = []
-    for name, t, size in (("init[0] (alpha)", init[0], geom.n), ("init[1] (beta)", init[1], geom.m)):
-        _validate.tensor(name, t, (2,) if batched else (1,))
-        want = (B, size) if batched else (size,)
-        if tuple(t.shape) != want:
-            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-        if t.device != geom.device:
-            raise ValueError(f"{name} is on {t.device} but the geometry is on {geom.device}")
-        out.append(t.detach().reshape(B, size).to(geom.dtype))
-    hp, hl = (out[0], out[1]) if pb.axis == 0 else (out[1], out[0])
+    alpha, beta = check_init(init, pb.geom, names=("alpha", "beta"))
+    hp, hl = (alpha, beta) if pb.axis == 0 else (beta, alpha)
     return hp if pb.semi else torch.cat([hp, hl], 1)
 
 
@@ -199,7 +186,7 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     wp, wl = (A, Bw) if axis == 0 else (Bw, A)
     k_eff = min(k, wp.shape[1])
     pb = _Problem(geom, axis, k_eff, gamma, formulation == "semi-dual", wp, wl, a, b, plan_grad, backend, precision)
-    return pb, _check_init(init, pb, geom.batched), geom.batched
+    return pb, _check_init(init, pb), geom.batched
 
 
 def _first_step(pb: _Problem) -> float:
