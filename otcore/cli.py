@@ -72,11 +72,14 @@ def _check_positive(flag: str, value: Optional[float]) -> None:
 
 
 # --------------------------------------------------------------------------- demo
+_DEMO_DEPS = 'error: the demo needs scikit-learn and pillow: pip install "otcore[demo]"'
+
+
 def _load_photo(name: str) -> np.ndarray:
     try:
         from sklearn.datasets import load_sample_image
     except ImportError:  # pragma: no cover - depends on the environment
-        raise SystemExit('error: the demo needs scikit-learn and pillow: pip install "otcore[demo]"')
+        raise SystemExit(_DEMO_DEPS)
     return load_sample_image(name)
 
 
@@ -87,7 +90,7 @@ def _check_out(path: str) -> None:
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - depends on the environment
-        raise SystemExit('error: the demo needs scikit-learn and pillow: pip install "otcore[demo]"')
+        raise SystemExit(_DEMO_DEPS)
     if os.path.isdir(path):
         raise SystemExit(f"error: --out {path} is a folder; give a file name, e.g. {os.path.join(path, 'demo.png')}")
     if os.path.splitext(path)[1].lower() not in Image.registered_extensions():

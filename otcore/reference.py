@@ -127,7 +127,7 @@ def _log2_plan_(Z: torch.Tensor, C: torch.Tensor, Fk_lines: torch.Tensor, Gk_oth
     return Z.add_(Fk_lines[:, :, None])
 
 
-def _sides(F: torch.Tensor, G: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sides(F: torch.Tensor, G: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(potential of the lines, potential of the other side) for a pass along ``axis``."""
     return (F, G) if axis == 1 else (G, F)
 
@@ -162,7 +162,7 @@ def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: st
     vec = v.dim() == 2
     V = v[..., None] if vec else v
     k = _LOG2E / eps
-    Fl, Go = _sides(F * k, G * k, axis)
+    Fl, Go = sides(F * k, G * k, axis)
     out = torch.empty(geom.batch, Fl.shape[1], V.shape[2], dtype=V.dtype, device=V.device)
     for sl, C, Z in _tiles(geom, axis, Fl.dtype):
         out[:, sl] = _log2_plan_(Z, C, Fl[:, sl], Go, k).exp2_() @ V
@@ -172,7 +172,7 @@ def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: st
 def marginals(geom, F, G, eps: float, axis: int, precision: str = "fp32") -> torch.Tensor:
     """``axis=1``: row sums ``P 1`` (B,n); ``axis=0``: column sums ``P^T 1`` (B,m)."""
     k = _LOG2E / eps
-    Fl, Go = _sides(F * k, G * k, axis)
+    Fl, Go = sides(F * k, G * k, axis)
     out = torch.empty_like(Fl)
     for sl, C, Z in _tiles(geom, axis, Fl.dtype):
         out[:, sl] = _log2_plan_(Z, C, Fl[:, sl], Go, k).exp2_().sum(2)
@@ -224,7 +224,7 @@ def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[tor
     k = _LOG2E / eps
     grads = []
     for axis, (own, far) in ((1, (geom.x, geom.y)), (0, (geom.y, geom.x))):
-        Fl, Go = _sides(F * k, G * k, axis)
+        Fl, Go = sides(F * k, G * k, axis)
         far = far.to(torch.promote_types(Fl.dtype, far.dtype))
         V = torch.cat([torch.ones_like(far[..., :1]), far], dim=2)  # (B, other, 1 + d)
         WV = torch.empty(geom.batch, own.shape[1], V.shape[2], dtype=V.dtype, device=V.device)

@@ -17,7 +17,6 @@ The geometry dispatches to these twins or to the Triton kernels (:mod:`otcore._d
 
 from __future__ import annotations
 
-
 import torch
 
 from . import reference

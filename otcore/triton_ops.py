@@ -171,16 +171,11 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
     return _launch_softmin(operand(geom, axis, precision), h, float(eps))
 
 
-def _sides(F, G, axis):
-    """(own, other) potentials of an ``axis`` pass."""
-    return (F, G) if axis == 1 else (G, F)
-
-
 def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: str = "fp32") -> torch.Tensor:
     """``axis=1``: ``(P v)_i = sum_j P_ij v_j``, v (B,m) or (B,m,k) -> (B,n[,k]);
     ``axis=0``: ``(P^T u)_j = sum_i P_ij u_i``, u (B,n) or (B,n,k) -> (B,m[,k])."""
     _check(precision, axis)
-    own, oth = _sides(F, G, axis)
+    own, oth = reference.sides(F, G, axis)
     out, _ = _launch_reduce(operand(geom, axis, precision), own, oth, float(eps), V=v)
     return out
 
@@ -188,7 +183,7 @@ def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: st
 def marginals(geom, F, G, eps: float, axis: int, precision: str = "fp32") -> torch.Tensor:
     """``axis=1``: row sums ``P 1`` (B,n); ``axis=0``: column sums ``P^T 1`` (B,m)."""
     _check(precision, axis)
-    own, oth = _sides(F, G, axis)
+    own, oth = reference.sides(F, G, axis)
     _, s = _launch_reduce(operand(geom, axis, precision), own, oth, float(eps), with_sum=True)
     return s
 
@@ -248,7 +243,7 @@ def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[tor
     grads = []
     for axis in (1, 0):
         op = operand(geom, axis, precision)
-        own, oth = _sides(F, G, axis)
+        own, oth = reference.sides(F, G, axis)
         WV, W1 = _launch_reduce(op, own, oth, float(eps), V=op.oth, with_sum=True, weight=weight)
         grads.append(factor * (op.own * W1[..., None] - WV))
     return tuple(grads)

@@ -145,57 +145,54 @@ def sinkhorn(
 def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cuda_graph: bool = False,
              active=None):
     """Run the iterations; returns ``(f, g, n_iter, passed)`` (per-problem counts and flags).
-    ``active`` (B,) bool, if given, restricts the iterations at the target eps to those
-    problems (the others keep their potentials and count no iterations); callers that
-    pass it run no eps stages.
+    ``active`` (B,) bool, if given, restricts the iterations to those problems (the
+    others keep their potentials and count no iterations).
 
-    An iteration that ends a check interval (the first at the target eps, then every
-    ``check_every``-th) starts with the row pass whose output also gives the residual
-    (one host sync); the iterations in between run as one block without any, replayed
-    from a CUDA graph when ``cuda_graph`` (see :mod:`otcore.solvers._graph`).
+    The eps-scaling stages run one iteration each, unchecked (the potentials are far
+    from the target's). At the target eps, an iteration that ends a check interval (the
+    first, then every ``check_every``-th) starts with the row pass whose output also
+    gives the residual (one host sync); the iterations in between run as one block
+    without any, replayed from a CUDA graph when ``cuda_graph`` (see
+    :mod:`otcore.solvers._graph`).
     """
     geom, kw, eps = pb.geom, pb.kw(), pb.eps
     B = geom.batch
     active = torch.ones(B, dtype=torch.bool, device=geom.device) if active is None else active.clone()
     passed = torch.zeros_like(active)
     n_iter = torch.zeros(B, dtype=torch.long, device=geom.device)
-    it = 0
     if pb.symmetric:  # a warm start may hold two different potentials
         avg = 0.5 * (f + g)
         f, g = torch.where(active[:, None], avg, f), torch.where(active[:, None], avg, g)
-    # eps scaling: one iteration per stage, no checks (the potentials are far from the target's)
-    for i, e in enumerate(stages[:max_iter]):
-        if pb.symmetric:
-            f = g = 0.5 * (f + _tau(pb.rho_a, e) * geom.softmin(f + e * pb.loga, e, 1, **kw))
-        else:
-            f = _tau(pb.rho_a, e) * geom.softmin(g + e * pb.logb, e, 1, **kw)
-            g = _tau(pb.rho_b, e) * geom.softmin(f + e * pb.loga, e, 0, **kw)
-        it += 1
-        progress.update(it, float("nan"), e, f"eps stage {i + 1}/{len(stages)}")
-    n_iter += it
-    ta, tb = _tau(pb.rho_a, eps), _tau(pb.rho_b, eps)
 
-    if pb.symmetric:  # f <- (f + tau softmin(f + eps log a)) / 2, g = f
+    if pb.symmetric:  # f <- (f + tau softmin(f + e log a)) / 2, g = f
 
-        def row_pass(f, g):
-            return geom.softmin(f + eps * pb.loga, eps, 1, **kw)
+        def row_pass(f, g, e):
+            return geom.softmin(f + e * pb.loga, e, 1, **kw)
 
-        def finish(f, g, s, active):
-            new = 0.5 * (f + ta * s)
+        def finish(f, g, s, e, active):
+            new = 0.5 * (f + _tau(pb.rho_a, e) * s)
             return torch.where(active[:, None], new, f), torch.where(active[:, None], new, g)
 
-    else:  # f <- tau_a softmin(g + eps log b), g <- tau_b softmin(f + eps log a)
+    else:  # f <- tau_a softmin(g + e log b), g <- tau_b softmin(f + e log a)
 
-        def row_pass(f, g):
-            return geom.softmin(g + eps * pb.logb, eps, 1, **kw)
+        def row_pass(f, g, e):
+            return geom.softmin(g + e * pb.logb, e, 1, **kw)
 
-        def finish(f, g, s, active):
-            f = torch.where(active[:, None], ta * s, f)
-            return f, torch.where(active[:, None], tb * geom.softmin(f + eps * pb.loga, eps, 0, **kw), g)
+        def finish(f, g, s, e, active):
+            f = torch.where(active[:, None], _tau(pb.rho_a, e) * s, f)
+            g_new = _tau(pb.rho_b, e) * geom.softmin(f + e * pb.loga, e, 0, **kw)
+            return f, torch.where(active[:, None], g_new, g)
+
+    it = 0
+    for i, e in enumerate(stages[:max_iter]):
+        f, g = finish(f, g, row_pass(f, g, e), e, active)
+        n_iter += active
+        it += 1
+        progress.update(it, float("nan"), e, f"eps stage {i + 1}/{len(stages)}")
 
     def block(f, g, active, k: int):
         for _ in range(k):
-            f, g = finish(f, g, row_pass(f, g), active)
+            f, g = finish(f, g, row_pass(f, g, eps), eps, active)
         return f, g
 
     run_block = graphed(block, geom.device, check_every - 1) if cuda_graph else block
@@ -209,10 +206,10 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
             n_iter += active * k
             it += k
             continue
-        s = row_pass(f, g)
+        s = row_pass(f, g, eps)
         if not _check(pb, f, s, sides, tol, active, passed, progress, it):
             break
-        f, g = finish(f, g, s, active)
+        f, g = finish(f, g, s, eps, active)
         n_iter += active
         it += 1
     progress.close()
