@@ -13,7 +13,7 @@
 #   a2    the same at n = 1,000,000, d = 3 (otcore only)                             70
 #   b     SinkhornLoss fwd + bwd at n = 10,000, d = 3, checked vs float64            60
 #   l     latency-bound workloads (SwAV 3000x4096, MoE 4096x64, B = 16384 of 4x4 and
-#         64x64), plain torch vs otcore eager vs cuda_graph=True (bench_latency.py)  30
+#         64x64), plain torch vs otcore eager / per-pass / cuda_graph (bench_latency.py) 30
 #   c1    SNS vs Sinkhorn (bench_newton.py): clouds, eps 1e-3, n = 4096 then 16384,
 #         float64 (tol 1e-6) then float32 (tol 1e-5); whatever fits              75
 #   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair)   40

@@ -46,6 +46,14 @@ class Geometry:
         """``axis=1``: ``-eps log sum_j exp((h_j - C_ij)/eps)`` (B,n); ``axis=0``: over i, (B,m)."""
         return self._call("softmin", backend, h, eps, axis, precision=precision)
 
+    def sinkhorn_steps(self, f, g, loga, logb, eps, tau, k, active, symmetric=False, first_row=None,
+                       backend="torch", precision="fp32"):
+        """``k`` Sinkhorn iterations at ``eps`` of the ``active`` problems: new ``(f, g)``
+        (unbiased potentials; see reference.sinkhorn_steps). On the Triton backend a
+        problem whose cost fits one tile runs all ``k`` in one launch."""
+        return self._call("sinkhorn_steps", backend, f, g, loga, logb, eps, tau, k, active,
+                          symmetric=symmetric, first_row=first_row, precision=precision)
+
     def apply_plan(self, F, G, eps, v, axis, backend="torch", precision="fp32"):
         """``axis=1``: ``P v`` with v (B,m[,k]); ``axis=0``: ``P^T u`` with u (B,n[,k])."""
         return self._call("apply_plan", backend, F, G, eps, v, axis, precision=precision)

@@ -156,6 +156,40 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
     return out.mul_(-eps * math.log(2.0))
 
 
+def sinkhorn_steps(
+    geom, f, g, loga, logb, eps: float, tau: tuple[float, float], k: int, active: torch.Tensor,
+    symmetric: bool = False, first_row=None, precision: str = "fp32", softmin=softmin,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` Sinkhorn iterations at one ``eps``: new potentials ``(f, g)``, (B,n) and (B,m).
+
+    Each iteration is two :func:`softmin` passes,
+    ``f <- tau_a softmin_j(g + eps log b)`` then ``g <- tau_b softmin_i(f + eps log a)``,
+    with ``tau = (tau_a, tau_b)`` (``rho / (rho + eps)`` for a KL-relaxed side, 1 for an
+    exact one); ``symmetric`` (self-transport: ``f = g`` at the optimum) runs the averaged
+    ``f <- (f + tau_a softmin(f + eps log a)) / 2`` instead, ``g = f``, one pass each.
+    Problems whose ``active`` (B,) entry is False keep their potentials.
+
+    ``first_row`` (B,n), if given, is the first iteration's row pass, already computed
+    (the solver's convergence check reads it). ``softmin`` is the pass used, this
+    module's by default; the Triton backend hands in its kernel for problems too large
+    for :mod:`otcore.kernels.sinkhorn_steps`.
+    """
+    tau_a, tau_b = tau
+    act = active[:, None]
+    for i in range(k):
+        if i == 0 and first_row is not None:
+            s = first_row
+        else:
+            s = softmin(geom, (f + eps * loga) if symmetric else (g + eps * logb), eps, 1, precision=precision)
+        if symmetric:
+            new = 0.5 * (f + tau_a * s)
+            f, g = torch.where(act, new, f), torch.where(act, new, g)
+        else:
+            f = torch.where(act, tau_a * s, f)
+            g = torch.where(act, tau_b * softmin(geom, f + eps * loga, eps, 0, precision=precision), g)
+    return f, g
+
+
 def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: str = "fp32") -> torch.Tensor:
     """``axis=1``: ``(P v)_i = sum_j P_ij v_j`` with v (B,m) or (B,m,k) -> (B,n[,k]).
     ``axis=0``: ``(P^T u)_j = sum_i P_ij u_i`` with u (B,n) or (B,n,k) -> (B,m[,k])."""

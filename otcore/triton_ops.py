@@ -29,6 +29,7 @@ import torch
 
 from . import _validate, reference
 from .kernels import plan as _plan
+from .kernels import sinkhorn_steps as _steps
 from .kernels import softmin as _softmin
 
 
@@ -169,6 +170,27 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
     ``-inf`` entries of ``h`` are zero-weight points; all of them give ``+inf``."""
     _check(precision, axis)
     return _launch_softmin(operand(geom, axis, precision), h, float(eps))
+
+
+def sinkhorn_steps(geom, f, g, loga, logb, eps: float, tau: tuple[float, float], k: int, active: torch.Tensor,
+                   symmetric: bool = False, first_row=None, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` Sinkhorn iterations (see :func:`otcore.reference.sinkhorn_steps`).
+
+    A problem whose cost fits one tile (:func:`otcore.kernels.sinkhorn_steps.fits`) runs
+    all ``k`` in one launch of :mod:`otcore.kernels.sinkhorn_steps`, with the cost held in
+    registers; larger ones, a given ``first_row`` and traced calls (``torch.compile``) run
+    the streamed :func:`softmin` passes one by one.
+    """
+    _check(precision)
+    if first_row is None and k > 0 and _steps.fits(geom.n, geom.m) and not torch.compiler.is_compiling():
+        if geom.is_dense:
+            op = _softmin.dense_operand(geom.C, transposed=False)
+        else:
+            xc, yc = centred_points(geom)
+            op = _softmin.point_operand(xc, yc, geom.cost == "euclidean", precision, mode=_softmin.COST_DIRECT)
+        return _steps.launch_sinkhorn_steps(op, f, g, loga, logb, float(eps), tau, k, active, symmetric)
+    return reference.sinkhorn_steps(geom, f, g, loga, logb, eps, tau, k, active, symmetric, first_row,
+                                    precision, softmin=softmin)
 
 
 def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: str = "fp32") -> torch.Tensor:

@@ -164,36 +164,24 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         avg = 0.5 * (f + g)
         f, g = torch.where(active[:, None], avg, f), torch.where(active[:, None], avg, g)
 
-    if pb.symmetric:  # f <- (f + tau softmin(f + e log a)) / 2, g = f
+    def steps(f, g, e, k: int, active, first_row=None):
+        # the one update rule (reference.sinkhorn_steps), fused into one launch for small
+        # problems on the Triton backend
+        tau = (_tau(pb.rho_a, e), _tau(pb.rho_b, e))
+        return geom.sinkhorn_steps(f, g, pb.loga, pb.logb, e, tau, k, active, pb.symmetric, first_row, **kw)
 
-        def row_pass(f, g, e):
-            return geom.softmin(f + e * pb.loga, e, 1, **kw)
-
-        def finish(f, g, s, e, active):
-            new = 0.5 * (f + _tau(pb.rho_a, e) * s)
-            return torch.where(active[:, None], new, f), torch.where(active[:, None], new, g)
-
-    else:  # f <- tau_a softmin(g + e log b), g <- tau_b softmin(f + e log a)
-
-        def row_pass(f, g, e):
-            return geom.softmin(g + e * pb.logb, e, 1, **kw)
-
-        def finish(f, g, s, e, active):
-            f = torch.where(active[:, None], _tau(pb.rho_a, e) * s, f)
-            g_new = _tau(pb.rho_b, e) * geom.softmin(f + e * pb.loga, e, 0, **kw)
-            return f, torch.where(active[:, None], g_new, g)
+    def row_pass(f, g, e):  # the first pass of an iteration, which the convergence check reads
+        return geom.softmin((f + e * pb.loga) if pb.symmetric else (g + e * pb.logb), e, 1, **kw)
 
     it = 0
     for i, e in enumerate(stages[:max_iter]):
-        f, g = finish(f, g, row_pass(f, g, e), e, active)
+        f, g = steps(f, g, e, 1, active)
         n_iter += active
         it += 1
         progress.update(it, float("nan"), e, f"eps stage {i + 1}/{len(stages)}")
 
     def block(f, g, active, k: int):
-        for _ in range(k):
-            f, g = finish(f, g, row_pass(f, g, eps), eps, active)
-        return f, g
+        return steps(f, g, eps, k, active)
 
     run_block = graphed(block, geom.device, check_every - 1) if cuda_graph else block
     sides = 2 if pb.symmetric else 1
@@ -209,7 +197,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         s = row_pass(f, g, eps)
         if not _check(pb, f, s, sides, tol, active, passed, progress, it):
             break
-        f, g = finish(f, g, s, eps, active)
+        f, g = steps(f, g, eps, 1, active, first_row=s)
         n_iter += active
         it += 1
     progress.close()

@@ -1,0 +1,178 @@
+"""Several Sinkhorn iterations of a small problem in one launch, the cost held in registers.
+
+For a problem whose whole cost fits in one tile (``n x m`` padded to powers of two,
+at most :data:`SMALL_MAX_ELEMENTS` entries) one program computes the cost once and
+then runs ``k`` iterations without leaving the kernel:
+
+    f <- tau_a * softmin_j(g + eps log b)      (row pass, a reduction along axis 1)
+    g <- tau_b * softmin_i(f + eps log a)      (column pass, along axis 0)
+
+or, for self-transport (``SYMMETRIC``: same cloud, weights and penalty on both sides),
+the averaged update ``f <- (f + tau_a softmin(f + eps log a)) / 2``, ``g = f``.
+Grid: one program per problem of the batch.
+
+Why: for a batch of tiny problems (B = 16,384 of 4 x 4 or 64 x 64) or a few small
+ones, each streamed pass is a launch with a few microseconds of work, and the
+potentials make a round trip through memory between passes; ``~10`` launches per
+iteration then cost more than the exponentials. Here ``k`` iterations are one launch,
+the cost is computed once per launch instead of once per pass, and nothing but the
+final potentials is written.
+
+Same base-2 arithmetic as :mod:`otcore.kernels.softmin` (``z = s h - s C`` with
+``s = log2(e)/eps``, ``softmin = -(max z + log2 sum 2^(z - max z)) / s``), with the
+cost from the same :func:`~otcore.kernels.softmin.cost_tile`. Point clouds always use
+direct coordinate differences: the cost is computed once per launch, so the
+tensor-core expansion would save nothing, and direct differences are float32-faithful
+for any ``d``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .softmin import COST_DENSE, COST_DIRECT, CostOperand, cost_tile
+
+#: Largest padded tile ``next_pow2(n) * next_pow2(m)`` run by this kernel: 64 x 64. The
+#: tile, its scaled copy and one exponent block stay in registers (16 entries per thread
+#: each at the launcher's warp count); a larger problem goes through the streamed passes.
+SMALL_MAX_ELEMENTS = 4096
+
+LOG2E = 1.0 / math.log(2.0)
+_LOG2E = tl.constexpr(LOG2E)  # a global read inside a kernel must be a constexpr
+
+
+def fits(n: int, m: int) -> bool:
+    """Whether an ``n x m`` problem's padded cost tile fits one program (see :data:`SMALL_MAX_ELEMENTS`)."""
+    return _pad(n) * _pad(m) <= SMALL_MAX_ELEMENTS
+
+
+def _pad(k: int) -> int:
+    return max(2, triton.next_power_of_2(k))
+
+
+@triton.jit
+def lse2(z, AXIS: tl.constexpr):
+    """``log2 sum 2^z`` along ``AXIS`` of a 2-D block; ``-inf`` for an all-``-inf`` line
+    (shifted by 0 there, so no ``(-inf) - (-inf)``)."""
+    mx = tl.max(z, axis=AXIS)
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(tl.exp2(z - tl.expand_dims(safe, AXIS)), axis=AXIS)
+    return tl.where(total > 0, safe + tl.log2(tl.where(total > 0, total, 1.0)), float("-inf"))
+
+
+@triton.jit
+def sinkhorn_steps_kernel(
+    f_ptr, g_ptr, loga_ptr, logb_ptr, active_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    n, m, n_steps,
+    s_fb, s_gb, s_ab, s_bb,
+    s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
+    D: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``n_steps`` iterations of problem ``program_id(0)``, updating ``f``/``g`` in place.
+
+    - ``f_ptr`` (B, n), ``g_ptr`` (B, m): potentials, read at the start and written at
+      the end (problem strides ``s_fb``/``s_gb``, unit stride along the points).
+    - ``loga_ptr``/``logb_ptr``: ``log a``, ``log b`` (strides ``s_ab``/``s_bb``); ``-inf``
+      marks a zero-weight point, whose column (row) of the plan is zero.
+    - ``active_ptr`` (B,) int8: problems with 0 run no iteration and are not written.
+    - ``scal_ptr``: ``[log2(e)/eps, eps ln 2, tau_a, tau_b]`` in the compute dtype.
+    - ``own_ptr``/``oth_ptr``/``c_ptr`` and their strides: the cost as the row pass
+      sees it, as in :func:`~otcore.kernels.softmin.cost_tile` (x, y; or C, row stride
+      ``s_co``, column stride ``s_ct``).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs_i = tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_M)
+    mask_i = offs_i < n
+    mask_j = offs_j < m
+    active = tl.load(active_ptr + b) != 0
+    scale = tl.load(scal_ptr)
+    inv_scale = tl.load(scal_ptr + 1)
+    tau_a = tl.load(scal_ptr + 2)
+    tau_b = tl.load(scal_ptr + 3)
+
+    C = cost_tile(own_ptr + b * s_ob, oth_ptr + b * s_tb, c_ptr + b * s_cb, 0.0, 0.0,
+                  offs_i, offs_j, mask_i, mask_j, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
+                  D, 1, COST, EUCLID, "ieee")
+    Cs = C * scale  # padded entries are finite; the -inf weights below mask them out
+    # log2 of the weights: the bias eps log a, scaled by s, is log2(a)
+    la2 = tl.load(loga_ptr + b * s_ab + offs_i, mask=mask_i, other=float("-inf")) * _LOG2E
+    lb2 = tl.load(logb_ptr + b * s_bb + offs_j, mask=mask_j, other=float("-inf")) * _LOG2E
+    f = tl.load(f_ptr + b * s_fb + offs_i, mask=mask_i, other=0.0)
+    g = tl.load(g_ptr + b * s_gb + offs_j, mask=mask_j, other=0.0)
+
+    # an inactive problem runs zero iterations
+    for _ in range(0, tl.where(active, n_steps, 0)):
+        if SYMMETRIC:  # x is y: the row and column index the same points, f = g
+            hf = tl.where(lb2 > float("-inf"), g * scale + lb2, float("-inf"))
+            s = -lse2(hf[None, :] - Cs, 1) * inv_scale
+            g = 0.5 * (g + tau_a * s)
+        else:
+            hg = tl.where(lb2 > float("-inf"), g * scale + lb2, float("-inf"))
+            f = tau_a * (-lse2(hg[None, :] - Cs, 1) * inv_scale)
+            hf = tl.where(la2 > float("-inf"), f * scale + la2, float("-inf"))
+            g = tau_b * (-lse2(hf[:, None] - Cs, 0) * inv_scale)
+    if SYMMETRIC:
+        f = g
+    # an inactive problem stores nothing: its rows and columns count as none
+    tl.store(f_ptr + b * s_fb + offs_i, f, mask=offs_i < tl.where(active, n, 0))
+    tl.store(g_ptr + b * s_gb + offs_j, g, mask=offs_j < tl.where(active, m, 0))
+
+
+@functools.lru_cache(maxsize=64)
+def _scalars(eps: float, tau_a: float, tau_b: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[log2(e)/eps, eps ln 2, tau_a, tau_b]`` on the device, cached: made once outside a
+    CUDA graph's recording (the solver's warm-up block), never copied from the host inside it."""
+    return torch.tensor([LOG2E / eps, eps * math.log(2.0), tau_a, tau_b], dtype=dtype, device=device)
+
+
+def launch_sinkhorn_steps(
+    op: CostOperand, f: torch.Tensor, g: torch.Tensor, loga: torch.Tensor, logb: torch.Tensor,
+    eps: float, tau: tuple[float, float], k: int, active: torch.Tensor, symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` Sinkhorn iterations of every active problem, one launch; returns new ``(f, g)``.
+
+    Args:
+        op: the cost seen from the rows (``point_operand(x, y, ..., mode=COST_DIRECT)`` or
+            ``dense_operand(C, transposed=False)``); :func:`fits` must hold.
+        f, g: ``(B, n)``, ``(B, m)`` potentials (unbiased). loga, logb: ``log a``, ``log b``.
+        eps: regularization. tau: ``(tau_a, tau_b)``, ``rho / (rho + eps)`` or 1 per side.
+        k: iterations (>= 0). active: ``(B,)`` bool; inactive problems keep their potentials.
+        symmetric: self-transport (``x is y``, ``a is b``, equal tau): the averaged update.
+
+    The inputs are not modified (the outputs are new tensors, so a CUDA graph can record
+    the call on static inputs).
+    """
+    ref = op.ref
+    if op.mode not in (COST_DENSE, COST_DIRECT) or op.transposed:
+        raise ValueError("launch_sinkhorn_steps needs the row operand with a direct or dense cost")
+    B, n, m = op.batch, op.n_own, op.n_oth
+    if not fits(n, m):
+        raise ValueError(f"a {n} x {m} problem does not fit one program (SMALL_MAX_ELEMENTS = {SMALL_MAX_ELEMENTS})")
+    if f.shape != (B, n) or g.shape != (B, m):
+        raise ValueError(f"f and g must be ({B}, {n}) and ({B}, {m}) for this operand, got "
+                         f"{tuple(f.shape)} and {tuple(g.shape)}")
+    if symmetric and n != m:
+        raise ValueError(f"symmetric=True needs a square problem, got {n} x {m}")
+    dt = ref.dtype
+    f_out = f.to(dt).contiguous().clone()
+    g_out = g.to(dt).contiguous().clone()
+    loga = loga.to(dt).contiguous()
+    logb = logb.to(dt).contiguous()
+    tau_a, tau_b = tau
+    scal = _scalars(float(eps), float(tau_a), float(tau_b), dt, ref.device)
+    bn, bm = _pad(n), _pad(m)
+    sinkhorn_steps_kernel[(B,)](
+        f_out, g_out, loga, logb, active.to(torch.int8), scal, *op.pointer_args()[:3],
+        n, m, int(k),
+        f_out.stride(0), g_out.stride(0), loga.stride(0), logb.stride(0), *op.pointer_args()[3:],
+        D=op.d, COST=op.mode, EUCLID=op.euclidean, SYMMETRIC=bool(symmetric),
+        BLOCK_N=bn, BLOCK_M=bm, num_warps=max(1, min(8, bn * bm // 512)),
+    )
+    return f_out, g_out
