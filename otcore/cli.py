@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import NoReturn, Optional, Sequence
@@ -47,6 +48,16 @@ def _check_backend(backend: str, device: torch.device) -> None:
         _dispatch.resolve(backend, device)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+
+
+def _as_flag(message: str, names) -> str:
+    """A solver's message names its keyword argument (``max_iter must be ...``); the user
+    of the command line typed a flag, so a message that starts with one of ``names`` names
+    the flag instead (``--max-iter must be ...``)."""
+    first = re.match(r"\w+", message)
+    if first and first.group(0) in names:
+        return "--" + first.group(0).replace("_", "-") + message[first.end():]
+    return message
 
 
 def _sync(device: torch.device) -> None:
@@ -373,7 +384,7 @@ def run_solve(args) -> int:
     try:
         res = solver(PointCloud(x, y, cost=args.cost), **kw)
     except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {_as_flag(str(e), kw)}")
     _sync(dev)
     elapsed = time.perf_counter() - t0
     summary = {

@@ -230,9 +230,9 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["solve", "--method", "simplex"], "invalid choice"),
         (["solve", "--n", "abc"], "invalid int value"),
         (["solve", "--dtype", "float16"], "invalid choice"),
-        (["solve", "--eps", "-1"], "eps must be"),
-        (["solve", "--n", "10", "--tol", "0"], "tol must be"),
-        (["solve", "--n", "10", "--rho", "-2"], "rho must be"),
+        (["solve", "--eps", "-1"], "--eps must be"),
+        (["solve", "--n", "10", "--tol", "0"], "--tol must be"),
+        (["solve", "--n", "10", "--rho", "-2"], "--rho must be"),
         (["solve", "--eps-schedule", "sometimes"], "--eps-schedule"),
         (["solve", "--x", str(tmp_path / "flat.npy")], "(n, d) or (B, n, d)"),
         (["solve", "--x", str(x2), "--y", str(y3)], "same dimension d"),
@@ -684,7 +684,7 @@ def test_python_m_help():
 def test_python_m_bad_value_exit_status():
     p = _python_m("solve", "--eps", "0", "--n", "10")
     assert p.returncode != 0
-    assert "error: eps must be" in p.stderr and p.stdout == ""
+    assert "error: --eps must be" in p.stderr and p.stdout == ""
 
 
 def test_python_m_json_stdout_is_one_object():

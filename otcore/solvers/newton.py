@@ -45,6 +45,7 @@ import torch
 from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
+from ._cg import pcg
 from ._entropic import Problem, check_init, entropic_result, make_problem
 from .sinkhorn import _iterate
 
@@ -297,34 +298,16 @@ class _Solve:
         inv = (torch.where(live_a, 1 / dr.clamp(min=torch.finfo(r.dtype).tiny), 0.0),
                torch.where(live_b, 1 / dc.clamp(min=torch.finfo(c.dtype).tiny), 0.0))
 
-        def apply_m(p):
-            return (dr * p[0] + geom.ell_matvec(vals, idx, p[1], 1, **kw),
-                    dc * p[1] + geom.ell_matvec(vals, idx, p[0], 0, **kw))
+        n = r.shape[1]
 
-        x = (torch.zeros_like(r), torch.zeros_like(c))
-        res = rhs
-        z = (inv[0] * res[0], inv[1] * res[1])
-        p = z
-        rz = _dot(res, z)
-        stop = rz * rtol**2
-        run = active & (rz > 0)
-        for k in range(cg_max_iter):
-            # a host sync every 8 iterations only: finished problems just idle (alpha = 0)
-            if k % 8 == 0 and not bool(run.any()):
-                break
-            q = apply_m(p)
-            pq = _dot(p, q)
-            alpha = torch.where(run & (pq > 0), rz / torch.where(pq > 0, pq, 1.0), 0.0)
-            x = (x[0] + alpha[:, None] * p[0], x[1] + alpha[:, None] * p[1])
-            res = (res[0] - alpha[:, None] * q[0], res[1] - alpha[:, None] * q[1])
-            z = (inv[0] * res[0], inv[1] * res[1])
-            rz_new = _dot(res, z)
-            run = run & (pq > 0) & (rz_new > stop)
-            beta = torch.where(run, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
-            p = (z[0] + beta[:, None] * p[0], z[1] + beta[:, None] * p[1])
-            rz = rz_new
-            self.cg_its += 1
-        return x
+        def apply_m(p):  # p = (f-part, g-part) side by side, (B, n + m)
+            pa, pb_ = p[:, :n], p[:, n:]
+            return torch.cat((dr * pa + geom.ell_matvec(vals, idx, pb_, 1, **kw),
+                              dc * pb_ + geom.ell_matvec(vals, idx, pa, 0, **kw)), 1)
+
+        x, its = pcg(apply_m, torch.cat(rhs, 1), rtol, cg_max_iter, inv_diag=torch.cat(inv, 1), active=active)
+        self.cg_its += its
+        return x[:, :n], x[:, n:]
 
     def _line_search(self, df, dg, r, c, err, active, max_halvings: int = 12, c1: float = 1e-4):
         """Backtracking on ``alpha`` in {1, 1/2, ...}; moves ``self.f``, ``self.g``.

@@ -37,6 +37,7 @@ import torch
 
 from .. import _dispatch, _validate
 from .._progress import Progress
+from ._cg import pcg
 from ._entropic import check_init
 from ._lbfgs import lbfgs
 from ..geometry import Geometry
@@ -290,27 +291,6 @@ def _residual(pb: _Problem, T, idx, wp, wl):
     return r if pb.semi else torch.cat([r, wl - T.sum(2)], 1)
 
 
-def _cg(matvec, rhs, rtol: float, max_iter: int):
-    """Batched conjugate gradient for a symmetric PSD ``matvec`` (rhs in its range)."""
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    p = r.clone()
-    rr = (r * r).sum(-1)
-    stop = rtol**2 * rr
-    for i in range(max_iter):
-        if i % 8 == 0 and bool((rr <= stop).all()):
-            break
-        Kp = matvec(p)
-        pKp = (p * Kp).sum(-1)
-        step = torch.where(pKp > 0, rr / torch.where(pKp > 0, pKp, torch.ones_like(pKp)), torch.zeros_like(pKp))
-        x = x + step[:, None] * p
-        r = r - step[:, None] * Kp
-        rr_new = (r * r).sum(-1)
-        p = r + torch.where(rr > 0, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), torch.zeros_like(rr))[:, None] * p
-        rr = rr_new
-    return x
-
-
 class _SparseOTFunction(torch.autograd.Function):
     """``(value, cost, vals)`` as functions of (geometry inputs, a, b).
 
@@ -383,7 +363,7 @@ def _plan_vjp(pb: _Problem, spec: _GradSpec, gT: torch.Tensor):
                 return -torch.cat([_zero_if_none(p, th) for p, th in zip(parts, thetas)], 1)
 
             rtol = 1e-10 if u.dtype == torch.float64 else 1e-5
-            w = _cg(K, u, rtol, max_iter=min(2 * u.shape[1] + 10, 500))
+            w, _ = pcg(K, u, rtol, max_iter=min(2 * u.shape[1] + 10, 500))
             imp = torch.autograd.grad(R, (csup, wp, wl), w, allow_unused=True)
             g_csup = g_csup + _zero_if_none(imp[0], csup)
             g_wp = g_wp + _zero_if_none(imp[1], wp)

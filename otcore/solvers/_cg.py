@@ -1,0 +1,59 @@
+"""Batched (Jacobi-)preconditioned conjugate gradient, shared by SNS and sparse OT."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+def pcg(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    rtol: float,
+    max_iter: int,
+    inv_diag: Optional[torch.Tensor] = None,
+    active: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, int]:
+    """Solve ``K x = rhs`` for every problem of a batch, ``K`` symmetric positive semi-definite.
+
+    Args:
+        matvec: ``p (B, N) -> K p (B, N)``.
+        rhs: ``(B, N)``, in the range of ``K`` where ``K`` is singular.
+        rtol: a problem stops once ``r^T z <= rtol^2 r_0^T z_0`` (``z = M^-1 r``).
+        max_iter: iteration cap.
+        inv_diag: ``(B, N)`` Jacobi preconditioner ``M^-1 = diag(inv_diag)``; None: none.
+        active: ``(B,)`` bool; inactive problems get ``x = 0``.
+
+    Returns:
+        ``(x, iterations run)``. Stopped problems idle (step 0) until all have stopped;
+        that is read from the device every 8 iterations only (one host sync each). A
+        direction with ``p^T K p <= 0`` (rounding at the null space) stops its problem.
+    """
+    precond = (lambda r: r) if inv_diag is None else (lambda r: inv_diag * r)  # noqa: E731
+    x = torch.zeros_like(rhs)
+    r = rhs
+    z = precond(r)
+    p = z
+    rz = (r * z).sum(-1)
+    stop = rz * rtol**2
+    run = rz > 0
+    if active is not None:
+        run = run & active
+    its = 0
+    for k in range(max_iter):
+        if k % 8 == 0 and not bool(run.any()):
+            break
+        q = matvec(p)
+        pq = (p * q).sum(-1)
+        alpha = torch.where(run & (pq > 0), rz / torch.where(pq > 0, pq, 1.0), 0.0)
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * q
+        z = precond(r)
+        rz_new = (r * z).sum(-1)
+        run = run & (pq > 0) & (rz_new > stop)
+        beta = torch.where(run, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
+        p = z + beta[:, None] * p
+        rz = rz_new
+        its += 1
+    return x, its
