@@ -151,13 +151,17 @@ def free_bytes(device) -> float:
 # ---------------------------------------------------------------------------
 # one Sinkhorn iteration per method
 # ---------------------------------------------------------------------------
-def otcore_iteration(geom, logw, precision):
-    """Row pass then column pass through the Triton geometry primitives."""
-    state = {"g": torch.zeros(1, geom.m, device=geom.device)}
+def otcore_iteration(geom, logw, precision, hints=True):
+    """Row pass then column pass through the Triton geometry primitives; with ``hints``
+    each pass gets the previous one's result as its log-sum-exp shift, as otcore.sinkhorn
+    does (``kernels/softmin.py: lse_shift``; used from 8192 x 8192 up)."""
+    state = {"f": torch.zeros(1, geom.n, device=geom.device), "g": torch.zeros(1, geom.m, device=geom.device)}
 
     def step():
-        f = triton_ops.softmin(geom, state["g"] + EPS * logw, EPS, 1, precision)
-        state["g"] = triton_ops.softmin(geom, f + EPS * logw, EPS, 0, precision)
+        state["f"] = triton_ops.softmin(geom, state["g"] + EPS * logw, EPS, 1, precision,
+                                        hint=state["f"] if hints else None)
+        state["g"] = triton_ops.softmin(geom, state["f"] + EPS * logw, EPS, 0, precision,
+                                        hint=state["g"] if hints else None)
 
     return step
 
@@ -247,6 +251,9 @@ def correctness(n, d, device, args, rows_out):
     ref_col = reference.softmin(otcore.PointCloud(x.double(), y[S].double()), hf, EPS, 0)
     methods = {p: (lambda p=p: (triton_ops.softmin(geom, g + EPS * logw, EPS, 1, p),
                                 triton_ops.softmin(geom, f + EPS * logw, EPS, 0, p))) for p in ("fp32", "tf32")}
+    # the shifted sum, hinted with the previous passes' results (as the solver does)
+    methods["fp32 shifted"] = lambda: (triton_ops.softmin(geom, g + EPS * logw, EPS, 1, "fp32", hint=f),
+                                       triton_ops.softmin(geom, f + EPS * logw, EPS, 0, "fp32", hint=g))
     if 3 * n * n * 4 < 0.6 * free_bytes(device):
         C = torch.cdist(x, y) ** 2
         methods["torch dense fp32"] = lambda: (
@@ -299,6 +306,8 @@ def speed(n, d, device, args, rows_out):
     for p in ("fp32", "tf32"):
         t = record(f"otcore {p}", time_ms(otcore_iteration(geom, logw, p), device))
         ms = t if ms is None else ms
+    record("otcore fp32 online", time_ms(otcore_iteration(geom, logw, "fp32", hints=False), device),
+           "(no hint: online maximum) ")
     peers = set() if args.skip_peers else set(args.peers)
     if peers & {"dense", "pot"}:
         if 3 * n * n * 4 < 0.6 * free_bytes(device):

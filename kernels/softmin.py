@@ -16,6 +16,9 @@ and keeps a running maximum ``m`` and a running sum ``l = sum_j 2^(z_ij - m)``
 (rescaled whenever the maximum grows), by default one pair per tile entry
 (row, column lane) merged once at the end, so the loop needs no communication
 between threads (see :func:`lse_lanes`). Then ``out = -(m + log2 l) / s``.
+Given an estimate of the result (``hint``, the previous Sinkhorn iteration's), a
+large pass sums ``2^(z - m)`` with that fixed shift instead, and a second launch
+redoes the rows whose sum fell out of range (see :func:`lse_shift`).
 No n x m buffer exists.
 
 How the cost tile is obtained (``COST``, a compile-time flag):
@@ -146,57 +149,41 @@ def cost_tile(
     return C
 
 
+@triton.jit
+def exponent_tile(
+    hs, v, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+    s_or, s_ok, s_tr, s_tk, s_co, s_ct,
+    D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
+    USE_V: tl.constexpr,
+):
+    """The base-2 exponent tile ``z_ij = s h_j - s C_ij``, plus ``v_i`` if ``USE_V``,
+    (BLOCK_I, BLOCK_J); ``hs = s h`` (BLOCK_J,) is already scaled.
+
+    (An FMA expansion ``v_i - s|x_i|^2 + (s h_j - s|y_j|^2) + sum_k (2 s x_ik) y_jk`` would
+    take d = 3 from 8 to 4 FP32 operations per entry, but it rounds at float32 of
+    ``s |x|^2`` rather than of ``s |x - y|^2``: in the interpreter, two clusters 100 apart
+    with eps = 1e-3 gave potentials 0.58 off, against 6.3e-5 with direct differences.)
+    """
+    C = cost_tile(own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+                  s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
+    if USE_V:
+        return (hs[None, :] + v[:, None]) - C * scale
+    else:
+        return hs[None, :] - C * scale
+
+
 # ---------------------------------------------------------------------------
 # The softmin kernel
 # ---------------------------------------------------------------------------
 @triton.jit
-def softmin_kernel(
-    out_ptr, h_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
-    n_own, n_oth, tiles_own, split_len,
-    s_outb, s_outs, s_hb,
-    s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
+def lse_online(
+    h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, mask_i, j_lo, j_hi,
+    s_or, s_ok, s_tr, s_tk, s_co, s_ct,
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PARTIAL: tl.constexpr, LANE: tl.constexpr,
-    LOWEST: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, LANE: tl.constexpr, LOWEST: tl.constexpr,
 ):
-    """Row softmin of one ``BLOCK_I`` slice of own points over one slice of the other side.
-
-    Grid: ``(B * tiles_own, S)``; program ``(p, s)`` handles problem ``p // tiles_own``,
-    own rows ``(p % tiles_own) * BLOCK_I + [0, BLOCK_I)``, other points
-    ``[s * split_len, (s + 1) * split_len)``.
-
-    Pointers and strides (elements):
-
-    - ``out_ptr``: ``PARTIAL=False``: the result ``(B, n_own)``, problem stride ``s_outb``.
-      ``PARTIAL=True``: base-2 partial log-sums ``(B, S, n_own)`` (strides
-      ``s_outb``, ``s_outs``), combined by the launcher.
-    - ``h_ptr``: the shifted potential on the other side, ``(B, n_oth)``, contiguous
-      rows, problem stride ``s_hb``; ``-inf`` entries are zero-weight points.
-    - ``scal_ptr``: ``[log2(e)/eps, eps*ln 2]`` in the compute dtype (a tensor so
-      float64 problems keep float64 scalars).
-    - ``own_ptr``/``oth_ptr`` (+ problem strides ``s_ob``/``s_tb``, row strides
-      ``s_or``/``s_tr``, coordinate strides ``s_ok``/``s_tk``): point coordinates.
-    - ``c_ptr`` (+ ``s_cb``, own stride ``s_co``, other stride ``s_ct``): dense cost.
-
-    ``LANE`` selects how the online log-sum-exp is kept (see :func:`lse_lanes`):
-    per entry of the tile (one running max/sum per (row, column lane), merged
-    once after the loop; ``LOWEST`` is the dtype's most negative finite value,
-    their start) or per row (a max and a sum reduction across the tile's
-    threads in every iteration).
-    """
-    pid = tl.program_id(0)
-    sid = tl.program_id(1)
-    b = (pid // tiles_own).to(tl.int64)
-    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask_i = offs_i < n_own
-    own_ptr += b * s_ob
-    oth_ptr += b * s_tb
-    c_ptr += b * s_cb
-    h_ptr += b * s_hb
-    scale = tl.load(scal_ptr)
-    inv_scale = tl.load(scal_ptr + 1)
-    own_t, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D, DP, COST)
-
+    """``(m, l)`` with ``m + log2 l = log2 sum_j 2^(z_ij)`` over other points ``[j_lo, j_hi)``,
+    ``z_ij = s h_j - s C_ij``, by an online maximum (safe for any input)."""
     dtype = h_ptr.dtype.element_ty
     if LANE:
         # per-entry-lane running max and sum: no cross-thread reduction inside the loop
@@ -205,15 +192,12 @@ def softmin_kernel(
     else:
         m_i = tl.full((BLOCK_I,), float("-inf"), dtype=dtype)  # running row max of z (base 2)
         l_i = tl.zeros((BLOCK_I,), dtype=dtype)  # running row sum of 2^(z - m_i)
-    j_lo = sid * split_len
-    j_hi = tl.minimum(j_lo + split_len, n_oth)
     for j0 in range(j_lo, j_hi, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_hi
         hs = tl.load(h_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
-        C = cost_tile(own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
-                      s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
-        z = hs[None, :] - C * scale
+        z = exponent_tile(hs, None, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+                          s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP, False)
         if LANE:
             # one exp2 per entry: whichever of 2^(z - m), 2^(m - z) is <= 1 rescales the
             # other side; m starts at LOWEST (finite), so z = -inf gives e = 0, never NaN
@@ -230,12 +214,117 @@ def softmin_kernel(
         # combine the lanes once: sum_lanes l * 2^(m_lane - m_row)
         m_i = tl.max(m2, axis=1)
         l_i = tl.sum(l2 * tl.exp2(m2 - m_i[:, None]), axis=1)
-    # every weight zero: l_i = 0, lse2 = -inf and out = +inf (= -eps log 0), without evaluating log2(0)
-    lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    if PARTIAL:
-        tl.store(out_ptr + b * s_outb + sid * s_outs + offs_i, lse2, mask=mask_i)
+    return m_i, l_i
+
+
+@triton.jit
+def lse_shifted(
+    h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, mask_i, j_lo, j_hi, v,
+    s_or, s_ok, s_tr, s_tk, s_co, s_ct,
+    D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """``l = sum_j 2^(z_ij + v_i)`` for a given shift ``v = -m`` (BLOCK_I,): a plain sum, no
+    running maximum. Accurate when the shift is within ~100 of ``log2 sum_j 2^z_ij``;
+    the caller checks that from ``l`` itself.
+
+    (A fallback inside the same program, a second loop or a second round of this one
+    with each row's maximum as the shift, took the sm_90 cubin from 118 registers to
+    240-255; so the launcher runs the fallback as a second launch, ``FIXUP``.)"""
+    l2 = tl.zeros((BLOCK_I, BLOCK_J), dtype=h_ptr.dtype.element_ty)
+    for j0 in range(j_lo, j_hi, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < j_hi
+        hs = tl.load(h_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
+        l2 += tl.exp2(exponent_tile(hs, v, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j,
+                                    mask_i, mask_j, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
+                                    D, DP, COST, EUCLID, IP, True))
+    return tl.sum(l2, axis=1)
+
+
+@triton.jit
+def softmin_kernel(
+    out_ptr, h_ptr, hint_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    n_own, n_oth, tiles_own, split_len,
+    s_outb, s_outs, s_hb, s_hib,
+    s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
+    D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PARTIAL: tl.constexpr, LANE: tl.constexpr,
+    LOWEST: tl.constexpr, SHIFT: tl.constexpr, FIXUP: tl.constexpr,
+):
+    """Row softmin of one ``BLOCK_I`` slice of own points over one slice of the other side.
+
+    Grid: ``(B * tiles_own, S)``; program ``(p, s)`` handles problem ``p // tiles_own``,
+    own rows ``(p % tiles_own) * BLOCK_I + [0, BLOCK_I)``, other points
+    ``[s * split_len, (s + 1) * split_len)``.
+
+    Pointers and strides (elements):
+
+    - ``out_ptr``: ``PARTIAL=False``: the result ``(B, n_own)``, problem stride ``s_outb``.
+      ``PARTIAL=True``: base-2 partial log-sums ``(B, S, n_own)`` (strides
+      ``s_outb``, ``s_outs``), combined by the launcher.
+    - ``h_ptr``: the shifted potential on the other side, ``(B, n_oth)``, contiguous
+      rows, problem stride ``s_hb``; ``-inf`` entries are zero-weight points.
+    - ``hint_ptr`` (``SHIFT`` only): an estimate of the result, ``(B, n_own)``, contiguous
+      rows, problem stride ``s_hib`` (e.g. the previous iteration's).
+    - ``scal_ptr``: ``[log2(e)/eps, eps*ln 2]`` in the compute dtype (a tensor so
+      float64 problems keep float64 scalars).
+    - ``own_ptr``/``oth_ptr`` (+ problem strides ``s_ob``/``s_tb``, row strides
+      ``s_or``/``s_tr``, coordinate strides ``s_ok``/``s_tk``): point coordinates.
+    - ``c_ptr`` (+ ``s_cb``, own stride ``s_co``, other stride ``s_ct``): dense cost.
+
+    ``LANE`` selects how the online log-sum-exp is kept (see :func:`lse_lanes`):
+    per entry of the tile (one running max/sum per (row, column lane), merged
+    once after the loop; ``LOWEST`` is the dtype's most negative finite value,
+    their start) or per row (a max and a sum reduction across the tile's
+    threads in every iteration).
+
+    ``SHIFT`` (see :func:`lse_shift`): sum ``2^(z - m)`` with the fixed shift ``m = -s *
+    hint`` (the result in base-2 units), no running maximum (:func:`lse_shifted`). A row
+    whose sum is out of range (``< 2^-100``, ``> 3e38`` or NaN: the hint was ~100/s or
+    more off) is stored as NaN, for a second launch with ``FIXUP`` (and the online
+    maximum) to recompute: its programs read their rows of ``out`` and redo the NaN ones
+    only (none: no tile is read). So any hint gives the correct result.
+    """
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    b = (pid // tiles_own).to(tl.int64)
+    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask_i = offs_i < n_own
+    own_ptr += b * s_ob
+    oth_ptr += b * s_tb
+    c_ptr += b * s_cb
+    h_ptr += b * s_hb
+    scale = tl.load(scal_ptr)
+    inv_scale = tl.load(scal_ptr + 1)
+    j_lo = sid * split_len
+    j_hi = tl.minimum(j_lo + split_len, n_oth)
+    out_ptrs = out_ptr + b * s_outb + sid * s_outs + offs_i
+    store = mask_i
+    load_i = mask_i
+    if FIXUP:  # redo the rows a SHIFT launch left as NaN; a program without any reads nothing more
+        prev = tl.load(out_ptrs, mask=mask_i, other=0.0)
+        store = mask_i & (prev != prev)
+        todo = tl.max(store.to(tl.int32), axis=0) > 0
+        j_hi = tl.where(todo, j_hi, j_lo)
+        load_i = offs_i < tl.where(todo, n_own, 0)  # (a vector mask: the interpreter rejects vector & scalar)
+    own_t, own_sqn = own_block(own_ptr, offs_i, load_i, s_or, s_ok, D, DP, COST)
+    if SHIFT:
+        m_i = -tl.load(hint_ptr + b * s_hib + offs_i, mask=mask_i, other=0.0) * scale
+        l_i = lse_shifted(h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, mask_i, j_lo, j_hi, -m_i,
+                          s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP, BLOCK_I, BLOCK_J)
+        in_range = (l_i >= 7.9e-31) & (l_i <= 3.0e38)  # 7.9e-31 ~ 2^-100; NaN fails both
+        lse2 = tl.where(in_range, m_i + tl.log2(tl.where(in_range, l_i, 1.0)), float("nan"))
     else:
-        tl.store(out_ptr + b * s_outb + offs_i, -lse2 * inv_scale, mask=mask_i)
+        m_i, l_i = lse_online(h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, mask_i, j_lo, j_hi,
+                              s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP,
+                              BLOCK_I, BLOCK_J, LANE, LOWEST)
+        # every weight zero: l_i = 0, lse2 = -inf and out = +inf (= -eps log 0), without evaluating log2(0)
+        lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    if PARTIAL:
+        tl.store(out_ptrs, lse2, mask=store)
+    else:
+        tl.store(out_ptrs, -lse2 * inv_scale, mask=store)
 
 
 # ---------------------------------------------------------------------------
@@ -392,7 +481,29 @@ def scalars(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return _scalars(float(eps), dtype, device)
 
 
-def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optional[int] = None) -> torch.Tensor:
+#: Smallest ``n_own * n_oth`` for which a ``hint`` is used (:func:`lse_shift`): the
+#: shifted pass needs a second, mostly idle launch (the ``FIXUP`` one, ~2-4 us), worth it
+#: only where a pass takes much longer: 8192 x 8192 (~16 us at the exp floor of an H100).
+SHIFT_MIN_ENTRIES = 1 << 26
+
+
+def lse_shift() -> bool:
+    """Use a caller's estimate of the result (``hint``) as a fixed log-sum-exp shift.
+
+    The online maximum costs ~7 FP32 operations per entry besides the ``exp2`` (the
+    lane update of :func:`lse_lanes`); with a fixed shift the sum is one addition, an
+    FMA, the ``exp2`` and an addition. An H100 SM issues 128 instructions per clock and
+    16 ``exp2``; the d = 3 loop's sm_90 SASS has 15.5 instructions per ``exp2`` online
+    and 11.5 shifted (docs/kernels.md): ~1.9x against ~1.4x the exp floor by issue count. In Sinkhorn the previous iteration's result is such an estimate; rows whose
+    sum falls out of range are redone online by a second launch (``FIXUP``). Used for
+    passes of at least :data:`SHIFT_MIN_ENTRIES` entries. Override with
+    OTCORE_LSE_SHIFT=0 to time the online form (the hint is then ignored).
+    """
+    return os.environ.get("OTCORE_LSE_SHIFT", "1") != "0"
+
+
+def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optional[int] = None,
+                   hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out_i = -eps log sum_j exp((h_j - C_ij)/eps)`` over the operand's other side.
 
     Args:
@@ -400,6 +511,8 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
         h: ``(B, n_oth)`` potential on the reduced side (``-inf`` = zero weight).
         eps: regularization (> 0).
         splits: number of slices of the reduced axis (default :func:`num_splits`).
+        hint: ``(B, n_own)`` estimate of the result, used as the log-sum-exp's shift
+            (:func:`lse_shift`); any value gives the same result, a close one is faster.
 
     Returns:
         ``(B, n_own)`` in the operand's dtype.
@@ -407,6 +520,10 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
     ref = op.ref
     B, n_own, n_oth = op.batch, op.n_own, op.n_oth
     h = h.to(ref.dtype).contiguous()
+    if hint is not None and tuple(hint.shape) != (B, n_own):
+        raise ValueError(f"hint must have the result's shape ({B}, {n_own}), got {tuple(hint.shape)}")
+    shift = hint is not None and lse_shift() and n_own * n_oth >= SHIFT_MIN_ENTRIES
+    hint = hint.to(ref.dtype).contiguous() if shift else h
     bi, bj, warps = block_sizes(n_own, n_oth, op.mode, op.d)
     tiles_own = triton.cdiv(n_own, bi)
     tiles_oth = triton.cdiv(n_oth, bj)
@@ -416,13 +533,14 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
     partial = S > 1
     out = torch.empty((B, S, n_own) if partial else (B, n_own), dtype=ref.dtype, device=ref.device)
     s_outs = out.stride(1) if partial else 0
-    softmin_kernel[(B * tiles_own, S)](
-        out, h, scalars(eps, ref.dtype, ref.device), *op.pointer_args()[:3],
-        n_own, n_oth, tiles_own, split_len,
-        out.stride(0), s_outs, h.stride(0), *op.pointer_args()[3:],
-        **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, PARTIAL=partial, LANE=lse_lanes(),
-        LOWEST=float(torch.finfo(ref.dtype).min), num_warps=warps,
-    )
+    for shifted, fixup in ((True, False), (False, True)) if shift else ((False, False),):
+        softmin_kernel[(B * tiles_own, S)](
+            out, h, hint, scalars(eps, ref.dtype, ref.device), *op.pointer_args()[:3],
+            n_own, n_oth, tiles_own, split_len,
+            out.stride(0), s_outs, h.stride(0), hint.stride(0), *op.pointer_args()[3:],
+            **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, PARTIAL=partial, LANE=lse_lanes(),
+            LOWEST=float(torch.finfo(ref.dtype).min), SHIFT=shifted, FIXUP=fixup, num_warps=warps,
+        )
     if not partial:
         return out
     # combine base-2 partial log-sums: -eps * log sum_s 2^(lse2_s)

@@ -42,9 +42,11 @@ class Geometry:
     def _call(self, name, backend, *args, **kw):
         return _dispatch.primitive(name, backend)(self, *args, **kw)
 
-    def softmin(self, h, eps, axis, backend="torch", precision="fp32"):
-        """``axis=1``: ``-eps log sum_j exp((h_j - C_ij)/eps)`` (B,n); ``axis=0``: over i, (B,m)."""
-        return self._call("softmin", backend, h, eps, axis, precision=precision)
+    def softmin(self, h, eps, axis, backend="torch", precision="fp32", hint=None):
+        """``axis=1``: ``-eps log sum_j exp((h_j - C_ij)/eps)`` (B,n); ``axis=0``: over i, (B,m).
+        ``hint``: an estimate of the result (e.g. the previous iteration's), which the
+        Triton kernel uses as its log-sum-exp shift; the result does not depend on it."""
+        return self._call("softmin", backend, h, eps, axis, precision=precision, hint=hint)
 
     def sinkhorn_steps(self, f, g, loga, logb, eps, tau, k, active, symmetric=False, first_row=None,
                        backend="torch", precision="fp32"):

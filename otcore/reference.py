@@ -24,7 +24,7 @@ geometry's points); gradients come from :func:`plan_cost_grad` and
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -133,7 +133,8 @@ def sides(F: torch.Tensor, G: torch.Tensor, axis: int) -> tuple[torch.Tensor, to
 
 
 # ----------------------------------------------------------------------------- primitives
-def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32") -> torch.Tensor:
+def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32",
+            hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Soft minimum of the cost, shifted by ``h``.
 
     ``axis=1``: ``out_i = -eps * log sum_j exp((h_j - C_ij) / eps)``, h (B,m) -> (B,n).
@@ -141,7 +142,8 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
     With ``h = g + eps*log b`` the first is the Sinkhorn update of ``f``.
     Computed as ``-eps ln2 (M + log2 sum 2^(Z - M))`` with ``Z = k (h - C)``,
     ``k = log2(e)/eps`` and ``M`` the line maximum; a line whose ``h`` is all
-    ``-inf`` gives ``+inf``.
+    ``-inf`` gives ``+inf``. ``hint`` (an estimate of the output, which the Triton
+    kernel uses as its shift) is accepted and not needed: ``M`` is exact here.
     """
     k = _LOG2E / eps
     hk = h * k
@@ -170,7 +172,8 @@ def sinkhorn_steps(
     Problems whose ``active`` (B,) entry is False keep their potentials.
 
     ``first_row`` (B,n), if given, is the first iteration's row pass, already computed
-    (the solver's convergence check reads it). ``softmin`` is the pass used, this
+    (the solver's convergence check reads it). Each pass gets the previous one's output
+    as ``hint`` (:func:`unscaled`). ``softmin`` is the pass used, this
     module's by default; the Triton backend hands in its kernel for problems too large
     for :mod:`otcore.kernels.sinkhorn_steps`.
     """
@@ -180,14 +183,22 @@ def sinkhorn_steps(
         if i == 0 and first_row is not None:
             s = first_row
         else:
-            s = softmin(geom, (f + eps * loga) if symmetric else (g + eps * logb), eps, 1, precision=precision)
+            s = softmin(geom, (f + eps * loga) if symmetric else (g + eps * logb), eps, 1, precision=precision,
+                        hint=unscaled(f, tau_a))
         if symmetric:
             new = 0.5 * (f + tau_a * s)
             f, g = torch.where(act, new, f), torch.where(act, new, g)
         else:
             f = torch.where(act, tau_a * s, f)
-            g = torch.where(act, tau_b * softmin(geom, f + eps * loga, eps, 0, precision=precision), g)
+            col = softmin(geom, f + eps * loga, eps, 0, precision=precision, hint=unscaled(g, tau_b))
+            g = torch.where(act, tau_b * col, g)
     return f, g
+
+
+def unscaled(f: torch.Tensor, tau: float) -> torch.Tensor:
+    """``f / tau``: the softmin that gave the potential ``f = tau * softmin`` last
+    iteration, an estimate of the next one (the kernel's shift, see :func:`softmin`)."""
+    return f if tau == 1.0 else f / tau
 
 
 def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: str = "fp32") -> torch.Tensor:

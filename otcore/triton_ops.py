@@ -74,13 +74,14 @@ def _fake_shape(own, C, transposed) -> tuple:
 def _softmin_op(
     own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
     transposed: bool, euclidean: bool, mode: int, ip: str, h: torch.Tensor, eps: float,
+    hint: Optional[torch.Tensor],
 ) -> torch.Tensor:
     op = _operand_of(own, oth, C, transposed, euclidean, mode, ip)
-    return _softmin.launch_softmin(op, h, eps)
+    return _softmin.launch_softmin(op, h, eps, hint=hint)
 
 
 @_softmin_op.register_fake
-def _(own, oth, C, transposed, euclidean, mode, ip, h, eps):
+def _(own, oth, C, transposed, euclidean, mode, ip, h, eps, hint):
     ref = C if C is not None else own
     return ref.new_empty(_fake_shape(own, C, transposed))
 
@@ -135,10 +136,10 @@ def _(own, oth, C, transposed, euclidean, mode, ip, F, G, eps):
     return ref.new_empty(_fake_shape(own, C, transposed) + (n_oth,))
 
 
-def _launch_softmin(op, h, eps):
+def _launch_softmin(op, h, eps, hint=None):
     if torch.compiler.is_compiling():
-        return _softmin_op(*_fields(op), h, eps)
-    return _softmin.launch_softmin(op, h, eps)
+        return _softmin_op(*_fields(op), h, eps, hint)
+    return _softmin.launch_softmin(op, h, eps, hint=hint)
 
 
 def _launch_reduce(op, F, G, eps, V=None, with_sum=False, weight=_plan.WEIGHT_P):
@@ -164,12 +165,15 @@ def operand(geom, axis: int, precision: str) -> _softmin.CostOperand:
     return _softmin.point_operand(own, oth, geom.cost == "euclidean", precision)
 
 
-def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32") -> torch.Tensor:
+def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32",
+            hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``axis=1``: ``out_i = -eps log sum_j exp((h_j - C_ij)/eps)``, h (B,m) -> (B,n);
     ``axis=0``: ``out_j = -eps log sum_i exp((h_i - C_ij)/eps)``, h (B,n) -> (B,m).
-    ``-inf`` entries of ``h`` are zero-weight points; all of them give ``+inf``."""
+    ``-inf`` entries of ``h`` are zero-weight points; all of them give ``+inf``.
+    ``hint``: an estimate of the output (the previous iteration's), the kernel's
+    log-sum-exp shift (:func:`otcore.kernels.softmin.lse_shift`); it does not change the result."""
     _check(precision, axis)
-    return _launch_softmin(operand(geom, axis, precision), h, float(eps))
+    return _launch_softmin(operand(geom, axis, precision), h, float(eps), hint)
 
 
 def sinkhorn_steps(geom, f, g, loga, logb, eps: float, tau: tuple[float, float], k: int, active: torch.Tensor,

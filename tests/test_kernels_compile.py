@@ -49,9 +49,12 @@ SCRIPT = textwrap.dedent(
         (sinkhorn_steps.sinkhorn_steps_kernel, "fp32", dict(steps, D=1, COST=0, BLOCK_N=4, BLOCK_M=8), 1),
         (sinkhorn_steps.sinkhorn_steps_kernel, "fp64", dict(steps, D=3, COST=1, EUCLID=True, SYMMETRIC=True), 8),
     ]
-    sm = dict(EUCLID=False, BLOCK_I=64, BLOCK_J=64, PARTIAL=False, LANE=True, LOWEST=-3.4e38)
+    sm = dict(EUCLID=False, BLOCK_I=64, BLOCK_J=64, PARTIAL=False, LANE=True, LOWEST=-3.4e38, SHIFT=False,
+              FIXUP=False)
     cases += [
         (softmin.softmin_kernel, "fp32", dict(sm, D=3, DP=4, COST=1, IP="tf32x3"), 8),
+        (softmin.softmin_kernel, "fp32", dict(sm, D=3, DP=4, COST=1, IP="tf32x3", SHIFT=True, PARTIAL=True), 8),
+        (softmin.softmin_kernel, "fp32", dict(sm, D=64, DP=64, COST=2, IP="tf32x3", FIXUP=True), 8),
         (softmin.softmin_kernel, "fp32", dict(sm, D=64, DP=64, COST=2, IP="tf32x3"), 8),
         (softmin.softmin_kernel, "fp64", dict(sm, D=64, DP=64, COST=1, IP="ieee", LOWEST=-1.7e308), 8),
     ]
@@ -81,4 +84,4 @@ def test_kernels_compile_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the documented default; silences Triton 3.9's notice
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 16, proc.stdout
+    assert proc.stdout.count(" ok") == 18, proc.stdout

@@ -283,5 +283,6 @@ def test_custom_op_registrations_pass_opcheck():
     geom, C, F, G = problem(3, seed=15, zero_weights=False)
     op = triton_ops.operand(geom, 1, "fp32")
     fields = triton_ops._fields(op)
-    torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, G, EPS))
+    torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, G, EPS, None))
+    torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, G, EPS, F))  # with a shift hint
     torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, geom.y, True, KP.WEIGHT_P))

@@ -7,6 +7,8 @@ partially masked. Tensors live on ``DEVICE``: with CUDA the real kernels run,
 without it the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py).
 """
 
+import warnings
+
 import pytest
 import torch
 from kernel_support import DEVICE, INTERPRETED, RUNTIME_WARNINGS_ARE_ERRORS
@@ -241,3 +243,111 @@ def test_backend_triton_goes_through_triton_ops():
 
     assert _dispatch.primitive("softmin", "triton") is triton_ops.softmin
     assert _dispatch.primitive("softmin", "torch") is reference.softmin
+
+
+# --- the shifted log-sum-exp (a hint of the result as a fixed shift) --------------------
+@pytest.fixture
+def shifted(monkeypatch):
+    """Hints used at any size; returns ``run(op, h, hint, splits=None) -> (out, first)``
+    where ``first`` is ``out`` as the shifted launch left it (NaN: rows for the FIXUP
+    launch), captured by a spy around the kernel."""
+    monkeypatch.setattr(K, "SHIFT_MIN_ENTRIES", 0)
+    kernel = K.softmin_kernel
+    seen = {}
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["FIXUP"]:
+                    seen["first"] = args[0].clone()
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(K, "softmin_kernel", Spy())
+
+    def run(op, h, hint, splits=None):
+        seen.clear()
+        out = K.launch_softmin(op, h, 0.05, splits=splits, hint=hint)
+        return out, seen["first"]
+
+    return run
+
+
+@pytest.fixture
+def exp2_may_overflow():
+    """A hint far below the result overflows exp2 to inf on purpose (the range check reads
+    that); the interpreter's NumPy reports it, which this file otherwise makes an error.
+    (A filter set here: the module's mark would take precedence over a test's mark.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "overflow encountered in exp2", RuntimeWarning)
+        yield
+
+
+@pytest.mark.parametrize("mode", [K.COST_DIRECT, K.COST_DOT, K.COST_DENSE])
+@pytest.mark.parametrize("offset", [0.0, 3.0, -3.0], ids=["exact", "above", "below"])
+def test_a_close_hint_needs_no_fixup(mode, offset, shifted):
+    """A hint within the sum's range (the exact result +- 3, a shift of ~87 in base-2
+    units at eps = 0.05) leaves no row for the FIXUP launch; the result equals float64's."""
+    x, y = clouds(17 if mode == K.COST_DOT else 3, seed=21)
+    h = potential(M, seed=22)
+    h[1, :7] = -INF
+    C64 = cost64(x, y, "sqeuclidean")
+    exact = softmin64(C64, h, 0.05, 1)
+    if mode == K.COST_DENSE:
+        op = K.dense_operand(C64.float(), transposed=False)
+    else:
+        op = K.point_operand(x - 0.5, y - 0.5, False, "fp32", mode=mode)
+    out, first = shifted(op, h, exact.float() + offset)
+    assert not first.isnan().any()
+    assert relerr(out, exact) < 1e-5
+    assert relerr(first, exact) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [40.0, -40.0, float("nan")], ids=["far-above", "far-below", "nan"])
+def test_a_far_or_nan_hint_is_fixed_up(bad, shifted, exp2_may_overflow):
+    """A hint ~1150 base-2 units off (or NaN) under- or overflows the shifted sum: every
+    row is left NaN and recomputed online by the FIXUP launch."""
+    x, y = clouds(3, seed=23)
+    h = potential(M, seed=24)
+    exact = softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)
+    out, first = shifted(K.point_operand(x - 0.5, y - 0.5, False, "fp32"), h, exact.float() + bad)
+    assert first.isnan().all()
+    assert relerr(out, exact) < 1e-5
+
+
+def test_only_the_bad_row_is_redone_and_splits_take_hints(shifted, exp2_may_overflow):
+    """One row's hint far off, a split reduction (200 points in slices of 128), one slice
+    of zero weights: exactly that row's partial sums and the zero-weight slice (a sum of
+    0) go to the FIXUP launch, and the result is exact."""
+    x, y = clouds(3, m=200, seed=25)
+    h = potential(200, seed=26)
+    h[0, :128] = -INF
+    exact = softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)
+    hint = exact.float().clone()
+    hint[1, 5] += 100.0
+    out, first = shifted(K.point_operand(x - 0.5, y - 0.5, False, "fp32"), h, hint, splits=3)
+    assert first.shape == (B, 2, N)  # base-2 partial log-sums per slice
+    redo = first.isnan()
+    assert redo[1, :, 5].all() and redo[0, 0].all()
+    assert int(redo.sum()) == 2 + N
+    assert relerr(out, exact) < 1e-5
+
+
+def test_hints_only_for_large_passes_and_switched_off_by_the_environment(monkeypatch):
+    x, y = clouds(3, seed=27)
+    h = potential(M, seed=28)
+    exact = softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)
+    geom = otcore.PointCloud(x, y)
+    assert N * M < K.SHIFT_MIN_ENTRIES  # ignored here: the hint below would need a FIXUP
+    assert relerr(geom.softmin(h, 0.05, 1, backend="triton", hint=exact.float() + 1e3), exact) < 1e-5
+    monkeypatch.setattr(K, "SHIFT_MIN_ENTRIES", 0)
+    monkeypatch.setenv("OTCORE_LSE_SHIFT", "0")
+    assert not K.lse_shift()
+    monkeypatch.setattr(K, "lse_shifted", None)  # never reached with the switch off
+    assert relerr(geom.softmin(h, 0.05, 1, backend="triton", hint=exact.float() + 1e3), exact) < 1e-5
+
+
+def test_a_hint_of_the_wrong_shape_is_an_error():
+    op = K.point_operand(*clouds(3, seed=29), False, "fp32")
+    with pytest.raises(ValueError, match="hint must have the result's shape"):
+        K.launch_softmin(op, potential(M), 0.05, hint=potential(M))

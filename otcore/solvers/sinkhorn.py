@@ -171,7 +171,8 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         return geom.sinkhorn_steps(f, g, pb.loga, pb.logb, e, tau, k, active, pb.symmetric, first_row, **kw)
 
     def row_pass(f, g, e):  # the first pass of an iteration, which the convergence check reads
-        return geom.softmin((f + e * pb.loga) if pb.symmetric else (g + e * pb.logb), e, 1, **kw)
+        hint = f if pb.rho_a is None else f / _tau(pb.rho_a, e)  # last iteration's row softmin
+        return geom.softmin((f + e * pb.loga) if pb.symmetric else (g + e * pb.logb), e, 1, hint=hint, **kw)
 
     it = 0
     for i, e in enumerate(stages[:max_iter]):
