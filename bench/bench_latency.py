@@ -13,8 +13,8 @@ Workloads (TARGETS.md / issue 3, item 4), each run for a fixed number of iterati
 
 Methods: a plain torch log-domain loop on the materialised cost (``torch.logsumexp``,
 no convergence checks: the least a user would write), ``otcore.sinkhorn`` eager (problems
-whose cost fits one tile, ``tiny4``/``tiny64``, run the iterations between two checks in
-one launch of ``kernels/sinkhorn_steps.py``), the same with that kernel switched off
+whose cost fits one tile, ``tiny4``/``tiny64``, run the iterations between two checks and
+the check itself in one launch of ``kernels/sinkhorn_steps.py``), the same with that kernel switched off
 (``per-pass``: two streamed softmin launches per iteration), and
 ``otcore.sinkhorn(cuda_graph=True)`` (blocks of ``check_every - 1`` iterations replayed
 from CUDA graphs). Before timing, otcore's potentials are compared with the plain loop's

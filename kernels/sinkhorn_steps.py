@@ -8,15 +8,16 @@ then runs ``k`` iterations without leaving the kernel:
     g <- tau_b * softmin_i(f + eps log a)      (column pass, along axis 0)
 
 or, for self-transport (``SYMMETRIC``: same cloud, weights and penalty on both sides),
-the averaged update ``f <- (f + tau_a softmin(f + eps log a)) / 2``, ``g = f``.
-Grid: one program per problem of the batch.
+the averaged update ``f <- (f + tau_a softmin(f + eps log a)) / 2``, ``g = f``; with
+``CHECK``, then the solver's convergence test (the residual from the next row pass)
+and, where it fails, that iteration. Grid: one program per problem of the batch.
 
 Why: for a batch of tiny problems (B = 16,384 of 4 x 4 or 64 x 64) or a few small
 ones, each streamed pass is a launch with a few microseconds of work, and the
 potentials make a round trip through memory between passes; ``~10`` launches per
-iteration then cost more than the exponentials. Here ``k`` iterations are one launch,
-the cost is computed once per launch instead of once per pass, and nothing but the
-final potentials is written.
+iteration then cost more than the exponentials. Here ``k`` iterations and the test
+are one launch, the cost is computed once per launch instead of once per pass, and
+nothing but the final potentials and the residual is written.
 
 Same base-2 arithmetic as :mod:`otcore.kernels.softmin` (``z = s h - s C`` with
 ``s = log2(e)/eps``, ``softmin = -(max z + log2 sum 2^(z - max z)) / s``), with the
@@ -67,21 +68,28 @@ def lse2(z, AXIS: tl.constexpr):
 
 @triton.jit
 def sinkhorn_steps_kernel(
-    f_ptr, g_ptr, loga_ptr, logb_ptr, active_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    f_ptr, g_ptr, resid_ptr, loga_ptr, logb_ptr, active_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
     n, m, n_steps,
     s_fb, s_gb, s_ab, s_bb,
     s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
     D: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    CHECK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """``n_steps`` iterations of problem ``program_id(0)``, updating ``f``/``g`` in place.
+    """``n_steps`` iterations of problem ``program_id(0)``, updating ``f``/``g`` in place;
+    with ``CHECK`` then the convergence test and, where it fails, one more iteration.
 
     - ``f_ptr`` (B, n), ``g_ptr`` (B, m): potentials, read at the start and written at
       the end (problem strides ``s_fb``/``s_gb``, unit stride along the points).
+    - ``resid_ptr`` (B,): ``CHECK`` only, the residual
+      ``sides * sum_i a_i |exp((f_i - s_i)/eps) - t_i|`` of the state after ``n_steps``
+      (``s``: the next row pass; ``t = 1`` or ``exp(-f/rho_a)``; see
+      ``otcore.reference.sinkhorn_steps``). Where it is not above ``tol`` (or is NaN) the
+      problem stops there, else it completes that iteration.
     - ``loga_ptr``/``logb_ptr``: ``log a``, ``log b`` (strides ``s_ab``/``s_bb``); ``-inf``
       marks a zero-weight point, whose column (row) of the plan is zero.
     - ``active_ptr`` (B,) int8: problems with 0 run no iteration and are not written.
-    - ``scal_ptr``: ``[log2(e)/eps, eps ln 2, tau_a, tau_b]`` in the compute dtype.
+    - ``scal_ptr``: ``[log2(e)/eps, eps ln 2, tau_a, tau_b, tol, log2(e)/rho_a (0: balanced)]``
+      in the compute dtype.
     - ``own_ptr``/``oth_ptr``/``c_ptr`` and their strides: the cost as the row pass
       sees it, as in :func:`~otcore.kernels.softmin.cost_tile` (x, y; or C, row stride
       ``s_co``, column stride ``s_ct``).
@@ -96,6 +104,8 @@ def sinkhorn_steps_kernel(
     inv_scale = tl.load(scal_ptr + 1)
     tau_a = tl.load(scal_ptr + 2)
     tau_b = tl.load(scal_ptr + 3)
+    tol = tl.load(scal_ptr + 4)
+    rho2 = tl.load(scal_ptr + 5)
 
     C = cost_tile(own_ptr + b * s_ob, oth_ptr + b * s_tb, c_ptr + b * s_cb, 0.0, 0.0,
                   offs_i, offs_j, mask_i, mask_j, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
@@ -106,37 +116,56 @@ def sinkhorn_steps_kernel(
     lb2 = tl.load(logb_ptr + b * s_bb + offs_j, mask=mask_j, other=float("-inf")) * _LOG2E
     f = tl.load(f_ptr + b * s_fb + offs_i, mask=mask_i, other=0.0)
     g = tl.load(g_ptr + b * s_gb + offs_j, mask=mask_j, other=0.0)
+    resid = tl.sum(tl.zeros_like(f), axis=0) + float("nan")  # a scalar of the compute dtype
+    go = active
 
-    # an inactive problem runs zero iterations
-    for _ in range(0, tl.where(active, n_steps, 0)):
-        if SYMMETRIC:  # x is y: the row and column index the same points, f = g
+    # an inactive problem runs zero iterations; CHECK adds the test's iteration
+    for it in range(0, tl.where(active, n_steps + CHECK, 0)):
+        if SYMMETRIC:  # x is y: the row and column index the same points; g holds f = g
             hf = tl.where(lb2 > float("-inf"), g * scale + lb2, float("-inf"))
             s = -lse2(hf[None, :] - Cs, 1) * inv_scale
-            g = 0.5 * (g + tau_a * s)
+            cur = g
         else:
             hg = tl.where(lb2 > float("-inf"), g * scale + lb2, float("-inf"))
-            f = tau_a * (-lse2(hg[None, :] - Cs, 1) * inv_scale)
+            s = -lse2(hg[None, :] - Cs, 1) * inv_scale
+            cur = f
+        if CHECK:
+            if it == n_steps:  # the test, from this iteration's row pass: go on only above tol
+                # (P1)_i / a_i = 2^(s (f_i - s_i)); target 2^(-f_i log2(e) / rho_a), 1 if balanced
+                gap = tl.exp2(la2) * tl.abs(tl.exp2((cur - s) * scale) - tl.exp2(-cur * rho2))
+                resid = tl.sum(tl.where(la2 > float("-inf"), gap, 0.0), axis=0) * (2.0 if SYMMETRIC else 1.0)
+                go = resid > tol
+        if SYMMETRIC:
+            g = tl.where(go, 0.5 * (g + tau_a * s), g)
+        else:
+            f = tl.where(go, tau_a * s, f)
             hf = tl.where(la2 > float("-inf"), f * scale + la2, float("-inf"))
-            g = tau_b * (-lse2(hf[:, None] - Cs, 0) * inv_scale)
+            g = tl.where(go, tau_b * (-lse2(hf[:, None] - Cs, 0) * inv_scale), g)
     if SYMMETRIC:
         f = g
     # an inactive problem stores nothing: its rows and columns count as none
     tl.store(f_ptr + b * s_fb + offs_i, f, mask=offs_i < tl.where(active, n, 0))
     tl.store(g_ptr + b * s_gb + offs_j, g, mask=offs_j < tl.where(active, m, 0))
+    if CHECK:
+        tl.store(resid_ptr + b, resid, mask=active)
 
 
 @functools.lru_cache(maxsize=64)
-def _scalars(eps: float, tau_a: float, tau_b: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[log2(e)/eps, eps ln 2, tau_a, tau_b]`` on the device, cached: made once outside a
-    CUDA graph's recording (the solver's warm-up block), never copied from the host inside it."""
-    return torch.tensor([LOG2E / eps, eps * math.log(2.0), tau_a, tau_b], dtype=dtype, device=device)
+def _scalars(eps: float, tau_a: float, tau_b: float, tol: float, rho2: float, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """``[log2(e)/eps, eps ln 2, tau_a, tau_b, tol, log2(e)/rho_a]`` on the device, cached: made
+    once outside a CUDA graph's recording (the solver's warm-up block), never copied from
+    the host inside it."""
+    return torch.tensor([LOG2E / eps, eps * math.log(2.0), tau_a, tau_b, tol, rho2], dtype=dtype, device=device)
 
 
 def launch_sinkhorn_steps(
     op: CostOperand, f: torch.Tensor, g: torch.Tensor, loga: torch.Tensor, logb: torch.Tensor,
     eps: float, tau: tuple[float, float], k: int, active: torch.Tensor, symmetric: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` Sinkhorn iterations of every active problem, one launch; returns new ``(f, g)``.
+    check=None,
+):
+    """``k`` Sinkhorn iterations of every active problem, one launch; returns new ``(f, g)``,
+    or ``(f, g, resid)`` with ``check = (tol, rho_a)``.
 
     Args:
         op: the cost seen from the rows (``point_operand(x, y, ..., mode=COST_DIRECT)`` or
@@ -145,6 +174,9 @@ def launch_sinkhorn_steps(
         eps: regularization. tau: ``(tau_a, tau_b)``, ``rho / (rho + eps)`` or 1 per side.
         k: iterations (>= 0). active: ``(B,)`` bool; inactive problems keep their potentials.
         symmetric: self-transport (``x is y``, ``a is b``, equal tau): the averaged update.
+        check: ``(tol, rho_a)`` (``rho_a`` None: balanced rows): then the convergence test
+            and one more iteration where the residual is above ``tol``, as in
+            ``otcore.reference.sinkhorn_steps``; ``resid`` (B,) is NaN where not active.
 
     The inputs are not modified (the outputs are new tensors, so a CUDA graph can record
     the call on static inputs).
@@ -163,16 +195,19 @@ def launch_sinkhorn_steps(
     dt = ref.dtype
     f_out = f.to(dt).contiguous().clone()
     g_out = g.to(dt).contiguous().clone()
+    resid = torch.full((B,), float("nan"), dtype=dt, device=ref.device)
     loga = loga.to(dt).contiguous()
     logb = logb.to(dt).contiguous()
     tau_a, tau_b = tau
-    scal = _scalars(float(eps), float(tau_a), float(tau_b), dt, ref.device)
+    tol, rho_a = check if check is not None else (0.0, None)
+    scal = _scalars(float(eps), float(tau_a), float(tau_b), float(tol), 0.0 if rho_a is None else LOG2E / rho_a,
+                    dt, ref.device)
     bn, bm = _pad(n), _pad(m)
     sinkhorn_steps_kernel[(B,)](
-        f_out, g_out, loga, logb, active.to(torch.int8), scal, *op.pointer_args()[:3],
+        f_out, g_out, resid, loga, logb, active.to(torch.int8), scal, *op.pointer_args()[:3],
         n, m, int(k),
         f_out.stride(0), g_out.stride(0), loga.stride(0), logb.stride(0), *op.pointer_args()[3:],
-        D=op.d, COST=op.mode, EUCLID=op.euclidean, SYMMETRIC=bool(symmetric),
+        D=op.d, COST=op.mode, EUCLID=op.euclidean, SYMMETRIC=bool(symmetric), CHECK=check is not None,
         BLOCK_N=bn, BLOCK_M=bm, num_warps=max(1, min(8, bn * bm // 512)),
     )
-    return f_out, g_out
+    return (f_out, g_out) if check is None else (f_out, g_out, resid)

@@ -160,8 +160,8 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
 
 def sinkhorn_steps(
     geom, f, g, loga, logb, eps: float, tau: tuple[float, float], k: int, active: torch.Tensor,
-    symmetric: bool = False, first_row=None, precision: str = "fp32", softmin=softmin,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    symmetric: bool = False, check=None, precision: str = "fp32", softmin=softmin,
+):
     """``k`` Sinkhorn iterations at one ``eps``: new potentials ``(f, g)``, (B,n) and (B,m).
 
     Each iteration is two :func:`softmin` passes,
@@ -171,20 +171,35 @@ def sinkhorn_steps(
     ``f <- (f + tau_a softmin(f + eps log a)) / 2`` instead, ``g = f``, one pass each.
     Problems whose ``active`` (B,) entry is False keep their potentials.
 
-    ``first_row`` (B,n), if given, is the first iteration's row pass, already computed
-    (the solver's convergence check reads it). Each pass gets the previous one's output
-    as ``hint`` (:func:`unscaled`). ``softmin`` is the pass used, this
-    module's by default; the Triton backend hands in its kernel for problems too large
-    for :mod:`otcore.kernels.sinkhorn_steps`.
+    ``check = (tol, rho_a)`` adds the convergence test: the row pass of one more
+    iteration, ``s``, gives each problem's marginal residual after the ``k``,
+
+        r = sides * sum_i a_i |exp((f_i - s_i)/eps) - t_i|
+
+    with ``(P1)_i / a_i = exp((f_i - s_i)/eps)``, ``t = 1`` (balanced) or ``exp(-f/rho_a)``
+    (KL-relaxed), ``sides = 2`` in the symmetric iteration (both marginals agree) and 1
+    otherwise (the column update makes the column residual zero). Problems with
+    ``r > tol`` then complete that iteration (``k + 1`` in all), the others stop after
+    ``k``. Returns ``(f, g, r)``, ``r`` (B,) (NaN where not active). The test costs no
+    pass: the row pass is the next iteration's.
+
+    Each pass gets the previous one's output as ``hint`` (:func:`unscaled`). ``softmin``
+    is the pass used, this module's by default; the Triton backend hands in its kernel
+    for problems too large for :mod:`otcore.kernels.sinkhorn_steps`.
     """
     tau_a, tau_b = tau
     act = active[:, None]
-    for i in range(k):
-        if i == 0 and first_row is not None:
-            s = first_row
-        else:
-            s = softmin(geom, (f + eps * loga) if symmetric else (g + eps * logb), eps, 1, precision=precision,
-                        hint=unscaled(f, tau_a))
+    resid = None
+    for i in range(k + (check is not None)):
+        s = softmin(geom, (f + eps * loga) if symmetric else (g + eps * logb), eps, 1, precision=precision,
+                    hint=unscaled(f, tau_a))
+        if i == k:  # the convergence test, from this iteration's row pass
+            tol, rho_a = check
+            a = torch.exp(loga)
+            target = 1.0 if rho_a is None else torch.exp(-f / rho_a)
+            gap = torch.where(a > 0, a * (torch.exp((f - s) / eps) - target).abs(), 0.0)
+            resid = torch.where(active, (2 if symmetric else 1) * gap.sum(-1), float("nan"))
+            act = act & (resid > tol)[:, None]  # NaN (a failed problem) stops too
         if symmetric:
             new = 0.5 * (f + tau_a * s)
             f, g = torch.where(act, new, f), torch.where(act, new, g)
@@ -192,7 +207,7 @@ def sinkhorn_steps(
             f = torch.where(act, tau_a * s, f)
             col = softmin(geom, f + eps * loga, eps, 0, precision=precision, hint=unscaled(g, tau_b))
             g = torch.where(act, tau_b * col, g)
-    return f, g
+    return (f, g) if check is None else (f, g, resid)
 
 
 def unscaled(f: torch.Tensor, tau: float) -> torch.Tensor:

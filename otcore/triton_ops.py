@@ -177,23 +177,24 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
 
 
 def sinkhorn_steps(geom, f, g, loga, logb, eps: float, tau: tuple[float, float], k: int, active: torch.Tensor,
-                   symmetric: bool = False, first_row=None, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` Sinkhorn iterations (see :func:`otcore.reference.sinkhorn_steps`).
+                   symmetric: bool = False, check=None, precision: str = "fp32"):
+    """``k`` Sinkhorn iterations, and the convergence test if ``check = (tol, rho_a)``
+    (see :func:`otcore.reference.sinkhorn_steps`).
 
     A problem whose cost fits one tile (:func:`otcore.kernels.sinkhorn_steps.fits`) runs
-    all ``k`` in one launch of :mod:`otcore.kernels.sinkhorn_steps`, with the cost held in
-    registers; larger ones, a given ``first_row`` and traced calls (``torch.compile``) run
-    the streamed :func:`softmin` passes one by one.
+    it all in one launch of :mod:`otcore.kernels.sinkhorn_steps`, with the cost held in
+    registers; larger ones and traced calls (``torch.compile``) run the streamed
+    :func:`softmin` passes one by one.
     """
     _check(precision)
-    if first_row is None and k > 0 and _steps.fits(geom.n, geom.m) and not torch.compiler.is_compiling():
+    if _steps.fits(geom.n, geom.m) and not torch.compiler.is_compiling():
         if geom.is_dense:
             op = _softmin.dense_operand(geom.C, transposed=False)
         else:
             xc, yc = centred_points(geom)
             op = _softmin.point_operand(xc, yc, geom.cost == "euclidean", precision, mode=_softmin.COST_DIRECT)
-        return _steps.launch_sinkhorn_steps(op, f, g, loga, logb, float(eps), tau, k, active, symmetric)
-    return reference.sinkhorn_steps(geom, f, g, loga, logb, eps, tau, k, active, symmetric, first_row,
+        return _steps.launch_sinkhorn_steps(op, f, g, loga, logb, float(eps), tau, k, active, symmetric, check)
+    return reference.sinkhorn_steps(geom, f, g, loga, logb, eps, tau, k, active, symmetric, check,
                                     precision, softmin=softmin)
 
 

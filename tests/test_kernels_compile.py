@@ -42,12 +42,14 @@ SCRIPT = textwrap.dedent(
         src = ASTSource(kernel, sig, constexprs)
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
-    steps = dict(EUCLID=False, SYMMETRIC=False, BLOCK_N=64, BLOCK_M=64)
+    steps = dict(EUCLID=False, SYMMETRIC=False, CHECK=False, BLOCK_N=64, BLOCK_M=64)
     cases = [
         (sinkhorn_steps.sinkhorn_steps_kernel, "fp32", dict(steps, D=3, COST=1), 8),
+        (sinkhorn_steps.sinkhorn_steps_kernel, "fp32", dict(steps, D=3, COST=1, CHECK=True), 8),
         (sinkhorn_steps.sinkhorn_steps_kernel, "fp32", dict(steps, D=64, COST=1), 8),
         (sinkhorn_steps.sinkhorn_steps_kernel, "fp32", dict(steps, D=1, COST=0, BLOCK_N=4, BLOCK_M=8), 1),
-        (sinkhorn_steps.sinkhorn_steps_kernel, "fp64", dict(steps, D=3, COST=1, EUCLID=True, SYMMETRIC=True), 8),
+        (sinkhorn_steps.sinkhorn_steps_kernel, "fp64", dict(steps, D=3, COST=1, EUCLID=True, SYMMETRIC=True,
+                                                            CHECK=True), 8),
     ]
     sm = dict(EUCLID=False, BLOCK_I=64, BLOCK_J=64, PARTIAL=False, LANE=True, LOWEST=-3.4e38, SHIFT=False,
               FIXUP=False)
@@ -84,4 +86,4 @@ def test_kernels_compile_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the documented default; silences Triton 3.9's notice
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 18, proc.stdout
+    assert proc.stdout.count(" ok") == 19, proc.stdout

@@ -157,15 +157,51 @@ def test_larger_problems_stream(monkeypatch):
     assert_close(ker[1], twin[1], float(C64.amax()), 2e-6)
 
 
-def test_first_row_is_used():
-    """The solver's check hands in the first row pass; the result is the same."""
-    geom, C64, la, lb, f0, g0 = problem("sqeuclidean", 6, 10)
-    s = reference.softmin(geom, g0 + 0.1 * lb, 0.1, 1)
-    with_row = geom.sinkhorn_steps(f0, g0, la, lb, 0.1, (1.0, 1.0), 3, ACTIVE, first_row=s, backend="triton")
-    without = geom.sinkhorn_steps(f0, g0, la, lb, 0.1, (1.0, 1.0), 3, ACTIVE, backend="triton")
-    assert_close(with_row[0], without[0], float(C64.amax()), 2e-6)
-    shifted = geom.sinkhorn_steps(f0, g0, la, lb, 0.1, (1.0, 1.0), 1, ACTIVE, first_row=s + 1.0, backend="triton")
-    assert torch.equal(shifted[0][ACTIVE], (s + 1.0)[ACTIVE])  # f <- the given row pass (tau = 1)
+def resid64(C, f, g, loga, logb, eps, rho_a, symmetric):
+    """The convergence test's residual of the state (f, g), float64, written out."""
+    C, f, g, loga, logb = (t.double() for t in (C, f, g, loga, logb))
+    h = (f + eps * loga) if symmetric else (g + eps * logb)
+    s = -eps * torch.logsumexp(h[:, None, :] / eps - C / eps, 2)
+    target = 1.0 if rho_a is None else torch.exp(-f / rho_a)
+    return (2 if symmetric else 1) * (loga.exp() * (torch.exp((f - s) / eps) - target).abs()).sum(-1)
+
+
+@pytest.mark.parametrize("case", ["balanced", "unbalanced", "symmetric", "dense"])
+def test_the_convergence_test_stops_exactly_the_converged_problems(case):
+    """With ``check``, the residual after ``k`` iterations matches the float64 one, the
+    problem below ``tol`` stops after ``k`` and the one above runs ``k + 1``; the kernel
+    agrees with the twin."""
+    symmetric = case == "symmetric"
+    rho = 2.0 if case == "unbalanced" else None
+    eps, k = 0.05, 3
+    tau = (1.0, 1.0) if rho is None else (rho / (rho + eps),) * 2
+    if symmetric:
+        gen = torch.Generator().manual_seed(8)
+        x = torch.rand(B, 11, 3, generator=gen).to(DEVICE)
+        geom, C64 = otcore.PointCloud(x, x), torch.cdist(x.double(), x.double()) ** 2
+        la = torch.full((B, 11), -math.log(11), device=DEVICE)
+        lb, f0 = la, torch.zeros(B, 11, device=DEVICE)
+        g0 = f0
+    else:
+        geom, C64, la, lb, f0, g0 = problem("dense" if case == "dense" else "sqeuclidean", 9, 14)
+    after = steps64(C64, f0, g0, la, lb, eps, tau, k, ACTIVE, symmetric)
+    r64 = resid64(C64, *after, la, lb, eps, rho, symmetric)
+    tol = float((r64[0] + r64[2]) / 2)  # between the two active problems' residuals
+    args = (la, lb, eps, tau, k, ACTIVE, symmetric, (tol, rho))
+    fk, gk, rk = geom.sinkhorn_steps(f0, g0, *args, backend="triton")
+    ft, gt, rt = geom.sinkhorn_steps(f0, g0, *args, backend="torch")
+    assert rk[1].isnan() and rt[1].isnan()  # the inactive problem
+    live = ACTIVE  # float32 residuals: differences of terms near 1, so ~1e-6 absolute
+    assert torch.allclose(rk[live].double(), r64[live], rtol=1e-2, atol=1e-6)
+    assert torch.allclose(rt[live].double(), r64[live], rtol=1e-2, atol=1e-6)
+    more = steps64(C64, f0, g0, la, lb, eps, tau, k + 1, ACTIVE, symmetric)
+    scale = float(C64.amax())
+    for p in (0, 2):
+        want = after if float(r64[p]) <= tol else more
+        for got_k, got_t, w in ((fk, ft, want[0]), (gk, gt, want[1])):
+            assert_close(got_k[p], w[p], scale, 2e-6)
+            assert_close(got_t[p], w[p], scale, 2e-6)
+    assert (float(r64[0]) <= tol) != (float(r64[2]) <= tol)  # one of each
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

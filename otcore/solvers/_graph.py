@@ -20,8 +20,9 @@ from typing import Callable, Optional
 
 import torch
 
-#: ``block(f, g, active, k) -> (f, g)``: ``k`` iterations, potentials frozen where
-#: ``active`` is False. Must be functional (new output tensors, inputs untouched).
+#: ``block(f, g, active, k) -> (f, g, ...)``: ``k`` iterations, potentials frozen where
+#: ``active`` is False (the solver's block also returns the residual of its convergence
+#: test). Must be functional (new output tensors, inputs untouched).
 Block = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple]
 
 
@@ -49,7 +50,7 @@ class GraphedBlock:
     given here (the steady-state block between two checks); other lengths (the first
     blocks, the one cut at ``max_iter``) run eagerly, so a solve records one graph.
 
-    ``capture(block, f, g, active, k) -> (replay, (f_out, g_out))`` records one block
+    ``capture(block, f, g, active, k) -> (replay, outputs)`` records one block
     on static inputs ``f, g, active``; :func:`capture_cuda` on the GPU (tests pass an
     emulation). If recording fails, the block runs eagerly from then on, with a warning.
     """
@@ -72,12 +73,12 @@ class GraphedBlock:
                               RuntimeWarning, stacklevel=3)
                 return self.block(f, g, active, k)
             self.recorded = (replay, static, out)
-        replay, (sf, sg, sa), (of, og) = self.recorded
+        replay, (sf, sg, sa), out = self.recorded
         sf.copy_(f)
         sg.copy_(g)
         sa.copy_(active)
         replay()
-        return of.clone(), og.clone()
+        return tuple(o.clone() for o in out)
 
 
 def graphed(block: Block, device: torch.device, k: int):

@@ -149,11 +149,12 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
     others keep their potentials and count no iterations).
 
     The eps-scaling stages run one iteration each, unchecked (the potentials are far
-    from the target's). At the target eps, an iteration that ends a check interval (the
-    first, then every ``check_every``-th) starts with the row pass whose output also
-    gives the residual (one host sync); the iterations in between run as one block
-    without any, replayed from a CUDA graph when ``cuda_graph`` (see
-    :mod:`otcore.solvers._graph`).
+    from the target's). At the target eps the residual is read after the first
+    iteration and then every ``check_every``: each such block of iterations is one
+    ``sinkhorn_steps`` call whose last row pass gives the residual (the next iteration's
+    row pass: the test costs no pass) and one host sync; on the Triton backend a small
+    problem runs the whole block, test included, in one launch. The steady-state block
+    is replayed from a CUDA graph when ``cuda_graph`` (see :mod:`otcore.solvers._graph`).
     """
     geom, kw, eps = pb.geom, pb.kw(), pb.eps
     B = geom.batch
@@ -164,15 +165,11 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         avg = 0.5 * (f + g)
         f, g = torch.where(active[:, None], avg, f), torch.where(active[:, None], avg, g)
 
-    def steps(f, g, e, k: int, active, first_row=None):
+    def steps(f, g, e, k: int, active, check=None):
         # the one update rule (reference.sinkhorn_steps), fused into one launch for small
         # problems on the Triton backend
         tau = (_tau(pb.rho_a, e), _tau(pb.rho_b, e))
-        return geom.sinkhorn_steps(f, g, pb.loga, pb.logb, e, tau, k, active, pb.symmetric, first_row, **kw)
-
-    def row_pass(f, g, e):  # the first pass of an iteration, which the convergence check reads
-        hint = f if pb.rho_a is None else f / _tau(pb.rho_a, e)  # last iteration's row softmin
-        return geom.softmin((f + e * pb.loga) if pb.symmetric else (g + e * pb.logb), e, 1, hint=hint, **kw)
+        return geom.sinkhorn_steps(f, g, pb.loga, pb.logb, e, tau, k, active, pb.symmetric, check, **kw)
 
     it = 0
     for i, e in enumerate(stages[:max_iter]):
@@ -181,43 +178,29 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         it += 1
         progress.update(it, float("nan"), e, f"eps stage {i + 1}/{len(stages)}")
 
-    def block(f, g, active, k: int):
-        return steps(f, g, eps, k, active)
+    def checked_block(f, g, active, k: int):
+        """``k`` iterations, the test, and one more iteration where it fails: (f, g, resid)."""
+        return steps(f, g, eps, k, active, check=(tol, pb.rho_a))
 
-    run_block = graphed(block, geom.device, check_every - 1) if cuda_graph else block
-    sides = 2 if pb.symmetric else 1
+    run_block = graphed(checked_block, geom.device, check_every - 1) if cuda_graph else checked_block
     while it < max_iter:
         done = it - len(stages)  # iterations at the target eps so far
-        if not (done == 1 or (done > 0 and done % check_every == 0)):
-            # up to the next check: iteration 1 at the target eps, then multiples of check_every
-            k = min((1 if done < 1 else check_every * (done // check_every + 1)) - done, max_iter - it)
-            f, g = run_block(f, g, active, k)
-            n_iter += active * k
-            it += k
-            continue
-        s = row_pass(f, g, eps)
-        if not _check(pb, f, s, sides, tol, active, passed, progress, it):
+        # iterations up to the next test: after iteration 1, then after multiples of check_every
+        k = (1 if done <= 1 else check_every * -(-done // check_every)) - done
+        if it + k >= max_iter:  # the cap comes first: run up to it, untested
+            f, g = steps(f, g, eps, max_iter - it, active)
+            n_iter += active * (max_iter - it)
             break
-        f, g = steps(f, g, eps, 1, active, first_row=s)
-        n_iter += active
-        it += 1
+        f, g, resid = run_block(f, g, active, k)
+        n_iter += active * k
+        ok = resid <= tol
+        passed |= active & ok
+        active &= ~ok & torch.isfinite(resid)
+        n_iter += active  # the iteration whose row pass gave the test, completed by those still running
+        it += k + 1
+        if not bool(active.any()):  # the block's one host synchronisation
+            break
+        if progress.enabled:
+            progress.update(it, float(resid[active].max()), eps)
     progress.close()
     return f, g, n_iter, passed
-
-
-def _check(pb: Problem, f, s, sides: int, tol, active, passed, progress, it) -> bool:
-    """Convergence test from a row pass ``s = softmin(g + eps log b)``: the residual
-    ``sides * sum_i a_i |(P1)_i / a_i - t_i|`` with ``(P1)_i / a_i = exp((f_i - s_i)/eps)``
-    and ``t = 1`` (balanced) or ``exp(-f/rho)`` (KL-relaxed). The column residual is zero
-    after a column update (``sides=1``); in the symmetric iteration both marginals
-    agree (``sides=2``). Updates ``active``/``passed`` in place; False when all stopped."""
-    target = 1.0 if pb.rho_a is None else torch.exp(-f / pb.rho_a)
-    resid = sides * (pb.A * (torch.exp((f - s) / pb.eps) - target).abs()).sum(-1)
-    ok = resid <= tol
-    passed |= active & ok
-    active &= ~ok & torch.isfinite(resid)
-    if not bool(active.any()):  # the check's one host synchronisation
-        return False
-    if progress.enabled:
-        progress.update(it, float(resid[active].max()), pb.eps)
-    return True
