@@ -70,7 +70,7 @@ def section_kernels(rows, say):
         err = {r["method"]: r for r in at if r["section"] == "pass_error"}
         sol = {r["method"]: r for r in at if r["section"] == "solve_error"}
         line = f"  n={n:<8d} d={d:<3d} pass relerr vs f64 (row/col):"
-        for m in ("fp32", "tf32", "torch dense fp32"):
+        for m in ("fp32", "fp32 shifted", "tf32", "torch dense fp32"):
             if m in err:
                 line += f" {m} {fmt(err[m]['row_relerr'], '.1e')}/{fmt(err[m]['col_relerr'], '.1e')}"
         say(line)
