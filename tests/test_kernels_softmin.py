@@ -351,3 +351,36 @@ def test_a_hint_of_the_wrong_shape_is_an_error():
     op = K.point_operand(*clouds(3, seed=29), False, "fp32")
     with pytest.raises(ValueError, match="hint must have the result's shape"):
         K.launch_softmin(op, potential(M), 0.05, hint=potential(M))
+
+
+@pytest.mark.parametrize("rho", [None, 0.5])
+def test_the_solver_hints_keep_the_shifted_sum_in_range(monkeypatch, rho):
+    """otcore.sinkhorn hands each pass the previous one's result: after the first
+    iterations (hints from zero potentials are far off) no row needs the FIXUP launch, so
+    the fast path is the one that runs. Same potentials and counts as the torch backend."""
+    from otcore.kernels import sinkhorn_steps
+
+    monkeypatch.setattr(K, "SHIFT_MIN_ENTRIES", 0)  # hints at this size too
+    monkeypatch.setattr(sinkhorn_steps, "SMALL_MAX_ELEMENTS", 0)  # streamed passes, not the one-tile kernel
+    kernel, redo = K.softmin_kernel, []
+
+    class Spy:  # counts the rows each FIXUP launch finds left as NaN
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["FIXUP"]:
+                    redo.append(int(args[0].isnan().sum()))
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(K, "softmin_kernel", Spy())
+    x, y = clouds(3, n=21, m=30, seed=30)
+    geom = otcore.PointCloud(x, y)
+    # eps small enough that s * f ~ 100: a hint off by a sign or a factor would leave the range
+    kw = dict(eps=0.005, rho=rho, tol=1e-12, max_iter=25)
+    with pytest.warns(otcore.ConvergenceWarning):
+        got = otcore.sinkhorn(geom, backend="triton", **kw)
+    with pytest.warns(otcore.ConvergenceWarning):
+        want = otcore.sinkhorn(geom, backend="torch", **kw)
+    assert relerr(got.f, want.f) < 1e-5
+    assert len(redo) == 2 * 25  # every pass was a shifted one (the tests read the next row pass)
+    assert sum(redo[6:]) == 0, redo[:12]  # from the 4th iteration on, every hint was in range
