@@ -19,6 +19,9 @@
 #   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair)   40
 #   d     sparse OT (n = 2048, 8192) + OT router (bench_sparse_ot.py)                70
 #   e     FlashSinkhorn peer timings (+ a second otcore measurement)                 25
+#   t     the kernel tests on the real kernels (pytest, if importable: carried as a
+#         wheel): the one-tile kernel, CUDA graphs, the softmin incl. the shifted sum;
+#         whatever time is left, at most                                           60
 # A part that runs past its budget is killed and the next one starts; each bench writes
 # its results after every size/problem, so a killed part keeps what it finished. Parts
 # are also cut to the time left under GPU_CHECK_TOTAL_S (default 520 s; the driver
@@ -42,6 +45,7 @@
 
 set -u
 cd "$(dirname "$0")/.."
+REPO=$(pwd)
 QUICK=0
 [ "${1:-}" = "--quick" ] && QUICK=1
 OUT=${OUT:-out/gpu_check}
@@ -126,7 +130,7 @@ fi
 
 # --- parts -----------------------------------------------------------------------------
 printf "part\tbudget_s\tused_s\tstatus\n" >"$WORK/parts.tsv"
-summary() { "$PY" bench/gpu_check_summary.py --work "$WORK" --out "$OUT" "$@"; }
+summary() { "$PY" "$REPO/bench/gpu_check_summary.py" --work "$WORK" --out "$OUT" "$@"; }
 
 run_part() {  # run_part NAME BUDGET_S CMD...
   local name=$1 budget=$2
@@ -159,6 +163,17 @@ K=bench/bench_sinkhorn_kernels.py
 N=bench/bench_newton.py
 S=bench/bench_sparse_ot.py
 L=bench/bench_latency.py
+# part t: pytest from $WORK (not the repo root, whose otcore/ lacks the kernels subpackage),
+# so the staged copy on PYTHONPATH is the one imported; its own timeout per part
+T_TESTS="$REPO/tests/test_kernels_sinkhorn_steps.py $REPO/tests/test_cuda_graph.py $REPO/tests/test_kernels_softmin.py"
+tests_part() {
+  if ! "$PY" -c "import pytest" 2>/dev/null; then
+    echo "== part t SKIPPED: pytest not importable (carry its wheels in .whl/, docs/benchmarks.md)"
+    printf "t\t0\t0\tskipped (no pytest)\n" >>"$WORK/parts.tsv"
+    return
+  fi
+  (cd "$WORK" && run_part t "$1" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$REPO" $T_TESTS)
+}
 POT_REF=bench/data/pot_sparse_ref.json
 DEV_POT_REF=$WORK/pot_ref_device.json
 
@@ -173,6 +188,7 @@ if [ $QUICK = 1 ]; then
   run_part d  $B "$PY" $S --sizes 64 --tokens 512 --experts 8 --reps 2 --max-iter 200 --check-max 64 \
     --pot-ref $POT_REF --out "$WORK/d/sparse_ot.json"
   run_part e  $B "$PY" $K --quick --sizes 64x3 --peers flash --skip-dense --skip-loss --out "$WORK/e"
+  tests_part $B
 else
   # POT's sparse-OT reference at n = 2048 runs on the CPU beside the GPU parts
   if "$PY" -c "import ot" 2>/dev/null; then
@@ -198,6 +214,7 @@ else
   run_part d   70 "$PY" $S --sizes 2048 8192 --pot-max 0 --pot-ref "$REF" --reps 3 --out "$WORK/d/sparse_ot.json"
   run_part e   25 "$PY" $K --sizes 8192x3 32768x3 32768x64 --peers flash --skip-dense --skip-loss --solve-max-n 0 \
     --warm-iters 2 --out "$WORK/e"
+  tests_part 60
   if [ -n "${POT_PID:-}" ]; then
     kill "$POT_PID" 2>/dev/null && echo "# POT background run stopped unfinished (see raw.tar.gz pot_background.log);" \
       "the sparse-OT >= 100x verdict stays provisional (stored POT reference)"

@@ -191,6 +191,35 @@ def make_tar(work, path):
                 tar.add(os.path.join(work, name), arcname=name)
 
 
+def section_latency(work, say):
+    """Part l: bench_latency.py's latency.csv (plain torch vs otcore, ms per call)."""
+    try:
+        with open(os.path.join(work, "l", "latency.csv")) as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError:
+        return
+    say("[l] latency-bound workloads, ms per call (fixed iterations): plain torch | otcore eager | "
+        "per-pass (one-tile kernel off) | CUDA graph")
+    for r in rows:
+        say(f"  {r['workload']:8s} {r['shape']:>16s} {r['iters']:>3s} it  err {float(r['max_rel_err']):.1e}  "
+            f"{float(r['torch_ms']):9.3f} | {float(r['otcore_ms']):9.3f} | {float(r['otcore_per_pass_ms']):9.3f} | "
+            f"{float(r['otcore_graph_ms']):9.3f}  ({float(r['speedup_vs_torch']):.2f}x torch)")
+
+
+def section_tests(work, say):
+    """Part t: the kernel tests' outcome (pytest's last line and its FAILED lines)."""
+    try:
+        with open(os.path.join(work, "t", "log.txt")) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return
+    last = [ln for ln in lines if " passed" in ln or " failed" in ln or " error" in ln]
+    say("[t] kernel tests on this device: " + (last[-1].strip() if last else "no result line (cut short?)"))
+    for ln in lines:
+        if ln.startswith("FAILED") or ln.startswith("ERROR"):
+            say("  " + ln)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True)
@@ -229,6 +258,8 @@ def main(argv=None):
     section_newton(nrows, say)
     srows = load(os.path.join(args.work, "d", "sparse_ot.json"), [])
     section_sparse(srows, load(os.path.join(args.work, "pot_ref_device.json"), {}), say)
+    section_latency(args.work, say)
+    section_tests(args.work, say)
 
     text = buf.getvalue()
     with open(os.path.join(args.out, "summary.txt"), "w") as fh:
