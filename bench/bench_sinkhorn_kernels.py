@@ -414,6 +414,7 @@ def loss_layer(device, args, rows_out):
     run_ours = runner(otcore.SinkhornLoss(eps=eps, debias=True, backend="triton"), x, y)
     v0, g0 = run_ours()
     rec = dict(section="loss_check", n=n, d=3, method="otcore SinkhornLoss vs float64 torch", value=float(v0))
+    v64 = g64 = None
     if args.loss_check:
         x64 = x.detach().double().requires_grad_(True)
         ref = otcore.SinkhornLoss(eps=eps, debias=True, backend="torch", tol=1e-7, max_iter=5000)
@@ -454,6 +455,37 @@ def loss_layer(device, args, rows_out):
                              grad_relerr_vs_otcore=relerr(g1, g0), speedup_of_otcore=ms1 / ms))
         print(f"  GeomLoss tensorized (scaling {scaling}): {ms1:.2f} ms = {ms1 / ms:.1f}x otcore (value {float(v1):.6e}, "
               f"value relerr vs otcore {relerr(v1, v0):.1e}, grad {relerr(g1, g0):.1e})", flush=True)
+        if v64 is not None:
+            equal_accuracy(x, y, eps, runner, (v1, g1), ms1, scaling, (v64, g64), device, rows_out)
+
+
+#: SinkhornLoss tolerances tried, loosest first, for the equal-accuracy comparison
+LOSS_TOLS = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
+
+
+def equal_accuracy(x, y, eps, runner, theirs, ms_theirs, scaling, ref, device, rows_out):
+    """otcore at GeomLoss's accuracy: the loosest ``tol`` (of :data:`LOSS_TOLS`) whose value
+    and gradient are at least as close to the float64 reference as GeomLoss's (scaling
+    ``scaling``), timed. TARGETS.md's 20x is "at equal accuracy": GeomLoss with eps scaling
+    runs a fixed, short schedule, while otcore's default tol=1e-5 solves far closer."""
+    v64, g64 = ref
+    err_v, err_g = relerr(theirs[0], v64), relerr(theirs[1], g64)
+    for tol in LOSS_TOLS:
+        run = runner(otcore.SinkhornLoss(eps=eps, debias=True, backend="triton", tol=tol), x, y)
+        v, g = run()
+        ev, eg = relerr(v, v64), relerr(g, g64)
+        if ev <= err_v and eg <= err_g:
+            ms = time_ms(run, device)
+            rows_out.append(dict(section="loss_fwd_bwd_ms", n=x.shape[0], d=3,
+                                 method=f"otcore at GeomLoss s={scaling} accuracy (tol {tol:g})", ms=ms, value=float(v),
+                                 value_relerr=ev, grad_relerr=eg, geomloss_value_relerr=err_v,
+                                 geomloss_grad_relerr=err_g, speedup_of_otcore=ms_theirs / ms))
+            print(f"  otcore at GeomLoss s={scaling}'s accuracy (value/grad relerr vs float64 {err_v:.1e}/{err_g:.1e}): "
+                  f"tol {tol:g} gives {ev:.1e}/{eg:.1e} in {ms:.2f} ms, {ms_theirs / ms:.1f}x faster than GeomLoss",
+                  flush=True)
+            return
+    print(f"  otcore at GeomLoss s={scaling}'s accuracy: no tol in {LOSS_TOLS} reaches value/grad relerr "
+          f"{err_v:.1e}/{err_g:.1e}", flush=True)
 
 
 # ---------------------------------------------------------------------------
