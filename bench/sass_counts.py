@@ -1,0 +1,114 @@
+"""Static counts of the Sinkhorn kernels' sm_90 code, on a machine without a GPU.
+
+    python bench/sass_counts.py            # the table of docs/kernels.md ("Shifted log-sum-exp")
+
+Compiles the softmin kernel (online and shifted log-sum-exp) and the one-tile kernel for
+an H100 with Triton's own compiler and the ``ptxas``/``cuobjdump`` shipped in the Triton
+wheel, then reads from the cubin the registers and stack per thread, and from the SASS
+the instructions of the innermost loop (the largest backward branch) per ``MUFU.EX2``.
+
+An SM issues 4 x 32 thread-instructions and 16 ``exp2`` per clock, so a loop with more
+than ~8 instructions per ``exp2`` is issue-bound above the exp floor by that ratio. These
+are counts, not timings: latency, occupancy and memory are not in them.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from otcore.kernels import sinkhorn_steps, softmin  # noqa: E402
+
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+FP32 = ("FADD", "FFMA", "FMUL", "FMNMX", "FSEL", "FSETP")
+
+
+def compile_sm90(kernel, constexprs: dict, num_warps: int = 8, dtype: str = "fp32"):
+    """The kernel compiled for sm_90: pointers (``*_ptr``) of ``dtype`` (``active_ptr`` int8),
+    other runtime arguments int32."""
+    sig = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*i8" if p.name == "active_ptr" else "*" + dtype
+        else:
+            sig[p.name] = "i32"
+    return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps))
+
+
+def cuobjdump(compiled, *flags: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(compiled.asm["cubin"])
+    try:
+        return subprocess.run([os.path.join(TOOLS, "cuobjdump"), *flags, fh.name], capture_output=True,
+                              text=True, check=True).stdout
+    finally:
+        os.unlink(fh.name)
+
+
+def resources(compiled) -> tuple[int, int]:
+    """(registers, stack bytes) per thread."""
+    line = next(ln for ln in cuobjdump(compiled, "--dump-resource-usage").splitlines() if "REG:" in ln)
+    return int(re.search(r"REG:(\d+)", line).group(1)), int(re.search(r"STACK:(\d+)", line).group(1))
+
+
+def inner_loop(compiled) -> collections.Counter:
+    """Opcode counts of the largest loop body in the SASS (instructions between a backward
+    branch and its target)."""
+    lines = [ln for ln in cuobjdump(compiled, "-sass").splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
+    best = []
+    for ln, a in zip(lines, addr):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < a:
+            body = [x for x, ax in zip(lines, addr) if int(m.group(1), 16) <= ax <= a]
+            best = max(best, body, key=len)
+    ops = collections.Counter()
+    for ln in best:
+        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln)
+        if m:
+            ops[m.group(1)] += 1
+    return ops
+
+
+def row(name, compiled):
+    regs, stack = resources(compiled)
+    ops = inner_loop(compiled)
+    total, ex2 = sum(ops.values()), ops["MUFU"]
+    fp32 = sum(ops[k] for k in FP32)
+    per = f"{total / ex2:5.1f} {fp32 / ex2:5.1f}" if ex2 else "    -     -"
+    print(f"{name:44s} {regs:4d} {stack:5d} {total:6d} {ex2:4d} {per}")
+
+
+def main():
+    print(f"# sm_90 cubins, Triton {triton.__version__}; loop = innermost loop body, per tile and thread")
+    print(f"{'kernel':44s} {'regs':>4s} {'stack':>5s} {'loop':>6s} {'ex2':>4s} {'/ex2':>5s} {'fp32/ex2':>5s}")
+    sm = dict(EUCLID=False, BLOCK_I=64, BLOCK_J=64, PARTIAL=False, LANE=True, LOWEST=-3.4e38, FIXUP=False)
+    for label, c in (("d=3 direct", dict(D=3, DP=4, COST=softmin.COST_DIRECT, IP="tf32x3")),
+                     ("d=64 3xTF32 dot", dict(D=64, DP=64, COST=softmin.COST_DOT, IP="tf32x3")),
+                     ("dense C", dict(D=1, DP=1, COST=softmin.COST_DENSE, IP="ieee"))):
+        row(f"softmin {label}, online (lanes)", compile_sm90(softmin.softmin_kernel, dict(sm, **c, SHIFT=False)))
+        row(f"softmin {label}, shifted", compile_sm90(softmin.softmin_kernel, dict(sm, **c, SHIFT=True)))
+        row(f"softmin {label}, FIXUP", compile_sm90(softmin.softmin_kernel, dict(sm, **c, SHIFT=False, FIXUP=True)))
+    st = dict(EUCLID=False, SYMMETRIC=False, BLOCK_N=64, BLOCK_M=64)
+    for label, c in (("d=3", dict(D=3, COST=softmin.COST_DIRECT)), ("d=64", dict(D=64, COST=softmin.COST_DIRECT)),
+                     ("dense C", dict(D=1, COST=softmin.COST_DENSE))):
+        for check in (False, True):
+            row(f"one-tile 64x64 {label}{', CHECK' if check else ''}",
+                compile_sm90(sinkhorn_steps.sinkhorn_steps_kernel, dict(st, **c, CHECK=check)))
+
+
+if __name__ == "__main__":
+    main()
