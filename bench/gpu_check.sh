@@ -19,6 +19,8 @@
 #   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair)   40
 #   d     sparse OT (n = 2048, 8192) + OT router (bench_sparse_ot.py)                70
 #   e     FlashSinkhorn peer timings (+ a second otcore measurement)                 25
+#   p     plan kernels (P v, P^T u, marginals, top-k, <P, C>, gradient) vs float64,
+#         ms per call at 8192/d3, 32768/d3, 32768/d64 (bench_plan_kernels.py)          30
 #   t     the kernel tests on the real kernels (pytest, if importable: carried as a
 #         wheel): the one-tile kernel, CUDA graphs, the softmin incl. the shifted sum;
 #         whatever time is left, at most                                           60
@@ -163,6 +165,7 @@ K=bench/bench_sinkhorn_kernels.py
 N=bench/bench_newton.py
 S=bench/bench_sparse_ot.py
 L=bench/bench_latency.py
+P=bench/bench_plan_kernels.py
 # part t: pytest from $WORK (not the repo root, whose otcore/ lacks the kernels subpackage),
 # so the staged copy on PYTHONPATH is the one imported; its own timeout per part
 T_TESTS="$REPO/tests/test_kernels_sinkhorn_steps.py $REPO/tests/test_cuda_graph.py $REPO/tests/test_kernels_softmin.py"
@@ -188,6 +191,7 @@ if [ $QUICK = 1 ]; then
   run_part d  $B "$PY" $S --sizes 64 --tokens 512 --experts 8 --reps 2 --max-iter 200 --check-max 64 \
     --pot-ref $POT_REF --out "$WORK/d/sparse_ot.json"
   run_part e  $B "$PY" $K --quick --sizes 64x3 --peers flash --skip-dense --skip-loss --out "$WORK/e"
+  run_part p  $B "$PY" $P --quick --out "$WORK/p"
   tests_part $B
 else
   # POT's sparse-OT reference at n = 2048 runs on the CPU beside the GPU parts
@@ -214,6 +218,7 @@ else
   run_part d   70 "$PY" $S --sizes 2048 8192 --pot-max 0 --pot-ref "$REF" --reps 3 --out "$WORK/d/sparse_ot.json"
   run_part e   25 "$PY" $K --sizes 8192x3 32768x3 32768x64 --peers flash --skip-dense --skip-loss --solve-max-n 0 \
     --warm-iters 2 --out "$WORK/e"
+  run_part p   30 "$PY" $P --out "$WORK/p"
   tests_part 60
   if [ -n "${POT_PID:-}" ]; then
     kill "$POT_PID" 2>/dev/null && echo "# POT background run stopped unfinished (see raw.tar.gz pot_background.log);" \

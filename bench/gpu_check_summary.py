@@ -210,6 +210,23 @@ def section_latency(work, say):
             f"{float(r['otcore_graph_ms']):9.3f}  ({float(r['speedup_vs_torch']):.2f}x torch)")
 
 
+def section_plan(work, say):
+    """Part p: bench_plan_kernels.py's plan.json (errors vs float64, ms per call)."""
+    res = load(os.path.join(work, "p", "plan.json"))
+    if not res:
+        return
+    say("[p] plan kernels: relerr vs float64 on sampled rows | ms per call (fraction of the exp floor)")
+    rows = res["rows"]
+    for n, d in dict.fromkeys((r["n"], r["d"]) for r in rows):
+        at = [r for r in rows if r["n"] == n and r["d"] == d]
+        err = {r["op"]: r["relerr"] for r in at if r["section"] == "plan_error"}
+        say(f"  n={n:<8d} d={d:<3d} worst relerr {max(err.values()):.1e} ({max(err, key=err.get)})" if err else
+            f"  n={n:<8d} d={d:<3d} no error rows")
+        for r in at:
+            if r["section"] == "plan_ms":
+                say(f"      {r['op']:34s} {r['ms']:10.4g} ms  {r['floor_fraction']:7.1%} of floor")
+
+
 def section_tests(work, say):
     """Part t: the kernel tests' outcome (pytest's last line and its FAILED lines)."""
     try:
@@ -263,6 +280,7 @@ def main(argv=None):
     srows = load(os.path.join(args.work, "d", "sparse_ot.json"), [])
     section_sparse(srows, load(os.path.join(args.work, "pot_ref_device.json"), {}), say)
     section_latency(args.work, say)
+    section_plan(args.work, say)
     section_tests(args.work, say)
 
     text = buf.getvalue()
