@@ -386,26 +386,48 @@ class CostOperand:
         return dict(D=d, DP=dp, COST=self.mode, EUCLID=self.euclidean, IP=self.input_precision)
 
 
-def point_cost_mode(precision: str, d: int, dtype: torch.dtype) -> tuple[int, str]:
+#: ``precision="fp32"`` takes the 3xTF32 expansion (past :data:`DIRECT_MAX_D`) only while
+#: its rounding, :func:`expansion_error`, is at most this fraction of ``eps``: then the
+#: plan's entries ``exp((F + G - C)/eps)`` move by at most ~0.1%. Beyond, direct differences.
+EXPANSION_MAX_ERROR = 1e-3
+
+
+def expansion_error(sq_spread: float, euclidean: bool) -> float:
+    """Rounding of ``C`` computed as ``|x|^2 + |y|^2 - 2 x.y`` on centred clouds whose
+    largest squared norms add up to ``sq_spread``: ~2^-22 of it (3xTF32 products and
+    float32 sums; the interpreter's exact-float32 dot measured the same order), and its
+    square root for the Euclidean cost (``sqrt`` of an error near ``C = 0``). It grows with
+    the clouds' spread, not with the distances that carry the plan: clusters far apart
+    (relative to their size) make it large where direct differences stay exact."""
+    err = 2.0**-22 * sq_spread
+    return math.sqrt(err) if euclidean else err
+
+
+def point_cost_mode(precision: str, d: int, dtype: torch.dtype, sq_spread: float = 0.0,
+                    eps: float = math.inf, euclidean: bool = False) -> tuple[int, str]:
     """How a point-cloud cost tile is computed: ``(COST_*, tl.dot input precision)``.
 
     - float64: direct differences (FMA), exact to float64 rounding.
     - ``"tf32"``: the expansion with a plain tf32 dot (fast, ~1e-3 relative error).
-    - ``"fp32"``: direct differences up to :data:`DIRECT_MAX_D` coordinates,
-      beyond that the expansion with a 3xTF32 dot on centred coordinates.
+    - ``"fp32"``: direct differences up to :data:`DIRECT_MAX_D` coordinates; beyond, the
+      expansion with a 3xTF32 dot on centred coordinates if its rounding
+      (:func:`expansion_error` of ``sq_spread``) is at most ``EXPANSION_MAX_ERROR * eps``,
+      else direct differences again (exact, ~2d FP32 operations per entry).
     """
     if dtype == torch.float64:
         return COST_DIRECT, "ieee"
     if precision == "tf32":
         return COST_DOT, "tf32"
-    if d <= DIRECT_MAX_D:
+    if d <= DIRECT_MAX_D or expansion_error(sq_spread, euclidean) > EXPANSION_MAX_ERROR * eps:
         return COST_DIRECT, "tf32x3"
     return COST_DOT, "tf32x3"
 
 
-def point_operand(own, oth, euclidean: bool, precision: str, mode: Optional[int] = None) -> CostOperand:
-    """A point-cloud :class:`CostOperand`; ``mode`` overrides :func:`point_cost_mode`."""
-    auto_mode, ip = point_cost_mode(precision, own.shape[2], own.dtype)
+def point_operand(own, oth, euclidean: bool, precision: str, mode: Optional[int] = None,
+                  sq_spread: float = 0.0, eps: float = math.inf) -> CostOperand:
+    """A point-cloud :class:`CostOperand`; ``mode`` overrides :func:`point_cost_mode`
+    (to which ``sq_spread`` and ``eps`` go)."""
+    auto_mode, ip = point_cost_mode(precision, own.shape[2], own.dtype, sq_spread, eps, euclidean)
     if own.dtype == torch.float64:
         ip = "ieee"
     return CostOperand(own, oth, None, False, euclidean, auto_mode if mode is None else mode, ip)

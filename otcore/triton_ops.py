@@ -46,8 +46,22 @@ def centred_points(geom) -> tuple[torch.Tensor, torch.Tensor]:
     mu = (x.sum(1, keepdim=True) + y.sum(1, keepdim=True)) / (geom.n + geom.m)
     out = ((x - mu).contiguous(), (y - mu).contiguous())
     if not compiling:  # inside a compiled graph the centring is part of the graph
-        _CENTRED[geom] = (geom.loaded_versions, out)
+        _CENTRED[geom] = (geom.loaded_versions, out, {})
     return out
+
+
+def squared_spread(geom) -> float:
+    """``max_b (max_i |x_i - mu|^2 + max_j |y_j - mu|^2)`` of the centred clouds, which bounds
+    the expansion's rounding (:func:`otcore.kernels.softmin.expansion_error`). One host
+    sync per geometry (cached with the centred points); 0 while compiling (the graph
+    cannot read it), which keeps the d-based choice there."""
+    if torch.compiler.is_compiling():
+        return 0.0
+    xc, yc = centred_points(geom)
+    extra = _CENTRED[geom][2]
+    if "spread" not in extra:
+        extra["spread"] = float((xc.square().sum(2).amax(1) + yc.square().sum(2).amax(1)).max())
+    return extra["spread"]
 
 
 # ---------------------------------------------------------------------------
@@ -155,14 +169,19 @@ def _check(precision: str, axis=None) -> None:
         raise ValueError(f"axis must be 0 (columns) or 1 (rows), got {axis!r}")
 
 
-def operand(geom, axis: int, precision: str) -> _softmin.CostOperand:
+def operand(geom, axis: int, precision: str, eps: float) -> _softmin.CostOperand:
     """The cost seen from the output side of an ``axis`` pass: rows (x) for ``axis=1``,
-    columns (y, or C read transposed) for ``axis=0``."""
+    columns (y, or C read transposed) for ``axis=0``. In ``"fp32"`` past
+    ``DIRECT_MAX_D`` the expansion is used only where its rounding is small against
+    ``eps`` (:func:`otcore.kernels.softmin.point_cost_mode`)."""
     if geom.is_dense:
         return _softmin.dense_operand(geom.C, transposed=axis == 0)
     xc, yc = centred_points(geom)
     own, oth = (xc, yc) if axis == 1 else (yc, xc)
-    return _softmin.point_operand(own, oth, geom.cost == "euclidean", precision)
+    spread = 0.0
+    if precision == "fp32" and geom.d > _softmin.DIRECT_MAX_D and xc.dtype != torch.float64:
+        spread = squared_spread(geom)
+    return _softmin.point_operand(own, oth, geom.cost == "euclidean", precision, sq_spread=spread, eps=float(eps))
 
 
 def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32",
@@ -173,7 +192,7 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
     ``hint``: an estimate of the output (the previous iteration's), the kernel's
     log-sum-exp shift (:func:`otcore.kernels.softmin.lse_shift`); it does not change the result."""
     _check(precision, axis)
-    return _launch_softmin(operand(geom, axis, precision), h, float(eps), hint)
+    return _launch_softmin(operand(geom, axis, precision, eps), h, float(eps), hint)
 
 
 def sinkhorn_steps(geom, f, g, loga, logb, eps: float, tau: tuple[float, float], k: int, active: torch.Tensor,
@@ -203,7 +222,7 @@ def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: st
     ``axis=0``: ``(P^T u)_j = sum_i P_ij u_i``, u (B,n) or (B,n,k) -> (B,m[,k])."""
     _check(precision, axis)
     own, oth = reference.sides(F, G, axis)
-    out, _ = _launch_reduce(operand(geom, axis, precision), own, oth, float(eps), V=v)
+    out, _ = _launch_reduce(operand(geom, axis, precision, eps), own, oth, float(eps), V=v)
     return out
 
 
@@ -211,14 +230,14 @@ def marginals(geom, F, G, eps: float, axis: int, precision: str = "fp32") -> tor
     """``axis=1``: row sums ``P 1`` (B,n); ``axis=0``: column sums ``P^T 1`` (B,m)."""
     _check(precision, axis)
     own, oth = reference.sides(F, G, axis)
-    _, s = _launch_reduce(operand(geom, axis, precision), own, oth, float(eps), with_sum=True)
+    _, s = _launch_reduce(operand(geom, axis, precision, eps), own, oth, float(eps), with_sum=True)
     return s
 
 
 def plan_dense(geom, F, G, eps: float, precision: str = "fp32") -> torch.Tensor:
     """The dense plan ``P`` (B,n,m). Small problems only: this *is* an n x m buffer."""
     _check(precision)
-    op = operand(geom, 1, precision)
+    op = operand(geom, 1, precision, eps)
     if torch.compiler.is_compiling():
         return _plan_dense_op(*_fields(op), F, G, float(eps))
     return _plan.launch_plan_dense(op, F, G, float(eps))
@@ -227,7 +246,7 @@ def plan_dense(geom, F, G, eps: float, precision: str = "fp32") -> torch.Tensor:
 def plan_cost(geom, F, G, eps: float, precision: str = "fp32") -> torch.Tensor:
     """Transport cost ``<P, C> = sum_ij P_ij C_ij`` per problem, (B,)."""
     _check(precision)
-    _, rows = _launch_reduce(operand(geom, 1, precision), F, G, float(eps), with_sum=True, weight=_plan.WEIGHT_PC)
+    _, rows = _launch_reduce(operand(geom, 1, precision, eps), F, G, float(eps), with_sum=True, weight=_plan.WEIGHT_PC)
     return rows.sum(-1)
 
 
@@ -243,7 +262,7 @@ def plan_topk(geom, F, G, eps: float, k: int, precision: str = "fp32") -> tuple[
     k = _validate.top_k(k, geom.m)
     if k > _plan.TOPK_MAX:
         return reference.plan_topk(geom, F, G, eps, k)
-    op = operand(geom, 1, precision)
+    op = operand(geom, 1, precision, eps)
     if torch.compiler.is_compiling():
         return _plan_topk_op(*_fields(op), F, G, float(eps), k)
     return _plan.launch_plan_topk(op, F, G, float(eps), k)
@@ -269,7 +288,7 @@ def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[tor
     factor = 2.0 if geom.cost == "sqeuclidean" else 1.0
     grads = []
     for axis in (1, 0):
-        op = operand(geom, axis, precision)
+        op = operand(geom, axis, precision, eps)
         own, oth = reference.sides(F, G, axis)
         WV, W1 = _launch_reduce(op, own, oth, float(eps), V=op.oth, with_sum=True, weight=weight)
         grads.append(factor * (op.own * W1[..., None] - WV))

@@ -281,7 +281,7 @@ def test_primitives_compile_as_custom_ops():
 
 def test_custom_op_registrations_pass_opcheck():
     geom, C, F, G = problem(3, seed=15, zero_weights=False)
-    op = triton_ops.operand(geom, 1, "fp32")
+    op = triton_ops.operand(geom, 1, "fp32", EPS)
     fields = triton_ops._fields(op)
     torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, G, EPS, None))
     torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, G, EPS, F))  # with a shift hint

@@ -227,16 +227,16 @@ def test_solver_on_the_kernel(symmetric):
 def test_launch_errors():
     dense, _, la, lb, f0, g0 = problem("dense", 5, 7)
     with pytest.raises(ValueError, match="row operand"):
-        K.launch_sinkhorn_steps(otcore.triton_ops.operand(dense, 0, "fp32"), f0, g0, la, lb, 0.1, (1.0, 1.0), 2, ACTIVE)
+        K.launch_sinkhorn_steps(otcore.triton_ops.operand(dense, 0, "fp32", 0.1), f0, g0, la, lb, 0.1, (1.0, 1.0), 2, ACTIVE)
     geom, _, la, lb, f0, g0 = problem("sqeuclidean", 5, 7)
     with pytest.raises(ValueError, match="f and g"):
-        K.launch_sinkhorn_steps(otcore.triton_ops.operand(geom, 0, "fp32"), f0, g0, la, lb, 0.1, (1.0, 1.0), 2, ACTIVE)
-    op = otcore.triton_ops.operand(geom, 1, "fp32")
+        K.launch_sinkhorn_steps(otcore.triton_ops.operand(geom, 0, "fp32", 0.1), f0, g0, la, lb, 0.1, (1.0, 1.0), 2, ACTIVE)
+    op = otcore.triton_ops.operand(geom, 1, "fp32", 0.1)
     with pytest.raises(ValueError, match="square"):
         K.launch_sinkhorn_steps(op, f0, g0, la, lb, 0.1, (1.0, 1.0), 2, ACTIVE, symmetric=True)
     big = otcore.PointCloud(torch.zeros(65, 2, device=DEVICE), torch.zeros(70, 2, device=DEVICE))
     with pytest.raises(ValueError, match="does not fit"):
-        K.launch_sinkhorn_steps(otcore.triton_ops.operand(big, 1, "fp32"), torch.zeros(1, 65, device=DEVICE),
+        K.launch_sinkhorn_steps(otcore.triton_ops.operand(big, 1, "fp32", 0.1), torch.zeros(1, 65, device=DEVICE),
                                 torch.zeros(1, 70, device=DEVICE), torch.full((1, 65), -math.log(65), device=DEVICE),
                                 torch.full((1, 70), -math.log(70), device=DEVICE), 0.1, (1.0, 1.0), 1,
                                 torch.ones(1, dtype=torch.bool, device=DEVICE))

@@ -94,6 +94,39 @@ def test_precision_modes_pick_documented_paths():
     assert K.point_cost_mode("fp32", 64, torch.float32) == (K.COST_DOT, "tf32x3")
     assert K.point_cost_mode("tf32", 3, torch.float32) == (K.COST_DOT, "tf32")
     assert K.point_cost_mode("tf32", 64, torch.float64)[0] == K.COST_DIRECT
+    # the expansion only while its rounding (2^-22 of the squared spread) is <= 1e-3 eps
+    assert K.point_cost_mode("fp32", 64, torch.float32, sq_spread=32.0, eps=0.05)[0] == K.COST_DOT
+    assert K.point_cost_mode("fp32", 64, torch.float32, sq_spread=5000.0, eps=1e-3)[0] == K.COST_DIRECT
+    assert K.point_cost_mode("fp32", 64, torch.float32, sq_spread=32.0, eps=0.05, euclidean=True)[0] == K.COST_DIRECT
+    assert K.point_cost_mode("tf32", 64, torch.float32, sq_spread=5000.0, eps=1e-3)[0] == K.COST_DOT  # opt-in
+
+
+def clusters(d, seed=31):
+    """Two clusters of points 0.1 wide, 100 apart: an expansion |x|^2 + |y|^2 - 2 x.y rounds
+    at ~2^-22 * 2500 there, against eps = 1e-3."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.cat([torch.zeros(B, 18, d), torch.full((B, 19, d), 100 / d**0.5)], 1)
+    x = centres + 0.1 * torch.rand(B, N, d, generator=g)
+    y = torch.cat([torch.zeros(B, 26, d), torch.full((B, 27, d), 100 / d**0.5)], 1) + 0.1 * torch.rand(B, M, d, generator=g)
+    return x.to(DEVICE), y.to(DEVICE)
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+def test_fp32_keeps_direct_differences_where_the_expansion_would_round_badly(cost):
+    """d = 17 > DIRECT_MAX_D: on the unit cube at eps = 0.05 the fp32 path expands (3xTF32);
+    on clustered data at eps = 1e-3 it takes direct differences and stays float32-faithful
+    (the forced expansion is ~3e-2 off there in the interpreter)."""
+    x, y = clusters(17)
+    geom = otcore.PointCloud(x, y, cost=cost)
+    assert triton_ops.operand(geom, 1, "fp32", 1e-3).mode == K.COST_DIRECT
+    h = potential(M, seed=32, scale=0.0)
+    exact = softmin64(cost64(x, y, cost), h, 1e-3, 1)
+    assert relerr(geom.softmin(h, 1e-3, 1, backend="triton"), exact) < 1e-5
+    forced = K.launch_softmin(K.point_operand(*triton_ops.centred_points(geom), cost == "euclidean", "fp32",
+                                              mode=K.COST_DOT), h, 1e-3)
+    assert relerr(forced, exact) > 1e-3  # what the guard avoids
+    unit = otcore.PointCloud(*clouds(17), cost="sqeuclidean")
+    assert triton_ops.operand(unit, 1, "fp32", 0.05).mode == K.COST_DOT
 
 
 def tf32_relerr_bound(x, y, exact):
