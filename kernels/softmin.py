@@ -503,7 +503,7 @@ def scalars(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return _scalars(float(eps), dtype, device)
 
 
-#: Smallest ``n_own * n_oth`` for which a ``hint`` is used (:func:`lse_shift`): the
+#: Smallest ``B * n_own * n_oth`` (the whole launch) for which a ``hint`` is used (:func:`lse_shift`): the
 #: shifted pass needs a second, mostly idle launch (the ``FIXUP`` one, ~2-4 us), worth it
 #: only where a pass takes much longer: 8192 x 8192 (~16 us at the exp floor of an H100).
 SHIFT_MIN_ENTRIES = 1 << 26
@@ -544,7 +544,7 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
     h = h.to(ref.dtype).contiguous()
     if hint is not None and tuple(hint.shape) != (B, n_own):
         raise ValueError(f"hint must have the result's shape ({B}, {n_own}), got {tuple(hint.shape)}")
-    shift = hint is not None and lse_shift() and n_own * n_oth >= SHIFT_MIN_ENTRIES
+    shift = hint is not None and lse_shift() and B * n_own * n_oth >= SHIFT_MIN_ENTRIES
     hint = hint.to(ref.dtype).contiguous() if shift else h
     bi, bj, warps = block_sizes(n_own, n_oth, op.mode, op.d)
     tiles_own = triton.cdiv(n_own, bi)
