@@ -13,7 +13,8 @@
 #   a2    the same at n = 1,000,000, d = 3 (otcore only)                             70
 #   b     SinkhornLoss fwd + bwd at n = 10,000, d = 3, checked vs float64            60
 #   l     latency-bound workloads (SwAV 3000x4096, MoE 4096x64, B = 16384 of 4x4 and
-#         64x64), plain torch vs otcore eager / per-pass / cuda_graph (bench_latency.py) 30
+#         64x64), plain torch vs otcore eager / per-pass / cuda_graph, fixed iterations
+#         and to a tolerance (bench_latency.py)                                      45
 #   c1    SNS vs Sinkhorn (bench_newton.py): clouds, eps 1e-3, n = 4096 then 16384,
 #         float64 (tol 1e-6) then float32 (tol 1e-5); whatever fits              75
 #   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair)   40
@@ -205,7 +206,7 @@ else
     --skip-loss --out "$WORK/a"
   run_part a2  70 "$PY" $K --sizes 1000000x3 --skip-peers --skip-dense --skip-loss --warm-iters 3 --out "$WORK/a2"
   run_part b   60 "$PY" $K --only-loss --out "$WORK/b"
-  run_part l   30 "$PY" $L --out "$WORK/l"
+  run_part l   45 "$PY" $L --out "$WORK/l"
   run_part c1  75 "$PY" $N --sweep-only --sizes 4096 16384 --eps 1e-3 --dtypes float64 float32 --budget 8 \
     --pot-budget 4 --out "$WORK/c1"
   run_part c2  40 "$PY" $N --table1-only --table-n 500 --pairs 1 --budget 5 --pot-budget 2 --out "$WORK/c2"
