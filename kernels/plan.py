@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmin import COST_DOT, CostOperand, block_sizes, cost_tile, own_block, scalars
+from .softmin import COST_DOT, CostOperand, block_sizes, cost_tile, own_block, program_rows, scalars
 
 WEIGHT_P = 0  # W = P
 WEIGHT_PC = 1  # W = P * C
@@ -73,16 +73,11 @@ def plan_reduce_kernel(
     ``WEIGHT``: 0 ``W = P``, 1 ``W = P*C``, 2 ``W = P/C`` (0 where ``C = 0``).
     ``VIP``: tl.dot input precision of ``W @ V`` (``"tf32x3"`` keeps float32 accuracy).
     """
-    pid = tl.program_id(0)
     q = tl.program_id(1)
-    b = (pid // tiles_own).to(tl.int64)
-    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask_i = offs_i < n_own
+    b, offs_i, mask_i, own_ptr, oth_ptr, c_ptr = program_rows(
+        tl.program_id(0), tiles_own, n_own, own_ptr, oth_ptr, c_ptr, s_ob, s_tb, s_cb, BLOCK_I)
     offs_k = q * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < n_val
-    own_ptr += b * s_ob
-    oth_ptr += b * s_tb
-    c_ptr += b * s_cb
     f_ptr += b * s_fb
     g_ptr += b * s_gb
     v_ptr += b * s_vb
@@ -150,13 +145,8 @@ def plan_topk_kernel(
     still fill a slot with a valid index (value 0) when a row has fewer than ``K``
     positive entries; columns past ``n_oth`` stay ``-inf`` and never enter.
     """
-    pid = tl.program_id(0)
-    b = (pid // tiles_own).to(tl.int64)
-    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask_i = offs_i < n_own
-    own_ptr += b * s_ob
-    oth_ptr += b * s_tb
-    c_ptr += b * s_cb
+    b, offs_i, mask_i, own_ptr, oth_ptr, c_ptr = program_rows(
+        tl.program_id(0), tiles_own, n_own, own_ptr, oth_ptr, c_ptr, s_ob, s_tb, s_cb, BLOCK_I)
     f_ptr += b * s_fb
     g_ptr += b * s_gb
     scale = tl.load(scal_ptr)
@@ -204,16 +194,10 @@ def plan_dense_kernel(
     Grid ``(B * tiles_own, cdiv(n_oth, BLOCK_J))``; ``out_ptr``: ``(B, n_own, n_oth)``
     with strides ``s_pb``, ``s_pr``, 1. Other pointers: as in :func:`plan_reduce_kernel`.
     """
-    pid = tl.program_id(0)
-    q = tl.program_id(1)
-    b = (pid // tiles_own).to(tl.int64)
-    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_j = q * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask_i = offs_i < n_own
+    b, offs_i, mask_i, own_ptr, oth_ptr, c_ptr = program_rows(
+        tl.program_id(0), tiles_own, n_own, own_ptr, oth_ptr, c_ptr, s_ob, s_tb, s_cb, BLOCK_I)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_j = offs_j < n_oth
-    own_ptr += b * s_ob
-    oth_ptr += b * s_tb
-    c_ptr += b * s_cb
     f_ptr += b * s_fb
     g_ptr += b * s_gb
     scale = tl.load(scal_ptr)

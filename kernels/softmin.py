@@ -73,6 +73,20 @@ UNROLL_MAX_D = tl.constexpr(16)  # read inside kernels: a constexpr global
 # Shared tile helpers
 # ---------------------------------------------------------------------------
 @triton.jit
+def program_rows(pid, tiles_own, n_own, own_ptr, oth_ptr, c_ptr, s_ob, s_tb, s_cb, BLOCK_I: tl.constexpr):
+    """The grid contract of the streamed kernels: program ``pid`` (of ``B * tiles_own`` on
+    axis 0) handles problem ``b = pid // tiles_own`` (int64, so batch offsets cannot
+    overflow) and its own rows ``(pid % tiles_own) * BLOCK_I + [0, BLOCK_I)``.
+
+    Returns ``(b, offs_i, mask_i, own_ptr, oth_ptr, c_ptr)`` with the three cost pointers
+    moved to problem ``b`` (problem strides ``s_ob``, ``s_tb``, ``s_cb``).
+    """
+    b = (pid // tiles_own).to(tl.int64)
+    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
+    return b, offs_i, offs_i < n_own, own_ptr + b * s_ob, oth_ptr + b * s_tb, c_ptr + b * s_cb
+
+
+@triton.jit
 def own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr):
     """The own rows' coordinates ``(BLOCK_I, DP)`` and squared norms ``(BLOCK_I,)``.
 
@@ -286,14 +300,9 @@ def softmin_kernel(
     maximum) to recompute: its programs read their rows of ``out`` and redo the NaN ones
     only (none: no tile is read). So any hint gives the correct result.
     """
-    pid = tl.program_id(0)
     sid = tl.program_id(1)
-    b = (pid // tiles_own).to(tl.int64)
-    offs_i = (pid % tiles_own) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask_i = offs_i < n_own
-    own_ptr += b * s_ob
-    oth_ptr += b * s_tb
-    c_ptr += b * s_cb
+    b, offs_i, mask_i, own_ptr, oth_ptr, c_ptr = program_rows(
+        tl.program_id(0), tiles_own, n_own, own_ptr, oth_ptr, c_ptr, s_ob, s_tb, s_cb, BLOCK_I)
     h_ptr += b * s_hb
     scale = tl.load(scal_ptr)
     inv_scale = tl.load(scal_ptr + 1)
