@@ -31,17 +31,19 @@ from otcore.kernels import sinkhorn_steps, softmin  # noqa: E402
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 FP32 = ("FADD", "FFMA", "FMUL", "FMNMX", "FSEL", "FSETP")
+#: pointer arguments that are not of the compute dtype: int64 indices, the int8 mask
+INDEX_POINTERS = {"idx_ptr": "*i64", "I_ptr": "*i64", "active_ptr": "*i8"}
 
 
 def compile_sm90(kernel, constexprs: dict, num_warps: int = 8, dtype: str = "fp32"):
-    """The kernel compiled for sm_90: pointers (``*_ptr``) of ``dtype`` (``active_ptr`` int8),
-    other runtime arguments int32."""
+    """The kernel compiled for sm_90 (also used by tests/test_kernels_compile.py): pointers
+    (``*_ptr``) of ``dtype`` but :data:`INDEX_POINTERS`, other runtime arguments int32."""
     sig = {}
     for p in kernel.params:
         if p.is_constexpr:
             sig[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            sig[p.name] = "*i8" if p.name == "active_ptr" else "*" + dtype
+            sig[p.name] = INDEX_POINTERS.get(p.name, "*" + dtype)
         else:
             sig[p.name] = "i32"
     return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),

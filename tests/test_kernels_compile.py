@@ -21,26 +21,9 @@ if platform.system() != "Linux":
 SCRIPT = textwrap.dedent(
     """
     import sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    sys.path.insert(0, sys.argv[1])
+    from sass_counts import compile_sm90  # the bench's compiler call, shared
     from otcore.kernels import ksparse, plan, sinkhorn_steps, softmin, sparse
-
-    INDEX_POINTERS = {"idx_ptr": "*i64", "I_ptr": "*i64", "active_ptr": "*i8"}
-
-    def compile_sm90(kernel, dtype, constexprs, num_warps):
-        '''Pointers (``*_ptr``) of ``dtype`` (index and mask pointers: int64/int8), other
-        runtime arguments int32.'''
-        sig = {}
-        for p in kernel.params:
-            if p.is_constexpr:
-                sig[p.name] = "constexpr"
-            elif p.name.endswith("_ptr"):
-                sig[p.name] = INDEX_POINTERS.get(p.name, "*" + dtype)
-            else:
-                sig[p.name] = "i32"
-        src = ASTSource(kernel, sig, constexprs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
     steps = dict(EUCLID=False, SYMMETRIC=False, CHECK=False, BLOCK_N=64, BLOCK_M=64)
     cases = [
@@ -74,7 +57,7 @@ SCRIPT = textwrap.dedent(
         (ksparse._ksparse_kernel, "fp32", dict(COST=0, SEMI=False, BLOCK_L=64, BLOCK_N=32, LOG_N=5), 4),
     ]
     for kernel, dtype, const, warps in cases:
-        compiled = compile_sm90(kernel, dtype, const, warps)
+        compiled = compile_sm90(kernel, const, num_warps=warps, dtype=dtype)
         assert compiled.asm["cubin"], (kernel.__name__, const)
         print(kernel.__name__, dtype, const, "ok", flush=True)
     """
@@ -84,6 +67,7 @@ SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the documented default; silences Triton 3.9's notice
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count(" ok") == 19, proc.stdout
