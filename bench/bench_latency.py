@@ -30,6 +30,7 @@ the one-tile kernel; the check is that otcore converged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -103,26 +104,28 @@ def plain_torch_to_tol(C: torch.Tensor, tol: float, check_every: int = 10, max_i
     return max_iter
 
 
-def ours_to_tol(geom, tol: float, cuda_graph: bool, backend: str, per_pass: bool = False):
+@contextlib.contextmanager
+def one_tile(enabled: bool):
+    """The one-tile kernel on (the default) or off: ``SMALL_MAX_ELEMENTS = 0`` fits no problem."""
     fused_max = sinkhorn_steps.SMALL_MAX_ELEMENTS
-    sinkhorn_steps.SMALL_MAX_ELEMENTS = 0 if per_pass else fused_max  # 0: no problem fits the one-tile kernel
+    sinkhorn_steps.SMALL_MAX_ELEMENTS = fused_max if enabled else 0
     try:
-        return otcore.sinkhorn(geom, eps=EPS, tol=tol, max_iter=5000, check_every=10, cuda_graph=cuda_graph,
-                               backend=backend, verbose=False)
+        yield
     finally:
         sinkhorn_steps.SMALL_MAX_ELEMENTS = fused_max
+
+
+def ours_to_tol(geom, tol: float, cuda_graph: bool, backend: str, per_pass: bool = False):
+    with one_tile(not per_pass):
+        return otcore.sinkhorn(geom, eps=EPS, tol=tol, max_iter=5000, check_every=10, cuda_graph=cuda_graph,
+                               backend=backend, verbose=False)
 
 
 def ours(geom, n_iter: int, cuda_graph: bool, backend: str, per_pass: bool = False):
-    fused_max = sinkhorn_steps.SMALL_MAX_ELEMENTS
-    sinkhorn_steps.SMALL_MAX_ELEMENTS = 0 if per_pass else fused_max  # 0: no problem fits the fused kernel
-    try:
-        with warnings.catch_warnings():  # a fixed iteration count: not converging is expected
-            warnings.simplefilter("ignore", otcore.ConvergenceWarning)
-            r = otcore.sinkhorn(geom, eps=EPS, tol=1e-30, max_iter=n_iter, cuda_graph=cuda_graph, backend=backend,
-                                verbose=False)
-    finally:
-        sinkhorn_steps.SMALL_MAX_ELEMENTS = fused_max
+    with one_tile(not per_pass), warnings.catch_warnings():  # fixed iterations: not converging is expected
+        warnings.simplefilter("ignore", otcore.ConvergenceWarning)
+        r = otcore.sinkhorn(geom, eps=EPS, tol=1e-30, max_iter=n_iter, cuda_graph=cuda_graph, backend=backend,
+                            verbose=False)
     return r.f, r.g
 
 
