@@ -87,7 +87,7 @@ def sinkhorn_steps_kernel(
       problem stops there, else it completes that iteration.
     - ``loga_ptr``/``logb_ptr``: ``log a``, ``log b`` (strides ``s_ab``/``s_bb``); ``-inf``
       marks a zero-weight point, whose column (row) of the plan is zero.
-    - ``active_ptr`` (B,) int8: problems with 0 run no iteration and are not written.
+    - ``active_ptr`` (B,) bool: problems with False run no iteration and are not written.
     - ``scal_ptr``: ``[log2(e)/eps, eps ln 2, tau_a, tau_b, tol, log2(e)/rho_a (0: balanced)]``
       in the compute dtype.
     - ``own_ptr``/``oth_ptr``/``c_ptr`` and their strides: the cost as the row pass
@@ -204,7 +204,7 @@ def launch_sinkhorn_steps(
                     dt, ref.device)
     bn, bm = _pad(n), _pad(m)
     sinkhorn_steps_kernel[(B,)](
-        f_out, g_out, resid, loga, logb, active.to(torch.int8), scal, *op.pointer_args()[:3],
+        f_out, g_out, resid, loga, logb, active.to(torch.bool).contiguous(), scal, *op.pointer_args()[:3],
         n, m, int(k),
         f_out.stride(0), g_out.stride(0), loga.stride(0), logb.stride(0), *op.pointer_args()[3:],
         D=op.d, COST=op.mode, EUCLID=op.euclidean, SYMMETRIC=bool(symmetric), CHECK=check is not None,
