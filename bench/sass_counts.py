@@ -35,19 +35,37 @@ FP32 = ("FADD", "FFMA", "FMUL", "FMNMX", "FSEL", "FSETP")
 INDEX_POINTERS = {"idx_ptr": "*i64", "I_ptr": "*i64", "active_ptr": "*i1"}
 
 
-def compile_sm90(kernel, constexprs: dict, num_warps: int = 8, dtype: str = "fp32"):
+def compile_sm90(kernel, constexprs: dict, num_warps: int = 8, dtype: str = "fp32", ints: dict | None = None):
     """The kernel compiled for sm_90 (also used by tests/test_kernels_compile.py): pointers
-    (``*_ptr``) of ``dtype`` but :data:`INDEX_POINTERS`, other runtime arguments int32."""
-    sig = {}
-    for p in kernel.params:
-        if p.is_constexpr:
+    (``*_ptr``) of ``dtype`` but :data:`INDEX_POINTERS`, other runtime arguments int32.
+
+    ``ints`` (name -> value) specialises the build as a launch with those values does:
+    an integer equal to 1 becomes a constant, one divisible by 16 and every pointer (fresh
+    torch tensors) get Triton's 16-divisibility attribute. Without it nothing is assumed.
+    """
+    sig, attrs, consts = {}, {}, dict(constexprs)
+    for i, p in enumerate(kernel.params):
+        value = (ints or {}).get(p.name)
+        if p.is_constexpr or value == 1:
             sig[p.name] = "constexpr"
-        elif p.name.endswith("_ptr"):
+            if value == 1:
+                consts[p.name] = 1
+            continue
+        if p.name.endswith("_ptr"):
             sig[p.name] = INDEX_POINTERS.get(p.name, "*" + dtype)
         else:
             sig[p.name] = "i32"
-    return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+        if ints is not None and (p.name.endswith("_ptr") or (value is not None and value % 16 == 0)):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps))
+
+
+def softmin_ints(n: int, width: int) -> dict:
+    """The softmin kernel's integer arguments for an unsplit ``n x n`` pass of one problem
+    over contiguous point rows of ``width`` numbers (d, or the dot features' width)."""
+    return dict(n_own=n, n_oth=n, tiles_own=n // 64, split_len=n, s_outb=n, s_outs=0, s_hb=n, s_hib=n,
+                s_ob=n * width, s_or=width, s_ok=1, s_tb=n * width, s_tr=width, s_tk=1, s_cb=0, s_co=0, s_ct=0)
 
 
 def cuobjdump(compiled, *flags: str) -> str:
@@ -95,15 +113,20 @@ def row(name, compiled):
 
 
 def main():
-    print(f"# sm_90 cubins, Triton {triton.__version__}; loop = innermost loop body, per tile and thread")
+    n = 32768
+    print(f"# sm_90 cubins, Triton {triton.__version__}; loop = innermost loop body, per tile and thread;")
+    print(f"# softmin specialised as launched at n = m = {n} (compile_sm90's ints), one-tile kernel unspecialised")
     print(f"{'kernel':44s} {'regs':>4s} {'stack':>5s} {'loop':>6s} {'ex2':>4s} {'/ex2':>5s} {'fp32/ex2':>5s}")
     sm = dict(EUCLID=False, BLOCK_I=64, BLOCK_J=64, PARTIAL=False, LANE=True, LOWEST=-3.4e38, FIXUP=False)
-    for label, c in (("d=3 direct", dict(D=3, DP=4, COST=softmin.COST_DIRECT, IP="tf32x3")),
-                     ("d=64 3xTF32 dot", dict(D=64, DP=64, COST=softmin.COST_DOT, IP="tf32x3")),
-                     ("dense C", dict(D=1, DP=1, COST=softmin.COST_DENSE, IP="ieee"))):
-        row(f"softmin {label}, online (lanes)", compile_sm90(softmin.softmin_kernel, dict(sm, **c, SHIFT=False)))
-        row(f"softmin {label}, shifted", compile_sm90(softmin.softmin_kernel, dict(sm, **c, SHIFT=True)))
-        row(f"softmin {label}, FIXUP", compile_sm90(softmin.softmin_kernel, dict(sm, **c, SHIFT=False, FIXUP=True)))
+    dense = dict(softmin_ints(n, 0), s_ob=0, s_or=0, s_ok=0, s_tb=0, s_tr=0, s_tk=0, s_cb=n * n, s_co=n, s_ct=1)
+    for label, c, ints in (
+            ("d=3 direct", dict(D=3, DP=4, COST=softmin.COST_DIRECT, IP="tf32x3"), softmin_ints(n, 3)),
+            ("d=64 3xTF32 dot", dict(D=64, DP=64, COST=softmin.COST_DOT, IP="tf32x3"),
+             softmin_ints(n, 2 * softmin.dot_padding(64) + 16)),
+            ("dense C", dict(D=1, DP=1, COST=softmin.COST_DENSE, IP="ieee"), dense)):
+        for name, flags in (("online (lanes)", dict(SHIFT=False)), ("shifted", dict(SHIFT=True)),
+                            ("FIXUP", dict(SHIFT=False, FIXUP=True))):
+            row(f"softmin {label}, {name}", compile_sm90(softmin.softmin_kernel, dict(sm, **c, **flags), ints=ints))
     st = dict(EUCLID=False, SYMMETRIC=False, BLOCK_N=64, BLOCK_M=64)
     for label, c in (("d=3", dict(D=3, COST=softmin.COST_DIRECT)), ("d=64", dict(D=64, COST=softmin.COST_DIRECT)),
                      ("dense C", dict(D=1, COST=softmin.COST_DENSE))):

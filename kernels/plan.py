@@ -82,7 +82,7 @@ def plan_reduce_kernel(
     g_ptr += b * s_gb
     v_ptr += b * s_vb
     scale = tl.load(scal_ptr)
-    own_t, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D, DP, COST)
+    own_hi, own_lo, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, DP, COST)
 
     dtype = f_ptr.dtype.element_ty
     # sums are kept per tile entry and reduced across the tile's threads once, after the loop
@@ -94,7 +94,7 @@ def plan_reduce_kernel(
     for j0 in range(0, n_oth, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < n_oth
-        C = cost_tile(own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+        C = cost_tile(own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j, mask_i, mask_j,
                       s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
         W = tl.exp2(_log2_plan_tile(f_ptr, g_ptr, scale, C, offs_i, offs_j, mask_i, mask_j))
         if WEIGHT == 1:
@@ -150,7 +150,7 @@ def plan_topk_kernel(
     f_ptr += b * s_fb
     g_ptr += b * s_gb
     scale = tl.load(scal_ptr)
-    own_t, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D, DP, COST)
+    own_hi, own_lo, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, DP, COST)
 
     slot = tl.arange(0, KP)
     dtype = f_ptr.dtype.element_ty
@@ -160,7 +160,7 @@ def plan_topk_kernel(
     for j0 in range(0, n_oth, BLOCK_J):
         offs_j = j0 + col
         mask_j = offs_j < n_oth
-        C = cost_tile(own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+        C = cost_tile(own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j, mask_i, mask_j,
                       s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
         gs = tl.load(g_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
         key = tl.where(mask_j[None, :], tl.maximum(gs[None, :] - C * scale, LOWEST), float("-inf"))
@@ -201,8 +201,8 @@ def plan_dense_kernel(
     f_ptr += b * s_fb
     g_ptr += b * s_gb
     scale = tl.load(scal_ptr)
-    own_t, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D, DP, COST)
-    C = cost_tile(own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+    own_hi, own_lo, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, DP, COST)
+    C = cost_tile(own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j, mask_i, mask_j,
                   s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
     P = tl.exp2(_log2_plan_tile(f_ptr, g_ptr, scale, C, offs_i, offs_j, mask_i, mask_j))
     ptrs = out_ptr + b * s_pb + offs_i[:, None].to(tl.int64) * s_pr + offs_j[None, :]
@@ -220,17 +220,22 @@ def value_block(n_val: int) -> int:
     return min(64, max(16, triton.next_power_of_2(n_val)))
 
 
-def reduce_block_sizes(op: CostOperand, bk: int) -> tuple[int, int, int]:
-    """``(BLOCK_I, BLOCK_J, num_warps)`` for :func:`plan_reduce_kernel`.
+def reduce_block_sizes(op: CostOperand, has_v: bool, matrix: bool, bk: int) -> tuple[int, int, int]:
+    """``(BLOCK_I, BLOCK_J, num_warps)`` for :func:`plan_reduce_kernel` (``bk``: BLOCK_K).
 
-    The softmin tiles (:func:`~otcore.kernels.softmin.block_sizes`), except that a
-    wide ``W @ V`` accumulator (BLOCK_K >= 32) next to the d >= 32 own tile of the
-    dot path does not fit: at 64 rows the sm_90 cubin for d = 64, BLOCK_K = 64
-    spills (255 registers + stack), at 32 rows and 8 warps it uses 240 and none.
+    The softmin tiles (:func:`~otcore.kernels.softmin.block_sizes`), except for values
+    (``W V``) next to the d >= 32 own tiles of the dot path (head and tail, ``BLOCK_I x DP``
+    each). There 64 x 64 tiles spill (sm_90 cubins at d = 64, Triton 3.9: 120 bytes per
+    thread for a vector, 200-576 for 16-64 value columns). Without spills with Triton 3.6
+    and 3.9, at d = 32 and 64: 64 x 32 tiles, 4 warps for a vector and 8 for a matrix, and
+    32 x 32 for 64 value columns (64 x 32 spilled 32 bytes there with Triton 3.6).
     """
     bi, bj, warps = block_sizes(op.n_own, op.n_oth, op.mode, op.d)
-    if bk >= 32 and op.mode == COST_DOT and op.d >= 32:
-        bi, warps = min(bi, 32), 8
+    if has_v and op.mode == COST_DOT and op.d >= 32:
+        bj = min(bj, 32)
+        if matrix and bk >= 64:
+            bi = min(bi, 32)
+        warps = 8 if matrix else max(1, min(8, bi * bj // 512))
     return bi, bj, warps
 
 
@@ -272,7 +277,7 @@ def launch_plan_reduce(
     matrix = has_v and V.dim() == 3
     n_val = V.shape[2] if matrix else 1
     bk = value_block(n_val) if matrix else 16
-    bi, bj, warps = reduce_block_sizes(op, bk)
+    bi, bj, warps = reduce_block_sizes(op, has_v, matrix, bk)
     tiles_own = triton.cdiv(n_own, bi)
     if has_v:
         V = V.to(dt)

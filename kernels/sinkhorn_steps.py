@@ -107,7 +107,7 @@ def sinkhorn_steps_kernel(
     tol = tl.load(scal_ptr + 4)
     rho2 = tl.load(scal_ptr + 5)
 
-    C = cost_tile(own_ptr + b * s_ob, oth_ptr + b * s_tb, c_ptr + b * s_cb, 0.0, 0.0,
+    C = cost_tile(own_ptr + b * s_ob, oth_ptr + b * s_tb, c_ptr + b * s_cb, 0.0, 0.0, 0.0,
                   offs_i, offs_j, mask_i, mask_j, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
                   D, 1, COST, EUCLID, "ieee")
     Cs = C * scale  # padded entries are finite; the -inf weights below mask them out

@@ -27,8 +27,9 @@ How the cost tile is obtained (``COST``, a compile-time flag):
 - ``COST_DIRECT``: ``sum_k (x_ik - y_jk)^2`` with one FMA per coordinate (static
   loop over d). Float32-faithful whatever the offset of the clouds.
 - ``COST_DOT``: ``|x_i|^2 + |y_j|^2 - 2 x_i.y_j`` with the cross term on the tensor
-  cores (``tl.dot``) at ``input_precision`` ``"tf32x3"`` (float32-faithful: error
-  ~ 2^-22 |x||y|) or ``"tf32"`` (fast: error ~ 2^-11 |x||y|), ``"ieee"`` for float64.
+  cores (``tl.dot``): ``"tf32x3"`` (float32-faithful: error ~ 2^-22 |x||y|) as three
+  tf32 dots of heads and tails split once on the host (:func:`dot_features`), or one
+  dot at ``"tf32"`` (fast: error ~ 2^-11 |x||y|) or ``"ieee"`` (float64).
   The expansion cancels ``|x|^2 + |y|^2`` against ``2 x.y``, so the caller centres
   both clouds on their joint mean first (the cost is translation invariant).
 
@@ -87,23 +88,26 @@ def program_rows(pid, tiles_own, n_own, own_ptr, oth_ptr, c_ptr, s_ob, s_tb, s_c
 
 
 @triton.jit
-def own_block(own_ptr, offs_i, mask_i, s_or, s_ok, D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr):
-    """The own rows' coordinates ``(BLOCK_I, DP)`` and squared norms ``(BLOCK_I,)``.
+def own_block(own_ptr, offs_i, mask_i, s_or, s_ok, DP: tl.constexpr, COST: tl.constexpr):
+    """The own rows' :func:`dot_features`: tf32 head and tail ``(BLOCK_I, DP)`` each and
+    squared norms ``(BLOCK_I,)``.
 
     Only ``COST_DOT`` needs them (loaded once per program, reused for every tile of
     the other side); the other modes get zeros that are never read.
-    ``own_ptr`` points at this problem's first own point; point ``i``, coordinate
-    ``k`` is at ``own_ptr + i*s_or + k*s_ok``.
+    ``own_ptr`` points at this problem's first own point's features; point ``i``,
+    column ``k`` is at ``own_ptr + i*s_or + k*s_ok``.
     """
     offs_k = tl.arange(0, DP)
     if COST == 2:
-        ptrs = own_ptr + offs_i[:, None] * s_or + offs_k[None, :] * s_ok
-        tile = tl.load(ptrs, mask=mask_i[:, None] & (offs_k[None, :] < D), other=0.0)
-        sqn = tl.sum(tile * tile, axis=1)
+        rows = own_ptr + offs_i[:, None] * s_or
+        hi = tl.load(rows + offs_k[None, :] * s_ok, mask=mask_i[:, None], other=0.0)
+        lo = tl.load(rows + (DP + offs_k[None, :]) * s_ok, mask=mask_i[:, None], other=0.0)
+        sqn = tl.load(own_ptr + offs_i * s_or + 2 * DP * s_ok, mask=mask_i, other=0.0)
     else:
-        tile = tl.zeros((offs_i.shape[0], DP), dtype=own_ptr.dtype.element_ty)
+        hi = tl.zeros((offs_i.shape[0], DP), dtype=own_ptr.dtype.element_ty)
+        lo = hi
         sqn = tl.zeros((offs_i.shape[0],), dtype=own_ptr.dtype.element_ty)
-    return tile, sqn
+    return hi, lo, sqn
 
 
 @triton.jit
@@ -117,7 +121,7 @@ def coord_sq_diff(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_o
 
 @triton.jit
 def cost_tile(
-    own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+    own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j, mask_i, mask_j,
     s_or, s_ok, s_tr, s_tk, s_co, s_ct,
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
 ):
@@ -127,10 +131,11 @@ def cost_tile(
 
     - ``own_ptr``/``oth_ptr``: coordinates of the own / other points; own point ``i``,
       coordinate ``k`` at ``own_ptr + i*s_or + k*s_ok``, other point ``j`` at
-      ``oth_ptr + j*s_tr + k*s_tk`` (used by ``COST_DIRECT``/``COST_DOT``).
+      ``oth_ptr + j*s_tr + k*s_tk`` (``COST_DIRECT``); ``COST_DOT`` reads the two
+      clouds' :func:`dot_features` through the same pointers and strides instead.
     - ``c_ptr``: dense cost; entry (own i, other j) at ``c_ptr + i*s_co + j*s_ct``
       (``COST_DENSE``; the column pass swaps the two strides).
-    - ``own_t``/``own_sqn``: :func:`own_block`'s tile and norms (``COST_DOT`` only).
+    - ``own_hi``/``own_lo``/``own_sqn``: :func:`own_block`'s tiles and norms (``COST_DOT`` only).
 
     Masked-out entries are finite (loads fill zeros); callers mask them through
     the potentials, which they load as ``-inf``.
@@ -148,16 +153,22 @@ def cost_tile(
             for k in range(D):
                 C += coord_sq_diff(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk)
     else:
-        # |x|^2 + |y|^2 - 2 x.y with the cross term on the tensor cores at precision IP
+        # |x|^2 + |y|^2 - 2 x.y with the cross term on the tensor cores. "tf32x3": the three
+        # tf32 products of the pre-split heads and tails, smallest first (lo.lo' ~ 2^-22 is
+        # dropped); otherwise one dot of the heads (= the points) at precision IP.
         offs_k = tl.arange(0, DP)
-        yt = tl.load(
-            oth_ptr + offs_j[None, :] * s_tr + offs_k[:, None] * s_tk,
-            mask=mask_j[None, :] & (offs_k[:, None] < D), other=0.0,
-        )  # (DP, BLOCK_J): the other tile read transposed through its strides
-        sqn_j = tl.sum(yt * yt, axis=0)
-        cross = tl.dot(own_t, yt, input_precision=IP)
+        rows = oth_ptr + offs_j[None, :] * s_tr
+        hi = tl.load(rows + offs_k[:, None] * s_tk, mask=mask_j[None, :], other=0.0)  # (DP, BLOCK_J), transposed
+        sqn_j = tl.load(oth_ptr + offs_j * s_tr + 2 * DP * s_tk, mask=mask_j, other=0.0)
+        if IP == "tf32x3":
+            lo = tl.load(rows + (DP + offs_k[:, None]) * s_tk, mask=mask_j[None, :], other=0.0)
+            cross = tl.dot(own_hi, lo, input_precision="tf32")
+            cross = tl.dot(own_lo, hi, cross, input_precision="tf32")
+            cross = tl.dot(own_hi, hi, cross, input_precision="tf32")
+        else:
+            cross = tl.dot(own_hi, hi, input_precision=IP)
         # rounding can leave a tiny negative value where x ~ y; the distance is >= 0
-        C = tl.maximum(own_sqn[:, None] + sqn_j[None, :] - 2.0 * cross.to(own_t.dtype), 0.0)
+        C = tl.maximum(own_sqn[:, None] + sqn_j[None, :] - 2.0 * cross.to(own_hi.dtype), 0.0)
     if EUCLID:
         C = tl.sqrt(C)
     return C
@@ -165,7 +176,7 @@ def cost_tile(
 
 @triton.jit
 def exponent_tile(
-    hs, v, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+    hs, v, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j, mask_i, mask_j,
     s_or, s_ok, s_tr, s_tk, s_co, s_ct,
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
     USE_V: tl.constexpr,
@@ -178,7 +189,7 @@ def exponent_tile(
     ``s |x|^2`` rather than of ``s |x - y|^2``: in the interpreter, two clusters 100 apart
     with eps = 1e-3 gave potentials 0.58 off, against 6.3e-5 with direct differences.)
     """
-    C = cost_tile(own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+    C = cost_tile(own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j, mask_i, mask_j,
                   s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
     if USE_V:
         return (hs[None, :] + v[:, None]) - C * scale
@@ -191,7 +202,7 @@ def exponent_tile(
 # ---------------------------------------------------------------------------
 @triton.jit
 def lse_online(
-    h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, mask_i, j_lo, j_hi,
+    h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi,
     s_or, s_ok, s_tr, s_tk, s_co, s_ct,
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, LANE: tl.constexpr, LOWEST: tl.constexpr,
@@ -210,7 +221,7 @@ def lse_online(
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_hi
         hs = tl.load(h_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
-        z = exponent_tile(hs, None, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j, mask_i, mask_j,
+        z = exponent_tile(hs, None, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j, mask_i, mask_j,
                           s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP, False)
         if LANE:
             # one exp2 per entry: whichever of 2^(z - m), 2^(m - z) is <= 1 rescales the
@@ -233,7 +244,7 @@ def lse_online(
 
 @triton.jit
 def lse_shifted(
-    h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, mask_i, j_lo, j_hi, v,
+    h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi, v,
     s_or, s_ok, s_tr, s_tk, s_co, s_ct,
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -250,7 +261,7 @@ def lse_shifted(
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_hi
         hs = tl.load(h_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
-        l2 += tl.exp2(exponent_tile(hs, v, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, offs_j,
+        l2 += tl.exp2(exponent_tile(hs, v, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j,
                                     mask_i, mask_j, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
                                     D, DP, COST, EUCLID, IP, True))
     return tl.sum(l2, axis=1)
@@ -317,15 +328,15 @@ def softmin_kernel(
         todo = tl.max(store.to(tl.int32), axis=0) > 0
         j_hi = tl.where(todo, j_hi, j_lo)
         load_i = offs_i < tl.where(todo, n_own, 0)  # (a vector mask: the interpreter rejects vector & scalar)
-    own_t, own_sqn = own_block(own_ptr, offs_i, load_i, s_or, s_ok, D, DP, COST)
+    own_hi, own_lo, own_sqn = own_block(own_ptr, offs_i, load_i, s_or, s_ok, DP, COST)
     if SHIFT:
         m_i = -tl.load(hint_ptr + b * s_hib + offs_i, mask=mask_i, other=0.0) * scale
-        l_i = lse_shifted(h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, mask_i, j_lo, j_hi, -m_i,
+        l_i = lse_shifted(h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi, -m_i,
                           s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP, BLOCK_I, BLOCK_J)
         in_range = (l_i >= 7.9e-31) & (l_i <= 3.0e38)  # 7.9e-31 ~ 2^-100; NaN fails both
         lse2 = tl.where(in_range, m_i + tl.log2(tl.where(in_range, l_i, 1.0)), float("nan"))
     else:
-        m_i, l_i = lse_online(h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_t, own_sqn, offs_i, mask_i, j_lo, j_hi,
+        m_i, l_i = lse_online(h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi,
                               s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP,
                               BLOCK_I, BLOCK_J, LANE, LOWEST)
         # every weight zero: l_i = 0, lse2 = -inf and out = +inf (= -eps log 0), without evaluating log2(0)
@@ -339,6 +350,51 @@ def softmin_kernel(
 # ---------------------------------------------------------------------------
 # Host side: operands, heuristics, launcher
 # ---------------------------------------------------------------------------
+def dot_padding(d: int) -> int:
+    """``DP``: the coordinates of the dot path padded to a power of 2, at least 16 (the
+    smallest ``tl.dot`` operand)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_features(pts: torch.Tensor, input_precision: str) -> torch.Tensor:
+    """One cloud as the dot path reads it, ``(B, n, d)`` -> ``(B, n, 2 DP + 16)``
+    (:func:`dot_padding`): columns ``[0, DP)`` a head ``hi``, ``[DP, 2 DP)`` a tail
+    ``lo``, column ``2 DP`` the squared norm ``|p|^2``; zeros elsewhere (the width keeps
+    rows 16-element aligned).
+
+    - ``"tf32x3"``: ``hi = tf32(p)`` (round to nearest, 10 mantissa bits) and
+      ``lo = tf32(p - hi)``. ``hi.hi' + hi.lo' + lo.hi'`` -- three exact tf32 products --
+      is ``p.p'`` to ~2^-22 relative, the error of ``tl.dot``'s own ``"tf32x3"``.
+    - otherwise ``hi = p`` and ``lo = 0`` (one dot at the given precision).
+
+    Why split here: ``tl.dot(..., input_precision="tf32x3")`` splits both operands in
+    every program for every tile; on sm_90 the other side's tile then travels global ->
+    shared -> registers (split) -> shared for the tensor cores. Split once per geometry
+    (O(n d) work), the tiles go straight to shared memory: the d = 64 shifted pass's loop
+    drops from 42.7 to 33.0 instructions per ``exp2`` (Triton 3.6: 40.6 to 25.2) by count
+    (``bench/sass_counts.py``).
+    """
+    B, n, d = pts.shape
+    dp = dot_padding(d)
+    out = pts.new_zeros((B, n, 2 * dp + 16))
+    if input_precision == "tf32x3":
+        hi = _round_tf32(pts)
+        out[..., :d] = hi
+        out[..., dp:dp + d] = _round_tf32(pts - hi)
+    else:
+        out[..., :d] = pts
+    out[..., 2 * dp] = pts.square().sum(-1)
+    return out
+
+
+def _round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to tf32's 10 mantissa bits (to nearest, ties away from zero), by
+    integer arithmetic on the bit pattern (the carry of the rounding bit moves into the
+    exponent when the mantissa overflows, as it should)."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
 @dataclass(frozen=True)
 class CostOperand:
     """Where the cost comes from, seen from one reduction's side.
@@ -346,6 +402,8 @@ class CostOperand:
     Point clouds: ``own`` ``(B, n_own, d)`` holds the points indexed by the output
     (x for a row pass), ``oth`` ``(B, n_oth, d)`` the reduced ones. Dense: ``C``
     ``(B, n, m)`` and ``transposed`` (True for a column pass: own index = column).
+    ``COST_DOT`` kernels read ``own_feat``/``oth_feat``, the two clouds'
+    :func:`dot_features`, instead of the points.
     """
 
     own: Optional[torch.Tensor]
@@ -355,6 +413,8 @@ class CostOperand:
     euclidean: bool
     mode: int
     input_precision: str
+    own_feat: Optional[torch.Tensor] = None
+    oth_feat: Optional[torch.Tensor] = None
 
     @property
     def batch(self) -> int:
@@ -386,12 +446,12 @@ class CostOperand:
             C = self.C
             s_co, s_ct = (C.stride(2), C.stride(1)) if self.transposed else (C.stride(1), C.stride(2))
             return (C, C, C, 0, 0, 0, 0, 0, 0, C.stride(0), s_co, s_ct)
-        o, t = self.own, self.oth
+        o, t = (self.own_feat, self.oth_feat) if self.mode == COST_DOT else (self.own, self.oth)
         return (o, t, o, o.stride(0), o.stride(1), o.stride(2), t.stride(0), t.stride(1), t.stride(2), 0, 0, 0)
 
     def constexprs(self) -> dict:
         d = self.d
-        dp = max(16, triton.next_power_of_2(d)) if self.mode == COST_DOT else triton.next_power_of_2(d)
+        dp = dot_padding(d) if self.mode == COST_DOT else triton.next_power_of_2(d)
         return dict(D=d, DP=dp, COST=self.mode, EUCLID=self.euclidean, IP=self.input_precision)
 
 
@@ -433,13 +493,19 @@ def point_cost_mode(precision: str, d: int, dtype: torch.dtype, sq_spread: float
 
 
 def point_operand(own, oth, euclidean: bool, precision: str, mode: Optional[int] = None,
-                  sq_spread: float = 0.0, eps: float = math.inf) -> CostOperand:
+                  sq_spread: float = 0.0, eps: float = math.inf,
+                  features: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> CostOperand:
     """A point-cloud :class:`CostOperand`; ``mode`` overrides :func:`point_cost_mode`
-    (to which ``sq_spread`` and ``eps`` go)."""
+    (to which ``sq_spread`` and ``eps`` go). ``COST_DOT`` operands carry
+    :func:`dot_features` of ``(own, oth)``: ``features`` if given (a cache), else computed."""
     auto_mode, ip = point_cost_mode(precision, own.shape[2], own.dtype, sq_spread, eps, euclidean)
     if own.dtype == torch.float64:
         ip = "ieee"
-    return CostOperand(own, oth, None, False, euclidean, auto_mode if mode is None else mode, ip)
+    mode = auto_mode if mode is None else mode
+    if mode == COST_DOT and features is None:
+        features = (dot_features(own, ip), dot_features(oth, ip))
+    own_feat, oth_feat = features if mode == COST_DOT else (None, None)
+    return CostOperand(own, oth, None, False, euclidean, mode, ip, own_feat, oth_feat)
 
 
 def dense_operand(C, transposed: bool) -> CostOperand:
@@ -524,8 +590,9 @@ def lse_shift() -> bool:
     The online maximum costs ~7 FP32 operations per entry besides the ``exp2`` (the
     lane update of :func:`lse_lanes`); with a fixed shift the sum is one addition, an
     FMA, the ``exp2`` and an addition. An H100 SM issues 128 instructions per clock and
-    16 ``exp2``; the d = 3 loop's sm_90 SASS has 15.5 instructions per ``exp2`` online
-    and 11.5 shifted (docs/kernels.md): ~1.9x against ~1.4x the exp floor by issue count. In Sinkhorn the previous iteration's result is such an estimate; rows whose
+    16 ``exp2``; the d = 3 loop's sm_90 SASS has 15.2 instructions per ``exp2`` online
+    and 11.2 shifted (docs/kernels.md): ~1.9x against ~1.4x the exp floor by issue count.
+    In Sinkhorn the previous iteration's result is such an estimate; rows whose
     sum falls out of range are redone online by a second launch (``FIXUP``). Used for
     passes of at least :data:`SHIFT_MIN_ENTRIES` entries. Override with
     OTCORE_LSE_SHIFT=0 to time the online form (the hint is then ignored).

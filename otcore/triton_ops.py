@@ -64,17 +64,33 @@ def squared_spread(geom) -> float:
     return extra["spread"]
 
 
+def centred_features(geom, input_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centred clouds' :func:`~otcore.kernels.softmin.dot_features` (the tensor-core
+    path's operands), ``(x, y)``; computed once per geometry and precision (cached with
+    the centred points), in the graph while compiling."""
+    xc, yc = centred_points(geom)
+    if torch.compiler.is_compiling():
+        return _softmin.dot_features(xc, input_precision), _softmin.dot_features(yc, input_precision)
+    extra = _CENTRED[geom][2]
+    key = ("features", input_precision)
+    if key not in extra:
+        extra[key] = (_softmin.dot_features(xc, input_precision), _softmin.dot_features(yc, input_precision))
+    return extra[key]
+
+
 # ---------------------------------------------------------------------------
 # torch.library custom ops: under torch.compile the kernels are opaque ops with
 # shape functions (Dynamo cannot trace a Triton launch on the interpreter, and
 # needs no more than shapes on the GPU). Eager calls skip the op dispatch.
 # ---------------------------------------------------------------------------
 def _fields(op: _softmin.CostOperand) -> tuple:
-    return (op.own, op.oth, op.C, op.transposed, op.euclidean, op.mode, op.input_precision)
+    """The operand as custom-op arguments (the dot features as one list of two)."""
+    return (op.own, op.oth, op.C, op.transposed, op.euclidean, op.mode, op.input_precision,
+            [op.own_feat, op.oth_feat])
 
 
-def _operand_of(own, oth, C, transposed, euclidean, mode, ip) -> _softmin.CostOperand:
-    return _softmin.CostOperand(own, oth, C, transposed, euclidean, mode, ip)
+def _operand_of(own, oth, C, transposed, euclidean, mode, ip, feats) -> _softmin.CostOperand:
+    return _softmin.CostOperand(own, oth, C, transposed, euclidean, mode, ip, *feats)
 
 
 def _fake_shape(own, C, transposed) -> tuple:
@@ -87,15 +103,15 @@ def _fake_shape(own, C, transposed) -> tuple:
 @torch.library.custom_op("otcore::softmin", mutates_args=())
 def _softmin_op(
     own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
-    transposed: bool, euclidean: bool, mode: int, ip: str, h: torch.Tensor, eps: float,
-    hint: Optional[torch.Tensor],
+    transposed: bool, euclidean: bool, mode: int, ip: str, feats: list[Optional[torch.Tensor]],
+    h: torch.Tensor, eps: float, hint: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    op = _operand_of(own, oth, C, transposed, euclidean, mode, ip)
+    op = _operand_of(own, oth, C, transposed, euclidean, mode, ip, feats)
     return _softmin.launch_softmin(op, h, eps, hint=hint)
 
 
 @_softmin_op.register_fake
-def _(own, oth, C, transposed, euclidean, mode, ip, h, eps, hint):
+def _(own, oth, C, transposed, euclidean, mode, ip, feats, h, eps, hint):
     ref = C if C is not None else own
     return ref.new_empty(_fake_shape(own, C, transposed))
 
@@ -103,17 +119,18 @@ def _(own, oth, C, transposed, euclidean, mode, ip, h, eps, hint):
 @torch.library.custom_op("otcore::plan_reduce", mutates_args=())
 def _plan_reduce_op(
     own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
-    transposed: bool, euclidean: bool, mode: int, ip: str, F: torch.Tensor, G: torch.Tensor, eps: float,
+    transposed: bool, euclidean: bool, mode: int, ip: str, feats: list[Optional[torch.Tensor]],
+    F: torch.Tensor, G: torch.Tensor, eps: float,
     V: Optional[torch.Tensor], with_sum: bool, weight: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    op = _operand_of(own, oth, C, transposed, euclidean, mode, ip)
+    op = _operand_of(own, oth, C, transposed, euclidean, mode, ip, feats)
     WV, W1 = _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight)
     empty = op.ref.new_empty(0)  # a custom op returns tensors: empty stands for "not asked"
     return (WV if WV is not None else empty), (W1 if W1 is not None else empty)
 
 
 @_plan_reduce_op.register_fake
-def _(own, oth, C, transposed, euclidean, mode, ip, F, G, eps, V, with_sum, weight):
+def _(own, oth, C, transposed, euclidean, mode, ip, feats, F, G, eps, V, with_sum, weight):
     ref = C if C is not None else own
     shape = _fake_shape(own, C, transposed)
     WV = ref.new_empty(0) if V is None else ref.new_empty(shape + tuple(V.shape[2:]))
@@ -123,13 +140,14 @@ def _(own, oth, C, transposed, euclidean, mode, ip, F, G, eps, V, with_sum, weig
 @torch.library.custom_op("otcore::plan_topk", mutates_args=())
 def _plan_topk_op(
     own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
-    transposed: bool, euclidean: bool, mode: int, ip: str, F: torch.Tensor, G: torch.Tensor, eps: float, k: int,
+    transposed: bool, euclidean: bool, mode: int, ip: str, feats: list[Optional[torch.Tensor]],
+    F: torch.Tensor, G: torch.Tensor, eps: float, k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _plan.launch_plan_topk(_operand_of(own, oth, C, transposed, euclidean, mode, ip), F, G, eps, k)
+    return _plan.launch_plan_topk(_operand_of(own, oth, C, transposed, euclidean, mode, ip, feats), F, G, eps, k)
 
 
 @_plan_topk_op.register_fake
-def _(own, oth, C, transposed, euclidean, mode, ip, F, G, eps, k):
+def _(own, oth, C, transposed, euclidean, mode, ip, feats, F, G, eps, k):
     ref = C if C is not None else own
     shape = _fake_shape(own, C, transposed) + (k,)
     return ref.new_empty(shape), ref.new_empty(shape, dtype=torch.int64)
@@ -138,13 +156,14 @@ def _(own, oth, C, transposed, euclidean, mode, ip, F, G, eps, k):
 @torch.library.custom_op("otcore::plan_dense", mutates_args=())
 def _plan_dense_op(
     own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
-    transposed: bool, euclidean: bool, mode: int, ip: str, F: torch.Tensor, G: torch.Tensor, eps: float,
+    transposed: bool, euclidean: bool, mode: int, ip: str, feats: list[Optional[torch.Tensor]],
+    F: torch.Tensor, G: torch.Tensor, eps: float,
 ) -> torch.Tensor:
-    return _plan.launch_plan_dense(_operand_of(own, oth, C, transposed, euclidean, mode, ip), F, G, eps)
+    return _plan.launch_plan_dense(_operand_of(own, oth, C, transposed, euclidean, mode, ip, feats), F, G, eps)
 
 
 @_plan_dense_op.register_fake
-def _(own, oth, C, transposed, euclidean, mode, ip, F, G, eps):
+def _(own, oth, C, transposed, euclidean, mode, ip, feats, F, G, eps):
     ref = C if C is not None else own
     n_oth = (C.shape[1] if transposed else C.shape[2]) if C is not None else oth.shape[1]
     return ref.new_empty(_fake_shape(own, C, transposed) + (n_oth,))
@@ -177,11 +196,16 @@ def operand(geom, axis: int, precision: str, eps: float) -> _softmin.CostOperand
     if geom.is_dense:
         return _softmin.dense_operand(geom.C, transposed=axis == 0)
     xc, yc = centred_points(geom)
-    own, oth = (xc, yc) if axis == 1 else (yc, xc)
+    euclidean = geom.cost == "euclidean"
     spread = 0.0
     if precision == "fp32" and geom.d > _softmin.DIRECT_MAX_D and xc.dtype != torch.float64:
         spread = squared_spread(geom)
-    return _softmin.point_operand(own, oth, geom.cost == "euclidean", precision, sq_spread=spread, eps=float(eps))
+    mode, ip = _softmin.point_cost_mode(precision, geom.d, xc.dtype, spread, float(eps), euclidean)
+    feats = centred_features(geom, ip) if mode == _softmin.COST_DOT else None
+    if axis == 0:
+        xc, yc = yc, xc
+        feats = feats[::-1] if feats is not None else None
+    return _softmin.point_operand(xc, yc, euclidean, precision, mode=mode, features=feats)
 
 
 def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32",

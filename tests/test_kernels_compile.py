@@ -4,7 +4,8 @@ The interpreter runs a kernel's Python, not the compiler: it accepts things the 
 rejects (a non-constexpr global read inside a kernel, for one). So each kernel family
 that the interpreter tests cover is also compiled here, through Triton's own
 ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` with the ``ptxas`` that ships in
-the Triton wheel, in a subprocess (``TRITON_INTERPRET`` is set in this one).
+the Triton wheel, in a subprocess (``TRITON_INTERPRET`` is set in this one). The streamed
+passes must not spill at the tile sizes their launchers choose.
 """
 
 import os
@@ -21,8 +22,9 @@ if platform.system() != "Linux":
 SCRIPT = textwrap.dedent(
     """
     import sys
+    import torch
     sys.path.insert(0, sys.argv[1])
-    from sass_counts import compile_sm90  # the bench's compiler call, shared
+    from sass_counts import compile_sm90, resources  # the bench's compiler call, shared
     from otcore.kernels import ksparse, plan, sinkhorn_steps, softmin, sparse
 
     steps = dict(EUCLID=False, SYMMETRIC=False, CHECK=False, BLOCK_N=64, BLOCK_M=64)
@@ -47,7 +49,6 @@ SCRIPT = textwrap.dedent(
     reduce = dict(BLOCK_K=16, HAS_V=True, V_MATRIX=True, WITH_SUM=True, WEIGHT=0, VIP="tf32x3")
     cases += [
         (plan.plan_reduce_kernel, "fp32", dict(tile, **reduce), 8),
-        (plan.plan_reduce_kernel, "fp32", dict(tile, **dict(reduce, BLOCK_K=64), D=64, DP=64, COST=2, BLOCK_I=32), 8),
         (plan.plan_topk_kernel, "fp32", dict(tile, K=5, KP=8, LOWEST=-3.4e38), 8),
         (plan.plan_dense_kernel, "fp32", dict(tile, COST=0, D=1, DP=1), 8),
         (sparse._topk_rows_kernel, "fp32", dict(COST=1, S=12, S_PAD=16, BLOCK_M=32, BLOCK_N=128), 4),
@@ -56,10 +57,21 @@ SCRIPT = textwrap.dedent(
         (ksparse._ksparse_kernel, "fp32", dict(COST=1, SEMI=True, BLOCK_L=64, BLOCK_N=32, LOG_N=5), 4),
         (ksparse._ksparse_kernel, "fp32", dict(COST=0, SEMI=False, BLOCK_L=64, BLOCK_N=32, LOG_N=5), 4),
     ]
+    # d = 64 values next to the dot path's own tiles, at the launcher's tile sizes
+    pts = torch.empty(1, 32768, 64, device="meta")
+    op = softmin.CostOperand(pts, pts, None, False, False, softmin.COST_DOT, "tf32x3")
+    for matrix, bk in ((True, 64), (True, 32), (True, 16), (False, 16)):
+        bi, bj, warps = plan.reduce_block_sizes(op, True, matrix, bk)
+        const = dict(tile, **reduce, D=64, DP=64, COST=2, BLOCK_I=bi, BLOCK_J=bj)
+        cases.append((plan.plan_reduce_kernel, "fp32", dict(const, BLOCK_K=bk, V_MATRIX=matrix), warps))
+    # the streamed passes' block-size rules promise no spills (registers only)
+    no_spill = (softmin.softmin_kernel, plan.plan_reduce_kernel, sinkhorn_steps.sinkhorn_steps_kernel)
     for kernel, dtype, const, warps in cases:
         compiled = compile_sm90(kernel, const, num_warps=warps, dtype=dtype)
         assert compiled.asm["cubin"], (kernel.__name__, const)
-        print(kernel.__name__, dtype, const, "ok", flush=True)
+        regs, stack = resources(compiled)
+        assert stack == 0 or kernel not in no_spill, (kernel.__name__, const, regs, stack)
+        print(kernel.__name__, dtype, const, regs, stack, "ok", flush=True)
     """
 )
 
@@ -70,4 +82,4 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 19, proc.stdout
+    assert proc.stdout.count(" ok") == 22, proc.stdout

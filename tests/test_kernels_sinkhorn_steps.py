@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from kernel_support import DEVICE, RUNTIME_WARNINGS_ARE_ERRORS
 
 import otcore
-from otcore import reference
 from otcore.kernels import sinkhorn_steps as K
 
 pytestmark = RUNTIME_WARNINGS_ARE_ERRORS

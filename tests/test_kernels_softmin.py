@@ -163,6 +163,62 @@ def test_tf32_mode_runs_the_same_algebra():
     assert relerr(geom.softmin(h, 0.05, 1, backend="triton", precision="fp32"), exact) < 1e-5
 
 
+def low_bits(t):
+    """The 13 mantissa bits of float32 that tf32 drops."""
+    return t.contiguous().view(torch.int32) & 0x1FFF
+
+
+def test_dot_features_split_each_point_into_exact_tf32_head_and_tail():
+    """``hi`` and ``lo`` are tf32 numbers (the tensor cores read them exactly), ``hi + lo``
+    is the point to 2^-22, and the three products the kernel sums are ``x.y`` to ~2^-21:
+    the accuracy of tl.dot's own 3xTF32, now fixed on the host."""
+    x, y = clouds(17, offset=-0.5, seed=21)
+    fx, fy = K.dot_features(x, "tf32x3"), K.dot_features(y, "tf32x3")
+    dp = K.dot_padding(17)
+    assert dp == 32 and fx.shape == (B, N, 2 * dp + 16) and fx.stride(1) % 16 == 0
+    hi, lo = fx[..., :dp], fx[..., dp:2 * dp]
+    assert not low_bits(hi).any() and not low_bits(lo).any()
+    assert not fx[..., 17:dp].any() and not fx[..., dp + 17:2 * dp].any() and not fx[..., 2 * dp + 1:].any()
+    x64 = x.double()
+    assert float((hi[..., :17].double() + lo[..., :17].double() - x64).abs().max()) <= 2.0**-22 * float(x.abs().max())
+    assert torch.allclose(fx[..., 2 * dp].double(), x64.square().sum(-1), rtol=1e-6)
+    # the kernel's cross term, in float64: hi.hi' + hi.lo' + lo.hi'
+    fx64, fy64 = fx.double(), fy.double()
+    h1, l1, h2, l2 = fx64[..., :dp], fx64[..., dp:2 * dp], fy64[..., :dp], fy64[..., dp:2 * dp]
+    cross = h1 @ h2.transpose(1, 2) + h1 @ l2.transpose(1, 2) + l1 @ h2.transpose(1, 2)
+    exact = x64 @ y.double().transpose(1, 2)
+    assert float((cross - exact).abs().max()) <= 2.0**-21 * float(x64.abs().amax() * y.abs().amax()) * 17
+    # other precisions: the points themselves, no tail
+    plain = K.dot_features(x, "tf32")
+    assert torch.equal(plain[..., :17], x) and not plain[..., dp:2 * dp].any()
+
+
+def test_round_tf32_rounds_to_nearest_with_carry_and_sign():
+    u = 2.0**-10
+    t = torch.tensor([1.0, 1 + u, 1 + u / 2 - 2.0**-23, 1 + u / 2, 2 - 2.0**-23, -(1 + 0.75 * u), 0.0, 3e-39])
+    got = K._round_tf32(t)
+    assert not low_bits(got).any()
+    assert torch.equal(got[:7], torch.tensor([1.0, 1 + u, 1.0, 1 + u, 2.0, -(1 + u), 0.0]))
+    assert abs(float(got[7]) - float(t[7])) <= 2.0**-137  # a subnormal: half of 2^13 spacings of 2^-149
+
+
+def test_dot_features_are_cached_per_geometry_and_follow_in_place_changes():
+    x, y = clouds(17, seed=22)
+    geom = otcore.PointCloud(x, y)
+    op = triton_ops.operand(geom, 1, "fp32", 0.05)
+    assert op.mode == K.COST_DOT
+    again = triton_ops.operand(geom, 0, "fp32", 0.05)
+    assert again.own_feat is op.oth_feat and again.oth_feat is op.own_feat  # one split per cloud
+    h = potential(M)
+    before = geom.softmin(h, 0.05, 1, backend="triton")
+    with torch.no_grad():
+        x.mul_(0.5)
+    after = geom.softmin(h, 0.05, 1, backend="triton")
+    assert triton_ops.operand(geom, 1, "fp32", 0.05).own_feat is not op.own_feat
+    assert relerr(after, softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)) < 1e-5
+    assert not torch.equal(before, after)
+
+
 @pytest.mark.parametrize("axis", [1, 0])
 def test_softmin_cost_matrix_both_axes_and_strides(axis):
     x, y = clouds(5, seed=7)
