@@ -175,7 +175,8 @@ def plan_topk_kernel(
             key = tl.where(col[None, :] == best_j[:, None], float("-inf"), key)
     fs = tl.load(f_ptr + offs_i, mask=mask_i, other=float("-inf")) * scale
     smask = mask_i[:, None] & (slot[None, :] < K)
-    vals = tl.exp2(fs[:, None] + tl.where(smask, top, 0.0))  # the +inf padding never meets F = -inf
+    # unstored entries get 2^-inf: the +inf padding never meets F = -inf, nor a large F overflows
+    vals = tl.exp2(fs[:, None] + tl.where(smask, top, float("-inf")))
     out = b * n_own * K + offs_i[:, None] * K + slot[None, :]
     tl.store(val_ptr + out, vals, mask=smask)
     tl.store(idx_ptr + out, top_idx.to(tl.int64), mask=smask)

@@ -69,6 +69,13 @@ DIRECT_MAX_D = 8
 #: spilled 4 KB per thread (sm_90 cubin, cuobjdump --dump-resource-usage).
 UNROLL_MAX_D = tl.constexpr(16)  # read inside kernels: a constexpr global
 
+#: Widest slice of the dot path's coordinates held at once (``DP`` columns of head and
+#: tail). Up to it the own rows' features are loaded once per program and stay in
+#: registers; beyond (d > 64), both sides are read in slices of this width for every tile:
+#: the whole own head and tail of a 64-row tile at d = 128 spilled 144-1,152 bytes per
+#: thread at every tile shape tried (sm_90 cubins, Triton 3.9).
+DOT_K_MAX = tl.constexpr(64)
+
 
 # ---------------------------------------------------------------------------
 # Shared tile helpers
@@ -93,21 +100,54 @@ def own_block(own_ptr, offs_i, mask_i, s_or, s_ok, DP: tl.constexpr, COST: tl.co
     squared norms ``(BLOCK_I,)``.
 
     Only ``COST_DOT`` needs them (loaded once per program, reused for every tile of
-    the other side); the other modes get zeros that are never read.
+    the other side); the other modes get zeros that are never read, and so do the head
+    and tail past ``DOT_K_MAX`` coordinates (:func:`cost_tile` reads slices of them).
     ``own_ptr`` points at this problem's first own point's features; point ``i``,
     column ``k`` is at ``own_ptr + i*s_or + k*s_ok``.
     """
-    offs_k = tl.arange(0, DP)
     if COST == 2:
-        rows = own_ptr + offs_i[:, None] * s_or
-        hi = tl.load(rows + offs_k[None, :] * s_ok, mask=mask_i[:, None], other=0.0)
-        lo = tl.load(rows + (DP + offs_k[None, :]) * s_ok, mask=mask_i[:, None], other=0.0)
         sqn = tl.load(own_ptr + offs_i * s_or + 2 * DP * s_ok, mask=mask_i, other=0.0)
+        if DP <= DOT_K_MAX:
+            hi, lo = feature_slices(own_ptr, offs_i, mask_i, s_or, s_ok, 0, DP, DP)
+        else:
+            hi = tl.zeros((offs_i.shape[0], 16), dtype=own_ptr.dtype.element_ty)
+            lo = hi
     else:
-        hi = tl.zeros((offs_i.shape[0], DP), dtype=own_ptr.dtype.element_ty)
+        hi = tl.zeros((offs_i.shape[0], 16), dtype=own_ptr.dtype.element_ty)
         lo = hi
         sqn = tl.zeros((offs_i.shape[0],), dtype=own_ptr.dtype.element_ty)
     return hi, lo, sqn
+
+
+@triton.jit
+def feature_slices(ptr, offs, mask, s_r, s_k, k0, KB: tl.constexpr, DP: tl.constexpr):
+    """Head and tail columns ``[k0, k0 + KB)`` of the :func:`dot_features` rows ``offs``,
+    ``(len(offs), KB)`` each (masked rows read zeros)."""
+    offs_k = k0 + tl.arange(0, KB)
+    rows = ptr + offs[:, None] * s_r
+    hi = tl.load(rows + offs_k[None, :] * s_k, mask=mask[:, None], other=0.0)
+    lo = tl.load(rows + (DP + offs_k[None, :]) * s_k, mask=mask[:, None], other=0.0)
+    return hi, lo
+
+
+@triton.jit
+def cross_slice(acc, a_hi, a_lo, oth_ptr, offs_j, mask_j, s_tr, s_tk, k0,
+                KB: tl.constexpr, DP: tl.constexpr, IP: tl.constexpr):
+    """``acc`` plus the cross term ``x.y`` over coordinates ``[k0, k0 + KB)``, with the own
+    head and tail ``a_hi``/``a_lo`` ``(BLOCK_I, KB)`` and the other side's read transposed.
+    "tf32x3": the three tf32 products of heads and tails, smallest first (``lo.lo'`` ~
+    2^-22 is dropped); otherwise one dot of the heads (= the points) at precision ``IP``."""
+    offs_k = k0 + tl.arange(0, KB)
+    rows = oth_ptr + offs_j[None, :] * s_tr
+    hi = tl.load(rows + offs_k[:, None] * s_tk, mask=mask_j[None, :], other=0.0)  # (KB, BLOCK_J)
+    if IP == "tf32x3":
+        lo = tl.load(rows + (DP + offs_k[:, None]) * s_tk, mask=mask_j[None, :], other=0.0)
+        acc = tl.dot(a_hi, lo, acc, input_precision="tf32")
+        acc = tl.dot(a_lo, hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a_hi, hi, acc, input_precision=IP)
+    return acc
 
 
 @triton.jit
@@ -153,22 +193,17 @@ def cost_tile(
             for k in range(D):
                 C += coord_sq_diff(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk)
     else:
-        # |x|^2 + |y|^2 - 2 x.y with the cross term on the tensor cores. "tf32x3": the three
-        # tf32 products of the pre-split heads and tails, smallest first (lo.lo' ~ 2^-22 is
-        # dropped); otherwise one dot of the heads (= the points) at precision IP.
-        offs_k = tl.arange(0, DP)
-        rows = oth_ptr + offs_j[None, :] * s_tr
-        hi = tl.load(rows + offs_k[:, None] * s_tk, mask=mask_j[None, :], other=0.0)  # (DP, BLOCK_J), transposed
+        # |x|^2 + |y|^2 - 2 x.y with the cross term on the tensor cores (cross_slice)
         sqn_j = tl.load(oth_ptr + offs_j * s_tr + 2 * DP * s_tk, mask=mask_j, other=0.0)
-        if IP == "tf32x3":
-            lo = tl.load(rows + (DP + offs_k[:, None]) * s_tk, mask=mask_j[None, :], other=0.0)
-            cross = tl.dot(own_hi, lo, input_precision="tf32")
-            cross = tl.dot(own_lo, hi, cross, input_precision="tf32")
-            cross = tl.dot(own_hi, hi, cross, input_precision="tf32")
-        else:
-            cross = tl.dot(own_hi, hi, input_precision=IP)
+        if DP <= DOT_K_MAX:
+            cross = cross_slice(None, own_hi, own_lo, oth_ptr, offs_j, mask_j, s_tr, s_tk, 0, DP, DP, IP)
+        else:  # slices of both sides' features for every tile: registers stay bounded
+            cross = tl.zeros((offs_i.shape[0], offs_j.shape[0]), dtype=own_ptr.dtype.element_ty)
+            for k0 in tl.range(0, DP, DOT_K_MAX, num_stages=1):
+                a_hi, a_lo = feature_slices(own_ptr, offs_i, mask_i, s_or, s_ok, k0, DOT_K_MAX, DP)
+                cross = cross_slice(cross, a_hi, a_lo, oth_ptr, offs_j, mask_j, s_tr, s_tk, k0, DOT_K_MAX, DP, IP)
         # rounding can leave a tiny negative value where x ~ y; the distance is >= 0
-        C = tl.maximum(own_sqn[:, None] + sqn_j[None, :] - 2.0 * cross.to(own_hi.dtype), 0.0)
+        C = tl.maximum(own_sqn[:, None] + sqn_j[None, :] - 2.0 * cross, 0.0)
     if EUCLID:
         C = tl.sqrt(C)
     return C

@@ -16,6 +16,8 @@ class Progress:
 
     def __init__(self, verbose: Optional[bool], label: str, after: float = 1.0):
         self.label = label
+        if verbose is not None and not isinstance(verbose, bool):
+            raise TypeError(f"verbose must be True, False or None, got {verbose!r}")
         self.enabled = bool(verbose) if verbose is not None else sys.stderr.isatty()
         self.after = 0.0 if verbose else after
         self.start = time.perf_counter()

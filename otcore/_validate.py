@@ -41,12 +41,23 @@ def positive(name: str, v, *, allow_none: bool = False) -> Optional[float]:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         if isinstance(v, torch.Tensor) and v.numel() == 1:
+            if v.requires_grad:  # float(v) would cut it from the graph without a word
+                raise TypeError(f"{name} must be a number: a tensor that requires grad would get no gradient")
             v = float(v)
         else:
             raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     v = float(v)
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    return v
+
+
+def reciprocal_fits(name: str, v: float, dtype: torch.dtype) -> float:
+    """``v`` > 0 whose reciprocal (the solvers scale by ``1/v``) is finite in ``dtype``."""
+    big = torch.finfo(dtype).max
+    if 1.0 / v > big:
+        raise ValueError(f"{name}={v:g} is too small for {str(dtype).replace('torch.', '')}: 1/{name} overflows "
+                         f"(it must be >= {1.0 / big:.1e}; rescale the cost, or use float64)")
     return v
 
 

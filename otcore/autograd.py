@@ -52,9 +52,12 @@ def phi(f: torch.Tensor, rho: Optional[float]) -> torch.Tensor:
 
 
 def _weight_grad(geom, f, pot_other, own_rho, other_mass, eps, axis, kw):
-    """``dD/da`` (axis=1) or ``dD/db`` (axis=0): ``phi(f) - eps (exp((f - s)/eps) - other_mass)``."""
+    """``dD/da`` (axis=1) or ``dD/db`` (axis=0): ``phi(f) - eps (exp((f - s)/eps) - other_mass)``,
+    ``other_mass`` (B, 1) in float64."""
     s = geom.softmin(pot_other, eps, axis, **kw)
-    return phi(f, own_rho) - eps * (torch.exp((f - s) / eps) - other_mass)
+    # expm1 + (1 - mass): near the optimum each part is small, so a large eps does not
+    # multiply the rounding of exp(...) ~ 1 (see otcore.solvers._entropic.mass_gap)
+    return phi(f, own_rho) - eps * (torch.expm1((f - s) / eps) + (1.0 - other_mass).to(f.dtype))
 
 
 class _EnvelopeValue(torch.autograd.Function):
@@ -63,10 +66,14 @@ class _EnvelopeValue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: EnvelopeSpec, value, cost, *inputs):
         ctx.spec = spec
+        # saved only for autograd's version check: backward re-reads the geometry's inputs,
+        # so after an in-place change it would mix new points with the old potentials
+        ctx.save_for_backward(*inputs)
         return value.clone(), cost.clone()
 
     @staticmethod
     def backward(ctx, gv, gc):
+        _ = ctx.saved_tensors  # raises if an input was modified in place since the solve
         s = ctx.spec
         geom, eps = s.geom, s.eps
         F = s.f + eps * torch.log(s.A)
@@ -86,8 +93,8 @@ class _EnvelopeValue(torch.autograd.Function):
             grads += [None] * len(geom_in)
         k = len(geom_in)
         for w_in, f, other, rho, mass, axis in (
-            (s.a_in, s.f, G, s.rho_a, s.Bw.sum(-1, keepdim=True), 1),
-            (s.b_in, s.g, F, s.rho_b, s.A.sum(-1, keepdim=True), 0),
+            (s.a_in, s.f, G, s.rho_a, s.Bw.double().sum(-1, keepdim=True), 1),  # masses summed in float64
+            (s.b_in, s.g, F, s.rho_b, s.A.double().sum(-1, keepdim=True), 0),
         ):
             if w_in is None:
                 continue

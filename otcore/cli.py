@@ -70,10 +70,16 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
 
 
-def _check_int(flag: str, value: Optional[int], minimum: int = 1) -> None:
-    """``value`` (None: not given) must be an int >= ``minimum``; else exit naming ``flag``."""
+def _check_int(flag: str, value: Optional[int], minimum: int = 1, maximum: Optional[int] = None) -> None:
+    """``value`` (None: not given) must be an int in ``[minimum, maximum]``; else exit naming ``flag``."""
     if value is not None and value < minimum:
         raise SystemExit(f"error: {flag} must be an integer >= {minimum}, got {value}")
+    if value is not None and maximum is not None and value > maximum:
+        raise SystemExit(f"error: {flag} must be an integer <= {maximum}, got {value}")
+
+
+#: torch.Generator.manual_seed takes a 64-bit seed
+_SEED_MAX = 2**64 - 1
 
 
 def _check_positive(flag: str, value: Optional[float]) -> None:
@@ -145,6 +151,7 @@ def run_demo(args) -> int:
     _check_positive("--eps", args.eps)
     _check_positive("--tol", args.tol)
     _check_int("--max-iter", args.max_iter)
+    _check_int("--seed", args.seed, minimum=0, maximum=_SEED_MAX)
     _check_out(args.out)
     dev = _device(args.device)
     _check_backend(args.backend, dev)
@@ -324,11 +331,14 @@ def _check_method_flags(args) -> None:
 
 
 def _plain(v):
-    """JSON-friendly: tensors and arrays to (nested) lists or numbers."""
-    if isinstance(v, torch.Tensor):
-        return v.detach().cpu().tolist()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
+    """JSON-friendly: tensors and arrays to (nested) lists or numbers, and non-finite
+    numbers to null (JSON has no Infinity or NaN; strict parsers reject them)."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        v = (v.detach().cpu() if isinstance(v, torch.Tensor) else v).tolist()
+    if isinstance(v, list):
+        return [_plain(e) for e in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     return v
 
 
@@ -351,6 +361,7 @@ def run_solve(args) -> int:
     _check_int("--n", args.n)
     _check_int("--m", args.m)
     _check_int("--d", args.d)
+    _check_int("--seed", args.seed, minimum=0, maximum=_SEED_MAX)
     _check_method_flags(args)
     _check_int("--check-every", args.check_every)
     _check_int("--warmup-iter", args.warmup_iter, minimum=0)
@@ -406,11 +417,11 @@ def run_solve(args) -> int:
                 "time_warmup_s", "time_newton_s", "time_fallback_s") if key in res.info})
         backend = res._backend
     summary.update(time_s=elapsed, device=str(dev), backend=backend, dtype=args.dtype)
-    summary = {key: _plain(v) for key, v in summary.items()}
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({key: _plain(v) for key, v in summary.items()}, allow_nan=False))
     else:
-        print(_table([(k, str(v)) for k, v in summary.items()]))
+        print(_table([(k, str(_plain(v) if isinstance(v, (torch.Tensor, np.ndarray)) else v))
+                      for k, v in summary.items()]))
     return 0
 
 

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from . import _validate
+from ._dispatch import BACKENDS
 from .geometry import PointCloud
 from .router import SparseOTRouter
+from .solvers._entropic import parse_rho
 from .solvers.sinkhorn import sinkhorn
 
 __all__ = ["SinkhornLoss", "SparseOTRouter"]
@@ -70,6 +72,14 @@ class SinkhornLoss(nn.Module):
         self.debias = bool(debias)
         self.cost = _validate.choice("cost", cost, ("sqeuclidean", "euclidean"))
         self.reduction = _validate.choice("reduction", reduction, ("mean", "sum", "none"))
+        # the solver's own checks, at construction rather than at the first forward call
+        parse_rho(rho)
+        _validate.positive("tol", tol)
+        _validate.positive_int("max_iter", max_iter)
+        _validate.choice("backend", backend, BACKENDS)
+        _validate.choice("precision", precision, _validate.PRECISIONS)
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
         self.solver_kw = dict(
             eps=self.eps, rho=rho, eps_schedule=eps_schedule, tol=tol, max_iter=max_iter,
             backend=backend, precision=precision, cuda_graph=cuda_graph, verbose=False,

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from fractions import Fraction
 from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from . import _validate
+from ._dispatch import BACKENDS
 from .geometry import CostMatrix
 from .result import ConvergenceWarning, SparseOTResult
 from .solvers.sparse import sparse_ot
@@ -125,13 +127,16 @@ class SparseOTRouter(nn.Module):
         self.plan_grad = _validate.choice("plan_grad", plan_grad, ("implicit", "fixed"))
         self.warm_start = bool(warm_start)
         self.formulation = _validate.choice("formulation", formulation, ("semi-dual", "dual"))
-        self.backend = backend
+        self.backend = _validate.choice("backend", backend, BACKENDS)
         self._init: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._warned = False
 
     def capacity(self, n_tokens: int) -> int:
-        """Tokens per expert: ``ceil(n_tokens * capacity_factor / n_experts)`` (at most n_tokens)."""
-        return min(n_tokens, math.ceil(n_tokens * self.capacity_factor / self.n_experts))
+        """Tokens per expert: ``ceil(n_tokens * capacity_factor / n_experts)`` (at most n_tokens),
+        with the factor taken as written (``1.1`` is 11/10: in binary floating point
+        ``100 * 1.1 / 10`` is 11.000000000000002, whose ceiling would be 12)."""
+        exact = Fraction(repr(self.capacity_factor)) * n_tokens / self.n_experts
+        return min(n_tokens, math.ceil(exact))
 
     def forward(self, scores: torch.Tensor) -> RouterOutput:
         _validate.tensor("scores", scores, (2, 3))

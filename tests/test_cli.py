@@ -743,3 +743,25 @@ def test_demo_writes_picture_and_table(capsys, tmp_path):
     assert re.fullmatch(r"[0-9.]+ s", rows["solve time"])
     assert rows["map time"].endswith("pixels through the entropic map)")
     assert (rows["device"], rows["backend"], rows["image"]) == ("cpu", "torch", str(out))
+
+
+def test_seed_out_of_range_is_a_flag_error(capsys):
+    for cmd in (["solve", "--n", "10"], ["demo", "--n", "10"]):
+        for seed, word in (("-1", ">= 0"), (str(2**64), "<= 18446744073709551615")):
+            with pytest.raises(SystemExit, match=f"--seed must be an integer {word}"):
+                main([*cmd, "--seed", seed, "--device", "cpu"])
+
+
+def test_json_writes_null_for_non_finite_numbers(capsys):
+    """A failed solve's inf cost is null: strict JSON has no Infinity (json.loads with
+    parse_constant raising proves none is printed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", otcore.ConvergenceWarning)
+        assert main(["solve", "--json", "--device", "cpu", "--n", "20", "--eps", "1e-12", "--max-iter", "1"]) == 0
+    out, _ = capsys.readouterr()
+
+    def strict(token):
+        raise AssertionError(f"non-JSON constant {token}")
+
+    s = json.loads(out, parse_constant=strict)
+    assert s["converged"] is False and s["cost"] is None and s["marginal_error"] is None

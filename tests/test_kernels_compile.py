@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
     import sys
     import torch
     sys.path.insert(0, sys.argv[1])
-    from sass_counts import compile_sm90, resources  # the bench's compiler call, shared
+    from sass_counts import compile_sm90, resources, softmin_ints  # the bench's compiler call, shared
     from otcore.kernels import ksparse, plan, sinkhorn_steps, softmin, sparse
 
     steps = dict(EUCLID=False, SYMMETRIC=False, CHECK=False, BLOCK_N=64, BLOCK_M=64)
@@ -43,6 +43,9 @@ SCRIPT = textwrap.dedent(
         (softmin.softmin_kernel, "fp32", dict(sm, D=3, DP=4, COST=1, IP="tf32x3", SHIFT=True, PARTIAL=True), 8),
         (softmin.softmin_kernel, "fp32", dict(sm, D=64, DP=64, COST=2, IP="tf32x3", FIXUP=True), 8),
         (softmin.softmin_kernel, "fp32", dict(sm, D=64, DP=64, COST=2, IP="tf32x3"), 8),
+        # d > 64: feature slices per tile; as launched (contiguous features: unit strides)
+        (softmin.softmin_kernel, "fp32", dict(sm, D=200, DP=256, COST=2, IP="tf32x3", SHIFT=True), 8,
+         softmin_ints(32768, 2 * 256 + 16)),
         (softmin.softmin_kernel, "fp64", dict(sm, D=64, DP=64, COST=1, IP="ieee", LOWEST=-1.7e308), 8),
     ]
     tile = dict(D=3, DP=4, COST=1, EUCLID=False, IP="tf32x3", BLOCK_I=64, BLOCK_J=64)
@@ -66,8 +69,8 @@ SCRIPT = textwrap.dedent(
         cases.append((plan.plan_reduce_kernel, "fp32", dict(const, BLOCK_K=bk, V_MATRIX=matrix), warps))
     # the streamed passes' block-size rules promise no spills (registers only)
     no_spill = (softmin.softmin_kernel, plan.plan_reduce_kernel, sinkhorn_steps.sinkhorn_steps_kernel)
-    for kernel, dtype, const, warps in cases:
-        compiled = compile_sm90(kernel, const, num_warps=warps, dtype=dtype)
+    for kernel, dtype, const, warps, *ints in cases:
+        compiled = compile_sm90(kernel, const, num_warps=warps, dtype=dtype, ints=ints[0] if ints else None)
         assert compiled.asm["cubin"], (kernel.__name__, const)
         regs, stack = resources(compiled)
         assert stack == 0 or kernel not in no_spill, (kernel.__name__, const, regs, stack)
@@ -82,4 +85,4 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 22, proc.stdout
+    assert proc.stdout.count(" ok") == 23, proc.stdout

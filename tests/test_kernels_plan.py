@@ -118,6 +118,33 @@ def test_d17_dot_path_plan_ops():
     assert relerr(geom.plan_cost(F, G, EPS, backend="triton"), (P * C).sum((1, 2))) < 2e-5
 
 
+def test_wide_dot_path_reads_coordinate_slices():
+    """d = 70 (128 padded coordinates, past DOT_K_MAX = 64): every kernel of the dot path
+    reads both sides' features in slices of 64 coordinates per tile."""
+    from otcore.kernels import softmin as KS
+
+    geom, C, F, G = problem(70, seed=16)
+    op = triton_ops.operand(geom, 1, "fp32", EPS)
+    assert op.mode == KS.COST_DOT and op.constexprs()["DP"] == 128 > KS.DOT_K_MAX.value
+    P = plan64(C, F, G, EPS)
+    h = G.double()
+    exact = -EPS * torch.logsumexp((h[:, None, :] - C) / EPS, dim=2)
+    assert relerr(geom.softmin(G, EPS, 1, backend="triton"), exact) < 1e-5
+    # C reaches 17 here (eps 0.05): float32 rounding of C / eps alone moves entries of P by
+    # ~2e-5 (the torch backend errs 2.1e-5 and 3.8e-5 on the next two), hence 5e-5
+    assert relerr(geom.marginals(F, G, EPS, 1, backend="triton"), P.sum(2)) < 5e-5
+    V = randn(B, M, 40, generator=torch.Generator().manual_seed(17))
+    assert relerr(geom.apply_plan(F, G, EPS, V, 1, backend="triton"), P @ V.double()) < 5e-5
+    vals, idx = geom.plan_topk(F, G, EPS, 3, backend="triton")
+    want = P.topk(3, dim=2)
+    pos = want.values > 0  # the zero-weight row's zeros come in any order
+    assert relerr(vals, want.values) < 5e-5 and torch.equal(idx[pos], want.indices[pos])
+    x = geom.x.double().requires_grad_()
+    (P.detach() * cost64(x, geom.y.double(), "sqeuclidean")).sum().backward()
+    gx, _ = geom.plan_cost_grad(F, G, EPS, backend="triton")
+    assert relerr(gx, x.grad) < 5e-5
+
+
 def test_cost_matrix_plan_ops_both_axes():
     g = torch.Generator().manual_seed(3)
     C = rand(B, N, M, generator=g)

@@ -191,3 +191,12 @@ def test_bad_scores():
         router(torch.full((10, 4), float("nan")))
     with pytest.raises(TypeError, match="scores"):
         router([[1.0, 2.0, 3.0, 4.0]])
+
+
+def test_capacity_takes_the_factor_as_written():
+    """ceil(100 * 1.1 / 10) = 11, although 100 * 1.1 / 10 is 11.000000000000002 in binary."""
+    router = otcore.SparseOTRouter(n_experts=10, capacity_factor=1.1)
+    assert router.capacity(100) == 11
+    assert otcore.SparseOTRouter(n_experts=8, capacity_factor=1.25).capacity(100) == 16  # 15.625
+    with pytest.raises(ValueError, match="backend"):
+        otcore.SparseOTRouter(n_experts=4, backend="gpu")

@@ -557,3 +557,41 @@ def test_nearly_permutation_kernel_is_slow_but_reported():
     res = otcore.sinkhorn_newton(geom, a, b, eps=eps, tol=1e-12, **T)
     assert res.converged
     torch.testing.assert_close(res.plan()[:2, 3:], want, rtol=1e-8, atol=1e-15)
+
+
+def test_a_plan_missing_its_marginals_is_not_converged_even_if_the_loop_test_passed():
+    """Pixel coordinates (cost ~1e5) at eps = 1e-4 in float32: F + G - C rounds by ~1e-2,
+    far more than eps. The loop's test compares the potentials with the next pass, which
+    agree to the last bit, and passes; the plan they give misses its marginals by O(1).
+    That is reported as not converged, with a warning that says why."""
+    g = torch.Generator().manual_seed(11)
+    x, y = 256 * torch.rand(8, 2, generator=g), 256 * torch.rand(9, 2, generator=g)
+    with pytest.warns(ConvergenceWarning, match="misses its marginals"):
+        res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=1e-4)
+    assert not res.converged and res.marginal_error > 1e-2
+    assert abs(float(res.plan().sum()) - 1) > 1e-2  # the plan really is off
+
+
+def test_value_at_large_eps_keeps_the_mass_term_small():
+    """value = <a,f> + <b,g> - eps (sum P - mass): the mass term is summed from
+    a_i expm1(delta_i) (delta = (f - s)/eps from the row pass), not as sum P in float32,
+    whose rounding times eps = 1e4 moved the value by 2e-2 relative."""
+    from otcore.solvers._entropic import mass_gap
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(40, 2, generator=g), torch.rand(50, 2, generator=g)
+    eps = 1e4
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=eps)
+    geom64 = otcore.PointCloud(x.double(), y.double())
+    # the float32 weights the solver used (1/50 is not a float32 number), in float64
+    a = torch.full((1, 40), 1 / 40).double()
+    b = torch.full((1, 50), 1 / 50).double()
+    f, gg = res.f.double()[None], res.g.double()[None]
+    s = geom64.softmin(gg + eps * b.log(), eps, 1)
+    delta64 = (f - s) / eps
+    exact = float((a * delta64.exp()).sum() - a.sum() * b.sum())  # float64, same potentials
+    got = float(mass_gap(a.float(), b.float(), delta64.float()))
+    assert abs(eps * (got - exact)) < 1e-4 * abs(res.value)
+    # the naive float32 sum of the plan is far worse at this eps
+    naive = float(res.plan().sum()) - 1.0
+    assert abs(eps * (naive - exact)) > 10 * abs(eps * (got - exact))

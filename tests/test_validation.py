@@ -340,3 +340,30 @@ def test_tiny_positive_eps_is_accepted_not_clamped():
     res = otcore.sinkhorn(otcore.CostMatrix(torch.zeros(2, 2, dtype=torch.float64)), eps=1e-300)
     assert res.converged  # a zero cost: the plan is a x b for any eps
     torch.testing.assert_close(res.plan(), torch.full((2, 2), 0.25, dtype=torch.float64))
+
+
+def test_eps_or_gamma_whose_reciprocal_overflows_is_rejected_before_any_work():
+    x, y = torch.rand(5, 2), torch.rand(7, 2)
+    with pytest.raises(ValueError, match="eps=1e-40 is too small for float32"):
+        otcore.sinkhorn(otcore.PointCloud(x, y), eps=1e-40)
+    with pytest.raises(ValueError, match="gamma=1e-300 is too small for float32"):
+        otcore.sparse_ot(otcore.PointCloud(x, y), k=2, gamma=1e-300)
+    # float64 takes it (its reciprocal is finite there)
+    geom64 = otcore.PointCloud(x.double(), y.double())
+    assert otcore.sinkhorn(geom64, eps=1e-3).converged
+
+
+def test_eps_tensor_requiring_grad_and_non_bool_verbose_are_type_errors():
+    geom = otcore.PointCloud(torch.rand(5, 2), torch.rand(7, 2))
+    with pytest.raises(TypeError, match="eps must be a number: a tensor that requires grad"):
+        otcore.sinkhorn(geom, eps=torch.tensor(0.1, requires_grad=True))
+    assert otcore.sinkhorn(geom, eps=torch.tensor(0.1)).converged  # a plain scalar tensor is fine
+    with pytest.raises(TypeError, match="verbose"):
+        otcore.sinkhorn(geom, eps=0.1, verbose="yes")
+
+
+@pytest.mark.parametrize("kw, name", [(dict(rho=-1), "rho"), (dict(tol=0), "tol"), (dict(max_iter=0), "max_iter"),
+                                      (dict(backend="gpu"), "backend"), (dict(precision="fp16"), "precision")])
+def test_sinkhorn_loss_checks_its_arguments_at_construction(kw, name):
+    with pytest.raises(ValueError, match=name):
+        otcore.SinkhornLoss(**kw)

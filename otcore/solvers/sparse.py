@@ -174,7 +174,7 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     if not isinstance(geom, Geometry):
         raise TypeError(f"geom must be an otcore.PointCloud or otcore.CostMatrix, got {type(geom).__name__}")
     k = _validate.positive_int("k", k)
-    gamma = _validate.positive("gamma", gamma)
+    gamma = _validate.reciprocal_fits("gamma", _validate.positive("gamma", gamma), geom.dtype)
     _validate.choice("formulation", formulation, FORMULATIONS)
     if isinstance(axis, bool) or axis not in (0, 1):
         raise ValueError(f"axis must be 0 (k-sparse columns) or 1 (k-sparse rows), got {axis!r}")
@@ -306,10 +306,12 @@ class _SparseOTFunction(torch.autograd.Function):
     def forward(ctx, spec: _GradSpec, value, cost, vals, *inputs):
         ctx.spec = spec
         ctx.n_geom = len(spec.pb.geom.inputs())
+        ctx.save_for_backward(*inputs)  # for autograd's version check only (backward re-reads the inputs)
         return value.clone(), cost.clone(), vals.clone()
 
     @staticmethod
     def backward(ctx, gv, gc, gT):
+        _ = ctx.saved_tensors  # raises if an input was modified in place since the solve
         spec = ctx.spec
         pb, out = spec.pb, spec.out
         dt = out.vals.dtype
