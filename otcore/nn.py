@@ -34,6 +34,12 @@ class SinkhornLoss(nn.Module):
     self-transport terms run Sinkhorn's symmetric update (see :func:`otcore.sinkhorn`),
     which converges in tens of iterations at any eps.
 
+    Float32 and a large eps: each term's potentials are ``-eps log`` of a sum near 1, so
+    they carry an absolute rounding of ~``eps * 2^-24``, and the debiased loss is a small
+    difference of three such terms. Measured (200 vs 150 uniform points in the unit square,
+    against POT in float64): 0.3% off at eps = 10, 4% at eps = 100, 6% at eps = 1000. In the MMD
+    regime use float64 inputs.
+
     Args:
         eps: regularization in cost units (``||x - y||^2`` by default, no 1/2).
         debias: subtract the two self-transport terms.
