@@ -162,7 +162,7 @@ def ours_solve(C: torch.Tensor, k: int, gamma: float, backend: str, target: floa
         res = otcore.sparse_ot(geom, k=k, gamma=gamma, max_iter=max_iter, backend=backend)
         _sync(device)
         full = time.perf_counter() - t0
-    pb, theta0, _ = S._make_problem(geom, None, None, k, gamma, "semi-dual", 0, "fixed", backend, "fp32", None)
+    pb, theta0, _ = S._make_problem(geom, None, None, k, gamma, "semi-dual", 0, "fixed", backend, "fp32", None, 1e-5)
     hit, evals = [], [0]
     t0 = time.perf_counter()
 

@@ -97,8 +97,9 @@ def _line_scores(
     """
     h = tl.load(h_ptr + pid_b * s_hb + pos * s_hn, mask=pos_ok, other=0.0)
     ok = line_ok[:, None] & pos_ok[None, :]
-    if COST == 0:
-        c = tl.load(c_ptr + pid_b * s_cb + lines[:, None] * s_cline + pos[None, :] * s_cpos, mask=ok, other=0.0)
+    if COST == 0:  # int64 offsets: a position's row of C can start past 2^31 elements
+        c = tl.load(c_ptr + pid_b * s_cb + lines[:, None].to(tl.int64) * s_cline + pos[None, :].to(tl.int64) * s_cpos,
+                    mask=ok, other=0.0)
     else:
         c = tl.zeros((BLOCK_L, BLOCK_N), dtype=h.dtype)
         for dd in range(D):
@@ -131,7 +132,7 @@ def _ksparse_kernel(
     vals_ptr, idx_ptr, cost_ptr: (B, L, K) contiguous outputs (plan entries, int64 positions, costs).
     """
     pid_l = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_b = tl.program_id(1).to(tl.int64)  # batch offsets (and the outputs' B * L * K) may pass 2^31
     gamma = tl.load(gamma_ptr)  # a 1-element tensor, so fp64 problems keep a float64 gamma
     lines = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     line_ok = lines < L

@@ -7,7 +7,8 @@ plan is formed tile by tile as ``2^(s F_i + s G_j - s C_ij)`` with
 
 - :func:`launch_plan_reduce`: ``sum_j W_ij V_jk`` and/or ``sum_j W_ij`` for the
   weights ``W = P`` (apply_plan, marginals), ``W = P * C`` (``<P, C>``) or
-  ``W = P / C`` (the Euclidean cost's gradient), in one pass.
+  ``W = P / C``, in one pass; or ``sum_j W_ij (own_ik - oth_jk)`` with the
+  differences formed entry by entry (the point costs' gradient, ``diff=True``).
 - :func:`launch_plan_topk`: the ``k`` largest ``P_ij`` of each own row with their
   column indices, by a running top-k merged tile by tile.
 - :func:`launch_plan_dense`: ``P`` itself (small problems).
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmin import COST_DOT, CostOperand, block_sizes, cost_tile, own_block, program_rows, scalars
+from .softmin import COST_DIRECT, COST_DOT, CostOperand, block_sizes, cost_tile, own_block, program_rows, scalars
 
 WEIGHT_P = 0  # W = P
 WEIGHT_PC = 1  # W = P * C
@@ -48,7 +49,7 @@ def plan_reduce_kernel(
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_V: tl.constexpr, V_MATRIX: tl.constexpr, WITH_SUM: tl.constexpr, WEIGHT: tl.constexpr,
-    VIP: tl.constexpr,
+    VIP: tl.constexpr, DIFF: tl.constexpr,
 ):
     """``out_v[i, k] = sum_j W_ij V[j, k]`` and ``out_s[i] = sum_j W_ij`` for own rows i.
 
@@ -72,6 +73,11 @@ def plan_reduce_kernel(
 
     ``WEIGHT``: 0 ``W = P``, 1 ``W = P*C``, 2 ``W = P/C`` (0 where ``C = 0``).
     ``VIP``: tl.dot input precision of ``W @ V`` (``"tf32x3"`` keeps float32 accuracy).
+    ``DIFF`` (with ``V_MATRIX``, ``COST_DIRECT``): ``V`` is not read; the values are the
+    coordinate differences, ``out_v[i, k] = sum_j W_ij (own_ik - oth_jk)``, each difference
+    formed per entry (BLOCK_I x BLOCK_J x BLOCK_K products per tile): where the plan sits on
+    near-coincident pairs, ``x_i (W1)_i - (W y)_i`` would cancel two terms much larger than
+    the result (for ``W = P / C``, ~``1/C`` times larger).
     """
     q = tl.program_id(1)
     b, offs_i, mask_i, own_ptr, oth_ptr, c_ptr = program_rows(
@@ -83,6 +89,9 @@ def plan_reduce_kernel(
     v_ptr += b * s_vb
     scale = tl.load(scal_ptr)
     own_hi, own_lo, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, DP, COST)
+    if DIFF:  # the own coordinates of this program's value columns, (BLOCK_I, BLOCK_K)
+        own_k = tl.load(own_ptr + offs_i[:, None] * s_or + offs_k[None, :] * s_ok,
+                        mask=mask_i[:, None] & mask_k[None, :], other=0.0)
 
     dtype = f_ptr.dtype.element_ty
     # sums are kept per tile entry and reduced across the tile's threads once, after the loop
@@ -104,7 +113,11 @@ def plan_reduce_kernel(
         if WITH_SUM:
             acc_s += W
         if HAS_V:
-            if V_MATRIX:
+            if DIFF:
+                oth_k = tl.load(oth_ptr + offs_j[:, None] * s_tr + offs_k[None, :] * s_tk,
+                                mask=mask_j[:, None] & mask_k[None, :], other=0.0)
+                acc_v += tl.sum(W[:, :, None] * (own_k[:, None, :] - oth_k[None, :, :]), axis=1)
+            elif V_MATRIX:
                 V = tl.load(v_ptr + offs_j[:, None] * s_vr + offs_k[None, :] * s_vk,
                             mask=mask_j[:, None] & mask_k[None, :], other=0.0)
                 acc_v += tl.dot(W, V, input_precision=VIP).to(dtype)
@@ -221,10 +234,19 @@ def value_block(n_val: int) -> int:
     return min(64, max(16, triton.next_power_of_2(n_val)))
 
 
-def reduce_block_sizes(op: CostOperand, has_v: bool, matrix: bool, bk: int) -> tuple[int, int, int]:
+#: Coordinates per program of the ``diff`` reduction (its tile is BLOCK_I x BLOCK_J x this).
+DIFF_BLOCK_K = 4
+
+
+def reduce_block_sizes(op: CostOperand, has_v: bool, matrix: bool, bk: int,
+                       diff: bool = False) -> tuple[int, int, int]:
     """``(BLOCK_I, BLOCK_J, num_warps)`` for :func:`plan_reduce_kernel` (``bk``: BLOCK_K).
 
-    The softmin tiles (:func:`~otcore.kernels.softmin.block_sizes`), except for values
+    ``diff`` (``bk`` <= 4): 32 x 32 tiles (16 x 32 in float64) and 8 warps; the sm_90
+    cubins for d = 1..8, both costs, then use at most 229 registers (float64: 242) and no
+    stack with Triton 3.9 (4 warps spilled at d = 8, 64 x 32 tiles at d = 3).
+
+    Otherwise the softmin tiles (:func:`~otcore.kernels.softmin.block_sizes`), except for values
     (``W V``) next to the d >= 32 own tiles of the dot path (head and tail, ``BLOCK_I x DP``
     each). There 64 x 64 tiles spill (sm_90 cubins at d = 64, Triton 3.9: 120 bytes per
     thread for a vector, 200-576 for 16-64 value columns). Without spills with Triton 3.6
@@ -232,6 +254,8 @@ def reduce_block_sizes(op: CostOperand, has_v: bool, matrix: bool, bk: int) -> t
     32 x 32 for 64 value columns (64 x 32 spilled 32 bytes there with Triton 3.6).
     """
     bi, bj, warps = block_sizes(op.n_own, op.n_oth, op.mode, op.d)
+    if diff:
+        return min(bi, 16 if op.ref.dtype == torch.float64 else 32), min(bj, 32), 8
     if has_v and op.mode == COST_DOT and op.d >= 32:
         bj = min(bj, 32)
         if matrix and bk >= 64:
@@ -255,6 +279,7 @@ def launch_plan_reduce(
     V: Optional[torch.Tensor] = None,
     with_sum: bool = False,
     weight: int = WEIGHT_P,
+    diff: bool = False,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(W V, W 1)`` over the operand's other side, in one streamed pass.
 
@@ -265,6 +290,8 @@ def launch_plan_reduce(
         V: None, ``(B, n_oth)`` or ``(B, n_oth, k)`` values on the other side.
         with_sum: also return the row sums ``sum_j W_ij`` ``(B, n_own)``.
         weight: ``WEIGHT_P`` / ``WEIGHT_PC`` / ``WEIGHT_P_OVER_C``.
+        diff: instead of ``V``, ``WV[i] = sum_j W_ij (own_i - oth_j)`` ``(B, n_own, d)``,
+            each difference formed per entry; needs a ``COST_DIRECT`` point operand and ``V=None``.
 
     Returns:
         ``(WV or None, W1 or None)``; ``WV`` is ``(B, n_own)`` or ``(B, n_own, k)``.
@@ -274,14 +301,16 @@ def launch_plan_reduce(
     B, n_own, n_oth = op.batch, op.n_own, op.n_oth
     F_own = F_own.to(dt).contiguous()
     G_oth = G_oth.to(dt).contiguous()
-    has_v = V is not None
-    matrix = has_v and V.dim() == 3
-    n_val = V.shape[2] if matrix else 1
-    bk = value_block(n_val) if matrix else 16
-    bi, bj, warps = reduce_block_sizes(op, has_v, matrix, bk)
+    if diff and (V is not None or op.mode != COST_DIRECT):
+        raise ValueError("diff=True needs V=None and a COST_DIRECT point operand")
+    has_v = V is not None or diff
+    matrix = has_v and (diff or V.dim() == 3)
+    n_val = op.d if diff else V.shape[2] if matrix else 1
+    bk = min(DIFF_BLOCK_K, triton.next_power_of_2(n_val)) if diff else value_block(n_val) if matrix else 16
+    bi, bj, warps = reduce_block_sizes(op, has_v, matrix, bk, diff)
     tiles_own = triton.cdiv(n_own, bi)
     if has_v:
-        V = V.to(dt)
+        V = op.oth if diff else V.to(dt)  # (diff: not read; any tensor for the pointer)
         out_v = torch.empty((B, n_own, n_val) if matrix else (B, n_own), dtype=dt, device=dev)
         vs = (V.stride(0), V.stride(1), V.stride(2) if matrix else 0)
         ovs = (out_v.stride(0), out_v.stride(1))
@@ -297,7 +326,7 @@ def launch_plan_reduce(
         *ovs, n_own, F_own.stride(0), G_oth.stride(0), *vs, *args[3:],
         **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk,
         HAS_V=has_v, V_MATRIX=matrix, WITH_SUM=with_sum, WEIGHT=weight, VIP=_value_precision(op),
-        num_warps=warps,
+        DIFF=diff, num_warps=warps,
     )
     return out_v, out_s
 

@@ -53,7 +53,7 @@ def _topk_rows_kernel(
     tiles are rejected after a single max/min comparison.
     """
     pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # batch offsets may pass 2^31 elements
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
     slots = tl.arange(0, S_PAD)
@@ -70,7 +70,7 @@ def _topk_rows_kernel(
         g = tl.load(G_ptr + b * sG_b + cols, mask=cmask, other=0.0)
         if COST == 0:
             cost = tl.load(
-                C_ptr + b * sC_b + rows[:, None] * sC_n + cols[None, :] * sC_m,
+                C_ptr + b * sC_b + rows[:, None].to(tl.int64) * sC_n + cols[None, :].to(tl.int64) * sC_m,
                 mask=rmask[:, None] & cmask[None, :], other=0.0,
             )
         else:
@@ -118,7 +118,7 @@ def _ell_rows_kernel(
     V, I (B,n,S) the ELL matrix; X (B,m) the vector (unit stride); O (B,n).
     """
     pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # batch offsets may pass 2^31 elements
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.arange(0, S_PAD)
     mask = (rows < n)[:, None] & (slots < S)[None, :]
@@ -139,7 +139,7 @@ def _ell_cols_kernel(
     V, I (B,n,S); U (B,n); O (B,m), zero on entry. Grid ``(cdiv(n, BLOCK_M), B)``.
     """
     pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # batch offsets may pass 2^31 elements
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.arange(0, S_PAD)
     rmask = rows < n

@@ -270,29 +270,53 @@ def plan_topk(geom, F, G, eps: float, k: int, precision: str = "fp32") -> tuple[
     return vals, idx
 
 
+#: Up to this many coordinates the point-cost gradient forms each difference per entry
+#: (the Triton path, ``triton_ops.plan_cost_grad``, uses the same bound); past it, the product form.
+GRAD_DIFF_MAX_D = 8
+
+
 def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[torch.Tensor, ...]:
     """Derivative of ``<P, C>`` with respect to the cost's inputs, ``P`` held fixed.
 
     Dense cost: ``(P,)``. Point clouds: ``(gx, gy)`` with
     ``gx_i = sum_j P_ij dC_ij/dx_i`` (B,n,d) and ``gy_j = sum_i P_ij dC_ij/dy_j`` (B,m,d).
-    Squared Euclidean: ``gx_i = 2 (x_i (P1)_i - (P y)_i)``. Euclidean:
-    ``gx_i = sum_j W_ij (x_i - y_j)`` with ``W = P / C`` (0 where the points coincide).
-    Either way one pass per side: ``[W 1, W y]`` is one product with ``[1, y]``.
+    Both are ``gx_i = sum_j W_ij (x_i - y_j)``, ``W = 2P`` (squared Euclidean) or
+    ``W = P / C`` (Euclidean, 0 where the points coincide):
+
+    - up to ``GRAD_DIFF_MAX_D`` coordinates each difference is formed per entry, one
+      coordinate at a time, from the raw coordinates. Written as ``x_i (W1)_i - (W y)_i``
+      the two terms cancel where the plan sits on near-coincident pairs, the more so as
+      ``W ~ 1/C`` for the Euclidean cost;
+    - past it, in that product form (one matrix product with ``[1, y]`` per block, ``d``
+      times cheaper than per-entry differences) on the clouds centred at their joint
+      mean, which keeps the terms from cancelling large numbers far from the origin.
     """
     if geom.is_dense:
         return (plan_dense(geom, F, G, eps),)
     k = _LOG2E / eps
+    euclid = geom.cost == "euclidean"
+    per_entry = geom.d <= GRAD_DIFF_MAX_D
+    mu = 0.0 if per_entry else (geom.x.sum(1, keepdim=True) + geom.y.sum(1, keepdim=True)) / (geom.n + geom.m)
     grads = []
     for axis, (own, far) in ((1, (geom.x, geom.y)), (0, (geom.y, geom.x))):
         Fl, Go = sides(F * k, G * k, axis)
-        far = far.to(torch.promote_types(Fl.dtype, far.dtype))
-        V = torch.cat([torch.ones_like(far[..., :1]), far], dim=2)  # (B, other, 1 + d)
-        WV = torch.empty(geom.batch, own.shape[1], V.shape[2], dtype=V.dtype, device=V.device)
-        for sl, C, Z in _tiles(geom, axis, Fl.dtype, keep_cost=geom.cost == "euclidean"):
+        dt = torch.promote_types(Fl.dtype, far.dtype)
+        own, far = (own - mu).to(dt), (far - mu).to(dt)
+        out = torch.empty(geom.batch, own.shape[1], geom.d, dtype=dt, device=own.device)
+        V = None if per_entry else torch.cat([torch.ones_like(far[..., :1]), far], dim=2)  # (B, other, 1 + d)
+        D = None  # per-entry differences: one more work tile, allocated at the first (largest) block
+        for sl, C, Z in _tiles(geom, axis, Fl.dtype, keep_cost=euclid):
             W = _log2_plan_(Z, C, Fl[:, sl], Go, k).exp2_()
-            if geom.cost == "euclidean":  # P / C, and 0 where C = 0 (0/0 or P/0)
-                W.div_(C).nan_to_num_(nan=0.0, posinf=0.0)
-            WV[:, sl] = W @ V
-        g = own * WV[..., :1] - WV[..., 1:]
-        grads.append(2 * g if geom.cost == "sqeuclidean" else g)
+            if euclid:
+                W.div_(C).nan_to_num_(nan=0.0, posinf=0.0)  # P / C, and 0 where C = 0 (0/0 or P/0)
+            if per_entry:
+                D = torch.empty_like(W) if D is None else D
+                Dt = D[:, : W.shape[1]]
+                for c in range(geom.d):  # sum_j W_ij (x_ic - y_jc)
+                    torch.sub(own[:, sl, c, None], far[:, None, :, c], out=Dt)
+                    out[:, sl, c] = Dt.mul_(W).sum(-1)
+            else:
+                WV = W @ V
+                out[:, sl] = own[:, sl] * WV[..., :1] - WV[..., 1:]
+        grads.append(out if euclid else 2 * out)
     return tuple(grads)

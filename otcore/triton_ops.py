@@ -121,19 +121,22 @@ def _plan_reduce_op(
     own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
     transposed: bool, euclidean: bool, mode: int, ip: str, feats: list[Optional[torch.Tensor]],
     F: torch.Tensor, G: torch.Tensor, eps: float,
-    V: Optional[torch.Tensor], with_sum: bool, weight: int,
+    V: Optional[torch.Tensor], with_sum: bool, weight: int, diff: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     op = _operand_of(own, oth, C, transposed, euclidean, mode, ip, feats)
-    WV, W1 = _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight)
+    WV, W1 = _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight, diff=diff)
     empty = op.ref.new_empty(0)  # a custom op returns tensors: empty stands for "not asked"
     return (WV if WV is not None else empty), (W1 if W1 is not None else empty)
 
 
 @_plan_reduce_op.register_fake
-def _(own, oth, C, transposed, euclidean, mode, ip, feats, F, G, eps, V, with_sum, weight):
+def _(own, oth, C, transposed, euclidean, mode, ip, feats, F, G, eps, V, with_sum, weight, diff):
     ref = C if C is not None else own
     shape = _fake_shape(own, C, transposed)
-    WV = ref.new_empty(0) if V is None else ref.new_empty(shape + tuple(V.shape[2:]))
+    if diff:
+        WV = ref.new_empty(shape + (own.shape[2],))
+    else:
+        WV = ref.new_empty(0) if V is None else ref.new_empty(shape + tuple(V.shape[2:]))
     return WV, (ref.new_empty(shape) if with_sum else ref.new_empty(0))
 
 
@@ -175,11 +178,11 @@ def _launch_softmin(op, h, eps, hint=None):
     return _softmin.launch_softmin(op, h, eps, hint=hint)
 
 
-def _launch_reduce(op, F, G, eps, V=None, with_sum=False, weight=_plan.WEIGHT_P):
+def _launch_reduce(op, F, G, eps, V=None, with_sum=False, weight=_plan.WEIGHT_P, diff=False):
     if torch.compiler.is_compiling():
-        WV, W1 = _plan_reduce_op(*_fields(op), F, G, eps, V, with_sum, weight)
-        return (WV if V is not None else None), (W1 if with_sum else None)
-    return _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight)
+        WV, W1 = _plan_reduce_op(*_fields(op), F, G, eps, V, with_sum, weight, diff)
+        return (WV if V is not None or diff else None), (W1 if with_sum else None)
+    return _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight, diff=diff)
 
 
 def _check(precision: str, axis=None) -> None:
@@ -296,26 +299,34 @@ def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[tor
     """Derivative of ``<P, C>`` w.r.t. the cost's inputs, ``P`` held fixed.
 
     Dense cost: ``(P,)``. Point clouds: ``(gx, gy)``, (B,n,d) and (B,m,d), with
-    ``gx_i = sum_j P_ij dC_ij/dx_i``:
+    ``gx_i = sum_j P_ij dC_ij/dx_i = sum_j W_ij (x_i - y_j)``: ``W = 2P`` for the squared
+    Euclidean cost, ``W = P / C`` (0 where ``C = 0``) for the Euclidean one. One streamed
+    pass per side:
 
-    - squared Euclidean: ``gx_i = 2 (x_i (P1)_i - (P y)_i)``;
-    - Euclidean: ``gx_i = x_i (W1)_i - (W y)_i`` with ``W = P / C`` (0 where ``C = 0``).
-
-    Each side is one streamed pass (the weighted sum and the row sum together),
-    on the centred clouds (both formulas are translation invariant, and centring
-    keeps the difference of the two terms from cancelling large numbers).
+    - up to ``reference.GRAD_DIFF_MAX_D`` coordinates (as in the twin), each difference is
+      formed per entry from the raw coordinates, with the cost from direct differences
+      (the kernel's ``diff`` mode):
+      written as ``x_i (W1)_i - (W y)_i`` the two terms cancel where the plan sits on
+      near-coincident pairs, the more so as ``W ~ 1/C`` for the Euclidean cost;
+    - past it (where a per-entry difference costs ``d`` times more), that product form
+      on the centred clouds (centring keeps its terms from cancelling large numbers).
     """
     _check(precision)
     if geom.is_dense:
         return (plan_dense(geom, F, G, eps, precision),)
-    weight = _plan.WEIGHT_P if geom.cost == "sqeuclidean" else _plan.WEIGHT_P_OVER_C
-    factor = 2.0 if geom.cost == "sqeuclidean" else 1.0
+    euclid = geom.cost == "euclidean"
+    weight, factor = (_plan.WEIGHT_P_OVER_C, 1.0) if euclid else (_plan.WEIGHT_P, 2.0)
     grads = []
     for axis in (1, 0):
-        op = operand(geom, axis, precision, eps)
         own, oth = reference.sides(F, G, axis)
-        WV, W1 = _launch_reduce(op, own, oth, float(eps), V=op.oth, with_sum=True, weight=weight)
-        grads.append(factor * (op.own * W1[..., None] - WV))
+        if geom.d <= reference.GRAD_DIFF_MAX_D:
+            x, y = (geom.x, geom.y) if axis == 1 else (geom.y, geom.x)
+            op = _softmin.point_operand(x, y, euclid, precision, mode=_softmin.COST_DIRECT)
+            grads.append(factor * _launch_reduce(op, own, oth, float(eps), weight=weight, diff=True)[0])
+        else:
+            op = operand(geom, axis, precision, eps)
+            WV, W1 = _launch_reduce(op, own, oth, float(eps), V=op.oth, with_sum=True, weight=weight)
+            grads.append(factor * (op.own * W1[..., None] - WV))
     return tuple(grads)
 
 

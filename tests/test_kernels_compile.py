@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent(
         (softmin.softmin_kernel, "fp64", dict(sm, D=64, DP=64, COST=1, IP="ieee", LOWEST=-1.7e308), 8),
     ]
     tile = dict(D=3, DP=4, COST=1, EUCLID=False, IP="tf32x3", BLOCK_I=64, BLOCK_J=64)
-    reduce = dict(BLOCK_K=16, HAS_V=True, V_MATRIX=True, WITH_SUM=True, WEIGHT=0, VIP="tf32x3")
+    reduce = dict(BLOCK_K=16, HAS_V=True, V_MATRIX=True, WITH_SUM=True, WEIGHT=0, VIP="tf32x3", DIFF=False)
     cases += [
         (plan.plan_reduce_kernel, "fp32", dict(tile, **reduce), 8),
         (plan.plan_topk_kernel, "fp32", dict(tile, K=5, KP=8, LOWEST=-3.4e38), 8),
@@ -67,6 +67,16 @@ SCRIPT = textwrap.dedent(
         bi, bj, warps = plan.reduce_block_sizes(op, True, matrix, bk)
         const = dict(tile, **reduce, D=64, DP=64, COST=2, BLOCK_I=bi, BLOCK_J=bj)
         cases.append((plan.plan_reduce_kernel, "fp32", dict(const, BLOCK_K=bk, V_MATRIX=matrix), warps))
+    # the point costs' gradient: per-entry differences, at the launcher's tile sizes
+    for d, dtype, weight, euclid in ((3, "fp32", 2, True), (8, "fp32", 0, False), (3, "fp64", 2, True),
+                                     (5, "fp64", 0, False)):
+        pts = torch.empty(1, 32768, d, device="meta", dtype=torch.float64 if dtype == "fp64" else torch.float32)
+        op = softmin.CostOperand(pts, pts, None, False, euclid, softmin.COST_DIRECT, "ieee")
+        bk = min(plan.DIFF_BLOCK_K, 1 << (d - 1).bit_length())  # as the launcher: a power of 2
+        bi, bj, warps = plan.reduce_block_sizes(op, True, True, bk, diff=True)
+        const = dict(tile, **reduce, **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj)
+        const.update(BLOCK_K=bk, WITH_SUM=False, WEIGHT=weight, DIFF=True, VIP="ieee")
+        cases.append((plan.plan_reduce_kernel, dtype, const, warps))
     # the streamed passes' block-size rules promise no spills (registers only)
     no_spill = (softmin.softmin_kernel, plan.plan_reduce_kernel, sinkhorn_steps.sinkhorn_steps_kernel)
     for kernel, dtype, const, warps, *ints in cases:
@@ -85,4 +95,4 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 23, proc.stdout
+    assert proc.stdout.count(" ok") == 27, proc.stdout

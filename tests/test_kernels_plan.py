@@ -231,6 +231,32 @@ def test_euclidean_grad_ignores_coincident_points():
     assert relerr(gx, rx) < 1e-5 and relerr(gy, ry) < 1e-5
 
 
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+@pytest.mark.parametrize("case", ["near-coincident", "offset 1e4"])
+def test_cost_grad_is_float32_faithful_on_near_coincident_pairs_and_far_from_the_origin(cost, case):
+    """sum_j W_ij (x_i - y_j) with each difference formed per entry. As x_i (W1)_i - (W y)_i
+    the terms cancel: the plan on pairs 1e-5 apart gave 2e-2 relative error (Euclidean,
+    W = P / C ~ 1/C), clouds at 1e4 from the origin 8e-3 in the twin."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(1, 13, 3, generator=g, dtype=torch.float64)
+    y = torch.rand(1, 21, 3, generator=g, dtype=torch.float64)
+    if case == "near-coincident":
+        y[:, :13] = x + 1e-5 * torch.randn(1, 13, 3, generator=g, dtype=torch.float64)
+    else:
+        x, y = x + 1e4, y + 1e4
+    x, y = x.float().to(DEVICE), y.float().to(DEVICE)  # the exact inputs of the float64 reference
+    geom = otcore.PointCloud(x, y, cost=cost)
+    C = cost64(x, y, cost)
+    G = torch.full((1, 21), -EPS * math.log(21), dtype=torch.float64, device=DEVICE)
+    F = -EPS * torch.logsumexp((G[:, None, :] - C) / EPS, dim=2) - EPS * math.log(13)
+    P = plan64(C, F.float(), G.float(), EPS)
+    xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
+    (P * cost64(xr, yr, cost)).sum().backward()
+    for backend in ("triton", "torch"):
+        gx, gy = geom.plan_cost_grad(F.float(), G.float(), EPS, backend=backend)
+        assert relerr(gx, xr.grad) < 1e-5 and relerr(gy, yr.grad) < 1e-5, backend
+
+
 def test_tiny_eps_plan_ops_are_finite():
     geom, C, F, G = problem(3, seed=11)
     eps = 1e-3
@@ -297,6 +323,7 @@ def test_primitives_compile_as_custom_ops():
             geom.marginals(F, G, EPS, 0, backend="triton"),
             geom.plan_topk(F, G, EPS, 3, backend="triton")[1],
             geom.plan(F, G, EPS, backend="triton"),
+            *geom.plan_cost_grad(F, G, EPS, backend="triton"),  # the per-entry difference mode
         )
 
     eager = prims(F, G)
@@ -312,4 +339,6 @@ def test_custom_op_registrations_pass_opcheck():
     fields = triton_ops._fields(op)
     torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, G, EPS, None))
     torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, G, EPS, F))  # with a shift hint
-    torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, geom.y, True, KP.WEIGHT_P))
+    torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, geom.y, True, KP.WEIGHT_P, False))
+    # the per-entry differences (the point costs' gradient), with no V
+    torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, None, False, KP.WEIGHT_P, True))

@@ -216,6 +216,49 @@ def test_zero_weights_and_warm_start():
     assert warm.converged and warm.info["newton_iter"] == 0 and warm.n_iter <= 2
 
 
+def test_zero_weight_potentials_are_soft_c_transforms_and_give_the_weight_gradient():
+    """Newton steps do not move zero-weight rows/columns; at the end their potentials are
+    the soft c-transforms (as Sinkhorn leaves them), so d value / d a is right there too."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.rand(30, 2, generator=g, dtype=torch.float64), torch.rand(25, 2, generator=g, dtype=torch.float64)
+    a, b = weights(30, 5), weights(25, 6)
+    a[:5] = 0
+    b[:3] = 0
+    a, b = a / a.sum(), b / b.sum()
+    geom, eps = otcore.PointCloud(x, y), 0.01
+    ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
+    res = otcore.sinkhorn_newton(geom, ag, bg, eps=eps, tol=1e-12, warmup_iter=0, backend="torch")
+    assert res.converged and res.info["newton_iter"] > 0
+    C = dense_cost(geom)[0]
+    f_c = -eps * torch.logsumexp((res.g + eps * torch.log(b) - C) / eps, dim=1)
+    g_c = -eps * torch.logsumexp((res.f + eps * torch.log(a) - C.T) / eps, dim=1)
+    torch.testing.assert_close(res.f[:5], f_c[:5], rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.g[:3], g_c[:3], rtol=0, atol=1e-12)
+    # derivative along a mass-preserving move into a zero-weight row, vs a finite difference
+    res.value.backward()
+    d = torch.zeros(30, dtype=torch.float64)
+    d[0], d[10] = 1.0, -1.0
+    h = 1e-6
+    ref = otcore.sinkhorn(geom, a, b, eps=eps, tol=1e-13, max_iter=100_000, backend="torch")
+    moved = otcore.sinkhorn(geom, a + h * d, b, eps=eps, tol=1e-13, max_iter=100_000, backend="torch")
+    fd = float(moved.value - ref.value) / h
+    assert float(ag.grad @ d) == pytest.approx(fd, rel=1e-4)
+
+
+def test_warm_start_whose_plan_overflows_takes_sinkhorn_steps_first():
+    """init from a larger eps makes exp((f + g - C)/eps) overflow float32 at the target eps:
+    Sinkhorn steps make the plan finite, then Newton converges (no warning)."""
+    g = torch.Generator().manual_seed(7)
+    geom = otcore.PointCloud(torch.rand(50, 2, generator=g), torch.rand(40, 2, generator=g))
+    coarse = otcore.sinkhorn(geom, eps=0.1, tol=1e-6, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = otcore.sinkhorn_newton(geom, eps=1e-3, tol=1e-5, init=(coarse.f, coarse.g), warmup_iter=0,
+                                     backend="torch")
+    assert res.converged and res.info["fallback_iter"] > 0 and res.info["newton_iter"] > 0
+    assert torch.isfinite(res.value) and res.marginal_error <= 1e-5
+
+
 def test_fallback_to_sinkhorn_when_newton_does_not_help(monkeypatch):
     """A useless (zero) Newton direction is rejected; Sinkhorn steps carry the solve."""
     monkeypatch.setattr(NW._Solve, "_direction", lambda self, r, c, *args: (torch.zeros_like(r), torch.zeros_like(c)))
@@ -265,6 +308,7 @@ def test_triton_backend_matches_torch():
         (dict(eps=0.1, sparsity=2.0), TypeError, "sparsity"),
         (dict(eps=0.1, drop_tol=-1e-3), ValueError, "drop_tol"),
         (dict(eps=0.1, cg_tol=0.0), ValueError, "cg_tol"),
+        (dict(eps=0.1, cg_tol=0.5), ValueError, r"cg_tol must be in \(0, 0.1\]"),
         (dict(eps=0.1, cg_max_iter=0), ValueError, "cg_max_iter"),
         (dict(eps=0.1, fallback_iter=0), ValueError, "fallback_iter"),
         (dict(eps=0.1, backend="cuda"), ValueError, "backend"),

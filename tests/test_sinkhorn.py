@@ -385,6 +385,19 @@ def test_eps_schedule_reaches_the_same_solution(schedule):
     assert float(res.value) == pytest.approx(float(ref.value), rel=1e-8)
 
 
+def test_eps_schedule_with_a_tiny_decay_factor_starts_at_the_diameter():
+    """q = 1e-100 used to run one stage at eps / q = 1e98, whose update rounds to a common
+    offset ~1e82 of f and g: the plan then missed its marginals by O(100). The first stage
+    is capped at the cost's diameter."""
+    geom = geom_of("sqeuclidean", 30, 25, 2)
+    kw = dict(eps=0.01, tol=1e-10, max_iter=20_000, **T)
+    ref = otcore.sinkhorn(geom, **kw)
+    res = otcore.sinkhorn(geom, eps_schedule=1e-100, **kw)
+    assert res.info["eps_stages"] == [geom.diameter()]
+    assert res.converged and res.marginal_error <= 1e-10
+    torch.testing.assert_close(res.plan(), ref.plan(), rtol=1e-6, atol=1e-10)
+
+
 def test_max_iter_too_small_warns_and_reports_not_converged():
     geom = geom_of("sqeuclidean", 30, 20, 2)
     with pytest.warns(ConvergenceWarning):

@@ -94,13 +94,13 @@ def test_pass_matches_pot_objectives(k):
     geom = otcore.CostMatrix(C)
     reg = ot.smooth.SparsityConstrained(max_nz=min(k, 8), gamma=0.4) if k < 9 else ot.smooth.SquaredL2(gamma=0.4)
     # semi-dual
-    pb, _, _ = S._make_problem(geom, a, b, k, 0.4, "semi-dual", 0, "implicit", "torch", "fp32", None)
+    pb, _, _ = S._make_problem(geom, a, b, k, 0.4, "semi-dual", 0, "implicit", "torch", "fp32", None, 1e-5)
     f, grad, _, _ = pb.evaluate(alpha[None])
     obj, g_pot = _quiet(ot.smooth.semi_dual_obj_grad, alpha.numpy(), a.numpy(), b.numpy(), C.numpy(), reg)
     assert abs(-float(f) - obj) < 1e-12
     np.testing.assert_allclose(-grad[0].numpy(), g_pot, atol=1e-12)
     # dual
-    pb, _, _ = S._make_problem(geom, a, b, k, 0.4, "dual", 0, "implicit", "torch", "fp32", None)
+    pb, _, _ = S._make_problem(geom, a, b, k, 0.4, "dual", 0, "implicit", "torch", "fp32", None, 1e-5)
     f, grad, _, _ = pb.evaluate(torch.cat([alpha, beta])[None])
     obj, ga, gb = _quiet(ot.smooth.dual_obj_grad, alpha.numpy(), beta.numpy(), a.numpy(), b.numpy(), C.numpy(), reg)
     assert abs(-float(f) - obj) < 1e-12

@@ -7,6 +7,8 @@ tensors. Device mismatches are provoked with ``meta`` tensors, which exist on
 every machine (and with CUDA when there is one).
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,27 @@ def test_mass_mismatch_in_balanced_mode():
     # accepted when either marginal is relaxed
     for rho in (1.0, (1.0, None), (None, 1.0)):
         assert solve(a=2 * uniform(N), rho=rho, max_iter=5000).converged
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton", "sparse_ot"])
+def test_float32_mass_gap_that_tol_cannot_absorb_is_rejected(solver):
+    """The marginal error cannot fall below |sum a - sum b|: in float32 a gap of 5e-5 used
+    to pass the dtype's 1e-4 check, then the solve ran to max_iter. Now a gap above tol / 2
+    is an error; rounding gaps of weights normalised in float32 still pass at any tol."""
+    geom = otcore.PointCloud(rand(40, 2), rand(30, 2, seed=1))
+    kw = dict(k=3, gamma=1.0) if solver == "sparse_ot" else dict(eps=0.05)
+    fn = getattr(otcore, solver)
+    a, b = torch.full((40,), 1 / 40), torch.full((30,), 1 / 30)
+    with pytest.raises(ValueError, match=r"same total mass .* a gap of 5e-05; .* tol=1e-05"):
+        fn(geom, a, b * 1.00005, tol=1e-5, **kw)
+    fn(geom, a, b * 1.00005, tol=1e-3, **kw)  # within tol / 2 and the dtype's 1e-4: accepted
+    with pytest.raises(ValueError, match="same total mass"):
+        fn(geom, a, b * 1.0002, tol=1.0, **kw)  # above the dtype's 1e-4 whatever tol
+    w = rand(30, seed=2) * 7
+    w = w / w.sum()  # normalised in float32: a gap of a few rounding steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", otcore.ConvergenceWarning)
+        fn(geom, a, w, tol=1e-9, max_iter=1, **kw)  # accepted (tol is out of float32's reach: it warns)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -343,18 +366,20 @@ def test_tiny_positive_eps_is_accepted_not_clamped():
 
 
 def test_eps_or_gamma_whose_reciprocal_overflows_is_rejected_before_any_work():
-    x, y = torch.rand(5, 2), torch.rand(7, 2)
+    x, y = rand(5, 2, seed=3), rand(7, 2, seed=4)
     with pytest.raises(ValueError, match="eps=1e-40 is too small for float32"):
         otcore.sinkhorn(otcore.PointCloud(x, y), eps=1e-40)
     with pytest.raises(ValueError, match="gamma=1e-300 is too small for float32"):
         otcore.sparse_ot(otcore.PointCloud(x, y), k=2, gamma=1e-300)
-    # float64 takes it (its reciprocal is finite there)
+    # float64 takes it (its reciprocal is finite there); where it does not, no advice to use float64
     geom64 = otcore.PointCloud(x.double(), y.double())
-    assert otcore.sinkhorn(geom64, eps=1e-3).converged
+    assert otcore.sinkhorn(geom64, eps=1e-3, max_iter=100_000).converged
+    with pytest.raises(ValueError, match=r"is too small for float64: .*rescale the cost\)$"):
+        otcore.sinkhorn(geom64, eps=1e-320)
 
 
 def test_eps_tensor_requiring_grad_and_non_bool_verbose_are_type_errors():
-    geom = otcore.PointCloud(torch.rand(5, 2), torch.rand(7, 2))
+    geom = otcore.PointCloud(rand(5, 2, seed=5), rand(7, 2, seed=6))
     with pytest.raises(TypeError, match="eps must be a number: a tensor that requires grad"):
         otcore.sinkhorn(geom, eps=torch.tensor(0.1, requires_grad=True))
     assert otcore.sinkhorn(geom, eps=torch.tensor(0.1)).converged  # a plain scalar tensor is fine

@@ -52,8 +52,9 @@ def parse_rho(rho) -> tuple[Optional[float], Optional[float]]:
     return r, r
 
 
-def make_problem(geom, a, b, eps, rho, backend, precision) -> Problem:
-    """Validate every argument before any work is done."""
+def make_problem(geom, a, b, eps, rho, backend, precision, tol: float) -> Problem:
+    """Validate every argument before any work is done (``tol``: already validated, for
+    the mass check)."""
     if not isinstance(geom, Geometry):
         raise TypeError(f"geom must be an otcore.PointCloud or otcore.CostMatrix, got {type(geom).__name__}")
     eps = _validate.reciprocal_fits("eps", _validate.positive("eps", eps), geom.dtype)
@@ -63,7 +64,7 @@ def make_problem(geom, a, b, eps, rho, backend, precision) -> Problem:
     Bw = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
     rho_a, rho_b = parse_rho(rho)
     if rho_a is None and rho_b is None:
-        _validate.balanced_mass(A, Bw)
+        _validate.balanced_mass(A, Bw, tol)
     symmetric = geom.symmetric and a is b and rho_a == rho_b
     return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision, symmetric)
 
@@ -140,13 +141,16 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     info = dict(info, residual=resid if geom.batched else float(resid[0]))
     if not bool(converged.all()):
         bad = int((~converged).sum())
-        if not bool(finite.all()):
+        if not bool((torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1)).all()):
             why = "non-finite potentials (eps too small for the dtype?)"
+        elif not bool(finite.all()):
+            why = "the plan of the returned potentials overflows (non-finite value)"
         elif bool((passed & ~converged).any()):
             why = (f"the iterations met tol={tol:g}, but the plan of the potentials misses its marginals "
                    f"by {float(resid[passed & ~converged].max()):.3e}: eps={eps:g} is below what "
-                   f"{str(f.dtype).replace('torch.', '')} resolves of the cost (use float64, a larger eps, "
-                   "or rescale the cost)")
+                   f"{_validate.dtype_name(f.dtype)} resolves of f + g - C (|f|, |g| up to "
+                   f"{float(torch.maximum(f.abs().amax(), g.abs().amax())):.3g}; "
+                   f"{'' if f.dtype == torch.float64 else 'use float64, '}a larger eps, or rescale the cost)")
         else:
             why = f"residual {float(resid[~converged].max()):.3e} > tol={tol:g} after {int(n_iter.max())} iterations"
         warnings.warn(f"{name} did not converge for {bad} of {geom.batch} problem(s): {why}", ConvergenceWarning, stacklevel=3)

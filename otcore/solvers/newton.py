@@ -28,7 +28,10 @@ concave, with gradient ``(a - r, b - c)`` (``r = P1``, ``c = P^T 1``) and Hessia
    predicted increase is above ``L``'s floating-point resolution, and by a decrease of
    the marginal error below it (near the solution differences of ``L`` are rounding
    noise, but the gradient is still measured accurately).
-3. When no step is accepted, a few Sinkhorn iterations are run instead.
+3. When no step is accepted, a few Sinkhorn iterations are run instead; so they are
+   when the plan of the starting potentials overflows (a warm start from a larger eps).
+4. Zero-weight rows and columns take no Newton step; at the end their potentials are
+   set to the soft c-transforms, as Sinkhorn's updates set them.
 
 Stops when ``|P1 - a|_1 + |P^T 1 - b|_1 <= tol``. Each Newton iteration costs one
 extraction pass, the CG iterations on the sparse matrix (``O(n s)`` each), and two
@@ -100,12 +103,14 @@ def sinkhorn_newton(
             None chooses it: start at 8 and double (up to ``m``, and ``B n s`` at most
             ``MAX_ELL_ENTRIES``) while the dropped mass ``1 - sum(kept)/sum(P)`` exceeds ``drop_tol``.
         drop_tol: target dropped-mass fraction for ``sparsity=None``.
-        cg_tol: floor of the conjugate-gradient tolerance. Each Newton step stops CG at the
+        cg_tol: floor of the conjugate-gradient tolerance, in (0, 0.1]. Each Newton step stops CG at the
             relative preconditioned residual ``clamp(sqrt(err), cg_tol, 0.1)`` (inexact
             Newton: cheap far from the solution, superlinear near it).
         cg_max_iter: cap on conjugate-gradient iterations per Newton step.
-        fallback_iter: Sinkhorn iterations run when the line search finds no step.
-        init: warm start ``(f, g)``, e.g. the potentials of a nearby problem.
+        fallback_iter: Sinkhorn iterations run when the line search finds no step, or
+            when the plan of the starting potentials overflows.
+        init: warm start ``(f, g)``, e.g. the potentials of a nearby problem (with
+            ``warmup_iter=0``: no Sinkhorn warm-up).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`otcore.sinkhorn`).
         precision: ``"fp32"`` or ``"tf32"`` for the dense passes (see :func:`otcore.sinkhorn`).
         verbose: progress line on stderr; None = on a terminal after ~1 s.
@@ -117,8 +122,8 @@ def sinkhorn_newton(
         (per problem), ``cg_iter``, ``line_search_evals``, ``sparsity`` (final ``s``) and
         ``time_warmup_s``, ``time_newton_s``, ``time_fallback_s``, ``time_s``.
     """
-    pb = make_problem(geom, a, b, eps, None, backend, precision)
     tol = _validate.positive("tol", tol)
+    pb = make_problem(geom, a, b, eps, None, backend, precision, tol)
     max_iter = _validate.positive_int("max_iter", max_iter)
     warmup_iter = _validate.positive_int("warmup_iter", warmup_iter, minimum=0)
     warmup_tol = _validate.positive("warmup_tol", warmup_tol)
@@ -128,6 +133,8 @@ def sinkhorn_newton(
             raise ValueError(f"sparsity must be in [1, m={geom.m}], got {sparsity}")
     drop_tol = _validate.positive("drop_tol", drop_tol)
     cg_tol = _validate.positive("cg_tol", cg_tol)
+    if cg_tol > 0.1:  # the forcing term lies in [cg_tol, 0.1]
+        raise ValueError(f"cg_tol must be in (0, 0.1] (the floor of CG's relative tolerance), got {cg_tol:g}")
     cg_max_iter = _validate.positive_int("cg_max_iter", cg_max_iter)
     fallback_iter = _validate.positive_int("fallback_iter", fallback_iter)
     f, g = check_init(init, geom)
@@ -221,6 +228,9 @@ class _Solve:
         fallback_time = self.times["fallback"]
         r, c, err = self._marginals(self.f, self.g)
         self.ls_evals += 1
+        overflow = ~torch.isfinite(err)
+        if bool(overflow.any()):  # e.g. a warm start from a larger eps: Sinkhorn steps make the plan finite
+            r, c, err = self._fallback(fallback_iter, tol, overflow, r, c, err)
         s = sparsity if sparsity is not None else min(geom.m, 8)
         s_max = geom.m if sparsity is not None else max(s, min(geom.m, MAX_ELL_ENTRIES // (geom.batch * geom.n)))
         best = err.clone()
@@ -247,21 +257,40 @@ class _Solve:
             self.lam = lam.clamp(self.lam_min, self.lam_max)
             stuck = active & ~accepted
             if bool(stuck.any()):  # Newton did not help: Sinkhorn steps for those problems
-                self.fallback_its += self._sinkhorn(fallback_iter, tol, "fallback", active=stuck)
-                r2, c2, err2 = self._marginals(self.f, self.g)
-                self.ls_evals += 1
-                r = torch.where(stuck[:, None], r2, r)
-                c = torch.where(stuck[:, None], c2, c)
-                err = torch.where(stuck, err2, err)
+                r, c, err = self._fallback(fallback_iter, tol, stuck, r, c, err)
             # progress: a resolvable increase of L, or the error down by 10% from its best;
             # without it for `patience` iterations we are at the dtype's accuracy floor
             progress = armijo | (err < 0.9 * best)
             best = torch.minimum(best, err)
             stalled = torch.where(active & ~progress, stalled + 1, torch.zeros_like(stalled))
         self.passed |= err <= tol
+        self._settle_zero_weights()
         self.s = s
         _sync(geom.device)
         self.times["newton"] += time.perf_counter() - t0 - (self.times["fallback"] - fallback_time)
+
+    def _fallback(self, n_iter, tol, which, r, c, err):
+        """Sinkhorn iterations for the problems in ``which``; their new ``(r, c, err)``."""
+        self.fallback_its += self._sinkhorn(n_iter, tol, "fallback", active=which)
+        r2, c2, err2 = self._marginals(self.f, self.g)
+        self.ls_evals += 1
+        return (torch.where(which[:, None], r2, r), torch.where(which[:, None], c2, c),
+                torch.where(which, err2, err))
+
+    def _settle_zero_weights(self) -> None:
+        """Give zero-weight rows and columns the potentials Sinkhorn's updates give them,
+        the soft c-transforms ``f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps)`` (and
+        likewise ``g_j``). Newton steps leave them where the warm-up did (their step is 0)
+        while the live potentials move, yet they matter: the value's gradient with respect
+        to a zero weight is its potential. The plan does not change (their rows of P are 0)."""
+        pb = self.pb
+        zero_a, zero_b = pb.A == 0, pb.Bw == 0
+        if bool(zero_a.any()):
+            _, G = self._biased(self.f, self.g)
+            self.f = torch.where(zero_a, pb.geom.softmin(G, pb.eps, 1, **pb.kw()), self.f)
+        if bool(zero_b.any()):
+            F, _ = self._biased(self.f, self.g)
+            self.g = torch.where(zero_b, pb.geom.softmin(F, pb.eps, 0, **pb.kw()), self.g)
 
     def _sparse_plan(self, r, active, s, s_max, adaptive, drop_tol):
         """ELL top-``s`` rows of P; with ``adaptive`` double ``s`` until the dropped

@@ -41,7 +41,8 @@ def eps_stages(schedule: Schedule, geom, eps: float) -> list[float]:
     """The eps values run (one iteration each) before the target ``eps``.
 
     ``None``: none. ``"geometric"``: from the cost's diameter down to ``eps`` by
-    factors of 1/2. A float ``q`` in (0, 1): the same with factor ``q``. A
+    factors of 1/2 (the first value is the diameter). A float ``q`` in (0, 1): the same
+    with factor ``q``. A
     decreasing sequence of values > eps: those.
     """
     if schedule is None:
@@ -62,7 +63,9 @@ def eps_stages(schedule: Schedule, geom, eps: float) -> list[float]:
         raise TypeError(f"eps_schedule must be None, 'geometric', a float or a sequence, got {type(schedule).__name__}")
     top = geom.diameter()
     k = max(0, math.ceil(math.log(max(top, eps) / eps) / math.log(1 / q)))
-    return [eps / q**i for i in range(k, 0, -1)]
+    # the first stage is capped at the diameter: with a small q, eps / q**k can be far
+    # above the cost's range, where the update rounds to a huge common offset of f and g
+    return [min(eps / q**i, top) for i in range(k, 0, -1)]
 
 
 def _tau(rho: Optional[float], eps: float) -> float:
@@ -126,8 +129,8 @@ def sinkhorn(
         :class:`~otcore.OTResult`; in a batch each problem stops on its own
         (its potentials freeze once it converges) and ``n_iter``/``converged`` are per problem.
     """
-    pb = make_problem(geom, a, b, eps, rho, backend, precision)
     tol = _validate.positive("tol", tol)
+    pb = make_problem(geom, a, b, eps, rho, backend, precision, tol)
     max_iter = _validate.positive_int("max_iter", max_iter)
     check_every = _validate.positive_int("check_every", check_every)
     if not isinstance(cuda_graph, bool):

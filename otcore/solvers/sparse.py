@@ -157,8 +157,8 @@ def sparse_ot(
         ``dvalue/da = alpha``, ``dvalue/db = beta``; for balanced weights meaningful up to
         an additive constant), ``values`` as set by ``plan_grad``.
     """
-    pb, theta0, batched = _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, precision, init)
     tol = _validate.positive("tol", tol)
+    pb, theta0, batched = _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, precision, init, tol)
     ftol = _validate.positive("ftol", ftol)
     max_iter = _validate.positive_int("max_iter", max_iter)
     history = _validate.positive_int("history", history)
@@ -170,7 +170,7 @@ def sparse_ot(
     return _result(pb, theta, out, n_iter, gnorm, converged, why, tol, batched, progress.elapsed)
 
 
-def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, precision, init):
+def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, precision, init, tol):
     if not isinstance(geom, Geometry):
         raise TypeError(f"geom must be an otcore.PointCloud or otcore.CostMatrix, got {type(geom).__name__}")
     k = _validate.positive_int("k", k)
@@ -183,7 +183,7 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     backend = _dispatch.resolve(backend, geom.device)
     A = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
     Bw = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
-    _validate.balanced_mass(A, Bw)
+    _validate.balanced_mass(A, Bw, tol)
     wp, wl = (A, Bw) if axis == 0 else (Bw, A)
     k_eff = min(k, wp.shape[1])
     pb = _Problem(geom, axis, k_eff, gamma, formulation == "semi-dual", wp, wl, a, b, plan_grad, backend, precision)
