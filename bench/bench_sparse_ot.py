@@ -173,7 +173,9 @@ def ours_solve(C: torch.Tensor, k: int, gamma: float, backend: str, target: floa
             hit.append(time.perf_counter() - t0)
         return out
 
-    lbfgs(evaluate, theta0, S._first_step(pb), 1e-5, 1e-8, max_iter, 10, max_step=S._max_step(pb))
+    binds = pb.k < pb.wp.shape[1]  # the solver's own settings (sparse_ot)
+    lbfgs(evaluate, theta0, S._first_step(pb), 1e-5, 1e-8 if binds else 0.0, max_iter, 10, max_step=S._max_step(pb),
+          fscale=S._objective_scale(pb), flat_converges=binds, kick=S._kick(pb))
     _sync(device)
     eval_s = (time.perf_counter() - t0) / max(evals[0], 1)
     reached = hit[0] if hit else None

@@ -167,11 +167,16 @@ def _ksparse_kernel(
         up = tl.where(first, top - vmax[:, None], 0.0)  # relative to the max: small, exact sums
         r = (slot + 1).to(up.dtype)
         cand = tl.where(first, (tl.cumsum(up, axis=1) - gamma * mass[:, None]) / r[None, :], ninf)
-        beta = -(tl.max(cand, axis=1) + vmax)
-        beta = tl.where(line_ok, beta, 0.0)  # padding lines: +inf above, and -inf + inf = NaN below
+        # the threshold below the top score: entries are [(x - vmax) - thr]_+ / gamma, which keeps
+        # the small differences that x + beta would cancel when the scores are large
+        shift = vmax
+        thr = tl.where(line_ok, tl.max(cand, axis=1), 0.0)  # padding lines: -inf
+        beta = tl.where(line_ok, -(thr + vmax), 0.0)
     else:
         beta = tl.load(beta_in_ptr + pid_b * L + lines, mask=line_ok, other=0.0)
-    T = tl.where(first, tl.maximum(top + beta[:, None], 0.0) / gamma, 0.0)
+        shift = tl.zeros_like(beta)
+        thr = -beta
+    T = tl.where(first, tl.maximum((top - shift[:, None]) - thr[:, None], 0.0) / gamma, 0.0)
     out = pid_b * L + lines
     tl.store(beta_ptr + out, beta, mask=line_ok)
     tl.store(reg_ptr + out, 0.5 * gamma * tl.sum(T * T, axis=1), mask=line_ok)
@@ -192,7 +197,7 @@ def _ksparse_kernel(
         take = (((x > kth[:, None]) & line_ok[:, None]) | ((eq > 0) & (eq_rank < need_eq[:, None]))).to(tl.int32)
         dst = out[:, None] * K + taken[:, None] + tl.cumsum(take, axis=1) - take
         sel = take > 0
-        tl.store(vals_ptr + dst, tl.maximum(x + beta[:, None], 0.0) / gamma, mask=sel)
+        tl.store(vals_ptr + dst, tl.maximum((x - shift[:, None]) - thr[:, None], 0.0) / gamma, mask=sel)
         tl.store(idx_ptr + dst, (pos[None, :] + 0 * dst).to(tl.int64), mask=sel)
         tl.store(cost_ptr + dst, c, mask=sel)
         taken += tl.sum(take, axis=1)

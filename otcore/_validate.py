@@ -66,6 +66,13 @@ def reciprocal_fits(name: str, v: float, dtype: torch.dtype) -> float:
     return v
 
 
+def flag(name: str, v) -> bool:
+    """A bool argument, taken as given (``"False"`` would be truthy)."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return v
+
+
 def positive_int(name: str, v, *, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")

@@ -12,7 +12,7 @@ from ._dispatch import BACKENDS
 from .geometry import PointCloud
 from .router import SparseOTRouter
 from .solvers._entropic import parse_rho
-from .solvers.sinkhorn import sinkhorn
+from .solvers.sinkhorn import check_schedule, sinkhorn
 
 __all__ = ["SinkhornLoss", "SparseOTRouter"]
 
@@ -75,7 +75,7 @@ class SinkhornLoss(nn.Module):
     ):
         super().__init__()
         self.eps = _validate.positive("eps", eps)
-        self.debias = bool(debias)
+        self.debias = _validate.flag("debias", debias)
         self.cost = _validate.choice("cost", cost, ("sqeuclidean", "euclidean"))
         self.reduction = _validate.choice("reduction", reduction, ("mean", "sum", "none"))
         # the solver's own checks, at construction rather than at the first forward call
@@ -84,8 +84,8 @@ class SinkhornLoss(nn.Module):
         _validate.positive_int("max_iter", max_iter)
         _validate.choice("backend", backend, BACKENDS)
         _validate.choice("precision", precision, _validate.PRECISIONS)
-        if not isinstance(cuda_graph, bool):
-            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        _validate.flag("cuda_graph", cuda_graph)
+        check_schedule(eps_schedule, self.eps)
         self.solver_kw = dict(
             eps=self.eps, rho=rho, eps_schedule=eps_schedule, tol=tol, max_iter=max_iter,
             backend=backend, precision=precision, cuda_graph=cuda_graph, verbose=False,

@@ -60,10 +60,16 @@ def simplex_threshold(u_sorted: torch.Tensor, budget: torch.Tensor) -> torch.Ten
     prefix gives a lower bound, the support's prefix attains it). Computed relative
     to the largest entry so that the sums stay well conditioned.
     """
-    top = u_sorted[..., :1]
-    csum = torch.cumsum(u_sorted - top, dim=-1)
+    return threshold_below_top(u_sorted, budget) + u_sorted[..., 0]
+
+
+def threshold_below_top(u_sorted: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """``theta - u_1`` of :func:`simplex_threshold`, computed without ``u_1``'s magnitude:
+    ``[u_r - theta]_+ = [(u_r - u_1) - (theta - u_1)]_+`` keeps the small differences that
+    ``u_r - theta`` would cancel when the entries are large against the budget."""
+    csum = torch.cumsum(u_sorted - u_sorted[..., :1], dim=-1)
     r = torch.arange(1, u_sorted.shape[-1] + 1, dtype=u_sorted.dtype, device=u_sorted.device)
-    return ((csum - budget[..., None]) / r).amax(-1) + top[..., 0]
+    return ((csum - budget[..., None]) / r).amax(-1)
 
 
 def ksparse_simplex(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,11 +126,13 @@ def ksparse_columns(
     out = {f: [] for f in ("beta", "reg", "vals", "idx", "cost")}
     for sl, x, Cl in _line_scores(geom, h, axis):
         u, ix = torch.topk(x, k, dim=2)  # sorted, largest first
-        if mass is not None:
-            bl = -simplex_threshold(u, gamma * mass[:, sl])
+        if mass is not None:  # relative to the line's top score (large scores, small gamma * mass)
+            rel = threshold_below_top(u, gamma * mass[:, sl])
+            bl = -(rel + u[..., 0])
+            T = torch.clamp((u - u[..., :1]) - rel[..., None], min=0) / gamma
         else:
             bl = beta[:, sl]
-        T = torch.clamp(u + bl[..., None], min=0) / gamma
+            T = torch.clamp(u + bl[..., None], min=0) / gamma
         # canonical layout: positions ascending within each line
         ix, order = torch.sort(ix, dim=2)
         T = torch.gather(T, 2, order)

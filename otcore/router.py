@@ -125,7 +125,7 @@ class SparseOTRouter(nn.Module):
         self.tol = _validate.positive("tol", tol)
         self.max_iter = _validate.positive_int("max_iter", max_iter)
         self.plan_grad = _validate.choice("plan_grad", plan_grad, ("implicit", "fixed"))
-        self.warm_start = bool(warm_start)
+        self.warm_start = _validate.flag("warm_start", warm_start)
         self.formulation = _validate.choice("formulation", formulation, ("semi-dual", "dual"))
         self.backend = _validate.choice("backend", backend, BACKENDS)
         self._init: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -156,8 +156,11 @@ class SparseOTRouter(nn.Module):
         init = prev if usable else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
+            # a constant shift of the cost leaves the plan unchanged: the solve sees the
+            # centred scores, so a large common offset costs no float resolution in the duals
+            centre = scores.detach().mean((-2, -1), keepdim=True)
             res = sparse_ot(
-                CostMatrix(-scores), a, b, k=k, gamma=self.gamma, formulation=self.formulation, axis=axis,
+                CostMatrix(centre - scores), a, b, k=k, gamma=self.gamma, formulation=self.formulation, axis=axis,
                 tol=self.tol * n_tokens, max_iter=self.max_iter, init=init, plan_grad=self.plan_grad,
                 backend=self.backend, verbose=False,
             )

@@ -176,11 +176,30 @@ def test_warm_start_survives_a_change_of_dtype():
         (dict(n_experts=4, gamma=0.0), ValueError, "gamma"),
         (dict(n_experts=4, k=0), ValueError, "^k must be >= 1, got 0$"),
         (dict(n_experts=4, plan_grad="none"), ValueError, "plan_grad"),
+        (dict(n_experts=4, warm_start="no"), TypeError, "^warm_start must be a bool, got str$"),
     ],
 )
 def test_bad_router_arguments(kw, err, match):
     with pytest.raises(err, match=match):
         otcore.SparseOTRouter(**kw)
+
+
+@pytest.mark.parametrize("mode", ["capacity", "tokens"])
+def test_a_common_offset_of_the_scores_changes_nothing(mode):
+    """Scores + 1e6 in float32 (a constant: the same routing) gave token weights summing to
+    1.25 in tokens mode and loads of [0, 33, 2, 5] for 8 each, reported converged. The
+    solve now sees centred scores, and the line sums are computed below the top score."""
+    s = _scores(32, 4, seed=12)
+    ref = otcore.SparseOTRouter(4, mode=mode, backend="torch")(s)
+    out = otcore.SparseOTRouter(4, mode=mode, backend="torch")(s + 1e6)
+    D = out.combine_dense()
+    if mode == "tokens":
+        torch.testing.assert_close(D.sum(1), torch.ones(32), rtol=1e-6, atol=0)
+    else:
+        torch.testing.assert_close(out.expert_load, torch.full((4,), 8.0), rtol=1e-6, atol=0)
+    # s + 1e6 is s rounded to float32's step there (1/16): near the same routing
+    assert float((D - ref.combine_dense()).abs().max()) < 0.2
+    assert float((out.expert_load - ref.expert_load).abs().max()) < 0.1
 
 
 def test_bad_scores():

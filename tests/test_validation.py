@@ -347,6 +347,10 @@ def test_sinkhorn_loss_rejects_bad_arguments_and_inputs():
         otcore.SinkhornLoss(eps=0.0)
     with pytest.raises(ValueError, match="reduction"):
         otcore.SinkhornLoss(reduction="avg")
+    with pytest.raises(TypeError, match="^debias must be a bool, got str$"):  # "False" is truthy
+        otcore.SinkhornLoss(eps=0.1, debias="False")
+    with pytest.raises(ValueError, match="eps_schedule"):  # at construction, not at the first call
+        otcore.SinkhornLoss(eps=0.1, eps_schedule="linear")
     loss = otcore.SinkhornLoss(eps=0.1)
     with pytest.raises(ValueError, match="x contains NaN"):
         loss(with_value(x_(), (0, 0), NAN), y_())

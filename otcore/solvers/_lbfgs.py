@@ -38,6 +38,7 @@ def _two_loop(g, S, Y, rho, slots, h0):
 def lbfgs(
     evaluate, theta, h0: float, tol: float, ftol: float, max_iter: int, history: int, progress=None,
     max_step: float = math.inf, c1: float = 1e-4, c2: float = 0.9, max_ls: int = 40, window: int = 10,
+    fscale=None, flat_converges: bool = True, kick: float = 0.0, max_kicks: int = 3,
 ):
     """Minimize a batch of functions with L-BFGS and a weak Wolfe line search.
 
@@ -54,10 +55,18 @@ def lbfgs(
     nearly flat the quasi-Newton scaling ``s.y / y.y`` can be huge.
 
     Stops a problem when ``|g|_1 <= tol`` (reason 0) or when its objective improved by
-    at most ``ftol * (scale + |f|)`` over the last ``window`` iterations (reason 4: the
-    optimum of a nonsmooth objective, where the gradient need not vanish, or the
-    dtype's resolution); both count as converged. Otherwise: 1 = ``max_iter``,
-    2 = line search failed, 3 = non-finite values.
+    at most ``ftol * fscale`` over the last ``window`` iterations (``fscale`` (B,): a
+    magnitude of the objective's variations, by default ``scale + |f|``): reason 4, the
+    optimum of a nonsmooth objective, where the gradient need not vanish, or the dtype's
+    resolution; it counts as converged when ``flat_converges``, else it is reason 5
+    (stationary, not converged: a smooth objective's gradient must vanish). Otherwise:
+    1 = ``max_iter``, 2 = line search failed, 3 = non-finite values.
+
+    Where the line search finds no step (at a kink, e.g. ties in a top-k selection, the
+    gradient of one piece need not be a descent direction of the objective) and ``kick``
+    > 0, the iterate moves by ``kick`` times a fixed pattern in [-1, 1] (distinct per
+    coordinate, so ties break), its memory is dropped, and the iterations go on; at most
+    ``max_kicks`` times per problem, after which the problem stops with reason 2.
 
     Returns ``(theta, aux, n_iter, grad_l1, converged, reason)`` with per-problem tensors.
     """
@@ -77,6 +86,9 @@ def lbfgs(
     hscale = torch.full((B,), h0, dtype=dt, device=dev)
     filled, head = 0, 0
     grad_ok = converged.clone()
+    kicks = torch.zeros(B, dtype=torch.long, device=dev)
+    pattern = (torch.arange(D, device=dev, dtype=torch.float64) * 0.6180339887498949).frac().mul(2).sub(1).to(dt)
+    flat_stop = torch.zeros_like(active)  # stationary without converging (flat_converges=False)
     recent = []  # objective values of the last `window` iterations
     for it in range(max_iter):
         if not bool(active.any()):
@@ -118,11 +130,19 @@ def lbfgs(
         late = ~done & armijo_seen
         new = _where(late, fallback, new)
         done |= late
+        failed = active & ~done
+        kicked = failed & (kicks < max_kicks) if kick > 0 else torch.zeros_like(failed)
+        if bool(kicked.any()):  # a kink: step off it along a fixed pattern, forget the memory
+            cand = theta + kick * pattern
+            new = _where(kicked, (cand, *evaluate(cand)), new)
+            rho = torch.where(kicked[:, None], torch.zeros_like(rho), rho)
+            kicks += kicked
+            done |= kicked
         moved = active & done
-        stalled |= active & ~done
+        stalled |= failed & ~kicked
         s_new, y_new = new[0] - theta, new[2] - g
         sy = (s_new * y_new).sum(-1)
-        keep = moved & (sy > 1e-10 * s_new.norm(dim=-1) * y_new.norm(dim=-1))
+        keep = moved & ~kicked & (sy > 1e-10 * s_new.norm(dim=-1) * y_new.norm(dim=-1))
         S[:, head] = torch.where(keep[:, None], s_new, S[:, head])
         Y[:, head] = torch.where(keep[:, None], y_new, Y[:, head])
         rho[:, head] = torch.where(keep, 1.0 / torch.where(keep, sy, torch.ones_like(sy)), torch.zeros_like(sy))
@@ -133,18 +153,17 @@ def lbfgs(
         gnorm = g.abs().sum(-1)
         grad_ok = grad_ok | (moved & (gnorm <= tol))
         recent.append(f)
+        flat = torch.zeros_like(active)
         if len(recent) > window:
             old_f = recent.pop(0)
-            grad_ok_or_flat = grad_ok | (moved & (old_f - f <= ftol * (scale + f.abs())))
-        else:
-            grad_ok_or_flat = grad_ok
-        converged = converged | (active & grad_ok_or_flat)
-        active = active & moved & ~converged
+            flat = moved & (old_f - f <= ftol * (scale + f.abs() if fscale is None else fscale))
+        converged = converged | (active & (grad_ok | (flat & flat_converges)))
+        flat_stop |= active & flat & ~converged
+        active = active & moved & ~converged & ~flat_stop
         if progress is not None and progress.enabled:
             progress.update(it + 1, float(gnorm.max()), float("nan"), "L-BFGS")
     if progress is not None:
         progress.close()
-    reason = torch.where(
-        grad_ok, 0, torch.where(converged, 4, torch.where(~(torch.isfinite(f) & torch.isfinite(gnorm)), 3, torch.where(stalled, 2, 1)))
-    )
+    reason = torch.where(grad_ok, 0, torch.where(converged, 4, torch.where(flat_stop, 5, torch.where(
+        ~(torch.isfinite(f) & torch.isfinite(gnorm)), 3, torch.where(stalled, 2, 1)))))
     return theta, aux, n_iter, gnorm, converged, reason

@@ -37,6 +37,27 @@ from ._graph import graphed
 Schedule = Union[None, str, float, Sequence[float]]
 
 
+def check_schedule(schedule: Schedule, eps: float):
+    """Validate ``eps_schedule`` (no geometry needed): the decay factor (a float in
+    (0, 1)) for ``"geometric"`` or a number, else the list of stages (``[]`` for None)."""
+    if schedule is None:
+        return []
+    if isinstance(schedule, str):
+        _validate.choice("eps_schedule", schedule, ("geometric",))
+        return 0.5
+    if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
+        q = float(schedule)
+        if not 0 < q < 1:
+            raise ValueError(f"eps_schedule as a decay factor must be in (0, 1), got {q}")
+        return q
+    if isinstance(schedule, (list, tuple)):
+        vals = [_validate.positive(f"eps_schedule[{i}]", v) for i, v in enumerate(schedule)]
+        if any(v <= eps for v in vals) or any(u <= v for u, v in zip(vals, vals[1:])):
+            raise ValueError("eps_schedule as a sequence must be decreasing and > eps")
+        return vals
+    raise TypeError(f"eps_schedule must be None, 'geometric', a float or a sequence, got {type(schedule).__name__}")
+
+
 def eps_stages(schedule: Schedule, geom, eps: float) -> list[float]:
     """The eps values run (one iteration each) before the target ``eps``.
 
@@ -45,22 +66,9 @@ def eps_stages(schedule: Schedule, geom, eps: float) -> list[float]:
     with factor ``q``. A
     decreasing sequence of values > eps: those.
     """
-    if schedule is None:
-        return []
-    if isinstance(schedule, str):
-        _validate.choice("eps_schedule", schedule, ("geometric",))
-        q = 0.5
-    elif isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
-        q = float(schedule)
-        if not 0 < q < 1:
-            raise ValueError(f"eps_schedule as a decay factor must be in (0, 1), got {q}")
-    elif isinstance(schedule, (list, tuple)):
-        vals = [_validate.positive(f"eps_schedule[{i}]", v) for i, v in enumerate(schedule)]
-        if any(v <= eps for v in vals) or any(u <= v for u, v in zip(vals, vals[1:])):
-            raise ValueError("eps_schedule as a sequence must be decreasing and > eps")
-        return vals
-    else:
-        raise TypeError(f"eps_schedule must be None, 'geometric', a float or a sequence, got {type(schedule).__name__}")
+    q = check_schedule(schedule, eps)
+    if not isinstance(q, float):
+        return q  # None: no stages; a sequence: those
     top = geom.diameter()
     k = max(0, math.ceil(math.log(max(top, eps) / eps) / math.log(1 / q)))
     # the first stage is capped at the diameter: with a small q, eps / q**k can be far
@@ -133,8 +141,7 @@ def sinkhorn(
     pb = make_problem(geom, a, b, eps, rho, backend, precision, tol)
     max_iter = _validate.positive_int("max_iter", max_iter)
     check_every = _validate.positive_int("check_every", check_every)
-    if not isinstance(cuda_graph, bool):
-        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    _validate.flag("cuda_graph", cuda_graph)
     f, g = check_init(init, geom)
     stages = eps_stages(eps_schedule, geom, pb.eps)
     progress = Progress(verbose, "sinkhorn")

@@ -130,13 +130,16 @@ def sparse_ot(
         tol: stop when the L1 norm of the gradient -- the violation of the dualized
             marginals (``|T1 - a|_1`` for the semi-dual, plus ``|T^T 1 - b|_1`` for
             the dual) -- is ``<= tol``.
-        ftol: also stop when the objective improved by at most ``ftol`` (relative to
-            the magnitude of its terms) over the last 10 iterations. When ``k`` binds,
-            the optimum sits on a kink of the objective where the gradient does not
-            vanish (the plan then violates the dualized marginals by ``grad_norm``, the
-            relaxation's gap); this is how such problems stop. Counts as converged.
+        ftol: where ``k`` can bind (``k`` < the line length), also stop when the objective
+            improved by at most ``ftol * (m(a) range(C) + gamma |line weights|^2)`` over
+            the last 10 iterations. When ``k`` binds, the optimum sits on a kink of the
+            objective where the gradient does not vanish (the plan then violates the
+            dualized marginals by ``grad_norm``, the relaxation's gap); this is how such
+            problems stop, and it counts as converged. With ``k`` >= the line length the
+            objective is smooth and only ``tol`` converges.
         max_iter: L-BFGS iteration cap; reaching it gives ``converged=False`` and a
-            :class:`~otcore.result.ConvergenceWarning`.
+            :class:`~otcore.result.ConvergenceWarning`. ``converged`` also needs the line
+            sums to equal the line weights to ``tol`` (plus rounding).
         history: L-BFGS memory (pairs kept).
         init: warm start ``(alpha, beta)`` (``beta`` is ignored by the semi-dual with
             ``axis=0``, ``alpha`` by the one with ``axis=1``).
@@ -163,11 +166,14 @@ def sparse_ot(
     max_iter = _validate.positive_int("max_iter", max_iter)
     history = _validate.positive_int("history", history)
     progress = Progress(verbose, "sparse_ot")
+    binds = pb.k < pb.wp.shape[1]  # else the objective is smooth: run to tol, or to the dtype's floor
     with torch.autocast(geom.device.type, enabled=False), torch.no_grad():
-        theta, out, n_iter, gnorm, converged, why = lbfgs(
-            pb.evaluate, theta0, _first_step(pb), tol, ftol, max_iter, history, progress, max_step=_max_step(pb)
+        theta, out, n_iter, _, _, why = lbfgs(
+            pb.evaluate, theta0, _first_step(pb), tol, ftol if binds else 0.0, max_iter, history, progress,
+            max_step=_max_step(pb), fscale=_objective_scale(pb), flat_converges=binds, kick=_kick(pb),
         )
-    return _result(pb, theta, out, n_iter, gnorm, converged, why, tol, batched, progress.elapsed)
+        hp, out = _settle(pb, theta[:, : pb.wp.shape[1]], out)
+    return _result(pb, hp, out, n_iter, why, tol, batched, progress.elapsed)
 
 
 def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, precision, init, tol):
@@ -175,8 +181,13 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
         raise TypeError(f"geom must be an otcore.PointCloud or otcore.CostMatrix, got {type(geom).__name__}")
     k = _validate.positive_int("k", k)
     gamma = _validate.reciprocal_fits("gamma", _validate.positive("gamma", gamma), geom.dtype)
+    if gamma > torch.finfo(geom.dtype).max / 1e6:  # gamma * (masses, step sizes) must stay finite
+        raise ValueError(f"gamma={gamma:g} is too large for {_validate.dtype_name(geom.dtype)} "
+                         f"(at most {torch.finfo(geom.dtype).max / 1e6:.1e})")
     _validate.choice("formulation", formulation, FORMULATIONS)
-    if isinstance(axis, bool) or axis not in (0, 1):
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if axis not in (0, 1):
         raise ValueError(f"axis must be 0 (k-sparse columns) or 1 (k-sparse rows), got {axis!r}")
     _validate.choice("plan_grad", plan_grad, PLAN_GRADS)
     _validate.choice("precision", precision, _validate.PRECISIONS)
@@ -205,28 +216,88 @@ def _max_step(pb: _Problem) -> float:
     return 2.0 * (pb.geom.diameter() + pb.gamma * float(pb.wl.amax()) + 1e-12)
 
 
+def _kick(pb: _Problem) -> float:
+    """Step off a kink where the line search fails (ties in the top-k at the start, say):
+    a millionth of the largest useful move, above the duals' rounding in float32."""
+    return 1e-6 * _max_step(pb)
+
+
+def _objective_scale(pb: _Problem) -> torch.Tensor:
+    """(B,) size of the objective's variations, for the ``ftol`` test: mass times the
+    cost's range plus the regularizer's scale. Unlike the objective's terms it does not
+    change when the duals shift by a constant or the cost by an offset."""
+    return pb.wp.sum(-1) * pb.geom.diameter() + pb.gamma * (pb.wl * pb.wl).sum(-1)
+
+
+def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor, KSparse]:
+    """The final position potentials and pass.
+
+    - The line multipliers are solved for the final position potentials (the
+      semi-dual's own rule). For the dual this maximizes over ``beta`` (the value can
+      only increase); its line sums become exact, as they are at the dual's optimum.
+    - A zero-weight position's potential is arbitrary (the objective is flat in it while
+      it receives no mass), yet it is ``dvalue/d(weight)``. It is set to the boundary
+      at which the position would start to receive mass, the hard c-transform
+      ``min_l (C_rl + max(-beta_l, s_l))``, ``s_l`` the line's k-th largest score of the
+      weighted positions (``-inf`` when a zero-weight position holds one of the k
+      slots); the plan does not change.
+    """
+    kw = dict(backend=pb.backend, precision=pb.precision)
+    zero = pb.wp == 0
+    if not pb.semi:
+        out = pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
+    if not bool(zero.any()):
+        return hp, out
+    B, L, k = out.idx.shape
+    pos = out.idx.reshape(B, L * k)
+    scores = torch.gather(hp, 1, pos).reshape(B, L, k) - out.cost
+    live = torch.gather(~zero, 1, pos).reshape(B, L, k)
+    kth = torch.where(live, scores, torch.inf).amin(-1)
+    kth = torch.where(live.all(-1), kth, -torch.inf)
+    h = torch.minimum(out.beta, -kth)  # -max(-beta, s)
+    # a softmin at an eps of a few rounding steps of the scores is the hard minimum
+    big = pb.geom.diameter() + float(torch.where(torch.isfinite(h), h.abs(), 0.0).max())
+    eps = 16 * torch.finfo(hp.dtype).eps * max(big, 1e-30)
+    edge = pb.geom.softmin(h, eps, 1 - pb.axis, backend=pb.backend, precision="fp32")
+    hp = torch.where(zero, edge.to(hp.dtype), hp)
+    return hp, pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
+
+
 _REASONS = {0: "gradient norm <= tol", 1: "max_iter reached", 2: "line search failed", 3: "non-finite values",
-            4: "objective stationary (ftol)"}
+            4: "objective stationary (ftol)",
+            5: "objective stationary (ftol) with the gradient norm above tol where k cannot bind (k >= the line "
+               "length: the optimum is smooth, its gradient vanishes): tol is below what the dtype resolves of "
+               "the plan (its entries carry ~u |alpha - C| / gamma; use float64, a larger tol or a larger gamma)"}
 
 
 # --- result and gradients -----------------------------------------------------------
 
 
-def _result(pb: _Problem, theta, out: KSparse, n_iter, gnorm, converged, reason, tol, batched, elapsed) -> SparseOTResult:
+def _result(pb: _Problem, hp, out: KSparse, n_iter, reason, tol, batched, elapsed) -> SparseOTResult:
+    """``converged``: finite; the line sums equal the line weights (exact in exact
+    arithmetic, and at the dual's optimum) to ``tol`` plus rounding; and the gradient
+    norm is ``<= tol`` or L-BFGS stopped on ``ftol`` where ``k`` can bind."""
     geom = pb.geom
-    N = pb.wp.shape[1]
-    hp = theta[:, :N]
-    hl = out.beta  # semi-dual: solved line multipliers; dual: theta[:, N:]
+    hl = out.beta  # the line multipliers solved for hp (see _settle)
     value = (hp * pb.wp).sum(-1) + (hl * pb.wl).sum(-1) - out.reg.sum(-1)
     cost = (out.vals * out.cost).sum((1, 2))
-    marg = (out.cross_sum - pb.wp).abs().sum(-1) + (out.line_sum - pb.wl).abs().sum(-1)
+    line_err = (out.line_sum - pb.wl).abs().sum(-1)
+    gnorm = (pb.wp - out.cross_sum).abs().sum(-1) + (0.0 if pb.semi else line_err)
+    marg = (out.cross_sum - pb.wp).abs().sum(-1) + line_err
+    lines_ok = line_err <= tol + 64 * torch.finfo(hp.dtype).eps * pb.wl.sum(-1)
+    finite = torch.isfinite(value) & torch.isfinite(gnorm)
+    converged = finite & lines_ok & ((gnorm <= tol) | (reason == 0) | (reason == 4))
     value, cost, vals = _attach_gradients(pb, hp, hl, out, value, cost)
     if not bool(converged.all()):
         bad = ~converged
-        why = sorted({_REASONS[int(r)] for r in reason[bad].tolist()})
+        why = sorted({_REASONS[int(r)] for r in reason[bad & lines_ok].tolist()})
+        if bool((bad & ~lines_ok).any()):
+            why.append(f"the plan's line sums miss the line weights by {float(line_err[bad].max()):.3e} (they are "
+                       f"exact in exact arithmetic): gamma times a line's weight is below what "
+                       f"{_validate.dtype_name(hp.dtype)} resolves of the scores (use float64 or a larger gamma)")
         warnings.warn(
             f"sparse_ot did not converge for {int(bad.sum())} of {geom.batch} problem(s): gradient L1 norm "
-            f"{float(gnorm[bad].max()):.3e} > tol={tol:g} after {int(n_iter.max())} iterations ({'; '.join(why)})",
+            f"{float(gnorm[bad].max()):.3e} (tol={tol:g}) after {int(n_iter.max())} iterations ({'; '.join(why)})",
             ConvergenceWarning,
             stacklevel=3,
         )
