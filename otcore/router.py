@@ -138,6 +138,10 @@ class SparseOTRouter(nn.Module):
         exact = Fraction(repr(self.capacity_factor)) * n_tokens / self.n_experts
         return min(n_tokens, math.ceil(exact))
 
+    # torch.compile: the routing (data-dependent L-BFGS loop, host checks) is one opaque
+    # call, as SinkhornLoss's solve; its gradients are autograd.Functions, so a compiled
+    # model trains through it (tracing the loop broke the graph ~30 times per call)
+    @torch.compiler.disable
     def forward(self, scores: torch.Tensor) -> RouterOutput:
         _validate.tensor("scores", scores, (2, 3))
         if scores.shape[-1] != self.n_experts:
@@ -158,7 +162,8 @@ class SparseOTRouter(nn.Module):
             warnings.simplefilter("always", ConvergenceWarning)
             # a constant shift of the cost leaves the plan unchanged: the solve sees the
             # centred scores, so a large common offset costs no float resolution in the duals
-            centre = scores.detach().mean((-2, -1), keepdim=True)
+            # (not detached: result.value is the centred problem's, and so is its gradient)
+            centre = scores.mean((-2, -1), keepdim=True)
             res = sparse_ot(
                 CostMatrix(centre - scores), a, b, k=k, gamma=self.gamma, formulation=self.formulation, axis=axis,
                 tol=self.tol * n_tokens, max_iter=self.max_iter, init=init, plan_grad=self.plan_grad,

@@ -202,6 +202,51 @@ def test_a_common_offset_of_the_scores_changes_nothing(mode):
     assert float((out.expert_load - ref.expert_load).abs().max()) < 0.1
 
 
+def test_result_value_gradient_matches_finite_differences():
+    """result.value is the centred scores' value; its gradient must be that value's (with a
+    detached centre it was off by 1/E in every entry)."""
+    s = _scores(16, 4, seed=17, dtype=torch.float64)
+    # k = E: no sparsity binds, the value is smooth and finite differences are meaningful
+    router = otcore.SparseOTRouter(4, mode="tokens", k=4, gamma=0.5, tol=1e-10, max_iter=2000, backend="torch")
+    ss = s.clone().requires_grad_()
+    (gv,) = torch.autograd.grad(router(ss).result.value, ss)
+    h = 1e-6
+    for i, j in ((0, 0), (3, 2), (7, 1)):
+        e = torch.zeros_like(s)
+        e[i, j] = h
+        fd = (float(router(s + e).result.value) - float(router(s - e).result.value)) / (2 * h)
+        assert float(gv[i, j]) == pytest.approx(fd, abs=1e-5)
+
+
+def test_router_is_one_opaque_call_under_torch_compile():
+    """The routing (an L-BFGS loop with host checks) is excluded from tracing, as
+    SinkhornLoss's solve: one graph break (tracing it broke the graph 54 times here) and
+    the eager values and gradients, bit for bit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    gate = torch.nn.Linear(8, 4)
+    torch.nn.init.normal_(gate.weight, generator=torch.Generator().manual_seed(13))
+    router = otcore.SparseOTRouter(4, backend="torch")
+
+    def f(x):
+        return (router(gate(x)).combine_weights ** 2).sum()
+
+    compiled = torch.compile(f, backend="aot_eager")
+    for seed in (14, 15):
+        x = _scores(32, 8, seed=seed)
+        gate.zero_grad()
+        want = f(x)
+        want.backward()
+        g_want = gate.weight.grad.clone()
+        gate.zero_grad()
+        got = compiled(x)
+        got.backward()
+        assert torch.equal(got, want) and torch.equal(gate.weight.grad, g_want)
+    assert sum(counters["graph_break"].values()) == 1
+
+
 def test_bad_scores():
     router = otcore.SparseOTRouter(4)
     with pytest.raises(ValueError, match="n_experts"):

@@ -437,6 +437,52 @@ def test_zero_weight_potential_is_the_weight_gradient(formulation, axis):
     assert float(ga @ d) == pytest.approx(fd, abs=1e-4)
 
 
+def test_zero_weight_points_get_no_mass_after_their_boundary_dual():
+    """The boundary dual of a zero-weight point must stay strictly below the k-th weighted
+    score: at a tie the top-k selection (first in position order) gave it a slot and mass
+    (0.17 here, k = 1)."""
+    g = torch.Generator().manual_seed(4)
+    n, m = int(torch.randint(4, 12, (1,), generator=g)), int(torch.randint(4, 12, (1,), generator=g))
+    C = torch.rand(n, m, generator=g, dtype=F64)
+    a = torch.rand(n, generator=g, dtype=F64) + 0.1
+    b = torch.rand(m, generator=g, dtype=F64) + 0.1
+    zero = torch.rand(n, generator=g) < 0.3
+    zero[0] = True
+    a[zero] = 0
+    a, b = a / a.sum(), b / b.sum()
+    for k in (1, 2):
+        r = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=k, gamma=0.5)
+        assert float(r.to_dense()[zero].abs().max()) == 0.0, k
+
+
+def test_ftol_scale_ignores_a_far_outlier():
+    """One far target of tiny mass made the cost's range 900 times the rest: with it as
+    ftol's scale the solve stopped at grad_norm 2.7e-2 (k = 4 does not bind at the
+    optimum, which a long run reaches). The scale is the value above its floor instead."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 2, generator=g, dtype=F64), torch.rand(64, 2, generator=g, dtype=F64)
+    y[-1] = 30.0
+    a = torch.full((64,), 1 / 64, dtype=F64)
+    b = torch.full((64,), (1 - 1e-4) / 63, dtype=F64)
+    b[-1] = 1e-4
+    r = otcore.sparse_ot(otcore.PointCloud(x, y), a, b, k=4, gamma=0.1)
+    ref = otcore.sparse_ot(otcore.PointCloud(x, y), a, b, k=4, gamma=0.1, tol=1e-10, ftol=1e-16, max_iter=5000)
+    assert r.converged and r.grad_norm < 1e-3
+    assert float(r.value) == pytest.approx(float(ref.value), rel=1e-7)
+
+
+def test_float32_smooth_problem_converges_with_default_settings():
+    """k >= n in float32: below the objective's float resolution the gradient still falls,
+    so the solve must not stop while it does (it stopped at 4.6e-5 > tol, unconverged)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 2, generator=g), torch.rand(64, 2, generator=g)
+    for formulation in ("semi-dual", "dual"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            r = otcore.sparse_ot(otcore.PointCloud(x, y), k=64, gamma=0.1, formulation=formulation)
+        assert r.converged and r.grad_norm <= 1e-5
+
+
 def test_ties_at_the_start_do_not_stop_the_solve():
     """Duplicated points tie in every column at alpha = 0: the line search found no step
     and the solve gave up at iteration 0, 44% below the optimum. A small fixed kick off

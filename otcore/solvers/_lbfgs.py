@@ -55,11 +55,13 @@ def lbfgs(
     nearly flat the quasi-Newton scaling ``s.y / y.y`` can be huge.
 
     Stops a problem when ``|g|_1 <= tol`` (reason 0) or when its objective improved by
-    at most ``ftol * fscale`` over the last ``window`` iterations (``fscale`` (B,): a
-    magnitude of the objective's variations, by default ``scale + |f|``): reason 4, the
+    at most ``ftol * fscale(f)`` over the last ``window`` iterations (``fscale``: f (B,) ->
+    a magnitude of the objective's variations (B,), by default ``scale + |f|``): reason 4, the
     optimum of a nonsmooth objective, where the gradient need not vanish, or the dtype's
     resolution; it counts as converged when ``flat_converges``, else it is reason 5
-    (stationary, not converged: a smooth objective's gradient must vanish). Otherwise:
+    (stationary, not converged: a smooth objective's gradient must vanish), and then the
+    gradient norm must also not have fallen by 1% over the window (below the objective's
+    float resolution the gradient is still measured accurately). Otherwise:
     1 = ``max_iter``, 2 = line search failed, 3 = non-finite values.
 
     Where the line search finds no step (at a kink, e.g. ties in a top-k selection, the
@@ -90,6 +92,7 @@ def lbfgs(
     pattern = (torch.arange(D, device=dev, dtype=torch.float64) * 0.6180339887498949).frac().mul(2).sub(1).to(dt)
     flat_stop = torch.zeros_like(active)  # stationary without converging (flat_converges=False)
     recent = []  # objective values of the last `window` iterations
+    recent_g = []  # and gradient norms (flat_converges=False: progress of the gradient counts too)
     for it in range(max_iter):
         if not bool(active.any()):
             break
@@ -153,10 +156,13 @@ def lbfgs(
         gnorm = g.abs().sum(-1)
         grad_ok = grad_ok | (moved & (gnorm <= tol))
         recent.append(f)
+        recent_g.append(gnorm)
         flat = torch.zeros_like(active)
         if len(recent) > window:
-            old_f = recent.pop(0)
-            flat = moved & (old_f - f <= ftol * (scale + f.abs() if fscale is None else fscale))
+            old_f, old_g = recent.pop(0), recent_g.pop(0)
+            flat = moved & (old_f - f <= ftol * (scale + f.abs() if fscale is None else fscale(f)))
+            if not flat_converges:  # below f's resolution the gradient may still fall: not stationary yet
+                flat &= torch.stack(recent_g).amin(0) > 0.99 * old_g
         converged = converged | (active & (grad_ok | (flat & flat_converges)))
         flat_stop |= active & flat & ~converged
         active = active & moved & ~converged & ~flat_stop

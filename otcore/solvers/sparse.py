@@ -131,7 +131,7 @@ def sparse_ot(
             marginals (``|T1 - a|_1`` for the semi-dual, plus ``|T^T 1 - b|_1`` for
             the dual) -- is ``<= tol``.
         ftol: where ``k`` can bind (``k`` < the line length), also stop when the objective
-            improved by at most ``ftol * (m(a) range(C) + gamma |line weights|^2)`` over
+            improved by at most ``ftol * (|value - m(a) min C| + gamma |line weights|^2)`` over
             the last 10 iterations. When ``k`` binds, the optimum sits on a kink of the
             objective where the gradient does not vanish (the plan then violates the
             dualized marginals by ``grad_norm``, the relaxation's gap); this is how such
@@ -222,11 +222,22 @@ def _kick(pb: _Problem) -> float:
     return 1e-6 * _max_step(pb)
 
 
-def _objective_scale(pb: _Problem) -> torch.Tensor:
-    """(B,) size of the objective's variations, for the ``ftol`` test: mass times the
-    cost's range plus the regularizer's scale. Unlike the objective's terms it does not
-    change when the duals shift by a constant or the cost by an offset."""
-    return pb.wp.sum(-1) * pb.geom.diameter() + pb.gamma * (pb.wl * pb.wl).sum(-1)
+def _objective_scale(pb: _Problem):
+    """The ``ftol`` test's scale as a function of the minimized objective ``f = -J``:
+    ``|J - m(a) min C| + gamma |line weights|^2``, the value above its floor (a coupling
+    costs at least its mass times the smallest cost; 0 for point clouds). Unlike the
+    objective's terms it does not move when the duals shift by a constant or the cost by an
+    offset, and unlike the cost's range, one far outlier does not inflate it."""
+    floor = pb.wp.sum(-1) * _cost_floor(pb.geom)
+    reg = pb.gamma * (pb.wl * pb.wl).sum(-1)
+    return lambda f: (f + floor).abs() + reg
+
+
+def _cost_floor(geom) -> torch.Tensor:
+    """(B,) smallest cost of each problem: ``min C`` of a matrix, 0 for point clouds."""
+    if geom.is_dense:
+        return geom.C.amin((1, 2)).to(geom.dtype)
+    return torch.zeros(geom.batch, dtype=geom.dtype, device=geom.device)
 
 
 def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor, KSparse]:
@@ -255,10 +266,11 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     kth = torch.where(live, scores, torch.inf).amin(-1)
     kth = torch.where(live.all(-1), kth, -torch.inf)
     h = torch.minimum(out.beta, -kth)  # -max(-beta, s)
-    # a softmin at an eps of a few rounding steps of the scores is the hard minimum
+    # a softmin at an eps of a few rounding steps of the scores is the hard minimum; a margin
+    # of a few more keeps the point strictly out of the top k (a tie would give it a slot)
     big = pb.geom.diameter() + float(torch.where(torch.isfinite(h), h.abs(), 0.0).max())
-    eps = 16 * torch.finfo(hp.dtype).eps * max(big, 1e-30)
-    edge = pb.geom.softmin(h, eps, 1 - pb.axis, backend=pb.backend, precision="fp32")
+    ulp = torch.finfo(hp.dtype).eps * max(big, 1e-30)
+    edge = pb.geom.softmin(h, 16 * ulp, 1 - pb.axis, backend=pb.backend, precision="fp32") - 64 * ulp
     hp = torch.where(zero, edge.to(hp.dtype), hp)
     return hp, pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
 
