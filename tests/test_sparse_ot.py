@@ -455,6 +455,23 @@ def test_zero_weight_points_get_no_mass_after_their_boundary_dual():
         assert float(r.to_dense()[zero].abs().max()) == 0.0, k
 
 
+def test_zero_weight_duals_do_not_depend_on_the_other_problems_of_a_batch():
+    """The boundary duals come from a near-hard softmin whose eps is one number for the
+    batch: sized by a problem with costs ~1e5 it made another problem's zero-weight duals
+    soft (-0.22 batched against 0.013 alone). It is sized by the smallest problem now."""
+    g = torch.Generator().manual_seed(0)
+    C1, C0 = torch.rand(12, 9, generator=g), torch.rand(12, 9, generator=g) * 1e5
+    a1 = torch.rand(12, generator=g) + 0.2
+    a1[[2, 7]] = 0
+    a1 /= a1.sum()
+    a0, b = torch.full((12,), 1 / 12), torch.full((9,), 1 / 9)
+    kw = dict(k=12, gamma=0.5, backend="torch")
+    single = otcore.sparse_ot(otcore.CostMatrix(C1), a1, b, **kw)
+    batch = otcore.sparse_ot(otcore.CostMatrix(torch.stack([C0, C1])), torch.stack([a0, a1]), torch.stack([b, b]), **kw)
+    d_single, d_batch = single.alpha - single.alpha[0], batch.alpha[1] - batch.alpha[1, 0]
+    torch.testing.assert_close(d_batch[[2, 7]], d_single[[2, 7]], rtol=0, atol=1e-5)
+
+
 def test_ftol_scale_ignores_a_far_outlier():
     """One far target of tiny mass made the cost's range 900 times the rest: with it as
     ftol's scale the solve stopped at grad_norm 2.7e-2 (k = 4 does not bind at the

@@ -266,12 +266,16 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     kth = torch.where(live, scores, torch.inf).amin(-1)
     kth = torch.where(live.all(-1), kth, -torch.inf)
     h = torch.minimum(out.beta, -kth)  # -max(-beta, s)
-    # a softmin at an eps of a few rounding steps of the scores is the hard minimum; a margin
-    # of a few more keeps the point strictly out of the top k (a tie would give it a slot)
-    big = pb.geom.diameter() + float(torch.where(torch.isfinite(h), h.abs(), 0.0).max())
-    ulp = torch.finfo(hp.dtype).eps * max(big, 1e-30)
-    edge = pb.geom.softmin(h, 16 * ulp, 1 - pb.axis, backend=pb.backend, precision="fp32") - 64 * ulp
-    hp = torch.where(zero, edge.to(hp.dtype), hp)
+    # a softmin at an eps of a few rounding steps of the scores is the hard minimum (eps is one
+    # number for the batch: the smallest problem's, which only makes the others' minima
+    # sharper); a margin of a few more steps keeps the point strictly out of the top k (at a
+    # tie the selection could give it a slot)
+    finite_abs = lambda t: torch.where(torch.isfinite(t), t.abs(), 0.0).amax(-1)  # noqa: E731
+    u = torch.finfo(hp.dtype).eps
+    big = finite_abs(h) + finite_abs(hp)  # (B,) size of the scores
+    small = max(float(big.min()), 1e-20 * float(big.max()), 1e-30)
+    edge = pb.geom.softmin(h, 16 * u * small, 1 - pb.axis, backend=pb.backend, precision="fp32")
+    hp = torch.where(zero, (edge - 64 * u * big[:, None]).to(hp.dtype), hp)
     return hp, pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
 
 
