@@ -140,7 +140,7 @@ class SparseOTRouter(nn.Module):
 
     # torch.compile: the routing (data-dependent L-BFGS loop, host checks) is one opaque
     # call, as SinkhornLoss's solve; its gradients are autograd.Functions, so a compiled
-    # model trains through it (tracing the loop broke the graph ~30 times per call)
+    # model trains through it (traced, the loop broke the graph dozens of times)
     @torch.compiler.disable
     def forward(self, scores: torch.Tensor) -> RouterOutput:
         _validate.tensor("scores", scores, (2, 3))

@@ -63,8 +63,7 @@ def eps_stages(schedule: Schedule, geom, eps: float) -> list[float]:
 
     ``None``: none. ``"geometric"``: from the cost's diameter down to ``eps`` by
     factors of 1/2 (the first value is the diameter). A float ``q`` in (0, 1): the same
-    with factor ``q``. A
-    decreasing sequence of values > eps: those.
+    with factor ``q``. A decreasing sequence of values > eps: those.
     """
     q = check_schedule(schedule, eps)
     if not isinstance(q, float):
