@@ -63,7 +63,6 @@ if not torch.cuda.is_available():
 import otcore  # noqa: E402
 from otcore.result import ConvergenceWarning  # noqa: E402
 from otcore.solvers import sparse as S  # noqa: E402
-from otcore.solvers._lbfgs import lbfgs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bandwidth import copy_bandwidth, describe  # noqa: E402
@@ -173,9 +172,7 @@ def ours_solve(C: torch.Tensor, k: int, gamma: float, backend: str, target: floa
             hit.append(time.perf_counter() - t0)
         return out
 
-    binds = pb.k < pb.wp.shape[1]  # the solver's own settings (sparse_ot)
-    lbfgs(evaluate, theta0, S._first_step(pb), 1e-5, 1e-8 if binds else 0.0, max_iter, 10, max_step=S._max_step(pb),
-          fscale=S._objective_scale(pb), flat_converges=binds, kick=S._kick(pb))
+    S.run_lbfgs(pb, evaluate, theta0, 1e-5, 1e-8, max_iter, 10)  # the solver's own L-BFGS and settings
     _sync(device)
     eval_s = (time.perf_counter() - t0) / max(evals[0], 1)
     reached = hit[0] if hit else None

@@ -90,6 +90,12 @@ def check_init(init, geom, names=("f", "g")) -> tuple[torch.Tensor, torch.Tensor
     return out[0], out[1]
 
 
+def finite_abs_max(t: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` over the last dimension, ignoring non-finite entries (the ``-inf`` of
+    zero weights), (B,)."""
+    return torch.where(torch.isfinite(t), t.abs(), 0.0).amax(-1)
+
+
 def optimality_residual(pb: Problem, r: torch.Tensor, c: torch.Tensor, f, g) -> torch.Tensor:
     """L1 violation of the first-order conditions, (B,).
 

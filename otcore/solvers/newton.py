@@ -49,7 +49,7 @@ from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
 from ._cg import pcg
-from ._entropic import Problem, check_init, entropic_result, make_problem
+from ._entropic import Problem, check_init, entropic_result, finite_abs_max, make_problem
 from .sinkhorn import _iterate
 
 #: Largest ELL size ``B * n * s`` the automatic sparsity grows to (16M entries).
@@ -355,8 +355,7 @@ class _Solve:
         lin = (pb.A * df).sum(-1) + (pb.Bw * dg).sum(-1)
         mass = r.sum(-1)
         F, G = self._biased(self.f, self.g)
-        finite_abs = lambda t: torch.where(torch.isfinite(t), t.abs(), 0.0).amax(-1)  # noqa: E731 (zero weights: -inf)
-        scale = (finite_abs(F) + finite_abs(G)) / eps
+        scale = (finite_abs_max(F) + finite_abs_max(G)) / eps  # (zero weights: -inf entries)
         alpha = torch.ones_like(err)
         searching = active.clone()
         accepted = torch.zeros_like(active)

@@ -38,7 +38,7 @@ import torch
 from .. import _dispatch, _validate
 from .._progress import Progress
 from ._cg import pcg
-from ._entropic import check_init
+from ._entropic import check_init, finite_abs_max
 from ._lbfgs import lbfgs
 from ..geometry import Geometry
 from ..reference_ksparse import KSparse, cross_sum
@@ -166,14 +166,20 @@ def sparse_ot(
     max_iter = _validate.positive_int("max_iter", max_iter)
     history = _validate.positive_int("history", history)
     progress = Progress(verbose, "sparse_ot")
-    binds = pb.k < pb.wp.shape[1]  # else the objective is smooth: run to tol, or to the dtype's floor
     with torch.autocast(geom.device.type, enabled=False), torch.no_grad():
-        theta, out, n_iter, _, _, why = lbfgs(
-            pb.evaluate, theta0, _first_step(pb), tol, ftol if binds else 0.0, max_iter, history, progress,
-            max_step=_max_step(pb), fscale=_objective_scale(pb), flat_converges=binds, kick=_kick(pb),
-        )
+        theta, out, n_iter, _, _, why = run_lbfgs(pb, pb.evaluate, theta0, tol, ftol, max_iter, history, progress)
         hp, out = _settle(pb, theta[:, : pb.wp.shape[1]], out)
     return _result(pb, hp, out, n_iter, why, tol, batched, progress.elapsed)
+
+
+def run_lbfgs(pb: _Problem, evaluate, theta0, tol: float, ftol: float, max_iter: int, history: int, progress=None):
+    """The solver's L-BFGS on ``evaluate`` (``pb.evaluate``, or a wrapper of it: the
+    benchmark's) with this problem's settings: ``ftol`` only where ``k`` can bind (else
+    the objective is smooth: run to ``tol``, or to the dtype's floor), its scale, the
+    first step, the step cap and the kick off kinks."""
+    binds = pb.k < pb.wp.shape[1]
+    return lbfgs(evaluate, theta0, _first_step(pb), tol, ftol if binds else 0.0, max_iter, history, progress,
+                 max_step=_max_step(pb), fscale=_objective_scale(pb), flat_converges=binds, kick=_kick(pb))
 
 
 def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, precision, init, tol):
@@ -270,9 +276,8 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     # number for the batch: the smallest problem's, which only makes the others' minima
     # sharper); a margin of a few more steps keeps the point strictly out of the top k (at a
     # tie the selection could give it a slot)
-    finite_abs = lambda t: torch.where(torch.isfinite(t), t.abs(), 0.0).amax(-1)  # noqa: E731
     u = torch.finfo(hp.dtype).eps
-    big = finite_abs(h) + finite_abs(hp)  # (B,) size of the scores
+    big = finite_abs_max(h) + finite_abs_max(hp)  # (B,) size of the scores
     small = max(float(big.min()), 1e-20 * float(big.max()), 1e-30)
     edge = pb.geom.softmin(h, 16 * u * small, 1 - pb.axis, backend=pb.backend, precision="fp32")
     hp = torch.where(zero, (edge - 64 * u * big[:, None]).to(hp.dtype), hp)
@@ -298,8 +303,9 @@ def _result(pb: _Problem, hp, out: KSparse, n_iter, reason, tol, batched, elapse
     value = (hp * pb.wp).sum(-1) + (hl * pb.wl).sum(-1) - out.reg.sum(-1)
     cost = (out.vals * out.cost).sum((1, 2))
     line_err = (out.line_sum - pb.wl).abs().sum(-1)
-    gnorm = (pb.wp - out.cross_sum).abs().sum(-1) + (0.0 if pb.semi else line_err)
-    marg = (out.cross_sum - pb.wp).abs().sum(-1) + line_err
+    cross_err = (out.cross_sum - pb.wp).abs().sum(-1)
+    gnorm = cross_err + (0.0 if pb.semi else line_err)
+    marg = cross_err + line_err
     lines_ok = line_err <= tol + 64 * torch.finfo(hp.dtype).eps * pb.wl.sum(-1)
     finite = torch.isfinite(value) & torch.isfinite(gnorm)
     converged = finite & lines_ok & ((gnorm <= tol) | (reason == 0) | (reason == 4))
