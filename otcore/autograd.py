@@ -44,6 +44,30 @@ class EnvelopeSpec:
     precision: str
     a_in: Optional[torch.Tensor] = None
     b_in: Optional[torch.Tensor] = None
+    #: run the softmin behind ``exp((f - s)/eps)`` in float64 (see :func:`resolved_softmin`)
+    wide: bool = False
+
+
+def resolved_softmin(geom, h: torch.Tensor, eps: float, axis: int, kw: dict, wide: bool) -> torch.Tensor:
+    """The softmin ``s`` of ``eps (exp((f - s)/eps) - 1)`` in the dual value and the
+    weights' gradient, in float64 when ``wide``.
+
+    A float32 pass resolves ``s`` only to about ``eps * 2^-24`` (its log-sum-exp rounds
+    relative to 1), and that product carries the error in full: it exceeds the value's
+    own rounding once eps is above a quarter of the cost's diameter, and at
+    eps = 5000 x the diameter it is 2e-2 of the value. The potentials themselves are
+    only that accurate too, but the dual value is stationary in them, so one float64
+    pass at the float32 potentials gives the value to float32 accuracy. A point cloud's
+    coordinates are exact in float64 (any backend); a cost matrix is widened tile by
+    tile by the torch pass, which reads it once without a float64 copy.
+    """
+    if not wide:
+        return geom.softmin(h, eps, axis, **kw)
+    h = h.double()
+    if geom.is_dense or kw["backend"] == "torch":
+        return geom.softmin(h, eps, axis, backend="torch")
+    wide_geom = type(geom)(geom.x.double(), geom.y.double(), geom.cost)
+    return wide_geom.softmin(h, eps, axis, backend=kw["backend"])
 
 
 def phi(f: torch.Tensor, rho: Optional[float]) -> torch.Tensor:
@@ -51,13 +75,15 @@ def phi(f: torch.Tensor, rho: Optional[float]) -> torch.Tensor:
     return f if rho is None else -rho * torch.expm1(-f / rho)
 
 
-def _weight_grad(geom, f, pot_other, own_rho, other_mass, eps, axis, kw):
+def _weight_grad(geom, f, pot_other, own_rho, other_mass, eps, axis, kw, wide):
     """``dD/da`` (axis=1) or ``dD/db`` (axis=0): ``phi(f) - eps (exp((f - s)/eps) - other_mass)``,
-    ``other_mass`` (B, 1) in float64."""
-    s = geom.softmin(pot_other, eps, axis, **kw)
+    ``other_mass`` (B, 1) in float64; computed in float64 when ``wide``."""
+    dt = f.dtype
+    s = resolved_softmin(geom, pot_other, eps, axis, kw, wide)
+    f = f.to(s.dtype)
     # expm1 + (1 - mass): near the optimum each part is small, so a large eps does not
     # multiply the rounding of exp(...) ~ 1 (see otcore.solvers._entropic.mass_gap)
-    return phi(f, own_rho) - eps * (torch.expm1((f - s) / eps) + (1.0 - other_mass).to(f.dtype))
+    return (phi(f, own_rho) - eps * (torch.expm1((f - s) / eps) + (1.0 - other_mass).to(f.dtype))).to(dt)
 
 
 class _EnvelopeValue(torch.autograd.Function):
@@ -78,6 +104,10 @@ class _EnvelopeValue(torch.autograd.Function):
         geom, eps = s.geom, s.eps
         F = s.f + eps * torch.log(s.A)
         G = s.g + eps * torch.log(s.Bw)
+        # for the weights' float64 pass (wide), the potentials plus the log-weights formed
+        # in float64: in float32, eps log b ~ eps would round g to eps * 2^-24 again
+        wF = s.f.double() + eps * torch.log(s.A.double()) if s.wide else F
+        wG = s.g.double() + eps * torch.log(s.Bw.double()) if s.wide else G
         kw = dict(backend=s.backend, precision=s.precision)
         gv = gv.reshape(-1).to(F.dtype)
         gc = gc.reshape(-1).to(F.dtype)
@@ -93,13 +123,13 @@ class _EnvelopeValue(torch.autograd.Function):
             grads += [None] * len(geom_in)
         k = len(geom_in)
         for w_in, f, other, rho, mass, axis in (
-            (s.a_in, s.f, G, s.rho_a, s.Bw.double().sum(-1, keepdim=True), 1),  # masses summed in float64
-            (s.b_in, s.g, F, s.rho_b, s.A.double().sum(-1, keepdim=True), 0),
+            (s.a_in, s.f, wG, s.rho_a, s.Bw.double().sum(-1, keepdim=True), 1),  # masses summed in float64
+            (s.b_in, s.g, wF, s.rho_b, s.A.double().sum(-1, keepdim=True), 0),
         ):
             if w_in is None:
                 continue
             if need[k]:
-                d = _weight_grad(geom, f, other, rho, mass, eps, axis, kw) * gv[:, None]
+                d = _weight_grad(geom, f, other, rho, mass, eps, axis, kw, s.wide) * gv[:, None]
                 grads.append(d.reshape(w_in.shape).to(w_in.dtype))
             else:
                 grads.append(None)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .. import _dispatch, _validate
-from ..autograd import EnvelopeSpec, envelope_value, phi
+from ..autograd import EnvelopeSpec, envelope_value, phi, resolved_softmin
 from ..geometry import Geometry
 from ..result import ConvergenceWarning, OTResult
 
@@ -30,6 +30,9 @@ class Problem:
     rho_b: Optional[float]
     backend: str
     precision: str
+    #: float32 (or narrower) with eps above a quarter of the cost's diameter: the value
+    #: and the weights' gradient take their softmin in float64 (autograd.resolved_softmin)
+    wide: bool = False
     #: self-transport (same cloud and weights on both sides): the optimal potentials
     #: agree, f = g, and the solver iterates on f alone (see sinkhorn._iterate).
     symmetric: bool = False
@@ -66,7 +69,9 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: float) -> Proble
     if rho_a is None and rho_b is None:
         _validate.balanced_mass(A, Bw, tol)
     symmetric = geom.symmetric and a is b and rho_a == rho_b
-    return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision, symmetric)
+    wide = geom.dtype != torch.float64 and eps > geom.diameter() / 4
+    return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision, wide,
+                   symmetric)
 
 
 def check_init(init, geom, names=("f", "g")) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,15 +131,19 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     geom, eps, kw = pb.geom, pb.eps, pb.kw()
     with torch.no_grad():
         F, G = f + eps * pb.loga, g + eps * pb.logb
-        # row marginals from the row pass s: (P1)_i = a_i exp(delta_i), delta = (f - s)/eps
-        delta = (f - geom.softmin(G, eps, 1, **kw)) / eps
+        # row marginals from the row pass s: (P1)_i = a_i exp(delta_i), delta = (f - s)/eps;
+        # wide: s in float64 from g + eps log b formed in float64 (resolved_softmin)
+        wG = g.double() + eps * torch.log(pb.Bw.double()) if pb.wide else G
+        delta = (f.to(wG.dtype) - resolved_softmin(geom, wG, eps, 1, kw, pb.wide)) / eps
         has_a = pb.A > 0  # a zero-weight row has no mass whatever its potential
-        r = torch.where(has_a, pb.A * torch.exp(delta), 0.0)
+        r = torch.where(has_a, pb.A * torch.exp(delta), 0.0).to(f.dtype)
         c = geom.marginals(F, G, eps, 0, **kw)
         marg_err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
         resid = optimality_residual(pb, r, c, f, g)
         cost = geom.plan_cost(F, G, eps, **kw)
-        value = (pb.A * phi(f, pb.rho_a)).sum(-1) + (pb.Bw * phi(g, pb.rho_b)).sum(-1) - eps * mass_gap(pb.A, pb.Bw, delta)
+        A, Bw, wf, wg = (t.to(delta.dtype) for t in (pb.A, pb.Bw, f, g))
+        value = (A * phi(wf, pb.rho_a)).sum(-1) + (Bw * phi(wg, pb.rho_b)).sum(-1) - eps * mass_gap(A, Bw, delta)
+        value = value.to(f.dtype)
         finite = torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1) & torch.isfinite(value)
         # The in-loop test ("passed") and these marginals round differently: a problem that
         # passed may sit a rounding step above tol here. Beyond that slack the marginals of
@@ -142,7 +151,8 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
         # F + G - C the loop's test can read 0 while P misses its marginals by O(1).
         slack = 2 * tol + 64 * torch.finfo(f.dtype).eps * (pb.A.sum(-1) + pb.Bw.sum(-1))
         converged = ((resid <= tol) | (passed & (resid <= slack))) & finite
-    spec = EnvelopeSpec(geom, pb.A, pb.Bw, f, g, eps, pb.rho_a, pb.rho_b, pb.backend, pb.precision, pb.a_in, pb.b_in)
+    spec = EnvelopeSpec(geom, pb.A, pb.Bw, f, g, eps, pb.rho_a, pb.rho_b, pb.backend, pb.precision, pb.a_in, pb.b_in,
+                        pb.wide)
     value, cost = envelope_value(spec, value, cost)
     info = dict(info, residual=resid if geom.batched else float(resid[0]))
     if not bool(converged.all()):
