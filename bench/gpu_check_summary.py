@@ -164,7 +164,8 @@ def section_sparse(rows, dev_ref, say):
     for r in rows:
         if r["part"] == "solver":
             s = (f"  n={r['n']:<6d} ours {r['ours_s']:.3f}s ({r['ours_iters']} it) value {r['ours_value']:.7g}"
-                 f" | {r['eval_ms']:.3f} ms/eval = {r['floor_fraction']:.1%} of one read of C"
+                 f" | {r.get('kernel_ms', float('nan')):.3f} ms per evaluation = {r['floor_fraction']:.1%} of one read"
+                 f" of C (in the L-BFGS loop {r['eval_ms']:.3f} ms)"
                  f"{' at %.3g TB/s' % (r['copy_Bps'] / 1e12) if r.get('copy_Bps') else ''}")
             if r.get("value_relerr_vs_f64") is not None:
                 s += f" | vs f64 {r['value_relerr_vs_f64']:.1e}"

@@ -150,12 +150,15 @@ def _ell_cols_kernel(
     tl.atomic_add(O_ptr + b * sO_b + j, v * u[:, None], mask=mask)
 
 
-def _topk_blocks(s_pad: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the extraction: the buffer is BLOCK_M x s_pad registers,
-    the tile BLOCK_M x BLOCK_N; wide buffers get fewer rows so both stay ~4K elements."""
-    block_m = max(1, min(32, 4096 // max(s_pad, 128)))
+def topk_blocks(s_pad: int, wide: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the extraction: the buffer is BLOCK_M x s_pad
+    registers, the tile BLOCK_M x BLOCK_N; wide buffers get fewer rows so both stay ~4K
+    elements (~2K in float64, ``wide``), over 8 warps. Compiled for sm_90, 4 warps and
+    32 rows spilled (fp32: 136-608 bytes of stack per thread, fp64 up to 2 KB); these
+    sizes use 0-56 bytes with Triton 3.6 and 3.9 (tests/test_kernels_compile.py)."""
+    block_m = max(1, min(32, 4096 // max(s_pad, 128)) // (2 if wide else 1))
     block_m = 1 << (block_m.bit_length() - 1)
-    return block_m, 128
+    return block_m, 128, 8
 
 
 def plan_sparse_rows(geom, F, G, eps: float, s: int, precision: str = "fp32"):
@@ -171,7 +174,7 @@ def plan_sparse_rows(geom, F, G, eps: float, s: int, precision: str = "fp32"):
     vals = torch.empty(B, n, s, dtype=F.dtype, device=F.device)
     idx = torch.empty(B, n, s, dtype=torch.int64, device=F.device)
     s_pad = triton.next_power_of_2(s)
-    block_m, block_n = _topk_blocks(s_pad)
+    block_m, block_n, warps = topk_blocks(s_pad, F.dtype == torch.float64)
     if geom.is_dense:
         C = geom.C
         X = Y = C  # unused pointers
@@ -190,7 +193,7 @@ def plan_sparse_rows(geom, F, G, eps: float, s: int, precision: str = "fp32"):
         F.stride(0), G.stride(0),
         *sx, *sy, *sc,
         vals.stride(0), vals.stride(1), idx.stride(0), idx.stride(1),
-        COST=code, S=s, S_PAD=s_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        COST=code, S=s, S_PAD=s_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     vals, order = torch.sort(vals, dim=2, descending=True)
     return vals, torch.gather(idx, 2, order)
