@@ -29,14 +29,15 @@ class EmulatedGraphs:
 
     def capture(self, block, f, g, active, k):
         self.recorded.append(k)
-        out = block(f, g, active, k)
+        first = block(f, g, active, k)  # the warm-up: this call's result
+        out = tuple(torch.full_like(t, float("nan")) for t in first)  # recording runs nothing
 
         def replay():  # a graph re-reads its static inputs and rewrites its outputs
             self.replays += 1
             for static, new in zip(out, block(f, g, active, k)):
                 static.copy_(new)
 
-        return replay, out
+        return replay, out, first
 
 
 @pytest.fixture
@@ -60,10 +61,10 @@ def test_replayed_blocks_equal_eager_iterations(emulated, symmetric, rho, check_
     assert torch.equal(got.n_iter, want.n_iter) and len(set(want.n_iter.tolist())) > 1
     assert torch.equal(got.f, want.f) and torch.equal(got.g, want.g)
     assert torch.equal(got.converged, want.converged)
-    # the steady-state block (between two checks) is recorded once and replayed; the
-    # first block and the last one run eagerly
+    # the steady-state block (between two checks) is recorded once (its warm-up is that
+    # call's result) and replayed after; the first block and the last one run eagerly
     assert emulated.recorded == ([check_every - 1] if check_every - 1 >= 2 else [])
-    assert emulated.replays >= (2 if check_every - 1 >= 2 else 0)
+    assert emulated.replays >= (1 if check_every - 1 >= 2 else 0)
 
 
 def test_blocks_are_cut_at_max_iter(emulated):

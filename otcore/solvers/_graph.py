@@ -27,22 +27,30 @@ Block = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple]
 
 
 def capture_cuda(block: Block, f, g, active, k: int):
-    """Record ``block(f, g, active, k)`` into a CUDA graph; returns ``(replay, outputs)``.
+    """Record ``block(f, g, active, k)`` into a CUDA graph; returns ``(replay, outputs,
+    first)``, ``first`` being this call's result.
 
-    A one-iteration run on a side stream first compiles and caches the kernels and
-    their constants (nothing may be compiled, allocated on the host or synchronised
-    while a graph is recorded); torch asks for that warm-up on a side stream.
+    The block first runs once, eagerly, on a side stream (torch asks for that warm-up
+    there): it compiles and caches the kernels and their constants, since nothing may be
+    compiled, allocated on the host or synchronised while a graph is recorded. It runs
+    the same ``k``, because Triton compiles a separate variant for an integer argument
+    equal to 1 or divisible by 16: a shorter warm-up could leave the recorded variant to
+    be compiled inside the recording (which then fails). Its result is this call's, so
+    the warm-up costs nothing; recording itself runs no kernel.
     """
     device = f.device
+    current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
+    side.wait_stream(current)
     with torch.cuda.stream(side):
-        block(f, g, active, 1)
-    torch.cuda.current_stream(device).wait_stream(side)
+        first = block(f, g, active, k)
+    current.wait_stream(side)
+    for t in first:  # made on the side stream, read on this one
+        t.record_stream(current)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = block(f, g, active, k)
-    return graph.replay, out
+    return graph.replay, out, first
 
 
 class GraphedBlock:
@@ -50,9 +58,10 @@ class GraphedBlock:
     given here (the steady-state block between two checks); other lengths (the first
     blocks, the one cut at ``max_iter``) run eagerly, so a solve records one graph.
 
-    ``capture(block, f, g, active, k) -> (replay, outputs)`` records one block
-    on static inputs ``f, g, active``; :func:`capture_cuda` on the GPU (tests pass an
-    emulation). If recording fails, the block runs eagerly from then on, with a warning.
+    ``capture(block, f, g, active, k) -> (replay, outputs, first)`` records one block
+    on static inputs ``f, g, active`` and returns this call's result as ``first``;
+    :func:`capture_cuda` on the GPU (tests pass an emulation). If recording fails, the
+    block runs eagerly from then on, with a warning.
     """
 
     def __init__(self, block: Block, k: int, capture=capture_cuda):
@@ -66,13 +75,14 @@ class GraphedBlock:
         if self.recorded is None:
             static = (f.clone(), g.clone(), active.clone())
             try:
-                replay, out = self.capture(self.block, *static, k)
+                replay, out, first = self.capture(self.block, *static, k)
             except Exception as e:  # an op that cannot be recorded (torch or Triton): run eagerly
                 self.failed = True
                 warnings.warn(f"cuda_graph: recording the Sinkhorn iterations failed ({e}); running them eagerly",
                               RuntimeWarning, stacklevel=3)
                 return self.block(f, g, active, k)
             self.recorded = (replay, static, out)
+            return tuple(first)
         replay, (sf, sg, sa), out = self.recorded
         sf.copy_(f)
         sg.copy_(g)
