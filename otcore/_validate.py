@@ -66,6 +66,17 @@ def reciprocal_fits(name: str, v: float, dtype: torch.dtype) -> float:
     return v
 
 
+def magnitude_fits(name: str, v: float, dtype: torch.dtype) -> float:
+    """``v`` > 0 that, and whose reciprocal, are finite in ``dtype`` (a KL penalty's
+    ``rho`` scales ``exp(-f/rho)`` by ``rho``)."""
+    reciprocal_fits(name, v, dtype)
+    big = torch.finfo(dtype).max
+    if v > big:
+        raise ValueError(f"{name}={v:g} is too large for {dtype_name(dtype)} (it must be <= {big:.1e}; "
+                         f"rho = None is the exact-marginal limit)")
+    return v
+
+
 def flag(name: str, v) -> bool:
     """A bool argument, taken as given (``"False"`` would be truthy)."""
     if not isinstance(v, bool):

@@ -99,42 +99,71 @@ class _EnvelopeValue(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gv, gc):
-        _ = ctx.saved_tensors  # raises if an input was modified in place since the solve
-        s = ctx.spec
-        geom, eps = s.geom, s.eps
-        F = s.f + eps * torch.log(s.A)
-        G = s.g + eps * torch.log(s.Bw)
-        # for the weights' float64 pass (wide), the potentials plus the log-weights formed
-        # in float64: in float32, eps log b ~ eps would round g to eps * 2^-24 again
-        wF = s.f.double() + eps * torch.log(s.A.double()) if s.wide else F
-        wG = s.g.double() + eps * torch.log(s.Bw.double()) if s.wide else G
-        kw = dict(backend=s.backend, precision=s.precision)
-        gv = gv.reshape(-1).to(F.dtype)
-        gc = gc.reshape(-1).to(F.dtype)
-        need = ctx.needs_input_grad[3:]
-        geom_in = geom.inputs()
-        grads = []
-        if any(need[: len(geom_in)]):
-            w = gv + gc
-            for inp, part, want in zip(geom_in, geom.plan_cost_grad(F, G, eps, **kw), need):
-                part = part * w.reshape(-1, *([1] * (part.dim() - 1)))
-                grads.append(part.reshape(inp.shape).to(inp.dtype) if want else None)
+        with torch.no_grad(), torch.autocast(ctx.spec.geom.device.type, enabled=False):  # the solve's precision
+            grads = _envelope_backward(ctx, gv, gc)
+        return first_order_only(grads)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity whose backward raises: marks a first-order gradient as such."""
+
+    @staticmethod
+    def forward(ctx, g):
+        return g.clone()
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("otcore: second derivatives of OT values are not supported (their gradients come "
+                           "from the envelope theorem at the solution, a first-order rule)")
+
+
+def first_order_only(grads: tuple) -> tuple:
+    """The gradients a ``backward`` returns; under ``create_graph=True`` each one gets a
+    ``grad_fn`` that raises when differentiated, so a gradient penalty through an OT value
+    fails loudly instead of treating the gradient as a constant."""
+    if not torch.is_grad_enabled():
+        return grads
+    return tuple(g if g is None else _NoSecondDerivative.apply(g.detach().requires_grad_()) for g in grads)
+
+
+def _envelope_backward(ctx, gv, gc):
+    """The gradients of :class:`_EnvelopeValue` (see the module docstring)."""
+    _ = ctx.saved_tensors  # raises if an input was modified in place since the solve
+    s = ctx.spec
+    geom, eps = s.geom, s.eps
+    F = s.f + eps * torch.log(s.A)
+    G = s.g + eps * torch.log(s.Bw)
+    # for the weights' float64 pass (wide), the potentials plus the log-weights formed
+    # in float64: in float32, eps log b ~ eps would round g to eps * 2^-24 again
+    wF = s.f.double() + eps * torch.log(s.A.double()) if s.wide else F
+    wG = s.g.double() + eps * torch.log(s.Bw.double()) if s.wide else G
+    kw = dict(backend=s.backend, precision=s.precision)
+    gv = gv.reshape(-1).to(F.dtype)
+    gc = gc.reshape(-1).to(F.dtype)
+    need = ctx.needs_input_grad[3:]
+    geom_in = geom.inputs()
+    grads = []
+    if any(need[: len(geom_in)]):
+        w = gv + gc
+        for inp, part, want in zip(geom_in, geom.plan_cost_grad(F, G, eps, **kw), need):
+            part = part * w.reshape(-1, *([1] * (part.dim() - 1)))
+            grads.append(part.reshape(inp.shape).to(inp.dtype) if want else None)
+    else:
+        grads += [None] * len(geom_in)
+    k = len(geom_in)
+    for w_in, f, other, rho, mass, axis in (
+        (s.a_in, s.f, wG, s.rho_a, s.Bw.double().sum(-1, keepdim=True), 1),  # masses summed in float64
+        (s.b_in, s.g, wF, s.rho_b, s.A.double().sum(-1, keepdim=True), 0),
+    ):
+        if w_in is None:
+            continue
+        if need[k]:
+            d = _weight_grad(geom, f, other, rho, mass, eps, axis, kw, s.wide) * gv[:, None]
+            grads.append(d.reshape(w_in.shape).to(w_in.dtype))
         else:
-            grads += [None] * len(geom_in)
-        k = len(geom_in)
-        for w_in, f, other, rho, mass, axis in (
-            (s.a_in, s.f, wG, s.rho_a, s.Bw.double().sum(-1, keepdim=True), 1),  # masses summed in float64
-            (s.b_in, s.g, wF, s.rho_b, s.A.double().sum(-1, keepdim=True), 0),
-        ):
-            if w_in is None:
-                continue
-            if need[k]:
-                d = _weight_grad(geom, f, other, rho, mass, eps, axis, kw, s.wide) * gv[:, None]
-                grads.append(d.reshape(w_in.shape).to(w_in.dtype))
-            else:
-                grads.append(None)
-            k += 1
-        return (None, None, None, *grads)
+            grads.append(None)
+        k += 1
+    return (None, None, None, *grads)
 
 
 def envelope_value(spec: EnvelopeSpec, value: torch.Tensor, cost: torch.Tensor):

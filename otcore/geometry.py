@@ -38,6 +38,14 @@ class Geometry:
     def device(self) -> torch.device:
         return self._ref.device
 
+    def input_versions(self) -> Optional[tuple[int, ...]]:
+        """The version counters of :meth:`inputs` (bumped by in-place ops); None for
+        inference tensors, which carry none."""
+        try:
+            return tuple(t._version for t in self.inputs())
+        except RuntimeError:
+            return None
+
     # --- primitives -------------------------------------------------------
     def _call(self, name, backend, *args, **kw):
         return _dispatch.primitive(name, backend)(self, *args, **kw)
@@ -138,14 +146,6 @@ class PointCloud(Geometry):
         self.batch, self.n, self.d = self._x.shape
         self.m = self._y.shape[1]
 
-    def _versions(self) -> Optional[tuple[int, int]]:
-        """The inputs' version counters (bumped by in-place ops); None for inference
-        tensors, which carry none."""
-        try:
-            return (self.x_in._version, self.y_in._version)
-        except RuntimeError:
-            return None
-
     def _load(self) -> None:
         """Batched views of the inputs in the compute dtype (copies only for fp16/bf16)
         and an empty cost cache, as of the inputs' current versions."""
@@ -153,12 +153,12 @@ class PointCloud(Geometry):
         self._y = (self.y_in if self.batched else self.y_in[None]).detach().to(self._dt)
         self._ref = self._x
         self._dense: Optional[torch.Tensor] = None
-        self.loaded_versions = self._versions()
+        self.loaded_versions = self.input_versions()
 
     def _fresh(self) -> None:
         if torch.compiler.is_compiling():  # a compiled graph reads the inputs as traced
             return
-        if self.loaded_versions is not None and self._versions() != self.loaded_versions:
+        if self.loaded_versions is not None and self.input_versions() != self.loaded_versions:
             self._load()
 
     @property

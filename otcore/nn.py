@@ -79,6 +79,11 @@ class SinkhornLoss(nn.Module):
         self.cost = _validate.choice("cost", cost, ("sqeuclidean", "euclidean"))
         self.reduction = _validate.choice("reduction", reduction, ("mean", "sum", "none"))
         # the solver's own checks, at construction rather than at the first forward call
+        if isinstance(rho, (tuple, list)):
+            # the mass term below makes S >= 0 only with one penalty on both sides: with
+            # rho = (None, 0.5) and masses 5 and 3, S came out as -7.7 at eps = 10
+            raise ValueError(f"rho must be None or one number for SinkhornLoss (the divergence needs the same "
+                             f"penalty on both sides), got {rho!r}; otcore.sinkhorn takes a pair (rho_a, rho_b)")
         parse_rho(rho)
         _validate.positive("tol", tol)
         _validate.positive_int("max_iter", max_iter)
@@ -98,6 +103,10 @@ class SinkhornLoss(nn.Module):
         return sinkhorn(PointCloud(x, y, cost=self.cost), a, b, **self.solver_kw).value
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, a=None, b=None) -> torch.Tensor:
+        # fp16/bf16 inputs: upcast once, here, so the three terms (and their gradients,
+        # which cancel) meet in float32 and only the sum is rounded back; cast per solve,
+        # bf16 weights of mass ~300 lost the mass term (28% off) and their gradient
+        x, y, a, b = _widen(x, y, a, b)
         loss = self._ot(x, y, a, b)
         if self.debias:
             loss = loss - 0.5 * (self._ot(x, x, a, a) + self._ot(y, y, b, b))
@@ -118,3 +127,14 @@ class SinkhornLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, debias={self.debias}, cost={self.cost!r}, reduction={self.reduction!r}"
+
+
+def _widen(*ts):
+    """fp16/bf16 tensors as float32 (differentiably), anything else as it is; one tensor
+    passed twice stays one (so ``x is y`` still marks self-transport)."""
+    done = {}
+    for t in ts:
+        if id(t) not in done:
+            low = isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+            done[id(t)] = t.float() if low else t
+    return tuple(done[id(t)] for t in ts)

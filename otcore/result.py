@@ -46,10 +46,23 @@ class OTResult:
     _eps: float = field(default=1.0, repr=False)
     _backend: str = field(default="torch", repr=False)
     _precision: str = field(default="fp32", repr=False)
+    _versions: Optional[tuple] = field(default=None, repr=False)  # the geometry's inputs at the solve
 
     @property
     def batched(self) -> bool:
         return bool(self._geom.batched)
+
+    def _stream(self, method: str, primitive: str, *args):
+        """The geometry primitive ``primitive`` (for the method ``method``) on the solution's potentials, without autograd
+        and autocast (the plan is float32/float64 whatever autocast says). The methods
+        re-read the geometry's inputs, so after an in-place change of them (an optimizer
+        step on ``x``) they would mix the new points with the old potentials: that raises."""
+        if self._versions is not None and self._geom.input_versions() != self._versions:
+            raise RuntimeError(f"OTResult.{method}(): the geometry's "
+                               "inputs were modified in place since the solve, so its potentials no longer "
+                               "describe their plan; solve again (or keep a copy of the inputs)")
+        with torch.no_grad(), torch.autocast(self._geom.device.type, enabled=False):
+            return getattr(self._geom, primitive)(self._F, self._G, self._eps, *args, **self._kw())
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.batched else t[0]
@@ -59,7 +72,7 @@ class OTResult:
 
     def plan(self) -> torch.Tensor:
         """The dense plan ``(n, m)`` (``(B, n, m)`` batched). Small problems only."""
-        return self._out(self._geom.plan(self._F, self._G, self._eps, **self._kw()))
+        return self._out(self._stream("plan", "plan"))
 
     def apply(self, v: torch.Tensor, axis: int = 1) -> torch.Tensor:
         """Apply the plan without forming it.
@@ -69,18 +82,24 @@ class OTResult:
         ``(n, k)``, giving ``(m,)`` / ``(m, k)``. Batched results take and give a
         leading ``B``. E.g. the barycentric map is ``res.apply(y) / res.apply(ones)[:, None]``.
         """
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"axis must be an int (0 or 1), got {type(axis).__name__}")
         if axis not in (0, 1):
             raise ValueError(f"axis must be 0 or 1, got {axis}")
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+        if not v.is_floating_point():
+            raise TypeError(f"v must be a real floating-point tensor, got {v.dtype}")
+        if v.device != self._F.device:
+            raise ValueError(f"v is on {v.device} but the solution is on {self._F.device}")
         size = self._geom.m if axis == 1 else self._geom.n
         lead = 1 if self.batched else 0
         if v.dim() not in (lead + 1, lead + 2) or v.shape[lead] != size or (
             self.batched and v.shape[0] != self._geom.batch
         ):
             raise ValueError(f"v must have shape ({'B, ' if self.batched else ''}{size}[, k]) for axis={axis}, got {tuple(v.shape)}")
-        V = (v if self.batched else v[None]).to(self._F.dtype)
-        return self._out(self._geom.apply_plan(self._F, self._G, self._eps, V, axis, **self._kw()))
+        V = (v if self.batched else v[None]).detach().to(self._F.dtype)
+        return self._out(self._stream("apply", "apply_plan", V, axis))
 
     def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` largest plan entries of each row: values and column indices, ``(n, k)`` each."""
@@ -88,7 +107,7 @@ class OTResult:
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         if not 1 <= k <= self._geom.m:
             raise ValueError(f"k must be in [1, m={self._geom.m}], got {k}")
-        vals, idx = self._geom.plan_topk(self._F, self._G, self._eps, k, **self._kw())
+        vals, idx = self._stream("topk", "plan_topk", k)
         return self._out(vals), self._out(idx)
 
 

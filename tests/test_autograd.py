@@ -246,3 +246,61 @@ def test_sinkhorn_loss_float32_at_large_eps_matches_float64():
     l64 = float(loss(x, y))
     l32 = float(otcore.SinkhornLoss(eps=100.0, backend="torch")(x.float(), y.float()))
     assert abs(l32 - l64) <= 1e-3 * abs(l64)
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "sparse_ot"])
+def test_second_derivatives_raise_instead_of_dropping_terms(solver):
+    """A gradient penalty through an OT value: the envelope gradients are first-order, so
+    differentiating them raises (before, value + |grad|^2 backpropagated with the penalty's
+    gradient silently missing: 0.0484 instead of 0.0656 by finite differences)."""
+    x = rand(8, 2, seed=1).requires_grad_()
+    geom = otcore.PointCloud(x, rand(6, 2, seed=2))
+    res = otcore.sinkhorn(geom, eps=0.1, **T) if solver == "sinkhorn" else otcore.sparse_ot(geom, k=2, gamma=0.5)
+    (gx,) = torch.autograd.grad(res.value, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives of OT values are not supported"):
+        (res.value + (gx**2).sum()).backward()
+    # create_graph for other parts of a model still works: only differentiating the OT part raises
+    res = otcore.sinkhorn(otcore.PointCloud(x, rand(6, 2, seed=2)), eps=0.1, **T)
+    (gx,) = torch.autograd.grad(res.value + (x**3).sum(), x, create_graph=True)
+    assert gx.requires_grad
+
+
+def test_result_methods_and_backward_ignore_autocast():
+    """Under CPU autocast (bf16) the streamed plan products and the backward pass ran their
+    matmuls in bf16 (3e-3 relative off at d = 12); they run in the solve's precision."""
+    x, y = rand(40, 12, seed=3, dtype=torch.float32).requires_grad_(), rand(30, 12, seed=4, dtype=torch.float32)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=1.2, **T)
+    v = rand(30, 5, seed=5, dtype=torch.float32)
+    want_apply, (want_gx,) = res.apply(v), torch.autograd.grad(res.value, x, retain_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_apply, (got_gx,) = res.apply(v), torch.autograd.grad(res.value, x)
+    torch.testing.assert_close(got_apply, want_apply, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_gx, want_gx, rtol=1e-6, atol=0)
+
+
+def test_result_methods_refuse_inputs_changed_in_place_since_the_solve():
+    """plan(), apply() and topk() re-read the geometry: after an optimizer step on x they
+    mixed the new points with the old potentials (row sums 9% off, silently)."""
+    x = rand(8, 2, seed=6).requires_grad_()
+    for geom in (otcore.PointCloud(x, rand(6, 2, seed=7)), otcore.CostMatrix(rand(8, 6, seed=8))):
+        res = otcore.sinkhorn(geom, eps=0.1, **T)
+        res.plan(), res.topk(2)  # fine before
+        with torch.no_grad():
+            geom.inputs()[0].add_(0.1)
+        for call in (res.plan, lambda: res.apply(torch.ones(6, dtype=F64)), lambda: res.topk(2)):
+            with pytest.raises(RuntimeError, match="modified in place since the solve"):
+                call()
+
+
+def test_apply_checks_v_and_axis_and_carries_no_gradient():
+    y = rand(6, 2, seed=10).requires_grad_()
+    res = otcore.sinkhorn(otcore.PointCloud(rand(8, 2, seed=9), y.detach()), eps=0.1, **T)
+    assert not res.apply(y).requires_grad  # as documented, on every backend
+    for bad, exc, match in ((torch.ones(6, dtype=torch.complex128), TypeError, "real floating-point"),
+                            (torch.ones(6, dtype=torch.long), TypeError, "real floating-point"),
+                            (torch.ones(6, dtype=F64, device="meta"), ValueError, "v is on meta")):
+        with pytest.raises(exc, match=match):
+            res.apply(bad)
+    for axis in (True, 1.0):
+        with pytest.raises(TypeError, match="axis must be an int"):
+            res.apply(torch.ones(6, dtype=F64), axis=axis)

@@ -208,3 +208,21 @@ def test_loss_under_torch_compile_matches_eager():
         got = compiled(x, y)
         got.backward()
         assert torch.equal(got, want) and torch.equal(lin.weight.grad, g_want)
+
+
+def test_low_precision_weights_are_widened_once_for_the_three_terms():
+    """bf16 weights of mass ~300: summed per term in bf16 both masses rounded to 306 and the
+    mass term vanished (loss 28% off), and the three weight gradients, each ~300 and
+    cast back to bf16 before they cancel, left rounding noise (off by 2.25). Now the
+    inputs are widened once: the bf16 run matches float32 on the same values."""
+    g = torch.Generator().manual_seed(25)
+    x, y = torch.rand(60, 2, generator=g), torch.rand(45, 2, generator=g)
+    a = (torch.rand(60, generator=g) * 10).bfloat16().requires_grad_()
+    b = (torch.rand(45, generator=g) * 14).bfloat16()
+    a32 = a.detach().float().requires_grad_()
+    loss = otcore.SinkhornLoss(eps=1.0, rho=1.0, tol=1e-3, backend="torch")  # masses ~300
+    l16, l32 = loss(x, y, a, b), loss(x, y, a32, b.float())
+    (g16,), (g32,) = torch.autograd.grad(l16, a), torch.autograd.grad(l32, a32)
+    assert l16.dtype == torch.float32 and g16.dtype == torch.bfloat16
+    assert abs(float(l16.detach()) - float(l32.detach())) <= 1e-5 * abs(float(l32.detach()))
+    assert (g16.float() - g32).abs().max() <= 2**-7 * g32.abs().max()  # one bf16 rounding of the result

@@ -391,8 +391,21 @@ def test_eps_tensor_requiring_grad_and_non_bool_verbose_are_type_errors():
         otcore.sinkhorn(geom, eps=0.1, verbose="yes")
 
 
-@pytest.mark.parametrize("kw, name", [(dict(rho=-1), "rho"), (dict(tol=0), "tol"), (dict(max_iter=0), "max_iter"),
-                                      (dict(backend="gpu"), "backend"), (dict(precision="fp16"), "precision")])
+def test_rho_outside_the_dtype_is_rejected_before_any_work():
+    """1/rho and rho scale exp(-f/rho) and its penalty: in float32, rho = 1e-60 or 1e39 gave a
+    NaN value (with converged=False); now an error names rho and the bound."""
+    geom = otcore.PointCloud(rand(5, 2, seed=3), rand(7, 2, seed=4))
+    with pytest.raises(ValueError, match="rho=1e-60 is too small for float32"):
+        otcore.sinkhorn(geom, eps=0.1, rho=1e-60)
+    with pytest.raises(ValueError, match=r"rho=1e\+39 is too large for float32"):
+        otcore.sinkhorn(geom, eps=0.1, rho=(None, 1e39))
+    assert otcore.sinkhorn(otcore.PointCloud(rand(5, 2, seed=3).double(), rand(7, 2, seed=4).double()),
+                           eps=0.1, rho=1e39).converged  # fine in float64
+
+
+@pytest.mark.parametrize("kw, name", [(dict(rho=-1), "rho"), (dict(rho=(None, 0.5)), "rho"), (dict(tol=0), "tol"),
+                                      (dict(max_iter=0), "max_iter"), (dict(backend="gpu"), "backend"),
+                                      (dict(precision="fp16"), "precision")])
 def test_sinkhorn_loss_checks_its_arguments_at_construction(kw, name):
     with pytest.raises(ValueError, match=name):
         otcore.SinkhornLoss(**kw)

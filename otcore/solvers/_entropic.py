@@ -66,6 +66,9 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: float) -> Proble
     A = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
     Bw = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
     rho_a, rho_b = parse_rho(rho)
+    for r in (rho_a, rho_b):
+        if r is not None:
+            _validate.magnitude_fits("rho", r, geom.dtype)
     if rho_a is None and rho_b is None:
         _validate.balanced_mass(A, Bw, tol)
     symmetric = geom.symmetric and a is b and rho_a == rho_b
@@ -186,4 +189,5 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
         _eps=eps,
         _backend=pb.backend,
         _precision=pb.precision,
+        _versions=geom.input_versions(),
     )

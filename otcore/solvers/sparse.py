@@ -40,6 +40,7 @@ from .._progress import Progress
 from ._cg import pcg
 from ._entropic import check_init, finite_abs_max
 from ._lbfgs import lbfgs
+from ..autograd import first_order_only
 from ..geometry import Geometry
 from ..reference_ksparse import KSparse, cross_sum
 from ..result import ConvergenceWarning, SparseOTResult
@@ -404,34 +405,41 @@ class _SparseOTFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gv, gc, gT):
-        _ = ctx.saved_tensors  # raises if an input was modified in place since the solve
-        spec = ctx.spec
-        pb, out = spec.pb, spec.out
-        dt = out.vals.dtype
-        gv = gv.reshape(-1).to(dt)
-        gc = gc.reshape(-1).to(dt)
-        g_csup = (gv + gc)[:, None, None] * out.vals
-        g_wp = gv[:, None] * spec.hp
-        g_wl = gv[:, None] * spec.hl
-        if gT is not None and bool((gT != 0).any()):
-            d_csup, d_wp, d_wl = _plan_vjp(pb, spec, gT.to(dt))
-            g_csup, g_wp, g_wl = g_csup + d_csup, g_wp + d_wp, g_wl + d_wl
-        need = ctx.needs_input_grad[4:]
-        grads = []
-        if any(need[: ctx.n_geom]):
-            parts = pb.geom.sparse_cost_grad(g_csup, out.idx, pb.axis, backend=pb.backend)
-            for inp, part, want in zip(pb.geom.inputs(), parts, need):
-                grads.append(part.reshape(inp.shape).to(inp.dtype) if want else None)
-        else:
-            grads += [None] * ctx.n_geom
-        g_a, g_b = (g_wp, g_wl) if pb.axis == 0 else (g_wl, g_wp)
-        j = ctx.n_geom
-        for w_in, gw in ((pb.a_in, g_a), (pb.b_in, g_b)):
-            if w_in is None:
-                continue
-            grads.append(gw.reshape(w_in.shape).to(w_in.dtype) if need[j] else None)
-            j += 1
-        return (None, None, None, None, *grads)
+        with torch.no_grad(), torch.autocast(ctx.spec.pb.geom.device.type, enabled=False):  # the solve's precision
+            grads = _sparse_backward(ctx, gv, gc, gT)
+        return first_order_only(grads)
+
+
+def _sparse_backward(ctx, gv, gc, gT):
+    """The gradients of :class:`_SparseOTFunction` (see its docstring)."""
+    _ = ctx.saved_tensors  # raises if an input was modified in place since the solve
+    spec = ctx.spec
+    pb, out = spec.pb, spec.out
+    dt = out.vals.dtype
+    gv = gv.reshape(-1).to(dt)
+    gc = gc.reshape(-1).to(dt)
+    g_csup = (gv + gc)[:, None, None] * out.vals
+    g_wp = gv[:, None] * spec.hp
+    g_wl = gv[:, None] * spec.hl
+    if gT is not None and bool((gT != 0).any()):
+        d_csup, d_wp, d_wl = _plan_vjp(pb, spec, gT.to(dt))
+        g_csup, g_wp, g_wl = g_csup + d_csup, g_wp + d_wp, g_wl + d_wl
+    need = ctx.needs_input_grad[4:]
+    grads = []
+    if any(need[: ctx.n_geom]):
+        parts = pb.geom.sparse_cost_grad(g_csup, out.idx, pb.axis, backend=pb.backend)
+        for inp, part, want in zip(pb.geom.inputs(), parts, need):
+            grads.append(part.reshape(inp.shape).to(inp.dtype) if want else None)
+    else:
+        grads += [None] * ctx.n_geom
+    g_a, g_b = (g_wp, g_wl) if pb.axis == 0 else (g_wl, g_wp)
+    j = ctx.n_geom
+    for w_in, gw in ((pb.a_in, g_a), (pb.b_in, g_b)):
+        if w_in is None:
+            continue
+        grads.append(gw.reshape(w_in.shape).to(w_in.dtype) if need[j] else None)
+        j += 1
+    return (None, None, None, None, *grads)
 
 
 def _plan_vjp(pb: _Problem, spec: _GradSpec, gT: torch.Tensor):
