@@ -608,3 +608,16 @@ def test_value_at_large_eps_keeps_the_mass_term_small():
     # the naive float32 sum of the plan is far worse at this eps
     naive = float(res.plan().sum()) - 1.0
     assert abs(eps * (naive - exact)) > 10 * abs(eps * (got - exact))
+
+
+def test_a_tol_below_the_marginals_rounding_is_named_in_the_warning():
+    """float64, eps = 0.01, masses ~50: the marginals round to ~1e-11, so tol = 1e-12 is
+    out of reach. The warning said eps was below what float64 resolves (or only that the
+    residual stayed above tol); it now names tol and the rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(9, 2, generator=g, dtype=torch.float64)
+    y = torch.rand(11, 2, generator=g, dtype=torch.float64) + 0.2
+    a, b = torch.rand(9, generator=g, dtype=torch.float64) * 9, torch.rand(11, generator=g, dtype=torch.float64)
+    with pytest.warns(ConvergenceWarning, match=r"which is their rounding at eps=0.01 in float64 .*larger tol"):
+        res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.01, rho=10.0, tol=1e-12, max_iter=100_000)
+    assert not res.converged and res.info["residual"] < 1e-11

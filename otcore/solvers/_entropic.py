@@ -128,6 +128,34 @@ def mass_gap(A: torch.Tensor, Bw: torch.Tensor, delta: torch.Tensor) -> torch.Te
     return terms + masses.to(terms.dtype)
 
 
+def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_iter, tol) -> str:
+    """The warning's diagnosis for the problems that did not converge."""
+    if not bool((torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1)).all()):
+        return "non-finite potentials (eps too small for the dtype?)"
+    if not bool(finite.all()):
+        return "the plan of the returned potentials overflows (non-finite value)"
+    eps, dt = pb.eps, _validate.dtype_name(f.dtype)
+    pot = float(torch.maximum(finite_abs_max(f).max(), finite_abs_max(g).max()))
+    # the marginals' rounding: exp((f + g - C)/eps) is exact to u |f + g - C| / eps per
+    # entry, ~ u (|f| + |g|) / eps of the mass
+    mass = float((pb.A.sum(-1) + pb.Bw.sum(-1)).max())
+    floor = torch.finfo(f.dtype).eps * 2 * pot / eps * mass
+    wider = "" if f.dtype == torch.float64 else "use float64, "
+    rounding = (f"rounding at eps={eps:g} in {dt} (about {floor:.1e}, with |f|, |g| up to {pot:.3g}): "
+                f"ask for a larger tol, or {wider}a larger eps, or rescale the cost")
+    if bool((passed & ~converged).any()):
+        miss = float(resid[passed & ~converged].max())
+        if floor < 1e-2 * mass:  # a plan that holds, at a tol below its rounding
+            return (f"the iterations met tol={tol:g}, but the plan of the potentials misses its marginals by "
+                    f"{miss:.3e}, which is their {rounding}")
+        return (f"the iterations met tol={tol:g}, but the plan of the potentials misses its marginals by {miss:.3e}: "
+                f"eps={eps:g} is below what {dt} resolves of f + g - C (|f|, |g| up to {pot:.3g}; {wider}a larger "
+                f"eps, or rescale the cost)")
+    left = float(resid[~converged].max())
+    why = f"residual {left:.3e} > tol={tol:g} after {int(n_iter.max())} iterations"
+    return why + (f"; tol is below the marginals' {rounding}" if tol < floor and left <= 100 * floor else "")
+
+
 def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dict) -> OTResult:
     """Build the :class:`OTResult` at potentials ``(f, g)``: exact marginals, cost, value
     (through its dual), convergence, and envelope gradients. Three streamed passes."""
@@ -160,18 +188,7 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     info = dict(info, residual=resid if geom.batched else float(resid[0]))
     if not bool(converged.all()):
         bad = int((~converged).sum())
-        if not bool((torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1)).all()):
-            why = "non-finite potentials (eps too small for the dtype?)"
-        elif not bool(finite.all()):
-            why = "the plan of the returned potentials overflows (non-finite value)"
-        elif bool((passed & ~converged).any()):
-            why = (f"the iterations met tol={tol:g}, but the plan of the potentials misses its marginals "
-                   f"by {float(resid[passed & ~converged].max()):.3e}: eps={eps:g} is below what "
-                   f"{_validate.dtype_name(f.dtype)} resolves of f + g - C (|f|, |g| up to "
-                   f"{float(torch.maximum(f.abs().amax(), g.abs().amax())):.3g}; "
-                   f"{'' if f.dtype == torch.float64 else 'use float64, '}a larger eps, or rescale the cost)")
-        else:
-            why = f"residual {float(resid[~converged].max()):.3e} > tol={tol:g} after {int(n_iter.max())} iterations"
+        why = _why_not_converged(pb, f, g, resid, passed, converged, finite, n_iter, tol)
         warnings.warn(f"{name} did not converge for {bad} of {geom.batch} problem(s): {why}", ConvergenceWarning, stacklevel=3)
     out = (lambda t: t) if geom.batched else (lambda t: t[0])
     return OTResult(
