@@ -190,8 +190,9 @@ def sinkhorn_steps(
     tau_a, tau_b = tau
     act = active[:, None]
     resid = None
+    eloga, elogb = eps * loga, eps * logb  # once per block: each launch counts for small problems
     for i in range(k + (check is not None)):
-        s = softmin(geom, (f + eps * loga) if symmetric else (g + eps * logb), eps, 1, precision=precision,
+        s = softmin(geom, (f + eloga) if symmetric else (g + elogb), eps, 1, precision=precision,
                     hint=unscaled(f, tau_a))
         if i == k:  # the convergence test, from this iteration's row pass
             tol, rho_a = check
@@ -201,13 +202,18 @@ def sinkhorn_steps(
             resid = torch.where(active, (2 if symmetric else 1) * gap.sum(-1), float("nan"))
             act = act & (resid > tol)[:, None]  # NaN (a failed problem) stops too
         if symmetric:
-            new = 0.5 * (f + tau_a * s)
+            new = 0.5 * (f + scaled(s, tau_a))
             f, g = torch.where(act, new, f), torch.where(act, new, g)
         else:
-            f = torch.where(act, tau_a * s, f)
-            col = softmin(geom, f + eps * loga, eps, 0, precision=precision, hint=unscaled(g, tau_b))
-            g = torch.where(act, tau_b * col, g)
+            f = torch.where(act, scaled(s, tau_a), f)
+            col = softmin(geom, f + eloga, eps, 0, precision=precision, hint=unscaled(g, tau_b))
+            g = torch.where(act, scaled(col, tau_b), g)
     return (f, g) if check is None else (f, g, resid)
+
+
+def scaled(s: torch.Tensor, tau: float) -> torch.Tensor:
+    """``tau * s``, without a launch when ``tau`` is 1 (a balanced side)."""
+    return s if tau == 1.0 else tau * s
 
 
 def unscaled(f: torch.Tensor, tau: float) -> torch.Tensor:
