@@ -52,6 +52,9 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def primitive(name: str, backend: str):
     """The implementation of primitive ``name`` for a resolved ``backend``."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton' for a geometry primitive (resolved, not 'auto'), "
+                         f"got {backend!r}")
     if backend == "triton":
         from . import triton_ops as ops  # an import statement (not importlib) so torch.compile traces through
         fn = getattr(ops, name, None)

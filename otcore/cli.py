@@ -171,7 +171,7 @@ def run_demo(args) -> int:
     try:
         res = sinkhorn(
             PointCloud(x, y), eps=args.eps, tol=args.tol, max_iter=args.max_iter,
-            eps_schedule="geometric", backend=args.backend, verbose=None if args.verbose else False,
+            eps_schedule="geometric", backend=args.backend, verbose=True if args.verbose else False,
         )
         _sync(dev)
         t_solve = time.perf_counter() - t0

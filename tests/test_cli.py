@@ -604,6 +604,22 @@ def test_demo_defaults_only_when_flags_absent(monkeypatch):
     assert seen == {"width": 50, "n": 7, "m": 7, "eps": 0.3}
 
 
+def test_demo_verbose_forces_the_progress_line(monkeypatch):
+    """--verbose shows progress in pipes and logs too (verbose=True); without it, none."""
+    _fake_photos(monkeypatch)
+    seen = []
+
+    def solver(geom, **kw):
+        seen.append(kw["verbose"])
+        raise _Stop
+
+    monkeypatch.setattr(cli, "sinkhorn", solver)
+    for flags in ([], ["--verbose"]):
+        with pytest.raises(_Stop):
+            main(["demo", "--device", "cpu", "--n", "20", *flags])
+    assert seen == [False, True]
+
+
 def test_demo_reports_pixels_actually_sampled(monkeypatch, capsys, tmp_path):
     _fake_photos(monkeypatch, (30, 40, 3))
     out = tmp_path / "small.png"

@@ -409,3 +409,11 @@ def test_rho_outside_the_dtype_is_rejected_before_any_work():
 def test_sinkhorn_loss_checks_its_arguments_at_construction(kw, name):
     with pytest.raises(ValueError, match=name):
         otcore.SinkhornLoss(**kw)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cuda", "Torch"])
+def test_geometry_primitives_take_a_resolved_backend_only(backend):
+    """The primitives ran the torch path for any unknown backend string, silently."""
+    geom = otcore.PointCloud(rand(5, 2, seed=1), rand(7, 2, seed=2))
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'triton' for a geometry primitive"):
+        geom.softmin(torch.zeros(1, 7), 0.1, 1, backend=backend)
