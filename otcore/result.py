@@ -53,14 +53,15 @@ class OTResult:
         return bool(self._geom.batched)
 
     def _stream(self, method: str, primitive: str, *args):
-        """The geometry primitive ``primitive`` (for the method ``method``) on the solution's potentials, without autograd
-        and autocast (the plan is float32/float64 whatever autocast says). The methods
-        re-read the geometry's inputs, so after an in-place change of them (an optimizer
-        step on ``x``) they would mix the new points with the old potentials: that raises."""
+        """The geometry primitive ``primitive`` (behind the method ``method``) at the
+        solution's potentials, without autograd and autocast (the plan is float32/float64
+        whatever autocast says). The methods re-read the geometry's inputs, so after an
+        in-place change of them (an optimizer step on ``x``) they would mix the new points
+        with the old potentials: that raises."""
         if self._versions is not None and self._geom.input_versions() != self._versions:
-            raise RuntimeError(f"OTResult.{method}(): the geometry's "
-                               "inputs were modified in place since the solve, so its potentials no longer "
-                               "describe their plan; solve again (or keep a copy of the inputs)")
+            raise RuntimeError(f"OTResult.{method}(): the geometry's inputs were modified in place since the "
+                               "solve, so its potentials no longer describe their plan; solve again (or keep a "
+                               "copy of the inputs)")
         with torch.no_grad(), torch.autocast(self._geom.device.type, enabled=False):
             return getattr(self._geom, primitive)(self._F, self._G, self._eps, *args, **self._kw())
 
