@@ -30,7 +30,8 @@ One program owns ``BLOCK_L`` lines and streams their positions in chunks of ``BL
 Only reshapes, ``tl.cumsum``, min/max/sum reductions and masked loads/stores are used
 (Triton >= 3.0); the sort is a bitonic network written with them (:func:`_bitonic_sort`).
 ``k`` up to :data:`K_MAX` runs here; larger ``k`` (e.g. expert capacities in the
-thousands) falls back to the torch twin, whose ``torch.topk`` handles it well.
+thousands) falls back to the torch twin, whose ``torch.topk`` handles it well, and so do
+batches above :data:`BATCH_MAX`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ from otcore.reference_ksparse import ksparse_columns as _torch_ksparse_columns
 #: (Triton 3.6, measured on a CPU) width 32 took 4 s, 128 10 s, 512 20 s and 1024 27 s.
 #: Past 256, ``torch.topk`` (the twin) is the better trade.
 K_MAX = 256
+
+#: CUDA caps grid axis 1 (the batch here) at 65535 programs; larger batches run the twin.
+BATCH_MAX = 65535
+
+#: Compiled for sm_90, 4 warps spilled 16-136 bytes per thread at every sort width
+#: (Triton 3.6 and 3.9); 8 warps use 110-223 registers and no stack.
+NUM_WARPS = 8
 
 _COST_CODES = {"matrix": 0, "sqeuclidean": 1, "euclidean": 2}
 
@@ -106,8 +114,8 @@ def _line_scores(
     else:
         c = tl.zeros((BLOCK_L, BLOCK_N), dtype=h.dtype)
         for dd in range(D):
-            pv = tl.load(p_ptr + pid_b * s_pb + pos * s_pn + dd * s_pd, mask=pos_ok, other=0.0)
-            qv = tl.load(q_ptr + pid_b * s_qb + lines * s_ql + dd * s_qd, mask=line_ok, other=0.0)
+            pv = tl.load(p_ptr + pid_b * s_pb + pos.to(tl.int64) * s_pn + dd * s_pd, mask=pos_ok, other=0.0)
+            qv = tl.load(q_ptr + pid_b * s_qb + lines.to(tl.int64) * s_ql + dd * s_qd, mask=line_ok, other=0.0)
             diff = pv[None, :] - qv[:, None]
             c += diff * diff
         if COST == 2:
@@ -180,7 +188,7 @@ def _ksparse_kernel(
         shift = tl.zeros_like(beta)
         thr = -beta
     T = tl.where(first, tl.maximum((top - shift[:, None]) - thr[:, None], 0.0) / gamma, 0.0)
-    out = pid_b * L + lines
+    out = pid_b * L + lines.to(tl.int64)  # (B, L, K) outputs may pass 2^31 entries
     tl.store(beta_ptr + out, beta, mask=line_ok)
     tl.store(reg_ptr + out, 0.5 * gamma * tl.sum(T * T, axis=1), mask=line_ok)
     tl.store(lsum_ptr + out, tl.sum(T, axis=1), mask=line_ok)
@@ -228,12 +236,13 @@ def ksparse_columns(
 ) -> KSparse:
     """Triton implementation of :func:`otcore.reference_ksparse.ksparse_columns` (same contract).
 
-    ``k > K_MAX`` runs the torch twin. ``precision`` is accepted for interface parity:
-    costs are computed from direct differences in the input dtype (fp32 or fp64).
+    ``k > K_MAX`` and batches above ``BATCH_MAX`` run the torch twin. ``precision`` is
+    accepted for interface parity: costs are computed from direct differences in the
+    input dtype (fp32 or fp64).
     """
     if (mass is None) == (beta is None):
         raise ValueError("exactly one of mass (semi-dual) and beta (dual) must be given")
-    if k > K_MAX:
+    if k > K_MAX or geom.batch > BATCH_MAX:
         return _torch_ksparse_columns(geom, h, gamma, k, axis, mass=mass, beta=beta, precision=precision)
     B, n, m = geom.batch, geom.n, geom.m
     N, L = (n, m) if axis == 0 else (m, n)
@@ -263,6 +272,6 @@ def ksparse_columns(
         N, L, D, k, torch.full((1,), float(gamma), dtype=dt, device=dev),
         h.stride(0), h.stride(1), s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
         COST=code, SEMI=mass is not None, BLOCK_L=block_l, BLOCK_N=block_n, LOG_N=block_n.bit_length() - 1,
-        num_warps=4,
+        num_warps=NUM_WARPS,
     )
     return KSparse(beta_o, reg, vals, idx, cost, lsum, cross_sum(vals, idx, N))

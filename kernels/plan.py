@@ -90,7 +90,7 @@ def plan_reduce_kernel(
     scale = tl.load(scal_ptr)
     own_hi, own_lo, own_sqn = own_block(own_ptr, offs_i, mask_i, s_or, s_ok, DP, COST)
     if DIFF:  # the own coordinates of this program's value columns, (BLOCK_I, BLOCK_K)
-        own_k = tl.load(own_ptr + offs_i[:, None] * s_or + offs_k[None, :] * s_ok,
+        own_k = tl.load(own_ptr + offs_i[:, None].to(tl.int64) * s_or + offs_k[None, :] * s_ok,
                         mask=mask_i[:, None] & mask_k[None, :], other=0.0)
 
     dtype = f_ptr.dtype.element_ty
@@ -114,22 +114,22 @@ def plan_reduce_kernel(
             acc_s += W
         if HAS_V:
             if DIFF:
-                oth_k = tl.load(oth_ptr + offs_j[:, None] * s_tr + offs_k[None, :] * s_tk,
+                oth_k = tl.load(oth_ptr + offs_j[:, None].to(tl.int64) * s_tr + offs_k[None, :] * s_tk,
                                 mask=mask_j[:, None] & mask_k[None, :], other=0.0)
                 acc_v += tl.sum(W[:, :, None] * (own_k[:, None, :] - oth_k[None, :, :]), axis=1)
             elif V_MATRIX:
-                V = tl.load(v_ptr + offs_j[:, None] * s_vr + offs_k[None, :] * s_vk,
+                V = tl.load(v_ptr + offs_j[:, None].to(tl.int64) * s_vr + offs_k[None, :] * s_vk,
                             mask=mask_j[:, None] & mask_k[None, :], other=0.0)
                 acc_v += tl.dot(W, V, input_precision=VIP).to(dtype)
             else:
-                v = tl.load(v_ptr + offs_j * s_vr, mask=mask_j, other=0.0)
+                v = tl.load(v_ptr + offs_j.to(tl.int64) * s_vr, mask=mask_j, other=0.0)
                 acc_v += W * v[None, :]
     if HAS_V:
         if V_MATRIX:
-            ptrs = out_v_ptr + b * s_ovb + offs_i[:, None] * s_ovr + offs_k[None, :]
+            ptrs = out_v_ptr + b * s_ovb + offs_i[:, None].to(tl.int64) * s_ovr + offs_k[None, :]
             tl.store(ptrs, acc_v, mask=mask_i[:, None] & mask_k[None, :])
         else:
-            tl.store(out_v_ptr + b * s_ovb + offs_i * s_ovr, tl.sum(acc_v, axis=1), mask=mask_i)
+            tl.store(out_v_ptr + b * s_ovb + offs_i.to(tl.int64) * s_ovr, tl.sum(acc_v, axis=1), mask=mask_i)
     if WITH_SUM:
         tl.store(out_s_ptr + b * s_osb + offs_i, tl.sum(acc_s, axis=1), mask=mask_i & ((offs_i * 0 + q) == 0))
 

@@ -106,7 +106,7 @@ def own_block(own_ptr, offs_i, mask_i, s_or, s_ok, DP: tl.constexpr, COST: tl.co
     column ``k`` is at ``own_ptr + i*s_or + k*s_ok``.
     """
     if COST == 2:
-        sqn = tl.load(own_ptr + offs_i * s_or + 2 * DP * s_ok, mask=mask_i, other=0.0)
+        sqn = tl.load(own_ptr + offs_i.to(tl.int64) * s_or + 2 * DP * s_ok, mask=mask_i, other=0.0)
         if DP <= DOT_K_MAX:
             hi, lo = feature_slices(own_ptr, offs_i, mask_i, s_or, s_ok, 0, DP, DP)
         else:
@@ -124,7 +124,7 @@ def feature_slices(ptr, offs, mask, s_r, s_k, k0, KB: tl.constexpr, DP: tl.const
     """Head and tail columns ``[k0, k0 + KB)`` of the :func:`dot_features` rows ``offs``,
     ``(len(offs), KB)`` each (masked rows read zeros)."""
     offs_k = k0 + tl.arange(0, KB)
-    rows = ptr + offs[:, None] * s_r
+    rows = ptr + offs[:, None].to(tl.int64) * s_r
     hi = tl.load(rows + offs_k[None, :] * s_k, mask=mask[:, None], other=0.0)
     lo = tl.load(rows + (DP + offs_k[None, :]) * s_k, mask=mask[:, None], other=0.0)
     return hi, lo
@@ -138,7 +138,7 @@ def cross_slice(acc, a_hi, a_lo, oth_ptr, offs_j, mask_j, s_tr, s_tk, k0,
     "tf32x3": the three tf32 products of heads and tails, smallest first (``lo.lo'`` ~
     2^-22 is dropped); otherwise one dot of the heads (= the points) at precision ``IP``."""
     offs_k = k0 + tl.arange(0, KB)
-    rows = oth_ptr + offs_j[None, :] * s_tr
+    rows = oth_ptr + offs_j[None, :].to(tl.int64) * s_tr
     hi = tl.load(rows + offs_k[:, None] * s_tk, mask=mask_j[None, :], other=0.0)  # (KB, BLOCK_J)
     if IP == "tf32x3":
         lo = tl.load(rows + (DP + offs_k[:, None]) * s_tk, mask=mask_j[None, :], other=0.0)
@@ -153,8 +153,8 @@ def cross_slice(acc, a_hi, a_lo, oth_ptr, offs_j, mask_j, s_tr, s_tk, k0,
 @triton.jit
 def coord_sq_diff(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk):
     """``(x_ik - y_jk)^2`` for one coordinate ``k``, a ``(BLOCK_I, BLOCK_J)`` tile."""
-    xk = tl.load(own_ptr + offs_i * s_or + k * s_ok, mask=mask_i, other=0.0)
-    yk = tl.load(oth_ptr + offs_j * s_tr + k * s_tk, mask=mask_j, other=0.0)
+    xk = tl.load(own_ptr + offs_i.to(tl.int64) * s_or + k * s_ok, mask=mask_i, other=0.0)
+    yk = tl.load(oth_ptr + offs_j.to(tl.int64) * s_tr + k * s_tk, mask=mask_j, other=0.0)
     diff = xk[:, None] - yk[None, :]
     return diff * diff
 
@@ -194,7 +194,7 @@ def cost_tile(
                 C += coord_sq_diff(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk)
     else:
         # |x|^2 + |y|^2 - 2 x.y with the cross term on the tensor cores (cross_slice)
-        sqn_j = tl.load(oth_ptr + offs_j * s_tr + 2 * DP * s_tk, mask=mask_j, other=0.0)
+        sqn_j = tl.load(oth_ptr + offs_j.to(tl.int64) * s_tr + 2 * DP * s_tk, mask=mask_j, other=0.0)
         if DP <= DOT_K_MAX:
             cross = cross_slice(None, own_hi, own_lo, oth_ptr, offs_j, mask_j, s_tr, s_tk, 0, DP, DP, IP)
         else:  # slices of both sides' features for every tile: registers stay bounded
@@ -341,8 +341,8 @@ def softmin_kernel(
 
     ``SHIFT`` (see :func:`lse_shift`): sum ``2^(z - m)`` with the fixed shift ``m = -s *
     hint`` (the result in base-2 units), no running maximum (:func:`lse_shifted`). A row
-    whose sum is out of range (``< 2^-100``, ``> 3e38`` or NaN: the hint was ~100/s or
-    more off) is stored as NaN, for a second launch with ``FIXUP`` (and the online
+    whose sum is out of range (below ``2^-100`` per point of the slice, ``> 3e38`` or NaN:
+    the hint was ~100/s or more off) is stored as NaN, for a second launch with ``FIXUP`` (and the online
     maximum) to recompute: its programs read their rows of ``out`` and redo the NaN ones
     only (none: no tile is read). So any hint gives the correct result.
     """
@@ -368,7 +368,11 @@ def softmin_kernel(
         m_i = -tl.load(hint_ptr + b * s_hib + offs_i, mask=mask_i, other=0.0) * scale
         l_i = lse_shifted(h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi, -m_i,
                           s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP, BLOCK_I, BLOCK_J)
-        in_range = (l_i >= 7.9e-31) & (l_i <= 3.0e38)  # 7.9e-31 ~ 2^-100; NaN fails both
+        # 7.9e-31 ~ 2^-100 per term of the slice: the GPU's exp2 flushes terms below 2^-126
+        # to zero, at most 2^-26 of a sum above that floor (with 2^-100 in all, a slice of
+        # 2^20 points could lose 1e-2 of it); NaN fails both tests
+        floor = 7.9e-31 * tl.maximum(j_hi - j_lo, 1).to(l_i.dtype)
+        in_range = (l_i >= floor) & (l_i <= 3.0e38)
         lse2 = tl.where(in_range, m_i + tl.log2(tl.where(in_range, l_i, 1.0)), float("nan"))
     else:
         m_i, l_i = lse_online(h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi,

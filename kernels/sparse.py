@@ -21,6 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
+from otcore import reference_sparse as _twin
+
+_LOG2E = 1.4426950408889634
+
+#: CUDA caps grid axis 1 (the batch here) at 65535 programs; larger batches run the twins.
+BATCH_MAX = 65535
+
 # cost codes of the extraction kernel (a constexpr: one compiled variant each)
 _DENSE, _SQEUCLID, _EUCLID = 0, 1, 2
 
@@ -42,7 +49,7 @@ def _topk_rows_kernel(
     potentials (row stride ``sF_b`` / ``sG_b``, unit column stride); X (B,n,d) and
     Y (B,m,d) points (unused when ``COST == 0``); C (B,n,m) dense cost (unused
     otherwise); outputs V (B,n,S) values and I (B,n,S) int64 column indices.
-    E holds ``1/eps`` as a 1-element tensor in the potentials' dtype (a Python
+    E holds ``log2(e)/eps`` as a 1-element tensor in the potentials' dtype (a Python
     float argument would be passed as float32, too coarse for float64 runs).
 
     The ranking score of entry (i, j) is ``G_j - C_ij`` (``F_i`` is constant along a
@@ -77,8 +84,8 @@ def _topk_rows_kernel(
             # squared distance by a loop over coordinates: exact differences, FMA sums
             cost = tl.zeros((BLOCK_M, BLOCK_N), dtype=f.dtype)
             for k in range(0, d):
-                xk = tl.load(X_ptr + b * sX_b + rows * sX_n + k * sX_d, mask=rmask, other=0.0)
-                yk = tl.load(Y_ptr + b * sY_b + cols * sY_m + k * sY_d, mask=cmask, other=0.0)
+                xk = tl.load(X_ptr + b * sX_b + rows.to(tl.int64) * sX_n + k * sX_d, mask=rmask, other=0.0)
+                yk = tl.load(Y_ptr + b * sY_b + cols.to(tl.int64) * sY_m + k * sY_d, mask=cmask, other=0.0)
                 diff = xk[:, None] - yk[None, :]
                 cost += diff * diff
             if COST == 2:
@@ -99,12 +106,12 @@ def _topk_rows_kernel(
             bmin = tl.min(buf, axis=1)
             more = tl.max((tmax > bmin).to(tl.int32), axis=0)
     # P_ij = exp((F_i + G_j - C_ij) / eps); unfilled slots (-inf) give 0
-    inv_eps = tl.load(E_ptr)
+    k2 = tl.load(E_ptr)  # log2(e) / eps: exp2 of the scaled exponent (tl.exp would scale again, less accurately)
     buf = tl.where(pad, neg_inf, buf)  # pad slots (+inf) would meet F = -inf rows as inf - inf
-    vals = tl.exp((f[:, None] + buf) * inv_eps)
+    vals = tl.exp2((f[:, None] + buf) * k2)
     omask = rmask[:, None] & (slots < S)[None, :]
-    tl.store(V_ptr + b * sV_b + rows[:, None] * sV_n + slots[None, :], vals, mask=omask)
-    tl.store(I_ptr + b * sI_b + rows[:, None] * sI_n + slots[None, :], bidx, mask=omask)
+    tl.store(V_ptr + b * sV_b + rows[:, None].to(tl.int64) * sV_n + slots[None, :], vals, mask=omask)
+    tl.store(I_ptr + b * sI_b + rows[:, None].to(tl.int64) * sI_n + slots[None, :], bidx, mask=omask)
 
 
 @triton.jit
@@ -122,8 +129,8 @@ def _ell_rows_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.arange(0, S_PAD)
     mask = (rows < n)[:, None] & (slots < S)[None, :]
-    v = tl.load(V_ptr + b * sV_b + rows[:, None] * sV_n + slots[None, :], mask=mask, other=0.0)
-    j = tl.load(I_ptr + b * sI_b + rows[:, None] * sI_n + slots[None, :], mask=mask, other=0)
+    v = tl.load(V_ptr + b * sV_b + rows[:, None].to(tl.int64) * sV_n + slots[None, :], mask=mask, other=0.0)
+    j = tl.load(I_ptr + b * sI_b + rows[:, None].to(tl.int64) * sI_n + slots[None, :], mask=mask, other=0)
     x = tl.load(X_ptr + b * sX_b + j, mask=mask, other=0.0)
     tl.store(O_ptr + b * sO_b + rows, tl.sum(v * x, axis=1), mask=rows < n)
 
@@ -144,10 +151,11 @@ def _ell_cols_kernel(
     slots = tl.arange(0, S_PAD)
     rmask = rows < n
     mask = rmask[:, None] & (slots < S)[None, :]
-    v = tl.load(V_ptr + b * sV_b + rows[:, None] * sV_n + slots[None, :], mask=mask, other=0.0)
-    j = tl.load(I_ptr + b * sI_b + rows[:, None] * sI_n + slots[None, :], mask=mask, other=0)
+    v = tl.load(V_ptr + b * sV_b + rows[:, None].to(tl.int64) * sV_n + slots[None, :], mask=mask, other=0.0)
+    j = tl.load(I_ptr + b * sI_b + rows[:, None].to(tl.int64) * sI_n + slots[None, :], mask=mask, other=0)
     u = tl.load(U_ptr + b * sU_b + rows, mask=rmask, other=0.0)
-    tl.atomic_add(O_ptr + b * sO_b + j, v * u[:, None], mask=mask)
+    # empty slots (value 0, index 0) stay out: they would all hit column 0's address
+    tl.atomic_add(O_ptr + b * sO_b + j, v * u[:, None], mask=mask & (v != 0))
 
 
 def topk_blocks(s_pad: int, wide: bool) -> tuple[int, int, int]:
@@ -169,6 +177,8 @@ def plan_sparse_rows(geom, F, G, eps: float, s: int, precision: str = "fp32"):
     distances are always computed in full precision here.
     """
     B, n, m = geom.batch, geom.n, geom.m
+    if B > BATCH_MAX:
+        return _twin.plan_sparse_rows(geom, F, G, eps, s, precision)
     F = F.contiguous()
     G = G.contiguous()
     vals = torch.empty(B, n, s, dtype=F.dtype, device=F.device)
@@ -188,7 +198,7 @@ def plan_sparse_rows(geom, F, G, eps: float, s: int, precision: str = "fp32"):
         sx, sy, sc = X.stride(), Y.stride(), (0, 0, 0)
     grid = (triton.cdiv(n, block_m), B)
     _topk_rows_kernel[grid](
-        F, G, X, Y, C, vals, idx, torch.full((1,), 1.0 / eps, dtype=F.dtype, device=F.device),
+        F, G, X, Y, C, vals, idx, torch.full((1,), _LOG2E / eps, dtype=F.dtype, device=F.device),
         n, m, d,
         F.stride(0), G.stride(0),
         *sx, *sy, *sc,
@@ -203,6 +213,8 @@ def ell_matvec(geom, vals, idx, v, axis: int):
     """Triton version of :func:`otcore.reference_sparse.ell_matvec`:
     ``axis=1``: ``S v`` (B,n) for v (B,m); ``axis=0``: ``S^T u`` (B,m) for u (B,n)."""
     B, n, s = vals.shape
+    if B > BATCH_MAX:
+        return _twin.ell_matvec(geom, vals, idx, v, axis)
     vals = vals.contiguous()
     idx = idx.contiguous()
     v = v.contiguous().to(vals.dtype)

@@ -56,8 +56,9 @@ SCRIPT = textwrap.dedent(
         (plan.plan_dense_kernel, "fp32", dict(tile, COST=0, D=1, DP=1), 8),
         (sparse._ell_rows_kernel, "fp32", dict(S=12, S_PAD=16, BLOCK_M=64), 4),
         (sparse._ell_cols_kernel, "fp32", dict(S=12, S_PAD=16, BLOCK_M=64), 4),
-        (ksparse._ksparse_kernel, "fp32", dict(COST=1, SEMI=True, BLOCK_L=64, BLOCK_N=32, LOG_N=5), 4),
-        (ksparse._ksparse_kernel, "fp32", dict(COST=0, SEMI=False, BLOCK_L=64, BLOCK_N=32, LOG_N=5), 4),
+        (ksparse._ksparse_kernel, "fp32", dict(COST=1, SEMI=True, BLOCK_L=64, BLOCK_N=32, LOG_N=5), ksparse.NUM_WARPS),
+        (ksparse._ksparse_kernel, "fp32", dict(COST=0, SEMI=False, BLOCK_L=64, BLOCK_N=32, LOG_N=5), ksparse.NUM_WARPS),
+        (ksparse._ksparse_kernel, "fp32", dict(COST=1, SEMI=True, BLOCK_L=8, BLOCK_N=256, LOG_N=8), ksparse.NUM_WARPS),
     ]
     # d = 64 values next to the dot path's own tiles, at the launcher's tile sizes
     pts = torch.empty(1, 32768, 64, device="meta")
@@ -85,7 +86,8 @@ SCRIPT = textwrap.dedent(
     # the streamed passes' block-size rules promise no spills (registers only); the top-s
     # extraction at most a few words (ptxas's choice varies by version: 0-56 bytes at these
     # sizes, where 4 warps and 32 rows had spilled 136 bytes to 2 KB)
-    no_spill = (softmin.softmin_kernel, plan.plan_reduce_kernel, sinkhorn_steps.sinkhorn_steps_kernel)
+    no_spill = (softmin.softmin_kernel, plan.plan_reduce_kernel, sinkhorn_steps.sinkhorn_steps_kernel,
+                ksparse._ksparse_kernel)
     stack_max = {sparse._topk_rows_kernel: 64}
     for kernel, dtype, const, warps, *ints in cases:
         compiled = compile_sm90(kernel, const, num_warps=warps, dtype=dtype, ints=ints[0] if ints else None)
@@ -104,4 +106,4 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 30, proc.stdout
+    assert proc.stdout.count(" ok") == 31, proc.stdout

@@ -145,6 +145,18 @@ def test_large_k_falls_back_to_the_twin():
     assert torch.equal(got.idx, twin.idx) and torch.equal(got.vals, twin.vals)
 
 
+def test_batches_past_the_grid_limit_run_the_twin(monkeypatch):
+    """CUDA caps the grid's batch axis at 65535 programs: larger batches (here: any, with
+    the cap lowered to 1) run the torch twin instead of failing to launch."""
+    geom = _geom("sqeuclidean", 9, 7, 2, batch=2, dtype=torch.float32, seed=11)
+    h, kw = _inputs(geom, 0, "semi", seed=12)
+    monkeypatch.setattr(K, "BATCH_MAX", 1)
+    monkeypatch.setattr(K, "_ksparse_kernel", None)  # any launch would fail
+    got = K.ksparse_columns(geom, h, 0.3, 3, 0, **kw)
+    twin = R.ksparse_columns(geom, h, 0.3, 3, 0, **kw)
+    assert torch.equal(got.idx, twin.idx) and torch.equal(got.vals, twin.vals)
+
+
 def test_solver_on_the_triton_backend_matches_torch():
     """The same L-BFGS iterates through the kernel and through the twin (float64)."""
     g = torch.Generator().manual_seed(9)

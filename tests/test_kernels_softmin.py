@@ -404,6 +404,19 @@ def test_a_far_or_nan_hint_is_fixed_up(bad, shifted, exp2_may_overflow):
     assert relerr(out, exact) < 1e-5
 
 
+def test_a_sum_below_its_flush_floor_is_redone(shifted):
+    """The GPU's exp2 flushes terms below 2^-126 to zero; a shifted sum is accepted only
+    above 2^-100 per point of its slice, so those terms stay below 2^-26 of it. A hint
+    3.35 below the result (eps = 0.05) gives sums of ~2^-96.6: above the old floor of
+    2^-100 for the whole row, below 53 x 2^-100, so the rows are redone online."""
+    x, y = clouds(3, seed=23)
+    h = potential(M, seed=24)
+    exact = softmin64(cost64(x, y, "sqeuclidean"), h, 0.05, 1)
+    out, first = shifted(K.point_operand(x - 0.5, y - 0.5, False, "fp32"), h, exact.float() - 3.35)
+    assert first.isnan().all()
+    assert relerr(out, exact) < 1e-5
+
+
 def test_only_the_bad_row_is_redone_and_splits_take_hints(shifted, exp2_may_overflow):
     """One row's hint far off, a split reduction (200 points in slices of 128), one slice
     of zero weights: exactly that row's partial sums and the zero-weight slice (a sum of

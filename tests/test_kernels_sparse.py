@@ -113,6 +113,20 @@ def test_geometry_dispatch_reaches_kernel_and_twin():
     assert torch.allclose(geom.ell_matvec(vk, ik, u, 0, backend="triton"), geom.ell_matvec(vt, it, u, 0), rtol=1e-12)
 
 
+def test_batches_past_the_grid_limit_run_the_twins(monkeypatch):
+    """CUDA caps the grid's batch axis at 65535 programs: larger batches (here: any batch,
+    with the cap lowered to 1) run the torch twins instead of failing to launch."""
+    geom, C, F, G = make("dense", torch.float64, 2)
+    monkeypatch.setattr(KS, "BATCH_MAX", 1)
+    monkeypatch.setattr(KS, "_topk_rows_kernel", None)  # any launch would fail
+    monkeypatch.setattr(KS, "_ell_cols_kernel", None)
+    vk, ik = KS.plan_sparse_rows(geom, F, G, EPS, 4)
+    vt, it = RS.plan_sparse_rows(geom, F, G, EPS, 4)
+    assert torch.equal(vk, vt) and torch.equal(ik, it)
+    u = rand(2, N, seed=3, dtype=torch.float64)
+    assert torch.equal(KS.ell_matvec(geom, vk, ik, u, 0), RS.ell_matvec(geom, vt, it, u, 0))
+
+
 def random_ell(dtype, B=2, n=N, m=M, s=6, seed=1):
     """Random ELL matrix with repeated column indices inside rows (sums must add up)."""
     g = torch.Generator().manual_seed(seed)
