@@ -101,29 +101,33 @@ class _EnvelopeValue(torch.autograd.Function):
     def backward(ctx, gv, gc):
         with torch.no_grad(), torch.autocast(ctx.spec.geom.device.type, enabled=False):  # the solve's precision
             grads = _envelope_backward(ctx, gv, gc)
-        return first_order_only(grads)
+        return first_order_only(grads, (*ctx.saved_tensors, gv, gc))
 
 
 class _NoSecondDerivative(torch.autograd.Function):
-    """Identity whose backward raises: marks a first-order gradient as such."""
+    """``g`` as a function of ``anchors`` whose derivative raises: marks a first-order
+    gradient as such."""
 
     @staticmethod
-    def forward(ctx, g):
+    def forward(ctx, g, *anchors):
         return g.clone()
 
     @staticmethod
-    def backward(ctx, _):
+    def backward(ctx, *_):
         raise RuntimeError("otcore: second derivatives of OT values are not supported (their gradients come "
                            "from the envelope theorem at the solution, a first-order rule)")
 
 
-def first_order_only(grads: tuple) -> tuple:
-    """The gradients a ``backward`` returns; under ``create_graph=True`` each one gets a
-    ``grad_fn`` that raises when differentiated, so a gradient penalty through an OT value
-    fails loudly instead of treating the gradient as a constant."""
-    if not torch.is_grad_enabled():
+def first_order_only(grads: tuple, anchors: tuple) -> tuple:
+    """The gradients a ``backward`` returns; under ``create_graph=True`` each one becomes
+    a function of ``anchors`` (the function's inputs and incoming gradients) whose
+    derivative raises. So differentiating it again, by ``.backward()``,
+    ``torch.autograd.grad(..., inputs=x)`` or a Hessian, fails loudly instead of
+    treating the gradient as a constant (zero second derivative)."""
+    anchors = tuple(t for t in anchors if isinstance(t, torch.Tensor) and t.requires_grad)
+    if not (torch.is_grad_enabled() and anchors):
         return grads
-    return tuple(g if g is None else _NoSecondDerivative.apply(g.detach().requires_grad_()) for g in grads)
+    return tuple(g if g is None else _NoSecondDerivative.apply(g, *anchors) for g in grads)
 
 
 def _envelope_backward(ctx, gv, gc):

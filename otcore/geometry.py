@@ -38,13 +38,14 @@ class Geometry:
     def device(self) -> torch.device:
         return self._ref.device
 
-    def input_versions(self) -> Optional[tuple[int, ...]]:
-        """The version counters of :meth:`inputs` (bumped by in-place ops); None for
-        inference tensors, which carry none."""
-        try:
-            return tuple(t._version for t in self.inputs())
-        except RuntimeError:
-            return None
+    def diameter(self) -> float:
+        """The largest of :meth:`diameters` over the batch (the start of eps scaling)."""
+        return float(self.diameters().max())
+
+    def input_versions(self) -> tuple[Optional[int], ...]:
+        """The version counters of :meth:`inputs` (bumped by in-place ops), one per
+        tensor; None for an inference tensor, which carries none."""
+        return tuple(_version(t) for t in self.inputs())
 
     # --- primitives -------------------------------------------------------
     def _call(self, name, backend, *args, **kw):
@@ -109,6 +110,13 @@ class Geometry:
         return self._call("sparse_cost_grad", backend, W, idx, axis)
 
 
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor
+        return None
+
+
 class PointCloud(Geometry):
     """Two point clouds with a cost computed on the fly.
 
@@ -158,7 +166,7 @@ class PointCloud(Geometry):
     def _fresh(self) -> None:
         if torch.compiler.is_compiling():  # a compiled graph reads the inputs as traced
             return
-        if self.loaded_versions is not None and self.input_versions() != self.loaded_versions:
+        if self.input_versions() != self.loaded_versions:
             self._load()
 
     @property
@@ -199,12 +207,13 @@ class PointCloud(Geometry):
             self._dense = D  # small problem: keep the cost instead of recomputing it every pass
         return D
 
-    def diameter(self) -> float:
-        """Largest possible cost between the clouds' bounding boxes (for eps scaling)."""
+    def diameters(self) -> torch.Tensor:
+        """Per problem, the cost across the diagonal of the box holding both clouds (an
+        upper bound of every cost), ``(B,)``."""
         lo = torch.minimum(self.x.amin(1), self.y.amin(1))
         hi = torch.maximum(self.x.amax(1), self.y.amax(1))
-        ext = float(((hi - lo) ** 2).sum(-1).max())
-        return ext if self.cost == "sqeuclidean" else ext**0.5
+        ext = ((hi - lo) ** 2).sum(-1)
+        return ext if self.cost == "sqeuclidean" else ext.sqrt()
 
 
 class CostMatrix(Geometry):
@@ -234,5 +243,6 @@ class CostMatrix(Geometry):
     def cost_block(self) -> torch.Tensor:
         return self.C
 
-    def diameter(self) -> float:
-        return float((self.C.amax((1, 2)) - self.C.amin((1, 2))).max())
+    def diameters(self) -> torch.Tensor:
+        """Per problem, ``max C - min C``, ``(B,)``."""
+        return self.C.amax((1, 2)) - self.C.amin((1, 2))

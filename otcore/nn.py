@@ -82,8 +82,11 @@ class SinkhornLoss(nn.Module):
         if isinstance(rho, (tuple, list)):
             # the mass term below makes S >= 0 only with one penalty on both sides: with
             # rho = (None, 0.5) and masses 5 and 3, S came out as -7.7 at eps = 10
-            raise ValueError(f"rho must be None or one number for SinkhornLoss (the divergence needs the same "
-                             f"penalty on both sides), got {rho!r}; otcore.sinkhorn takes a pair (rho_a, rho_b)")
+            if len(rho) != 2 or rho[0] != rho[1]:
+                raise ValueError(f"rho must be None, one number or a pair of equal ones for SinkhornLoss (the "
+                                 f"divergence needs the same penalty on both sides), got {rho!r}; otcore.sinkhorn "
+                                 f"takes different ones")
+            rho = rho[0]
         parse_rho(rho)
         _validate.positive("tol", tol)
         _validate.positive_int("max_iter", max_iter)

@@ -7,6 +7,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .autograd import first_order_only
+
 
 class ConvergenceWarning(UserWarning):
     """A solver stopped at ``max_iter`` (or on non-finite values) before meeting ``tol``."""
@@ -58,7 +60,7 @@ class OTResult:
         whatever autocast says). The methods re-read the geometry's inputs, so after an
         in-place change of them (an optimizer step on ``x``) they would mix the new points
         with the old potentials: that raises."""
-        if self._versions is not None and self._geom.input_versions() != self._versions:
+        if self._versions is not None and self._geom.input_versions() != self._versions:  # (None: made by hand)
             raise RuntimeError(f"OTResult.{method}(): the geometry's inputs were modified in place since the "
                                "solve, so its potentials no longer describe their plan; solve again (or keep a "
                                "copy of the inputs)")
@@ -82,6 +84,8 @@ class OTResult:
         giving ``(n,)`` / ``(n, k)``. ``axis=0``: ``P^T @ u`` with ``u`` ``(n,)`` or
         ``(n, k)``, giving ``(m,)`` / ``(m, k)``. Batched results take and give a
         leading ``B``. E.g. the barycentric map is ``res.apply(y) / res.apply(ones)[:, None]``.
+        Differentiable with respect to ``v``, the plan held fixed (its gradient is the
+        product along the other axis).
         """
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise TypeError(f"axis must be an int (0 or 1), got {type(axis).__name__}")
@@ -99,8 +103,8 @@ class OTResult:
             self.batched and v.shape[0] != self._geom.batch
         ):
             raise ValueError(f"v must have shape ({'B, ' if self.batched else ''}{size}[, k]) for axis={axis}, got {tuple(v.shape)}")
-        V = (v if self.batched else v[None]).detach().to(self._F.dtype)
-        return self._out(self._stream("apply", "apply_plan", V, axis))
+        V = (v if self.batched else v[None]).to(self._F.dtype)
+        return self._out(_ApplyPlan.apply(self, V, axis))
 
     def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` largest plan entries of each row: values and column indices, ``(n, k)`` each."""
@@ -110,6 +114,22 @@ class OTResult:
             raise ValueError(f"k must be in [1, m={self._geom.m}], got {k}")
         vals, idx = self._stream("topk", "plan_topk", k)
         return self._out(vals), self._out(idx)
+
+
+class _ApplyPlan(torch.autograd.Function):
+    """``P V`` (``axis=1``) or ``P^T V`` (``axis=0``) with the plan held fixed: linear in
+    ``V``, so its gradient is the product along the other axis."""
+
+    @staticmethod
+    def forward(ctx, res: OTResult, V, axis: int):
+        ctx.res, ctx.axis = res, axis
+        return res._stream("apply", "apply_plan", V, axis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        res = ctx.res
+        gV = res._stream("apply", "apply_plan", grad.to(res._F.dtype), 1 - ctx.axis)
+        return first_order_only((None, gV, None), (grad,))
 
 
 @dataclass(frozen=True)

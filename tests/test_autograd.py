@@ -253,12 +253,18 @@ def test_second_derivatives_raise_instead_of_dropping_terms(solver):
     """A gradient penalty through an OT value: the envelope gradients are first-order, so
     differentiating them raises (before, value + |grad|^2 backpropagated with the penalty's
     gradient silently missing: 0.0484 instead of 0.0656 by finite differences)."""
-    x = rand(8, 2, seed=1).requires_grad_()
-    geom = otcore.PointCloud(x, rand(6, 2, seed=2))
-    res = otcore.sinkhorn(geom, eps=0.1, **T) if solver == "sinkhorn" else otcore.sparse_ot(geom, k=2, gamma=0.5)
+    def solve(geom):
+        return otcore.sinkhorn(geom, eps=0.1, **T) if solver == "sinkhorn" else otcore.sparse_ot(geom, k=2, gamma=0.5)
+
+    x, y = rand(8, 2, seed=1).requires_grad_(), rand(6, 2, seed=2)
+    res = solve(otcore.PointCloud(x, y))
     (gx,) = torch.autograd.grad(res.value, x, create_graph=True)
     with pytest.raises(RuntimeError, match="second derivatives of OT values are not supported"):
-        (res.value + (gx**2).sum()).backward()
+        (res.value + (gx**2).sum()).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives of OT values are not supported"):
+        torch.autograd.grad((gx**2).sum(), x)  # (returned None or zeros when the mark hung on a detached copy)
+    with pytest.raises(RuntimeError, match="second derivatives of OT values are not supported"):
+        torch.autograd.functional.hessian(lambda p: solve(otcore.PointCloud(p, y)).value, x.detach())
     # create_graph for other parts of a model still works: only differentiating the OT part raises
     res = otcore.sinkhorn(otcore.PointCloud(x, rand(6, 2, seed=2)), eps=0.1, **T)
     (gx,) = torch.autograd.grad(res.value + (x**3).sum(), x, create_graph=True)
@@ -290,12 +296,32 @@ def test_result_methods_refuse_inputs_changed_in_place_since_the_solve():
         for call in (res.plan, lambda: res.apply(torch.ones(6, dtype=F64)), lambda: res.topk(2)):
             with pytest.raises(RuntimeError, match="modified in place since the solve"):
                 call()
+    # an inference tensor on one side (no version counter) leaves the other side checked
+    with torch.inference_mode():
+        y_inf = rand(6, 2, seed=7)
+    x2 = rand(8, 2, seed=6)
+    res = otcore.sinkhorn(otcore.PointCloud(x2, y_inf), eps=0.1, **T)
+    x2.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified in place since the solve"):
+        res.plan()
 
 
-def test_apply_checks_v_and_axis_and_carries_no_gradient():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_apply_is_differentiable_in_v_on_every_backend(backend):
+    """A barycentric map res.apply(y) trains y (the plan held fixed): the gradient is the
+    product along the other axis. It did on the torch backend only (the kernel's output
+    had no gradient)."""
     y = rand(6, 2, seed=10).requires_grad_()
-    res = otcore.sinkhorn(otcore.PointCloud(rand(8, 2, seed=9), y.detach()), eps=0.1, **T)
-    assert not res.apply(y).requires_grad  # as documented, on every backend
+    res = otcore.sinkhorn(otcore.PointCloud(rand(8, 2, seed=9), y.detach()), eps=0.1, backend=backend, tol=1e-12)
+    w = rand(8, 2, seed=11)
+    (res.apply(y) * w).sum().backward()
+    torch.testing.assert_close(y.grad, res.plan().T @ w, rtol=1e-12, atol=1e-15)
+    u = rand(8, 3, seed=12).requires_grad_()
+    assert torch.autograd.gradcheck(lambda u: res.apply(u, axis=0), (u,))
+
+
+def test_apply_checks_v_and_axis():
+    res = otcore.sinkhorn(otcore.PointCloud(rand(8, 2, seed=9), rand(6, 2, seed=10)), eps=0.1, **T)
     for bad, exc, match in ((torch.ones(6, dtype=torch.complex128), TypeError, "real floating-point"),
                             (torch.ones(6, dtype=torch.long), TypeError, "real floating-point"),
                             (torch.ones(6, dtype=F64, device="meta"), ValueError, "v is on meta")):
@@ -304,3 +330,15 @@ def test_apply_checks_v_and_axis_and_carries_no_gradient():
     for axis in (True, 1.0):
         with pytest.raises(TypeError, match="axis must be an int"):
             res.apply(torch.ones(6, dtype=F64), axis=axis)
+
+
+def test_large_eps_float64_pass_is_decided_per_problem_of_a_batch():
+    """The float64 value pass follows each problem's diameter, not the batch's largest:
+    batched with a problem 300x wider, a unit-square problem at eps = 1e4 was 9e-4 off
+    (3e-8 alone)."""
+    x, y = rand(2, 40, 2, seed=13, dtype=torch.float32), rand(2, 30, 2, seed=14, dtype=torch.float32)
+    x[1] *= 300
+    y[1] *= 300
+    batched = otcore.sinkhorn(otcore.PointCloud(x, y), eps=1e4, **T)
+    alone = otcore.sinkhorn(otcore.PointCloud(x[0].double(), y[0].double()), eps=1e4, tol=1e-12, **T)
+    assert abs(float(batched.value[0]) - float(alone.value)) <= 1e-7 * abs(float(alone.value))

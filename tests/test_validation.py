@@ -403,6 +403,14 @@ def test_rho_outside_the_dtype_is_rejected_before_any_work():
                            eps=0.1, rho=1e39).converged  # fine in float64
 
 
+def test_sinkhorn_loss_takes_a_pair_of_equal_penalties():
+    x, y = rand(6, 2, seed=1).double(), rand(5, 2, seed=2).double()
+    a, b = torch.full((6,), 0.3, dtype=torch.float64), torch.full((5,), 0.2, dtype=torch.float64)
+    one = otcore.SinkhornLoss(eps=0.1, rho=0.5, tol=1e-10)(x, y, a, b)
+    assert otcore.SinkhornLoss(eps=0.1, rho=(0.5, 0.5), tol=1e-10)(x, y, a, b) == one
+    assert otcore.SinkhornLoss(eps=0.1, rho=[None, None])(x, y).shape == ()
+
+
 @pytest.mark.parametrize("kw, name", [(dict(rho=-1), "rho"), (dict(rho=(None, 0.5)), "rho"), (dict(tol=0), "tol"),
                                       (dict(max_iter=0), "max_iter"), (dict(backend="gpu"), "backend"),
                                       (dict(precision="fp16"), "precision")])

@@ -30,7 +30,9 @@ class Problem:
     rho_b: Optional[float]
     backend: str
     precision: str
-    #: float32 (or narrower) with eps above a quarter of the cost's diameter: the value
+    #: the largest cost diameter of the batch, if known (see :meth:`top_diameter`)
+    diameter: Optional[float]
+    #: float32 (or narrower) with eps above a quarter of a problem's cost diameter: the value
     #: and the weights' gradient take their softmin in float64 (autograd.resolved_softmin)
     wide: bool = False
     #: self-transport (same cloud and weights on both sides): the optimal potentials
@@ -39,6 +41,13 @@ class Problem:
 
     def kw(self):
         return dict(backend=self.backend, precision=self.precision)
+
+    def top_diameter(self) -> float:
+        """The largest cost diameter of the batch (the start of eps scaling), computed
+        once (one pass over the points or ``C`` and a host sync)."""
+        if self.diameter is None:
+            self.diameter = self.geom.diameter()
+        return self.diameter
 
 
 def parse_rho(rho) -> tuple[Optional[float], Optional[float]]:
@@ -72,9 +81,14 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: float) -> Proble
     if rho_a is None and rho_b is None:
         _validate.balanced_mass(A, Bw, tol)
     symmetric = geom.symmetric and a is b and rho_a == rho_b
-    wide = geom.dtype != torch.float64 and eps > geom.diameter() / 4
-    return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision, wide,
-                   symmetric)
+    # per problem: one problem's large diameter must not hide another's large eps/diameter
+    span = None
+    if geom.dtype != torch.float64:
+        d = geom.diameters()
+        span = tuple(torch.stack([d.min(), d.max()]).tolist())  # one host sync
+    wide = span is not None and eps > span[0] / 4
+    return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision,
+                   None if span is None else span[1], wide, symmetric)
 
 
 def check_init(init, geom, names=("f", "g")) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +167,10 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
                 f"eps, or rescale the cost)")
     left = float(resid[~converged].max())
     why = f"residual {left:.3e} > tol={tol:g} after {int(n_iter.max())} iterations"
-    return why + (f"; tol is below the marginals' {rounding}" if tol < floor and left <= 100 * floor else "")
+    if tol < floor and left <= floor:  # an upper estimate: the iterations may still get there
+        why += (f" (more iterations may reach it, but tol may also be below the marginals' rounding at eps={eps:g} "
+                f"in {dt}, up to about {floor:.1e})")
+    return why
 
 
 def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dict) -> OTResult:

@@ -24,7 +24,7 @@ whose fixed point is the same and whose convergence does not degrade that way.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -58,21 +58,21 @@ def check_schedule(schedule: Schedule, eps: float):
     raise TypeError(f"eps_schedule must be None, 'geometric', a float or a sequence, got {type(schedule).__name__}")
 
 
-def eps_stages(schedule: Schedule, geom, eps: float) -> list[float]:
+def eps_stages(schedule: Schedule, top: Callable[[], float], eps: float) -> list[float]:
     """The eps values run (one iteration each) before the target ``eps``.
 
-    ``None``: none. ``"geometric"``: from the cost's diameter down to ``eps`` by
+    ``None``: none. ``"geometric"``: from the cost's diameter ``top()`` down to ``eps`` by
     factors of 1/2 (the first value is the diameter). A float ``q`` in (0, 1): the same
     with factor ``q``. A decreasing sequence of values > eps: those.
     """
     q = check_schedule(schedule, eps)
     if not isinstance(q, float):
         return q  # None: no stages; a sequence: those
-    top = geom.diameter()
-    k = max(0, math.ceil(math.log(max(top, eps) / eps) / math.log(1 / q)))
+    diam = top()  # asked only here, where a schedule needs it: a pass over the geometry
+    k = max(0, math.ceil(math.log(max(diam, eps) / eps) / math.log(1 / q)))
     # the first stage is capped at the diameter: with a small q, eps / q**k can be far
     # above the cost's range, where the update rounds to a huge common offset of f and g
-    return [min(eps / q**i, top) for i in range(k, 0, -1)]
+    return [min(eps / q**i, diam) for i in range(k, 0, -1)]
 
 
 def _tau(rho: Optional[float], eps: float) -> float:
@@ -142,7 +142,7 @@ def sinkhorn(
     check_every = _validate.positive_int("check_every", check_every)
     _validate.flag("cuda_graph", cuda_graph)
     f, g = check_init(init, geom)
-    stages = eps_stages(eps_schedule, geom, pb.eps)
+    stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps)
     progress = Progress(verbose, "sinkhorn")
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
         f, g, n_iter, passed = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph)

@@ -407,7 +407,7 @@ class _SparseOTFunction(torch.autograd.Function):
     def backward(ctx, gv, gc, gT):
         with torch.no_grad(), torch.autocast(ctx.spec.pb.geom.device.type, enabled=False):  # the solve's precision
             grads = _sparse_backward(ctx, gv, gc, gT)
-        return first_order_only(grads)
+        return first_order_only(grads, (*ctx.saved_tensors, gv, gc, gT))
 
 
 def _sparse_backward(ctx, gv, gc, gT):
