@@ -217,7 +217,10 @@ def test_solver_on_the_kernel(symmetric):
     tri = otcore.sinkhorn(geom, backend="triton", **kw)
     tor = otcore.sinkhorn(geom, backend="torch", **kw)
     assert tri.converged.all() and tri.info["symmetric"] == symmetric
-    assert torch.equal(tri.n_iter, tor.n_iter)
+    # the interpreter's exp2 is NumPy's; a GPU's is approximate (~2 ulp), which may move a
+    # float32 residual across tol at one check: one block more or less there
+    slack = 0 if DEVICE == "cpu" else kw["check_every"]
+    assert int((tri.n_iter - tor.n_iter).abs().max()) <= slack
     assert float((tri.f - tor.f).abs().max()) < 1e-5
     P = tri.plan()
     assert float((P.sum(2) - 1 / 23).abs().sum(1).max()) < 2e-5
