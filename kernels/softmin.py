@@ -607,9 +607,16 @@ def num_splits(programs: int, tiles_oth: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(target, programs), tiles_oth // 8))
 
 
+def device_scalars(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device`` without a host sync: a plain copy to a CUDA
+    device waits for the stream to drain; from pinned memory it is queued like a launch."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 @functools.lru_cache(maxsize=64)
 def _scalars(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor([LOG2E / eps, eps * LN2], dtype=dtype, device=device)
+    return device_scalars([LOG2E / eps, eps * LN2], dtype, device)
 
 
 def scalars(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -28,12 +28,18 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def update(self, it: int, err: float, eps: float, stage: str = "") -> None:
+    def due(self) -> bool:
+        """Whether :meth:`update` would print now: callers read the values it prints (a
+        host sync on a GPU) only then."""
         if not self.enabled:
+            return False
+        now = self.elapsed
+        return now >= self.after and now - self.last >= 0.25
+
+    def update(self, it: int, err: float, eps: float, stage: str = "") -> None:
+        if not self.due():
             return
         now = self.elapsed
-        if now < self.after or now - self.last < 0.25:
-            return
         self.last = now
         self.printed = True
         extra = f" | {stage}" if stage else ""

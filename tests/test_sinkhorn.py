@@ -621,3 +621,30 @@ def test_a_tol_below_the_marginals_rounding_is_named_in_the_warning():
     with pytest.warns(ConvergenceWarning, match=r"which is their rounding at eps=0.01 in float64 .*larger tol"):
         res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.01, rho=10.0, tol=1e-12, max_iter=100_000)
     assert not res.converged and res.info["residual"] < 1e-11
+
+
+def test_progress_line_reads_the_residual_only_when_it_prints(monkeypatch, capsys):
+    """The line's residual is a host sync on a GPU: it is read only for a line that is
+    printed (at most 4 a second), not at every check. Here the clock runs 20 ms per
+    reading, so only some checks print; verbose=False never reads it."""
+    from otcore import _progress
+
+    clock = iter(0.02 * k for k in range(10**6))  # each reading of the clock: 20 ms
+    monkeypatch.setattr(_progress.time, "perf_counter", lambda: next(clock))
+    reads = []
+    real = _progress.Progress.update
+
+    def update(self, it, err, eps, stage=""):
+        reads.append(err)
+        return real(self, it, err, eps, stage)
+
+    monkeypatch.setattr(_progress.Progress, "update", update)
+    g = torch.Generator().manual_seed(4)
+    geom = otcore.PointCloud(torch.rand(30, 2, generator=g, dtype=torch.float64),
+                             torch.rand(20, 2, generator=g, dtype=torch.float64))
+    res = otcore.sinkhorn(geom, eps=0.01, tol=1e-9, check_every=5, verbose=True)
+    assert res.converged and reads and len(reads) < res.n_iter / 5  # fewer reads than checks
+    assert "sinkhorn iter" in capsys.readouterr().err
+    reads.clear()
+    otcore.sinkhorn(geom, eps=0.01, tol=1e-9, check_every=5, verbose=False)
+    assert reads == []

@@ -110,21 +110,21 @@ def lbfgs(
         armijo_seen = torch.zeros_like(done)
         new = (theta, f, g, aux, scale)
         fallback = new
+        exhausted = True
         for _ in range(max_ls):
             cand = theta + t[:, None] * d
             fc, gc, auxc, sc = evaluate(cand)
             armijo = ~done & torch.isfinite(fc) & (fc <= f + c1 * t * gd + slack * (scale + f.abs()))
             curv = (gc * d).sum(-1) >= c2 * gd  # weak Wolfe: the slope has risen enough
             ok = armijo & curv
-            if bool((ok | done).all()):  # the usual case: every live problem takes this step (one sync)
+            if bool((ok | done).all()):  # every live problem takes a step (the trial's one sync)
                 new, done = _where(ok, (cand, fc, gc, auxc, sc), new), done | ok
+                exhausted = False
                 break
             new = _where(ok, (cand, fc, gc, auxc, sc), new)
             fallback = _where(armijo, (cand, fc, gc, auxc, sc), fallback)
             armijo_seen |= armijo
             done |= ok
-            if bool(done.all()):
-                break
             # bracket [lo, hi]: too long where Armijo fails, too short where the slope is still steep
             hi = torch.where(~done & ~armijo, t, hi)
             lo = torch.where(armijo & ~ok, t, lo)
@@ -135,7 +135,8 @@ def lbfgs(
         done |= late
         failed = active & ~done
         kicked = failed & (kicks < max_kicks) if kick > 0 else torch.zeros_like(failed)
-        if bool(kicked.any()):  # a kink: step off it along a fixed pattern, forget the memory
+        # (a search that ended early left every problem done: nothing to kick, no sync)
+        if exhausted and bool(kicked.any()):  # a kink: step off it along a fixed pattern, forget the memory
             cand = theta + kick * pattern
             new = _where(kicked, (cand, *evaluate(cand)), new)
             rho = torch.where(kicked[:, None], torch.zeros_like(rho), rho)
@@ -166,7 +167,7 @@ def lbfgs(
         converged = converged | (active & (grad_ok | (flat & flat_converges)))
         flat_stop |= active & flat & ~converged
         active = active & moved & ~converged & ~flat_stop
-        if progress is not None and progress.enabled:
+        if progress is not None and progress.due():
             progress.update(it + 1, float(gnorm.max()), float("nan"), "L-BFGS")
     if progress is not None:
         progress.close()

@@ -241,7 +241,7 @@ class _Solve:
             active = ~self.passed & torch.isfinite(err) & (stalled < patience)
             if not bool(active.any()):
                 break
-            if self.progress.enabled:
+            if self.progress.due():
                 self.progress.update(int(self.newton_its.max()), float(err[active].max()), pb.eps, "newton")
             vals, idx, s = self._sparse_plan(r, active, s, s_max, sparsity is None, drop_tol)
             # inexact Newton: relative CG residual ~ sqrt(error) (superlinear steps

@@ -209,7 +209,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         it += k + 1
         if not bool(active.any()):  # the block's one host synchronisation
             break
-        if progress.enabled:
-            progress.update(it, float(resid[active].max()), eps)
+        if progress.due():  # the residual is read (a sync on a GPU) only for a line that prints
+            progress.update(it, float(torch.where(active, resid, float("-inf")).amax()), eps)
     progress.close()
     return f, g, n_iter, passed

@@ -24,7 +24,7 @@ The optimizer is a batched L-BFGS on the torch tensors with an Armijo backtracki
 search; each objective evaluation is one k-sparse pass of the geometry
 (:meth:`otcore.geometry.Geometry.ksparse_columns`). Host synchronisations: one per
 line-search trial (usually one trial per iteration) and one per iteration for the
-stopping test; none inside the evaluations.
+stopping test (one more when the trials run out); none inside the evaluations.
 """
 
 from __future__ import annotations
