@@ -1,14 +1,14 @@
 """Copy bandwidth of the device: the denominator of the benches' memory-bound floors.
 
 A floor "one read of C at copy bandwidth" needs the bandwidth of *this* device, not the
-H100's 2.9e12 B/s of TARGETS.md (an H200's HBM3e is faster). :func:`copy_bandwidth`
+H100's 2.9e12 B/s of the targets (docs/benchmarks.md) (an H200's HBM3e is faster). :func:`copy_bandwidth`
 returns, in order of preference:
 
 1. ``$OTCORE_COPY_BPS`` (bytes/s), which ``bench/gpu_check.sh`` sets from its ``env``
    part's measurement, so every part uses the same number;
 2. on CUDA, a measurement now: a 1 GiB device-to-device copy (less when memory is
    short), timed with CUDA events, median of 10 after a warm-up;
-3. without CUDA, TARGETS.md's H100 value (the CPU runs only check the plumbing).
+3. without CUDA, the targets' H100 value (the CPU runs only check the plumbing).
 
 Copy bandwidth is counted as bytes read + bytes written per second, as ``env`` counts
 it: a kernel that only reads ``N`` bytes runs at the copy bandwidth when it takes
@@ -23,7 +23,7 @@ import statistics
 import torch
 
 ENV_VAR = "OTCORE_COPY_BPS"
-H100_COPY_BPS = 2.9e12  # TARGETS.md: measured H100 copy bandwidth
+H100_COPY_BPS = 2.9e12  # the targets' measured H100 copy bandwidth (docs/benchmarks.md)
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 2**30, reps: int = 10) -> float:
@@ -63,7 +63,7 @@ def copy_bandwidth(device) -> tuple[float, str]:
         print(f"note: ignoring ${ENV_VAR}={text!r} (not a positive number of bytes/s)", flush=True)
     if device.type == "cuda":
         return measure_copy_bandwidth(device), "measured now (device-to-device copy, CUDA events)"
-    return H100_COPY_BPS, "TARGETS.md H100 value (no CUDA device to measure)"
+    return H100_COPY_BPS, "the targets' H100 value (no CUDA device to measure)"
 
 
 def describe(bps: float, source: str) -> str:

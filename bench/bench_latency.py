@@ -3,7 +3,7 @@
     python bench/bench_latency.py                  # on a GPU: the workloads below
     python bench/bench_latency.py --quick          # tiny versions on the CPU (torch backend)
 
-Workloads (TARGETS.md / issue 3, item 4), each run for a fixed number of iterations:
+Workloads (docs/benchmarks.md targets, issue 3 item 4), each run for a fixed number of iterations:
 
 - ``swav``: SwAV-style assignment, ``C = -scores`` of 3000 features x 4096 prototypes
   (unit vectors, d = 128), eps = 0.05, 3 iterations (a full solve in SwAV).

@@ -24,11 +24,11 @@ iterations (its count is a multiple of 50). Each solver gets an untimed short ru
 first (compilation, caches). For n <= 4096 the marginal error of every result is
 recomputed in float64 from its dense plan (``err64``) and each plan is compared with
 the SNS plan (L1 distance): the correctness check. otcore.sinkhorn rows also carry the
-fraction of the hardware floor (TARGETS.md: ``2 n m`` exponentials at 4.2e12/s, or for
+fraction of the hardware floor (the targets' floor: ``2 n m`` exponentials at 4.2e12/s, or for
 a dense cost ``2 n m`` element reads at copy bandwidth, whichever is larger; the copy
 bandwidth is ``$OTCORE_COPY_BPS`` (set by gpu_check.sh from its measurement), else
-measured now on CUDA, else TARGETS.md's H100 2.9e12 B/s, and is printed) its iterations
-reached, and ``speedup_sns``: its time over SNS's (TARGETS.md: >= 10x at small eps;
+measured now on CUDA, else the targets' H100 2.9e12 B/s, and is printed) its iterations
+reached, and ``speedup_sns``: its time over SNS's (target: >= 10x at small eps;
 a lower bound when Sinkhorn stopped on its budget). POT or scikit-learn missing: those
 rows are skipped with a note. Times are wall clock with CUDA synchronised.
 
@@ -58,7 +58,7 @@ from _bandwidth import H100_COPY_BPS, copy_bandwidth, describe  # noqa: E402
 
 FIELDS = ["part", "problem", "n", "eps", "dtype", "solver", "iters", "time_s", "marginal_error", "converged",
           "err64", "plan_l1_vs_sns", "floor_fraction", "speedup_sns", "detail"]
-EXP_PER_S = 4.2e12  # TARGETS.md: H100/H200 exp2 throughput
+EXP_PER_S = 4.2e12  # H100/H200 exp2 throughput (the targets' floor, docs/benchmarks.md)
 COPY_BYTES_PER_S = H100_COPY_BPS  # replaced in main() by this device's copy bandwidth
 PLAN_MAX_N = 4096  # dense plans (checks) up to this size
 
@@ -130,7 +130,7 @@ def run_sns(geom, a, b, eps, tol, device, args):
 
 
 def floor_s_per_iter(geom, dense: bool) -> float:
-    """TARGETS.md floor of one Sinkhorn iteration: 2 n m exponentials, or for a dense
+    """The targets' floor of one Sinkhorn iteration: 2 n m exponentials, or for a dense
     cost 2 n m element reads at copy bandwidth, whichever is larger."""
     nm = geom.n * geom.m
     t = 2.0 * nm / EXP_PER_S

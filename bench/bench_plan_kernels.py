@@ -132,7 +132,7 @@ def run_size(n, d, device, args, rows_out):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
-    ap.add_argument("--sizes", nargs="+", default=None, help="n x d, e.g. 8192x3 (default: the TARGETS.md sizes)")
+    ap.add_argument("--sizes", nargs="+", default=None, help="n x d, e.g. 8192x3 (default: the target sizes)")
     ap.add_argument("--warm-iters", type=int, default=5)
     ap.add_argument("--check-rows", type=int, default=256, help="rows (columns) compared with float64")
     ap.add_argument("--max-err", type=float, default=1e-4, help="relative error counted as a failure")

@@ -1,12 +1,12 @@
 """GPU check and benchmark of the Sinkhorn kernels (softmin passes and the loss layer).
 
-    python bench/bench_sinkhorn_kernels.py                 # the TARGETS.md sizes, on a GPU
+    python bench/bench_sinkhorn_kernels.py                 # the target sizes, on a GPU
     python bench/bench_sinkhorn_kernels.py --quick         # tiny sizes; runs on CPU (interpreter)
     python bench/bench_sinkhorn_kernels.py --sizes 8192x3 32768x64 --out out/h100
     python bench/bench_sinkhorn_kernels.py --only-loss                # just the loss layer
     python bench/bench_sinkhorn_kernels.py --peers flash --skip-loss  # otcore + FlashSinkhorn
 
-Problems follow TARGETS.md: x ~ U[0,1]^d, y ~ U[0.05,0.95]^d, squared Euclidean
+Problems follow the targets' setting (docs/benchmarks.md): x ~ U[0,1]^d, y ~ U[0.05,0.95]^d, squared Euclidean
 cost, eps = 0.05, uniform weights.
 
 1. Correctness. From potentials after a few fp32 iterations, one row pass and
@@ -22,19 +22,19 @@ cost, eps = 0.05, uniform weights.
    ``backend="alternating"``, fixed eps, ``--flash-iters`` iterations per call, strict
    fp32 and tf32, its default block sizes without autotuning) when importable (``--peers`` picks which run); with each time as a
    fraction of the exp-unit floor ``2 n m / 4.2e12 s`` (H100 and H200: 16 exp2/clock/SM
-   x 132 SMs x 1.98 GHz) and against the TARGETS.md target of the size. A call
+   x 132 SMs x 1.98 GHz) and against the target of the size. A call
    slower than 50 ms is timed as the median of 3 (after a warm-up), not by do_bench.
 3. Dense ``CostMatrix`` input (``--dense-sizes``, n = m = 8192 and 32768 by default):
    a float32 C (the squared distances of the d = 3 problem), one row and one column
    pass checked against float64 on the same C, then ms per iteration against the
    bandwidth floor: an iteration reads C twice, ``2 n m 4`` bytes, at the copy
    bandwidth (``$OTCORE_COPY_BPS`` from gpu_check.sh, else measured now on CUDA, else
-   TARGETS.md's H100 2.9e12 B/s; printed). TARGETS.md: >= 80% of copy bandwidth.
+   the targets' H100 2.9e12 B/s; printed). target: >= 80% of copy bandwidth.
    Each runs right after the first point-cloud size with at least its n.
 4. The loss layer: ``otcore.SinkhornLoss`` forward + backward at n = 10,000,
    d = 3 (GeomLoss convention blur = 0.05, i.e. eps = 0.005 on ||x - y||^2): value
    and gradient first checked against the same loss on the float64 torch path, then
-   timed, beside GeomLoss's tensorized backend when importable (TARGETS.md: GeomLoss
+   timed, beside GeomLoss's tensorized backend when importable (target: GeomLoss
    takes 73.7 ms at scaling 0.5 on an H100; the target is 20x faster).
 
 Writes ``results.csv``, ``results.json`` and ``sinkhorn_kernels.png`` to ``--out``.
@@ -65,15 +65,15 @@ from _bandwidth import copy_bandwidth, describe  # noqa: E402
 EXP_PER_S = 4.2e12
 EPS = 0.05
 TARGET_SIZES = ["8192x3", "32768x3", "32768x64", "50000x64", "1000000x3"]
-#: TARGETS.md: otcore fp32-faithful ms per iteration, per (n, d)
+#: the targets (docs/benchmarks.md): otcore fp32-faithful ms per iteration, per (n, d)
 TARGET_MS = {(8192, 3): 0.10, (32768, 3): 0.70, (32768, 64): 2.5, (50000, 64): 5.0, (1_000_000, 3): 700.0}
-#: TARGETS.md: GeomLoss tensorized, fwd + bwd at n = 10,000, d = 3, blur 0.05, scaling 0.5 (H100)
+#: the targets (docs/benchmarks.md): GeomLoss tensorized, fwd + bwd at n = 10,000, d = 3, blur 0.05, scaling 0.5 (H100)
 GEOMLOSS_REF_MS = 73.7
 LOSS_SPEEDUP_TARGET = 20.0
 PEERS = ("dense", "pot", "flash")
 LONG_CALL_MS = 50.0
 QUICK_SIZES = ["64x3", "96x17"]
-#: Dense CostMatrix sizes n = m (float32 C) and TARGETS.md's target for them
+#: Dense CostMatrix sizes n = m (float32 C) and the target for them
 DENSE_SIZES = [8192, 32768]
 QUICK_DENSE_SIZES = [64]
 DENSE_TARGET_FRACTION = 0.8
@@ -362,7 +362,7 @@ def costmatrix(n, device, args, rows_out, copy_bps):
     n = m: one row pass and one column pass checked against float64 on the same C, then
     ms per iteration against the bandwidth floor. An iteration reads C twice (row pass,
     column pass), ``2 n m 4`` bytes, so the floor is that over the copy bandwidth;
-    TARGETS.md: >= 80% of it."""
+    target: >= 80% of it."""
     nbytes = n * n * 4
     if 2 * nbytes > 0.6 * free_bytes(device):
         print(f"  CostMatrix n = {n} skipped: C ({nbytes / 2**30:.1f} GiB) and its construction do not fit")
@@ -435,7 +435,7 @@ def loss_layer(device, args, rows_out):
     target = GEOMLOSS_REF_MS / LOSS_SPEEDUP_TARGET
     rows_out.append(dict(section="loss_fwd_bwd_ms", n=n, d=3, method="otcore SinkhornLoss", ms=ms, value=float(v0),
                          target_ms=target, target_met=bool(ms <= target)))
-    print(f"  otcore SinkhornLoss fwd+bwd (blur {blur}): {ms:.2f} ms (value {float(v0):.6e}); TARGETS.md: GeomLoss "
+    print(f"  otcore SinkhornLoss fwd+bwd (blur {blur}): {ms:.2f} ms (value {float(v0):.6e}); target: GeomLoss "
           f"{GEOMLOSS_REF_MS} ms on an H100, target <= {target:.2f} ms: {'met' if ms <= target else 'MISSED'}",
           flush=True)
     try:
@@ -473,7 +473,7 @@ LOSS_TOLS = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 def equal_accuracy(x, y, eps, runner, theirs, ms_theirs, scaling, ref, device, rows_out):
     """otcore at GeomLoss's accuracy: the loosest ``tol`` (of :data:`LOSS_TOLS`) whose value
     and gradient are at least as close to the float64 reference as GeomLoss's (scaling
-    ``scaling``), timed. TARGETS.md's 20x is "at equal accuracy": GeomLoss with eps scaling
+    ``scaling``), timed. The targets' 20x is "at equal accuracy": GeomLoss with eps scaling
     runs a fixed, short schedule, while otcore's default tol=1e-5 solves far closer."""
     v64, g64 = ref
     err_v, err_g = relerr(theirs[0], v64), relerr(theirs[1], g64)
@@ -552,7 +552,7 @@ def plot(rows, path, meta):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU/interpreter smoke run)")
-    ap.add_argument("--sizes", nargs="*", help="n x d sizes, e.g. 8192x3 (default: TARGETS.md sizes)")
+    ap.add_argument("--sizes", nargs="*", help="n x d sizes, e.g. 8192x3 (default: the target sizes)")
     ap.add_argument("--out", default=None, help="output folder (default out/bench_sinkhorn_kernels[_quick])")
     ap.add_argument("--skip-peers", action="store_true", help="only time otcore")
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS,

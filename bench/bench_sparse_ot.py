@@ -7,11 +7,11 @@ Euclidean cost, uniform weights, k = 4, gamma = 10 (the constraint binds). First
 correctness check (n <= ``--check-max``): our value against the same problem solved in
 float64 on the torch path to a tight tolerance. Reported: POT's time and value; ours to
 our own stopping rule; ours *to POT's value* (the wall time when our objective first
-reaches the value POT stopped at) -- the "same value" speedup (TARGETS.md: >= 100x at
+reaches the value POT stopped at) -- the "same value" speedup (target: >= 100x at
 n = 2048); and the time per objective evaluation as a fraction of the floor of one
 read of C at copy bandwidth (dense-input target 80%): ``$OTCORE_COPY_BPS`` (set by
 gpu_check.sh from its measurement), else measured now on CUDA (a device-to-device copy
-timed with CUDA events), else TARGETS.md's H100 2.9e12 B/s; the one used is printed.
+timed with CUDA events), else the targets' H100 2.9e12 B/s; the one used is printed.
 
 POT runs on the CPU whatever the device, and its result depends only on (n, k, gamma,
 seed): ``--pot-only --pot-ref FILE`` measures it and writes FILE (JSON), and
@@ -27,7 +27,7 @@ Part 2 (``router``): forward + backward of :class:`otcore.SparseOTRouter` (capac
 mode, capacity factor 1.25, and token mode, k = 2) against a plain softmax top-2 router
 (softmax, top-k, renormalized weights, Switch load-balancing loss) on random
 ``tokens x experts`` scores, ``loss = sum(weights * W)``. Median wall time of the
-whole call (host syncs included: the OT solve has them); TARGETS.md: ratio <= 2.
+whole call (host syncs included: the OT solve has them); target: ratio <= 2.
 Checked first: weights finite and >= 0, every expert's load ``tokens / experts``
 (capacity mode) or every token's weights summing to 1 (token mode).
 

@@ -130,7 +130,7 @@ if [ -n "$COPY_BPS" ]; then
   export OTCORE_COPY_BPS=$COPY_BPS
   echo "# OTCORE_COPY_BPS=$COPY_BPS (env's copy bandwidth): the benches' bandwidth floors use it"
 else
-  echo "# no copy bandwidth measured (no CUDA): the benches fall back to TARGETS.md's H100 2.9e12 B/s"
+  echo "# no copy bandwidth measured (no CUDA): the benches fall back to the targets' H100 2.9e12 B/s"
 fi
 
 # --- parts -----------------------------------------------------------------------------

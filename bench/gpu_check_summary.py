@@ -59,7 +59,7 @@ def kernel_rows(work):
 
 
 def section_kernels(rows, say):
-    say("[a/a2/e] Sinkhorn iteration (row + column pass), eps 0.05, ms; floor = 2nm exp2 at 4.2e12/s (TARGETS.md)")
+    say("[a/a2/e] Sinkhorn iteration (row + column pass), eps 0.05, ms; floor = 2nm exp2 at 4.2e12/s (docs/benchmarks.md)")
     rows = [r for r in rows if r["section"] in ("pass_error", "solve_error", "iteration_ms")]
     sizes = list(dict.fromkeys((r["n"], r["d"]) for r in rows if r["section"] in ("pass_error", "iteration_ms")))
     if not sizes:
@@ -96,7 +96,7 @@ def section_costmatrix(rows, say):
     tim = [r for r in rows if r["section"] == "costmatrix_iteration_ms"]
     bw = f"{tim[0]['copy_Bps'] / 1e12:.3g} TB/s" if tim else "copy bandwidth"
     say(f"[a] dense CostMatrix input, float32, ms per iteration; floor = 2 reads of C (2nm*4 bytes) at {bw} "
-        "(TARGETS.md: >= 80% of copy bandwidth)")
+        "(target: >= 80% of copy bandwidth)")
     if not rows:
         say("  no results")
         return
@@ -113,7 +113,7 @@ def section_costmatrix(rows, say):
 
 def section_loss(rows, say):
     n = rows[0]["n"] if rows else "-"
-    say(f"[b] SinkhornLoss fwd+bwd, debiased, n=m={n} d=3 (TARGETS.md at n=10,000, blur 0.05: GeomLoss 73.7 ms on "
+    say(f"[b] SinkhornLoss fwd+bwd, debiased, n=m={n} d=3 (targets at n=10,000, blur 0.05: GeomLoss 73.7 ms on "
         "an H100, target 20x faster)")
     chk = [r for r in rows if r["section"] == "loss_check"]
     tim = [r for r in rows if r["section"] == "loss_fwd_bwd_ms"]
@@ -137,7 +137,7 @@ def section_loss(rows, say):
 
 
 def section_newton(rows, say):
-    say("[c1/c2] SNS vs Sinkhorn to L1 marginal error 1e-6 (float32: 1e-5) (TARGETS.md: SNS >= 10x faster at small "
+    say("[c1/c2] SNS vs Sinkhorn to L1 marginal error 1e-6 (float32: 1e-5) (target: SNS >= 10x faster at small "
         "eps, same plan)")
     if not rows:
         say("  no results")
@@ -157,7 +157,7 @@ def section_newton(rows, say):
 
 
 def section_sparse(rows, dev_ref, say):
-    say("[d] sparse OT (k=4, gamma=10; TARGETS.md: >= 100x POT at n=2048) and OT router (target <= 2x softmax top-2)")
+    say("[d] sparse OT (k=4, gamma=10; target: >= 100x POT at n=2048) and OT router (target <= 2x softmax top-2)")
     if not rows:
         say("  no results")
         return
