@@ -45,14 +45,16 @@ import triton.language as tl
 from otcore.reference_ksparse import KSparse, cross_sum
 from otcore.reference_ksparse import ksparse_columns as _torch_ksparse_columns
 
+from .softmin import GRID_Y_MAX
+
 #: Largest ``k`` handled by the kernel (the chunk must hold k sorted entries in registers).
 #: Each sort width is its own compile, and the network grows as log² of it: for sm_90
 #: (Triton 3.6, measured on a CPU) width 32 took 4 s, 128 10 s, 512 20 s and 1024 27 s.
 #: Past 256, ``torch.topk`` (the twin) is the better trade.
 K_MAX = 256
 
-#: CUDA caps grid axis 1 (the batch here) at 65535 programs; larger batches run the twin.
-BATCH_MAX = 65535
+#: Largest batch run here (the batch is grid axis 1); larger ones run the twin.
+BATCH_MAX = GRID_Y_MAX
 
 #: Compiled for sm_90, 4 warps spilled 16-136 bytes per thread at every sort width
 #: (Triton 3.6 and 3.9); 8 warps use 110-223 registers and no stack.

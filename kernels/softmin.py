@@ -607,6 +607,11 @@ def num_splits(programs: int, tiles_oth: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(target, programs), tiles_oth // 8))
 
 
+#: CUDA caps a launch grid's second and third axes at 65535 programs: kernels with the
+#: batch there run their torch twins for larger batches.
+GRID_Y_MAX = 65535
+
+
 def device_scalars(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` as a tensor on ``device`` without a host sync: a plain copy to a CUDA
     device waits for the stream to drain; from pinned memory it is queued like a launch."""

@@ -23,10 +23,10 @@ import triton.language as tl
 
 from otcore import reference_sparse as _twin
 
-_LOG2E = 1.4426950408889634
+from .softmin import GRID_Y_MAX, LOG2E
 
-#: CUDA caps grid axis 1 (the batch here) at 65535 programs; larger batches run the twins.
-BATCH_MAX = 65535
+#: Largest batch run here (the batch is grid axis 1); larger ones run the twins.
+BATCH_MAX = GRID_Y_MAX
 
 # cost codes of the extraction kernel (a constexpr: one compiled variant each)
 _DENSE, _SQEUCLID, _EUCLID = 0, 1, 2
@@ -198,7 +198,7 @@ def plan_sparse_rows(geom, F, G, eps: float, s: int, precision: str = "fp32"):
         sx, sy, sc = X.stride(), Y.stride(), (0, 0, 0)
     grid = (triton.cdiv(n, block_m), B)
     _topk_rows_kernel[grid](
-        F, G, X, Y, C, vals, idx, torch.full((1,), _LOG2E / eps, dtype=F.dtype, device=F.device),
+        F, G, X, Y, C, vals, idx, torch.full((1,), LOG2E / eps, dtype=F.dtype, device=F.device),
         n, m, d,
         F.stride(0), G.stride(0),
         *sx, *sy, *sc,
