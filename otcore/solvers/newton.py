@@ -249,14 +249,14 @@ class _Solve:
             forcing = err.sqrt().clamp(min=cg_tol, max=0.1)
             df, dg = self._direction(r, c, vals, idx, active, forcing, cg_max_iter)
             self.newton_its += active
-            r, c, err, accepted, alpha, armijo = self._line_search(df, dg, r, c, err, active)
+            r, c, err, accepted, alpha, armijo, exhausted = self._line_search(df, dg, r, c, err, active)
             # damping: relax after full steps, tighten after short or failed ones
             lam = torch.where(accepted & (alpha >= 0.5), self.lam / 10, self.lam)
             lam = torch.where(accepted & (alpha < 0.25), self.lam * 10, lam)
             lam = torch.where(active & ~accepted, self.lam * 100, lam)
             self.lam = lam.clamp(self.lam_min, self.lam_max)
             stuck = active & ~accepted
-            if bool(stuck.any()):  # Newton did not help: Sinkhorn steps for those problems
+            if exhausted and bool(stuck.any()):  # Newton did not help: Sinkhorn steps for those problems
                 r, c, err = self._fallback(fallback_iter, tol, stuck, r, c, err)
             # progress: a resolvable increase of L, or the error down by 10% from its best;
             # without it for `patience` iterations we are at the dtype's accuracy floor
@@ -341,8 +341,9 @@ class _Solve:
     def _line_search(self, df, dg, r, c, err, active, max_halvings: int = 12, c1: float = 1e-4):
         """Backtracking on ``alpha`` in {1, 1/2, ...}; moves ``self.f``, ``self.g``.
 
-        Returns the new ``(r, c, err)`` and, per problem, whether a step was taken,
-        its ``alpha``, and whether it was taken on a resolvable increase of ``L``.
+        Returns the new ``(r, c, err)``, per problem whether a step was taken, its
+        ``alpha`` and whether it was taken on a resolvable increase of ``L``, and whether
+        the halvings ran out (otherwise every active problem took a step).
 
         Accept when ``L(new) - L(old) >= c1 * alpha * <grad, d>`` if the predicted increase
         ``alpha <grad, d>`` is above the rounding noise of ``L``, else when the marginal
@@ -381,6 +382,6 @@ class _Solve:
             accepted |= take
             searching &= ~ok
             if not bool(searching.any()):
-                break
+                return r, c, err, accepted, alpha, by_armijo, False
             alpha = torch.where(searching, alpha / 2, alpha)
-        return r, c, err, accepted, alpha, by_armijo
+        return r, c, err, accepted, alpha, by_armijo, True
