@@ -202,8 +202,15 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     spec = EnvelopeSpec(geom, pb.A, pb.Bw, f, g, eps, pb.rho_a, pb.rho_b, pb.backend, pb.precision, pb.a_in, pb.b_in,
                         pb.wide)
     value, cost = envelope_value(spec, value, cost)
-    info = dict(info, residual=resid if geom.batched else float(resid[0]))
-    if not bool(converged.all()):
+    if geom.batched:
+        all_ok = bool(converged.all())
+        n_out, err_out, ok_out, res_out = n_iter, marg_err, converged, resid
+    else:  # the Python numbers an unbatched result holds, in one transfer (one sync on a GPU)
+        nums = torch.stack([t[0].double() for t in (n_iter, marg_err, converged, resid)]).tolist()
+        n_out, err_out, ok_out, res_out = int(nums[0]), nums[1], nums[2] == 1.0, nums[3]
+        all_ok = ok_out
+    info = dict(info, residual=res_out)
+    if not all_ok:
         bad = int((~converged).sum())
         why = _why_not_converged(pb, f, g, resid, passed, converged, finite, n_iter, tol)
         warnings.warn(f"{name} did not converge for {bad} of {geom.batch} problem(s): {why}", ConvergenceWarning, stacklevel=3)
@@ -213,9 +220,9 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
         g=out(g),
         cost=out(cost),
         value=out(value),
-        n_iter=n_iter if geom.batched else int(n_iter[0]),
-        marginal_error=marg_err if geom.batched else float(marg_err[0]),
-        converged=converged if geom.batched else bool(converged[0]),
+        n_iter=n_out,
+        marginal_error=err_out,
+        converged=ok_out,
         info=info,
         _geom=geom,
         _F=F,
