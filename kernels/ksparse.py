@@ -56,8 +56,9 @@ K_MAX = 256
 #: Largest batch run here (the batch is grid axis 1); larger ones run the twin.
 BATCH_MAX = GRID_Y_MAX
 
-#: Compiled for sm_90, 4 warps spilled 16-136 bytes per thread at every sort width
-#: (Triton 3.6 and 3.9); 8 warps use 110-223 registers and no stack.
+#: Compiled for sm_90 at k = 4..256, 4 warps spilled up to 208 bytes per thread (point
+#: costs at every width; Triton 3.9 also the dense cost); 8 warps use 110-231 registers
+#: and no stack with Triton 3.6 and 3.9.
 NUM_WARPS = 8
 
 _COST_CODES = {"matrix": 0, "sqeuclidean": 1, "euclidean": 2}

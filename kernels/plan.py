@@ -190,7 +190,7 @@ def plan_topk_kernel(
     smask = mask_i[:, None] & (slot[None, :] < K)
     # unstored entries get 2^-inf: the +inf padding never meets F = -inf, nor a large F overflows
     vals = tl.exp2(fs[:, None] + tl.where(smask, top, float("-inf")))
-    out = b * n_own * K + offs_i[:, None] * K + slot[None, :]
+    out = b * n_own * K + offs_i[:, None].to(tl.int64) * K + slot[None, :]
     tl.store(val_ptr + out, vals, mask=smask)
     tl.store(idx_ptr + out, top_idx.to(tl.int64), mask=smask)
 

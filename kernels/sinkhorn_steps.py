@@ -29,14 +29,13 @@ for any ``d``.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .softmin import COST_DENSE, COST_DIRECT, CostOperand, cost_tile, device_scalars
+from .softmin import COST_DENSE, COST_DIRECT, DEVICE_SCALARS, CostOperand, cost_tile
 
 #: Largest padded tile ``next_pow2(n) * next_pow2(m)`` run by this kernel: 64 x 64. The
 #: tile, its scaled copy and one exponent block stay in registers (16 entries per thread
@@ -150,13 +149,13 @@ def sinkhorn_steps_kernel(
         tl.store(resid_ptr + b, resid, mask=active)
 
 
-@functools.lru_cache(maxsize=64)
 def _scalars(eps: float, tau_a: float, tau_b: float, tol: float, rho2: float, dtype: torch.dtype,
              device: torch.device) -> torch.Tensor:
-    """``[log2(e)/eps, eps ln 2, tau_a, tau_b, tol, log2(e)/rho_a]`` on the device, cached: made
-    once outside a CUDA graph's recording (the solver's warm-up block), never copied from
-    the host inside it, and queued without a sync (:func:`otcore.kernels.softmin.device_scalars`)."""
-    return device_scalars([LOG2E / eps, eps * math.log(2.0), tau_a, tau_b, tol, rho2], dtype, device)
+    """``[log2(e)/eps, eps ln 2, tau_a, tau_b, tol, log2(e)/rho_a]`` on the device, cached
+    (:class:`otcore.kernels.softmin.DeviceScalars`): made once outside a CUDA graph's
+    recording (the solver's warm-up block), never copied from the host inside it."""
+    key = ("steps", eps, tau_a, tau_b, tol, rho2)
+    return DEVICE_SCALARS.get(key, [LOG2E / eps, eps * math.log(2.0), tau_a, tau_b, tol, rho2], dtype, device)
 
 
 def launch_sinkhorn_steps(

@@ -612,21 +612,53 @@ def num_splits(programs: int, tiles_oth: int, device: torch.device) -> int:
 GRID_Y_MAX = 65535
 
 
-def device_scalars(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` as a tensor on ``device`` without a host sync: a plain copy to a CUDA
-    device waits for the stream to drain; from pinned memory it is queued like a launch."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+class DeviceScalars:
+    """Small constant tensors (``[log2(e)/eps, ...]``) cached on the device by key, made
+    without a host sync.
+
+    A plain copy to a CUDA device waits for the stream to drain; from pinned memory it is
+    queued like a launch, on the stream current at the first call. Another stream that
+    reads the cached tensor later must not run ahead of that copy, so every hit orders the
+    current stream after it (a wait on a recorded event: nearly free once it has passed).
+    Inside a CUDA graph's recording the wait is skipped: ``torch.cuda.graph`` synchronises
+    the device before it records, and the solver's warm-up block fills the cache first.
+    """
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.entries: dict = {}
+
+    def get(self, key, values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (key, dtype, device)
+        hit = self.entries.get(key)
+        if device.type != "cuda":
+            if hit is None:
+                hit = self._put(key, (torch.tensor(values, dtype=dtype, device=device), None))
+            return hit[0]
+        stream = torch.cuda.current_stream(device)
+        if hit is None:
+            t = torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+            return self._put(key, (t, done))[0]
+        if not torch.cuda.is_current_stream_capturing():
+            stream.wait_event(hit[1])
+        return hit[0]
+
+    def _put(self, key, entry):
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))  # the oldest
+        self.entries[key] = entry
+        return entry
 
 
-@functools.lru_cache(maxsize=64)
-def _scalars(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return device_scalars([LOG2E / eps, eps * LN2], dtype, device)
+DEVICE_SCALARS = DeviceScalars()
 
 
 def scalars(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``[log2(e)/eps, eps*ln 2]`` as a tensor of the compute dtype (cached per eps)."""
-    return _scalars(float(eps), dtype, device)
+    eps = float(eps)
+    return DEVICE_SCALARS.get(("softmin", eps), [LOG2E / eps, eps * LN2], dtype, device)
 
 
 #: Smallest ``B * n_own * n_oth`` (the whole launch) for which a ``hint`` is used (:func:`lse_shift`): the

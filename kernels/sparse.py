@@ -110,8 +110,12 @@ def _topk_rows_kernel(
     buf = tl.where(pad, neg_inf, buf)  # pad slots (+inf) would meet F = -inf rows as inf - inf
     vals = tl.exp2((f[:, None] + buf) * k2)
     omask = rmask[:, None] & (slots < S)[None, :]
-    tl.store(V_ptr + b * sV_b + rows[:, None].to(tl.int64) * sV_n + slots[None, :], vals, mask=omask)
-    tl.store(I_ptr + b * sI_b + rows[:, None].to(tl.int64) * sI_n + slots[None, :], bidx, mask=omask)
+    # the program's first row as a 64-bit base, the rows within it as small int32 offsets
+    # (64-bit offsets per entry cost this kernel registers: a 40-byte spill at S = 128)
+    row0 = (pid * BLOCK_M).to(tl.int64)
+    local = tl.arange(0, BLOCK_M)[:, None]
+    tl.store(V_ptr + b * sV_b + row0 * sV_n + local * sV_n + slots[None, :], vals, mask=omask)
+    tl.store(I_ptr + b * sI_b + row0 * sI_n + local * sI_n + slots[None, :], bidx, mask=omask)
 
 
 @triton.jit

@@ -48,7 +48,9 @@ def ell_matvec(geom, vals: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, axi
     if axis == 1:
         return (vals * torch.gather(v, 1, idx.reshape(B, n * s)).reshape(B, n, s)).sum(2)
     out = torch.zeros(B, geom.m, dtype=vals.dtype, device=vals.device)
-    return out.scatter_add_(1, idx.reshape(B, n * s), (vals * v[:, :, None]).reshape(B, n * s))
+    # empty slots (value 0) add nothing, even where u is not finite (as in the kernel)
+    terms = torch.where(vals != 0, vals * v[:, :, None], 0.0)
+    return out.scatter_add_(1, idx.reshape(B, n * s), terms.reshape(B, n * s))
 
 
 def ell_to_csr(vals: torch.Tensor, idx: torch.Tensor, m: int, transpose: bool = False) -> torch.Tensor:

@@ -7,8 +7,6 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .autograd import first_order_only
-
 
 class ConvergenceWarning(UserWarning):
     """A solver stopped at ``max_iter`` (or on non-finite values) before meeting ``tol``."""
@@ -127,9 +125,9 @@ class _ApplyPlan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        res = ctx.res
-        gV = res._stream("apply", "apply_plan", grad.to(res._F.dtype), 1 - ctx.axis)
-        return first_order_only((None, gV, None), (grad,))
+        # itself an _ApplyPlan: linear in grad, so it differentiates again (Hessians, gradient
+        # penalties through a barycentric map)
+        return None, _ApplyPlan.apply(ctx.res, grad.to(ctx.res._F.dtype), 1 - ctx.axis), None
 
 
 @dataclass(frozen=True)

@@ -318,6 +318,8 @@ def test_apply_is_differentiable_in_v_on_every_backend(backend):
     torch.testing.assert_close(y.grad, res.plan().T @ w, rtol=1e-12, atol=1e-15)
     u = rand(8, 3, seed=12).requires_grad_()
     assert torch.autograd.gradcheck(lambda u: res.apply(u, axis=0), (u,))
+    # linear in v: its second derivative is zero, not an error (a penalty on a barycentric map)
+    assert torch.autograd.gradgradcheck(lambda u: res.apply(u, axis=0), (u,))
 
 
 def test_apply_checks_v_and_axis():

@@ -486,3 +486,18 @@ def test_the_solver_hints_keep_the_shifted_sum_in_range(monkeypatch, rho):
     assert relerr(got.f, want.f) < 1e-5
     assert len(redo) == 2 * 25  # every pass was a shifted one (the tests read the next row pass)
     assert sum(redo[6:]) == 0, redo[:12]  # from the 4th iteration on, every hint was in range
+
+
+def test_device_scalars_are_cached_per_key_and_bounded():
+    """The kernels' constant tensors are made once per key (a copy to a GPU costs a
+    launch, made without a host sync) and the cache keeps the newest ``size``."""
+    cache = K.DeviceScalars(size=2)
+    a = cache.get(("x", 0.5), [1.0, 2.0], torch.float64, torch.device("cpu"))
+    assert a.tolist() == [1.0, 2.0] and a.dtype == torch.float64
+    assert cache.get(("x", 0.5), [9.0, 9.0], torch.float64, torch.device("cpu")) is a  # values not re-read
+    cache.get(("y",), [3.0], torch.float32, torch.device("cpu"))
+    cache.get(("z",), [4.0], torch.float32, torch.device("cpu"))  # evicts the oldest, ("x", 0.5)
+    assert cache.get(("x", 0.5), [5.0, 6.0], torch.float64, torch.device("cpu")).tolist() == [5.0, 6.0]
+    eps = 0.07
+    torch.testing.assert_close(K.scalars(eps, torch.float32, torch.device("cpu")),
+                               torch.tensor([K.LOG2E / eps, eps * K.LN2]))

@@ -9,6 +9,7 @@ product and a dense float64 matrix built from the ELL entries. Tensors live on
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -125,6 +126,21 @@ def test_batches_past_the_grid_limit_run_the_twins(monkeypatch):
     assert torch.equal(vk, vt) and torch.equal(ik, it)
     u = rand(2, N, seed=3, dtype=torch.float64)
     assert torch.equal(KS.ell_matvec(geom, vk, ik, u, 0), RS.ell_matvec(geom, vt, it, u, 0))
+
+
+def test_transpose_product_skips_empty_slots_on_both_backends():
+    """Empty slots (value 0) add nothing to S^T u even where u is not finite, in the kernel
+    (which leaves them out of its atomics) and in the twin alike."""
+    vals, idx = random_ell(torch.float64)
+    u = rand(2, N, seed=4, dtype=torch.float64).to(DEVICE)
+    u[:, 2] = float("inf")  # row 2 is empty
+    geom = otcore.CostMatrix(torch.zeros(2, N, M, dtype=torch.float64, device=DEVICE))
+    with warnings.catch_warnings():  # the interpreter evaluates 0 * inf before the mask drops it
+        warnings.filterwarnings("ignore", "invalid value encountered in multiply", RuntimeWarning)
+        got = KS.ell_matvec(geom, vals, idx, u, 0)
+    want = RS.ell_matvec(geom, vals, idx, u, 0)
+    assert bool(torch.isfinite(want).all())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
 def random_ell(dtype, B=2, n=N, m=M, s=6, seed=1):
