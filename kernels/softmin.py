@@ -621,7 +621,8 @@ class DeviceScalars:
     reads the cached tensor later must not run ahead of that copy, so every hit orders the
     current stream after it (a wait on a recorded event: nearly free once it has passed).
     Inside a CUDA graph's recording the wait is skipped: ``torch.cuda.graph`` synchronises
-    the device before it records, and the solver's warm-up block fills the cache first.
+    the device before it records, and the solver's warm-up block fills the cache first (a
+    miss there raises, and the solver then runs the block eagerly, with a warning).
     """
 
     def __init__(self, size: int = 64):
@@ -636,12 +637,16 @@ class DeviceScalars:
                 hit = self._put(key, (torch.tensor(values, dtype=dtype, device=device), None))
             return hit[0]
         stream = torch.cuda.current_stream(device)
+        capturing = torch.cuda.is_current_stream_capturing()
         if hit is None:
+            if capturing:  # a copy recorded into a graph would re-read a freed host buffer at replay
+                raise RuntimeError("otcore: a kernel constant was first needed inside a CUDA graph recording "
+                                   "(the warm-up block before it should have made it)")
             t = torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
             return self._put(key, (t, done))[0]
-        if not torch.cuda.is_current_stream_capturing():
+        if not capturing:
             stream.wait_event(hit[1])
         return hit[0]
 
