@@ -48,9 +48,12 @@ class EnvelopeSpec:
     wide: bool = False
 
 
-def resolved_softmin(geom, h: torch.Tensor, eps: float, axis: int, kw: dict, wide: bool) -> torch.Tensor:
+def resolved_softmin(geom, g: torch.Tensor, w: torch.Tensor, eps: float, axis: int, kw: dict,
+                     wide: bool) -> torch.Tensor:
     """The softmin ``s`` of ``eps (exp((f - s)/eps) - 1)`` in the dual value and the
-    weights' gradient, in float64 when ``wide``.
+    weights' gradient: of ``h = g + eps log w`` (the other side's potential and weights),
+    formed and reduced in float64 when ``wide`` (in float32, ``eps log w ~ eps`` would
+    round ``g`` to ``eps * 2^-24`` again).
 
     A float32 pass resolves ``s`` only to about ``eps * 2^-24`` (its log-sum-exp rounds
     relative to 1), and that product carries the error in full: it exceeds the value's
@@ -62,8 +65,8 @@ def resolved_softmin(geom, h: torch.Tensor, eps: float, axis: int, kw: dict, wid
     tile by the torch pass, which reads it once without a float64 copy.
     """
     if not wide:
-        return geom.softmin(h, eps, axis, **kw)
-    h = h.double()
+        return geom.softmin(g + eps * torch.log(w), eps, axis, **kw)
+    h = g.double() + eps * torch.log(w.double())
     if geom.is_dense or kw["backend"] == "torch":
         return geom.softmin(h, eps, axis, backend="torch")
     wide_geom = type(geom)(geom.x.double(), geom.y.double(), geom.cost)
@@ -75,11 +78,13 @@ def phi(f: torch.Tensor, rho: Optional[float]) -> torch.Tensor:
     return f if rho is None else -rho * torch.expm1(-f / rho)
 
 
-def _weight_grad(geom, f, pot_other, own_rho, other_mass, eps, axis, kw, wide):
-    """``dD/da`` (axis=1) or ``dD/db`` (axis=0): ``phi(f) - eps (exp((f - s)/eps) - other_mass)``,
-    ``other_mass`` (B, 1) in float64; computed in float64 when ``wide``."""
+def _weight_grad(geom, f, g_other, w_other, own_rho, eps, axis, kw, wide):
+    """``dD/da`` (axis=1) or ``dD/db`` (axis=0): ``phi(f) - eps (exp((f - s)/eps) - m)``,
+    ``s`` the softmin of the other side's potential and weights ``w_other``, ``m`` their
+    mass (summed in float64); computed in float64 when ``wide``."""
     dt = f.dtype
-    s = resolved_softmin(geom, pot_other, eps, axis, kw, wide)
+    other_mass = w_other.double().sum(-1, keepdim=True)
+    s = resolved_softmin(geom, g_other, w_other, eps, axis, kw, wide)
     f = f.to(s.dtype)
     # expm1 + (1 - mass): near the optimum each part is small, so a large eps does not
     # multiply the rounding of exp(...) ~ 1 (see otcore.solvers._entropic.mass_gap)
@@ -137,10 +142,6 @@ def _envelope_backward(ctx, gv, gc):
     geom, eps = s.geom, s.eps
     F = s.f + eps * torch.log(s.A)
     G = s.g + eps * torch.log(s.Bw)
-    # for the weights' float64 pass (wide), the potentials plus the log-weights formed
-    # in float64: in float32, eps log b ~ eps would round g to eps * 2^-24 again
-    wF = s.f.double() + eps * torch.log(s.A.double()) if s.wide else F
-    wG = s.g.double() + eps * torch.log(s.Bw.double()) if s.wide else G
     kw = dict(backend=s.backend, precision=s.precision)
     gv = gv.reshape(-1).to(F.dtype)
     gc = gc.reshape(-1).to(F.dtype)
@@ -155,14 +156,12 @@ def _envelope_backward(ctx, gv, gc):
     else:
         grads += [None] * len(geom_in)
     k = len(geom_in)
-    for w_in, f, other, rho, mass, axis in (
-        (s.a_in, s.f, wG, s.rho_a, s.Bw.double().sum(-1, keepdim=True), 1),  # masses summed in float64
-        (s.b_in, s.g, wF, s.rho_b, s.A.double().sum(-1, keepdim=True), 0),
-    ):
+    for w_in, f, g_other, w_other, rho, axis in ((s.a_in, s.f, s.g, s.Bw, s.rho_a, 1),
+                                                  (s.b_in, s.g, s.f, s.A, s.rho_b, 0)):
         if w_in is None:
             continue
         if need[k]:
-            d = _weight_grad(geom, f, other, rho, mass, eps, axis, kw, s.wide) * gv[:, None]
+            d = _weight_grad(geom, f, g_other, w_other, rho, eps, axis, kw, s.wide) * gv[:, None]
             grads.append(d.reshape(w_in.shape).to(w_in.dtype))
         else:
             grads.append(None)

@@ -179,10 +179,10 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     geom, eps, kw = pb.geom, pb.eps, pb.kw()
     with torch.no_grad():
         F, G = f + eps * pb.loga, g + eps * pb.logb
-        # row marginals from the row pass s: (P1)_i = a_i exp(delta_i), delta = (f - s)/eps;
-        # wide: s in float64 from g + eps log b formed in float64 (resolved_softmin)
-        wG = g.double() + eps * torch.log(pb.Bw.double()) if pb.wide else G
-        delta = (f.to(wG.dtype) - resolved_softmin(geom, wG, eps, 1, kw, pb.wide)) / eps
+        # row marginals from the row pass s: (P1)_i = a_i exp(delta_i), delta = (f - s)/eps
+        # (s in float64 when wide: resolved_softmin)
+        s = resolved_softmin(geom, g, pb.Bw, eps, 1, kw, pb.wide)
+        delta = (f.to(s.dtype) - s) / eps
         has_a = pb.A > 0  # a zero-weight row has no mass whatever its potential
         r = torch.where(has_a, pb.A * torch.exp(delta), 0.0).to(f.dtype)
         c = geom.marginals(F, G, eps, 0, **kw)
