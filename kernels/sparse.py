@@ -9,7 +9,8 @@ and int64 column indices ``idx`` (B, n, s). Missing entries are zeros (any index
   no ``|x|^2 + |y|^2 - 2xy`` expansion, so float32 distances stay accurate) or
   read from the dense ``C``. No ``n x m`` buffer.
 - :func:`ell_matvec`: ``S v`` (``axis=1``, a gather per row) and ``S^T u``
-  (``axis=0``, an atomic scatter-add into the columns).
+  (``axis=0``, an atomic scatter-add into the columns; the torch twin's deterministic
+  ``scatter_add_`` instead when ``torch.use_deterministic_algorithms(True)`` is on).
 
 Torch twins (and the dispatch) live in :mod:`otcore.reference_sparse`. Only
 long-standing ``tl.*`` APIs are used (Triton >= 3.0).
@@ -217,7 +218,9 @@ def ell_matvec(geom, vals, idx, v, axis: int):
     """Triton version of :func:`otcore.reference_sparse.ell_matvec`:
     ``axis=1``: ``S v`` (B,n) for v (B,m); ``axis=0``: ``S^T u`` (B,m) for u (B,n)."""
     B, n, s = vals.shape
-    if B > BATCH_MAX:
+    if B > BATCH_MAX or (axis == 0 and torch.are_deterministic_algorithms_enabled()):
+        # S^T u adds by float atomics, in an order that varies from run to run; under
+        # torch.use_deterministic_algorithms the twin's scatter_add_ (deterministic there) runs
         return _twin.ell_matvec(geom, vals, idx, v, axis)
     vals = vals.contiguous()
     idx = idx.contiguous()

@@ -67,9 +67,29 @@ def threshold_below_top(u_sorted: torch.Tensor, budget: torch.Tensor) -> torch.T
     """``theta - u_1`` of :func:`simplex_threshold`, computed without ``u_1``'s magnitude:
     ``[u_r - theta]_+ = [(u_r - u_1) - (theta - u_1)]_+`` keeps the small differences that
     ``u_r - theta`` would cancel when the entries are large against the budget."""
-    csum = torch.cumsum(u_sorted - u_sorted[..., :1], dim=-1)
+    csum = prefix_sum(u_sorted - u_sorted[..., :1])
     r = torch.arange(1, u_sorted.shape[-1] + 1, dtype=u_sorted.dtype, device=u_sorted.device)
     return ((csum - budget[..., None]) / r).amax(-1)
+
+
+def prefix_sum(t: torch.Tensor) -> torch.Tensor:
+    """``torch.cumsum(t, -1)``, also under ``torch.use_deterministic_algorithms(True)``, where
+    torch refuses a floating-point ``cumsum`` on CUDA (its scan's order of additions
+    varies): in that mode a log-step scan (Hillis & Steele; ``ceil(log2 k)`` shifted adds in
+    a fixed order) runs instead, on every device so that the CPU tests cover it."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return torch.cumsum(t, dim=-1)
+    return log_step_scan(t)
+
+
+def log_step_scan(t: torch.Tensor) -> torch.Tensor:
+    """Inclusive prefix sums along the last dimension by doubling shifts:
+    after the step of shift ``h``, entry ``r`` holds the sum of entries ``r-2h+1 .. r``."""
+    shift = 1
+    while shift < t.shape[-1]:
+        t = torch.cat([t[..., :shift], t[..., shift:] + t[..., :-shift]], dim=-1)
+        shift *= 2
+    return t
 
 
 def ksparse_simplex(z: torch.Tensor, k: int) -> torch.Tensor:

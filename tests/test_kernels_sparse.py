@@ -143,6 +143,18 @@ def test_transpose_product_skips_empty_slots_on_both_backends():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
+def test_deterministic_mode_computes_the_transpose_product_without_atomics(monkeypatch, deterministic_algorithms):
+    """Float atomics add in a varying order on a GPU; under
+    ``torch.use_deterministic_algorithms(True)`` S^T u runs the twin's ``scatter_add_``
+    (deterministic there) and S v (a gather, no atomics) still runs the kernel."""
+    vals, idx = random_ell(torch.float32)
+    geom = otcore.CostMatrix(torch.zeros(2, N, M, device=DEVICE))
+    u, v = rand(2, N, seed=5).to(DEVICE), rand(2, M, seed=6).to(DEVICE)
+    monkeypatch.setattr(KS, "_ell_cols_kernel", None)  # a launch would fail
+    assert torch.equal(KS.ell_matvec(geom, vals, idx, u, 0), RS.ell_matvec(geom, vals, idx, u, 0))
+    torch.testing.assert_close(KS.ell_matvec(geom, vals, idx, v, 1), RS.ell_matvec(geom, vals, idx, v, 1))
+
+
 def random_ell(dtype, B=2, n=N, m=M, s=6, seed=1):
     """Random ELL matrix with repeated column indices inside rows (sums must add up)."""
     g = torch.Generator().manual_seed(seed)

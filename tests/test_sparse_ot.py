@@ -83,6 +83,23 @@ def test_projection_matches_pot_and_brute_force():
         torch.testing.assert_close(ours.sum(1), torch.ones(7, dtype=F64))
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 13, 64])
+def test_log_step_scan_is_the_prefix_sum(k):
+    t = torch.randn(4, 3, k, generator=torch.Generator().manual_seed(k), dtype=F64)
+    torch.testing.assert_close(R.log_step_scan(t), torch.cumsum(t, -1), rtol=0, atol=1e-13)
+
+
+def test_deterministic_mode_solves_the_same_problem(deterministic_algorithms):
+    """torch refuses a floating-point cumsum on CUDA in deterministic mode; the k-sparse
+    projection then sums its prefixes by a log-step scan (on every device) to the same optimum."""
+    C, a, b = _problem(12, 9, seed=21)
+    det = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=3, gamma=0.3, **TIGHT)
+    torch.use_deterministic_algorithms(False)
+    ref = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=3, gamma=0.3, **TIGHT)
+    torch.testing.assert_close(det.value, ref.value, rtol=1e-12, atol=0)
+    torch.testing.assert_close(det.to_dense(), ref.to_dense(), rtol=0, atol=1e-9)
+
+
 # --- objective and gradient of one pass against POT -----------------------------------
 
 
