@@ -92,12 +92,19 @@ def positive_int(name: str, v, *, minimum: int = 1) -> int:
     return v
 
 
-def top_k(k, m: int) -> int:
+def top_k(k, m: int, name: str = "k") -> int:
     """``k`` for the k largest entries of each of the plan's rows: an int in ``[1, m]``."""
-    k = positive_int("k", k)
+    k = positive_int(name, k)
     if k > m:
-        raise ValueError(f"k must be <= m = {m} (the number of columns), got {k}")
+        raise ValueError(f"{name} must be <= m = {m} (the number of columns), got {k}")
     return k
+
+
+def axis(v) -> int:
+    """A primitive's ``axis``: 1 reduces over the columns (a result per row), 0 over the rows."""
+    if isinstance(v, bool) or v not in (0, 1):
+        raise ValueError(f"axis must be 0 (a result per column) or 1 (a result per row), got {v!r}")
+    return v
 
 
 #: ``precision`` of every solver and primitive: float32-faithful or the fast tf32 kernels.
@@ -132,18 +139,22 @@ def weights(name: str, w, batch: int, size: int, batched: bool, like: torch.Tens
     return w
 
 
-def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: float, given: tuple = ()) -> None:
     """Balanced OT needs equal total mass on both sides.
 
     The marginal error cannot fall below the gap ``|sum a - sum b|``, so a gap above
     ``tol / 2`` is an error; so is one above the dtype's share (``1e-8`` relative in
     float64, ``1e-4`` otherwise), whatever ``tol``. A gap of a few rounding steps
-    (``16 u`` of the mass: weights normalised in their own dtype) always passes.
+    (``16 u`` of the mass: weights normalised in their own dtype) always passes. The dtype
+    is the coarsest of ``a``'s and of the weights as ``given`` (before a cast: float32
+    weights normalised in float32 keep their float32 gap on a float64 geometry).
     """
     ma, mb = a.double().sum(-1), b.double().sum(-1)
     big = torch.maximum(ma, mb)
-    rtol = 1e-8 if a.dtype == torch.float64 else 1e-4
-    allowed = torch.minimum(rtol * big, torch.clamp(16 * torch.finfo(a.dtype).eps * big, min=tol / 2))
+    dtypes = [a.dtype] + [w.dtype for w in given if isinstance(w, torch.Tensor) and w.is_floating_point()]
+    unit = max(torch.finfo(d).eps for d in dtypes)
+    rtol = 1e-8 if unit <= torch.finfo(torch.float64).eps else 1e-4
+    allowed = torch.minimum(rtol * big, torch.clamp(16 * unit * big, min=tol / 2))
     bad = (ma - mb).abs() > allowed
     if bool(bad.any()):
         i = int(bad.nonzero()[0])

@@ -55,7 +55,7 @@ class Geometry:
         """``axis=1``: ``-eps log sum_j exp((h_j - C_ij)/eps)`` (B,n); ``axis=0``: over i, (B,m).
         ``hint``: an estimate of the result (e.g. the previous iteration's), which the
         Triton kernel uses as its log-sum-exp shift; the result does not depend on it."""
-        return self._call("softmin", backend, h, eps, axis, precision=precision, hint=hint)
+        return self._call("softmin", backend, h, eps, _validate.axis(axis), precision=precision, hint=hint)
 
     def sinkhorn_steps(self, f, g, loga, logb, eps, tau, k, active, symmetric=False, check=None,
                        backend="torch", precision="fp32"):
@@ -68,11 +68,11 @@ class Geometry:
 
     def apply_plan(self, F, G, eps, v, axis, backend="torch", precision="fp32"):
         """``axis=1``: ``P v`` with v (B,m[,k]); ``axis=0``: ``P^T u`` with u (B,n[,k])."""
-        return self._call("apply_plan", backend, F, G, eps, v, axis, precision=precision)
+        return self._call("apply_plan", backend, F, G, eps, v, _validate.axis(axis), precision=precision)
 
     def marginals(self, F, G, eps, axis, backend="torch", precision="fp32"):
         """``axis=1``: ``P 1`` (B,n); ``axis=0``: ``P^T 1`` (B,m)."""
-        return self._call("marginals", backend, F, G, eps, axis, precision=precision)
+        return self._call("marginals", backend, F, G, eps, _validate.axis(axis), precision=precision)
 
     def plan(self, F, G, eps, backend="torch", precision="fp32"):
         """Dense plan (B,n,m)."""
@@ -93,21 +93,26 @@ class Geometry:
     def ksparse_columns(self, h, gamma, k, axis, mass=None, beta=None, backend="torch", precision="fp32"):
         """k-sparse plan ``T = [h_r + beta_l - C_rl]_+ / gamma`` on the top k of each column
         (``axis=0``) or row (``axis=1``); see :mod:`otcore.reference_ksparse`."""
-        return self._call("ksparse_columns", backend, h, gamma, k, axis, mass=mass, beta=beta, precision=precision)
+        return self._call("ksparse_columns", backend, h, gamma, k, _validate.axis(axis), mass=mass, beta=beta,
+                          precision=precision)
 
     def plan_sparse_rows(self, F, G, eps, s, backend="torch", precision="fp32"):
         """The s largest entries of each row of P in ELL form: values, int64 column
         indices (B,n,s), values decreasing; see :mod:`otcore.reference_sparse`."""
-        return self._call("plan_sparse_rows", backend, F, G, eps, s, precision=precision)
+        return self._call("plan_sparse_rows", backend, F, G, eps, _validate.top_k(s, self.m, "s"), precision=precision)
 
     def ell_matvec(self, vals, idx, v, axis, backend="torch"):
         """ELL matrix S (vals, idx (B,n,s)) times a vector: ``axis=1`` ``S v`` (B,n) for
         v (B,m); ``axis=0`` ``S^T u`` (B,m) for u (B,n)."""
+        want = self.m if _validate.axis(axis) == 1 else self.n
+        if v.shape[-1] != want:
+            raise ValueError(f"v must have {want} entries per problem for axis={axis} ({'m' if axis else 'n'}), "
+                             f"got shape {tuple(v.shape)}")
         return self._call("ell_matvec", backend, vals, idx, v, axis)
 
     def sparse_cost_grad(self, W, idx, axis, backend="torch"):
         """Gradient of ``sum W * C`` over a (B, lines, k) support w.r.t. :meth:`inputs`."""
-        return self._call("sparse_cost_grad", backend, W, idx, axis)
+        return self._call("sparse_cost_grad", backend, W, idx, _validate.axis(axis))
 
 
 def _version(t: torch.Tensor) -> Optional[int]:

@@ -108,6 +108,37 @@ def test_zero_weight_points_match_pot_on_the_reduced_problem():
     torch.testing.assert_close(P[kr][:, kc], P_pot, rtol=1e-6, atol=1e-10)
 
 
+@pytest.mark.parametrize("rho", [None, 0.5])
+def test_zero_weight_potentials_are_the_soft_transform_of_the_returned_g(rho):
+    """A one-hot ``a`` converges at the first test. The zero-weight rows of ``f`` were then
+    still those of the first row update (from ``g = 0``), and ``value``'s gradient with
+    respect to their weights was off (-6.98 against -0.422 by finite differences). They are
+    ``tau * softmin(g + eps log b)`` of the returned ``g``, as docs/conventions.md says."""
+    gen = torch.Generator().manual_seed(14)
+    x, y = torch.rand(20, 2, generator=gen, dtype=F64), torch.rand(15, 2, generator=gen, dtype=F64)
+    a = torch.zeros(20, dtype=F64)
+    a[4] = 1.0
+    b = torch.rand(15, generator=gen, dtype=F64)
+    b /= b.sum()
+    eps = 0.1
+    A = a.clone().requires_grad_()
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), A, b, eps=eps, tol=1e-10, rho=rho, **T)
+    assert res.converged and (rho is not None or res.n_iter == 1)
+    tau = 1.0 if rho is None else rho / (rho + eps)
+    soft = -tau * eps * torch.logsumexp((res.g - torch.cdist(x, y) ** 2) / eps + b.log(), 1)
+    torch.testing.assert_close(res.f[a == 0], soft[a == 0], rtol=1e-12, atol=1e-12)
+    # the gradient along e_0 - e_4 (balanced: stays on the simplex) or e_0, by a forward difference
+    (grad,) = torch.autograd.grad(res.value, A)
+    d = torch.zeros(20, dtype=F64)
+    d[0] = 1.0
+    if rho is None:
+        d[4] = -1.0
+    h = 1e-6
+    fd = [otcore.sinkhorn(otcore.PointCloud(x, y), a + t * d, b, eps=eps, tol=1e-13, max_iter=10_000, rho=rho, **T).value
+          for t in (0.0, h)]
+    assert abs(float(grad @ d) - float(fd[1] - fd[0]) / h) <= 1e-5 * abs(float(grad @ d))
+
+
 # ----------------------------------------------------------------------------- small eps limits
 def test_small_eps_cost_brackets_emd2():
     """OT <= cost <= value <= OT + eps * min(H(a), H(b)) (the optimal plan's KL to a x b

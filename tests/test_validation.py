@@ -130,6 +130,38 @@ def test_float32_mass_gap_that_tol_cannot_absorb_is_rejected(solver):
         fn(geom, a, w, tol=1e-9, max_iter=1, **kw)  # accepted (tol is out of float32's reach: it warns)
 
 
+@pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton", "sparse_ot"])
+def test_float32_weights_normalised_in_float32_pass_on_a_float64_geometry(solver):
+    """The rounding gap allowed is that of the weights as given: float32 weights summing
+    to 1 + 9e-8 were rejected on a float64 geometry (float64's 1e-8 after the cast)."""
+    geom = otcore.PointCloud(rand(12, 2).double(), rand(10, 2, seed=1).double())
+    a, b = rand(12, seed=2), rand(10, seed=3)
+    a, b = a / a.sum(), b / b.sum()
+    assert abs(float(a.double().sum()) - float(b.double().sum())) > 1e-8  # the case (the seeds give 5e-8)
+    kw = dict(k=3, gamma=1.0) if solver == "sparse_ot" else dict(eps=0.05)
+    assert bool(getattr(otcore, solver)(geom, a, b, **kw).converged)
+    with pytest.raises(ValueError, match="same total mass"):  # a float64 gap of that size is no rounding
+        getattr(otcore, solver)(geom, a.double(), b.double() * (1 + 5e-8), **kw)
+
+
+def test_primitives_check_axis_and_sizes():
+    geom = otcore.PointCloud(rand(6, 2).double(), rand(5, 2, seed=1).double())
+    F, G = torch.zeros(1, 6, dtype=torch.float64), torch.zeros(1, 5, dtype=torch.float64)
+    for bad in (2, -1, True):
+        with pytest.raises(ValueError, match="axis must be 0"):
+            geom.marginals(F, G, 0.1, bad)
+        with pytest.raises(ValueError, match="axis must be 0"):
+            geom.softmin(G, 0.1, bad)
+    with pytest.raises(ValueError, match="s must be >= 1"):
+        geom.plan_sparse_rows(F, G, 0.1, 0)
+    vals, idx = geom.plan_sparse_rows(F, G, 0.1, 3)
+    with pytest.raises(ValueError, match="axis must be 0"):
+        geom.ell_matvec(vals, idx, torch.ones(1, 6, dtype=torch.float64), 2)
+    with pytest.raises(ValueError, match=r"v must have 5 entries per problem for axis=1"):
+        geom.ell_matvec(vals, idx, torch.ones(1, 6, dtype=torch.float64), 1)
+    assert geom.ell_matvec(vals, idx, torch.ones(1, 5, dtype=torch.float64), 1).shape == (1, 6)
+
+
 # ----------------------------------------------------------------------------- shapes
 def test_point_cloud_shape_mismatches():
     with pytest.raises(ValueError, match="dimension d"):

@@ -11,6 +11,7 @@ import torch
 from .. import _dispatch, _validate
 from ..autograd import EnvelopeSpec, envelope_value, phi, resolved_softmin
 from ..geometry import Geometry
+from ..reference import scaled
 from ..result import ConvergenceWarning, OTResult
 
 
@@ -79,7 +80,7 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: float) -> Proble
         if r is not None:
             _validate.magnitude_fits("rho", r, geom.dtype)
     if rho_a is None and rho_b is None:
-        _validate.balanced_mass(A, Bw, tol)
+        _validate.balanced_mass(A, Bw, tol, given=(a, b))
     symmetric = geom.symmetric and a is b and rho_a == rho_b
     # per problem: one problem's large diameter must not hide another's large eps/diameter
     span = None
@@ -142,18 +143,54 @@ def mass_gap(A: torch.Tensor, Bw: torch.Tensor, delta: torch.Tensor) -> torch.Te
     return terms + masses.to(terms.dtype)
 
 
-def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_iter, tol) -> str:
-    """The warning's diagnosis for the problems that did not converge."""
+@torch.no_grad()
+def settle_zero_weights(pb: Problem, f, g, tau: tuple[float, float] = (1.0, 1.0)):
+    """``(f, g)`` with the potentials of zero-weight points set to the soft c-transforms of
+    the other side, ``f_i = tau_a softmin_j(g_j + eps log b_j - C_ij)`` (likewise ``g_j``),
+    the fixed point of Sinkhorn's update. The plan does not depend on them (their rows of P
+    are 0), but ``value``'s gradient with respect to a zero weight is its potential; the
+    iterations leave them one update behind (Sinkhorn: the row update before the last column
+    update; Newton: the warm-up's). One pass per side that has zero weights; uniform
+    weights (``a``/``b`` None) skip the host sync."""
+    zeros = {}
+    if pb.a_in is not None:
+        zeros["a"] = (pb.A == 0).any()
+    if pb.b_in is not None:
+        zeros["b"] = (pb.Bw == 0).any()
+    if not zeros:
+        return f, g
+    has = dict(zip(zeros, torch.stack(list(zeros.values())).tolist()))  # one host sync
+    eps, kw = pb.eps, pb.kw()
+    if has.get("a"):
+        f = torch.where(pb.A == 0, scaled(pb.geom.softmin(g + eps * pb.logb, eps, 1, **kw), tau[0]), f)
+        if pb.symmetric:  # one cloud, one set of weights: g = f
+            return f, f
+    if has.get("b"):
+        g = torch.where(pb.Bw == 0, scaled(pb.geom.softmin(f + eps * pb.loga, eps, 0, **kw), tau[1]), g)
+    return f, g
+
+
+def marginal_floor(pb: Problem, f, g) -> torch.Tensor:
+    """Per problem (B,): an upper estimate of the marginal error's rounding floor. The entries
+    ``exp((f + g - C)/eps)`` of the plan are exact to ``u |f + g - C| / eps`` each, about
+    ``u (1 + 2 max(|f|, |g|) / eps)`` of the mass (``u``: the dtype's rounding unit). Errors of
+    different entries partly cancel, so the reachable error is often well below it."""
+    pot = torch.maximum(finite_abs_max(f), finite_abs_max(g))
+    mass = pb.A.sum(-1) + pb.Bw.sum(-1)
+    return torch.finfo(f.dtype).eps * (1 + 2 * pot / pb.eps) * mass
+
+
+def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_iter, tol, stalled=None) -> str:
+    """The warning's diagnosis for the problems that did not converge (``stalled``: (B,)
+    bool, the problems a solver stopped for lack of progress near the floor, if it has such a rule)."""
     if not bool((torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1)).all()):
         return "non-finite potentials (eps too small for the dtype?)"
     if not bool(finite.all()):
         return "the plan of the returned potentials overflows (non-finite value)"
     eps, dt = pb.eps, _validate.dtype_name(f.dtype)
     pot = float(torch.maximum(finite_abs_max(f).max(), finite_abs_max(g).max()))
-    # the marginals' rounding: exp((f + g - C)/eps) is exact to u |f + g - C| / eps per
-    # entry, ~ u (|f| + |g|) / eps of the mass
+    floor = float(marginal_floor(pb, f, g).max())
     mass = float((pb.A.sum(-1) + pb.Bw.sum(-1)).max())
-    floor = torch.finfo(f.dtype).eps * 2 * pot / eps * mass
     wider = "" if f.dtype == torch.float64 else "use float64, "
     rounding = (f"rounding at eps={eps:g} in {dt} (about {floor:.1e}, with |f|, |g| up to {pot:.3g}): "
                 f"ask for a larger tol, or {wider}a larger eps, or rescale the cost")
@@ -165,6 +202,9 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
         return (f"the iterations met tol={tol:g}, but the plan of the potentials misses its marginals by {miss:.3e}: "
                 f"eps={eps:g} is below what {dt} resolves of f + g - C (|f|, |g| up to {pot:.3g}; {wider}a larger "
                 f"eps, or rescale the cost)")
+    if stalled is not None and bool((stalled & ~converged).any()):
+        left = float(resid[stalled & ~converged].max())
+        return f"no progress in the last Newton steps at residual {left:.3e} > tol={tol:g}, near the marginals' {rounding}"
     left = float(resid[~converged].max())
     why = f"residual {left:.3e} > tol={tol:g} after {int(n_iter.max())} iterations"
     if tol < floor and left <= floor:  # an upper estimate: the iterations may still get there
@@ -173,9 +213,10 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
     return why
 
 
-def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dict) -> OTResult:
+def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dict, stalled=None) -> OTResult:
     """Build the :class:`OTResult` at potentials ``(f, g)``: exact marginals, cost, value
-    (through its dual), convergence, and envelope gradients. Three streamed passes."""
+    (through its dual), convergence, and envelope gradients. Three streamed passes.
+    ``stalled`` (B,) bool: problems stopped for lack of progress (for the warning's text)."""
     geom, eps, kw = pb.geom, pb.eps, pb.kw()
     with torch.no_grad():
         F, G = f + eps * pb.loga, g + eps * pb.logb
@@ -212,7 +253,7 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     info = dict(info, residual=res_out)
     if not all_ok:
         bad = int((~converged).sum())
-        why = _why_not_converged(pb, f, g, resid, passed, converged, finite, n_iter, tol)
+        why = _why_not_converged(pb, f, g, resid, passed, converged, finite, n_iter, tol, stalled)
         warnings.warn(f"{name} did not converge for {bad} of {geom.batch} problem(s): {why}", ConvergenceWarning, stacklevel=3)
     out = (lambda t: t) if geom.batched else (lambda t: t[0])
     return OTResult(

@@ -49,8 +49,14 @@ from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
 from ._cg import pcg
-from ._entropic import Problem, check_init, entropic_result, finite_abs_max, make_problem
+from ._entropic import (Problem, check_init, entropic_result, finite_abs_max, make_problem, marginal_floor,
+                        settle_zero_weights)
 from .sinkhorn import _iterate
+
+#: A problem without progress for ``patience`` Newton steps stops, unconverged, once its
+#: marginal error is within this factor of its rounding estimate (``_entropic.marginal_floor``,
+#: an upper estimate that errs high: float32 at eps = 1e-3 reaches ~1e-6 where it says ~1e-3).
+NEAR_FLOOR = 100.0
 
 #: Largest ELL size ``B * n * s`` the automatic sparsity grows to (16M entries).
 MAX_ELL_ENTRIES = 1 << 24
@@ -95,14 +101,15 @@ def sinkhorn_newton(
             ``1e-7 * max|f + g - C| / eps``, which floors the reachable error.
         max_iter: cap on Newton iterations (the Sinkhorn iterations are capped separately).
             A problem also stops, unconverged, after 5 Newton iterations without progress
-            (no resolvable increase of the dual, error not 10% below its best): the
-            accuracy floor of the dtype.
+            (no resolvable increase of the dual, error not 10% below its best) while its
+            error is within ``NEAR_FLOOR`` (100x) of its rounding estimate: the accuracy
+            floor of the dtype.
         warmup_iter: cap on warm-up Sinkhorn iterations (0 skips the warm-up).
         warmup_tol: the warm-up stops once the marginal error is below this.
         sparsity: entries ``s`` kept per row of the plan in the Hessian (``1 <= s <= m``);
             None chooses it: start at 8 and double (up to ``m``, and ``B n s`` at most
             ``MAX_ELL_ENTRIES``) while the dropped mass ``1 - sum(kept)/sum(P)`` exceeds ``drop_tol``.
-        drop_tol: target dropped-mass fraction for ``sparsity=None``.
+        drop_tol: target dropped-mass fraction for ``sparsity=None``, in (0, 1).
         cg_tol: floor of the conjugate-gradient tolerance, in (0, 0.1]. Each Newton step stops CG at the
             relative preconditioned residual ``clamp(sqrt(err), cg_tol, 0.1)`` (inexact
             Newton: cheap far from the solution, superlinear near it).
@@ -132,6 +139,8 @@ def sinkhorn_newton(
         if sparsity > geom.m:
             raise ValueError(f"sparsity must be in [1, m={geom.m}], got {sparsity}")
     drop_tol = _validate.positive("drop_tol", drop_tol)
+    if drop_tol >= 1:  # a fraction of the plan's mass
+        raise ValueError(f"drop_tol must be in (0, 1) (the dropped fraction of the plan's mass), got {drop_tol:g}")
     cg_tol = _validate.positive("cg_tol", cg_tol)
     if cg_tol > 0.1:  # the forcing term lies in [cg_tol, 0.1]
         raise ValueError(f"cg_tol must be in (0, 0.1] (the floor of CG's relative tolerance), got {cg_tol:g}")
@@ -158,7 +167,7 @@ def sinkhorn_newton(
             "time_s": progress.elapsed,
         }
         n_iter = state.warmup_its + state.newton_its + state.fallback_its
-        return entropic_result(pb, state.f, state.g, n_iter, state.passed, tol, "sinkhorn_newton", info)
+        return entropic_result(pb, state.f, state.g, n_iter, state.passed, tol, "sinkhorn_newton", info, state.stalled)
 
 
 def _sync(device: torch.device) -> None:
@@ -184,6 +193,7 @@ class _Solve:
         self.cg_its = 0
         self.ls_evals = 0
         self.s = 0
+        self.stalled = torch.zeros(B, dtype=torch.bool, device=dev)  # stopped at the accuracy floor
         self.times = {"warmup": 0.0, "newton": 0.0, "fallback": 0.0}
         # Levenberg-Marquardt damping of the Newton system, per problem (see newton())
         tiny = 1e-10 if f.dtype == torch.float64 else 1e-6
@@ -258,13 +268,18 @@ class _Solve:
             stuck = active & ~accepted
             if exhausted and bool(stuck.any()):  # Newton did not help: Sinkhorn steps for those problems
                 r, c, err = self._fallback(fallback_iter, tol, stuck, r, c, err)
-            # progress: a resolvable increase of L, or the error down by 10% from its best;
-            # without it for `patience` iterations we are at the dtype's accuracy floor
+            # progress: a resolvable increase of L, or the error down by 10% from its best.
+            # Without it for `patience` iterations within NEAR_FLOOR of the error's rounding
+            # estimate we are at the dtype's accuracy floor. Above that the iterations go on
+            # (to max_iter): there a slow stretch (a few % per step, or a rise after a
+            # shrunken damping) is no floor, and a restart from those potentials converged.
             progress = armijo | (err < 0.9 * best)
             best = torch.minimum(best, err)
-            stalled = torch.where(active & ~progress, stalled + 1, torch.zeros_like(stalled))
+            near_floor = err <= NEAR_FLOOR * marginal_floor(pb, self.f, self.g)
+            stalled = torch.where(active & ~progress & near_floor, stalled + 1, torch.zeros_like(stalled))
         self.passed |= err <= tol
-        self._settle_zero_weights()
+        self.stalled = ~self.passed & (stalled >= patience)
+        self.f, self.g = settle_zero_weights(pb, self.f, self.g)
         self.s = s
         _sync(geom.device)
         self.times["newton"] += time.perf_counter() - t0 - (self.times["fallback"] - fallback_time)
@@ -276,21 +291,6 @@ class _Solve:
         self.ls_evals += 1
         return (torch.where(which[:, None], r2, r), torch.where(which[:, None], c2, c),
                 torch.where(which, err2, err))
-
-    def _settle_zero_weights(self) -> None:
-        """Give zero-weight rows and columns the potentials Sinkhorn's updates give them,
-        the soft c-transforms ``f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps)`` (and
-        likewise ``g_j``). Newton steps leave them where the warm-up did (their step is 0)
-        while the live potentials move, yet they matter: the value's gradient with respect
-        to a zero weight is its potential. The plan does not change (their rows of P are 0)."""
-        pb = self.pb
-        zero_a, zero_b = pb.A == 0, pb.Bw == 0
-        if bool(zero_a.any()):
-            _, G = self._biased(self.f, self.g)
-            self.f = torch.where(zero_a, pb.geom.softmin(G, pb.eps, 1, **pb.kw()), self.f)
-        if bool(zero_b.any()):
-            F, _ = self._biased(self.f, self.g)
-            self.g = torch.where(zero_b, pb.geom.softmin(F, pb.eps, 0, **pb.kw()), self.g)
 
     def _sparse_plan(self, r, active, s, s_max, adaptive, drop_tol):
         """ELL top-``s`` rows of P; with ``adaptive`` double ``s`` until the dropped

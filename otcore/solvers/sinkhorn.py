@@ -31,7 +31,7 @@ import torch
 from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
-from ._entropic import Problem, check_init, entropic_result, make_problem
+from ._entropic import Problem, check_init, entropic_result, make_problem, settle_zero_weights
 from ._graph import graphed
 
 Schedule = Union[None, str, float, Sequence[float]]
@@ -146,6 +146,7 @@ def sinkhorn(
     progress = Progress(verbose, "sinkhorn")
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
         f, g, n_iter, passed = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph)
+        f, g = settle_zero_weights(pb, f, g, (_tau(pb.rho_a, pb.eps), _tau(pb.rho_b, pb.eps)))
         info = {"eps_stages": stages, "symmetric": pb.symmetric, "time_s": progress.elapsed}
         return entropic_result(pb, f, g, n_iter, passed, tol, "sinkhorn", info)
 

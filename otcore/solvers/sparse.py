@@ -201,7 +201,7 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     backend = _dispatch.resolve(backend, geom.device)
     A = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
     Bw = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
-    _validate.balanced_mass(A, Bw, tol)
+    _validate.balanced_mass(A, Bw, tol, given=(a, b))
     wp, wl = (A, Bw) if axis == 0 else (Bw, A)
     k_eff = min(k, wp.shape[1])
     pb = _Problem(geom, axis, k_eff, gamma, formulation == "semi-dual", wp, wl, a, b, plan_grad, backend, precision)
