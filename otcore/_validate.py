@@ -7,8 +7,11 @@ message. Nothing is clamped or repaired silently.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Optional
 
+import numpy as np
 import torch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -35,17 +38,23 @@ def tensor(name: str, t, ndims: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
+def _is_bool(v) -> bool:
+    """Python, NumPy and torch booleans: ``True`` is not the number 1 here."""
+    return isinstance(v, (bool, np.bool_)) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool)
+
+
 def positive(name: str, v, *, allow_none: bool = False) -> Optional[float]:
-    """A finite number > 0 (``eps``, ``tol``, ``gamma``, ``rho``...)."""
+    """A finite number > 0 (``eps``, ``tol``, ``gamma``, ``rho``...): a Python or NumPy
+    number, or a one-element tensor that does not require grad."""
     if v is None and allow_none:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            if v.requires_grad:  # float(v) would cut it from the graph without a word
-                raise TypeError(f"{name} must be a number: a tensor that requires grad would get no gradient")
-            v = float(v)
-        else:
-            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    if _is_bool(v) or not isinstance(v, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(v.shape)}")
+        if v.requires_grad:  # float(v) would cut it from the graph without a word
+            raise TypeError(f"{name} must be a number: a tensor that requires grad would get no gradient")
     v = float(v)
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {v}")
@@ -85,8 +94,13 @@ def flag(name: str, v) -> bool:
 
 
 def positive_int(name: str, v, *, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    """An int ``>= minimum``: a Python or NumPy integer, or a one-element integer tensor."""
+    try:
+        if _is_bool(v):
+            raise TypeError
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
     return v

@@ -12,6 +12,7 @@ Primitives take *biased* potentials ``F = f + eps*log a`` (B,n) and
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -38,9 +39,9 @@ class Geometry:
     def device(self) -> torch.device:
         return self._ref.device
 
-    def diameter(self) -> float:
+    def diameter(self, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> float:
         """The largest of :meth:`diameters` over the batch (the start of eps scaling)."""
-        return float(self.diameters().max())
+        return float(self.diameters(a, b).max())
 
     def input_versions(self) -> tuple[Optional[int], ...]:
         """The version counters of :meth:`inputs` (bumped by in-place ops), one per
@@ -212,11 +213,19 @@ class PointCloud(Geometry):
             self._dense = D  # small problem: keep the cost instead of recomputing it every pass
         return D
 
-    def diameters(self) -> torch.Tensor:
+    def diameters(self, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per problem, the cost across the diagonal of the box holding both clouds (an
-        upper bound of every cost), ``(B,)``."""
-        lo = torch.minimum(self.x.amin(1), self.y.amin(1))
-        hi = torch.maximum(self.x.amax(1), self.y.amax(1))
+        upper bound of every cost), ``(B,)``. With weights ``a`` (B,n) / ``b`` (B,m), only
+        points of positive weight count: far zero-weight padding does not stretch the box."""
+
+        def box(p, w):  # (B, d) corners of the points with weight
+            if w is None:
+                return p.amin(1), p.amax(1)
+            live = (w > 0)[..., None]
+            return torch.where(live, p, math.inf).amin(1), torch.where(live, p, -math.inf).amax(1)
+
+        (xlo, xhi), (ylo, yhi) = box(self.x, a), box(self.y, b)
+        lo, hi = torch.minimum(xlo, ylo), torch.maximum(xhi, yhi)
         ext = ((hi - lo) ** 2).sum(-1)
         return ext if self.cost == "sqeuclidean" else ext.sqrt()
 
@@ -248,6 +257,17 @@ class CostMatrix(Geometry):
     def cost_block(self) -> torch.Tensor:
         return self.C
 
-    def diameters(self) -> torch.Tensor:
-        """Per problem, ``max C - min C``, ``(B,)``."""
-        return self.C.amax((1, 2)) - self.C.amin((1, 2))
+    def diameters(self, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per problem, ``max C - min C``, ``(B,)``; with weights ``a`` (B,n) / ``b`` (B,m),
+        over the entries whose row and column have positive weight (streamed by row blocks)."""
+        if a is None and b is None:
+            return self.C.amax((1, 2)) - self.C.amin((1, 2))
+        live_a = torch.ones(self.batch, self.n, dtype=torch.bool, device=self.device) if a is None else a > 0
+        live_b = torch.ones(self.batch, self.m, dtype=torch.bool, device=self.device) if b is None else b > 0
+        hi = torch.full((self.batch,), -math.inf, dtype=self.dtype, device=self.device)
+        lo = torch.full_like(hi, math.inf)
+        for sl, Cl, Z in reference._tiles(self, 1, self.dtype):
+            dead = ~(live_a[:, sl, None] & live_b[:, None, :])
+            hi = torch.maximum(hi, Z.copy_(Cl).masked_fill_(dead, -math.inf).amax((1, 2)))
+            lo = torch.minimum(lo, Z.copy_(Cl).masked_fill_(dead, math.inf).amin((1, 2)))
+        return hi - lo

@@ -146,16 +146,15 @@ def ksparse_columns(
     out = {f: [] for f in ("beta", "reg", "vals", "idx", "cost")}
     for sl, x, Cl in _line_scores(geom, h, axis):
         u, ix = torch.topk(x, k, dim=2)  # sorted, largest first
+        ix = top_positions(x, u, ix)  # canonical layout: positions ascending within each line
+        xs = torch.gather(x, 2, ix)
         if mass is not None:  # relative to the line's top score (large scores, small gamma * mass)
             rel = threshold_below_top(u, gamma * mass[:, sl])
             bl = -(rel + u[..., 0])
-            T = torch.clamp((u - u[..., :1]) - rel[..., None], min=0) / gamma
+            T = torch.clamp((xs - u[..., :1]) - rel[..., None], min=0) / gamma
         else:
             bl = beta[:, sl]
-            T = torch.clamp(u + bl[..., None], min=0) / gamma
-        # canonical layout: positions ascending within each line
-        ix, order = torch.sort(ix, dim=2)
-        T = torch.gather(T, 2, order)
+            T = torch.clamp(xs + bl[..., None], min=0) / gamma
         out["beta"].append(bl)
         out["reg"].append(0.5 * gamma * (T * T).sum(2))
         out["vals"].append(T)
@@ -163,6 +162,27 @@ def ksparse_columns(
         out["cost"].append(torch.gather(Cl, 2, ix))
     beta_o, reg, vals, idx, cost = (torch.cat(out[f], 1) for f in ("beta", "reg", "vals", "idx", "cost"))
     return KSparse(beta_o, reg, vals, idx, cost, vals.sum(2), cross_sum(vals, idx, h.shape[1]))
+
+
+def top_positions(x: torch.Tensor, u: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
+    """Positions of the ``k`` largest entries of each line of ``x`` (..., N), ascending, from
+    ``torch.topk``'s values ``u`` and positions ``ix`` (..., k): every entry above the k-th
+    largest value, then of the entries equal to it the first in position order, as the
+    kernel takes them. ``torch.topk``'s choice among ties is unspecified, and tied scores are
+    common (duplicated points, padding tokens, a gate at 0). On a CPU the tie-break runs
+    only where a tie straddles the k-th place (a check without cost there); on a GPU always
+    (a check would be a host sync)."""
+    k, N = u.shape[-1], x.shape[-1]
+    kth = u[..., -1:]
+    tied = x == kth
+    if not x.is_cuda and not bool((tied.sum(-1) > (u == kth).sum(-1)).any()):
+        return ix.sort(dim=-1).values  # no tie left out: topk's set is the only one
+    need = k - (x > kth).sum(-1, keepdim=True)
+    take = (x > kth) | (tied & (torch.cumsum(tied, -1, dtype=torch.int32) <= need))  # exactly k per line
+    # the k taken positions have the k largest keys N - position, all distinct: largest key first
+    # is smallest position first
+    key = torch.where(take, N - torch.arange(N, device=x.device, dtype=torch.int32), 0)
+    return torch.topk(key, k, dim=-1).indices
 
 
 def cross_sum(vals: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tensor:

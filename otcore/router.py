@@ -130,6 +130,7 @@ class SparseOTRouter(nn.Module):
         self.backend = _validate.choice("backend", backend, BACKENDS)
         self._init: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._warned = False
+        self._warned_ties = False
 
     def capacity(self, n_tokens: int) -> int:
         """Tokens per expert: ``ceil(n_tokens * capacity_factor / n_experts)`` (at most n_tokens),
@@ -162,10 +163,12 @@ class SparseOTRouter(nn.Module):
             warnings.simplefilter("always", ConvergenceWarning)
             # a constant shift of the cost leaves the plan unchanged: the solve sees the
             # centred scores, so a large common offset costs no float resolution in the duals
-            # (not detached: result.value is the centred problem's, and so is its gradient)
-            centre = scores.mean((-2, -1), keepdim=True)
+            # (not detached: result.value is the centred problem's, and so is its gradient);
+            # fp16/bf16 scores are widened first, so the centring does not round in their dtype
+            wide = scores.to(dt)
+            centre = wide.mean((-2, -1), keepdim=True)
             res = sparse_ot(
-                CostMatrix(centre - scores), a, b, k=k, gamma=self.gamma, formulation=self.formulation, axis=axis,
+                CostMatrix(centre - wide), a, b, k=k, gamma=self.gamma, formulation=self.formulation, axis=axis,
                 tol=self.tol * n_tokens, max_iter=self.max_iter, init=init, plan_grad=self.plan_grad,
                 backend=self.backend, verbose=False,
             )
@@ -175,6 +178,7 @@ class SparseOTRouter(nn.Module):
             elif not self._warned:
                 self._warned = True
                 warnings.warn(f"SparseOTRouter: {w.message} (warned once per router)", ConvergenceWarning, stacklevel=4)
+        self._check_ties(res, n_tokens, wide)
         if self.warm_start:
             self._init = (res.alpha.detach(), res.beta.detach())
         vals = res.values
@@ -186,6 +190,24 @@ class SparseOTRouter(nn.Module):
             load = v.new_zeros(v.shape[0], self.n_experts).scatter_add(1, idx.reshape(v.shape[0], -1), v.reshape(v.shape[0], -1))
             load = load if batched else load[0]
         return RouterOutput(vals, res.indices, vals.detach() > 0, load, res)
+
+    def _check_ties(self, res, n_tokens: int, scores: torch.Tensor) -> None:
+        """Warn (once per router) when the routing misplaces over half of the token mass:
+        scores tied across experts, which the k-sparse relaxation cannot split (every expert
+        ranks the tokens alike whatever the duals). On 512 x 8 scores with gamma = 0.1, all
+        zero scores misplace 1.5-1.7 of the token mass, N(0, 0.01) ones at most 0.28."""
+        miss = float(torch.as_tensor(res.grad_norm).max()) / n_tokens
+        if miss <= 0.5 or self._warned_ties:
+            return
+        self._warned_ties = True
+        what = "token masses" if self.mode == "capacity" else "expert loads"
+        warnings.warn(
+            f"SparseOTRouter: the routing misses its {what} by {miss:.2f} of the token mass (result.grad_norm / "
+            f"n_tokens): the scores are tied across experts (score std {float(scores.detach().std()):.2g}; e.g. a gate "
+            f"initialised at zero, or duplicated tokens), which the k-sparse relaxation cannot split between "
+            f"experts. Break the ties, e.g. with a random gate initialisation (warned once per router)",
+            stacklevel=4,
+        )
 
     def extra_repr(self) -> str:
         what = f"capacity_factor={self.capacity_factor}" if self.mode == "capacity" else f"k={self.k}"

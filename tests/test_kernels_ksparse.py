@@ -96,7 +96,7 @@ def test_projection_unit_cases_in_the_kernel():
         torch.testing.assert_close(dense.cpu(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_ties_take_exactly_k_distinct_positions():
+def test_ties_take_exactly_k_distinct_positions_the_same_in_kernel_and_twin():
     """Integer costs: many scores tie at the k-th value. Any choice among the tied positions
     is a valid top k; the kernel takes the first ones in position order."""
     g = torch.Generator().manual_seed(5)
@@ -120,6 +120,15 @@ def test_ties_take_exactly_k_distinct_positions():
         tied = (Cl[j] == kth[j]).nonzero().flatten()
         picked = idx[j][chosen[j] == kth[j]]
         assert torch.equal(picked, tied[: len(picked)])
+    # and the twin takes the same ones (torch.topk alone picked others: CPU and GPU routed
+    # tied tokens differently), both axes, both formulations
+    for axis in (0, 1):
+        hh = torch.zeros(1, C.shape[1 + axis], device=DEVICE)  # positions: rows for axis 0
+        for kw in (dict(mass=torch.ones(1, C.shape[2 - axis], device=DEVICE)),
+                   dict(beta=torch.ones(1, C.shape[2 - axis], device=DEVICE))):
+            a, b = K.ksparse_columns(geom, hh, 0.5, 7, axis, **kw), R.ksparse_columns(geom, hh, 0.5, 7, axis, **kw)
+            assert torch.equal(a.idx, b.idx)
+            torch.testing.assert_close(a.vals, b.vals)
 
 
 def test_strided_and_transposed_cost():

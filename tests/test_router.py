@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -264,3 +265,32 @@ def test_capacity_takes_the_factor_as_written():
     assert otcore.SparseOTRouter(n_experts=8, capacity_factor=1.25).capacity(100) == 16  # 15.625
     with pytest.raises(ValueError, match="backend"):
         otcore.SparseOTRouter(n_experts=4, backend="gpu")
+
+
+def test_tied_scores_warn_once():
+    """All-zero scores (a gate initialised at zero): every expert ranks the tokens alike
+    whatever the duals, so the relaxation's routing misplaces most of the token mass while
+    its solve stops normally. The router says so, once."""
+    router = otcore.SparseOTRouter(8, backend="torch")
+    with pytest.warns(UserWarning, match=r"misses its token masses by 1\.\d+ of the token mass.*tied across experts"):
+        out = router(torch.zeros(256, 8))
+    assert out.result.grad_norm > 0.5 * 256
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        router(torch.zeros(256, 8))  # once per router
+        otcore.SparseOTRouter(8, backend="torch")(_scores(256, 8, seed=40))  # untied scores: no warning
+
+
+def test_tokens_mode_needs_room_for_every_expert():
+    with pytest.raises(ValueError, match="k=1 is too small"):
+        otcore.SparseOTRouter(8, mode="tokens", k=1, backend="torch")(_scores(5, 8, seed=41))
+
+
+def test_bf16_scores_are_centred_after_widening():
+    """bf16 scores with a large common offset: centring in bf16 rounded them (combine
+    weights 0.022 off those of the same values given in float32)."""
+    s = (_scores(64, 4, seed=42) + 20.0).to(torch.bfloat16)
+    for mode in ("capacity", "tokens"):
+        got = otcore.SparseOTRouter(4, mode=mode, backend="torch")(s).combine_dense()
+        want = otcore.SparseOTRouter(4, mode=mode, backend="torch")(s.float()).combine_dense()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -139,6 +139,26 @@ def test_zero_weight_potentials_are_the_soft_transform_of_the_returned_g(rho):
     assert abs(float(grad @ d) - float(fd[1] - fd[0]) / h) <= 1e-5 * abs(float(grad @ d))
 
 
+def test_far_zero_weight_padding_leaves_the_schedule_and_diameter_alone():
+    """Padding points at 1e5 stretched the diameter to 2e10: the geometric schedule's first
+    stage left float32 potentials with a common offset of ~1800 and the solve unconverged.
+    Zero-weight points stay out of the diameter (point clouds and cost matrices)."""
+    gen = torch.Generator().manual_seed(15)
+    x, y = torch.rand(30, 2, generator=gen), torch.rand(20, 2, generator=gen)
+    a, b = torch.full((30,), 1 / 30), torch.full((20,), 1 / 20)
+    x_pad = torch.cat([x, torch.full((4, 2), 1e5)])
+    a_pad = torch.cat([a, torch.zeros(4)])
+    kw = dict(eps=0.01, eps_schedule="geometric", tol=1e-5, **T)
+    ref = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, **kw)
+    pad = otcore.sinkhorn(otcore.PointCloud(x_pad, y), a_pad, b, **kw)
+    assert pad.converged and pad.info["eps_stages"] == ref.info["eps_stages"]
+    torch.testing.assert_close(pad.value, ref.value, rtol=1e-5, atol=0)
+    C = torch.cdist(x_pad, y) ** 2
+    masked = otcore.CostMatrix(C).diameters(a_pad[None], b[None])
+    torch.testing.assert_close(masked, (C[:30].max() - C[:30].min())[None])
+    assert float(otcore.CostMatrix(C).diameters()) > 1e9  # without weights: every entry
+
+
 # ----------------------------------------------------------------------------- small eps limits
 def test_small_eps_cost_brackets_emd2():
     """OT <= cost <= value <= OT + eps * min(H(a), H(b)) (the optimal plan's KL to a x b
@@ -235,6 +255,23 @@ def test_self_transport_symmetric_update_matches_alternating(rho, batched):
     shift = (alt.f - alt.g) / 2 if rho is None else torch.zeros_like(alt.f)
     torch.testing.assert_close(sym.f, alt.f - shift, rtol=0, atol=1e-8)
     torch.testing.assert_close(sym.plan(), alt.plan(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("rho", [None, 0.5])
+def test_self_transport_at_large_eps_does_not_stop_half_way(rho):
+    """From f = 0 the first averaged step gives half the c-transform; at eps = 1e4 (5000x the
+    diameter) the residual (~|f - s| / eps) passed tol=1e-5 right there, with f 0.23 off the
+    optimum and the value 1e-6 off. The cold start is the c-transform of 0."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(40, 2, generator=g, dtype=F64)
+    a = torch.rand(40, generator=g, dtype=F64)
+    a /= a.sum()
+    ref = otcore.sinkhorn(otcore.PointCloud(x, x.clone()), a, a.clone(), eps=1e4, rho=rho, tol=1e-13, **T)
+    sym = otcore.sinkhorn(otcore.PointCloud(x, x), a, a, eps=1e4, rho=rho, **T)  # default tol
+    assert sym.info["symmetric"] and sym.converged
+    torch.testing.assert_close(sym.value, ref.value, rtol=1e-10, atol=0)
+    shift = (ref.f - ref.g) / 2 if rho is None else torch.zeros_like(ref.f)
+    torch.testing.assert_close(sym.f, ref.f - shift, rtol=0, atol=1e-5)
 
 
 def test_self_transport_converges_fast_where_alternating_stalls():

@@ -47,8 +47,13 @@ class Problem:
         """The largest cost diameter of the batch (the start of eps scaling), computed
         once (one pass over the points or ``C`` and a host sync)."""
         if self.diameter is None:
-            self.diameter = self.geom.diameter()
+            self.diameter = self.geom.diameter(*self.given_weights())
         return self.diameter
+
+    def given_weights(self):
+        """``(A, Bw)`` where the weights were given (else None: uniform, no zero weights),
+        for :meth:`Geometry.diameters`: zero-weight padding stays out of the diameter."""
+        return (None if self.a_in is None else self.A), (None if self.b_in is None else self.Bw)
 
 
 def parse_rho(rho) -> tuple[Optional[float], Optional[float]]:
@@ -85,7 +90,7 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: float) -> Proble
     # per problem: one problem's large diameter must not hide another's large eps/diameter
     span = None
     if geom.dtype != torch.float64:
-        d = geom.diameters()
+        d = geom.diameters(None if a is None else A, None if b is None else Bw)
         span = tuple(torch.stack([d.min(), d.max()]).tolist())  # one host sync
     wide = span is not None and eps > span[0] / 4
     return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision,
@@ -174,8 +179,9 @@ def marginal_floor(pb: Problem, f, g) -> torch.Tensor:
     """Per problem (B,): an upper estimate of the marginal error's rounding floor. The entries
     ``exp((f + g - C)/eps)`` of the plan are exact to ``u |f + g - C| / eps`` each, about
     ``u (1 + 2 max(|f|, |g|) / eps)`` of the mass (``u``: the dtype's rounding unit). Errors of
-    different entries partly cancel, so the reachable error is often well below it."""
-    pot = torch.maximum(finite_abs_max(f), finite_abs_max(g))
+    different entries partly cancel, so the reachable error is often well below it. Points
+    of zero weight carry no mass: their potentials (large for far padding) do not count."""
+    pot = torch.maximum(finite_abs_max(torch.where(pb.A > 0, f, 0.0)), finite_abs_max(torch.where(pb.Bw > 0, g, 0.0)))
     mass = pb.A.sum(-1) + pb.Bw.sum(-1)
     return torch.finfo(f.dtype).eps * (1 + 2 * pot / pb.eps) * mass
 
@@ -188,7 +194,8 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
     if not bool(finite.all()):
         return "the plan of the returned potentials overflows (non-finite value)"
     eps, dt = pb.eps, _validate.dtype_name(f.dtype)
-    pot = float(torch.maximum(finite_abs_max(f).max(), finite_abs_max(g).max()))
+    pot = float(torch.maximum(finite_abs_max(torch.where(pb.A > 0, f, 0.0)).max(),
+                              finite_abs_max(torch.where(pb.Bw > 0, g, 0.0)).max()))
     floor = float(marginal_floor(pb, f, g).max())
     mass = float((pb.A.sum(-1) + pb.Bw.sum(-1)).max())
     wider = "" if f.dtype == torch.float64 else "use float64, "

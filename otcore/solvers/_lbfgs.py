@@ -37,8 +37,8 @@ def _two_loop(g, S, Y, rho, slots, h0):
 
 def lbfgs(
     evaluate, theta, h0: float, tol: float, ftol: float, max_iter: int, history: int, progress=None,
-    max_step: float = math.inf, c1: float = 1e-4, c2: float = 0.9, max_ls: int = 40, window: int = 10,
-    fscale=None, flat_converges: bool = True, kick: float = 0.0, max_kicks: int = 3,
+    max_step=math.inf, c1: float = 1e-4, c2: float = 0.9, max_ls: int = 40, window: int = 10,
+    fscale=None, flat_converges=True, kick=0.0, max_kicks: int = 3,
 ):
     """Minimize a batch of functions with L-BFGS and a weak Wolfe line search.
 
@@ -51,14 +51,15 @@ def lbfgs(
     allows a rounding slack of ``16 eps |scale|`` so that a problem at the limit of its
     dtype does not stall the line search. A pair ``(s, y)`` enters the memory only
     when ``s.y > 0`` (the objective is piecewise quadratic and may be flat). The first
-    trial step moves no coordinate by more than ``max_step``: where the objective is
-    nearly flat the quasi-Newton scaling ``s.y / y.y`` can be huge.
+    trial step moves no coordinate by more than ``max_step`` (a number, or (B,) per problem):
+    where the objective is nearly flat the quasi-Newton scaling ``s.y / y.y`` can be huge.
 
     Stops a problem when ``|g|_1 <= tol`` (reason 0) or when its objective improved by
     at most ``ftol * fscale(f)`` over the last ``window`` iterations (``fscale``: f (B,) ->
     a magnitude of the objective's variations (B,), by default ``scale + |f|``): reason 4, the
     optimum of a nonsmooth objective, where the gradient need not vanish, or the dtype's
-    resolution; it counts as converged when ``flat_converges``, else it is reason 5
+    resolution; it counts as converged where ``flat_converges`` (a bool, or ``aux -> (B,)
+    bool`` at the current iterate), else ``ftol`` is 0 there and it is reason 5
     (stationary, not converged: a smooth objective's gradient must vanish), and then the
     gradient norm must also not have fallen by 1% over the window (below the objective's
     float resolution the gradient is still measured accurately). Otherwise:
@@ -66,7 +67,7 @@ def lbfgs(
 
     Where the line search finds no step (at a kink, e.g. ties in a top-k selection, the
     gradient of one piece need not be a descent direction of the objective) and ``kick``
-    > 0, the iterate moves by ``kick`` times a fixed pattern in [-1, 1] (distinct per
+    (a number, or (B,) per problem) > 0, the iterate moves by ``kick`` times a fixed pattern in [-1, 1] (distinct per
     coordinate, so ties break), its memory is dropped, and the iterations go on; at most
     ``max_kicks`` times per problem, after which the problem stops with reason 2.
 
@@ -90,6 +91,7 @@ def lbfgs(
     grad_ok = converged.clone()
     kicks = torch.zeros(B, dtype=torch.long, device=dev)
     pattern = (torch.arange(D, device=dev, dtype=torch.float64) * 0.6180339887498949).frac().mul(2).sub(1).to(dt)
+    kick = torch.as_tensor(kick, dtype=dt, device=dev).expand(B)
     flat_stop = torch.zeros_like(active)  # stationary without converging (flat_converges=False)
     recent = []  # objective values of the last `window` iterations
     recent_g = []  # and gradient norms (flat_converges=False: progress of the gradient counts too)
@@ -134,10 +136,10 @@ def lbfgs(
         new = _where(late, fallback, new)
         done |= late
         failed = active & ~done
-        kicked = failed & (kicks < max_kicks) if kick > 0 else torch.zeros_like(failed)
+        kicked = failed & (kicks < max_kicks) & (kick > 0)
         # (a search that ended early left every problem done: nothing to kick, no sync)
         if exhausted and bool(kicked.any()):  # a kink: step off it along a fixed pattern, forget the memory
-            cand = theta + kick * pattern
+            cand = theta + kick[:, None] * pattern
             new = _where(kicked, (cand, *evaluate(cand)), new)
             rho = torch.where(kicked[:, None], torch.zeros_like(rho), rho)
             kicks += kicked
@@ -159,12 +161,14 @@ def lbfgs(
         recent.append(f)
         recent_g.append(gnorm)
         flat = torch.zeros_like(active)
+        conv_flat = flat_converges(aux) if callable(flat_converges) else torch.full_like(active, flat_converges)
         if len(recent) > window:
             old_f, old_g = recent.pop(0), recent_g.pop(0)
-            flat = moved & (old_f - f <= ftol * (scale + f.abs() if fscale is None else fscale(f)))
-            if not flat_converges:  # below f's resolution the gradient may still fall: not stationary yet
-                flat &= torch.stack(recent_g).amin(0) > 0.99 * old_g
-        converged = converged | (active & (grad_ok | (flat & flat_converges)))
+            drop = torch.where(conv_flat, ftol, 0.0) * (scale + f.abs() if fscale is None else fscale(f))
+            flat = moved & (old_f - f <= drop)
+            # not converging on it (smooth): below f's resolution the gradient may still fall
+            flat &= conv_flat | (torch.stack(recent_g).amin(0) > 0.99 * old_g)
+        converged = converged | (active & (grad_ok | (flat & conv_flat)))
         flat_stop |= active & flat & ~converged
         active = active & moved & ~converged & ~flat_stop
         if progress is not None and progress.due():

@@ -149,7 +149,7 @@ def sinkhorn_newton(
     f, g = check_init(init, geom)
     progress = Progress(verbose, "sinkhorn_newton")
     with torch.autocast(geom.device.type, enabled=False):
-        state = _Solve(pb, f, g, progress)
+        state = _Solve(pb, f, g, progress, cold=init is None)
         state.warmup(warmup_iter, max(warmup_tol, tol))
         state.newton(tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter)
         progress.close()
@@ -183,8 +183,9 @@ def _dot(u: tuple[torch.Tensor, torch.Tensor], v: tuple[torch.Tensor, torch.Tens
 class _Solve:
     """Mutable state of one SNS run (batched potentials, per-problem counters)."""
 
-    def __init__(self, pb: Problem, f: torch.Tensor, g: torch.Tensor, progress: Progress):
+    def __init__(self, pb: Problem, f: torch.Tensor, g: torch.Tensor, progress: Progress, cold: bool):
         self.pb, self.f, self.g, self.progress = pb, f, g, progress
+        self.cold = cold  # f, g are the zeros of no warm start (see sinkhorn._iterate)
         B, dev = pb.geom.batch, pb.geom.device
         self.passed = torch.zeros(B, dtype=torch.bool, device=dev)
         self.warmup_its = torch.zeros(B, dtype=torch.long, device=dev)
@@ -214,12 +215,13 @@ class _Solve:
         err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
         return r, c, err
 
-    def _sinkhorn(self, n_iter: int, tol: float, stage: str, active=None) -> torch.Tensor:
+    def _sinkhorn(self, n_iter: int, tol: float, stage: str, active=None, cold: bool = False) -> torch.Tensor:
         """Run up to ``n_iter`` Sinkhorn iterations on the ``active`` problems (all if
         None); each stops at ``tol``, the others keep their potentials."""
         _sync(self.pb.geom.device)
         t0 = time.perf_counter()
-        self.f, self.g, its, _ = _iterate(self.pb, self.f, self.g, [], tol, n_iter, 10, self.progress, active=active)
+        self.f, self.g, its, _ = _iterate(self.pb, self.f, self.g, [], tol, n_iter, 10, self.progress, active=active,
+                                          cold=cold)
         _sync(self.pb.geom.device)
         self.times[stage] += time.perf_counter() - t0
         return its
@@ -228,7 +230,7 @@ class _Solve:
     @torch.no_grad()
     def warmup(self, n_iter: int, tol: float) -> None:
         if n_iter > 0:
-            self.warmup_its += self._sinkhorn(n_iter, tol, "warmup")
+            self.warmup_its += self._sinkhorn(n_iter, tol, "warmup", cold=self.cold)
 
     @torch.no_grad()
     def newton(self, tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter, patience=5) -> None:

@@ -124,20 +124,23 @@ def sparse_ot(
         a: ``(n,)`` / ``(B, n)`` non-negative weights, uniform if None. b: likewise ``(m,)``.
             Total masses must agree.
         k: nonzeros allowed per column (row for ``axis=1``), ``>= 1``; values above the
-            line length mean no constraint (quadratically regularized OT).
+            line length mean no constraint (quadratically regularized OT). ``k`` times the
+            lines of positive weight must cover the positions of positive weight (else no
+            coupling exists: ``ValueError``).
         gamma: quadratic regularization (> 0), in cost units times inverse mass.
         formulation: ``"semi-dual"`` (line sums exact, default) or ``"dual"``.
         axis: 0 = columns are k-sparse (as in the paper and POT), 1 = rows.
         tol: stop when the L1 norm of the gradient -- the violation of the dualized
             marginals (``|T1 - a|_1`` for the semi-dual, plus ``|T^T 1 - b|_1`` for
             the dual) -- is ``<= tol``.
-        ftol: where ``k`` can bind (``k`` < the line length), also stop when the objective
-            improved by at most ``ftol * (|value - m(a) min C| + gamma |line weights|^2)`` over
-            the last 10 iterations. When ``k`` binds, the optimum sits on a kink of the
-            objective where the gradient does not vanish (the plan then violates the
-            dualized marginals by ``grad_norm``, the relaxation's gap); this is how such
-            problems stop, and it counts as converged. With ``k`` >= the line length the
-            objective is smooth and only ``tol`` converges.
+        ftol: for a problem where ``k`` binds at the current iterate (some line's support
+            holds all ``k`` entries), also stop when the objective improved by at most
+            ``ftol * (|value - m(a) min C| + gamma |line weights|^2)`` over the last 10
+            iterations. When ``k`` binds, the optimum sits on a kink of the objective where
+            the gradient does not vanish (the plan then violates the dualized marginals by
+            ``grad_norm``, the relaxation's gap); this is how such problems stop, and it
+            counts as converged. Where it does not bind (always with ``k`` >= the line
+            length) the objective is smooth and only ``tol`` converges.
         max_iter: L-BFGS iteration cap; reaching it gives ``converged=False`` and a
             :class:`~otcore.result.ConvergenceWarning`. ``converged`` also needs the line
             sums to equal the line weights to ``tol`` (plus rounding).
@@ -175,12 +178,23 @@ def sparse_ot(
 
 def run_lbfgs(pb: _Problem, evaluate, theta0, tol: float, ftol: float, max_iter: int, history: int, progress=None):
     """The solver's L-BFGS on ``evaluate`` (``pb.evaluate``, or a wrapper of it: the
-    benchmark's) with this problem's settings: ``ftol`` only where ``k`` can bind (else
-    the objective is smooth: run to ``tol``, or to the dtype's floor), its scale, the
-    first step, the step cap and the kick off kinks."""
-    binds = pb.k < pb.wp.shape[1]
-    return lbfgs(evaluate, theta0, _first_step(pb), tol, ftol if binds else 0.0, max_iter, history, progress,
-                 max_step=_max_step(pb), fscale=_objective_scale(pb), flat_converges=binds, kick=_kick(pb))
+    benchmark's) with this problem's settings: ``ftol`` only for the problems where ``k``
+    binds at the current iterate (some line uses all its ``k`` slots; else the objective
+    is smooth there: run to ``tol``, or to the dtype's floor), its scale, the first step,
+    the step cap and the kick off kinks (both per problem: another problem of the batch
+    with larger costs must not change this one's steps)."""
+    step = _max_step(pb)
+    return lbfgs(evaluate, theta0, _first_step(pb), tol, ftol, max_iter, history, progress,
+                 max_step=step, fscale=_objective_scale(pb), flat_converges=_binds(pb),
+                 kick=1e-6 * step)  # a millionth of the largest useful move: above float32's rounding
+
+
+def _binds(pb: _Problem):
+    """``out -> (B,) bool``: ``k`` binds, some line's support holds ``k`` positions (False
+    throughout when ``k`` is the line length: nothing is cut)."""
+    if pb.k >= pb.wp.shape[1]:
+        return False
+    return lambda out: ((out.vals > 0).sum(-1) >= pb.k).any(-1)
 
 
 def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, precision, init, tol):
@@ -204,8 +218,25 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     _validate.balanced_mass(A, Bw, tol, given=(a, b))
     wp, wl = (A, Bw) if axis == 0 else (Bw, A)
     k_eff = min(k, wp.shape[1])
+    if k_eff < wp.shape[1]:
+        _check_room(k_eff, wp, wl, axis)
     pb = _Problem(geom, axis, k_eff, gamma, formulation == "semi-dual", wp, wl, a, b, plan_grad, backend, precision)
     return pb, _check_init(init, pb), geom.batched
+
+
+def _check_room(k: int, wp: torch.Tensor, wl: torch.Tensor, axis: int) -> None:
+    """A coupling with at most ``k`` nonzeros per line exists only if the lines with mass
+    have room for every position with mass: ``k * #lines >= #positions`` (weighted ones).
+    Otherwise no plan meets the marginals and the relaxation's plan would leave positions
+    empty, however long it ran."""
+    pos, lines = torch.stack([(wp > 0).sum(-1), (wl > 0).sum(-1)]).tolist()  # one host sync
+    for i, (p, l) in enumerate(zip(pos, lines)):
+        if k * l < p:
+            line, other = ("columns", "rows") if axis == 0 else ("rows", "columns")
+            where = f" (problem {i} of the batch)" if len(pos) > 1 else ""
+            raise ValueError(f"k={k} is too small{where}: {l} {line} with positive weight hold at most k * {l} = "
+                             f"{k * l} nonzeros, fewer than the {p} {other} with positive weight, so no coupling "
+                             f"exists; k must be >= {-(-p // l)}")
 
 
 def _first_step(pb: _Problem) -> float:
@@ -217,16 +248,12 @@ def _first_step(pb: _Problem) -> float:
     return pb.gamma / (per_pos if pb.semi else max(per_pos, pb.k))
 
 
-def _max_step(pb: _Problem) -> float:
-    """Largest useful move of a dual variable in one step: optimal potentials differ by at
-    most the cost's range plus the regularization's share (``gamma`` times a line's mass)."""
-    return 2.0 * (pb.geom.diameter() + pb.gamma * float(pb.wl.amax()) + 1e-12)
-
-
-def _kick(pb: _Problem) -> float:
-    """Step off a kink where the line search fails (ties in the top-k at the start, say):
-    a millionth of the largest useful move, above the duals' rounding in float32."""
-    return 1e-6 * _max_step(pb)
+def _max_step(pb: _Problem) -> torch.Tensor:
+    """(B,) largest useful move of a dual variable in one step: optimal potentials differ by
+    at most the cost's range plus the regularization's share (``gamma`` times a line's mass)."""
+    A, Bw = (pb.wp, pb.wl) if pb.axis == 0 else (pb.wl, pb.wp)
+    diam = pb.geom.diameters(None if pb.a_in is None else A, None if pb.b_in is None else Bw).detach().to(pb.wl.dtype)
+    return 2.0 * (diam + pb.gamma * pb.wl.amax(-1) + 1e-12)
 
 
 def _objective_scale(pb: _Problem):
@@ -287,9 +314,10 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
 
 _REASONS = {0: "gradient norm <= tol", 1: "max_iter reached", 2: "line search failed", 3: "non-finite values",
             4: "objective stationary (ftol)",
-            5: "objective stationary (ftol) with the gradient norm above tol where k cannot bind (k >= the line "
-               "length: the optimum is smooth, its gradient vanishes): tol is below what the dtype resolves of "
-               "the plan (its entries carry ~u |alpha - C| / gamma; use float64, a larger tol or a larger gamma)"}
+            5: "objective stationary (ftol) with the gradient norm above tol where k does not bind (no line "
+               "uses its k slots: the optimum is smooth, its gradient vanishes): tol is below what the dtype "
+               "resolves of the plan (its entries carry ~u |alpha - C| / gamma; use float64, a larger tol or a "
+               "larger gamma)"}
 
 
 # --- result and gradients -----------------------------------------------------------
