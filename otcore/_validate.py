@@ -48,7 +48,7 @@ def positive(name: str, v, *, allow_none: bool = False) -> Optional[float]:
     number, or a one-element tensor that does not require grad."""
     if v is None and allow_none:
         return None
-    if _is_bool(v) or not isinstance(v, (numbers.Real, torch.Tensor)):
+    if _is_bool(v) or not isinstance(v, (numbers.Real, torch.Tensor)) or (isinstance(v, torch.Tensor) and v.is_complex()):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
@@ -114,11 +114,18 @@ def top_k(k, m: int, name: str = "k") -> int:
     return k
 
 
-def axis(v) -> int:
-    """A primitive's ``axis``: 1 reduces over the columns (a result per row), 0 over the rows."""
-    if isinstance(v, bool) or v not in (0, 1):
-        raise ValueError(f"axis must be 0 (a result per column) or 1 (a result per row), got {v!r}")
-    return v
+def axis(v, meaning: str = "0 (a result per column) or 1 (a result per row)") -> int:
+    """An ``axis``, 0 or 1 (a Python or NumPy int); for a primitive 1 reduces over the columns
+    (a result per row), 0 over the rows."""
+    try:
+        if _is_bool(v):
+            raise TypeError
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(v).__name__}") from None
+    if i not in (0, 1):
+        raise ValueError(f"axis must be {meaning}, got {v!r}")
+    return i
 
 
 #: ``precision`` of every solver and primitive: float32-faithful or the fast tf32 kernels.
@@ -131,26 +138,29 @@ def choice(name: str, v, options) -> str:
     return v
 
 
-def weights(name: str, w, batch: int, size: int, batched: bool, like: torch.Tensor) -> torch.Tensor:
-    """Return weights as a ``(B, size)`` tensor in ``like``'s dtype and device.
+def weights(name: str, w, batch: int, size: int, batched: bool, like: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Return weights as a ``(B, size)`` tensor in ``like``'s dtype and device, and the
+    number of positive entries of each problem (a list; one host sync for both checks).
 
     ``None`` means uniform weights ``1/size``. Weights must be finite,
     non-negative and not all zero in any problem of the batch.
     """
     if w is None:
-        return torch.full((batch, size), 1.0 / size, dtype=like.dtype, device=like.device)
+        return torch.full((batch, size), 1.0 / size, dtype=like.dtype, device=like.device), [size] * batch
     tensor(name, w, (2,) if batched else (1,))
     if w.device != like.device:
         raise ValueError(f"{name} is on {w.device} but the geometry is on {like.device}")
     want = (batch, size) if batched else (size,)
     if tuple(w.shape) != want:
         raise ValueError(f"{name} must have shape {want}, got {tuple(w.shape)}")
-    if bool((w < 0).any()):
-        raise ValueError(f"{name} has negative entries")
+    negative = (w < 0).any()
     w = w.detach().reshape(batch, size).to(like.dtype)
-    if bool((w.sum(-1) <= 0).any()):
+    counts = torch.cat([negative.reshape(1).long(), (w > 0).sum(-1)]).tolist()  # one host sync
+    if counts[0]:
+        raise ValueError(f"{name} has negative entries")
+    if min(counts[1:]) == 0:
         raise ValueError(f"{name} is all zero (in at least one problem of the batch)")
-    return w
+    return w, counts[1:]
 
 
 def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: float, given: tuple = ()) -> None:

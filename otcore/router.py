@@ -69,7 +69,8 @@ class SparseOTRouter(nn.Module):
             ``"tokens"`` (each token goes to at most ``k`` experts).
         capacity_factor: ``>= 1``; ``capacity = ceil(n_tokens * capacity_factor / E)``
             (``mode="capacity"``).
-        k: experts per token (``mode="tokens"``).
+        k: experts per token (``mode="tokens"``); a call needs ``n_tokens * k >= E`` (every
+            expert takes its ``n_tokens / E`` share), else ``ValueError``.
         gamma: quadratic regularization in score units: about the score margin over
             which a token's weight goes from 0 to 1. Smaller is harder (closer to an
             assignment); larger spreads tokens over more experts until the capacities
@@ -154,6 +155,13 @@ class SparseOTRouter(nn.Module):
         a = torch.ones(*lead, n_tokens, dtype=dt, device=scores.device)
         b = torch.full((*lead, self.n_experts), n_tokens / self.n_experts, dtype=dt, device=scores.device)
         axis, k = (0, self.capacity(n_tokens)) if self.mode == "capacity" else (1, min(self.k, self.n_experts))
+        if axis == 1 and n_tokens * k < self.n_experts:
+            raise ValueError(
+                f"mode='tokens' needs n_tokens * k >= n_experts (every expert takes n_tokens / n_experts of the "
+                f"token mass), got {n_tokens} token(s), k={k}, n_experts={self.n_experts}: no balanced routing "
+                f"exists. To route a few tokens (decoding one at a time, say), take the top-k of their scores, "
+                f"or route more tokens per call"
+            )
         prev = self._init if self.warm_start else None
         usable = prev is not None and prev[0].shape == a.shape and prev[1].shape == b.shape and all(
             t.device == scores.device and t.dtype == dt for t in prev
@@ -196,8 +204,10 @@ class SparseOTRouter(nn.Module):
         scores tied across experts, which the k-sparse relaxation cannot split (every expert
         ranks the tokens alike whatever the duals). On 512 x 8 scores with gamma = 0.1, all
         zero scores misplace 1.5-1.7 of the token mass, N(0, 0.01) ones at most 0.28."""
+        if self._warned_ties:
+            return
         miss = float(torch.as_tensor(res.grad_norm).max()) / n_tokens
-        if miss <= 0.5 or self._warned_ties:
+        if miss <= 0.5:
             return
         self._warned_ties = True
         what = "token masses" if self.mode == "capacity" else "expert loads"

@@ -280,6 +280,37 @@ def test_slow_progress_far_above_the_floor_does_not_stop_the_solve():
     assert res.converged and res.marginal_error <= 1e-8
 
 
+def test_a_problem_stopped_at_its_floor_stays_stopped_in_a_batch():
+    """The no-progress count of a stopped problem was reset to 0, which re-activated it one
+    step later while another problem of the batch ran on (22 Newton steps alone, 53 in the
+    batch) and lost the warning's 'no progress' diagnosis."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 40, 2, generator=g), torch.rand(2, 40, 2, generator=g)
+    x[1] *= 3
+    y[1] *= 3  # 9x the costs: effectively a 9x smaller eps, it runs longer
+    kw = dict(eps=2e-3, tol=1e-12, max_iter=60, backend="torch")
+    with pytest.warns(ConvergenceWarning, match="no progress"):
+        both = otcore.sinkhorn_newton(otcore.PointCloud(x, y), **kw)
+    with pytest.warns(ConvergenceWarning, match="no progress"):
+        alone = otcore.sinkhorn_newton(otcore.PointCloud(x[0], y[0]), **kw)
+    assert int(both.info["newton_iter"][0]) == alone.info["newton_iter"] < 60
+    torch.testing.assert_close(both.f[0], alone.f, rtol=0, atol=0)
+
+
+def test_symmetric_problem_with_zero_weights_keeps_newtons_g():
+    """PointCloud(x, x) with a is b: Newton moves f and g apart (the row-truncated Hessian is
+    not symmetric), and settling the zero weights must not replace g by f (the marginal error
+    went from 9.6e-11 to 1.6e-8)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(30, 2, generator=g, dtype=torch.float64)
+    a = torch.rand(30, generator=g, dtype=torch.float64)
+    a[:5] = 0
+    a /= a.sum()
+    res = otcore.sinkhorn_newton(otcore.PointCloud(x, x), a, a, eps=0.01, tol=1e-10, warmup_iter=5, max_iter=30,
+                                 backend="torch")
+    assert res.converged and res.marginal_error <= 1e-10
+
+
 def test_float32_accuracy_floor_stops_unconverged_without_nan():
     g = torch.Generator().manual_seed(4)
     geom = otcore.PointCloud(torch.rand(60, 2, generator=g), torch.rand(60, 2, generator=g))

@@ -282,8 +282,12 @@ def test_tied_scores_warn_once():
 
 
 def test_tokens_mode_needs_room_for_every_expert():
-    with pytest.raises(ValueError, match="k=1 is too small"):
-        otcore.SparseOTRouter(8, mode="tokens", k=1, backend="torch")(_scores(5, 8, seed=41))
+    """(One token per call, as in decoding, cannot balance 8 experts: a clear error, not a
+    solve whose duals diverge to max_iter.)"""
+    for n_tokens, k in ((5, 1), (1, 2), (3, 2)):
+        with pytest.raises(ValueError, match=rf"needs n_tokens \* k >= n_experts .* got {n_tokens} token\(s\), k={k}"):
+            otcore.SparseOTRouter(8, mode="tokens", k=k, backend="torch")(_scores(n_tokens, 8, seed=41))
+    otcore.SparseOTRouter(8, mode="tokens", k=2, backend="torch")(_scores(4, 8, seed=41))  # 4 * 2 = 8: room
 
 
 def test_bf16_scores_are_centred_after_widening():

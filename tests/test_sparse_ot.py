@@ -615,8 +615,11 @@ def test_numpy_and_tensor_numbers_are_accepted_bools_are_not():
     for bad in (True, np.bool_(True), torch.tensor(True), 2.0, torch.tensor(2.0)):
         with pytest.raises(TypeError, match="k must be an int"):
             otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=bad, gamma=0.5)
-    with pytest.raises(TypeError, match="gamma must be a number"):
-        otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=2, gamma=np.bool_(True))
+    for bad in (np.bool_(True), torch.tensor(0.5 + 0j), torch.tensor([0.5, 0.5])):
+        with pytest.raises(TypeError, match="gamma must be a number"):
+            otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=2, gamma=bad)
+    res = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=2, gamma=0.5, axis=np.int64(0))  # a NumPy axis too
+    assert torch.equal(res.values, ref.values)
 
 
 def test_bad_inputs():

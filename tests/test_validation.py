@@ -147,11 +147,12 @@ def test_float32_weights_normalised_in_float32_pass_on_a_float64_geometry(solver
 def test_primitives_check_axis_and_sizes():
     geom = otcore.PointCloud(rand(6, 2).double(), rand(5, 2, seed=1).double())
     F, G = torch.zeros(1, 6, dtype=torch.float64), torch.zeros(1, 5, dtype=torch.float64)
-    for bad in (2, -1, True):
-        with pytest.raises(ValueError, match="axis must be 0"):
+    for bad, err in ((2, ValueError), (-1, ValueError), (True, TypeError), (1.0, TypeError), (np.bool_(True), TypeError)):
+        with pytest.raises(err, match="axis must be"):
             geom.marginals(F, G, 0.1, bad)
-        with pytest.raises(ValueError, match="axis must be 0"):
+        with pytest.raises(err, match="axis must be"):
             geom.softmin(G, 0.1, bad)
+    torch.testing.assert_close(geom.marginals(F, G, 0.1, np.int64(1)), geom.marginals(F, G, 0.1, 1))
     with pytest.raises(ValueError, match="s must be >= 1"):
         geom.plan_sparse_rows(F, G, 0.1, 0)
     vals, idx = geom.plan_sparse_rows(F, G, 0.1, 3)

@@ -39,6 +39,8 @@ class Problem:
     #: self-transport (same cloud and weights on both sides): the optimal potentials
     #: agree, f = g, and the solver iterates on f alone (see sinkhorn._iterate).
     symmetric: bool = False
+    #: whether some problem has zero weights in ``a`` / ``b`` (read with the weights' checks)
+    zeros: tuple[bool, bool] = (True, True)
 
     def kw(self):
         return dict(backend=self.backend, precision=self.precision)
@@ -78,8 +80,8 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: float) -> Proble
     eps = _validate.reciprocal_fits("eps", _validate.positive("eps", eps), geom.dtype)
     _validate.choice("precision", precision, _validate.PRECISIONS)
     backend = _dispatch.resolve(backend, geom.device)
-    A = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
-    Bw = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
+    A, pos_a = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
+    Bw, pos_b = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
     rho_a, rho_b = parse_rho(rho)
     for r in (rho_a, rho_b):
         if r is not None:
@@ -94,7 +96,8 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: float) -> Proble
         span = tuple(torch.stack([d.min(), d.max()]).tolist())  # one host sync
     wide = span is not None and eps > span[0] / 4
     return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision,
-                   None if span is None else span[1], wide, symmetric)
+                   None if span is None else span[1], wide, symmetric,
+                   zeros=(min(pos_a) < geom.n, min(pos_b) < geom.m))
 
 
 def check_init(init, geom, names=("f", "g")) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,28 +152,21 @@ def mass_gap(A: torch.Tensor, Bw: torch.Tensor, delta: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def settle_zero_weights(pb: Problem, f, g, tau: tuple[float, float] = (1.0, 1.0)):
+def settle_zero_weights(pb: Problem, f, g, tau: tuple[float, float] = (1.0, 1.0), tied: bool = False):
     """``(f, g)`` with the potentials of zero-weight points set to the soft c-transforms of
     the other side, ``f_i = tau_a softmin_j(g_j + eps log b_j - C_ij)`` (likewise ``g_j``),
     the fixed point of Sinkhorn's update. The plan does not depend on them (their rows of P
     are 0), but ``value``'s gradient with respect to a zero weight is its potential; the
     iterations leave them one update behind (Sinkhorn: the row update before the last column
-    update; Newton: the warm-up's). One pass per side that has zero weights; uniform
-    weights (``a``/``b`` None) skip the host sync."""
-    zeros = {}
-    if pb.a_in is not None:
-        zeros["a"] = (pb.A == 0).any()
-    if pb.b_in is not None:
-        zeros["b"] = (pb.Bw == 0).any()
-    if not zeros:
-        return f, g
-    has = dict(zip(zeros, torch.stack(list(zeros.values())).tolist()))  # one host sync
+    update; Newton: the warm-up's). One pass per side that has zero weights (known from the
+    weights' checks: no host sync). ``tied``: ``f`` and ``g`` are one potential (Sinkhorn's
+    symmetric update), so is the result."""
     eps, kw = pb.eps, pb.kw()
-    if has.get("a"):
+    if pb.zeros[0]:
         f = torch.where(pb.A == 0, scaled(pb.geom.softmin(g + eps * pb.logb, eps, 1, **kw), tau[0]), f)
-        if pb.symmetric:  # one cloud, one set of weights: g = f
+        if tied:
             return f, f
-    if has.get("b"):
+    if pb.zeros[1]:
         g = torch.where(pb.Bw == 0, scaled(pb.geom.softmin(f + eps * pb.loga, eps, 0, **kw), tau[1]), g)
     return f, g
 

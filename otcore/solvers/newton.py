@@ -278,7 +278,9 @@ class _Solve:
             progress = armijo | (err < 0.9 * best)
             best = torch.minimum(best, err)
             near_floor = err <= NEAR_FLOOR * marginal_floor(pb, self.f, self.g)
-            stalled = torch.where(active & ~progress & near_floor, stalled + 1, torch.zeros_like(stalled))
+            # a problem that stopped keeps its count (it stays stopped: a reset re-activated it
+            # one step later, in a batch whose other problems were still running)
+            stalled = torch.where(active, torch.where(~progress & near_floor, stalled + 1, 0), stalled)
         self.passed |= err <= tol
         self.stalled = ~self.passed & (stalled >= patience)
         self.f, self.g = settle_zero_weights(pb, self.f, self.g)

@@ -148,7 +148,7 @@ def sinkhorn(
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
         f, g, n_iter, passed = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
                                         cold=init is None)
-        f, g = settle_zero_weights(pb, f, g, (_tau(pb.rho_a, pb.eps), _tau(pb.rho_b, pb.eps)))
+        f, g = settle_zero_weights(pb, f, g, (_tau(pb.rho_a, pb.eps), _tau(pb.rho_b, pb.eps)), tied=pb.symmetric)
         info = {"eps_stages": stages, "symmetric": pb.symmetric, "time_s": progress.elapsed}
         return entropic_result(pb, f, g, n_iter, passed, tol, "sinkhorn", info)
 

@@ -206,30 +206,26 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
         raise ValueError(f"gamma={gamma:g} is too large for {_validate.dtype_name(geom.dtype)} "
                          f"(at most {torch.finfo(geom.dtype).max / 1e6:.1e})")
     _validate.choice("formulation", formulation, FORMULATIONS)
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-    if axis not in (0, 1):
-        raise ValueError(f"axis must be 0 (k-sparse columns) or 1 (k-sparse rows), got {axis!r}")
+    axis = _validate.axis(axis, "0 (k-sparse columns) or 1 (k-sparse rows)")
     _validate.choice("plan_grad", plan_grad, PLAN_GRADS)
     _validate.choice("precision", precision, _validate.PRECISIONS)
     backend = _dispatch.resolve(backend, geom.device)
-    A = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
-    Bw = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
+    A, pos_a = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
+    Bw, pos_b = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
     _validate.balanced_mass(A, Bw, tol, given=(a, b))
     wp, wl = (A, Bw) if axis == 0 else (Bw, A)
     k_eff = min(k, wp.shape[1])
-    if k_eff < wp.shape[1]:
-        _check_room(k_eff, wp, wl, axis)
+    _check_room(k_eff, *((pos_a, pos_b) if axis == 0 else (pos_b, pos_a)), axis)
     pb = _Problem(geom, axis, k_eff, gamma, formulation == "semi-dual", wp, wl, a, b, plan_grad, backend, precision)
     return pb, _check_init(init, pb), geom.batched
 
 
-def _check_room(k: int, wp: torch.Tensor, wl: torch.Tensor, axis: int) -> None:
+def _check_room(k: int, pos: list, lines: list, axis: int) -> None:
     """A coupling with at most ``k`` nonzeros per line exists only if the lines with mass
-    have room for every position with mass: ``k * #lines >= #positions`` (weighted ones).
-    Otherwise no plan meets the marginals and the relaxation's plan would leave positions
-    empty, however long it ran."""
-    pos, lines = torch.stack([(wp > 0).sum(-1), (wl > 0).sum(-1)]).tolist()  # one host sync
+    have room for every position with mass: ``k * #lines >= #positions`` (the weighted ones,
+    counted per problem by the weights' checks). Otherwise no plan meets the marginals and
+    the relaxation's plan would leave positions empty, however long it ran. (Necessary, not
+    sufficient: with ``k = 1`` the line weights must also add up to the position weights.)"""
     for i, (p, l) in enumerate(zip(pos, lines)):
         if k * l < p:
             line, other = ("columns", "rows") if axis == 0 else ("rows", "columns")
