@@ -67,9 +67,10 @@ def lbfgs(
 
     Where the line search finds no step (at a kink, e.g. ties in a top-k selection, the
     gradient of one piece need not be a descent direction of the objective) and ``kick``
-    (a number, or (B,) per problem) > 0, the iterate moves by ``kick`` times a fixed pattern in [-1, 1] (distinct per
-    coordinate, so ties break), its memory is dropped, and the iterations go on; at most
-    ``max_kicks`` times per problem, after which the problem stops with reason 2.
+    (a number, or (B,) per problem) > 0, the iterate moves by ``kick`` times a fixed
+    pattern in [-1, 1] (distinct per coordinate, so ties break), its memory is dropped, and
+    the iterations go on; at most ``max_kicks`` times per problem, after which the problem
+    stops with reason 2.
 
     Returns ``(theta, aux, n_iter, grad_l1, converged, reason)`` with per-problem tensors.
     """
