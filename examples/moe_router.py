@@ -113,6 +113,9 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    for flag in ("steps", "tokens", "experts", "dim"):  # sizes: at least one of each
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     torch.set_num_threads(1)
     rows = [train(kind, args) for kind in ("softmax-top1", "ot-capacity")]
     print(f"{'router':14s} {'test MSE':>9s} {'MSE(0)':>7s} {'max/mean load':>14s} {'ms/step':>8s}")

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Optional
 
 
 class Progress:
-    """Prints ``label iter N | marginal error E | eps e`` on one refreshed stderr line.
+    """Prints ``label iter N | marginal error E | eps e`` on one refreshed stderr line
+    (``measure`` names E: the sparse solver's is its gradient norm); a field whose value is
+    unknown at that point (NaN: the error during eps-scaling stages, eps for sparse OT) is
+    left out rather than printed as ``nan``.
 
     ``verbose=None`` (default): only when stderr is a terminal and the run has
     lasted more than ``after`` seconds. ``True``: always. ``False``: never.
     """
 
-    def __init__(self, verbose: Optional[bool], label: str, after: float = 1.0):
-        self.label = label
+    def __init__(self, verbose: Optional[bool], label: str, after: float = 1.0, measure: str = "marginal error"):
+        self.label, self.measure = label, measure
         if verbose is not None and not isinstance(verbose, bool):
             raise TypeError(f"verbose must be True, False or None, got {verbose!r}")
         self.enabled = bool(verbose) if verbose is not None else sys.stderr.isatty()
@@ -42,8 +46,14 @@ class Progress:
         now = self.elapsed
         self.last = now
         self.printed = True
-        extra = f" | {stage}" if stage else ""
-        sys.stderr.write(f"\r{self.label} iter {it:6d} | marginal error {err:.3e} | eps {eps:.3g}{extra} | {now:6.1f}s ")
+        fields = [f"{self.label} iter {it:6d}"]
+        if math.isfinite(err):
+            fields.append(f"{self.measure} {err:.3e}")
+        if math.isfinite(eps):
+            fields.append(f"eps {eps:.3g}")
+        fields += [stage] if stage else []
+        # the line can shrink (a field left out): pad so that no old characters stay behind
+        sys.stderr.write("\r" + f"{' | '.join(fields)} | {now:6.1f}s".ljust(72) + " ")
         sys.stderr.flush()
 
     def close(self) -> None:

@@ -7,19 +7,25 @@ Run ``otcore --help``, ``otcore demo --help`` or ``otcore solve --help``;
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import re
 import sys
 import time
+import warnings
 from typing import NoReturn, Optional, Sequence
 
 import numpy as np
 import torch
 
-from . import PointCloud, _dispatch, sinkhorn, sinkhorn_newton, sparse_ot
+from . import PointCloud, __version__, _dispatch, sinkhorn, sinkhorn_newton, sparse_ot
 from .result import OTResult, SparseOTResult
+
+
+#: Exit status of a solve that ran to its end without converging (its output is still written).
+NOT_CONVERGED = 3
 
 
 def _device(name: str) -> torch.device:
@@ -43,11 +49,12 @@ def _schedule(text: Optional[str]):
 
 def _check_backend(backend: str, device: torch.device) -> None:
     """Exit with the solver's own message if ``backend`` cannot run on ``device`` (e.g.
-    ``--backend triton --device cpu`` without the Triton interpreter), before any work."""
+    ``--backend triton --device cpu`` without the Triton interpreter), before any work;
+    the message's ``backend='triton'`` is written as the flag, ``--backend triton``."""
     try:
         _dispatch.resolve(backend, device)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit("error: " + re.sub(r"backend='(\w+)'", r"--backend \1", str(e)))
 
 
 def _as_flag(message: str, names) -> str:
@@ -102,7 +109,7 @@ def _load_photo(name: str) -> np.ndarray:
 
 def _check_out(path: str) -> None:
     """Exit unless the demo can write its picture to ``path``: an image extension Pillow
-    knows, a folder that exists and is writable, and not a folder itself. Checked before
+    can write, a folder that exists and is writable, and not a folder itself. Checked before
     the solve, so a bad ``--out`` does not cost a whole run."""
     try:
         from PIL import Image
@@ -110,8 +117,14 @@ def _check_out(path: str) -> None:
         raise SystemExit(_DEMO_DEPS)
     if os.path.isdir(path):
         raise SystemExit(f"error: --out {path} is a folder; give a file name, e.g. {os.path.join(path, 'demo.png')}")
-    if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())  # (registers the plugins)
+    if fmt is None:
         raise SystemExit(f"error: --out {path}: not an image file name (use a .png extension)")
+    try:  # a format Pillow reads but cannot write (PSD), a stub without its handler (HDF5), no RGB (XBM)
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError) as e:
+        why = "it reads them only" if isinstance(e, KeyError) else str(e)
+        raise SystemExit(f"error: --out {path}: Pillow cannot write an RGB {fmt} image ({why}; use a .png extension)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise SystemExit(f"error: --out {path}: the folder {folder} does not exist")
@@ -171,7 +184,7 @@ def run_demo(args) -> int:
     try:
         res = sinkhorn(
             PointCloud(x, y), eps=args.eps, tol=args.tol, max_iter=args.max_iter,
-            eps_schedule="geometric", backend=args.backend, verbose=True if args.verbose else False,
+            eps_schedule="geometric", backend=args.backend, verbose=True if args.verbose else None,
         )
         _sync(dev)
         t_solve = time.perf_counter() - t0
@@ -180,6 +193,10 @@ def run_demo(args) -> int:
         raise SystemExit(f"error: {e}")
     _sync(dev)
     t_map = time.perf_counter() - t0 - t_solve
+    if not bool(torch.isfinite(mapped).all()):  # e.g. an eps far below float32's resolution
+        raise SystemExit(f"error: the solve failed (converged={res.converged}, marginal error "
+                         f"{res.marginal_error:.3g}): the mapped colours are not finite, no image written; "
+                         f"try a larger --eps")
     out_img = (mapped.cpu().numpy().reshape(src.shape) * 255).round().astype(np.uint8)
 
     from PIL import Image
@@ -204,7 +221,7 @@ def run_demo(args) -> int:
         ("backend", res._backend),
         ("image", args.out),
     ]))
-    return 0
+    return 0 if res.converged else NOT_CONVERGED
 
 
 # --------------------------------------------------------------------------- solve
@@ -410,7 +427,8 @@ def run_solve(args) -> int:
         backend = res.info.get("backend")
     else:
         summary.update(eps=eps, rho=args.rho, n_iter=res.n_iter, converged=res.converged,
-                       marginal_error=res.marginal_error, cost=res.cost, value=res.value)
+                       marginal_error=res.marginal_error, residual=res.info["residual"], cost=res.cost,
+                       value=res.value)
         if args.method == "newton":  # the SNS stages
             summary.update({key: res.info[key] for key in (
                 "warmup_iter", "newton_iter", "fallback_iter", "cg_iter", "line_search_evals", "sparsity",
@@ -422,25 +440,26 @@ def run_solve(args) -> int:
     else:
         print(_table([(k, str(_plain(v) if isinstance(v, (torch.Tensor, np.ndarray)) else v))
                       for k, v in summary.items()]))
-    return 0
+    return 0 if bool(torch.as_tensor(res.converged).all()) else NOT_CONVERGED
 
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="otcore", description="GPU optimal transport for PyTorch.")
+    p.add_argument("--version", action="version", version=f"otcore {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="colour transfer between two photos shipped with scikit-learn")
     d.add_argument("--n", type=int, default=None, help="pixels sampled per image (default 2000 on CPU, 50000 on GPU)")
-    d.add_argument("--eps", type=float, default=0.01, help="entropic regularization (RGB in [0,1])")
-    d.add_argument("--tol", type=float, default=1e-4)
-    d.add_argument("--max-iter", type=int, default=2000)
+    d.add_argument("--eps", type=float, default=0.01, help="entropic regularization (RGB in [0,1]; default 0.01)")
+    d.add_argument("--tol", type=float, default=1e-4, help="stopping tolerance on the marginal error (default 1e-4)")
+    d.add_argument("--max-iter", type=int, default=2000, help="iteration cap (default 2000)")
     d.add_argument("--width", type=int, default=None, help="image width (default 320 on CPU, 640 on GPU)")
-    d.add_argument("--out", default="otcore_demo.png", help="output PNG")
+    d.add_argument("--out", default="otcore_demo.png", help="output image (default otcore_demo.png)")
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--verbose", action="store_true", help="always print progress")
+    d.add_argument("--seed", type=int, default=0, help="pixel sampling seed (default 0)")
+    d.add_argument("--verbose", action="store_true", help="print progress in pipes and logs too (default: on a terminal)")
     d.set_defaults(func=run_demo)
 
     s = sub.add_parser(
@@ -452,17 +471,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--x", help="source points, .npy of shape (n, d) or (B, n, d); random U[0,1]^d if absent "
                                "(with d and B from --y's file when there is one)")
     s.add_argument("--y", help="target points, .npy; random U[0.05,0.95]^d if absent (d and B from --x's file)")
-    s.add_argument("--n", type=int, default=1000, help="random source size")
+    s.add_argument("--n", type=int, default=1000, help="random source size (default 1000)")
     s.add_argument("--m", type=int, default=None, help="random target size (default n)")
     s.add_argument("--d", type=int, default=None,
                    help=f"random dimension (default {_DEFAULT_D}, or that of the --x/--y file)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the random points (default 0)")
     s.add_argument("--method", default="sinkhorn", choices=["sinkhorn", "newton", "sparse"])
     s.add_argument("--cost", default="sqeuclidean", choices=["sqeuclidean", "euclidean"])
     s.add_argument("--tol", type=float, default=1e-5,
-                   help="stopping tolerance: marginal error (sinkhorn, newton), gradient L1 norm (sparse)")
+                   help="stopping tolerance (default 1e-5): the residual of the optimality conditions, i.e. the "
+                        "marginal error when balanced (sinkhorn, newton), the gradient L1 norm (sparse)")
     s.add_argument("--max-iter", type=int, default=1000,
-                   help="iteration cap: Sinkhorn (sinkhorn), Newton (newton), L-BFGS (sparse) iterations")
+                   help="iteration cap: Sinkhorn (sinkhorn), Newton (newton), L-BFGS (sparse) iterations "
+                        "(default 1000)")
     e = s.add_argument_group("sinkhorn and newton")
     e.add_argument("--eps", type=float, default=None, help=f"entropic regularization (default {_DEFAULT_EPS})")
     e.add_argument("--rho", type=float, default=None, help="KL marginal penalty (unbalanced; sinkhorn only)")
@@ -488,8 +509,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line ``argv``; returns 0, or ``NOT_CONVERGED`` (3) when the solve
+    ran but did not converge (its summary or picture is still written). Bad input raises
+    ``SystemExit`` (2: a malformed command line; else the ``error: ...`` message, status 1).
+    Warnings print as one ``warning: ...`` line each (not Python's file and source line)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return args.func(args)
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -178,7 +178,8 @@ def test_solve_backend_that_cannot_run_exits_with_message(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read when the backend is resolved
     monkeypatch.setattr(cli, "sinkhorn", lambda *a, **k: pytest.fail("solved with a backend that cannot run"))
     msg = _exit_message(["solve", "--n", "10", "--backend", "triton", "--device", "cpu"])
-    assert msg.startswith("error: backend='triton' on CPU tensors") and "TRITON_INTERPRET=1" in msg, msg
+    assert msg.startswith("error: --backend triton on CPU tensors") and "TRITON_INTERPRET=1" in msg, msg
+    assert "or use --backend torch" in msg and "backend='" not in msg  # the flag, not Python syntax
 
 
 def test_solve_solver_errors_exit_with_message(monkeypatch):
@@ -523,6 +524,9 @@ def test_demo_bad_out_fails_before_any_work(monkeypatch, tmp_path):
         (tmp_path, "is a folder; give a file name"),
         (tmp_path / "picture.notanimage", "not an image file name"),
         (tmp_path / "picture", "not an image file name"),
+        # formats Pillow reads but cannot write, or not in RGB: they failed after the solve
+        (tmp_path / "picture.psd", "Pillow cannot write an RGB PSD image"),
+        (tmp_path / "picture.xbm", "Pillow cannot write an RGB XBM image"),
     ]
     for path, message in cases:
         msg = _exit_message(["demo", "--device", "cpu", "--out", str(path)])
@@ -554,7 +558,7 @@ def test_demo_backend_that_cannot_run_fails_before_any_work(monkeypatch, tmp_pat
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _no_work(monkeypatch, "checking the backend")
     msg = _exit_message(["demo", "--device", "cpu", "--backend", "triton", "--out", str(tmp_path / "x.png")])
-    assert msg.startswith("error: backend='triton' on CPU tensors") and "TRITON_INTERPRET=1" in msg, msg
+    assert msg.startswith("error: --backend triton on CPU tensors") and "TRITON_INTERPRET=1" in msg, msg
 
 
 def test_demo_solver_errors_exit_with_message(monkeypatch, tmp_path):
@@ -605,7 +609,8 @@ def test_demo_defaults_only_when_flags_absent(monkeypatch):
 
 
 def test_demo_verbose_forces_the_progress_line(monkeypatch):
-    """--verbose shows progress in pipes and logs too (verbose=True); without it, none."""
+    """--verbose shows progress in pipes and logs too (verbose=True); without it, on a
+    terminal only (verbose=None: it was False, and the demo sat silent for 24 s there)."""
     _fake_photos(monkeypatch)
     seen = []
 
@@ -617,7 +622,18 @@ def test_demo_verbose_forces_the_progress_line(monkeypatch):
     for flags in ([], ["--verbose"]):
         with pytest.raises(_Stop):
             main(["demo", "--device", "cpu", "--n", "20", *flags])
-    assert seen == [False, True]
+    assert seen == [None, True]
+
+
+def test_demo_writes_no_picture_from_a_failed_solve(monkeypatch, tmp_path):
+    """eps far below float32's resolution: the map is NaN. It used to write a garbage picture
+    (and exit 0); now an error, and no file."""
+    _fake_photos(monkeypatch)
+    out = tmp_path / "x.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", otcore.ConvergenceWarning)
+        msg = _exit_message(["demo", "--device", "cpu", "--n", "20", "--eps", "1e-12", "--out", str(out)])
+    assert msg.startswith("error: the solve failed") and "no image written" in msg and not out.exists()
 
 
 def test_demo_reports_pixels_actually_sampled(monkeypatch, capsys, tmp_path):
@@ -703,6 +719,16 @@ def test_python_m_bad_value_exit_status():
     assert "error: --eps must be" in p.stderr and p.stdout == ""
 
 
+def test_python_m_unconverged_exits_3_with_a_plain_warning():
+    """A solve that ran but did not converge: its summary still goes to stdout, the exit status
+    is 3 and stderr has one 'warning: ...' line (not Python's file path and source line)."""
+    p = _python_m("solve", "--n", "50", "--max-iter", "1", "--json", "--device", "cpu")
+    assert p.returncode == 3, p.stderr
+    assert json.loads(p.stdout)["converged"] is False
+    assert p.stderr.startswith("warning: sinkhorn did not converge") and p.stderr.count("\n") == 1, p.stderr
+    assert _python_m("--version").stdout.strip() == f"otcore {otcore.__version__}"
+
+
 def test_python_m_json_stdout_is_one_object():
     p = _python_m("solve", "--n", "25", "--eps", "0.1", "--json", "--device", "cpu")
     assert p.returncode == 0, p.stderr
@@ -773,7 +799,7 @@ def test_json_writes_null_for_non_finite_numbers(capsys):
     parse_constant raising proves none is printed)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", otcore.ConvergenceWarning)
-        assert main(["solve", "--json", "--device", "cpu", "--n", "20", "--eps", "1e-12", "--max-iter", "1"]) == 0
+        assert main(["solve", "--json", "--device", "cpu", "--n", "20", "--eps", "1e-12", "--max-iter", "1"]) == 3
     out, _ = capsys.readouterr()
 
     def strict(token):
@@ -781,3 +807,21 @@ def test_json_writes_null_for_non_finite_numbers(capsys):
 
     s = json.loads(out, parse_constant=strict)
     assert s["converged"] is False and s["cost"] is None and s["marginal_error"] is None
+
+
+def test_progress_line_leaves_out_unknown_fields(capsys):
+    """Sparse OT has no eps and eps stages no error yet: those fields are left out, not
+    printed as 'nan' (which read as a numerical failure); the sparse solver's measure is
+    named for what it is."""
+    from otcore._progress import Progress
+
+    p = Progress(True, "sparse_ot", measure="gradient norm")
+    q = Progress(True, "sinkhorn")
+    p.last = q.last = -1.0  # due now (a line is refreshed at most every 0.25 s)
+    p.update(188, 5.4e-2, float("nan"), "L-BFGS")
+    q.update(4, float("nan"), 2.22, "eps stage 4/98")
+    p.close()
+    err = capsys.readouterr().err
+    assert "nan" not in err
+    assert "sparse_ot iter    188 | gradient norm 5.400e-02 | L-BFGS |" in err
+    assert "sinkhorn iter      4 | eps 2.22 | eps stage 4/98 |" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -209,6 +210,10 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
         left = float(resid[stalled & ~converged].max())
         return f"no progress in the last Newton steps at residual {left:.3e} > tol={tol:g}, near the marginals' {rounding}"
     left = float(resid[~converged].max())
+    if not math.isfinite(left):  # P1 overflows (or is 0/0): no iteration can recover from it
+        return (f"the plan of the potentials has non-finite marginals (residual {left}): eps={eps:g} is far below "
+                f"what {dt} resolves of f + g - C (|f|, |g| up to {pot:.3g}); use a larger eps, "
+                f"eps_schedule='geometric', {wider}or rescale the cost")
     why = f"residual {left:.3e} > tol={tol:g} after {int(n_iter.max())} iterations"
     if tol < floor and left <= floor:  # an upper estimate: the iterations may still get there
         why += (f" (more iterations may reach it, but tol may also be below the marginals' rounding at eps={eps:g} "

@@ -44,7 +44,9 @@ def check_schedule(schedule: Schedule, eps: float):
     if schedule is None:
         return []
     if isinstance(schedule, str):
-        _validate.choice("eps_schedule", schedule, ("geometric",))
+        if schedule != "geometric":
+            raise ValueError(f"eps_schedule must be None, 'geometric', a decay factor in (0, 1) or a decreasing "
+                             f"sequence of values > eps, got {schedule!r}")
         return 0.5
     if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
         q = float(schedule)
@@ -144,7 +146,8 @@ def sinkhorn(
     _validate.flag("cuda_graph", cuda_graph)
     f, g = check_init(init, geom)
     stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps)
-    progress = Progress(verbose, "sinkhorn")
+    progress = Progress(verbose, "sinkhorn", measure="marginal error" if pb.rho_a is None and pb.rho_b is None
+                        else "residual")  # unbalanced: the distance to the optimality conditions
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
         f, g, n_iter, passed = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
                                         cold=init is None)

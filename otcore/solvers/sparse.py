@@ -169,7 +169,7 @@ def sparse_ot(
     ftol = _validate.positive("ftol", ftol)
     max_iter = _validate.positive_int("max_iter", max_iter)
     history = _validate.positive_int("history", history)
-    progress = Progress(verbose, "sparse_ot")
+    progress = Progress(verbose, "sparse_ot", measure="gradient norm")
     with torch.autocast(geom.device.type, enabled=False), torch.no_grad():
         theta, out, n_iter, _, _, why = run_lbfgs(pb, pb.evaluate, theta0, tol, ftol, max_iter, history, progress)
         hp, out = _settle(pb, theta[:, : pb.wp.shape[1]], out)
