@@ -168,8 +168,9 @@ def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: float, given: tuple = (
 
     The marginal error cannot fall below the gap ``|sum a - sum b|``, so a gap above
     ``tol / 2`` is an error; so is one above the dtype's share (``1e-8`` relative in
-    float64, ``1e-4`` otherwise), whatever ``tol``. A gap of a few rounding steps
-    (``16 u`` of the mass: weights normalised in their own dtype) always passes. The dtype
+    float64, ``1e-4`` otherwise), whatever ``tol``. Within that share, a gap of a few
+    rounding steps (``16 u`` of the mass: weights normalised in their own dtype) passes
+    whatever ``tol`` (fp16/bf16 ones can exceed the share: normalise those in float32). The dtype
     is the coarsest of ``a``'s and of the weights as ``given`` (before a cast: float32
     weights normalised in float32 keep their float32 gap on a float64 geometry).
     """

@@ -104,9 +104,12 @@ class _EnvelopeValue(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gv, gc):
+        # read once (non-reentrant activation checkpointing allows one unpack); raises if an
+        # input was modified in place since the solve
+        saved = ctx.saved_tensors
         with torch.no_grad(), torch.autocast(ctx.spec.geom.device.type, enabled=False):  # the solve's precision
             grads = _envelope_backward(ctx, gv, gc)
-        return first_order_only(grads, (*ctx.saved_tensors, gv, gc))
+        return first_order_only(grads, (*saved, gv, gc))
 
 
 class _NoSecondDerivative(torch.autograd.Function):
@@ -137,7 +140,6 @@ def first_order_only(grads: tuple, anchors: tuple) -> tuple:
 
 def _envelope_backward(ctx, gv, gc):
     """The gradients of :class:`_EnvelopeValue` (see the module docstring)."""
-    _ = ctx.saved_tensors  # raises if an input was modified in place since the solve
     s = ctx.spec
     geom, eps = s.geom, s.eps
     F = s.f + eps * torch.log(s.A)

@@ -215,13 +215,14 @@ class PointCloud(Geometry):
 
     def diameters(self, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per problem, the cost across the diagonal of the box holding both clouds (an
-        upper bound of every cost), ``(B,)``. With weights ``a`` (B,n) / ``b`` (B,m), only
-        points of positive weight count: far zero-weight padding does not stretch the box."""
+        upper bound of every cost), ``(B,)``. With weights ``a`` (B,n) / ``b`` (B,m) (or
+        ``(n,)``/``(m,)`` unbatched), only points of positive weight count: far zero-weight
+        padding does not stretch the box."""
 
         def box(p, w):  # (B, d) corners of the points with weight
             if w is None:
                 return p.amin(1), p.amax(1)
-            live = (w > 0)[..., None]
+            live = (w.reshape(p.shape[:2]) > 0)[..., None]  # (n,) weights of an unbatched geometry too
             return torch.where(live, p, math.inf).amin(1), torch.where(live, p, -math.inf).amax(1)
 
         (xlo, xhi), (ylo, yhi) = box(self.x, a), box(self.y, b)
@@ -259,11 +260,16 @@ class CostMatrix(Geometry):
 
     def diameters(self, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per problem, ``max C - min C``, ``(B,)``; with weights ``a`` (B,n) / ``b`` (B,m),
-        over the entries whose row and column have positive weight (streamed by row blocks)."""
+        over the entries whose row and column have positive weight (streamed by row blocks;
+        ``(n,)``/``(m,)`` weights for an unbatched matrix)."""
         if a is None and b is None:
             return self.C.amax((1, 2)) - self.C.amin((1, 2))
-        live_a = torch.ones(self.batch, self.n, dtype=torch.bool, device=self.device) if a is None else a > 0
-        live_b = torch.ones(self.batch, self.m, dtype=torch.bool, device=self.device) if b is None else b > 0
+        def live(w, size):  # (B, size) bool; (size,) weights of an unbatched geometry too
+            if w is None:
+                return torch.ones(self.batch, size, dtype=torch.bool, device=self.device)
+            return w.reshape(self.batch, size) > 0
+
+        live_a, live_b = live(a, self.n), live(b, self.m)
         hi = torch.full((self.batch,), -math.inf, dtype=self.dtype, device=self.device)
         lo = torch.full_like(hi, math.inf)
         for sl, Cl, Z in reference._tiles(self, 1, self.dtype):

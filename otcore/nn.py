@@ -36,9 +36,12 @@ class SinkhornLoss(nn.Module):
 
     Float32 and a large eps: each term's potentials are ``-eps log`` of a sum near 1, so
     they carry an absolute rounding of ~``eps * 2^-24``, and the debiased loss is a small
-    difference of three such terms. Measured (200 vs 150 uniform points in the unit square,
-    against POT in float64): 0.3% off at eps = 10, 4% at eps = 100, 6% at eps = 1000. In the MMD
-    regime use float64 inputs.
+    difference of three such terms. Each value is therefore taken from a float64 softmin at
+    the float32 potentials once eps exceeds a quarter of the cost's diameter (see
+    docs/conventions.md): measured against POT in float64 (200 vs 150 uniform points in the
+    unit square), 9e-5 relative at eps = 10, 7e-5 at 100 and 1000. What is left grows like
+    eps times float32's rounding squared: from eps ~ 1e8 (5e-4 off at 1e8, 3e-3 at 1e9 on 30
+    vs 25 points) use float64 inputs.
 
     Args:
         eps: regularization in cost units (``||x - y||^2`` by default, no 1/2).
@@ -74,7 +77,7 @@ class SinkhornLoss(nn.Module):
         cuda_graph: bool = False,
     ):
         super().__init__()
-        self.eps = _validate.positive("eps", eps)
+        self._eps = _validate.positive("eps", eps)
         self.debias = _validate.flag("debias", debias)
         self.cost = _validate.choice("cost", cost, ("sqeuclidean", "euclidean"))
         self.reduction = _validate.choice("reduction", reduction, ("mean", "sum", "none"))
@@ -95,22 +98,44 @@ class SinkhornLoss(nn.Module):
         _validate.flag("cuda_graph", cuda_graph)
         check_schedule(eps_schedule, self.eps)
         self.solver_kw = dict(
-            eps=self.eps, rho=rho, eps_schedule=eps_schedule, tol=tol, max_iter=max_iter,
+            rho=rho, eps_schedule=eps_schedule, tol=tol, max_iter=max_iter,
             backend=backend, precision=precision, cuda_graph=cuda_graph, verbose=False,
         )
+
+    @property
+    def eps(self) -> float:
+        """The regularization; may be set between calls (an eps annealed during training):
+        every solve and the mass term read it then. (Once it was copied into the solver's
+        arguments at construction, so a new value changed only the repr and the mass term.)"""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        value = _validate.positive("eps", value)
+        check_schedule(self.solver_kw["eps_schedule"], value)  # an explicit schedule must stay above it
+        self._eps = value
 
     # torch.compile: the solve (data-dependent loop, host checks) is one opaque call;
     # its envelope gradient is an autograd.Function, so a compiled model trains through it.
     @torch.compiler.disable
     def _ot(self, x, y, a, b) -> torch.Tensor:
-        return sinkhorn(PointCloud(x, y, cost=self.cost), a, b, **self.solver_kw).value
+        return sinkhorn(PointCloud(x, y, cost=self.cost), a, b, eps=self.eps, **self.solver_kw).value
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, a=None, b=None) -> torch.Tensor:
         # fp16/bf16 inputs: upcast once, here, so the three terms (and their gradients,
-        # which cancel) meet in float32 and only the sum is rounded back; cast per solve,
-        # bf16 weights of mass ~300 lost the mass term (28% off) and their gradient
+        # which cancel) meet in float32 (the loss is float32); cast per solve, bf16 weights
+        # of mass ~300 lost the mass term (28% off) and their gradient
+        low = sorted({_validate.dtype_name(w.dtype) for w in (a, b)
+                      if isinstance(w, torch.Tensor) and w.dtype in (torch.float16, torch.bfloat16)})
         x, y, a, b = _widen(x, y, a, b)
-        loss = self._ot(x, y, a, b)
+        try:
+            loss = self._ot(x, y, a, b)
+        except ValueError as e:
+            if low and "same total mass" in str(e):  # the balanced check, on weights normalised in fp16/bf16
+                raise ValueError(f"{e}. The weights are {'/'.join(low)}, whose rounding (~1e-3 of a sum normalised "
+                                 f"in that dtype) balanced OT cannot absorb: normalise them in float32, e.g. "
+                                 f"a = a.float() / a.float().sum()") from None
+            raise
         if self.debias:
             loss = loss - 0.5 * (self._ot(x, x, a, a) + self._ot(y, y, b, b))
             # the generalized KL of the value holds + eps m(a) m(b); the debiasing leaves

@@ -226,3 +226,50 @@ def test_low_precision_weights_are_widened_once_for_the_three_terms():
     assert l16.dtype == torch.float32 and g16.dtype == torch.bfloat16
     assert abs(float(l16.detach()) - float(l32.detach())) <= 1e-5 * abs(float(l32.detach()))
     assert (g16.float() - g32).abs().max() <= 2**-7 * g32.abs().max()  # one bf16 rounding of the result
+
+
+def test_loss_inside_non_reentrant_activation_checkpointing():
+    """torch.utils.checkpoint(use_reentrant=False), PyTorch's recommended mode, allows one
+    unpack of the saved tensors per backward; the envelope backward read them twice
+    (CheckpointError). The sparse-OT value has the same backward shape."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, y = rand(12, 2, seed=14), rand(10, 2, seed=15)
+    lin = torch.nn.Linear(2, 2).double()
+    loss = otcore.SinkhornLoss(eps=0.1, tol=1e-11)
+    X = x.clone().requires_grad_()
+    loss(lin(X), y).backward()
+    for fn in (lambda z: loss(lin(z), y),
+               lambda z: otcore.sparse_ot(otcore.PointCloud(lin(z), y), k=3, gamma=0.5).value):
+        X1, X2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fn(X1).backward()
+        checkpoint(fn, X2, use_reentrant=False).backward()
+        torch.testing.assert_close(X2.grad, X1.grad, rtol=0, atol=0)
+
+
+def test_eps_set_after_construction_is_used():
+    """An eps annealed during training: the solves kept the constructor's eps (copied into
+    the solver's arguments) while the repr and the unbalanced mass term read the new one."""
+    x, y = rand(15, 2, seed=16), rand(12, 2, seed=17)
+    for rho in (None, 0.5):
+        annealed = otcore.SinkhornLoss(eps=0.05, rho=rho, tol=1e-10)
+        annealed.eps = 1.0
+        fresh = otcore.SinkhornLoss(eps=1.0, rho=rho, tol=1e-10)
+        torch.testing.assert_close(annealed(x, y), fresh(x, y), rtol=1e-12, atol=0)
+        assert "eps=1.0" in repr(annealed)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        annealed.eps = 0.0
+
+
+def test_low_precision_balanced_weights_get_an_actionable_error():
+    """Weights normalised in fp16 carry ~1e-3 of rounding in their sums, more than balanced OT
+    absorbs: the error says to normalise them in float32 (and that works)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(40, 2, generator=g), torch.rand(30, 2, generator=g)
+    w, v = torch.rand(40, generator=g).half(), torch.rand(30, generator=g).half()
+    a, b = w / w.sum(), v / v.sum()
+    assert abs(float(a.double().sum()) - float(b.double().sum())) > 1e-5  # the case
+    with pytest.raises(ValueError, match=r"float16, whose rounding .* normalise them in float32"):
+        otcore.SinkhornLoss(eps=0.1)(x, y, a, b)
+    value = otcore.SinkhornLoss(eps=0.1)(x, y, w.float() / w.float().sum(), v.float() / v.float().sum())
+    assert torch.isfinite(value)

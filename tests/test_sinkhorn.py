@@ -156,6 +156,8 @@ def test_far_zero_weight_padding_leaves_the_schedule_and_diameter_alone():
     C = torch.cdist(x_pad, y) ** 2
     masked = otcore.CostMatrix(C).diameters(a_pad[None], b[None])
     torch.testing.assert_close(masked, (C[:30].max() - C[:30].min())[None])
+    torch.testing.assert_close(otcore.CostMatrix(C).diameters(a_pad, b), masked)  # (n,), (m,) weights too
+    torch.testing.assert_close(otcore.PointCloud(x_pad, y).diameters(a_pad, b), otcore.PointCloud(x, y).diameters())
     assert float(otcore.CostMatrix(C).diameters()) > 1e9  # without weights: every entry
 
 

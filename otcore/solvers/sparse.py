@@ -429,14 +429,16 @@ class _SparseOTFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gv, gc, gT):
+        # read once (non-reentrant activation checkpointing allows one unpack); raises if an
+        # input was modified in place since the solve
+        saved = ctx.saved_tensors
         with torch.no_grad(), torch.autocast(ctx.spec.pb.geom.device.type, enabled=False):  # the solve's precision
             grads = _sparse_backward(ctx, gv, gc, gT)
-        return first_order_only(grads, (*ctx.saved_tensors, gv, gc, gT))
+        return first_order_only(grads, (*saved, gv, gc, gT))
 
 
 def _sparse_backward(ctx, gv, gc, gT):
     """The gradients of :class:`_SparseOTFunction` (see its docstring)."""
-    _ = ctx.saved_tensors  # raises if an input was modified in place since the solve
     spec = ctx.spec
     pb, out = spec.pb, spec.out
     dt = out.vals.dtype
