@@ -178,9 +178,13 @@ def marginal_floor(pb: Problem, f, g) -> torch.Tensor:
     ``u (1 + 2 max(|f|, |g|) / eps)`` of the mass (``u``: the dtype's rounding unit). Errors of
     different entries partly cancel, so the reachable error is often well below it. Points
     of zero weight carry no mass: their potentials (large for far padding) do not count."""
-    pot = torch.maximum(finite_abs_max(torch.where(pb.A > 0, f, 0.0)), finite_abs_max(torch.where(pb.Bw > 0, g, 0.0)))
     mass = pb.A.sum(-1) + pb.Bw.sum(-1)
-    return torch.finfo(f.dtype).eps * (1 + 2 * pot / pb.eps) * mass
+    return torch.finfo(f.dtype).eps * (1 + 2 * _live_potential(pb, f, g) / pb.eps) * mass
+
+
+def _live_potential(pb: Problem, f, g) -> torch.Tensor:
+    """(B,) ``max(|f_i|, |g_j|)`` over the points of positive weight."""
+    return torch.maximum(finite_abs_max(torch.where(pb.A > 0, f, 0.0)), finite_abs_max(torch.where(pb.Bw > 0, g, 0.0)))
 
 
 def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_iter, tol, stalled=None) -> str:
@@ -191,8 +195,7 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
     if not bool(finite.all()):
         return "the plan of the returned potentials overflows (non-finite value)"
     eps, dt = pb.eps, _validate.dtype_name(f.dtype)
-    pot = float(torch.maximum(finite_abs_max(torch.where(pb.A > 0, f, 0.0)).max(),
-                              finite_abs_max(torch.where(pb.Bw > 0, g, 0.0)).max()))
+    pot = float(_live_potential(pb, f, g).max())
     floor = float(marginal_floor(pb, f, g).max())
     mass = float((pb.A.sum(-1) + pb.Bw.sum(-1)).max())
     wider = "" if f.dtype == torch.float64 else "use float64, "
