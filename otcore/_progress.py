@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Optional
@@ -10,9 +9,9 @@ from typing import Optional
 
 class Progress:
     """Prints ``label iter N | marginal error E | eps e`` on one refreshed stderr line
-    (``measure`` names E: the sparse solver's is its gradient norm); a field whose value is
-    unknown at that point (NaN: the error during eps-scaling stages, eps for sparse OT) is
-    left out rather than printed as ``nan``.
+    (``measure`` names E: the sparse solver's is its gradient norm); a field without a
+    value (None: the error during eps-scaling stages, eps for sparse OT) is left out. A
+    NaN or inf error is printed as such: it says a problem diverged.
 
     ``verbose=None`` (default): only when stderr is a terminal and the run has
     lasted more than ``after`` seconds. ``True``: always. ``False``: never.
@@ -27,6 +26,7 @@ class Progress:
         self.start = time.perf_counter()
         self.last = 0.0
         self.printed = False
+        self.width = 0
 
     @property
     def elapsed(self) -> float:
@@ -40,23 +40,30 @@ class Progress:
         now = self.elapsed
         return now >= self.after and now - self.last >= 0.25
 
-    def update(self, it: int, err: float, eps: float, stage: str = "") -> None:
+    def update(self, it: int, err: Optional[float], eps: Optional[float], stage: str = "") -> None:
+        """One refresh, if :meth:`due`; ``err`` or ``eps`` None (not known, or none) are left out."""
         if not self.due():
             return
         now = self.elapsed
         self.last = now
         self.printed = True
         fields = [f"{self.label} iter {it:6d}"]
-        if math.isfinite(err):
+        if err is not None:
             fields.append(f"{self.measure} {err:.3e}")
-        if math.isfinite(eps):
+        if eps is not None:
             fields.append(f"eps {eps:.3g}")
         fields += [stage] if stage else []
-        # the line can shrink (a field left out): pad so that no old characters stay behind
-        sys.stderr.write("\r" + f"{' | '.join(fields)} | {now:6.1f}s".ljust(72) + " ")
+        line = f"{' | '.join(fields)} | {now:6.1f}s "
+        # the line can shrink (a field left out, another stage): pad over the longest one yet
+        self.width = max(self.width, len(line))
+        sys.stderr.write("\r" + line.ljust(self.width))
         sys.stderr.flush()
 
     def close(self) -> None:
+        """End the line (once: a stage that closes it, e.g. SNS's warm-up, and the solve's
+        own close print one newline between them, not two)."""
         if self.printed:
             sys.stderr.write("\n")
             sys.stderr.flush()
+            self.printed = False
+            self.width = 0

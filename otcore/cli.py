@@ -512,14 +512,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv``; returns 0, or ``NOT_CONVERGED`` (3) when the solve
     ran but did not converge (its summary or picture is still written). Bad input raises
     ``SystemExit`` (2: a malformed command line; else the ``error: ...`` message, status 1).
-    Warnings print as one ``warning: ...`` line each (not Python's file and source line)."""
+    Warnings go through Python's ``warnings`` as usual (a caller may record or filter them)."""
     args = build_parser().parse_args(argv)
-    shown = warnings.showwarning
+    return args.func(args)
+
+
+def entry() -> NoReturn:
+    """The ``otcore`` program (console script and ``python -m otcore``): :func:`main` with
+    each warning printed as one ``warning: ...`` line (not Python's file and source line)."""
     warnings.showwarning = _show_warning
-    try:
-        return args.func(args)
-    finally:
-        warnings.showwarning = shown
+    sys.exit(main())
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -527,4 +529,4 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -43,6 +43,16 @@ class Geometry:
         """The largest of :meth:`diameters` over the batch (the start of eps scaling)."""
         return float(self.diameters(a, b).max())
 
+    def _live(self, name: str, w: Optional[torch.Tensor], size: int) -> Optional[torch.Tensor]:
+        """(B, size) bool ``w > 0`` of weights ``w`` given as (B, size), or (size,) for an
+        unbatched geometry; None stays None."""
+        if w is None:
+            return None
+        shapes = [(self.batch, size)] + ([] if self.batched else [(size,)])
+        if tuple(w.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(w.shape)}")
+        return w.reshape(self.batch, size) > 0
+
     def input_versions(self) -> tuple[Optional[int], ...]:
         """The version counters of :meth:`inputs` (bumped by in-place ops), one per
         tensor; None for an inference tensor, which carries none."""
@@ -219,13 +229,12 @@ class PointCloud(Geometry):
         ``(n,)``/``(m,)`` unbatched), only points of positive weight count: far zero-weight
         padding does not stretch the box."""
 
-        def box(p, w):  # (B, d) corners of the points with weight
-            if w is None:
+        def box(p, live):  # (B, d) corners of the points with weight
+            if live is None:
                 return p.amin(1), p.amax(1)
-            live = (w.reshape(p.shape[:2]) > 0)[..., None]  # (n,) weights of an unbatched geometry too
-            return torch.where(live, p, math.inf).amin(1), torch.where(live, p, -math.inf).amax(1)
+            return torch.where(live[..., None], p, math.inf).amin(1), torch.where(live[..., None], p, -math.inf).amax(1)
 
-        (xlo, xhi), (ylo, yhi) = box(self.x, a), box(self.y, b)
+        (xlo, xhi), (ylo, yhi) = box(self.x, self._live("a", a, self.n)), box(self.y, self._live("b", b, self.m))
         lo, hi = torch.minimum(xlo, ylo), torch.maximum(xhi, yhi)
         ext = ((hi - lo) ** 2).sum(-1)
         return ext if self.cost == "sqeuclidean" else ext.sqrt()
@@ -264,12 +273,11 @@ class CostMatrix(Geometry):
         ``(n,)``/``(m,)`` weights for an unbatched matrix)."""
         if a is None and b is None:
             return self.C.amax((1, 2)) - self.C.amin((1, 2))
-        def live(w, size):  # (B, size) bool; (size,) weights of an unbatched geometry too
-            if w is None:
-                return torch.ones(self.batch, size, dtype=torch.bool, device=self.device)
-            return w.reshape(self.batch, size) > 0
+        def live(name, w, size):
+            out = self._live(name, w, size)
+            return torch.ones(self.batch, size, dtype=torch.bool, device=self.device) if out is None else out
 
-        live_a, live_b = live(a, self.n), live(b, self.m)
+        live_a, live_b = live("a", a, self.n), live("b", b, self.m)
         hi = torch.full((self.batch,), -math.inf, dtype=self.dtype, device=self.device)
         lo = torch.full_like(hi, math.inf)
         for sl, Cl, Z in reference._tiles(self, 1, self.dtype):

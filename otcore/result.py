@@ -7,6 +7,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from . import _validate
+
 
 class ConvergenceWarning(UserWarning):
     """A solver stopped at ``max_iter`` (or on non-finite values) before meeting ``tol``."""
@@ -85,10 +87,7 @@ class OTResult:
         Differentiable with respect to ``v``, the plan held fixed (its gradient is the
         product along the other axis).
         """
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"axis must be an int (0 or 1), got {type(axis).__name__}")
-        if axis not in (0, 1):
-            raise ValueError(f"axis must be 0 or 1, got {axis}")
+        axis = _validate.axis(axis, "0 or 1")
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
         if not v.is_floating_point():

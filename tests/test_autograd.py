@@ -6,6 +6,7 @@ differences of fresh, tightly converged solves. For balanced problems ``a`` and
 gradient is checked by directional finite differences along zero-sum directions.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -332,6 +333,10 @@ def test_apply_checks_v_and_axis():
     for axis in (True, 1.0):
         with pytest.raises(TypeError, match="axis must be an int"):
             res.apply(torch.ones(6, dtype=F64), axis=axis)
+    with pytest.raises(ValueError, match="axis must be 0 or 1, got 2"):
+        res.apply(torch.ones(6, dtype=F64), axis=2)
+    torch.testing.assert_close(res.apply(torch.ones(8, dtype=F64), axis=np.int64(0)),
+                               res.apply(torch.ones(8, dtype=F64), axis=0))  # a NumPy int too
 
 
 def test_large_eps_float64_pass_is_decided_per_problem_of_a_batch():

@@ -7,6 +7,8 @@ carries nothing but the JSON object.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -729,6 +731,15 @@ def test_python_m_unconverged_exits_3_with_a_plain_warning():
     assert _python_m("--version").stdout.strip() == f"otcore {otcore.__version__}"
 
 
+def test_main_in_process_leaves_warnings_to_the_caller():
+    """Only the program prints warnings as 'warning: ...' lines; main() called in-process
+    leaves them to Python's warnings (it had replaced showwarning, so pytest.warns and
+    catch_warnings(record=True) recorded nothing)."""
+    with pytest.warns(otcore.ConvergenceWarning, match="did not converge"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["solve", "--n", "30", "--max-iter", "1", "--json", "--device", "cpu"]) == 3
+
+
 def test_python_m_json_stdout_is_one_object():
     p = _python_m("solve", "--n", "25", "--eps", "0.1", "--json", "--device", "cpu")
     assert p.returncode == 0, p.stderr
@@ -818,10 +829,18 @@ def test_progress_line_leaves_out_unknown_fields(capsys):
     p = Progress(True, "sparse_ot", measure="gradient norm")
     q = Progress(True, "sinkhorn")
     p.last = q.last = -1.0  # due now (a line is refreshed at most every 0.25 s)
-    p.update(188, 5.4e-2, float("nan"), "L-BFGS")
-    q.update(4, float("nan"), 2.22, "eps stage 4/98")
-    p.close()
+    p.update(188, 5.4e-2, None, "L-BFGS")
+    q.update(4, None, 2.22, "eps stage 4/98")
     err = capsys.readouterr().err
     assert "nan" not in err
     assert "sparse_ot iter    188 | gradient norm 5.400e-02 | L-BFGS |" in err
     assert "sinkhorn iter      4 | eps 2.22 | eps stage 4/98 |" in err
+    # a shorter line after a longer one on the same row is padded over it (a SNS fallback's
+    # Sinkhorn line after a longer Newton line left stale characters); a diverged error shows
+    q.last = -1.0
+    q.update(5, float("nan"), 2.22)
+    line = capsys.readouterr().err
+    assert "marginal error nan" in line and len(line) - 1 >= q.width >= len("sinkhorn iter      4 | eps 2.22 | eps stage 4/98 |")
+    q.close()
+    q.close()  # one newline, however often closed
+    assert capsys.readouterr().err == "\n"

@@ -273,3 +273,26 @@ def test_low_precision_balanced_weights_get_an_actionable_error():
         otcore.SinkhornLoss(eps=0.1)(x, y, a, b)
     value = otcore.SinkhornLoss(eps=0.1)(x, y, w.float() / w.float().sum(), v.float() / v.float().sum())
     assert torch.isfinite(value)
+
+
+def test_a_real_mass_gap_in_fp16_weights_is_not_blamed_on_rounding():
+    x, y = rand(10, 2, seed=18, dtype=torch.float32), rand(8, 2, seed=19, dtype=torch.float32)
+    a, b = torch.full((10,), 0.1).half(), torch.full((8,), 0.25).half()  # masses 1 and 2
+    with pytest.raises(ValueError, match="same total mass") as exc:
+        otcore.SinkhornLoss(eps=0.1)(x, y, a, b)
+    assert "rounding" not in str(exc.value)
+
+
+def test_a_module_pickled_before_eps_became_a_property_loads():
+    import pickle
+
+    loss = otcore.SinkhornLoss(eps=0.3, tol=1e-9)
+    state = loss.__dict__.copy()  # the old layout: eps in __dict__ and in the solver's arguments
+    state["eps"] = state.pop("_eps")
+    state["solver_kw"] = dict(state["solver_kw"], eps=0.3)
+    old = otcore.SinkhornLoss.__new__(otcore.SinkhornLoss)
+    old.__setstate__(state)
+    x, y = rand(9, 2, seed=20), rand(7, 2, seed=21)
+    assert old.eps == 0.3
+    torch.testing.assert_close(old(x, y), loss(x, y), rtol=0, atol=0)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(loss))(x, y), loss(x, y), rtol=0, atol=0)

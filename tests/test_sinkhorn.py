@@ -159,6 +159,9 @@ def test_far_zero_weight_padding_leaves_the_schedule_and_diameter_alone():
     torch.testing.assert_close(otcore.CostMatrix(C).diameters(a_pad, b), masked)  # (n,), (m,) weights too
     torch.testing.assert_close(otcore.PointCloud(x_pad, y).diameters(a_pad, b), otcore.PointCloud(x, y).diameters())
     assert float(otcore.CostMatrix(C).diameters()) > 1e9  # without weights: every entry
+    batched = otcore.PointCloud(torch.rand(2, 3, 2), torch.rand(2, 4, 2))
+    with pytest.raises(ValueError, match=r"a must have shape \(2, 3\), got \(6,\)"):
+        batched.diameters(torch.ones(6))  # not reshaped into a batch it is not
 
 
 # ----------------------------------------------------------------------------- small eps limits

@@ -173,7 +173,7 @@ def lbfgs(
         flat_stop |= active & flat & ~converged
         active = active & moved & ~converged & ~flat_stop
         if progress is not None and progress.due():
-            progress.update(it + 1, float(gnorm.max()), float("nan"), "L-BFGS")
+            progress.update(it + 1, float(gnorm.max()), None, "L-BFGS")
     if progress is not None:
         progress.close()
     reason = torch.where(grad_ok, 0, torch.where(converged, 4, torch.where(flat_stop, 5, torch.where(

@@ -200,7 +200,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         f, g = steps(f, g, e, 1, active)
         n_iter += active
         it += 1
-        progress.update(it, float("nan"), e, f"eps stage {i + 1}/{len(stages)}")
+        progress.update(it, None, e, f"eps stage {i + 1}/{len(stages)}")
 
     def checked_block(f, g, active, k: int):
         """``k`` iterations, the test, and one more iteration where it fails: (f, g, resid)."""
