@@ -93,14 +93,19 @@ def flag(name: str, v) -> bool:
     return v
 
 
-def positive_int(name: str, v, *, minimum: int = 1) -> int:
-    """An int ``>= minimum``: a Python or NumPy integer, or a one-element integer tensor."""
+def _int(name: str, v) -> int:
+    """``v`` as an int: a Python or NumPy integer, or a one-element integer tensor (not a bool)."""
     try:
         if _is_bool(v):
             raise TypeError
-        v = operator.index(v)
+        return operator.index(v)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+
+
+def positive_int(name: str, v, *, minimum: int = 1) -> int:
+    """An int ``>= minimum``: a Python or NumPy integer, or a one-element integer tensor."""
+    v = _int(name, v)
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
     return v
@@ -117,12 +122,7 @@ def top_k(k, m: int, name: str = "k") -> int:
 def axis(v, meaning: str = "0 (a result per column) or 1 (a result per row)") -> int:
     """An ``axis``, 0 or 1 (a Python or NumPy int); for a primitive 1 reduces over the columns
     (a result per row), 0 over the rows."""
-    try:
-        if _is_bool(v):
-            raise TypeError
-        i = operator.index(v)
-    except TypeError:
-        raise TypeError(f"axis must be an int, got {type(v).__name__}") from None
+    i = _int("axis", v)
     if i not in (0, 1):
         raise ValueError(f"axis must be {meaning}, got {v!r}")
     return i
