@@ -50,13 +50,13 @@ class Problem:
         """The largest cost diameter of the batch (the start of eps scaling), computed
         once (one pass over the points or ``C`` and a host sync)."""
         if self.diameter is None:
-            self.diameter = self.geom.diameter(*self.given_weights())
+            self.diameter = self.geom.diameter(*self.padded())
         return self.diameter
 
-    def given_weights(self):
-        """``(A, Bw)`` where the weights were given (else None: uniform, no zero weights),
-        for :meth:`Geometry.diameters`: zero-weight padding stays out of the diameter."""
-        return (None if self.a_in is None else self.A), (None if self.b_in is None else self.Bw)
+    def padded(self):
+        """``(A, Bw)``, each None where it has no zero weight, for :meth:`Geometry.diameters`:
+        zero-weight padding stays out of the diameter, and unpadded sides skip the masking."""
+        return padded(self.A, self.Bw, self.zeros)
 
 
 def parse_rho(rho) -> tuple[Optional[float], Optional[float]]:
@@ -90,15 +90,20 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: float) -> Proble
     if rho_a is None and rho_b is None:
         _validate.balanced_mass(A, Bw, tol, given=(a, b))
     symmetric = geom.symmetric and a is b and rho_a == rho_b
+    zeros = (min(pos_a) < geom.n, min(pos_b) < geom.m)
     # per problem: one problem's large diameter must not hide another's large eps/diameter
     span = None
     if geom.dtype != torch.float64:
-        d = geom.diameters(None if a is None else A, None if b is None else Bw)
+        d = geom.diameters(*padded(A, Bw, zeros))
         span = tuple(torch.stack([d.min(), d.max()]).tolist())  # one host sync
     wide = span is not None and eps > span[0] / 4
     return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision,
-                   None if span is None else span[1], wide, symmetric,
-                   zeros=(min(pos_a) < geom.n, min(pos_b) < geom.m))
+                   None if span is None else span[1], wide, symmetric, zeros)
+
+
+def padded(A: torch.Tensor, Bw: torch.Tensor, zeros: tuple[bool, bool]):
+    """``(A, Bw)`` with None for a side without zero weights (``zeros``: from the weights' check)."""
+    return (A if zeros[0] else None), (Bw if zeros[1] else None)
 
 
 def check_init(init, geom, names=("f", "g")) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ import torch
 from .. import _dispatch, _validate
 from .._progress import Progress
 from ._cg import pcg
-from ._entropic import check_init, finite_abs_max
+from ._entropic import check_init, finite_abs_max, padded
 from ._lbfgs import lbfgs
 from ..autograd import first_order_only
 from ..geometry import Geometry
@@ -66,6 +66,8 @@ class _Problem:
     plan_grad: str
     backend: str
     precision: str
+    #: whether some problem has zero weights in ``a`` / ``b`` (read with the weights' checks)
+    zeros: tuple[bool, bool] = (True, True)
 
     def evaluate(self, theta: torch.Tensor):
         """Objective to *minimize* (minus the (semi-)dual), its gradient, the pass's output
@@ -216,7 +218,8 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     wp, wl = (A, Bw) if axis == 0 else (Bw, A)
     k_eff = min(k, wp.shape[1])
     _check_room(k_eff, *((pos_a, pos_b) if axis == 0 else (pos_b, pos_a)), axis)
-    pb = _Problem(geom, axis, k_eff, gamma, formulation == "semi-dual", wp, wl, a, b, plan_grad, backend, precision)
+    pb = _Problem(geom, axis, k_eff, gamma, formulation == "semi-dual", wp, wl, a, b, plan_grad, backend, precision,
+                  (min(pos_a) < geom.n, min(pos_b) < geom.m))
     return pb, _check_init(init, pb), geom.batched
 
 
@@ -248,7 +251,7 @@ def _max_step(pb: _Problem) -> torch.Tensor:
     """(B,) largest useful move of a dual variable in one step: optimal potentials differ by
     at most the cost's range plus the regularization's share (``gamma`` times a line's mass)."""
     A, Bw = (pb.wp, pb.wl) if pb.axis == 0 else (pb.wl, pb.wp)
-    diam = pb.geom.diameters(None if pb.a_in is None else A, None if pb.b_in is None else Bw).detach().to(pb.wl.dtype)
+    diam = pb.geom.diameters(*padded(A, Bw, pb.zeros)).detach().to(pb.wl.dtype)
     return 2.0 * (diam + pb.gamma * pb.wl.amax(-1) + 1e-12)
 
 
@@ -287,7 +290,7 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     zero = pb.wp == 0
     if not pb.semi:
         out = pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
-    if not bool(zero.any()):
+    if not pb.zeros[pb.axis]:  # positions: a for axis 0, b for axis 1 (known without a sync)
         return hp, out
     B, L, k = out.idx.shape
     pos = out.idx.reshape(B, L * k)
