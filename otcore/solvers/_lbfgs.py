@@ -20,19 +20,48 @@ def _where(mask: torch.Tensor, new, old):
     return torch.where(mask.reshape(-1, *([1] * (new.dim() - 1))), new, old)
 
 
-def _two_loop(g, S, Y, rho, slots, h0):
-    """L-BFGS two-loop recursion: ``H g`` from the pairs in ``slots`` (newest first)."""
-    q = g.clone()
-    coef = []
-    for s in slots:
-        c = rho[:, s] * (S[:, s] * q).sum(-1)
-        q -= c[:, None] * Y[:, s]
-        coef.append(c)
-    r = h0[:, None] * q
-    for s, c in zip(reversed(slots), reversed(coef)):
-        bcoef = rho[:, s] * (Y[:, s] * r).sum(-1)
-        r += (c - bcoef)[:, None] * S[:, s]
-    return r
+def _direction(g, pairs, sy, yy, sg, yg, valid, h0):
+    """``H g`` for the L-BFGS inverse-Hessian approximation ``H`` built from the valid pairs.
+
+    Compact form (Byrd, Nocedal & Schnabel 1994, thm 2.2): with the pairs as the rows of
+    ``S`` and ``Y`` (oldest first), ``R = triu(S Y^T)``, ``D = diag(S Y^T)``, ``H0 = h0 I``:
+    ``H g = h0 g + S^T a + h0 Y^T b`` with ``b = -R^{-1} S g`` and
+    ``a = R^{-T} ((D + h0 Y Y^T) R^{-1} S g - h0 Y g)``. Equal to the two-loop recursion, but
+    as a dozen batched operations on ``(B, m, m)`` matrices, however long the memory (the
+    two-loop's 4m vector operations are as many kernel launches on a GPU). An invalid pair
+    gets an identity row in ``R`` and zero coefficients: it drops out exactly.
+
+    ``pairs (B, 2m, D)``: ``S`` then ``Y``; ``sy``, ``yy (B, m, m)``: ``S Y^T``, ``Y Y^T``;
+    ``sg``, ``yg (B, m)``: ``S g``, ``Y g``; ``valid (B, m)`` bool; ``h0 (B,)``.
+    """
+    v = valid.to(g.dtype)
+    both = v[:, :, None] * v[:, None, :]
+    R = torch.triu(sy) * both + torch.diag_embed(1 - v)
+    h = h0[:, None, None]
+    z = torch.linalg.solve_triangular(R, (sg * v)[..., None], upper=True)  # R^{-1} S g
+    rhs = (torch.diagonal(sy, dim1=1, dim2=2) * v)[..., None] * z + h * ((yy * both) @ z - (yg * v)[..., None])
+    a = torch.linalg.solve_triangular(R.transpose(1, 2), rhs, upper=False)
+    return h0[:, None] * g + (pairs.transpose(1, 2) @ torch.cat([a, -h * z], 1))[..., 0]
+
+
+def _push(pairs, sy, yy, valid, s_new, y_new, keep, g):
+    """Drop the oldest pair and append ``(s_new, y_new)``, valid where ``keep``; refresh the
+    Gram matrices' newest row and column, and ``S g``, ``Y g`` for the new gradient ``g``:
+    one batched product with the memory. Returns ``(pairs, sy, yy, sg, yg, valid)``."""
+    m = valid.shape[1]
+    keep_ = keep[:, None].to(g.dtype)
+    # rolling S and Y together sends the oldest s to Y's last row and the oldest y to S's
+    # last row: exactly the two rows the new pair overwrites
+    pairs = pairs.roll(-1, 1)
+    pairs[:, m - 1] = s_new * keep_
+    pairs[:, 2 * m - 1] = y_new * keep_
+    prod = pairs @ torch.stack([pairs[:, 2 * m - 1], pairs[:, m - 1], g], -1)  # (B, 2m, 3)
+    sy, yy = sy.roll((-1, -1), (1, 2)), yy.roll((-1, -1), (1, 2))
+    sy[:, :, m - 1] = prod[:, :m, 0]  # s_i . y_new
+    sy[:, m - 1, :] = prod[:, m:, 1]  # s_new . y_j
+    yy[:, :, m - 1] = yy[:, m - 1, :] = prod[:, m:, 0]
+    valid = torch.cat([valid[:, 1:], keep[:, None]], 1)
+    return pairs, sy, yy, prod[:, :m, 2], prod[:, m:, 2], valid
 
 
 def lbfgs(
@@ -84,11 +113,11 @@ def lbfgs(
     active = ~converged & finite
     stalled = torch.zeros_like(active)
     n_iter = torch.zeros(B, dtype=torch.long, device=dev)
-    S = torch.zeros(B, history, D, dtype=dt, device=dev)
-    Y = torch.zeros_like(S)
-    rho = torch.zeros(B, history, dtype=dt, device=dev)
+    pairs = torch.zeros(B, 2 * history, D, dtype=dt, device=dev)  # memory: s_1..s_m, y_1..y_m
+    sy = torch.zeros(B, history, history, dtype=dt, device=dev)
+    yy, sg, yg = torch.zeros_like(sy), sy[:, 0], sy[:, 0]
+    valid = torch.zeros(B, history, dtype=torch.bool, device=dev)
     hscale = torch.full((B,), h0, dtype=dt, device=dev)
-    filled, head = 0, 0
     grad_ok = converged.clone()
     kicks = torch.zeros(B, dtype=torch.long, device=dev)
     pattern = (torch.arange(D, device=dev, dtype=torch.float64) * 0.6180339887498949).frac().mul(2).sub(1).to(dt)
@@ -99,31 +128,30 @@ def lbfgs(
     for it in range(max_iter):
         if not bool(active.any()):
             break
-        slots = [(head - 1 - i) % history for i in range(filled)]
-        d = -_two_loop(g, S, Y, rho, slots, hscale)
+        d = -_direction(g, pairs, sy, yy, sg, yg, valid, hscale)
         gd = (g * d).sum(-1)
         reset = ~(gd < 0)  # not a descent direction: restart from scaled steepest descent (no sync)
         d = torch.where(reset[:, None], -h0 * g, d)
         gd = torch.where(reset, (g * d).sum(-1), gd)
-        rho = torch.where(reset[:, None], torch.zeros_like(rho), rho)
+        valid &= ~reset[:, None]
         t = torch.clamp(max_step / d.abs().amax(-1).clamp(min=torch.finfo(dt).tiny), max=1.0)
-        lo = torch.zeros_like(t)
-        hi = torch.full_like(t, math.inf)
         done = ~active
-        armijo_seen = torch.zeros_like(done)
         new = (theta, f, g, aux, scale)
-        fallback = new
         exhausted = True
-        for _ in range(max_ls):
+        for trial in range(max_ls):
             cand = theta + t[:, None] * d
             fc, gc, auxc, sc = evaluate(cand)
             armijo = ~done & torch.isfinite(fc) & (fc <= f + c1 * t * gd + slack * (scale + f.abs()))
             curv = (gc * d).sum(-1) >= c2 * gd  # weak Wolfe: the slope has risen enough
             ok = armijo & curv
-            if bool((ok | done).all()):  # every live problem takes a step (the trial's one sync)
-                new, done = _where(ok, (cand, fc, gc, auxc, sc), new), done | ok
-                exhausted = False
+            every, all_ok = torch.stack([(ok | done).all(), ok.all()]).tolist()  # the trial's one sync
+            if every:  # every live problem takes a step
+                new = (cand, fc, gc, auxc, sc) if all_ok else _where(ok, (cand, fc, gc, auxc, sc), new)
+                done, exhausted = done | ok, False
                 break
+            if trial == 0:
+                lo, hi = torch.zeros_like(t), torch.full_like(t, math.inf)
+                fallback, armijo_seen = new, torch.zeros_like(done)
             new = _where(ok, (cand, fc, gc, auxc, sc), new)
             fallback = _where(armijo, (cand, fc, gc, auxc, sc), fallback)
             armijo_seen |= armijo
@@ -132,45 +160,45 @@ def lbfgs(
             hi = torch.where(~done & ~armijo, t, hi)
             lo = torch.where(armijo & ~ok, t, lo)
             t = torch.where(done, t, torch.where(torch.isinf(hi), 2.0 * t, 0.5 * (lo + hi)))
-        # trials exhausted: fall back to the last step with sufficient decrease
-        late = ~done & armijo_seen
-        new = _where(late, fallback, new)
-        done |= late
-        failed = active & ~done
-        kicked = failed & (kicks < max_kicks) & (kick > 0)
-        # (a search that ended early left every problem done: nothing to kick, no sync)
-        if exhausted and bool(kicked.any()):  # a kink: step off it along a fixed pattern, forget the memory
-            cand = theta + kick[:, None] * pattern
-            new = _where(kicked, (cand, *evaluate(cand)), new)
-            rho = torch.where(kicked[:, None], torch.zeros_like(rho), rho)
-            kicks += kicked
-            done |= kicked
+        kicked = None
+        if exhausted:  # trials exhausted: fall back to the last step with sufficient decrease
+            late = ~done & armijo_seen
+            new = _where(late, fallback, new)
+            done |= late
+            failed = active & ~done
+            kicked = failed & (kicks < max_kicks) & (kick > 0)
+            if bool(kicked.any()):  # a kink: step off it along a fixed pattern, forget the memory
+                cand = theta + kick[:, None] * pattern
+                new = _where(kicked, (cand, *evaluate(cand)), new)
+                valid &= ~kicked[:, None]
+                kicks += kicked
+                done |= kicked
+            stalled |= failed & ~kicked
         moved = active & done
-        stalled |= failed & ~kicked
         s_new, y_new = new[0] - theta, new[2] - g
-        sy = (s_new * y_new).sum(-1)
-        keep = moved & ~kicked & (sy > 1e-10 * s_new.norm(dim=-1) * y_new.norm(dim=-1))
-        S[:, head] = torch.where(keep[:, None], s_new, S[:, head])
-        Y[:, head] = torch.where(keep[:, None], y_new, Y[:, head])
-        rho[:, head] = torch.where(keep, 1.0 / torch.where(keep, sy, torch.ones_like(sy)), torch.zeros_like(sy))
-        hscale = torch.where(keep, sy / torch.where(keep, (y_new * y_new).sum(-1), torch.ones_like(sy)), hscale)
-        head, filled = (head + 1) % history, min(filled + 1, history)
+        s_y = (s_new * y_new).sum(-1)
+        keep = moved & (s_y > 1e-10 * s_new.norm(dim=-1) * y_new.norm(dim=-1))
+        if kicked is not None:
+            keep &= ~kicked
+        pairs, sy, yy, sg, yg, valid = _push(pairs, sy, yy, valid, s_new, y_new, keep, new[2])
+        hscale = torch.where(keep, s_y / torch.where(keep, (y_new * y_new).sum(-1), torch.ones_like(s_y)), hscale)
         theta, f, g, aux, scale = new
         n_iter += moved
         gnorm = g.abs().sum(-1)
         grad_ok = grad_ok | (moved & (gnorm <= tol))
         recent.append(f)
         recent_g.append(gnorm)
-        flat = torch.zeros_like(active)
-        conv_flat = flat_converges(aux) if callable(flat_converges) else torch.full_like(active, flat_converges)
         if len(recent) > window:
             old_f, old_g = recent.pop(0), recent_g.pop(0)
+            conv_flat = flat_converges(aux) if callable(flat_converges) else torch.full_like(active, flat_converges)
             drop = torch.where(conv_flat, ftol, 0.0) * (scale + f.abs() if fscale is None else fscale(f))
             flat = moved & (old_f - f <= drop)
             # not converging on it (smooth): below f's resolution the gradient may still fall
             flat &= conv_flat | (torch.stack(recent_g).amin(0) > 0.99 * old_g)
-        converged = converged | (active & (grad_ok | (flat & conv_flat)))
-        flat_stop |= active & flat & ~converged
+            converged = converged | (active & (grad_ok | (flat & conv_flat)))
+            flat_stop |= active & flat & ~converged
+        else:  # no window yet: nothing is flat
+            converged = converged | (active & grad_ok)
         active = active & moved & ~converged & ~flat_stop
         if progress is not None and progress.due():
             progress.update(it + 1, float(gnorm.max()), None, "L-BFGS")

@@ -146,7 +146,9 @@ def sparse_ot(
         max_iter: L-BFGS iteration cap; reaching it gives ``converged=False`` and a
             :class:`~otcore.result.ConvergenceWarning`. ``converged`` also needs the line
             sums to equal the line weights to ``tol`` (plus rounding).
-        history: L-BFGS memory (pairs kept).
+        history: L-BFGS memory (pairs kept). A longer memory costs no extra operations per
+            iteration (compact form), only ``2 * history * D`` numbers per problem (``D`` dual
+            variables).
         init: warm start ``(alpha, beta)`` (``beta`` is ignored by the semi-dual with
             ``axis=0``, ``alpha`` by the one with ``axis=1``).
         plan_grad: how ``values`` are differentiated: ``"implicit"`` (exact derivative of

@@ -1,0 +1,93 @@
+"""Tensor operations per L-BFGS iteration of sparse_ot, counted through PyTorch's dispatcher.
+
+On a GPU every operation that computes is a kernel launch, and at router sizes launches,
+not arithmetic, bound an iteration; this count is that cost, measured on any machine.
+Views (select, view, slice, ...) launch nothing and are not counted. The count splits
+into the objective's evaluations (``evaluate``: the k-sparse pass and its reductions)
+and the rest of the L-BFGS iteration (direction, line search, memory, stopping tests).
+
+    python bench/lbfgs_op_count.py                 # router 512 x 8, then 150 x 200 with history 10 and 100
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import otcore
+import otcore.solvers.sparse as sparse_solver
+
+VIEWS = {"select.int", "unsqueeze.default", "view.default", "alias.default", "slice.Tensor", "expand.default",
+         "t.default", "transpose.int", "reshape.default", "squeeze.dim", "as_strided.default", "diagonal.default",
+         "_unsafe_view.default", "detach.default", "permute.default", "unbind.int", "split.Tensor",
+         "lift_fresh.default"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the computing operations dispatched, by the phase set in ``self.phase``."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.phase = "outside L-BFGS"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__ not in VIEWS:
+            self.counts[self.phase] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(solve):
+    """Run ``solve()`` with the solver's L-BFGS instrumented; returns (result, counts)."""
+    counter = OpCounter()
+    plain = sparse_solver.lbfgs
+
+    def instrumented(evaluate, *args, **kwargs):
+        def timed_evaluate(theta):
+            counter.phase = "evaluate"
+            try:
+                return evaluate(theta)
+            finally:
+                counter.phase = "L-BFGS"
+        counter.phase = "L-BFGS"
+        try:
+            return plain(timed_evaluate, *args, **kwargs)
+        finally:
+            counter.phase = "outside L-BFGS"
+
+    sparse_solver.lbfgs = instrumented
+    try:
+        with counter:
+            result = solve()
+    finally:
+        sparse_solver.lbfgs = plain
+    return result, counter.counts
+
+
+def report(name, result, counts):
+    n = int(torch.as_tensor(result.n_iter).sum())
+    print(f"{name:<34} {n:>6} {counts['L-BFGS'] / n:>10.0f} {counts['evaluate'] / n:>10.0f} "
+          f"{sum(counts.values()) / n:>8.0f}")
+
+
+def main():
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    print(f"{'problem':<34} {'iters':>6} {'L-BFGS/it':>10} {'eval/it':>10} {'all/it':>8}")
+    scores = torch.randn(512, 8)
+    out, counts = count(lambda: otcore.SparseOTRouter(8)(scores).result)
+    report("router 512 x 8, capacity", out, counts)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(150, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    for history in (10, 100):
+        out, counts = count(lambda: otcore.sparse_ot(otcore.PointCloud(x, y), k=5, gamma=0.05, history=history,
+                                                     max_iter=300, tol=1e-30))
+        report(f"150 x 200, k=5, history {history}", out, counts)
+
+
+if __name__ == "__main__":
+    main()
