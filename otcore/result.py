@@ -105,11 +105,7 @@ class OTResult:
 
     def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` largest plan entries of each row: values and column indices, ``(n, k)`` each."""
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int, got {type(k).__name__}")
-        if not 1 <= k <= self._geom.m:
-            raise ValueError(f"k must be in [1, m={self._geom.m}], got {k}")
-        vals, idx = self._stream("topk", "plan_topk", k)
+        vals, idx = self._stream("topk", "plan_topk", _validate.top_k(k, self._geom.m))
         return self._out(vals), self._out(idx)
 
 

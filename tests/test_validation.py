@@ -163,6 +163,20 @@ def test_primitives_check_axis_and_sizes():
     assert geom.ell_matvec(vals, idx, torch.ones(1, 5, dtype=torch.float64), 1).shape == (1, 6)
 
 
+def test_result_topk_takes_the_ints_the_primitives_take():
+    """``OTResult.topk`` checks ``k`` as ``plan_topk`` does: NumPy ints and one-element int
+    tensors are ints; bools, floats and k outside [1, m] are refused, naming ``k``."""
+    res = otcore.sinkhorn(otcore.PointCloud(rand(6, 2).double(), rand(5, 2, seed=1).double()), eps=0.1)
+    want = res.topk(2)
+    for k in (np.int64(2), torch.tensor(2)):
+        for got, ref in zip(res.topk(k), want):
+            torch.testing.assert_close(got, ref)
+    for bad, err, msg in ((True, TypeError, "k must be"), (2.0, TypeError, "k must be"),
+                          (0, ValueError, "k must be >= 1"), (6, ValueError, "k must be <= m = 5")):
+        with pytest.raises(err, match=msg):
+            res.topk(bad)
+
+
 # ----------------------------------------------------------------------------- shapes
 def test_point_cloud_shape_mismatches():
     with pytest.raises(ValueError, match="dimension d"):
