@@ -5,6 +5,10 @@ not arithmetic, bound an iteration; this count is that cost, measured on any mac
 Views (select, view, slice, ...) launch nothing and are not counted. The count splits
 into the objective's evaluations (``evaluate``: the k-sparse pass and its reductions)
 and the rest of the L-BFGS iteration (direction, line search, memory, stopping tests).
+Host reads in L-BFGS (``bool``/``float``/``item`` of a tensor, ``tolist``) are counted
+apart: on a GPU each one waits for the queue to drain (a synchronisation). (The torch
+twin's evaluation reads one flag per call on the CPU only, for its tie-break; the GPU
+paths read none.)
 
     python bench/lbfgs_op_count.py                 # router 512 x 8, then 150 x 200 with history 10 and 100
 """
@@ -35,7 +39,9 @@ class OpCounter(TorchDispatchMode):
         self.phase = "outside L-BFGS"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__ not in VIEWS:
+        if func.__name__ == "_local_scalar_dense.default":  # bool(t), float(t), t.item()
+            self.counts["host reads in " + self.phase] += 1
+        elif func.__name__ not in VIEWS:
             self.counts[self.phase] += 1
         return func(*args, **(kwargs or {}))
 
@@ -58,25 +64,32 @@ def count(solve):
         finally:
             counter.phase = "outside L-BFGS"
 
-    sparse_solver.lbfgs = instrumented
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):  # one transfer to the host (not a dispatched operation on the CPU)
+        counter.counts["host reads in " + counter.phase] += 1
+        return tolist(t)
+
+    sparse_solver.lbfgs, torch.Tensor.tolist = instrumented, counted_tolist
     try:
         with counter:
             result = solve()
     finally:
-        sparse_solver.lbfgs = plain
+        sparse_solver.lbfgs, torch.Tensor.tolist = plain, tolist
     return result, counter.counts
 
 
 def report(name, result, counts):
     n = int(torch.as_tensor(result.n_iter).sum())
+    ops = counts["L-BFGS"] + counts["evaluate"] + counts["outside L-BFGS"]
     print(f"{name:<34} {n:>6} {counts['L-BFGS'] / n:>10.0f} {counts['evaluate'] / n:>10.0f} "
-          f"{sum(counts.values()) / n:>8.0f}")
+          f"{ops / n:>8.0f} {counts['host reads in L-BFGS'] / n:>21.2f}")
 
 
 def main():
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    print(f"{'problem':<34} {'iters':>6} {'L-BFGS/it':>10} {'eval/it':>10} {'all/it':>8}")
+    print(f"{'problem':<34} {'iters':>6} {'L-BFGS/it':>10} {'eval/it':>10} {'all/it':>8} {'L-BFGS host reads/it':>21}")
     scores = torch.randn(512, 8)
     out, counts = count(lambda: otcore.SparseOTRouter(8)(scores).result)
     report("router 512 x 8, capacity", out, counts)

@@ -19,9 +19,11 @@ def _dense_bfgs_direction(g, pairs, h0):
 
 
 def test_compact_direction_equals_the_bfgs_recursion_with_dropped_pairs():
-    """Pairs are pushed with a random ``keep`` mask, so the memory holds valid pairs with
-    invalid ones in between and the oldest ones fall out; the direction must equal the
-    BFGS recursion over the valid pairs alone, per problem of the batch."""
+    """Pairs are pushed with a random ``keep`` mask (rejected pairs, stored as zeros, one of
+    them non-finite), and the memory is sometimes dropped as the solver does on a reset or a
+    kick (its rows stay, marked invalid), so valid pairs sit among invalid ones and the
+    oldest fall out; the direction must equal the BFGS recursion over the valid pairs
+    alone, per problem of the batch, and stay finite."""
     torch.manual_seed(0)
     B, m, D = 3, 4, 9
     dt = torch.float64
@@ -31,14 +33,21 @@ def test_compact_direction_equals_the_bfgs_recursion_with_dropped_pairs():
     sy, yy = torch.zeros(B, m, m, dtype=dt), torch.zeros(B, m, m, dtype=dt)
     valid = torch.zeros(B, m, dtype=torch.bool)
     history = [[] for _ in range(B)]  # (s, y, kept) per problem, oldest first
-    for step in range(7):
+    for step in range(12):
         s = torch.randn(B, D, dtype=dt)
         y = (A @ s[..., None])[..., 0]
         keep = torch.rand(B) > 0.35
+        if step == 3:  # a rejected pair with an infinite gradient difference
+            keep[1], y[1, 0] = False, torch.inf
+        if step in (5, 8):  # a reset or a kick of problem 0 and 2: the memory is forgotten
+            forget = torch.tensor([True, False, True])
+            valid &= ~forget[:, None]
+            history = [[(sb, yb, False) for sb, yb, _ in hb] if forget[b] else hb for b, hb in enumerate(history)]
         g = torch.randn(B, D, dtype=dt)
         pairs, sy, yy, sg, yg, valid = _push(pairs, sy, yy, valid, s, y, keep, g)
         h0 = torch.rand(B, dtype=dt) + 0.1
         got = _direction(g, pairs, sy, yy, sg, yg, valid, h0)
+        assert torch.isfinite(got).all()
         for b in range(B):
             history[b] = (history[b] + [(s[b], y[b], bool(keep[b]))])[-m:]
             kept = [(sb, yb) for sb, yb, k in history[b] if k]

@@ -1,8 +1,9 @@
 """Batched L-BFGS for the sparsity-constrained OT duals (piecewise-quadratic, concave).
 
 One L-BFGS per problem of a batch, run in lockstep on tensors with a leading batch
-dimension; problems that stop early are frozen by masks, so the loop never moves data to
-the host except for the line search's "all accepted?" test and the stopping test.
+dimension; problems that stop early are frozen by masks, so the loop moves data to the
+host only for the line search's "all accepted?" test, which also reads whether any
+problem is left: one host synchronisation per trial, usually one per iteration.
 """
 
 from __future__ import annotations
@@ -34,33 +35,37 @@ def _direction(g, pairs, sy, yy, sg, yg, valid, h0):
     ``pairs (B, 2m, D)``: ``S`` then ``Y``; ``sy``, ``yy (B, m, m)``: ``S Y^T``, ``Y Y^T``;
     ``sg``, ``yg (B, m)``: ``S g``, ``Y g``; ``valid (B, m)`` bool; ``h0 (B,)``.
     """
-    v = valid.to(g.dtype)
-    both = v[:, :, None] * v[:, None, :]
-    R = torch.triu(sy) * both + torch.diag_embed(1 - v)
+    # masks by selection, not products: an invalidated pair's rows stay in the memory
+    out = ~valid
+    out2 = out[:, :, None] | out[:, None, :]
+    R = torch.triu(sy).masked_fill(out2, 0.0) + torch.diag_embed(out.to(g.dtype))
     h = h0[:, None, None]
-    z = torch.linalg.solve_triangular(R, (sg * v)[..., None], upper=True)  # R^{-1} S g
-    rhs = (torch.diagonal(sy, dim1=1, dim2=2) * v)[..., None] * z + h * ((yy * both) @ z - (yg * v)[..., None])
+    z = torch.linalg.solve_triangular(R, sg.masked_fill(out, 0.0)[..., None], upper=True)  # R^{-1} S g
+    D = torch.diagonal(sy, dim1=1, dim2=2).masked_fill(out, 0.0)
+    rhs = D[..., None] * z + h * (yy.masked_fill(out2, 0.0) @ z - yg.masked_fill(out, 0.0)[..., None])
     a = torch.linalg.solve_triangular(R.transpose(1, 2), rhs, upper=False)
     return h0[:, None] * g + (pairs.transpose(1, 2) @ torch.cat([a, -h * z], 1))[..., 0]
 
 
 def _push(pairs, sy, yy, valid, s_new, y_new, keep, g):
-    """Drop the oldest pair and append ``(s_new, y_new)``, valid where ``keep``; refresh the
-    Gram matrices' newest row and column, and ``S g``, ``Y g`` for the new gradient ``g``:
-    one batched product with the memory. Returns ``(pairs, sy, yy, sg, yg, valid)``."""
+    """Drop the oldest pair and append ``(s_new, y_new)``, valid where ``keep`` and where the
+    product's ``s.y`` (the diagonal of ``R``) is positive too (in float32 it can differ in
+    sign from an elementwise sum at rounding level); a pair not kept is stored as zeros
+    (never its values: they may be non-finite). Refreshes the Gram matrices' newest row and
+    column, and ``S g``, ``Y g`` for the new gradient ``g``: one batched product with the
+    memory. Returns ``(pairs, sy, yy, sg, yg, valid)``."""
     m = valid.shape[1]
-    keep_ = keep[:, None].to(g.dtype)
     # rolling S and Y together sends the oldest s to Y's last row and the oldest y to S's
     # last row: exactly the two rows the new pair overwrites
     pairs = pairs.roll(-1, 1)
-    pairs[:, m - 1] = s_new * keep_
-    pairs[:, 2 * m - 1] = y_new * keep_
-    prod = pairs @ torch.stack([pairs[:, 2 * m - 1], pairs[:, m - 1], g], -1)  # (B, 2m, 3)
+    pairs[:, m - 1] = s_new.masked_fill(~keep[:, None], 0.0)
+    pairs[:, 2 * m - 1] = y_new.masked_fill(~keep[:, None], 0.0)
+    prod = pairs @ torch.stack([pairs[:, 2 * m - 1], pairs[:, m - 1], g.to(pairs.dtype)], -1)  # (B, 2m, 3)
     sy, yy = sy.roll((-1, -1), (1, 2)), yy.roll((-1, -1), (1, 2))
     sy[:, :, m - 1] = prod[:, :m, 0]  # s_i . y_new
     sy[:, m - 1, :] = prod[:, m:, 1]  # s_new . y_j
     yy[:, :, m - 1] = yy[:, m - 1, :] = prod[:, m:, 0]
-    valid = torch.cat([valid[:, 1:], keep[:, None]], 1)
+    valid = torch.cat([valid[:, 1:], (keep & (prod[:, m - 1, 0] > 0))[:, None]], 1)
     return pairs, sy, yy, prod[:, :m, 2], prod[:, m:, 2], valid
 
 
@@ -125,8 +130,11 @@ def lbfgs(
     flat_stop = torch.zeros_like(active)  # stationary without converging (flat_converges=False)
     recent = []  # objective values of the last `window` iterations
     recent_g = []  # and gradient norms (flat_converges=False: progress of the gradient counts too)
+    finished = False
     for it in range(max_iter):
-        if not bool(active.any()):
+        # after the first iteration, the first trial's sync also reads whether any problem is
+        # left (one host sync per iteration, not two); without trials, a sync of its own
+        if (it == 0 or max_ls == 0) and not bool(active.any()):
             break
         d = -_direction(g, pairs, sy, yy, sg, yg, valid, hscale)
         gd = (g * d).sum(-1)
@@ -144,7 +152,10 @@ def lbfgs(
             armijo = ~done & torch.isfinite(fc) & (fc <= f + c1 * t * gd + slack * (scale + f.abs()))
             curv = (gc * d).sum(-1) >= c2 * gd  # weak Wolfe: the slope has risen enough
             ok = armijo & curv
-            every, all_ok = torch.stack([(ok | done).all(), ok.all()]).tolist()  # the trial's one sync
+            every, all_ok, live = torch.stack([(ok | done).all(), ok.all(), active.any()]).tolist()  # one sync
+            if not live:  # every problem stopped last iteration: this trial was spare
+                finished = True
+                break
             if every:  # every live problem takes a step
                 new = (cand, fc, gc, auxc, sc) if all_ok else _where(ok, (cand, fc, gc, auxc, sc), new)
                 done, exhausted = done | ok, False
@@ -160,11 +171,14 @@ def lbfgs(
             hi = torch.where(~done & ~armijo, t, hi)
             lo = torch.where(armijo & ~ok, t, lo)
             t = torch.where(done, t, torch.where(torch.isinf(hi), 2.0 * t, 0.5 * (lo + hi)))
+        if finished:
+            break
         kicked = None
-        if exhausted:  # trials exhausted: fall back to the last step with sufficient decrease
-            late = ~done & armijo_seen
-            new = _where(late, fallback, new)
-            done |= late
+        if exhausted:
+            if max_ls > 0:  # trials exhausted: fall back to the last step with sufficient decrease
+                late = ~done & armijo_seen
+                new = _where(late, fallback, new)
+                done |= late
             failed = active & ~done
             kicked = failed & (kicks < max_kicks) & (kick > 0)
             if bool(kicked.any()):  # a kink: step off it along a fixed pattern, forget the memory
@@ -181,7 +195,8 @@ def lbfgs(
         if kicked is not None:
             keep &= ~kicked
         pairs, sy, yy, sg, yg, valid = _push(pairs, sy, yy, valid, s_new, y_new, keep, new[2])
-        hscale = torch.where(keep, s_y / torch.where(keep, (y_new * y_new).sum(-1), torch.ones_like(s_y)), hscale)
+        keep, s_y, y_y = valid[:, -1], sy[:, -1, -1], yy[:, -1, -1]
+        hscale = torch.where(keep, s_y / y_y.masked_fill(~keep, 1.0), hscale)
         theta, f, g, aux, scale = new
         n_iter += moved
         gnorm = g.abs().sum(-1)
