@@ -103,3 +103,23 @@ def test_longer_memory_takes_fewer_iterations_on_an_ill_conditioned_quadratic():
         assert converged.all()
         iters[history] = int(n_iter)
     assert iters[40] < 0.8 * iters[1], iters
+
+
+def test_edge_settings_no_trials_and_a_gradient_of_another_dtype():
+    """``max_ls=0`` (no line-search trial) stops every problem with reason 2 (no step), and
+    an ``evaluate`` whose gradient comes in float64 for a float32 iterate still converges."""
+    torch.manual_seed(3)
+    A = torch.diag_embed(torch.rand(2, 5, dtype=torch.float64) + 0.5)
+    c = torch.randn(2, 5, dtype=torch.float64)
+    *_, n_iter, _, converged, reason = lbfgs(_quadratic(A, c), torch.zeros(2, 5, dtype=torch.float64), h0=1e-2,
+                                             tol=1e-8, ftol=0.0, max_iter=20, history=3, max_ls=0)
+    assert (reason == 2).all() and (n_iter == 0).all() and not converged.any()
+    wide = _quadratic(A, c)
+
+    def mixed(x):  # value and scale in the iterate's dtype, gradient in float64
+        f, g, aux, scale = wide(x.double())
+        return f.float(), g, aux, scale.float()
+    x, _, _, _, converged, reason = lbfgs(mixed, torch.zeros(2, 5), h0=1e-2, tol=1e-4, ftol=0.0, max_iter=200,
+                                          history=3, flat_converges=False)
+    assert converged.all() and (reason == 0).all()
+    torch.testing.assert_close(x.double(), torch.linalg.solve(A, c), rtol=0, atol=1e-4)

@@ -38,7 +38,7 @@ def _direction(g, pairs, sy, yy, sg, yg, valid, h0):
     # masks by selection, not products: an invalidated pair's rows stay in the memory
     out = ~valid
     out2 = out[:, :, None] | out[:, None, :]
-    R = torch.triu(sy).masked_fill(out2, 0.0) + torch.diag_embed(out.to(g.dtype))
+    R = torch.triu(sy).masked_fill(out2, 0.0) + torch.diag_embed(out.to(sy.dtype))
     h = h0[:, None, None]
     z = torch.linalg.solve_triangular(R, sg.masked_fill(out, 0.0)[..., None], upper=True)  # R^{-1} S g
     D = torch.diagonal(sy, dim1=1, dim2=2).masked_fill(out, 0.0)
