@@ -27,7 +27,8 @@ def pcg(
 
     Returns:
         ``(x, iterations run)``. Stopped problems idle (step 0) until all have stopped;
-        that is read from the device every 8 iterations only (one host sync each). A
+        that is read from the device every 8 iterations only (one host sync each), from the
+        8th on (a system with nothing to solve idles through 8 iterations). A
         direction with ``p^T K p <= 0`` (rounding at the null space) stops its problem.
     """
     precond = (lambda r: r) if inv_diag is None else (lambda r: inv_diag * r)  # noqa: E731
@@ -42,7 +43,7 @@ def pcg(
         run = run & active
     its = 0
     for k in range(max_iter):
-        if k % 8 == 0 and not bool(run.any()):
+        if k and k % 8 == 0 and not bool(run.any()):  # (none at k = 0: a call has work to do)
             break
         q = matvec(p)
         pq = (p * q).sum(-1)

@@ -256,11 +256,11 @@ class _Solve:
             ok = err <= tol
             self.passed |= ok
             active = ~self.passed & torch.isfinite(err) & (stalled < patience)
-            if not bool(active.any()):
+            vals, idx, s, live = self._sparse_plan(r, active, s, s_max, sparsity is None, drop_tol)
+            if not live:
                 break
             if self.progress.due():
                 self.progress.update(int(self.newton_its.max()), float(err[active].max()), pb.eps, "newton")
-            vals, idx, s = self._sparse_plan(r, active, s, s_max, sparsity is None, drop_tol)
             # inexact Newton: relative CG residual ~ sqrt(error) (superlinear steps
             # near the solution, cheap ones far from it), within [cg_tol, 0.1]
             forcing = err.sqrt().clamp(min=cg_tol, max=0.1)
@@ -303,16 +303,29 @@ class _Solve:
 
     def _sparse_plan(self, r, active, s, s_max, adaptive, drop_tol):
         """ELL top-``s`` rows of P; with ``adaptive`` double ``s`` until the dropped
-        mass fraction of every active problem is at most ``drop_tol``."""
+        mass fraction of every active problem is at most ``drop_tol``. Returns ``(vals,
+        idx, s, live)``, ``live``: some problem is active (else the rest is not computed).
+        With ``adaptive`` that flag is read with the first dropped-mass test (one host sync
+        for both; when no problem is left, the extraction was spare)."""
         pb = self.pb
+        adaptive = adaptive and s < s_max
+        if not adaptive and not bool(active.any()):
+            return None, None, s, False
         F, G = self._biased(self.f, self.g)
+        first = True
         while True:
             vals, idx = pb.geom.plan_sparse_rows(F, G, pb.eps, s, **pb.kw())
             if not adaptive or s >= s_max:
-                return vals, idx, s
+                return vals, idx, s, True
             dropped = 1 - vals.sum((1, 2)) / r.sum(-1)
-            if not bool((active & (dropped > drop_tol)).any()):
-                return vals, idx, s
+            more = (active & (dropped > drop_tol)).any()
+            if first:
+                live, more = torch.stack([active.any(), more]).tolist()
+                if not live:
+                    return None, None, s, False
+                first = False
+            if not more:
+                return vals, idx, s, True
             s = min(s_max, 2 * s)
 
     def _direction(self, r, c, vals, idx, active, rtol, cg_max_iter):
