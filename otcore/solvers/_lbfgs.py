@@ -144,27 +144,31 @@ def lbfgs(
         valid &= ~reset[:, None]
         t = torch.clamp(max_step / d.abs().amax(-1).clamp(min=torch.finfo(dt).tiny), max=1.0)
         done = ~active
-        new = (theta, f, g, aux, scale)
-        exhausted = True
+        new = (theta, f, g, aux, scale, gnorm)
+        exhausted, last = True, False
+        reached = ~active  # problems whose accepted step meets the gradient test (they stop)
         for trial in range(max_ls):
             cand = theta + t[:, None] * d
             fc, gc, auxc, sc = evaluate(cand)
+            trial_out = (cand, fc, gc, auxc, sc, gc.abs().sum(-1))
             armijo = ~done & torch.isfinite(fc) & (fc <= f + c1 * t * gd + slack * (scale + f.abs()))
             curv = (gc * d).sum(-1) >= c2 * gd  # weak Wolfe: the slope has risen enough
             ok = armijo & curv
-            every, all_ok, live = torch.stack([(ok | done).all(), ok.all(), active.any()]).tolist()  # one sync
-            if not live:  # every problem stopped last iteration: this trial was spare
+            reached = reached | (ok & (trial_out[-1] <= tol))
+            # the trial's one sync: all stepped? any problem left? will every one stop on this step?
+            every, all_ok, live, last = torch.stack([(ok | done).all(), ok.all(), active.any(), reached.all()]).tolist()
+            if not live:  # every problem stopped last iteration (ftol, a failed search): a spare trial
                 finished = True
                 break
             if every:  # every live problem takes a step
-                new = (cand, fc, gc, auxc, sc) if all_ok else _where(ok, (cand, fc, gc, auxc, sc), new)
+                new = trial_out if all_ok else _where(ok, trial_out, new)
                 done, exhausted = done | ok, False
                 break
             if trial == 0:
                 lo, hi = torch.zeros_like(t), torch.full_like(t, math.inf)
                 fallback, armijo_seen = new, torch.zeros_like(done)
-            new = _where(ok, (cand, fc, gc, auxc, sc), new)
-            fallback = _where(armijo, (cand, fc, gc, auxc, sc), fallback)
+            new = _where(ok, trial_out, new)
+            fallback = _where(armijo, trial_out, fallback)
             armijo_seen |= armijo
             done |= ok
             # bracket [lo, hi]: too long where Armijo fails, too short where the slope is still steep
@@ -183,7 +187,8 @@ def lbfgs(
             kicked = failed & (kicks < max_kicks) & (kick > 0)
             if bool(kicked.any()):  # a kink: step off it along a fixed pattern, forget the memory
                 cand = theta + kick[:, None] * pattern
-                new = _where(kicked, (cand, *evaluate(cand)), new)
+                fk, gk, auxk, sk = evaluate(cand)
+                new = _where(kicked, (cand, fk, gk, auxk, sk, gk.abs().sum(-1)), new)
                 valid &= ~kicked[:, None]
                 kicks += kicked
                 done |= kicked
@@ -197,9 +202,8 @@ def lbfgs(
         pairs, sy, yy, sg, yg, valid = _push(pairs, sy, yy, valid, s_new, y_new, keep, new[2])
         keep, s_y, y_y = valid[:, -1], sy[:, -1, -1], yy[:, -1, -1]
         hscale = torch.where(keep, s_y / y_y.masked_fill(~keep, 1.0), hscale)
-        theta, f, g, aux, scale = new
+        theta, f, g, aux, scale, gnorm = new
         n_iter += moved
-        gnorm = g.abs().sum(-1)
         grad_ok = grad_ok | (moved & (gnorm <= tol))
         recent.append(f)
         recent_g.append(gnorm)
@@ -217,6 +221,8 @@ def lbfgs(
         active = active & moved & ~converged & ~flat_stop
         if progress is not None and progress.due():
             progress.update(it + 1, float(gnorm.max()), None, "L-BFGS")
+        if last:  # every problem met the gradient test on this step: no spare trial
+            break
     if progress is not None:
         progress.close()
     reason = torch.where(grad_ok, 0, torch.where(converged, 4, torch.where(flat_stop, 5, torch.where(
