@@ -82,15 +82,14 @@ class SinkhornLoss(nn.Module):
         self.cost = _validate.choice("cost", cost, ("sqeuclidean", "euclidean"))
         self.reduction = _validate.choice("reduction", reduction, ("mean", "sum", "none"))
         # the solver's own checks, at construction rather than at the first forward call
-        if isinstance(rho, (tuple, list)):
+        rho_a, rho_b = parse_rho(rho)  # each entry checked first (a pair of arrays cannot be compared)
+        if rho_a != rho_b:
             # the mass term below makes S >= 0 only with one penalty on both sides: with
             # rho = (None, 0.5) and masses 5 and 3, S came out as -7.7 at eps = 10
-            if len(rho) != 2 or rho[0] != rho[1]:
-                raise ValueError(f"rho must be None, one number or a pair of equal ones for SinkhornLoss (the "
-                                 f"divergence needs the same penalty on both sides), got {rho!r}; otcore.sinkhorn "
-                                 f"takes different ones")
-            rho = rho[0]
-        parse_rho(rho)
+            raise ValueError(f"rho must be None, one number or a pair of equal ones for SinkhornLoss (the "
+                             f"divergence needs the same penalty on both sides), got {rho!r}; otcore.sinkhorn "
+                             f"takes different ones")
+        rho = rho_a
         _validate.positive("tol", tol)
         _validate.positive_int("max_iter", max_iter)
         _validate.choice("backend", backend, BACKENDS)

@@ -7,6 +7,7 @@ tensors. Device mismatches are provoked with ``meta`` tensors, which exist on
 every machine (and with CUDA when there is one).
 """
 
+import math
 import warnings
 
 import numpy as np
@@ -464,6 +465,16 @@ def test_sinkhorn_loss_takes_a_pair_of_equal_penalties():
 def test_sinkhorn_loss_checks_its_arguments_at_construction(kw, name):
     with pytest.raises(ValueError, match=name):
         otcore.SinkhornLoss(**kw)
+
+
+@pytest.mark.parametrize("rho, err, msg", [((torch.ones(2), torch.ones(2)), TypeError, r"rho\[0\] must be a number"),
+                                           ((np.ones(2), np.ones(2)), TypeError, r"rho\[0\] must be a number"),
+                                           ((math.nan, math.nan), ValueError, r"rho\[0\] must be a finite number")])
+def test_sinkhorn_loss_checks_each_entry_of_a_rho_pair(rho, err, msg):
+    """Each entry is checked before the pair's equality: two arrays raised the ambiguous truth
+    value error of torch or NumPy, and (nan, nan) was called a pair of unequal ones."""
+    with pytest.raises(err, match=msg):
+        otcore.SinkhornLoss(rho=rho)
 
 
 @pytest.mark.parametrize("backend", ["auto", "cuda", "Torch"])
