@@ -186,7 +186,9 @@ def section_sparse(rows, dev_ref, say):
         else:
             say(f"  router T={r['tokens']:<6d} E={r['experts']:<4d} {r['mode']:8s} softmax {r['softmax_top2_ms']:8.3f} ms"
                 f"  OT {r['ot_ms']:9.3f} ms ({r['ot_iters']} it)  ratio {r['ratio']:6.1f}"
-                f"  check {'ok' if r.get('check_ok') else 'FAILED'} ({fmt(r.get('check_deviation'), '.1e')})")
+                + (f"  warm start {r['ot_warm_ms']:9.3f} ms ({r['ot_warm_iters']} it)  ratio {r['ratio_warm']:6.1f}"
+                   if "ot_warm_ms" in r else "")
+                + f"  check {'ok' if r.get('check_ok') else 'FAILED'} ({fmt(r.get('check_deviation'), '.1e')})")
 
 
 def make_tar(work, path):
