@@ -116,6 +116,13 @@ def digits_problem(pair, cost, dtype, device):
 # ---------------------------------------------------------------------------
 # solvers
 # ---------------------------------------------------------------------------
+def reached(res, tol) -> bool:
+    """The table's "converged": the L1 marginal error is at most ``tol``, as for POT. (otcore's
+    own ``converged`` also accepts a result whose loop test passed a rounding step above tol:
+    float32 at tol 1e-5 reported 1.24e-5 as converged, and a speedup over it is a bound.)"""
+    return bool(res.converged) and float(res.marginal_error) <= tol
+
+
 def run_sns(geom, a, b, eps, tol, device, args):
     kw = dict(eps=eps, tol=tol, max_iter=args.newton_max_iter)
     with warnings.catch_warnings():
@@ -125,8 +132,8 @@ def run_sns(geom, a, b, eps, tol, device, args):
     i = res.info
     detail = (f"warmup {i['warmup_iter']} ({i['time_warmup_s']:.3g}s) newton {i['newton_iter']} "
               f"({i['time_newton_s']:.3g}s) fallback {i['fallback_iter']} cg {i['cg_iter']} s={i['sparsity']}")
-    return res, dict(iters=res.n_iter, time_s=t, marginal_error=res.marginal_error, converged=res.converged,
-                     detail=detail)
+    return res, dict(iters=res.n_iter, time_s=t, marginal_error=res.marginal_error,
+                     converged=reached(res, tol), detail=detail)
 
 
 def floor_s_per_iter(geom, dense: bool) -> float:
@@ -165,7 +172,7 @@ def run_sinkhorn(geom, a, b, eps, tol, device, args):
                 init = (res.f, res.g)
 
         (res, done, chunks), t = timed(loop, device)
-    return res, dict(iters=done, time_s=t, marginal_error=res.marginal_error, converged=bool(res.converged),
+    return res, dict(iters=done, time_s=t, marginal_error=res.marginal_error, converged=reached(res, tol),
                      detail=f"budget {args.budget:g}s, {chunks} chunk(s)")
 
 

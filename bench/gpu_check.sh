@@ -29,9 +29,11 @@
 #         per shape would not fit) + a second otcore measurement                     30
 # A part that runs past its budget is killed and the next one starts; each bench writes
 # its results after every size/problem, so a killed part keeps what it finished. Parts
-# are also cut to the time left under GPU_CHECK_TOTAL_S (default 520 s; the driver
-# skips a part with under 15 s left; GPU_CHECK_PART_CAP_S caps every part, for testing the
-# plumbing). POT (CPU, 8 threads) for the sparse-OT speedup runs in the background from
+# are also cut to the time left under GPU_CHECK_TOTAL_S (default 520 s) minus the least
+# time each later part needs (PLANNED below: the budgets add up to more than the total,
+# and without that reserve parts run to their budgets left nothing for d and e); the
+# driver skips a part with under 15 s left; GPU_CHECK_PART_CAP_S caps every part, for
+# testing the plumbing. POT (CPU, 8 threads) for the sparse-OT speedup runs in the background from
 # the start when importable and is used by part d if it has finished; otherwise part d
 # uses the stored bench/data/pot_sparse_ref.json (a shared 2-core machine: pessimistic
 # for POT) and its >= 100x verdict is marked "provisional (stored POT reference)".
@@ -137,14 +139,27 @@ fi
 printf "part\tbudget_s\tused_s\tstatus\n" >"$WORK/parts.tsv"
 summary() { "$PY" "$REPO/bench/gpu_check_summary.py" --work "$WORK" --out "$OUT" "$@"; }
 
+# PLANNED: "name:seconds" for each part in order, the least time a part needs to report
+# anything useful; a part's budget leaves that much to every part after it, so the budgets
+# (which add up to more than the total) cannot starve the last parts (empty: no reserve)
+PLANNED=""
+kept_for_later() {  # kept_for_later NAME: seconds reserved for the parts planned after NAME
+  local item seen=0 sum=0
+  for item in $PLANNED; do
+    [ $seen = 1 ] && sum=$((sum + ${item#*:}))
+    [ "${item%%:*}" = "$1" ] && seen=1
+  done
+  echo $sum
+}
+
 run_part() {  # run_part NAME BUDGET_S CMD...
   local name=$1 budget=$2
   shift 2
-  local left=$((TOTAL - $(elapsed) - RESERVE))
+  local left=$((TOTAL - $(elapsed) - RESERVE - $(kept_for_later "$name")))
   [ "$budget" -gt "$left" ] && budget=$left
   [ -n "${GPU_CHECK_PART_CAP_S:-}" ] && [ "$budget" -gt "$GPU_CHECK_PART_CAP_S" ] && budget=$GPU_CHECK_PART_CAP_S
   if [ "$budget" -lt 15 ]; then
-    echo "== part $name SKIPPED: ${left}s left of the total"
+    echo "== part $name SKIPPED: ${left}s left of the total (after what the later parts keep)"
     printf "%s\t%s\t0\tskipped (no time left)\n" "$name" "$budget" >>"$WORK/parts.tsv"
     return
   fi
@@ -200,6 +215,7 @@ if [ $QUICK = 1 ]; then
     --pot-ref $POT_REF --out "$WORK/d/sparse_ot.json"
   run_part e  $B "$PY" $K --quick --sizes 64x3 --peers flash --skip-dense --skip-loss --out "$WORK/e"
 else
+  PLANNED="a:60 a2:30 b:35 l:30 p:20 t:30 c1:30 c2:20 d:60 e:20"
   # POT's sparse-OT reference at n = 2048 runs on the CPU beside the GPU parts
   if "$PY" -c "import ot" 2>/dev/null; then
     echo "# POT sparse-OT reference (n = 2048, CPU, 8 threads) started in the background"

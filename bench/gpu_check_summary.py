@@ -67,8 +67,10 @@ def section_kernels(rows, say):
         return
     for n, d in sizes:
         at = [r for r in rows if r["n"] == n and r["d"] == d]
-        err = {r["method"]: r for r in at if r["section"] == "pass_error"}
-        sol = {r["method"]: r for r in at if r["section"] == "solve_error"}
+        err, sol = {}, {}  # the first part's rows (a; e repeats sizes with fewer warm iterations)
+        for r in at:
+            if r["section"] in ("pass_error", "solve_error"):
+                (err if r["section"] == "pass_error" else sol).setdefault(r["method"], r)
         line = f"  n={n:<8d} d={d:<3d} pass relerr vs f64 (row/col):"
         for m in ("fp32", "fp32 shifted", "tf32", "torch dense fp32"):
             if m in err:
@@ -205,12 +207,17 @@ def section_latency(work, say):
             rows = list(csv.DictReader(fh))
     except OSError:
         return
-    say("[l] latency-bound workloads, ms per call (fixed iterations): plain torch | otcore eager | "
-        "per-pass (one-tile kernel off) | CUDA graph")
+    say("[l] latency-bound workloads, ms per call (fixed iterations; 'to tol': solves to the marginal "
+        "tolerance, iterations torch/otcore): plain torch | otcore eager | per-pass (one-tile kernel off) | "
+        "CUDA graph (each call records its graph once) ; check: potentials vs plain torch, or converged")
     for r in rows:
-        say(f"  {r['workload']:8s} {r['shape']:>16s} {r['iters']:>3s} it  err {float(r['max_rel_err']):.1e}  "
-            f"{float(r['torch_ms']):9.3f} | {float(r['otcore_ms']):9.3f} | {float(r['otcore_per_pass_ms']):9.3f} | "
-            f"{float(r['otcore_graph_ms']):9.3f}  ({float(r['speedup_vs_torch']):.2f}x torch)")
+        try:
+            say(f"  {r['workload']:14s} {r['shape']:>16s} {r['iters']:>9s} it  err {float(r['max_rel_err']):.1e}  "
+                f"{float(r['torch_ms']):9.3f} | {float(r['otcore_ms']):9.3f} | {float(r['otcore_per_pass_ms']):9.3f} | "
+                f"{float(r['otcore_graph_ms']):9.3f}  ({float(r['speedup_vs_torch']):.2f}x torch)"
+                f"  check {'ok' if r.get('ok') == 'True' else 'FAILED'}")
+        except (KeyError, TypeError, ValueError):  # a row cut short (the part killed while writing)
+            say(f"  (an incomplete row skipped: {dict(r)})")
 
 
 def section_plan(work, say):
