@@ -401,7 +401,7 @@ def costmatrix(n, device, args, rows_out, copy_bps):
         torch.cuda.empty_cache()
 
 
-def loss_layer(device, args, rows_out):
+def loss_layer(device, args, rows_out, save=lambda: None):
     """SinkhornLoss forward + backward: checked against float64 on the torch path, then
     timed beside GeomLoss tensorized (same eps, debiased) when importable."""
     n = args.loss_n
@@ -435,6 +435,7 @@ def loss_layer(device, args, rows_out):
     target = GEOMLOSS_REF_MS / LOSS_SPEEDUP_TARGET
     rows_out.append(dict(section="loss_fwd_bwd_ms", n=n, d=3, method="otcore SinkhornLoss", ms=ms, value=float(v0),
                          target_ms=target, target_met=bool(ms <= target)))
+    save()  # after every row: a part killed at its budget keeps what it measured
     print(f"  otcore SinkhornLoss fwd+bwd (blur {blur}): {ms:.2f} ms (value {float(v0):.6e}); target: GeomLoss "
           f"{GEOMLOSS_REF_MS} ms on an H100, target <= {target:.2f} ms: {'met' if ms <= target else 'MISSED'}",
           flush=True)
@@ -460,10 +461,12 @@ def loss_layer(device, args, rows_out):
         rows_out.append(dict(section="loss_fwd_bwd_ms", n=n, d=3, method=f"GeomLoss tensorized s={scaling}", ms=ms1,
                              value=float(v1), value_relerr_vs_otcore=relerr(v1, v0),
                              grad_relerr_vs_otcore=relerr(g1, g0), speedup_of_otcore=ms1 / ms))
+        save()
         print(f"  GeomLoss tensorized (scaling {scaling}): {ms1:.2f} ms = {ms1 / ms:.1f}x otcore (value {float(v1):.6e}, "
               f"value relerr vs otcore {relerr(v1, v0):.1e}, grad {relerr(g1, g0):.1e})", flush=True)
         if v64 is not None:
             equal_accuracy(x, y, eps, runner, (v1, g1), ms1, scaling, (v64, g64), device, rows_out)
+            save()
 
 
 #: SinkhornLoss tolerances tried, loosest first, for the equal-accuracy comparison
@@ -612,7 +615,7 @@ def main(argv=None) -> int:
     dense_upto(float("inf"))
     if not args.skip_loss:
         print(f"loss layer, n = m = {args.loss_n}, d = 3", flush=True)
-        loss_layer(device, args, rows)
+        loss_layer(device, args, rows, save=lambda: write_outputs(rows, out, meta))
     write_outputs(rows, out, meta)
     print(f"wrote {out}/results.csv, results.json, sinkhorn_kernels.png")
     return 0
