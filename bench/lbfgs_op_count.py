@@ -31,12 +31,15 @@ VIEWS = {"select.int", "unsqueeze.default", "view.default", "alias.default", "sl
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the computing operations dispatched, by the phase set in ``self.phase``."""
+    """Counts, by the phase set in ``self.phase``, the computing operations dispatched
+    (``counts[phase]``) and the host reads (``counts["host reads in " + phase]``): ``bool``,
+    ``float``, ``int``, ``item`` of a tensor, and ``tolist`` (patched while the counter is
+    on: on a CPU it is no dispatched operation)."""
 
-    def __init__(self):
+    def __init__(self, phase: str = "all"):
         super().__init__()
         self.counts = collections.Counter()
-        self.phase = "outside L-BFGS"
+        self.phase = phase
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.__name__ == "_local_scalar_dense.default":  # bool(t), float(t), t.item()
@@ -45,10 +48,24 @@ class OpCounter(TorchDispatchMode):
             self.counts[self.phase] += 1
         return func(*args, **(kwargs or {}))
 
+    def __enter__(self):
+        tolist = self._tolist = torch.Tensor.tolist
+
+        def counted_tolist(t):  # one transfer to the host
+            self.counts["host reads in " + self.phase] += 1
+            return tolist(t)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
 
 def count(solve):
     """Run ``solve()`` with the solver's L-BFGS instrumented; returns (result, counts)."""
-    counter = OpCounter()
+    counter = OpCounter("outside L-BFGS")
     plain = sparse_solver.lbfgs
 
     def instrumented(evaluate, *args, **kwargs):
@@ -64,18 +81,12 @@ def count(solve):
         finally:
             counter.phase = "outside L-BFGS"
 
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(t):  # one transfer to the host (not a dispatched operation on the CPU)
-        counter.counts["host reads in " + counter.phase] += 1
-        return tolist(t)
-
-    sparse_solver.lbfgs, torch.Tensor.tolist = instrumented, counted_tolist
+    sparse_solver.lbfgs = instrumented
     try:
         with counter:
             result = solve()
     finally:
-        sparse_solver.lbfgs, torch.Tensor.tolist = plain, tolist
+        sparse_solver.lbfgs = plain
     return result, counter.counts
 
 

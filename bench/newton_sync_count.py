@@ -1,7 +1,7 @@
 """Host synchronisations per Newton iteration of sinkhorn_newton, counted on any machine.
 
 On a GPU each read of a device value by the host (``bool``/``float``/``int``/``item`` of a
-tensor, ``tolist``) waits for the queue to drain. The count per Newton iteration is taken
+tensor, ``tolist``; counted by ``lbfgs_op_count.OpCounter``) waits for the queue to drain. The count per Newton iteration is taken
 as (syncs of a full solve - syncs of the same solve stopped after one Newton iteration)
 / (Newton iterations - 1), so the warm-up and the result's set-up cancel.
 
@@ -13,28 +13,15 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.overrides import TorchFunctionMode
+from lbfgs_op_count import OpCounter  # its host-read count (bench/ is the script's directory)
 
 import otcore
 
-READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist"}
-
-
-class SyncCounter(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in READS:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
 
 def syncs(geom, eps, **kw):
-    with SyncCounter() as counter:
+    with OpCounter("solve") as counter:
         result = otcore.sinkhorn_newton(geom, eps=eps, **kw)
-    return result, counter.n
+    return result, counter.counts["host reads in solve"]
 
 
 def main():

@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from .reference import damping, scaled
+
 
 @dataclass
 class EnvelopeSpec:
@@ -104,14 +106,14 @@ def _refined_potentials(spec: EnvelopeSpec, kw: dict) -> tuple[torch.Tensor, tor
     The relaxed side's update scales the other's error by ``tau`` (5e-5 at rho = 0.5,
     eps = 1e4), and at eps above the diameter one step mixes away the rest, so one pass
     per side in float64 resolves both potentials."""
-    tau = lambda rho: 1.0 if rho is None else rho / (rho + spec.eps)  # noqa: E731
     geom, eps = spec.geom, spec.eps
+    tau_a, tau_b = damping(spec.rho_a, eps), damping(spec.rho_b, eps)
     if spec.rho_a is not None:
-        f = tau(spec.rho_a) * resolved_softmin(geom, spec.g, spec.Bw, eps, 1, kw, True)
-        g = tau(spec.rho_b) * resolved_softmin(geom, f, spec.A, eps, 0, kw, True)
+        f = scaled(resolved_softmin(geom, spec.g, spec.Bw, eps, 1, kw, True), tau_a)
+        g = scaled(resolved_softmin(geom, f, spec.A, eps, 0, kw, True), tau_b)
     else:
-        g = tau(spec.rho_b) * resolved_softmin(geom, spec.f, spec.A, eps, 0, kw, True)
-        f = tau(spec.rho_a) * resolved_softmin(geom, g, spec.Bw, eps, 1, kw, True)
+        g = scaled(resolved_softmin(geom, spec.f, spec.A, eps, 0, kw, True), tau_b)
+        f = scaled(resolved_softmin(geom, g, spec.Bw, eps, 1, kw, True), tau_a)
     return f, g
 
 

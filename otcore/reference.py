@@ -211,6 +211,12 @@ def sinkhorn_steps(
     return (f, g) if check is None else (f, g, resid)
 
 
+def damping(rho: Optional[float], eps: float) -> float:
+    """``tau = rho / (rho + eps)`` of a KL-relaxed marginal's update ``f <- tau softmin``; 1
+    for a balanced one (``rho`` None)."""
+    return 1.0 if rho is None else rho / (rho + eps)
+
+
 def scaled(s: torch.Tensor, tau: float) -> torch.Tensor:
     """``tau * s``, without a launch when ``tau`` is 1 (a balanced side)."""
     return s if tau == 1.0 else tau * s

@@ -312,21 +312,19 @@ class _Solve:
         if not adaptive and not bool(active.any()):
             return None, None, s, False
         F, G = self._biased(self.f, self.g)
-        first = True
-        while True:
-            vals, idx = pb.geom.plan_sparse_rows(F, G, pb.eps, s, **pb.kw())
-            if not adaptive or s >= s_max:
-                return vals, idx, s, True
-            dropped = 1 - vals.sum((1, 2)) / r.sum(-1)
-            more = (active & (dropped > drop_tol)).any()
-            if first:
-                live, more = torch.stack([active.any(), more]).tolist()
-                if not live:
-                    return None, None, s, False
-                first = False
-            if not more:
-                return vals, idx, s, True
-            s = min(s_max, 2 * s)
+        extract = lambda s: pb.geom.plan_sparse_rows(F, G, pb.eps, s, **pb.kw())  # noqa: E731
+        vals, idx = extract(s)
+        if adaptive:
+            rows = r.sum(-1)
+            grows = lambda vals: (active & (1 - vals.sum((1, 2)) / rows > drop_tol)).any()  # noqa: E731
+            live, grow = torch.stack([active.any(), grows(vals)]).tolist()
+            if not live:
+                return None, None, s, False
+            while grow:
+                s = min(s_max, 2 * s)
+                vals, idx = extract(s)
+                grow = s < s_max and bool(grows(vals))
+        return vals, idx, s, True
 
     def _direction(self, r, c, vals, idx, active, rtol, cg_max_iter):
         """Newton direction: solve ``(M_s + lam D) d = eps * grad`` by Jacobi-PCG.

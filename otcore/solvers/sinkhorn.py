@@ -31,7 +31,7 @@ import torch
 from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
-from ..reference import scaled
+from ..reference import damping as _tau, scaled
 from ._entropic import Problem, check_init, entropic_result, make_problem, settle_zero_weights
 from ._graph import graphed
 
@@ -76,10 +76,6 @@ def eps_stages(schedule: Schedule, top: Callable[[], float], eps: float) -> list
     # the first stage is capped at the diameter: with a small q, eps / q**k can be far
     # above the cost's range, where the update rounds to a huge common offset of f and g
     return [min(eps / q**i, diam) for i in range(k, 0, -1)]
-
-
-def _tau(rho: Optional[float], eps: float) -> float:
-    return 1.0 if rho is None else rho / (rho + eps)
 
 
 def sinkhorn(
