@@ -71,10 +71,12 @@ def section_kernels(rows, say):
         for r in at:
             if r["section"] in ("pass_error", "solve_error"):
                 (err if r["section"] == "pass_error" else sol).setdefault(r["method"], r)
-        line = f"  n={n:<8d} d={d:<3d} pass relerr vs f64 (row/col):"
+        line = f"  n={n:<8d} d={d:<3d} pass relerr vs f64 (row/col[/pair: max abs error / max(|f|, |g|)]):"
         for m in ("fp32", "fp32 shifted", "tf32", "torch dense fp32"):
             if m in err:
                 line += f" {m} {fmt(err[m]['row_relerr'], '.1e')}/{fmt(err[m]['col_relerr'], '.1e')}"
+                if "pair_relerr" in err[m]:  # absent in results written before it was added
+                    line += f"/{fmt(err[m]['pair_relerr'], '.1e')}"
         say(line)
         if sol:
             say("      full solve vs f64 (f/g/cost): " + "  ".join(

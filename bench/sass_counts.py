@@ -117,16 +117,19 @@ def main():
     print(f"# sm_90 cubins, Triton {triton.__version__}; loop = innermost loop body, per tile and thread;")
     print(f"# softmin specialised as launched at n = m = {n} (compile_sm90's ints), one-tile kernel unspecialised")
     print(f"{'kernel':44s} {'regs':>4s} {'stack':>5s} {'loop':>6s} {'ex2':>4s} {'/ex2':>5s} {'fp32/ex2':>5s}")
-    sm = dict(EUCLID=False, BLOCK_I=64, BLOCK_J=64, PARTIAL=False, LANE=True, LOWEST=-3.4e38, FIXUP=False)
+    sm = dict(EUCLID=False, PARTIAL=False, LANE=True, LOWEST=-3.4e38, FIXUP=False)
     dense = dict(softmin_ints(n, 0), s_ob=0, s_or=0, s_ok=0, s_tb=0, s_tr=0, s_tk=0, s_cb=n * n, s_co=n, s_ct=1)
     for label, c, ints in (
             ("d=3 direct", dict(D=3, DP=4, COST=softmin.COST_DIRECT, IP="tf32x3"), softmin_ints(n, 3)),
             ("d=64 3xTF32 dot", dict(D=64, DP=64, COST=softmin.COST_DOT, IP="tf32x3"),
              softmin_ints(n, 2 * softmin.dot_padding(64) + 16)),
             ("dense C", dict(D=1, DP=1, COST=softmin.COST_DENSE, IP="ieee"), dense)):
+        bi, bj, warps = softmin.pass_tiles(n, n, c["COST"], c["D"])  # the launcher's tiles
         for name, flags in (("online (lanes)", dict(SHIFT=False)), ("shifted", dict(SHIFT=True)),
                             ("FIXUP", dict(SHIFT=False, FIXUP=True))):
-            row(f"softmin {label}, {name}", compile_sm90(softmin.softmin_kernel, dict(sm, **c, **flags), ints=ints))
+            row(f"softmin {label} {bi}x{bj}, {name}",
+                compile_sm90(softmin.softmin_kernel, dict(sm, **c, **flags, BLOCK_I=bi, BLOCK_J=bj), num_warps=warps,
+                             ints=ints))
     st = dict(EUCLID=False, SYMMETRIC=False, BLOCK_N=64, BLOCK_M=64)
     for label, c in (("d=3", dict(D=3, COST=softmin.COST_DIRECT)), ("d=64", dict(D=64, COST=softmin.COST_DIRECT)),
                      ("dense C", dict(D=1, COST=softmin.COST_DENSE))):

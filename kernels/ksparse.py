@@ -45,6 +45,7 @@ import triton.language as tl
 from otcore.reference_ksparse import KSparse, cross_sum
 from otcore.reference_ksparse import ksparse_columns as _torch_ksparse_columns
 
+from ._intmath import cdiv, next_pow2
 from .softmin import GRID_Y_MAX
 
 #: Largest ``k`` handled by the kernel (the chunk must hold k sorted entries in registers).
@@ -56,10 +57,6 @@ K_MAX = 256
 #: Largest batch run here (the batch is grid axis 1); larger ones run the twin.
 BATCH_MAX = GRID_Y_MAX
 
-#: Compiled for sm_90 at k = 4..256, 4 warps spilled up to 208 bytes per thread (point
-#: costs at every width; Triton 3.9 also the dense cost); 8 warps use 110-231 registers
-#: and no stack with Triton 3.6 and 3.9.
-NUM_WARPS = 8
 
 _COST_CODES = {"matrix": 0, "sqeuclidean": 1, "euclidean": 2}
 
@@ -218,13 +215,26 @@ def _ksparse_kernel(
         eq_seen += tl.sum(eq, axis=1)
 
 
-def block_sizes(k: int) -> tuple[int, int]:
-    """``(BLOCK_L, BLOCK_N)``: the chunk must hold the k kept entries (``BLOCK_N >= k``, a
-    power of two for the sorting network); at least 32 wide so small k still streams in real
-    chunks; about 2048 scores per tile so a program's registers are not exhausted."""
-    block_n = max(32, triton.next_power_of_2(k))
-    block_l = max(1, min(64, 2048 // block_n))
-    return block_l, block_n
+def block_sizes(k: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_L, BLOCK_N, num_warps)``: lines per program and the chunk of ``BLOCK_N``
+    scores read at a time, which holds the k kept entries (``BLOCK_N >= k``, a power of two
+    for the sorting network).
+
+    On CUDA: one line per program, chunks at least 64 wide, one warp per 64 chunk entries.
+    Measured on an H200 (bench/gpu_profile.py, one pass over a 2048 x 2048 dense cost,
+    k = 4): 64 lines x 32 per program with 8 warps (32 programs for 2048 lines, a quarter
+    of the SMs) took 1.95 ms; one line x 64 with one warp (2048 programs) 0.163 ms, one
+    line x 32 0.196 ms, one x 128 with two warps 0.272 ms; 4 lines x 32 with 4 warps
+    0.275 ms. All gave the same supports and values.
+
+    Elsewhere (the interpreter, whose cost is per program): about 2048 scores per program,
+    up to 64 lines x 32, 8 warps; one line per program made the CPU tests 15-40x slower.
+    ``tests/test_kernels_ksparse.py`` runs both layouts."""
+    if device.type == "cuda":
+        block_n = max(64, next_pow2(k))
+        return 1, block_n, max(1, block_n // 64)
+    block_n = max(32, next_pow2(k))
+    return max(1, min(64, 2048 // block_n)), block_n, 8
 
 
 def ksparse_columns(
@@ -267,14 +277,14 @@ def ksparse_columns(
         P, Q = (geom.x, geom.y) if axis == 0 else (geom.y, geom.x)
         c_args = (P, P, Q, 0, 0, 0, *P.stride(), *Q.stride(), P.shape[2])
     c_ptr, p_ptr, q_ptr, s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd, D = c_args
-    block_l, block_n = block_sizes(k)
-    grid = (triton.cdiv(L, block_l), B)
+    block_l, block_n, warps = block_sizes(k, dev)
+    grid = (cdiv(L, block_l), B)
     _ksparse_kernel[grid](
         h, c_ptr, p_ptr, q_ptr, line_in, line_in,
         beta_o, reg, lsum, vals, idx, cost,
         N, L, D, k, torch.full((1,), float(gamma), dtype=dt, device=dev),
         h.stride(0), h.stride(1), s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
         COST=code, SEMI=mass is not None, BLOCK_L=block_l, BLOCK_N=block_n, LOG_N=block_n.bit_length() - 1,
-        num_warps=NUM_WARPS,
+        num_warps=warps,
     )
     return KSparse(beta_o, reg, vals, idx, cost, lsum, cross_sum(vals, idx, N))

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._intmath import cdiv, next_pow2
 from .softmin import COST_DIRECT, COST_DOT, CostOperand, block_sizes, cost_tile, own_block, program_rows, scalars
 
 WEIGHT_P = 0  # W = P
@@ -231,7 +232,7 @@ def value_block(n_val: int) -> int:
     registers, so at most 64 columns (one program per 64 more, each recomputing its
     tile of P, which costs exps but keeps registers bounded); at least 16, the
     smallest tl.dot operand."""
-    return min(64, max(16, triton.next_power_of_2(n_val)))
+    return min(64, max(16, next_pow2(n_val)))
 
 
 #: Coordinates per program of the ``diff`` reduction (its tile is BLOCK_I x BLOCK_J x this).
@@ -306,9 +307,9 @@ def launch_plan_reduce(
     has_v = V is not None or diff
     matrix = has_v and (diff or V.dim() == 3)
     n_val = op.d if diff else V.shape[2] if matrix else 1
-    bk = min(DIFF_BLOCK_K, triton.next_power_of_2(n_val)) if diff else value_block(n_val) if matrix else 16
+    bk = min(DIFF_BLOCK_K, next_pow2(n_val)) if diff else value_block(n_val) if matrix else 16
     bi, bj, warps = reduce_block_sizes(op, has_v, matrix, bk, diff)
-    tiles_own = triton.cdiv(n_own, bi)
+    tiles_own = cdiv(n_own, bi)
     if has_v:
         V = op.oth if diff else V.to(dt)  # (diff: not read; any tensor for the pointer)
         out_v = torch.empty((B, n_own, n_val) if matrix else (B, n_own), dtype=dt, device=dev)
@@ -318,7 +319,7 @@ def launch_plan_reduce(
         V, out_v, vs, ovs = F_own, None, (0, 0, 0), (0, 0)
     out_s = torch.empty((B, n_own), dtype=dt, device=dev) if with_sum else None
     args = op.pointer_args()
-    grid = (B * tiles_own, triton.cdiv(n_val, bk) if matrix else 1)
+    grid = (B * tiles_own, cdiv(n_val, bk) if matrix else 1)
     plan_reduce_kernel[grid](
         out_v if has_v else F_own, out_s if with_sum else F_own, F_own, G_oth, V,
         scalars(eps, dt, dev), *args[:3],
@@ -344,14 +345,14 @@ def launch_plan_topk(op: CostOperand, F_own, G_oth, eps: float, k: int) -> tuple
     F_own = F_own.to(dt).contiguous()
     G_oth = G_oth.to(dt).contiguous()
     bi, bj, warps = block_sizes(n_own, n_oth, op.mode, op.d)
-    tiles_own = triton.cdiv(n_own, bi)
+    tiles_own = cdiv(n_own, bi)
     vals = torch.empty((B, n_own, k), dtype=dt, device=dev)
     idx = torch.empty((B, n_own, k), dtype=torch.int64, device=dev)
     args = op.pointer_args()
     plan_topk_kernel[(B * tiles_own,)](
         vals, idx, F_own, G_oth, scalars(eps, dt, dev), *args[:3],
         n_own, n_oth, tiles_own, F_own.stride(0), G_oth.stride(0), *args[3:],
-        **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, K=k, KP=triton.next_power_of_2(k),
+        **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, K=k, KP=next_pow2(k),
         LOWEST=float(torch.finfo(dt).min), num_warps=warps,
     )
     vals, order = torch.sort(vals, dim=-1, descending=True)
@@ -366,10 +367,10 @@ def launch_plan_dense(op: CostOperand, F_own, G_oth, eps: float) -> torch.Tensor
     F_own = F_own.to(dt).contiguous()
     G_oth = G_oth.to(dt).contiguous()
     bi, bj, warps = block_sizes(n_own, n_oth, op.mode, op.d)
-    tiles_own = triton.cdiv(n_own, bi)
+    tiles_own = cdiv(n_own, bi)
     P = torch.empty((B, n_own, n_oth), dtype=dt, device=dev)
     args = op.pointer_args()
-    plan_dense_kernel[(B * tiles_own, triton.cdiv(n_oth, bj))](
+    plan_dense_kernel[(B * tiles_own, cdiv(n_oth, bj))](
         P, F_own, G_oth, scalars(eps, dt, dev), *args[:3],
         n_own, n_oth, tiles_own, P.stride(0), P.stride(1), F_own.stride(0), G_oth.stride(0), *args[3:],
         **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, num_warps=warps,

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._intmath import next_pow2
 from .softmin import COST_DENSE, COST_DIRECT, DEVICE_SCALARS, CostOperand, cost_tile
 
 #: Largest padded tile ``next_pow2(n) * next_pow2(m)`` run by this kernel: 64 x 64. The
@@ -52,7 +53,7 @@ def fits(n: int, m: int) -> bool:
 
 
 def _pad(k: int) -> int:
-    return max(2, triton.next_power_of_2(k))
+    return max(2, next_pow2(k))
 
 
 @triton.jit

@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._intmath import cdiv, next_pow2
+
 COST_DENSE = 0
 COST_DIRECT = 1
 COST_DOT = 2
@@ -392,7 +394,7 @@ def softmin_kernel(
 def dot_padding(d: int) -> int:
     """``DP``: the coordinates of the dot path padded to a power of 2, at least 16 (the
     smallest ``tl.dot`` operand)."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def dot_features(pts: torch.Tensor, input_precision: str) -> torch.Tensor:
@@ -490,7 +492,7 @@ class CostOperand:
 
     def constexprs(self) -> dict:
         d = self.d
-        dp = dot_padding(d) if self.mode == COST_DOT else triton.next_power_of_2(d)
+        dp = dot_padding(d) if self.mode == COST_DOT else next_pow2(d)
         return dict(D=d, DP=dp, COST=self.mode, EUCLID=self.euclidean, IP=self.input_precision)
 
 
@@ -565,9 +567,28 @@ def block_sizes(n_own: int, n_oth: int, mode: int, d: int) -> tuple[int, int, in
     at least 16, the smallest tl.dot operand). ``mode`` and ``d`` are accepted so
     that a per-path choice can be added without touching the launchers.
     """
-    bi = min(64, max(16, triton.next_power_of_2(n_own)))
-    bj = min(64, max(16, triton.next_power_of_2(n_oth)))
+    bi = min(64, max(16, next_pow2(n_own)))
+    bj = min(64, max(16, next_pow2(n_oth)))
     warps = max(1, min(8, bi * bj // 512))
+    return bi, bj, warps
+
+
+def pass_tiles(n_own: int, n_oth: int, mode: int, d: int) -> tuple[int, int, int]:
+    """``(BLOCK_I, BLOCK_J, num_warps)`` of a softmin pass: :func:`block_sizes`, except that
+    the tensor-core cost (``COST_DOT``) takes 128 own rows per tile once there are 128.
+
+    Measured on an H200 (bench/gpu_profile.py, one row pass, 32768 x 32768, d = 64):
+    3xTF32 4.39 ms at 64 x 64 with 8 warps, 2.28 ms at 128 x 64 (8 warps; 2.27 with 4),
+    2.57 ms at 64 x 64 with 4 warps; 64 x 128 and 128 x 128 need more shared memory than
+    an SM has (233 and 262 KB). Plain tf32: 1.34 ms at 64 x 64, 1.28 ms at 128 x 64. The
+    d = 3 direct cost was fastest at 64 x 64 (0.706 ms; 0.756 at 128 x 64), so only the dot
+    path changes, and only up to d = 64 (one feature slice): at d = 200 the 128-row tile
+    spilled (255 registers, tests/test_kernels_compile.py). The plan kernels keep
+    :func:`block_sizes` (not measured at 128 rows).
+    """
+    bi, bj, warps = block_sizes(n_own, n_oth, mode, d)
+    if mode == COST_DOT and n_own >= 128 and dot_padding(d) <= DOT_K_MAX.value:
+        return 128, bj, 8
     return bi, bj, warps
 
 
@@ -590,21 +611,30 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits(programs: int, tiles_oth: int, device: torch.device) -> int:
+#: A dense cost's pass is split (:func:`num_splits`) only when the reduced axis has at least
+#: this many tiles of 64: at 8192 x 8192 (128 tiles) the unsplit pass was faster on an H200
+#: (bench/gpu_profile.py: 0.214 vs 0.310 ms down the columns, 0.308 vs 0.346 ms along the
+#: rows), and it saves the combine's ~7 small launches. Point clouds (exp-bound, not
+#: memory-bound) keep the split.
+DENSE_SPLIT_MIN_TILES = 256
+
+
+def num_splits(programs: int, tiles_oth: int, device: torch.device, dense: bool = False) -> int:
     """How many slices the reduced axis is cut into (split-K, combined on the host side).
 
     A GPU needs several programs per SM to hide latency; with few own tiles (e.g.
     n = 8192: 128 tiles of 64 for 132 SMs) the other axis is split so that about
     4 programs per SM exist, each still streaming >= 8 tiles so the extra partial
-    results (one per own row and slice) stay negligible. On CPU (the interpreter)
+    results (one per own row and slice) stay negligible. A dense cost (``dense``) is
+    split only from :data:`DENSE_SPLIT_MIN_TILES` tiles on. On CPU (the interpreter)
     more programs only cost time: 1.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or (dense and tiles_oth < DENSE_SPLIT_MIN_TILES):
         return 1
     target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if programs >= target // 2:
         return 1
-    return max(1, min(triton.cdiv(target, programs), tiles_oth // 8))
+    return max(1, min(cdiv(target, programs), tiles_oth // 8))
 
 
 #: CUDA caps a launch grid's second and third axes at 65535 programs: kernels with the
@@ -667,9 +697,12 @@ def scalars(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 #: Smallest ``B * n_own * n_oth`` (the whole launch) for which a ``hint`` is used (:func:`lse_shift`): the
-#: shifted pass needs a second, mostly idle launch (the ``FIXUP`` one, ~2-4 us), worth it
-#: only where a pass takes much longer: 8192 x 8192 (~16 us at the exp floor of an H100).
-SHIFT_MIN_ENTRIES = 1 << 26
+#: shifted pass needs a second, mostly idle launch (the ``FIXUP`` one), and on an H200 a
+#: launch_softmin call cost ~105 us of host time (bench/gpu_profile.py). Measured per eager Sinkhorn
+#: iteration there (bench_sinkhorn_kernels.py, d = 3): 8192 x 8192 online 0.43 ms,
+#: shifted 0.56 ms (host-bound: the extra launches cost more than the shift saves);
+#: 32768 x 32768 online 1.40 ms, shifted 1.17 ms (kernel-bound). Hence 2^28 (16384^2).
+SHIFT_MIN_ENTRIES = 1 << 28
 
 
 def lse_shift() -> bool:
@@ -710,12 +743,15 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
         raise ValueError(f"hint must have the result's shape ({B}, {n_own}), got {tuple(hint.shape)}")
     shift = hint is not None and lse_shift() and B * n_own * n_oth >= SHIFT_MIN_ENTRIES
     hint = hint.to(ref.dtype).contiguous() if shift else h
-    bi, bj, warps = block_sizes(n_own, n_oth, op.mode, op.d)
-    tiles_own = triton.cdiv(n_own, bi)
-    tiles_oth = triton.cdiv(n_oth, bj)
-    S = num_splits(B * tiles_own, tiles_oth, ref.device) if splits is None else max(1, min(splits, tiles_oth))
-    split_len = triton.cdiv(tiles_oth, S) * bj
-    S = triton.cdiv(n_oth, split_len)
+    bi, bj, warps = pass_tiles(n_own, n_oth, op.mode, op.d)
+    tiles_own = cdiv(n_own, bi)
+    tiles_oth = cdiv(n_oth, bj)
+    if splits is None:
+        S = num_splits(B * tiles_own, tiles_oth, ref.device, dense=op.mode == COST_DENSE)
+    else:
+        S = max(1, min(splits, tiles_oth))
+    split_len = cdiv(tiles_oth, S) * bj
+    S = cdiv(n_oth, split_len)
     partial = S > 1
     out = torch.empty((B, S, n_own) if partial else (B, n_own), dtype=ref.dtype, device=ref.device)
     s_outs = out.stride(1) if partial else 0

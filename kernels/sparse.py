@@ -24,6 +24,7 @@ import triton.language as tl
 
 from otcore import reference_sparse as _twin
 
+from ._intmath import cdiv, next_pow2
 from .softmin import GRID_Y_MAX, LOG2E
 
 #: Largest batch run here (the batch is grid axis 1); larger ones run the twins.
@@ -188,7 +189,7 @@ def plan_sparse_rows(geom, F, G, eps: float, s: int, precision: str = "fp32"):
     G = G.contiguous()
     vals = torch.empty(B, n, s, dtype=F.dtype, device=F.device)
     idx = torch.empty(B, n, s, dtype=torch.int64, device=F.device)
-    s_pad = triton.next_power_of_2(s)
+    s_pad = next_pow2(s)
     block_m, block_n, warps = topk_blocks(s_pad, F.dtype == torch.float64)
     if geom.is_dense:
         C = geom.C
@@ -201,7 +202,7 @@ def plan_sparse_rows(geom, F, G, eps: float, s: int, precision: str = "fp32"):
         code = _SQEUCLID if geom.cost == "sqeuclidean" else _EUCLID
         d = geom.d
         sx, sy, sc = X.stride(), Y.stride(), (0, 0, 0)
-    grid = (triton.cdiv(n, block_m), B)
+    grid = (cdiv(n, block_m), B)
     _topk_rows_kernel[grid](
         F, G, X, Y, C, vals, idx, torch.full((1,), LOG2E / eps, dtype=F.dtype, device=F.device),
         n, m, d,
@@ -225,9 +226,9 @@ def ell_matvec(geom, vals, idx, v, axis: int):
     vals = vals.contiguous()
     idx = idx.contiguous()
     v = v.contiguous().to(vals.dtype)
-    s_pad = triton.next_power_of_2(s)
+    s_pad = next_pow2(s)
     block_m = max(1, min(64, 2048 // s_pad))
-    grid = (triton.cdiv(n, block_m), B)
+    grid = (cdiv(n, block_m), B)
     if axis == 1:
         out = torch.empty(B, n, dtype=vals.dtype, device=vals.device)
         _ell_rows_kernel[grid](

@@ -73,6 +73,23 @@ def test_kernel_matches_twin_and_float64(kind, n, m, d, k, axis, mode):
         torch.testing.assert_close(got.line_sum, kw["mass"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind,n,m,d,k,axis,mode", [("matrix", 37, 21, 0, 5, 0, "semi"),
+                                                     ("euclidean", 21, 37, 3, 33, 1, "dual")])
+def test_cuda_layout_one_line_per_program(monkeypatch, kind, n, m, d, k, axis, mode):
+    """The launch layout used on CUDA (``block_sizes``: one line per program, chunks of 64)
+    against the twin; the interpreter otherwise runs the multi-line layout (fewer programs)."""
+    cuda_sizes = K.block_sizes(k, torch.device("cuda"))
+    assert cuda_sizes[0] == 1 and cuda_sizes[1] == 64
+    monkeypatch.setattr(K, "block_sizes", lambda k_, dev: cuda_sizes)
+    geom = _geom(kind, n, m, d, batch=2, dtype=torch.float32, seed=n + k)
+    h, kw = _inputs(geom, axis, mode, seed=k)
+    got = K.ksparse_columns(geom, h, 0.3, k, axis, **kw)
+    twin = R.ksparse_columns(geom, h, 0.3, k, axis, **kw)
+    assert torch.equal(got.idx, twin.idx)
+    for field in ("beta", "reg", "vals", "cost", "line_sum", "cross_sum"):
+        torch.testing.assert_close(getattr(got, field), getattr(twin, field), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["matrix", "sqeuclidean"])
 def test_kernel_float64_is_exact(kind):
     geom = _geom(kind, 29, 41, 5, batch=1, dtype=torch.float64, seed=3)

@@ -311,6 +311,37 @@ def test_split_reduction_matches_single_pass():
     assert relerr(split, K.launch_softmin(op, h, 0.05, splits=1)) < 1e-6
 
 
+@pytest.mark.parametrize("d,precision,euclidean", [(17, "fp32", False), (64, "fp32", True), (64, "tf32", False)])
+def test_dot_path_tiles_of_128_rows(d, precision, euclidean):
+    """``pass_tiles``: the tensor-core cost takes 128-row tiles from 128 own points on (up
+    to d = 64); 130 rows make one full tile and one of 2 rows, hinted and split too."""
+    assert K.pass_tiles(130, 37, K.COST_DOT, d)[0] == 128
+    assert K.pass_tiles(130, 37, K.COST_DOT, 65)[0] == 64 and K.pass_tiles(130, 37, K.COST_DIRECT, d)[0] == 64
+    x, y = clouds(d, n=130, m=37, seed=d)
+    h = potential(37, seed=5)
+    h[1, 3] = -INF
+    op = K.point_operand(x - 0.5, y - 0.5, euclidean, precision, mode=K.COST_DOT)
+    exact = softmin64(cost64(x, y, "euclidean" if euclidean else "sqeuclidean"), h, 0.05, 1)
+    tol = 1e-5 if precision == "fp32" or INTERPRETED else 5e-2  # the interpreter's tl.dot is full fp32
+    out = K.launch_softmin(op, h, 0.05)
+    assert relerr(out, exact) < tol
+    assert relerr(K.launch_softmin(op, h, 0.05, splits=2, hint=out + 0.3), exact) < tol
+
+
+def test_dense_passes_split_only_with_many_tiles(monkeypatch):
+    """``num_splits`` on a (faked) 132-SM GPU: a dense pass over fewer than
+    ``DENSE_SPLIT_MIN_TILES`` tiles is not split; point clouds and longer dense axes are."""
+    monkeypatch.setattr(K, "_sm_count", lambda index: 132)
+
+    class Cuda:
+        type, index = "cuda", 0
+
+    assert K.num_splits(128, 128, Cuda(), dense=True) == 1  # 8192 x 8192: unsplit
+    assert K.num_splits(128, 128, Cuda(), dense=False) > 1
+    assert K.num_splits(10, K.DENSE_SPLIT_MIN_TILES, Cuda(), dense=True) > 1
+    assert K.num_splits(10, 4096, torch.device("cpu"), dense=True) == 1
+
+
 def test_tiny_problems_in_a_large_batch():
     x, y = clouds(2, batch=64, n=4, m=5, seed=13)
     h = potential(5, batch=64)
