@@ -34,10 +34,11 @@
 # least time each later part needs (PLANNED below), so time a part leaves unused goes to
 # the next; the budgets listed above are what each part was planned to take (on the H200,
 # l, p, t, c1, c2 and d needed more). The driver skips a part with under 15 s left;
-# GPU_CHECK_PART_CAP_S caps every part, for testing the plumbing. POT (CPU, 8 threads) for the sparse-OT speedup runs in the background from
-# the start when importable and is used by part d if it has finished; otherwise part d
-# uses the stored bench/data/pot_sparse_ref.json (a shared 2-core machine: pessimistic
-# for POT) and its >= 100x verdict is marked "provisional (stored POT reference)".
+# GPU_CHECK_PART_CAP_S caps every part, for testing the plumbing. POT (CPU, 8 threads)
+# for the sparse-OT speedup runs in the background from the start when importable and is
+# used by part d if it has finished; otherwise part d uses the stored
+# bench/data/pot_sparse_ref.json (a shared 2-core machine: pessimistic for POT) and its
+# >= 100x verdict is marked "provisional (stored POT reference)".
 # The env part's copy bandwidth is exported as OTCORE_COPY_BPS (bytes/s, read + written):
 # the benches' memory-bound floors (CostMatrix rows, SNS Table 1, sparse OT) use it.
 #

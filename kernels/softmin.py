@@ -565,7 +565,8 @@ def block_sizes(n_own: int, n_oth: int, mode: int, d: int) -> tuple[int, int, in
     116-204 registers (d = 3 direct: 127) and no stack; at 4 warps the same tile
     needs ~240 registers, and 128 x 128 tiles spill. Small problems shrink the tile to the problem (a power of 2,
     at least 16, the smallest tl.dot operand). ``mode`` and ``d`` are accepted so
-    that a per-path choice can be added without touching the launchers.
+    that a per-path choice can be added without touching the launchers; the softmin
+    launcher's own per-path choice is :func:`pass_tiles`.
     """
     bi = min(64, max(16, next_pow2(n_own)))
     bj = min(64, max(16, next_pow2(n_oth)))
