@@ -44,34 +44,15 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 import otcore  # noqa: E402
-from otcore.kernels import ksparse as _ksparse
-from otcore.kernels import softmin as _softmin
+from otcore.kernels import ksparse as _ksparse  # noqa: E402
+from otcore.kernels import softmin as _softmin  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_latency import time_ms  # noqa: E402  (median ms: CUDA events, or wall clock on a CPU)
 
 EPS = 0.05
 T0 = time.time()
-
-
-REPS = 20
-
-
-def ms_of(fn, device, reps: int = 0) -> float:
-    """Median ms of ``fn()`` (CUDA events; wall clock on the CPU), after one warm-up call."""
-    fn()
-    runs = []
-    for _ in range(reps or REPS):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            runs.append(s.elapsed_time(e))
-        else:
-            t = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - t) * 1e3)
-    runs.sort()
-    return runs[len(runs) // 2]
+REPS = 20  # timed calls per variant (2 with --quick)
 
 
 def relerr(a, b) -> float:
@@ -145,7 +126,7 @@ def sweep(device, quick: bool, deadline: float, rec: dict):
             try:
                 with patch:
                     res = _softmin.launch_softmin(op, h, EPS, hint=hv)
-                    ms = ms_of(lambda: _softmin.launch_softmin(op, h, EPS, hint=hv), device)
+                    ms = time_ms(lambda: _softmin.launch_softmin(op, h, EPS, hint=hv), device, REPS)
             except Exception as e:  # noqa: BLE001 (a tile that does not compile is a result too)
                 print(f"  {name:32s} {label:28s} FAILED {type(e).__name__}: {str(e)[:120]}")
                 out.append(dict(case=name, variant=label, error=f"{type(e).__name__}: {str(e)[:300]}"))
@@ -176,11 +157,11 @@ def ksparse_sweep(device, quick: bool, deadline: float, rec: dict):
             if time.time() > deadline:
                 print("  ksparse: out of time")
                 return
-            _ksparse.block_sizes = lambda k_, bl=bl, bn=bn, w=w: (bl, bn, w)
+            _ksparse.block_sizes = lambda k_, dev_, bl=bl, bn=bn, w=w: (bl, bn, w)
             try:
                 run = lambda: _ksparse.ksparse_columns(geom, h, gamma, k, 0, mass=mass)  # noqa: E731
                 res = run()
-                ms = ms_of(run, device)
+                ms = time_ms(run, device, REPS)
             except Exception as e:  # noqa: BLE001
                 print(f"  ksparse n={n} BLOCK_L={bl} BLOCK_N={bn} warps={w} FAILED {type(e).__name__}: {str(e)[:120]}")
                 out.append(dict(n=n, block_l=bl, block_n=bn, warps=w, error=str(e)[:300]))
