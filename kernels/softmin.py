@@ -579,7 +579,8 @@ def pass_tiles(n_own: int, n_oth: int, mode: int, d: int) -> tuple[int, int, int
     the tensor-core cost (``COST_DOT``) takes 128 own rows per tile once there are 128.
 
     Measured on an H200 (bench/gpu_profile.py, one row pass, 32768 x 32768, d = 64):
-    3xTF32 4.39 ms at 64 x 64 with 8 warps, 2.28 ms at 128 x 64 (8 warps; 2.27 with 4),
+    3xTF32 4.39 ms at 64 x 64 with 8 warps, 2.28 ms at 128 x 64 (8 warps; 2.27 with 4,
+    whose online and FIXUP variants spill 176-192 bytes per thread at sm_90, Triton 3.9),
     2.57 ms at 64 x 64 with 4 warps; 64 x 128 and 128 x 128 need more shared memory than
     an SM has (233 and 262 KB). Plain tf32: 1.34 ms at 64 x 64, 1.28 ms at 128 x 64. The
     d = 3 direct cost was fastest at 64 x 64 (0.706 ms; 0.756 at 128 x 64), so only the dot
