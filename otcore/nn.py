@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from . import _validate
 from ._dispatch import BACKENDS
 from .geometry import PointCloud
+from .result import ConvergenceWarning
 from .router import SparseOTRouter
 from .solvers._entropic import parse_rho
 from .solvers.sinkhorn import check_schedule, sinkhorn
@@ -51,6 +53,13 @@ class SinkhornLoss(nn.Module):
         rho: None (balanced) or KL marginal penalty (unbalanced divergence).
         eps_schedule: eps scaling for each solve (default ``"geometric"``).
         tol, max_iter, backend, precision, cuda_graph: passed to :func:`otcore.sinkhorn`.
+        warm_start: start each of the (up to three) solves from the potentials of the same
+            term in the previous call, without eps scaling, when eps, the shapes, dtype,
+            device and the zero-weight pattern agree (consecutive training steps move the
+            points a little); otherwise, or if that solve does not converge, it solves cold.
+            The potentials of converged solves are kept on the module (not in its state
+            dict). Same values and gradients up to ``tol``, except that the gradients to the
+            weights of a balanced problem, defined up to a constant, may differ by one.
 
     Shapes: ``x`` ``(n, d)`` or ``(B, n, d)``, ``y`` ``(m, d)`` or ``(B, m, d)``,
     optional weights ``a`` ``(n,)``/``(B, n)`` and ``b`` ``(m,)``/``(B, m)``.
@@ -75,6 +84,7 @@ class SinkhornLoss(nn.Module):
         backend: str = "auto",
         precision: str = "fp32",
         cuda_graph: bool = False,
+        warm_start: bool = False,
     ):
         super().__init__()
         self._eps = _validate.positive("eps", eps)
@@ -100,12 +110,16 @@ class SinkhornLoss(nn.Module):
             rho=rho, eps_schedule=eps_schedule, tol=tol, max_iter=max_iter,
             backend=backend, precision=precision, cuda_graph=cuda_graph, verbose=False,
         )
+        self.warm_start = _validate.flag("warm_start", warm_start)
+        self._last: dict = {}  # term ("xy", "xx", "yy") -> its last (f, g), detached
 
     def __setstate__(self, state):
         # a module pickled before eps became a property kept it in __dict__ and in solver_kw
         if "eps" in state:
             state["_eps"] = state.pop("eps")
             state["solver_kw"] = {k: v for k, v in state["solver_kw"].items() if k != "eps"}
+        state.setdefault("warm_start", False)  # pickled before warm starts existed
+        state.setdefault("_last", {})
         super().__setstate__(state)
 
     @property
@@ -124,8 +138,59 @@ class SinkhornLoss(nn.Module):
     # torch.compile: the solve (data-dependent loop, host checks) is one opaque call;
     # its envelope gradient is an autograd.Function, so a compiled model trains through it.
     @torch.compiler.disable
-    def _ot(self, x, y, a, b) -> torch.Tensor:
-        return sinkhorn(PointCloud(x, y, cost=self.cost), a, b, eps=self.eps, **self.solver_kw).value
+    def _ot(self, x, y, a, b, term: str) -> torch.Tensor:
+        geom = PointCloud(x, y, cost=self.cost)
+        res = self._warm_solve(geom, x, y, a, b, term) if self.warm_start else None
+        if res is None:  # cold: with the configured eps scaling; its warnings are the user's
+            res = sinkhorn(geom, a, b, eps=self.eps, **self.solver_kw)
+        if self.warm_start:
+            self._keep(term, res, a, b)
+        return res.value
+
+    def _warm_solve(self, geom, x, y, a, b, term: str):
+        """The solve started from ``term``'s kept potentials, without eps scaling, if they
+        fit (same eps, shapes, dtype, device and zero-weight pattern) and it converges;
+        else None (the caller solves cold). A warm start far from the new solution (points
+        that jumped, say) can fail where a cold start with eps scaling converges."""
+        last = self._last.get(term)
+        if last is None or last["eps"] != self.eps or not all(
+                t.shape == p.shape[:-1] and t.dtype == p.dtype and t.device == p.device
+                for t, p in zip(last["fg"], (x, y))):
+            return None
+        for kept, w in zip(last["support"], (a, b)):  # a point that had zero weight holds any potential
+            if (kept is None) != (w is None) or (w is not None and not torch.equal(kept, w > 0)):
+                return None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = sinkhorn(geom, a, b, eps=self.eps, init=last["fg"], **dict(self.solver_kw, eps_schedule=None))
+        if not bool(torch.as_tensor(res.converged).all()):
+            return None
+        for w in caught:  # anything but the (now moot) convergence warnings is passed on
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return res
+
+    def _keep(self, term: str, res, a, b) -> None:
+        """Keep a converged solve's potentials for the next call's warm start (a failed one,
+        NaN say, must not seed it). Balanced ``(f, g)`` are defined up to ``(f + c, g - c)``,
+        and warm starts never reset ``c``: it drifted by ~0.01 per call in a review (30
+        points, eps 0.01), until float32 could not reach tol. So the kept pair is shifted to
+        ``<a, f> = <b, g>`` (the self-transport terms have ``f = g`` and need no shift)."""
+        if not bool(torch.as_tensor(res.converged).all()):
+            self._last.pop(term, None)
+            return
+        f, g = res.f.detach(), res.g.detach()
+        if self.solver_kw["rho"] is None and term == "xy":
+            def mean(p, w):  # <w, p> / sum(w) over the points with weight (uniform if w is None)
+                if w is None:
+                    return p.mean(-1)
+                w = w.to(p.dtype)
+                return torch.where(w > 0, w * p, 0.0).sum(-1) / w.sum(-1)
+
+            c = 0.5 * (mean(f, a) - mean(g, b))
+            f, g = f - c[..., None], g + c[..., None]
+        support = tuple(None if w is None else (w > 0) for w in (a, b))
+        self._last[term] = dict(fg=(f, g), eps=self.eps, support=support)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, a=None, b=None) -> torch.Tensor:
         # fp16/bf16 inputs: upcast once, here, so the three terms (and their gradients,
@@ -135,7 +200,7 @@ class SinkhornLoss(nn.Module):
                       if isinstance(w, torch.Tensor) and w.dtype in (torch.float16, torch.bfloat16)})
         x, y, a, b = _widen(x, y, a, b)
         try:
-            loss = self._ot(x, y, a, b)
+            loss = self._ot(x, y, a, b, "xy")
         except ValueError as e:
             # the balanced check, on weights normalised in fp16/bf16 (a gap of their rounding, not a real one)
             if low and "same total mass" in str(e) and _rounding_gap(a, b):
@@ -144,7 +209,7 @@ class SinkhornLoss(nn.Module):
                                  f"a = a.float() / a.float().sum()") from None
             raise
         if self.debias:
-            loss = loss - 0.5 * (self._ot(x, x, a, a) + self._ot(y, y, b, b))
+            loss = loss - 0.5 * (self._ot(x, x, a, a, "xx") + self._ot(y, y, b, b, "yy"))
             # the generalized KL of the value holds + eps m(a) m(b); the debiasing leaves
             # - eps/2 (m(a) - m(b))^2 of it, which Sejourne et al. (2019) add back so that
             # the unbalanced divergence stays >= 0 (zero for balanced weights)
@@ -161,7 +226,8 @@ class SinkhornLoss(nn.Module):
         return 1.0 if w is None else w.sum(-1)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, debias={self.debias}, cost={self.cost!r}, reduction={self.reduction!r}"
+        warm = ", warm_start=True" if self.warm_start else ""
+        return f"eps={self.eps}, debias={self.debias}, cost={self.cost!r}, reduction={self.reduction!r}{warm}"
 
 
 def _rounding_gap(a, b) -> bool:

@@ -296,3 +296,111 @@ def test_a_module_pickled_before_eps_became_a_property_loads():
     assert old.eps == 0.3
     torch.testing.assert_close(old(x, y), loss(x, y), rtol=0, atol=0)
     torch.testing.assert_close(pickle.loads(pickle.dumps(loss))(x, y), loss(x, y), rtol=0, atol=0)
+
+
+def _count_iterations(monkeypatch):
+    """Record every solve's ``n_iter`` made by SinkhornLoss."""
+    import otcore.nn as nn_module
+
+    seen, solve = [], nn_module.sinkhorn
+
+    def counted(*args, **kw):
+        res = solve(*args, **kw)
+        seen.append(int(res.n_iter))
+        return res
+
+    monkeypatch.setattr(nn_module, "sinkhorn", counted)
+    return seen
+
+
+def test_warm_start_gives_the_same_loss_and_gradient_in_fewer_iterations(monkeypatch):
+    seen = _count_iterations(monkeypatch)
+    y = rand(60, 3, seed=31)
+    kw = dict(eps=0.005, tol=1e-8, max_iter=20000)
+    warm, cold = otcore.SinkhornLoss(warm_start=True, **kw), otcore.SinkhornLoss(**kw)
+    assert "warm_start=True" in repr(warm) and "warm_start" not in repr(cold)
+    x = rand(50, 3, seed=30)
+    iters = {"warm": 0, "cold": 0}
+    for step in range(3):  # a training step moves the points a little
+        x = x + 0.01 * (y[:50] - x)
+        grads = []
+        for name, module in (("warm", warm), ("cold", cold)):
+            xs = x.clone().requires_grad_(True)
+            del seen[:]
+            value = module(xs, y)
+            grads.append((value.detach(), torch.autograd.grad(value, xs)[0]))
+            if step > 0:  # the first call starts cold in both
+                iters[name] += sum(seen)
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-8)
+    assert set(warm._last) == {"xy", "xx", "yy"}
+    assert iters["warm"] < 0.8 * iters["cold"], iters
+
+
+def test_warm_start_falls_back_to_a_cold_start(monkeypatch):
+    seen = _count_iterations(monkeypatch)
+    loss = otcore.SinkhornLoss(eps=0.1, warm_start=True, tol=1e-6)
+    x, y = rand(20, 2, seed=32), rand(15, 2, seed=33)
+    loss(x, y)
+    # other shapes, and another dtype: the kept potentials do not fit, the solve starts cold
+    for xx, yy in ((rand(12, 2, seed=34), y), (x.float(), y.float())):
+        torch.testing.assert_close(loss(xx, yy), otcore.SinkhornLoss(eps=0.1, tol=1e-6)(xx, yy), rtol=1e-4, atol=1e-7)
+        assert loss._last["xy"]["fg"][0].shape == xx.shape[:-1] and loss._last["xy"]["fg"][0].dtype == xx.dtype
+    # an unconverged solve keeps nothing, so it cannot seed the next call (after a
+    # converged one, its entry is dropped)
+    short = otcore.SinkhornLoss(eps=1e-3, warm_start=True, max_iter=1, eps_schedule=None)
+    short._last["xy"] = loss._last["xy"]
+    with pytest.warns(otcore.ConvergenceWarning):
+        short(x, y)
+    assert "xy" not in short._last
+    with pytest.raises((TypeError, ValueError), match="warm_start"):
+        otcore.SinkhornLoss(warm_start="yes")
+    state = loss.__dict__.copy()  # a module pickled before warm starts existed
+    del state["warm_start"], state["_last"]
+    old = otcore.SinkhornLoss.__new__(otcore.SinkhornLoss)
+    old.__setstate__(state)
+    assert old.warm_start is False and old._last == {}
+
+    # another eps, or another zero-weight pattern: cold, with eps scaling (more than one
+    # pass before the first test), and the same value as a cold module
+    cold = otcore.SinkhornLoss(eps=0.05, tol=1e-9)
+    warm = otcore.SinkhornLoss(eps=0.1, tol=1e-9, warm_start=True)
+    b = torch.full((15,), 1 / 15, dtype=torch.float64)
+    warm(x, y, None, b)
+    warm.eps = 0.05
+    b0 = b.clone()
+    b0[:3] = 0.0
+    b0 = b0 / b0.sum()
+    warm(x, y, None, b)  # keeps potentials at eps 0.05 with b's support
+    for kept in (False, True):  # the support changes: cold; then it is the kept one: warm
+        del seen[:]
+        got = warm(x, y, None, b0)
+        warm_iters = list(seen)
+        del seen[:]
+        torch.testing.assert_close(got, cold(x, y, None, b0), rtol=1e-7, atol=1e-12)
+        if kept:
+            assert sum(warm_iters) < sum(seen), (warm_iters, seen)
+        else:  # the terms with b ("xy", "yy") solve cold, as the cold module does; "xx" stays warm
+            assert warm_iters[0] == seen[0] and warm_iters[2] == seen[2] and warm_iters[1] < seen[1]
+    warm.eps = 0.1  # another eps: cold again
+    del seen[:]
+    got = warm(x, y, None, b0)
+    warm_iters = list(seen)
+    del seen[:]
+    otcore.SinkhornLoss(eps=0.1, tol=1e-9)(x, y, None, b0)
+    assert warm_iters == seen
+
+
+def test_warm_start_recovers_from_a_jump_and_keeps_the_gauge():
+    """A warm start far from the new solution (the points jumped) that fails is redone cold,
+    without a warning; the kept balanced pair is shifted to <a, f> = <b, g>, so its free
+    constant cannot drift from call to call."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.rand(60, 2, generator=gen), torch.rand(50, 2, generator=gen)  # float32
+    warm = otcore.SinkhornLoss(eps=0.01, tol=1e-5, warm_start=True)
+    cold = otcore.SinkhornLoss(eps=0.01, tol=1e-5)
+    warm(x, y)
+    for moved in (x + 3, 5 * x):
+        torch.testing.assert_close(warm(moved, y), cold(moved, y), rtol=1e-6, atol=1e-9)
+        f, g = warm._last["xy"]["fg"]
+        torch.testing.assert_close(f.mean(), g.mean(), rtol=0, atol=1e-6)
