@@ -111,7 +111,7 @@ class SinkhornLoss(nn.Module):
             backend=backend, precision=precision, cuda_graph=cuda_graph, verbose=False,
         )
         self.warm_start = _validate.flag("warm_start", warm_start)
-        self._last: dict = {}  # term ("xy", "xx", "yy") -> its last (f, g), detached
+        self._last: dict = {}  # term ("xy", "xx", "yy") -> its kept potentials, eps and support (_keep)
 
     def __setstate__(self, state):
         # a module pickled before eps became a property kept it in __dict__ and in solver_kw
@@ -141,10 +141,16 @@ class SinkhornLoss(nn.Module):
     def _ot(self, x, y, a, b, term: str) -> torch.Tensor:
         geom = PointCloud(x, y, cost=self.cost)
         res = self._warm_solve(geom, x, y, a, b, term) if self.warm_start else None
-        if res is None:  # cold: with the configured eps scaling; its warnings are the user's
-            res = sinkhorn(geom, a, b, eps=self.eps, **self.solver_kw)
-        if self.warm_start:
+        if res is not None:  # a warm solve is only returned converged
             self._keep(term, res, a, b)
+            return res.value
+        # cold: with the configured eps scaling; its warnings are the user's
+        res = sinkhorn(geom, a, b, eps=self.eps, **self.solver_kw)
+        if self.warm_start:
+            if _all_converged(res):
+                self._keep(term, res, a, b)
+            else:  # a failed solve (NaN, say) must not seed the next call
+                self._last.pop(term, None)
         return res.value
 
     def _warm_solve(self, geom, x, y, a, b, term: str):
@@ -163,7 +169,7 @@ class SinkhornLoss(nn.Module):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             res = sinkhorn(geom, a, b, eps=self.eps, init=last["fg"], **dict(self.solver_kw, eps_schedule=None))
-        if not bool(torch.as_tensor(res.converged).all()):
+        if not _all_converged(res):
             return None
         for w in caught:  # anything but the (now moot) convergence warnings is passed on
             if not issubclass(w.category, ConvergenceWarning):
@@ -171,14 +177,11 @@ class SinkhornLoss(nn.Module):
         return res
 
     def _keep(self, term: str, res, a, b) -> None:
-        """Keep a converged solve's potentials for the next call's warm start (a failed one,
-        NaN say, must not seed it). Balanced ``(f, g)`` are defined up to ``(f + c, g - c)``,
-        and warm starts never reset ``c``: it drifted by ~0.01 per call in a review (30
-        points, eps 0.01), until float32 could not reach tol. So the kept pair is shifted to
-        ``<a, f> = <b, g>`` (the self-transport terms have ``f = g`` and need no shift)."""
-        if not bool(torch.as_tensor(res.converged).all()):
-            self._last.pop(term, None)
-            return
+        """Keep a converged solve's potentials for the next call's warm start. Balanced
+        ``(f, g)`` are defined up to ``(f + c, g - c)``, and warm starts never reset ``c``:
+        it drifted by ~0.01 per call in a review (30 points, eps 0.01), until float32 could
+        not reach tol. So the kept pair is shifted to ``<a, f> = <b, g>`` (the
+        self-transport terms have ``f = g`` and need no shift)."""
         f, g = res.f.detach(), res.g.detach()
         if self.solver_kw["rho"] is None and term == "xy":
             def mean(p, w):  # <w, p> / sum(w) over the points with weight (uniform if w is None)
@@ -228,6 +231,11 @@ class SinkhornLoss(nn.Module):
     def extra_repr(self) -> str:
         warm = ", warm_start=True" if self.warm_start else ""
         return f"eps={self.eps}, debias={self.debias}, cost={self.cost!r}, reduction={self.reduction!r}{warm}"
+
+
+def _all_converged(res) -> bool:
+    """Whether every problem of a result converged (a bool unbatched; one host read batched)."""
+    return bool(torch.as_tensor(res.converged).all())
 
 
 def _rounding_gap(a, b) -> bool:
