@@ -193,7 +193,7 @@ P=bench/bench_plan_kernels.py
 # part t: pytest from $WORK (not the repo root, whose otcore/ lacks the kernels subpackage),
 # so the staged copy on PYTHONPATH is the one imported; its own timeout per part
 T_TESTS="$REPO/tests/test_kernels_sinkhorn_steps.py $REPO/tests/test_cuda_graph.py $REPO/tests/test_kernels_softmin.py
-  $REPO/tests/test_kernels_ksparse.py $REPO/tests/test_kernels_plan.py"
+  $REPO/tests/test_kernels_softmin_update.py $REPO/tests/test_kernels_ksparse.py $REPO/tests/test_kernels_plan.py"
 tests_part() {
   if ! "$PY" -c "import pytest" 2>/dev/null; then
     echo "== part t SKIPPED: pytest not importable (carry its wheels in .whl/, docs/benchmarks.md)"

@@ -64,7 +64,7 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int = 8, dtype: str = "fp3
 def softmin_ints(n: int, width: int) -> dict:
     """The softmin kernel's integer arguments for an unsplit ``n x n`` pass of one problem
     over contiguous point rows of ``width`` numbers (d, or the dot features' width)."""
-    return dict(n_own=n, n_oth=n, tiles_own=n // 64, split_len=n, s_outb=n, s_outs=0, s_hb=n, s_hib=n,
+    return dict(n_own=n, n_oth=n, tiles_own=n // 64, split_len=n, s_outb=n, s_outs=0, s_hb=n, s_hib=n, s_pb=n,
                 s_ob=n * width, s_or=width, s_ok=1, s_tb=n * width, s_tr=width, s_tk=1, s_cb=0, s_co=0, s_ct=0)
 
 
@@ -117,7 +117,7 @@ def main():
     print(f"# sm_90 cubins, Triton {triton.__version__}; loop = innermost loop body, per tile and thread;")
     print(f"# softmin specialised as launched at n = m = {n} (compile_sm90's ints), one-tile kernel unspecialised")
     print(f"{'kernel':44s} {'regs':>4s} {'stack':>5s} {'loop':>6s} {'ex2':>4s} {'/ex2':>5s} {'fp32/ex2':>5s}")
-    sm = dict(EUCLID=False, PARTIAL=False, LANE=True, LOWEST=-3.4e38, FIXUP=False)
+    sm = dict(EUCLID=False, PARTIAL=False, LANE=True, LOWEST=-3.4e38, FIXUP=False, BIAS=False, UPDATE=0)
     dense = dict(softmin_ints(n, 0), s_ob=0, s_or=0, s_ok=0, s_tb=0, s_tr=0, s_tk=0, s_cb=n * n, s_co=n, s_ct=1)
     for label, c, ints in (
             ("d=3 direct", dict(D=3, DP=4, COST=softmin.COST_DIRECT, IP="tf32x3"), softmin_ints(n, 3)),
@@ -126,7 +126,8 @@ def main():
             ("dense C", dict(D=1, DP=1, COST=softmin.COST_DENSE, IP="ieee"), dense)):
         bi, bj, warps = softmin.pass_tiles(n, n, c["COST"], c["D"])  # the launcher's tiles
         for name, flags in (("online (lanes)", dict(SHIFT=False)), ("shifted", dict(SHIFT=True)),
-                            ("FIXUP", dict(SHIFT=False, FIXUP=True))):
+                            ("FIXUP", dict(SHIFT=False, FIXUP=True)),
+                            ("online + update", dict(SHIFT=False, BIAS=True, UPDATE=1))):
             row(f"softmin {label} {bi}x{bj}, {name}",
                 compile_sm90(softmin.softmin_kernel, dict(sm, **c, **flags, BLOCK_I=bi, BLOCK_J=bj), num_warps=warps,
                              ints=ints))

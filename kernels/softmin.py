@@ -238,11 +238,21 @@ def exponent_tile(
 # The softmin kernel
 # ---------------------------------------------------------------------------
 @triton.jit
+def other_potential(h_ptr, bias_ptr, offs_j, mask_j, BIAS: tl.constexpr):
+    """``h_j`` (``-inf`` past the slice), plus ``bias_j`` when ``BIAS``: Sinkhorn's
+    ``g_j + eps log b_j`` summed here, in the same dtype, instead of by a launch of its own."""
+    h = tl.load(h_ptr + offs_j, mask=mask_j, other=float("-inf"))
+    if BIAS:
+        h += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0)
+    return h
+
+
+@triton.jit
 def lse_online(
-    h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi,
+    h_ptr, bias_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi,
     s_or, s_ok, s_tr, s_tk, s_co, s_ct,
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, LANE: tl.constexpr, LOWEST: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, LANE: tl.constexpr, LOWEST: tl.constexpr, BIAS: tl.constexpr,
 ):
     """``(m, l)`` with ``m + log2 l = log2 sum_j 2^(z_ij)`` over other points ``[j_lo, j_hi)``,
     ``z_ij = s h_j - s C_ij``, by an online maximum (safe for any input)."""
@@ -257,7 +267,7 @@ def lse_online(
     for j0 in range(j_lo, j_hi, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_hi
-        hs = tl.load(h_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
+        hs = other_potential(h_ptr, bias_ptr, offs_j, mask_j, BIAS) * scale
         z = exponent_tile(hs, None, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j, mask_i, mask_j,
                           s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP, False)
         if LANE:
@@ -281,10 +291,10 @@ def lse_online(
 
 @triton.jit
 def lse_shifted(
-    h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi, v,
+    h_ptr, bias_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi, v,
     s_or, s_ok, s_tr, s_tk, s_co, s_ct,
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BIAS: tl.constexpr,
 ):
     """``l = sum_j 2^(z_ij + v_i)`` for a given shift ``v = -m`` (BLOCK_I,): a plain sum, no
     running maximum. Accurate when the shift is within ~100 of ``log2 sum_j 2^z_ij``;
@@ -297,7 +307,7 @@ def lse_shifted(
     for j0 in range(j_lo, j_hi, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_hi
-        hs = tl.load(h_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
+        hs = other_potential(h_ptr, bias_ptr, offs_j, mask_j, BIAS) * scale
         l2 += tl.exp2(exponent_tile(hs, v, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j,
                                     mask_i, mask_j, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
                                     D, DP, COST, EUCLID, IP, True))
@@ -305,14 +315,30 @@ def lse_shifted(
 
 
 @triton.jit
+def update_potential(s, prev, go, tau, UPDATE: tl.constexpr):
+    """Sinkhorn's update of a potential from its new softmin ``s``, for a problem still
+    iterating (``go``; otherwise ``prev`` stays):
+
+    - ``UPDATE=1`` (alternating): ``f <- tau s``;
+    - ``UPDATE=2`` (symmetric, self-transport): ``f <- (f + tau s) / 2``.
+
+    (the same operations as :func:`otcore.reference.softmin_update`, in the same order.)"""
+    if UPDATE == 2:
+        new = 0.5 * (prev + tau * s)
+    else:
+        new = tau * s
+    return tl.where(go, new, prev)
+
+
+@triton.jit
 def softmin_kernel(
-    out_ptr, h_ptr, hint_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    out_ptr, h_ptr, bias_ptr, hint_ptr, prev_ptr, active_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
     n_own, n_oth, tiles_own, split_len,
-    s_outb, s_outs, s_hb, s_hib,
+    s_outb, s_outs, s_hb, s_hib, s_pb,
     s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PARTIAL: tl.constexpr, LANE: tl.constexpr,
-    LOWEST: tl.constexpr, SHIFT: tl.constexpr, FIXUP: tl.constexpr,
+    LOWEST: tl.constexpr, SHIFT: tl.constexpr, FIXUP: tl.constexpr, BIAS: tl.constexpr, UPDATE: tl.constexpr,
 ):
     """Row softmin of one ``BLOCK_I`` slice of own points over one slice of the other side.
 
@@ -327,9 +353,14 @@ def softmin_kernel(
       ``s_outb``, ``s_outs``), combined by the launcher.
     - ``h_ptr``: the shifted potential on the other side, ``(B, n_oth)``, contiguous
       rows, problem stride ``s_hb``; ``-inf`` entries are zero-weight points.
+    - ``bias_ptr`` (``BIAS`` only): added to ``h`` as it is read (``eps log b``), same
+      layout and stride.
     - ``hint_ptr`` (``SHIFT`` only): an estimate of the result, ``(B, n_own)``, contiguous
       rows, problem stride ``s_hib`` (e.g. the previous iteration's).
-    - ``scal_ptr``: ``[log2(e)/eps, eps*ln 2]`` in the compute dtype (a tensor so
+    - ``prev_ptr``, ``active_ptr`` (``UPDATE`` only): the potential being updated,
+      ``(B, n_own)``, contiguous rows, problem stride ``s_pb``, and the (B,) bool flags
+      of the problems still iterating (see :func:`update_potential`).
+    - ``scal_ptr``: ``[log2(e)/eps, eps*ln 2, tau]`` in the compute dtype (a tensor so
       float64 problems keep float64 scalars).
     - ``own_ptr``/``oth_ptr`` (+ problem strides ``s_ob``/``s_tb``, row strides
       ``s_or``/``s_tr``, coordinate strides ``s_ok``/``s_tk``): point coordinates.
@@ -347,45 +378,96 @@ def softmin_kernel(
     the hint was ~100/s or more off) is stored as NaN, for a second launch with ``FIXUP`` (and the online
     maximum) to recompute: its programs read their rows of ``out`` and redo the NaN ones
     only (none: no tile is read). So any hint gives the correct result.
+
+    ``UPDATE`` (1 or 2) stores Sinkhorn's new potential rather than the softmin
+    (:func:`update_potential`; with ``PARTIAL`` the combine kernel applies it); an
+    inactive problem's programs read no tile.
     """
     sid = tl.program_id(1)
     b, offs_i, mask_i, own_ptr, oth_ptr, c_ptr = program_rows(
         tl.program_id(0), tiles_own, n_own, own_ptr, oth_ptr, c_ptr, s_ob, s_tb, s_cb, BLOCK_I)
     h_ptr += b * s_hb
+    bias_ptr += b * s_hb
     scale = tl.load(scal_ptr)
     inv_scale = tl.load(scal_ptr + 1)
     j_lo = sid * split_len
     j_hi = tl.minimum(j_lo + split_len, n_oth)
+    go = True
+    if UPDATE != 0:  # a converged problem keeps its potential: no tile is read
+        go = tl.load(active_ptr + b) != 0
+        j_hi = tl.where(go, j_hi, j_lo)
     out_ptrs = out_ptr + b * s_outb + sid * s_outs + offs_i
     store = mask_i
     load_i = mask_i
     if FIXUP:  # redo the rows a SHIFT launch left as NaN; a program without any reads nothing more
-        prev = tl.load(out_ptrs, mask=mask_i, other=0.0)
-        store = mask_i & (prev != prev)
+        earlier = tl.load(out_ptrs, mask=mask_i, other=0.0)
+        store = mask_i & (earlier != earlier)
         todo = tl.max(store.to(tl.int32), axis=0) > 0
         j_hi = tl.where(todo, j_hi, j_lo)
         load_i = offs_i < tl.where(todo, n_own, 0)  # (a vector mask: the interpreter rejects vector & scalar)
     own_hi, own_lo, own_sqn = own_block(own_ptr, offs_i, load_i, s_or, s_ok, DP, COST)
     if SHIFT:
         m_i = -tl.load(hint_ptr + b * s_hib + offs_i, mask=mask_i, other=0.0) * scale
-        l_i = lse_shifted(h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi, -m_i,
-                          s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP, BLOCK_I, BLOCK_J)
+        l_i = lse_shifted(h_ptr, bias_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i,
+                          j_lo, j_hi, -m_i, s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP,
+                          BLOCK_I, BLOCK_J, BIAS)
         # 7.9e-31 ~ 2^-100 per term of the slice: the GPU's exp2 flushes terms below 2^-126
         # to zero, at most 2^-26 of a sum above that floor (with 2^-100 in all, a slice of
         # 2^20 points could lose 1e-2 of it); NaN fails both tests
         floor = 7.9e-31 * tl.maximum(j_hi - j_lo, 1).to(l_i.dtype)
         in_range = (l_i >= floor) & (l_i <= 3.0e38)
         lse2 = tl.where(in_range, m_i + tl.log2(tl.where(in_range, l_i, 1.0)), float("nan"))
+        if UPDATE != 0:  # an inactive problem's empty sum is no row to redo
+            lse2 = tl.where(go, lse2, float("-inf"))
     else:
-        m_i, l_i = lse_online(h_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i, j_lo, j_hi,
-                              s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP,
-                              BLOCK_I, BLOCK_J, LANE, LOWEST)
+        m_i, l_i = lse_online(h_ptr, bias_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i,
+                              j_lo, j_hi, s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP,
+                              BLOCK_I, BLOCK_J, LANE, LOWEST, BIAS)
         # every weight zero: l_i = 0, lse2 = -inf and out = +inf (= -eps log 0), without evaluating log2(0)
         lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     if PARTIAL:
         tl.store(out_ptrs, lse2, mask=store)
+    elif UPDATE != 0:
+        prev = tl.load(prev_ptr + b * s_pb + offs_i, mask=store, other=0.0)
+        tl.store(out_ptrs, update_potential(-lse2 * inv_scale, prev, go, tl.load(scal_ptr + 2), UPDATE), mask=store)
     else:
         tl.store(out_ptrs, -lse2 * inv_scale, mask=store)
+
+
+@triton.jit
+def softmin_combine_kernel(
+    out_ptr, part_ptr, prev_ptr, active_ptr, scal_ptr, n_own, n_split, tiles,
+    s_outb, s_partb, s_parts, s_pb,
+    BLOCK: tl.constexpr, UPDATE: tl.constexpr,
+):
+    """Combine a split pass's base-2 partial log-sums into the softmin (and, with
+    ``UPDATE``, the updated potential): ``out_i = -(eps ln 2) log2 sum_s 2^(part_si)``.
+
+    Grid: ``(B * tiles,)``; program ``p`` handles problem ``p // tiles``, own points
+    ``(p % tiles) * BLOCK + [0, BLOCK)``. ``part_ptr``: ``(B, S, n_own)`` (strides
+    ``s_partb``, ``s_parts``); ``out_ptr``: ``(B, n_own)``, contiguous rows. One launch
+    in place of the ~7 of a torch ``logsumexp`` and its scalings.
+    """
+    pid = tl.program_id(0)
+    b = pid // tiles
+    offs = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_own
+    part_ptr += b * s_partb + offs
+    m = tl.full((BLOCK,), float("-inf"), dtype=part_ptr.dtype.element_ty)
+    for s in range(0, n_split):
+        m = tl.maximum(m, tl.load(part_ptr + s * s_parts, mask=mask, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # every slice empty (zero weights): no (-inf) - (-inf)
+    l = tl.zeros((BLOCK,), dtype=m.dtype)
+    for s in range(0, n_split):
+        l += tl.exp2(tl.load(part_ptr + s * s_parts, mask=mask, other=float("-inf")) - m_safe)
+    # l = 0: -inf (out = +inf, as torch's logsumexp); a NaN partial stays NaN
+    lse2 = tl.where(l == 0, float("-inf"), m_safe + tl.log2(tl.where(l == 0, 1.0, l)))
+    out = -lse2 * tl.load(scal_ptr + 1)
+    if UPDATE != 0:
+        go = tl.load(active_ptr + b) != 0
+        prev = tl.load(prev_ptr + b * s_pb + offs, mask=mask, other=0.0)
+        out = update_potential(out, prev, go, tl.load(scal_ptr + 2), UPDATE)
+    tl.store(out_ptr + b * s_outb + offs, out, mask=mask)
 
 
 # ---------------------------------------------------------------------------
@@ -692,10 +774,10 @@ class DeviceScalars:
 DEVICE_SCALARS = DeviceScalars()
 
 
-def scalars(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[log2(e)/eps, eps*ln 2]`` as a tensor of the compute dtype (cached per eps)."""
-    eps = float(eps)
-    return DEVICE_SCALARS.get(("softmin", eps), [LOG2E / eps, eps * LN2], dtype, device)
+def scalars(eps: float, dtype: torch.dtype, device: torch.device, tau: float = 1.0) -> torch.Tensor:
+    """``[log2(e)/eps, eps*ln 2, tau]`` as a tensor of the compute dtype (cached per eps and tau)."""
+    eps, tau = float(eps), float(tau)
+    return DEVICE_SCALARS.get(("softmin", eps, tau), [LOG2E / eps, eps * LN2, tau], dtype, device)
 
 
 #: Smallest ``B * n_own * n_oth`` (the whole launch) for which a ``hint`` is used (:func:`lse_shift`): the
@@ -723,9 +805,16 @@ def lse_shift() -> bool:
     return os.environ.get("OTCORE_LSE_SHIFT", "1") != "0"
 
 
+#: Own points per program of :func:`softmin_combine_kernel`.
+COMBINE_BLOCK = 256
+
+
 def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optional[int] = None,
-                   hint: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``out_i = -eps log sum_j exp((h_j - C_ij)/eps)`` over the operand's other side.
+                   hint: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                   prev: Optional[torch.Tensor] = None, active: Optional[torch.Tensor] = None,
+                   tau: float = 1.0, average: bool = False) -> torch.Tensor:
+    """``out_i = -eps log sum_j exp((h_j + bias_j - C_ij)/eps)`` over the operand's other side,
+    or with ``prev`` Sinkhorn's update of the potential ``prev`` from it (below).
 
     Args:
         op: the cost, seen from the output's side (:func:`point_operand`/:func:`dense_operand`).
@@ -734,16 +823,39 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
         splits: number of slices of the reduced axis (default :func:`num_splits`).
         hint: ``(B, n_own)`` estimate of the result, used as the log-sum-exp's shift
             (:func:`lse_shift`); any value gives the same result, a close one is faster.
+            With ``prev`` it is ``prev / tau``, the softmin that gave ``prev`` (computed
+            only for a pass that uses it).
+        bias: ``(B, n_oth)`` added to ``h`` as the kernel reads it (``eps log b``), or None.
+        prev, active, tau, average: ``prev`` ``(B, n_own)`` and ``active`` ``(B,)`` bool
+            given, the result is ``where(active, tau s, prev)`` (``average``:
+            ``where(active, (prev + tau s) / 2, prev)``) with ``s`` the softmin above
+            (:func:`update_potential`); inactive problems read no tile.
 
     Returns:
-        ``(B, n_own)`` in the operand's dtype.
+        ``(B, n_own)`` in the operand's dtype. A pass of one launch (two with the shift's
+        ``FIXUP``, one more with ``S > 1`` slices: :func:`softmin_combine_kernel`).
     """
     ref = op.ref
     B, n_own, n_oth = op.batch, op.n_own, op.n_oth
     h = h.to(ref.dtype).contiguous()
     if hint is not None and tuple(hint.shape) != (B, n_own):
         raise ValueError(f"hint must have the result's shape ({B}, {n_own}), got {tuple(hint.shape)}")
-    shift = hint is not None and lse_shift() and B * n_own * n_oth >= SHIFT_MIN_ENTRIES
+    if bias is not None:
+        if tuple(bias.shape) != tuple(h.shape):
+            raise ValueError(f"bias must have h's shape {tuple(h.shape)}, got {tuple(bias.shape)}")
+        bias = bias.to(ref.dtype).contiguous()
+    update = 0 if prev is None else (2 if average else 1)
+    if update:
+        if hint is not None:
+            raise ValueError("hint and prev are exclusive: with prev the hint is prev / tau")
+        if tuple(prev.shape) != (B, n_own):
+            raise ValueError(f"prev must have the result's shape ({B}, {n_own}), got {tuple(prev.shape)}")
+        if active is None or active.dtype != torch.bool or tuple(active.shape) != (B,):
+            raise ValueError(f"active must be a ({B},) bool tensor with prev")
+        prev = prev.to(ref.dtype).contiguous()
+    shift = (hint is not None or update) and lse_shift() and B * n_own * n_oth >= SHIFT_MIN_ENTRIES
+    if shift and update:
+        hint = prev if tau == 1.0 else prev / tau
     hint = hint.to(ref.dtype).contiguous() if shift else h
     bi, bj, warps = pass_tiles(n_own, n_oth, op.mode, op.d)
     tiles_own = cdiv(n_own, bi)
@@ -757,15 +869,24 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
     partial = S > 1
     out = torch.empty((B, S, n_own) if partial else (B, n_own), dtype=ref.dtype, device=ref.device)
     s_outs = out.stride(1) if partial else 0
+    scal = scalars(eps, ref.dtype, ref.device, tau)
+    # unused pointers point at h (never read: their constexpr is off)
+    bias_, prev_, active_ = (bias if bias is not None else h), (prev if update else h), (active if update else h)
     for shifted, fixup in ((True, False), (False, True)) if shift else ((False, False),):
         softmin_kernel[(B * tiles_own, S)](
-            out, h, hint, scalars(eps, ref.dtype, ref.device), *op.pointer_args()[:3],
+            out, h, bias_, hint, prev_, active_, scal, *op.pointer_args()[:3],
             n_own, n_oth, tiles_own, split_len,
-            out.stride(0), s_outs, h.stride(0), hint.stride(0), *op.pointer_args()[3:],
+            out.stride(0), s_outs, h.stride(0), hint.stride(0), prev_.stride(0), *op.pointer_args()[3:],
             **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, PARTIAL=partial, LANE=lse_lanes(),
-            LOWEST=float(torch.finfo(ref.dtype).min), SHIFT=shifted, FIXUP=fixup, num_warps=warps,
+            LOWEST=float(torch.finfo(ref.dtype).min), SHIFT=shifted, FIXUP=fixup, BIAS=bias is not None,
+            UPDATE=update, num_warps=warps,
         )
     if not partial:
         return out
-    # combine base-2 partial log-sums: -eps * log sum_s 2^(lse2_s)
-    return -eps * torch.logsumexp(out * LN2, dim=1)
+    res = torch.empty((B, n_own), dtype=ref.dtype, device=ref.device)
+    tiles = cdiv(n_own, COMBINE_BLOCK)
+    softmin_combine_kernel[(B * tiles,)](
+        res, out, prev_, active_, scal, n_own, S, tiles, res.stride(0), out.stride(0), out.stride(1),
+        prev_.stride(0), BLOCK=COMBINE_BLOCK, UPDATE=update, num_warps=4,
+    )
+    return res

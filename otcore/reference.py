@@ -158,9 +158,29 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
     return out.mul_(-eps * math.log(2.0))
 
 
+def softmin_update(geom, h: torch.Tensor, bias: torch.Tensor, eps: float, axis: int, prev: torch.Tensor,
+                   active: torch.Tensor, tau: float, average: bool = False, precision: str = "fp32",
+                   softmin=softmin) -> torch.Tensor:
+    """One Sinkhorn half-step of the potential ``prev`` on the ``axis`` side, (B,n) or (B,m):
+
+        s = softmin(h + bias)             (:func:`softmin`; ``bias`` = eps log b)
+        prev <- tau s                     (alternating update)
+        prev <- (prev + tau s) / 2        (``average``: the symmetric update)
+
+    for the problems whose ``active`` (B,) entry is True; the others keep ``prev``.
+    ``softmin`` is the pass used, given ``unscaled(prev, tau)`` (the softmin that gave
+    ``prev``) as its hint; the Triton backend's op while ``torch.compile`` traces. The
+    Triton backend otherwise runs it all in the softmin pass's launch
+    (:func:`otcore.kernels.softmin.launch_softmin`).
+    """
+    s = softmin(geom, h + bias, eps, axis, precision=precision, hint=unscaled(prev, tau))
+    new = 0.5 * (prev + scaled(s, tau)) if average else scaled(s, tau)
+    return torch.where(active[:, None], new, prev)
+
+
 def sinkhorn_steps(
     geom, f, g, loga, logb, eps: float, tau: tuple[float, float], k: int, active: torch.Tensor,
-    symmetric: bool = False, check=None, precision: str = "fp32", softmin=softmin,
+    symmetric: bool = False, check=None, precision: str = "fp32", softmin=softmin, update=softmin_update,
 ):
     """``k`` Sinkhorn iterations at one ``eps``: new potentials ``(f, g)``, (B,n) and (B,m).
 
@@ -184,30 +204,35 @@ def sinkhorn_steps(
     pass: the row pass is the next iteration's.
 
     Each pass gets the previous one's output as ``hint`` (:func:`unscaled`). ``softmin``
-    is the pass used, this module's by default; the Triton backend hands in its kernel
-    for problems too large for :mod:`otcore.kernels.sinkhorn_steps`.
+    and ``update`` (:func:`softmin_update`) are the passes used, this module's by default;
+    the Triton backend hands in its kernels for problems too large for
+    :mod:`otcore.kernels.sinkhorn_steps`. The passes other than the test's are
+    ``update`` calls: one launch each there.
     """
     tau_a, tau_b = tau
-    act = active[:, None]
     resid = None
     eloga, elogb = eps * loga, eps * logb  # once per block: each launch counts for small problems
+    kw = dict(precision=precision)
     for i in range(k + (check is not None)):
-        s = softmin(geom, (f + eloga) if symmetric else (g + elogb), eps, 1, precision=precision,
-                    hint=unscaled(f, tau_a))
-        if i == k:  # the convergence test, from this iteration's row pass
+        if i < k:
+            if symmetric:
+                f = g = update(geom, f, eloga, eps, 1, f, active, tau_a, True, **kw)
+                continue
+            f = update(geom, g, elogb, eps, 1, f, active, tau_a, **kw)
+        else:  # the convergence test, from this iteration's row pass
+            s = softmin(geom, (f + eloga) if symmetric else (g + elogb), eps, 1, hint=unscaled(f, tau_a), **kw)
             tol, rho_a = check
             a = torch.exp(loga)
             target = 1.0 if rho_a is None else torch.exp(-f / rho_a)
             gap = torch.where(a > 0, a * (torch.exp((f - s) / eps) - target).abs(), 0.0)
             resid = torch.where(active, (2 if symmetric else 1) * gap.sum(-1), float("nan"))
-            act = act & (resid > tol)[:, None]  # NaN (a failed problem) stops too
-        if symmetric:
-            new = 0.5 * (f + scaled(s, tau_a))
-            f, g = torch.where(act, new, f), torch.where(act, new, g)
-        else:
-            f = torch.where(act, scaled(s, tau_a), f)
-            col = softmin(geom, f + eloga, eps, 0, precision=precision, hint=unscaled(g, tau_b))
-            g = torch.where(act, scaled(col, tau_b), g)
+            active = active & (resid > tol)  # NaN (a failed problem) stops too
+            if symmetric:
+                new = 0.5 * (f + scaled(s, tau_a))
+                f = g = torch.where(active[:, None], new, f)
+                continue
+            f = torch.where(active[:, None], scaled(s, tau_a), f)
+        g = update(geom, f, eloga, eps, 0, g, active, tau_b, **kw)
     return (f, g) if check is None else (f, g, resid)
 
 

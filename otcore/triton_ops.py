@@ -222,6 +222,20 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
     return _launch_softmin(operand(geom, axis, precision, eps), h, float(eps), hint)
 
 
+def softmin_update(geom, h: torch.Tensor, bias: torch.Tensor, eps: float, axis: int, prev: torch.Tensor,
+                   active: torch.Tensor, tau: float, average: bool = False, precision: str = "fp32") -> torch.Tensor:
+    """Sinkhorn's half-step ``where(active, tau s, prev)`` (``average``: ``where(active,
+    (prev + tau s) / 2, prev)``) with ``s = softmin(h + bias)``: one softmin launch that adds
+    ``bias`` as it reads ``h`` and writes the update (see :func:`otcore.reference.softmin_update`).
+    Traced calls (``torch.compile``) run the softmin op and the update in torch."""
+    _check(precision, axis)
+    if torch.compiler.is_compiling():
+        return reference.softmin_update(geom, h, bias, eps, axis, prev, active, tau, average, precision,
+                                        softmin=softmin)
+    return _softmin.launch_softmin(operand(geom, axis, precision, eps), h, float(eps), bias=bias, prev=prev,
+                                   active=active, tau=tau, average=average)
+
+
 def sinkhorn_steps(geom, f, g, loga, logb, eps: float, tau: tuple[float, float], k: int, active: torch.Tensor,
                    symmetric: bool = False, check=None, precision: str = "fp32"):
     """``k`` Sinkhorn iterations, and the convergence test if ``check = (tol, rho_a)``
@@ -241,7 +255,7 @@ def sinkhorn_steps(geom, f, g, loga, logb, eps: float, tau: tuple[float, float],
             op = _softmin.point_operand(xc, yc, geom.cost == "euclidean", precision, mode=_softmin.COST_DIRECT)
         return _steps.launch_sinkhorn_steps(op, f, g, loga, logb, float(eps), tau, k, active, symmetric, check)
     return reference.sinkhorn_steps(geom, f, g, loga, logb, eps, tau, k, active, symmetric, check,
-                                    precision, softmin=softmin)
+                                    precision, softmin=softmin, update=softmin_update)
 
 
 def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: str = "fp32") -> torch.Tensor:

@@ -37,7 +37,8 @@ SCRIPT = textwrap.dedent(
                                                             CHECK=True), 8),
     ]
     sm = dict(EUCLID=False, BLOCK_I=64, BLOCK_J=64, PARTIAL=False, LANE=True, LOWEST=-3.4e38, SHIFT=False,
-              FIXUP=False)
+              FIXUP=False, BIAS=False, UPDATE=0)
+    fused = dict(sm, BIAS=True, UPDATE=1)  # a Sinkhorn iteration's passes (reference.softmin_update)
     cases += [
         (softmin.softmin_kernel, "fp32", dict(sm, D=3, DP=4, COST=1, IP="tf32x3"), 8),
         (softmin.softmin_kernel, "fp32", dict(sm, D=3, DP=4, COST=1, IP="tf32x3", SHIFT=True, PARTIAL=True), 8),
@@ -47,13 +48,21 @@ SCRIPT = textwrap.dedent(
         (softmin.softmin_kernel, "fp32", dict(sm, D=200, DP=256, COST=2, IP="tf32x3", SHIFT=True), 8,
          softmin_ints(32768, 2 * 256 + 16)),
         (softmin.softmin_kernel, "fp64", dict(sm, D=64, DP=64, COST=1, IP="ieee", LOWEST=-1.7e308), 8),
+        (softmin.softmin_kernel, "fp32", dict(fused, D=3, DP=4, COST=1, IP="tf32x3"), 8),
+        (softmin.softmin_kernel, "fp32", dict(fused, D=3, DP=4, COST=1, IP="tf32x3", SHIFT=True, PARTIAL=True), 8),
+        (softmin.softmin_kernel, "fp32", dict(fused, D=1, DP=1, COST=0, IP="ieee", UPDATE=2, FIXUP=True), 8),
+        (softmin.softmin_kernel, "fp64", dict(fused, D=3, DP=4, COST=1, IP="ieee", LOWEST=-1.7e308, UPDATE=2), 8),
+        (softmin.softmin_combine_kernel, "fp32", dict(BLOCK=softmin.COMBINE_BLOCK, UPDATE=0), 4),
+        (softmin.softmin_combine_kernel, "fp32", dict(BLOCK=softmin.COMBINE_BLOCK, UPDATE=1), 4),
+        (softmin.softmin_combine_kernel, "fp64", dict(BLOCK=softmin.COMBINE_BLOCK, UPDATE=2), 4),
     ]
     # the dot path's own pass tiles (softmin.pass_tiles: 128 rows up to d = 64), d = 64 and wider
     for d, dp in ((64, 64), (200, 256)):
         bi, bj, warps = softmin.pass_tiles(32768, 32768, softmin.COST_DOT, d)
-        cases.append((softmin.softmin_kernel, "fp32", dict(sm, D=d, DP=dp, COST=2, IP="tf32x3", BLOCK_I=bi,
-                                                          BLOCK_J=bj, SHIFT=True), warps,
-                      softmin_ints(32768, 2 * dp + 16)))
+        for flags in (sm, fused):
+            cases.append((softmin.softmin_kernel, "fp32", dict(flags, D=d, DP=dp, COST=2, IP="tf32x3", BLOCK_I=bi,
+                                                                 BLOCK_J=bj, SHIFT=True), warps,
+                          softmin_ints(32768, 2 * dp + 16)))
     tile = dict(D=3, DP=4, COST=1, EUCLID=False, IP="tf32x3", BLOCK_I=64, BLOCK_J=64)
     reduce = dict(BLOCK_K=16, HAS_V=True, V_MATRIX=True, WITH_SUM=True, WEIGHT=0, VIP="tf32x3", DIFF=False)
     cases += [
@@ -95,7 +104,7 @@ SCRIPT = textwrap.dedent(
     # the streamed passes' block-size rules promise no spills (registers only); the top-s
     # extraction at most a few words (ptxas's choice varies by version: 0-56 bytes at these
     # sizes, where 4 warps and 32 rows had spilled 136 bytes to 2 KB)
-    no_spill = (softmin.softmin_kernel, plan.plan_reduce_kernel, sinkhorn_steps.sinkhorn_steps_kernel,
+    no_spill = (softmin.softmin_kernel, softmin.softmin_combine_kernel, plan.plan_reduce_kernel, sinkhorn_steps.sinkhorn_steps_kernel,
                 ksparse._ksparse_kernel)
     stack_max = {sparse._topk_rows_kernel: 64}
     for kernel, dtype, const, warps, *ints in cases:
@@ -117,4 +126,4 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 36, proc.stdout
+    assert proc.stdout.count(" ok") == 45, proc.stdout

@@ -531,4 +531,6 @@ def test_device_scalars_are_cached_per_key_and_bounded():
     assert cache.get(("x", 0.5), [5.0, 6.0], torch.float64, torch.device("cpu")).tolist() == [5.0, 6.0]
     eps = 0.07
     torch.testing.assert_close(K.scalars(eps, torch.float32, torch.device("cpu")),
-                               torch.tensor([K.LOG2E / eps, eps * K.LN2]))
+                               torch.tensor([K.LOG2E / eps, eps * K.LN2, 1.0]))
+    torch.testing.assert_close(K.scalars(eps, torch.float32, torch.device("cpu"), tau=0.25),
+                               torch.tensor([K.LOG2E / eps, eps * K.LN2, 0.25]))
