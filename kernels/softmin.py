@@ -322,7 +322,8 @@ def update_potential(s, prev, go, tau, UPDATE: tl.constexpr):
     - ``UPDATE=1`` (alternating): ``f <- tau s``;
     - ``UPDATE=2`` (symmetric, self-transport): ``f <- (f + tau s) / 2``.
 
-    (the same operations as :func:`otcore.reference.softmin_update`, in the same order.)"""
+    (the same operations as :func:`otcore.reference.softmin_update`, in the same order; a GPU
+    compiler may fuse ``prev + tau * s`` into one FMA.)"""
     if UPDATE == 2:
         new = 0.5 * (prev + tau * s)
     else:
@@ -850,9 +851,9 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
             raise ValueError("hint and prev are exclusive: with prev the hint is prev / tau")
         if tuple(prev.shape) != (B, n_own):
             raise ValueError(f"prev must have the result's shape ({B}, {n_own}), got {tuple(prev.shape)}")
-        if active is None or active.dtype != torch.bool or tuple(active.shape) != (B,):
-            raise ValueError(f"active must be a ({B},) bool tensor with prev")
-        prev = prev.to(ref.dtype).contiguous()
+        if active is None or active.dtype != torch.bool or tuple(active.shape) != (B,) or active.device != ref.device:
+            raise ValueError(f"active must be a ({B},) bool tensor on {ref.device} with prev")
+        prev, active = prev.to(ref.dtype).contiguous(), active.contiguous()
     shift = (hint is not None or update) and lse_shift() and B * n_own * n_oth >= SHIFT_MIN_ENTRIES
     if shift and update:
         hint = prev if tau == 1.0 else prev / tau

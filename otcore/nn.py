@@ -52,7 +52,9 @@ class SinkhornLoss(nn.Module):
         reduction: ``"mean"`` / ``"sum"`` over the batch, or ``"none"``.
         rho: None (balanced) or KL marginal penalty (unbalanced divergence).
         eps_schedule: eps scaling for each solve (default ``"geometric"``).
-        tol, max_iter, backend, precision, cuda_graph: passed to :func:`otcore.sinkhorn`.
+        tol, max_iter, backend, precision, cuda_graph: passed to :func:`otcore.sinkhorn`
+            (``tol=None``: each solve runs exactly ``max_iter`` iterations, eps-scaling
+            stages included, with no convergence test, like GeomLoss's fixed schedule).
         warm_start: start each of the (up to three) solves from the potentials of the same
             term in the previous call, without eps scaling, when eps, the shapes, dtype,
             device and the zero-weight pattern agree (consecutive training steps move the
@@ -79,7 +81,7 @@ class SinkhornLoss(nn.Module):
         reduction: str = "mean",
         rho: Optional[float] = None,
         eps_schedule="geometric",
-        tol: float = 1e-5,
+        tol: Optional[float] = 1e-5,
         max_iter: int = 1000,
         backend: str = "auto",
         precision: str = "fp32",
@@ -100,7 +102,7 @@ class SinkhornLoss(nn.Module):
                              f"divergence needs the same penalty on both sides), got {rho!r}; otcore.sinkhorn "
                              f"takes different ones")
         rho = rho_a
-        _validate.positive("tol", tol)
+        _validate.positive("tol", tol, allow_none=True)
         _validate.positive_int("max_iter", max_iter)
         _validate.choice("backend", backend, BACKENDS)
         _validate.choice("precision", precision, _validate.PRECISIONS)

@@ -204,8 +204,8 @@ def sinkhorn_steps(
     pass: the row pass is the next iteration's.
 
     Each pass gets the previous one's output as ``hint`` (:func:`unscaled`). ``softmin``
-    and ``update`` (:func:`softmin_update`) are the passes used, this module's by default;
-    the Triton backend hands in its kernels for problems too large for
+    and ``update`` (:func:`softmin_update`) are the passes used (both of one backend), this
+    module's by default; the Triton backend hands in its kernels for problems too large for
     :mod:`otcore.kernels.sinkhorn_steps`. The passes other than the test's are
     ``update`` calls: one launch each there.
     """
@@ -215,8 +215,9 @@ def sinkhorn_steps(
     kw = dict(precision=precision)
     for i in range(k + (check is not None)):
         if i < k:
-            if symmetric:
-                f = g = update(geom, f, eloga, eps, 1, f, active, tau_a, True, **kw)
+            if symmetric:  # g = f, but an inactive problem keeps its own g
+                f = update(geom, f, eloga, eps, 1, f, active, tau_a, True, **kw)
+                g = torch.where(active[:, None], f, g)
                 continue
             f = update(geom, g, elogb, eps, 1, f, active, tau_a, **kw)
         else:  # the convergence test, from this iteration's row pass
@@ -229,7 +230,7 @@ def sinkhorn_steps(
             active = active & (resid > tol)  # NaN (a failed problem) stops too
             if symmetric:
                 new = 0.5 * (f + scaled(s, tau_a))
-                f = g = torch.where(active[:, None], new, f)
+                f, g = torch.where(active[:, None], new, f), torch.where(active[:, None], new, g)
                 continue
             f = torch.where(active[:, None], scaled(s, tau_a), f)
         g = update(geom, f, eloga, eps, 0, g, active, tau_b, **kw)

@@ -160,7 +160,7 @@ class Computing(TorchDispatchMode):
 def test_an_iteration_is_one_launch_per_pass_and_one_more_per_split(monkeypatch, splits):
     """``k`` unchecked iterations: ``2 k`` softmin launches (plus ``2 k`` combines when
     split) and two torch operations in all (``eps log a``, ``eps log b``, once per block);
-    the symmetric iteration one pass each."""
+    the symmetric iteration one pass each and the ``where`` that copies ``f`` to ``g``."""
     launches, counter = [], Computing()
     for name in ("softmin_kernel", "softmin_combine_kernel"):
         kernel = getattr(K, name)
@@ -185,7 +185,7 @@ def test_an_iteration_is_one_launch_per_pass_and_one_more_per_split(monkeypatch,
             g.sinkhorn_steps(*steps, backend="triton")
         assert launches.count("softmin_kernel") == 5 * passes
         assert launches.count("softmin_combine_kernel") == (5 * passes if splits > 1 else 0)
-        assert counter.count == 2
+        assert counter.count == 2 + (5 if g is sym else 0)
 
 
 class _paused:
@@ -200,6 +200,29 @@ class _paused:
     def __exit__(self, *exc):
         self.mode.count = self.count
         return False
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("check", [None, (1e-30, None)], ids=["unchecked", "checked"])
+def test_a_symmetric_inactive_problem_keeps_its_own_g(backend, check):
+    """The symmetric iteration sets ``g = f`` for the problems it runs only: an inactive
+    one whose ``g`` differs from its ``f`` (a warm start, SNS's fallback) keeps both, as
+    in the one-tile kernel."""
+    geom, _, la, _, f0, _ = problem("sqeuclidean", N, N, seed=10)
+    sym = otcore.PointCloud(geom.x, geom.x)
+    g0 = f0 + 0.01
+    out = sym.sinkhorn_steps(f0, g0, la, la, 0.05, (1.0, 1.0), 2, ACTIVE, True, check, backend=backend)
+    assert torch.equal(out[0][1], f0[1]) and torch.equal(out[1][1], g0[1])
+    assert torch.equal(out[0][ACTIVE], out[1][ACTIVE])
+
+
+def test_a_strided_active_mask_is_read_by_problem():
+    geom, _, la, lb, f0, g0 = problem("sqeuclidean", N, M, seed=11)
+    strided = torch.tensor([True, True, False, True, True, True], device=DEVICE)[::2]  # [True, False, True]
+    got = geom.sinkhorn_steps(f0, g0, la, lb, 0.05, (1.0, 1.0), 2, strided, backend="triton")
+    want = geom.sinkhorn_steps(f0, g0, la, lb, 0.05, (1.0, 1.0), 2, ACTIVE, backend="triton")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[0][1], f0[1]) and torch.equal(got[1][1], g0[1])
 
 
 def test_bad_update_arguments_raise():

@@ -73,9 +73,9 @@ def parse_rho(rho) -> tuple[Optional[float], Optional[float]]:
     return r, r
 
 
-def make_problem(geom, a, b, eps, rho, backend, precision, tol: float) -> Problem:
+def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float]) -> Problem:
     """Validate every argument before any work is done (``tol``: already validated, for
-    the mass check)."""
+    the mass check; None: none)."""
     if not isinstance(geom, Geometry):
         raise TypeError(f"geom must be an otcore.PointCloud or otcore.CostMatrix, got {type(geom).__name__}")
     eps = _validate.reciprocal_fits("eps", _validate.positive("eps", eps), geom.dtype)
@@ -231,7 +231,8 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
 
 def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dict, stalled=None) -> OTResult:
     """Build the :class:`OTResult` at potentials ``(f, g)``: exact marginals, cost, value
-    (through its dual), convergence, and envelope gradients. Three streamed passes.
+    (through its dual), convergence (``tol`` None: finiteness only), and envelope
+    gradients. Three streamed passes.
     ``stalled`` (B,) bool: problems stopped for lack of progress (for the warning's text)."""
     geom, eps, kw = pb.geom, pb.eps, pb.kw()
     with torch.no_grad():
@@ -254,8 +255,11 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
         # passed may sit a rounding step above tol here. Beyond that slack the marginals of
         # the plan the result hands out decide: with eps below what the dtype resolves of
         # F + G - C the loop's test can read 0 while P misses its marginals by O(1).
-        slack = 2 * tol + 64 * torch.finfo(f.dtype).eps * (pb.A.sum(-1) + pb.Bw.sum(-1))
-        converged = ((resid <= tol) | (passed & (resid <= slack))) & finite
+        if tol is None:  # a fixed number of iterations (sinkhorn(tol=None)): no tolerance to meet
+            converged = finite
+        else:
+            slack = 2 * tol + 64 * torch.finfo(f.dtype).eps * (pb.A.sum(-1) + pb.Bw.sum(-1))
+            converged = ((resid <= tol) | (passed & (resid <= slack))) & finite
     spec = EnvelopeSpec(geom, pb.A, pb.Bw, f, g, eps, pb.rho_a, pb.rho_b, pb.backend, pb.precision, pb.a_in, pb.b_in,
                         pb.wide)
     value, cost = envelope_value(spec, value, cost)

@@ -84,7 +84,7 @@ def sinkhorn(
     b: Optional[torch.Tensor] = None,
     *,
     eps: float,
-    tol: float = 1e-5,
+    tol: Optional[float] = 1e-5,
     max_iter: int = 1000,
     rho=None,
     eps_schedule: Schedule = None,
@@ -108,6 +108,10 @@ def sinkhorn(
         eps: entropic regularization, in units of the cost (> 0).
         tol: stop when the residual ``|P1 - a|_1 + |P^T 1 - b|_1`` (KL-relaxed
             marginals: distance to their optimal targets ``a exp(-f/rho)``) is <= tol.
+            ``None``: run exactly ``max_iter`` iterations with no convergence test (no
+            host synchronisation in the loop; e.g. SwAV's 3 iterations); ``converged``
+            then only says that the result is finite, and no warning is given for the
+            marginals, whose error ``marginal_error`` still reports.
         max_iter: iteration cap (eps-scaling stages count). Hitting it gives
             ``converged=False`` and a :class:`~otcore.result.ConvergenceWarning`.
         rho: None (balanced), a number (KL penalty on both marginals), or
@@ -135,7 +139,7 @@ def sinkhorn(
         :class:`~otcore.OTResult`; in a batch each problem stops on its own
         (its potentials freeze once it converges) and ``n_iter``/``converged`` are per problem.
     """
-    tol = _validate.positive("tol", tol)
+    tol = _validate.positive("tol", tol, allow_none=True)
     pb = make_problem(geom, a, b, eps, rho, backend, precision, tol)
     max_iter = _validate.positive_int("max_iter", max_iter)
     check_every = _validate.positive_int("check_every", check_every)
@@ -197,6 +201,19 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         n_iter += active
         it += 1
         progress.update(it, None, e, f"eps stage {i + 1}/{len(stages)}")
+
+    if tol is None:  # a fixed number of iterations, in blocks of check_every (progress lines between them)
+        run = graphed(lambda f, g, active, k: steps(f, g, eps, k, active), geom.device, check_every) \
+            if cuda_graph else (lambda f, g, active, k: steps(f, g, eps, k, active))
+        left = max_iter - it
+        while it < max_iter:
+            k = min(check_every, max_iter - it)
+            f, g = run(f, g, active, k)
+            it += k
+            if progress.due():
+                progress.update(it, None, eps)
+        progress.close()
+        return f, g, n_iter + active * max(left, 0), passed
 
     def checked_block(f, g, active, k: int):
         """``k`` iterations, the test, and one more iteration where it fails: (f, g, resid)."""
