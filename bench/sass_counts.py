@@ -131,7 +131,7 @@ def main():
             row(f"softmin {label} {bi}x{bj}, {name}",
                 compile_sm90(softmin.softmin_kernel, dict(sm, **c, **flags, BLOCK_I=bi, BLOCK_J=bj), num_warps=warps,
                              ints=ints))
-    st = dict(EUCLID=False, SYMMETRIC=False, BLOCK_N=64, BLOCK_M=64)
+    st = dict(EUCLID=False, SYMMETRIC=False, RELAX=False, BLOCK_N=64, BLOCK_M=64)
     for label, c in (("d=3", dict(D=3, COST=softmin.COST_DIRECT)), ("d=64", dict(D=64, COST=softmin.COST_DIRECT)),
                      ("dense C", dict(D=1, COST=softmin.COST_DENSE))):
         for check in (False, True):

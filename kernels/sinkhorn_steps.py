@@ -30,6 +30,7 @@ for any ``d``.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -68,12 +69,12 @@ def lse2(z, AXIS: tl.constexpr):
 
 @triton.jit
 def sinkhorn_steps_kernel(
-    f_ptr, g_ptr, resid_ptr, loga_ptr, logb_ptr, active_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    f_ptr, g_ptr, resid_ptr, loga_ptr, logb_ptr, active_ptr, omega_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
     n, m, n_steps,
     s_fb, s_gb, s_ab, s_bb,
     s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
     D: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, SYMMETRIC: tl.constexpr,
-    CHECK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    CHECK: tl.constexpr, RELAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """``n_steps`` iterations of problem ``program_id(0)``, updating ``f``/``g`` in place;
     with ``CHECK`` then the convergence test and, where it fails, one more iteration.
@@ -88,6 +89,9 @@ def sinkhorn_steps_kernel(
     - ``loga_ptr``/``logb_ptr``: ``log a``, ``log b`` (strides ``s_ab``/``s_bb``); ``-inf``
       marks a zero-weight point, whose column (row) of the plan is zero.
     - ``active_ptr`` (B,) bool: problems with False run no iteration and are not written.
+    - ``omega_ptr`` (B,) (``RELAX`` only): the relaxation factors ``w`` of the first
+      ``n_steps - 1`` iterations, ``f <- (1 - w) f + w tau_a softmin`` (likewise ``g``); the
+      last one and the test's are plain (as ``otcore.reference.sinkhorn_steps``).
     - ``scal_ptr``: ``[log2(e)/eps, eps ln 2, tau_a, tau_b, tol, log2(e)/rho_a (0: balanced)]``
       in the compute dtype.
     - ``own_ptr``/``oth_ptr``/``c_ptr`` and their strides: the cost as the row pass
@@ -118,6 +122,7 @@ def sinkhorn_steps_kernel(
     g = tl.load(g_ptr + b * s_gb + offs_j, mask=mask_j, other=0.0)
     resid = tl.sum(tl.zeros_like(f), axis=0) + float("nan")  # a scalar of the compute dtype
     go = active
+    omega = tl.load(omega_ptr + b) if RELAX else 1.0
 
     # an inactive problem runs zero iterations; CHECK adds the test's iteration
     for it in range(0, tl.where(active, n_steps + CHECK, 0)):
@@ -138,9 +143,15 @@ def sinkhorn_steps_kernel(
         if SYMMETRIC:
             g = tl.where(go, 0.5 * (g + tau_a * s), g)
         else:
-            f = tl.where(go, tau_a * s, f)
+            new_f = tau_a * s
+            if RELAX:  # over-relaxed but for the last iteration (and the test's)
+                new_f = tl.where(it < n_steps - 1, (1.0 - omega) * f + omega * new_f, new_f)
+            f = tl.where(go, new_f, f)
             hf = tl.where(la2 > float("-inf"), f * scale + la2, float("-inf"))
-            g = tl.where(go, tau_b * (-lse2(hf[:, None] - Cs, 0) * inv_scale), g)
+            new_g = tau_b * (-lse2(hf[:, None] - Cs, 0) * inv_scale)
+            if RELAX:
+                new_g = tl.where(it < n_steps - 1, (1.0 - omega) * g + omega * new_g, new_g)
+            g = tl.where(go, new_g, g)
     if SYMMETRIC:
         f = g
     # an inactive problem stores nothing: its rows and columns count as none
@@ -162,7 +173,7 @@ def _scalars(eps: float, tau_a: float, tau_b: float, tol: float, rho2: float, dt
 def launch_sinkhorn_steps(
     op: CostOperand, f: torch.Tensor, g: torch.Tensor, loga: torch.Tensor, logb: torch.Tensor,
     eps: float, tau: tuple[float, float], k: int, active: torch.Tensor, symmetric: bool = False,
-    check=None,
+    check=None, omega: Optional[torch.Tensor] = None,
 ):
     """``k`` Sinkhorn iterations of every active problem, one launch; returns new ``(f, g)``,
     or ``(f, g, resid)`` with ``check = (tol, rho_a)``.
@@ -177,6 +188,8 @@ def launch_sinkhorn_steps(
         check: ``(tol, rho_a)`` (``rho_a`` None: balanced rows): then the convergence test
             and one more iteration where the residual is above ``tol``, as in
             ``otcore.reference.sinkhorn_steps``; ``resid`` (B,) is NaN where not active.
+        omega: ``(B,)`` relaxation factors of the first ``k - 1`` iterations (not with
+            ``symmetric``), or None.
 
     The inputs are not modified (the outputs are new tensors, so a CUDA graph can record
     the call on static inputs).
@@ -190,6 +203,8 @@ def launch_sinkhorn_steps(
     if f.shape != (B, n) or g.shape != (B, m):
         raise ValueError(f"f and g must be ({B}, {n}) and ({B}, {m}) for this operand, got "
                          f"{tuple(f.shape)} and {tuple(g.shape)}")
+    if omega is not None and (symmetric or tuple(omega.shape) != (B,)):
+        raise ValueError(f"omega must be a ({B},) tensor, for the alternating updates only")
     if symmetric and n != m:
         raise ValueError(f"symmetric=True needs a square problem, got {n} x {m}")
     dt = ref.dtype
@@ -203,11 +218,13 @@ def launch_sinkhorn_steps(
     scal = _scalars(float(eps), float(tau_a), float(tau_b), float(tol), 0.0 if rho_a is None else LOG2E / rho_a,
                     dt, ref.device)
     bn, bm = _pad(n), _pad(m)
+    omega_ = resid if omega is None else omega.to(dt).contiguous()  # (unread without RELAX)
     sinkhorn_steps_kernel[(B,)](
-        f_out, g_out, resid, loga, logb, active.to(torch.bool).contiguous(), scal, *op.pointer_args()[:3],
+        f_out, g_out, resid, loga, logb, active.to(torch.bool).contiguous(), omega_, scal, *op.pointer_args()[:3],
         n, m, int(k),
         f_out.stride(0), g_out.stride(0), loga.stride(0), logb.stride(0), *op.pointer_args()[3:],
         D=op.d, COST=op.mode, EUCLID=op.euclidean, SYMMETRIC=bool(symmetric), CHECK=check is not None,
+        RELAX=omega is not None,
         BLOCK_N=bn, BLOCK_M=bm, num_warps=max(1, min(8, bn * bm // 512)),
     )
     return (f_out, g_out) if check is None else (f_out, g_out, resid)

@@ -315,17 +315,20 @@ def lse_shifted(
 
 
 @triton.jit
-def update_potential(s, prev, go, tau, UPDATE: tl.constexpr):
+def update_potential(s, prev, go, tau, omega, UPDATE: tl.constexpr):
     """Sinkhorn's update of a potential from its new softmin ``s``, for a problem still
     iterating (``go``; otherwise ``prev`` stays):
 
     - ``UPDATE=1`` (alternating): ``f <- tau s``;
-    - ``UPDATE=2`` (symmetric, self-transport): ``f <- (f + tau s) / 2``.
+    - ``UPDATE=2`` (symmetric, self-transport): ``f <- (f + tau s) / 2``;
+    - ``UPDATE=3`` (over-relaxed alternating): ``f <- (1 - omega) f + omega tau s``.
 
     (the same operations as :func:`otcore.reference.softmin_update`, in the same order; a GPU
     compiler may fuse ``prev + tau * s`` into one FMA.)"""
     if UPDATE == 2:
         new = 0.5 * (prev + tau * s)
+    elif UPDATE == 3:
+        new = (1.0 - omega) * prev + omega * (tau * s)
     else:
         new = tau * s
     return tl.where(go, new, prev)
@@ -333,7 +336,7 @@ def update_potential(s, prev, go, tau, UPDATE: tl.constexpr):
 
 @triton.jit
 def softmin_kernel(
-    out_ptr, h_ptr, bias_ptr, hint_ptr, prev_ptr, active_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    out_ptr, h_ptr, bias_ptr, hint_ptr, prev_ptr, active_ptr, omega_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
     n_own, n_oth, tiles_own, split_len,
     s_outb, s_outs, s_hb, s_hib, s_pb,
     s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
@@ -360,7 +363,8 @@ def softmin_kernel(
       rows, problem stride ``s_hib`` (e.g. the previous iteration's).
     - ``prev_ptr``, ``active_ptr`` (``UPDATE`` only): the potential being updated,
       ``(B, n_own)``, contiguous rows, problem stride ``s_pb``, and the (B,) bool flags
-      of the problems still iterating (see :func:`update_potential`).
+      of the problems still iterating (see :func:`update_potential`); ``omega_ptr``
+      (``UPDATE=3``): the (B,) relaxation factors.
     - ``scal_ptr``: ``[log2(e)/eps, eps*ln 2, tau]`` in the compute dtype (a tensor so
       float64 problems keep float64 scalars).
     - ``own_ptr``/``oth_ptr`` (+ problem strides ``s_ob``/``s_tb``, row strides
@@ -380,7 +384,7 @@ def softmin_kernel(
     maximum) to recompute: its programs read their rows of ``out`` and redo the NaN ones
     only (none: no tile is read). So any hint gives the correct result.
 
-    ``UPDATE`` (1 or 2) stores Sinkhorn's new potential rather than the softmin
+    ``UPDATE`` (1, 2 or 3) stores Sinkhorn's new potential rather than the softmin
     (:func:`update_potential`; with ``PARTIAL`` the combine kernel applies it); an
     inactive problem's programs read no tile.
     """
@@ -430,14 +434,16 @@ def softmin_kernel(
         tl.store(out_ptrs, lse2, mask=store)
     elif UPDATE != 0:
         prev = tl.load(prev_ptr + b * s_pb + offs_i, mask=store, other=0.0)
-        tl.store(out_ptrs, update_potential(-lse2 * inv_scale, prev, go, tl.load(scal_ptr + 2), UPDATE), mask=store)
+        omega = tl.load(omega_ptr + b) if UPDATE == 3 else 1.0
+        tl.store(out_ptrs, update_potential(-lse2 * inv_scale, prev, go, tl.load(scal_ptr + 2), omega, UPDATE),
+                 mask=store)
     else:
         tl.store(out_ptrs, -lse2 * inv_scale, mask=store)
 
 
 @triton.jit
 def softmin_combine_kernel(
-    out_ptr, part_ptr, prev_ptr, active_ptr, scal_ptr, n_own, n_split, tiles,
+    out_ptr, part_ptr, prev_ptr, active_ptr, omega_ptr, scal_ptr, n_own, n_split, tiles,
     s_outb, s_partb, s_parts, s_pb,
     BLOCK: tl.constexpr, UPDATE: tl.constexpr,
 ):
@@ -467,7 +473,8 @@ def softmin_combine_kernel(
     if UPDATE != 0:
         go = tl.load(active_ptr + b) != 0
         prev = tl.load(prev_ptr + b * s_pb + offs, mask=mask, other=0.0)
-        out = update_potential(out, prev, go, tl.load(scal_ptr + 2), UPDATE)
+        omega = tl.load(omega_ptr + b) if UPDATE == 3 else 1.0
+        out = update_potential(out, prev, go, tl.load(scal_ptr + 2), omega, UPDATE)
     tl.store(out_ptr + b * s_outb + offs, out, mask=mask)
 
 
@@ -813,7 +820,7 @@ COMBINE_BLOCK = 256
 def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optional[int] = None,
                    hint: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                    prev: Optional[torch.Tensor] = None, active: Optional[torch.Tensor] = None,
-                   tau: float = 1.0, average: bool = False) -> torch.Tensor:
+                   tau: float = 1.0, average: bool = False, omega: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out_i = -eps log sum_j exp((h_j + bias_j - C_ij)/eps)`` over the operand's other side,
     or with ``prev`` Sinkhorn's update of the potential ``prev`` from it (below).
 
@@ -829,8 +836,9 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
         bias: ``(B, n_oth)`` added to ``h`` as the kernel reads it (``eps log b``), or None.
         prev, active, tau, average: ``prev`` ``(B, n_own)`` and ``active`` ``(B,)`` bool
             given, the result is ``where(active, tau s, prev)`` (``average``:
-            ``where(active, (prev + tau s) / 2, prev)``) with ``s`` the softmin above
-            (:func:`update_potential`); inactive problems read no tile.
+            ``where(active, (prev + tau s) / 2, prev)``; ``omega`` ``(B,)`` given, the
+            over-relaxed ``where(active, (1 - omega) prev + omega tau s, prev)``) with ``s``
+            the softmin above (:func:`update_potential`); inactive problems read no tile.
 
     Returns:
         ``(B, n_own)`` in the operand's dtype. A pass of one launch (two with the shift's
@@ -845,7 +853,9 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
         if tuple(bias.shape) != tuple(h.shape):
             raise ValueError(f"bias must have h's shape {tuple(h.shape)}, got {tuple(bias.shape)}")
         bias = bias.to(ref.dtype).contiguous()
-    update = 0 if prev is None else (2 if average else 1)
+    update = 0 if prev is None else (2 if average else 3 if omega is not None else 1)
+    if omega is not None and update != 3:
+        raise ValueError("omega (over-relaxation) needs prev and excludes average")
     if update:
         if hint is not None:
             raise ValueError("hint and prev are exclusive: with prev the hint is prev / tau")
@@ -854,6 +864,10 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
         if active is None or active.dtype != torch.bool or tuple(active.shape) != (B,) or active.device != ref.device:
             raise ValueError(f"active must be a ({B},) bool tensor on {ref.device} with prev")
         prev, active = prev.to(ref.dtype).contiguous(), active.contiguous()
+    if update == 3:
+        if tuple(omega.shape) != (B,) or omega.device != ref.device:
+            raise ValueError(f"omega must be a ({B},) tensor on {ref.device}")
+        omega = omega.to(ref.dtype).contiguous()
     shift = (hint is not None or update) and lse_shift() and B * n_own * n_oth >= SHIFT_MIN_ENTRIES
     if shift and update:
         hint = prev if tau == 1.0 else prev / tau
@@ -873,9 +887,10 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
     scal = scalars(eps, ref.dtype, ref.device, tau)
     # unused pointers point at h (never read: their constexpr is off)
     bias_, prev_, active_ = (bias if bias is not None else h), (prev if update else h), (active if update else h)
+    omega_ = omega if update == 3 else h
     for shifted, fixup in ((True, False), (False, True)) if shift else ((False, False),):
         softmin_kernel[(B * tiles_own, S)](
-            out, h, bias_, hint, prev_, active_, scal, *op.pointer_args()[:3],
+            out, h, bias_, hint, prev_, active_, omega_, scal, *op.pointer_args()[:3],
             n_own, n_oth, tiles_own, split_len,
             out.stride(0), s_outs, h.stride(0), hint.stride(0), prev_.stride(0), *op.pointer_args()[3:],
             **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, PARTIAL=partial, LANE=lse_lanes(),
@@ -887,7 +902,7 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
     res = torch.empty((B, n_own), dtype=ref.dtype, device=ref.device)
     tiles = cdiv(n_own, COMBINE_BLOCK)
     softmin_combine_kernel[(B * tiles,)](
-        res, out, prev_, active_, scal, n_own, S, tiles, res.stride(0), out.stride(0), out.stride(1),
+        res, out, prev_, active_, omega_, scal, n_own, S, tiles, res.stride(0), out.stride(0), out.stride(1),
         prev_.stride(0), BLOCK=COMBINE_BLOCK, UPDATE=update, num_warps=4,
     )
     return res

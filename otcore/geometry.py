@@ -69,13 +69,14 @@ class Geometry:
         return self._call("softmin", backend, h, eps, _validate.axis(axis), precision=precision, hint=hint)
 
     def sinkhorn_steps(self, f, g, loga, logb, eps, tau, k, active, symmetric=False, check=None,
-                       backend="torch", precision="fp32"):
+                       backend="torch", precision="fp32", omega=None):
         """``k`` Sinkhorn iterations at ``eps`` of the ``active`` problems: new ``(f, g)``
         (unbiased potentials), and with ``check = (tol, rho_a)`` the convergence test and
-        its residual, ``(f, g, resid)`` (see reference.sinkhorn_steps). On the Triton
-        backend a problem whose cost fits one tile runs it all in one launch."""
+        its residual, ``(f, g, resid)`` (see reference.sinkhorn_steps); ``omega`` (B,):
+        over-relaxed iterations. On the Triton backend a problem whose cost fits one tile
+        runs it all in one launch."""
         return self._call("sinkhorn_steps", backend, f, g, loga, logb, eps, tau, k, active,
-                          symmetric=symmetric, check=check, precision=precision)
+                          symmetric=symmetric, check=check, precision=precision, omega=omega)
 
     def apply_plan(self, F, G, eps, v, axis, backend="torch", precision="fp32"):
         """``axis=1``: ``P v`` with v (B,m[,k]); ``axis=0``: ``P^T u`` with u (B,n[,k])."""

@@ -14,6 +14,7 @@ from .geometry import PointCloud
 from .result import ConvergenceWarning
 from .router import SparseOTRouter
 from .solvers._entropic import parse_rho
+from .solvers._overrelax import check_overrelax
 from .solvers.sinkhorn import check_schedule, sinkhorn
 
 __all__ = ["SinkhornLoss", "SparseOTRouter"]
@@ -52,7 +53,7 @@ class SinkhornLoss(nn.Module):
         reduction: ``"mean"`` / ``"sum"`` over the batch, or ``"none"``.
         rho: None (balanced) or KL marginal penalty (unbalanced divergence).
         eps_schedule: eps scaling for each solve (default ``"geometric"``).
-        tol, max_iter, backend, precision, cuda_graph: passed to :func:`otcore.sinkhorn`
+        tol, max_iter, backend, precision, cuda_graph, overrelax: passed to :func:`otcore.sinkhorn`
             (``tol=None``: each solve runs exactly ``max_iter`` iterations, eps-scaling
             stages included, with no convergence test, like GeomLoss's fixed schedule).
         warm_start: start each of the (up to three) solves from the potentials of the same
@@ -87,6 +88,7 @@ class SinkhornLoss(nn.Module):
         precision: str = "fp32",
         cuda_graph: bool = False,
         warm_start: bool = False,
+        overrelax=False,
     ):
         super().__init__()
         self._eps = _validate.positive("eps", eps)
@@ -111,6 +113,7 @@ class SinkhornLoss(nn.Module):
         self.solver_kw = dict(
             rho=rho, eps_schedule=eps_schedule, tol=tol, max_iter=max_iter,
             backend=backend, precision=precision, cuda_graph=cuda_graph, verbose=False,
+            overrelax=check_overrelax(overrelax, tol),
         )
         self.warm_start = _validate.flag("warm_start", warm_start)
         self._last: dict = {}  # term ("xy", "xx", "yy") -> its kept potentials, eps and support (_keep)
@@ -121,6 +124,7 @@ class SinkhornLoss(nn.Module):
             state["_eps"] = state.pop("eps")
             state["solver_kw"] = {k: v for k, v in state["solver_kw"].items() if k != "eps"}
         state.setdefault("warm_start", False)  # pickled before warm starts existed
+        state["solver_kw"].setdefault("overrelax", False)  # or before over-relaxation
         state.setdefault("_last", {})
         super().__setstate__(state)
 

@@ -160,12 +160,13 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
 
 def softmin_update(geom, h: torch.Tensor, bias: torch.Tensor, eps: float, axis: int, prev: torch.Tensor,
                    active: torch.Tensor, tau: float, average: bool = False, precision: str = "fp32",
-                   softmin=softmin) -> torch.Tensor:
+                   softmin=softmin, omega: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One Sinkhorn half-step of the potential ``prev`` on the ``axis`` side, (B,n) or (B,m):
 
-        s = softmin(h + bias)             (:func:`softmin`; ``bias`` = eps log b)
-        prev <- tau s                     (alternating update)
-        prev <- (prev + tau s) / 2        (``average``: the symmetric update)
+        s = softmin(h + bias)                       (:func:`softmin`; ``bias`` = eps log b)
+        prev <- tau s                               (alternating update)
+        prev <- (prev + tau s) / 2                  (``average``: the symmetric update)
+        prev <- (1 - omega) prev + omega tau s      (``omega`` (B,): over-relaxed)
 
     for the problems whose ``active`` (B,) entry is True; the others keep ``prev``.
     ``softmin`` is the pass used, given ``unscaled(prev, tau)`` (the softmin that gave
@@ -174,13 +175,20 @@ def softmin_update(geom, h: torch.Tensor, bias: torch.Tensor, eps: float, axis: 
     (:func:`otcore.kernels.softmin.launch_softmin`).
     """
     s = softmin(geom, h + bias, eps, axis, precision=precision, hint=unscaled(prev, tau))
-    new = 0.5 * (prev + scaled(s, tau)) if average else scaled(s, tau)
+    if average:
+        new = 0.5 * (prev + scaled(s, tau))
+    elif omega is not None:
+        w = omega.to(prev.dtype)[:, None]
+        new = (1.0 - w) * prev + w * scaled(s, tau)
+    else:
+        new = scaled(s, tau)
     return torch.where(active[:, None], new, prev)
 
 
 def sinkhorn_steps(
     geom, f, g, loga, logb, eps: float, tau: tuple[float, float], k: int, active: torch.Tensor,
     symmetric: bool = False, check=None, precision: str = "fp32", softmin=softmin, update=softmin_update,
+    omega: Optional[torch.Tensor] = None,
 ):
     """``k`` Sinkhorn iterations at one ``eps``: new potentials ``(f, g)``, (B,n) and (B,m).
 
@@ -203,6 +211,11 @@ def sinkhorn_steps(
     ``k``. Returns ``(f, g, r)``, ``r`` (B,) (NaN where not active). The test costs no
     pass: the row pass is the next iteration's.
 
+    ``omega`` (B,), alternating updates only: the first ``k - 1`` iterations are
+    over-relaxed, ``f <- (1 - omega) f + omega tau_a softmin(...)`` (likewise ``g``); the
+    ``k``-th is plain, so the column marginals hold exactly again when the test reads the
+    row residual.
+
     Each pass gets the previous one's output as ``hint`` (:func:`unscaled`). ``softmin``
     and ``update`` (:func:`softmin_update`) are the passes used (both of one backend), this
     module's by default; the Triton backend hands in its kernels for problems too large for
@@ -213,13 +226,16 @@ def sinkhorn_steps(
     resid = None
     eloga, elogb = eps * loga, eps * logb  # once per block: each launch counts for small problems
     kw = dict(precision=precision)
+    if omega is not None and symmetric:
+        raise ValueError("omega (over-relaxation) is for the alternating updates, not the symmetric one")
     for i in range(k + (check is not None)):
+        relax = dict(omega=omega) if omega is not None and i < k - 1 else {}
         if i < k:
             if symmetric:  # g = f, but an inactive problem keeps its own g
                 f = update(geom, f, eloga, eps, 1, f, active, tau_a, True, **kw)
                 g = torch.where(active[:, None], f, g)
                 continue
-            f = update(geom, g, elogb, eps, 1, f, active, tau_a, **kw)
+            f = update(geom, g, elogb, eps, 1, f, active, tau_a, **kw, **relax)
         else:  # the convergence test, from this iteration's row pass
             s = softmin(geom, (f + eloga) if symmetric else (g + elogb), eps, 1, hint=unscaled(f, tau_a), **kw)
             tol, rho_a = check
@@ -233,7 +249,7 @@ def sinkhorn_steps(
                 f, g = torch.where(active[:, None], new, f), torch.where(active[:, None], new, g)
                 continue
             f = torch.where(active[:, None], scaled(s, tau_a), f)
-        g = update(geom, f, eloga, eps, 0, g, active, tau_b, **kw)
+        g = update(geom, f, eloga, eps, 0, g, active, tau_b, **kw, **relax)
     return (f, g) if check is None else (f, g, resid)
 
 

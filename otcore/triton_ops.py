@@ -223,28 +223,30 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
 
 
 def softmin_update(geom, h: torch.Tensor, bias: torch.Tensor, eps: float, axis: int, prev: torch.Tensor,
-                   active: torch.Tensor, tau: float, average: bool = False, precision: str = "fp32") -> torch.Tensor:
+                   active: torch.Tensor, tau: float, average: bool = False, precision: str = "fp32",
+                   omega: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sinkhorn's half-step ``where(active, tau s, prev)`` (``average``: ``where(active,
-    (prev + tau s) / 2, prev)``) with ``s = softmin(h + bias)``: one softmin launch that adds
+    (prev + tau s) / 2, prev)``; ``omega``: ``where(active, (1 - omega) prev + omega tau s,
+    prev)``) with ``s = softmin(h + bias)``: one softmin launch that adds
     ``bias`` as it reads ``h`` and writes the update (see :func:`otcore.reference.softmin_update`).
     Traced calls (``torch.compile``) run the softmin op and the update in torch."""
     _check(precision, axis)
     if torch.compiler.is_compiling():
         return reference.softmin_update(geom, h, bias, eps, axis, prev, active, tau, average, precision,
-                                        softmin=softmin)
+                                        softmin=softmin, omega=omega)
     return _softmin.launch_softmin(operand(geom, axis, precision, eps), h, float(eps), bias=bias, prev=prev,
-                                   active=active, tau=tau, average=average)
+                                   active=active, tau=tau, average=average, omega=omega)
 
 
 def sinkhorn_steps(geom, f, g, loga, logb, eps: float, tau: tuple[float, float], k: int, active: torch.Tensor,
-                   symmetric: bool = False, check=None, precision: str = "fp32"):
+                   symmetric: bool = False, check=None, precision: str = "fp32", omega=None):
     """``k`` Sinkhorn iterations, and the convergence test if ``check = (tol, rho_a)``
     (see :func:`otcore.reference.sinkhorn_steps`).
 
     A problem whose cost fits one tile (:func:`otcore.kernels.sinkhorn_steps.fits`) runs
     it all in one launch of :mod:`otcore.kernels.sinkhorn_steps`, with the cost held in
-    registers; larger ones and traced calls (``torch.compile``) run the streamed
-    :func:`softmin` passes one by one.
+    registers; larger ones and traced calls (``torch.compile``) run the streamed passes
+    one by one (:func:`softmin_update`).
     """
     _check(precision)
     if _steps.fits(geom.n, geom.m) and not torch.compiler.is_compiling():
@@ -253,9 +255,9 @@ def sinkhorn_steps(geom, f, g, loga, logb, eps: float, tau: tuple[float, float],
         else:
             xc, yc = centred_points(geom)
             op = _softmin.point_operand(xc, yc, geom.cost == "euclidean", precision, mode=_softmin.COST_DIRECT)
-        return _steps.launch_sinkhorn_steps(op, f, g, loga, logb, float(eps), tau, k, active, symmetric, check)
+        return _steps.launch_sinkhorn_steps(op, f, g, loga, logb, float(eps), tau, k, active, symmetric, check, omega)
     return reference.sinkhorn_steps(geom, f, g, loga, logb, eps, tau, k, active, symmetric, check,
-                                    precision, softmin=softmin, update=softmin_update)
+                                    precision, softmin=softmin, update=softmin_update, omega=omega)
 
 
 def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: str = "fp32") -> torch.Tensor:

@@ -27,10 +27,11 @@ SCRIPT = textwrap.dedent(
     from sass_counts import compile_sm90, resources, softmin_ints  # the bench's compiler call, shared
     from otcore.kernels import ksparse, plan, sinkhorn_steps, softmin, sparse
 
-    steps = dict(EUCLID=False, SYMMETRIC=False, CHECK=False, BLOCK_N=64, BLOCK_M=64)
+    steps = dict(EUCLID=False, SYMMETRIC=False, CHECK=False, RELAX=False, BLOCK_N=64, BLOCK_M=64)
     cases = [
         (sinkhorn_steps.sinkhorn_steps_kernel, "fp32", dict(steps, D=3, COST=1), 8),
         (sinkhorn_steps.sinkhorn_steps_kernel, "fp32", dict(steps, D=3, COST=1, CHECK=True), 8),
+        (sinkhorn_steps.sinkhorn_steps_kernel, "fp32", dict(steps, D=3, COST=1, CHECK=True, RELAX=True), 8),
         (sinkhorn_steps.sinkhorn_steps_kernel, "fp32", dict(steps, D=64, COST=1), 8),
         (sinkhorn_steps.sinkhorn_steps_kernel, "fp32", dict(steps, D=1, COST=0, BLOCK_N=4, BLOCK_M=8), 1),
         (sinkhorn_steps.sinkhorn_steps_kernel, "fp64", dict(steps, D=3, COST=1, EUCLID=True, SYMMETRIC=True,
@@ -52,6 +53,8 @@ SCRIPT = textwrap.dedent(
         (softmin.softmin_kernel, "fp32", dict(fused, D=3, DP=4, COST=1, IP="tf32x3", SHIFT=True, PARTIAL=True), 8),
         (softmin.softmin_kernel, "fp32", dict(fused, D=1, DP=1, COST=0, IP="ieee", UPDATE=2, FIXUP=True), 8),
         (softmin.softmin_kernel, "fp64", dict(fused, D=3, DP=4, COST=1, IP="ieee", LOWEST=-1.7e308, UPDATE=2), 8),
+        (softmin.softmin_kernel, "fp32", dict(fused, D=3, DP=4, COST=1, IP="tf32x3", UPDATE=3), 8),
+        (softmin.softmin_combine_kernel, "fp32", dict(BLOCK=softmin.COMBINE_BLOCK, UPDATE=3), 4),
         (softmin.softmin_combine_kernel, "fp32", dict(BLOCK=softmin.COMBINE_BLOCK, UPDATE=0), 4),
         (softmin.softmin_combine_kernel, "fp32", dict(BLOCK=softmin.COMBINE_BLOCK, UPDATE=1), 4),
         (softmin.softmin_combine_kernel, "fp64", dict(BLOCK=softmin.COMBINE_BLOCK, UPDATE=2), 4),
@@ -126,4 +129,4 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 45, proc.stdout
+    assert proc.stdout.count(" ok") == 48, proc.stdout

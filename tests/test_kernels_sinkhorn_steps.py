@@ -89,6 +89,28 @@ def test_kernel_matches_twin_and_float64(kind, d, n, m, tau):
     assert torch.equal(ker[0][1], f0[1]) and torch.equal(ker[1][1], g0[1])
 
 
+@pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])
+@pytest.mark.parametrize("kind", ["sqeuclidean", "dense"])
+def test_over_relaxed_blocks_match_the_twin(kind, check):
+    """``omega`` (B,): the first ``k - 1`` iterations over-relaxed, the last and the
+    test's plain, per problem, as the twin; the inactive problem untouched."""
+    geom, C64, la, lb, f0, g0 = problem(kind, 37, 53)
+    omega = torch.tensor([1.6, 1.9, 0.8], device=DEVICE)
+    eps = 0.05 * float(C64.amax())
+    args = (la, lb, eps, (0.9, 0.75), 6, ACTIVE, False, (1e-30, 2.0) if check else None)
+    ker = geom.sinkhorn_steps(f0, g0, *args, backend="triton", omega=omega)
+    twin = geom.sinkhorn_steps(f0, g0, *args, backend="torch", omega=omega)
+    plain = geom.sinkhorn_steps(f0, g0, *args, backend="torch")
+    scale = float(C64.amax())
+    for got, want in zip(ker, twin):
+        assert_close(got[ACTIVE], want[ACTIVE], scale, 2e-6)
+    assert float((twin[0] - plain[0]).abs().max()) > 1e-3 * scale  # relaxation changed the iterates
+    assert torch.equal(ker[0][1], f0[1]) and torch.equal(ker[1][1], g0[1])
+    for backend in ("triton", "torch"):  # the symmetric update takes no factor
+        with pytest.raises(ValueError, match="omega"):
+            geom.sinkhorn_steps(f0, g0, la, lb, eps, (1.0, 1.0), 2, ACTIVE, True, backend=backend, omega=omega)
+
+
 def test_inputs_untouched_and_zero_steps():
     geom, C64, la, lb, f0, g0 = problem("sqeuclidean", 6, 9)
     keep = (f0.clone(), g0.clone())

@@ -36,27 +36,34 @@ def splits(request, monkeypatch):
     return s
 
 
-def half_step64(C64, h, bias, eps, axis, prev, active, tau, average):
+def half_step64(C64, h, bias, eps, axis, prev, active, tau, average, omega=None):
     """The update in float64 on the dense cost, with ``torch.logsumexp``."""
     z = (h + bias).double()
     z = z[:, None, :] - C64 if axis == 1 else z[:, :, None] - C64
     s = -eps * torch.logsumexp(z / eps, dim=2 if axis == 1 else 1)
-    new = 0.5 * (prev.double() + tau * s) if average else tau * s
+    if average:
+        new = 0.5 * (prev.double() + tau * s)
+    elif omega is not None:
+        new = (1 - omega.double()[:, None]) * prev.double() + omega.double()[:, None] * tau * s
+    else:
+        new = tau * s
     return torch.where(active[:, None], new, prev.double())
 
 
 @pytest.mark.parametrize("kind", ["sqeuclidean", "euclidean", "dense"])
 @pytest.mark.parametrize("axis", [1, 0])
-@pytest.mark.parametrize("average", [False, True], ids=["alternating", "averaged"])
-def test_the_half_step_matches_its_twin_and_float64(kind, axis, average, splits):
+@pytest.mark.parametrize("mode", ["alternating", "averaged", "relaxed"])
+def test_the_half_step_matches_its_twin_and_float64(kind, axis, mode, splits):
     """Zero weights (``-inf`` bias) on both sides, an inactive problem (its potential is
-    returned bit for bit), ``tau < 1``; both axes of point clouds and of a dense cost."""
+    returned bit for bit), ``tau < 1``, per-problem relaxation factors; both axes of point
+    clouds and of a dense cost."""
     geom, C64, la, lb, f0, g0 = problem(kind, N, M, seed=3)
     h, bias, prev = (g0, 0.05 * lb, f0) if axis == 1 else (f0, 0.05 * la, g0)
-    args = (h, bias, 0.05, axis, prev, ACTIVE, 0.8, average)
-    got = triton_ops.softmin_update(geom, *args)
-    twin = reference.softmin_update(geom, *args)
-    exact = half_step64(C64, *args)
+    args = (h, bias, 0.05, axis, prev, ACTIVE, 0.8, mode == "averaged")
+    omega = torch.tensor([1.5, 1.9, 0.7], device=DEVICE) if mode == "relaxed" else None
+    got = triton_ops.softmin_update(geom, *args, omega=omega)
+    twin = reference.softmin_update(geom, *args, omega=omega)
+    exact = half_step64(C64, *args, omega=omega)
     assert torch.equal(got[1], prev[1]) and torch.equal(twin[1], prev[1])
     scale = float(C64.amax())
     assert_close(got, exact, scale, 1e-6)
@@ -238,3 +245,10 @@ def test_bad_update_arguments_raise():
         K.launch_softmin(op, g0, 0.05, bias=f0)
     with pytest.raises(ValueError, match="exclusive"):
         K.launch_softmin(op, g0, 0.05, prev=f0, active=ACTIVE, hint=f0)
+    omega = torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="omega"):
+        K.launch_softmin(op, g0, 0.05, omega=omega)
+    with pytest.raises(ValueError, match="omega"):
+        K.launch_softmin(op, g0, 0.05, prev=f0, active=ACTIVE, average=True, omega=omega)
+    with pytest.raises(ValueError, match="omega"):
+        K.launch_softmin(op, g0, 0.05, prev=f0, active=ACTIVE, omega=omega[:2])

@@ -34,6 +34,7 @@ from ..result import OTResult
 from ..reference import damping as _tau, scaled
 from ._entropic import Problem, check_init, entropic_result, make_problem, settle_zero_weights
 from ._graph import graphed
+from ._overrelax import Overrelaxation, check_overrelax
 
 Schedule = Union[None, str, float, Sequence[float]]
 
@@ -93,6 +94,7 @@ def sinkhorn(
     precision: str = "fp32",
     check_every: int = 10,
     cuda_graph: bool = False,
+    overrelax: Union[bool, float] = False,
     verbose: Optional[bool] = None,
 ) -> OTResult:
     """Entropic optimal transport by log-domain Sinkhorn iterations.
@@ -127,6 +129,11 @@ def sinkhorn(
             two checks into a CUDA graph once per solve and replay it (one launch per
             block instead of ~10 per iteration: for small, launch-bound problems). Same arithmetic as
             without; no effect on CPU tensors.
+        overrelax: over-relaxed alternating updates ``f <- (1 - w) f + w tau softmin``
+            (:mod:`otcore.solvers._overrelax`): ``True`` adapts ``w`` per problem to the
+            measured convergence rate (needs a ``tol``), a number in (0, 2) fixes it,
+            ``False`` runs plain Sinkhorn. Same fixed point; at small eps 3-10x fewer
+            iterations were measured (docs/conventions.md). Ignored by self-transport.
         verbose: progress line on stderr; None = on a terminal after ~1 s.
 
     Self-transport (``PointCloud(x, x)`` with the same tensor twice, ``a is b`` and
@@ -144,21 +151,26 @@ def sinkhorn(
     max_iter = _validate.positive_int("max_iter", max_iter)
     check_every = _validate.positive_int("check_every", check_every)
     _validate.flag("cuda_graph", cuda_graph)
+    overrelax = check_overrelax(overrelax, tol)
     f, g = check_init(init, geom)
     stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps)
     progress = Progress(verbose, "sinkhorn", measure="marginal error" if pb.rho_a is None and pb.rho_b is None
                         else "residual")  # unbalanced: the distance to the optimality conditions
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
+        relax = None if overrelax is False or pb.symmetric else \
+            Overrelaxation(overrelax, geom.batch, geom.device, geom.dtype)
         f, g, n_iter, passed = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
-                                        cold=init is None)
+                                        cold=init is None, relax=relax)
         f, g = settle_zero_weights(pb, f, g, (_tau(pb.rho_a, pb.eps), _tau(pb.rho_b, pb.eps)), tied=pb.symmetric)
         info = {"eps_stages": stages, "symmetric": pb.symmetric, "time_s": progress.elapsed}
+        if relax is not None:  # the factors in use at the end, per problem
+            info["overrelax"] = relax.omega if geom.batched else float(relax.omega[0])
         return entropic_result(pb, f, g, n_iter, passed, tol, "sinkhorn", info)
 
 
 @torch.no_grad()
 def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cuda_graph: bool = False,
-             active=None, cold: bool = False):
+             active=None, cold: bool = False, relax: Optional[Overrelaxation] = None):
     """Run the iterations; returns ``(f, g, n_iter, passed)`` (per-problem counts and flags).
     ``active`` (B,) bool, if given, restricts the iterations to those problems (the
     others keep their potentials and count no iterations). ``cold``: ``f, g`` are the zeros
@@ -189,11 +201,13 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         avg = 0.5 * (f + g)
         f, g = torch.where(active[:, None], avg, f), torch.where(active[:, None], avg, g)
 
-    def steps(f, g, e, k: int, active, check=None):
+    def steps(f, g, e, k: int, active, check=None, omega=None):
         # the one update rule (reference.sinkhorn_steps), fused into one launch for small
         # problems on the Triton backend
         tau = (_tau(pb.rho_a, e), _tau(pb.rho_b, e))
-        return geom.sinkhorn_steps(f, g, pb.loga, pb.logb, e, tau, k, active, pb.symmetric, check, **kw)
+        return geom.sinkhorn_steps(f, g, pb.loga, pb.logb, e, tau, k, active, pb.symmetric, check, omega=omega, **kw)
+
+    omega = None if relax is None else relax.omega  # at the target eps only
 
     it = 0
     for i, e in enumerate(stages[:max_iter]):
@@ -203,8 +217,8 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         progress.update(it, None, e, f"eps stage {i + 1}/{len(stages)}")
 
     if tol is None:  # a fixed number of iterations, in blocks of check_every (progress lines between them)
-        run = graphed(lambda f, g, active, k: steps(f, g, eps, k, active), geom.device, check_every) \
-            if cuda_graph else (lambda f, g, active, k: steps(f, g, eps, k, active))
+        run = graphed(lambda f, g, active, k: steps(f, g, eps, k, active, omega=omega), geom.device, check_every) \
+            if cuda_graph else (lambda f, g, active, k: steps(f, g, eps, k, active, omega=omega))
         left = max_iter - it
         while it < max_iter:
             k = min(check_every, max_iter - it)
@@ -217,7 +231,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
 
     def checked_block(f, g, active, k: int):
         """``k`` iterations, the test, and one more iteration where it fails: (f, g, resid)."""
-        return steps(f, g, eps, k, active, check=(tol, pb.rho_a))
+        return steps(f, g, eps, k, active, check=(tol, pb.rho_a), omega=omega)
 
     run_block = graphed(checked_block, geom.device, check_every - 1) if cuda_graph else checked_block
     while it < max_iter:
@@ -225,10 +239,12 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         # iterations up to the next test: after iteration 1, then after multiples of check_every
         k = (1 if done <= 1 else check_every * -(-done // check_every)) - done
         if it + k >= max_iter:  # the cap comes first: run up to it, untested
-            f, g = steps(f, g, eps, max_iter - it, active)
+            f, g = steps(f, g, eps, max_iter - it, active, omega=omega)
             n_iter += active * (max_iter - it)
             break
         f, g, resid = run_block(f, g, active, k)
+        if relax is not None:
+            relax.after_test(resid, it + k)
         n_iter += active * k
         ok = resid <= tol
         passed |= active & ok

@@ -1,0 +1,148 @@
+"""``sinkhorn(..., overrelax=...)``: over-relaxed alternating updates, adaptive or fixed.
+
+Same fixed point as plain Sinkhorn, so the same plan and value to the tolerance, in far
+fewer iterations at small eps; the factor adapts per problem from the residuals of the
+tests (Young's SOR relations, otcore/solvers/_overrelax.py).
+"""
+
+import math
+
+import pytest
+import torch
+from kernel_support import DEVICE
+
+import otcore
+from otcore.solvers import _graph, _overrelax
+from otcore.solvers import sinkhorn as sinkhorn_module
+from test_cuda_graph import EmulatedGraphs
+
+F64 = torch.float64
+
+
+def rand(*shape, seed=0, dtype=F64):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def pair(case):
+    if case == "assignment":  # the SNS paper's random assignment problem, C ~ U[0, 1]
+        return otcore.CostMatrix(rand(100, 100, seed=1)), dict(eps=1 / 1200, tol=1e-5)
+    if case == "unbalanced":
+        return otcore.PointCloud(rand(120, 3, seed=2), rand(130, 3, seed=3)), dict(eps=0.0025, tol=1e-6, rho=1.0)
+    return otcore.PointCloud(rand(120, 3, seed=2), rand(130, 3, seed=3)), dict(eps=0.0025, tol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["clouds", "assignment", "unbalanced"])
+def test_same_solution_in_far_fewer_iterations(case):
+    geom, kw = pair(case)
+    plain = otcore.sinkhorn(geom, max_iter=50000, backend="torch", **kw)
+    fast = otcore.sinkhorn(geom, max_iter=50000, backend="torch", overrelax=True, **kw)
+    assert plain.converged and fast.converged
+    assert fast.n_iter * 2 <= plain.n_iter, (fast.n_iter, plain.n_iter)
+    assert 1.0 < fast.info["overrelax"] <= _overrelax.CAP
+    # both within tol of the optimum's marginals: values and plans agree to ~tol
+    assert math.isclose(fast.value, plain.value, rel_tol=10 * kw["tol"])
+    assert fast.info["residual"] <= kw["tol"] * 1.01
+    # the plan, not the potentials (a balanced pair is defined up to f + c, g - c)
+    assert torch.allclose(fast.plan(), plain.plan(), atol=10 * kw["tol"] * float(plain.plan().max()))
+
+
+def test_a_batch_adapts_each_problem_and_a_fixed_factor_also_works():
+    x = rand(3, 80, 2, seed=4) * torch.tensor([1.0, 2.0, 4.0], dtype=F64)[:, None, None]
+    geom = otcore.PointCloud(x, rand(3, 90, 2, seed=5))
+    plain = otcore.sinkhorn(geom, eps=0.003, tol=1e-7, max_iter=50000, backend="torch")
+    fast = otcore.sinkhorn(geom, eps=0.003, tol=1e-7, max_iter=50000, backend="torch", overrelax=True)
+    fixed = otcore.sinkhorn(geom, eps=0.003, tol=1e-7, max_iter=50000, backend="torch", overrelax=1.5)
+    assert bool(plain.converged.all() & fast.converged.all() & fixed.converged.all())
+    assert bool((fast.n_iter < plain.n_iter).all()) and bool((fixed.n_iter < plain.n_iter).all())
+    assert len(set(fast.info["overrelax"].tolist())) == 3  # one factor per problem
+    assert torch.equal(fixed.info["overrelax"], torch.full((3,), 1.5, dtype=F64))
+    assert torch.allclose(fast.value, plain.value, rtol=1e-9) and torch.allclose(fixed.value, plain.value, rtol=1e-9)
+
+
+def test_fixed_factor_with_a_fixed_number_of_iterations():
+    geom = otcore.PointCloud(rand(40, 2, seed=6), rand(50, 2, seed=7))
+    res = otcore.sinkhorn(geom, eps=0.01, tol=None, max_iter=40, overrelax=1.6, backend="torch")
+    ref = otcore.sinkhorn(geom, eps=0.01, tol=None, max_iter=40, backend="torch")
+    assert res.n_iter == 40 and res.converged and res.marginal_error < ref.marginal_error
+
+
+def test_the_adaptation_follows_youngs_relations():
+    """Synthetic residuals decaying by ``lam`` per iteration: from the third test the
+    factor is ``2 / (1 + sqrt(1 - lam))``; a decay by ``w - 1`` at that factor keeps it;
+    a growing residual resets the problem to 1; a NaN residual (stopped) leaves it."""
+    relax = _overrelax.Overrelaxation(True, 3, torch.device("cpu"), F64)
+    lam = torch.tensor([0.99, 0.9, 0.95], dtype=F64)
+    r = torch.ones(3, dtype=F64)
+    for it in (1, 10, 20):
+        relax.after_test(r * lam**it, it)
+    want = 2 / (1 + torch.sqrt(1 - lam))
+    assert torch.allclose(relax.omega, want)
+    w = relax.omega.clone()
+    grown = r * lam**20 * torch.tensor([(w[0] - 1) ** 10, 1.5, float("nan")], dtype=F64)
+    relax.after_test(grown, 30)
+    assert torch.allclose(relax.omega, torch.stack([w[0], torch.tensor(1.0, dtype=F64), w[2]]))
+
+
+def test_the_factor_is_capped():
+    relax = _overrelax.Overrelaxation(True, 1, torch.device("cpu"), F64)
+    for it in (1, 10, 20):
+        relax.after_test(torch.tensor([0.999999**it], dtype=F64), it)
+    assert float(relax.omega) == _overrelax.CAP
+
+
+def test_self_transport_ignores_it():
+    x = rand(60, 2, seed=8)
+    geom = otcore.PointCloud(x, x)
+    a = otcore.sinkhorn(geom, eps=0.01, backend="torch")
+    b = otcore.sinkhorn(geom, eps=0.01, backend="torch", overrelax=True)
+    assert torch.equal(a.f, b.f) and a.n_iter == b.n_iter and "overrelax" not in b.info
+
+
+@pytest.mark.parametrize("n", [40, 70], ids=["one-tile size", "streamed"])
+def test_the_triton_backend_runs_the_same_iterations(n):
+    """On the Triton backend over-relaxed blocks take the streamed passes (the one-tile
+    kernel has no relaxation), with the factor read per problem in the kernel."""
+    x, y = rand(2, n, 3, seed=9, dtype=torch.float32), rand(2, n + 9, 3, seed=10, dtype=torch.float32)
+    geom = otcore.PointCloud(x.to(DEVICE), y.to(DEVICE))
+    kw = dict(eps=0.01, tol=None, max_iter=25, overrelax=1.7)
+    got = otcore.sinkhorn(geom, backend="triton", **kw)
+    want = otcore.sinkhorn(geom, backend="torch", **kw)
+    assert torch.allclose(got.f, want.f, atol=5e-6) and torch.allclose(got.g, want.g, atol=5e-6)
+
+
+def test_recorded_blocks_read_the_adapted_factors(monkeypatch):
+    graphs = EmulatedGraphs()
+    monkeypatch.setattr(sinkhorn_module, "graphed", lambda block, device, k: _graph.GraphedBlock(block, k, graphs.capture))
+    geom = otcore.PointCloud(rand(2, 50, 2, seed=11), rand(2, 60, 2, seed=12))
+    kw = dict(eps=0.002, tol=1e-8, max_iter=20000, backend="torch", overrelax=True)
+    want = otcore.sinkhorn(geom, **kw)
+    got = otcore.sinkhorn(geom, cuda_graph=True, **kw)
+    assert graphs.replays > 3 and bool((want.info["overrelax"] > 1).all())
+    assert torch.equal(got.f, want.f) and torch.equal(got.n_iter, want.n_iter)
+
+
+def test_bad_values():
+    geom = otcore.PointCloud(rand(5, 2), rand(6, 2, seed=1))
+    with pytest.raises(ValueError, match="overrelax=True .* tol=None"):
+        otcore.sinkhorn(geom, eps=0.1, tol=None, overrelax=True)
+    for bad in (0.0, 2.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="overrelax"):
+            otcore.sinkhorn(geom, eps=0.1, overrelax=bad)
+    with pytest.raises(TypeError, match="overrelax"):
+        otcore.sinkhorn(geom, eps=0.1, overrelax="auto")
+
+
+def test_the_loss_passes_it_to_its_solves():
+    """``SinkhornLoss(overrelax=True)``: the value and the gradient of the plain loss, to
+    the tolerance; checked when the module is built."""
+    x = rand(60, 2, seed=13).requires_grad_()
+    y = rand(70, 2, seed=14)
+    vals, grads = [], []
+    for ov in (False, True):
+        val = otcore.SinkhornLoss(eps=0.002, tol=1e-8, max_iter=20000, backend="torch", overrelax=ov)(x, y)
+        (grad,) = torch.autograd.grad(val, x)
+        vals.append(val)
+        grads.append(grad)
+    assert torch.allclose(vals[1], vals[0], rtol=1e-6) and torch.allclose(grads[1], grads[0], atol=1e-6)
+    with pytest.raises(ValueError, match="overrelax"):
+        otcore.SinkhornLoss(tol=None, overrelax=True)
