@@ -15,6 +15,7 @@
 #   l     latency-bound workloads (SwAV 3000x4096, MoE 4096x64, B = 16384 of 4x4 and
 #         64x64), plain torch vs otcore eager / per-pass / cuda_graph, fixed iterations
 #         and to a tolerance (bench_latency.py)                                      45
+#   o     plain vs over-relaxed Sinkhorn to one tol, and the loss (bench_overrelax.py) 20
 #   p     plan kernels (P v, P^T u, marginals, top-k, <P, C>, gradient) vs float64,
 #         ms per call at 8192/d3, 32768/d3, 32768/d64 (bench_plan_kernels.py)          30
 #   t     the kernel tests on the real kernels (pytest, if importable: carried as a
@@ -214,6 +215,7 @@ if [ $QUICK = 1 ]; then
   run_part a2 $B "$PY" $K --quick --sizes 128x3 --skip-peers --skip-dense --skip-loss --warm-iters 2 --out "$WORK/a2"
   run_part b  $B "$PY" $K --quick --only-loss --out "$WORK/b"
   run_part l  $B "$PY" $L --quick --out "$WORK/l"
+  run_part o  $B "$PY" bench/bench_overrelax.py --quick --out "$WORK/o"
   run_part p  $B "$PY" $P --quick --out "$WORK/p"
   tests_part $B
   run_part c1 $B "$PY" $N --quick --sweep-only --sizes 64 --eps 1e-3 --dtypes float64 float32 --budget 2 --pot-budget 1 --out "$WORK/c1"
@@ -222,7 +224,7 @@ if [ $QUICK = 1 ]; then
     --pot-ref $POT_REF --out "$WORK/d/sparse_ot.json"
   run_part e  $B "$PY" $K --quick --sizes 64x3 --peers flash --skip-dense --skip-loss --out "$WORK/e"
 else
-  PLANNED="a:60 a2:30 b:35 l:30 p:20 t:30 c1:30 c2:20 d:60 e:20"
+  PLANNED="a:60 a2:30 b:35 l:30 o:15 p:20 t:30 c1:30 c2:20 d:60 e:20"
   # POT's sparse-OT reference at n = 2048 runs on the CPU beside the GPU parts
   if "$PY" -c "import ot" 2>/dev/null; then
     echo "# POT sparse-OT reference (n = 2048, CPU, 8 threads) started in the background"
@@ -235,6 +237,7 @@ else
   run_part a2  70 "$PY" $K --sizes 1000000x3 --skip-peers --skip-dense --skip-loss --warm-iters 3 --out "$WORK/a2"
   run_part b   60 "$PY" $K --only-loss --out "$WORK/b"
   run_part l   45 "$PY" $L --out "$WORK/l"
+  run_part o   20 "$PY" bench/bench_overrelax.py --out "$WORK/o"
   run_part p   30 "$PY" $P --out "$WORK/p"
   tests_part 45
   run_part c1  50 "$PY" $N --sweep-only --sizes 4096 16384 --eps 1e-3 --dtypes float64 float32 --budget 6 \

@@ -134,6 +134,9 @@ def section_loss(rows, say):
             extra = (f"  {r['speedup_of_otcore']:.1f}x faster than that GeomLoss; value/grad relerr vs f64 "
                      f"{fmt(r['value_relerr'], '.1e')}/{fmt(r['grad_relerr'], '.1e')} (GeomLoss "
                      f"{fmt(r['geomloss_value_relerr'], '.1e')}/{fmt(r['geomloss_grad_relerr'], '.1e')})")
+        elif r.get("speedup_vs_plain") is not None:  # the over-relaxed loss
+            extra += (f"  {r['speedup_vs_plain']:.1f}x the plain loss; value/grad relerr vs f64 "
+                      f"{fmt(r.get('value_relerr'), '.1e')}/{fmt(r.get('grad_relerr'), '.1e')}")
         elif r.get("speedup_of_otcore") is not None:
             extra = (f"  otcore {r['speedup_of_otcore']:.1f}x faster; value/grad relerr vs otcore "
                      f"{fmt(r['value_relerr_vs_otcore'], '.1e')}/{fmt(r['grad_relerr_vs_otcore'], '.1e')}")
@@ -222,6 +225,24 @@ def section_latency(work, say):
             say(f"  (an incomplete row skipped: {dict(r)})")
 
 
+def section_overrelax(work, say):
+    """Part o: bench_overrelax.py's overrelax.csv (plain vs over-relaxed Sinkhorn to one tol)."""
+    try:
+        with open(os.path.join(work, "o", "overrelax.csv")) as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError:
+        return
+    say("[o] plain vs overrelax=True to the same tol: iterations, ms (speed-up), final factor, both converged")
+    for r in rows:
+        try:
+            ratio = float(r["plain_ms"]) / float(r["relaxed_ms"])
+            its = f"{r['plain_iters']:>6s} -> {r['relaxed_iters']:>5s} it" if r.get("plain_iters") else " " * 19
+            say(f"  {r['problem']:40s} {its}  {float(r['plain_ms']):9.2f} -> {float(r['relaxed_ms']):9.2f} ms "
+                f"({ratio:.1f}x)  w {r.get('omega') or '-':>6.6s}  converged {r.get('converged') or '-'}")
+        except (KeyError, TypeError, ValueError):  # a row cut short (the part killed while writing)
+            say(f"  (an incomplete row skipped: {dict(r)})")
+
+
 def section_plan(work, say):
     """Part p: bench_plan_kernels.py's plan.json (errors vs float64, ms per call)."""
     res = load(os.path.join(work, "p", "plan.json"))
@@ -292,6 +313,7 @@ def main(argv=None):
     srows = load(os.path.join(args.work, "d", "sparse_ot.json"), [])
     section_sparse(srows, load(os.path.join(args.work, "pot_ref_device.json"), {}), say)
     section_latency(args.work, say)
+    section_overrelax(args.work, say)
     section_plan(args.work, say)
     section_tests(args.work, say)
 

@@ -167,7 +167,7 @@ def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: Optional[float], given:
     """Balanced OT needs equal total mass on both sides.
 
     The marginal error cannot fall below the gap ``|sum a - sum b|``, so a gap above
-    ``tol / 2`` is an error (``tol`` None: no tolerance, the rest only); so is one above the dtype's share (``1e-8`` relative in
+    ``tol / 2`` is an error (``tol`` None, a fixed number of iterations: only the share below); so is one above the dtype's share (``1e-8`` relative in
     float64, ``1e-4`` otherwise), whatever ``tol``. Within that share, a gap of a few
     rounding steps (``16 u`` of the mass: weights normalised in their own dtype) passes
     whatever ``tol`` (fp16/bf16 ones can exceed the share: normalise those in float32). The dtype
@@ -179,7 +179,8 @@ def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: Optional[float], given:
     dtypes = [a.dtype] + [w.dtype for w in given if isinstance(w, torch.Tensor) and w.is_floating_point()]
     unit = max(torch.finfo(d).eps for d in dtypes)
     rtol = 1e-8 if unit <= torch.finfo(torch.float64).eps else 1e-4
-    allowed = torch.minimum(rtol * big, torch.clamp(16 * unit * big, min=0.0 if tol is None else tol / 2))
+    share = rtol * big
+    allowed = share if tol is None else torch.minimum(share, torch.clamp(16 * unit * big, min=tol / 2))
     bad = (ma - mb).abs() > allowed
     if bool(bad.any()):
         i = int(bad.nonzero()[0])

@@ -67,26 +67,62 @@ def test_fixed_factor_with_a_fixed_number_of_iterations():
 
 
 def test_the_adaptation_follows_youngs_relations():
-    """Synthetic residuals decaying by ``lam`` per iteration: from the third test the
-    factor is ``2 / (1 + sqrt(1 - lam))``; a decay by ``w - 1`` at that factor keeps it;
-    a growing residual resets the problem to 1; a NaN residual (stopped) leaves it."""
+    """Synthetic residuals decaying by ``lam`` per iteration: relaxation starts at the test
+    where two plain decays agree and the residual is below a tenth of the first test's,
+    with ``w = 2 / (1 + sqrt(1 - lam))``; a relaxed decay of ``w - 1`` (the theory's at
+    that factor) keeps it; one no better than plain puts the problem back to 1; a NaN
+    residual (a stopped problem) leaves it."""
     relax = _overrelax.Overrelaxation(True, 3, torch.device("cpu"), F64)
-    lam = torch.tensor([0.99, 0.9, 0.95], dtype=F64)
-    r = torch.ones(3, dtype=F64)
-    for it in (1, 10, 20):
-        relax.after_test(r * lam**it, it)
-    want = 2 / (1 + torch.sqrt(1 - lam))
-    assert torch.allclose(relax.omega, want)
-    w = relax.omega.clone()
-    grown = r * lam**20 * torch.tensor([(w[0] - 1) ** 10, 1.5, float("nan")], dtype=F64)
-    relax.after_test(grown, 30)
-    assert torch.allclose(relax.omega, torch.stack([w[0], torch.tensor(1.0, dtype=F64), w[2]]))
+    lam = torch.tensor([0.8, 0.85, 0.9], dtype=F64)
+    for it in (1, 30):
+        relax.after_test(lam**it, it)
+        assert bool((relax.omega == 1).all())  # a first decay: nothing to compare it with yet
+    relax.after_test(lam**60, 60)
+    w = 2 / (1 + torch.sqrt(1 - lam))
+    assert torch.allclose(relax.omega, w)
+    nan = torch.tensor(float("nan"), dtype=F64)
+    relaxed = lam**60 * torch.stack([(w[0] - 1) ** 10, lam[1] ** 10, nan])
+    relax.after_test(relaxed, 70)
+    one = torch.tensor(1.0, dtype=F64)
+    assert torch.allclose(relax.omega, torch.stack([w[0], one, w[2]]))
+    # the plain block after that return: as fast as the relaxed one was, so a failure
+    r80 = relaxed * torch.stack([(w[0] - 1) ** 10, lam[1] ** 10, one])
+    relax.after_test(r80, 80)
+    assert relax.failures.tolist() == [0, 1, 0] and relax.omega[1] == 1
+
+
+def test_a_slower_plain_phase_restarts_the_relaxation_at_once():
+    """Relaxed at 0.9 per iteration against a plain 0.85 (no better): back to plain, whose
+    block then decays at 0.99 (the problem entered a slower phase): no failure, and the
+    relaxation restarts right there from the new rate."""
+    relax = _overrelax.Overrelaxation(True, 1, torch.device("cpu"), F64)
+    r = torch.ones(1, dtype=F64)
+    for it in (1, 30, 60):
+        relax.after_test(r * 0.85**it, it)
+    assert relax.omega[0] > 1
+    relax.after_test(r * 0.85**60 * 0.9**10, 70)
+    assert relax.omega[0] == 1
+    relax.after_test(r * 0.85**60 * 0.9**10 * 0.99**10, 80)
+    assert relax.failures.tolist() == [0]
+    assert torch.isclose(relax.omega[0], torch.tensor(2 / (1 + 0.1), dtype=F64))
+
+
+def test_no_start_on_an_early_plateau_and_plain_after_two_failures():
+    relax = _overrelax.Overrelaxation(True, 2, torch.device("cpu"), F64)
+    flat = torch.tensor([1.0, 1.0], dtype=F64)
+    for it in (1, 10, 20, 30, 40):  # a steady but slow decay near the start: no start
+        relax.after_test(flat * 0.999**it, it)
+    assert bool((relax.omega == 1).all())
+    relax.failures[1] = _overrelax.MAX_FAILURES  # problem 1 has failed twice: it stays plain
+    for it in (50, 100):  # a fast steady decay, well below the first residual: problem 0 starts
+        relax.after_test(flat * 0.999**40 * 0.9 ** (it - 40), it)
+    assert relax.omega[0] > 1 and relax.omega[1] == 1
 
 
 def test_the_factor_is_capped():
     relax = _overrelax.Overrelaxation(True, 1, torch.device("cpu"), F64)
-    for it in (1, 10, 20):
-        relax.after_test(torch.tensor([0.999999**it], dtype=F64), it)
+    for it, r in ((1, 1.0), (10, 1e-3), (20, 1e-3 * 0.99999**10), (30, 1e-3 * 0.99999**20)):
+        relax.after_test(torch.tensor([r], dtype=F64), it)
     assert float(relax.omega) == _overrelax.CAP
 
 
@@ -100,8 +136,8 @@ def test_self_transport_ignores_it():
 
 @pytest.mark.parametrize("n", [40, 70], ids=["one-tile size", "streamed"])
 def test_the_triton_backend_runs_the_same_iterations(n):
-    """On the Triton backend over-relaxed blocks take the streamed passes (the one-tile
-    kernel has no relaxation), with the factor read per problem in the kernel."""
+    """On the Triton backend both the one-tile kernel (``RELAX``) and the streamed passes
+    (``UPDATE=3``) read the factor per problem: the twin's iterations."""
     x, y = rand(2, n, 3, seed=9, dtype=torch.float32), rand(2, n + 9, 3, seed=10, dtype=torch.float32)
     geom = otcore.PointCloud(x.to(DEVICE), y.to(DEVICE))
     kw = dict(eps=0.01, tol=None, max_iter=25, overrelax=1.7)
@@ -130,6 +166,9 @@ def test_bad_values():
             otcore.sinkhorn(geom, eps=0.1, overrelax=bad)
     with pytest.raises(TypeError, match="overrelax"):
         otcore.sinkhorn(geom, eps=0.1, overrelax="auto")
+    for ce in (1, 2):  # the iteration before each test is plain: nothing would be relaxed
+        with pytest.raises(ValueError, match="check_every >= 3"):
+            otcore.sinkhorn(geom, eps=0.1, overrelax=True, check_every=ce)
 
 
 def test_the_loss_passes_it_to_its_solves():

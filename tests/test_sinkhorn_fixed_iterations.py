@@ -94,6 +94,29 @@ def test_the_triton_backend_streamed_passes():
     assert torch.allclose(got.f, want.f, atol=2e-6) and torch.allclose(got.g, want.g, atol=2e-6)
 
 
+def test_max_iter_must_get_past_the_eps_stages():
+    """The result is read at the target eps: a fixed run that ends inside the stages
+    would hand out the potentials of a larger eps there (values ~1e276 off were seen)."""
+    geom = otcore.PointCloud(rand(30, 2, seed=12), rand(40, 2, seed=13))
+    with pytest.raises(ValueError, match="max_iter=3 .* stages"):
+        otcore.sinkhorn(geom, eps=1e-3, tol=None, max_iter=3, eps_schedule="geometric", backend="torch")
+    with pytest.raises(ValueError, match="stages"):
+        otcore.SinkhornLoss(eps=1e-3, tol=None, max_iter=3, backend="torch")(geom.x, geom.y)
+    stages = len(otcore.solvers.sinkhorn.eps_stages("geometric", lambda: float(geom.diameter()), 1e-3))
+    res = fixed(geom, eps=1e-3, max_iter=stages + 1, eps_schedule="geometric", backend="torch")
+    assert res.n_iter == stages + 1 and res.converged
+
+
+def test_the_mass_check_without_tol_is_the_dtypes_share():
+    """No tolerance to meet: a float64 mass gap of 1e-12 (within 1e-8 relative) passes,
+    1e-6 does not."""
+    geom = otcore.PointCloud(rand(5, 2, seed=14), rand(6, 2, seed=15))
+    a, b = torch.full((5,), 0.2, dtype=torch.float64), torch.full((6,), 1 / 6, dtype=torch.float64)
+    assert fixed(geom, a=a, b=b * (1 + 1e-12), eps=0.1, max_iter=5, backend="torch").converged
+    with pytest.raises(ValueError, match="same total mass"):
+        otcore.sinkhorn(geom, a, b * (1 + 1e-6), eps=0.1, tol=None, max_iter=5, backend="torch")
+
+
 def test_tol_is_still_checked():
     geom = otcore.PointCloud(rand(5, 2), rand(6, 2, seed=1))
     with pytest.raises(ValueError, match="tol"):

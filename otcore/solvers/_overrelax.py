@@ -16,16 +16,28 @@ e.g. ``lam = 0.99`` (hundreds of iterations per decade) gives ``w = 1.82`` (a de
 the solution.
 
 ``overrelax=True`` estimates ``lam`` from the residuals the solver reads anyway, per
-problem, without another host synchronisation:
+problem, without another host synchronisation. With ``rho`` the residual's decay per
+iteration between two tests:
 
-- from the third test on, the residual's decay per iteration ``rho`` between two tests
-  gives ``lam = rho`` while ``w = 1``, and, once relaxed, ``lam = (rho + w - 1)^2 /
-  (rho w^2)`` (Young's relation between the two rates, exact below ``w_opt`` and a fixed
-  point at and above it), so ``w`` only grows towards ``w_opt``, capped at :data:`CAP`;
-- a residual that grew since the last test puts that problem back to ``w = 1``.
+- relaxation starts (``w = w_opt(lam = rho)``) only once the plain iteration is in its
+  linear regime: the residual is below a tenth of the first test's (not on an early
+  plateau, where ``rho ~ 1`` says nothing of the asymptotic rate), and two successive
+  plain decays agree (``1 - rho`` within a factor 1.5);
+- once relaxed, ``lam = (rho + w - 1)^2 / (rho w^2)`` (Young's relation between the two
+  rates; exact below ``w_opt``, a fixed point at and above it) lets ``w`` grow towards
+  ``w_opt``, capped at :data:`CAP`, as long as the relaxed decay beats the plain one
+  measured before (``rho < lam_plain``);
+- a relaxed block that does not (or a residual that grew) puts the problem back to plain
+  iterations for one block, which measures the plain rate afresh: if plain decays no
+  slower than that relaxed block did, it was a failure, and after :data:`MAX_FAILURES`
+  the problem stays plain; if plain is slower (the problem entered a slower phase),
+  relaxation restarts at once from the new rate. So the relaxation costs a few blocks
+  over plain Sinkhorn where it does not pay.
 
 The last iteration before each test is plain (``reference.sinkhorn_steps``), so the
-column marginals hold when the test reads the row residual, as without relaxation.
+column marginals hold when the test reads the row residual, as without relaxation; hence
+the blocks need ``check_every >= 3`` (``check_every - 2`` of every ``check_every``
+iterations are relaxed).
 """
 
 from __future__ import annotations
@@ -37,22 +49,29 @@ import torch
 
 #: Largest relaxation factor the adaptation sets (the theory's bound is 2).
 CAP = 1.95
+#: Returns to plain iterations after which a problem stays plain.
+MAX_FAILURES = 2
 
 
-def check_overrelax(value: Union[bool, float], tol: Optional[float]) -> Union[bool, float]:
+def check_overrelax(value: Union[bool, float], tol: Optional[float], check_every: int = 10) -> Union[bool, float]:
     """``False`` (plain Sinkhorn), ``True`` (adaptive; needs a ``tol``: it reads the
-    residuals of the tests) or a fixed factor in (0, 2)."""
+    residuals of the tests) or a fixed factor in (0, 2); relaxation needs
+    ``check_every >= 3`` (the iteration before each test is plain)."""
     if isinstance(value, bool):
         if value and tol is None:
             raise ValueError("overrelax=True adapts the factor to the residuals of the convergence tests, which "
                              "tol=None skips: give a tol, or a fixed factor such as overrelax=1.5")
-        return value
-    if isinstance(value, numbers.Real):
+        w = value
+    elif isinstance(value, numbers.Real):
         w = float(value)
         if not 0.0 < w < 2.0:
             raise ValueError(f"overrelax as a factor must be in (0, 2) (the iteration diverges outside), got {w}")
-        return w
-    raise TypeError(f"overrelax must be a bool or a factor in (0, 2), got {type(value).__name__}")
+    else:
+        raise TypeError(f"overrelax must be a bool or a factor in (0, 2), got {type(value).__name__}")
+    if w is not False and check_every < 3:
+        raise ValueError(f"overrelax needs check_every >= 3: the iteration before each test runs plain, so with "
+                         f"check_every={check_every} none would be relaxed")
+    return w
 
 
 class Overrelaxation:
@@ -65,20 +84,44 @@ class Overrelaxation:
         self.omega = torch.full((batch,), start, dtype=dtype, device=device)
         self.last: Optional[torch.Tensor] = None  # the previous test's residuals
         self.last_it = 0
-        self.tests = 0
+        nan = torch.full((batch,), float("nan"), dtype=dtype, device=device)
+        self.first = nan  # the first test's residuals
+        self.rate = nan.clone()  # the last plain decay per iteration (NaN: none since the last switch)
+        self.plain_rate = nan.clone()  # the plain decay relaxation started from
+        self.reverted = nan.clone()  # the relaxed decay that sent a problem back to plain
+        self.failures = torch.zeros(batch, dtype=torch.int32, device=device)
 
     def after_test(self, resid: torch.Tensor, it: int) -> None:
         """Adapt ``omega`` to the residuals ``resid`` (B,) read after ``it`` iterations."""
         if not self.adaptive:
             return
-        self.tests += 1
-        if self.last is not None and self.tests >= 3:
-            prev, w = self.last, self.omega
-            valid = torch.isfinite(resid) & torch.isfinite(prev) & (prev > 0) & (resid > 0)
-            rho = torch.where(valid, resid / torch.where(valid, prev, 1.0), 1.0) ** (1.0 / max(it - self.last_it, 1))
-            decayed = valid & (rho < 1)
-            lam = torch.where(w == 1, rho, (rho + w - 1) ** 2 / (rho * w * w))
-            best = 2.0 / (1.0 + torch.sqrt(torch.clamp(1.0 - lam, min=0.0)))
-            grown = torch.clamp(torch.maximum(w, best), max=CAP)
-            self.omega.copy_(torch.where(decayed, grown, torch.where(valid, torch.ones_like(w), w)))
+        if self.last is None:
+            self.first, self.last, self.last_it = resid, resid, it
+            return
+        prev, w = self.last, self.omega
+        valid = torch.isfinite(resid) & torch.isfinite(prev) & (prev > 0) & (resid > 0)
+        rho = torch.where(valid, resid / torch.where(valid, prev, 1.0), 1.0) ** (1.0 / max(it - self.last_it, 1))
+        plain, one = w == 1, torch.ones_like(w)
+        gap, before = 1.0 - rho, 1.0 - self.rate
+        # the plain block after a return from relaxation: a failure only if plain decays
+        # as fast as the relaxed block did (else the plain rate had slowed: restart at once)
+        probe = plain & valid & torch.isfinite(self.reverted)
+        failed = probe & (rho <= self.reverted)
+        self.failures += failed.to(self.failures.dtype)
+        # plain: start past an early plateau once two decays agree, or after a probe that did not fail
+        steady = (before > 0) & (gap <= 1.5 * before) & (before <= 1.5 * gap) & (resid <= 0.1 * self.first)
+        start = plain & valid & (gap > 0) & (self.failures < MAX_FAILURES) & (steady | (probe & ~failed))
+        w_start = torch.clamp(2.0 / (1.0 + torch.sqrt(torch.clamp(gap, min=0.0))), max=CAP)
+        # relaxed: grow while it beats the plain decay it started from, else back to plain
+        helps = valid & (rho < self.plain_rate)
+        lam = (rho + w - 1) ** 2 / (rho * w * w)
+        w_grown = torch.clamp(torch.maximum(w, 2.0 / (1.0 + torch.sqrt(torch.clamp(1.0 - lam, min=0.0)))), max=CAP)
+        back = ~plain & valid & ~helps
+        new = torch.where(start, w_start, torch.where(~plain & helps, w_grown, torch.where(back, one, w)))
+        self.plain_rate = torch.where(start, rho, self.plain_rate)
+        self.reverted = torch.where(back, rho, torch.where(plain & valid, torch.full_like(rho, float("nan")),
+                                                           self.reverted))
+        # the plain decay of this block (NaN after a switch either way: the next block starts a fresh pair)
+        self.rate = torch.where(plain & valid & ~start, rho, torch.full_like(rho, float("nan")))
+        self.omega.copy_(new)
         self.last, self.last_it = resid, it

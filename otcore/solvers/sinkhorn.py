@@ -115,7 +115,8 @@ def sinkhorn(
             then only says that the result is finite, and no warning is given for the
             marginals, whose error ``marginal_error`` still reports.
         max_iter: iteration cap (eps-scaling stages count). Hitting it gives
-            ``converged=False`` and a :class:`~otcore.result.ConvergenceWarning`.
+            ``converged=False`` and a :class:`~otcore.result.ConvergenceWarning` (with a
+            ``tol``; with ``tol=None`` it must exceed the number of stages).
         rho: None (balanced), a number (KL penalty on both marginals), or
             ``(rho_a, rho_b)`` with None for an exact side.
         eps_schedule: eps scaling (see :func:`eps_stages`): None, ``"geometric"``,
@@ -132,8 +133,9 @@ def sinkhorn(
         overrelax: over-relaxed alternating updates ``f <- (1 - w) f + w tau softmin``
             (:mod:`otcore.solvers._overrelax`): ``True`` adapts ``w`` per problem to the
             measured convergence rate (needs a ``tol``), a number in (0, 2) fixes it,
-            ``False`` runs plain Sinkhorn. Same fixed point; at small eps 3-10x fewer
-            iterations were measured (docs/conventions.md). Ignored by self-transport.
+            ``False`` runs plain Sinkhorn; needs ``check_every >= 3``. Same fixed point;
+            at small eps 3-8x fewer iterations were measured (docs/conventions.md).
+            Ignored by self-transport.
         verbose: progress line on stderr; None = on a terminal after ~1 s.
 
     Self-transport (``PointCloud(x, x)`` with the same tensor twice, ``a is b`` and
@@ -151,9 +153,13 @@ def sinkhorn(
     max_iter = _validate.positive_int("max_iter", max_iter)
     check_every = _validate.positive_int("check_every", check_every)
     _validate.flag("cuda_graph", cuda_graph)
-    overrelax = check_overrelax(overrelax, tol)
+    overrelax = check_overrelax(overrelax, tol, check_every)
     f, g = check_init(init, geom)
     stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps)
+    if tol is None and len(stages) >= max_iter:  # the result would be read at an eps never iterated at
+        raise ValueError(f"tol=None runs max_iter={max_iter} iterations in all, eps-scaling stages included, and "
+                         f"eps_schedule gives {len(stages)} stages before eps={pb.eps:g}: give max_iter > "
+                         f"{len(stages)} or a shorter schedule")
     progress = Progress(verbose, "sinkhorn", measure="marginal error" if pb.rho_a is None and pb.rho_b is None
                         else "residual")  # unbalanced: the distance to the optimality conditions
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
