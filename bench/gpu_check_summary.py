@@ -205,12 +205,19 @@ def make_tar(work, path):
                 tar.add(os.path.join(work, name), arcname=name)
 
 
+def read_csv(work, part, name):
+    """A part's CSV as a list of dicts, or None when the part wrote none."""
+    try:
+        with open(os.path.join(work, part, name)) as fh:
+            return list(csv.DictReader(fh))
+    except OSError:
+        return None
+
+
 def section_latency(work, say):
     """Part l: bench_latency.py's latency.csv (plain torch vs otcore, ms per call)."""
-    try:
-        with open(os.path.join(work, "l", "latency.csv")) as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError:
+    rows = read_csv(work, "l", "latency.csv")
+    if rows is None:
         return
     say("[l] latency-bound workloads, ms per call (fixed iterations; 'to tol': solves to the marginal "
         "tolerance, iterations torch/otcore): plain torch | otcore eager | per-pass (one-tile kernel off) | "
@@ -227,10 +234,8 @@ def section_latency(work, say):
 
 def section_overrelax(work, say):
     """Part o: bench_overrelax.py's overrelax.csv (plain vs over-relaxed Sinkhorn to one tol)."""
-    try:
-        with open(os.path.join(work, "o", "overrelax.csv")) as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError:
+    rows = read_csv(work, "o", "overrelax.csv")
+    if rows is None:
         return
     say("[o] plain vs overrelax=True to the same tol: iterations, ms (speed-up), final factor, both converged")
     for r in rows:

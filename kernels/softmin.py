@@ -315,9 +315,10 @@ def lse_shifted(
 
 
 @triton.jit
-def update_potential(s, prev, go, tau, omega, UPDATE: tl.constexpr):
-    """Sinkhorn's update of a potential from its new softmin ``s``, for a problem still
-    iterating (``go``; otherwise ``prev`` stays):
+def update_potential(s, prev_ptrs, mask, go, scal_ptr, omega_ptr, UPDATE: tl.constexpr):
+    """Sinkhorn's update of a potential ``f`` (read at ``prev_ptrs``) from its new softmin
+    ``s``, for a problem still iterating (``go``; otherwise ``f`` stays), with ``tau`` from
+    ``scal_ptr[2]`` and ``omega`` from ``omega_ptr`` (the problem's):
 
     - ``UPDATE=1`` (alternating): ``f <- tau s``;
     - ``UPDATE=2`` (symmetric, self-transport): ``f <- (f + tau s) / 2``;
@@ -325,9 +326,12 @@ def update_potential(s, prev, go, tau, omega, UPDATE: tl.constexpr):
 
     (the same operations as :func:`otcore.reference.softmin_update`, in the same order; a GPU
     compiler may fuse ``prev + tau * s`` into one FMA.)"""
+    prev = tl.load(prev_ptrs, mask=mask, other=0.0)
+    tau = tl.load(scal_ptr + 2)
     if UPDATE == 2:
         new = 0.5 * (prev + tau * s)
     elif UPDATE == 3:
+        omega = tl.load(omega_ptr)
         new = (1.0 - omega) * prev + omega * (tau * s)
     else:
         new = tau * s
@@ -433,10 +437,9 @@ def softmin_kernel(
     if PARTIAL:
         tl.store(out_ptrs, lse2, mask=store)
     elif UPDATE != 0:
-        prev = tl.load(prev_ptr + b * s_pb + offs_i, mask=store, other=0.0)
-        omega = tl.load(omega_ptr + b) if UPDATE == 3 else 1.0
-        tl.store(out_ptrs, update_potential(-lse2 * inv_scale, prev, go, tl.load(scal_ptr + 2), omega, UPDATE),
-                 mask=store)
+        new = update_potential(-lse2 * inv_scale, prev_ptr + b * s_pb + offs_i, store, go, scal_ptr, omega_ptr + b,
+                               UPDATE)
+        tl.store(out_ptrs, new, mask=store)
     else:
         tl.store(out_ptrs, -lse2 * inv_scale, mask=store)
 
@@ -472,9 +475,7 @@ def softmin_combine_kernel(
     out = -lse2 * tl.load(scal_ptr + 1)
     if UPDATE != 0:
         go = tl.load(active_ptr + b) != 0
-        prev = tl.load(prev_ptr + b * s_pb + offs, mask=mask, other=0.0)
-        omega = tl.load(omega_ptr + b) if UPDATE == 3 else 1.0
-        out = update_potential(out, prev, go, tl.load(scal_ptr + 2), omega, UPDATE)
+        out = update_potential(out, prev_ptr + b * s_pb + offs, mask, go, scal_ptr, omega_ptr + b, UPDATE)
     tl.store(out_ptr + b * s_outb + offs, out, mask=mask)
 
 
@@ -834,7 +835,7 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
             With ``prev`` it is ``prev / tau``, the softmin that gave ``prev`` (computed
             only for a pass that uses it).
         bias: ``(B, n_oth)`` added to ``h`` as the kernel reads it (``eps log b``), or None.
-        prev, active, tau, average: ``prev`` ``(B, n_own)`` and ``active`` ``(B,)`` bool
+        prev, active, tau, average, omega: ``prev`` ``(B, n_own)`` and ``active`` ``(B,)`` bool
             given, the result is ``where(active, tau s, prev)`` (``average``:
             ``where(active, (prev + tau s) / 2, prev)``; ``omega`` ``(B,)`` given, the
             over-relaxed ``where(active, (1 - omega) prev + omega tau s, prev)``) with ``s``

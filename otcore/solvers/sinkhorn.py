@@ -223,8 +223,10 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         progress.update(it, None, e, f"eps stage {i + 1}/{len(stages)}")
 
     if tol is None:  # a fixed number of iterations, in blocks of check_every (progress lines between them)
-        run = graphed(lambda f, g, active, k: steps(f, g, eps, k, active, omega=omega), geom.device, check_every) \
-            if cuda_graph else (lambda f, g, active, k: steps(f, g, eps, k, active, omega=omega))
+        def unchecked_block(f, g, active, k: int):
+            return steps(f, g, eps, k, active, omega=omega)
+
+        run = graphed(unchecked_block, geom.device, check_every) if cuda_graph else unchecked_block
         left = max_iter - it
         while it < max_iter:
             k = min(check_every, max_iter - it)
