@@ -14,13 +14,7 @@ from kernel_support import DEVICE
 import otcore
 from otcore.solvers import _graph, _overrelax
 from otcore.solvers import sinkhorn as sinkhorn_module
-from test_cuda_graph import EmulatedGraphs
-
-F64 = torch.float64
-
-
-def rand(*shape, seed=0, dtype=F64):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+from test_cuda_graph import F64, EmulatedGraphs, rand
 
 
 def pair(case):

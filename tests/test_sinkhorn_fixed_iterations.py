@@ -15,11 +15,7 @@ from kernel_support import DEVICE
 import otcore
 from otcore.solvers import _graph
 from otcore.solvers import sinkhorn as sinkhorn_module
-from test_cuda_graph import EmulatedGraphs
-
-
-def rand(*shape, seed=0, dtype=torch.float64):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+from test_cuda_graph import EmulatedGraphs, rand
 
 
 def capped(geom, **kw):

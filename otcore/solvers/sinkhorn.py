@@ -235,7 +235,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
             if progress.due():
                 progress.update(it, None, eps)
         progress.close()
-        return f, g, n_iter + active * max(left, 0), passed
+        return f, g, n_iter + active * left, passed  # (left > 0: max_iter exceeds the stages)
 
     def checked_block(f, g, active, k: int):
         """``k`` iterations, the test, and one more iteration where it fails: (f, g, resid)."""
