@@ -21,11 +21,12 @@
 #   t     the kernel tests on the real kernels (pytest, if importable: carried as a
 #         wheel, with hypothesis for the one-tile kernel's file; a file that cannot be
 #         collected is reported and the others run): the one-tile kernel, CUDA graphs
-#         (a failed capture fails), the softmin incl. the shifted sum, the k-sparse
-#         pass, the plan kernels                                                        45
+#         (a failed capture fails), the softmin incl. the shifted sum and the fused
+#         half-step, SNS's one-launch CG solve, the k-sparse pass, the plan kernels      45
 #   c1    SNS vs Sinkhorn (bench_newton.py): clouds, eps 1e-3, n = 4096 then 16384,
 #         float64 (tol 1e-6) then float32 (tol 1e-5); whatever fits              50
-#   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair)   30
+#   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair),
+#         with SNS's CG also issued from the host (the one-launch solve's gain)        30
 #   d     sparse OT (n = 2048, 8192) + OT router (bench_sparse_ot.py)                70
 #   e     FlashSinkhorn peer timings (its default blocks, autotuning off: 44 configs
 #         per shape would not fit) + a second otcore measurement                     30
@@ -194,7 +195,8 @@ P=bench/bench_plan_kernels.py
 # part t: pytest from $WORK (not the repo root, whose otcore/ lacks the kernels subpackage),
 # so the staged copy on PYTHONPATH is the one imported; its own timeout per part
 T_TESTS="$REPO/tests/test_kernels_sinkhorn_steps.py $REPO/tests/test_cuda_graph.py $REPO/tests/test_kernels_softmin.py
-  $REPO/tests/test_kernels_softmin_update.py $REPO/tests/test_kernels_ksparse.py $REPO/tests/test_kernels_plan.py"
+  $REPO/tests/test_kernels_softmin_update.py $REPO/tests/test_kernels_sparse_cg.py $REPO/tests/test_kernels_ksparse.py
+  $REPO/tests/test_kernels_plan.py"
 tests_part() {
   if ! "$PY" -c "import pytest" 2>/dev/null; then
     echo "== part t SKIPPED: pytest not importable (carry its wheels in .whl/, docs/benchmarks.md)"
@@ -242,7 +244,7 @@ else
   tests_part 45
   run_part c1  50 "$PY" $N --sweep-only --sizes 4096 16384 --eps 1e-3 --dtypes float64 float32 --budget 6 \
     --pot-budget 3 --out "$WORK/c1"
-  run_part c2  30 "$PY" $N --table1-only --table-n 500 --pairs 1 --budget 4 --pot-budget 2 --out "$WORK/c2"
+  run_part c2  30 "$PY" $N --table1-only --table-n 500 --pairs 1 --budget 4 --pot-budget 2 --host-cg --out "$WORK/c2"
   REF=$POT_REF
   if [ -s "$DEV_POT_REF" ]; then
     REF=$DEV_POT_REF

@@ -155,7 +155,7 @@ def section_newton(rows, say):
             sp = float(r["speedup_sns"])
             conv = r["converged"] in (True, "True")
             extra = f" floor {float(r['floor_fraction']):.1%}, SNS {'>=' if not conv else ''}{sp:.1f}x faster"
-        say(f"  {r['problem'][:20]:20s} n={r['n']:<6} eps={float(r['eps']):<8.3g} {r['dtype']:7s} {r['solver'][:22]:22s} "
+        say(f"  {r['problem'][:20]:20s} n={r['n']:<6} eps={float(r['eps']):<8.3g} {r['dtype']:7s} {r['solver'][:30]:30s} "
             f"{int(r['iters']):>7d} it {float(r['time_s']):8.3f}s err {float(r['marginal_error']):.1e} "
             f"{'conv' if r['converged'] in (True, 'True') else 'NOT conv'} "
             f"err64 {fmt(float(r['err64']) if r.get('err64') not in (None, '') else None, '.1e')} "

@@ -2,29 +2,65 @@
 
 On a GPU each read of a device value by the host (``bool``/``float``/``int``/``item`` of a
 tensor, ``tolist``; counted by ``lbfgs_op_count.OpCounter``) waits for the queue to drain. The count per Newton iteration is taken
-as (syncs of a full solve - syncs of the same solve stopped after one Newton iteration)
-/ (Newton iterations - 1), so the warm-up and the result's set-up cancel.
+as (syncs of the solve stopped after k - 1 Newton iterations - syncs of it stopped after
+one) / (k - 2), k the iterations of the full solve: the warm-up, the result's set-up and
+the unconverged result's warning cancel.
 
-    python bench/newton_sync_count.py
+    python bench/newton_sync_count.py                                   # torch backend
+    TRITON_INTERPRET=1 python bench/newton_sync_count.py --backend triton  # the kernels (interpreter)
+    TRITON_INTERPRET=1 python bench/newton_sync_count.py --backend triton --host-cg
+
+The Triton backend also counts, per Newton iteration, the Triton launches and the torch
+operations that compute (each costs the host microseconds on a GPU).
+With the Triton backend each Newton step's conjugate-gradient solve is one launch
+(:mod:`otcore.kernels.sparse_cg`) that reads nothing back; the torch loop reads its
+stopping test every 8 CG iterations.
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
+import contextlib
+import os
 import warnings
 
 import torch
 from lbfgs_op_count import OpCounter  # its host-read count (bench/ is the script's directory)
 
 import otcore
+from otcore.kernels import sparse_cg
 
 
-def syncs(geom, eps, **kw):
-    with OpCounter("solve") as counter:
-        result = otcore.sinkhorn_newton(geom, eps=eps, **kw)
-    return result, counter.counts["host reads in solve"]
+def counts(geom, eps, backend, **kw):
+    """The result and the counts of one solve: host reads, and on the Triton backend the
+    torch operations that compute and the Triton launches (sinkhorn_launch_count's counters)."""
+    with contextlib.ExitStack() as stack:
+        if backend == "triton":
+            from sinkhorn_launch_count import ComputeCounter, LaunchCounter
+            from otcore.kernels import plan, softmin, sparse
+
+            ops = stack.enter_context(ComputeCounter("solve"))
+            launches = [stack.enter_context(LaunchCounter(mod, ops)) for mod in (softmin, plan, sparse, sparse_cg)]
+        else:
+            ops, launches = stack.enter_context(OpCounter("solve")), []
+        result = otcore.sinkhorn_newton(geom, eps=eps, backend=backend, **kw)
+    out = collections.Counter(syncs=ops.counts["host reads in solve"], torch_ops=ops.counts["solve"])
+    out["triton"] = sum(sum(c.launches.values()) for c in launches)
+    return result, out
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="torch", choices=("torch", "triton"))
+    parser.add_argument("--host-cg", action="store_true",
+                        help="Triton backend: the host-issued CG loop on the ELL product kernels, not the one-launch "
+                             "solve (sparse_cg.FUSED_MAX_ENTRIES = 0)")
+    args = parser.parse_args()
+    if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--backend triton on a CPU needs TRITON_INTERPRET=1")
+    if args.host_cg:
+        sparse_cg.FUSED_MAX_ENTRIES = 0
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     cases = {
@@ -33,12 +69,16 @@ def main():
         "300 x 300 random assignment, eps = 1/1200": (otcore.CostMatrix(torch.rand(300, 300, dtype=torch.float64)),
                                                       1 / 1200),
     }
-    print(f"{'problem':<44} {'Newton its':>10} {'CG / Newton it':>15} {'syncs / Newton it':>18}")
+    print(f"# per Newton iteration, backend {args.backend}" + (", host-issued CG" if args.host_cg else ""))
+    print(f"{'problem':<44} {'Newton its':>10} {'CG':>6} {'syncs':>6} {'triton':>7} {'torch ops':>9}")
     for name, (geom, eps) in cases.items():
-        full, n_full = syncs(geom, eps, tol=1e-8)
-        _, n_one = syncs(geom, eps, tol=1e-8, max_iter=1)
+        full, _ = counts(geom, eps, args.backend, tol=1e-8)
         its = full.info["newton_iter"]
-        print(f"{name:<44} {its:>10} {full.info['cg_iter'] / its:>15.1f} {(n_full - n_one) / max(its - 1, 1):>18.1f}")
+        _, one = counts(geom, eps, args.backend, tol=1e-8, max_iter=1)
+        _, last = counts(geom, eps, args.backend, tol=1e-8, max_iter=its - 1)
+        per = {k: (last[k] - one[k]) / max(its - 2, 1) for k in ("syncs", "triton", "torch_ops")}
+        print(f"{name:<44} {its:>10} {full.info['cg_iter'] / its:>6.1f} {per['syncs']:>6.1f} {per['triton']:>7.1f} "
+              f"{per['torch_ops']:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from otcore.kernels import sinkhorn_steps, softmin  # noqa: E402
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 FP32 = ("FADD", "FFMA", "FMUL", "FMNMX", "FSEL", "FSETP")
 #: pointer arguments that are not of the compute dtype: int64 indices, the bool mask
-INDEX_POINTERS = {"idx_ptr": "*i64", "I_ptr": "*i64", "active_ptr": "*i1"}
+INDEX_POINTERS = {"idx_ptr": "*i64", "I_ptr": "*i64", "active_ptr": "*i1", "rows_t_ptr": "*i32", "off_ptr": "*i64",
+                  "its_ptr": "*i64"}
 
 
 def compile_sm90(kernel, constexprs: dict, num_warps: int = 8, dtype: str = "fp32", ints: dict | None = None):

@@ -122,6 +122,17 @@ class Geometry:
                              f"got shape {tuple(v.shape)}")
         return self._call("ell_matvec", backend, vals, idx, v, axis)
 
+    def ell_pcg(self, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active, backend="torch"):
+        """Solve ``[[diag(d_a), S], [S^T, diag(d_b)]] x = rhs`` per problem by Jacobi-PCG,
+        S the ELL matrix ``vals, idx`` (B,n,s); ``diag``, ``rhs``, ``inv_diag`` pairs of
+        (B,n) and (B,m); returns ``((x_a, x_b), its (B,))`` (see reference_sparse.ell_pcg)."""
+        for name, pair in (("diag", diag), ("rhs", rhs), ("inv_diag", inv_diag)):
+            if len(pair) != 2 or pair[0].shape[-1] != self.n or pair[1].shape[-1] != self.m:
+                raise ValueError(f"{name} must be a pair of (B, n={self.n}) and (B, m={self.m}) tensors, got shapes "
+                                 f"{[tuple(t.shape) for t in pair]}")
+        max_iter = _validate.positive_int("max_iter", max_iter)
+        return self._call("ell_pcg", backend, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active)
+
     def sparse_cost_grad(self, W, idx, axis, backend="torch"):
         """Gradient of ``sum W * C`` over a (B, lines, k) support w.r.t. :meth:`inputs`."""
         return self._call("sparse_cost_grad", backend, W, idx, _validate.axis(axis))

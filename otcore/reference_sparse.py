@@ -8,6 +8,8 @@ every row, in ELL format: ``vals`` (B, n, s) and int64 column indices ``idx``
 - :func:`plan_sparse_rows`: the extraction (the torch version is the blockwise
   ``torch.topk`` of :func:`otcore.reference.plan_topk`).
 - :func:`ell_matvec`: ``S v`` and ``S^T u`` by gather / ``scatter_add``.
+- :func:`ell_pcg`: Newton's linear system ``[[diag(d_a), S], [S^T, diag(d_b)]] x = r``
+  by Jacobi-preconditioned conjugate gradient on those products.
 - :func:`ell_to_csr`: the same matrix as a ``torch.sparse_csr_tensor`` (the
   independent reference the tests compare both implementations with; on CPU
   torch's CSR product is far slower than the gather, so the solver does not use it).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._cg import pcg
 
 
 def plan_sparse_rows(geom, F, G, eps: float, s: int, precision: str = "fp32"):
@@ -51,6 +54,36 @@ def ell_matvec(geom, vals: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, axi
     # empty slots (value 0) add nothing, even where u is not finite (as in the kernel)
     terms = torch.where(vals != 0, vals * v[:, :, None], 0.0)
     return out.scatter_add_(1, idx.reshape(B, n * s), terms.reshape(B, n * s))
+
+
+def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active, matvec=ell_matvec):
+    """Solve, for every problem of the batch, the symmetric positive semi-definite system
+
+        [[diag(d_a), S], [S^T, diag(d_b)]] (x_a, x_b) = (r_a, r_b)
+
+    (``S`` the ELL matrix ``vals``/``idx`` (B, n, s), n x m) by Jacobi-preconditioned
+    conjugate gradient (:func:`otcore._cg.pcg`): a problem stops once ``r^T z <= rtol^2
+    r_0^T z_0`` (``z = inv_diag * r``), at ``max_iter`` iterations, or at a direction with
+    ``p^T K p <= 0``. Sinkhorn-Newton-Sparse's Newton step.
+
+    Args:
+        diag, rhs, inv_diag: pairs ``(a-part (B, n), b-part (B, m))``; ``inv_diag`` is the
+            preconditioner (``1 / diag``, and 0 for entries left out of the system).
+        rtol: float or (B,) tensor. active: (B,) bool; inactive problems get ``x = 0``.
+        matvec: the ELL product used (:func:`ell_matvec`, or the Triton one).
+
+    Returns:
+        ``((x_a, x_b), its)``, ``its`` (B,) long: the iterations each problem ran.
+    """
+    n = vals.shape[1]
+    da, db = diag
+
+    def apply(p):
+        pa, pb = p[:, :n], p[:, n:]
+        return torch.cat((da * pa + matvec(geom, vals, idx, pb, 1), db * pb + matvec(geom, vals, idx, pa, 0)), 1)
+
+    x, its = pcg(apply, torch.cat(rhs, 1), rtol, max_iter, inv_diag=torch.cat(inv_diag, 1), active=active)
+    return (x[:, :n], x[:, n:]), its
 
 
 def ell_to_csr(vals: torch.Tensor, idx: torch.Tensor, m: int, transpose: bool = False) -> torch.Tensor:

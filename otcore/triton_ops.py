@@ -350,3 +350,4 @@ def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[tor
 # the k-sparse plans of sparsity-constrained OT (kernels/ksparse.py).
 from .kernels.ksparse import ksparse_columns  # noqa: E402,F401
 from .kernels.sparse import ell_matvec, plan_sparse_rows  # noqa: E402,F401
+from .kernels.sparse_cg import ell_pcg  # noqa: E402,F401

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     import torch
     sys.path.insert(0, sys.argv[1])
     from sass_counts import compile_sm90, resources, softmin_ints  # the bench's compiler call, shared
-    from otcore.kernels import ksparse, plan, sinkhorn_steps, softmin, sparse
+    from otcore.kernels import ksparse, plan, sinkhorn_steps, softmin, sparse, sparse_cg
 
     steps = dict(EUCLID=False, SYMMETRIC=False, CHECK=False, RELAX=False, BLOCK_N=64, BLOCK_M=64)
     cases = [
@@ -104,12 +104,15 @@ SCRIPT = textwrap.dedent(
         bm, bn, warps = sparse.topk_blocks(s_pad, dtype == "fp64")
         cases.append((sparse._topk_rows_kernel, dtype, dict(COST=cost, S=s, S_PAD=s_pad, BLOCK_M=bm, BLOCK_N=bn),
                       warps))
+    # SNS's one-launch CG solve at the launcher's sizes (sparse_cg.block_sizes): narrow and wide rows
+    for dtype, s in (("fp32", 8), ("fp64", 12), ("fp64", 64)):
+        cases.append((sparse_cg._ell_pcg_kernel, dtype, dict(S=s, **sparse_cg.block_sizes(s)), sparse_cg.NUM_WARPS))
     # the streamed passes' block-size rules promise no spills (registers only); the top-s
     # extraction at most a few words (ptxas's choice varies by version: 0-56 bytes at these
     # sizes, where 4 warps and 32 rows had spilled 136 bytes to 2 KB)
     no_spill = (softmin.softmin_kernel, softmin.softmin_combine_kernel, plan.plan_reduce_kernel, sinkhorn_steps.sinkhorn_steps_kernel,
                 ksparse._ksparse_kernel)
-    stack_max = {sparse._topk_rows_kernel: 64}
+    stack_max = {sparse._topk_rows_kernel: 64, sparse_cg._ell_pcg_kernel: 64}
     for kernel, dtype, const, warps, *ints in cases:
         compiled = compile_sm90(kernel, const, num_warps=warps, dtype=dtype, ints=ints[0] if ints else None)
         assert compiled.asm["cubin"], (kernel.__name__, const)
@@ -129,4 +132,4 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 48, proc.stdout
+    assert proc.stdout.count(" ok") == 51, proc.stdout

@@ -48,7 +48,6 @@ import torch
 from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
-from ._cg import pcg
 from ._entropic import (Problem, check_init, entropic_result, finite_abs_max, make_problem, marginal_floor,
                         settle_zero_weights)
 from .sinkhorn import _iterate
@@ -163,7 +162,7 @@ def sinkhorn_newton(
             "warmup_iter": out(state.warmup_its),
             "newton_iter": out(state.newton_its),
             "fallback_iter": out(state.fallback_its),
-            "cg_iter": state.cg_its,
+            "cg_iter": int(state.cg_its),
             "line_search_evals": state.ls_evals,
             "sparsity": state.s,
             "time_warmup_s": state.times["warmup"],
@@ -347,16 +346,9 @@ class _Solve:
         inv = (torch.where(live_a, 1 / dr.clamp(min=torch.finfo(r.dtype).tiny), 0.0),
                torch.where(live_b, 1 / dc.clamp(min=torch.finfo(c.dtype).tiny), 0.0))
 
-        n = r.shape[1]
-
-        def apply_m(p):  # p = (f-part, g-part) side by side, (B, n + m)
-            pa, pb_ = p[:, :n], p[:, n:]
-            return torch.cat((dr * pa + geom.ell_matvec(vals, idx, pb_, 1, **kw),
-                              dc * pb_ + geom.ell_matvec(vals, idx, pa, 0, **kw)), 1)
-
-        x, its = pcg(apply_m, torch.cat(rhs, 1), rtol, cg_max_iter, inv_diag=torch.cat(inv, 1), active=active)
-        self.cg_its += its
-        return x[:, :n], x[:, n:]
+        (da, db), its = geom.ell_pcg(vals, idx, (dr, dc), rhs, inv, rtol, cg_max_iter, active, **kw)
+        self.cg_its = self.cg_its + its.max()  # on the device: read once, at the end
+        return da, db
 
     def _line_search(self, df, dg, r, c, err, active, max_halvings: int = 12, c1: float = 1e-4):
         """Backtracking on ``alpha`` in {1, 1/2, ...}; moves ``self.f``, ``self.g``.

@@ -37,7 +37,7 @@ import torch
 
 from .. import _dispatch, _validate
 from .._progress import Progress
-from ._cg import pcg
+from .._cg import pcg
 from ._entropic import check_init, finite_abs_max, padded
 from ._lbfgs import lbfgs
 from ..autograd import first_order_only

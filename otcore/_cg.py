@@ -14,7 +14,7 @@ def pcg(
     max_iter: int,
     inv_diag: Optional[torch.Tensor] = None,
     active: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``K x = rhs`` for every problem of a batch, ``K`` symmetric positive semi-definite.
 
     Args:
@@ -26,7 +26,8 @@ def pcg(
         active: ``(B,)`` bool; inactive problems get ``x = 0``.
 
     Returns:
-        ``(x, iterations run)``. Stopped problems idle (step 0) until all have stopped;
+        ``(x, its)``, ``its`` (B,) long: the iterations each problem ran (began
+        running). Stopped problems idle (step 0) until all have stopped;
         that is read from the device every 8 iterations only (one host sync each), from the
         8th on (a system with nothing to solve idles through 8 iterations). A
         direction with ``p^T K p <= 0`` (rounding at the null space) stops its problem.
@@ -41,10 +42,11 @@ def pcg(
     run = rz > 0
     if active is not None:
         run = run & active
-    its = 0
+    its = torch.zeros(rhs.shape[0], dtype=torch.long, device=rhs.device)
     for k in range(max_iter):
         if k and k % 8 == 0 and not bool(run.any()):  # (none at k = 0: a call has work to do)
             break
+        its += run
         q = matvec(p)
         pq = (p * q).sum(-1)
         alpha = torch.where(run & (pq > 0), rz / torch.where(pq > 0, pq, 1.0), 0.0)
@@ -56,5 +58,4 @@ def pcg(
         beta = torch.where(run, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
         p = z + beta[:, None] * p
         rz = rz_new
-        its += 1
     return x, its
