@@ -224,16 +224,18 @@ def sinkhorn_steps(
     """
     tau_a, tau_b = tau
     resid = None
-    eloga, elogb = eps * loga, eps * logb  # once per block: each launch counts for small problems
+    # once per block: each launch counts for small problems (the symmetric update reads eps log a only)
+    eloga, elogb = eps * loga, (None if symmetric else eps * logb)
     kw = dict(precision=precision)
     if omega is not None and symmetric:
         raise ValueError("omega (over-relaxation) is for the alternating updates, not the symmetric one")
     for i in range(k + (check is not None)):
         relax = dict(omega=omega) if omega is not None and i < k - 1 else {}
         if i < k:
-            if symmetric:  # g = f, but an inactive problem keeps its own g
+            if symmetric:
                 f = update(geom, f, eloga, eps, 1, f, active, tau_a, True, **kw)
-                g = torch.where(active[:, None], f, g)
+                if i == k - 1:  # g = f (g is not read before), but an inactive problem keeps its own g
+                    g = torch.where(active[:, None], f, g)
                 continue
             f = update(geom, g, elogb, eps, 1, f, active, tau_a, **kw, **relax)
         else:  # the convergence test, from this iteration's row pass

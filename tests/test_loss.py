@@ -404,3 +404,67 @@ def test_warm_start_recovers_from_a_jump_and_keeps_the_gauge():
         torch.testing.assert_close(warm(moved, y), cold(moved, y), rtol=1e-6, atol=1e-9)
         f, g = warm._last["xy"]["fg"]
         torch.testing.assert_close(f.mean(), g.mean(), rtol=0, atol=1e-6)
+
+
+def _count_solves(monkeypatch):
+    """Record the batch size of every solve SinkhornLoss makes."""
+    import otcore.nn as nn_module
+
+    seen, solve = [], nn_module.sinkhorn
+
+    def counted(geom, *args, **kw):
+        seen.append(geom.batch)
+        return solve(geom, *args, **kw)
+
+    monkeypatch.setattr(nn_module, "sinkhorn", counted)
+    return seen
+
+
+@pytest.mark.parametrize("batch,weights,rho", [(None, False, None), (3, True, None), (None, True, 0.5)])
+def test_self_terms_of_one_shape_are_one_batched_solve(monkeypatch, batch, weights, rho):
+    """Clouds of one shape: the two self-transport terms are one solve of two problems
+    (per input problem), with the divergence and its gradients of three separate solves."""
+    seen = _count_solves(monkeypatch)
+    shape = (batch,) if batch else ()
+    x, y = rand(*shape, 25, 2, seed=40), rand(*shape, 25, 2, seed=41) + 0.2
+    a = b = None
+    if weights:
+        a, b = rand(*shape, 25, seed=42) + 0.1, rand(*shape, 25, seed=43) + 0.1
+        a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    x.requires_grad_(True)
+    loss = otcore.SinkhornLoss(eps=0.05, rho=rho, reduction="sum", **TIGHT)(x, y, a, b)
+    assert seen == [batch or 1, 2 * (batch or 1)]
+    (gx,) = torch.autograd.grad(loss, x)
+    xr = x.detach().clone().requires_grad_(True)
+
+    def ot(p, q, u, v):
+        return ot_value(p, q, u, v, eps=0.05, rho=rho)
+
+    want = ot(xr, y, a, b) - 0.5 * (ot(xr, xr, a, a) + ot(y, y, b, b))
+    if rho is not None:  # the mass term (zero for normalised weights)
+        want = want + 0.5 * 0.05 * (a.sum(-1) - b.sum(-1)) ** 2
+    want = want.sum()
+    (gw,) = torch.autograd.grad(want, xr)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-13)
+    torch.testing.assert_close(gx, gw, rtol=1e-7, atol=1e-10)
+
+
+def test_self_terms_of_other_shapes_or_weights_solve_apart(monkeypatch):
+    seen = _count_solves(monkeypatch)
+    loss = otcore.SinkhornLoss(eps=0.05, tol=1e-6)
+    x, y = rand(25, 2, seed=44), rand(20, 2, seed=45)
+    loss(x, y)
+    x2 = rand(20, 2, seed=46)
+    loss(x2, y, torch.full((20,), 0.05, dtype=F64))  # b uniform, not given
+    loss(x2.float(), y)  # another dtype
+    assert seen == [1, 1, 1] * 3
+
+
+def test_warm_start_keeps_the_joint_self_terms():
+    x, y = rand(30, 2, seed=47), rand(30, 2, seed=48)
+    warm = otcore.SinkhornLoss(eps=0.02, tol=1e-9, warm_start=True)
+    cold = otcore.SinkhornLoss(eps=0.02, tol=1e-9)
+    for step in range(2):
+        x = x + 0.01 * (y - x)
+        torch.testing.assert_close(warm(x, y), cold(x, y), rtol=1e-7, atol=1e-12)
+    assert set(warm._last) == {"xy", "xx+yy"} and warm._last["xx+yy"]["fg"][0].shape == (2, 30)

@@ -87,7 +87,7 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float])
     for r in (rho_a, rho_b):
         if r is not None:
             _validate.magnitude_fits("rho", r, geom.dtype)
-    if rho_a is None and rho_b is None:
+    if rho_a is None and rho_b is None and not (a is None and b is None):  # uniform weights: both sum to 1
         _validate.balanced_mass(A, Bw, tol, given=(a, b))
     symmetric = geom.symmetric and a is b and rho_a == rho_b
     zeros = (min(pos_a) < geom.n, min(pos_b) < geom.m)
@@ -130,7 +130,7 @@ def check_init(init, geom, names=("f", "g")) -> tuple[torch.Tensor, torch.Tensor
 def finite_abs_max(t: torch.Tensor) -> torch.Tensor:
     """``max |t|`` over the last dimension, ignoring non-finite entries (the ``-inf`` of
     zero weights), (B,)."""
-    return torch.where(torch.isfinite(t), t.abs(), 0.0).amax(-1)
+    return torch.nan_to_num(t.abs(), 0.0, 0.0, 0.0).amax(-1)
 
 
 def optimality_residual(pb: Problem, r: torch.Tensor, c: torch.Tensor, f, g) -> torch.Tensor:
@@ -245,7 +245,8 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
         r = torch.where(has_a, pb.A * torch.exp(delta), 0.0).to(f.dtype)
         c = geom.marginals(F, G, eps, 0, **kw)
         marg_err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
-        resid = optimality_residual(pb, r, c, f, g)
+        # balanced: the residual is the marginal error
+        resid = marg_err if pb.rho_a is None and pb.rho_b is None else optimality_residual(pb, r, c, f, g)
         cost = geom.plan_cost(F, G, eps, **kw)
         A, Bw, wf, wg = (t.to(delta.dtype) for t in (pb.A, pb.Bw, f, g))
         value = (A * phi(wf, pb.rho_a)).sum(-1) + (Bw * phi(wg, pb.rho_b)).sum(-1) - eps * mass_gap(A, Bw, delta)

@@ -218,9 +218,10 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
     it = 0
     for i, e in enumerate(stages[:max_iter]):
         f, g = steps(f, g, e, 1, active)
-        n_iter += active
         it += 1
         progress.update(it, None, e, f"eps stage {i + 1}/{len(stages)}")
+    if it:  # one iteration per stage, for every problem (active does not change during them)
+        n_iter += active * it
 
     if tol is None:  # a fixed number of iterations, in blocks of check_every (progress lines between them)
         def unchecked_block(f, g, active, k: int):
