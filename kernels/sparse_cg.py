@@ -43,10 +43,10 @@ from .softmin import GRID_Y_MAX
 from .sparse import ell_matvec
 
 #: Largest ELL size ``n * s`` per problem solved by the one-launch kernel; larger ones run
-#: the host-issued loop. An estimate, not a measurement: one SM gathers ~44 bytes per entry
-#: and sweep (~2.3 MB at 2^16 entries), under the ~0.3 ms of host time that a host-issued
-#: CG iteration took on the H200 host (~17 launches); to be tuned on a GPU (bench/bench_newton.py
-#: ``--cg``).
+#: the host-issued loop. An estimate, not a measurement: a CG step's sweeps read ~44 bytes
+#: per ELL entry (11.5 MB at 2^18 entries) on one SM, against the ~0.3 ms of host time
+#: that a host-issued CG step took on the H200 host (~17 launches); to be timed on a GPU
+#: (``bench/bench_newton.py --host-cg``).
 FUSED_MAX_ENTRIES = 1 << 18
 
 #: Largest batch (one program per problem, grid axis 0 is not the limit; kept with the
@@ -64,7 +64,7 @@ def _init_side(RHS, INV, X, W, size, BLOCK: tl.constexpr):
         mk = o < size
         r = tl.load(RHS + o, mask=mk, other=0.0)
         z = tl.load(INV + o, mask=mk, other=0.0) * r
-        tl.store(X + o, r * 0.0, mask=mk)
+        tl.store(X + o, tl.zeros((BLOCK,), dtype=X.dtype.element_ty), mask=mk)
         tl.store(W + o, r, mask=mk)
         tl.store(W + size + o, z, mask=mk)
         acc += r * z
@@ -82,7 +82,7 @@ def _rows_product(V, I, D, Wa, Wb, n, m, S: tl.constexpr, S_PAD: tl.constexpr, B
         mk = rm[:, None] & (slots < S)[None, :]
         v = tl.load(V + rows[:, None] * S + slots[None, :], mask=mk, other=0.0)
         j = tl.load(I + rows[:, None] * S + slots[None, :], mask=mk, other=0)
-        pb = tl.load(Wb + m + j, mask=mk, other=0.0)
+        pb = tl.load(Wb + m + j, mask=mk & (j >= 0) & (j < m), other=0.0)  # (an index off the matrix reads nothing)
         pa = tl.load(Wa + n + rows, mask=rm, other=0.0)
         q = tl.load(D + rows, mask=rm, other=0.0) * pa + tl.sum(v * pb, axis=1)
         tl.store(Wa + 2 * n + rows, q, mask=rm)
@@ -141,7 +141,7 @@ def _direction_side(INV, W, size, beta, BLOCK: tl.constexpr):
 @triton.jit
 def _ell_pcg_kernel(
     V_ptr, I_ptr, VT_ptr, rows_t_ptr, off_ptr,
-    DA_ptr, DB_ptr, RA_ptr, RB_ptr, IA_ptr, IB_ptr, RTOL_ptr, active_ptr,
+    DA_ptr, DB_ptr, RA_ptr, RB_ptr, IA_ptr, IB_ptr, RTOL2_ptr, active_ptr,
     XA_ptr, XB_ptr, WA_ptr, WB_ptr, its_ptr,
     n, m, max_iter,
     S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
@@ -151,8 +151,9 @@ def _ell_pcg_kernel(
     Every tensor is contiguous: V, I (B, n, S) the ELL rows; VT, RT (B, n S) the entries
     sorted by column (values, int32 rows) and OFF (B, m + 1) int64 offsets; DA, RA, IA,
     XA (B, n) and DB, RB, IB, XB (B, m) the diagonal, right-hand side, preconditioner and
-    solution of each side; WA (B, 3, n), WB (B, 3, m) scratch (r, p, q); RTOL (B,) in the
-    solution's dtype; ACT (B,) bool; ITS (B,) int64 the iterations run.
+    solution of each side; WA (B, 3, n), WB (B, 3, m) scratch (r, p, q); RTOL2 (B,) the
+    squared tolerances in the solution's dtype; active (B,) bool; its (B,) int64 the
+    iterations run. An index outside ``[0, m)`` reads nothing (``plan_sparse_rows`` gives none).
     """
     b = tl.program_id(0).to(tl.int64)
     V, I = V_ptr + b * n * S, I_ptr + b * n * S
@@ -161,8 +162,7 @@ def _ell_pcg_kernel(
     DB, RB, IB, XB, WB = DB_ptr + b * m, RB_ptr + b * m, IB_ptr + b * m, XB_ptr + b * m, WB_ptr + b * 3 * m
 
     rz = _init_side(RA, IA, XA, WA, n, BLOCK) + _init_side(RB, IB, XB, WB, m, BLOCK)
-    rtol = tl.load(RTOL_ptr + b)
-    stop = rz * (rtol * rtol)
+    stop = rz * tl.load(RTOL2_ptr + b)
     go = (rz > 0) & (tl.load(active_ptr + b) != 0)
     k = 0
     tl.debug_barrier()  # p is read by gathers below
@@ -170,11 +170,14 @@ def _ell_pcg_kernel(
         pq = _rows_product(V, I, DA, WA, WB, n, m, S, S_PAD, BLOCK_R) + _cols_product(VT, RT, OFF, DB, WA, WB, n, m,
                                                                                       BLOCK)
         tl.debug_barrier()
-        alpha = tl.where(pq > 0, rz / tl.where(pq > 0, pq, 1.0), 0.0)
-        rz_new = _step_side(IA, XA, WA, n, alpha, BLOCK) + _step_side(IB, XB, WB, m, alpha, BLOCK)
+        ok = pq > 0  # else (rounding at the null space, or not finite) stop at this iterate
+        rz_new = rz
+        if ok:
+            alpha = rz / pq
+            rz_new = _step_side(IA, XA, WA, n, alpha, BLOCK) + _step_side(IB, XB, WB, m, alpha, BLOCK)
         tl.debug_barrier()
         k += 1
-        go = (pq > 0) & (rz_new > stop) & (k < max_iter)
+        go = ok & (rz_new > stop) & (k < max_iter)
         beta = rz_new / tl.where(rz > 0, rz, 1.0)
         _direction_side(IA, WA, n, beta, BLOCK)
         _direction_side(IB, WB, m, beta, BLOCK)
@@ -223,12 +226,14 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active):
     vals, idx = vals.contiguous(), idx.contiguous()
     vt, rt, off = _by_column(vals, idx, m)
     da, db, ra, rb, ia, ib = (t.to(dtype).contiguous() for t in (*diag, *rhs, *inv_diag))
-    rtol = torch.as_tensor(rtol, dtype=dtype, device=dev).expand(B).contiguous()
+    # rtol^2 rounded as the twin's `rz * rtol**2` rounds it
+    rtol2 = (torch.full((B,), rtol**2, dtype=dtype, device=dev) if not isinstance(rtol, torch.Tensor)
+             else (rtol**2).to(dtype).expand(B).contiguous())
     xa, xb = torch.empty(B, n, dtype=dtype, device=dev), torch.empty(B, m, dtype=dtype, device=dev)
     wa, wb = torch.empty(B, 3, n, dtype=dtype, device=dev), torch.empty(B, 3, m, dtype=dtype, device=dev)
     its = torch.empty(B, dtype=torch.int64, device=dev)
     _ell_pcg_kernel[(B,)](
-        vals, idx, vt, rt, off, da, db, ra, rb, ia, ib, rtol, active.contiguous(), xa, xb, wa, wb, its,
+        vals, idx, vt, rt, off, da, db, ra, rb, ia, ib, rtol2, active.contiguous(), xa, xb, wa, wb, its,
         n, m, max_iter, S=s, **block_sizes(s), num_warps=NUM_WARPS,
     )
     return (xa, xb), its

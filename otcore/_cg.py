@@ -30,7 +30,8 @@ def pcg(
         running). Stopped problems idle (step 0) until all have stopped;
         that is read from the device every 8 iterations only (one host sync each), from the
         8th on (a system with nothing to solve idles through 8 iterations). A
-        direction with ``p^T K p <= 0`` (rounding at the null space) stops its problem.
+        direction with ``p^T K p <= 0`` (rounding at the null space) or not finite stops
+        its problem at the iterate before it.
     """
     precond = (lambda r: r) if inv_diag is None else (lambda r: inv_diag * r)  # noqa: E731
     x = torch.zeros_like(rhs)
@@ -49,12 +50,14 @@ def pcg(
         its += run
         q = matvec(p)
         pq = (p * q).sum(-1)
-        alpha = torch.where(run & (pq > 0), rz / torch.where(pq > 0, pq, 1.0), 0.0)
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * q
+        step = run & (pq > 0)
+        alpha = torch.where(step, rz / torch.where(pq > 0, pq, 1.0), 0.0)
+        # a stopped problem keeps its iterate (x + 0 p would turn a non-finite p into NaN)
+        x = torch.where(step[:, None], x + alpha[:, None] * p, x)
+        r = torch.where(step[:, None], r - alpha[:, None] * q, r)
         z = precond(r)
         rz_new = (r * z).sum(-1)
-        run = run & (pq > 0) & (rz_new > stop)
+        run = step & (rz_new > stop)
         beta = torch.where(run, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
         p = z + beta[:, None] * p
         rz = rz_new

@@ -124,12 +124,31 @@ class Geometry:
 
     def ell_pcg(self, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active, backend="torch"):
         """Solve ``[[diag(d_a), S], [S^T, diag(d_b)]] x = rhs`` per problem by Jacobi-PCG,
-        S the ELL matrix ``vals, idx`` (B,n,s); ``diag``, ``rhs``, ``inv_diag`` pairs of
-        (B,n) and (B,m); returns ``((x_a, x_b), its (B,))`` (see reference_sparse.ell_pcg)."""
+        S the ELL matrix ``vals, idx`` (B,n,s) (indices in ``[0, m)``, as from
+        :meth:`plan_sparse_rows`); ``diag``, ``rhs``, ``inv_diag`` pairs of (B,n) and (B,m)
+        of vals' dtype; ``rtol`` a number or (B,); ``active`` (B,) bool or None (all);
+        returns ``((x_a, x_b), its (B,))`` (see reference_sparse.ell_pcg)."""
+        B = self.batch
+        if not isinstance(vals, torch.Tensor) or vals.dim() != 3 or vals.shape[:2] != (B, self.n) or \
+                vals.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"vals must be a float32/float64 (B={B}, n={self.n}, s) tensor, got "
+                             f"{getattr(vals, 'dtype', type(vals).__name__)} {tuple(getattr(vals, 'shape', ()))}")
+        if not isinstance(idx, torch.Tensor) or idx.shape != vals.shape or idx.dtype != torch.int64:
+            raise ValueError(f"idx must be an int64 tensor of vals' shape {tuple(vals.shape)}")
         for name, pair in (("diag", diag), ("rhs", rhs), ("inv_diag", inv_diag)):
-            if len(pair) != 2 or pair[0].shape[-1] != self.n or pair[1].shape[-1] != self.m:
-                raise ValueError(f"{name} must be a pair of (B, n={self.n}) and (B, m={self.m}) tensors, got shapes "
-                                 f"{[tuple(t.shape) for t in pair]}")
+            if len(pair) != 2 or any(not isinstance(t, torch.Tensor) or t.shape != (B, k) or t.dtype != vals.dtype
+                                     for t, k in zip(pair, (self.n, self.m))):
+                raise ValueError(f"{name} must be a pair of (B={B}, n={self.n}) and (B, m={self.m}) tensors of "
+                                 f"vals' dtype {vals.dtype}, got {[(t.dtype, tuple(t.shape)) for t in pair]}")
+        if active is None:
+            active = torch.ones(B, dtype=torch.bool, device=vals.device)
+        elif not isinstance(active, torch.Tensor) or active.shape != (B,) or active.dtype != torch.bool:
+            raise ValueError(f"active must be None or a ({B},) bool tensor")
+        if isinstance(rtol, torch.Tensor):
+            if rtol.shape not in ((), (B,)) or rtol.dtype != vals.dtype:
+                raise ValueError(f"rtol must be a number or a (B={B},) tensor of vals' dtype {vals.dtype}")
+        else:
+            rtol = _validate.positive("rtol", rtol)
         max_iter = _validate.positive_int("max_iter", max_iter)
         return self._call("ell_pcg", backend, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active)
 

@@ -76,6 +76,12 @@ def rel(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+def close_counts(k, t):
+    """The kernel and the twin run the same iteration; their sums are ordered differently, so
+    a problem whose residual lands on its threshold may stop one iteration apart."""
+    return int((k - t).abs().max()) <= 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B,n,m,s", [(1, 37, 53, 5), (3, 40, 29, 8), (2, 17, 17, 1)])
 def test_solve_matches_twin_and_float64(B, n, m, s, dtype):
@@ -84,7 +90,7 @@ def test_solve_matches_twin_and_float64(B, n, m, s, dtype):
     rtol = 1e-6 if dtype == torch.float64 else 1e-4
     ((ka, kb), kits), ((ta, tb), tits) = both(geom, vals, idx, diag, rhs, inv, rtol, 500, active)
     # the same iteration: the same counts (per problem) and iterates up to rounding order
-    assert torch.equal(kits, tits) and int(kits.min()) >= 1
+    assert close_counts(kits, tits) and int(kits.min()) >= 1
     assert rel(ka, ta) <= TOL[dtype] and rel(kb, tb) <= TOL[dtype]
     xa, xb = dense_solve(geom, vals, idx, diag, rhs)
     # stopped at r^T z <= rtol^2 r0^T z0: the error is within ~cond * rtol of the solution
@@ -109,7 +115,7 @@ def test_left_out_rows_columns_and_empty_columns():
                                                                           device=DEVICE), 0).eq(0).sum()) > 2
     active = torch.ones(2, dtype=torch.bool, device=DEVICE)
     ((ka, kb), kits), ((ta, tb), tits) = both(geom, vals, idx, diag, rhs, inv, 1e-10, 500, active)
-    assert torch.equal(kits, tits)
+    assert close_counts(kits, tits)
     assert float(ka[:, 2].abs().max()) == 0.0 and float(kb[:, 3].abs().max()) == 0.0
     xa, xb = dense_solve(geom, vals, idx, diag, rhs)
     assert rel(ka, xa) <= 1e-7 and rel(kb, xb) <= 1e-7 and rel(ka, ta) <= 1e-10
@@ -121,7 +127,7 @@ def test_inactive_problems_and_a_zero_right_hand_side_run_no_iteration():
     rhs[0][2], rhs[1][2] = 0.0, 0.0  # problem 2: nothing to solve
     active = torch.tensor([True, False, True], device=DEVICE)
     ((ka, kb), kits), ((ta, tb), tits) = both(geom, vals, idx, diag, rhs, inv, 1e-8, 500, active)
-    assert kits.tolist()[1:] == [0, 0] and int(kits[0]) > 0 and torch.equal(kits, tits)
+    assert kits.tolist()[1:] == [0, 0] and int(kits[0]) > 0 and close_counts(kits, tits)
     assert float(ka[1:].abs().max()) == 0.0 and float(kb[1:].abs().max()) == 0.0
     assert rel(ka, ta) <= 1e-10
 
@@ -133,7 +139,7 @@ def test_iteration_cap_and_per_problem_tolerances():
     assert kits.tolist() == [3, 3] and torch.equal(kits, tits) and rel(ka, ta) <= 1e-10
     rtol = torch.tensor([1e-2, 1e-10], dtype=torch.float64, device=DEVICE)
     ((ka, _), kits), ((ta, _), tits) = both(geom, vals, idx, diag, rhs, inv, rtol, 500, active)
-    assert int(kits[0]) < int(kits[1]) and torch.equal(kits, tits) and rel(ka, ta) <= 1e-10
+    assert int(kits[0]) < int(kits[1]) and close_counts(kits, tits) and rel(ka, ta) <= 1e-10
 
 
 def test_one_launch_and_no_host_read(monkeypatch):
@@ -153,6 +159,8 @@ def test_one_launch_and_no_host_read(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or 0)
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or True)
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or [])
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(t) or 0)
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t) or 0.0)
     geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-8, 100, torch.ones(2, dtype=torch.bool, device=DEVICE),
                  backend="triton")
     monkeypatch.undo()
@@ -160,7 +168,8 @@ def test_one_launch_and_no_host_read(monkeypatch):
 
 
 def test_deterministic():
-    """Both products are gathers (no atomics): two runs agree bit for bit."""
+    """Both products are gathers (no atomics): two runs agree bit for bit (a check for the
+    GPU, where part t of bench/gpu_check.sh runs this file; the interpreter is sequential)."""
     geom, vals, idx, diag, rhs, inv = system(2, 33, 41, 7, dtype=torch.float32)
     active = torch.ones(2, dtype=torch.bool, device=DEVICE)
     (a1, b1), _ = geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-5, 200, active, backend="triton")
@@ -179,7 +188,7 @@ def test_large_systems_run_the_host_loop_on_the_product_kernels(monkeypatch):
     called = []
     monkeypatch.setattr(KC, "_ell_pcg_kernel", called)  # indexing a list fails the test if reached
     (ha, hb), hits = geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-9, 300, active, backend="triton")
-    assert torch.equal(fits, hits) and rel(fa, ha) <= 1e-10 and rel(fb, hb) <= 1e-10
+    assert close_counts(fits, hits) and rel(fa, ha) <= 1e-10 and rel(fb, hb) <= 1e-10
 
 
 def test_by_column_copy_holds_every_entry_once():
@@ -194,21 +203,127 @@ def test_by_column_copy_holds_every_entry_once():
             assert sorted(zip(rt[b, lo:hi].tolist(), vt[b, lo:hi].tolist())) == want
 
 
+def test_an_ill_conditioned_system_meets_its_tolerance_on_both_backends():
+    """Nearly a permutation (eps small against the cost's spread) and almost no damping:
+    CG runs long, and rounding may part the two backends' iterates; each still meets the
+    stopping rule on its true residual (within a small factor: CG's residual is updated,
+    not recomputed)."""
+    geom, vals, idx, diag, rhs, inv = system(2, 30, 30, 6, lam=1e-9)
+    g = torch.Generator().manual_seed(9)
+    vals = vals * torch.rand(vals.shape, generator=g, dtype=torch.float64).to(DEVICE) ** 8  # spread the entries
+    r, c = vals.sum(2), RS.ell_matvec(geom, vals, idx, torch.ones(2, 30, dtype=torch.float64, device=DEVICE), 0)
+    diag = ((1 + 1e-9) * r + 1e-12, (1 + 1e-9) * c + 1e-12)
+    inv = (1 / diag[0], 1 / diag[1])
+    active = torch.ones(2, dtype=torch.bool, device=DEVICE)
+    rtol = 1e-8
+    for (xa, xb), its in both(geom, vals, idx, diag, rhs, inv, rtol, 5000, active):
+        assert int(its.min()) > 30  # a long solve
+        res = (diag[0] * xa + RS.ell_matvec(geom, vals, idx, xb, 1) - rhs[0],
+               diag[1] * xb + RS.ell_matvec(geom, vals, idx, xa, 0) - rhs[1])
+        rz = sum((t * t * i).sum(-1) for t, i in zip(res, inv))
+        rz0 = sum((t * t * i).sum(-1) for t, i in zip(rhs, inv))
+        assert bool((rz <= 100 * rtol**2 * rz0).all()), (rz / rz0).sqrt()
+
+
+def test_non_finite_systems_stop_at_the_last_finite_iterate_on_both_backends():
+    """A NaN in a diagonal makes <p, Kp> NaN: that problem stops at the iterate before it
+    (x = 0 here, one iteration); an inactive problem with a NaN right-hand side keeps x = 0;
+    the others solve as usual."""
+    geom, vals, idx, diag, rhs, inv = system(3, 14, 11, 3)
+    diag = (diag[0].clone(), diag[1])
+    diag[0][1, 4] = float("nan")
+    rhs = (rhs[0].clone(), rhs[1])
+    rhs[0][2, 0] = float("nan")
+    active = torch.tensor([True, True, False], device=DEVICE)
+    ((ka, kb), kits), ((ta, tb), tits) = both(geom, vals, idx, diag, rhs, inv, 1e-9, 300, active)
+    assert kits.tolist()[1:] == [1, 0] and tits.tolist()[1:] == [1, 0] and close_counts(kits, tits)
+    for xa, xb in ((ka, kb), (ta, tb)):
+        assert bool(torch.isfinite(xa).all()) and bool(torch.isfinite(xb).all())
+        assert float(xa[1:].abs().max()) == 0.0 and float(xb[1:].abs().max()) == 0.0
+    assert rel(ka[0], ta[0]) <= 1e-10
+
+
+def test_an_indefinite_direction_stops_both_backends_alike():
+    """A negative diagonal entry can make <p, Kp> <= 0 (K is then not positive definite):
+    CG stops there, at the iterate before it, on both backends."""
+    geom, vals, idx, diag, rhs, inv = system(2, 12, 10, 3)
+    diag = (diag[0].clone(), diag[1])
+    diag[0][:, :6] = -diag[0][:, :6]
+    inv = (1 / diag[0].abs(), inv[1])
+    active = torch.ones(2, dtype=torch.bool, device=DEVICE)
+    ((ka, kb), kits), ((ta, tb), tits) = both(geom, vals, idx, diag, rhs, inv, 1e-12, 500, active)
+    assert close_counts(kits, tits) and int(kits.max()) < 10
+    assert rel(ka, ta) <= 1e-8 and rel(kb, tb) <= 1e-8
+    # stopped by the breakdown, far from a solution (tol 1e-12 was not met)
+    assert float((diag[0] * ka + RS.ell_matvec(geom, vals, idx, kb, 1) - rhs[0]).abs().max()) > 1e-2
+
+
+def test_strided_inputs_duplicate_indices_and_several_blocks():
+    """Transposed (non-contiguous) inputs, a row naming one column twice (the entries add),
+    and sizes past the kernel's 512-entry sweep blocks."""
+    geom, vals, idx, diag, rhs, inv = system(2, 600, 530, 2)
+    idx = idx.clone()
+    idx[:, 7, 1] = idx[:, 7, 0]  # row 7: one column twice
+    r = vals.sum(2) + 0.05
+    c = RS.ell_matvec(geom, vals, idx, torch.ones(2, 600, dtype=torch.float64, device=DEVICE), 0) + 0.05
+    diag, inv = (r, c), (1 / r, 1 / c)
+    strided = tuple(t.t().contiguous().t() for t in rhs)  # same values, column-major storage
+    assert not strided[0].is_contiguous()
+    active = torch.ones(2, dtype=torch.bool, device=DEVICE)
+    ((ka, kb), kits), ((ta, tb), tits) = both(geom, vals, idx, diag, strided, inv, 1e-10, 500, active)
+    assert close_counts(kits, tits) and rel(ka, ta) <= 1e-9 and rel(kb, tb) <= 1e-9
+    xa, xb = dense_solve(geom, vals, idx, diag, rhs)
+    assert rel(ka, xa) <= 1e-6 and rel(kb, xb) <= 1e-6
+
+
+def test_indices_off_the_matrix_are_ignored_by_the_kernel():
+    """``idx`` must hold columns in [0, m) (plan_sparse_rows' output does); the kernel
+    reads nothing for one that is not (no out-of-bounds read), as if the entry were empty."""
+    geom, vals, idx, diag, rhs, inv = system(1, 10, 8, 3)
+    active = torch.ones(1, dtype=torch.bool, device=DEVICE)
+    off = idx.clone()
+    off[0, 3, 2] = geom.m  # one past the last column
+    cut = vals.clone()
+    cut[0, 3, 2] = 0.0
+    (oa, ob), oits = geom.ell_pcg(vals, off, diag, rhs, inv, 1e-10, 200, active, backend="triton")
+    (ca, cb), cits = geom.ell_pcg(cut, idx, diag, rhs, inv, 1e-10, 200, active, backend="triton")
+    assert torch.equal(oits, cits) and rel(oa, ca) <= 1e-12 and rel(ob, cb) <= 1e-12
+
+
+def _bad(change):
+    geom, vals, idx, diag, rhs, inv = system(3, 9, 7, 3)
+    args = dict(vals=vals, idx=idx, diag=diag, rhs=rhs, inv_diag=inv, rtol=1e-8, max_iter=10,
+                active=torch.ones(3, dtype=torch.bool, device=DEVICE))
+    args.update(change(args))
+    return geom, args
+
+
 @pytest.mark.parametrize(
     "change,exc,name",
     [
-        (dict(diag=lambda d: (d[0], d[1][:, :-1])), ValueError, "diag"),
-        (dict(rhs=lambda r: (r[0][:, 1:], r[1])), ValueError, "rhs"),
-        (dict(inv=lambda i: (i[0],)), ValueError, "inv_diag"),
-        (dict(max_iter=0), ValueError, "max_iter"),
-        (dict(max_iter=2.5), TypeError, "max_iter"),
+        (lambda a: dict(diag=(a["diag"][0], a["diag"][1][:, :-1])), ValueError, "diag"),
+        (lambda a: dict(diag=(a["diag"][0][:1], a["diag"][1])), ValueError, "diag"),  # a batch of 1 for 3
+        (lambda a: dict(rhs=(a["rhs"][0][:, 1:], a["rhs"][1])), ValueError, "rhs"),
+        (lambda a: dict(rhs=(a["rhs"][0].float(), a["rhs"][1])), ValueError, "rhs"),
+        (lambda a: dict(inv_diag=(a["inv_diag"][0],)), ValueError, "inv_diag"),
+        (lambda a: dict(vals=a["vals"][:, :5]), ValueError, "vals"),
+        (lambda a: dict(idx=a["idx"].to(torch.int32)), ValueError, "idx"),
+        (lambda a: dict(active=torch.ones(2, dtype=torch.bool, device=DEVICE)), ValueError, "active"),
+        (lambda a: dict(rtol=-1.0), ValueError, "rtol"),
+        (lambda a: dict(rtol=torch.ones(2, dtype=torch.float64, device=DEVICE)), ValueError, "rtol"),
+        (lambda a: dict(max_iter=0), ValueError, "max_iter"),
+        (lambda a: dict(max_iter=2.5), TypeError, "max_iter"),
     ],
 )
-def test_bad_arguments(change, exc, name):
-    geom, vals, idx, diag, rhs, inv = system(1, 9, 7, 3)
-    diag = change.get("diag", lambda d: d)(diag)
-    rhs = change.get("rhs", lambda r: r)(rhs)
-    inv = change.get("inv", lambda i: i)(inv)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_arguments(change, exc, name, backend):
+    geom, args = _bad(change)
     with pytest.raises(exc, match=name):
-        geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-8, change.get("max_iter", 10),
-                     torch.ones(1, dtype=torch.bool, device=DEVICE), backend="triton")
+        geom.ell_pcg(**args, backend=backend)
+
+
+def test_active_none_means_every_problem():
+    geom, args = _bad(lambda a: {})
+    (xa, _), its = geom.ell_pcg(**dict(args, active=None), backend="triton")
+    (ya, _), its2 = geom.ell_pcg(**args, backend="triton")
+    assert torch.equal(its, its2) and torch.equal(xa, ya) and int(its.min()) > 0
