@@ -1,20 +1,21 @@
-"""Host synchronisations per Newton iteration of sinkhorn_newton, counted on any machine.
+"""Host synchronisations (and, on the Triton backend, launches) per Newton iteration of
+sinkhorn_newton, counted on any machine.
 
 On a GPU each read of a device value by the host (``bool``/``float``/``int``/``item`` of a
-tensor, ``tolist``; counted by ``lbfgs_op_count.OpCounter``) waits for the queue to drain. The count per Newton iteration is taken
-as (syncs of the solve stopped after k - 1 Newton iterations - syncs of it stopped after
-one) / (k - 2), k the iterations of the full solve: the warm-up, the result's set-up and
-the unconverged result's warning cancel.
+tensor, ``tolist``; counted by ``lbfgs_op_count.OpCounter``) waits for the queue to drain,
+and each Triton launch and torch operation that computes costs the host microseconds. The
+count per Newton iteration is taken as (count of the solve stopped after k - 1 Newton
+iterations - count of it stopped after one) / (k - 2), k the iterations of the full
+solve: the warm-up, the result's set-up and the unconverged result's warning cancel.
 
     python bench/newton_sync_count.py                                   # torch backend
     TRITON_INTERPRET=1 python bench/newton_sync_count.py --backend triton  # the kernels (interpreter)
     TRITON_INTERPRET=1 python bench/newton_sync_count.py --backend triton --host-cg
 
-The Triton backend also counts, per Newton iteration, the Triton launches and the torch
-operations that compute (each costs the host microseconds on a GPU).
 With the Triton backend each Newton step's conjugate-gradient solve is one launch
-(:mod:`otcore.kernels.sparse_cg`) that reads nothing back; the torch loop reads its
-stopping test every 8 CG iterations.
+(:mod:`otcore.kernels.sparse_cg`) that reads nothing back; ``--host-cg`` runs the
+host-issued loop instead, which (like the torch backend) reads its stopping test every 8
+CG iterations.
 """
 
 from __future__ import annotations

@@ -39,7 +39,6 @@ import triton.language as tl
 from otcore import reference_sparse as _twin
 
 from ._intmath import next_pow2
-from .softmin import GRID_Y_MAX
 from .sparse import ell_matvec
 
 #: Largest ELL size ``n * s`` per problem solved by the one-launch kernel; larger ones run
@@ -48,10 +47,6 @@ from .sparse import ell_matvec
 #: that a host-issued CG step took on the H200 host (~17 launches); to be timed on a GPU
 #: (``bench/bench_newton.py --host-cg``).
 FUSED_MAX_ENTRIES = 1 << 18
-
-#: Largest batch (one program per problem, grid axis 0 is not the limit; kept with the
-#: other kernels' batch limit so that one rule holds).
-BATCH_MAX = GRID_Y_MAX
 
 
 @triton.jit
@@ -178,7 +173,7 @@ def _ell_pcg_kernel(
         tl.debug_barrier()
         k += 1
         go = ok & (rz_new > stop) & (k < max_iter)
-        beta = rz_new / tl.where(rz > 0, rz, 1.0)
+        beta = rz_new / rz  # rz > 0: the loop runs only while rz > stop >= 0
         _direction_side(IA, WA, n, beta, BLOCK)
         _direction_side(IB, WB, m, beta, BLOCK)
         tl.debug_barrier()
@@ -210,9 +205,10 @@ def block_sizes(s: int) -> dict:
     return dict(S_PAD=s_pad, BLOCK_R=max(1, min(128, 2048 // s_pad)), BLOCK=512)
 
 
-def fused(B: int, n: int, s: int) -> bool:
-    """Whether a solve of ``B`` problems with ``n x s`` ELL rows runs in one launch."""
-    return B <= BATCH_MAX and n * s <= FUSED_MAX_ENTRIES
+def fused(n: int, s: int) -> bool:
+    """Whether a solve with ``n x s`` ELL rows per problem runs in one launch (one program
+    per problem: any batch size)."""
+    return n * s <= FUSED_MAX_ENTRIES
 
 
 def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active):
@@ -220,12 +216,12 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active):
     whole solve when :func:`fused`, else the host-issued loop on the Triton ELL products."""
     B, n, s = vals.shape
     m = geom.m
-    if not fused(B, n, s):
+    if not fused(n, s):
         return _twin.ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active, matvec=ell_matvec)
     dtype, dev = vals.dtype, vals.device
     vals, idx = vals.contiguous(), idx.contiguous()
     vt, rt, off = _by_column(vals, idx, m)
-    da, db, ra, rb, ia, ib = (t.to(dtype).contiguous() for t in (*diag, *rhs, *inv_diag))
+    da, db, ra, rb, ia, ib = (t.contiguous() for t in (*diag, *rhs, *inv_diag))  # vals' dtype (checked)
     # rtol^2 rounded as the twin's `rz * rtol**2` rounds it
     rtol2 = (torch.full((B,), rtol**2, dtype=dtype, device=dev) if not isinstance(rtol, torch.Tensor)
              else (rtol**2).to(dtype).expand(B).contiguous())
