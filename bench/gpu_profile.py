@@ -17,7 +17,8 @@ Written after the first GPU run (docs/benchmarks.md), to explain its misses with
    lines per program), 2048 with the CUDA default since (one line per program).
 3. ``traces``: torch.profiler over an eager Sinkhorn solve (8192 x 8192, d = 3, 50
    iterations), the SwAV solve (3000 x 4096 dense, 3 iterations), SinkhornLoss forward +
-   backward (10,000 points, d = 3) and 20 L-BFGS iterations of sparse_ot (2048): wall time
+   backward (10,000 points, d = 3), 20 L-BFGS iterations of sparse_ot (2048) and 5 Newton
+   steps of sinkhorn_newton (500-point random assignment, float64): wall time
    against the summed GPU kernel time (the rest is the host: launches, syncs), kernels
    launched, and the top kernels by GPU time.
 4. ``ncu`` (if on PATH): Nsight Compute's speed-of-light, compute-pipe and warp-stall
@@ -265,6 +266,12 @@ def traces(device, quick: bool, deadline: float, rec: dict):
     Cs = torch.rand(s(2048), s(2048), generator=g).to(device)
     jobs.append(("sparse_ot 2048 k=4 gamma=10, 20 L-BFGS iterations",
                  lambda: otcore.sparse_ot(otcore.CostMatrix(Cs), k=4, gamma=10.0, max_iter=20, verbose=False)))
+    # SNS on Table 1's random assignment (float64): 5 Newton steps after the warm-up, each CG
+    # solve one launch (kernels/sparse_cg.py)
+    Ca = torch.rand(s(500), s(500), generator=g, dtype=torch.float64).to(device)
+    jobs.append(("sinkhorn_newton random assignment 500 f64 eps 1/1200, 5 Newton steps",
+                 lambda: otcore.sinkhorn_newton(otcore.CostMatrix(Ca), eps=1 / 1200, tol=1e-30, max_iter=5,
+                                                verbose=False)))
     import warnings
     for name, fn in jobs:
         if time.time() > deadline:
