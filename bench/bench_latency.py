@@ -15,9 +15,10 @@ Methods: a plain torch log-domain loop on the materialised cost (``torch.logsume
 no convergence checks: the least a user would write), ``otcore.sinkhorn(tol=None)`` eager
 (the fixed number of iterations, no convergence test either; problems
 whose cost fits one tile, ``tiny4``/``tiny64``, run each block of ``check_every = 10``
-iterations in one launch of ``kernels/sinkhorn_steps.py``), the same with that kernel switched off
-(``per-pass``: two streamed softmin launches per iteration, each applying the update:
-docs/kernels.md, "The fused Sinkhorn half-step"), and
+iterations in one launch of ``kernels/sinkhorn_steps.py``, and so do problems up to
+``TILES_MAX_WORK``, ``moe``, in its one-program tiled kernel), the same with those kernels
+switched off (``per-pass``: two streamed softmin launches per iteration, each applying the
+update: docs/kernels.md, "The fused Sinkhorn half-step"), and
 ``otcore.sinkhorn(tol=None, cuda_graph=True)`` (blocks of ``check_every`` iterations
 replayed from CUDA graphs). A solve records its graph once, so every timed call of that column
 includes one recording, and with 30 iterations two 10-iteration blocks are replayed
@@ -110,13 +111,15 @@ def plain_torch_to_tol(C: torch.Tensor, tol: float, check_every: int = 10, max_i
 
 @contextlib.contextmanager
 def one_tile(enabled: bool):
-    """The one-tile kernel on (the default) or off: ``SMALL_MAX_ELEMENTS = 0`` fits no problem."""
-    fused_max = sinkhorn_steps.SMALL_MAX_ELEMENTS
-    sinkhorn_steps.SMALL_MAX_ELEMENTS = fused_max if enabled else 0
+    """The one-launch kernels on (the default) or off: ``SMALL_MAX_ELEMENTS = 0`` fits no
+    problem in one tile, ``TILES_MAX_WORK = 0`` none in the tiled kernel."""
+    saved = sinkhorn_steps.SMALL_MAX_ELEMENTS, sinkhorn_steps.TILES_MAX_WORK
+    if not enabled:
+        sinkhorn_steps.SMALL_MAX_ELEMENTS = sinkhorn_steps.TILES_MAX_WORK = 0
     try:
         yield
     finally:
-        sinkhorn_steps.SMALL_MAX_ELEMENTS = fused_max
+        sinkhorn_steps.SMALL_MAX_ELEMENTS, sinkhorn_steps.TILES_MAX_WORK = saved
 
 
 def ours_to_tol(geom, tol: float, cuda_graph: bool, backend: str, per_pass: bool = False):

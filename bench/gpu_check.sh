@@ -20,7 +20,7 @@
 #         ms per call at 8192/d3, 32768/d3, 32768/d64 (bench_plan_kernels.py)          30
 #   t     the kernel tests on the real kernels (pytest, if importable: carried as a
 #         wheel, with hypothesis for the one-tile kernel's file; a file that cannot be
-#         collected is reported and the others run): the one-tile kernel, CUDA graphs
+#         collected is reported and the others run): the one-tile and tiled kernels, CUDA graphs
 #         (a failed capture fails), the softmin incl. the shifted sum and the fused
 #         half-step, SNS's one-launch CG solve, the k-sparse pass, the plan kernels      45
 #   c1    SNS vs Sinkhorn (bench_newton.py): clouds, eps 1e-3, n = 4096 then 16384,
@@ -194,7 +194,8 @@ L=bench/bench_latency.py
 P=bench/bench_plan_kernels.py
 # part t: pytest from $WORK (not the repo root, whose otcore/ lacks the kernels subpackage),
 # so the staged copy on PYTHONPATH is the one imported; its own timeout per part
-T_TESTS="$REPO/tests/test_kernels_sinkhorn_steps.py $REPO/tests/test_cuda_graph.py $REPO/tests/test_kernels_softmin.py
+T_TESTS="$REPO/tests/test_kernels_sinkhorn_steps.py $REPO/tests/test_kernels_sinkhorn_tiles.py $REPO/tests/test_cuda_graph.py
+  $REPO/tests/test_kernels_softmin.py
   $REPO/tests/test_kernels_softmin_update.py $REPO/tests/test_kernels_sparse_cg.py $REPO/tests/test_kernels_ksparse.py
   $REPO/tests/test_kernels_plan.py"
 tests_part() {

@@ -161,6 +161,157 @@ def sinkhorn_steps_kernel(
         tl.store(resid_ptr + b, resid, mask=active)
 
 
+#: Largest ``n * m * w`` run by :func:`sinkhorn_tiles_kernel` (one program streaming the
+#: cost in tiles), ``w = max(d, 4)`` for point clouds (the cost is recomputed per tile and
+#: pass) and 4 for a dense cost. An estimate, not a measurement: one SM issues ~2.5e11
+#: thread instructions per second and an entry costs ~15 per pass, so a 2^18-entry problem
+#: (MoE's 4096 x 64) takes ~30 us per iteration, against ~0.2 ms of host time per iteration
+#: that the streamed passes took on the H200 host; larger problems (whose passes fill the
+#: GPU) go through the streamed passes. To be timed on a GPU (``bench/bench_latency.py``).
+TILES_MAX_WORK = 1 << 20
+
+def tile_blocks(n: int, m: int, wide: bool) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_M, num_warps)`` of :func:`sinkhorn_tiles_kernel`: 64 x 64 tiles
+    (32 x 64 in float64, ``wide``) over 8 warps, smaller for a short side. Compiled for
+    sm_90, larger float64 tiles or 4 warps spilled with Triton 3.6 (16-72 bytes); these use
+    none with Triton 3.6 and 3.9 (tests/test_kernels_compile.py)."""
+    return min(32 if wide else 64, _pad(n)), min(64, _pad(m)), 8
+
+
+def tiles_fit(n: int, m: int, d: int, dense: bool) -> bool:
+    """Whether an ``n x m`` problem too large for one tile runs in one program streaming its
+    cost in tiles (see :data:`TILES_MAX_WORK`)."""
+    return n * m * (4 if dense else max(d, 4)) <= TILES_MAX_WORK
+
+
+@triton.jit
+def _fold2(mx, tot, z, AXIS: tl.constexpr):
+    """Online base-2 log-sum-exp: fold block ``z`` into the running maximum ``mx`` and sum
+    ``tot = sum 2^(z - mx)`` along ``AXIS`` (an all-``-inf`` line keeps ``mx = -inf``, ``tot = 0``)."""
+    new = tl.maximum(mx, tl.max(z, axis=AXIS))
+    safe = tl.where(new == float("-inf"), 0.0, new)
+    tot = tot * tl.exp2(mx - safe) + tl.sum(tl.exp2(z - tl.expand_dims(safe, AXIS)), axis=AXIS)
+    return new, tot
+
+
+@triton.jit
+def _lse2_of(mx, tot):
+    """``log2 sum 2^z`` from :func:`_fold2`'s running pair; ``-inf`` for an empty line."""
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    return tl.where(tot > 0, safe + tl.log2(tl.where(tot > 0, tot, 1.0)), float("-inf"))
+
+
+@triton.jit
+def sinkhorn_tiles_kernel(
+    f_ptr, g_ptr, s_ptr, resid_ptr, loga_ptr, logb_ptr, active_ptr, omega_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    n, m, n_steps,
+    s_fb, s_gb, s_sb, s_ab, s_bb,
+    s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
+    D: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, SYMMETRIC: tl.constexpr,
+    CHECK: tl.constexpr, RELAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """:func:`sinkhorn_steps_kernel`'s iterations for a problem larger than one tile: one
+    program per problem streams the cost in ``BLOCK_N x BLOCK_M`` tiles (recomputed, or read
+    from ``C``, in every pass) with an online log-sum-exp, and keeps the potentials in
+    memory between passes: ``f_ptr``/``g_ptr`` are updated in place, and ``s_ptr`` (B, n)
+    is scratch for a row pass's softmins (stride ``s_sb``). Each pass ends with a barrier,
+    since the next one reads what other threads of the program wrote.
+
+    Per iteration: the row pass writes ``s``, and with ``CHECK``, in the test's iteration,
+    sums the residual (all of it is needed before ``f`` may change); then ``f`` (``g``,
+    symmetric) is updated from ``s``; then the column pass updates ``g``. The other
+    arguments, the arithmetic and the results are those of :func:`sinkhorn_steps_kernel`.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    active = tl.load(active_ptr + b) != 0
+    scale = tl.load(scal_ptr)
+    inv_scale = tl.load(scal_ptr + 1)
+    tau_a = tl.load(scal_ptr + 2)
+    tau_b = tl.load(scal_ptr + 3)
+    tol = tl.load(scal_ptr + 4)
+    rho2 = tl.load(scal_ptr + 5)
+    own, oth, cc = own_ptr + b * s_ob, oth_ptr + b * s_tb, c_ptr + b * s_cb
+    F, G, S, LA, LB = f_ptr + b * s_fb, g_ptr + b * s_gb, s_ptr + b * s_sb, loga_ptr + b * s_ab, logb_ptr + b * s_bb
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_M)
+    zero_n = tl.zeros((BLOCK_N,), dtype=f_ptr.dtype.element_ty)
+    resid = tl.sum(zero_n, axis=0) + float("nan")  # a scalar of the compute dtype
+    go = active
+    omega = tl.load(omega_ptr + b) if RELAX else 1.0
+
+    for it in range(0, tl.where(active, n_steps + CHECK, 0)):
+        # row pass: s_i = softmin_j(g_j + eps log b_j - C_ij) (symmetric: g holds f)
+        acc = tl.sum(zero_n, axis=0)
+        for i0 in range(0, n, BLOCK_N):
+            oi = i0 + rows
+            mi = oi < n
+            mx = zero_n + float("-inf")
+            tot = zero_n
+            for j0 in range(0, m, BLOCK_M):
+                oj = j0 + cols
+                mj = oj < m
+                C = cost_tile(own, oth, cc, 0.0, 0.0, 0.0, oi, oj, mi, mj, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
+                              D, 1, COST, EUCLID, "ieee")
+                lb2 = tl.load(LB + oj, mask=mj, other=float("-inf")) * _LOG2E
+                hg = tl.where(lb2 > float("-inf"), tl.load(G + oj, mask=mj, other=0.0) * scale + lb2, float("-inf"))
+                mx, tot = _fold2(mx, tot, hg[None, :] - C * scale, 1)
+            s = -_lse2_of(mx, tot) * inv_scale
+            tl.store(S + oi, s, mask=mi)
+            if CHECK:  # the residual of the state before this pass: (P1)_i / a_i = 2^(scale (f_i - s_i))
+                cur = tl.load((G if SYMMETRIC else F) + oi, mask=mi, other=0.0)
+                la2 = tl.load(LA + oi, mask=mi, other=float("-inf")) * _LOG2E
+                gap = tl.exp2(la2) * tl.abs(tl.exp2((cur - s) * scale) - tl.exp2(-cur * rho2))
+                acc += tl.sum(tl.where(la2 > float("-inf"), gap, 0.0), axis=0)
+        if CHECK:
+            if it == n_steps:  # the test's iteration: go on only above tol
+                resid = acc * (2.0 if SYMMETRIC else 1.0)
+                go = resid > tol
+        tl.debug_barrier()
+        # the row update from s: f (symmetric: the averaged g)
+        for i0 in range(0, n, BLOCK_N):
+            oi = i0 + rows
+            mi = oi < n
+            s = tl.load(S + oi, mask=mi, other=0.0)
+            if SYMMETRIC:
+                old = tl.load(G + oi, mask=mi, other=0.0)
+                tl.store(G + oi, tl.where(go, 0.5 * (old + tau_a * s), old), mask=mi)
+            else:
+                old = tl.load(F + oi, mask=mi, other=0.0)
+                new = tau_a * s
+                if RELAX:  # over-relaxed but for the last iteration (and the test's)
+                    new = tl.where(it < n_steps - 1, (1.0 - omega) * old + omega * new, new)
+                tl.store(F + oi, tl.where(go, new, old), mask=mi)
+        tl.debug_barrier()
+        if not SYMMETRIC:
+            # column pass: g_j = tau_b softmin_i(f_i + eps log a_i - C_ij)
+            for j0 in range(0, m, BLOCK_M):
+                oj = j0 + cols
+                mj = oj < m
+                mx = tl.zeros((BLOCK_M,), dtype=f_ptr.dtype.element_ty) + float("-inf")
+                tot = tl.zeros((BLOCK_M,), dtype=f_ptr.dtype.element_ty)
+                for i0 in range(0, n, BLOCK_N):
+                    oi = i0 + rows
+                    mi = oi < n
+                    C = cost_tile(own, oth, cc, 0.0, 0.0, 0.0, oi, oj, mi, mj, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
+                                  D, 1, COST, EUCLID, "ieee")
+                    la2 = tl.load(LA + oi, mask=mi, other=float("-inf")) * _LOG2E
+                    hf = tl.where(la2 > float("-inf"), tl.load(F + oi, mask=mi, other=0.0) * scale + la2,
+                                  float("-inf"))
+                    mx, tot = _fold2(mx, tot, hf[:, None] - C * scale, 0)
+                new = tau_b * (-_lse2_of(mx, tot) * inv_scale)
+                old = tl.load(G + oj, mask=mj, other=0.0)
+                if RELAX:
+                    new = tl.where(it < n_steps - 1, (1.0 - omega) * old + omega * new, new)
+                tl.store(G + oj, tl.where(go, new, old), mask=mj)
+            tl.debug_barrier()
+    if SYMMETRIC:  # f = g (an inactive problem stores nothing)
+        for i0 in range(0, tl.where(active, n, 0), BLOCK_N):
+            oi = i0 + rows
+            tl.store(F + oi, tl.load(G + oi, mask=oi < n, other=0.0), mask=oi < n)
+    if CHECK:
+        tl.store(resid_ptr + b, resid, mask=active)
+
+
 def _scalars(eps: float, tau_a: float, tau_b: float, tol: float, rho2: float, dtype: torch.dtype,
              device: torch.device) -> torch.Tensor:
     """``[log2(e)/eps, eps ln 2, tau_a, tau_b, tol, log2(e)/rho_a]`` on the device, cached
@@ -175,12 +326,15 @@ def launch_sinkhorn_steps(
     eps: float, tau: tuple[float, float], k: int, active: torch.Tensor, symmetric: bool = False,
     check=None, omega: Optional[torch.Tensor] = None,
 ):
-    """``k`` Sinkhorn iterations of every active problem, one launch; returns new ``(f, g)``,
+    """``k`` Sinkhorn iterations of every active problem, one launch (one program per
+    problem); returns new ``(f, g)``,
     or ``(f, g, resid)`` with ``check = (tol, rho_a)``.
 
     Args:
         op: the cost seen from the rows (``point_operand(x, y, ..., mode=COST_DIRECT)`` or
-            ``dense_operand(C, transposed=False)``); :func:`fits` must hold.
+            ``dense_operand(C, transposed=False)``); :func:`fits` (one tile, the cost in
+            registers: :func:`sinkhorn_steps_kernel`) or :func:`tiles_fit` (one program
+            streaming tiles: :func:`sinkhorn_tiles_kernel`) must hold.
         f, g: ``(B, n)``, ``(B, m)`` potentials (unbiased). loga, logb: ``log a``, ``log b``.
         eps: regularization. tau: ``(tau_a, tau_b)``, ``rho / (rho + eps)`` or 1 per side.
         k: iterations (>= 0). active: ``(B,)`` bool; inactive problems keep their potentials.
@@ -198,8 +352,10 @@ def launch_sinkhorn_steps(
     if op.mode not in (COST_DENSE, COST_DIRECT) or op.transposed:
         raise ValueError("launch_sinkhorn_steps needs the row operand with a direct or dense cost")
     B, n, m = op.batch, op.n_own, op.n_oth
-    if not fits(n, m):
-        raise ValueError(f"a {n} x {m} problem does not fit one program (SMALL_MAX_ELEMENTS = {SMALL_MAX_ELEMENTS})")
+    one_tile = fits(n, m)
+    if not (one_tile or tiles_fit(n, m, op.d, op.mode == COST_DENSE)):
+        raise ValueError(f"a {n} x {m} problem does not fit one program (SMALL_MAX_ELEMENTS = {SMALL_MAX_ELEMENTS}, "
+                         f"TILES_MAX_WORK = {TILES_MAX_WORK})")
     if f.shape != (B, n) or g.shape != (B, m):
         raise ValueError(f"f and g must be ({B}, {n}) and ({B}, {m}) for this operand, got "
                          f"{tuple(f.shape)} and {tuple(g.shape)}")
@@ -217,14 +373,26 @@ def launch_sinkhorn_steps(
     tol, rho_a = check if check is not None else (0.0, None)
     scal = _scalars(float(eps), float(tau_a), float(tau_b), float(tol), 0.0 if rho_a is None else LOG2E / rho_a,
                     dt, ref.device)
-    bn, bm = _pad(n), _pad(m)
     omega_ = resid if omega is None else omega.to(dt).contiguous()  # (unread without RELAX)
-    sinkhorn_steps_kernel[(B,)](
-        f_out, g_out, resid, loga, logb, active.to(torch.bool).contiguous(), omega_, scal, *op.pointer_args()[:3],
-        n, m, int(k),
-        f_out.stride(0), g_out.stride(0), loga.stride(0), logb.stride(0), *op.pointer_args()[3:],
-        D=op.d, COST=op.mode, EUCLID=op.euclidean, SYMMETRIC=bool(symmetric), CHECK=check is not None,
-        RELAX=omega is not None,
-        BLOCK_N=bn, BLOCK_M=bm, num_warps=max(1, min(8, bn * bm // 512)),
-    )
+    flags = dict(D=op.d, COST=op.mode, EUCLID=op.euclidean, SYMMETRIC=bool(symmetric), CHECK=check is not None,
+                 RELAX=omega is not None)
+    active = active.to(torch.bool).contiguous()
+    if one_tile:
+        bn, bm = _pad(n), _pad(m)
+        sinkhorn_steps_kernel[(B,)](
+            f_out, g_out, resid, loga, logb, active, omega_, scal, *op.pointer_args()[:3],
+            n, m, int(k),
+            f_out.stride(0), g_out.stride(0), loga.stride(0), logb.stride(0), *op.pointer_args()[3:],
+            **flags, BLOCK_N=bn, BLOCK_M=bm, num_warps=max(1, min(8, bn * bm // 512)),
+        )
+    else:
+        bn, bm, warps = tile_blocks(n, m, dt == torch.float64)
+        scratch = torch.empty(B, n, dtype=dt, device=ref.device)  # a row pass's softmins
+        sinkhorn_tiles_kernel[(B,)](
+            f_out, g_out, scratch, resid, loga, logb, active, omega_, scal, *op.pointer_args()[:3],
+            n, m, int(k),
+            f_out.stride(0), g_out.stride(0), scratch.stride(0), loga.stride(0), logb.stride(0),
+            *op.pointer_args()[3:],
+            **flags, BLOCK_N=bn, BLOCK_M=bm, num_warps=warps,
+        )
     return (f_out, g_out) if check is None else (f_out, g_out, resid)

@@ -245,11 +245,14 @@ def sinkhorn_steps(geom, f, g, loga, logb, eps: float, tau: tuple[float, float],
 
     A problem whose cost fits one tile (:func:`otcore.kernels.sinkhorn_steps.fits`) runs
     it all in one launch of :mod:`otcore.kernels.sinkhorn_steps`, with the cost held in
-    registers; larger ones and traced calls (``torch.compile``) run the streamed passes
-    one by one (:func:`softmin_update`).
+    registers; so does one up to ``TILES_MAX_WORK`` (:func:`~otcore.kernels.sinkhorn_steps.tiles_fit`:
+    one program per problem streaming its cost in tiles); larger ones and traced calls
+    (``torch.compile``) run the streamed passes one by one (:func:`softmin_update`).
     """
     _check(precision)
-    if _steps.fits(geom.n, geom.m) and not torch.compiler.is_compiling():
+    one_launch = _steps.fits(geom.n, geom.m) or _steps.tiles_fit(geom.n, geom.m, 0 if geom.is_dense else geom.d,
+                                                                  geom.is_dense)
+    if one_launch and not torch.compiler.is_compiling():
         if geom.is_dense:
             op = _softmin.dense_operand(geom.C, transposed=False)
         else:

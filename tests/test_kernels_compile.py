@@ -104,6 +104,13 @@ SCRIPT = textwrap.dedent(
         bm, bn, warps = sparse.topk_blocks(s_pad, dtype == "fp64")
         cases.append((sparse._topk_rows_kernel, dtype, dict(COST=cost, S=s, S_PAD=s_pad, BLOCK_M=bm, BLOCK_N=bn),
                       warps))
+    # the one-program tiled iterations at the launcher's tiles (sinkhorn_steps.tile_blocks)
+    tiles = dict(steps, BLOCK_N=64, BLOCK_M=64)
+    for dtype, flags in (("fp32", dict(D=3, COST=1, CHECK=True, RELAX=True)), ("fp32", dict(D=1, COST=0, CHECK=True)),
+                         ("fp32", dict(D=64, COST=1, CHECK=True)),
+                         ("fp64", dict(D=3, COST=1, EUCLID=True, SYMMETRIC=True, CHECK=True))):
+        bn, bm, warps = sinkhorn_steps.tile_blocks(4096, 4096, dtype == "fp64")
+        cases.append((sinkhorn_steps.sinkhorn_tiles_kernel, dtype, dict(tiles, **flags, BLOCK_N=bn, BLOCK_M=bm), warps))
     # SNS's one-launch CG solve at the launcher's sizes (sparse_cg.block_sizes): narrow and wide rows
     for dtype, s in (("fp32", 8), ("fp64", 12), ("fp64", 64)):
         cases.append((sparse_cg._ell_pcg_kernel, dtype, dict(S=s, **sparse_cg.block_sizes(s)), sparse_cg.NUM_WARPS))
@@ -111,7 +118,7 @@ SCRIPT = textwrap.dedent(
     # extraction at most a few words (ptxas's choice varies by version: 0-56 bytes at these
     # sizes, where 4 warps and 32 rows had spilled 136 bytes to 2 KB)
     no_spill = (softmin.softmin_kernel, softmin.softmin_combine_kernel, plan.plan_reduce_kernel, sinkhorn_steps.sinkhorn_steps_kernel,
-                ksparse._ksparse_kernel)
+                sinkhorn_steps.sinkhorn_tiles_kernel, ksparse._ksparse_kernel)
     stack_max = {sparse._topk_rows_kernel: 64, sparse_cg._ell_pcg_kernel: 64}
     for kernel, dtype, const, warps, *ints in cases:
         compiled = compile_sm90(kernel, const, num_warps=warps, dtype=dtype, ints=ints[0] if ints else None)
@@ -132,4 +139,4 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 51, proc.stdout
+    assert proc.stdout.count(" ok") == 55, proc.stdout

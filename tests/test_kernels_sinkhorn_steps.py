@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from kernel_support import DEVICE, RUNTIME_WARNINGS_ARE_ERRORS
 
 import otcore
+import otcore.triton_ops  # noqa: F401  (otcore.triton_ops.operand below; imported lazily by the dispatch)
 from otcore.kernels import sinkhorn_steps as K
 
 pytestmark = RUNTIME_WARNINGS_ARE_ERRORS
@@ -171,8 +172,10 @@ def test_large_coordinates_and_tiny_eps():
 
 
 def test_larger_problems_stream(monkeypatch):
-    """A problem that does not fit one tile runs the streamed passes (same result)."""
+    """A problem that fits neither one tile nor the tiled kernel's budget runs the streamed
+    passes (same result)."""
     monkeypatch.setattr(K, "SMALL_MAX_ELEMENTS", 16)
+    monkeypatch.setattr(K, "TILES_MAX_WORK", 0)
     geom, C64, la, lb, f0, g0 = problem("euclidean", 5, 7)
     assert not K.fits(5, 7)
     ker, twin, ref = run_all(geom, C64, la, lb, f0, g0, 0.05, (1.0, 1.0), 4)
@@ -248,7 +251,7 @@ def test_solver_on_the_kernel(symmetric):
     assert float((P.sum(2) - 1 / 23).abs().sum(1).max()) < 2e-5
 
 
-def test_launch_errors():
+def test_launch_errors(monkeypatch):
     dense, _, la, lb, f0, g0 = problem("dense", 5, 7)
     with pytest.raises(ValueError, match="row operand"):
         K.launch_sinkhorn_steps(otcore.triton_ops.operand(dense, 0, "fp32", 0.1), f0, g0, la, lb, 0.1, (1.0, 1.0), 2, ACTIVE)
@@ -259,6 +262,8 @@ def test_launch_errors():
     with pytest.raises(ValueError, match="square"):
         K.launch_sinkhorn_steps(op, f0, g0, la, lb, 0.1, (1.0, 1.0), 2, ACTIVE, symmetric=True)
     big = otcore.PointCloud(torch.zeros(65, 2, device=DEVICE), torch.zeros(70, 2, device=DEVICE))
+    assert K.tiles_fit(65, 70, 2, False)
+    monkeypatch.setattr(K, "TILES_MAX_WORK", 65 * 70 * 4 - 1)  # past one tile and past the tiled kernel's budget
     with pytest.raises(ValueError, match="does not fit"):
         K.launch_sinkhorn_steps(otcore.triton_ops.operand(big, 1, "fp32", 0.1), torch.zeros(1, 65, device=DEVICE),
                                 torch.zeros(1, 70, device=DEVICE), torch.full((1, 65), -math.log(65), device=DEVICE),

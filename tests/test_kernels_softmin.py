@@ -495,6 +495,7 @@ def test_the_solver_hints_keep_the_shifted_sum_in_range(monkeypatch, rho):
 
     monkeypatch.setattr(K, "SHIFT_MIN_ENTRIES", 0)  # hints at this size too
     monkeypatch.setattr(sinkhorn_steps, "SMALL_MAX_ELEMENTS", 0)  # streamed passes, not the one-tile kernel
+    monkeypatch.setattr(sinkhorn_steps, "TILES_MAX_WORK", 0)  # nor the one-program tiled one
     kernel, redo = K.softmin_kernel, []
 
     class Spy:  # counts the rows each FIXUP launch finds left as NaN

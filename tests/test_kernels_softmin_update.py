@@ -5,8 +5,9 @@ split passes' combine kernel.
 Each case compares the Triton kernel (float32), its torch twin
 (``otcore.reference.softmin_update`` / ``reference.sinkhorn_steps``) and a float64
 loop on the dense cost (``steps64`` of the one-tile kernel's tests). Problems are larger
-than one tile (``kernels.sinkhorn_steps.fits``), so the solver takes the streamed passes;
-split passes (``S > 1``, chosen on GPUs only) are forced by patching ``num_splits``.
+than one tile (``kernels.sinkhorn_steps.fits``), and the one-program tiled kernel is off
+here (``TILES_MAX_WORK = 0``; it has its own tests), so the solver takes the streamed
+passes; split passes (``S > 1``, chosen on GPUs only) are forced by patching ``num_splits``.
 """
 
 import warnings
@@ -26,6 +27,12 @@ pytestmark = RUNTIME_WARNINGS_ARE_ERRORS
 
 ACTIVE = torch.tensor([True, False, True], device=DEVICE)
 N, M = 70, 83  # past one tile (64 x 64): the streamed passes
+
+
+@pytest.fixture(autouse=True)
+def streamed(monkeypatch):
+    """The streamed passes for every problem past one tile (no one-program tiled kernel)."""
+    monkeypatch.setattr(one_tile, "TILES_MAX_WORK", 0)
 
 
 @pytest.fixture(params=[1, 3], ids=["unsplit", "split"])
