@@ -220,7 +220,7 @@ if [ $QUICK = 1 ]; then
   run_part l  $B "$PY" $L --quick --out "$WORK/l"
   run_part o  $B "$PY" bench/bench_overrelax.py --quick --out "$WORK/o"
   run_part p  $B "$PY" $P --quick --out "$WORK/p"
-  tests_part $B
+  tests_part $((3 * B))  # eight test files under the interpreter (~3 min on the 2-core development CPU)
   run_part c1 $B "$PY" $N --quick --sweep-only --sizes 64 --eps 1e-3 --dtypes float64 float32 --budget 2 --pot-budget 1 --out "$WORK/c1"
   run_part c2 $B "$PY" $N --quick --table1-only --table-n 64 --pairs 1 --budget 2 --pot-budget 1 --out "$WORK/c2"
   run_part d  $B "$PY" $S --sizes 64 --tokens 512 --experts 8 --reps 2 --max-iter 200 --check-max 64 \

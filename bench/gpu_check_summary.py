@@ -220,7 +220,7 @@ def section_latency(work, say):
     if rows is None:
         return
     say("[l] latency-bound workloads, ms per call (fixed iterations; 'to tol': solves to the marginal "
-        "tolerance, iterations torch/otcore): plain torch | otcore eager | per-pass (one-tile kernel off) | "
+        "tolerance, iterations torch/otcore): plain torch | otcore eager | per-pass (one-launch kernels off) | "
         "CUDA graph (each call records its graph once) ; check: potentials vs plain torch, or converged")
     for r in rows:
         try:
