@@ -68,6 +68,14 @@ def lse2(z, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _scalars_of(scal_ptr):
+    """The launch's scalars (:func:`_scalars`): ``log2(e)/eps``, ``eps ln 2``, ``tau_a``,
+    ``tau_b``, ``tol``, ``log2(e)/rho_a``."""
+    return (tl.load(scal_ptr), tl.load(scal_ptr + 1), tl.load(scal_ptr + 2), tl.load(scal_ptr + 3),
+            tl.load(scal_ptr + 4), tl.load(scal_ptr + 5))
+
+
+@triton.jit
 def sinkhorn_steps_kernel(
     f_ptr, g_ptr, resid_ptr, loga_ptr, logb_ptr, active_ptr, omega_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
     n, m, n_steps,
@@ -104,12 +112,7 @@ def sinkhorn_steps_kernel(
     mask_i = offs_i < n
     mask_j = offs_j < m
     active = tl.load(active_ptr + b) != 0
-    scale = tl.load(scal_ptr)
-    inv_scale = tl.load(scal_ptr + 1)
-    tau_a = tl.load(scal_ptr + 2)
-    tau_b = tl.load(scal_ptr + 3)
-    tol = tl.load(scal_ptr + 4)
-    rho2 = tl.load(scal_ptr + 5)
+    scale, inv_scale, tau_a, tau_b, tol, rho2 = _scalars_of(scal_ptr)
 
     C = cost_tile(own_ptr + b * s_ob, oth_ptr + b * s_tb, c_ptr + b * s_cb, 0.0, 0.0, 0.0,
                   offs_i, offs_j, mask_i, mask_j, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
@@ -224,12 +227,7 @@ def sinkhorn_tiles_kernel(
     """
     b = tl.program_id(0).to(tl.int64)
     active = tl.load(active_ptr + b) != 0
-    scale = tl.load(scal_ptr)
-    inv_scale = tl.load(scal_ptr + 1)
-    tau_a = tl.load(scal_ptr + 2)
-    tau_b = tl.load(scal_ptr + 3)
-    tol = tl.load(scal_ptr + 4)
-    rho2 = tl.load(scal_ptr + 5)
+    scale, inv_scale, tau_a, tau_b, tol, rho2 = _scalars_of(scal_ptr)
     own, oth, cc = own_ptr + b * s_ob, oth_ptr + b * s_tb, c_ptr + b * s_cb
     F, G, S, LA, LB = f_ptr + b * s_fb, g_ptr + b * s_gb, s_ptr + b * s_sb, loga_ptr + b * s_ab, logb_ptr + b * s_bb
     rows = tl.arange(0, BLOCK_N)
