@@ -174,11 +174,20 @@ def sinkhorn_steps_kernel(
 TILES_MAX_WORK = 1 << 20
 
 def tile_blocks(n: int, m: int, wide: bool) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_M, num_warps)`` of :func:`sinkhorn_tiles_kernel`: 64 x 64 tiles
-    (32 x 64 in float64, ``wide``) over 8 warps, smaller for a short side. Compiled for
-    sm_90, larger float64 tiles or 4 warps spilled with Triton 3.6 (16-72 bytes); these use
-    none with Triton 3.6 and 3.9 (tests/test_kernels_compile.py)."""
-    return min(32 if wide else 64, _pad(n)), min(64, _pad(m)), 8
+    """``(BLOCK_N, BLOCK_M, num_warps)`` of :func:`sinkhorn_tiles_kernel`: tiles of 4096
+    entries (2048 in float64, ``wide``) over 8 warps, 64 x 64 (32 x 64) when both sides are
+    long, and longer along the long side of a skinny problem (16 x 16384: 16 x 256) so that
+    a pass is not thousands of nearly empty tiles. Compiled for sm_90, 64 x 64 float64 tiles
+    or 4 warps spilled with Triton 3.6 (16-72 bytes); these sizes use no stack with Triton
+    3.6 and 3.9 at 64 x 64 (32 x 64), and 8-32 bytes at some skinny tiles
+    (tests/test_kernels_compile.py)."""
+    size = 2048 if wide else 4096
+    bn, bm = min(32 if wide else 64, _pad(n)), min(64, _pad(m))
+    if bn < (32 if wide else 64):  # few rows: longer column tiles
+        bm = min(_pad(m), size // bn)
+    elif bm < 64:  # few columns: longer row tiles
+        bn = min(_pad(n), size // bm)
+    return bn, bm, 8
 
 
 def tiles_fit(n: int, m: int, d: int, dense: bool) -> bool:

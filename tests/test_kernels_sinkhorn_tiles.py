@@ -140,3 +140,25 @@ def test_budget_switch_sends_larger_problems_to_the_streamed_passes(monkeypatch,
     ker, twin, _ = run_all(geom, C64, la, lb, f0, g0, eps, (1.0, 1.0), 3)
     assert "sinkhorn_tiles_kernel" not in launches and launches.count("softmin_kernel") >= 6
     assert_close(ker[0], twin[0], float(C64.amax()), 2e-6)
+
+
+@pytest.mark.parametrize("kind,d", [("sqeuclidean", 3), ("dense", 1)])
+@pytest.mark.parametrize("n,m", [(5, 1000), (1000, 5)])
+def test_skinny_problems_run_long_tiles(kind, d, n, m, launches):
+    """Past one tile through one long side: tiles longer along it (8 x 512 here), the same
+    results as the twin and float64, with and without the test."""
+    geom, C64, la, lb, f0, g0 = problem(kind, n, m, d, seed=13)
+    assert not K.fits(n, m) and max(K.tile_blocks(n, m, False)[:2]) == 512
+    eps = 0.05 * float(C64.amax())
+    ker, twin, ref = run_all(geom, C64, la, lb, f0, g0, eps, (1.0, 1.0), 4)
+    scale = float(C64.amax())
+    for got, want, other in zip(ker, ref, twin):
+        assert_close(got, want, scale, 2e-6)
+        assert_close(got, other, scale, 2e-6)
+    fk, gk, rk = geom.sinkhorn_steps(f0, g0, la, lb, eps, (1.0, 1.0), 4, ACTIVE, False, (0.0, None),
+                                     backend="triton")
+    ft, gt, rt = geom.sinkhorn_steps(f0, g0, la, lb, eps, (1.0, 1.0), 4, ACTIVE, False, (0.0, None))
+    assert_close(fk, ft, scale, 2e-6)
+    live = ACTIVE.nonzero()[:, 0]
+    torch.testing.assert_close(rk[live].double(), rt[live].double(), rtol=1e-4, atol=1e-7)
+    assert launches.count("sinkhorn_tiles_kernel") == 2 and "softmin_kernel" not in launches
