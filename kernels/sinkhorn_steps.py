@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._intmath import next_pow2
-from .softmin import COST_DENSE, COST_DIRECT, DEVICE_SCALARS, CostOperand, cost_tile
+from .softmin import COST_DENSE, COST_DIRECT, DEVICE_SCALARS, CostOperand, cost_tile, lse_online
 
 #: Largest padded tile ``next_pow2(n) * next_pow2(m)`` run by this kernel: 64 x 64. The
 #: tile, its scaled copy and one exponent block stay in registers (16 entries per thread
@@ -174,16 +174,16 @@ def sinkhorn_steps_kernel(
 TILES_MAX_WORK = 1 << 20
 
 def tile_blocks(n: int, m: int, wide: bool) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_M, num_warps)`` of :func:`sinkhorn_tiles_kernel`: tiles of 4096
-    entries (2048 in float64, ``wide``) over 8 warps, 64 x 64 (32 x 64) when both sides are
-    long, and longer along the long side of a skinny problem (16 x 16384: 16 x 256) so that
-    a pass is not thousands of nearly empty tiles. Compiled for sm_90, 64 x 64 float64 tiles
-    or 4 warps spilled with Triton 3.6 (16-72 bytes); these sizes use no stack with Triton
-    3.6 and 3.9 at 64 x 64 (32 x 64), and 8-32 bytes at some skinny tiles
-    (tests/test_kernels_compile.py)."""
-    size = 2048 if wide else 4096
-    bn, bm = min(32 if wide else 64, _pad(n)), min(64, _pad(m))
-    if bn < (32 if wide else 64):  # few rows: longer column tiles
+    """``(BLOCK_N, BLOCK_M, num_warps)`` of :func:`sinkhorn_tiles_kernel`: tiles of 2048
+    entries over 8 warps, 32 x 64 when both sides are long, and longer along the long side
+    of a skinny problem (16 x 16384: 16 x 128) so that a pass is not thousands of nearly
+    empty tiles. Compiled for sm_90 (Triton 3.6 and 3.9) with the per-lane log-sum-exp's
+    two accumulators, 64 x 64 tiles spilled 8-104 bytes (float64 the most); at these sizes
+    ptxas keeps at most a few words on the stack (tests/test_kernels_compile.py). ``wide``
+    (float64) is accepted for the common signature: the same tiles fit."""
+    size = 2048
+    bn, bm = min(32, _pad(n)), min(64, _pad(m))
+    if bn < 32:  # few rows: longer column tiles
         bm = min(_pad(m), size // bn)
     elif bm < 64:  # few columns: longer row tiles
         bn = min(_pad(n), size // bm)
@@ -197,48 +197,48 @@ def tiles_fit(n: int, m: int, d: int, dense: bool) -> bool:
 
 
 @triton.jit
-def _fold2(mx, tot, z, AXIS: tl.constexpr):
-    """Online base-2 log-sum-exp: fold block ``z`` into the running maximum ``mx`` and sum
-    ``tot = sum 2^(z - mx)`` along ``AXIS`` (an all-``-inf`` line keeps ``mx = -inf``, ``tot = 0``)."""
-    new = tl.maximum(mx, tl.max(z, axis=AXIS))
-    safe = tl.where(new == float("-inf"), 0.0, new)
-    tot = tot * tl.exp2(mx - safe) + tl.sum(tl.exp2(z - tl.expand_dims(safe, AXIS)), axis=AXIS)
-    return new, tot
-
-
-@triton.jit
-def _lse2_of(mx, tot):
-    """``log2 sum 2^z`` from :func:`_fold2`'s running pair; ``-inf`` for an empty line."""
-    safe = tl.where(mx == float("-inf"), 0.0, mx)
-    return tl.where(tot > 0, safe + tl.log2(tl.where(tot > 0, tot, 1.0)), float("-inf"))
+def _softmin_of(m, l, inv_scale):
+    """``-(m + log2 l) / s`` from :func:`~otcore.kernels.softmin.lse_online`'s pair: the
+    softmin, ``+inf`` for a line with no positive weight (``l = 0``)."""
+    return -tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf")) * inv_scale
 
 
 @triton.jit
 def sinkhorn_tiles_kernel(
-    f_ptr, g_ptr, s_ptr, resid_ptr, loga_ptr, logb_ptr, active_ptr, omega_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
+    f_ptr, g_ptr, s_ptr, resid_ptr, loga_ptr, logb_ptr, ela_ptr, elb_ptr, active_ptr, omega_ptr, scal_ptr,
+    own_ptr, oth_ptr, c_ptr,
     n, m, n_steps,
     s_fb, s_gb, s_sb, s_ab, s_bb,
     s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
     D: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, SYMMETRIC: tl.constexpr,
     CHECK: tl.constexpr, RELAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    LOWEST: tl.constexpr,
 ):
     """:func:`sinkhorn_steps_kernel`'s iterations for a problem larger than one tile: one
     program per problem streams the cost in ``BLOCK_N x BLOCK_M`` tiles (recomputed, or read
-    from ``C``, in every pass) with an online log-sum-exp, and keeps the potentials in
-    memory between passes: ``f_ptr``/``g_ptr`` are updated in place, and ``s_ptr`` (B, n)
-    is scratch for a row pass's softmins (stride ``s_sb``). Each pass ends with a barrier,
-    since the next one reads what other threads of the program wrote.
+    from ``C``, in every pass) and keeps the potentials in memory between passes:
+    ``f_ptr``/``g_ptr`` are updated in place, ``s_ptr`` (B, n) is scratch for a row pass's
+    softmins (stride ``s_sb``), ``ela_ptr``/``elb_ptr`` hold ``eps log a``, ``eps log b``
+    (strides ``s_ab``/``s_bb``, as ``loga_ptr``/``logb_ptr``). Each pass ends with a
+    barrier, since the next one reads what other threads of the program wrote.
 
-    Per iteration: the row pass writes ``s``, and with ``CHECK``, in the test's iteration,
-    sums the residual (all of it is needed before ``f`` may change); then ``f`` (``g``,
-    symmetric) is updated from ``s``; then the column pass updates ``g``. The other
-    arguments, the arithmetic and the results are those of :func:`sinkhorn_steps_kernel`.
+    The passes are the streamed kernel's per-lane online log-sum-exp
+    (:func:`~otcore.kernels.softmin.lse_online` with ``LANE``, one ``exp2`` per entry and no
+    cross-thread reduction inside the tile loop; ``LOWEST`` the dtype's most negative finite
+    value); the column pass is the row pass of the transposed problem (the two clouds, or
+    ``C``'s two strides, swapped). Per iteration: the row pass writes ``s`` and, with
+    ``CHECK``, in the test's iteration, sums the residual (all of it is needed before ``f``
+    may change); then ``f`` (``g``, symmetric) is updated from ``s``; then the column pass
+    updates ``g``, unless the test stopped the problem. The other arguments and the
+    results are those of :func:`sinkhorn_steps_kernel`; ``SYMMETRIC`` iterates on ``g``,
+    which must equal ``f`` on entry (as the solver passes them).
     """
     b = tl.program_id(0).to(tl.int64)
     active = tl.load(active_ptr + b) != 0
     scale, inv_scale, tau_a, tau_b, tol, rho2 = _scalars_of(scal_ptr)
     own, oth, cc = own_ptr + b * s_ob, oth_ptr + b * s_tb, c_ptr + b * s_cb
-    F, G, S, LA, LB = f_ptr + b * s_fb, g_ptr + b * s_gb, s_ptr + b * s_sb, loga_ptr + b * s_ab, logb_ptr + b * s_bb
+    F, G, S, LA = f_ptr + b * s_fb, g_ptr + b * s_gb, s_ptr + b * s_sb, loga_ptr + b * s_ab
+    ELA, ELB = ela_ptr + b * s_ab, elb_ptr + b * s_bb
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_M)
     zero_n = tl.zeros((BLOCK_N,), dtype=f_ptr.dtype.element_ty)
@@ -247,32 +247,25 @@ def sinkhorn_tiles_kernel(
     omega = tl.load(omega_ptr + b) if RELAX else 1.0
 
     for it in range(0, tl.where(active, n_steps + CHECK, 0)):
-        # row pass: s_i = softmin_j(g_j + eps log b_j - C_ij) (symmetric: g holds f)
+        # row pass: s_i = softmin_j(g_j + eps log b_j - C_ij) (symmetric: g holds f, b = a)
+        test = CHECK and it == n_steps
         acc = tl.sum(zero_n, axis=0)
         for i0 in range(0, n, BLOCK_N):
             oi = i0 + rows
             mi = oi < n
-            mx = zero_n + float("-inf")
-            tot = zero_n
-            for j0 in range(0, m, BLOCK_M):
-                oj = j0 + cols
-                mj = oj < m
-                C = cost_tile(own, oth, cc, 0.0, 0.0, 0.0, oi, oj, mi, mj, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
-                              D, 1, COST, EUCLID, "ieee")
-                lb2 = tl.load(LB + oj, mask=mj, other=float("-inf")) * _LOG2E
-                hg = tl.where(lb2 > float("-inf"), tl.load(G + oj, mask=mj, other=0.0) * scale + lb2, float("-inf"))
-                mx, tot = _fold2(mx, tot, hg[None, :] - C * scale, 1)
-            s = -_lse2_of(mx, tot) * inv_scale
+            mx, tot = lse_online(G, ELB, scale, own, oth, cc, 0.0, 0.0, 0.0, oi, mi, 0, m,
+                                 s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, 1, COST, EUCLID, "ieee",
+                                 BLOCK_N, BLOCK_M, True, LOWEST, True)
+            s = _softmin_of(mx, tot, inv_scale)
             tl.store(S + oi, s, mask=mi)
-            if CHECK:  # the residual of the state before this pass: (P1)_i / a_i = 2^(scale (f_i - s_i))
+            if test:  # the residual of the state before this pass: (P1)_i / a_i = 2^(scale (f_i - s_i))
                 cur = tl.load((G if SYMMETRIC else F) + oi, mask=mi, other=0.0)
                 la2 = tl.load(LA + oi, mask=mi, other=float("-inf")) * _LOG2E
                 gap = tl.exp2(la2) * tl.abs(tl.exp2((cur - s) * scale) - tl.exp2(-cur * rho2))
                 acc += tl.sum(tl.where(la2 > float("-inf"), gap, 0.0), axis=0)
-        if CHECK:
-            if it == n_steps:  # the test's iteration: go on only above tol
-                resid = acc * (2.0 if SYMMETRIC else 1.0)
-                go = resid > tol
+        if test:  # go on only above tol
+            resid = acc * (2.0 if SYMMETRIC else 1.0)
+            go = resid > tol
         tl.debug_barrier()
         # the row update from s: f (symmetric: the averaged g)
         for i0 in range(0, n, BLOCK_N):
@@ -290,26 +283,18 @@ def sinkhorn_tiles_kernel(
                 tl.store(F + oi, tl.where(go, new, old), mask=mi)
         tl.debug_barrier()
         if not SYMMETRIC:
-            # column pass: g_j = tau_b softmin_i(f_i + eps log a_i - C_ij)
-            for j0 in range(0, m, BLOCK_M):
-                oj = j0 + cols
-                mj = oj < m
-                mx = tl.zeros((BLOCK_M,), dtype=f_ptr.dtype.element_ty) + float("-inf")
-                tot = tl.zeros((BLOCK_M,), dtype=f_ptr.dtype.element_ty)
-                for i0 in range(0, n, BLOCK_N):
-                    oi = i0 + rows
-                    mi = oi < n
-                    C = cost_tile(own, oth, cc, 0.0, 0.0, 0.0, oi, oj, mi, mj, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
-                                  D, 1, COST, EUCLID, "ieee")
-                    la2 = tl.load(LA + oi, mask=mi, other=float("-inf")) * _LOG2E
-                    hf = tl.where(la2 > float("-inf"), tl.load(F + oi, mask=mi, other=0.0) * scale + la2,
-                                  float("-inf"))
-                    mx, tot = _fold2(mx, tot, hf[:, None] - C * scale, 0)
-                new = tau_b * (-_lse2_of(mx, tot) * inv_scale)
-                old = tl.load(G + oj, mask=mj, other=0.0)
-                if RELAX:
-                    new = tl.where(it < n_steps - 1, (1.0 - omega) * old + omega * new, new)
-                tl.store(G + oj, tl.where(go, new, old), mask=mj)
+            if go:  # column pass: g_j = tau_b softmin_i(f_i + eps log a_i - C_ij), the transposed row pass
+                for j0 in range(0, m, BLOCK_M):
+                    oj = j0 + cols
+                    mj = oj < m
+                    mx, tot = lse_online(F, ELA, scale, oth, own, cc, 0.0, 0.0, 0.0, oj, mj, 0, n,
+                                         s_tr, s_tk, s_or, s_ok, s_ct, s_co, D, 1, COST, EUCLID, "ieee",
+                                         BLOCK_M, BLOCK_N, True, LOWEST, True)
+                    new = tau_b * _softmin_of(mx, tot, inv_scale)
+                    if RELAX:
+                        old = tl.load(G + oj, mask=mj, other=0.0)
+                        new = tl.where(it < n_steps - 1, (1.0 - omega) * old + omega * new, new)
+                    tl.store(G + oj, new, mask=mj)
             tl.debug_barrier()
     if SYMMETRIC:  # f = g (an inactive problem stores nothing)
         for i0 in range(0, tl.where(active, n, 0), BLOCK_N):
@@ -345,7 +330,8 @@ def launch_sinkhorn_steps(
         f, g: ``(B, n)``, ``(B, m)`` potentials (unbiased). loga, logb: ``log a``, ``log b``.
         eps: regularization. tau: ``(tau_a, tau_b)``, ``rho / (rho + eps)`` or 1 per side.
         k: iterations (>= 0). active: ``(B,)`` bool; inactive problems keep their potentials.
-        symmetric: self-transport (``x is y``, ``a is b``, equal tau): the averaged update.
+        symmetric: self-transport (``x is y``, ``a is b``, equal tau): the averaged update,
+            on ``g``, which must equal ``f`` (as the solver passes them).
         check: ``(tol, rho_a)`` (``rho_a`` None: balanced rows): then the convergence test
             and one more iteration where the residual is above ``tol``, as in
             ``otcore.reference.sinkhorn_steps``; ``resid`` (B,) is NaN where not active.
@@ -395,11 +381,12 @@ def launch_sinkhorn_steps(
     else:
         bn, bm, warps = tile_blocks(n, m, dt == torch.float64)
         scratch = torch.empty(B, n, dtype=dt, device=ref.device)  # a row pass's softmins
+        ela, elb = eps * loga, eps * logb  # the passes' biases, as the twin adds them
         sinkhorn_tiles_kernel[(B,)](
-            f_out, g_out, scratch, resid, loga, logb, active, omega_, scal, *op.pointer_args()[:3],
+            f_out, g_out, scratch, resid, loga, logb, ela, elb, active, omega_, scal, *op.pointer_args()[:3],
             n, m, int(k),
             f_out.stride(0), g_out.stride(0), scratch.stride(0), loga.stride(0), logb.stride(0),
             *op.pointer_args()[3:],
-            **flags, BLOCK_N=bn, BLOCK_M=bm, num_warps=warps,
+            **flags, BLOCK_N=bn, BLOCK_M=bm, LOWEST=float(torch.finfo(dt).min), num_warps=warps,
         )
     return (f_out, g_out) if check is None else (f_out, g_out, resid)

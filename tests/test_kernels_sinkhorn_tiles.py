@@ -102,7 +102,7 @@ def test_symmetric_update(check, launches):
 
 
 def test_float64_is_exact_to_rounding(launches):
-    """float64 runs 32 x 64 tiles (its register budget): exact to rounding."""
+    """float64 (32 x 64 tiles): exact to rounding."""
     geom, C64, la, lb, f0, g0 = problem("euclidean", 101, 67, seed=7)
     geom = otcore.PointCloud(geom.x.double(), geom.y.double(), cost="euclidean")
     assert K.tile_blocks(101, 67, True)[0] == 32
@@ -145,10 +145,10 @@ def test_budget_switch_sends_larger_problems_to_the_streamed_passes(monkeypatch,
 @pytest.mark.parametrize("kind,d", [("sqeuclidean", 3), ("dense", 1)])
 @pytest.mark.parametrize("n,m", [(5, 1000), (1000, 5)])
 def test_skinny_problems_run_long_tiles(kind, d, n, m, launches):
-    """Past one tile through one long side: tiles longer along it (8 x 512 here), the same
+    """Past one tile through one long side: tiles longer along it (8 x 256 here), the same
     results as the twin and float64, with and without the test."""
     geom, C64, la, lb, f0, g0 = problem(kind, n, m, d, seed=13)
-    assert not K.fits(n, m) and max(K.tile_blocks(n, m, False)[:2]) == 512
+    assert not K.fits(n, m) and max(K.tile_blocks(n, m, False)[:2]) == 256
     eps = 0.05 * float(C64.amax())
     ker, twin, ref = run_all(geom, C64, la, lb, f0, g0, eps, (1.0, 1.0), 4)
     scale = float(C64.amax())
@@ -162,3 +162,73 @@ def test_skinny_problems_run_long_tiles(kind, d, n, m, launches):
     live = ACTIVE.nonzero()[:, 0]
     torch.testing.assert_close(rk[live].double(), rt[live].double(), rtol=1e-4, atol=1e-7)
     assert launches.count("sinkhorn_tiles_kernel") == 2 and "softmin_kernel" not in launches
+
+
+def _stop_cases(geom, C64, la, lb, f0, g0, eps, symmetric, k):
+    """The checked block at three tolerances: every problem goes on, every one stops, and
+    a tol between the active problems' residuals (one stops, one goes on); against the twin,
+    and a stopped problem against ``k`` plain steps, a continuing one against ``k + 1``."""
+    tau = (1.0, 1.0)
+    g_in = f0 if symmetric else g0
+    base = geom.sinkhorn_steps(f0, g_in, la, lb, eps, tau, k, ACTIVE, symmetric, (0.0, None), backend="torch")[2]
+    live = ACTIVE.nonzero()[:, 0]
+    r = base[live].sort().values
+    scale = float(C64.amax())
+    for tol in (0.0, 1e3, float(r[0] + r[1]) / 2):
+        args = (f0, g_in, la, lb, eps, tau, k, ACTIVE, symmetric, (tol, None))
+        fk, gk, rk = geom.sinkhorn_steps(*args, backend="triton")
+        ft, gt, rt = geom.sinkhorn_steps(*args, backend="torch")
+        assert_close(fk, ft, scale, 2e-6)
+        assert_close(gk, gt, scale, 2e-6)
+        torch.testing.assert_close(rk[live].double(), rt[live].double(), rtol=1e-4, atol=1e-7)
+        more = (rt > tol) & ACTIVE
+        short = steps64(C64, f0, g_in, la, lb, eps, tau, k, ACTIVE, symmetric)
+        long = steps64(C64, f0, g_in, la, lb, eps, tau, k + 1, ACTIVE, symmetric)
+        for i in live.tolist():
+            want = long if bool(more[i]) else short
+            assert_close(fk[i], want[0][i], scale, 2e-6)
+            assert_close(gk[i], want[1][i], scale, 2e-6)
+        if symmetric:
+            assert torch.equal(fk, gk)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["alternating", "symmetric"])
+def test_the_test_stops_some_problems_and_not_others(k, symmetric, launches):
+    """A stopped problem keeps the state the test read (also symmetric, also after k = 0
+    iterations, the blocks of check_every = 1); the others complete that iteration."""
+    geom, C64, la, lb, f0, g0 = problem("sqeuclidean", 75, 75 if symmetric else 90, seed=17)
+    if symmetric:
+        geom = otcore.PointCloud(geom.x, geom.x)
+        C64 = torch.cdist(geom.x.double(), geom.x.double()) ** 2
+        lb = la
+    _stop_cases(geom, C64, la, lb, f0, g0, 0.05 * float(C64.amax()), symmetric, k)
+    assert set(launches) == {"sinkhorn_tiles_kernel"}
+
+
+@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("euclidean", torch.float32),
+                                        ("sqeuclidean", torch.float64)])
+def test_checked_blocks_of_other_costs_and_float64(kind, dtype, launches):
+    geom, C64, la, lb, f0, g0 = problem(kind, 70, 97, seed=19)
+    if dtype == torch.float64:
+        geom = otcore.PointCloud(geom.x.double(), geom.y.double())
+        la, lb, f0, g0 = (t.double() for t in (la, lb, f0, g0))
+    _stop_cases(geom, C64, la, lb, f0, g0, 0.05 * float(C64.amax()), False, 2)
+    assert set(launches) == {"sinkhorn_tiles_kernel"}
+
+
+def test_a_whole_tile_of_zero_weights():
+    """Rows 32-63 (a whole row tile) and columns 64-127 (a whole column tile) weigh
+    nothing: their potentials keep to the twin's, and the others are unaffected."""
+    geom, C64, la, lb, f0, g0 = problem("sqeuclidean", 100, 150, seed=23)
+    la, lb = la.clone(), lb.clone()
+    la[:, 32:64] = float("-inf")
+    lb[:, 64:128] = float("-inf")
+    la = la - torch.logsumexp(la, -1, keepdim=True)
+    lb = lb - torch.logsumexp(lb, -1, keepdim=True)
+    eps = 0.05 * float(C64.amax())
+    ker, twin, ref = run_all(geom, C64, la, lb, f0, g0, eps, (1.0, 1.0), 4)
+    for got, want, other in zip(ker, ref, twin):
+        assert torch.isfinite(got).all()
+        assert_close(got, want, float(C64.amax()), 2e-6)
+        assert_close(got, other, float(C64.amax()), 2e-6)
