@@ -1,4 +1,9 @@
-"""Several Sinkhorn iterations of a small problem in one launch, the cost held in registers.
+"""Several Sinkhorn iterations of a small or mid-sized problem in one launch.
+
+Two kernels, one program per problem each: :func:`sinkhorn_steps_kernel` holds a cost that
+fits one tile in registers (below); :func:`sinkhorn_tiles_kernel` streams a larger one in
+tiles with the potentials in memory, up to :data:`TILES_MAX_WORK` (larger problems fill
+the GPU with the streamed passes of :mod:`otcore.kernels.softmin`).
 
 For a problem whose whole cost fits in one tile (``n x m`` padded to powers of two,
 at most :data:`SMALL_MAX_ELEMENTS` entries) one program computes the cost once and
@@ -166,11 +171,12 @@ def sinkhorn_steps_kernel(
 
 #: Largest ``n * m * w`` run by :func:`sinkhorn_tiles_kernel` (one program streaming the
 #: cost in tiles), ``w = max(d, 4)`` for point clouds (the cost is recomputed per tile and
-#: pass) and 4 for a dense cost. An estimate, not a measurement: one SM issues ~2.5e11
-#: thread instructions per second and an entry costs ~15 per pass, so a 2^18-entry problem
-#: (MoE's 4096 x 64) takes ~30 us per iteration, against ~0.2 ms of host time per iteration
-#: that the streamed passes took on the H200 host; larger problems (whose passes fill the
-#: GPU) go through the streamed passes. To be timed on a GPU (``bench/bench_latency.py``).
+#: pass) and 4 for a dense cost. An estimate, not a measurement: its tile loops are ~16-18
+#: sm_90 instructions per entry and pass (SASS, d = 3 and dense), and one SM issues
+#: ~2.5e11 thread instructions per second, so MoE's 4096 x 64 takes ~40 us per iteration,
+#: against ~0.2 ms of host time per iteration that the streamed passes took on the H200
+#: host; larger problems (whose passes fill the GPU) go through the streamed passes. To be
+#: timed on a GPU (``bench/bench_latency.py``).
 TILES_MAX_WORK = 1 << 20
 
 def tile_blocks(n: int, m: int, wide: bool) -> tuple[int, int, int]:
