@@ -10,6 +10,9 @@ Workloads (docs/benchmarks.md targets, issue 3 item 4), each run for a fixed num
 - ``moe``: 4096 tokens x 64 experts, ``C = -scores``, eps = 0.05, 30 iterations.
 - ``tiny4`` / ``tiny64``: B = 16,384 problems of 4 x 4 / 64 x 64 points in 3-D,
   eps = 0.05, 30 iterations, one batched call.
+- ``cloud512``: one problem of 512 x 512 points in 3-D, 30 iterations: exactly at the
+  tiled kernel's budget (``TILES_MAX_WORK``), so its eager and per-pass columns say on
+  which side of the budget one SM stops paying.
 
 Methods: a plain torch log-domain loop on the materialised cost (``torch.logsumexp``,
 no convergence checks: the least a user would write), ``otcore.sinkhorn(tol=None)`` eager
@@ -70,6 +73,9 @@ def workloads(quick: bool, device):
                                     torch.rand(B, 4, 3, generator=g).to(device)), 30),
         ("tiny64", otcore.PointCloud(torch.rand(B, 64, 3, generator=g).to(device),
                                      torch.rand(B, 64, 3, generator=g).to(device)), 30),
+        # at the tiled kernel's budget (512 * 512 * 4 = TILES_MAX_WORK): is one SM still faster?
+        ("cloud512", otcore.PointCloud(torch.rand(s(512) if quick else 512, 3, generator=g).to(device),
+                                       torch.rand(s(512) if quick else 512, 3, generator=g).to(device)), 30),
     ]
 
 
