@@ -179,14 +179,15 @@ def sinkhorn_steps_kernel(
 #: timed on a GPU (``bench/bench_latency.py``).
 TILES_MAX_WORK = 1 << 20
 
-def tile_blocks(n: int, m: int, wide: bool) -> tuple[int, int, int]:
+
+def tile_blocks(n: int, m: int) -> tuple[int, int, int]:
     """``(BLOCK_N, BLOCK_M, num_warps)`` of :func:`sinkhorn_tiles_kernel`: tiles of 2048
     entries over 8 warps, 32 x 64 when both sides are long, and longer along the long side
     of a skinny problem (16 x 16384: 16 x 128) so that a pass is not thousands of nearly
     empty tiles. Compiled for sm_90 (Triton 3.6 and 3.9) with the per-lane log-sum-exp's
     two accumulators, 64 x 64 tiles spilled 8-104 bytes (float64 the most); at these sizes
-    ptxas keeps at most a few words on the stack (tests/test_kernels_compile.py). ``wide``
-    (float64) is accepted for the common signature: the same tiles fit."""
+    ptxas keeps at most a few words on the stack (tests/test_kernels_compile.py), float64
+    included."""
     size = 2048
     bn, bm = min(32, _pad(n)), min(64, _pad(m))
     if bn < 32:  # few rows: longer column tiles
@@ -211,7 +212,7 @@ def _softmin_of(m, l, inv_scale):
 
 @triton.jit
 def sinkhorn_tiles_kernel(
-    f_ptr, g_ptr, s_ptr, resid_ptr, loga_ptr, logb_ptr, ela_ptr, elb_ptr, active_ptr, omega_ptr, scal_ptr,
+    f_ptr, g_ptr, s_ptr, resid_ptr, loga_ptr, ela_ptr, elb_ptr, active_ptr, omega_ptr, scal_ptr,
     own_ptr, oth_ptr, c_ptr,
     n, m, n_steps,
     s_fb, s_gb, s_sb, s_ab, s_bb,
@@ -225,7 +226,7 @@ def sinkhorn_tiles_kernel(
     from ``C``, in every pass) and keeps the potentials in memory between passes:
     ``f_ptr``/``g_ptr`` are updated in place, ``s_ptr`` (B, n) is scratch for a row pass's
     softmins (stride ``s_sb``), ``ela_ptr``/``elb_ptr`` hold ``eps log a``, ``eps log b``
-    (strides ``s_ab``/``s_bb``, as ``loga_ptr``/``logb_ptr``). Each pass ends with a
+    (strides ``s_ab``/``s_bb``; ``loga_ptr``, stride ``s_ab``, the test's weights). Each pass ends with a
     barrier, since the next one reads what other threads of the program wrote.
 
     The passes are the streamed kernel's per-lane online log-sum-exp
@@ -385,11 +386,11 @@ def launch_sinkhorn_steps(
             **flags, BLOCK_N=bn, BLOCK_M=bm, num_warps=max(1, min(8, bn * bm // 512)),
         )
     else:
-        bn, bm, warps = tile_blocks(n, m, dt == torch.float64)
+        bn, bm, warps = tile_blocks(n, m)
         scratch = torch.empty(B, n, dtype=dt, device=ref.device)  # a row pass's softmins
         ela, elb = eps * loga, eps * logb  # the passes' biases, as the twin adds them
         sinkhorn_tiles_kernel[(B,)](
-            f_out, g_out, scratch, resid, loga, logb, ela, elb, active, omega_, scal, *op.pointer_args()[:3],
+            f_out, g_out, scratch, resid, loga, ela, elb, active, omega_, scal, *op.pointer_args()[:3],
             n, m, int(k),
             f_out.stride(0), g_out.stride(0), scratch.stride(0), loga.stride(0), logb.stride(0),
             *op.pointer_args()[3:],

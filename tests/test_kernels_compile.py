@@ -110,11 +110,11 @@ SCRIPT = textwrap.dedent(
     for dtype, flags in (("fp32", dict(D=3, COST=1, CHECK=True, RELAX=True)), ("fp32", dict(D=1, COST=0, CHECK=True)),
                          ("fp32", dict(D=64, COST=1, CHECK=True)),
                          ("fp64", dict(D=3, COST=1, EUCLID=True, SYMMETRIC=True, CHECK=True))):
-        bn, bm, warps = sinkhorn_steps.tile_blocks(4096, 4096, dtype == "fp64")
+        bn, bm, warps = sinkhorn_steps.tile_blocks(4096, 4096)
         cases.append((sinkhorn_steps.sinkhorn_tiles_kernel, dtype, dict(tiles, **flags, BLOCK_N=bn, BLOCK_M=bm,
                                                                         LOWEST=LOWEST[dtype]), warps))
     for dtype, n, m in (("fp32", 16, 16384), ("fp64", 3, 5000)):  # skinny problems: longer tiles
-        bn, bm, warps = sinkhorn_steps.tile_blocks(n, m, dtype == "fp64")
+        bn, bm, warps = sinkhorn_steps.tile_blocks(n, m)
         cases.append((sinkhorn_steps.sinkhorn_tiles_kernel, dtype, dict(tiles, D=3, COST=1, CHECK=True, BLOCK_N=bn,
                                                                         BLOCK_M=bm, LOWEST=LOWEST[dtype]), warps))
     # SNS's one-launch CG solve at the launcher's sizes (sparse_cg.block_sizes): narrow and wide rows

@@ -105,7 +105,7 @@ def test_float64_is_exact_to_rounding(launches):
     """float64 (32 x 64 tiles): exact to rounding."""
     geom, C64, la, lb, f0, g0 = problem("euclidean", 101, 67, seed=7)
     geom = otcore.PointCloud(geom.x.double(), geom.y.double(), cost="euclidean")
-    assert K.tile_blocks(101, 67, True)[0] == 32
+    assert K.tile_blocks(101, 67)[0] == 32
     eps = 0.02 * float(C64.amax())
     args = (la.double(), lb.double(), eps, (1.0, 1.0), 7, ACTIVE)
     ker = geom.sinkhorn_steps(f0.double(), g0.double(), *args, backend="triton")
@@ -148,7 +148,7 @@ def test_skinny_problems_run_long_tiles(kind, d, n, m, launches):
     """Past one tile through one long side: tiles longer along it (8 x 256 here), the same
     results as the twin and float64, with and without the test."""
     geom, C64, la, lb, f0, g0 = problem(kind, n, m, d, seed=13)
-    assert not K.fits(n, m) and max(K.tile_blocks(n, m, False)[:2]) == 256
+    assert not K.fits(n, m) and max(K.tile_blocks(n, m)[:2]) == 256
     eps = 0.05 * float(C64.amax())
     ker, twin, ref = run_all(geom, C64, la, lb, f0, g0, eps, (1.0, 1.0), 4)
     scale = float(C64.amax())

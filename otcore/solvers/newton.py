@@ -189,7 +189,7 @@ class _Solve:
 
     def __init__(self, pb: Problem, f: torch.Tensor, g: torch.Tensor, progress: Progress, cold: bool):
         self.pb, self.f, self.g, self.progress = pb, f, g, progress
-        self.bias = None
+        self.bias = (pb.eps * pb.loga, pb.eps * pb.logb)  # eps log a, eps log b: once per solve
         self.cold = cold  # f, g are the zeros of no warm start (see sinkhorn._iterate)
         B, dev = pb.geom.batch, pb.geom.device
         self.passed = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -208,8 +208,6 @@ class _Solve:
 
     # --- pieces -------------------------------------------------------------
     def _biased(self, f, g):
-        if self.bias is None:  # eps log a, eps log b: once per solve
-            self.bias = (self.pb.eps * self.pb.loga, self.pb.eps * self.pb.logb)
         return f + self.bias[0], g + self.bias[1]
 
     def _marginals(self, f, g):
