@@ -331,6 +331,17 @@ def plan_topk(geom, F, G, eps: float, k: int, precision: str = "fp32") -> tuple[
 GRAD_DIFF_MAX_D = 8
 
 
+def live_mean(geom, F, G) -> torch.Tensor:
+    """Per problem, the joint mean of the points of positive weight (biased potential
+    ``> -inf``), (B,1,d): the centre of :func:`plan_cost_grad`'s product form. Zero-weight
+    points are left out because far padding would move the centre away from the points
+    that carry the mass, and the shifted coordinates would lose their digits."""
+    x, y = geom.x, geom.y
+    wx, wy = (F > -math.inf).to(x.dtype)[..., None], (G > -math.inf).to(y.dtype)[..., None]
+    count = wx.sum(1, keepdim=True) + wy.sum(1, keepdim=True)
+    return ((x * wx).sum(1, keepdim=True) + (y * wy).sum(1, keepdim=True)) / count.clamp_min(1)
+
+
 def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[torch.Tensor, ...]:
     """Derivative of ``<P, C>`` with respect to the cost's inputs, ``P`` held fixed.
 
@@ -344,15 +355,16 @@ def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[tor
       the two terms cancel where the plan sits on near-coincident pairs, the more so as
       ``W ~ 1/C`` for the Euclidean cost;
     - past it, in that product form (one matrix product with ``[1, y]`` per block, ``d``
-      times cheaper than per-entry differences) on the clouds centred at their joint
-      mean, which keeps the terms from cancelling large numbers far from the origin.
+      times cheaper than per-entry differences) on the clouds centred at the joint mean
+      of their points of positive weight (:func:`live_mean`), which keeps the terms from
+      cancelling large numbers far from the origin.
     """
     if geom.is_dense:
         return (plan_dense(geom, F, G, eps),)
     k = _LOG2E / eps
     euclid = geom.cost == "euclidean"
     per_entry = geom.d <= GRAD_DIFF_MAX_D
-    mu = 0.0 if per_entry else (geom.x.sum(1, keepdim=True) + geom.y.sum(1, keepdim=True)) / (geom.n + geom.m)
+    mu = 0.0 if per_entry else live_mean(geom, F, G)
     grads = []
     for axis, (own, far) in ((1, (geom.x, geom.y)), (0, (geom.y, geom.x))):
         Fl, Go = sides(F * k, G * k, axis)

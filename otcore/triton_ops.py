@@ -6,10 +6,13 @@ geometry and a pass direction into a :class:`~otcore.kernels.softmin.CostOperand
 whole batch. On CPU tensors the kernels run under the Triton interpreter
 (``TRITON_INTERPRET=1``).
 
-Point clouds are centred first: both clouds of a problem are shifted by their
-joint mean, which leaves ``|x_i - y_j|`` unchanged but keeps ``|x|^2 + |y|^2 -
-2 x.y`` (the tensor-core path) from cancelling large numbers. The centred copies
-are computed once per geometry and cached (weakly, they die with the geometry).
+The tensor-core path (``|x|^2 + |y|^2 - 2 x.y``) runs on centred clouds: both clouds
+of a problem shifted by their joint mean, which leaves ``|x_i - y_j|`` unchanged but
+keeps the expansion from cancelling large numbers. Direct differences read the points
+as given (contiguous copies where they are not): a shift can only round them, and a
+far zero-weight padding point would move the joint mean far from the points that
+carry mass. Both copies are made once per geometry and cached (weakly, they die with
+the geometry).
 
 Under ``torch.compile`` every launch goes through a ``torch.library`` custom op
 (``otcore::softmin``, ``otcore::plan_reduce``, ``otcore::plan_topk``,
@@ -36,18 +39,32 @@ from .kernels import softmin as _softmin
 _CENTRED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _cached(geom, key, make):
+    """``make()`` once per geometry and input versions (recomputed after an in-place
+    change of the inputs; inside a compiled graph always, as part of the graph)."""
+    if torch.compiler.is_compiling():
+        return make()
+    geom.x  # noqa: B018 -- reloads the geometry (new versions) after an in-place change
+    hit = _CENTRED.get(geom)
+    if hit is None or hit[0] != geom.loaded_versions:
+        hit = _CENTRED[geom] = (geom.loaded_versions, {})
+    if key not in hit[1]:
+        hit[1][key] = make()
+    return hit[1][key]
+
+
 def centred_points(geom) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x - mu, y - mu)`` with ``mu`` the joint mean of both clouds of each problem, (B,1,d)."""
-    compiling = torch.compiler.is_compiling()
-    x, y = geom.x, geom.y  # reloaded by the geometry after an in-place change of its inputs
-    hit = None if compiling else _CENTRED.get(geom)
-    if hit is not None and hit[0] == geom.loaded_versions:
-        return hit[1]
-    mu = (x.sum(1, keepdim=True) + y.sum(1, keepdim=True)) / (geom.n + geom.m)
-    out = ((x - mu).contiguous(), (y - mu).contiguous())
-    if not compiling:  # inside a compiled graph the centring is part of the graph
-        _CENTRED[geom] = (geom.loaded_versions, out, {})
-    return out
+    def make():
+        x, y = geom.x, geom.y
+        mu = (x.sum(1, keepdim=True) + y.sum(1, keepdim=True)) / (geom.n + geom.m)
+        return (x - mu).contiguous(), (y - mu).contiguous()
+    return _cached(geom, "centred", make)
+
+
+def direct_points(geom) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` as given, contiguous (B,n,d), (B,m,d): the direct-difference paths' operands."""
+    return _cached(geom, "direct", lambda: (geom.x.contiguous(), geom.y.contiguous()))
 
 
 def squared_spread(geom) -> float:
@@ -57,25 +74,20 @@ def squared_spread(geom) -> float:
     cannot read it), which keeps the d-based choice there."""
     if torch.compiler.is_compiling():
         return 0.0
-    xc, yc = centred_points(geom)
-    extra = _CENTRED[geom][2]
-    if "spread" not in extra:
-        extra["spread"] = float((xc.square().sum(2).amax(1) + yc.square().sum(2).amax(1)).max())
-    return extra["spread"]
+    def make():
+        xc, yc = centred_points(geom)
+        return float((xc.square().sum(2).amax(1) + yc.square().sum(2).amax(1)).max())
+    return _cached(geom, "spread", make)
 
 
 def centred_features(geom, input_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The centred clouds' :func:`~otcore.kernels.softmin.dot_features` (the tensor-core
     path's operands), ``(x, y)``; computed once per geometry and precision (cached with
     the centred points), in the graph while compiling."""
-    xc, yc = centred_points(geom)
-    if torch.compiler.is_compiling():
+    def make():
+        xc, yc = centred_points(geom)
         return _softmin.dot_features(xc, input_precision), _softmin.dot_features(yc, input_precision)
-    extra = _CENTRED[geom][2]
-    key = ("features", input_precision)
-    if key not in extra:
-        extra[key] = (_softmin.dot_features(xc, input_precision), _softmin.dot_features(yc, input_precision))
-    return extra[key]
+    return _cached(geom, ("features", input_precision), make)
 
 
 # ---------------------------------------------------------------------------
@@ -195,20 +207,24 @@ def operand(geom, axis: int, precision: str, eps: float) -> _softmin.CostOperand
     """The cost seen from the output side of an ``axis`` pass: rows (x) for ``axis=1``,
     columns (y, or C read transposed) for ``axis=0``. In ``"fp32"`` past
     ``DIRECT_MAX_D`` the expansion is used only where its rounding is small against
-    ``eps`` (:func:`otcore.kernels.softmin.point_cost_mode`)."""
+    ``eps`` (:func:`otcore.kernels.softmin.point_cost_mode`). The expansion reads the
+    centred clouds, direct differences the points as given (:func:`direct_points`)."""
     if geom.is_dense:
         return _softmin.dense_operand(geom.C, transposed=axis == 0)
-    xc, yc = centred_points(geom)
     euclidean = geom.cost == "euclidean"
+    dtype = geom.x.dtype
     spread = 0.0
-    if precision == "fp32" and geom.d > _softmin.DIRECT_MAX_D and xc.dtype != torch.float64:
+    if precision == "fp32" and geom.d > _softmin.DIRECT_MAX_D and dtype != torch.float64:
         spread = squared_spread(geom)
-    mode, ip = _softmin.point_cost_mode(precision, geom.d, xc.dtype, spread, float(eps), euclidean)
-    feats = centred_features(geom, ip) if mode == _softmin.COST_DOT else None
+    mode, ip = _softmin.point_cost_mode(precision, geom.d, dtype, spread, float(eps), euclidean)
+    if mode == _softmin.COST_DOT:
+        (xs, ys), feats = centred_points(geom), centred_features(geom, ip)
+    else:
+        (xs, ys), feats = direct_points(geom), None
     if axis == 0:
-        xc, yc = yc, xc
+        xs, ys = ys, xs
         feats = feats[::-1] if feats is not None else None
-    return _softmin.point_operand(xc, yc, euclidean, precision, mode=mode, features=feats)
+    return _softmin.point_operand(xs, ys, euclidean, precision, mode=mode, features=feats)
 
 
 def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32",
@@ -256,8 +272,8 @@ def sinkhorn_steps(geom, f, g, loga, logb, eps: float, tau: tuple[float, float],
         if geom.is_dense:
             op = _softmin.dense_operand(geom.C, transposed=False)
         else:
-            xc, yc = centred_points(geom)
-            op = _softmin.point_operand(xc, yc, geom.cost == "euclidean", precision, mode=_softmin.COST_DIRECT)
+            op = _softmin.point_operand(*direct_points(geom), geom.cost == "euclidean", precision,
+                                        mode=_softmin.COST_DIRECT)
         return _steps.launch_sinkhorn_steps(op, f, g, loga, logb, float(eps), tau, k, active, symmetric, check, omega)
     return reference.sinkhorn_steps(geom, f, g, loga, logb, eps, tau, k, active, symmetric, check,
                                     precision, softmin=softmin, update=softmin_update, omega=omega)
@@ -328,24 +344,31 @@ def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[tor
       written as ``x_i (W1)_i - (W y)_i`` the two terms cancel where the plan sits on
       near-coincident pairs, the more so as ``W ~ 1/C`` for the Euclidean cost;
     - past it (where a per-entry difference costs ``d`` times more), that product form
-      on the centred clouds (centring keeps its terms from cancelling large numbers).
+      on the clouds centred at the mean of their points of positive weight
+      (:func:`otcore.reference.live_mean`; centring keeps its terms from cancelling
+      large numbers).
     """
     _check(precision)
     if geom.is_dense:
         return (plan_dense(geom, F, G, eps, precision),)
     euclid = geom.cost == "euclidean"
     weight, factor = (_plan.WEIGHT_P_OVER_C, 1.0) if euclid else (_plan.WEIGHT_P, 2.0)
+    diff = geom.d <= reference.GRAD_DIFF_MAX_D
+    if not diff:
+        mu = reference.live_mean(geom, F, G)
+        centred = (geom.x - mu, geom.y - mu)
     grads = []
     for axis in (1, 0):
         own, oth = reference.sides(F, G, axis)
-        if geom.d <= reference.GRAD_DIFF_MAX_D:
-            x, y = (geom.x, geom.y) if axis == 1 else (geom.y, geom.x)
+        if diff:
+            x, y = direct_points(geom)[:: 1 if axis == 1 else -1]
             op = _softmin.point_operand(x, y, euclid, precision, mode=_softmin.COST_DIRECT)
             grads.append(factor * _launch_reduce(op, own, oth, float(eps), weight=weight, diff=True)[0])
         else:
-            op = operand(geom, axis, precision, eps)
-            WV, W1 = _launch_reduce(op, own, oth, float(eps), V=op.oth, with_sum=True, weight=weight)
-            grads.append(factor * (op.own * W1[..., None] - WV))
+            xc, yc = centred[:: 1 if axis == 1 else -1]
+            WV, W1 = _launch_reduce(operand(geom, axis, precision, eps), own, oth, float(eps), V=yc,
+                                    with_sum=True, weight=weight)
+            grads.append(factor * (xc * W1[..., None] - WV))
     return tuple(grads)
 
 
