@@ -499,8 +499,11 @@ def loss_layer(device, args, rows_out, save=lambda: None):
             save()
 
 
-#: SinkhornLoss tolerances tried, loosest first, for the equal-accuracy comparison
-LOSS_TOLS = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
+#: SinkhornLoss tolerances tried, loosest first, for the equal-accuracy comparison. The
+#: loosest ones stop at the first test after the eps-scaling stages (an L1 marginal error
+#: is at most 2): on the CPU at n = 2000 (``eps = 0.005``), tol 1 ran 11 iterations per solve
+#: and erred 2.3e-1 / 6.2e-1 (value / gradient) against float64, GeomLoss s = 0.5 5.8e-1 / 9.1e-1.
+LOSS_TOLS = (1.0, 0.3, 0.1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 
 
 def equal_accuracy(x, y, eps, runner, theirs, ms_theirs, scaling, ref, device, rows_out):
