@@ -454,6 +454,45 @@ def test_zero_weight_potential_is_the_weight_gradient(formulation, axis):
     assert float(ga @ d) == pytest.approx(fd, abs=1e-4)
 
 
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_zero_weights_on_both_sides_give_the_weight_gradients(formulation, axis):
+    """Both clouds padded with zero-weight points at the origin (cost 0 between the pads).
+    The boundary dual of a zero-weight position ran over the zero-weight lines too, and a
+    zero-weight line's multiplier took the top score over the zero-weight positions too:
+    the pads set each other's duals through their cheap mutual costs, and d value / d
+    weight came out -0.246 and -0.336 against +2.857 and +3.073 by finite differences
+    (axis 0 and 1 disagreeing), with converged True."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(5, 2, generator=g, dtype=F64) + 1, torch.zeros(2, 2, dtype=F64)])
+    y = torch.cat([torch.rand(4, 2, generator=g, dtype=F64) + 1, torch.zeros(2, 2, dtype=F64)])
+    a0 = torch.tensor([0.2] * 5 + [0.0] * 2, dtype=F64)
+    b0 = torch.tensor([0.25] * 4 + [0.0] * 2, dtype=F64)
+    kw = dict(k=7, gamma=0.5, tol=1e-11, max_iter=5000, formulation=formulation, axis=axis, backend="torch")
+    geom = otcore.PointCloud(x, y)
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    r = otcore.sparse_ot(geom, a, b, **kw)
+    ga, gb = torch.autograd.grad(r.value, (a, b))
+    assert r.converged
+    h = 1e-7
+    for grad, w0, pad in ((ga, a0, 5), (gb, b0, 4)):
+        d = torch.zeros_like(w0)
+        d[pad], d[0] = 1.0, -1.0  # mass from point 0 onto a pad
+        moved = (a0 + h * d, b0) if w0 is a0 else (a0, b0 + h * d)
+        fd = (float(otcore.sparse_ot(geom, *moved, **kw).value) - float(r.value.detach())) / h
+        assert float(grad @ d) == pytest.approx(fd, abs=1e-5)
+    # the pad's dual is its boundary over the lines with mass (docs/sparse_ot.md)
+    C = torch.cdist(x, y) ** 2
+    pos, lines, line_w = (r.alpha, r.beta, b0) if axis == 0 else (r.beta, r.alpha, a0)
+    Cl = C if axis == 0 else C.T
+    pad = 5 if axis == 0 else 4
+    assert float(pos[pad]) == pytest.approx(float((Cl[pad] - lines)[line_w > 0].min()), abs=1e-9)
+    if formulation == "semi-dual":  # the Triton path (interpreter on the CPU): the same duals
+        rt = otcore.sparse_ot(geom, a0, b0, **dict(kw, backend="triton"))
+        torch.testing.assert_close(rt.alpha[5:], r.alpha[5:].detach(), rtol=0, atol=1e-8)
+        torch.testing.assert_close(rt.beta[4:], r.beta[4:].detach(), rtol=0, atol=1e-8)
+
+
 def test_zero_weight_points_get_no_mass_after_their_boundary_dual():
     """The boundary dual of a zero-weight point must stay strictly below the k-th weighted
     score: at a tie the top-k selection (first in position order) gave it a slot and mass

@@ -286,7 +286,12 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
       at which the position would start to receive mass, the hard c-transform
       ``min_l (C_rl + max(-beta_l, s_l))``, ``s_l`` the line's k-th largest score of the
       weighted positions (``-inf`` when a zero-weight position holds one of the k
-      slots); the plan does not change.
+      slots); the plan does not change. Only lines with mass count: a zero-weight line
+      cannot take mass from the position.
+    - Likewise a zero-weight line's multiplier, ``dvalue/d(line weight)``, is set from the
+      positions that have mass, ``-max_r (alpha_r - C_rl)`` over ``a_r > 0``: the pass
+      takes the top score over every position, and a zero-weight position (its potential
+      just set from the other lines) cannot give the line mass.
     """
     kw = dict(backend=pb.backend, precision=pb.precision)
     zero = pb.wp == 0
@@ -301,6 +306,8 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     kth = torch.where(live, scores, torch.inf).amin(-1)
     kth = torch.where(live.all(-1), kth, -torch.inf)
     h = torch.minimum(out.beta, -kth)  # -max(-beta, s)
+    zero_lines = pb.wl == 0
+    h = torch.where(zero_lines, -torch.inf, h)  # out of the minimum
     # a softmin at an eps of a few rounding steps of the scores is the hard minimum (eps is one
     # number for the batch: the smallest problem's, which only makes the others' minima
     # sharper); a margin of a few more steps keeps the point strictly out of the top k (at a
@@ -310,7 +317,12 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     small = max(float(big.min()), 1e-20 * float(big.max()), 1e-30)
     edge = pb.geom.softmin(h, 16 * u * small, 1 - pb.axis, backend=pb.backend, precision="fp32")
     hp = torch.where(zero, (edge - 64 * u * big[:, None]).to(hp.dtype), hp)
-    return hp, pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
+    out = pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
+    if pb.zeros[1 - pb.axis]:  # zero-weight lines too: min_r (C_rl - alpha_r) over the positions with mass
+        top = pb.geom.softmin(torch.where(zero, -torch.inf, hp), 16 * u * small, pb.axis, backend=pb.backend,
+                              precision="fp32")
+        out = out._replace(beta=torch.where(zero_lines, top.to(out.beta.dtype), out.beta))
+    return hp, out
 
 
 _REASONS = {0: "gradient norm <= tol", 1: "max_iter reached", 2: "line search failed", 3: "non-finite values",
