@@ -314,7 +314,7 @@ def _clouds(args, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 _METHOD_FLAGS = {
     "eps": ("sinkhorn", "newton"),
     "rho": ("sinkhorn",),
-    "eps_schedule": ("sinkhorn",),
+    "eps_schedule": ("sinkhorn", "newton"),
     "check_every": ("sinkhorn",),
     "cuda_graph": ("sinkhorn",),
     "warmup_iter": ("newton",),
@@ -326,7 +326,6 @@ _METHOD_FLAGS = {
 }
 _WHY_NOT = {
     ("rho", "newton"): "Sinkhorn-Newton-Sparse solves balanced OT only; use --method sinkhorn for unbalanced OT",
-    ("eps_schedule", "newton"): "Sinkhorn-Newton-Sparse has no eps scaling; its Sinkhorn warm-up is set by --warmup-iter",
     ("eps", "sparse"): "sparse OT is regularized by --gamma (quadratic), not by an entropic eps",
 }
 _DEFAULT_EPS = 0.05
@@ -403,6 +402,8 @@ def run_solve(args) -> int:
         kw.update(eps=eps, sparsity=args.sparsity)
         if args.warmup_iter is not None:
             kw.update(warmup_iter=args.warmup_iter)
+        if args.eps_schedule is not None:  # else the solver's default (geometric)
+            kw.update(eps_schedule=_schedule(args.eps_schedule))
     else:
         solver = sparse_ot
         kw.update(k=args.k, gamma=args.gamma, formulation=args.formulation or "semi-dual",
@@ -487,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = s.add_argument_group("sinkhorn and newton")
     e.add_argument("--eps", type=float, default=None, help=f"entropic regularization (default {_DEFAULT_EPS})")
     e.add_argument("--rho", type=float, default=None, help="KL marginal penalty (unbalanced; sinkhorn only)")
-    e.add_argument("--eps-schedule", default=None, help="none | geometric | decay factor in (0,1) (sinkhorn only)")
+    e.add_argument("--eps-schedule", default=None, help="none | geometric | decay factor in (0,1) (sinkhorn: none by default; newton: "
+                   "of its warm-up, geometric by default)")
     e.add_argument("--check-every", type=int, default=None, help="iterations between convergence checks (sinkhorn only; default 10)")
     e.add_argument("--cuda-graph", action="store_const", const=True, default=None,
                    help="replay the iterations between checks from a CUDA graph (sinkhorn only; CUDA tensors)")

@@ -247,9 +247,8 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["solve", "--n", "10", "--m", "0"], "--m must be an integer >= 1, got 0"),
         (["solve", "--n", "10", "--d", "0"], "--d must be an integer >= 1, got 0"),
         (["solve", "--n", "10", "--check-every", "0"], "--check-every must be an integer >= 1"),
-        # newton is balanced SNS: no unbalanced, no eps scaling, no sinkhorn checks
+        # newton is balanced SNS: no unbalanced, no sinkhorn checks
         (["solve", "--n", "10", "--method", "newton", "--rho", "0.5"], "--rho does not apply to --method newton"),
-        (["solve", "--n", "10", "--method", "newton", "--eps-schedule", "geometric"], "--eps-schedule does not apply to --method newton"),
         (["solve", "--n", "10", "--method", "newton", "--check-every", "5"], "--check-every does not apply to --method newton"),
         (["solve", "--n", "10", "--method", "newton", "--cuda-graph"], "--cuda-graph does not apply to --method newton"),
         (["solve", "--n", "10", "--method", "newton", "--warmup-iter", "-1"], "--warmup-iter must be an integer >= 0"),
@@ -399,7 +398,9 @@ def test_solve_newton_sns_knobs_and_stages(capsys, clouds):
     s = run_json(capsys, *flags, "--warmup-iter", "3", "--sparsity", "6")
     direct = otcore.sinkhorn_newton(geom, eps=0.02, tol=1e-8, max_iter=1000, warmup_iter=3, sparsity=6, verbose=False)
     assert s["method"] == "newton" and s["converged"] is True and s["marginal_error"] <= 1e-8
-    assert s["warmup_iter"] == 3 and s["sparsity"] == 6
+    stages = direct.info["eps_stages"]  # the warm-up's eps scaling (geometric by default)
+    assert len(stages) > 0
+    assert s["warmup_iter"] == 3 + len(stages) and s["sparsity"] == 6
     for key in ("warmup_iter", "newton_iter", "fallback_iter", "cg_iter", "line_search_evals", "sparsity"):
         assert s[key] == direct.info[key], key
     assert s["newton_iter"] > 0 and s["cg_iter"] > 0
@@ -410,7 +411,11 @@ def test_solve_newton_sns_knobs_and_stages(capsys, clouds):
 
     # without the flags the solver's defaults apply (warm-up up to 20 iterations, adaptive s)
     d = run_json(capsys, *flags)
-    assert 3 < d["warmup_iter"] <= 20 and d["sparsity"] != 6
+    assert 3 + len(stages) < d["warmup_iter"] <= 20 + len(stages) and d["sparsity"] != 6
+    # --eps-schedule none: the warm-up at the target eps only
+    flat = run_json(capsys, *flags, "--warmup-iter", "3", "--eps-schedule", "none")
+    assert flat["warmup_iter"] == 3
+    assert flat["value"] == pytest.approx(d["value"], rel=1e-10)
     # --warmup-iter 0 skips the warm-up (0 is a value, not "the default")
     z = run_json(capsys, *flags, "--warmup-iter", "0")
     assert z["warmup_iter"] == 0 and z["converged"] is True
@@ -418,7 +423,8 @@ def test_solve_newton_sns_knobs_and_stages(capsys, clouds):
 
 
 def test_solve_newton_table_shows_stages(capsys):
-    assert main(["solve", "--method", "newton", "--n", "30", "--eps", "0.1", "--device", "cpu", "--warmup-iter", "4"]) == 0
+    assert main(["solve", "--method", "newton", "--n", "30", "--eps", "0.1", "--device", "cpu", "--warmup-iter", "4",
+                 "--eps-schedule", "none"]) == 0
     rows = dict(re.findall(r"^  (\S+)\s+(\S.*)$", capsys.readouterr().out, re.M))
     assert rows["method"] == "newton" and rows["warmup_iter"] == "4" and rows["rho"] == "None"
     for key in ("newton_iter", "fallback_iter", "cg_iter", "line_search_evals", "sparsity", "time_newton_s"):
