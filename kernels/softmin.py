@@ -592,15 +592,24 @@ class CostOperand:
 #: plan's entries ``exp((F + G - C)/eps)`` move by at most ~0.1%. Beyond, direct differences.
 EXPANSION_MAX_ERROR = 1e-3
 
+#: ``precision="tf32"`` (the opt-in fast mode, any d) expands while its rounding bound is
+#: at most this many ``eps``; beyond, the plan's entries could be off by more than a factor
+#: ``e`` and carry no information, so it takes direct differences. This guards against
+#: clouds far apart relative to their size, and far zero-weight padding (which the centring
+#: counts): three pads at 1e8 once gave a value 2e7 times too large with ``converged`` True.
+TF32_MAX_ERROR = 1.0
 
-def expansion_error(sq_spread: float, euclidean: bool) -> float:
+
+def expansion_error(sq_spread: float, euclidean: bool, tf32: bool = False) -> float:
     """Rounding of ``C`` computed as ``|x|^2 + |y|^2 - 2 x.y`` on centred clouds whose
     largest squared norms add up to ``sq_spread``: ~2^-22 of it (3xTF32 products and
     float32 sums; the interpreter's exact-float32 dot measured the same order), and its
     square root for the Euclidean cost (``sqrt`` of an error near ``C = 0``). It grows with
     the clouds' spread, not with the distances that carry the plan: clusters far apart
-    (relative to their size) make it large where direct differences stay exact."""
-    err = 2.0**-22 * sq_spread
+    (relative to their size) make it large where direct differences stay exact.
+    ``tf32``: a plain tf32 dot, operands rounded to 2^-11: ``2 |x.y|`` errs up to
+    ~2^-10 ``|x| |y|``, bounded by 2^-10 of ``sq_spread``."""
+    err = (2.0**-10 if tf32 else 2.0**-22) * sq_spread
     return math.sqrt(err) if euclidean else err
 
 
@@ -609,7 +618,8 @@ def point_cost_mode(precision: str, d: int, dtype: torch.dtype, sq_spread: float
     """How a point-cloud cost tile is computed: ``(COST_*, tl.dot input precision)``.
 
     - float64: direct differences (FMA), exact to float64 rounding.
-    - ``"tf32"``: the expansion with a plain tf32 dot (fast, ~1e-3 relative error).
+    - ``"tf32"``: the expansion with a plain tf32 dot (fast, ~1e-3 relative error) while
+      its rounding bound is at most ``TF32_MAX_ERROR * eps``, else direct differences.
     - ``"fp32"``: direct differences up to :data:`DIRECT_MAX_D` coordinates; beyond, the
       expansion with a 3xTF32 dot on centred coordinates if its rounding
       (:func:`expansion_error` of ``sq_spread``) is at most ``EXPANSION_MAX_ERROR * eps``,
@@ -618,6 +628,8 @@ def point_cost_mode(precision: str, d: int, dtype: torch.dtype, sq_spread: float
     if dtype == torch.float64:
         return COST_DIRECT, "ieee"
     if precision == "tf32":
+        if expansion_error(sq_spread, euclidean, tf32=True) > TF32_MAX_ERROR * eps:
+            return COST_DIRECT, "tf32"
         return COST_DOT, "tf32"
     if d <= DIRECT_MAX_D or expansion_error(sq_spread, euclidean) > EXPANSION_MAX_ERROR * eps:
         return COST_DIRECT, "tf32x3"

@@ -214,8 +214,8 @@ def operand(geom, axis: int, precision: str, eps: float) -> _softmin.CostOperand
     euclidean = geom.cost == "euclidean"
     dtype = geom.x.dtype
     spread = 0.0
-    if precision == "fp32" and geom.d > _softmin.DIRECT_MAX_D and dtype != torch.float64:
-        spread = squared_spread(geom)
+    if dtype != torch.float64 and (precision == "tf32" or geom.d > _softmin.DIRECT_MAX_D):
+        spread = squared_spread(geom)  # the expansion's guard (fp32 past DIRECT_MAX_D; tf32 always)
     mode, ip = _softmin.point_cost_mode(precision, geom.d, dtype, spread, float(eps), euclidean)
     if mode == _softmin.COST_DOT:
         (xs, ys), feats = centred_points(geom), centred_features(geom, ip)

@@ -321,6 +321,27 @@ def test_far_zero_weight_padding_keeps_float32_digits(monkeypatch, d, path):
         assert res.plan()[n:].abs().max() == 0, backend
 
 
+@pytest.mark.parametrize("d", [3, 12])
+def test_tf32_with_far_zero_weight_padding_takes_direct_differences(monkeypatch, d):
+    """precision="tf32" always expanded |x|^2 + |y|^2 - 2 x.y on clouds centred at the mean
+    of all points: with three zero-weight pads at 1e8 the value came out 2e7 times too
+    large (d = 12) with converged True (adversarial review). tf32 now expands only where
+    its rounding bound is at most eps; the unpadded problem keeps the expansion."""
+    monkeypatch.setattr(KS, "SMALL_MAX_ELEMENTS", 0)  # the streamed passes (the one-launch
+    monkeypatch.setattr(KS, "TILES_MAX_WORK", 0)      # kernels always take direct differences)
+    g = torch.Generator().manual_seed(3)
+    x, y, pad = rand(11, d, generator=g), rand(9, d, generator=g), 1e8 + rand(3, d, generator=g)
+    a = torch.full((11,), 1 / 11, device=DEVICE)
+    kw = dict(eps=0.05, tol=1e-5, eps_schedule=None)
+    ref = otcore.sinkhorn(otcore.PointCloud(x.double(), y.double()), backend="torch", **kw)
+    padded = otcore.PointCloud(torch.cat([x, pad]), y)
+    res = otcore.sinkhorn(padded, torch.cat([a, a.new_zeros(3)]), backend="triton", precision="tf32", **kw)
+    assert bool(res.converged)
+    assert relerr(res.value, ref.value) < 1e-5
+    assert triton_ops.operand(padded, 1, "tf32", 0.05).mode == otcore.kernels.softmin.COST_DIRECT
+    assert triton_ops.operand(otcore.PointCloud(x, y), 1, "tf32", 0.05).mode == otcore.kernels.softmin.COST_DOT
+
+
 @pytest.mark.parametrize("n,m", [(17, 19), (17, 17), (70, 70)])
 def test_loss_gradient_through_kernels_matches_torch_backend(n, m):
     """Equal sizes: the two self-transport terms are one batched solve (the one-tile

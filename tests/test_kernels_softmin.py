@@ -98,7 +98,11 @@ def test_precision_modes_pick_documented_paths():
     assert K.point_cost_mode("fp32", 64, torch.float32, sq_spread=32.0, eps=0.05)[0] == K.COST_DOT
     assert K.point_cost_mode("fp32", 64, torch.float32, sq_spread=5000.0, eps=1e-3)[0] == K.COST_DIRECT
     assert K.point_cost_mode("fp32", 64, torch.float32, sq_spread=32.0, eps=0.05, euclidean=True)[0] == K.COST_DIRECT
-    assert K.point_cost_mode("tf32", 64, torch.float32, sq_spread=5000.0, eps=1e-3)[0] == K.COST_DOT  # opt-in
+    # tf32 (opt-in) expands while its rounding bound, 2^-10 of the spread, is at most eps
+    assert K.point_cost_mode("tf32", 64, torch.float32, sq_spread=32.0, eps=0.05)[0] == K.COST_DOT
+    assert K.point_cost_mode("tf32", 3, torch.float32, sq_spread=2.0, eps=1e-2)[0] == K.COST_DOT
+    assert K.point_cost_mode("tf32", 64, torch.float32, sq_spread=5000.0, eps=1e-3)[0] == K.COST_DIRECT
+    assert K.point_cost_mode("tf32", 3, torch.float32, sq_spread=1e15, eps=0.05)[0] == K.COST_DIRECT  # far padding
 
 
 def clusters(d, seed=31):
