@@ -139,6 +139,26 @@ def test_zero_weight_potentials_are_the_soft_transform_of_the_returned_g(rho):
     assert abs(float(grad @ d) - float(fd[1] - fd[0]) / h) <= 1e-5 * abs(float(grad @ d))
 
 
+def test_a_plan_the_dtype_cannot_resolve_is_not_converged():
+    """float32 costs near 1e6 at eps = 0.05: the marginals, computed with the iterations'
+    own rounding, read 1.4e-7 while plan() missed a by 0.58 and converged was True
+    (adversarial review). Past 1% of rounding per plan entry the result is not converged
+    and the warning says why; the shifted cost (same plan) converges."""
+    g = torch.Generator().manual_seed(0)
+    U = torch.rand(23, 19, generator=g)
+    for solve in (otcore.sinkhorn, otcore.sinkhorn_newton):
+        kw = dict(eps=0.05, tol=1e-5, **T)
+        with pytest.warns(ConvergenceWarning, match=r"eps=0.05 is below what float32 resolves of f \+ g - C .*"
+                                                    r"subtract C.min\(\) \(the plan does not change\)"):
+            bad = solve(otcore.CostMatrix(1e6 + U), **kw)
+        assert not bad.converged
+        shifted = (1e6 + U) - (1e6 + U).min()  # exact in float32: the cost as stored, U rounded to 1/16
+        good = solve(otcore.CostMatrix(shifted), **kw)
+        assert good.converged
+        P64 = otcore.sinkhorn(otcore.CostMatrix(shifted.double()), eps=0.05, tol=1e-12, **T).plan()
+        assert float((good.plan().double() - P64).abs().max() / P64.max()) < 1e-3
+
+
 def test_far_zero_weight_padding_leaves_the_schedule_and_diameter_alone():
     """Padding points at 1e5 stretched the diameter to 2e10: the geometric schedule's first
     stage left float32 potentials with a common offset of ~1800 and the solve unconverged.
