@@ -212,7 +212,8 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
     rounding = (f"rounding at eps={eps:g} in {dt} (about {floor:.1e}, with |f|, |g| up to {pot:.3g}): "
                 f"ask for a larger tol, or {wider}a larger eps, or rescale the cost")
     masses = pb.A.sum(-1) + pb.Bw.sum(-1)
-    unresolved = ~converged & (marginal_floor(pb, f, g) > UNRESOLVED * masses)
+    # marginals that look met (else the messages below say by how much they miss)
+    unresolved = ~converged & (marginal_floor(pb, f, g) > UNRESOLVED * masses) & (resid <= 2 * tol)
     if bool(unresolved.any()):
         share = float((marginal_floor(pb, f, g) / masses)[unresolved].max())
         shift = "subtract C.min() (the plan does not change), " if pb.geom.is_dense else ""
