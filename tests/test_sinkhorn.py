@@ -142,8 +142,8 @@ def test_zero_weight_potentials_are_the_soft_transform_of_the_returned_g(rho):
 def test_a_plan_the_dtype_cannot_resolve_is_not_converged():
     """float32 costs near 1e6 at eps = 0.05: the marginals, computed with the iterations'
     own rounding, read 1.4e-7 while plan() missed a by 0.58 and converged was True
-    (adversarial review). Past 1% of rounding per plan entry the result is not converged
-    and the warning says why; the shifted cost (same plan) converges."""
+    (adversarial review). Past 1% of rounding per plan entry (and 10 tol) the result is not
+    converged and the warning says why; the shifted cost (same plan) converges."""
     g = torch.Generator().manual_seed(0)
     U = torch.rand(23, 19, generator=g)
     for solve in (otcore.sinkhorn, otcore.sinkhorn_newton):
@@ -157,6 +157,13 @@ def test_a_plan_the_dtype_cannot_resolve_is_not_converged():
         assert good.converged
         P64 = otcore.sinkhorn(otcore.CostMatrix(shifted.double()), eps=0.05, tol=1e-12, **T).plan()
         assert float((good.plan().double() - P64).abs().max() / P64.max()) < 1e-3
+    # the rounding estimate errs high: a tol within 10x of it is left to the marginal test
+    # (float32 clouds 60 apart at eps 0.2: estimate 2.6e-2, the plan's marginals summed in
+    # float64 2.4e-3; a tol of 1e-2 was reported not converged, review)
+    x, y = torch.rand(40, 3, generator=g), torch.rand(35, 3, generator=g) + 60
+    loose = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.2, tol=1e-2, eps_schedule="geometric", **T)
+    P = loose.plan().double()
+    assert loose.converged and float((P.sum(1) - 1 / 40).abs().sum() + (P.sum(0) - 1 / 35).abs().sum()) <= 1e-2
 
 
 def test_far_zero_weight_padding_leaves_the_schedule_and_diameter_alone():

@@ -9,11 +9,11 @@ concave, with gradient ``(a - r, b - c)`` (``r = P1``, ``c = P^T 1``) and Hessia
 ``-(1/eps) M``, ``M = [[diag(r), P], [P^T, diag(c)]]``, singular along ``(1, -1)``
 (shifting ``f`` up and ``g`` down leaves ``P`` unchanged).
 
-1. Warm-up: Sinkhorn iterations (the same loop as :func:`otcore.sinkhorn`), from a cold
-   start by default after eps scaling (one iteration at each eps halving from the cost's
-   diameter), until
-   a loose residual or an iteration cap. The Newton steps' damped, globalising phase is
-   the longest part of a solve at small eps; a start closer to the solution shortens it.
+1. Warm-up: Sinkhorn iterations (the same loop as :func:`otcore.sinkhorn`) until a loose
+   residual or an iteration cap; from a cold start, by default, after eps scaling (one
+   iteration at each eps halving from the cost's diameter). The Newton steps' damped,
+   globalising phase is the longest part of a solve at small eps, and a start closer to
+   the solution shortens it.
 2. Newton (the paper's stage 2): ``M`` is replaced by ``M_s``, whose off-diagonal
    block keeps only the ``s`` largest entries of each row of ``P`` (ELL format) while
    the diagonal stays exact: ``M_s`` is symmetric and diagonally dominant, hence
