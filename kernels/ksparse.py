@@ -187,10 +187,12 @@ def _ksparse_kernel(
         beta = tl.load(beta_in_ptr + pid_b * L + lines, mask=line_ok, other=0.0)
         shift = tl.zeros_like(beta)
         thr = -beta
-    T = tl.where(first, tl.maximum((top - shift[:, None]) - thr[:, None], 0.0) / gamma, 0.0)
+    excess = tl.where(first, tl.maximum((top - shift[:, None]) - thr[:, None], 0.0), 0.0)  # gamma T
+    T = excess / gamma
     out = pid_b * L + lines.to(tl.int64)  # (B, L, K) outputs may pass 2^31 entries
     tl.store(beta_ptr + out, beta, mask=line_ok)
-    tl.store(reg_ptr + out, 0.5 * gamma * tl.sum(T * T, axis=1), mask=line_ok)
+    # (gamma/2) T^2 as excess * T / 2: T^2 alone under- or overflows float32 at masses ~1e-23 or ~1e19
+    tl.store(reg_ptr + out, 0.5 * tl.sum(excess * T, axis=1), mask=line_ok)
     tl.store(lsum_ptr + out, tl.sum(T, axis=1), mask=line_ok)
 
     # ---- pass 2: positions of the top K (ties at the K-th value: first ones in order)

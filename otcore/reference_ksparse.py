@@ -151,12 +151,14 @@ def ksparse_columns(
         if mass is not None:  # relative to the line's top score (large scores, small gamma * mass)
             rel = threshold_below_top(u, gamma * mass[:, sl])
             bl = -(rel + u[..., 0])
-            T = torch.clamp((xs - u[..., :1]) - rel[..., None], min=0) / gamma
+            excess = torch.clamp((xs - u[..., :1]) - rel[..., None], min=0)
         else:
             bl = beta[:, sl]
-            T = torch.clamp(xs + bl[..., None], min=0) / gamma
+            excess = torch.clamp(xs + bl[..., None], min=0)
+        T = excess / gamma
         out["beta"].append(bl)
-        out["reg"].append(0.5 * gamma * (T * T).sum(2))
+        # (gamma/2) T^2 as excess * T / 2: T^2 alone under- or overflows float32 at masses ~1e-23 or ~1e19
+        out["reg"].append(0.5 * (excess * T).sum(2))
         out["vals"].append(T)
         out["idx"].append(ix)
         out["cost"].append(torch.gather(Cl, 2, ix))

@@ -251,6 +251,27 @@ def test_float32_matches_float64():
     assert abs(float(r32.value) - float(r64.value)) < 1e-5 * abs(float(r64.value))
     assert float((r32.to_dense().double() - r64.to_dense()).abs().max()) < 1e-4
 
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+@pytest.mark.parametrize("mass", [1e-30, 1e20])
+def test_float32_solve_scales_with_the_mass(formulation, mass):
+    """Weights of mass ``M`` with ``gamma / M`` and ``tol * M`` are the unit problem scaled:
+    the same duals, the plan and value times ``M``. In float32 the L-BFGS memory's ``y.y``
+    (~M^2) overflowed at M = 1e20, ``gamma T^2`` underflowed at 1e-30, and the ftol scale's
+    ``w.w`` overflowed: both stopped on ftol within ~12 iterations, ``converged=True``, with
+    plans 0.3-1.2 (of 2) from the unit solution and values 4-42% off."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(40, 2, generator=g), torch.rand(30, 2, generator=g)
+    a, b = torch.rand(40, generator=g) + 0.1, torch.rand(30, generator=g) + 0.1
+    a, b = a / a.sum(), b / b.sum()
+    geom = otcore.PointCloud(x, y)
+    unit = otcore.sparse_ot(geom, a, b, k=5, gamma=0.1, formulation=formulation, backend="torch")
+    big = otcore.sparse_ot(geom, a * mass, b * mass, k=5, gamma=0.1 / mass, tol=1e-5 * mass,
+                           formulation=formulation, backend="torch")
+    assert unit.converged and big.converged
+    assert float((big.to_dense() / mass - unit.to_dense()).abs().sum()) < 2e-3
+    assert float(big.value) / mass == pytest.approx(float(unit.value), rel=1e-5)
+
+
 
 def test_max_iter_warns_and_reports():
     C, a, b = _problem(10, 8, seed=12)

@@ -72,7 +72,7 @@ def _push(pairs, sy, yy, valid, s_new, y_new, keep, g):
 def lbfgs(
     evaluate, theta, h0: float, tol: float, ftol: float, max_iter: int, history: int, progress=None,
     max_step=math.inf, c1: float = 1e-4, c2: float = 0.9, max_ls: int = 40, window: int = 10,
-    fscale=None, flat_converges=True, kick=0.0, max_kicks: int = 3,
+    fscale=None, flat_converges=True, kick=0.0, max_kicks: int = 3, unit=None,
 ):
     """Minimize a batch of functions with L-BFGS and a weak Wolfe line search.
 
@@ -106,10 +106,19 @@ def lbfgs(
     the iterations go on; at most ``max_kicks`` times per problem, after which the problem
     stops with reason 2.
 
+    ``unit`` (B,), optional: each problem's objective is minimized as ``f / unit`` (``h0``
+    times ``unit``, ``tol`` over it; the steps are the same in exact arithmetic). An
+    objective and gradient of size ``unit`` (a transport problem's mass) then stay near 1,
+    and the memory's products ``y.y`` neither overflow (float32 masses above ~1e19) nor
+    underflow.
+
     Returns ``(theta, aux, n_iter, grad_l1, converged, reason)`` with per-problem tensors.
     """
     B, D = theta.shape
     dev, dt = theta.device, theta.dtype
+    h0 = torch.as_tensor(h0, dtype=dt, device=dev).expand(B)
+    if unit is not None:
+        evaluate, tol, h0, fscale, unit = _in_units(evaluate, tol, h0, fscale, unit.to(dt))
     slack = 16 * torch.finfo(dt).eps
     f, g, aux, scale = evaluate(theta)
     gnorm = g.abs().sum(-1)
@@ -122,7 +131,7 @@ def lbfgs(
     sy = torch.zeros(B, history, history, dtype=dt, device=dev)
     yy, sg, yg = torch.zeros_like(sy), sy[:, 0], sy[:, 0]
     valid = torch.zeros(B, history, dtype=torch.bool, device=dev)
-    hscale = torch.full((B,), h0, dtype=dt, device=dev)
+    hscale = h0.clone()
     grad_ok = converged.clone()
     kicks = torch.zeros(B, dtype=torch.long, device=dev)
     pattern = (torch.arange(D, device=dev, dtype=torch.float64) * 0.6180339887498949).frac().mul(2).sub(1).to(dt)
@@ -139,7 +148,7 @@ def lbfgs(
         d = -_direction(g, pairs, sy, yy, sg, yg, valid, hscale)
         gd = (g * d).sum(-1)
         reset = ~(gd < 0)  # not a descent direction: restart from scaled steepest descent (no sync)
-        d = torch.where(reset[:, None], -h0 * g, d)
+        d = torch.where(reset[:, None], -h0[:, None] * g, d)
         gd = torch.where(reset, (g * d).sum(-1), gd)
         valid &= ~reset[:, None]
         t = torch.clamp(max_step / d.abs().amax(-1).clamp(min=torch.finfo(dt).tiny), max=1.0)
@@ -220,11 +229,21 @@ def lbfgs(
             converged = converged | (active & grad_ok)
         active = active & moved & ~converged & ~flat_stop
         if progress is not None and progress.due():
-            progress.update(it + 1, float(gnorm.max()), None, "L-BFGS")
+            progress.update(it + 1, float((gnorm if unit is None else gnorm * unit).max()), None, "L-BFGS")
         if last:  # every problem met the gradient test on this step: no spare trial
             break
     if progress is not None:
         progress.close()
     reason = torch.where(grad_ok, 0, torch.where(converged, 4, torch.where(flat_stop, 5, torch.where(
         ~(torch.isfinite(f) & torch.isfinite(gnorm)), 3, torch.where(stalled, 2, 1)))))
-    return theta, aux, n_iter, gnorm, converged, reason
+    return theta, aux, n_iter, gnorm if unit is None else gnorm * unit, converged, reason
+
+
+def _in_units(evaluate, tol, h0, fscale, unit):
+    """``lbfgs``'s problem with every objective divided by ``unit`` (B,): the evaluation,
+    the gradient test's ``tol``, the inverse-Hessian scale ``h0`` and the ``ftol`` scale."""
+    def scaled(theta):
+        f, g, aux, scale = evaluate(theta)
+        return f / unit, g / unit[:, None], aux, scale / unit
+    fs = None if fscale is None else (lambda f: fscale(f * unit) / unit)
+    return scaled, tol / unit, h0 * unit, fs, unit

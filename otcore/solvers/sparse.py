@@ -186,11 +186,14 @@ def run_lbfgs(pb: _Problem, evaluate, theta0, tol: float, ftol: float, max_iter:
     binds at the current iterate (some line uses all its ``k`` slots; else the objective
     is smooth there: run to ``tol``, or to the dtype's floor), its scale, the first step,
     the step cap and the kick off kinks (both per problem: another problem of the batch
-    with larger costs must not change this one's steps)."""
+    with larger costs must not change this one's steps). The objective is minimized per
+    unit of each problem's mass (its gradient, a marginal's violation, is then of order 1
+    whatever the weights' scale)."""
     step = _max_step(pb)
     return lbfgs(evaluate, theta0, _first_step(pb), tol, ftol, max_iter, history, progress,
                  max_step=step, fscale=_objective_scale(pb), flat_converges=_binds(pb),
-                 kick=1e-6 * step)  # a millionth of the largest useful move: above float32's rounding
+                 kick=1e-6 * step,  # a millionth of the largest useful move: above float32's rounding
+                 unit=pb.wl.sum(-1))
 
 
 def _binds(pb: _Problem):
@@ -263,8 +266,9 @@ def _objective_scale(pb: _Problem):
     costs at least its mass times the smallest cost; 0 for point clouds). Unlike the
     objective's terms it does not move when the duals shift by a constant or the cost by an
     offset, and unlike the cost's range, one far outlier does not inflate it."""
-    floor = pb.wp.sum(-1) * _cost_floor(pb.geom)
-    reg = pb.gamma * (pb.wl * pb.wl).sum(-1)
+    mass = pb.wl.sum(-1)
+    floor = mass * _cost_floor(pb.geom)
+    reg = pb.gamma * mass * (pb.wl * (pb.wl / mass[:, None])).sum(-1)  # w.w alone overflows float32 at mass ~1e19
     return lambda f: (f + floor).abs() + reg
 
 
