@@ -516,6 +516,20 @@ def test_converged_run_does_not_warn():
     assert res.converged
 
 
+def test_a_value_beyond_float32_is_named_not_blamed_on_the_plan():
+    """Weights of mass 1e20 in float32: the plan is right (it scales with the weights), but
+    the value's term eps m(a) m(b) = 5e38 is beyond float32's range; the warning said the
+    plan overflowed."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(23, 2, generator=g), torch.rand(17, 2, generator=g)
+    a, b = torch.full((23,), 1e20 / 23), torch.full((17,), 1e20 / 17)
+    with pytest.warns(ConvergenceWarning, match="the value is not finite in float32.*normalise the weights"):
+        res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.05, tol=1e15, **T)
+    assert res.converged is False and not math.isfinite(float(res.value))
+    unit = otcore.sinkhorn(otcore.PointCloud(x.double(), y.double()), eps=0.05, tol=1e-10, **T)
+    assert float((res.plan().double() / 1e20 - unit.plan()).abs().sum()) < 1e-4
+
+
 # ----------------------------------------------------------------------------- dtypes
 def test_float32_agrees_with_float64():
     n, m, eps = 37, 53, 0.05

@@ -215,9 +215,12 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
     bool, the problems a solver stopped for lack of progress near the floor, if it has such a rule)."""
     if not bool((torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1)).all()):
         return "non-finite potentials (eps too small for the dtype?)"
-    if not bool(finite.all()):
-        return "the plan of the returned potentials overflows (non-finite value)"
     eps, dt = pb.eps, _validate.dtype_name(f.dtype)
+    if not bool(finite.all()):
+        masses = float((pb.A.double().sum(-1) * pb.Bw.double().sum(-1)).max())
+        return (f"the value is not finite in {dt}: the plan's mass, or the value's term eps * m(a) * m(b) "
+                f"(here up to {eps * masses:.3g}), is beyond its range; normalise the weights (the plan scales "
+                f"with them) or use float64")
     pot = float(_live_potential(pb, f, g).max())
     floors, masses = marginal_floor(pb, f, g), pb.A.sum(-1) + pb.Bw.sum(-1)
     floor, mass = float(floors.max()), float(masses.max())

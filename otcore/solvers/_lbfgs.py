@@ -107,10 +107,10 @@ def lbfgs(
     stops with reason 2.
 
     ``unit`` (B,), optional: each problem's objective is minimized as ``f / unit`` (``h0``
-    times ``unit``, ``tol`` over it; the steps are the same in exact arithmetic). An
-    objective and gradient of size ``unit`` (a transport problem's mass) then stay near 1,
-    and the memory's products ``y.y`` neither overflow (float32 masses above ~1e19) nor
-    underflow.
+    times ``unit``, ``tol`` over it; the steps are the same in exact arithmetic; ``fscale``
+    then maps ``f / unit`` to its scale in the same units). An objective and gradient of
+    size ``unit`` (a transport problem's mass) then stay near 1, and the memory's products
+    ``y.y`` neither overflow (float32 masses above ~1e19) nor underflow.
 
     Returns ``(theta, aux, n_iter, grad_l1, converged, reason)`` with per-problem tensors.
     """
@@ -118,7 +118,7 @@ def lbfgs(
     dev, dt = theta.device, theta.dtype
     h0 = torch.as_tensor(h0, dtype=dt, device=dev).expand(B)
     if unit is not None:
-        evaluate, tol, h0, fscale, unit = _in_units(evaluate, tol, h0, fscale, unit.to(dt))
+        evaluate, tol, h0, unit = _in_units(evaluate, tol, h0, unit.to(dt))
     slack = 16 * torch.finfo(dt).eps
     f, g, aux, scale = evaluate(theta)
     gnorm = g.abs().sum(-1)
@@ -154,14 +154,16 @@ def lbfgs(
         t = torch.clamp(max_step / d.abs().amax(-1).clamp(min=torch.finfo(dt).tiny), max=1.0)
         done = ~active
         new = (theta, f, g, aux, scale, gnorm)
+        # the trials' step-independent terms: Armijo's bound is ceiling + t * descent
+        ceiling, descent, rise = f + slack * (scale + f.abs()), c1 * gd, c2 * gd
         exhausted, last = True, False
         reached = ~active  # problems whose accepted step meets the gradient test (they stop)
         for trial in range(max_ls):
             cand = theta + t[:, None] * d
             fc, gc, auxc, sc = evaluate(cand)
             trial_out = (cand, fc, gc, auxc, sc, gc.abs().sum(-1))
-            armijo = ~done & torch.isfinite(fc) & (fc <= f + c1 * t * gd + slack * (scale + f.abs()))
-            curv = (gc * d).sum(-1) >= c2 * gd  # weak Wolfe: the slope has risen enough
+            armijo = ~done & torch.isfinite(fc) & (fc <= ceiling + t * descent)
+            curv = (gc * d).sum(-1) >= rise  # weak Wolfe: the slope has risen enough
             ok = armijo & curv
             reached = reached | (ok & (trial_out[-1] <= tol))
             # the trial's one sync: all stepped? any problem left? will every one stop on this step?
@@ -239,11 +241,10 @@ def lbfgs(
     return theta, aux, n_iter, gnorm if unit is None else gnorm * unit, converged, reason
 
 
-def _in_units(evaluate, tol, h0, fscale, unit):
+def _in_units(evaluate, tol, h0, unit):
     """``lbfgs``'s problem with every objective divided by ``unit`` (B,): the evaluation,
-    the gradient test's ``tol``, the inverse-Hessian scale ``h0`` and the ``ftol`` scale."""
+    the gradient test's ``tol`` and the inverse-Hessian scale ``h0``."""
     def scaled(theta):
         f, g, aux, scale = evaluate(theta)
         return f / unit, g / unit[:, None], aux, scale / unit
-    fs = None if fscale is None else (lambda f: fscale(f * unit) / unit)
-    return scaled, tol / unit, h0 * unit, fs, unit
+    return scaled, tol / unit, h0 * unit, unit

@@ -189,11 +189,11 @@ def run_lbfgs(pb: _Problem, evaluate, theta0, tol: float, ftol: float, max_iter:
     with larger costs must not change this one's steps). The objective is minimized per
     unit of each problem's mass (its gradient, a marginal's violation, is then of order 1
     whatever the weights' scale)."""
-    step = _max_step(pb)
+    step, unit = _max_step(pb), pb.wl.sum(-1)
     return lbfgs(evaluate, theta0, _first_step(pb), tol, ftol, max_iter, history, progress,
-                 max_step=step, fscale=_objective_scale(pb), flat_converges=_binds(pb),
+                 max_step=step, fscale=_objective_scale(pb, unit), flat_converges=_binds(pb),
                  kick=1e-6 * step,  # a millionth of the largest useful move: above float32's rounding
-                 unit=pb.wl.sum(-1))
+                 unit=unit)
 
 
 def _binds(pb: _Problem):
@@ -260,15 +260,16 @@ def _max_step(pb: _Problem) -> torch.Tensor:
     return 2.0 * (diam + pb.gamma * pb.wl.amax(-1) + 1e-12)
 
 
-def _objective_scale(pb: _Problem):
-    """The ``ftol`` test's scale as a function of the minimized objective ``f = -J``:
-    ``|J - m(a) min C| + gamma |line weights|^2``, the value above its floor (a coupling
-    costs at least its mass times the smallest cost; 0 for point clouds). Unlike the
-    objective's terms it does not move when the duals shift by a constant or the cost by an
-    offset, and unlike the cost's range, one far outlier does not inflate it."""
-    mass = pb.wl.sum(-1)
-    floor = mass * _cost_floor(pb.geom)
-    reg = pb.gamma * mass * (pb.wl * (pb.wl / mass[:, None])).sum(-1)  # w.w alone overflows float32 at mass ~1e19
+def _objective_scale(pb: _Problem, unit: torch.Tensor):
+    """The ``ftol`` test's scale as a function of the minimized objective ``f = -J``, both
+    per ``unit`` (B,) of mass: ``|J - m(a) min C| + gamma |line weights|^2``, the value
+    above its floor (a coupling costs at least its mass times the smallest cost; 0 for
+    point clouds). Unlike the objective's terms it does not move when the duals shift by a
+    constant or the cost by an offset, and unlike the cost's range, one far outlier does
+    not inflate it."""
+    floor = pb.wl.sum(-1) / unit * _cost_floor(pb.geom)
+    w = pb.wl / unit[:, None]
+    reg = pb.gamma * unit * (w * w).sum(-1)  # (w / unit)^2: w.w alone overflows float32 at mass ~1e19
     return lambda f: (f + floor).abs() + reg
 
 
