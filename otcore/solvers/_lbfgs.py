@@ -1,15 +1,17 @@
 """Batched L-BFGS for the sparsity-constrained OT duals (piecewise-quadratic, concave).
 
 One L-BFGS per problem of a batch, run in lockstep on tensors with a leading batch
-dimension; problems that stop early are frozen by masks, so the loop moves data to the
-host only for the line search's "all accepted?" test, which also reads whether any
-problem is left: one host synchronisation per trial, usually one per iteration.
+dimension; problems that stop early are frozen by masks. The vectors (iterates,
+gradients, the memory) stay on the device; each line-search trial sends its per-problem
+numbers to the host in one transfer, where the line search and the stopping rules decide:
+one host synchronisation per trial, usually one per iteration.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -48,29 +50,62 @@ def _direction(g, pairs, sy, yy, sg, yg, valid, h0):
 
 
 def _push(pairs, sy, yy, valid, s_new, y_new, keep, g):
-    """Drop the oldest pair and append ``(s_new, y_new)``, valid where ``keep`` and where the
-    product's ``s.y`` (the diagonal of ``R``) is positive too (in float32 it can differ in
-    sign from an elementwise sum at rounding level); a pair not kept is stored as zeros
-    (never its values: they may be non-finite). Refreshes the Gram matrices' newest row and
-    column, and ``S g``, ``Y g`` for the new gradient ``g``: one batched product with the
-    memory. Returns ``(pairs, sy, yy, sg, yg, valid)``."""
+    """Drop the oldest pair and append ``(s_new, y_new)``, valid where ``keep`` (None: every
+    problem) and where its curvature ``s.y`` from the product exceeds ``1e-10 |s| |y|`` (in
+    float32 the product's ``s.y`` can differ in sign from an elementwise sum at rounding
+    level; a problem that did not move has ``s = y = 0`` and no valid pair). A pair not kept
+    is stored as zeros (never its values: they may be non-finite). Refreshes the Gram
+    matrices' newest row and column, and ``S g``, ``Y g`` for the new gradient ``g``: one
+    batched product with the memory. Returns ``(pairs, sy, yy, sg, yg, valid)``."""
     m = valid.shape[1]
+    if keep is not None:
+        s_new, y_new = s_new.masked_fill(~keep[:, None], 0.0), y_new.masked_fill(~keep[:, None], 0.0)
     # rolling S and Y together sends the oldest s to Y's last row and the oldest y to S's
     # last row: exactly the two rows the new pair overwrites
     pairs = pairs.roll(-1, 1)
-    pairs[:, m - 1] = s_new.masked_fill(~keep[:, None], 0.0)
-    pairs[:, 2 * m - 1] = y_new.masked_fill(~keep[:, None], 0.0)
+    pairs[:, m - 1] = s_new
+    pairs[:, 2 * m - 1] = y_new
     prod = pairs @ torch.stack([pairs[:, 2 * m - 1], pairs[:, m - 1], g.to(pairs.dtype)], -1)  # (B, 2m, 3)
     sy, yy = sy.roll((-1, -1), (1, 2)), yy.roll((-1, -1), (1, 2))
     sy[:, :, m - 1] = prod[:, :m, 0]  # s_i . y_new
     sy[:, m - 1, :] = prod[:, m:, 1]  # s_new . y_j
     yy[:, :, m - 1] = yy[:, m - 1, :] = prod[:, m:, 0]
-    valid = torch.cat([valid[:, 1:], (keep & (prod[:, m - 1, 0] > 0))[:, None]], 1)
+    curv, ss, y2 = prod[:, m - 1, 0], prod[:, m - 1, 1], prod[:, 2 * m - 1, 0]
+    ok = curv > 1e-10 * (ss * y2).sqrt()
+    if keep is not None:
+        ok &= keep
+    valid = torch.cat([valid[:, 1:], ok[:, None]], 1)
     return pairs, sy, yy, prod[:, :m, 2], prod[:, m:, 2], valid
 
 
+def to_host(*rows: torch.Tensor) -> np.ndarray:
+    """``(len(rows), B)`` float64 on the host from ``(B,)`` tensors: one transfer (a
+    synchronisation on a GPU). Every host read of the solver goes through here."""
+    dt = rows[0].dtype if rows[0].is_floating_point() else torch.float64
+    return torch.stack([r.to(dt) for r in rows]).cpu().numpy().astype(np.float64)
+
+
+def to_device(x: np.ndarray, device) -> torch.Tensor:
+    """A host array ``(B,)`` (a mask, or the bisected steps) on ``device``. Issued right after
+    a host read, when the device's queue is empty, so a blocking copy waits for nothing but
+    itself."""
+    return torch.from_numpy(x).to(device)
+
+
+def _host(x, B: int) -> np.ndarray:
+    """A number or a (B,) tensor as a (B,) float64 host array (read once per solve)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().double().cpu().numpy()
+    return np.broadcast_to(np.asarray(x, dtype=np.float64), (B,)).copy()
+
+
+def _pick(mask: np.ndarray, new: tuple, old: tuple) -> tuple:
+    """Per-problem select on tuples of host arrays."""
+    return tuple(np.where(mask, u, v) for u, v in zip(new, old))
+
+
 def lbfgs(
-    evaluate, theta, h0: float, tol: float, ftol: float, max_iter: int, history: int, progress=None,
+    evaluate, theta, h0, tol, ftol: float, max_iter: int, history: int, progress=None,
     max_step=math.inf, c1: float = 1e-4, c2: float = 0.9, max_ls: int = 40, window: int = 10,
     fscale=None, flat_converges=True, kick=0.0, max_kicks: int = 3, unit=None,
 ):
@@ -89,15 +124,15 @@ def lbfgs(
     where the objective is nearly flat the quasi-Newton scaling ``s.y / y.y`` can be huge.
 
     Stops a problem when ``|g|_1 <= tol`` (reason 0) or when its objective improved by
-    at most ``ftol * fscale(f)`` over the last ``window`` iterations (``fscale``: f (B,) ->
-    a magnitude of the objective's variations (B,), by default ``scale + |f|``): reason 4, the
-    optimum of a nonsmooth objective, where the gradient need not vanish, or the dtype's
-    resolution; it counts as converged where ``flat_converges`` (a bool, or ``aux -> (B,)
-    bool`` at the current iterate), else ``ftol`` is 0 there and it is reason 5
-    (stationary, not converged: a smooth objective's gradient must vanish), and then the
-    gradient norm must also not have fallen by 1% over the window (below the objective's
-    float resolution the gradient is still measured accurately). Otherwise:
-    1 = ``max_iter``, 2 = line search failed, 3 = non-finite values.
+    at most ``ftol * scale(f)`` over the last ``window`` iterations (``fscale``: None for
+    ``scale + |f|``, or ``(offset, extra)`` (B,) for ``|f + offset| + extra``, a magnitude
+    of the objective's variations): reason 4, the optimum of a nonsmooth objective, where
+    the gradient need not vanish, or the dtype's resolution; it counts as converged where
+    ``flat_converges`` (a bool, or ``aux -> (B,) bool`` at the current iterate), else
+    ``ftol`` is 0 there and it is reason 5 (stationary, not converged: a smooth objective's
+    gradient must vanish), and then the gradient norm must also not have fallen by 1% over
+    the window (below the objective's float resolution the gradient is still measured
+    accurately). Otherwise: 1 = ``max_iter``, 2 = line search failed, 3 = non-finite values.
 
     Where the line search finds no step (at a kink, e.g. ties in a top-k selection, the
     gradient of one piece need not be a descent direction of the objective) and ``kick``
@@ -108,43 +143,55 @@ def lbfgs(
 
     ``unit`` (B,), optional: each problem's objective is minimized as ``f / unit`` (``h0``
     times ``unit``, ``tol`` over it; the steps are the same in exact arithmetic; ``fscale``
-    then maps ``f / unit`` to its scale in the same units). An objective and gradient of
-    size ``unit`` (a transport problem's mass) then stay near 1, and the memory's products
-    ``y.y`` neither overflow (float32 masses above ~1e19) nor underflow.
+    is then per unit too). An objective and gradient of size ``unit`` (a transport
+    problem's mass) then stay near 1, and the memory's products ``y.y`` neither overflow
+    (float32 masses above ~1e19) nor underflow.
+
+    Where the work runs: the direction, the trial points, their evaluations and the memory
+    are tensors on the iterate's device; the line search's and the stopping rules' per-problem
+    arithmetic runs on the host, on the numbers each trial sends back in one transfer (its
+    value, slope, gradient norm, scale: the one synchronisation per trial, usually one per
+    iteration). On a GPU each device operation is a launch, and a few dozen (B,)-sized
+    tests per trial cost more host time than this transfer; a device mask is sent back
+    only where problems of a batch part ways.
 
     Returns ``(theta, aux, n_iter, grad_l1, converged, reason)`` with per-problem tensors.
     """
     B, D = theta.shape
     dev, dt = theta.device, theta.dtype
+    slack = 16 * torch.finfo(dt).eps
     h0 = torch.as_tensor(h0, dtype=dt, device=dev).expand(B)
     if unit is not None:
         evaluate, tol, h0, unit = _in_units(evaluate, tol, h0, unit.to(dt))
-    slack = 16 * torch.finfo(dt).eps
+    tol_h, kick_h = _host(tol, B), _host(kick, B)
+    kick_d = torch.as_tensor(kick, dtype=dt, device=dev).expand(B)
+    offset, extra = (None, None) if fscale is None else (_host(fscale[0], B), _host(fscale[1], B))
+    judged = callable(flat_converges)  # else a constant
+
+    def read(fv, gv, sv, auxv, with_flat, *more):
+        """Host rows of one evaluation: f, |g|_1, scale, flat_converges (if judged now), more."""
+        rows = [fv, gv.abs().sum(-1), sv, *more] + ([flat_converges(auxv)] if with_flat else [])
+        st = to_host(*rows)
+        flat = st[-1] > 0 if with_flat else np.full(B, bool(flat_converges) if not judged else False)
+        return (st[0], st[1], st[2], flat), st[3:3 + len(more)]
+
     f, g, aux, scale = evaluate(theta)
-    gnorm = g.abs().sum(-1)
-    converged = gnorm <= tol
-    finite = torch.isfinite(f) & torch.isfinite(gnorm)
-    active = ~converged & finite
-    stalled = torch.zeros_like(active)
-    n_iter = torch.zeros(B, dtype=torch.long, device=dev)
+    cur, _ = read(f, g, scale, aux, judged)  # host: (f, gnorm, scale, flat_converges) at the iterate
+    converged = cur[1] <= tol_h
+    active = ~converged & np.isfinite(cur[0]) & np.isfinite(cur[1])
+    stalled, grad_ok, flat_stop = np.zeros(B, bool), converged.copy(), np.zeros(B, bool)
+    n_iter, kicks = np.zeros(B, np.int64), np.zeros(B, np.int64)
     pairs = torch.zeros(B, 2 * history, D, dtype=dt, device=dev)  # memory: s_1..s_m, y_1..y_m
     sy = torch.zeros(B, history, history, dtype=dt, device=dev)
     yy, sg, yg = torch.zeros_like(sy), sy[:, 0], sy[:, 0]
     valid = torch.zeros(B, history, dtype=torch.bool, device=dev)
     hscale = h0.clone()
-    grad_ok = converged.clone()
-    kicks = torch.zeros(B, dtype=torch.long, device=dev)
     pattern = (torch.arange(D, device=dev, dtype=torch.float64) * 0.6180339887498949).frac().mul(2).sub(1).to(dt)
-    kick = torch.as_tensor(kick, dtype=dt, device=dev).expand(B)
-    flat_stop = torch.zeros_like(active)  # stationary without converging (flat_converges=False)
-    recent = []  # objective values of the last `window` iterations
-    recent_g = []  # and gradient norms (flat_converges=False: progress of the gradient counts too)
-    finished = False
+    recent, recent_g = [], []  # objective values and gradient norms of the last `window` iterations
     for it in range(max_iter):
-        # after the first iteration, the first trial's sync also reads whether any problem is
-        # left (one host sync per iteration, not two); without trials, a sync of its own
-        if (it == 0 or max_ls == 0) and not bool(active.any()):
+        if not active.any():
             break
+        judge = judged and it >= window  # flat_converges is read where the stopping test uses it
         d = -_direction(g, pairs, sy, yy, sg, yg, valid, hscale)
         gd = (g * d).sum(-1)
         reset = ~(gd < 0)  # not a descent direction: restart from scaled steepest descent (no sync)
@@ -153,92 +200,96 @@ def lbfgs(
         valid &= ~reset[:, None]
         t = torch.clamp(max_step / d.abs().amax(-1).clamp(min=torch.finfo(dt).tiny), max=1.0)
         done = ~active
-        new = (theta, f, g, aux, scale, gnorm)
-        # the trials' step-independent terms: Armijo's bound is ceiling + t * descent
-        ceiling, descent, rise = f + slack * (scale + f.abs()), c1 * gd, c2 * gd
-        exhausted, last = True, False
-        reached = ~active  # problems whose accepted step meets the gradient test (they stop)
+        new, new_h = (theta, g, aux), cur
+        exhausted, kicked = True, np.zeros(B, bool)
         for trial in range(max_ls):
             cand = theta + t[:, None] * d
             fc, gc, auxc, sc = evaluate(cand)
-            trial_out = (cand, fc, gc, auxc, sc, gc.abs().sum(-1))
-            armijo = ~done & torch.isfinite(fc) & (fc <= ceiling + t * descent)
-            curv = (gc * d).sum(-1) >= rise  # weak Wolfe: the slope has risen enough
-            ok = armijo & curv
-            reached = reached | (ok & (trial_out[-1] <= tol))
-            # the trial's one sync: all stepped? any problem left? will every one stop on this step?
-            every, all_ok, live, last = torch.stack([(ok | done).all(), ok.all(), active.any(), reached.all()]).tolist()
-            if not live:  # every problem stopped last iteration (ftol, a failed search): a spare trial
-                finished = True
-                break
-            if every:  # every live problem takes a step
-                new = trial_out if all_ok else _where(ok, trial_out, new)
+            more = [(gc * d).sum(-1)] + ([gd, t] if trial == 0 else [])
+            trial_h, st = read(fc, gc, sc, auxc, judge, *more)
+            if trial == 0:  # the trials' step-independent terms: Armijo's bound is ceiling + t * descent
+                t_h, gd_h = st[2], st[1]
+                ceiling = cur[0] + slack * (cur[2] + np.abs(cur[0]))
+                descent, rise = c1 * gd_h, c2 * gd_h
+            with np.errstate(invalid="ignore"):
+                armijo = ~done & np.isfinite(trial_h[0]) & (trial_h[0] <= ceiling + t_h * descent)
+                ok = armijo & (st[0] >= rise)  # weak Wolfe: the slope has risen enough
+            trial_d = (cand, gc, auxc)
+            if (ok | done).all():  # every live problem takes a step
+                if ok.all():
+                    new, new_h = trial_d, trial_h
+                else:
+                    new, new_h = _where(to_device(ok, dev), trial_d, new), _pick(ok, trial_h, new_h)
                 done, exhausted = done | ok, False
                 break
             if trial == 0:
-                lo, hi = torch.zeros_like(t), torch.full_like(t, math.inf)
-                fallback, armijo_seen = new, torch.zeros_like(done)
-            new = _where(ok, trial_out, new)
-            fallback = _where(armijo, trial_out, fallback)
+                lo, hi = np.zeros(B), np.full(B, np.inf)
+                fallback, fallback_h, armijo_seen = new, new_h, np.zeros(B, bool)
+            if ok.any():
+                new, new_h = _where(to_device(ok, dev), trial_d, new), _pick(ok, trial_h, new_h)
+            if armijo.any():
+                fallback, fallback_h = _where(to_device(armijo, dev), trial_d, fallback), _pick(armijo, trial_h, fallback_h)
             armijo_seen |= armijo
             done |= ok
             # bracket [lo, hi]: too long where Armijo fails, too short where the slope is still steep
-            hi = torch.where(~done & ~armijo, t, hi)
-            lo = torch.where(armijo & ~ok, t, lo)
-            t = torch.where(done, t, torch.where(torch.isinf(hi), 2.0 * t, 0.5 * (lo + hi)))
-        if finished:
-            break
-        kicked = None
+            hi = np.where(~done & ~armijo, t_h, hi)
+            lo = np.where(armijo & ~ok, t_h, lo)
+            t_h = np.where(done, t_h, np.where(np.isinf(hi), 2.0 * t_h, 0.5 * (lo + hi)))
+            t = to_device(t_h, dev).to(dt)
         if exhausted:
             if max_ls > 0:  # trials exhausted: fall back to the last step with sufficient decrease
                 late = ~done & armijo_seen
-                new = _where(late, fallback, new)
-                done |= late
+                if late.any():
+                    new, new_h = _where(to_device(late, dev), fallback, new), _pick(late, fallback_h, new_h)
+                    done |= late
             failed = active & ~done
-            kicked = failed & (kicks < max_kicks) & (kick > 0)
-            if bool(kicked.any()):  # a kink: step off it along a fixed pattern, forget the memory
-                cand = theta + kick[:, None] * pattern
+            kicked = failed & (kicks < max_kicks) & (kick_h > 0)
+            if kicked.any():  # a kink: step off it along a fixed pattern, forget the memory
+                cand = theta + kick_d[:, None] * pattern
                 fk, gk, auxk, sk = evaluate(cand)
-                new = _where(kicked, (cand, fk, gk, auxk, sk, gk.abs().sum(-1)), new)
-                valid &= ~kicked[:, None]
+                kick_h_out, _ = read(fk, gk, sk, auxk, judge)
+                mask = to_device(kicked, dev)
+                new, new_h = _where(mask, (cand, gk, auxk), new), _pick(kicked, kick_h_out, new_h)
+                valid &= ~mask[:, None]
                 kicks += kicked
                 done |= kicked
             stalled |= failed & ~kicked
         moved = active & done
-        s_new, y_new = new[0] - theta, new[2] - g
-        s_y = (s_new * y_new).sum(-1)
-        keep = moved & (s_y > 1e-10 * s_new.norm(dim=-1) * y_new.norm(dim=-1))
-        if kicked is not None:
-            keep &= ~kicked
-        pairs, sy, yy, sg, yg, valid = _push(pairs, sy, yy, valid, s_new, y_new, keep, new[2])
-        keep, s_y, y_y = valid[:, -1], sy[:, -1, -1], yy[:, -1, -1]
-        hscale = torch.where(keep, s_y / y_y.masked_fill(~keep, 1.0), hscale)
-        theta, f, g, aux, scale, gnorm = new
+        keep = moved & ~kicked  # problems that did not move have s = y = 0: no pair either way
+        keep_d = None if (keep | ~moved).all() else to_device(keep, dev)
+        pairs, sy, yy, sg, yg, valid = _push(pairs, sy, yy, valid, new[0] - theta, new[1] - g, keep_d, new[1])
+        last, s_y, y_y = valid[:, -1], sy[:, -1, -1], yy[:, -1, -1]
+        hscale = torch.where(last, s_y / y_y.masked_fill(~last, 1.0), hscale)
+        (theta, g, aux), cur = new, new_h
         n_iter += moved
-        grad_ok = grad_ok | (moved & (gnorm <= tol))
-        recent.append(f)
-        recent_g.append(gnorm)
+        grad_ok |= moved & (cur[1] <= tol_h)
+        recent.append(cur[0])
+        recent_g.append(cur[1])
         if len(recent) > window:
             old_f, old_g = recent.pop(0), recent_g.pop(0)
-            conv_flat = flat_converges(aux) if callable(flat_converges) else torch.full_like(active, flat_converges)
-            drop = torch.where(conv_flat, ftol, 0.0) * (scale + f.abs() if fscale is None else fscale(f))
-            flat = moved & (old_f - f <= drop)
-            # not converging on it (smooth): below f's resolution the gradient may still fall
-            flat &= conv_flat | (torch.stack(recent_g).amin(0) > 0.99 * old_g)
-            converged = converged | (active & (grad_ok | (flat & conv_flat)))
+            conv_flat = cur[3]
+            size = cur[2] + np.abs(cur[0]) if offset is None else np.abs(cur[0] + offset) + extra
+            with np.errstate(invalid="ignore"):
+                flat = moved & (old_f - cur[0] <= np.where(conv_flat, ftol, 0.0) * size)
+                # not converging on it (smooth): below f's resolution the gradient may still fall
+                flat &= conv_flat | (np.min(recent_g, 0) > 0.99 * old_g)
+            converged |= active & (grad_ok | (flat & conv_flat))
             flat_stop |= active & flat & ~converged
         else:  # no window yet: nothing is flat
-            converged = converged | (active & grad_ok)
-        active = active & moved & ~converged & ~flat_stop
+            converged |= active & grad_ok
+        active &= moved & ~converged & ~flat_stop
         if progress is not None and progress.due():
-            progress.update(it + 1, float((gnorm if unit is None else gnorm * unit).max()), None, "L-BFGS")
-        if last:  # every problem met the gradient test on this step: no spare trial
-            break
+            shown = cur[1] if unit is None else cur[1] * _host(unit, B)
+            progress.update(it + 1, float(shown.max()), None, "L-BFGS")
     if progress is not None:
         progress.close()
-    reason = torch.where(grad_ok, 0, torch.where(converged, 4, torch.where(flat_stop, 5, torch.where(
-        ~(torch.isfinite(f) & torch.isfinite(gnorm)), 3, torch.where(stalled, 2, 1)))))
-    return theta, aux, n_iter, gnorm if unit is None else gnorm * unit, converged, reason
+    finite = np.isfinite(cur[0]) & np.isfinite(cur[1])
+    reason = np.where(grad_ok, 0, np.where(converged, 4, np.where(flat_stop, 5, np.where(
+        ~finite, 3, np.where(stalled, 2, 1)))))
+    gnorm = torch.as_tensor(cur[1], dtype=dt, device=dev)
+    as_dev = lambda x: torch.as_tensor(x, device=dev)  # noqa: E731
+    return (theta, aux, as_dev(n_iter), gnorm if unit is None else gnorm * unit, as_dev(converged),
+            as_dev(reason.astype(np.int64)))
 
 
 def _in_units(evaluate, tol, h0, unit):

@@ -261,16 +261,15 @@ def _max_step(pb: _Problem) -> torch.Tensor:
 
 
 def _objective_scale(pb: _Problem, unit: torch.Tensor):
-    """The ``ftol`` test's scale as a function of the minimized objective ``f = -J``, both
-    per ``unit`` (B,) of mass: ``|J - m(a) min C| + gamma |line weights|^2``, the value
-    above its floor (a coupling costs at least its mass times the smallest cost; 0 for
-    point clouds). Unlike the objective's terms it does not move when the duals shift by a
-    constant or the cost by an offset, and unlike the cost's range, one far outlier does
-    not inflate it."""
+    """The ``ftol`` test's scale of the minimized objective ``f = -J``, both per ``unit``
+    (B,) of mass: ``|J - m(a) min C| + gamma |line weights|^2``, the value above its floor
+    (a coupling costs at least its mass times the smallest cost; 0 for point clouds), as
+    ``lbfgs``'s ``(offset, extra)`` for ``|f + offset| + extra``. Unlike the objective's
+    terms it does not move when the duals shift by a constant or the cost by an offset,
+    and unlike the cost's range, one far outlier does not inflate it."""
     floor = pb.wl.sum(-1) / unit * _cost_floor(pb.geom)
     w = pb.wl / unit[:, None]
-    reg = pb.gamma * unit * (w * w).sum(-1)  # (w / unit)^2: w.w alone overflows float32 at mass ~1e19
-    return lambda f: (f + floor).abs() + reg
+    return floor, pb.gamma * unit * (w * w).sum(-1)  # (w / unit)^2: w.w alone overflows float32 at mass ~1e19
 
 
 def _cost_floor(geom) -> torch.Tensor:
