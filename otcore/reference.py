@@ -326,9 +326,19 @@ def plan_topk(geom, F, G, eps: float, k: int, precision: str = "fp32") -> tuple[
     return vals, idx
 
 
-#: Up to this many coordinates the point-cost gradient forms each difference per entry
-#: (the Triton path, ``triton_ops.plan_cost_grad``, uses the same bound); past it, the product form.
+#: Up to this many coordinates the squared-Euclidean gradient forms each difference per
+#: entry (the Triton path, ``triton_ops.plan_cost_grad``, uses the same bound); past it, the
+#: product form. The Euclidean gradient forms them per entry at every ``d``.
 GRAD_DIFF_MAX_D = 8
+
+
+def grad_per_entry(geom) -> bool:
+    """Whether :func:`plan_cost_grad` (both paths) forms each difference per entry: up to
+    ``GRAD_DIFF_MAX_D`` coordinates, and for the Euclidean cost at every ``d``. Its product
+    form's two terms cancel to ``u |x| P_ij / C_ij`` on a pair with ``W = P / C``: unbounded
+    as the pair closes (float32, d = 9, a pair 1e-7 apart: 30% of the largest gradient
+    entry), where the squared cost's ``W = 2P`` keeps the error ``u |x| P_ij``."""
+    return geom.d <= GRAD_DIFF_MAX_D or geom.cost == "euclidean"
 
 
 def live_mean(geom, F, G) -> torch.Tensor:
@@ -350,20 +360,22 @@ def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[tor
     Both are ``gx_i = sum_j W_ij (x_i - y_j)``, ``W = 2P`` (squared Euclidean) or
     ``W = P / C`` (Euclidean, 0 where the points coincide):
 
-    - up to ``GRAD_DIFF_MAX_D`` coordinates each difference is formed per entry, one
-      coordinate at a time, from the raw coordinates. Written as ``x_i (W1)_i - (W y)_i``
-      the two terms cancel where the plan sits on near-coincident pairs, the more so as
-      ``W ~ 1/C`` for the Euclidean cost;
-    - past it, in that product form (one matrix product with ``[1, y]`` per block, ``d``
-      times cheaper than per-entry differences) on the clouds centred at the joint mean
-      of their points of positive weight (:func:`live_mean`), which keeps the terms from
-      cancelling large numbers far from the origin.
+    - up to ``GRAD_DIFF_MAX_D`` coordinates, and for the Euclidean cost at every ``d``
+      (:func:`grad_per_entry`), each difference is formed per entry, one coordinate at a
+      time, from the raw coordinates. Written as ``x_i (W1)_i - (W y)_i`` the two terms
+      cancel where the plan sits on near-coincident pairs, without bound as ``W ~ 1/C``
+      for the Euclidean cost;
+    - past it, for the squared Euclidean cost, in that product form (one matrix product
+      with ``[1, y]`` per block, ``d`` times cheaper than per-entry differences) on the
+      clouds centred at the joint mean of their points of positive weight
+      (:func:`live_mean`), which keeps the terms from cancelling large numbers far from
+      the origin.
     """
     if geom.is_dense:
         return (plan_dense(geom, F, G, eps),)
     k = _LOG2E / eps
     euclid = geom.cost == "euclidean"
-    per_entry = geom.d <= GRAD_DIFF_MAX_D
+    per_entry = grad_per_entry(geom)
     mu = 0.0 if per_entry else live_mean(geom, F, G)
     grads = []
     for axis, (own, far) in ((1, (geom.x, geom.y)), (0, (geom.y, geom.x))):

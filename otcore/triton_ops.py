@@ -338,22 +338,23 @@ def plan_cost_grad(geom, F, G, eps: float, precision: str = "fp32") -> tuple[tor
     Euclidean cost, ``W = P / C`` (0 where ``C = 0``) for the Euclidean one. One streamed
     pass per side:
 
-    - up to ``reference.GRAD_DIFF_MAX_D`` coordinates (as in the twin), each difference is
+    - up to ``reference.GRAD_DIFF_MAX_D`` coordinates, and for the Euclidean cost at every
+      ``d`` (as in the twin: :func:`otcore.reference.grad_per_entry`), each difference is
       formed per entry from the raw coordinates, with the cost from direct differences
-      (the kernel's ``diff`` mode):
+      (the kernel's ``diff`` mode, ``ceil(d / 4)`` programs per tile):
       written as ``x_i (W1)_i - (W y)_i`` the two terms cancel where the plan sits on
-      near-coincident pairs, the more so as ``W ~ 1/C`` for the Euclidean cost;
-    - past it (where a per-entry difference costs ``d`` times more), that product form
-      on the clouds centred at the mean of their points of positive weight
-      (:func:`otcore.reference.live_mean`; centring keeps its terms from cancelling
-      large numbers).
+      near-coincident pairs, without bound as ``W ~ 1/C`` for the Euclidean cost;
+    - past it, for the squared Euclidean cost (where a per-entry difference costs ``d``
+      times more), that product form on the clouds centred at the mean of their points of
+      positive weight (:func:`otcore.reference.live_mean`; centring keeps its terms from
+      cancelling large numbers).
     """
     _check(precision)
     if geom.is_dense:
         return (plan_dense(geom, F, G, eps, precision),)
     euclid = geom.cost == "euclidean"
     weight, factor = (_plan.WEIGHT_P_OVER_C, 1.0) if euclid else (_plan.WEIGHT_P, 2.0)
-    diff = geom.d <= reference.GRAD_DIFF_MAX_D
+    diff = reference.grad_per_entry(geom)
     if not diff:
         mu = reference.live_mean(geom, F, G)
         centred = (geom.x - mu, geom.y - mu)
