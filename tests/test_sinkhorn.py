@@ -485,6 +485,16 @@ def test_eps_schedule_reaches_the_same_solution(schedule):
     assert float(res.value) == pytest.approx(float(ref.value), rel=1e-8)
 
 
+def test_eps_schedule_decay_factor_accepts_numpy_and_tensor_numbers():
+    """Like eps, tol and rho: np.float32(0.5) and torch.tensor(0.5) were a TypeError."""
+    geom = geom_of("sqeuclidean", 12, 9, 2)
+    ref = otcore.sinkhorn(geom, eps=0.05, eps_schedule=0.5, **T)
+    for q in (np.float32(0.5), torch.tensor(0.5)):
+        assert otcore.sinkhorn(geom, eps=0.05, eps_schedule=q, **T).info["eps_stages"] == ref.info["eps_stages"]
+    with pytest.raises(TypeError, match="eps_schedule"):
+        otcore.sinkhorn(geom, eps=0.05, eps_schedule=np.bool_(True), **T)
+
+
 def test_eps_schedule_with_a_tiny_decay_factor_starts_at_the_diameter():
     """q = 1e-100 used to run one stage at eps / q = 1e98, whose update rounds to a common
     offset ~1e82 of f and g: the plan then missed its marginals by O(100). The first stage
@@ -514,6 +524,20 @@ def test_converged_run_does_not_warn():
         warnings.simplefilter("error", ConvergenceWarning)
         res = otcore.sinkhorn(geom, eps=0.1, **T)
     assert res.converged
+
+
+def test_an_unbalanced_residual_below_its_rounding_is_named():
+    """A KL-relaxed side's target a exp(-f / rho) carries f's rounding, ~u eps / rho of the
+    mass: at eps = 100 the float32 residual stalls near 4e-5, while the plan's own rounding
+    estimate (3.4e-6) was below tol and the warning said only "residual > tol"."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(25, 2, generator=g), torch.rand(18, 2, generator=g)
+    a, b = torch.rand(25, generator=g), 2 * torch.rand(18, generator=g)
+    with pytest.warns(ConvergenceWarning, match=r"below the residual's rounding at eps=100 in float32, up to about"):
+        res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=100.0, rho=0.5, tol=1e-6, max_iter=300, **T)
+    assert res.converged is False and res.info["residual"] > 1e-6
+    u = torch.finfo(torch.float32).eps
+    assert res.info["residual"] <= u * 100 / 0.5 * float(a.sum() + b.sum())
 
 
 def test_a_value_beyond_float32_is_named_not_blamed_on_the_plan():

@@ -24,6 +24,7 @@ whose fixed point is the same and whose convergence does not degrade that way.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -49,8 +50,8 @@ def check_schedule(schedule: Schedule, eps: float):
             raise ValueError(f"eps_schedule must be None, 'geometric', a decay factor in (0, 1) or a decreasing "
                              f"sequence of values > eps, got {schedule!r}")
         return 0.5
-    if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
-        q = float(schedule)
+    if isinstance(schedule, (numbers.Real, torch.Tensor)) and not _validate._is_bool(schedule):
+        q = _validate.positive("eps_schedule", schedule)  # a Python, NumPy or one-element tensor number
         if not 0 < q < 1:
             raise ValueError(f"eps_schedule as a decay factor must be in (0, 1), got {q}")
         return q
