@@ -6,8 +6,9 @@ Views (select, view, slice, ...) launch nothing and are not counted. The count s
 into the objective's evaluations (``evaluate``: the k-sparse pass and its reductions)
 and the rest of the L-BFGS iteration (direction, line search, memory, stopping tests).
 Host reads in L-BFGS (``bool``/``float``/``item`` of a tensor, ``tolist``, and the
-solver's own ``to_host``) are counted apart; its ``to_device`` copies of host masks count
-as operations: on a GPU each one waits for the queue to drain (a synchronisation). (The torch
+solvers' own ``_host.to_host``) are counted apart: on a GPU each one waits for the queue to
+drain (a synchronisation). Their copies back to the device (``_host.to_device``) count as
+operations. (The torch
 twin's evaluation reads one flag per call on the CPU only, for its tie-break; the GPU
 paths read none.)
 
@@ -23,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import otcore
-import otcore.solvers._lbfgs as _lbfgs
+import otcore.solvers._host as _host
 import otcore.solvers.sparse as sparse_solver
 
 VIEWS = {"select.int", "unsqueeze.default", "view.default", "alias.default", "slice.Tensor", "expand.default",
@@ -52,13 +53,13 @@ class OpCounter(TorchDispatchMode):
 
     def __enter__(self):
         tolist = self._tolist = torch.Tensor.tolist
-        to_host, to_device = self._moves = _lbfgs.to_host, _lbfgs.to_device
+        to_host, to_device = self._moves = _host.to_host, _host.to_device
 
         def counted_tolist(t):  # one transfer to the host
             self.counts["host reads in " + self.phase] += 1
             return tolist(t)
 
-        def counted_to_host(*rows):  # L-BFGS's one read per trial (on a CPU, .cpu() dispatches nothing)
+        def counted_to_host(*rows):  # the solvers' reads of per-problem numbers (on a CPU, .cpu() dispatches nothing)
             self.counts["host reads in " + self.phase] += 1
             return to_host(*rows)
 
@@ -67,12 +68,12 @@ class OpCounter(TorchDispatchMode):
             return to_device(mask, device)
 
         torch.Tensor.tolist = counted_tolist
-        _lbfgs.to_host, _lbfgs.to_device = counted_to_host, counted_to_device
+        _host.to_host, _host.to_device = counted_to_host, counted_to_device
         return super().__enter__()
 
     def __exit__(self, *exc):
         torch.Tensor.tolist = self._tolist
-        _lbfgs.to_host, _lbfgs.to_device = self._moves
+        _host.to_host, _host.to_device = self._moves
         return super().__exit__(*exc)
 
 

@@ -14,6 +14,8 @@ import math
 import numpy as np
 import torch
 
+from . import _host
+
 
 def _where(mask: torch.Tensor, new, old):
     """Per-problem select on tensors (or tuples of tensors) with a leading batch dimension."""
@@ -78,21 +80,7 @@ def _push(pairs, sy, yy, valid, s_new, y_new, keep, g):
     return pairs, sy, yy, prod[:, :m, 2], prod[:, m:, 2], valid
 
 
-def to_host(*rows: torch.Tensor) -> np.ndarray:
-    """``(len(rows), B)`` float64 on the host from ``(B,)`` tensors: one transfer (a
-    synchronisation on a GPU). Every host read of the solver goes through here."""
-    dt = rows[0].dtype if rows[0].is_floating_point() else torch.float64
-    return torch.stack([r.to(dt) for r in rows]).cpu().numpy().astype(np.float64)
-
-
-def to_device(x: np.ndarray, device) -> torch.Tensor:
-    """A host array ``(B,)`` (a mask, or the bisected steps) on ``device``. Issued right after
-    a host read, when the device's queue is empty, so a blocking copy waits for nothing but
-    itself."""
-    return torch.from_numpy(x).to(device)
-
-
-def _host(x, B: int) -> np.ndarray:
+def _on_host(x, B: int) -> np.ndarray:
     """A number or a (B,) tensor as a (B,) float64 host array (read once per solve)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().double().cpu().numpy()
@@ -163,15 +151,15 @@ def lbfgs(
     h0 = torch.as_tensor(h0, dtype=dt, device=dev).expand(B)
     if unit is not None:
         evaluate, tol, h0, unit = _in_units(evaluate, tol, h0, unit.to(dt))
-    tol_h, kick_h = _host(tol, B), _host(kick, B)
+    tol_h, kick_h = _on_host(tol, B), _on_host(kick, B)
     kick_d = torch.as_tensor(kick, dtype=dt, device=dev).expand(B)
-    offset, extra = (None, None) if fscale is None else (_host(fscale[0], B), _host(fscale[1], B))
+    offset, extra = (None, None) if fscale is None else (_on_host(fscale[0], B), _on_host(fscale[1], B))
     judged = callable(flat_converges)  # else a constant
 
     def read(fv, gv, sv, auxv, with_flat, *more):
         """Host rows of one evaluation: f, |g|_1, scale, flat_converges (if judged now), more."""
         rows = [fv, gv.abs().sum(-1), sv, *more] + ([flat_converges(auxv)] if with_flat else [])
-        st = to_host(*rows)
+        st = _host.to_host(*rows)
         flat = st[-1] > 0 if with_flat else np.full(B, bool(flat_converges) if not judged else False)
         return (st[0], st[1], st[2], flat), st[3:3 + len(more)]
 
@@ -219,28 +207,29 @@ def lbfgs(
                 if ok.all():
                     new, new_h = trial_d, trial_h
                 else:
-                    new, new_h = _where(to_device(ok, dev), trial_d, new), _pick(ok, trial_h, new_h)
+                    new, new_h = _where(_host.to_device(ok, dev), trial_d, new), _pick(ok, trial_h, new_h)
                 done, exhausted = done | ok, False
                 break
             if trial == 0:
                 lo, hi = np.zeros(B), np.full(B, np.inf)
                 fallback, fallback_h, armijo_seen = new, new_h, np.zeros(B, bool)
             if ok.any():
-                new, new_h = _where(to_device(ok, dev), trial_d, new), _pick(ok, trial_h, new_h)
+                new, new_h = _where(_host.to_device(ok, dev), trial_d, new), _pick(ok, trial_h, new_h)
             if armijo.any():
-                fallback, fallback_h = _where(to_device(armijo, dev), trial_d, fallback), _pick(armijo, trial_h, fallback_h)
+                armijo_d = _host.to_device(armijo, dev)
+                fallback, fallback_h = _where(armijo_d, trial_d, fallback), _pick(armijo, trial_h, fallback_h)
             armijo_seen |= armijo
             done |= ok
             # bracket [lo, hi]: too long where Armijo fails, too short where the slope is still steep
             hi = np.where(~done & ~armijo, t_h, hi)
             lo = np.where(armijo & ~ok, t_h, lo)
             t_h = np.where(done, t_h, np.where(np.isinf(hi), 2.0 * t_h, 0.5 * (lo + hi)))
-            t = to_device(t_h, dev).to(dt)
+            t = _host.to_device(t_h, dev).to(dt)
         if exhausted:
             if max_ls > 0:  # trials exhausted: fall back to the last step with sufficient decrease
                 late = ~done & armijo_seen
                 if late.any():
-                    new, new_h = _where(to_device(late, dev), fallback, new), _pick(late, fallback_h, new_h)
+                    new, new_h = _where(_host.to_device(late, dev), fallback, new), _pick(late, fallback_h, new_h)
                     done |= late
             failed = active & ~done
             kicked = failed & (kicks < max_kicks) & (kick_h > 0)
@@ -248,7 +237,7 @@ def lbfgs(
                 cand = theta + kick_d[:, None] * pattern
                 fk, gk, auxk, sk = evaluate(cand)
                 kick_h_out, _ = read(fk, gk, sk, auxk, judge)
-                mask = to_device(kicked, dev)
+                mask = _host.to_device(kicked, dev)
                 new, new_h = _where(mask, (cand, gk, auxk), new), _pick(kicked, kick_h_out, new_h)
                 valid &= ~mask[:, None]
                 kicks += kicked
@@ -256,7 +245,7 @@ def lbfgs(
             stalled |= failed & ~kicked
         moved = active & done
         keep = moved & ~kicked  # problems that did not move have s = y = 0: no pair either way
-        keep_d = None if (keep | ~moved).all() else to_device(keep, dev)
+        keep_d = None if (keep | ~moved).all() else _host.to_device(keep, dev)
         pairs, sy, yy, sg, yg, valid = _push(pairs, sy, yy, valid, new[0] - theta, new[1] - g, keep_d, new[1])
         last, s_y, y_y = valid[:, -1], sy[:, -1, -1], yy[:, -1, -1]
         hscale = torch.where(last, s_y / y_y.masked_fill(~last, 1.0), hscale)
@@ -279,7 +268,7 @@ def lbfgs(
             converged |= active & grad_ok
         active &= moved & ~converged & ~flat_stop
         if progress is not None and progress.due():
-            shown = cur[1] if unit is None else cur[1] * _host(unit, B)
+            shown = cur[1] if unit is None else cur[1] * _on_host(unit, B)
             progress.update(it + 1, float(shown.max()), None, "L-BFGS")
     if progress is not None:
         progress.close()

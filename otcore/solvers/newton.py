@@ -46,12 +46,14 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
-from ._entropic import (Problem, check_init, entropic_result, finite_abs_max, make_problem, marginal_floor,
+from . import _host
+from ._entropic import (Problem, _live_potential, check_init, entropic_result, finite_abs_max, make_problem,
                         settle_zero_weights)
 from .sinkhorn import Schedule, _iterate, check_schedule, eps_stages
 
@@ -220,7 +222,7 @@ class _Solve:
         # Levenberg-Marquardt damping of the Newton system, per problem (see newton())
         tiny = 1e-10 if f.dtype == torch.float64 else 1e-6
         self.lam_min, self.lam_max = tiny, 1e2
-        self.lam = torch.full((B,), 1e-4, dtype=f.dtype, device=dev)
+        self.lam = np.full(B, 1e-4)  # on the host, with the rest of the per-problem arithmetic
 
     # --- pieces -------------------------------------------------------------
     def _biased(self, f, g):
@@ -257,103 +259,122 @@ class _Solve:
 
     @torch.no_grad()
     def newton(self, tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter, patience=PATIENCE) -> None:
+        """Newton steps until every problem meets ``tol``, stalls at its dtype's floor, or
+        ``max_iter``. The per-problem arithmetic of the line search, the damping and the
+        stopping rules runs on the host, on numbers the line search's trials send back
+        (one transfer each, the trial's synchronisation): on a GPU a (B,)-sized test costs
+        a launch, more host time than the transfer. The vectors stay on the device, and
+        the host's per-problem state (active, CG tolerances, damping) goes back in one copy
+        per step, issued when the device's queue is empty."""
         pb, geom = self.pb, self.pb.geom
         _sync(geom.device)
         t0 = time.perf_counter()
         fallback_time = self.times["fallback"]
         r, c, err = self._marginals(self.f, self.g)
         self.ls_evals += 1
-        overflow = ~torch.isfinite(err)
-        if bool(overflow.any()):  # e.g. a warm start from a larger eps: Sinkhorn steps make the plan finite
-            r, c, err = self._fallback(fallback_iter, tol, overflow, r, c, err)
+        err, pot = self._read_state(err)
+        overflow = ~np.isfinite(err)
+        if overflow.any():  # e.g. a warm start from a larger eps: Sinkhorn steps make the plan finite
+            r, c, err, pot = self._fallback(fallback_iter, tol, overflow, r, c, err, pot)
         s = sparsity if sparsity is not None else min(geom.m, 8)
         s_max = geom.m if sparsity is not None else max(s, min(geom.m, MAX_ELL_ENTRIES // (geom.batch * geom.n)))
-        best = err.clone()
-        stalled = torch.zeros_like(self.newton_its)
+        B = geom.batch
+        passed = self.passed.cpu().numpy().copy()
+        newton_its, best, stalled = np.zeros(B, np.int64), err.copy(), np.zeros(B, np.int64)
+        mass = (pb.A.sum(-1) + pb.Bw.sum(-1)).double().cpu().numpy()
+        u = torch.finfo(self.f.dtype).eps
         for _ in range(max_iter):
-            ok = err <= tol
-            self.passed |= ok
-            active = ~self.passed & torch.isfinite(err) & (stalled < patience)
-            vals, idx, s, live = self._sparse_plan(r, active, s, s_max, sparsity is None, drop_tol)
-            if not live:
+            passed |= err <= tol
+            with np.errstate(invalid="ignore"):
+                active = ~passed & np.isfinite(err) & (stalled < patience)
+            if not active.any():
                 break
-            if self.progress.due():
-                self.progress.update(int(self.newton_its.max()), float(err[active].max()), pb.eps, "newton")
             # inexact Newton: relative CG residual ~ sqrt(error) (superlinear steps
             # near the solution, cheap ones far from it), within [cg_tol, 0.1]
-            forcing = err.sqrt().clamp(min=cg_tol, max=0.1)
-            df, dg = self._direction(r, c, vals, idx, active, forcing, cg_max_iter)
-            self.newton_its += active
-            r, c, err, accepted, alpha, armijo, exhausted = self._line_search(df, dg, r, c, err, active)
+            with np.errstate(invalid="ignore"):
+                forcing = np.clip(np.sqrt(err), cg_tol, 0.1)
+            packed = _host.to_device(np.stack([active, forcing, self.lam]), geom.device).to(self.f.dtype)
+            active_d, forcing_d, lam_d = packed[0] > 0, packed[1], packed[2]
+            vals, idx, s = self._sparse_plan(r, active, active_d, s, s_max, sparsity is None, drop_tol)
+            if self.progress.due():
+                self.progress.update(int(newton_its.max()), float(err[active].max()), pb.eps, "newton")
+            df, dg = self._direction(r, c, vals, idx, active_d, forcing_d, lam_d, cg_max_iter)
+            newton_its += active
+            r, c, err, pot, accepted, alpha, armijo, exhausted = self._line_search(df, dg, r, c, err, pot, active)
             # damping: relax after full steps, tighten after short or failed ones
-            lam = torch.where(accepted & (alpha >= 0.5), self.lam / 10, self.lam)
-            lam = torch.where(accepted & (alpha < 0.25), self.lam * 10, lam)
-            lam = torch.where(active & ~accepted, self.lam * 100, lam)
-            self.lam = lam.clamp(self.lam_min, self.lam_max)
+            lam = np.where(accepted & (alpha >= 0.5), self.lam / 10, self.lam)
+            lam = np.where(accepted & (alpha < 0.25), self.lam * 10, lam)
+            lam = np.where(active & ~accepted, self.lam * 100, lam)
+            self.lam = np.clip(lam, self.lam_min, self.lam_max)
             stuck = active & ~accepted
-            if exhausted and bool(stuck.any()):  # Newton did not help: Sinkhorn steps for those problems
-                r, c, err = self._fallback(fallback_iter, tol, stuck, r, c, err)
+            if exhausted and stuck.any():  # Newton did not help: Sinkhorn steps for those problems
+                r, c, err, pot = self._fallback(fallback_iter, tol, stuck, r, c, err, pot)
             # progress: a resolvable increase of L, or the error down by 10% from its best.
             # Without it for `patience` iterations within NEAR_FLOOR of the error's rounding
-            # estimate we are at the dtype's accuracy floor. Above that the iterations go on
-            # (to max_iter): there a slow stretch (a few % per step, or a rise after a
-            # shrunken damping) is no floor, and a restart from those potentials converged.
-            progress = armijo | (err < 0.9 * best)
-            best = torch.minimum(best, err)
-            near_floor = err <= NEAR_FLOOR * marginal_floor(pb, self.f, self.g)
+            # estimate (marginal_floor's) we are at the dtype's accuracy floor. Above that the
+            # iterations go on (to max_iter): there a slow stretch (a few % per step, or a rise
+            # after a shrunken damping) is no floor, and a restart from those potentials converged.
+            with np.errstate(invalid="ignore"):
+                progress = armijo | (err < 0.9 * best)
+                best = np.fmin(best, err)
+                near_floor = err <= NEAR_FLOOR * u * (1 + 2 * pot / pb.eps) * mass
             # a problem that stopped keeps its count (it stays stopped: a reset re-activated it
             # one step later, in a batch whose other problems were still running)
-            stalled = torch.where(active, torch.where(~progress & near_floor, stalled + 1, 0), stalled)
-        self.passed |= err <= tol
-        self.stalled = ~self.passed & (stalled >= patience)
+            stalled = np.where(active, np.where(~progress & near_floor, stalled + 1, 0), stalled)
+        passed |= err <= tol
+        dev = geom.device
+        self.passed = _host.to_device(passed, dev)
+        self.stalled = _host.to_device(~passed & (stalled >= patience), dev)
+        self.newton_its = self.newton_its + _host.to_device(newton_its, dev)
         self.f, self.g = settle_zero_weights(pb, self.f, self.g)
         self.s = s
         _sync(geom.device)
         self.times["newton"] += time.perf_counter() - t0 - (self.times["fallback"] - fallback_time)
 
-    def _fallback(self, n_iter, tol, which, r, c, err):
-        """Sinkhorn iterations for the problems in ``which``; their new ``(r, c, err)``."""
-        self.fallback_its += self._sinkhorn(n_iter, tol, "fallback", active=which)
+    def _read_state(self, err):
+        """Host copies of the marginal error (B,) and of ``max |f|, |g|`` over the points
+        with weight (:func:`marginal_floor`'s potential): one transfer."""
+        st = _host.to_host(err, _live_potential(self.pb, self.f, self.g))
+        return st[0], st[1]
+
+    def _fallback(self, n_iter, tol, which, r, c, err, pot):
+        """Sinkhorn iterations for the problems in ``which`` (host mask); their new ``(r, c,
+        err, pot)`` (``err``, ``pot`` on the host)."""
+        mask = _host.to_device(which, self.pb.geom.device)
+        self.fallback_its += self._sinkhorn(n_iter, tol, "fallback", active=mask)
         r2, c2, err2 = self._marginals(self.f, self.g)
         self.ls_evals += 1
-        return (torch.where(which[:, None], r2, r), torch.where(which[:, None], c2, c),
-                torch.where(which, err2, err))
+        err2, pot2 = self._read_state(err2)
+        return (torch.where(mask[:, None], r2, r), torch.where(mask[:, None], c2, c),
+                np.where(which, err2, err), np.where(which, pot2, pot))
 
-    def _sparse_plan(self, r, active, s, s_max, adaptive, drop_tol):
+    def _sparse_plan(self, r, active, active_d, s, s_max, adaptive, drop_tol):
         """ELL top-``s`` rows of P; with ``adaptive`` double ``s`` until the dropped
-        mass fraction of every active problem is at most ``drop_tol``. Returns ``(vals,
-        idx, s, live)``, ``live``: some problem is active (else the rest is not computed).
-        With ``adaptive`` that flag is read with the first dropped-mass test (one host sync
-        for both; when no problem is left, the extraction was spare)."""
+        mass fraction of every active problem (``active`` on the host, ``active_d`` on the
+        device) is at most ``drop_tol`` (one host read per test). Returns ``(vals, idx, s)``."""
         pb = self.pb
         adaptive = adaptive and s < s_max
-        if not adaptive and not bool(active.any()):
-            return None, None, s, False
         F, G = self._biased(self.f, self.g)
         extract = lambda s: pb.geom.plan_sparse_rows(F, G, pb.eps, s, **pb.kw())  # noqa: E731
         vals, idx = extract(s)
         if adaptive:
             rows = r.sum(-1)
-            grows = lambda vals: (active & (1 - vals.sum((1, 2)) / rows > drop_tol)).any()  # noqa: E731
-            live, grow = torch.stack([active.any(), grows(vals)]).tolist()
-            if not live:
-                return None, None, s, False
-            while grow:
+            grows = lambda vals: bool((active_d & (1 - vals.sum((1, 2)) / rows > drop_tol)).any())  # noqa: E731
+            while grows(vals) and s < s_max:
                 s = min(s_max, 2 * s)
                 vals, idx = extract(s)
-                grow = s < s_max and bool(grows(vals))
-        return vals, idx, s, True
+        return vals, idx, s
 
-    def _direction(self, r, c, vals, idx, active, rtol, cg_max_iter):
+    def _direction(self, r, c, vals, idx, active, rtol, lam, cg_max_iter):
         """Newton direction: solve ``(M_s + lam D) d = eps * grad`` by Jacobi-PCG.
 
         ``M_s = [[diag(r), S], [S^T, diag(c)]]`` with ``S`` the ELL matrix,
-        ``D = diag(r, c)``, ``lam`` the per-problem damping ``self.lam``. Zero-weight
+        ``D = diag(r, c)``, ``lam`` (B,) the per-problem damping. Zero-weight
         rows/columns (``r_i = 0``) get ``d_i = 0``.
         """
         pb, geom = self.pb, self.pb.geom
         eps = pb.eps
-        lam = self.lam[:, None]
+        lam = lam[:, None]
         kw = dict(backend=pb.backend)
         ga, gb = pb.A - r, pb.Bw - c
         # project the right-hand side onto the complement of (1, -1) over the live entries
@@ -369,52 +390,60 @@ class _Solve:
         self.cg_its = self.cg_its + its.max()  # on the device: read once, at the end
         return da, db
 
-    def _line_search(self, df, dg, r, c, err, active, max_halvings: int = 12, c1: float = 1e-4):
+    def _line_search(self, df, dg, r, c, err, pot, active, max_halvings: int = 12, c1: float = 1e-4):
         """Backtracking on ``alpha`` in {1, 1/2, ...}; moves ``self.f``, ``self.g``.
 
-        Returns the new ``(r, c, err)``, per problem whether a step was taken, its
+        Returns the new ``(r, c, err, pot)``, per problem whether a step was taken, its
         ``alpha`` and whether it was taken on a resolvable increase of ``L``, and whether
-        the halvings ran out (otherwise every active problem took a step).
+        the halvings ran out (otherwise every active problem took a step). ``err``, ``pot``
+        (the live potentials' size), ``active`` and the per-problem outputs are host arrays.
 
         Accept when ``L(new) - L(old) >= c1 * alpha * <grad, d>`` if the predicted increase
         ``alpha <grad, d>`` is above the rounding noise of ``L``, else when the marginal
-        error decreases.
+        error decreases. Each trial's numbers come back in one transfer; the tests run on
+        the host, and a device mask goes back only where the problems of a batch part ways.
         """
-        pb = self.pb
+        pb, dev = self.pb, self.pb.geom.device
         eps = pb.eps
         ulp = torch.finfo(r.dtype).eps
-        slope = _dot((pb.A - r, pb.Bw - c), (df, dg))  # <grad L, d> >= 0
-        lin = (pb.A * df).sum(-1) + (pb.Bw * dg).sum(-1)
-        mass = r.sum(-1)
         F, G = self._biased(self.f, self.g)
-        scale = (finite_abs_max(F) + finite_abs_max(G)) / eps  # (zero weights: -inf entries)
-        # the noise of L's difference at step alpha: 16 ulp (alpha (|a.df| + |b.dg|) + eps (masses) (1 + scale))
-        moved_a, moved_b = (pb.A * df).abs().sum(-1), (pb.Bw * dg).abs().sum(-1)
-        alpha = torch.ones_like(err)
-        searching = active.clone()
-        accepted = torch.zeros_like(active)
-        by_armijo = torch.zeros_like(active)
-        for _ in range(max_halvings + 1):
-            f_new = self.f + alpha[:, None] * df
-            g_new = self.g + alpha[:, None] * dg
+        # step-independent terms, read with the first trial: <grad L, d> >= 0, <a, df> + <b, dg>,
+        # P's mass, the potentials' scale, and the noise of L's difference at step alpha:
+        # 16 ulp (alpha (|a.df| + |b.dg|) + eps (masses) (1 + scale))
+        fixed = [_dot((pb.A - r, pb.Bw - c), (df, dg)), (pb.A * df).sum(-1) + (pb.Bw * dg).sum(-1), r.sum(-1),
+                 (finite_abs_max(F) + finite_abs_max(G)) / eps, (pb.A * df).abs().sum(-1) + (pb.Bw * dg).abs().sum(-1)]
+        B = err.shape[0]
+        alpha = np.ones(B)
+        searching = active.copy()
+        accepted, by_armijo = np.zeros(B, bool), np.zeros(B, bool)
+        for trial in range(max_halvings + 1):
+            if trial == 0:
+                f_new, g_new = self.f + df, self.g + dg
+            else:
+                step = _host.to_device(alpha, dev).to(df.dtype)[:, None]
+                f_new, g_new = self.f + step * df, self.g + step * dg
             r_new, c_new, err_new = self._marginals(f_new, g_new)
             self.ls_evals += 1
-            mass_new = r_new.sum(-1)
-            gain = alpha * lin - eps * (mass_new - mass)
-            noise = 16 * ulp * (alpha * moved_a + alpha * moved_b + eps * (mass + mass_new) * (1 + scale))
-            armijo = gain >= c1 * alpha * slope
-            resolvable = alpha * slope > noise
-            ok = torch.where(resolvable, armijo, err_new < err) & torch.isfinite(err_new)
+            st = _host.to_host(err_new, r_new.sum(-1), _live_potential(pb, f_new, g_new), *(fixed if trial == 0 else ()))
+            if trial == 0:
+                slope, lin, mass, scale, moved = st[3:]
+            with np.errstate(invalid="ignore", over="ignore"):
+                gain = alpha * lin - eps * (st[1] - mass)
+                noise = 16 * ulp * (alpha * moved + eps * (mass + st[1]) * (1 + scale))
+                resolvable = alpha * slope > noise
+                ok = np.where(resolvable, gain >= c1 * alpha * slope, st[0] < err) & np.isfinite(st[0])
             take = searching & ok
             by_armijo |= take & resolvable
-            self.f = torch.where(take[:, None], f_new, self.f)
-            self.g = torch.where(take[:, None], g_new, self.g)
-            r = torch.where(take[:, None], r_new, r)
-            c = torch.where(take[:, None], c_new, c)
-            err = torch.where(take, err_new, err)
+            if take.all():
+                self.f, self.g, r, c = f_new, g_new, r_new, c_new
+            elif take.any():
+                mask = _host.to_device(take, dev)
+                self.f, self.g = torch.where(mask[:, None], f_new, self.f), torch.where(mask[:, None], g_new, self.g)
+                r, c = torch.where(mask[:, None], r_new, r), torch.where(mask[:, None], c_new, c)
+            err, pot = np.where(take, st[0], err), np.where(take, st[2], pot)
             accepted |= take
             searching &= ~ok
-            if not bool(searching.any()):
-                return r, c, err, accepted, alpha, by_armijo, False
-            alpha = torch.where(searching, alpha / 2, alpha)
-        return r, c, err, accepted, alpha, by_armijo, True
+            if not searching.any():
+                return r, c, err, pot, accepted, alpha, by_armijo, False
+            alpha = np.where(searching, alpha / 2, alpha)
+        return r, c, err, pot, accepted, alpha, by_armijo, True
