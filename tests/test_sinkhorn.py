@@ -540,6 +540,17 @@ def test_an_unbalanced_residual_below_its_rounding_is_named():
     assert res.info["residual"] <= u * 100 / 0.5 * float(a.sum() + b.sum())
 
 
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+def test_coordinates_whose_squares_overflow_are_named(cost):
+    """Points ~1e20 apart in float32: their squared distances overflow (the Euclidean cost
+    too, through its square), the potentials are NaN; the warning blamed eps alone."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(12, 2, generator=g) * 1e20, torch.rand(9, 2, generator=g) * 1e20
+    with pytest.warns(ConvergenceWarning, match="costs beyond its range"):
+        res = otcore.sinkhorn(otcore.PointCloud(x, y, cost=cost), eps=1e18, **T)
+    assert res.converged is False
+
+
 def test_a_value_beyond_float32_is_named_not_blamed_on_the_plan():
     """Weights of mass 1e20 in float32: the plan is right (it scales with the weights), but
     the value's term eps m(a) m(b) = 5e38 is beyond float32's range; the warning said the

@@ -201,8 +201,13 @@ def marginal_floor(pb: Problem, f, g) -> torch.Tensor:
     ``u (1 + 2 max(|f|, |g|) / eps)`` of the mass (``u``: the dtype's rounding unit). Errors of
     different entries partly cancel, so the reachable error is often well below it. Points
     of zero weight carry no mass: their potentials (large for far padding) do not count."""
-    mass = pb.A.sum(-1) + pb.Bw.sum(-1)
-    return torch.finfo(f.dtype).eps * (1 + 2 * _live_potential(pb, f, g) / pb.eps) * mass
+    return rounding_floor(live_potential(pb, f, g), pb.eps, pb.A.sum(-1) + pb.Bw.sum(-1), f.dtype)
+
+
+def rounding_floor(pot, eps: float, mass, dtype: torch.dtype):
+    """:func:`marginal_floor` from the live potentials' size ``pot`` and the masses ``m(a) +
+    m(b)``: ``u (1 + 2 pot / eps) mass``, on tensors or on host arrays."""
+    return torch.finfo(dtype).eps * (1 + 2 * pot / eps) * mass
 
 
 def residual_floor(pb: Problem, f, g) -> torch.Tensor:
@@ -221,7 +226,7 @@ def residual_floor(pb: Problem, f, g) -> torch.Tensor:
     return floor
 
 
-def _live_potential(pb: Problem, f, g) -> torch.Tensor:
+def live_potential(pb: Problem, f, g) -> torch.Tensor:
     """(B,) ``max(|f_i|, |g_j|)`` over the points of positive weight."""
     return torch.maximum(finite_abs_max(torch.where(pb.A > 0, f, 0.0)), finite_abs_max(torch.where(pb.Bw > 0, g, 0.0)))
 
@@ -230,14 +235,15 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
     """The warning's diagnosis for the problems that did not converge (``stalled``: (B,)
     bool, the problems a solver stopped for lack of progress near the floor, if it has such a rule)."""
     if not bool((torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1)).all()):
-        return "non-finite potentials (eps too small for the dtype?)"
+        return ("non-finite potentials: eps too small for the dtype, or costs beyond its range (squared distances "
+                "of coordinates near 1e19 overflow float32; rescale the points or use float64)")
     eps, dt = pb.eps, _validate.dtype_name(f.dtype)
     if not bool(finite.all()):
         masses = float((pb.A.double().sum(-1) * pb.Bw.double().sum(-1)).max())
         return (f"the value is not finite in {dt}: the plan's mass, or the value's term eps * m(a) * m(b) "
                 f"(here up to {eps * masses:.3g}), is beyond its range; normalise the weights (the plan scales "
                 f"with them) or use float64")
-    pot = float(_live_potential(pb, f, g).max())
+    pot = float(live_potential(pb, f, g).max())
     floors, masses = marginal_floor(pb, f, g), pb.A.sum(-1) + pb.Bw.sum(-1)
     mass, floor = float(masses.max()), float(residual_floor(pb, f, g).max())
     wider = "" if f.dtype == torch.float64 else "use float64, "

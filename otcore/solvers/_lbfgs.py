@@ -151,7 +151,7 @@ def lbfgs(
     h0 = torch.as_tensor(h0, dtype=dt, device=dev).expand(B)
     if unit is not None:
         evaluate, tol, h0, unit = _in_units(evaluate, tol, h0, unit.to(dt))
-    tol_h, kick_h = _on_host(tol, B), _on_host(kick, B)
+    tol_h, kick_h, unit_h = _on_host(tol, B), _on_host(kick, B), _on_host(1.0 if unit is None else unit, B)
     kick_d = torch.as_tensor(kick, dtype=dt, device=dev).expand(B)
     offset, extra = (None, None) if fscale is None else (_on_host(fscale[0], B), _on_host(fscale[1], B))
     judged = callable(flat_converges)  # else a constant
@@ -167,6 +167,7 @@ def lbfgs(
     cur, _ = read(f, g, scale, aux, judged)  # host: (f, gnorm, scale, flat_converges) at the iterate
     converged = cur[1] <= tol_h
     active = ~converged & np.isfinite(cur[0]) & np.isfinite(cur[1])
+    start = cur[0]  # the objective at theta: an ftol stop no lower than it (by the slack) is suspect
     stalled, grad_ok, flat_stop = np.zeros(B, bool), converged.copy(), np.zeros(B, bool)
     n_iter, kicks = np.zeros(B, np.int64), np.zeros(B, np.int64)
     pairs = torch.zeros(B, 2 * history, D, dtype=dt, device=dev)  # memory: s_1..s_m, y_1..y_m
@@ -262,23 +263,35 @@ def lbfgs(
                 flat = moved & (old_f - cur[0] <= np.where(conv_flat, ftol, 0.0) * size)
                 # not converging on it (smooth): below f's resolution the gradient may still fall
                 flat &= conv_flat | (np.min(recent_g, 0) > 0.99 * old_g)
-            converged |= active & (grad_ok | (flat & conv_flat))
-            flat_stop |= active & flat & ~converged
+                # flat without ever getting below the start by more than the rounding slack: ties at
+                # the start (float32 accepted a first step 2^-18 long within the slack, then wandered
+                # in it; ftol called that converged, 6.5% below the optimum). Kick it instead.
+                unmoved = flat & conv_flat & ~grad_ok & active & (start - cur[0] <= slack * (cur[2] + np.abs(cur[0])))
+            unmoved &= (kicks < max_kicks) & (kick_h > 0)
+            converged |= active & (grad_ok | (flat & conv_flat & ~unmoved))
+            flat_stop |= active & flat & ~converged & ~unmoved
         else:  # no window yet: nothing is flat
             converged |= active & grad_ok
+            unmoved = np.zeros(B, bool)
         active &= moved & ~converged & ~flat_stop
+        if unmoved.any():
+            cand = theta + kick_d[:, None] * pattern
+            fk, gk, auxk, sk = evaluate(cand)
+            kick_h_out, _ = read(fk, gk, sk, auxk, judge)
+            mask = _host.to_device(unmoved, dev)
+            (theta, g, aux), cur = _where(mask, (cand, gk, auxk), (theta, g, aux)), _pick(unmoved, kick_h_out, cur)
+            valid &= ~mask[:, None]
+            kicks += unmoved
+            recent = [np.where(unmoved, np.inf, f_old) for f_old in recent]  # a fresh window for them
         if progress is not None and progress.due():
-            shown = cur[1] if unit is None else cur[1] * _on_host(unit, B)
-            progress.update(it + 1, float(shown.max()), None, "L-BFGS")
+            progress.update(it + 1, float((cur[1] * unit_h).max()), None, "L-BFGS")
     if progress is not None:
         progress.close()
     finite = np.isfinite(cur[0]) & np.isfinite(cur[1])
     reason = np.where(grad_ok, 0, np.where(converged, 4, np.where(flat_stop, 5, np.where(
         ~finite, 3, np.where(stalled, 2, 1)))))
-    gnorm = torch.as_tensor(cur[1], dtype=dt, device=dev)
-    as_dev = lambda x: torch.as_tensor(x, device=dev)  # noqa: E731
-    return (theta, aux, as_dev(n_iter), gnorm if unit is None else gnorm * unit, as_dev(converged),
-            as_dev(reason.astype(np.int64)))
+    out = _host.to_device(np.stack([n_iter, cur[1] * unit_h, converged, reason]), dev)  # one copy
+    return theta, aux, out[0].long(), out[1].to(dt), out[2] > 0, out[3].long()
 
 
 def _in_units(evaluate, tol, h0, unit):

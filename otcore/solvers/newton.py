@@ -53,8 +53,8 @@ from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
 from . import _host
-from ._entropic import (Problem, _live_potential, check_init, entropic_result, finite_abs_max, make_problem,
-                        settle_zero_weights)
+from ._entropic import (Problem, check_init, entropic_result, finite_abs_max, live_potential, make_problem,
+                        rounding_floor, settle_zero_weights)
 from .sinkhorn import Schedule, _iterate, check_schedule, eps_stages
 
 #: Newton steps without progress after which a problem near its floor stops. 20, not 5: in
@@ -282,7 +282,6 @@ class _Solve:
         passed = self.passed.cpu().numpy().copy()
         newton_its, best, stalled = np.zeros(B, np.int64), err.copy(), np.zeros(B, np.int64)
         mass = (pb.A.sum(-1) + pb.Bw.sum(-1)).double().cpu().numpy()
-        u = torch.finfo(self.f.dtype).eps
         for _ in range(max_iter):
             passed |= err <= tol
             with np.errstate(invalid="ignore"):
@@ -317,7 +316,7 @@ class _Solve:
             with np.errstate(invalid="ignore"):
                 progress = armijo | (err < 0.9 * best)
                 best = np.fmin(best, err)
-                near_floor = err <= NEAR_FLOOR * u * (1 + 2 * pot / pb.eps) * mass
+                near_floor = err <= NEAR_FLOOR * rounding_floor(pot, pb.eps, mass, self.f.dtype)
             # a problem that stopped keeps its count (it stays stopped: a reset re-activated it
             # one step later, in a batch whose other problems were still running)
             stalled = np.where(active, np.where(~progress & near_floor, stalled + 1, 0), stalled)
@@ -333,8 +332,8 @@ class _Solve:
 
     def _read_state(self, err):
         """Host copies of the marginal error (B,) and of ``max |f|, |g|`` over the points
-        with weight (:func:`marginal_floor`'s potential): one transfer."""
-        st = _host.to_host(err, _live_potential(self.pb, self.f, self.g))
+        with weight (:func:`~otcore.solvers._entropic.marginal_floor`'s potential): one transfer."""
+        st = _host.to_host(err, live_potential(self.pb, self.f, self.g))
         return st[0], st[1]
 
     def _fallback(self, n_iter, tol, which, r, c, err, pot):
@@ -360,7 +359,7 @@ class _Solve:
         if adaptive:
             rows = r.sum(-1)
             grows = lambda vals: bool((active_d & (1 - vals.sum((1, 2)) / rows > drop_tol)).any())  # noqa: E731
-            while grows(vals) and s < s_max:
+            while s < s_max and grows(vals):
                 s = min(s_max, 2 * s)
                 vals, idx = extract(s)
         return vals, idx, s
@@ -424,7 +423,7 @@ class _Solve:
                 f_new, g_new = self.f + step * df, self.g + step * dg
             r_new, c_new, err_new = self._marginals(f_new, g_new)
             self.ls_evals += 1
-            st = _host.to_host(err_new, r_new.sum(-1), _live_potential(pb, f_new, g_new), *(fixed if trial == 0 else ()))
+            st = _host.to_host(err_new, r_new.sum(-1), live_potential(pb, f_new, g_new), *(fixed if trial == 0 else ()))
             if trial == 0:
                 slope, lin, mass, scale, moved = st[3:]
             with np.errstate(invalid="ignore", over="ignore"):
