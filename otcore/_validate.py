@@ -75,14 +75,13 @@ def reciprocal_fits(name: str, v: float, dtype: torch.dtype) -> float:
     return v
 
 
-def magnitude_fits(name: str, v: float, dtype: torch.dtype) -> float:
+def magnitude_fits(name: str, v: float, dtype: torch.dtype, hint: str = "rho = None is the exact-marginal limit") -> float:
     """``v`` > 0 that, and whose reciprocal, are finite in ``dtype`` (a KL penalty's
-    ``rho`` scales ``exp(-f/rho)`` by ``rho``)."""
+    ``rho`` scales ``exp(-f/rho)`` by ``rho``; ``eps`` scales the log-sum-exp)."""
     reciprocal_fits(name, v, dtype)
     big = torch.finfo(dtype).max
     if v > big:
-        raise ValueError(f"{name}={v:g} is too large for {dtype_name(dtype)} (it must be <= {big:.1e}; "
-                         f"rho = None is the exact-marginal limit)")
+        raise ValueError(f"{name}={v:g} is too large for {dtype_name(dtype)} (it must be <= {big:.1e}; {hint})")
     return v
 
 

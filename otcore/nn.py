@@ -13,7 +13,7 @@ from ._dispatch import BACKENDS
 from .geometry import PointCloud
 from .result import ConvergenceWarning
 from .router import SparseOTRouter
-from .solvers._entropic import parse_rho
+from .solvers._entropic import balanced_gauge, parse_rho
 from .solvers._overrelax import check_overrelax
 from .solvers.sinkhorn import check_schedule, sinkhorn
 
@@ -191,14 +191,7 @@ class SinkhornLoss(nn.Module):
         self-transport terms have ``f = g`` and need no shift)."""
         f, g = res.f.detach(), res.g.detach()
         if self.solver_kw["rho"] is None and term == "xy":
-            def mean(p, w):  # <w, p> / sum(w) over the points with weight (uniform if w is None)
-                if w is None:
-                    return p.mean(-1)
-                w = w.to(p.dtype)
-                return torch.where(w > 0, w * p, 0.0).sum(-1) / w.sum(-1)
-
-            c = 0.5 * (mean(f, a) - mean(g, b))
-            f, g = f - c[..., None], g + c[..., None]
+            f, g = balanced_gauge(f, g, a, b)
         support = tuple(None if w is None else (w > 0) for w in (a, b))
         self._last[term] = dict(fg=(f, g), eps=self.eps, support=support)
 

@@ -458,6 +458,24 @@ def test_warm_start_cuts_iterations():
     assert again.n_iter <= 1
 
 
+def test_a_warm_start_in_another_gauge_and_with_a_schedule_starts_where_it_is():
+    """(f + c, g - c) is the same plan: from the optimum shifted by c = 3 or 10, float32 ran
+    1000 iterations unconverged (the offset cost its digits); and eps_schedule threw a warm
+    start away (530 iterations from the optimum, as many as cold)."""
+    g = torch.Generator().manual_seed(0)
+    geom = otcore.PointCloud(torch.rand(300, 2, generator=g), torch.rand(250, 2, generator=g))
+    ref = otcore.sinkhorn(geom, eps=0.01, **T)
+    assert ref.converged
+    for c in (3.0, 10.0):
+        res = otcore.sinkhorn(geom, eps=0.01, init=(ref.f + c, ref.g - c), **T)
+        assert res.converged and res.n_iter <= 2
+        torch.testing.assert_close(res.plan(), ref.plan(), rtol=0, atol=1e-6)
+    res = otcore.sinkhorn(geom, eps=0.01, init=(ref.f, ref.g), eps_schedule="geometric", **T)
+    assert res.converged and res.n_iter <= 2 and res.info["eps_stages"] == []
+    with pytest.raises(ValueError, match="eps_schedule"):
+        otcore.sinkhorn(geom, eps=0.01, init=(ref.f, ref.g), eps_schedule=2.0, **T)
+
+
 def test_warm_start_batched_shapes():
     x, y = rand(2, 8, 2, seed=1), rand(2, 6, 2, seed=2)
     r0 = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, tol=1e-9, **T)
@@ -549,6 +567,41 @@ def test_coordinates_whose_squares_overflow_are_named(cost):
     with pytest.warns(ConvergenceWarning, match="costs beyond its range"):
         res = otcore.sinkhorn(otcore.PointCloud(x, y, cost=cost), eps=1e18, **T)
     assert res.converged is False
+
+
+def test_a_value_eps_cannot_resolve_is_not_converged():
+    """At eps far above the cost's range the potentials carry ~u eps: the value read 0.290
+    for 0.320 at eps = 1e14 in float64 (float32 -4.32), with converged=True; a zero cost, whose
+    value is 0 to ~u eps, stays converged."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(200, 2, generator=g, dtype=torch.float64), torch.rand(150, 2, generator=g, dtype=torch.float64)
+    limit = float((torch.cdist(x, y) ** 2).mean())
+    ok = otcore.sinkhorn(otcore.PointCloud(x, y), eps=1e8, tol=1e-10, **T)
+    assert ok.converged and float(ok.value) == pytest.approx(limit, rel=1e-6)
+    for dt, eps in ((torch.float64, 1e14), (torch.float32, 1e12)):
+        with pytest.warns(ConvergenceWarning, match="above what float.. resolves of the value"):
+            res = otcore.sinkhorn(otcore.PointCloud(x.to(dt), y.to(dt)), eps=eps, **T)
+        assert res.converged is False and float(res.cost) == pytest.approx(limit, rel=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        assert otcore.sinkhorn(otcore.CostMatrix(torch.zeros(7, 5, dtype=torch.float64)), eps=1e3, **T).converged
+
+
+def test_an_overflow_from_too_few_iterations_at_eps_is_not_blamed_on_the_weights():
+    """max_iter used up by the eps stages: the warning said to normalise the (uniform) weights."""
+    g = torch.Generator().manual_seed(0)
+    geom = otcore.PointCloud(torch.rand(200, 3, generator=g), torch.rand(200, 3, generator=g))
+    with pytest.warns(ConvergenceWarning, match="too few iterations at eps"):
+        res = otcore.sinkhorn(geom, eps=0.01, eps_schedule="geometric", max_iter=3, **T)
+    assert res.converged is False
+
+
+def test_eps_beyond_the_dtype_is_rejected():
+    geom = geom_of("sqeuclidean", 12, 9, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="eps=1e[+]39 is too large for float32"):
+        otcore.sinkhorn(geom, eps=1e39, **T)
+    with pytest.raises(ValueError, match="eps_schedule=1e[+]39 is too large for float32"):
+        otcore.sinkhorn(geom, eps=1.0, eps_schedule=[1e39, 10.0], **T)
 
 
 def test_a_value_beyond_float32_is_named_not_blamed_on_the_plan():

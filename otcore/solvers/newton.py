@@ -53,8 +53,8 @@ from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
 from . import _host
-from ._entropic import (Problem, check_init, entropic_result, finite_abs_max, live_potential, make_problem,
-                        rounding_floor, settle_zero_weights)
+from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, finite_abs_max, live_potential,
+                        make_problem, rounding_floor, settle_zero_weights)
 from .sinkhorn import Schedule, _iterate, check_schedule, eps_stages
 
 #: Newton steps without progress after which a problem near its floor stops. 20, not 5: in
@@ -167,6 +167,8 @@ def sinkhorn_newton(
     fallback_iter = _validate.positive_int("fallback_iter", fallback_iter)
     check_schedule(eps_schedule, pb.eps)
     f, g = check_init(init, geom)
+    if init is not None:  # the same plan in the gauge <a, f>/m(a) = <b, g>/m(b) (an offset costs digits)
+        f, g = balanced_gauge(f, g, pb.A, pb.Bw)
     progress = Progress(verbose, "sinkhorn_newton")
     with torch.autocast(geom.device.type, enabled=False):
         state = _Solve(pb, f, g, progress, cold=init is None)

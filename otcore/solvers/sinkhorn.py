@@ -33,7 +33,7 @@ from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
 from ..reference import damping as _tau, scaled
-from ._entropic import Problem, check_init, entropic_result, make_problem, settle_zero_weights
+from ._entropic import Problem, balanced_gauge, check_init, entropic_result, make_problem, settle_zero_weights
 from ._graph import graphed
 from ._overrelax import Overrelaxation, check_overrelax
 
@@ -156,7 +156,15 @@ def sinkhorn(
     _validate.flag("cuda_graph", cuda_graph)
     overrelax = check_overrelax(overrelax, tol, check_every)
     f, g = check_init(init, geom)
-    stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps)
+    if init is not None and pb.rho_a is None and pb.rho_b is None and not pb.symmetric:
+        f, g = balanced_gauge(f, g, pb.A, pb.Bw)  # the same plan; a large offset would cost digits
+    if init is None:
+        stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps)
+        for stage in stages:  # the diameter's or the given values: each must fit the dtype as eps does
+            _validate.magnitude_fits("eps_schedule", stage, geom.dtype, "rescale the cost")
+    else:  # a warm start skips the eps stages (as in sinkhorn_newton): a stage at the diameter's
+        check_schedule(eps_schedule, pb.eps)  # eps would throw a nearby problem's potentials away
+        stages = []
     if tol is None and len(stages) >= max_iter:  # the result would be read at an eps never iterated at
         raise ValueError(f"tol=None runs max_iter={max_iter} iterations in all, eps-scaling stages included, and "
                          f"eps_schedule gives {len(stages)} stages before eps={pb.eps:g}: give max_iter > "
