@@ -265,9 +265,11 @@ def lbfgs(
                 flat &= conv_flat | (np.min(recent_g, 0) > 0.99 * old_g)
                 # flat without ever getting below the start by more than the rounding slack: ties at
                 # the start (float32 accepted a first step 2^-18 long within the slack, then wandered
-                # in it; ftol called that converged, 6.5% below the optimum). Kick it instead.
+                # in it; ftol called that converged, 6.5% below the optimum). Kick it instead, once:
+                # scores tied across lines (a router's all-zero gate) then stop after 60 iterations,
+                # where three such kicks ran them to max_iter
                 unmoved = flat & conv_flat & ~grad_ok & active & (start - cur[0] <= slack * (cur[2] + np.abs(cur[0])))
-            unmoved &= (kicks < max_kicks) & (kick_h > 0)
+            unmoved &= (kicks == 0) & (kick_h > 0)
             converged |= active & (grad_ok | (flat & conv_flat & ~unmoved))
             flat_stop |= active & flat & ~converged & ~unmoved
         else:  # no window yet: nothing is flat

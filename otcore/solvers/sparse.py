@@ -267,9 +267,8 @@ def _objective_scale(pb: _Problem, unit: torch.Tensor):
     ``lbfgs``'s ``(offset, extra)`` for ``|f + offset| + extra``. Unlike the objective's
     terms it does not move when the duals shift by a constant or the cost by an offset,
     and unlike the cost's range, one far outlier does not inflate it."""
-    floor = pb.wl.sum(-1) / unit * _cost_floor(pb.geom)
-    w = pb.wl / unit[:, None]
-    return floor, pb.gamma * unit * (w * w).sum(-1)  # (w / unit)^2: w.w alone overflows float32 at mass ~1e19
+    w = pb.wl / unit[:, None]  # the floor m(a) min C is min C per unit of the mass m(a)
+    return _cost_floor(pb.geom), pb.gamma * unit * (w * w).sum(-1)  # w.w alone overflows float32 at mass ~1e19
 
 
 def _cost_floor(geom) -> torch.Tensor:
