@@ -585,6 +585,10 @@ def test_a_value_eps_cannot_resolve_is_not_converged():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         assert otcore.sinkhorn(otcore.CostMatrix(torch.zeros(7, 5, dtype=torch.float64)), eps=1e3, **T).converged
+        # clouds 1e-5 wide at eps = 1: a value of 3e-11, right to 8e-6 in float32 (a constant
+        # fitted to the unit square's float32 errors flagged it)
+        tiny = otcore.PointCloud((x[:50] * 1e-5).float(), (y[:40] * 1e-5).float())
+        assert otcore.sinkhorn(tiny, eps=1.0, **T).converged
 
 
 def test_an_overflow_from_too_few_iterations_at_eps_is_not_blamed_on_the_weights():
