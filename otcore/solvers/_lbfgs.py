@@ -163,6 +163,17 @@ def lbfgs(
         flat = st[-1] > 0 if with_flat else np.full(B, bool(flat_converges) if not judged else False)
         return (st[0], st[1], st[2], flat), st[3:3 + len(more)]
 
+    def kicked_off(which, base, base_h):
+        """``(base, base_h)`` with the problems in ``which`` (host mask) moved off the
+        iterate by ``kick`` times the fixed pattern, their memory dropped, their kicks counted."""
+        cand = theta + kick_d[:, None] * pattern
+        fk, gk, auxk, sk = evaluate(cand)
+        out_h, _ = read(fk, gk, sk, auxk, judge)
+        mask = _host.to_device(which, dev)
+        valid.masked_fill_(mask[:, None], False)
+        np.add(kicks, which, out=kicks)
+        return _where(mask, (cand, gk, auxk), base), _pick(which, out_h, base_h)
+
     f, g, aux, scale = evaluate(theta)
     cur, _ = read(f, g, scale, aux, judged)  # host: (f, gnorm, scale, flat_converges) at the iterate
     converged = cur[1] <= tol_h
@@ -235,13 +246,7 @@ def lbfgs(
             failed = active & ~done
             kicked = failed & (kicks < max_kicks) & (kick_h > 0)
             if kicked.any():  # a kink: step off it along a fixed pattern, forget the memory
-                cand = theta + kick_d[:, None] * pattern
-                fk, gk, auxk, sk = evaluate(cand)
-                kick_h_out, _ = read(fk, gk, sk, auxk, judge)
-                mask = _host.to_device(kicked, dev)
-                new, new_h = _where(mask, (cand, gk, auxk), new), _pick(kicked, kick_h_out, new_h)
-                valid &= ~mask[:, None]
-                kicks += kicked
+                new, new_h = kicked_off(kicked, new, new_h)
                 done |= kicked
             stalled |= failed & ~kicked
         moved = active & done
@@ -277,13 +282,7 @@ def lbfgs(
             unmoved = np.zeros(B, bool)
         active &= moved & ~converged & ~flat_stop
         if unmoved.any():
-            cand = theta + kick_d[:, None] * pattern
-            fk, gk, auxk, sk = evaluate(cand)
-            kick_h_out, _ = read(fk, gk, sk, auxk, judge)
-            mask = _host.to_device(unmoved, dev)
-            (theta, g, aux), cur = _where(mask, (cand, gk, auxk), (theta, g, aux)), _pick(unmoved, kick_h_out, cur)
-            valid &= ~mask[:, None]
-            kicks += unmoved
+            (theta, g, aux), cur = kicked_off(unmoved, (theta, g, aux), cur)
             recent = [np.where(unmoved, np.inf, f_old) for f_old in recent]  # a fresh window for them
         if progress is not None and progress.due():
             progress.update(it + 1, float((cur[1] * unit_h).max()), None, "L-BFGS")
