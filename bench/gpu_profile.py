@@ -92,7 +92,8 @@ def points_case(n, d, mode, ip, g, device):
     x, y = (x - mu).contiguous(), (y - mu).contiguous()
     feats = (_softmin.dot_features(x, ip), _softmin.dot_features(y, ip)) if mode == _softmin.COST_DOT else None
     op = _softmin.point_operand(x, y, False, "tf32" if ip == "tf32" else "fp32", mode=mode, features=feats)
-    return f"points n={n} d={d} {'direct' if mode == _softmin.COST_DIRECT else 'dot ' + ip}", op, n, n
+    how = {_softmin.COST_DIRECT: "direct", _softmin.COST_EXPAND: "FMA expansion"}.get(mode, "dot " + ip)
+    return f"points n={n} d={d} {how}", op, n, n
 
 
 def sweep(device, quick: bool, deadline: float, rec: dict):
@@ -103,7 +104,8 @@ def sweep(device, quick: bool, deadline: float, rec: dict):
     if quick:
         tiles = [(64, 64, 8), (32, 32, 4)]
     cases = []
-    for d, mode, ip in ((3, _softmin.COST_DIRECT, "tf32x3"), (64, _softmin.COST_DOT, "tf32x3")):
+    for d, mode, ip in ((3, _softmin.COST_DIRECT, "tf32x3"), (3, _softmin.COST_EXPAND, "tf32x3"),
+                        (64, _softmin.COST_DOT, "tf32x3")):
         cases.append(points_case(n, d, mode, ip, g, device))
     C = torch.rand(1, nd, nd, generator=g).to(device)
     cases.append((f"dense {nd} cols", _softmin.dense_operand(C, transposed=True), nd, nd))
@@ -289,7 +291,7 @@ NCU_SCRIPT = r"""
 import sys, torch
 from otcore.kernels import softmin as sm
 g = torch.Generator().manual_seed(0)
-for d, mode in ((3, sm.COST_DIRECT), (64, sm.COST_DOT)):
+for d, mode in ((3, sm.COST_DIRECT), (3, sm.COST_EXPAND), (64, sm.COST_DOT)):
     n = 32768
     x = (torch.rand(1, n, d, generator=g) - 0.5).cuda(); y = (torch.rand(1, n, d, generator=g) - 0.5).cuda()
     f = (sm.dot_features(x, "tf32x3"), sm.dot_features(y, "tf32x3")) if mode == sm.COST_DOT else None
@@ -315,7 +317,7 @@ def ncu(device, deadline: float, out_dir: str, rec: dict):
     script = os.path.join(out_dir, "ncu_target.py")
     with open(script, "w") as fh:
         fh.write(NCU_SCRIPT)
-    cmd = [exe, "--clock-control", "none", "--kernel-name", "regex:softmin", "--launch-count", "3",
+    cmd = [exe, "--clock-control", "none", "--kernel-name", "regex:softmin", "--launch-count", "4",
            "--section", "SpeedOfLight", "--section", "ComputeWorkloadAnalysis", "--section", "WarpStateStats",
            sys.executable, script]
     try:

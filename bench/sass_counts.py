@@ -122,6 +122,9 @@ def main():
     dense = dict(softmin_ints(n, 0), s_ob=0, s_or=0, s_ok=0, s_tb=0, s_tr=0, s_tk=0, s_cb=n * n, s_co=n, s_ct=1)
     for label, c, ints in (
             ("d=3 direct", dict(D=3, DP=4, COST=softmin.COST_DIRECT, IP="tf32x3"), softmin_ints(n, 3)),
+            ("d=3 FMA expansion", dict(D=3, DP=4, COST=softmin.COST_EXPAND, IP="tf32x3"), softmin_ints(n, 4)),
+            ("d=8 direct", dict(D=8, DP=8, COST=softmin.COST_DIRECT, IP="tf32x3"), softmin_ints(n, 8)),
+            ("d=8 FMA expansion", dict(D=8, DP=8, COST=softmin.COST_EXPAND, IP="tf32x3"), softmin_ints(n, 9)),
             ("d=64 3xTF32 dot", dict(D=64, DP=64, COST=softmin.COST_DOT, IP="tf32x3"),
              softmin_ints(n, 2 * softmin.dot_padding(64) + 16)),
             ("dense C", dict(D=1, DP=1, COST=softmin.COST_DENSE, IP="ieee"), dense)):

@@ -30,8 +30,12 @@ How the cost tile is obtained (``COST``, a compile-time flag):
   cores (``tl.dot``): ``"tf32x3"`` (float32-faithful: error ~ 2^-22 |x||y|) as three
   tf32 dots of heads and tails split once on the host (:func:`dot_features`), or one
   dot at ``"tf32"`` (fast: error ~ 2^-11 |x||y|) or ``"ieee"`` (float64).
-  The expansion cancels ``|x|^2 + |y|^2`` against ``2 x.y``, so the caller centres
-  both clouds on their joint mean first (the cost is translation invariant).
+- ``COST_EXPAND``: the same expansion with the cross term by FMAs (small d, squared
+  Euclidean; float32 rounding ~ 2^-22 |x||y|), folded into the exponent
+  (:func:`exponent_tile`): half the FP32 work per entry of direct differences at d = 3.
+  The expansions cancel ``|x|^2 + |y|^2`` against ``2 x.y``, so the caller centres
+  both clouds on their joint mean first (the cost is translation invariant) and takes
+  them only where that rounding is small against ``eps`` (:func:`point_cost_mode`).
 
 ``EUCLID`` takes the square root of the squared distance. The tiles and the cost
 helpers below are shared with :mod:`otcore.kernels.plan`.
@@ -54,6 +58,7 @@ from ._intmath import cdiv, next_pow2
 COST_DENSE = 0
 COST_DIRECT = 1
 COST_DOT = 2
+COST_EXPAND = 3
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -64,6 +69,12 @@ LN2 = math.log(2.0)
 #: d ~ 8 the FMAs stay within ~2x of the exp floor; beyond, the tensor-core 3xTF32
 #: cross term is cheaper.
 DIRECT_MAX_D = 8
+
+#: Smallest pass (``n * m`` entries per problem) that float32 mode computes by the FMA
+#: expansion (``COST_EXPAND``, under its guard) rather than by direct differences: its
+#: guard costs a host sync per geometry, and smaller passes are bound by launch latency,
+#: not by the FP32 pipe. 2048 x 2048 points.
+EXPAND_MIN_ENTRIES = 2**22
 
 #: Largest d whose coordinate loop is unrolled in :func:`cost_tile` (direct differences).
 #: Beyond, a plain loop: unrolled, the compiler hoists all 2d coordinate loads ahead of
@@ -153,10 +164,18 @@ def cross_slice(acc, a_hi, a_lo, oth_ptr, offs_j, mask_j, s_tr, s_tk, k0,
 
 
 @triton.jit
-def coord_sq_diff(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk):
-    """``(x_ik - y_jk)^2`` for one coordinate ``k``, a ``(BLOCK_I, BLOCK_J)`` tile."""
+def coord_pair(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk):
+    """Column ``k`` of the own rows ``(BLOCK_I,)`` and of the other rows ``(BLOCK_J,)``
+    (zeros where masked)."""
     xk = tl.load(own_ptr + offs_i.to(tl.int64) * s_or + k * s_ok, mask=mask_i, other=0.0)
     yk = tl.load(oth_ptr + offs_j.to(tl.int64) * s_tr + k * s_tk, mask=mask_j, other=0.0)
+    return xk, yk
+
+
+@triton.jit
+def coord_sq_diff(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk):
+    """``(x_ik - y_jk)^2`` for one coordinate ``k``, a ``(BLOCK_I, BLOCK_J)`` tile."""
+    xk, yk = coord_pair(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk)
     diff = xk[:, None] - yk[None, :]
     return diff * diff
 
@@ -194,6 +213,14 @@ def cost_tile(
         else:  # a loop, not D unrolled copies whose hoisted loads would spill (fp64, or one-tile problems)
             for k in range(D):
                 C += coord_sq_diff(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk)
+    elif COST == 3:
+        # |x|^2 + |y|^2 - 2 x.y by FMAs over the centred coordinates (expand_features)
+        cross = tl.zeros((offs_i.shape[0], offs_j.shape[0]), dtype=own_ptr.dtype.element_ty)
+        for k in tl.static_range(D):
+            xk, yk = coord_pair(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk)
+            cross += xk[:, None] * yk[None, :]
+        sqn_i, sqn_j = coord_pair(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, D, s_or, s_ok, s_tr, s_tk)
+        C = tl.maximum(sqn_i[:, None] + sqn_j[None, :] - 2.0 * cross, 0.0)  # rounding can dip below 0
     else:
         # |x|^2 + |y|^2 - 2 x.y with the cross term on the tensor cores (cross_slice)
         sqn_j = tl.load(oth_ptr + offs_j.to(tl.int64) * s_tr + 2 * DP * s_tk, mask=mask_j, other=0.0)
@@ -221,11 +248,23 @@ def exponent_tile(
     """The base-2 exponent tile ``z_ij = s h_j - s C_ij``, plus ``v_i`` if ``USE_V``,
     (BLOCK_I, BLOCK_J); ``hs = s h`` (BLOCK_J,) is already scaled.
 
-    (An FMA expansion ``v_i - s|x_i|^2 + (s h_j - s|y_j|^2) + sum_k (2 s x_ik) y_jk`` would
-    take d = 3 from 8 to 4 FP32 operations per entry, but it rounds at float32 of
-    ``s |x|^2`` rather than of ``s |x - y|^2``: in the interpreter, two clusters 100 apart
-    with eps = 1e-3 gave potentials 0.58 off, against 6.3e-5 with direct differences.)
+    ``COST_EXPAND`` (squared Euclidean) never forms ``C``: it sums
+    ``(v_i - s|x_i|^2) + (s h_j - s|y_j|^2) + sum_k (2 s x_ik) y_jk``, an add and one FMA
+    per coordinate per entry (d = 3: 4 FP32 operations, against 8 for direct differences
+    and the scaling). It rounds at float32 of ``s |x|^2`` rather than of ``s |x - y|^2``
+    (two clusters 100 apart at eps = 1e-3 gave potentials 0.58 off, against 6.3e-5 with
+    direct differences), so the host takes it only under :func:`expansion_error`'s guard.
     """
+    if COST == 3 and not EUCLID:
+        sqn_i, sqn_j = coord_pair(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, D, s_or, s_ok, s_tr, s_tk)
+        row = -scale * sqn_i
+        if USE_V:
+            row += v
+        z = row[:, None] + (hs - scale * sqn_j)[None, :]  # -inf columns (masked, zero weight) stay -inf
+        for k in tl.static_range(D):
+            xk, yk = coord_pair(own_ptr, oth_ptr, offs_i, offs_j, mask_i, mask_j, k, s_or, s_ok, s_tr, s_tk)
+            z += (2.0 * scale * xk)[:, None] * yk[None, :]
+        return z
     C = cost_tile(own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j, mask_i, mask_j,
                   s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP)
     if USE_V:
@@ -519,6 +558,12 @@ def dot_features(pts: torch.Tensor, input_precision: str) -> torch.Tensor:
     return out
 
 
+def expand_features(pts: torch.Tensor) -> torch.Tensor:
+    """One (centred) cloud as ``COST_EXPAND`` reads it, ``(B, n, d)`` -> ``(B, n, d + 1)``:
+    the coordinates, then the squared norm ``|p|^2``."""
+    return torch.cat([pts, pts.square().sum(-1, keepdim=True)], -1)
+
+
 def _round_tf32(t: torch.Tensor) -> torch.Tensor:
     """float32 rounded to tf32's 10 mantissa bits (to nearest, ties away from zero), by
     integer arithmetic on the bit pattern (the carry of the rounding bit moves into the
@@ -534,8 +579,8 @@ class CostOperand:
     Point clouds: ``own`` ``(B, n_own, d)`` holds the points indexed by the output
     (x for a row pass), ``oth`` ``(B, n_oth, d)`` the reduced ones. Dense: ``C``
     ``(B, n, m)`` and ``transposed`` (True for a column pass: own index = column).
-    ``COST_DOT`` kernels read ``own_feat``/``oth_feat``, the two clouds'
-    :func:`dot_features`, instead of the points.
+    ``COST_DOT`` and ``COST_EXPAND`` kernels read ``own_feat``/``oth_feat``, the two
+    clouds' :func:`dot_features` / :func:`expand_features`, instead of the points.
     """
 
     own: Optional[torch.Tensor]
@@ -578,7 +623,7 @@ class CostOperand:
             C = self.C
             s_co, s_ct = (C.stride(2), C.stride(1)) if self.transposed else (C.stride(1), C.stride(2))
             return (C, C, C, 0, 0, 0, 0, 0, 0, C.stride(0), s_co, s_ct)
-        o, t = (self.own_feat, self.oth_feat) if self.mode == COST_DOT else (self.own, self.oth)
+        o, t = (self.own_feat, self.oth_feat) if self.mode in (COST_DOT, COST_EXPAND) else (self.own, self.oth)
         return (o, t, o, o.stride(0), o.stride(1), o.stride(2), t.stride(0), t.stride(1), t.stride(2), 0, 0, 0)
 
     def constexprs(self) -> dict:
@@ -591,6 +636,16 @@ class CostOperand:
 #: its rounding, :func:`expansion_error`, is at most this fraction of ``eps``: then the
 #: plan's entries ``exp((F + G - C)/eps)`` move by at most ~0.1%. Beyond, direct differences.
 EXPANSION_MAX_ERROR = 1e-3
+
+#: The FMA expansion (``COST_EXPAND``, d <= :data:`DIRECT_MAX_D`) replaces direct
+#: differences, which are float32-faithful whatever the layout, only while its rounding
+#: is at most this fraction of ``eps``: much tighter than the 3xTF32 guard, because the
+#: alternative here is as accurate and costs only ~2d FP32 operations per entry. The
+#: lowest marginal error a float32 Sinkhorn solve reached (150 x 170 points, unit cube,
+#: squared spread 1.3: bound 3.1e-7; interpreter) rose from 2.5e-7 to 3.4e-7 at eps = 0.05
+#: and from 4.8e-7 to 7.4e-7 at 0.02 (kept), but from 4.3e-7 to 1.7e-6 at 0.01 (excluded).
+#: The target problems' unit cube (bound 3.6e-7) keeps it down to eps = 0.018.
+EXPAND_MAX_ERROR = 2e-5
 
 #: ``precision="tf32"`` (the opt-in fast mode, any d) expands while its rounding bound is
 #: at most this many ``eps``; beyond, the plan's entries could be off by more than a factor
@@ -614,16 +669,18 @@ def expansion_error(sq_spread: float, euclidean: bool, tf32: bool = False) -> fl
 
 
 def point_cost_mode(precision: str, d: int, dtype: torch.dtype, sq_spread: float = 0.0,
-                    eps: float = math.inf, euclidean: bool = False) -> tuple[int, str]:
+                    eps: float = math.inf, euclidean: bool = False, expand: bool = False) -> tuple[int, str]:
     """How a point-cloud cost tile is computed: ``(COST_*, tl.dot input precision)``.
 
     - float64: direct differences (FMA), exact to float64 rounding.
     - ``"tf32"``: the expansion with a plain tf32 dot (fast, ~1e-3 relative error) while
       its rounding bound is at most ``TF32_MAX_ERROR * eps``, else direct differences.
-    - ``"fp32"``: direct differences up to :data:`DIRECT_MAX_D` coordinates; beyond, the
-      expansion with a 3xTF32 dot on centred coordinates if its rounding
-      (:func:`expansion_error` of ``sq_spread``) is at most ``EXPANSION_MAX_ERROR * eps``,
-      else direct differences again (exact, ~2d FP32 operations per entry).
+    - ``"fp32"``: up to :data:`DIRECT_MAX_D` coordinates, direct differences, or with
+      ``expand`` (a large pass, :data:`EXPAND_MIN_ENTRIES`) the FMA expansion of the squared
+      Euclidean cost on centred coordinates while its rounding (:func:`expansion_error` of
+      ``sq_spread``) is at most ``EXPAND_MAX_ERROR * eps``; beyond ``DIRECT_MAX_D``, the
+      expansion with a 3xTF32 dot if that rounding is at most ``EXPANSION_MAX_ERROR *
+      eps``, else direct differences again (exact, ~2d FP32 operations per entry).
     """
     if dtype == torch.float64:
         return COST_DIRECT, "ieee"
@@ -631,7 +688,11 @@ def point_cost_mode(precision: str, d: int, dtype: torch.dtype, sq_spread: float
         if expansion_error(sq_spread, euclidean, tf32=True) > TF32_MAX_ERROR * eps:
             return COST_DIRECT, "tf32"
         return COST_DOT, "tf32"
-    if d <= DIRECT_MAX_D or expansion_error(sq_spread, euclidean) > EXPANSION_MAX_ERROR * eps:
+    if d <= DIRECT_MAX_D:
+        if expand and not euclidean and expansion_error(sq_spread, False) <= EXPAND_MAX_ERROR * eps:
+            return COST_EXPAND, "tf32x3"
+        return COST_DIRECT, "tf32x3"
+    if expansion_error(sq_spread, euclidean) > EXPANSION_MAX_ERROR * eps:
         return COST_DIRECT, "tf32x3"
     return COST_DOT, "tf32x3"
 
@@ -640,15 +701,20 @@ def point_operand(own, oth, euclidean: bool, precision: str, mode: Optional[int]
                   sq_spread: float = 0.0, eps: float = math.inf,
                   features: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> CostOperand:
     """A point-cloud :class:`CostOperand`; ``mode`` overrides :func:`point_cost_mode`
-    (to which ``sq_spread`` and ``eps`` go). ``COST_DOT`` operands carry
-    :func:`dot_features` of ``(own, oth)``: ``features`` if given (a cache), else computed."""
+    (to which ``sq_spread`` and ``eps`` go). ``COST_DOT`` and ``COST_EXPAND`` operands carry
+    :func:`dot_features` / :func:`expand_features` of ``(own, oth)`` (centred clouds):
+    ``features`` if given (a cache), else computed."""
     auto_mode, ip = point_cost_mode(precision, own.shape[2], own.dtype, sq_spread, eps, euclidean)
     if own.dtype == torch.float64:
         ip = "ieee"
     mode = auto_mode if mode is None else mode
-    if mode == COST_DOT and features is None:
+    if mode == COST_EXPAND and euclidean:
+        raise ValueError("COST_EXPAND computes the squared Euclidean cost only")
+    if features is None and mode == COST_DOT:
         features = (dot_features(own, ip), dot_features(oth, ip))
-    own_feat, oth_feat = features if mode == COST_DOT else (None, None)
+    elif features is None and mode == COST_EXPAND:
+        features = (expand_features(own), expand_features(oth))
+    own_feat, oth_feat = features if mode in (COST_DOT, COST_EXPAND) else (None, None)
     return CostOperand(own, oth, None, False, euclidean, mode, ip, own_feat, oth_feat)
 
 

@@ -80,14 +80,18 @@ def squared_spread(geom) -> float:
     return _cached(geom, "spread", make)
 
 
-def centred_features(geom, input_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The centred clouds' :func:`~otcore.kernels.softmin.dot_features` (the tensor-core
-    path's operands), ``(x, y)``; computed once per geometry and precision (cached with
-    the centred points), in the graph while compiling."""
+def centred_features(geom, mode: int, input_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centred clouds' features for an expansion ``mode``, ``(x, y)``:
+    :func:`~otcore.kernels.softmin.dot_features` (``COST_DOT``, the tensor-core path) or
+    :func:`~otcore.kernels.softmin.expand_features` (``COST_EXPAND``, FMAs); computed once
+    per geometry, mode and precision (cached with the centred points), in the graph while
+    compiling."""
     def make():
         xc, yc = centred_points(geom)
+        if mode == _softmin.COST_EXPAND:
+            return _softmin.expand_features(xc), _softmin.expand_features(yc)
         return _softmin.dot_features(xc, input_precision), _softmin.dot_features(yc, input_precision)
-    return _cached(geom, ("features", input_precision), make)
+    return _cached(geom, ("features", mode, input_precision), make)
 
 
 # ---------------------------------------------------------------------------
@@ -206,19 +210,23 @@ def _check(precision: str, axis=None) -> None:
 def operand(geom, axis: int, precision: str, eps: float) -> _softmin.CostOperand:
     """The cost seen from the output side of an ``axis`` pass: rows (x) for ``axis=1``,
     columns (y, or C read transposed) for ``axis=0``. In ``"fp32"`` past
-    ``DIRECT_MAX_D`` the expansion is used only where its rounding is small against
-    ``eps`` (:func:`otcore.kernels.softmin.point_cost_mode`). The expansion reads the
-    centred clouds, direct differences the points as given (:func:`direct_points`)."""
+    ``DIRECT_MAX_D``, and for a large squared-Euclidean pass below it
+    (``EXPAND_MIN_ENTRIES``), an expansion is used only where its rounding is small against
+    ``eps`` (:func:`otcore.kernels.softmin.point_cost_mode`); not inside a compiled graph,
+    which cannot read that rounding's bound. The expansions read the centred clouds,
+    direct differences the points as given (:func:`direct_points`)."""
     if geom.is_dense:
         return _softmin.dense_operand(geom.C, transposed=axis == 0)
     euclidean = geom.cost == "euclidean"
     dtype = geom.x.dtype
+    expand = (dtype != torch.float64 and precision == "fp32" and geom.d <= _softmin.DIRECT_MAX_D and not euclidean
+              and geom.n * geom.m >= _softmin.EXPAND_MIN_ENTRIES and not torch.compiler.is_compiling())
     spread = 0.0
-    if dtype != torch.float64 and (precision == "tf32" or geom.d > _softmin.DIRECT_MAX_D):
-        spread = squared_spread(geom)  # the expansion's guard (fp32 past DIRECT_MAX_D; tf32 always)
-    mode, ip = _softmin.point_cost_mode(precision, geom.d, dtype, spread, float(eps), euclidean)
-    if mode == _softmin.COST_DOT:
-        (xs, ys), feats = centred_points(geom), centred_features(geom, ip)
+    if dtype != torch.float64 and (precision == "tf32" or geom.d > _softmin.DIRECT_MAX_D or expand):
+        spread = squared_spread(geom)  # the expansions' guard (fp32 past DIRECT_MAX_D or large; tf32 always)
+    mode, ip = _softmin.point_cost_mode(precision, geom.d, dtype, spread, float(eps), euclidean, expand)
+    if mode in (_softmin.COST_DOT, _softmin.COST_EXPAND):
+        (xs, ys), feats = centred_points(geom), centred_features(geom, mode, ip)
     else:
         (xs, ys), feats = direct_points(geom), None
     if axis == 0:

@@ -26,6 +26,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from sass_counts import compile_sm90, resources, softmin_ints  # the bench's compiler call, shared
     from otcore.kernels import ksparse, plan, sinkhorn_steps, softmin, sparse, sparse_cg
+    from otcore.kernels._intmath import next_pow2
 
     steps = dict(EUCLID=False, SYMMETRIC=False, CHECK=False, RELAX=False, BLOCK_N=64, BLOCK_M=64)
     cases = [
@@ -59,6 +60,11 @@ SCRIPT = textwrap.dedent(
         (softmin.softmin_combine_kernel, "fp32", dict(BLOCK=softmin.COMBINE_BLOCK, UPDATE=1), 4),
         (softmin.softmin_combine_kernel, "fp64", dict(BLOCK=softmin.COMBINE_BLOCK, UPDATE=2), 4),
     ]
+    # the FMA expansion (large float32 passes at d <= 8), as launched: features of width d + 1
+    for d in (3, 8):
+        for flags in (dict(sm, SHIFT=True), dict(sm, SHIFT=False), dict(fused, SHIFT=True, PARTIAL=True)):
+            cases.append((softmin.softmin_kernel, "fp32", dict(flags, D=d, DP=next_pow2(d), COST=3, IP="tf32x3"), 8,
+                          softmin_ints(32768, d + 1)))
     # the dot path's own pass tiles (softmin.pass_tiles: 128 rows up to d = 64), d = 64 and wider
     for d, dp in ((64, 64), (200, 256)):
         bi, bj, warps = softmin.pass_tiles(32768, 32768, softmin.COST_DOT, d)
@@ -72,6 +78,8 @@ SCRIPT = textwrap.dedent(
         (plan.plan_reduce_kernel, "fp32", dict(tile, **reduce), 8),
         (plan.plan_topk_kernel, "fp32", dict(tile, K=5, KP=8, LOWEST=-3.4e38), 8),
         (plan.plan_dense_kernel, "fp32", dict(tile, COST=0, D=1, DP=1), 8),
+        (plan.plan_reduce_kernel, "fp32", dict(tile, **reduce, COST=3), 8),
+        (plan.plan_topk_kernel, "fp32", dict(tile, K=5, KP=8, LOWEST=-3.4e38, COST=3), 8),
         (sparse._ell_rows_kernel, "fp32", dict(S=12, S_PAD=16, BLOCK_M=64), 4),
         (sparse._ell_cols_kernel, "fp32", dict(S=12, S_PAD=16, BLOCK_M=64), 4),
     ]
@@ -146,4 +154,4 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 57, proc.stdout
+    assert proc.stdout.count(" ok") == 65, proc.stdout
