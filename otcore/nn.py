@@ -13,7 +13,7 @@ from ._dispatch import BACKENDS
 from .geometry import PointCloud
 from .result import ConvergenceWarning
 from .router import SparseOTRouter
-from .solvers._entropic import balanced_gauge, parse_rho
+from .solvers._entropic import balanced_gauge, parse_rho, value_only_results
 from .solvers._overrelax import check_overrelax
 from .solvers.sinkhorn import check_schedule, sinkhorn
 
@@ -56,7 +56,8 @@ class SinkhornLoss(nn.Module):
         eps_schedule: eps scaling for each solve (default ``"geometric"``).
         tol, max_iter, backend, precision, cuda_graph, overrelax: passed to :func:`otcore.sinkhorn`
             (``tol=None``: each solve runs exactly ``max_iter`` iterations, eps-scaling
-            stages included, with no convergence test, like GeomLoss's fixed schedule).
+            stages included, with no convergence test, like GeomLoss's fixed schedule; each
+            result then skips the column marginals and the transport cost: one plan pass).
         warm_start: start each of the (up to three) solves from the potentials of the same
             term in the previous call, without eps scaling, when eps, the shapes, dtype,
             device and the zero-weight pattern agree (consecutive training steps move the
@@ -152,7 +153,8 @@ class SinkhornLoss(nn.Module):
             self._keep(term, res, a, b)
             return res.value
         # cold: with the configured eps scaling; its warnings are the user's
-        res = sinkhorn(geom, a, b, eps=self.eps, **self.solver_kw)
+        with value_only_results():  # only the value is read (tol=None: no marginals, no cost)
+            res = sinkhorn(geom, a, b, eps=self.eps, **self.solver_kw)
         if self.warm_start:
             if _all_converged(res):
                 self._keep(term, res, a, b)
@@ -175,7 +177,8 @@ class SinkhornLoss(nn.Module):
                 return None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = sinkhorn(geom, a, b, eps=self.eps, init=last["fg"], **dict(self.solver_kw, eps_schedule=None))
+            with value_only_results():
+                res = sinkhorn(geom, a, b, eps=self.eps, init=last["fg"], **dict(self.solver_kw, eps_schedule=None))
         if not _all_converged(res):
             return None
         for w in caught:  # anything but the (now moot) convergence warnings is passed on

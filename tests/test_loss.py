@@ -468,3 +468,35 @@ def test_warm_start_keeps_the_joint_self_terms():
         x = x + 0.01 * (y - x)
         torch.testing.assert_close(warm(x, y), cold(x, y), rtol=1e-7, atol=1e-12)
     assert set(warm._last) == {"xy", "xx+yy"} and warm._last["xx+yy"]["fg"][0].shape == (2, 30)
+
+
+@pytest.mark.parametrize("rho", [None, 0.5])
+def test_fixed_schedule_loss_reads_the_value_only(monkeypatch, rho):
+    """With tol=None (GeomLoss's fixed schedule) each solve's result skips the column
+    marginals and the transport cost (the loss reads neither): the same value and gradients
+    as the full solves composed by hand, with one plan pass per solve instead of three."""
+    x, y = rand(12, 2, seed=31), rand(9, 2, seed=32) + 0.3
+    a, b = rand(12, seed=33) + 0.1, rand(9, seed=34) + 0.1
+    a, b = a / a.sum(), b / b.sum()
+    kw = dict(tol=None, max_iter=7, eps_schedule=0.25, backend="torch", rho=rho)
+    xs, ys, ws, vs = (t.clone().requires_grad_() for t in (x, y, a, b))
+    loss = otcore.SinkhornLoss(eps=0.05, **kw)(xs, ys, ws, vs)
+    grads = torch.autograd.grad(loss, (xs, ys, ws, vs))
+    xr, yr, wr, vr = (t.clone().requires_grad_() for t in (x, y, a, b))
+
+    def full(p, q, u, v):
+        return otcore.sinkhorn(otcore.PointCloud(p, q), u, v, eps=0.05, **kw)
+
+    want = full(xr, yr, wr, vr).value - 0.5 * (full(xr, xr, wr, wr).value + full(yr, yr, vr, vr).value)
+    want = want + 0.5 * 0.05 * (wr.sum() - vr.sum()) ** 2
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-12, abs=1e-15)
+    for got, exp in zip(grads, torch.autograd.grad(want, (xr, yr, wr, vr))):
+        assert torch.allclose(got, exp, rtol=1e-10, atol=1e-13)
+    calls = []
+    plan_cost, marginals = otcore.PointCloud.plan_cost, otcore.PointCloud.marginals
+    monkeypatch.setattr(otcore.PointCloud, "plan_cost", lambda *s, **k: calls.append("cost") or plan_cost(*s, **k))
+    monkeypatch.setattr(otcore.PointCloud, "marginals", lambda *s, **k: calls.append("marg") or marginals(*s, **k))
+    otcore.SinkhornLoss(eps=0.05, **kw)(x, y, a, b)
+    assert calls == []
+    otcore.SinkhornLoss(eps=0.05, **dict(kw, tol=1e-3, max_iter=500))(x, y, a, b)  # with a tol: full results
+    assert calls.count("cost") == 3 and calls.count("marg") == 3  # xy, xx, yy (shapes differ)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 from dataclasses import dataclass
@@ -324,25 +326,49 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
     return why
 
 
+#: Set (by :func:`value_only_results`) while a caller that reads only the value and its
+#: gradients solves, as ``SinkhornLoss`` does: see :func:`entropic_result`.
+_VALUE_ONLY = contextvars.ContextVar("otcore_value_only", default=False)
+
+
+@contextlib.contextmanager
+def value_only_results():
+    """Within this context, results of solves with ``tol=None`` skip the column marginals
+    and the transport cost (:func:`entropic_result`)."""
+    token = _VALUE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _VALUE_ONLY.reset(token)
+
+
 def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dict, stalled=None) -> OTResult:
     """Build the :class:`OTResult` at potentials ``(f, g)``: exact marginals, cost, value
     (through its dual), convergence (``tol`` None: finiteness only), and envelope
     gradients. Three streamed passes.
-    ``stalled`` (B,) bool: problems stopped for lack of progress (for the warning's text)."""
+    ``stalled`` (B,) bool: problems stopped for lack of progress (for the warning's text).
+    Within :func:`value_only_results` and with ``tol=None`` (a caller that reads only the
+    value and its gradients, as ``SinkhornLoss``): one streamed pass instead of three, the
+    column marginals and the transport cost being skipped; ``marginal_error``, the residual
+    and ``cost`` are then NaN. (A tolerance is tested on the marginals: then all passes run.)"""
     geom, eps, kw = pb.geom, pb.eps, pb.kw()
+    value_only = _VALUE_ONLY.get() and tol is None
     with torch.no_grad():
         F, G = f + eps * pb.loga, g + eps * pb.logb
         # row marginals from the row pass s: (P1)_i = a_i exp(delta_i), delta = (f - s)/eps
         # (s in float64 when wide: resolved_softmin)
         s = resolved_softmin(geom, g, pb.Bw, eps, 1, kw, pb.wide)
         delta = (f.to(s.dtype) - s) / eps
-        has_a = pb.A > 0  # a zero-weight row has no mass whatever its potential
-        r = torch.where(has_a, pb.A * torch.exp(delta), 0.0).to(f.dtype)
-        c = geom.marginals(F, G, eps, 0, **kw)
-        marg_err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
-        # balanced: the residual is the marginal error
-        resid = marg_err if pb.rho_a is None and pb.rho_b is None else optimality_residual(pb, r, c, f, g)
-        cost = geom.plan_cost(F, G, eps, **kw)
+        if value_only:
+            marg_err = resid = cost = torch.full((geom.batch,), math.nan, dtype=f.dtype, device=f.device)
+        else:
+            has_a = pb.A > 0  # a zero-weight row has no mass whatever its potential
+            r = torch.where(has_a, pb.A * torch.exp(delta), 0.0).to(f.dtype)
+            c = geom.marginals(F, G, eps, 0, **kw)
+            marg_err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
+            # balanced: the residual is the marginal error
+            resid = marg_err if pb.rho_a is None and pb.rho_b is None else optimality_residual(pb, r, c, f, g)
+            cost = geom.plan_cost(F, G, eps, **kw)
         A, Bw, wf, wg = (t.to(delta.dtype) for t in (pb.A, pb.Bw, f, g))
         value = (A * phi(wf, pb.rho_a)).sum(-1) + (Bw * phi(wg, pb.rho_b)).sum(-1) - eps * mass_gap(A, Bw, delta)
         value = value.to(f.dtype)
