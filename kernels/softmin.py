@@ -638,14 +638,14 @@ class CostOperand:
 EXPANSION_MAX_ERROR = 1e-3
 
 #: The FMA expansion (``COST_EXPAND``, d <= :data:`DIRECT_MAX_D`) replaces direct
-#: differences, which are float32-faithful whatever the layout, only while its rounding
-#: is at most this fraction of ``eps``: much tighter than the 3xTF32 guard, because the
-#: alternative here is as accurate and costs only ~2d FP32 operations per entry. The
-#: lowest marginal error a float32 Sinkhorn solve reached (150 x 170 points, unit cube,
-#: squared spread 1.3: bound 3.1e-7; interpreter) rose from 2.5e-7 to 3.4e-7 at eps = 0.05
-#: and from 4.8e-7 to 7.4e-7 at 0.02 (kept), but from 4.3e-7 to 1.7e-6 at 0.01 (excluded).
-#: The target problems' unit cube (bound 3.6e-7) keeps it down to eps = 0.018.
-EXPAND_MAX_ERROR = 2e-5
+#: differences, which are float32-faithful whatever the layout, only while ``d + 2`` (the
+#: exponent's rounded terms) times its rounding bound :func:`expansion_error` is at most
+#: this fraction of ``eps``: much tighter than the 3xTF32 guard, because the alternative
+#: here is as accurate and costs only ~2d FP32 operations per entry. Set from the lowest
+#: marginal error float32 solves reached (docs/kernels.md, "The FMA expansion for small
+#: d"): within it, at most ~1e-6 (self-transport, d = 8) where direct differences reached
+#: 2-7e-7. The target problems' unit cube (d = 3, bound 3.2e-7) keeps it down to eps = 0.04.
+EXPAND_MAX_ERROR = 4e-5
 
 #: ``precision="tf32"`` (the opt-in fast mode, any d) expands while its rounding bound is
 #: at most this many ``eps``; beyond, the plan's entries could be off by more than a factor
@@ -669,7 +669,8 @@ def expansion_error(sq_spread: float, euclidean: bool, tf32: bool = False) -> fl
 
 
 def point_cost_mode(precision: str, d: int, dtype: torch.dtype, sq_spread: float = 0.0,
-                    eps: float = math.inf, euclidean: bool = False, expand: bool = False) -> tuple[int, str]:
+                    eps: float = math.inf, euclidean: bool = False, expand: bool = False,
+                    self_transport: bool = False) -> tuple[int, str]:
     """How a point-cloud cost tile is computed: ``(COST_*, tl.dot input precision)``.
 
     - float64: direct differences (FMA), exact to float64 rounding.
@@ -677,8 +678,10 @@ def point_cost_mode(precision: str, d: int, dtype: torch.dtype, sq_spread: float
       its rounding bound is at most ``TF32_MAX_ERROR * eps``, else direct differences.
     - ``"fp32"``: up to :data:`DIRECT_MAX_D` coordinates, direct differences, or with
       ``expand`` (a large pass, :data:`EXPAND_MIN_ENTRIES`) the FMA expansion of the squared
-      Euclidean cost on centred coordinates while its rounding (:func:`expansion_error` of
-      ``sq_spread``) is at most ``EXPAND_MAX_ERROR * eps``; beyond ``DIRECT_MAX_D``, the
+      Euclidean cost on centred coordinates while ``d + 2`` times its rounding
+      (:func:`expansion_error` of ``sq_spread``) is at most ``EXPAND_MAX_ERROR * eps``
+      (half that for a cloud against itself, ``self_transport``: its plan concentrates on
+      pairs at distance ~0, which direct differences compute exactly); beyond ``DIRECT_MAX_D``, the
       expansion with a 3xTF32 dot if that rounding is at most ``EXPANSION_MAX_ERROR *
       eps``, else direct differences again (exact, ~2d FP32 operations per entry).
     """
@@ -689,7 +692,8 @@ def point_cost_mode(precision: str, d: int, dtype: torch.dtype, sq_spread: float
             return COST_DIRECT, "tf32"
         return COST_DOT, "tf32"
     if d <= DIRECT_MAX_D:
-        if expand and not euclidean and expansion_error(sq_spread, False) <= EXPAND_MAX_ERROR * eps:
+        allowance = EXPAND_MAX_ERROR * eps / (2 if self_transport else 1)
+        if expand and not euclidean and (d + 2) * expansion_error(sq_spread, False) <= allowance:
             return COST_EXPAND, "tf32x3"
         return COST_DIRECT, "tf32x3"
     if expansion_error(sq_spread, euclidean) > EXPANSION_MAX_ERROR * eps:

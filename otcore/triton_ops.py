@@ -224,7 +224,8 @@ def operand(geom, axis: int, precision: str, eps: float) -> _softmin.CostOperand
     spread = 0.0
     if dtype != torch.float64 and (precision == "tf32" or geom.d > _softmin.DIRECT_MAX_D or expand):
         spread = squared_spread(geom)  # the expansions' guard (fp32 past DIRECT_MAX_D or large; tf32 always)
-    mode, ip = _softmin.point_cost_mode(precision, geom.d, dtype, spread, float(eps), euclidean, expand)
+    mode, ip = _softmin.point_cost_mode(precision, geom.d, dtype, spread, float(eps), euclidean, expand,
+                                        self_transport=geom.symmetric)
     if mode in (_softmin.COST_DOT, _softmin.COST_EXPAND):
         (xs, ys), feats = centred_points(geom), centred_features(geom, mode, ip)
     else:
