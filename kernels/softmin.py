@@ -643,8 +643,8 @@ EXPANSION_MAX_ERROR = 1e-3
 #: this fraction of ``eps``: much tighter than the 3xTF32 guard, because the alternative
 #: here is as accurate and costs only ~2d FP32 operations per entry. Set from the lowest
 #: marginal error float32 solves reached (docs/kernels.md, "The FMA expansion for small
-#: d"): within it, at most ~1e-6 (self-transport, d = 8) where direct differences reached
-#: 2-7e-7. The target problems' unit cube (d = 3, bound 3.2e-7) keeps it down to eps = 0.04.
+#: d"): at its boundary, at most 1.2e-6 (two clouds, d = 8) where direct differences reached
+#: 1.3-7.2e-7. The target problems' unit cube (d = 3, bound 3.2e-7) keeps it down to eps = 0.04.
 EXPAND_MAX_ERROR = 4e-5
 
 #: ``precision="tf32"`` (the opt-in fast mode, any d) expands while its rounding bound is

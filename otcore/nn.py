@@ -153,7 +153,7 @@ class SinkhornLoss(nn.Module):
             self._keep(term, res, a, b)
             return res.value
         # cold: with the configured eps scaling; its warnings are the user's
-        with value_only_results():  # only the value is read (tol=None: no marginals, no cost)
+        with value_only_results(geom):  # only the value is read (tol=None: no marginals, no cost)
             res = sinkhorn(geom, a, b, eps=self.eps, **self.solver_kw)
         if self.warm_start:
             if _all_converged(res):
@@ -177,7 +177,7 @@ class SinkhornLoss(nn.Module):
                 return None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with value_only_results():
+            with value_only_results(geom):
                 res = sinkhorn(geom, a, b, eps=self.eps, init=last["fg"], **dict(self.solver_kw, eps_schedule=None))
         if not _all_converged(res):
             return None

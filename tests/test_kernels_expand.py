@@ -198,7 +198,7 @@ def test_sinkhorn_on_the_expansion_converges_to_the_float64_solution(large, monk
 
 @pytest.mark.parametrize("d", [3, 8])
 @pytest.mark.parametrize("self_transport", [False, True])
-def test_float32_solves_at_the_guard_reach_tol_1e_6(large, monkeypatch, d, self_transport):
+def test_float32_solves_at_the_guard_meet_a_tol_of_1_5e_6(large, monkeypatch, d, self_transport):
     """At eps just inside the guard (d + 2 times the rounding bound, halved for a cloud against
     itself), float32 Sinkhorn on the expansion still meets tol = 1.5e-6 (the lowest marginal
     error it reached at this boundary was 2.7e-7 to 1.2e-6; direct differences 1.3e-7 to

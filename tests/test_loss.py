@@ -500,3 +500,19 @@ def test_fixed_schedule_loss_reads_the_value_only(monkeypatch, rho):
     assert calls == []
     otcore.SinkhornLoss(eps=0.05, **dict(kw, tol=1e-3, max_iter=500))(x, y, a, b)  # with a tol: full results
     assert calls.count("cost") == 3 and calls.count("marg") == 3  # xy, xx, yy (shapes differ)
+
+
+def test_value_only_results_are_for_the_loss_own_solve_only():
+    """The loss asks its solves for the value only; a solve that other code starts meanwhile
+    (a warning hook, say) on another geometry still gets its marginals and cost."""
+    from otcore.solvers._entropic import value_only_results
+
+    x, y = rand(10, 2, seed=41), rand(8, 2, seed=42)
+    geom, other = otcore.PointCloud(x, y), otcore.PointCloud(y, x)
+    kw = dict(eps=0.1, tol=None, max_iter=20, backend="torch")
+    with value_only_results(geom):
+        inner = otcore.sinkhorn(other, **kw)
+        own = otcore.sinkhorn(geom, **kw)
+    assert torch.isfinite(torch.as_tensor(inner.marginal_error)) and torch.isfinite(inner.cost)
+    assert torch.isnan(torch.as_tensor(own.marginal_error)) and torch.isnan(own.cost)
+    assert float(own.value) == pytest.approx(float(otcore.sinkhorn(geom, **kw).value), rel=1e-14)

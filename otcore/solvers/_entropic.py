@@ -326,16 +326,17 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
     return why
 
 
-#: Set (by :func:`value_only_results`) while a caller that reads only the value and its
-#: gradients solves, as ``SinkhornLoss`` does: see :func:`entropic_result`.
-_VALUE_ONLY = contextvars.ContextVar("otcore_value_only", default=False)
+#: The geometry whose solve's result only its value will be read of (set by
+#: :func:`value_only_results`, as ``SinkhornLoss`` does): see :func:`entropic_result`.
+_VALUE_ONLY = contextvars.ContextVar("otcore_value_only", default=None)
 
 
 @contextlib.contextmanager
-def value_only_results():
-    """Within this context, results of solves with ``tol=None`` skip the column marginals
-    and the transport cost (:func:`entropic_result`)."""
-    token = _VALUE_ONLY.set(True)
+def value_only_results(geom):
+    """Within this context, the result of a solve on ``geom`` (this object, not any other
+    solve that code run meanwhile starts, e.g. from a warning hook) with ``tol=None`` skips
+    the column marginals and the transport cost (:func:`entropic_result`)."""
+    token = _VALUE_ONLY.set(geom)
     try:
         yield
     finally:
@@ -347,12 +348,12 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     (through its dual), convergence (``tol`` None: finiteness only), and envelope
     gradients. Three streamed passes.
     ``stalled`` (B,) bool: problems stopped for lack of progress (for the warning's text).
-    Within :func:`value_only_results` and with ``tol=None`` (a caller that reads only the
+    Within :func:`value_only_results` of this geometry and with ``tol=None`` (a caller that reads only the
     value and its gradients, as ``SinkhornLoss``): one streamed pass instead of three, the
     column marginals and the transport cost being skipped; ``marginal_error``, the residual
     and ``cost`` are then NaN. (A tolerance is tested on the marginals: then all passes run.)"""
     geom, eps, kw = pb.geom, pb.eps, pb.kw()
-    value_only = _VALUE_ONLY.get() and tol is None
+    value_only = tol is None and _VALUE_ONLY.get() is geom
     with torch.no_grad():
         F, G = f + eps * pb.loga, g + eps * pb.logb
         # row marginals from the row pass s: (P1)_i = a_i exp(delta_i), delta = (f - s)/eps
