@@ -33,10 +33,10 @@ def large(monkeypatch):
     monkeypatch.setattr(K, "EXPAND_MIN_ENTRIES", 0)
 
 
-def clouds(d, seed=0, dtype=torch.float32, scale=1.0, offset=0.0):
+def clouds(d, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, N, d, generator=g, dtype=torch.float64) * scale + offset
-    y = (torch.rand(B, M, d, generator=g, dtype=torch.float64) * 0.9 + 0.05) * scale + offset
+    x = torch.rand(B, N, d, generator=g, dtype=torch.float64)
+    y = torch.rand(B, M, d, generator=g, dtype=torch.float64) * 0.9 + 0.05
     return x.to(DEVICE, dtype), y.to(DEVICE, dtype)
 
 
