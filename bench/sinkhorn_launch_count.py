@@ -19,7 +19,8 @@ A split pass (``S > 1`` slices of the reduced axis, as the GPU launcher chooses 
 e.g. 8192 points on 132 SMs: ``softmin.num_splits``) adds the combine of the partial
 results; ``--splits`` sets ``S`` here (the interpreter itself never splits).
 
-    TRITON_INTERPRET=1 python bench/sinkhorn_launch_count.py     # ~1 min on 2 CPU cores
+    TRITON_INTERPRET=1 python bench/sinkhorn_launch_count.py          # ~1 min on 2 CPU cores
+    TRITON_INTERPRET=1 python bench/sinkhorn_launch_count.py --loss   # SinkhornLoss forward + backward
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lbfgs_op_count import OpCounter  # noqa: E402  (bench/ is the script's dire
 
 import otcore  # noqa: E402
 from otcore.kernels import sinkhorn_steps  # noqa: E402
+from otcore.kernels import plan  # noqa: E402
 from otcore.kernels import softmin as K  # noqa: E402
 
 
@@ -108,14 +110,46 @@ def per_iteration(geom, a, b, splits: int, **kw) -> dict:
     return {k: (hi[k] - lo[k]) / 20 for k in ("triton", "torch_ops", "allocations", "host_reads")}
 
 
+def loss_counts(n: int, **kw) -> dict:
+    """Torch operations, Triton launches (softmin and plan kernels) and host reads of one
+    ``SinkhornLoss`` forward and backward on two clouds of ``n`` points (d = 3, streamed
+    passes: the self-transport terms are one batched solve)."""
+    x, y = torch.rand(n, 3, requires_grad=True), torch.rand(n, 3, requires_grad=True)
+    loss = otcore.SinkhornLoss(backend="triton", **kw)
+    budget = sinkhorn_steps.TILES_MAX_WORK
+    sinkhorn_steps.TILES_MAX_WORK = 0
+    out = {}
+    try:
+        for phase in ("forward", "backward"):
+            with ComputeCounter(phase) as ops, LaunchCounter(K, ops) as l1, LaunchCounter(plan, ops) as l2:
+                if phase == "forward":
+                    value = loss(x, y)
+                else:
+                    value.backward()
+            out[phase] = dict(triton=sum(l1.launches.values()) + sum(l2.launches.values()),
+                              torch_ops=ops.counts[phase], host_reads=ops.counts["host reads in " + phase])
+    finally:
+        sinkhorn_steps.TILES_MAX_WORK = budget
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=150, help="points per side (> 64 for the streamed passes)")
     p.add_argument("--splits", type=int, nargs="+", default=[1, 5], help="slices per pass (S)")
+    p.add_argument("--loss", action="store_true", help="count a SinkhornLoss forward and backward instead")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     n = args.n
+    if args.loss:
+        print(f"# SinkhornLoss, n = m = {n}, d = 3, eps = 0.05, Triton backend (streamed passes)")
+        print(f"{'schedule':44s} {'phase':9s} {'triton':>6s} {'torch ops':>9s} {'host reads':>10s}")
+        for name, kw in (("tol=None, eps_schedule=0.5, max_iter=8", dict(tol=None, eps_schedule=0.5, max_iter=8)),
+                         ("tol=1e-5 (default), eps_schedule='geometric'", {})):
+            for phase, c in loss_counts(n, eps=0.05, **kw).items():
+                print(f"{name:44s} {phase:9s} {c['triton']:6d} {c['torch_ops']:9d} {c['host_reads']:10d}")
+        return 0
     x, y = torch.rand(n, 3), torch.rand(n + 7, 3)
     a, b = torch.rand(n) + 0.1, torch.rand(n + 7) + 0.1
     a, b = a / a.sum(), b / b.sum()

@@ -22,8 +22,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def tensor(name: str, t, ndims: tuple[int, ...]) -> torch.Tensor:
-    """Check that ``t`` is a finite floating tensor with one of ``ndims`` dimensions."""
+def tensor(name: str, t, ndims: tuple[int, ...], finite: bool = True) -> torch.Tensor:
+    """Check that ``t`` is a floating tensor with one of ``ndims`` dimensions, and (``finite``;
+    else the caller checks it with others through :func:`all_finite`) that its entries are finite."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
@@ -33,9 +34,41 @@ def tensor(name: str, t, ndims: tuple[int, ...]) -> torch.Tensor:
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
     if any(s == 0 for s in t.shape):
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
-    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):  # meta: no values to check
-        raise ValueError(f"{name} contains NaN or inf")
+    if finite:
+        all_finite((name, t))
     return t
+
+
+def all_finite(*named: tuple[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming the first of the ``(name, tensor)`` pairs that holds NaN or
+    inf. One host read for all of them (a sync on a GPU); each tensor costs one reduction,
+    its largest ``|entry|``, through which NaN propagates (``torch.isfinite(t).all()`` is five
+    launches on CUDA). A tensor passed twice is read once; meta tensors hold no values."""
+    named = [(n, t) for i, (n, t) in enumerate(named)
+             if t.device.type != "meta" and all(t is not u for _, u in named[:i])]
+    if not named:
+        return
+    with torch.no_grad():
+        tops = [torch.linalg.vector_norm(t, math.inf) for _, t in named]
+        if len(tops) == 1:
+            values = [float(tops[0])]
+        else:
+            dt = tops[0].dtype if all(m.dtype == tops[0].dtype for m in tops) else torch.float64
+            values = torch.stack([m.to(dt) for m in tops]).tolist()
+    for (name, _), v in zip(named, values):
+        if not math.isfinite(v):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def finite_rows(*ts: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: every entry of each problem's row is finite in all of ``ts``, each (B,) or
+    (B, n). One reduction per (B, n) tensor and a maximum per further tensor, NaN
+    propagating (``torch.isfinite`` is four launches on CUDA, and its ``all`` a fifth)."""
+    top = None
+    for t in ts:
+        m = torch.linalg.vector_norm(t, math.inf, dim=-1) if t.dim() > 1 else t.abs()
+        top = m if top is None else torch.maximum(top, m)  # promotes to the wider dtype
+    return top <= torch.finfo(top.dtype).max
 
 
 def _is_bool(v) -> bool:

@@ -182,9 +182,9 @@ class PointCloud(Geometry):
     is_dense = False
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, cost: str = "sqeuclidean"):
-        _validate.tensor("x", x, (2, 3))
-        if y is not x:  # self-transport: one check (each finiteness check is a host sync on a GPU)
-            _validate.tensor("y", y, (2, 3))
+        _validate.tensor("x", x, (2, 3), finite=False)
+        _validate.tensor("y", y, (2, 3), finite=False)
+        _validate.all_finite(("x", x), ("y", y))  # one host sync for both (one check when y is x)
         _validate.choice("cost", cost, COSTS)
         if x.dim() != y.dim():
             raise ValueError(f"x and y must both be batched or both not: shapes {tuple(x.shape)}, {tuple(y.shape)}")
@@ -263,11 +263,14 @@ class PointCloud(Geometry):
 
         def box(p, live):  # (B, d) corners of the points with weight
             if live is None:
-                return p.amin(1), p.amax(1)
+                return torch.aminmax(p, dim=1)
             return torch.where(live[..., None], p, math.inf).amin(1), torch.where(live[..., None], p, -math.inf).amax(1)
 
-        (xlo, xhi), (ylo, yhi) = box(self.x, self._live("a", a, self.n)), box(self.y, self._live("b", b, self.m))
-        lo, hi = torch.minimum(xlo, ylo), torch.maximum(xhi, yhi)
+        live_a, live_b = self._live("a", a, self.n), self._live("b", b, self.m)
+        lo, hi = box(self.x, live_a)
+        if self.y is not self.x or live_b is not live_a:  # a cloud against itself: one box
+            ylo, yhi = box(self.y, live_b)
+            lo, hi = torch.minimum(lo, ylo), torch.maximum(hi, yhi)
         ext = ((hi - lo) ** 2).sum(-1)
         return ext if self.cost == "sqeuclidean" else ext.sqrt()
 

@@ -63,6 +63,36 @@ def test_non_finite_points(bad):
         otcore.PointCloud(x_(), with_value(y_(), (0, 1), bad))
 
 
+def test_finiteness_check_names_the_first_bad_input_in_every_dtype():
+    """x and y are checked together (one host read): the message names the one that is bad
+    (x first when both are); fp16/bf16 infinities are caught, float64 values beyond
+    float32's range are not taken for infinities."""
+    bad_x, bad_y = with_value(x_(), (1, 0), NAN), with_value(y_(), (0, 1), INF)
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        otcore.PointCloud(bad_x, bad_y)
+    with pytest.raises(ValueError, match="y contains NaN or inf"):
+        otcore.PointCloud(x_(), bad_y)
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        otcore.PointCloud(bad_x, bad_x)  # one tensor, one check
+    for dt in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match="y contains NaN or inf"):
+            otcore.PointCloud(x_().to(dt), with_value(y_(), (0, 1), INF).to(dt))
+    huge = x_().double() * 1e300
+    otcore.PointCloud(huge, y_().double())  # finite: no error
+    otcore.PointCloud(x_().half(), y_().double() * 1e300)  # mixed dtypes compared in float64
+
+
+def test_finite_rows_flags_each_problem_on_its_own():
+    from otcore import _validate
+    f = torch.zeros(4, 5)
+    g = torch.zeros(4, 3, dtype=torch.float64)
+    value = torch.tensor([0.0, 1e300, 0.0, 0.0], dtype=torch.float64)  # finite in float64
+    f[1, 2], g[2, 0], value[3] = NAN, -INF, NAN
+    assert _validate.finite_rows(f, g, value).tolist() == [True, False, False, False]
+    assert _validate.finite_rows(f[:1], g[:1]).tolist() == [True]
+    assert _validate.finite_rows(torch.tensor([1.0, INF, NAN, -2.0])).tolist() == [True, False, False, True]
+
+
 @pytest.mark.parametrize("bad", [NAN, INF])
 def test_non_finite_cost_matrix(bad):
     with pytest.raises(ValueError, match="C contains NaN or inf"):

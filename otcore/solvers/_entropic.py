@@ -273,7 +273,7 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
                        stalled=None) -> str:
     """The warning's diagnosis for the problems that did not converge (``stalled``: (B,)
     bool, the problems a solver stopped for lack of progress near the floor, if it has such a rule)."""
-    if not bool((torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1)).all()):
+    if not bool(_validate.finite_rows(f, g).all()):
         return ("non-finite potentials: eps too small for the dtype, or costs beyond its range (squared distances "
                 "of coordinates near 1e19 overflow float32; rescale the points or use float64)")
     eps, dt = pb.eps, _validate.dtype_name(f.dtype)
@@ -373,7 +373,7 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
         A, Bw, wf, wg = (t.to(delta.dtype) for t in (pb.A, pb.Bw, f, g))
         value = (A * phi(wf, pb.rho_a)).sum(-1) + (Bw * phi(wg, pb.rho_b)).sum(-1) - eps * mass_gap(A, Bw, delta)
         value = value.to(f.dtype)
-        finite = torch.isfinite(f).all(-1) & torch.isfinite(g).all(-1) & torch.isfinite(value)
+        finite = _validate.finite_rows(f, g, value)
         # The in-loop test ("passed") and these marginals round differently: a problem that
         # passed may sit a rounding step above tol here. Beyond that slack the marginals of
         # the plan the result hands out decide: with eps below what the dtype resolves of

@@ -266,7 +266,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         n_iter += active * k
         ok = resid <= tol
         passed |= active & ok
-        active &= ~ok & torch.isfinite(resid)
+        active &= ~ok & _validate.finite_rows(resid)
         n_iter += active  # the iteration whose row pass gave the test, completed by those still running
         it += k + 1
         if not bool(active.any()):  # the block's one host synchronisation

@@ -352,7 +352,7 @@ def _result(pb: _Problem, hp, out: KSparse, n_iter, reason, tol, batched, elapse
     gnorm = cross_err + (0.0 if pb.semi else line_err)
     marg = cross_err + line_err
     lines_ok = line_err <= tol + 64 * torch.finfo(hp.dtype).eps * pb.wl.sum(-1)
-    finite = torch.isfinite(value) & torch.isfinite(gnorm)
+    finite = _validate.finite_rows(value, gnorm)
     converged = finite & lines_ok & ((gnorm <= tol) | (reason == 0) | (reason == 4))
     value, cost, vals = _attach_gradients(pb, hp, hl, out, value, cost)
     if not bool(converged.all()):
