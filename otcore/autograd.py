@@ -39,6 +39,9 @@ class EnvelopeSpec:
     Bw: torch.Tensor
     f: torch.Tensor
     g: torch.Tensor
+    #: the shifted potentials ``f + eps log a``, ``g + eps log b`` the plan is read from
+    F: torch.Tensor
+    G: torch.Tensor
     eps: float
     rho_a: Optional[float]
     rho_b: Optional[float]
@@ -168,8 +171,7 @@ def _envelope_backward(ctx, gv, gc):
     """The gradients of :class:`_EnvelopeValue` (see the module docstring)."""
     s = ctx.spec
     geom, eps = s.geom, s.eps
-    F = s.f + eps * torch.log(s.A)
-    G = s.g + eps * torch.log(s.Bw)
+    F, G = s.F, s.G
     kw = dict(backend=s.backend, precision=s.precision)
     gv = gv.reshape(-1).to(F.dtype)
     gc = gc.reshape(-1).to(F.dtype)

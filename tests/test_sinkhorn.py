@@ -795,7 +795,7 @@ def test_value_at_large_eps_keeps_the_mass_term_small():
     """value = <a,f> + <b,g> - eps (sum P - mass): the mass term is summed from
     a_i expm1(delta_i) (delta = (f - s)/eps from the row pass), not as sum P in float32,
     whose rounding times eps = 1e4 moved the value by 2e-2 relative."""
-    from otcore.solvers._entropic import mass_gap
+    from otcore.solvers._entropic import make_problem, mass_gap
 
     g = torch.Generator().manual_seed(3)
     x, y = torch.rand(40, 2, generator=g), torch.rand(50, 2, generator=g)
@@ -809,11 +809,26 @@ def test_value_at_large_eps_keeps_the_mass_term_small():
     s = geom64.softmin(gg + eps * b.log(), eps, 1)
     delta64 = (f - s) / eps
     exact = float((a * delta64.exp()).sum() - a.sum() * b.sum())  # float64, same potentials
-    got = float(mass_gap(a.float(), b.float(), delta64.float()))
-    assert abs(eps * (got - exact)) < 1e-4 * abs(res.value)
+    geom32 = otcore.PointCloud(x, y)
+    for wa, wb in ((None, None), (a[0].float(), b[0].float())):  # uniform: the masses from the host
+        pb = make_problem(geom32, wa, wb, eps, None, "torch", "fp32", 1e-5)
+        got = float(mass_gap(pb, a.float(), delta64.float()))
+        assert abs(eps * (got - exact)) < 1e-4 * abs(res.value)
     # the naive float32 sum of the plan is far worse at this eps
     naive = float(res.plan().sum()) - 1.0
     assert abs(eps * (naive - exact)) > 10 * abs(eps * (got - exact))
+
+
+def test_uniform_mass_from_the_host_equals_the_device_sum():
+    """The value's mass term takes the float64 mass of uniform float32 weights from the host:
+    exactly what summing the n rounded copies of 1/n gives (float64 within a rounding step)."""
+    from otcore.solvers._entropic import _uniform_mass
+
+    for n in [1, 3, 7, 37, 53, 1000, 4097, 10000, 32768, 100003, 1000000]:
+        w = torch.full((2, n), 1.0 / n)
+        assert _uniform_mass(w) == float(w.double().sum(-1)[0])
+        w64 = w.double().fill_(1.0 / n)
+        assert abs(_uniform_mass(w64) - float(w64.sum(-1)[0])) <= 4 * torch.finfo(torch.float64).eps
 
 
 def test_a_tol_below_the_marginals_rounding_is_named_in_the_warning():

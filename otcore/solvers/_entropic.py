@@ -9,6 +9,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import _dispatch, _validate
@@ -162,17 +163,30 @@ def optimality_residual(pb: Problem, r: torch.Tensor, c: torch.Tensor, f, g) -> 
     return (r - ta).abs().sum(-1) + (c - tb).abs().sum(-1)
 
 
-def mass_gap(A: torch.Tensor, Bw: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def mass_gap(pb: Problem, A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``sum P - (sum a)(sum b)`` per problem, (B,), from the row pass: ``sum_j P_ij =
-    a_i exp(delta_i)``, so it is ``sum_i a_i expm1(delta_i) + (sum a)(1 - sum b)``.
+    a_i exp(delta_i)``, so it is ``sum_i a_i expm1(delta_i) + (sum a)(1 - sum b)``
+    (``A``: ``pb.A`` in ``delta``'s dtype).
 
     The dual value subtracts ``eps`` times it. Summed as ``sum P`` in float32, its
     rounding (~1e-7 of the mass) times a large eps swamped the value (eps = 1e4: 2e-2
     relative); in this form each term is small near the optimum and the masses are summed
-    in float64."""
-    terms = torch.where(A > 0, A * torch.expm1(delta), 0.0).sum(-1)
-    masses = A.double().sum(-1) * (1.0 - Bw.double().sum(-1))
-    return terms + masses.to(terms.dtype)
+    in float64. Uniform weights (``a``/``b`` None) have their float64 mass from the host
+    (float32: exactly as the device sums it, ``n`` copies of the rounded ``1/n`` making
+    every partial sum exact; float64: within a rounding step), and no zero weight to mask:
+    four operations fewer each."""
+    terms = (torch.where(A > 0, A * torch.expm1(delta), 0.0) if pb.zeros[0] else A * torch.expm1(delta)).sum(-1)
+    ma, mb = (_uniform_mass(w) if given is None else w.double().sum(-1)
+              for w, given in ((pb.A, pb.a_in), (pb.Bw, pb.b_in)))
+    masses = ma * (1.0 - mb)
+    return terms + (masses.to(terms.dtype) if isinstance(masses, torch.Tensor) else masses)
+
+
+def _uniform_mass(w: torch.Tensor) -> float:
+    """``w.double().sum(-1)`` of uniform weights ``w`` (B, n), each ``1/n`` rounded to
+    ``w``'s dtype (float32 or float64), computed on the host."""
+    n = w.shape[-1]
+    return n * (float(np.float32(1.0 / n)) if w.dtype == torch.float32 else 1.0 / n)
 
 
 @torch.no_grad()
@@ -357,21 +371,23 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     with torch.no_grad():
         F, G = f + eps * pb.loga, g + eps * pb.logb
         # row marginals from the row pass s: (P1)_i = a_i exp(delta_i), delta = (f - s)/eps
-        # (s in float64 when wide: resolved_softmin)
-        s = resolved_softmin(geom, g, pb.Bw, eps, 1, kw, pb.wide)
+        # (s in float64 when wide: resolved_softmin; else the pass of G = g + eps log b itself)
+        s = resolved_softmin(geom, g, pb.Bw, eps, 1, kw, True) if pb.wide else geom.softmin(G, eps, 1, **kw)
         delta = (f.to(s.dtype) - s) / eps
         if value_only:
             marg_err = resid = cost = torch.full((geom.batch,), math.nan, dtype=f.dtype, device=f.device)
         else:
-            has_a = pb.A > 0  # a zero-weight row has no mass whatever its potential
-            r = torch.where(has_a, pb.A * torch.exp(delta), 0.0).to(f.dtype)
+            r = pb.A * torch.exp(delta)
+            if pb.zeros[0]:  # a zero-weight row has no mass whatever its potential
+                r = torch.where(pb.A > 0, r, 0.0)
+            r = r.to(f.dtype)
             c = geom.marginals(F, G, eps, 0, **kw)
             marg_err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
             # balanced: the residual is the marginal error
             resid = marg_err if pb.rho_a is None and pb.rho_b is None else optimality_residual(pb, r, c, f, g)
             cost = geom.plan_cost(F, G, eps, **kw)
         A, Bw, wf, wg = (t.to(delta.dtype) for t in (pb.A, pb.Bw, f, g))
-        value = (A * phi(wf, pb.rho_a)).sum(-1) + (Bw * phi(wg, pb.rho_b)).sum(-1) - eps * mass_gap(A, Bw, delta)
+        value = (A * phi(wf, pb.rho_a)).sum(-1) + (Bw * phi(wg, pb.rho_b)).sum(-1) - eps * mass_gap(pb, A, delta)
         value = value.to(f.dtype)
         finite = _validate.finite_rows(f, g, value)
         # The in-loop test ("passed") and these marginals round differently: a problem that
@@ -387,14 +403,15 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
             # eps = 0.05 it read 1.4e-7 while plan() missed a by 0.58
             converged = ((resid <= tol) | (passed & (resid <= slack))) & finite & ~unresolved(pb, f, g, tol) \
                 & ~value_unresolved(pb, value, cost)
-    spec = EnvelopeSpec(geom, pb.A, pb.Bw, f, g, eps, pb.rho_a, pb.rho_b, pb.backend, pb.precision, pb.a_in, pb.b_in,
+    spec = EnvelopeSpec(geom, pb.A, pb.Bw, f, g, F, G, eps, pb.rho_a, pb.rho_b, pb.backend, pb.precision, pb.a_in, pb.b_in,
                         pb.wide)
     value, cost = envelope_value(spec, value, cost)
     if geom.batched:
         all_ok = bool(converged.all())
         n_out, err_out, ok_out, res_out = n_iter, marg_err, converged, resid
     else:  # the Python numbers an unbatched result holds, in one transfer (one sync on a GPU)
-        nums = torch.stack([t[0].double() for t in (n_iter, marg_err, converged, resid)]).tolist()
+        # (in the errors' dtype: the counts are exact there, and float32 errors widen exactly)
+        nums = torch.stack([t[0].to(marg_err.dtype) for t in (n_iter, marg_err, converged, resid)]).tolist()
         n_out, err_out, ok_out, res_out = int(nums[0]), nums[1], nums[2] == 1.0, nums[3]
         all_ok = ok_out
     info = dict(info, residual=res_out)
