@@ -27,6 +27,7 @@ def tensor(name: str, t, ndims: tuple[int, ...], finite: bool = True) -> torch.T
     else the caller checks it with others through :func:`all_finite`) that its entries are finite."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    no_function_transform()
     if t.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
     if t.dim() not in ndims:
@@ -37,6 +38,19 @@ def tensor(name: str, t, ndims: tuple[int, ...], finite: bool = True) -> torch.T
     if finite:
         all_finite((name, t))
     return t
+
+
+def no_function_transform() -> None:
+    """Raise ``TypeError`` inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``,
+    ...), from every input check: the solvers check their inputs on the host and take their
+    gradients from ``torch.autograd.Function`` classes (the envelope and implicit function
+    theorems), which those transforms cannot trace. (Without this check they failed inside
+    torch, with messages about ``setup_context`` or data pointers.)"""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    if peek is not None and peek() is not None:
+        raise TypeError("otcore does not support torch.func transforms (grad, vmap, jacrev, ...): use "
+                        "torch.autograd.grad or .backward() (a per-sample gradient: a batched call with "
+                        "reduction='none' and one backward per sample, or torch.autograd.functional.jacobian)")
 
 
 def all_finite(*named: tuple[str, torch.Tensor]) -> None:

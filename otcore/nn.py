@@ -193,6 +193,9 @@ class SinkhornLoss(nn.Module):
         not reach tol. So the kept pair is shifted to ``<a, f> = <b, g>`` (the
         self-transport terms have ``f = g`` and need no shift)."""
         f, g = res.f.detach(), res.g.detach()
+        a, b = (None if w is None else w.detach() for w in (a, b))  # plain tensors: weights that require
+        # grad (a softmax's, say) made the kept pair part of their graph, which then lived on the
+        # module until the next call and made copy.deepcopy of the module (or of its model) fail
         if self.solver_kw["rho"] is None and term == "xy":
             f, g = balanced_gauge(f, g, a, b)
         support = tuple(None if w is None else (w > 0) for w in (a, b))

@@ -81,8 +81,12 @@ class SparseOTRouter(nn.Module):
         max_iter: L-BFGS iterations per forward pass.
         plan_grad: ``"implicit"`` (exact derivative of the optimal plan) or ``"fixed"``
             (projection Jacobian with the duals held fixed; cheaper).
-        warm_start: start each solve from the previous call's duals when the shapes
-            agree (consecutive training steps have similar scores).
+        warm_start: start each solve from the previous call's converged duals when the
+            shapes agree (the same tokens routed again with slightly changed scores); a warm
+            solve that does not converge is redone cold, and a failed solve seeds no later
+            call. ``result.info["warm_start"]`` says ``"used"``, ``"retried cold"`` or
+            ``"none"``. In capacity mode the duals are per token, so a fresh batch of tokens
+            at every step (the usual MoE training) gains nothing (see docs/router.md).
         formulation, backend: passed to :func:`otcore.sparse_ot`.
 
     Input: scores ``(n_tokens, E)`` or ``(B, n_tokens, E)`` (higher = better match).
@@ -166,34 +170,47 @@ class SparseOTRouter(nn.Module):
         usable = prev is not None and prev[0].shape == a.shape and prev[1].shape == b.shape and all(
             t.device == scores.device and t.dtype == dt for t in prev
         )  # same problem shape, and the module not moved to another device or dtype since
-        init = prev if usable else None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            # both marginals are fixed (token masses 1, expert loads n_tokens / n_experts), so
-            # a constant per token or per expert (a gate bias, say) leaves the plan unchanged:
-            # the solve sees the double-centred scores, s - rows - cols + mean, so such offsets
-            # cost no float resolution in the duals (per-expert offsets of 8e5 moved float32
-            # plans by 0.55 with converged True when only the global mean was taken off; the
-            # centring's own rounding is again a constant per row or column). Not detached:
-            # result.value is the centred problem's, and so is its gradient. fp16/bf16 scores
-            # are widened first, so the centring does not round in their dtype.
-            wide = scores.to(dt)
-            rows, cols = wide.mean(-1, keepdim=True), wide.mean(-2, keepdim=True)
-            centred = (wide - cols) - (rows - rows.mean(-2, keepdim=True))
-            res = sparse_ot(
-                CostMatrix(-centred), a, b, k=k, gamma=self.gamma, formulation=self.formulation, axis=axis,
-                tol=self.tol * n_tokens, max_iter=self.max_iter, init=init, plan_grad=self.plan_grad,
-                backend=self.backend, verbose=False,
-            )
+        # both marginals are fixed (token masses 1, expert loads n_tokens / n_experts), so
+        # a constant per token or per expert (a gate bias, say) leaves the plan unchanged:
+        # the solve sees the double-centred scores, s - rows - cols + mean, so such offsets
+        # cost no float resolution in the duals (per-expert offsets of 8e5 moved float32
+        # plans by 0.55 with converged True when only the global mean was taken off; the
+        # centring's own rounding is again a constant per row or column). Not detached:
+        # result.value is the centred problem's, and so is its gradient. fp16/bf16 scores
+        # are widened first, so the centring does not round in their dtype.
+        wide = scores.to(dt)
+        rows, cols = wide.mean(-1, keepdim=True), wide.mean(-2, keepdim=True)
+        centred = (wide - cols) - (rows - rows.mean(-2, keepdim=True))
+
+        def solve(init):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                res = sparse_ot(
+                    CostMatrix(-centred), a, b, k=k, gamma=self.gamma, formulation=self.formulation, axis=axis,
+                    tol=self.tol * n_tokens, max_iter=self.max_iter, init=init, plan_grad=self.plan_grad,
+                    backend=self.backend, verbose=False,
+                )
+            return res, caught
+
+        res, caught = solve(prev if usable else None)
+        warm = "used" if usable else "none"
+        if usable and not _all_converged(res):
+            # a warm start far from the new optimum (the duals of an outlier batch, of |alpha| ~ 1e4
+            # for unit scores, say) can fail where a cold start converges: without this retry one
+            # spike misrouted the next 13 to 30+ calls (the duals of each failed solve seeding the next)
+            res, caught = solve(None)
+            warm = "retried cold"
+        res.info["warm_start"] = warm
         for w in caught:
             if not issubclass(w.category, ConvergenceWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             elif not self._warned:
                 self._warned = True
-                warnings.warn(f"SparseOTRouter: {w.message} (warned once per router)", ConvergenceWarning, stacklevel=4)
+                warnings.warn(f"SparseOTRouter: {w.message} (warned once per router; result.converged reports "
+                              f"every call)", ConvergenceWarning, stacklevel=4)
         self._check_ties(res, n_tokens, wide)
-        if self.warm_start:
-            self._init = (res.alpha.detach(), res.beta.detach())
+        if self.warm_start:  # only a converged solve seeds the next call
+            self._init = (res.alpha.detach(), res.beta.detach()) if _all_converged(res) else None
         vals = res.values
         if axis == 0:
             load = vals.sum(-1)
@@ -227,3 +244,8 @@ class SparseOTRouter(nn.Module):
     def extra_repr(self) -> str:
         what = f"capacity_factor={self.capacity_factor}" if self.mode == "capacity" else f"k={self.k}"
         return f"n_experts={self.n_experts}, mode={self.mode!r}, {what}, gamma={self.gamma}"
+
+
+def _all_converged(res: SparseOTResult) -> bool:
+    """Whether every problem of a result converged (one host read when batched)."""
+    return bool(torch.as_tensor(res.converged).all())

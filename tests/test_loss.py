@@ -470,6 +470,20 @@ def test_warm_start_keeps_the_joint_self_terms():
     assert set(warm._last) == {"xy", "xx+yy"} and warm._last["xx+yy"]["fg"][0].shape == (2, 30)
 
 
+def test_kept_potentials_are_plain_tensors_with_weights_that_require_grad():
+    """Balanced weights from a softmax: the potentials kept for the next warm start are
+    detached (they were part of the weights' graph, and copy.deepcopy of the module failed)."""
+    import copy
+
+    x, y = rand(20, 2, seed=51), rand(15, 2, seed=52)
+    la, lb = rand(20, seed=53).requires_grad_(), rand(15, seed=54).requires_grad_()
+    loss_fn = otcore.SinkhornLoss(eps=0.05, warm_start=True)
+    loss_fn(x, y, la.softmax(0), lb.softmax(0)).backward()
+    assert all(t.grad_fn is None and not t.requires_grad for kept in loss_fn._last.values() for t in kept["fg"])
+    twin = copy.deepcopy(loss_fn)
+    torch.testing.assert_close(twin(x, y, la.softmax(0), lb.softmax(0)), loss_fn(x, y, la.softmax(0), lb.softmax(0)))
+
+
 @pytest.mark.parametrize("rho", [None, 0.5])
 def test_fixed_schedule_loss_reads_the_value_only(monkeypatch, rho):
     """With tol=None (GeomLoss's fixed schedule) each solve's result skips the column

@@ -160,6 +160,32 @@ def test_warm_start_reuses_the_duals():
     torch.testing.assert_close(second.combine_dense()[agree], first.combine_dense()[agree], rtol=0, atol=1e-5)
 
 
+def test_a_failed_solve_does_not_seed_the_next_call_and_a_failed_warm_solve_is_redone_cold():
+    """One batch of outlier scores (a loss spike): its duals (or those of any solve that did
+    not converge) must not seed the next calls. Before, the router kept them and the next
+    calls ran to max_iter misrouting a token's worth of mass, for 13 calls after a 1e4 spike.
+    A stored warm start that fails is retried cold."""
+    s = _scores(64, 4, seed=0)
+    router = otcore.SparseOTRouter(4, warm_start=True)
+    cold = otcore.SparseOTRouter(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spike = router(1e4 * s)
+        assert (router._init is None) == (not spike.result.converged)
+        for step in range(3):
+            st = s + 0.01 * step * _scores(64, 4, seed=step + 1)
+            out, ref = router(st), cold(st)
+            assert out.result.converged
+            torch.testing.assert_close(out.combine_dense(), ref.combine_dense(), rtol=0, atol=0.05)
+        # duals far from the optimum, as a converged spike would leave: the warm solve fails
+        # and is redone cold
+        router._init = (1e4 * router._init[0], router._init[1])
+        out = router(s)
+    assert out.result.converged and out.result.info["warm_start"] == "retried cold"
+    assert out.result.n_iter == cold(s).result.n_iter
+    assert router(s).result.info["warm_start"] == "used"
+
+
 def test_warm_start_survives_a_change_of_dtype():
     """The stored duals are reused only for scores of the same shape, device and dtype
     (a module moved with .to() solves cold once instead of failing)."""

@@ -93,6 +93,27 @@ def test_finite_rows_flags_each_problem_on_its_own():
     assert _validate.finite_rows(torch.tensor([1.0, INF, NAN, -2.0])).tolist() == [True, False, False, True]
 
 
+def test_torch_func_transforms_are_refused_by_name():
+    """torch.func.grad / vmap cannot trace the host checks and the autograd.Functions of the
+    gradients: a TypeError that says so, from every entry point (they failed inside torch)."""
+    x, y = x_()[:8], y_()[:6]
+    loss = otcore.SinkhornLoss(eps=0.1)
+    router = otcore.SparseOTRouter(4)
+    calls = [
+        lambda: torch.func.grad(lambda p: loss(p, y))(x),
+        lambda: torch.func.vmap(torch.func.grad(lambda p: loss(p, y)))(x.expand(2, -1, -1).clone()),
+        lambda: torch.func.grad(lambda p: otcore.sinkhorn(otcore.PointCloud(p, y), eps=0.1).value)(x),
+        lambda: torch.func.grad(lambda w: otcore.sinkhorn(otcore.PointCloud(x, y), w, eps=0.1).value)(uniform(8)),
+        lambda: torch.func.grad(lambda s: router(s).combine_weights.pow(2).sum())(rand(16, 4)),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="does not support torch.func transforms"):
+            call()
+    # torch.autograd.functional.jacobian runs the forward outside any transform: allowed
+    jac = torch.autograd.functional.jacobian(lambda p: loss(p, y), x)
+    assert jac.shape == x.shape and bool(torch.isfinite(jac).all())
+
+
 @pytest.mark.parametrize("bad", [NAN, INF])
 def test_non_finite_cost_matrix(bad):
     with pytest.raises(ValueError, match="C contains NaN or inf"):
