@@ -36,15 +36,22 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _schedule_arg(text: str) -> str:
+    """argparse type of ``--eps-schedule``: ``none``, ``geometric`` or a number (a value
+    that is none of them is a usage error, exit status 2, as for any flag that takes a
+    number; the number's range is the solver's check)."""
+    if text not in ("none", "geometric"):
+        try:
+            float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be none, geometric or a decay factor, got {text!r}") from None
+    return text
+
+
 def _schedule(text: Optional[str]):
     if text is None or text == "none":
         return None
-    if text == "geometric":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise SystemExit(f"error: --eps-schedule must be none, geometric or a decay factor, got {text!r}")
+    return text if text == "geometric" else float(text)
 
 
 def _check_backend(backend: str, device: torch.device) -> None:
@@ -85,8 +92,9 @@ def _check_int(flag: str, value: Optional[int], minimum: int = 1, maximum: Optio
         raise SystemExit(f"error: {flag} must be an integer <= {maximum}, got {value}")
 
 
-#: torch.Generator.manual_seed takes a 64-bit seed
-_SEED_MAX = 2**64 - 1
+#: torch's CPU generator (a Mersenne Twister) is seeded with the low 32 bits of
+#: ``manual_seed``'s 64-bit argument: larger seeds would give another seed's points
+_SEED_MAX = 2**32 - 1
 
 
 def _check_positive(flag: str, value: Optional[float]) -> None:
@@ -299,13 +307,18 @@ def _clouds(args, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         d, batch = pts.shape[-1], tuple(pts.shape[:-2])
     gen = torch.Generator().manual_seed(args.seed)
 
-    def draw(flag, count, lo, hi):
+    def draw(flag, count, count_flag, lo, hi):
         if flag in loaded:
             return loaded[flag]
-        return lo + (hi - lo) * torch.rand(*batch, count, d, generator=gen, dtype=dtype)
+        try:
+            return lo + (hi - lo) * torch.rand(*batch, count, d, generator=gen, dtype=dtype)
+        except (RuntimeError, TypeError, OverflowError, MemoryError) as e:  # too large to allocate or to index
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"error: cannot draw {count_flag} {count} random points of d = {d} ({why})") from None
 
-    x = draw("--x", args.n, 0.0, 1.0)
-    y = draw("--y", args.m if args.m is not None else args.n, 0.05, 0.95)
+    x = draw("--x", args.n, "--n", 0.0, 1.0)
+    # a random target has --m points, else --n's number (also when --x gives the source)
+    y = draw("--y", *((args.m, "--m") if args.m is not None else (args.n, "--n")), 0.05, 0.95)
     return x, y
 
 
@@ -421,7 +434,8 @@ def run_solve(args) -> int:
         "batch": int(x.shape[0]) if x.dim() == 3 else None, "cost_fn": args.cost,
     }
     if args.method == "sparse":
-        summary.update(k=args.k, gamma=args.gamma, formulation=kw["formulation"], axis=kw["axis"])
+        # k as solved: at most the line length (a larger --k is capped, docs/sparse_ot.md)
+        summary.update(k=res.info["k"], gamma=args.gamma, formulation=kw["formulation"], axis=kw["axis"])
         summary.update(n_iter=res.n_iter, converged=res.converged, grad_norm=res.grad_norm,
                        marginal_error=res.marginal_error, cost=res.cost, value=res.value)
         summary.update(_nonzeros(res), stop=res.info.get("stop"))
@@ -473,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(with d and B from --y's file when there is one)")
     s.add_argument("--y", help="target points, .npy; random U[0.05,0.95]^d if absent (d and B from --x's file)")
     s.add_argument("--n", type=int, default=1000, help="random source size (default 1000)")
-    s.add_argument("--m", type=int, default=None, help="random target size (default n)")
+    s.add_argument("--m", type=int, default=None, help="random target size (default: --n's value, also with --x)")
     s.add_argument("--d", type=int, default=None,
                    help=f"random dimension (default {_DEFAULT_D}, or that of the --x/--y file)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random points (default 0)")
@@ -488,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = s.add_argument_group("sinkhorn and newton")
     e.add_argument("--eps", type=float, default=None, help=f"entropic regularization (default {_DEFAULT_EPS})")
     e.add_argument("--rho", type=float, default=None, help="KL marginal penalty (unbalanced; sinkhorn only)")
-    e.add_argument("--eps-schedule", default=None, help="none | geometric | decay factor in (0,1) (sinkhorn: none by default; newton: "
+    e.add_argument("--eps-schedule", type=_schedule_arg, default=None, help="none | geometric | decay factor in (0,1) (sinkhorn: none by default; newton: "
                    "of its warm-up, geometric by default)")
     e.add_argument("--check-every", type=int, default=None, help="iterations between convergence checks (sinkhorn only; default 10)")
     e.add_argument("--cuda-graph", action="store_const", const=True, default=None,

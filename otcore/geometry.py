@@ -22,6 +22,12 @@ from . import _dispatch, _validate, reference
 COSTS = ("sqeuclidean", "euclidean")
 
 
+def _eps(eps) -> float:
+    """A primitive's ``eps``: a finite number > 0 (a negative one gave silent nonsense, different
+    on each backend, and 0 a bare ZeroDivisionError)."""
+    return _validate.positive("eps", eps)
+
+
 class Geometry:
     """Common part of :class:`PointCloud` and :class:`CostMatrix`."""
 
@@ -66,7 +72,12 @@ class Geometry:
         """``axis=1``: ``-eps log sum_j exp((h_j - C_ij)/eps)`` (B,n); ``axis=0``: over i, (B,m).
         ``hint``: an estimate of the result (e.g. the previous iteration's), which the
         Triton kernel uses as its log-sum-exp shift; the result does not depend on it."""
-        return self._call("softmin", backend, h, eps, _validate.axis(axis), precision=precision, hint=hint)
+        axis = _validate.axis(axis)
+        want = self.m if axis == 1 else self.n
+        if h.shape[-1] != want:
+            raise ValueError(f"h must have {want} entries per problem for axis={axis} ({'m' if axis else 'n'}), "
+                             f"got shape {tuple(h.shape)}")
+        return self._call("softmin", backend, h, _eps(eps), axis, precision=precision, hint=hint)
 
     def sinkhorn_steps(self, f, g, loga, logb, eps, tau, k, active, symmetric=False, check=None,
                        backend="torch", precision="fp32", omega=None):
@@ -75,43 +86,45 @@ class Geometry:
         its residual, ``(f, g, resid)`` (see reference.sinkhorn_steps); ``omega`` (B,):
         over-relaxed iterations. On the Triton backend a problem whose cost fits one tile
         runs it all in one launch."""
-        return self._call("sinkhorn_steps", backend, f, g, loga, logb, eps, tau, k, active,
+        return self._call("sinkhorn_steps", backend, f, g, loga, logb, _eps(eps), tau, k, active,
                           symmetric=symmetric, check=check, precision=precision, omega=omega)
 
     def apply_plan(self, F, G, eps, v, axis, backend="torch", precision="fp32"):
         """``axis=1``: ``P v`` with v (B,m[,k]); ``axis=0``: ``P^T u`` with u (B,n[,k])."""
-        return self._call("apply_plan", backend, F, G, eps, v, _validate.axis(axis), precision=precision)
+        return self._call("apply_plan", backend, F, G, _eps(eps), v, _validate.axis(axis), precision=precision)
 
     def marginals(self, F, G, eps, axis, backend="torch", precision="fp32"):
         """``axis=1``: ``P 1`` (B,n); ``axis=0``: ``P^T 1`` (B,m)."""
-        return self._call("marginals", backend, F, G, eps, _validate.axis(axis), precision=precision)
+        return self._call("marginals", backend, F, G, _eps(eps), _validate.axis(axis), precision=precision)
 
     def plan(self, F, G, eps, backend="torch", precision="fp32"):
         """Dense plan (B,n,m)."""
-        return self._call("plan_dense", backend, F, G, eps, precision=precision)
+        return self._call("plan_dense", backend, F, G, _eps(eps), precision=precision)
 
     def plan_cost(self, F, G, eps, backend="torch", precision="fp32"):
         """``<P, C>`` per problem (B,)."""
-        return self._call("plan_cost", backend, F, G, eps, precision=precision)
+        return self._call("plan_cost", backend, F, G, _eps(eps), precision=precision)
 
     def plan_topk(self, F, G, eps, k, backend="torch", precision="fp32"):
         """The k largest entries of each row of P: values, column indices (B,n,k)."""
-        return self._call("plan_topk", backend, F, G, eps, k, precision=precision)
+        return self._call("plan_topk", backend, F, G, _eps(eps), k, precision=precision)
 
     def plan_cost_grad(self, F, G, eps, backend="torch", precision="fp32"):
         """Gradient of ``<P, C>`` w.r.t. :meth:`inputs`, P fixed (see reference.plan_cost_grad)."""
-        return self._call("plan_cost_grad", backend, F, G, eps, precision=precision)
+        return self._call("plan_cost_grad", backend, F, G, _eps(eps), precision=precision)
 
     def ksparse_columns(self, h, gamma, k, axis, mass=None, beta=None, backend="torch", precision="fp32"):
         """k-sparse plan ``T = [h_r + beta_l - C_rl]_+ / gamma`` on the top k of each column
         (``axis=0``) or row (``axis=1``); see :mod:`otcore.reference_ksparse`."""
-        return self._call("ksparse_columns", backend, h, gamma, k, _validate.axis(axis), mass=mass, beta=beta,
+        return self._call("ksparse_columns", backend, h, _validate.positive("gamma", gamma), k, _validate.axis(axis),
+                          mass=mass, beta=beta,
                           precision=precision)
 
     def plan_sparse_rows(self, F, G, eps, s, backend="torch", precision="fp32"):
         """The s largest entries of each row of P in ELL form: values, int64 column
         indices (B,n,s), values decreasing; see :mod:`otcore.reference_sparse`."""
-        return self._call("plan_sparse_rows", backend, F, G, eps, _validate.top_k(s, self.m, "s"), precision=precision)
+        return self._call("plan_sparse_rows", backend, F, G, _eps(eps), _validate.top_k(s, self.m, "s"),
+                          precision=precision)
 
     def ell_matvec(self, vals, idx, v, axis, backend="torch"):
         """ELL matrix S (vals, idx (B,n,s)) times a vector: ``axis=1`` ``S v`` (B,n) for

@@ -141,6 +141,7 @@ class SparseOTRouter(nn.Module):
         """Tokens per expert: ``ceil(n_tokens * capacity_factor / n_experts)`` (at most n_tokens),
         with the factor taken as written (``1.1`` is 11/10: in binary floating point
         ``100 * 1.1 / 10`` is 11.000000000000002, whose ceiling would be 12)."""
+        n_tokens = _validate.positive_int("n_tokens", n_tokens)
         exact = Fraction(repr(self.capacity_factor)) * n_tokens / self.n_experts
         return min(n_tokens, math.ceil(exact))
 

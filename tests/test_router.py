@@ -186,6 +186,13 @@ def test_a_failed_solve_does_not_seed_the_next_call_and_a_failed_warm_solve_is_r
     assert router(s).result.info["warm_start"] == "used"
 
 
+def test_capacity_takes_a_positive_token_count_only():
+    router = otcore.SparseOTRouter(4)
+    for bad, err in ((-3, ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="n_tokens"):
+            router.capacity(bad)
+
+
 def test_warm_start_survives_a_change_of_dtype():
     """The stored duals are reused only for scores of the same shape, device and dtype
     (a module moved with .to() solves cold once instead of failing)."""

@@ -93,6 +93,25 @@ def test_finite_rows_flags_each_problem_on_its_own():
     assert _validate.finite_rows(torch.tensor([1.0, INF, NAN, -2.0])).tolist() == [True, False, False, True]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_geometry_primitives_check_eps_and_h(backend):
+    """A negative eps gave silent nonsense (different on each backend), 0 a bare
+    ZeroDivisionError, a wrong-length h a broadcasting error."""
+    g = geom()
+    h, F, G = torch.zeros(1, M, dtype=torch.float64), torch.zeros(1, N, dtype=torch.float64), torch.zeros(1, M, dtype=torch.float64)
+    for eps in (-0.1, 0.0, NAN, INF):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            g.softmin(h, eps, 1, backend=backend)
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            g.marginals(F, G, eps, 1, backend=backend)
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            g.plan_cost(F, G, eps, backend=backend)
+    with pytest.raises(ValueError, match=f"h must have {M} entries per problem for axis=1"):
+        g.softmin(torch.zeros(1, M + 1, dtype=torch.float64), 0.1, 1, backend=backend)
+    with pytest.raises(ValueError, match=f"h must have {N} entries per problem for axis=0"):
+        g.softmin(h, 0.1, 0, backend=backend)
+
+
 def test_torch_func_transforms_are_refused_by_name():
     """torch.func.grad / vmap cannot trace the host checks and the autograd.Functions of the
     gradients: a TypeError that says so, from every entry point (they failed inside torch)."""
