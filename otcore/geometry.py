@@ -127,13 +127,28 @@ class Geometry:
                           precision=precision)
 
     def ell_matvec(self, vals, idx, v, axis, backend="torch"):
-        """ELL matrix S (vals, idx (B,n,s)) times a vector: ``axis=1`` ``S v`` (B,n) for
-        v (B,m); ``axis=0`` ``S^T u`` (B,m) for u (B,n)."""
+        """ELL matrix S (vals, idx (B,n,s), column indices in ``[0, m)``) times a vector:
+        ``axis=1`` ``S v`` (B,n) for v (B,m); ``axis=0`` ``S^T u`` (B,m) for u (B,n). The
+        indices' range is checked (one host read): the Triton kernels do not mask them,
+        and an index out of range read or wrote past the vectors."""
+        self._check_ell(vals, idx)
         want = self.m if _validate.axis(axis) == 1 else self.n
-        if v.shape[-1] != want:
-            raise ValueError(f"v must have {want} entries per problem for axis={axis} ({'m' if axis else 'n'}), "
-                             f"got shape {tuple(v.shape)}")
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != (self.batch, want):
+            raise ValueError(f"v must be a (B={self.batch}, {want}) tensor for axis={axis} ({'m' if axis else 'n'}), "
+                             f"got shape {tuple(getattr(v, 'shape', ()))}")
+        if idx.numel() and bool(((idx < 0) | (idx >= self.m)).any()):
+            raise ValueError(f"idx must hold column indices in [0, m={self.m})")
         return self._call("ell_matvec", backend, vals, idx, v, axis)
+
+    def _check_ell(self, vals, idx) -> None:
+        """``vals`` a float32/float64 (B, n, s) tensor, ``idx`` int64 of its shape."""
+        B = self.batch
+        if not isinstance(vals, torch.Tensor) or vals.dim() != 3 or vals.shape[:2] != (B, self.n) or \
+                vals.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"vals must be a float32/float64 (B={B}, n={self.n}, s) tensor, got "
+                             f"{getattr(vals, 'dtype', type(vals).__name__)} {tuple(getattr(vals, 'shape', ()))}")
+        if not isinstance(idx, torch.Tensor) or idx.shape != vals.shape or idx.dtype != torch.int64:
+            raise ValueError(f"idx must be an int64 tensor of vals' shape {tuple(vals.shape)}")
 
     def ell_pcg(self, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active, backend="torch"):
         """Solve ``[[diag(d_a), S], [S^T, diag(d_b)]] x = rhs`` per problem by Jacobi-PCG,
@@ -142,12 +157,7 @@ class Geometry:
         of vals' dtype; ``rtol`` a number or (B,); ``active`` (B,) bool or None (all);
         returns ``((x_a, x_b), its (B,))`` (see reference_sparse.ell_pcg)."""
         B = self.batch
-        if not isinstance(vals, torch.Tensor) or vals.dim() != 3 or vals.shape[:2] != (B, self.n) or \
-                vals.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"vals must be a float32/float64 (B={B}, n={self.n}, s) tensor, got "
-                             f"{getattr(vals, 'dtype', type(vals).__name__)} {tuple(getattr(vals, 'shape', ()))}")
-        if not isinstance(idx, torch.Tensor) or idx.shape != vals.shape or idx.dtype != torch.int64:
-            raise ValueError(f"idx must be an int64 tensor of vals' shape {tuple(vals.shape)}")
+        self._check_ell(vals, idx)
         for name, pair in (("diag", diag), ("rhs", rhs), ("inv_diag", inv_diag)):
             if len(pair) != 2 or any(not isinstance(t, torch.Tensor) or t.shape != (B, k) or t.dtype != vals.dtype
                                      for t, k in zip(pair, (self.n, self.m))):

@@ -201,3 +201,25 @@ def test_ell_matvec_rectangular_transpose_shape():
     out = KS.ell_matvec(geom, vals, idx, torch.ones(1, N, device=DEVICE), 0)
     assert out.shape == (1, M + 8)
     assert torch.allclose(out.sum(), vals.sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_geometry_ell_matvec_checks_shapes_and_index_range(backend):
+    """The Triton kernels do not mask the column indices: an index out of [0, m) read or
+    wrote past the vectors (returning garbage, or corrupting the heap), and a v with fewer
+    problems than vals read uninitialised memory. The public primitive checks both."""
+    geom, C, F, G = make("dense", torch.float64, 2)
+    vals, idx = geom.plan_sparse_rows(F, G, EPS, 3, backend="torch")
+    u, v = rand(2, N, seed=3, dtype=torch.float64), rand(2, M, seed=4, dtype=torch.float64)
+    for bad in (M, -1):
+        wrong = idx.clone()
+        wrong[1, 2, 0] = bad
+        for axis, vec in ((1, v), (0, u)):
+            with pytest.raises(ValueError, match=r"idx must hold column indices in \[0, m="):
+                geom.ell_matvec(vals, wrong, vec, axis, backend=backend)
+    with pytest.raises(ValueError, match="v must be a"):
+        geom.ell_matvec(vals, idx, v[:1], 1, backend=backend)
+    with pytest.raises(ValueError, match="idx must be an int64 tensor"):
+        geom.ell_matvec(vals, idx[:, :, :2], v, 1, backend=backend)
+    torch.testing.assert_close(geom.ell_matvec(vals, idx, v, 1, backend=backend),
+                               RS.ell_matvec(geom, vals, idx, v, 1))

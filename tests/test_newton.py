@@ -245,6 +245,44 @@ def test_zero_weight_potentials_are_soft_c_transforms_and_give_the_weight_gradie
     assert float(ag.grad @ d) == pytest.approx(fd, rel=1e-4)
 
 
+@pytest.mark.parametrize("dtype,tiny,tol", [(torch.float64, 1e-18, 1e-9), (torch.float64, 1e-30, 1e-9),
+                                             (torch.float32, 1e-9, 1e-6), (torch.float32, 1e-12, 1e-6)])
+def test_tiny_positive_weights_get_their_soft_c_transforms(dtype, tiny, tol):
+    """Weights of ~1e-18 of the mass (float32: 1e-9, a softmax's tail): the Newton system's
+    right-hand side was made consistent by one uniform shift (the masses' rounding, ~1e-18),
+    which divided by such a point's r_i moved its potential by 1e10 with converged=True, or
+    made every Newton step fail (Sinkhorn fallbacks). Now as Sinkhorn gives them."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(50, 2, generator=g, dtype=dtype), torch.rand(40, 2, generator=g, dtype=dtype)
+    a, b = torch.rand(50, generator=g, dtype=dtype) + 0.1, torch.rand(40, generator=g, dtype=dtype) + 0.1
+    a[:5], b[:3] = tiny, tiny
+    a, b = a / a.sum(), b / b.sum()
+    geom = otcore.PointCloud(x, y)
+    res = otcore.sinkhorn_newton(geom, a, b, eps=1e-2, tol=tol, backend="torch")
+    ref = otcore.sinkhorn(geom, a, b, eps=1e-2, tol=tol / 100, max_iter=20000, backend="torch")
+    assert res.converged and res.info["newton_iter"] <= 10 and res.info["fallback_iter"] == 0
+    c = float((res.f - ref.f)[5:].mean())  # the balanced gauge
+    err = 1e-6 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(res.f - c, ref.f, rtol=0, atol=err)
+    torch.testing.assert_close(res.g + c, ref.g, rtol=0, atol=err)
+
+
+@pytest.mark.parametrize("k", [2.0, -2.0])
+def test_float32_warm_start_offset_on_both_sides_converges(k):
+    """A start from the potentials of the same problem solved on C + k (the same plan, both
+    potentials offset by k/2): the Sinkhorn fallback moved the offset into the free
+    (f + c, g - c) direction, which Newton steps keep, and float32 stalled near 1e-4 with
+    |f|, |g| ~ 1. The Sinkhorn stages now leave the pair re-centred."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 2, generator=g), torch.rand(30, 2, generator=g)
+    C = torch.cdist(x, y) ** 2
+    src = otcore.sinkhorn_newton(otcore.CostMatrix(C.double() + k), eps=1e-3, tol=1e-10, backend="torch")
+    res = otcore.sinkhorn_newton(otcore.CostMatrix(C), eps=1e-3, tol=1e-5, init=(src.f.float(), src.g.float()),
+                                 warmup_iter=0, backend="torch")
+    assert src.converged and res.converged and res.n_iter <= 20
+    assert float(torch.maximum(res.f.abs().max(), res.g.abs().max())) < 0.5
+
+
 def test_warm_start_whose_plan_overflows_takes_sinkhorn_steps_first():
     """init from a larger eps makes exp((f + g - C)/eps) overflow float32 at the target eps:
     Sinkhorn steps make the plan finite, then Newton converges (no warning)."""

@@ -246,8 +246,14 @@ class _Solve:
         their potentials."""
         _sync(self.pb.geom.device)
         t0 = time.perf_counter()
-        self.f, self.g, its, _ = _iterate(self.pb, self.f, self.g, list(stages), tol, len(stages) + n_iter, 10,
-                                          self.progress, active=active, cold=cold)
+        f, g, its, _ = _iterate(self.pb, self.f, self.g, list(stages), tol, len(stages) + n_iter, 10,
+                                self.progress, active=active, cold=cold)
+        # Sinkhorn's updates move the free (f + c, g - c) direction, which Newton steps then keep:
+        # a warm start offset by k/2 on both sides (solved on C + k) left |f|, |g| ~ 1 instead of
+        # 0.1, and float32 stalled near 1e-4. The same plan, re-centred:
+        f, g = balanced_gauge(f, g, self.pb.A, self.pb.Bw)
+        self.f, self.g = (f, g) if active is None else (torch.where(active[:, None], f, self.f),
+                                                        torch.where(active[:, None], g, self.g))
         _sync(self.pb.geom.device)
         self.times[stage] += time.perf_counter() - t0
         return its
@@ -378,11 +384,15 @@ class _Solve:
         lam = lam[:, None]
         kw = dict(backend=pb.backend)
         ga, gb = pb.A - r, pb.Bw - c
-        # project the right-hand side onto the complement of (1, -1) over the live entries
+        # make the right-hand side consistent with M's null direction (1, -1): sum rhs_a = sum rhs_b
+        # (exact in exact arithmetic, the masses' rounding in floating point). The correction is
+        # taken along D (1, -1) = (r, -c), so each point's share follows its mass and the
+        # preconditioned step it causes is the null direction itself; a uniform shift t (~1e-18 of
+        # rounding in float64), divided by a point's r_i ~ 1e-20, moved its potential by 1e10
         live_a, live_b = r > 0, c > 0
-        cnt = live_a.sum(-1) + live_b.sum(-1)
-        t = ((ga * live_a).sum(-1) - (gb * live_b).sum(-1)) / cnt.clamp(min=1)
-        rhs = (eps * torch.where(live_a, ga - t[:, None], 0.0), eps * torch.where(live_b, gb + t[:, None], 0.0))
+        mass = (r.sum(-1) + c.sum(-1)).clamp(min=torch.finfo(r.dtype).tiny)
+        t = (((ga * live_a).sum(-1) - (gb * live_b).sum(-1)) / mass)[:, None]
+        rhs = (eps * torch.where(live_a, ga - t * r, 0.0), eps * torch.where(live_b, gb + t * c, 0.0))
         dr, dc = r * (1 + lam), c * (1 + lam)
         inv = (torch.where(live_a, 1 / dr.clamp(min=torch.finfo(r.dtype).tiny), 0.0),
                torch.where(live_b, 1 / dc.clamp(min=torch.finfo(c.dtype).tiny), 0.0))
