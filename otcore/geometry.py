@@ -134,8 +134,8 @@ class Geometry:
         self._check_ell(vals, idx)
         want = self.m if _validate.axis(axis) == 1 else self.n
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != (self.batch, want):
-            raise ValueError(f"v must be a (B={self.batch}, {want}) tensor for axis={axis} ({'m' if axis else 'n'}), "
-                             f"got shape {tuple(getattr(v, 'shape', ()))}")
+            raise ValueError(f"v must have {want} entries per problem for axis={axis} ({'m' if axis else 'n'}), "
+                             f"as a (B={self.batch}, {want}) tensor, got shape {tuple(getattr(v, 'shape', ()))}")
         if idx.numel() and bool(((idx < 0) | (idx >= self.m)).any()):
             raise ValueError(f"idx must hold column indices in [0, m={self.m})")
         return self._call("ell_matvec", backend, vals, idx, v, axis)

@@ -217,7 +217,7 @@ def test_geometry_ell_matvec_checks_shapes_and_index_range(backend):
         for axis, vec in ((1, v), (0, u)):
             with pytest.raises(ValueError, match=r"idx must hold column indices in \[0, m="):
                 geom.ell_matvec(vals, wrong, vec, axis, backend=backend)
-    with pytest.raises(ValueError, match="v must be a"):
+    with pytest.raises(ValueError, match=rf"v must have {M} entries per problem for axis=1 \(m\), as a \(B=2, {M}\)"):
         geom.ell_matvec(vals, idx, v[:1], 1, backend=backend)
     with pytest.raises(ValueError, match="idx must be an int64 tensor"):
         geom.ell_matvec(vals, idx[:, :, :2], v, 1, backend=backend)
