@@ -283,6 +283,16 @@ def test_float32_warm_start_offset_on_both_sides_converges(k):
     assert float(torch.maximum(res.f.abs().max(), res.g.abs().max())) < 0.5
 
 
+def test_sparsity_is_zero_when_no_newton_step_ran():
+    """A warm-up that meets tol leaves no sparse plan: info["sparsity"] said min(m, 8)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(30, 2, generator=g, dtype=torch.float64), torch.rand(20, 2, generator=g, dtype=torch.float64)
+    res = otcore.sinkhorn_newton(otcore.PointCloud(x, y), eps=0.5, tol=0.05, backend="torch")
+    assert res.converged and res.info["newton_iter"] == 0 and res.info["sparsity"] == 0
+    res = otcore.sinkhorn_newton(otcore.PointCloud(x, y), eps=0.02, tol=1e-9, backend="torch")
+    assert res.info["newton_iter"] > 0 and res.info["sparsity"] >= 8
+
+
 def test_warm_start_whose_plan_overflows_takes_sinkhorn_steps_first():
     """init from a larger eps makes exp((f + g - C)/eps) overflow float32 at the target eps:
     Sinkhorn steps make the plan finite, then Newton converges (no warning)."""

@@ -145,7 +145,8 @@ def sinkhorn_newton(
         ``value``/``cost`` as for Sinkhorn). ``n_iter`` counts all Sinkhorn and Newton
         iterations; ``info`` holds ``warmup_iter`` (eps stages included), ``eps_stages``,
         ``newton_iter``, ``fallback_iter``
-        (per problem), ``cg_iter``, ``line_search_evals``, ``sparsity`` (final ``s``) and
+        (per problem), ``cg_iter``, ``line_search_evals``, ``sparsity`` (final ``s``; 0 when
+        the warm-up met ``tol`` and no Newton step ran) and
         ``time_warmup_s``, ``time_newton_s``, ``time_fallback_s``, ``time_s``.
     """
     tol = _validate.positive("tol", tol)
@@ -334,7 +335,7 @@ class _Solve:
         self.stalled = _host.to_device(~passed & (stalled >= patience), dev)
         self.newton_its = self.newton_its + _host.to_device(newton_its, dev)
         self.f, self.g = settle_zero_weights(pb, self.f, self.g)
-        self.s = s
+        self.s = s if newton_its.any() else 0  # no Newton step: no sparse plan was extracted
         _sync(geom.device)
         self.times["newton"] += time.perf_counter() - t0 - (self.times["fallback"] - fallback_time)
 
