@@ -212,7 +212,7 @@ def _softmin_of(m, l, inv_scale):
 
 @triton.jit
 def sinkhorn_tiles_kernel(
-    f_ptr, g_ptr, s_ptr, resid_ptr, loga_ptr, ela_ptr, elb_ptr, active_ptr, omega_ptr, scal_ptr,
+    f_ptr, g_ptr, s_ptr, resid_ptr, loga_ptr, logb_ptr, active_ptr, omega_ptr, scal_ptr,
     own_ptr, oth_ptr, c_ptr,
     n, m, n_steps,
     s_fb, s_gb, s_sb, s_ab, s_bb,
@@ -225,9 +225,10 @@ def sinkhorn_tiles_kernel(
     program per problem streams the cost in ``BLOCK_N x BLOCK_M`` tiles (recomputed, or read
     from ``C``, in every pass) and keeps the potentials in memory between passes:
     ``f_ptr``/``g_ptr`` are updated in place, ``s_ptr`` (B, n) is scratch for a row pass's
-    softmins (stride ``s_sb``), ``ela_ptr``/``elb_ptr`` hold ``eps log a``, ``eps log b``
-    (strides ``s_ab``/``s_bb``; ``loga_ptr``, stride ``s_ab``, the test's weights). Each pass ends with a
-    barrier, since the next one reads what other threads of the program wrote.
+    softmins (stride ``s_sb``), ``loga_ptr``/``logb_ptr`` hold ``log a``, ``log b`` (strides
+    ``s_ab``/``s_bb``: the passes' biases, added as ``log2`` of the weights to the scaled
+    potential, and the test's weights). Each pass ends with a barrier, since the next one
+    reads what other threads of the program wrote.
 
     The passes are the streamed kernel's per-lane online log-sum-exp
     (:func:`~otcore.kernels.softmin.lse_online` with ``LANE``, one ``exp2`` per entry and no
@@ -245,7 +246,7 @@ def sinkhorn_tiles_kernel(
     scale, inv_scale, tau_a, tau_b, tol, rho2 = _scalars_of(scal_ptr)
     own, oth, cc = own_ptr + b * s_ob, oth_ptr + b * s_tb, c_ptr + b * s_cb
     F, G, S, LA = f_ptr + b * s_fb, g_ptr + b * s_gb, s_ptr + b * s_sb, loga_ptr + b * s_ab
-    ELA, ELB = ela_ptr + b * s_ab, elb_ptr + b * s_bb
+    LB = logb_ptr + b * s_bb
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_M)
     zero_n = tl.zeros((BLOCK_N,), dtype=f_ptr.dtype.element_ty)
@@ -260,7 +261,7 @@ def sinkhorn_tiles_kernel(
         for i0 in range(0, n, BLOCK_N):
             oi = i0 + rows
             mi = oi < n
-            mx, tot = lse_online(G, ELB, scale, own, oth, cc, 0.0, 0.0, 0.0, oi, mi, 0, m,
+            mx, tot = lse_online(G, LB, scale, own, oth, cc, 0.0, 0.0, 0.0, oi, mi, 0, m,
                                  s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, 1, COST, EUCLID, "ieee",
                                  BLOCK_N, BLOCK_M, True, LOWEST, True)
             s = _softmin_of(mx, tot, inv_scale)
@@ -294,7 +295,7 @@ def sinkhorn_tiles_kernel(
                 for j0 in range(0, m, BLOCK_M):
                     oj = j0 + cols
                     mj = oj < m
-                    mx, tot = lse_online(F, ELA, scale, oth, own, cc, 0.0, 0.0, 0.0, oj, mj, 0, n,
+                    mx, tot = lse_online(F, LA, scale, oth, own, cc, 0.0, 0.0, 0.0, oj, mj, 0, n,
                                          s_tr, s_tk, s_or, s_ok, s_ct, s_co, D, 1, COST, EUCLID, "ieee",
                                          BLOCK_M, BLOCK_N, True, LOWEST, True)
                     new = tau_b * _softmin_of(mx, tot, inv_scale)
@@ -388,9 +389,8 @@ def launch_sinkhorn_steps(
     else:
         bn, bm, warps = tile_blocks(n, m)
         scratch = torch.empty(B, n, dtype=dt, device=ref.device)  # a row pass's softmins
-        ela, elb = eps * loga, eps * logb  # the passes' biases, as the twin adds them
         sinkhorn_tiles_kernel[(B,)](
-            f_out, g_out, scratch, resid, loga, ela, elb, active, omega_, scal, *op.pointer_args()[:3],
+            f_out, g_out, scratch, resid, loga, logb, active, omega_, scal, *op.pointer_args()[:3],
             n, m, int(k),
             f_out.stride(0), g_out.stride(0), scratch.stride(0), loga.stride(0), logb.stride(0),
             *op.pointer_args()[3:],

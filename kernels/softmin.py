@@ -62,6 +62,7 @@ COST_EXPAND = 3
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
+_LOG2E = tl.constexpr(LOG2E)  # a global read inside a kernel must be a constexpr
 
 #: Largest d for which float32 mode computes distances coordinate by coordinate.
 #: Each coordinate costs a subtract and an FMA per cost entry on the FP32 pipe
@@ -277,12 +278,15 @@ def exponent_tile(
 # The softmin kernel
 # ---------------------------------------------------------------------------
 @triton.jit
-def other_potential(h_ptr, bias_ptr, offs_j, mask_j, BIAS: tl.constexpr):
-    """``h_j`` (``-inf`` past the slice), plus ``bias_j`` when ``BIAS``: Sinkhorn's
-    ``g_j + eps log b_j`` summed here, in the same dtype, instead of by a launch of its own."""
-    h = tl.load(h_ptr + offs_j, mask=mask_j, other=float("-inf"))
+def other_potential(h_ptr, bias_ptr, offs_j, mask_j, scale, BIAS: tl.constexpr):
+    """``s h_j`` (``-inf`` past the slice), plus ``log2 b_j`` when ``BIAS`` (``bias_ptr``
+    holds ``log b``): the base-2 exponent ``s (g_j + eps log b_j)`` of Sinkhorn's update,
+    ``s = log2(e)/eps``, formed here (an FMA per column) instead of by launches of its own.
+    Taking ``log b`` rather than ``eps log b`` spares the caller an operation per eps (one
+    per eps-scaling stage)."""
+    h = tl.load(h_ptr + offs_j, mask=mask_j, other=float("-inf")) * scale
     if BIAS:
-        h += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0)
+        h += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0) * _LOG2E
     return h
 
 
@@ -306,7 +310,7 @@ def lse_online(
     for j0 in range(j_lo, j_hi, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_hi
-        hs = other_potential(h_ptr, bias_ptr, offs_j, mask_j, BIAS) * scale
+        hs = other_potential(h_ptr, bias_ptr, offs_j, mask_j, scale, BIAS)
         z = exponent_tile(hs, None, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j, mask_i, mask_j,
                           s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP, False)
         if LANE:
@@ -346,7 +350,7 @@ def lse_shifted(
     for j0 in range(j_lo, j_hi, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_hi
-        hs = other_potential(h_ptr, bias_ptr, offs_j, mask_j, BIAS) * scale
+        hs = other_potential(h_ptr, bias_ptr, offs_j, mask_j, scale, BIAS)
         l2 += tl.exp2(exponent_tile(hs, v, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, offs_j,
                                     mask_i, mask_j, s_or, s_ok, s_tr, s_tk, s_co, s_ct,
                                     D, DP, COST, EUCLID, IP, True))
@@ -400,8 +404,8 @@ def softmin_kernel(
       ``s_outb``, ``s_outs``), combined by the launcher.
     - ``h_ptr``: the shifted potential on the other side, ``(B, n_oth)``, contiguous
       rows, problem stride ``s_hb``; ``-inf`` entries are zero-weight points.
-    - ``bias_ptr`` (``BIAS`` only): added to ``h`` as it is read (``eps log b``), same
-      layout and stride.
+    - ``bias_ptr`` (``BIAS`` only): ``log b``, same layout and stride: the pass reduces
+      ``h + eps log b``, adding ``log2 b`` to the scaled ``h`` as it is read.
     - ``hint_ptr`` (``SHIFT`` only): an estimate of the result, ``(B, n_own)``, contiguous
       rows, problem stride ``s_hib`` (e.g. the previous iteration's).
     - ``prev_ptr``, ``active_ptr`` (``UPDATE`` only): the potential being updated,
@@ -904,7 +908,7 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
                    hint: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                    prev: Optional[torch.Tensor] = None, active: Optional[torch.Tensor] = None,
                    tau: float = 1.0, average: bool = False, omega: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``out_i = -eps log sum_j exp((h_j + bias_j - C_ij)/eps)`` over the operand's other side,
+    """``out_i = -eps log sum_j exp((h_j + eps bias_j - C_ij)/eps)`` over the operand's other side,
     or with ``prev`` Sinkhorn's update of the potential ``prev`` from it (below).
 
     Args:
@@ -916,7 +920,8 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
             (:func:`lse_shift`); any value gives the same result, a close one is faster.
             With ``prev`` it is ``prev / tau``, the softmin that gave ``prev`` (computed
             only for a pass that uses it).
-        bias: ``(B, n_oth)`` added to ``h`` as the kernel reads it (``eps log b``), or None.
+        bias: ``(B, n_oth)`` ``log b`` (natural log; ``-inf`` for a zero weight), whose
+            ``eps`` multiple the kernel adds to ``h`` as it reads it, or None.
         prev, active, tau, average, omega: ``prev`` ``(B, n_own)`` and ``active`` ``(B,)`` bool
             given, the result is ``where(active, tau s, prev)`` (``average``:
             ``where(active, (prev + tau s) / 2, prev)``; ``omega`` ``(B,)`` given, the

@@ -163,7 +163,7 @@ def softmin_update(geom, h: torch.Tensor, bias: torch.Tensor, eps: float, axis: 
                    softmin=softmin, omega: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One Sinkhorn half-step of the potential ``prev`` on the ``axis`` side, (B,n) or (B,m):
 
-        s = softmin(h + bias)                       (:func:`softmin`; ``bias`` = eps log b)
+        s = softmin(h + eps bias)                   (:func:`softmin`; ``bias`` = log b)
         prev <- tau s                               (alternating update)
         prev <- (prev + tau s) / 2                  (``average``: the symmetric update)
         prev <- (1 - omega) prev + omega tau s      (``omega`` (B,): over-relaxed)
@@ -174,7 +174,7 @@ def softmin_update(geom, h: torch.Tensor, bias: torch.Tensor, eps: float, axis: 
     Triton backend otherwise runs it all in the softmin pass's launch
     (:func:`otcore.kernels.softmin.launch_softmin`).
     """
-    s = softmin(geom, h + bias, eps, axis, precision=precision, hint=unscaled(prev, tau))
+    s = softmin(geom, h + eps * bias, eps, axis, precision=precision, hint=unscaled(prev, tau))
     if average:
         new = 0.5 * (prev + scaled(s, tau))
     elif omega is not None:
@@ -224,8 +224,8 @@ def sinkhorn_steps(
     """
     tau_a, tau_b = tau
     resid = None
-    # once per block: each launch counts for small problems (the symmetric update reads eps log a only)
-    eloga, elogb = eps * loga, (None if symmetric else eps * logb)
+    # the updates take log a, log b as their bias (the Triton pass adds eps times it as it reads
+    # h, so a block costs no operation per eps: the eps-scaling stages are one-iteration blocks)
     kw = dict(precision=precision)
     if omega is not None and symmetric:
         raise ValueError("omega (over-relaxation) is for the alternating updates, not the symmetric one")
@@ -233,13 +233,14 @@ def sinkhorn_steps(
         relax = dict(omega=omega) if omega is not None and i < k - 1 else {}
         if i < k:
             if symmetric:
-                f = update(geom, f, eloga, eps, 1, f, active, tau_a, True, **kw)
+                f = update(geom, f, loga, eps, 1, f, active, tau_a, True, **kw)
                 if i == k - 1:  # g = f (g is not read before), but an inactive problem keeps its own g
                     g = torch.where(active[:, None], f, g)
                 continue
-            f = update(geom, g, elogb, eps, 1, f, active, tau_a, **kw, **relax)
+            f = update(geom, g, logb, eps, 1, f, active, tau_a, **kw, **relax)
         else:  # the convergence test, from this iteration's row pass
-            s = softmin(geom, (f + eloga) if symmetric else (g + elogb), eps, 1, hint=unscaled(f, tau_a), **kw)
+            h = (f + eps * loga) if symmetric else (g + eps * logb)
+            s = softmin(geom, h, eps, 1, hint=unscaled(f, tau_a), **kw)
             tol, rho_a = check
             a = torch.exp(loga)
             target = 1.0 if rho_a is None else torch.exp(-f / rho_a)
@@ -251,7 +252,7 @@ def sinkhorn_steps(
                 f, g = torch.where(active[:, None], new, f), torch.where(active[:, None], new, g)
                 continue
             f = torch.where(active[:, None], scaled(s, tau_a), f)
-        g = update(geom, f, eloga, eps, 0, g, active, tau_b, **kw, **relax)
+        g = update(geom, f, loga, eps, 0, g, active, tau_b, **kw, **relax)
     return (f, g) if check is None else (f, g, resid)
 
 

@@ -252,8 +252,8 @@ def softmin_update(geom, h: torch.Tensor, bias: torch.Tensor, eps: float, axis: 
                    omega: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sinkhorn's half-step ``where(active, tau s, prev)`` (``average``: ``where(active,
     (prev + tau s) / 2, prev)``; ``omega``: ``where(active, (1 - omega) prev + omega tau s,
-    prev)``) with ``s = softmin(h + bias)``: one softmin launch that adds
-    ``bias`` as it reads ``h`` and writes the update (see :func:`otcore.reference.softmin_update`).
+    prev)``) with ``s = softmin(h + eps bias)``, ``bias = log b``: one softmin launch that adds
+    ``eps bias`` as it reads ``h`` and writes the update (see :func:`otcore.reference.softmin_update`).
     Traced calls (``torch.compile``) run the softmin op and the update in torch."""
     _check(precision, axis)
     if torch.compiler.is_compiling():

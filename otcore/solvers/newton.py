@@ -249,10 +249,14 @@ class _Solve:
         t0 = time.perf_counter()
         f, g, its, _ = _iterate(self.pb, self.f, self.g, list(stages), tol, len(stages) + n_iter, 10,
                                 self.progress, active=active, cold=cold)
-        # Sinkhorn's updates move the free (f + c, g - c) direction, which Newton steps then keep:
-        # a warm start offset by k/2 on both sides (solved on C + k) left |f|, |g| ~ 1 instead of
-        # 0.1, and float32 stalled near 1e-4. The same plan, re-centred:
-        f, g = balanced_gauge(f, g, self.pb.A, self.pb.Bw)
+        if not self.cold:
+            # Sinkhorn's updates move the free (f + c, g - c) direction, which Newton steps then
+            # keep: a warm start offset by k/2 on both sides (solved on C + k) left |f|, |g| ~ 1
+            # instead of 0.1, and float32 stalled near 1e-4. The same plan, in the gauge the
+            # start was put in (balanced_gauge). Not for a cold start: Sinkhorn's own gauge
+            # (g from f) keeps g small where the cost has a large offset (C ~ 1e6 in float32:
+            # balanced, both potentials ~5e5 round alike and the marginals missed by 0.73)
+            f, g = balanced_gauge(f, g, self.pb.A, self.pb.Bw)
         self.f, self.g = (f, g) if active is None else (torch.where(active[:, None], f, self.f),
                                                         torch.where(active[:, None], g, self.g))
         _sync(self.pb.geom.device)
