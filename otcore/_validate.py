@@ -27,7 +27,7 @@ def tensor(name: str, t, ndims: tuple[int, ...], finite: bool = True) -> torch.T
     else the caller checks it with others through :func:`all_finite`) that its entries are finite."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    no_function_transform()
+    no_function_transform(t)
     if t.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
     if t.dim() not in ndims:
@@ -40,17 +40,24 @@ def tensor(name: str, t, ndims: tuple[int, ...], finite: bool = True) -> torch.T
     return t
 
 
-def no_function_transform() -> None:
-    """Raise ``TypeError`` inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``,
-    ...), from every input check: the solvers check their inputs on the host and take their
-    gradients from ``torch.autograd.Function`` classes (the envelope and implicit function
-    theorems), which those transforms cannot trace. (Without this check they failed inside
-    torch, with messages about ``setup_context`` or data pointers.)"""
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    if peek is not None and peek() is not None:
-        raise TypeError("otcore does not support torch.func transforms (grad, vmap, jacrev, ...): use "
-                        "torch.autograd.grad or .backward() (a per-sample gradient: a batched call with "
-                        "reduction='none' and one backward per sample, or torch.autograd.functional.jacobian)")
+def no_function_transform(t: torch.Tensor) -> None:
+    """Raise ``TypeError`` for a tensor that a ``torch.func`` transform (``grad``, ``vmap``,
+    ``jacrev``, ...) is tracking: batched by ``vmap``, or under a gradient transform with
+    grad mode on. The solvers check their inputs on the host and take their gradients from
+    ``torch.autograd.Function`` classes (the envelope and implicit function theorems), which
+    those transforms cannot trace (without this check they failed inside torch, with
+    messages about ``setup_context`` or data pointers). Constants from outside the transform,
+    and tensors used under ``torch.no_grad()`` inside a gradient transform (an OT matching
+    that only picks targets), are solved as usual."""
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    if peek is None or peek() is None or not functorch.is_functorch_wrapped_tensor(t):
+        return
+    if functorch.is_batchedtensor(t) or torch.is_grad_enabled():
+        raise TypeError("otcore does not support torch.func transforms (grad, vmap, jacrev, ...) of its "
+                        "inputs: use torch.autograd.grad or .backward() (a per-sample gradient: a batched "
+                        "call with reduction='none' and one backward per sample, or "
+                        "torch.autograd.functional.jacobian); OT under torch.no_grad() inside a transform works")
 
 
 def all_finite(*named: tuple[str, torch.Tensor]) -> None:
@@ -64,8 +71,8 @@ def all_finite(*named: tuple[str, torch.Tensor]) -> None:
         return
     with torch.no_grad():
         tops = [torch.linalg.vector_norm(t, math.inf) for _, t in named]
-        if len(tops) == 1:
-            values = [float(tops[0])]
+        if len(tops) == 1 or len({m.device for m in tops}) > 1:  # (devices that differ: the caller's error)
+            values = [float(m) for m in tops]
         else:
             dt = tops[0].dtype if all(m.dtype == tops[0].dtype for m in tops) else torch.float64
             values = torch.stack([m.to(dt) for m in tops]).tolist()

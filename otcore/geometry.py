@@ -207,12 +207,12 @@ class PointCloud(Geometry):
     def __init__(self, x: torch.Tensor, y: torch.Tensor, cost: str = "sqeuclidean"):
         _validate.tensor("x", x, (2, 3), finite=False)
         _validate.tensor("y", y, (2, 3), finite=False)
-        _validate.all_finite(("x", x), ("y", y))  # one host sync for both (one check when y is x)
         _validate.choice("cost", cost, COSTS)
         if x.dim() != y.dim():
             raise ValueError(f"x and y must both be batched or both not: shapes {tuple(x.shape)}, {tuple(y.shape)}")
         if x.device != y.device:
             raise ValueError(f"x is on {x.device} but y is on {y.device}")
+        _validate.all_finite(("x", x), ("y", y))  # one host sync for both (one check when y is x)
         if x.shape[-1] != y.shape[-1]:
             raise ValueError(f"x and y must have the same dimension d, got {x.shape[-1]} and {y.shape[-1]}")
         if x.dim() == 3 and x.shape[0] != y.shape[0]:
@@ -291,7 +291,7 @@ class PointCloud(Geometry):
 
         live_a, live_b = self._live("a", a, self.n), self._live("b", b, self.m)
         lo, hi = box(self.x, live_a)
-        if self.y is not self.x or live_b is not live_a:  # a cloud against itself: one box
+        if self.y_in is not self.x_in or live_b is not live_a:  # a cloud against itself: one box
             ylo, yhi = box(self.y, live_b)
             lo, hi = torch.minimum(lo, ylo), torch.maximum(hi, yhi)
         ext = ((hi - lo) ** 2).sum(-1)

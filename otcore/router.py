@@ -81,12 +81,14 @@ class SparseOTRouter(nn.Module):
         max_iter: L-BFGS iterations per forward pass.
         plan_grad: ``"implicit"`` (exact derivative of the optimal plan) or ``"fixed"``
             (projection Jacobian with the duals held fixed; cheaper).
-        warm_start: start each solve from the previous call's converged duals when the
-            shapes agree (the same tokens routed again with slightly changed scores); a warm
-            solve that does not converge is redone cold, and a failed solve seeds no later
-            call. ``result.info["warm_start"]`` says ``"used"``, ``"retried cold"`` or
-            ``"none"``. In capacity mode the duals are per token, so a fresh batch of tokens
-            at every step (the usual MoE training) gains nothing (see docs/router.md).
+        warm_start: start each solve from the previous call's duals when the shapes agree
+            (the same tokens routed again with slightly changed scores). A warm solve that
+            does not converge is redone cold and the better of the two kept (converged, then
+            the smaller ``grad_norm``), with its duals for the next call.
+            ``result.info["warm_start"]`` says ``"none"``, ``"used"``, ``"retried cold"`` or
+            ``"retried cold, warm kept"`` (``info["retry_iter"]``: the other solve's
+            iterations). In capacity mode the duals are per token, so a fresh batch of
+            tokens at every step (the usual MoE training) gains nothing (docs/router.md).
         formulation, backend: passed to :func:`otcore.sparse_ot`.
 
     Input: scores ``(n_tokens, E)`` or ``(B, n_tokens, E)`` (higher = better match).
@@ -194,14 +196,18 @@ class SparseOTRouter(nn.Module):
             return res, caught
 
         res, caught = solve(prev if usable else None)
-        warm = "used" if usable else "none"
+        res.info["warm_start"] = "used" if usable else "none"
         if usable and not _all_converged(res):
             # a warm start far from the new optimum (the duals of an outlier batch, of |alpha| ~ 1e4
             # for unit scores, say) can fail where a cold start converges: without this retry one
-            # spike misrouted the next 13 to 30+ calls (the duals of each failed solve seeding the next)
-            res, caught = solve(None)
-            warm = "retried cold"
-        res.info["warm_start"] = warm
+            # spike misrouted the next 13 to 30+ calls (the duals of each failed solve seeding the
+            # next). The better of the two is kept (a warm solve cut by max_iter can be ahead)
+            cold, cold_caught = solve(None)
+            if _score(cold) > _score(res):
+                cold.info.update(warm_start="retried cold", retry_iter=res.n_iter)
+                res, caught = cold, cold_caught
+            else:
+                res.info.update(warm_start="retried cold, warm kept", retry_iter=cold.n_iter)
         for w in caught:
             if not issubclass(w.category, ConvergenceWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -210,8 +216,9 @@ class SparseOTRouter(nn.Module):
                 warnings.warn(f"SparseOTRouter: {w.message} (warned once per router; result.converged reports "
                               f"every call)", ConvergenceWarning, stacklevel=4)
         self._check_ties(res, n_tokens, wide)
-        if self.warm_start:  # only a converged solve seeds the next call
-            self._init = (res.alpha.detach(), res.beta.detach()) if _all_converged(res) else None
+        if self.warm_start:  # the duals kept: those of the better solve, if finite
+            duals = (res.alpha.detach(), res.beta.detach())
+            self._init = duals if all(bool(torch.isfinite(t).all()) for t in duals) else None
         vals = res.values
         if axis == 0:
             load = vals.sum(-1)
@@ -250,3 +257,10 @@ class SparseOTRouter(nn.Module):
 def _all_converged(res: SparseOTResult) -> bool:
     """Whether every problem of a result converged (one host read when batched)."""
     return bool(torch.as_tensor(res.converged).all())
+
+
+def _score(res: SparseOTResult) -> tuple:
+    """The order in which two solves of one call compare: all problems converged, then the
+    smaller worst gradient norm (the marginals' violation); NaN ranks last."""
+    worst = float(torch.as_tensor(res.grad_norm).max())
+    return _all_converged(res), -(worst if worst == worst else float("inf"))

@@ -160,30 +160,37 @@ def test_warm_start_reuses_the_duals():
     torch.testing.assert_close(second.combine_dense()[agree], first.combine_dense()[agree], rtol=0, atol=1e-5)
 
 
-def test_a_failed_solve_does_not_seed_the_next_call_and_a_failed_warm_solve_is_redone_cold():
-    """One batch of outlier scores (a loss spike): its duals (or those of any solve that did
-    not converge) must not seed the next calls. Before, the router kept them and the next
-    calls ran to max_iter misrouting a token's worth of mass, for 13 calls after a 1e4 spike.
-    A stored warm start that fails is retried cold."""
+def test_a_failed_warm_solve_is_redone_cold_and_the_better_kept():
+    """One batch of outlier scores (a loss spike): its duals must not keep misrouting the
+    next calls. Before, they seeded the next call, whose failed duals seeded the next, and
+    calls ran to max_iter misrouting a token's worth of mass for 13 calls after a 1e4
+    spike. A warm solve that fails is redone cold, and the better of the two is kept, with
+    its duals; a warm solve cut short by max_iter but ahead of the cold one is kept."""
     s = _scores(64, 4, seed=0)
     router = otcore.SparseOTRouter(4, warm_start=True)
     cold = otcore.SparseOTRouter(4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        spike = router(1e4 * s)
-        assert (router._init is None) == (not spike.result.converged)
+        router(1e4 * s)
         for step in range(3):
             st = s + 0.01 * step * _scores(64, 4, seed=step + 1)
             out, ref = router(st), cold(st)
             assert out.result.converged
             torch.testing.assert_close(out.combine_dense(), ref.combine_dense(), rtol=0, atol=0.05)
-        # duals far from the optimum, as a converged spike would leave: the warm solve fails
-        # and is redone cold
-        router._init = (1e4 * router._init[0], router._init[1])
+        router._init = (1e4 * router._init[0], router._init[1])  # duals far from the optimum
         out = router(s)
-    assert out.result.converged and out.result.info["warm_start"] == "retried cold"
-    assert out.result.n_iter == cold(s).result.n_iter
-    assert router(s).result.info["warm_start"] == "used"
+        assert out.result.converged and out.result.info["warm_start"] == "retried cold"
+        assert out.result.n_iter == cold(s).result.n_iter and out.result.info["retry_iter"] == router.max_iter
+        assert router(s).result.info["warm_start"] == "used"
+        # max_iter too small for either: the warm solve, near the optimum already, stays ahead
+        short = otcore.SparseOTRouter(4, warm_start=True, max_iter=3, tol=1e-9)
+        short(s)
+        s2 = s + 1e-3 * _scores(64, 4, seed=9)
+        again = short(s2)
+        short_cold = otcore.SparseOTRouter(4, max_iter=3, tol=1e-9)(s2)
+    assert not again.result.converged and again.result.info["warm_start"] == "retried cold, warm kept"
+    assert again.result.info["retry_iter"] == short_cold.result.n_iter == 3
+    assert float(again.result.grad_norm) < float(short_cold.result.grad_norm)
 
 
 def test_capacity_takes_a_positive_token_count_only():

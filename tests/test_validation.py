@@ -128,6 +128,17 @@ def test_torch_func_transforms_are_refused_by_name():
     for call in calls:
         with pytest.raises(TypeError, match="does not support torch.func transforms"):
             call()
+
+    # OT that only picks targets (under no_grad) inside a gradient transform, or on constants
+    # from outside it, runs as usual and gives autograd's gradient
+    def matched(p):
+        with torch.no_grad():
+            P = otcore.sinkhorn(otcore.PointCloud(p.detach(), y), eps=0.1).plan()
+        return ((p - (P / P.sum(1, keepdim=True)) @ y) ** 2).sum()
+
+    xr = x.clone().requires_grad_()
+    torch.testing.assert_close(torch.func.grad(matched)(x), torch.autograd.grad(matched(xr), xr)[0])
+    assert torch.func.grad(lambda p: (p * loss(x, y).detach()).sum())(x).shape == x.shape
     # torch.autograd.functional.jacobian runs the forward outside any transform: allowed
     jac = torch.autograd.functional.jacobian(lambda p: loss(p, y), x)
     assert jac.shape == x.shape and bool(torch.isfinite(jac).all())
