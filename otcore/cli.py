@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import PointCloud, __version__, _dispatch, sinkhorn, sinkhorn_newton, sparse_ot
-from .result import OTResult, SparseOTResult
+from .result import OTResult, SparseOTResult, all_converged
 
 
 #: Exit status of a solve that ran to its end without converging (its output is still written).
@@ -318,7 +318,8 @@ def _clouds(args, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
     x = draw("--x", args.n, "--n", 0.0, 1.0)
     # a random target has --m points, else --n's number (also when --x gives the source)
-    y = draw("--y", *((args.m, "--m") if args.m is not None else (args.n, "--n")), 0.05, 0.95)
+    m, m_flag = (args.m, "--m") if args.m is not None else (args.n, "--n")
+    y = draw("--y", m, m_flag, 0.05, 0.95)
     return x, y
 
 
@@ -455,7 +456,7 @@ def run_solve(args) -> int:
     else:
         print(_table([(k, str(_plain(v) if isinstance(v, (torch.Tensor, np.ndarray)) else v))
                       for k, v in summary.items()]))
-    return 0 if bool(torch.as_tensor(res.converged).all()) else NOT_CONVERGED
+    return 0 if all_converged(res) else NOT_CONVERGED
 
 
 # --------------------------------------------------------------------------- main

@@ -117,8 +117,7 @@ class Geometry:
         """k-sparse plan ``T = [h_r + beta_l - C_rl]_+ / gamma`` on the top k of each column
         (``axis=0``) or row (``axis=1``); see :mod:`otcore.reference_ksparse`."""
         return self._call("ksparse_columns", backend, h, _validate.positive("gamma", gamma), k, _validate.axis(axis),
-                          mass=mass, beta=beta,
-                          precision=precision)
+                          mass=mass, beta=beta, precision=precision)
 
     def plan_sparse_rows(self, F, G, eps, s, backend="torch", precision="fp32"):
         """The s largest entries of each row of P in ELL form: values, int64 column

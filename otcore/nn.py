@@ -11,7 +11,7 @@ from torch import nn
 from . import _validate
 from ._dispatch import BACKENDS
 from .geometry import PointCloud
-from .result import ConvergenceWarning
+from .result import ConvergenceWarning, all_converged
 from .router import SparseOTRouter
 from .solvers._entropic import balanced_gauge, parse_rho, value_only_results
 from .solvers._overrelax import check_overrelax
@@ -156,7 +156,7 @@ class SinkhornLoss(nn.Module):
         with value_only_results(geom):  # only the value is read (tol=None: no marginals, no cost)
             res = sinkhorn(geom, a, b, eps=self.eps, **self.solver_kw)
         if self.warm_start:
-            if _all_converged(res):
+            if all_converged(res):
                 self._keep(term, res, a, b)
             else:  # a failed solve (NaN, say) must not seed the next call
                 self._last.pop(term, None)
@@ -179,7 +179,7 @@ class SinkhornLoss(nn.Module):
             warnings.simplefilter("always")
             with value_only_results(geom):
                 res = sinkhorn(geom, a, b, eps=self.eps, init=last["fg"], **dict(self.solver_kw, eps_schedule=None))
-        if not _all_converged(res):
+        if not all_converged(res):
             return None
         for w in caught:  # anything but the (now moot) convergence warnings is passed on
             if not issubclass(w.category, ConvergenceWarning):
@@ -253,11 +253,6 @@ class SinkhornLoss(nn.Module):
     def extra_repr(self) -> str:
         warm = ", warm_start=True" if self.warm_start else ""
         return f"eps={self.eps}, debias={self.debias}, cost={self.cost!r}, reduction={self.reduction!r}{warm}"
-
-
-def _all_converged(res) -> bool:
-    """Whether every problem of a result converged (a bool unbatched; one host read batched)."""
-    return bool(torch.as_tensor(res.converged).all())
 
 
 def _rounding_gap(a, b) -> bool:

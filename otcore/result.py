@@ -14,6 +14,12 @@ class ConvergenceWarning(UserWarning):
     """A solver stopped at ``max_iter`` (or on non-finite values) before meeting ``tol``."""
 
 
+def all_converged(res) -> bool:
+    """Whether every problem of an :class:`OTResult` or :class:`SparseOTResult` converged
+    (a bool unbatched; one host read batched)."""
+    return bool(torch.as_tensor(res.converged).all())
+
+
 @dataclass(frozen=True)
 class OTResult:
     """Solution of an entropic OT problem.

@@ -31,7 +31,7 @@ from torch import nn
 from . import _validate
 from ._dispatch import BACKENDS
 from .geometry import CostMatrix
-from .result import ConvergenceWarning, SparseOTResult
+from .result import ConvergenceWarning, SparseOTResult, all_converged
 from .solvers.sparse import sparse_ot
 
 MODES = ("capacity", "tokens")
@@ -197,7 +197,7 @@ class SparseOTRouter(nn.Module):
 
         res, caught = solve(prev if usable else None)
         res.info["warm_start"] = "used" if usable else "none"
-        if usable and not _all_converged(res):
+        if usable and not all_converged(res):
             # a warm start far from the new optimum (the duals of an outlier batch, of |alpha| ~ 1e4
             # for unit scores, say) can fail where a cold start converges: without this retry one
             # spike misrouted the next 13 to 30+ calls (the duals of each failed solve seeding the
@@ -216,9 +216,10 @@ class SparseOTRouter(nn.Module):
                 warnings.warn(f"SparseOTRouter: {w.message} (warned once per router; result.converged reports "
                               f"every call)", ConvergenceWarning, stacklevel=4)
         self._check_ties(res, n_tokens, wide)
-        if self.warm_start:  # the duals kept: those of the better solve, if finite
+        if self.warm_start:  # the duals kept: those of the better solve, if finite (one host read)
             duals = (res.alpha.detach(), res.beta.detach())
-            self._init = duals if all(bool(torch.isfinite(t).all()) for t in duals) else None
+            top = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in duals]), math.inf)
+            self._init = duals if math.isfinite(float(top)) else None
         vals = res.values
         if axis == 0:
             load = vals.sum(-1)
@@ -254,13 +255,8 @@ class SparseOTRouter(nn.Module):
         return f"n_experts={self.n_experts}, mode={self.mode!r}, {what}, gamma={self.gamma}"
 
 
-def _all_converged(res: SparseOTResult) -> bool:
-    """Whether every problem of a result converged (one host read when batched)."""
-    return bool(torch.as_tensor(res.converged).all())
-
-
 def _score(res: SparseOTResult) -> tuple:
     """The order in which two solves of one call compare: all problems converged, then the
     smaller worst gradient norm (the marginals' violation); NaN ranks last."""
     worst = float(torch.as_tensor(res.grad_norm).max())
-    return _all_converged(res), -(worst if worst == worst else float("inf"))
+    return all_converged(res), -(worst if worst == worst else float("inf"))

@@ -405,8 +405,8 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
             # eps = 0.05 it read 1.4e-7 while plan() missed a by 0.58
             converged = ((resid <= tol) | (passed & (resid <= slack))) & finite & ~unresolved(pb, f, g, tol) \
                 & ~value_unresolved(pb, value, cost)
-    spec = EnvelopeSpec(geom, pb.A, pb.Bw, f, g, F, G, eps, pb.rho_a, pb.rho_b, pb.backend, pb.precision, pb.a_in, pb.b_in,
-                        pb.wide)
+    spec = EnvelopeSpec(geom, pb.A, pb.Bw, f, g, F, G, eps, pb.rho_a, pb.rho_b, pb.backend, pb.precision,
+                        pb.a_in, pb.b_in, pb.wide)
     value, cost = envelope_value(spec, value, cost)
     if geom.batched:
         all_ok = bool(converged.all())

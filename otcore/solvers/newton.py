@@ -256,9 +256,10 @@ class _Solve:
             # start was put in (balanced_gauge). Not for a cold start: Sinkhorn's own gauge
             # (g from f) keeps g small where the cost has a large offset (C ~ 1e6 in float32:
             # balanced, both potentials ~5e5 round alike and the marginals missed by 0.73)
-            f, g = balanced_gauge(f, g, self.pb.A, self.pb.Bw)
-        self.f, self.g = (f, g) if active is None else (torch.where(active[:, None], f, self.f),
-                                                        torch.where(active[:, None], g, self.g))
+            bf, bg = balanced_gauge(f, g, self.pb.A, self.pb.Bw)
+            f, g = (bf, bg) if active is None else (torch.where(active[:, None], bf, f),
+                                                    torch.where(active[:, None], bg, g))
+        self.f, self.g = f, g
         _sync(self.pb.geom.device)
         self.times[stage] += time.perf_counter() - t0
         return its
