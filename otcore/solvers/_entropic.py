@@ -327,6 +327,14 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
         return (f"the iterations met tol={tol:g}, but the plan of the potentials misses its marginals by {miss:.3e}: "
                 f"eps={eps:g} is below what {dt} resolves of f + g - C (|f|, |g| up to {pot:.3g}; {wider}a larger "
                 f"eps, or rescale the cost)")
+    if pb.rho_a is None and pb.rho_b is None:
+        # |P1 - a|_1 + |P^T 1 - b|_1 >= |sum P - sum a| + |sum P - sum b| >= |m(a) - m(b)|
+        gap = float(torch.where(~converged, (pb.A.double().sum(-1) - pb.Bw.double().sum(-1)).abs(), 0.0).max())
+        if gap > tol:
+            return (f"the weights' total masses differ by {gap:.3e}, below which no balanced plan's marginal error "
+                    f"(residual {float(resid[~converged].max()):.3e}) can fall, so tol={tol:g} is out of reach: "
+                    f"normalise a and b in the geometry's dtype (weights normalised in float32 keep a gap of their "
+                    f"rounding on a float64 geometry), or ask for a larger tol")
     if stalled is not None and bool((stalled & ~converged).any()):
         left = float(resid[stalled & ~converged].max())
         return f"no progress in the last Newton steps at residual {left:.3e} > tol={tol:g}, near the marginals' {rounding}"
