@@ -216,10 +216,10 @@ class SparseOTRouter(nn.Module):
                 warnings.warn(f"SparseOTRouter: {w.message} (warned once per router; result.converged reports "
                               f"every call)", ConvergenceWarning, stacklevel=4)
         self._check_ties(res, n_tokens, wide)
-        if self.warm_start:  # the duals kept: those of the better solve, if finite (one host read)
-            duals = (res.alpha.detach(), res.beta.detach())
-            top = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in duals]), math.inf)
-            self._init = duals if math.isfinite(float(top)) else None
+        if self.warm_start:  # the duals kept: those of the better solve, unless it stopped on non-finite values
+            stops = res.info["stop"] if isinstance(res.info["stop"], list) else [res.info["stop"]]  # host strings
+            finite = "non-finite values" not in stops
+            self._init = (res.alpha.detach(), res.beta.detach()) if finite else None
         vals = res.values
         if axis == 0:
             load = vals.sum(-1)
