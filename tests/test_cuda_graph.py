@@ -54,7 +54,7 @@ def test_replayed_blocks_equal_eager_iterations(emulated, symmetric, rho, check_
     x[1] *= 3  # the problems converge after different numbers of iterations
     y = x if symmetric else rand(3, 41, 2, seed=2)
     kw = dict(eps=0.02, rho=rho, tol=1e-9, max_iter=2000, check_every=check_every, eps_schedule="geometric",
-              backend="torch")
+              backend="torch", overrelax=False)  # (plain: the problems stop apart; relaxed: test_overrelax.py)
     want = otcore.sinkhorn(otcore.PointCloud(x, y), **kw)
     got = otcore.sinkhorn(otcore.PointCloud(x, y), cuda_graph=True, **kw)
     assert bool(want.converged.all())

@@ -28,7 +28,7 @@ def pair(case):
 @pytest.mark.parametrize("case", ["clouds", "assignment", "unbalanced"])
 def test_same_solution_in_far_fewer_iterations(case):
     geom, kw = pair(case)
-    plain = otcore.sinkhorn(geom, max_iter=50000, backend="torch", **kw)
+    plain = otcore.sinkhorn(geom, max_iter=50000, backend="torch", overrelax=False, **kw)
     fast = otcore.sinkhorn(geom, max_iter=50000, backend="torch", overrelax=True, **kw)
     assert plain.converged and fast.converged
     assert fast.n_iter * 2 <= plain.n_iter, (fast.n_iter, plain.n_iter)
@@ -43,7 +43,7 @@ def test_same_solution_in_far_fewer_iterations(case):
 def test_a_batch_adapts_each_problem_and_a_fixed_factor_also_works():
     x = rand(3, 80, 2, seed=4) * torch.tensor([1.0, 2.0, 4.0], dtype=F64)[:, None, None]
     geom = otcore.PointCloud(x, rand(3, 90, 2, seed=5))
-    plain = otcore.sinkhorn(geom, eps=0.003, tol=1e-7, max_iter=50000, backend="torch")
+    plain = otcore.sinkhorn(geom, eps=0.003, tol=1e-7, max_iter=50000, backend="torch", overrelax=False)
     fast = otcore.sinkhorn(geom, eps=0.003, tol=1e-7, max_iter=50000, backend="torch", overrelax=True)
     fixed = otcore.sinkhorn(geom, eps=0.003, tol=1e-7, max_iter=50000, backend="torch", overrelax=1.5)
     assert bool(plain.converged.all() & fast.converged.all() & fixed.converged.all())
@@ -158,8 +158,11 @@ def test_bad_values():
     for bad in (0.0, 2.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="overrelax"):
             otcore.sinkhorn(geom, eps=0.1, overrelax=bad)
-    with pytest.raises(TypeError, match="overrelax"):
-        otcore.sinkhorn(geom, eps=0.1, overrelax="auto")
+    with pytest.raises(ValueError, match="overrelax must be 'auto'"):
+        otcore.sinkhorn(geom, eps=0.1, overrelax="fast")
+    for bad in (None, [1.5]):
+        with pytest.raises(TypeError, match="overrelax"):
+            otcore.sinkhorn(geom, eps=0.1, overrelax=bad)
     for ce in (1, 2):  # the iteration before each test is plain: nothing would be relaxed
         with pytest.raises(ValueError, match="check_every >= 3"):
             otcore.sinkhorn(geom, eps=0.1, overrelax=True, check_every=ce)
@@ -179,3 +182,47 @@ def test_the_loss_passes_it_to_its_solves():
     assert torch.allclose(vals[1], vals[0], rtol=1e-6) and torch.allclose(grads[1], grads[0], atol=1e-6)
     with pytest.raises(ValueError, match="overrelax"):
         otcore.SinkhornLoss(tol=None, overrelax=True)
+
+
+def test_auto_is_the_default_and_relaxes_only_where_there_are_tests():
+    """``overrelax="auto"`` (the default): adaptive with a ``tol`` (the iterations of
+    ``overrelax=True``), plain with ``tol=None`` or ``check_every < 3`` (no error)."""
+    geom = otcore.PointCloud(rand(80, 2, seed=15), rand(90, 2, seed=16))
+    kw = dict(eps=0.003, max_iter=20000, backend="torch")
+    default = otcore.sinkhorn(geom, tol=1e-8, **kw)
+    relaxed = otcore.sinkhorn(geom, tol=1e-8, overrelax=True, **kw)
+    plain = otcore.sinkhorn(geom, tol=1e-8, overrelax=False, **kw)
+    assert torch.equal(default.f, relaxed.f) and default.n_iter == relaxed.n_iter < plain.n_iter
+    assert default.info["overrelax"] > 1 and "overrelax" not in plain.info
+    for extra in (dict(tol=None, max_iter=30), dict(tol=1e-8, check_every=2)):
+        got = otcore.sinkhorn(geom, **dict(kw, **extra))
+        want = otcore.sinkhorn(geom, **dict(kw, overrelax=False, **extra))
+        assert torch.equal(got.f, want.f) and "overrelax" not in got.info
+
+
+def test_the_adaptation_runs_on_the_host():
+    """The factors are adapted from the residuals the solver reads anyway: no device
+    operation per test but the copy of factors that changed (each was a kernel launch on
+    a GPU; ~90 of them cost more than a small problem's block of iterations)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__ != "lift_fresh.default":  # wrapping a host array: no computation
+                self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    relax = _overrelax.Overrelaxation(True, 2, torch.device("cpu"), torch.float32)
+    lam = torch.tensor([0.8, 0.9], dtype=F64)
+    w = 2 / (1 + torch.sqrt(1 - lam))
+    # plain decays, the start of relaxation (at 60), a relaxed block decaying as the theory says
+    for it, resid in ((1, lam), (30, lam**30), (60, lam**60), (70, lam**60 * (w - 1) ** 10)):
+        before, host = relax.omega.clone(), resid.numpy()  # host values, as the solver reads them
+        with Ops() as ops:
+            relax.after_test(host, it)
+        assert ops.names == ["copy_.default"] * int(not torch.equal(before, relax.omega)), ops.names
+    assert torch.allclose(relax.omega, w.float())

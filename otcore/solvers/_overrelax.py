@@ -45,6 +45,7 @@ from __future__ import annotations
 import numbers
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 #: Largest relaxation factor the adaptation sets (the theory's bound is 2).
@@ -53,10 +54,16 @@ CAP = 1.95
 MAX_FAILURES = 2
 
 
-def check_overrelax(value: Union[bool, float], tol: Optional[float], check_every: int = 10) -> Union[bool, float]:
-    """``False`` (plain Sinkhorn), ``True`` (adaptive; needs a ``tol``: it reads the
-    residuals of the tests) or a fixed factor in (0, 2); relaxation needs
-    ``check_every >= 3`` (the iteration before each test is plain)."""
+def check_overrelax(value: Union[bool, float, str], tol: Optional[float], check_every: int = 10) -> Union[bool, float]:
+    """``"auto"`` (the default: adaptive where there are tests to adapt to, i.e. with a
+    ``tol`` and ``check_every >= 3``, else plain), ``False`` (plain Sinkhorn), ``True``
+    (adaptive; needs a ``tol``: it reads the residuals of the tests) or a fixed factor in
+    (0, 2); relaxation needs ``check_every >= 3`` (the iteration before each test is plain).
+    Returns ``False``, ``True`` or the factor."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"overrelax must be 'auto', a bool or a factor in (0, 2), got {value!r}")
+        return tol is not None and check_every >= 3
     if isinstance(value, bool):
         if value and tol is None:
             raise ValueError("overrelax=True adapts the factor to the residuals of the convergence tests, which "
@@ -67,7 +74,7 @@ def check_overrelax(value: Union[bool, float], tol: Optional[float], check_every
         if not 0.0 < w < 2.0:
             raise ValueError(f"overrelax as a factor must be in (0, 2) (the iteration diverges outside), got {w}")
     else:
-        raise TypeError(f"overrelax must be a bool or a factor in (0, 2), got {type(value).__name__}")
+        raise TypeError(f"overrelax must be 'auto', a bool or a factor in (0, 2), got {type(value).__name__}")
     if w is not False and check_every < 3:
         raise ValueError(f"overrelax needs check_every >= 3: the iteration before each test runs plain, so with "
                          f"check_every={check_every} none would be relaxed")
@@ -76,52 +83,62 @@ def check_overrelax(value: Union[bool, float], tol: Optional[float], check_every
 
 class Overrelaxation:
     """The per-problem factors ``omega`` (B,) of one solve, one device buffer updated in
-    place (a recorded CUDA graph reads it at its address), and their adaptation."""
+    place (a recorded CUDA graph reads it at its address), and their adaptation.
+
+    The adaptation runs on the host, in float64, from the residuals the solver reads
+    there anyway to decide whether to go on (one transfer per test): as ~90 (B,)-sized
+    device operations it cost the host ~0.9 ms per test on a GPU (~10 us each), more than
+    a block of iterations of a small problem; here it costs one copy of ``omega`` back."""
 
     def __init__(self, setting: Union[bool, float], batch: int, device: torch.device, dtype: torch.dtype):
         self.adaptive = setting is True
-        start = 1.0 if isinstance(setting, bool) else setting
+        start = 1.0 if isinstance(setting, bool) else float(setting)
         self.omega = torch.full((batch,), start, dtype=dtype, device=device)
-        self.last: Optional[torch.Tensor] = None  # the previous test's residuals
+        self.w = np.full(batch, start)  # omega's host copy
+        self.last: Optional[np.ndarray] = None  # the previous test's residuals
         self.last_it = 0
-        nan = torch.full((batch,), float("nan"), dtype=dtype, device=device)
+        nan = np.full(batch, np.nan)
         self.first = nan  # the first test's residuals
-        self.rate = nan.clone()  # the last plain decay per iteration (NaN: none since the last switch)
-        self.plain_rate = nan.clone()  # the plain decay relaxation started from
-        self.reverted = nan.clone()  # the relaxed decay that sent a problem back to plain
-        self.failures = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.rate = nan.copy()  # the last plain decay per iteration (NaN: none since the last switch)
+        self.plain_rate = nan.copy()  # the plain decay relaxation started from
+        self.reverted = nan.copy()  # the relaxed decay that sent a problem back to plain
+        self.failures = np.zeros(batch, dtype=np.int64)
 
-    def after_test(self, resid: torch.Tensor, it: int) -> None:
-        """Adapt ``omega`` to the residuals ``resid`` (B,) read after ``it`` iterations."""
+    def after_test(self, resid, it: int) -> None:
+        """Adapt ``omega`` to the residuals ``resid`` (B,) (host values: an array or a CPU
+        tensor) read after ``it`` iterations."""
         if not self.adaptive:
             return
+        resid = np.asarray(resid, dtype=np.float64).reshape(-1)
         if self.last is None:
             self.first, self.last, self.last_it = resid, resid, it
             return
-        prev, w = self.last, self.omega
-        valid = torch.isfinite(resid) & torch.isfinite(prev) & (prev > 0) & (resid > 0)
-        rho = torch.where(valid, resid / torch.where(valid, prev, 1.0), 1.0) ** (1.0 / max(it - self.last_it, 1))
-        plain, one = w == 1, torch.ones_like(w)
-        gap, before = 1.0 - rho, 1.0 - self.rate
-        # the plain block after a return from relaxation: a failure only if plain decays
-        # as fast as the relaxed block did (else the plain rate had slowed: restart at once)
-        probe = plain & valid & torch.isfinite(self.reverted)
-        failed = probe & (rho <= self.reverted)
-        self.failures += failed.to(self.failures.dtype)
-        # plain: start past an early plateau once two decays agree, or after a probe that did not fail
-        steady = (before > 0) & (gap <= 1.5 * before) & (before <= 1.5 * gap) & (resid <= 0.1 * self.first)
-        start = plain & valid & (gap > 0) & (self.failures < MAX_FAILURES) & (steady | (probe & ~failed))
-        w_start = torch.clamp(2.0 / (1.0 + torch.sqrt(torch.clamp(gap, min=0.0))), max=CAP)
-        # relaxed: grow while it beats the plain decay it started from, else back to plain
-        helps = valid & (rho < self.plain_rate)
-        lam = (rho + w - 1) ** 2 / (rho * w * w)
-        w_grown = torch.clamp(torch.maximum(w, 2.0 / (1.0 + torch.sqrt(torch.clamp(1.0 - lam, min=0.0)))), max=CAP)
+        prev, w = self.last, self.w
+        with np.errstate(all="ignore"):  # NaN/inf/0 residuals are masked by valid
+            valid = np.isfinite(resid) & np.isfinite(prev) & (prev > 0) & (resid > 0)
+            rho = np.where(valid, resid / np.where(valid, prev, 1.0), 1.0) ** (1.0 / max(it - self.last_it, 1))
+            plain = w == 1
+            gap, before = 1.0 - rho, 1.0 - self.rate
+            # the plain block after a return from relaxation: a failure only if plain decays
+            # as fast as the relaxed block did (else the plain rate had slowed: restart at once)
+            probe = plain & valid & np.isfinite(self.reverted)
+            failed = probe & (rho <= self.reverted)
+            self.failures = self.failures + failed
+            # plain: start past an early plateau once two decays agree, or after a probe that did not fail
+            steady = (before > 0) & (gap <= 1.5 * before) & (before <= 1.5 * gap) & (resid <= 0.1 * self.first)
+            start = plain & valid & (gap > 0) & (self.failures < MAX_FAILURES) & (steady | (probe & ~failed))
+            w_start = np.minimum(2.0 / (1.0 + np.sqrt(np.maximum(gap, 0.0))), CAP)
+            # relaxed: grow while it beats the plain decay it started from, else back to plain
+            helps = valid & (rho < self.plain_rate)
+            lam = (rho + w - 1) ** 2 / (rho * w * w)
+            w_grown = np.minimum(np.maximum(w, 2.0 / (1.0 + np.sqrt(np.maximum(1.0 - lam, 0.0)))), CAP)
         back = ~plain & valid & ~helps
-        new = torch.where(start, w_start, torch.where(~plain & helps, w_grown, torch.where(back, one, w)))
-        self.plain_rate = torch.where(start, rho, self.plain_rate)
-        self.reverted = torch.where(back, rho, torch.where(plain & valid, torch.full_like(rho, float("nan")),
-                                                           self.reverted))
+        new = np.where(start, w_start, np.where(~plain & helps, w_grown, np.where(back, 1.0, w)))
+        self.plain_rate = np.where(start, rho, self.plain_rate)
+        self.reverted = np.where(back, rho, np.where(plain & valid, np.nan, self.reverted))
         # the plain decay of this block (NaN after a switch either way: the next block starts a fresh pair)
-        self.rate = torch.where(plain & valid & ~start, rho, torch.full_like(rho, float("nan")))
-        self.omega.copy_(new)
+        self.rate = np.where(plain & valid & ~start, rho, np.nan)
+        if not np.array_equal(new, w):  # a copy to the device only when a factor changed
+            self.omega.copy_(torch.from_numpy(new))
+        self.w = new
         self.last, self.last_it = resid, it
