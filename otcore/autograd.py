@@ -127,18 +127,20 @@ class _EnvelopeValue(torch.autograd.Function):
     def forward(ctx, spec: EnvelopeSpec, value, cost, *inputs):
         ctx.spec = spec
         # saved only for autograd's version check: backward re-reads the geometry's inputs,
-        # so after an in-place change it would mix new points with the old potentials
-        ctx.save_for_backward(*inputs)
+        # so after an in-place change it would mix new points with the old potentials; and
+        # the potentials, which the result hands out as res.f, res.g (views): an in-place
+        # change of those (centring them, say) made the weights' gradients silently wrong
+        ctx.save_for_backward(*inputs, spec.f, spec.g)
         return value.clone(), cost.clone()
 
     @staticmethod
     def backward(ctx, gv, gc):
         # read once (non-reentrant activation checkpointing allows one unpack); raises if an
-        # input was modified in place since the solve
+        # input or a potential was modified in place since the solve
         saved = ctx.saved_tensors
         with torch.no_grad(), torch.autocast(ctx.spec.geom.device.type, enabled=False):  # the solve's precision
             grads = _envelope_backward(ctx, gv, gc)
-        return first_order_only(grads, (*saved, gv, gc))
+        return first_order_only(grads, (*saved[:-2], gv, gc))
 
 
 class _NoSecondDerivative(torch.autograd.Function):

@@ -73,10 +73,7 @@ class Geometry:
         ``hint``: an estimate of the result (e.g. the previous iteration's), which the
         Triton kernel uses as its log-sum-exp shift; the result does not depend on it."""
         axis = _validate.axis(axis)
-        want = self.m if axis == 1 else self.n
-        if h.shape[-1] != want:
-            raise ValueError(f"h must have {want} entries per problem for axis={axis} ({'m' if axis else 'n'}), "
-                             f"got shape {tuple(h.shape)}")
+        self._check_vector("h", h, axis)
         return self._call("softmin", backend, h, _eps(eps), axis, precision=precision, hint=hint)
 
     def sinkhorn_steps(self, f, g, loga, logb, eps, tau, k, active, symmetric=False, check=None,
@@ -89,29 +86,57 @@ class Geometry:
         return self._call("sinkhorn_steps", backend, f, g, loga, logb, _eps(eps), tau, k, active,
                           symmetric=symmetric, check=check, precision=precision, omega=omega)
 
+    # The plan primitives take the shifted potentials ``F`` (B,n), ``G`` (B,m) of
+    # ``P_ij = exp((F_i + G_j - C_ij) / eps)``; their shapes are checked (no device work):
+    # the Triton kernels index them by the geometry's sizes, so a shorter one was read past its end.
     def apply_plan(self, F, G, eps, v, axis, backend="torch", precision="fp32"):
         """``axis=1``: ``P v`` with v (B,m[,k]); ``axis=0``: ``P^T u`` with u (B,n[,k])."""
-        return self._call("apply_plan", backend, F, G, _eps(eps), v, _validate.axis(axis), precision=precision)
+        axis = _validate.axis(axis)
+        self._check_potentials(F, G)
+        self._check_vector("v", v, axis, columns=True)
+        return self._call("apply_plan", backend, F, G, _eps(eps), v, axis, precision=precision)
 
     def marginals(self, F, G, eps, axis, backend="torch", precision="fp32"):
         """``axis=1``: ``P 1`` (B,n); ``axis=0``: ``P^T 1`` (B,m)."""
+        self._check_potentials(F, G)
         return self._call("marginals", backend, F, G, _eps(eps), _validate.axis(axis), precision=precision)
 
     def plan(self, F, G, eps, backend="torch", precision="fp32"):
         """Dense plan (B,n,m)."""
+        self._check_potentials(F, G)
         return self._call("plan_dense", backend, F, G, _eps(eps), precision=precision)
 
     def plan_cost(self, F, G, eps, backend="torch", precision="fp32"):
         """``<P, C>`` per problem (B,)."""
+        self._check_potentials(F, G)
         return self._call("plan_cost", backend, F, G, _eps(eps), precision=precision)
 
     def plan_topk(self, F, G, eps, k, backend="torch", precision="fp32"):
         """The k largest entries of each row of P: values, column indices (B,n,k)."""
+        self._check_potentials(F, G)
         return self._call("plan_topk", backend, F, G, _eps(eps), k, precision=precision)
 
     def plan_cost_grad(self, F, G, eps, backend="torch", precision="fp32"):
         """Gradient of ``<P, C>`` w.r.t. :meth:`inputs`, P fixed (see reference.plan_cost_grad)."""
+        self._check_potentials(F, G)
         return self._call("plan_cost_grad", backend, F, G, _eps(eps), precision=precision)
+
+    def _check_potentials(self, F, G) -> None:
+        for name, t, size in (("F", F, self.n), ("G", G, self.m)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.batch, size):
+                raise ValueError(f"{name} must be a (B={self.batch}, {'n' if name == 'F' else 'm'}={size}) tensor, "
+                                 f"got {_described(t)}")
+
+    def _check_vector(self, name: str, t, axis: int, columns: bool = False) -> None:
+        """``t`` (B, m) for ``axis=1`` (it lives on the reduced side, the columns), (B, n) for
+        ``axis=0``; ``columns``: also (B, m|n, k)."""
+        size = self.m if axis == 1 else self.n
+        ok = isinstance(t, torch.Tensor) and tuple(t.shape[:2]) == (self.batch, size) and \
+            (t.dim() == 2 or (columns and t.dim() == 3))
+        if not ok:
+            side = "m" if axis == 1 else "n"
+            shapes = f"(B={self.batch}, {side}={size})" + (f" or (B, {side}, k)" if columns else "")
+            raise ValueError(f"{name} must be a {shapes} tensor for axis={axis}, got {_described(t)}")
 
     def ksparse_columns(self, h, gamma, k, axis, mass=None, beta=None, backend="torch", precision="fp32"):
         """k-sparse plan ``T = [h_r + beta_l - C_rl]_+ / gamma`` on the top k of each column
@@ -122,6 +147,7 @@ class Geometry:
     def plan_sparse_rows(self, F, G, eps, s, backend="torch", precision="fp32"):
         """The s largest entries of each row of P in ELL form: values, int64 column
         indices (B,n,s), values decreasing; see :mod:`otcore.reference_sparse`."""
+        self._check_potentials(F, G)
         return self._call("plan_sparse_rows", backend, F, G, _eps(eps), _validate.top_k(s, self.m, "s"),
                           precision=precision)
 
@@ -177,6 +203,10 @@ class Geometry:
     def sparse_cost_grad(self, W, idx, axis, backend="torch"):
         """Gradient of ``sum W * C`` over a (B, lines, k) support w.r.t. :meth:`inputs`."""
         return self._call("sparse_cost_grad", backend, W, idx, _validate.axis(axis))
+
+
+def _described(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _version(t: torch.Tensor) -> Optional[int]:

@@ -20,7 +20,8 @@ def all_converged(res) -> bool:
     return bool(torch.as_tensor(res.converged).all())
 
 
-@dataclass(frozen=True)
+# eq=False: identity comparison and hashing (field-wise ones compared tensors, which raised)
+@dataclass(frozen=True, eq=False)
 class OTResult:
     """Solution of an entropic OT problem.
 
@@ -60,6 +61,20 @@ class OTResult:
     def batched(self) -> bool:
         return bool(self._geom.batched)
 
+    def __getstate__(self):
+        # a copy (copy.deepcopy, pickle, torch.save) gets new input tensors whose version
+        # counters start again at 0: it keeps whether the result was up to date, not the counts
+        state = dict(self.__dict__)
+        if self._versions is not None:
+            state["_versions"] = self._versions == self._geom.input_versions()
+        return state
+
+    def __setstate__(self, state):
+        fresh = state.get("_versions")
+        if isinstance(fresh, bool):  # (a tuple: pickled before this flag; kept as it was)
+            state["_versions"] = state["_geom"].input_versions() if fresh else ("modified before the copy",)
+        self.__dict__.update(state)
+
     def _stream(self, method: str, primitive: str, *args):
         """The geometry primitive ``primitive`` (behind the method ``method``) at the
         solution's potentials, without autograd and autocast (the plan is float32/float64
@@ -89,13 +104,16 @@ class OTResult:
         ``axis=1``: ``P @ v`` (sum over j) with ``v`` of shape ``(m,)`` or ``(m, k)``,
         giving ``(n,)`` / ``(n, k)``. ``axis=0``: ``P^T @ u`` with ``u`` ``(n,)`` or
         ``(n, k)``, giving ``(m,)`` / ``(m, k)``. Batched results take and give a
-        leading ``B``. E.g. the barycentric map is ``res.apply(y) / res.apply(ones)[:, None]``.
+        leading ``B``. E.g. the barycentric map is ``res.apply(y) / res.apply(ones)[..., None]``
+        (``ones`` of ``y``'s shape without its last dimension; a source point of weight
+        zero carries no mass, and its row is 0 / 0 = NaN).
         Differentiable with respect to ``v``, the plan held fixed (its gradient is the
         product along the other axis).
         """
         axis = _validate.axis(axis, "0 or 1")
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+        _validate.no_function_transform(v)
         if not v.is_floating_point():
             raise TypeError(f"v must be a real floating-point tensor, got {v.dtype}")
         if v.device != self._F.device:
@@ -107,6 +125,8 @@ class OTResult:
         ):
             raise ValueError(f"v must have shape ({'B, ' if self.batched else ''}{size}[, k]) for axis={axis}, got {tuple(v.shape)}")
         V = (v if self.batched else v[None]).to(self._F.dtype)
+        if not (V.requires_grad and torch.is_grad_enabled()):  # (a constant, also inside a torch.func transform)
+            return self._out(self._stream("apply", "apply_plan", V, axis))
         return self._out(_ApplyPlan.apply(self, V, axis))
 
     def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +151,7 @@ class _ApplyPlan(torch.autograd.Function):
         return None, _ApplyPlan.apply(ctx.res, grad.to(ctx.res._F.dtype), 1 - ctx.axis), None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SparseOTResult:
     """Solution of a sparsity-constrained (top-k) OT problem (:func:`otcore.sparse_ot`).
 

@@ -313,6 +313,61 @@ def test_result_methods_refuse_inputs_changed_in_place_since_the_solve():
         res.plan()
 
 
+def test_backward_after_an_in_place_change_of_the_potentials_raises():
+    """``res.f``, ``res.g`` are the potentials the weights' gradient is read from (views):
+    centring them in place (``res.f -= res.f.mean()``) made the unbalanced weights'
+    gradient silently wrong (0.229 against 0.298 by finite differences)."""
+    x, y = rand(6, 2, seed=13), rand(7, 2, seed=14)
+    for field, rho in (("f", 0.5), ("g", None)):
+        a = simplex(6, 15).requires_grad_()
+        res = otcore.sinkhorn(otcore.PointCloud(x, y), a, simplex(7, 16), eps=0.1, rho=rho, **SOLVE)
+        getattr(res, field).sub_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            res.value.backward()
+
+
+def test_results_copy_compare_by_identity_and_keep_their_staleness():
+    """A deep copy, a pickle or a ``torch.save`` of a result gets input tensors whose
+    version counters start again at 0: its methods refused to run ("modified in place
+    since the solve") whenever the inputs had a nonzero counter at the solve. A copy now
+    keeps whether the result was up to date. ``==``/``hash`` compared tensors field by
+    field (and raised): results compare by identity."""
+    import copy
+    import io
+    import pickle
+
+    x = rand(8, 2, seed=17)
+    x /= x.norm()  # a nonzero version counter at the solve
+    res = otcore.sinkhorn(otcore.PointCloud(x, rand(6, 2, seed=18)), eps=0.1, **T)
+    buf = io.BytesIO()
+    torch.save(res, buf)
+    buf.seek(0)
+    copies = (copy.deepcopy(res), pickle.loads(pickle.dumps(res)), torch.load(buf, weights_only=False))
+    for twin in copies:
+        torch.testing.assert_close(twin.plan(), res.plan(), rtol=0, atol=0)
+        torch.testing.assert_close(twin.topk(2)[0], res.topk(2)[0], rtol=0, atol=0)
+    assert res == res and res != copies[0] and len({res, *copies}) == 4 and res in [copies[0], res]
+    with torch.no_grad():
+        x.add_(0.1)  # stale: so are the copies made from now on
+    for twin in (copy.deepcopy(res), pickle.loads(pickle.dumps(res))):
+        with pytest.raises(RuntimeError, match="modified in place since the solve"):
+            twin.plan()
+    sparse = otcore.sparse_ot(otcore.CostMatrix(rand(5, 4, seed=19)), k=2, gamma=0.5)
+    assert sparse == sparse and len({sparse, copy.deepcopy(sparse)}) == 2
+
+
+def test_apply_under_torch_func_transforms_is_refused_by_name():
+    res = otcore.sinkhorn(otcore.PointCloud(rand(8, 2, seed=9), rand(6, 2, seed=10)), eps=0.1, **T)
+    v = rand(6, seed=20)
+    with pytest.raises(TypeError, match="torch.func transforms"):
+        torch.func.grad(lambda v: res.apply(v).sum())(v)
+    with pytest.raises(TypeError, match="torch.func transforms"):
+        torch.func.vmap(res.apply)(v.expand(3, 6))
+    # the plan applied to a constant inside a transform is a constant: that works
+    w = rand(8, seed=21)
+    torch.testing.assert_close(torch.func.grad(lambda w: (w * res.apply(v)).sum())(w), res.apply(v))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_apply_is_differentiable_in_v_on_every_backend(backend):
     """A barycentric map res.apply(y) trains y (the plan held fixed): the gradient is the

@@ -201,3 +201,37 @@ def test_hypothesis_random_unbalanced_problems_match_pot(prob):
     P_pot = pot_unbalanced(a[kr], b[kc], C[kr][:, kc], eps, rho_a, rho_b)
     torch.testing.assert_close(P[kr][:, kc], P_pot, rtol=1e-6, atol=1e-10)
     assert float(res.value) == pytest.approx(primal(P, C, a, b, eps, rho_a, rho_b), rel=1e-7, abs=1e-10)
+
+
+# the interpreter computes the padding's lanes in NumPy, which warns where they overflow
+# (exp2(-f log2(e) / rho) in the one-tile kernel's test) before a where() drops them
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 10.0), (torch.float64, 30.0)])
+@pytest.mark.parametrize("rho", [1.0, (1.0, None)])
+def test_far_zero_weight_padding_keeps_the_unpadded_value(backend, dtype, scale, rho):
+    """Padding points (weight 0) at the origin, far from the clouds: their potentials (soft
+    c-transforms) fall below -88 rho (float32) or -709 rho (float64), where a relaxed side's
+    exp(-f / rho) overflows, and 0 * inf made the value, the residual and SinkhornLoss NaN
+    (converged=False, a warning blaming eps). A zero weight's terms are 0 whatever its potential."""
+    g = torch.Generator().manual_seed(0)
+    x = scale * (1 + torch.rand(6, 2, generator=g, dtype=dtype))
+    y = scale * (1 + torch.rand(5, 2, generator=g, dtype=dtype))
+    y[0] = 0.0  # one target near the padding, far from every source
+    a, b = torch.rand(6, generator=g, dtype=dtype), torch.rand(5, generator=g, dtype=dtype)
+    xp, ap = torch.cat([x, torch.zeros(2, 2, dtype=dtype)]), torch.cat([a, torch.zeros(2, dtype=dtype)])
+    kw = dict(eps=0.5, rho=rho, backend=backend)
+    ref = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, **kw)
+    pad = otcore.sinkhorn(otcore.PointCloud(xp, y), ap, b, **kw)
+    limit = -88 if dtype == torch.float32 else -709
+    assert float(pad.f[-1]) < limit  # the case: exp(-f / rho) overflows for the padding
+    assert ref.converged and pad.converged
+    torch.testing.assert_close(pad.value, ref.value, rtol=1e-6, atol=0)
+    if rho == 1.0:  # SinkhornLoss takes one penalty for both sides
+        xg = xp.clone().requires_grad_()
+        loss = otcore.SinkhornLoss(eps=0.5, rho=rho, backend=backend)
+        val = loss(xg, y, ap, b)
+        val.backward()
+        torch.testing.assert_close(val, loss(x, y, a, b), rtol=1e-5, atol=0)
+        assert bool(torch.isfinite(xg.grad).all())

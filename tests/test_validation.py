@@ -106,10 +106,39 @@ def test_geometry_primitives_check_eps_and_h(backend):
             g.marginals(F, G, eps, 1, backend=backend)
         with pytest.raises(ValueError, match="eps must be a finite number > 0"):
             g.plan_cost(F, G, eps, backend=backend)
-    with pytest.raises(ValueError, match=f"h must have {M} entries per problem for axis=1"):
+    with pytest.raises(ValueError, match=rf"h must be a \(B=1, m={M}\) tensor for axis=1"):
         g.softmin(torch.zeros(1, M + 1, dtype=torch.float64), 0.1, 1, backend=backend)
-    with pytest.raises(ValueError, match=f"h must have {N} entries per problem for axis=0"):
+    with pytest.raises(ValueError, match=rf"h must be a \(B=1, n={N}\) tensor for axis=0"):
         g.softmin(h, 0.1, 0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_plan_primitives_check_the_shapes_of_their_potentials_and_vectors(backend):
+    """The Triton kernels index ``F``, ``G``, ``v``, ``h`` by the geometry's sizes: a
+    shorter tensor was read past its end (NaN, inf or plausible values, no error), and the
+    torch twin broadcast a batch of one. Both refuse, naming the argument."""
+    g = otcore.PointCloud(rand(2, 7, 3), rand(2, 9, 3, seed=1))
+    F, G = torch.zeros(2, 7), torch.zeros(2, 9)
+    calls = {
+        "F": [lambda: g.marginals(F[:, :5], G, 0.1, 1, backend=backend),
+              lambda: g.plan_topk(F[:1], G, 0.1, 3, backend=backend),
+              lambda: g.plan(F[0], G, 0.1, backend=backend)],
+        "G": [lambda: g.plan_cost(F, G[:, :4], 0.1, backend=backend),
+              lambda: g.plan_cost_grad(F, G[:1], 0.1, backend=backend),
+              lambda: g.plan_sparse_rows(F, G.T, 0.1, 2, backend=backend)],
+        "v": [lambda: g.apply_plan(F, G, 0.1, torch.ones(2, 8), 1, backend=backend),
+              lambda: g.apply_plan(F, G, 0.1, torch.ones(1, 9), 1, backend=backend),
+              lambda: g.apply_plan(F, G, 0.1, torch.ones(2, 9), 0, backend=backend),
+              lambda: g.apply_plan(F, G, 0.1, torch.ones(2, 7, 2, 1), 0, backend=backend)],
+        "h": [lambda: g.softmin(torch.zeros(1, 9), 0.1, 1, backend=backend),
+              lambda: g.softmin(torch.zeros(2, 9, 1), 0.1, 1, backend=backend)],
+    }
+    for name, bad in calls.items():
+        for call in bad:
+            with pytest.raises(ValueError, match=f"^{name} must be a"):
+                call()
+    assert g.apply_plan(F, G, 0.1, torch.ones(2, 7, 2), 0, backend=backend).shape == (2, 9, 2)
+    assert g.softmin(torch.zeros(2, 7), 0.1, 0, backend=backend).shape == (2, 9)
 
 
 def test_torch_func_transforms_are_refused_by_name():
@@ -131,13 +160,16 @@ def test_torch_func_transforms_are_refused_by_name():
 
     # OT that only picks targets (under no_grad) inside a gradient transform, or on constants
     # from outside it, runs as usual and gives autograd's gradient
-    def matched(p):
-        with torch.no_grad():
-            P = otcore.sinkhorn(otcore.PointCloud(p.detach(), y), eps=0.1).plan()
-        return ((p - (P / P.sum(1, keepdim=True)) @ y) ** 2).sum()
+    # (the solvers' host reads of per-problem numbers see a wrapped tensor's values)
+    for plan in (lambda g: otcore.sinkhorn(g, eps=0.1).plan(), lambda g: otcore.sinkhorn_newton(g, eps=0.1).plan(),
+                 lambda g: otcore.sparse_ot(g, k=3, gamma=0.5).to_dense()):
+        def matched(p):
+            with torch.no_grad():
+                P = plan(otcore.PointCloud(p.detach(), y))
+            return ((p - (P / P.sum(1, keepdim=True)) @ y) ** 2).sum()
 
-    xr = x.clone().requires_grad_()
-    torch.testing.assert_close(torch.func.grad(matched)(x), torch.autograd.grad(matched(xr), xr)[0])
+        xr = x.clone().requires_grad_()
+        torch.testing.assert_close(torch.func.grad(matched)(x), torch.autograd.grad(matched(xr), xr)[0])
     assert torch.func.grad(lambda p: (p * loss(x, y).detach()).sum())(x).shape == x.shape
     # torch.autograd.functional.jacobian runs the forward outside any transform: allowed
     jac = torch.autograd.functional.jacobian(lambda p: loss(p, y), x)
@@ -348,13 +380,20 @@ def test_bad_check_every():
         solve(check_every=2.5)
 
 
-@pytest.mark.parametrize("rho,exc", [(0.0, ValueError), (-1.0, ValueError), (NAN, ValueError), ((1.0, 2.0, 3.0), ValueError), ("1", TypeError), ((1.0, -2.0), ValueError)])
+@pytest.mark.parametrize("rho,exc", [(0.0, ValueError), (-1.0, ValueError), (NAN, ValueError), ((1.0, 2.0, 3.0), ValueError), ("1", TypeError), ((1.0, -2.0), ValueError), (INF, ValueError), ((1.0, INF), ValueError)])
 def test_bad_rho(rho, exc):
     with pytest.raises(exc, match="rho"):
         solve(rho=rho)
 
 
 # ----------------------------------------------------------------------------- choices
+def test_infinite_rho_points_to_none():
+    """POT spells an exact marginal reg_m = inf; otcore's is None, which the error names."""
+    for rho, name in ((INF, "rho"), ((INF, 0.5), r"rho\[0\]")):
+        with pytest.raises(ValueError, match=rf"{name} must be a finite number > 0, got inf: an exact .* rho=None"):
+            solve(rho=rho)
+
+
 def test_bad_cost_name():
     with pytest.raises(ValueError, match="cost"):
         otcore.PointCloud(x_(), y_(), cost="l1")

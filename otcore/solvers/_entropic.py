@@ -68,12 +68,16 @@ def parse_rho(rho) -> tuple[Optional[float], Optional[float]]:
     if isinstance(rho, (tuple, list)):
         if len(rho) != 2:
             raise ValueError(f"rho must be a number or a pair (rho_a, rho_b), got {rho!r}")
-        return (
-            _validate.positive("rho[0]", rho[0], allow_none=True),
-            _validate.positive("rho[1]", rho[1], allow_none=True),
-        )
-    r = _validate.positive("rho", rho, allow_none=True)
+        return _rho("rho[0]", rho[0]), _rho("rho[1]", rho[1])
+    r = _rho("rho", rho)
     return r, r
+
+
+def _rho(name: str, value) -> Optional[float]:
+    if isinstance(value, float) and value == math.inf:  # POT's reg_m spelling of an exact marginal
+        raise ValueError(f"{name} must be a finite number > 0, got inf: an exact (balanced) marginal is "
+                         f"rho=None (or None in the pair)")
+    return _validate.positive(name, value, allow_none=True)
 
 
 def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float]) -> Problem:
@@ -158,9 +162,17 @@ def optimality_residual(pb: Problem, r: torch.Tensor, c: torch.Tensor, f, g) -> 
     Balanced: ``|P1 - a|_1 + |P^T 1 - b|_1``. A KL-relaxed marginal's target is
     ``a * exp(-f/rho)`` instead of ``a`` (the optimum of the relaxed problem).
     """
-    ta = pb.A if pb.rho_a is None else pb.A * torch.exp(-f / pb.rho_a)
-    tb = pb.Bw if pb.rho_b is None else pb.Bw * torch.exp(-g / pb.rho_b)
+    ta = pb.A if pb.rho_a is None else relaxed_target(pb.A, f, pb.rho_a, pb.zeros[0])
+    tb = pb.Bw if pb.rho_b is None else relaxed_target(pb.Bw, g, pb.rho_b, pb.zeros[1])
     return (r - ta).abs().sum(-1) + (c - tb).abs().sum(-1)
+
+
+def relaxed_target(w: torch.Tensor, f: torch.Tensor, rho: float, zeros: bool) -> torch.Tensor:
+    """``w exp(-f / rho)``, 0 where ``w`` is 0 (``zeros``: some weight is): the potential of a
+    zero-weight point (its soft c-transform) can be far below ``-88 rho`` (padding far from
+    the other side's points), where ``exp`` overflows and ``0 * inf`` made the residual NaN."""
+    t = w * torch.exp(-f / rho)
+    return torch.where(w > 0, t, 0.0) if zeros else t
 
 
 def mass_gap(pb: Problem, A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -277,7 +289,8 @@ def residual_floor(pb: Problem, f, g) -> torch.Tensor:
     for w, rho in ((pb.A, pb.rho_a), (pb.Bw, pb.rho_b)):
         if rho is not None:
             floor = floor + u * pb.eps / rho * w.sum(-1)
-    return floor
+    # self-transport's residual is twice its row gap (both sides are the one potential)
+    return 2 * floor if pb.symmetric else floor
 
 
 def live_potential(pb: Problem, f, g) -> torch.Tensor:
@@ -344,9 +357,11 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
                 f"what {dt} resolves of f + g - C (|f|, |g| up to {pot:.3g}); use a larger eps, "
                 f"eps_schedule='geometric', {wider}or rescale the cost")
     why = f"residual {left:.3e} > tol={tol:g} after {int(n_iter.max())} iterations"
-    if tol < floor and left <= floor:  # an upper estimate: the iterations may still get there
+    # an estimate of the rounding's order (errors partly cancel; the iterations may still get
+    # there, or stall a few times above it: float32 unbalanced solves stalled at 1.4x)
+    if tol < floor and left <= 4 * floor:
         why += (f" (more iterations may reach it, but tol may also be below the residual's rounding at eps={eps:g} "
-                f"in {dt}, up to about {floor:.1e})")
+                f"in {dt}, of the order of {floor:.1e})")
     return why
 
 
@@ -397,7 +412,11 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
             resid = marg_err if pb.rho_a is None and pb.rho_b is None else optimality_residual(pb, r, c, f, g)
             cost = geom.plan_cost(F, G, eps, **kw)
         A, Bw, wf, wg = (t.to(delta.dtype) for t in (pb.A, pb.Bw, f, g))
-        value = (A * phi(wf, pb.rho_a)).sum(-1) + (Bw * phi(wg, pb.rho_b)).sum(-1) - eps * mass_gap(pb, A, delta)
+        # a zero weight's term is 0 whatever its potential (a relaxed side's phi(f) overflows to
+        # -inf for a far padding point's f, and 0 * inf made the value NaN)
+        pa, pg = ((torch.where(w > 0, w * phi(p, rho), 0.0) if zeros else w * phi(p, rho))
+                  for w, p, rho, zeros in ((A, wf, pb.rho_a, pb.zeros[0]), (Bw, wg, pb.rho_b, pb.zeros[1])))
+        value = pa.sum(-1) + pg.sum(-1) - eps * mass_gap(pb, A, delta)
         value = value.to(f.dtype)
         finite = _validate.finite_rows(f, g, value)
         # The in-loop test ("passed") and these marginals round differently: a problem that

@@ -18,7 +18,16 @@ def to_host(*rows: torch.Tensor) -> np.ndarray:
     """``(len(rows), B)`` float64 on the host from ``(B,)`` tensors: one transfer (a
     synchronisation on a GPU)."""
     dt = rows[0].dtype if rows[0].is_floating_point() else torch.float64
-    return torch.stack([r.to(dt) for r in rows]).cpu().numpy().astype(np.float64)
+    return host_array(torch.stack([r.to(dt) for r in rows])).astype(np.float64)
+
+
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """``t``'s values as a host array (one transfer; a sync on a GPU)."""
+    t = t.detach().cpu()
+    try:
+        return t.numpy()
+    except RuntimeError:  # a tensor a torch.func transform wraps (OT under no_grad inside one) has no
+        return np.asarray(t.tolist())  # storage numpy can see; its values it has
 
 
 def to_device(x: np.ndarray, device) -> torch.Tensor:

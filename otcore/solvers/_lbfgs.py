@@ -83,7 +83,7 @@ def _push(pairs, sy, yy, valid, s_new, y_new, keep, g):
 def _on_host(x, B: int) -> np.ndarray:
     """A number or a (B,) tensor as a (B,) float64 host array (read once per solve)."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().double().cpu().numpy()
+        x = _host.host_array(x.double())
     return np.broadcast_to(np.asarray(x, dtype=np.float64), (B,)).copy()
 
 

@@ -293,9 +293,9 @@ class _Solve:
         s = sparsity if sparsity is not None else min(geom.m, 8)
         s_max = geom.m if sparsity is not None else max(s, min(geom.m, MAX_ELL_ENTRIES // (geom.batch * geom.n)))
         B = geom.batch
-        passed = self.passed.cpu().numpy().copy()
+        passed = _host.host_array(self.passed).copy()
         newton_its, best, stalled = np.zeros(B, np.int64), err.copy(), np.zeros(B, np.int64)
-        mass = (pb.A.sum(-1) + pb.Bw.sum(-1)).double().cpu().numpy()
+        mass = _host.host_array((pb.A.sum(-1) + pb.Bw.sum(-1)).double())
         for _ in range(max_iter):
             passed |= err <= tol
             with np.errstate(invalid="ignore"):
