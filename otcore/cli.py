@@ -48,6 +48,18 @@ def _schedule_arg(text: str) -> str:
     return text
 
 
+def _overrelax_arg(text: str):
+    """argparse type of ``--overrelax``: ``auto``, ``on``, ``off`` or a fixed factor (its
+    range is the solver's check)."""
+    named = {"auto": "auto", "on": True, "off": False}
+    if text in named:
+        return named[text]
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto, on, off or a factor in (0, 2), got {text!r}") from None
+
+
 def _schedule(text: Optional[str]):
     if text is None or text == "none":
         return None
@@ -331,6 +343,7 @@ _METHOD_FLAGS = {
     "eps_schedule": ("sinkhorn", "newton"),
     "check_every": ("sinkhorn",),
     "cuda_graph": ("sinkhorn",),
+    "overrelax": ("sinkhorn",),
     "warmup_iter": ("newton",),
     "sparsity": ("newton",),
     "k": ("sparse",),
@@ -410,7 +423,7 @@ def run_solve(args) -> int:
         solver = sinkhorn
         kw.update(eps=eps, rho=args.rho, eps_schedule=_schedule(args.eps_schedule),
                   check_every=args.check_every if args.check_every is not None else 10,
-                  cuda_graph=bool(args.cuda_graph))
+                  cuda_graph=bool(args.cuda_graph), overrelax=args.overrelax if args.overrelax is not None else "auto")
     elif args.method == "newton":
         solver = sinkhorn_newton
         kw.update(eps=eps, sparsity=args.sparsity)
@@ -508,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--check-every", type=int, default=None, help="iterations between convergence checks (sinkhorn only; default 10)")
     e.add_argument("--cuda-graph", action="store_const", const=True, default=None,
                    help="replay the iterations between checks from a CUDA graph (sinkhorn only; CUDA tensors)")
+    e.add_argument("--overrelax", type=_overrelax_arg, default=None,
+                   help="over-relaxed iterations: auto (default: adapted, with a --tol), on, off (plain Sinkhorn) "
+                        "or a fixed factor in (0, 2) (sinkhorn only)")
     e.add_argument("--warmup-iter", type=int, default=None, help="cap on Sinkhorn warm-up iterations (newton only; default 20)")
     e.add_argument("--sparsity", type=int, default=None, help="plan entries kept per row in the Hessian (newton only; default adaptive)")
     k = s.add_argument_group("sparse")

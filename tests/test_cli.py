@@ -85,6 +85,36 @@ def test_solve_cuda_graph_flag_reaches_the_solver(capsys, monkeypatch):
     assert seen["cuda_graph"] is False
 
 
+def test_solve_overrelax_flag_reaches_the_solver(capsys, monkeypatch):
+    """``--overrelax auto|on|off|factor`` (sinkhorn only): the solver's ``overrelax``; auto
+    (the solver's default) when absent; plain iterations take more of them here."""
+    import otcore.cli as cli
+
+    seen = []
+    real = cli.sinkhorn
+
+    def spy(*args, **kw):
+        seen.append(kw["overrelax"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cli, "sinkhorn", spy)
+    base = ["--n", "80", "--eps", "0.01", "--dtype", "float64"]
+    runs = {flag: run_json(capsys, *base, *(["--overrelax", flag] if flag else [])) for flag in ("", "off", "on", "1.5")}
+    assert seen == ["auto", False, True, 1.5]
+    assert all(s["converged"] for s in runs.values())
+    assert runs[""]["n_iter"] == runs["on"]["n_iter"] < runs["off"]["n_iter"]
+    with pytest.raises(SystemExit, match="--overrelax as a factor must be in"):
+        main(["solve", *base, "--overrelax", "2.5", "--quiet"])
+    with pytest.raises(SystemExit, match="--overrelax does not apply to --method newton"):
+        main(["solve", *base, "--method", "newton", "--overrelax", "on", "--quiet"])
+
+
+def test_an_overrelax_that_is_no_setting_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["solve", "--overrelax", "fast"])
+    assert exc.value.code == 2 and "--overrelax: must be auto, on, off or a factor" in capsys.readouterr().err
+
+
 def test_solve_from_npy_matches_library_and_pot(capsys, clouds):
     import ot
 
