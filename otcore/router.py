@@ -80,7 +80,10 @@ class SparseOTRouter(nn.Module):
             ``tol`` is ``tol * n_tokens``).
         max_iter: L-BFGS iterations per forward pass.
         plan_grad: ``"implicit"`` (exact derivative of the optimal plan) or ``"fixed"``
-            (projection Jacobian with the duals held fixed; cheaper).
+            (projection Jacobian with the duals held fixed; cheaper). At
+            ``capacity_factor=1`` the optimal routing (every slot full) is locally constant in
+            the scores: its exact derivative is 0 and the gate gets no gradient through
+            the combine weights; ``"fixed"`` gives one (docs/router.md).
         warm_start: start each solve from the previous call's duals when the shapes agree
             (the same tokens routed again with slightly changed scores). A warm solve that
             does not converge is redone cold and the better of the two kept (converged, then

@@ -361,3 +361,30 @@ def test_per_token_and_per_expert_score_offsets_leave_the_float32_routing_alone(
         assert torch.equal((s + offset) - offset, s)
         assert out.result.converged and out.result.grad_norm <= 1e-5 * T
         assert float((out.combine_dense().double() - ref).abs().max()) <= 1e-3  # it was 1.3e-2 to 5.6e-2
+
+
+def test_at_capacity_factor_1_the_exact_plan_gradient_is_zero_and_fixed_gives_one():
+    """``capacity_factor=1`` (n_tokens / E slots per expert, all needed): the supports leave no
+    free entry once the marginals are fixed, so the optimal routing (near an assignment) is
+    locally constant in the scores, ``plan_grad="implicit"`` (exact) is 0 through the
+    combine weights, and ``"fixed"`` gives the gate a gradient (docs/router.md)."""
+    s = _scores(64, 4, seed=0, dtype=F64).requires_grad_()
+    W = torch.randn(4, 16, generator=torch.Generator().manual_seed(1), dtype=F64)
+    grads = {}
+    for pg in ("implicit", "fixed"):
+        out = otcore.SparseOTRouter(4, capacity_factor=1.0, plan_grad=pg, max_iter=500, backend="torch")(s)
+        assert out.result.converged
+        vals = out.combine_weights.detach()
+        assert bool(((vals - 1).abs() < 1e-2).all())  # every slot full, near an assignment
+        (grads[pg],) = torch.autograd.grad((out.combine_weights * W).sum(), s)
+    assert float(grads["implicit"].abs().max()) < 1e-9 < 1.0 < float(grads["fixed"].abs().max())
+
+
+def test_a_capacity_of_one_token_per_expert_routes_multiples_of_the_expert_share():
+    """5 tokens over 8 experts: capacity 1, each expert's 5/8 goes to one token, so token
+    masses are multiples of 5/8 (no routing gives every token 1); loads stay exact."""
+    out = otcore.SparseOTRouter(8, backend="torch")(_scores(5, 8, seed=0, dtype=F64))
+    masses = out.combine_dense().sum(1)
+    torch.testing.assert_close(masses / (5 / 8), (masses / (5 / 8)).round(), rtol=0, atol=1e-9)
+    assert float(masses.min()) < 1 < float(masses.max())
+    torch.testing.assert_close(out.expert_load, torch.full((8,), 5 / 8, dtype=F64))

@@ -710,3 +710,57 @@ def test_bad_inputs():
         otcore.sparse_ot(otcore.CostMatrix(bad), a, b, k=2, gamma=0.5)
     with pytest.raises(ValueError, match="shape"):
         otcore.sparse_ot(otcore.CostMatrix(C), a[:3], b, k=2, gamma=0.5)
+
+
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+def test_k_equal_to_the_natural_support_does_not_bind(formulation):
+    """Where the unconstrained optimum already uses at most ``k`` positions per line, a line
+    filling its ``k`` slots does not make ``k`` bind (its ``(k+1)``-th score lies below the
+    threshold): the objective is smooth there, so ``ftol`` must not stop it. Counting full
+    lines stopped it at 3600x (semi-dual) and 2.4e5x (dual) tol with ``converged=True``."""
+    C = torch.rand(30, 20, generator=torch.Generator().manual_seed(0), dtype=F64)
+    full = otcore.sparse_ot(otcore.CostMatrix(C), k=30, gamma=0.5, tol=1e-10, backend="torch")
+    natural = int((full.to_dense() > 0).sum(0).max())
+    assert natural < 30
+    res = otcore.sparse_ot(otcore.CostMatrix(C), k=natural, gamma=0.5, tol=1e-10, formulation=formulation,
+                           backend="torch")
+    assert res.converged and res.grad_norm <= 1e-10 and res.info["stop"] == "gradient norm <= tol"
+    torch.testing.assert_close(res.to_dense(), full.to_dense(), rtol=0, atol=1e-9)
+    tight = otcore.sparse_ot(otcore.CostMatrix(C), k=natural - 1, gamma=0.5, tol=1e-10, formulation=formulation,
+                             backend="torch")  # one slot fewer: it binds, and ftol stops it
+    assert tight.converged and tight.info["stop"] == "objective stationary (ftol)"
+
+
+@pytest.mark.parametrize("k", [3, 30])
+def test_a_warm_start_in_another_gauge_is_solved_in_a_centred_one(k):
+    """``(alpha + c, beta - c)`` is the same dual point. Carried into a float32 solve, c = 1e4
+    moved the value by 4e-3 relative with ``converged=True`` (at 1e8: a uniform plan,
+    ``grad_norm`` 0, value -0.004 for 0.072). The duals come back in the given gauge."""
+    C = torch.rand(30, 20, generator=torch.Generator().manual_seed(0))
+    cold = otcore.sparse_ot(otcore.CostMatrix(C), k=k, gamma=0.5, backend="torch")
+    c = 1e4
+    warm = otcore.sparse_ot(otcore.CostMatrix(C), k=k, gamma=0.5, init=(cold.alpha + c, cold.beta - c),
+                            backend="torch")
+    assert warm.converged and warm.n_iter < 30
+    torch.testing.assert_close(warm.value, cold.value, rtol=1e-6, atol=0)
+    torch.testing.assert_close(warm.to_dense(), cold.to_dense(), rtol=0, atol=1e-4)
+    assert abs(float((warm.alpha - cold.alpha).mean()) - c) < 1e-2  # the caller's gauge
+
+
+def test_the_duals_fixed_plan_jacobian_keeps_the_line_sums():
+    """``plan_grad="fixed"`` is the projection's Jacobian on the support for both
+    formulations: a line's sum is exact whatever the costs, so its gradient is 0 (the
+    dual's held the line multiplier fixed instead: a gradient of 2)."""
+    C = torch.rand(8, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
+    grads = []
+    for formulation in ("semi-dual", "dual"):
+        Cg = C.clone().requires_grad_()
+        res = otcore.sparse_ot(otcore.CostMatrix(Cg), k=8, gamma=0.5, formulation=formulation, plan_grad="fixed",
+                               tol=1e-12, backend="torch")
+        (g,) = torch.autograd.grad(res.values[0].sum(), Cg)
+        assert float(g.abs().max()) < 1e-12
+        w = torch.randn(6, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+        grads.append(torch.autograd.grad((otcore.sparse_ot(
+            otcore.CostMatrix(Cg), k=8, gamma=0.5, formulation=formulation, plan_grad="fixed", tol=1e-12,
+            backend="torch").values * w).sum(), Cg)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)  # one Jacobian, both formulations

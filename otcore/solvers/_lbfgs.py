@@ -116,7 +116,8 @@ def lbfgs(
     ``scale + |f|``, or ``(offset, extra)`` (B,) for ``|f + offset| + extra``, a magnitude
     of the objective's variations): reason 4, the optimum of a nonsmooth objective, where
     the gradient need not vanish, or the dtype's resolution; it counts as converged where
-    ``flat_converges`` (a bool, or ``aux -> (B,) bool`` at the current iterate), else
+    ``flat_converges`` (a bool, or ``(theta, aux) -> (B,) bool`` at the current iterate, asked
+    only at an iteration where this test would stop some problem: it may cost a pass), else
     ``ftol`` is 0 there and it is reason 5 (stationary, not converged: a smooth objective's
     gradient must vanish), and then the gradient norm must also not have fallen by 1% over
     the window (below the objective's float resolution the gradient is still measured
@@ -156,26 +157,24 @@ def lbfgs(
     offset, extra = (None, None) if fscale is None else (_on_host(fscale[0], B), _on_host(fscale[1], B))
     judged = callable(flat_converges)  # else a constant
 
-    def read(fv, gv, sv, auxv, with_flat, *more):
-        """Host rows of one evaluation: f, |g|_1, scale, flat_converges (if judged now), more."""
-        rows = [fv, gv.abs().sum(-1), sv, *more] + ([flat_converges(auxv)] if with_flat else [])
-        st = _host.to_host(*rows)
-        flat = st[-1] > 0 if with_flat else np.full(B, bool(flat_converges) if not judged else False)
-        return (st[0], st[1], st[2], flat), st[3:3 + len(more)]
+    def read(fv, gv, sv, *more):
+        """Host rows of one evaluation: f, |g|_1, scale, more."""
+        st = _host.to_host(fv, gv.abs().sum(-1), sv, *more)
+        return (st[0], st[1], st[2]), st[3:]
 
     def kicked_off(which, base, base_h):
         """``(base, base_h)`` with the problems in ``which`` (host mask) moved off the
         iterate by ``kick`` times the fixed pattern, their memory dropped, their kicks counted."""
         cand = theta + kick_d[:, None] * pattern
         fk, gk, auxk, sk = evaluate(cand)
-        out_h, _ = read(fk, gk, sk, auxk, judge)
+        out_h, _ = read(fk, gk, sk)
         mask = _host.to_device(which, dev)
         valid.masked_fill_(mask[:, None], False)
         np.add(kicks, which, out=kicks)
         return _where(mask, (cand, gk, auxk), base), _pick(which, out_h, base_h)
 
     f, g, aux, scale = evaluate(theta)
-    cur, _ = read(f, g, scale, aux, judged)  # host: (f, gnorm, scale, flat_converges) at the iterate
+    cur, _ = read(f, g, scale)  # host: (f, gnorm, scale) at the iterate
     converged = cur[1] <= tol_h
     active = ~converged & np.isfinite(cur[0]) & np.isfinite(cur[1])
     start = cur[0]  # the objective at theta: an ftol stop no lower than it (by the slack) is suspect
@@ -191,7 +190,6 @@ def lbfgs(
     for it in range(max_iter):
         if not active.any():
             break
-        judge = judged and it >= window  # flat_converges is read where the stopping test uses it
         d = -_direction(g, pairs, sy, yy, sg, yg, valid, hscale)
         gd = (g * d).sum(-1)
         reset = ~(gd < 0)  # not a descent direction: restart from scaled steepest descent (no sync)
@@ -206,7 +204,7 @@ def lbfgs(
             cand = theta + t[:, None] * d
             fc, gc, auxc, sc = evaluate(cand)
             more = [(gc * d).sum(-1)] + ([gd, t] if trial == 0 else [])
-            trial_h, st = read(fc, gc, sc, auxc, judge, *more)
+            trial_h, st = read(fc, gc, sc, *more)
             if trial == 0:  # the trials' step-independent terms: Armijo's bound is ceiling + t * descent
                 t_h, gd_h = st[2], st[1]
                 ceiling = cur[0] + slack * (cur[2] + np.abs(cur[0]))
@@ -262,8 +260,15 @@ def lbfgs(
         recent_g.append(cur[1])
         if len(recent) > window:
             old_f, old_g = recent.pop(0), recent_g.pop(0)
-            conv_flat = cur[3]
             size = cur[2] + np.abs(cur[0]) if offset is None else np.abs(cur[0] + offset) + extra
+            with np.errstate(invalid="ignore"):
+                by_ftol = moved & (old_f - cur[0] <= ftol * size)
+            if not judged:
+                conv_flat = np.full(B, bool(flat_converges))
+            elif by_ftol.any():  # asked only where ftol would stop a problem (it may cost a pass)
+                conv_flat = _host.to_host(flat_converges(theta, aux))[0] > 0
+            else:
+                conv_flat = np.zeros(B, bool)
             with np.errstate(invalid="ignore"):
                 flat = moved & (old_f - cur[0] <= np.where(conv_flat, ftol, 0.0) * size)
                 # not converging on it (smooth): below f's resolution the gradient may still fall

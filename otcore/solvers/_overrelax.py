@@ -52,6 +52,8 @@ import torch
 CAP = 1.95
 #: Returns to plain iterations after which a problem stays plain.
 MAX_FAILURES = 2
+#: Tests without the residual falling by 1% after which a problem that was relaxed stays plain.
+STALL = 3
 
 
 def check_overrelax(value: Union[bool, float, str], tol: Optional[float], check_every: int = 10) -> Union[bool, float]:
@@ -103,6 +105,8 @@ class Overrelaxation:
         self.plain_rate = nan.copy()  # the plain decay relaxation started from
         self.reverted = nan.copy()  # the relaxed decay that sent a problem back to plain
         self.failures = np.zeros(batch, dtype=np.int64)
+        self.best = np.full(batch, np.inf)  # the smallest residual read so far
+        self.stale = np.zeros(batch, dtype=np.int64)  # tests since it last fell by 1%
 
     def after_test(self, resid, it: int) -> None:
         """Adapt ``omega`` to the residuals ``resid`` (B,) (host values: an array or a CPU
@@ -133,7 +137,19 @@ class Overrelaxation:
             lam = (rho + w - 1) ** 2 / (rho * w * w)
             w_grown = np.minimum(np.maximum(w, 2.0 / (1.0 + np.sqrt(np.maximum(1.0 - lam, 0.0)))), CAP)
         back = ~plain & valid & ~helps
-        new = np.where(start, w_start, np.where(~plain & helps, w_grown, np.where(back, 1.0, w)))
+        # at the dtype's rounding floor the residual only fluctuates: a probe's random small
+        # decay restarted the relaxation at the cap, which kept the residual from ever reading
+        # below tol there (float64, tol 1e-12: 100,000 iterations where plain passed after
+        # 15,200). A problem relaxed before whose residual has not fallen by 1% in STALL tests
+        # stays plain (before relaxation starts, a plateau is the early one: it waits)
+        with np.errstate(invalid="ignore"):
+            fell = resid < 0.99 * self.best
+        self.best = np.where(fell, resid, self.best)
+        self.stale = np.where(fell, 0, self.stale + np.isfinite(resid))  # (NaN: a problem that stopped)
+        stuck = np.isfinite(self.plain_rate) & (self.stale >= STALL)
+        self.failures = np.where(stuck, MAX_FAILURES, self.failures)
+        start &= ~stuck
+        new = np.where(start, w_start, np.where(~plain & helps & ~stuck, w_grown, np.where(back | stuck, 1.0, w)))
         self.plain_rate = np.where(start, rho, self.plain_rate)
         self.reverted = np.where(back, rho, np.where(plain & valid, np.nan, self.reverted))
         # the plain decay of this block (NaN after a switch either way: the next block starts a fresh pair)

@@ -38,7 +38,7 @@ import torch
 from .. import _dispatch, _validate
 from .._progress import Progress
 from .._cg import pcg
-from ._entropic import check_init, finite_abs_max, padded
+from ._entropic import balanced_gauge, check_init, finite_abs_max, padded
 from ._lbfgs import lbfgs
 from ..autograd import first_order_only
 from ..geometry import Geometry
@@ -68,6 +68,9 @@ class _Problem:
     precision: str
     #: whether some problem has zero weights in ``a`` / ``b`` (read with the weights' checks)
     zeros: tuple[bool, bool] = (True, True)
+    #: (B,) the constant ``c`` taken off a warm start's ``(alpha + c, beta - c)`` (see
+    #: :func:`_check_init`), put back on the returned duals; None without a warm start
+    gauge: Optional[torch.Tensor] = None
 
     def evaluate(self, theta: torch.Tensor):
         """Objective to *minimize* (minus the (semi-)dual), its gradient, the pass's output
@@ -90,8 +93,18 @@ class _Problem:
 
 
 def _check_init(init, pb: _Problem) -> torch.Tensor:
-    """Starting point from ``init = (alpha, beta)`` (zeros if None), in line coordinates."""
+    """Starting point from ``init = (alpha, beta)`` (zeros if None), in line coordinates.
+    ``(alpha + c, beta - c)`` is the same dual point (both objectives are invariant, the
+    masses being equal): a warm start is solved from ``<a, alpha> / m(a) = <b, beta> / m(b)``
+    and its ``c`` recorded in ``pb.gauge`` (the returned duals get it back). Carried into the
+    solve, a large ``c`` cost float32 its digits: ``c = 1e8`` returned a uniform plan with
+    ``grad_norm`` 0 and a wrong value, ``converged=True``."""
     alpha, beta = check_init(init, pb.geom, names=("alpha", "beta"))
+    if init is not None:
+        A, Bw = (pb.wp, pb.wl) if pb.axis == 0 else (pb.wl, pb.wp)
+        centred, _ = balanced_gauge(alpha, beta, A, Bw)
+        pb.gauge = (alpha - centred).mean(-1)  # the c of alpha = centred + c (one number per problem)
+        alpha, beta = centred, beta + pb.gauge[:, None]
     hp, hl = (alpha, beta) if pb.axis == 0 else (beta, alpha)
     return hp if pb.semi else torch.cat([hp, hl], 1)
 
@@ -135,8 +148,8 @@ def sparse_ot(
         tol: stop when the L1 norm of the gradient -- the violation of the dualized
             marginals (``|T1 - a|_1`` for the semi-dual, plus ``|T^T 1 - b|_1`` for
             the dual) -- is ``<= tol``.
-        ftol: for a problem where ``k`` binds at the current iterate (some line's support
-            holds all ``k`` entries), also stop when the objective improved by at most
+        ftol: for a problem where ``k`` binds at the current iterate (some line would give
+            mass to more than ``k`` positions if it could), also stop when the objective improved by at most
             ``ftol * (|value - m(a) min C| + gamma |line weights|^2)`` over the last 10
             iterations. When ``k`` binds, the optimum sits on a kink of the objective where
             the gradient does not vanish (the plan then violates the dualized marginals by
@@ -153,7 +166,8 @@ def sparse_ot(
             ``axis=0``, ``alpha`` by the one with ``axis=1``).
         plan_grad: how ``values`` are differentiated: ``"implicit"`` (exact derivative of
             the optimal plan on its support, through the optimality conditions, by
-            conjugate gradient) or ``"fixed"`` (the projection's Jacobian with the dual
+            conjugate gradient; 0 where the constraints pin the plan, every support full:
+            docs/sparse_ot.md) or ``"fixed"`` (the projection's Jacobian with the dual
             variables held fixed: on a column's support ``S``,
             ``dT = (dx - mean_S(dx)) / gamma`` for ``x = alpha - C_:j``).
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
@@ -197,11 +211,24 @@ def run_lbfgs(pb: _Problem, evaluate, theta0, tol: float, ftol: float, max_iter:
 
 
 def _binds(pb: _Problem):
-    """``out -> (B,) bool``: ``k`` binds, some line's support holds ``k`` positions (False
-    throughout when ``k`` is the line length: nothing is cut)."""
+    """``(theta, out) -> (B,) bool``: ``k`` binds, i.e. some line would give mass to more than
+    ``k`` positions if it could: its projection onto ``k + 1`` slots fills them all (the
+    ``(k+1)``-th score lies above the threshold). A line that merely fills its ``k`` slots
+    does not bind when the ``(k+1)``-th score lies below: where the unconstrained optimum
+    already uses ``k`` per line, that test let ``ftol`` stop a smooth problem at 100-3000x
+    tol. One more pass, asked only where ``ftol`` would stop (False throughout when ``k``
+    is the line length: nothing is cut)."""
     if pb.k >= pb.wp.shape[1]:
         return False
-    return lambda out: ((out.vals > 0).sum(-1) >= pb.k).any(-1)
+
+    def binds(theta, out):
+        full = (out.vals > 0).sum(-1) >= pb.k  # (B, L): necessary
+        N, kw = pb.wp.shape[1], dict(backend=pb.backend, precision=pb.precision)
+        side = dict(mass=pb.wl) if pb.semi else dict(beta=theta[:, N:])  # as in evaluate
+        wider = pb.geom.ksparse_columns(theta[:, :N], pb.gamma, pb.k + 1, pb.axis, **side, **kw)
+        return (full & ((wider.vals > 0).sum(-1) > pb.k)).any(-1)
+
+    return binds
 
 
 def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, precision, init, tol):
@@ -369,6 +396,8 @@ def _result(pb: _Problem, hp, out: KSparse, n_iter, reason, tol, batched, elapse
             stacklevel=3,
         )
     alpha, beta = (hp, hl) if pb.axis == 0 else (hl, hp)
+    if pb.gauge is not None:  # a warm start's own gauge (the value, read above, is centred)
+        alpha, beta = alpha + pb.gauge[:, None], beta - pb.gauge[:, None]
     o = (lambda t: t) if batched else (lambda t: t[0])
     info = {"formulation": "semi-dual" if pb.semi else "dual", "gamma": pb.gamma, "k": pb.k, "time_s": elapsed,
             "backend": pb.backend,
@@ -406,18 +435,20 @@ def _attach_gradients(pb: _Problem, hp, hl, out: KSparse, value, cost):
     return _SparseOTFunction.apply(_GradSpec(pb, hp, hl, out), value, cost, out.vals, *inputs)
 
 
-def plan_on_support(pb: _Problem, hp, hl, csup, wl, idx, support):
+def plan_on_support(pb: _Problem, hp, hl, csup, wl, idx, support, solve_lines: bool = False):
     """The plan's entries as a smooth function of the duals and costs, support held fixed.
 
-    ``x = hp[idx] - csup``. Semi-dual: ``T = (x + hl)/gamma`` with
+    ``x = hp[idx] - csup``. Semi-dual (or ``solve_lines``): ``T = (x + hl)/gamma`` with
     ``hl = -(sum_S x - gamma wl)/|S|`` solved so the line sums equal ``wl`` (the
-    projection's Jacobian on its support, ``dx -> (dx - mean_S dx)/gamma``);
+    projection's Jacobian on its support, ``dx -> (dx - mean_S dx)/gamma``: the dual's
+    ``plan_grad="fixed"`` too, whose line sums are exact after the solve; with ``hl`` held
+    the line sums moved, a gradient of 2 where 0 is exact);
     dual: ``T = (x + hl)/gamma`` with ``hl`` an input. Zero off the support.
     """
     B, L, k = idx.shape
     x = torch.gather(hp, 1, idx.reshape(B, L * k)).reshape(B, L, k) - csup
     sup = support.to(x.dtype)
-    if pb.semi:
+    if pb.semi or solve_lines:
         cnt = sup.sum(2)
         hl = -((x * sup).sum(2) - pb.gamma * wl) / cnt.clamp(min=1)
     return (x + hl[:, :, None]) * sup / pb.gamma
@@ -498,7 +529,7 @@ def _plan_vjp(pb: _Problem, spec: _GradSpec, gT: torch.Tensor):
         csup = out.cost.detach().requires_grad_(True)
         wp = pb.wp.detach().requires_grad_(True)
         wl = pb.wl.detach().requires_grad_(True)
-        T = plan_on_support(pb, hp, hl, csup, wl, out.idx, support)
+        T = plan_on_support(pb, hp, hl, csup, wl, out.idx, support, solve_lines=pb.plan_grad == "fixed")
         thetas = (hp,) if pb.semi else (hp, hl)
         direct = torch.autograd.grad(T, (csup, wl, *thetas), gT, retain_graph=True, allow_unused=True)
         g_csup, g_wl = direct[0], _zero_if_none(direct[1], wl)
