@@ -69,7 +69,7 @@ def lse2(z, AXIS: tl.constexpr):
     mx = tl.max(z, axis=AXIS)
     safe = tl.where(mx == float("-inf"), 0.0, mx)
     total = tl.sum(tl.exp2(z - tl.expand_dims(safe, AXIS)), axis=AXIS)
-    return tl.where(total > 0, safe + tl.log2(tl.where(total > 0, total, 1.0)), float("-inf"))
+    return tl.where(total == 0, float("-inf"), safe + tl.log2(tl.where(total == 0, 1.0, total)))  # NaN stays NaN
 
 
 @triton.jit
@@ -206,8 +206,8 @@ def tiles_fit(n: int, m: int, d: int, dense: bool) -> bool:
 @triton.jit
 def _softmin_of(m, l, inv_scale):
     """``-(m + log2 l) / s`` from :func:`~otcore.kernels.softmin.lse_online`'s pair: the
-    softmin, ``+inf`` for a line with no positive weight (``l = 0``)."""
-    return -tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf")) * inv_scale
+    softmin, ``+inf`` for a line with no positive weight (``l = 0``), NaN for a NaN sum."""
+    return -tl.where(l == 0, float("-inf"), m + tl.log2(tl.where(l == 0, 1.0, l))) * inv_scale
 
 
 @triton.jit

@@ -475,8 +475,10 @@ def softmin_kernel(
         m_i, l_i = lse_online(h_ptr, bias_ptr, scale, own_ptr, oth_ptr, c_ptr, own_hi, own_lo, own_sqn, offs_i, mask_i,
                               j_lo, j_hi, s_or, s_ok, s_tr, s_tk, s_co, s_ct, D, DP, COST, EUCLID, IP,
                               BLOCK_I, BLOCK_J, LANE, LOWEST, BIAS)
-        # every weight zero: l_i = 0, lse2 = -inf and out = +inf (= -eps log 0), without evaluating log2(0)
-        lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        # every weight zero: l_i = 0, lse2 = -inf and out = +inf (= -eps log 0), without evaluating log2(0);
+        # a NaN sum (NaN or +inf in h) stays NaN (tested as l_i > 0 it read as "no weight": +inf, and a
+        # split pass dropped that slice, returning the other slices' finite softmin)
+        lse2 = tl.where(l_i == 0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0, 1.0, l_i)))
     if PARTIAL:
         tl.store(out_ptrs, lse2, mask=store)
     elif UPDATE != 0:

@@ -82,7 +82,14 @@ class Geometry:
         (unbiased potentials), and with ``check = (tol, rho_a)`` the convergence test and
         its residual, ``(f, g, resid)`` (see reference.sinkhorn_steps); ``omega`` (B,):
         over-relaxed iterations. On the Triton backend a problem whose cost fits one tile
-        runs it all in one launch."""
+        runs it all in one launch. ``symmetric`` (self-transport) expects ``f = g`` and
+        ``loga = logb``: the twin iterates on ``f`` with ``loga``, the kernels on ``g`` with
+        ``logb`` (the solver passes them so)."""
+        for name, t, size in (("f", f, self.n), ("g", g, self.m), ("loga", loga, self.n), ("logb", logb, self.m)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.batch, size):
+                raise ValueError(f"{name} must be a (B={self.batch}, {size}) tensor, got {_described(t)}")
+        if not isinstance(active, torch.Tensor) or tuple(active.shape) != (self.batch,) or active.dtype != torch.bool:
+            raise ValueError(f"active must be a (B={self.batch},) bool tensor, got {_described(active)}")
         return self._call("sinkhorn_steps", backend, f, g, loga, logb, _eps(eps), tau, k, active,
                           symmetric=symmetric, check=check, precision=precision, omega=omega)
 

@@ -59,7 +59,8 @@ class SinkhornLoss(nn.Module):
             stages included, with no convergence test, like GeomLoss's fixed schedule; each
             result then skips the column marginals and the transport cost: one plan pass).
             ``overrelax="auto"`` (default) over-relaxes the cross term's iterations where
-            there is a ``tol`` (2-5x fewer at small eps; docs/conventions.md).
+            there is a ``tol`` (2-8x fewer at small eps; the 2000-point loss at eps 0.0025:
+            111 against 591 iterations, 3.7x less time; docs/conventions.md).
         warm_start: start each of the (up to three) solves from the potentials of the same
             term in the previous call, without eps scaling, when eps, the shapes, dtype,
             device and the zero-weight pattern agree (consecutive training steps move the

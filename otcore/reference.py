@@ -145,9 +145,12 @@ def softmin(geom, h: torch.Tensor, eps: float, axis: int, precision: str = "fp32
     ``-inf`` gives ``+inf``. ``hint`` (an estimate of the output, which the Triton
     kernel uses as its shift) is accepted and not needed: ``M`` is exact here.
     """
+    dt = torch.promote_types(h.dtype, geom.dtype)
+    # h in the compute dtype first (as the kernel reads it): an fp16 h times k = log2(e)/eps
+    # overflowed at |h| ~ 1e3, eps = 0.01, and lost 5e-4 at |h| ~ 1, where the kernel kept 2e-7
+    h = h.to(dt)
     k = _LOG2E / eps
     hk = h * k
-    dt = torch.promote_types(h.dtype, geom.dtype)
     lowest = torch.finfo(dt).min
     out = torch.empty(geom.batch, geom.n if axis == 1 else geom.m, dtype=dt, device=h.device)
     for sl, C, Z in _tiles(geom, axis, h.dtype):

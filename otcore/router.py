@@ -88,6 +88,8 @@ class SparseOTRouter(nn.Module):
             (the same tokens routed again with slightly changed scores). A warm solve that
             does not converge is redone cold and the better of the two kept (converged, then
             the smaller ``grad_norm``), with its duals for the next call.
+            Kept in evaluation mode and under ``no_grad`` too, so a call's output depends on
+            the previous call's (within ``tol``).
             ``result.info["warm_start"]`` says ``"none"``, ``"used"``, ``"retried cold"`` or
             ``"retried cold, warm kept"`` (``info["retry_iter"]``: the other solve's
             iterations). In capacity mode the duals are per token, so a fresh batch of

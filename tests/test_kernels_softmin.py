@@ -539,3 +539,23 @@ def test_device_scalars_are_cached_per_key_and_bounded():
                                torch.tensor([K.LOG2E / eps, eps * K.LN2, 1.0]))
     torch.testing.assert_close(K.scalars(eps, torch.float32, torch.device("cpu"), tau=0.25),
                                torch.tensor([K.LOG2E / eps, eps * K.LN2, 0.25]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), INF])
+def test_a_nan_or_inf_potential_gives_nan_not_a_finite_softmin(bad):
+    """NaN or +inf in ``h``: the twin's softmin is NaN. The kernel's empty-sum test
+    (``l > 0``) read a NaN sum as "no weight": +inf unsplit, and a split pass dropped the
+    slice holding it and returned the other slices' finite softmin. Now NaN everywhere."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(1, 4, 3, generator=g), torch.rand(1, 200, 3, generator=g)
+    op = K.point_operand(x.to(DEVICE), y.to(DEVICE), False, "fp32")
+    h = 0.1 * torch.randn(1, 200, generator=g)
+    h[0, 150] = bad
+    assert bool(reference.softmin(otcore.PointCloud(x, y), h, 0.05, 1).isnan().all())
+    for splits in (1, 2, 3):
+        with warnings.catch_warnings():  # the interpreter's NumPy warns on inf - inf
+            warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+            out = K.launch_softmin(op, h.to(DEVICE), 0.05, splits=splits)
+        assert bool(out.isnan().all()), splits
+    empty = torch.full((1, 200), -INF)  # every weight zero: +inf, as before (not NaN)
+    assert bool((K.launch_softmin(op, empty.to(DEVICE), 0.05, splits=2) == INF).all())

@@ -393,3 +393,20 @@ def test_plan_topk_rejects_bad_k_on_the_torch_backend(k, err, match):
                              torch.rand(7, 2, generator=torch.Generator().manual_seed(2)))
     with pytest.raises(err, match=match):
         geom.plan_topk(torch.zeros(1, 5), torch.zeros(1, 7), 0.1, k, backend="torch")
+
+
+@pytest.mark.parametrize("dtype,scale,eps", [(torch.float16, 1.0, 0.05), (torch.bfloat16, 1.0, 0.05),
+                                             (torch.float16, 1000.0, 0.01)])
+def test_softmin_takes_a_low_precision_h_in_the_compute_dtype(dtype, scale, eps):
+    """An fp16/bf16 ``h`` is read in the geometry's dtype, as the kernel reads it: the twin
+    formed ``h * log2(e) / eps`` in fp16 (overflow, NaN at |h| ~ 1e3 and eps = 0.01) and
+    erred 5e-4 (fp16) and 3.5e-3 (bf16) at |h| ~ 1, against 2e-7 for the kernel."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(1, 12, 3, generator=g), torch.rand(1, 17, 3, generator=g)
+    h = (scale * torch.randn(1, 17, generator=g)).to(dtype)
+    geom = otcore.PointCloud(x, y)
+    got = reference.softmin(geom, h, eps, 1)
+    C = torch.cdist(x.double(), y.double()) ** 2
+    want = -eps * torch.logsumexp((h.double()[:, None, :] - C) / eps, -1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * scale)

@@ -603,3 +603,22 @@ def test_geometry_primitives_take_a_resolved_backend_only(backend):
     geom = otcore.PointCloud(rand(5, 2, seed=1), rand(7, 2, seed=2))
     with pytest.raises(ValueError, match="backend must be 'torch' or 'triton' for a geometry primitive"):
         geom.softmin(torch.zeros(1, 7), 0.1, 1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sinkhorn_steps_checks_its_potentials_weights_and_mask(backend):
+    """The kernels index ``loga``, ``logb`` and ``active`` by the geometry's sizes (a short
+    one was read past its end) while the twin broadcast a batch of one."""
+    g = otcore.PointCloud(rand(2, 7, 3), rand(2, 9, 3, seed=1))
+    f, gg, la, lb = torch.zeros(2, 7), torch.zeros(2, 9), torch.full((2, 7), -math.log(7)), torch.full((2, 9), -math.log(9))
+    on = torch.ones(2, dtype=torch.bool)
+    bad = {"f": dict(f=f[:1]), "g": dict(g=gg[:, :5]), "loga": dict(loga=la[:, :1]), "logb": dict(logb=lb[:1]),
+           "active": dict(active=on[:1])}
+    for name, change in bad.items():
+        args = dict(dict(f=f, g=gg, loga=la, logb=lb, active=on), **change)
+        with pytest.raises(ValueError, match=f"^{name} must be a"):
+            g.sinkhorn_steps(args["f"], args["g"], args["loga"], args["logb"], 0.1, (1.0, 1.0), 2, args["active"],
+                             backend=backend)
+    with pytest.raises(ValueError, match="^active must be a"):
+        g.sinkhorn_steps(f, gg, la, lb, 0.1, (1.0, 1.0), 2, on.float(), backend=backend)
+    assert g.sinkhorn_steps(f, gg, la, lb, 0.1, (1.0, 1.0), 2, on, backend=backend)[0].shape == (2, 7)

@@ -97,7 +97,8 @@ def sinkhorn_newton(
     Same problem and solution as :func:`otcore.sinkhorn` (balanced): the plan
     ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)`` minimizing
     ``<P, C> + eps KL(P | a x b)`` over couplings of ``a`` and ``b``. At small
-    ``eps`` Sinkhorn converges slowly (its rate degrades like ``1 - O(eps)``), while
+    ``eps`` Sinkhorn converges slowly (its rate degrades like ``1 - O(eps)``, over-relaxed like
+    ``1 - O(sqrt(eps))``), while
     the Newton stage converges in tens of steps because the plan is then nearly
     sparse and a sparse Hessian captures it.
 

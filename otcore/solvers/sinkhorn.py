@@ -5,6 +5,9 @@ One iteration is two streamed passes of the geometry's ``softmin``:
     f <- tau_a * softmin_j(g + eps log b)     tau = rho / (rho + eps), 1 if balanced
     g <- tau_b * softmin_i(f + eps log a)
 
+With a ``tol`` the updates between two tests are over-relaxed by default
+(``overrelax="auto"``, :mod:`otcore.solvers._overrelax`); the last one before a test is plain.
+
 After the ``g`` update the column conditions hold exactly, so the stopping
 residual is the row residual, and that comes out of the next row pass for free:
 with ``s`` the new row softmin, ``(P1)_i = a_i exp((f_i - s_i)/eps)``. It is read
@@ -138,7 +141,8 @@ def sinkhorn(
             ``False`` runs plain Sinkhorn; needs ``check_every >= 3``. ``"auto"`` (default):
             adaptive with a ``tol`` and ``check_every >= 3``, else plain (``tol=None`` runs
             plain iterations). Same fixed point; at small eps 2-8x fewer iterations were
-            measured, and never more (docs/conventions.md). Ignored by self-transport.
+            measured, and never more away from the dtype's rounding floor
+            (docs/conventions.md). Ignored by self-transport.
         verbose: progress line on stderr; None = on a terminal after ~1 s.
 
     Self-transport (``PointCloud(x, x)`` with the same tensor twice, ``a is b`` and

@@ -223,9 +223,12 @@ def _binds(pb: _Problem):
 
     def binds(theta, out):
         full = (out.vals > 0).sum(-1) >= pb.k  # (B, L): necessary
-        N, kw = pb.wp.shape[1], dict(backend=pb.backend, precision=pb.precision)
-        side = dict(mass=pb.wl) if pb.semi else dict(beta=theta[:, N:])  # as in evaluate
-        wider = pb.geom.ksparse_columns(theta[:, :N], pb.gamma, pb.k + 1, pb.axis, **side, **kw)
+        # the line multipliers solved for the positions' potentials (the semi-dual's; the dual's
+        # at its optimum): the dual's iterate carried its own, which float32 left off the kink
+        # (a dual that binds in float64 stopped as "not binding" in float32)
+        N = pb.wp.shape[1]
+        wider = pb.geom.ksparse_columns(theta[:, :N], pb.gamma, pb.k + 1, pb.axis, mass=pb.wl,
+                                        backend=pb.backend, precision=pb.precision)
         return (full & ((wider.vals > 0).sum(-1) > pb.k)).any(-1)
 
     return binds
