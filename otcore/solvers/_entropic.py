@@ -350,7 +350,8 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
                     f"rounding on a float64 geometry), or ask for a larger tol")
     if stalled is not None and bool((stalled & ~converged).any()):
         left = float(resid[stalled & ~converged].max())
-        return f"no progress in the last Newton steps at residual {left:.3e} > tol={tol:g}, near the marginals' {rounding}"
+        return (f"no progress in the last steps (Sinkhorn iterations or Newton steps) at residual {left:.3e} > "
+                f"tol={tol:g}, near the marginals' {rounding}")
     left = float(resid[~converged].max())
     if not math.isfinite(left):  # P1 overflows (or is 0/0): no iteration can recover from it
         return (f"the plan of the potentials has non-finite marginals (residual {left}): eps={eps:g} is far below "

@@ -105,12 +105,11 @@ class Overrelaxation:
         self.plain_rate = nan.copy()  # the plain decay relaxation started from
         self.reverted = nan.copy()  # the relaxed decay that sent a problem back to plain
         self.failures = np.zeros(batch, dtype=np.int64)
-        self.best = np.full(batch, np.inf)  # the smallest residual read so far
-        self.stale = np.zeros(batch, dtype=np.int64)  # tests since it last fell by 1%
 
-    def after_test(self, resid, it: int) -> None:
+    def after_test(self, resid, it: int, stale=None) -> None:
         """Adapt ``omega`` to the residuals ``resid`` (B,) (host values: an array or a CPU
-        tensor) read after ``it`` iterations."""
+        tensor) read after ``it`` iterations; ``stale`` (B,): tests since each residual last
+        fell by 1% (:class:`Progressing`; None: all falling)."""
         if not self.adaptive:
             return
         resid = np.asarray(resid, dtype=np.float64).reshape(-1)
@@ -142,11 +141,7 @@ class Overrelaxation:
         # below tol there (float64, tol 1e-12: 100,000 iterations where plain passed after
         # 15,200). A problem relaxed before whose residual has not fallen by 1% in STALL tests
         # stays plain (before relaxation starts, a plateau is the early one: it waits)
-        with np.errstate(invalid="ignore"):
-            fell = resid < 0.99 * self.best
-        self.best = np.where(fell, resid, self.best)
-        self.stale = np.where(fell, 0, self.stale + np.isfinite(resid))  # (NaN: a problem that stopped)
-        stuck = np.isfinite(self.plain_rate) & (self.stale >= STALL)
+        stuck = np.isfinite(self.plain_rate) & (False if stale is None else stale >= STALL)
         self.failures = np.where(stuck, MAX_FAILURES, self.failures)
         start &= ~stuck
         new = np.where(start, w_start, np.where(~plain & helps & ~stuck, w_grown, np.where(back | stuck, 1.0, w)))
@@ -158,3 +153,19 @@ class Overrelaxation:
             self.omega.copy_(torch.from_numpy(new))
         self.w = new
         self.last, self.last_it = resid, it
+
+
+class Progressing:
+    """Per problem, the tests since its residual last fell by 1% below the best read so far
+    (``stale``, host (B,)); a NaN residual (a problem that stopped) counts no test."""
+
+    def __init__(self, batch: int):
+        self.best = np.full(batch, np.inf)
+        self.stale = np.zeros(batch, dtype=np.int64)
+
+    def update(self, resid: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            fell = resid < 0.99 * self.best
+        self.best = np.where(fell, resid, self.best)
+        self.stale = np.where(fell, 0, self.stale + np.isfinite(resid))
+        return self.stale

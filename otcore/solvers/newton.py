@@ -248,7 +248,7 @@ class _Solve:
         their potentials."""
         _sync(self.pb.geom.device)
         t0 = time.perf_counter()
-        f, g, its, _ = _iterate(self.pb, self.f, self.g, list(stages), tol, len(stages) + n_iter, 10,
+        f, g, its, _, _ = _iterate(self.pb, self.f, self.g, list(stages), tol, len(stages) + n_iter, 10,
                                 self.progress, active=active, cold=cold)
         if not self.cold:
             # Sinkhorn's updates move the free (f + c, g - c) direction, which Newton steps then

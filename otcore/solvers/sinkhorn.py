@@ -30,18 +30,26 @@ import math
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
 from ..reference import damping as _tau, scaled
-from ._entropic import Problem, balanced_gauge, check_init, entropic_result, make_problem, settle_zero_weights
+from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, make_problem, residual_floor,
+                        settle_zero_weights)
 from ._graph import graphed
 from . import _host
-from ._overrelax import Overrelaxation, check_overrelax
+from ._overrelax import Overrelaxation, Progressing, check_overrelax
 
 Schedule = Union[None, str, float, Sequence[float]]
+
+#: Tests without the residual falling 1% below its best after which a problem within 4x of
+#: its rounding estimate (``residual_floor``) stops, unconverged: the dtype's floor, where
+#: the iterations only move the rounding (float32 at eps 10, masses ~30: 1000 iterations at
+#: the residual of the 100th, for each of a loss's three solves).
+STALL_STOP = 10
 
 
 def check_schedule(schedule: Schedule, eps: float):
@@ -121,7 +129,9 @@ def sinkhorn(
             marginals, whose error ``marginal_error`` still reports.
         max_iter: iteration cap (eps-scaling stages count). Hitting it gives
             ``converged=False`` and a :class:`~otcore.result.ConvergenceWarning` (with a
-            ``tol``; with ``tol=None`` it must exceed the number of stages).
+            ``tol``; with ``tol=None`` it must exceed the number of stages). A problem also
+            stops, unconverged, when its residual has not fallen 1% for :data:`STALL_STOP`
+            tests within 4x its rounding estimate (a ``tol`` the dtype cannot reach).
         rho: None (balanced), a number (KL penalty on both marginals), or
             ``(rho_a, rho_b)`` with None for an exact side.
         eps_schedule: eps scaling (see :func:`eps_stages`): None, ``"geometric"``,
@@ -180,13 +190,13 @@ def sinkhorn(
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
         relax = None if overrelax is False or pb.symmetric else \
             Overrelaxation(overrelax, geom.batch, geom.device, geom.dtype)
-        f, g, n_iter, passed = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
+        f, g, n_iter, passed, stalled = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
                                         cold=init is None, relax=relax)
         f, g = settle_zero_weights(pb, f, g, (_tau(pb.rho_a, pb.eps), _tau(pb.rho_b, pb.eps)), tied=pb.symmetric)
         info = {"eps_stages": stages, "symmetric": pb.symmetric, "time_s": progress.elapsed}
         if relax is not None:  # the factors in use at the end, per problem
             info["overrelax"] = relax.omega if geom.batched else float(relax.w[0])
-        return entropic_result(pb, f, g, n_iter, passed, tol, "sinkhorn", info)
+        return entropic_result(pb, f, g, n_iter, passed, tol, "sinkhorn", info, stalled)
 
 
 @torch.no_grad()
@@ -208,7 +218,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
     geom, kw, eps = pb.geom, pb.kw(), pb.eps
     B = geom.batch
     active = torch.ones(B, dtype=torch.bool, device=geom.device) if active is None else active.clone()
-    passed = torch.zeros_like(active)
+    passed, stalled = torch.zeros_like(active), torch.zeros_like(active)
     n_iter = torch.zeros(B, dtype=torch.long, device=geom.device)
     if pb.symmetric and cold:
         # from f = 0 the averaged update gives f = s / 2, half the c-transform, and at large eps
@@ -251,13 +261,14 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
             if progress.due():
                 progress.update(it, None, eps)
         progress.close()
-        return f, g, n_iter + active * left, passed  # (left > 0: max_iter exceeds the stages)
+        return f, g, n_iter + active * left, passed, stalled  # (left > 0: max_iter exceeds the stages)
 
     def checked_block(f, g, active, k: int):
         """``k`` iterations, the test, and one more iteration where it fails: (f, g, resid)."""
         return steps(f, g, eps, k, active, check=(tol, pb.rho_a), omega=omega)
 
     run_block = graphed(checked_block, geom.device, check_every - 1) if cuda_graph else checked_block
+    progressing = Progressing(B)
     while it < max_iter:
         done = it - len(stages)  # iterations at the target eps so far
         # iterations up to the next test: after iteration 1, then after multiples of check_every
@@ -272,16 +283,24 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         passed |= active & ok
         active &= ~ok & _validate.finite_rows(resid)
         n_iter += active  # the iteration whose row pass gave the test, completed by those still running
-        if relax is not None and relax.adaptive:  # the residuals come along with the block's one read
-            host = _host.to_host(resid, active)
-            relax.after_test(host[0], it + k)
-            going = bool(host[1].any())
-        else:
-            going = bool(active.any())  # the block's one host synchronisation
+        # the block's one host synchronisation: the flags, and the residuals with them
+        r_h, going_h = _host.to_host(resid, active)
+        stale = progressing.update(np.where(going_h > 0, r_h, np.nan))
+        if relax is not None:
+            relax.after_test(r_h, it + k, stale)
+        stop = (going_h > 0) & (stale >= STALL_STOP)
+        if stop.any():  # no progress for STALL_STOP tests: stop there if it is the dtype's rounding
+            floor = _host.to_host(residual_floor(pb, f, g))[0]
+            stop &= r_h <= 4 * floor
+            if stop.any():
+                stop_d = _host.to_device(stop, active.device)
+                active &= ~stop_d
+                stalled |= stop_d
+                going_h = going_h * ~stop
         it += k + 1
-        if not going:
+        if not going_h.any():
             break
         if progress.due():  # the residual is read (a sync on a GPU) only for a line that prints
             progress.update(it, float(torch.where(active, resid, float("-inf")).amax()), eps)
     progress.close()
-    return f, g, n_iter, passed
+    return f, g, n_iter, passed, stalled
