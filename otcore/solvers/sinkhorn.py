@@ -202,7 +202,8 @@ def sinkhorn(
 @torch.no_grad()
 def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cuda_graph: bool = False,
              active=None, cold: bool = False, relax: Optional[Overrelaxation] = None):
-    """Run the iterations; returns ``(f, g, n_iter, passed)`` (per-problem counts and flags).
+    """Run the iterations; returns ``(f, g, n_iter, passed, stalled)`` (per-problem counts and
+    flags; ``stalled``: stopped by :data:`STALL_STOP`, None with ``tol=None``).
     ``active`` (B,) bool, if given, restricts the iterations to those problems (the
     others keep their potentials and count no iterations). ``cold``: ``f, g`` are the zeros
     of no warm start (the symmetric iteration then starts one pass further, below).
@@ -218,7 +219,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
     geom, kw, eps = pb.geom, pb.kw(), pb.eps
     B = geom.batch
     active = torch.ones(B, dtype=torch.bool, device=geom.device) if active is None else active.clone()
-    passed, stalled = torch.zeros_like(active), torch.zeros_like(active)
+    passed = torch.zeros_like(active)
     n_iter = torch.zeros(B, dtype=torch.long, device=geom.device)
     if pb.symmetric and cold:
         # from f = 0 the averaged update gives f = s / 2, half the c-transform, and at large eps
@@ -261,14 +262,14 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
             if progress.due():
                 progress.update(it, None, eps)
         progress.close()
-        return f, g, n_iter + active * left, passed, stalled  # (left > 0: max_iter exceeds the stages)
+        return f, g, n_iter + active * left, passed, None  # (left > 0: max_iter exceeds the stages)
 
     def checked_block(f, g, active, k: int):
         """``k`` iterations, the test, and one more iteration where it fails: (f, g, resid)."""
         return steps(f, g, eps, k, active, check=(tol, pb.rho_a), omega=omega)
 
     run_block = graphed(checked_block, geom.device, check_every - 1) if cuda_graph else checked_block
-    progressing = Progressing(B)
+    progressing, stalled = Progressing(B), torch.zeros_like(active)
     while it < max_iter:
         done = it - len(stages)  # iterations at the target eps so far
         # iterations up to the next test: after iteration 1, then after multiples of check_every
