@@ -85,9 +85,7 @@ class Geometry:
         runs it all in one launch. ``symmetric`` (self-transport) expects ``f = g`` and
         ``loga = logb``: the twin iterates on ``f`` with ``loga``, the kernels on ``g`` with
         ``logb`` (the solver passes them so)."""
-        for name, t, size in (("f", f, self.n), ("g", g, self.m), ("loga", loga, self.n), ("logb", logb, self.m)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.batch, size):
-                raise ValueError(f"{name} must be a (B={self.batch}, {size}) tensor, got {_described(t)}")
+        self._check_rows(("f", f, "n"), ("g", g, "m"), ("loga", loga, "n"), ("logb", logb, "m"))
         if not isinstance(active, torch.Tensor) or tuple(active.shape) != (self.batch,) or active.dtype != torch.bool:
             raise ValueError(f"active must be a (B={self.batch},) bool tensor, got {_described(active)}")
         return self._call("sinkhorn_steps", backend, f, g, loga, logb, _eps(eps), tau, k, active,
@@ -129,10 +127,14 @@ class Geometry:
         return self._call("plan_cost_grad", backend, F, G, _eps(eps), precision=precision)
 
     def _check_potentials(self, F, G) -> None:
-        for name, t, size in (("F", F, self.n), ("G", G, self.m)):
+        self._check_rows(("F", F, "n"), ("G", G, "m"))
+
+    def _check_rows(self, *named) -> None:
+        """Each ``(name, tensor, side)``: a (B, n) or (B, m) tensor (``side`` "n" or "m")."""
+        for name, t, side in named:
+            size = self.n if side == "n" else self.m
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.batch, size):
-                raise ValueError(f"{name} must be a (B={self.batch}, {'n' if name == 'F' else 'm'}={size}) tensor, "
-                                 f"got {_described(t)}")
+                raise ValueError(f"{name} must be a (B={self.batch}, {side}={size}) tensor, got {_described(t)}")
 
     def _check_vector(self, name: str, t, axis: int, columns: bool = False) -> None:
         """``t`` (B, m) for ``axis=1`` (it lives on the reduced side, the columns), (B, n) for

@@ -297,7 +297,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
                 stop_d = _host.to_device(stop, active.device)
                 active &= ~stop_d
                 stalled |= stop_d
-                going_h = going_h * ~stop
+                going_h = np.where(stop, 0.0, going_h)
         it += k + 1
         if not going_h.any():
             break
