@@ -964,3 +964,21 @@ def test_progress_line_reads_the_residual_only_when_it_prints(monkeypatch, capsy
     reads.clear()
     otcore.sinkhorn(geom, eps=0.01, tol=1e-9, check_every=5, verbose=False)
     assert reads == []
+
+
+def test_a_batch_warning_diagnoses_each_failed_problem():
+    """Two problems failing for different reasons: one only hit max_iter, the other's eps is
+    below what float32 resolves of its plan. One diagnosis for the batch gave the first the
+    second's (a review); each now gets its own."""
+    torch.manual_seed(8)
+    x, y = torch.rand(2, 20, 2), torch.rand(2, 15, 2)
+    x[1] *= 10  # |f| ~ 100: float32 cannot resolve the plan at eps = 0.02
+    a, b = torch.full((2, 20), 1 / 20), torch.full((2, 15), 1 / 15)
+    b[0] *= 10  # a slow unbalanced problem
+    with pytest.warns(ConvergenceWarning) as caught:
+        res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.02, rho=1.0, max_iter=300, overrelax=False, **T)
+    assert res.converged.tolist() == [False, False]
+    text = str(caught[0].message)
+    first, second = text.split("problem 0: ")[1].split("; problem 1: ")
+    assert first.startswith("residual ") and "after 300 iterations" in first
+    assert second.startswith("eps=0.02 is below what float32 resolves")

@@ -298,11 +298,36 @@ def live_potential(pb: Problem, f, g) -> torch.Tensor:
     return torch.maximum(finite_abs_max(torch.where(pb.A > 0, f, 0.0)), finite_abs_max(torch.where(pb.Bw > 0, g, 0.0)))
 
 
+#: Unconverged problems of a batch diagnosed one by one in the warning (the rest counted).
+DIAGNOSED = 4
+
+
+def _diagnoses(pb: Problem, f, g, resid, passed, converged, finite, n_iter, tol, value, cost, stalled) -> str:
+    """:func:`_why_not_converged` for the unconverged problems: of a batch, each of the
+    first :data:`DIAGNOSED` on its own, problems with one diagnosis grouped (one message
+    for all sent a problem that only hit ``max_iter`` the diagnosis of its neighbour, whose
+    eps was below what float32 resolves)."""
+    bad = (~converged).nonzero().flatten().tolist()
+    if len(bad) == 1:
+        return _why_not_converged(pb, f, g, resid, passed, converged, finite, n_iter, tol, value, cost, stalled)
+    groups: dict[str, list[int]] = {}
+    for i in bad[:DIAGNOSED]:
+        alone = torch.ones_like(converged)
+        alone[i] = False
+        why = _why_not_converged(pb, f, g, resid, passed, alone, finite, n_iter, tol, value, cost, stalled)
+        groups.setdefault(why, []).append(i)
+    more = f"; {len(bad) - DIAGNOSED} more not diagnosed" if len(bad) > DIAGNOSED else ""
+    return "; ".join(f"problem{'s' if len(ix) > 1 else ''} {', '.join(map(str, ix))}: {why}"
+                     for why, ix in groups.items()) + more
+
+
 def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_iter, tol, value, cost,
                        stalled=None) -> str:
     """The warning's diagnosis for the problems that did not converge (``stalled``: (B,)
-    bool, the problems a solver stopped for lack of progress near the floor, if it has such a rule)."""
-    if not bool(_validate.finite_rows(f, g).all()):
+    bool, the problems a solver stopped for lack of progress near the floor, if it has such a rule).
+    Every number read is over those problems (:func:`_diagnoses` asks it of one at a time)."""
+    bad = ~converged
+    if not bool(_validate.finite_rows(f, g)[bad].all()):
         return ("non-finite potentials: eps too small for the dtype, or costs beyond its range (squared distances "
                 "of coordinates near 1e19 overflow float32; rescale the points or use float64)")
     eps, dt = pb.eps, _validate.dtype_name(f.dtype)
@@ -310,17 +335,17 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
         return (f"eps={eps:g} is above what {dt} resolves of the value: its potentials carry a rounding of about "
                 f"u * eps, over 1e-4 of the value; the plan is near a (x) b there and the value near <a (x) b, C> "
                 f"(res.cost); use a smaller eps{'' if f.dtype == torch.float64 else ' or float64'}")
-    if not bool(finite.all()):
-        masses = float((pb.A.double().sum(-1) * pb.Bw.double().sum(-1)).max())
+    if not bool(finite[bad].all()):
+        masses = float((pb.A.double().sum(-1) * pb.Bw.double().sum(-1))[bad].max())
         if eps * masses > 1e-3 * torch.finfo(f.dtype).max:  # the value's own term is out of range
             return (f"the value is not finite in {dt}: its term eps * m(a) * m(b) (here up to {eps * masses:.3g}) "
                     f"is beyond the dtype's range; normalise the weights (the plan scales with them) or use float64")
         return (f"the plan of the returned potentials overflows (non-finite value) at eps={eps:g}: too few "
                 f"iterations at eps (eps_schedule's stages count toward max_iter), or eps below what {dt} "
                 f"resolves of the cost")
-    pot = float(live_potential(pb, f, g).max())
+    pot = float(live_potential(pb, f, g)[bad].max())
     floors, masses = marginal_floor(pb, f, g), pb.A.sum(-1) + pb.Bw.sum(-1)
-    mass, floor = float(masses.max()), float(residual_floor(pb, f, g).max())
+    mass, floor = float(masses[bad].max()), float(residual_floor(pb, f, g)[bad].max())
     wider = "" if f.dtype == torch.float64 else "use float64, "
     rounding = (f"rounding at eps={eps:g} in {dt} (about {floor:.1e}, with |f|, |g| up to {pot:.3g}): "
                 f"ask for a larger tol, or {wider}a larger eps, or rescale the cost")
@@ -334,7 +359,7 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
                 f"(residual {float(resid[fuzzy].max()):.3e}); {shift}{wider}a larger eps, or rescale the cost")
     if bool((passed & ~converged).any()):
         miss = float(resid[passed & ~converged].max())
-        if float(floors.max()) < UNRESOLVED * mass:  # a plan that holds, at a tol below its rounding
+        if float(floors[bad].max()) < UNRESOLVED * mass:  # a plan that holds, at a tol below its rounding
             return (f"the iterations met tol={tol:g}, but the plan of the potentials misses its marginals by "
                     f"{miss:.3e}, which is their {rounding}")
         return (f"the iterations met tol={tol:g}, but the plan of the potentials misses its marginals by {miss:.3e}: "
@@ -357,7 +382,7 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
         return (f"the plan of the potentials has non-finite marginals (residual {left}): eps={eps:g} is far below "
                 f"what {dt} resolves of f + g - C (|f|, |g| up to {pot:.3g}); use a larger eps, "
                 f"eps_schedule='geometric', {wider}or rescale the cost")
-    why = f"residual {left:.3e} > tol={tol:g} after {int(n_iter.max())} iterations"
+    why = f"residual {left:.3e} > tol={tol:g} after {int(n_iter[bad].max())} iterations"
     # an estimate of the rounding's order (errors partly cancel; the iterations may still get
     # there, or stall a few times above it: float32 unbalanced solves stalled at 1.4x)
     if tol < floor and left <= 4 * floor:
@@ -446,7 +471,7 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     info = dict(info, residual=res_out)
     if not all_ok:
         bad = int((~converged).sum())
-        why = _why_not_converged(pb, f, g, resid, passed, converged, finite, n_iter, tol, value, cost, stalled)
+        why = _diagnoses(pb, f, g, resid, passed, converged, finite, n_iter, tol, value, cost, stalled)
         warnings.warn(f"{name} did not converge for {bad} of {geom.batch} problem(s): {why}", ConvergenceWarning, stacklevel=3)
     out = (lambda t: t) if geom.batched else (lambda t: t[0])
     return OTResult(
