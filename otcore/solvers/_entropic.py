@@ -162,17 +162,18 @@ def optimality_residual(pb: Problem, r: torch.Tensor, c: torch.Tensor, f, g) -> 
     Balanced: ``|P1 - a|_1 + |P^T 1 - b|_1``. A KL-relaxed marginal's target is
     ``a * exp(-f/rho)`` instead of ``a`` (the optimum of the relaxed problem).
     """
-    ta = pb.A if pb.rho_a is None else relaxed_target(pb.A, f, pb.rho_a, pb.zeros[0])
-    tb = pb.Bw if pb.rho_b is None else relaxed_target(pb.Bw, g, pb.rho_b, pb.zeros[1])
+    ta = pb.A if pb.rho_a is None else weighted(pb.A, torch.exp(-f / pb.rho_a), pb.zeros[0])
+    tb = pb.Bw if pb.rho_b is None else weighted(pb.Bw, torch.exp(-g / pb.rho_b), pb.zeros[1])
     return (r - ta).abs().sum(-1) + (c - tb).abs().sum(-1)
 
 
-def relaxed_target(w: torch.Tensor, f: torch.Tensor, rho: float, zeros: bool) -> torch.Tensor:
-    """``w exp(-f / rho)``, 0 where ``w`` is 0 (``zeros``: some weight is): the potential of a
-    zero-weight point (its soft c-transform) can be far below ``-88 rho`` (padding far from
-    the other side's points), where ``exp`` overflows and ``0 * inf`` made the residual NaN."""
-    t = w * torch.exp(-f / rho)
-    return torch.where(w > 0, t, 0.0) if zeros else t
+def weighted(w: torch.Tensor, t: torch.Tensor, zeros: bool) -> torch.Tensor:
+    """``w * t`` per point, 0 where ``w`` is 0 (``zeros``: some weight is; else no mask, no
+    operation): a zero-weight point carries no mass whatever its potential, which can be far
+    below ``-88 rho`` for padding far from the other side (its soft c-transform), where a
+    relaxed side's ``exp(-f / rho)`` overflows and ``0 * inf`` made the value NaN."""
+    wt = w * t
+    return torch.where(w > 0, wt, 0.0) if zeros else wt
 
 
 def mass_gap(pb: Problem, A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -187,7 +188,7 @@ def mass_gap(pb: Problem, A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     (float32: exactly as the device sums it, ``n`` copies of the rounded ``1/n`` making
     every partial sum exact; float64: within a rounding step), and no zero weight to mask:
     four operations fewer each."""
-    terms = (torch.where(A > 0, A * torch.expm1(delta), 0.0) if pb.zeros[0] else A * torch.expm1(delta)).sum(-1)
+    terms = weighted(A, torch.expm1(delta), pb.zeros[0]).sum(-1)
     ma, mb = (_uniform_mass(w) if given is None else w.double().sum(-1)
               for w, given in ((pb.A, pb.a_in), (pb.Bw, pb.b_in)))
     masses = ma * (1.0 - mb)
@@ -428,21 +429,15 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
         if value_only:
             marg_err = resid = cost = torch.full((geom.batch,), math.nan, dtype=f.dtype, device=f.device)
         else:
-            r = pb.A * torch.exp(delta)
-            if pb.zeros[0]:  # a zero-weight row has no mass whatever its potential
-                r = torch.where(pb.A > 0, r, 0.0)
-            r = r.to(f.dtype)
+            r = weighted(pb.A, torch.exp(delta), pb.zeros[0]).to(f.dtype)
             c = geom.marginals(F, G, eps, 0, **kw)
             marg_err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
             # balanced: the residual is the marginal error
             resid = marg_err if pb.rho_a is None and pb.rho_b is None else optimality_residual(pb, r, c, f, g)
             cost = geom.plan_cost(F, G, eps, **kw)
         A, Bw, wf, wg = (t.to(delta.dtype) for t in (pb.A, pb.Bw, f, g))
-        # a zero weight's term is 0 whatever its potential (a relaxed side's phi(f) overflows to
-        # -inf for a far padding point's f, and 0 * inf made the value NaN)
-        pa, pg = ((torch.where(w > 0, w * phi(p, rho), 0.0) if zeros else w * phi(p, rho))
-                  for w, p, rho, zeros in ((A, wf, pb.rho_a, pb.zeros[0]), (Bw, wg, pb.rho_b, pb.zeros[1])))
-        value = pa.sum(-1) + pg.sum(-1) - eps * mass_gap(pb, A, delta)
+        value = (weighted(A, phi(wf, pb.rho_a), pb.zeros[0]).sum(-1)
+                 + weighted(Bw, phi(wg, pb.rho_b), pb.zeros[1]).sum(-1) - eps * mass_gap(pb, A, delta))
         value = value.to(f.dtype)
         finite = _validate.finite_rows(f, g, value)
         # The in-loop test ("passed") and these marginals round differently: a problem that
