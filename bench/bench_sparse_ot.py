@@ -285,11 +285,19 @@ def router_check(out, mode, T, E):
     return ok, dev
 
 
+def router_iters(res) -> str:
+    """A router call's L-BFGS iterations: ``"seed+capacity"`` in capacity mode (the seed
+    through the expert duals, then the capacity solve), the solve's in token mode; the
+    largest of a batch."""
+    n = str(int(torch.as_tensor(res.n_iter).max()))
+    return f"{int(torch.as_tensor(res.info['seed_iter']).max())}+{n}" if "seed_iter" in res.info else n
+
+
 def _warm_router_time(kw, scores0, device, reps, seed, drift=0.01):
     """Forward + backward of a ``warm_start=True`` router as in training: each step's scores
     are the previous ones plus ``drift`` x N(0, 1) (a random walk, fixed by ``seed``), and
     each solve starts from the previous step's duals. Returns (median seconds, the
-    median step's iterations)."""
+    median step's iterations, :func:`router_iters`)."""
     router = otcore.SparseOTRouter(warm_start=True, **kw)
     g = torch.Generator().manual_seed(seed + 1)
     steps = [scores0]
@@ -307,7 +315,7 @@ def _warm_router_time(kw, scores0, device, reps, seed, drift=0.01):
             out.combine_weights.sum().backward()
             _sync(device)
             times.append(time.perf_counter() - t0)
-            iters.append(int(torch.as_tensor(out.result.n_iter).max()))
+            iters.append(router_iters(out.result))
     order = sorted(range(len(times)), key=times.__getitem__)
     mid = order[len(order) // 2]
     return times[mid], iters[mid]
@@ -346,7 +354,7 @@ def bench_router(args, device, emit) -> list[dict]:
                         warnings.simplefilter("ignore", ConvergenceWarning)
                         out = router(s)
                     out.combine_weights.sum().backward()
-                    info["iters"] = out.result.n_iter
+                    info["iters"] = router_iters(out.result)
 
                 t = _median_time(ot_step, device, args.reps)
                 t_warm, warm_iters = _warm_router_time(router_kw(mode), scores0, device, args.reps, args.seed)

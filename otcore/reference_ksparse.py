@@ -145,9 +145,14 @@ def ksparse_columns(
         raise ValueError("exactly one of mass (semi-dual) and beta (dual) must be given")
     out = {f: [] for f in ("beta", "reg", "vals", "idx", "cost")}
     for sl, x, Cl in _line_scores(geom, h, axis):
-        u, ix = torch.topk(x, k, dim=2)  # sorted, largest first
-        ix = top_positions(x, u, ix)  # canonical layout: positions ascending within each line
-        xs = torch.gather(x, 2, ix)
+        if k == x.shape[2]:  # every position kept (k = line length): no selection, one sort for the threshold
+            u = torch.sort(x, dim=2, descending=True).values
+            ix = torch.arange(k, device=x.device).expand(x.shape)
+            xs, cl = x, Cl.clone()  # (Cl is a reused tile)
+        else:
+            u, ix = torch.topk(x, k, dim=2)  # sorted, largest first
+            ix = top_positions(x, u, ix)  # canonical layout: positions ascending within each line
+            xs, cl = torch.gather(x, 2, ix), torch.gather(Cl, 2, ix)
         if mass is not None:  # relative to the line's top score (large scores, small gamma * mass)
             rel = threshold_below_top(u, gamma * mass[:, sl])
             bl = -(rel + u[..., 0])
@@ -161,7 +166,7 @@ def ksparse_columns(
         out["reg"].append(0.5 * (excess * T).sum(2))
         out["vals"].append(T)
         out["idx"].append(ix)
-        out["cost"].append(torch.gather(Cl, 2, ix))
+        out["cost"].append(cl)
     beta_o, reg, vals, idx, cost = (torch.cat(out[f], 1) for f in ("beta", "reg", "vals", "idx", "cost"))
     return KSparse(beta_o, reg, vals, idx, cost, vals.sum(2), cross_sum(vals, idx, h.shape[1]))
 

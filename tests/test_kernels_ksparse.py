@@ -51,6 +51,8 @@ CASES = [
     ("sqeuclidean", 53, 37, 17, 8, 0, "dual"),
     ("euclidean", 37, 53, 3, 33, 0, "semi"),
     ("euclidean", 53, 37, 17, 3, 1, "semi"),
+    ("matrix", 37, 21, 0, 21, 1, "semi"),  # k = the line length: every position kept (the router's seed)
+    ("sqeuclidean", 19, 37, 3, 19, 0, "dual"),
 ]
 
 

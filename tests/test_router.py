@@ -131,33 +131,55 @@ def test_training_through_the_router_moves_scores_toward_a_target():
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_capacity_solve_is_seeded_by_the_expert_duals():
+    """Capacity mode starts from the routing without the capacity, solved through its E expert
+    duals (``info["seed_iter"]``). Where the capacity does not bind, that routing is the
+    capacity problem's optimum: the capacity solve stops at its first test, with the plan
+    of a cold solve of the same problem; where it binds, the capacity solve still runs to
+    the same optimum's tolerance."""
+    for gamma, binds in ((0.1, False), (0.5, True)):
+        s = _scores(256, 4, seed=3, dtype=F64)
+        router = otcore.SparseOTRouter(4, gamma=gamma, tol=1e-7, max_iter=500, backend="torch")
+        out = router(s)
+        res = out.result
+        centred = s - s.mean(0) - s.mean(1, keepdim=True) + s.mean()
+        cold = otcore.sparse_ot(otcore.CostMatrix(-centred), torch.ones(256, dtype=F64), torch.full((4,), 64.0, dtype=F64),
+                                k=router.capacity(256), gamma=gamma, tol=1e-7 * 256, max_iter=500)
+        assert res.converged and cold.converged and res.info["seed_iter"] > 0
+        support = (cold.to_dense() > 0).sum(0)  # tokens per expert at the optimum
+        assert bool((support >= router.capacity(256)).any()) == binds
+        if binds:
+            assert res.n_iter > 0
+            assert float(res.value) == pytest.approx(float(cold.value), rel=1e-6)
+        else:
+            assert res.n_iter == 0 and cold.n_iter > 10
+            assert float(res.value) == pytest.approx(float(cold.value), rel=1e-9)
+            torch.testing.assert_close(out.combine_dense(), cold.to_dense(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.expert_load, torch.full((4,), 64.0, dtype=F64))
+
+
 def test_warm_start_reuses_the_duals():
     s = _scores(64, 4, seed=8, dtype=F64)
-    router = otcore.SparseOTRouter(4, gamma=0.2, warm_start=True, tol=1e-6, backend="torch")
+    router = otcore.SparseOTRouter(4, gamma=0.1, warm_start=True, tol=1e-6, backend="torch")
     first = router(s)  # a cold start: no duals stored yet
     second = router(s)
-    assert second.result.n_iter < first.result.n_iter
-    # ... and reaches the same solution: the same semi-dual optimum and duals
+    # capacity mode: the previous expert duals seed the next solve (already optimal here)
+    assert first.result.info["seed_iter"] > 0 and second.result.info["seed_iter"] == 0
+    assert first.result.n_iter == second.result.n_iter == 0  # the capacity does not bind
     cold, warm = first.result, second.result
-    assert cold.converged and warm.converged
-    assert float(warm.value) == pytest.approx(float(cold.value), rel=1e-8)  # both stop within tol: 1.6e-9 apart
+    assert cold.converged and warm.converged and warm.info["warm_start"] == "used"
+    assert float(warm.value) == pytest.approx(float(cold.value), rel=1e-10)
     torch.testing.assert_close(warm.alpha, cold.alpha, rtol=0, atol=1e-6)
     torch.testing.assert_close(warm.beta, cold.beta, rtol=0, atol=1e-6)
-    torch.testing.assert_close(second.expert_load, first.expert_load)
-    # The plan follows from the duals, except where the capacity binds on a tie: each
-    # expert keeps the tokens with the `capacity` largest alpha_t - C_te, C the double-
-    # centred -scores (up to a constant per expert, alpha_t + s_te - mean_e s_te), and
-    # when the capacity-th and the next one are equal (up to the duals' tolerance) either
-    # can take the last slot. Every other entry of the plan agrees.
-    z = cold.alpha[:, None] + s - s.mean(1, keepdim=True)
-    cap = router.capacity(64)
-    kth = z.topk(cap, dim=0).values[-1]
-    near = (z - kth).abs() <= 1e-6
-    agree = ~(near & (near.sum(0) > 1))  # entries at a tie for an expert's last slot excluded
-    assert agree.sum() >= 64 * 4 - 8  # only a handful of (token, expert) pairs are ties
-    # (to the solve's tolerance, 1e-6 per token: a token with a tied slot moves a few 1e-6
-    # between its other experts too)
-    torch.testing.assert_close(second.combine_dense()[agree], first.combine_dense()[agree], rtol=0, atol=1e-5)
+    torch.testing.assert_close(second.combine_dense(), first.combine_dense(), rtol=0, atol=1e-6)
+    # the expert duals also serve a fresh batch of tokens, of another count
+    fresh = router(_scores(100, 4, seed=3, dtype=F64))
+    assert fresh.result.info["warm_start"] == "used" and fresh.result.converged
+    # token mode: the duals are per expert; a warm solve of the same scores stops at once
+    tokens = otcore.SparseOTRouter(4, mode="tokens", gamma=0.2, warm_start=True, tol=1e-6, backend="torch")
+    t1, t2 = tokens(s), tokens(s)
+    assert t1.result.n_iter > 0 and t2.result.n_iter == 0 and "seed_iter" not in t2.result.info
+    torch.testing.assert_close(t2.combine_dense(), t1.combine_dense(), rtol=0, atol=1e-6)
 
 
 def test_a_failed_warm_solve_is_redone_cold_and_the_better_kept():
@@ -167,8 +189,8 @@ def test_a_failed_warm_solve_is_redone_cold_and_the_better_kept():
     spike. A warm solve that fails is redone cold, and the better of the two is kept, with
     its duals; a warm solve cut short by max_iter but ahead of the cold one is kept."""
     s = _scores(64, 4, seed=0)
-    router = otcore.SparseOTRouter(4, warm_start=True)
-    cold = otcore.SparseOTRouter(4)
+    router = otcore.SparseOTRouter(4, warm_start=True, max_iter=10)
+    cold = otcore.SparseOTRouter(4, max_iter=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         router(1e4 * s)
@@ -176,8 +198,9 @@ def test_a_failed_warm_solve_is_redone_cold_and_the_better_kept():
             st = s + 0.01 * step * _scores(64, 4, seed=step + 1)
             out, ref = router(st), cold(st)
             assert out.result.converged
+            assert out.result.info["warm_start"] == ("retried cold" if step == 0 else "used")
             torch.testing.assert_close(out.combine_dense(), ref.combine_dense(), rtol=0, atol=0.05)
-        router._init = (1e4 * router._init[0], router._init[1])  # duals far from the optimum
+        router._init = (router._init[0], 1e6 * router._init[1])  # expert duals far from the optimum
         out = router(s)
         assert out.result.converged and out.result.info["warm_start"] == "retried cold"
         assert out.result.n_iter == cold(s).result.n_iter and out.result.info["retry_iter"] == router.max_iter

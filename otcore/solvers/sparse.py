@@ -38,6 +38,7 @@ import torch
 from .. import _dispatch, _validate
 from .._progress import Progress
 from .._cg import pcg
+from . import _host
 from ._entropic import balanced_gauge, check_init, finite_abs_max, padded
 from ._lbfgs import lbfgs
 from ..autograd import first_order_only
@@ -385,16 +386,20 @@ def _result(pb: _Problem, hp, out: KSparse, n_iter, reason, tol, batched, elapse
     finite = _validate.finite_rows(value, gnorm)
     converged = finite & lines_ok & ((gnorm <= tol) | (reason == 0) | (reason == 4))
     value, cost, vals = _attach_gradients(pb, hp, hl, out, value, cost)
-    if not bool(converged.all()):
-        bad = ~converged
-        why = sorted({_REASONS[int(r)] for r in reason[bad & lines_ok].tolist()})
-        if bool((bad & ~lines_ok).any()):
-            why.append(f"the plan's line sums miss the line weights by {float(line_err[bad].max()):.3e} (they are "
+    # every per-problem number the result and its warning need, in one transfer (a sync on a GPU)
+    conv_h, lines_h, gnorm_h, marg_h, line_err_h, reason_h, n_iter_h = _host.to_host(
+        converged, lines_ok, gnorm, marg, line_err, reason, n_iter)
+    conv_h, lines_h, reason_h, n_iter_h = conv_h > 0, lines_h > 0, reason_h.astype(int), n_iter_h.astype(int)
+    if not conv_h.all():
+        bad = ~conv_h
+        why = sorted({_REASONS[r] for r in reason_h[bad & lines_h]})
+        if (bad & ~lines_h).any():
+            why.append(f"the plan's line sums miss the line weights by {line_err_h[bad].max():.3e} (they are "
                        f"exact in exact arithmetic): gamma times a line's weight is below what "
                        f"{_validate.dtype_name(hp.dtype)} resolves of the scores (use float64 or a larger gamma)")
         warnings.warn(
             f"sparse_ot did not converge for {int(bad.sum())} of {geom.batch} problem(s): gradient L1 norm "
-            f"{float(gnorm[bad].max()):.3e} (tol={tol:g}) after {int(n_iter.max())} iterations ({'; '.join(why)})",
+            f"{gnorm_h[bad].max():.3e} (tol={tol:g}) after {n_iter_h.max()} iterations ({'; '.join(why)})",
             ConvergenceWarning,
             stacklevel=3,
         )
@@ -404,7 +409,7 @@ def _result(pb: _Problem, hp, out: KSparse, n_iter, reason, tol, batched, elapse
     o = (lambda t: t) if batched else (lambda t: t[0])
     info = {"formulation": "semi-dual" if pb.semi else "dual", "gamma": pb.gamma, "k": pb.k, "time_s": elapsed,
             "backend": pb.backend,
-            "stop": [_REASONS[int(r)] for r in reason.tolist()] if batched else _REASONS[int(reason[0])]}
+            "stop": [_REASONS[r] for r in reason_h] if batched else _REASONS[reason_h[0]]}
     return SparseOTResult(
         values=o(vals),
         indices=o(out.idx),
@@ -412,10 +417,10 @@ def _result(pb: _Problem, hp, out: KSparse, n_iter, reason, tol, batched, elapse
         beta=o(beta),
         cost=o(cost),
         value=o(value),
-        n_iter=n_iter if batched else int(n_iter[0]),
-        converged=converged if batched else bool(converged[0]),
-        grad_norm=gnorm if batched else float(gnorm[0]),
-        marginal_error=marg if batched else float(marg[0]),
+        n_iter=n_iter if batched else int(n_iter_h[0]),
+        converged=converged if batched else bool(conv_h[0]),
+        grad_norm=gnorm if batched else float(gnorm_h[0]),
+        marginal_error=marg if batched else float(marg_h[0]),
         axis=pb.axis,
         shape=(geom.n, geom.m),
         info=info,
