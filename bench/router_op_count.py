@@ -1,11 +1,12 @@
-"""Tensor operations and host reads of one SparseOTRouter call (forward + backward), with
-the capacity solve's seed and without it, counted through PyTorch's dispatcher.
+"""Tensor operations and host reads of one SparseOTRouter call (forward + backward), as it
+is and as it was before 2026-12-01, counted through PyTorch's dispatcher.
 
 On a GPU each counted operation is a kernel launch and each host read a synchronisation;
-at router sizes they, not arithmetic, bound a call (docs/router.md#cost). Capacity mode
-seeds its solve from the routing without the capacity, solved through the expert duals
-(``SparseOTRouter._seed``); "unseeded" replaces the seed by a cold start of the capacity
-solve, the router as it was before. Same counts on any machine.
+at router sizes they, not arithmetic, bound a call (docs/router.md#cost). Since then
+capacity mode seeds its solve from the routing without the capacity, solved through the
+expert duals (``SparseOTRouter._seed``), and a solve where the capacity binds stops on
+``ftol = tol / 1000`` (``FTOL_PER_TOL``; at least 1e-8); "before" undoes both (a cold capacity solve,
+``ftol=1e-8``). Same counts on any machine.
 
     python bench/router_op_count.py            # three sizes, plan_grad "fixed" and "implicit"
     python bench/router_op_count.py --sweep    # 243 settings, plan_grad "fixed" (~10 min on one CPU thread)
@@ -21,20 +22,31 @@ import warnings
 import torch
 
 import otcore
+import otcore.router as router_module
 from lbfgs_op_count import OpCounter
 
 
-def call(scores, seeded: bool, **kw):
-    """One forward + backward; returns (output, operations, host reads)."""
+def call(scores, now: bool, **kw):
+    """One forward + backward, the router as it is (``now``) or as before 2026-12-01 (no
+    seed: the capacity solve from zero; ``sparse_ot``'s default ``ftol=1e-8``); returns
+    (output, operations, host reads). The loss weighs the combine weights by fixed random
+    numbers (their plain sum has a zero plan gradient: every expert's load is fixed)."""
     router = otcore.SparseOTRouter(scores.shape[-1], **kw)
-    if not seeded:
-        router._seed = lambda cost, a, b, prev, settings: (None, 0)  # the capacity solve from zero
+    if not now:
+        router._seed = lambda cost, a, b, prev, settings: (None, 0)
     s = scores.clone().requires_grad_()
     counter = OpCounter()
-    with counter, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = router(s)
-        out.combine_weights.sum().backward()
+    ftol_per_tol = router_module.FTOL_PER_TOL
+    try:
+        if not now:
+            router_module.FTOL_PER_TOL = 1e-8 / router.tol
+        with counter, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = router(s)
+            weights = torch.randn(out.combine_weights.shape, generator=torch.Generator().manual_seed(1))
+            (out.combine_weights * weights).sum().backward()
+    finally:
+        router_module.FTOL_PER_TOL = ftol_per_tol
     return out, counter.counts["all"], counter.counts["host reads in all"]
 
 
@@ -43,21 +55,21 @@ def iters(res) -> str:
 
 
 def table():
-    print(f"{'scores':>12} {'plan_grad':>9} | {'unseeded: it':>12} {'ops':>6} {'reads':>5} | "
-          f"{'seeded: it':>10} {'ops':>6} {'reads':>5} | ops ratio")
+    print(f"{'scores':>12} {'plan_grad':>9} | {'before: it':>10} {'ops':>6} {'reads':>5} | "
+          f"{'now: it':>8} {'ops':>6} {'reads':>5} | ops ratio")
     for T, E in ((512, 8), (4096, 8), (4096, 64)):
         scores = torch.randn(T, E, generator=torch.Generator().manual_seed(0))
         for plan_grad in ("fixed", "implicit"):
             o0, n0, r0 = call(scores, False, plan_grad=plan_grad)
             o1, n1, r1 = call(scores, True, plan_grad=plan_grad)
-            print(f"{f'{T} x {E}':>12} {plan_grad:>9} | {iters(o0.result):>12} {n0:>6} {r0:>5} | "
-                  f"{iters(o1.result):>10} {n1:>6} {r1:>5} | {n1 / n0:.2f}", flush=True)
+            print(f"{f'{T} x {E}':>12} {plan_grad:>9} | {iters(o0.result):>10} {n0:>6} {r0:>5} | "
+                  f"{iters(o1.result):>8} {n1:>6} {r1:>5} | {n1 / n0:.2f}", flush=True)
 
 
 def sweep():
     """Settings: tokens, experts, gamma, capacity factor, score scale (float32, plan_grad "fixed")."""
-    grid = itertools.product((64, 512, 2048), (4, 16, 64), (0.02, 0.1, 0.5), (1.0, 1.25, 2.0), (0.1, 1.0, 10.0))
-    both, slack, binds, only = [], [], [], {"unseeded": 0, "seeded": 0, "neither": 0}
+    grid = list(itertools.product((64, 512, 2048), (4, 16, 64), (0.02, 0.1, 0.5), (1.0, 1.25, 2.0), (0.1, 1.0, 10.0)))
+    both, slack, binds, only = [], [], [], {"before": 0, "now": 0, "neither": 0}
     total = [0, 0]
     for T, E, gamma, cf, scale in grid:
         scores = scale * torch.randn(T, E, generator=torch.Generator().manual_seed(T + E))
@@ -70,15 +82,14 @@ def sweep():
             both.append(n1 / n0)
             (slack if o1.result.n_iter == 0 else binds).append(n1 / n0)
         else:
-            only["unseeded" if c0 else "seeded" if c1 else "neither"] += 1
-    n = sum(1 for _ in itertools.product((64, 512, 2048), (4, 16, 64), (0.02, 0.1, 0.5), (1.0, 1.25, 2.0), (0.1, 1.0, 10.0)))
-    print(f"{n} settings; both converged in {len(both)}: seeded / unseeded operations median "
+            only["before" if c0 else "now" if c1 else "neither"] += 1
+    print(f"{len(grid)} settings; both converged in {len(both)}: now / before operations median "
           f"{statistics.median(both):.2f}")
     for name, r in (("capacity slack (0 capacity iterations)", slack), ("capacity binds", binds)):
         if r:
             print(f"  {name}: {len(r)} settings, median {statistics.median(r):.2f}, range {min(r):.2f}-{max(r):.2f}")
-    print(f"converged only unseeded: {only['unseeded']}, only seeded: {only['seeded']}, neither: {only['neither']}")
-    print(f"operations in all: unseeded {total[0]}, seeded {total[1]} ({total[1] / total[0]:.2f})")
+    print(f"converged only before: {only['before']}, only now: {only['now']}, neither: {only['neither']}")
+    print(f"operations in all: before {total[0]}, now {total[1]} ({total[1] / total[0]:.2f})")
 
 
 def main(argv=None):

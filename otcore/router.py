@@ -41,6 +41,11 @@ MODES = ("capacity", "tokens")
 #: unseeded capacity solve's, at 0.1 7.6-27x closer (four float32 cases, 4096 x 8 to 2048 x 64),
 #: for one more iteration of E unknowns
 SEED_TOL = 0.1
+#: ``sparse_ot``'s ``ftol`` (the stop of a solve where the capacity, or ``k``, binds: its optimum
+#: is a kink, the objective's relative improvement over 10 iterations) per unit of ``tol``, and
+#: at least ``sparse_ot``'s default 1e-8 (a binding float64 solve at ``tol=1e-7`` with ``ftol``
+#: 1e-10 ran to ``max_iter=500`` where 1e-8 stopped it)
+FTOL_PER_TOL = 1e-3
 
 
 class RouterOutput(NamedTuple):
@@ -83,7 +88,8 @@ class SparseOTRouter(nn.Module):
             bind (then tokens' masses are only approximately matched, see docs/router.md).
             The default suits scores of unit scale.
         tol: stopping tolerance as a fraction of the total token mass (the solver's
-            ``tol`` is ``tol * n_tokens``).
+            ``tol`` is ``tol * n_tokens``; its ``ftol``, the stop where the capacity or ``k``
+            binds, is ``tol / 1000``, at least 1e-8).
         max_iter: L-BFGS iterations per forward pass.
         plan_grad: ``"implicit"`` (exact derivative of the optimal plan) or ``"fixed"``
             (projection Jacobian with the duals held fixed; cheaper). At
@@ -204,8 +210,8 @@ class SparseOTRouter(nn.Module):
         rows, cols = wide.mean(-1, keepdim=True), wide.mean(-2, keepdim=True)
         centred = (wide - cols) - (rows - rows.mean(-2, keepdim=True))
         cost = CostMatrix(-centred)
-        settings = dict(gamma=self.gamma, tol=self.tol * n_tokens, max_iter=self.max_iter, backend=self.backend,
-                        verbose=False)
+        settings = dict(gamma=self.gamma, tol=self.tol * n_tokens, ftol=max(FTOL_PER_TOL * self.tol, 1e-8), max_iter=self.max_iter,
+                        backend=self.backend, verbose=False)
 
         def solve(init):
             with warnings.catch_warnings(record=True) as caught:
