@@ -5,8 +5,9 @@ On a GPU each counted operation is a kernel launch and each host read a synchron
 at router sizes they, not arithmetic, bound a call (docs/router.md#cost). Since then
 capacity mode seeds its solve from the routing without the capacity, solved through the
 expert duals (``SparseOTRouter._seed``), and a solve where the capacity binds stops on
-``ftol = tol / 1000`` (``FTOL_PER_TOL``; at least 1e-8); "before" undoes both (a cold capacity solve,
-``ftol=1e-8``). Same counts on any machine.
+``ftol = tol / 1000`` (``FTOL_PER_TOL``; at least 1e-8), and the implicit plan gradient
+solves its system directly (``sparse.DIRECT_MAX``); "before" undoes all three (a cold
+capacity solve, ``ftol=1e-8``, conjugate gradient). Same counts on any machine.
 
     python bench/router_op_count.py            # three sizes, plan_grad "fixed" and "implicit"
     python bench/router_op_count.py --sweep    # 243 settings, plan_grad "fixed" (~10 min on one CPU thread)
@@ -23,6 +24,7 @@ import torch
 
 import otcore
 import otcore.router as router_module
+import otcore.solvers.sparse as sparse_solver
 from lbfgs_op_count import OpCounter
 
 
@@ -36,17 +38,18 @@ def call(scores, now: bool, **kw):
         router._seed = lambda cost, a, b, prev, settings: (None, 0)
     s = scores.clone().requires_grad_()
     counter = OpCounter()
-    ftol_per_tol = router_module.FTOL_PER_TOL
+    ftol_per_tol, direct_max = router_module.FTOL_PER_TOL, sparse_solver.DIRECT_MAX
     try:
         if not now:
             router_module.FTOL_PER_TOL = 1e-8 / router.tol
+            sparse_solver.DIRECT_MAX = 0  # the implicit plan gradient by conjugate gradient
         with counter, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = router(s)
             weights = torch.randn(out.combine_weights.shape, generator=torch.Generator().manual_seed(1))
             (out.combine_weights * weights).sum().backward()
     finally:
-        router_module.FTOL_PER_TOL = ftol_per_tol
+        router_module.FTOL_PER_TOL, sparse_solver.DIRECT_MAX = ftol_per_tol, direct_max
     return out, counter.counts["all"], counter.counts["host reads in all"]
 
 

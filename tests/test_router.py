@@ -69,9 +69,14 @@ def test_more_experts_than_tokens_per_capacity_and_k_capped():
     # more experts than tokens: capacity ceil(3 * 1.25 / 5) = 1 token per expert, and each
     # expert still receives exactly its share 3/5 of the token mass
     router = otcore.SparseOTRouter(5, capacity_factor=1.25, backend="torch")
-    out = router(_scores(3, 5, seed=3, dtype=F64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = router(_scores(3, 5, seed=3, dtype=F64))
     assert router.capacity(3) == 1 and out.combine_weights.shape == (5, 1)
-    assert out.result.converged
+    # no seed at capacity 1: started from the unconstrained routing, this solve ended at a more
+    # lopsided optimum of the relaxation (token masses 0.6-1.8, against 0.6-1.2) and warned
+    assert out.result.converged and "seed_iter" not in out.result.info and not caught
+    assert float(out.result.grad_norm) < 1.0
     torch.testing.assert_close(out.expert_load, torch.full((5,), 3 / 5, dtype=F64))
     assert int((out.combine_dense() > 0).sum(0).max()) <= 1
     # a capacity above the token count is capped at it: ceil(10 * 4 / 3) = 14 > 10 tokens

@@ -313,7 +313,12 @@ def _support_margin(res, C):
 
 @pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
 @pytest.mark.parametrize("case", ["k_large", "band"])
-def test_value_and_plan_gradients_by_finite_differences(formulation, case):
+@pytest.mark.parametrize("solve", ["direct", "cg"])
+def test_value_and_plan_gradients_by_finite_differences(formulation, case, solve, monkeypatch):
+    if solve == "cg":  # the implicit gradient's system by conjugate gradient, as for large problems
+        if formulation == "dual":
+            pytest.skip("the dual's system is always solved by conjugate gradient")
+        monkeypatch.setattr(S, "DIRECT_MAX", 0)
     if case == "band":
         C, a, b, k, gamma = _band_problem()
     else:
@@ -338,6 +343,38 @@ def test_value_and_plan_gradients_by_finite_differences(formulation, case):
 
     analytic = float((Cr.grad * dC).sum() + (ar.grad * da).sum() + (br.grad * db).sum())
     assert abs(_fd(loss) - analytic) < 2e-5 * max(1.0, abs(analytic))
+
+
+@pytest.mark.parametrize("n,m,k,gamma,axis,dtype", [
+    (30, 5, 10, 0.1, 0, F64),    # few lines: through the lines' Laplacian (Woodbury)
+    (30, 5, 10, 0.1, 1, F64),    # few positions: the N x N system itself
+    (24, 24, 6, 0.2, 0, F64),
+    (30, 5, 10, 1e-3, 0, F64),   # every position in one line's support: disconnected, 5 null directions
+    (30, 5, 30, 1.0, 0, torch.float32),
+])
+def test_implicit_plan_gradient_solved_directly_matches_conjugate_gradient(n, m, k, gamma, axis, dtype, monkeypatch):
+    """The semi-dual's implicit gradient solves ``K w = u`` directly where the positions or the
+    lines are few (the router's experts): the same minimum-norm ``w`` as conjugate gradient,
+    hence the same gradients (the weights' too, which the null directions would move), batched,
+    with a zero-weight line."""
+    g = torch.Generator().manual_seed(n + m + k)
+    C = torch.rand(2, n, m, generator=g, dtype=dtype)
+    a = torch.rand(2, n, generator=g, dtype=dtype) + 0.1
+    b = torch.rand(2, m, generator=g, dtype=dtype) + 0.1
+    b[1, 0] = 0.0
+    b = b * a.sum(-1, keepdim=True) / b.sum(-1, keepdim=True)
+    W = torch.randn(2, m if axis == 0 else n, min(k, n if axis == 0 else m), generator=g, dtype=dtype)
+
+    def grads(direct):
+        monkeypatch.setattr(S, "DIRECT_MAX", 10**9 if direct else 0)
+        Cr, ar, br = (t.clone().requires_grad_() for t in (C, a, b))
+        tol = 1e-12 if dtype == F64 else 1e-5
+        res = otcore.sparse_ot(otcore.CostMatrix(Cr), ar, br, k=k, gamma=gamma, axis=axis, tol=tol, max_iter=3000)
+        return torch.autograd.grad((res.values * W).sum(), (Cr, ar, br))
+
+    rtol = 1e-7 if dtype == F64 else 2e-3
+    for d, c in zip(grads(True), grads(False)):
+        torch.testing.assert_close(d, c, rtol=0, atol=rtol * max(1.0, float(c.abs().max())))
 
 
 def test_value_gradient_is_the_plan_and_the_duals():
