@@ -285,6 +285,14 @@ def router_check(out, mode, T, E):
     return ok, dev
 
 
+def weighted_sum(w: torch.Tensor) -> torch.Tensor:
+    """The router's loss in the benchmark: the combine weights weighed by fixed random
+    numbers (their plain sum has a zero plan gradient, every expert's load being fixed, so
+    the implicit gradient's solve would have nothing to do)."""
+    g = torch.Generator().manual_seed(1)
+    return (w * torch.randn(w.shape, generator=g).to(w.device, w.dtype)).sum()
+
+
 def router_iters(res) -> str:
     """A router call's L-BFGS iterations: ``"seed+capacity"`` in capacity mode (the seed
     through the expert duals, then the capacity solve), the solve's in token mode; the
@@ -312,7 +320,7 @@ def _warm_router_time(kw, scores0, device, reps, seed, drift=0.01):
             _sync(device)
             t0 = time.perf_counter()
             out = router(s)
-            out.combine_weights.sum().backward()
+            weighted_sum(out.combine_weights).backward()
             _sync(device)
             times.append(time.perf_counter() - t0)
             iters.append(router_iters(out.result))
@@ -353,7 +361,7 @@ def bench_router(args, device, emit) -> list[dict]:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", ConvergenceWarning)
                         out = router(s)
-                    out.combine_weights.sum().backward()
+                    weighted_sum(out.combine_weights).backward()
                     info["iters"] = router_iters(out.result)
 
                 t = _median_time(ot_step, device, args.reps)

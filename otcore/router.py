@@ -210,8 +210,8 @@ class SparseOTRouter(nn.Module):
         rows, cols = wide.mean(-1, keepdim=True), wide.mean(-2, keepdim=True)
         centred = (wide - cols) - (rows - rows.mean(-2, keepdim=True))
         cost = CostMatrix(-centred)
-        settings = dict(gamma=self.gamma, tol=self.tol * n_tokens, ftol=max(FTOL_PER_TOL * self.tol, 1e-8), max_iter=self.max_iter,
-                        backend=self.backend, verbose=False)
+        settings = dict(gamma=self.gamma, tol=self.tol * n_tokens, ftol=max(FTOL_PER_TOL * self.tol, 1e-8),
+                        max_iter=self.max_iter, backend=self.backend, verbose=False)
 
         def solve(init):
             with warnings.catch_warnings(record=True) as caught:
