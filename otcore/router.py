@@ -41,11 +41,6 @@ MODES = ("capacity", "tokens")
 #: unseeded capacity solve's, at 0.1 7.6-27x closer (four float32 cases, 4096 x 8 to 2048 x 64),
 #: for one more iteration of E unknowns
 SEED_TOL = 0.1
-#: ``sparse_ot``'s ``ftol`` (the stop of a solve where the capacity, or ``k``, binds: its optimum
-#: is a kink, the objective's relative improvement over 10 iterations) per unit of ``tol``, and
-#: at least ``sparse_ot``'s default 1e-8 (a binding float64 solve at ``tol=1e-7`` with ``ftol``
-#: 1e-10 ran to ``max_iter=500`` where 1e-8 stopped it)
-FTOL_PER_TOL = 1e-3
 
 
 class RouterOutput(NamedTuple):
@@ -88,8 +83,7 @@ class SparseOTRouter(nn.Module):
             bind (then tokens' masses are only approximately matched, see docs/router.md).
             The default suits scores of unit scale.
         tol: stopping tolerance as a fraction of the total token mass (the solver's
-            ``tol`` is ``tol * n_tokens``; its ``ftol``, the stop where the capacity or ``k``
-            binds, is ``tol / 1000``, at least 1e-8).
+            ``tol`` is ``tol * n_tokens``).
         max_iter: L-BFGS iterations per forward pass.
         plan_grad: ``"implicit"`` (exact derivative of the optimal plan) or ``"fixed"``
             (projection Jacobian with the duals held fixed; cheaper). At
@@ -210,19 +204,21 @@ class SparseOTRouter(nn.Module):
         rows, cols = wide.mean(-1, keepdim=True), wide.mean(-2, keepdim=True)
         centred = (wide - cols) - (rows - rows.mean(-2, keepdim=True))
         cost = CostMatrix(-centred)
-        settings = dict(gamma=self.gamma, tol=self.tol * n_tokens, ftol=max(FTOL_PER_TOL * self.tol, 1e-8),
-                        max_iter=self.max_iter, backend=self.backend, verbose=False)
+        settings = dict(gamma=self.gamma, tol=self.tol * n_tokens, max_iter=self.max_iter, backend=self.backend,
+                        verbose=False)
 
         def solve(init):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
-                seed_iter = None
-                if axis == 0 and k > 1:  # (a capacity of 1: see _seed)
-                    init, seed_iter = self._seed(cost, a, b, init, settings)
+                seed = None
+                if axis == 0 and k * self.n_experts >= n_tokens + self.n_experts:  # spare slots: see _seed
+                    init, seed = self._seed(cost, a, b, init, settings)
                 res = sparse_ot(cost, a, b, k=k, formulation=self.formulation, axis=axis, init=init,
                                 plan_grad=self.plan_grad, **settings)
-            if seed_iter is not None:
-                res.info["seed_iter"] = seed_iter
+            if seed is not None:
+                res.info["seed_iter"] = seed.n_iter
+                res.info["seed_time_s"] = seed.info["time_s"]
+                res.info["time_s"] += seed.info["time_s"]
             return res, caught
 
         res, caught = solve(prev if usable else None)
@@ -258,7 +254,7 @@ class SparseOTRouter(nn.Module):
             load = load if batched else load[0]
         return RouterOutput(vals, res.indices, vals.detach() > 0, load, res)
 
-    def _seed(self, cost, a, b, prev, settings) -> tuple[Optional[tuple], int]:
+    def _seed(self, cost, a, b, prev, settings) -> tuple[Optional[tuple], SparseOTResult]:
         """The capacity solve's starting duals, from the same routing without the capacity
         (quadratically regularized OT, ``k = n_experts`` per token) solved through its
         expert duals: ``E`` unknowns per group instead of ``n_tokens``, each evaluation the
@@ -275,13 +271,13 @@ class SparseOTRouter(nn.Module):
         zero, the same value). ``prev``: the previous call's duals
         (their ``beta``, per expert, seeds this solve; None: from zero). Returns the
         ``(alpha, beta)`` for the capacity solve (None if the seed came out non-finite) and
-        the seed's iterations."""
+        the seed's result."""
         init = None if prev is None else (a.new_zeros(a.shape), prev[1])
         settings = dict(settings, tol=SEED_TOL * settings["tol"])
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # a seed cut short is still a start
             seed = sparse_ot(cost, a, b, k=self.n_experts, axis=1, init=init, plan_grad="fixed", **settings)
-        return ((seed.alpha, seed.beta) if _finite(seed) else None), seed.n_iter
+        return ((seed.alpha, seed.beta) if _finite(seed) else None), seed
 
     def _check_ties(self, res, n_tokens: int, scores: torch.Tensor) -> None:
         """Warn (once per router) when the routing misplaces over half of the token mass:

@@ -194,8 +194,8 @@ def test_a_failed_warm_solve_is_redone_cold_and_the_better_kept():
     spike. A warm solve that fails is redone cold, and the better of the two is kept, with
     its duals; a warm solve cut short by max_iter but ahead of the cold one is kept."""
     s = _scores(64, 4, seed=0)
-    router = otcore.SparseOTRouter(4, warm_start=True, max_iter=10)
-    cold = otcore.SparseOTRouter(4, max_iter=10)
+    router = otcore.SparseOTRouter(4, warm_start=True, max_iter=7)  # each solve: cold 3 (seed) + 6
+    cold = otcore.SparseOTRouter(4, max_iter=7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         router(1e4 * s)
@@ -211,11 +211,12 @@ def test_a_failed_warm_solve_is_redone_cold_and_the_better_kept():
         assert out.result.n_iter == cold(s).result.n_iter and out.result.info["retry_iter"] == router.max_iter
         assert router(s).result.info["warm_start"] == "used"
         # max_iter too small for either: the warm solve, near the optimum already, stays ahead
-        short = otcore.SparseOTRouter(4, warm_start=True, max_iter=3, tol=1e-9)
+        # (token mode, whose solve starts from the stored duals themselves)
+        short = otcore.SparseOTRouter(4, mode="tokens", warm_start=True, max_iter=3, tol=1e-9)
         short(s)
         s2 = s + 1e-3 * _scores(64, 4, seed=9)
         again = short(s2)
-        short_cold = otcore.SparseOTRouter(4, max_iter=3, tol=1e-9)(s2)
+        short_cold = otcore.SparseOTRouter(4, mode="tokens", max_iter=3, tol=1e-9)(s2)
     assert not again.result.converged and again.result.info["warm_start"] == "retried cold, warm kept"
     assert again.result.info["retry_iter"] == short_cold.result.n_iter == 3
     assert float(again.result.grad_norm) < float(short_cold.result.grad_norm)
@@ -416,29 +417,3 @@ def test_a_capacity_of_one_token_per_expert_routes_multiples_of_the_expert_share
     torch.testing.assert_close(masses / (5 / 8), (masses / (5 / 8)).round(), rtol=0, atol=1e-9)
     assert float(masses.min()) < 1 < float(masses.max())
     torch.testing.assert_close(out.expert_load, torch.full((8,), 5 / 8, dtype=F64))
-
-
-def test_a_binding_solve_stops_on_an_ftol_scaled_to_tol():
-    """Where the capacity binds, the optimum is a kink and the solve stops when the objective
-    stops improving: by ``max(tol / 1000, 1e-8)`` of its scale over 10 iterations. At the
-    default ``tol`` (1e-3) that is 1e-6; with ``sparse_ot``'s own 1e-8, below float32's
-    resolution, this solve wandered at the rounding level to ``max_iter``."""
-    import otcore.router as router_module
-
-    s = torch.randn(512, 16, generator=torch.Generator().manual_seed(528))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = otcore.SparseOTRouter(16, capacity_factor=1.0, max_iter=80)(s)
-        old = router_module.FTOL_PER_TOL
-        try:
-            router_module.FTOL_PER_TOL = 1e-5  # ftol 1e-8 at tol 1e-3: as before
-            before = otcore.SparseOTRouter(16, capacity_factor=1.0, max_iter=80)(s)
-        finally:
-            router_module.FTOL_PER_TOL = old
-        long = otcore.SparseOTRouter(16, capacity_factor=1.0, tol=1e-9, max_iter=2000)(s.double())
-    res = out.result
-    assert res.converged and res.info["stop"] == "objective stationary (ftol)" and res.n_iter < 80
-    assert not before.result.converged and before.result.n_iter == 80
-    # the same optimum: values within 2e-4 of a long float64 solve's (measured: 2.7e-5)
-    assert float(res.value) == pytest.approx(float(long.result.value), rel=2e-4)
-    assert float(before.result.value) == pytest.approx(float(long.result.value), rel=2e-4)

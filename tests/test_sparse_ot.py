@@ -801,3 +801,61 @@ def test_the_duals_fixed_plan_jacobian_keeps_the_line_sums():
             otcore.CostMatrix(Cg), k=8, gamma=0.5, formulation=formulation, plan_grad="fixed", tol=1e-12,
             backend="torch").values * w).sum(), Cg)[0])
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)  # one Jacobian, both formulations
+
+
+@pytest.mark.parametrize("kind,axis,dtype", [("matrix", 0, F64), ("matrix", 1, F64), ("sqeuclidean", 0, F64),
+                                              ("matrix", 0, torch.float32)])
+def test_newton_solves_quadratically_regularized_ot_as_lbfgs_does(kind, axis, dtype, monkeypatch):
+    """With no cardinality constraint left (k >= the line length) and few positions the
+    semi-dual is solved by damped Newton steps: the same optimum as L-BFGS in fewer
+    iterations, batched, with zero weights on both sides (a position in no line's support
+    is moved to where it enters one)."""
+    g = torch.Generator().manual_seed(7)
+    n, m = 23, 9
+    if kind == "matrix":
+        geom = otcore.CostMatrix(torch.rand(3, n, m, generator=g, dtype=dtype))
+    else:
+        geom = otcore.PointCloud(torch.rand(3, n, 2, generator=g, dtype=dtype),
+                                 torch.rand(3, m, 2, generator=g, dtype=dtype))
+    a = torch.rand(3, n, generator=g, dtype=dtype) + 0.1
+    b = torch.rand(3, m, generator=g, dtype=dtype) + 0.1
+    a[1, :3], b[1, 0] = 0.0, 0.0
+    b = b * a.sum(-1, keepdim=True) / b.sum(-1, keepdim=True)
+    tol = 1e-10 if dtype == F64 else 1e-5
+    kw = dict(k=max(n, m), gamma=0.3, axis=axis, tol=tol, max_iter=2000)
+    res = otcore.sparse_ot(geom, a, b, **kw)
+    assert res.info["solver"] == "newton" and bool(res.converged.all())
+    monkeypatch.setattr(S, "_newton_applies", lambda pb: False)
+    ref = otcore.sparse_ot(geom, a, b, **kw)
+    assert ref.info["solver"] == "L-BFGS" and bool(ref.converged.all())
+    assert bool((res.n_iter < ref.n_iter).all())
+    close = dict(rtol=1e-9, atol=1e-9) if dtype == F64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(res.value, ref.value, **close)
+    torch.testing.assert_close(res.to_dense(), ref.to_dense(), **close)
+
+
+def test_newton_as_gamma_falls_and_its_fallback():
+    """As gamma falls the support splits into parts (the Hessian singular along each part's
+    shift: the damping steps along it) and changes at every step; where Newton stalls (at
+    gamma = 1e-3 on this 12 x 9 problem), L-BFGS goes on from its iterate. Against POT."""
+    g = torch.Generator().manual_seed(8)
+    C = torch.rand(12, 9, generator=g, dtype=F64)
+    a = torch.full((12,), 1 / 12, dtype=F64)
+    b = torch.full((9,), 1 / 9, dtype=F64)
+    for gamma, solver in ((0.3, "newton"), (0.01, "newton"), (1e-3, "newton, then L-BFGS")):
+        res = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=12, gamma=gamma, tol=1e-11, max_iter=500)
+        assert res.info["solver"] == solver and res.converged and res.grad_norm <= 1e-11
+        pot = ot.smooth.smooth_ot_dual(a.numpy(), b.numpy(), C.numpy(), gamma, reg_type="l2", stopThr=1e-15,
+                                       numItermax=20000)
+        np.testing.assert_allclose(res.to_dense().numpy(), pot, atol=1e-6)
+
+
+def test_newton_is_used_only_where_it_applies():
+    C = torch.rand(30, 20, generator=torch.Generator().manual_seed(9), dtype=F64)
+    geom = otcore.CostMatrix(C)
+    assert otcore.sparse_ot(geom, k=30, gamma=0.3).info["solver"] == "newton"  # columns see all 30 rows
+    assert otcore.sparse_ot(geom, k=5, gamma=0.3).info["solver"] == "L-BFGS"  # k binds
+    assert otcore.sparse_ot(geom, k=30, gamma=0.3, formulation="dual").info["solver"] == "L-BFGS"
+    big = otcore.CostMatrix(torch.rand(300, 4, generator=torch.Generator().manual_seed(9), dtype=F64))
+    assert otcore.sparse_ot(big, k=300, gamma=0.3).info["solver"] == "L-BFGS"  # 300 positions: too many
+    assert otcore.sparse_ot(big, k=4, gamma=0.3, axis=1).info["solver"] == "newton"  # 4 positions

@@ -21,7 +21,10 @@ max_nz=k)`` uses the same convention. ``k >= n`` is quadratically regularized OT
 ``axis=1`` puts the constraint on the rows instead (the transposed problem).
 
 The optimizer is a batched L-BFGS on the torch tensors with an Armijo backtracking line
-search; each objective evaluation is one k-sparse pass of the geometry
+search -- or, for the semi-dual with no cardinality constraint left (``k`` >= the line
+length: quadratically regularized OT, a smooth objective) and at most ``DIRECT_MAX``
+positions, damped Newton steps (:mod:`otcore.solvers._qot_newton`), L-BFGS taking over
+where they stall; each objective evaluation is one k-sparse pass of the geometry
 (:meth:`otcore.geometry.Geometry.ksparse_columns`). Host synchronisations: one per
 line-search trial (usually one trial per iteration) and one per iteration for the
 stopping test (one more when the trials run out); none inside the evaluations.
@@ -41,6 +44,7 @@ from .._cg import pcg
 from . import _host
 from ._entropic import balanced_gauge, check_init, finite_abs_max, padded
 from ._lbfgs import lbfgs
+from ._qot_newton import DIRECT_MAX, newton, semi_dual_hessian_solve
 from ..autograd import first_order_only
 from ..geometry import Geometry
 from ..reference_ksparse import KSparse, cross_sum
@@ -133,7 +137,9 @@ def sparse_ot(
 
     Solves ``min <T, C> + (gamma/2) |T|^2`` over couplings of ``a`` and ``b`` whose
     columns (``axis=0``) or rows (``axis=1``) have at most ``k`` nonzeros, through its
-    semi-dual or dual (see the module docstring), by batched L-BFGS.
+    semi-dual or dual (see the module docstring), by batched L-BFGS, or by damped Newton
+    steps where ``k`` >= the line length and the positions (rows for ``axis=0``) number at
+    most 256 (semi-dual only; then 3-20 iterations where L-BFGS took tens).
 
     Args:
         geom: :class:`~otcore.PointCloud` or :class:`~otcore.CostMatrix`, ``B`` problems if batched.
@@ -157,7 +163,8 @@ def sparse_ot(
             ``grad_norm``, the relaxation's gap); this is how such problems stop, and it
             counts as converged. Where it does not bind (always with ``k`` >= the line
             length) the objective is smooth and only ``tol`` converges.
-        max_iter: L-BFGS iteration cap; reaching it gives ``converged=False`` and a
+        max_iter: iteration cap (L-BFGS's, or Newton's and then L-BFGS's: ``info["solver"]``
+            says which ran); reaching it gives ``converged=False`` and a
             :class:`~otcore.result.ConvergenceWarning`. ``converged`` also needs the line
             sums to equal the line weights to ``tol`` (plus rounding).
         history: L-BFGS memory (pairs kept). A longer memory costs no extra operations per
@@ -190,9 +197,58 @@ def sparse_ot(
     history = _validate.positive_int("history", history)
     progress = Progress(verbose, "sparse_ot", measure="gradient norm")
     with torch.autocast(geom.device.type, enabled=False), torch.no_grad():
-        theta, out, n_iter, _, _, why = run_lbfgs(pb, pb.evaluate, theta0, tol, ftol, max_iter, history, progress)
+        solver = "newton" if _newton_applies(pb) else "L-BFGS"
+        if solver == "newton":
+            theta, out, n_iter, _, _, why = newton(pb.evaluate, pb.gamma, theta0, tol, max_iter, *_outside(pb),
+                                                   progress=progress)
+            left = max_iter - int(n_iter.max())
+            if left > 0 and bool(((why == 2) | (why == 5)).any()):
+                # Newton stalled (near an unregularized problem, gamma small against the costs, the
+                # support keeps changing): L-BFGS goes on from there (converged problems stop at once)
+                solver = "newton, then L-BFGS"
+                theta, out, more, _, _, why = run_lbfgs(pb, pb.evaluate, theta, tol, ftol, left, history, progress)
+                n_iter = n_iter + more
+        else:
+            theta, out, n_iter, _, _, why = run_lbfgs(pb, pb.evaluate, theta0, tol, ftol, max_iter, history, progress)
+        progress.close()
         hp, out = _settle(pb, theta[:, : pb.wp.shape[1]], out)
-    return _result(pb, hp, out, n_iter, why, tol, batched, progress.elapsed)
+    res = _result(pb, hp, out, n_iter, why, tol, batched, progress.elapsed)
+    res.info["solver"] = solver
+    return res
+
+
+def _outside(pb: _Problem):
+    """Newton's ``(outside, entering)`` for this problem: ``outside(out)`` (B,) counts the
+    weighted positions in no line's support; ``entering(hp, out)`` (B, N) moves each of them
+    to where it enters the nearest line's support, ``min_l (C_rl - beta_l)`` over the lines
+    with weight (the hard c-transform of the line multipliers, taken as :func:`_settle`
+    takes it), plus ``gamma`` times its weight (what one slot of a line would give it)."""
+    weighted = pb.wp > 0
+
+    def held(out):
+        B = out.idx.shape[0]
+        slots = (out.vals > 0).reshape(B, -1).to(pb.wp.dtype)
+        return torch.zeros_like(pb.wp).scatter_add_(1, out.idx.reshape(B, -1), slots) > 0
+
+    def outside(out):
+        return (weighted & ~held(out)).sum(-1)
+
+    def entering(hp, out):
+        h = torch.where(pb.wl == 0, -torch.inf, out.beta)
+        u = torch.finfo(hp.dtype).eps
+        big = finite_abs_max(h) + finite_abs_max(hp)
+        small = max(float(big.min()), 1e-20 * float(big.max()), 1e-30)
+        edge = pb.geom.softmin(h, 16 * u * small, 1 - pb.axis, backend=pb.backend, precision="fp32").to(hp.dtype)
+        return torch.where(weighted & ~held(out), edge - hp + pb.gamma * pb.wp, 0.0)
+
+    return outside, entering
+
+
+def _newton_applies(pb: _Problem) -> bool:
+    """Newton steps (:func:`~otcore.solvers._qot_newton.newton`) instead of L-BFGS: the
+    semi-dual with no cardinality constraint left (``k`` >= the line length: quadratically
+    regularized OT, a smooth objective) and few positions (its Hessian is N x N)."""
+    return pb.semi and pb.k >= pb.wp.shape[1] and pb.wp.shape[1] <= DIRECT_MAX
 
 
 def run_lbfgs(pb: _Problem, evaluate, theta0, tol: float, ftol: float, max_iter: int, history: int, progress=None):
@@ -561,68 +617,6 @@ def _plan_vjp(pb: _Problem, spec: _GradSpec, gT: torch.Tensor):
             g_wp = g_wp + _zero_if_none(imp[1], wp)
             g_wl = g_wl + _zero_if_none(imp[2], wl)
     return g_csup.detach(), g_wp.detach(), g_wl.detach()
-
-
-#: The semi-dual's implicit plan gradient solves its system directly, by a dense symmetric
-#: eigendecomposition of ``min(N, L)`` square, when the positions or the lines number at most
-#: this (the router's experts); else by conjugate gradient on autograd's Hessian products
-#: (a router call's backward at 4096 x 8: ~16 CG iterations of ~20 tensor operations each)
-DIRECT_MAX = 256
-
-
-def semi_dual_hessian_solve(gamma: float, idx: torch.Tensor, support: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``w = K^+ u`` (B, N), the minimum-norm solution of ``K w = u`` (as conjugate gradient
-    from 0 finds it) for the semi-dual's Hessian on a fixed support.
-
-    On the support the plan is ``T_l = (x_l - mean_{S_l} x_l)/gamma + wl_l/|S_l|`` (line ``l``
-    of weight ``wl_l``, ``x = hp[idx] - C``), so ``K = -dR/dhp = (D - M diag(1/|S|) M^T) / gamma`` with ``M``
-    (N, L) the support's incidence (position ``i`` in line ``l``'s support), ``D = M 1`` the
-    lines holding each position and ``|S| = M^T 1``. ``K`` is singular: a constant on the
-    positions of a connected part of the support leaves the plan unchanged (``u`` lies in
-    its range).
-
-    - ``N <= L``: ``K^+ u`` from ``K``'s eigendecomposition (N x N).
-    - else through the lines (Woodbury): with ``z = diag(1/|S|) M^T w``,
-      ``w = D^-1 (gamma u + M z)`` solves ``K w = u`` when
-      ``A z = M^T D^-1 gamma u``, ``A = diag(|S|) - M^T D^-1 M`` (L x L, a graph Laplacian of
-      the lines sharing positions: its null vectors are the connected parts' indicators, and
-      ``D^-1 M`` of them ``K``'s). ``w`` is then projected off those null vectors.
-
-    In float64 whatever ``u``'s dtype: ``K``'s and ``A``'s entries are then exact to rounding
-    and their null directions fall ~1e-16 below the largest eigenvalue, far under the cut at
-    ``1e-12 n`` of it. Positions in no support get 0.
-    """
-    B, L, _ = idx.shape
-    N = u.shape[1]
-    dt = torch.float64
-    M = torch.zeros(B, N, L, dtype=dt, device=u.device).scatter_(
-        1, idx.transpose(1, 2), support.transpose(1, 2).to(dt))
-    D, S = M.sum(2), M.sum(1)
-    inv_d = torch.where(D > 0, 1 / D.clamp(min=1), 0.0)
-    gu = gamma * u.to(dt)
-    if N <= L:
-        K = torch.diag_embed(D) - (M * torch.where(S > 0, 1 / S.clamp(min=1), 0.0)[:, None, :]) @ M.transpose(1, 2)
-        return _pinv_apply(*_eig(K), gu).to(u.dtype)
-    lam, V, keep = _eig(torch.diag_embed(S) - (M * inv_d[:, :, None]).transpose(1, 2) @ M)
-    z = _pinv_apply(lam, V, keep, (M.transpose(1, 2) @ (inv_d * gu)[..., None])[..., 0])
-    w = inv_d * (gu + (M @ z[..., None])[..., 0])
-    P = (M @ torch.where(keep[:, None, :], 0.0, V)) * inv_d[..., None]  # K's null vectors (zero columns elsewhere)
-    along = _pinv_apply(*_eig(P.transpose(1, 2) @ P), (P.transpose(1, 2) @ w[..., None])[..., 0])
-    return (w - (P @ along[..., None])[..., 0]).to(u.dtype)
-
-
-def _eig(K: torch.Tensor):
-    """Eigenvalues, eigenvectors and the mask of those kept (above ``1e-12 n`` of the largest)
-    of a symmetric positive semi-definite ``K`` (B, n, n)."""
-    lam, V = torch.linalg.eigh(K)
-    return lam, V, lam > lam[:, -1:].clamp(min=0) * (1e-12 * K.shape[-1])
-
-
-def _pinv_apply(lam, V, keep, r: torch.Tensor) -> torch.Tensor:
-    """``K^+ r`` from :func:`_eig`'s decomposition, ``r`` (B, n)."""
-    coef = (V.transpose(1, 2) @ r[..., None])[..., 0]
-    coef = torch.where(keep, coef / torch.where(keep, lam, 1.0), 0.0)
-    return (V @ coef[..., None])[..., 0]
 
 
 def _zero_if_none(g, like):
