@@ -4,10 +4,9 @@ is and as it was before 2026-12-01, counted through PyTorch's dispatcher.
 On a GPU each counted operation is a kernel launch and each host read a synchronisation;
 at router sizes they, not arithmetic, bound a call (docs/router.md#cost). Since then
 capacity mode seeds its solve from the routing without the capacity, solved through the
-expert duals (``SparseOTRouter._seed``), and a solve where the capacity binds stops on
-``ftol = tol / 1000`` (``FTOL_PER_TOL``; at least 1e-8), and the implicit plan gradient
-solves its system directly (``sparse.DIRECT_MAX``); "before" undoes all three (a cold
-capacity solve, ``ftol=1e-8``, conjugate gradient). Same counts on any machine.
+expert duals by Newton steps (``SparseOTRouter._seed``), and the implicit plan gradient
+solves its system directly (``sparse.DIRECT_MAX``); "before" undoes both (a cold capacity
+solve, conjugate gradient). Same counts on any machine.
 
     python bench/router_op_count.py            # three sizes, plan_grad "fixed" and "implicit"
     python bench/router_op_count.py --sweep    # 243 settings, plan_grad "fixed" (~10 min on one CPU thread)
@@ -23,25 +22,23 @@ import warnings
 import torch
 
 import otcore
-import otcore.router as router_module
 import otcore.solvers.sparse as sparse_solver
 from lbfgs_op_count import OpCounter
 
 
 def call(scores, now: bool, **kw):
     """One forward + backward, the router as it is (``now``) or as before 2026-12-01 (no
-    seed: the capacity solve from zero; ``sparse_ot``'s default ``ftol=1e-8``); returns
+    seed: the capacity solve from zero; the implicit gradient by conjugate gradient); returns
     (output, operations, host reads). The loss weighs the combine weights by fixed random
     numbers (their plain sum has a zero plan gradient: every expert's load is fixed)."""
     router = otcore.SparseOTRouter(scores.shape[-1], **kw)
     if not now:
-        router._seed = lambda cost, a, b, prev, settings: (None, 0)
+        router._seeded = False
     s = scores.clone().requires_grad_()
     counter = OpCounter()
-    ftol_per_tol, direct_max = router_module.FTOL_PER_TOL, sparse_solver.DIRECT_MAX
+    direct_max = sparse_solver.DIRECT_MAX
     try:
         if not now:
-            router_module.FTOL_PER_TOL = 1e-8 / router.tol
             sparse_solver.DIRECT_MAX = 0  # the implicit plan gradient by conjugate gradient
         with counter, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -49,7 +46,7 @@ def call(scores, now: bool, **kw):
             weights = torch.randn(out.combine_weights.shape, generator=torch.Generator().manual_seed(1))
             (out.combine_weights * weights).sum().backward()
     finally:
-        router_module.FTOL_PER_TOL, sparse_solver.DIRECT_MAX = ftol_per_tol, direct_max
+        sparse_solver.DIRECT_MAX = direct_max
     return out, counter.counts["all"], counter.counts["host reads in all"]
 
 

@@ -36,10 +36,10 @@ from .solvers.sparse import sparse_ot
 
 MODES = ("capacity", "tokens")
 #: the capacity solve's seed (:meth:`SparseOTRouter._seed`) is solved to this fraction of ``tol``.
-#: Its tolerance bounds the expert loads; the token masses read off its duals erred more: at 1x
-#: the plans were 1.3-2.3x further from a float64 solve to 1e-10 (L1 per token) than the
-#: unseeded capacity solve's, at 0.1 7.6-27x closer (four float32 cases, 4096 x 8 to 2048 x 64),
-#: for one more iteration of E unknowns
+#: Its tolerance bounds the expert loads; the token masses read off its duals erred more: with
+#: L-BFGS at 1x the plans were 1.3-2.3x further from a float64 solve to 1e-10 (L1 per token) than
+#: the unseeded capacity solve's, at 0.1 7.6-27x closer (four float32 cases, 4096 x 8 to
+#: 2048 x 64); by Newton steps at 0.1, 4.8-228x closer, for a step more of E unknowns
 SEED_TOL = 0.1
 
 
@@ -84,7 +84,8 @@ class SparseOTRouter(nn.Module):
             The default suits scores of unit scale.
         tol: stopping tolerance as a fraction of the total token mass (the solver's
             ``tol`` is ``tol * n_tokens``).
-        max_iter: L-BFGS iterations per forward pass.
+        max_iter: iterations per solve: the capacity solve, and its seed, each (a warm
+            solve redone cold: up to twice each).
         plan_grad: ``"implicit"`` (exact derivative of the optimal plan) or ``"fixed"``
             (projection Jacobian with the duals held fixed; cheaper). At
             ``capacity_factor=1`` the optimal routing (every slot full) is locally constant in
@@ -100,11 +101,13 @@ class SparseOTRouter(nn.Module):
             ``"retried cold, warm kept"`` (``info["retry_iter"]``: the other solve's
             iterations).
 
-    In capacity mode each solve starts from the routing without the capacity, solved
-    through its ``E`` expert duals (``result.info["seed_iter"]`` iterations; the warm start
-    seeds that solve, so it serves a fresh batch of tokens too): where the capacity does
-    not bind, that routing is the answer and the capacity solve stops at its first test
-    (``result.n_iter == 0``); see docs/router.md.
+    In capacity mode, where the capacity leaves spare slots (``capacity >= n_tokens / E +
+    1``), each solve starts from the routing without the capacity, solved through its ``E``
+    expert duals (``result.info["seed_iter"]`` its iterations, ``info["seed_time_s"]`` its
+    time, included in ``info["time_s"]``; the warm start seeds that solve, so it serves a
+    fresh batch of tokens too): where the capacity does not bind, that routing is the
+    answer and the capacity solve stops at its first test (``result.n_iter == 0``); see
+    docs/router.md.
         formulation, backend: passed to :func:`otcore.sparse_ot`.
 
     Input: scores ``(n_tokens, E)`` or ``(B, n_tokens, E)`` (higher = better match).
@@ -152,6 +155,7 @@ class SparseOTRouter(nn.Module):
         self.formulation = _validate.choice("formulation", formulation, ("semi-dual", "dual"))
         self.backend = _validate.choice("backend", backend, BACKENDS)
         self._init: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._seeded = True  # capacity mode's seed (False: from zero, as bench/router_op_count.py compares)
         self._warned = False
         self._warned_ties = False
 
@@ -211,7 +215,7 @@ class SparseOTRouter(nn.Module):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
                 seed = None
-                if axis == 0 and k * self.n_experts >= n_tokens + self.n_experts:  # spare slots: see _seed
+                if axis == 0 and self._seeded and k * self.n_experts >= n_tokens + self.n_experts:  # see _seed
                     init, seed = self._seed(cost, a, b, init, settings)
                 res = sparse_ot(cost, a, b, k=k, formulation=self.formulation, axis=axis, init=init,
                                 plan_grad=self.plan_grad, **settings)
@@ -257,19 +261,24 @@ class SparseOTRouter(nn.Module):
     def _seed(self, cost, a, b, prev, settings) -> tuple[Optional[tuple], SparseOTResult]:
         """The capacity solve's starting duals, from the same routing without the capacity
         (quadratically regularized OT, ``k = n_experts`` per token) solved through its
-        expert duals: ``E`` unknowns per group instead of ``n_tokens``, each evaluation the
-        same pass over the scores. Where the capacity does not bind (no expert's support
-        exceeds it, as with the defaults on unit-scale scores) that plan *is* the capacity
-        problem's optimum, and the capacity solve from these duals stops at its first test
-        (4096 x 8, float32: 3 seed iterations and 0, against 19 from zero; a call's forward
-        and backward 979 tensor operations against 2,619, ``bench/router_op_count.py``);
-        where it binds, the capacity solve still starts near its optimum (4096 x 64: 6 + 35
-        iterations against 44, both at ``ftol=1e-8``). Not with a capacity of 1 token per
-        expert: the unconstrained routing spreads each expert's share over several tokens,
-        and the capacity solve started from it ended at another optimum of the relaxation,
-        more lopsided (3 tokens over 5 experts: token masses 0.6-1.8 against 0.6-1.2 from
-        zero, the same value). ``prev``: the previous call's duals
-        (their ``beta``, per expert, seeds this solve; None: from zero). Returns the
+        expert duals: ``E`` unknowns per group instead of ``n_tokens``, by Newton steps
+        (``sparse_ot``'s solver for it up to 256 experts), each evaluation the same pass over
+        the scores. Where the capacity does not bind (no expert's support exceeds it, as
+        with the defaults on unit-scale scores) that plan *is* the capacity problem's
+        optimum, and the capacity solve from these duals stops at its first test (4096 x 8,
+        float32: 2 Newton steps and 0, against 19 L-BFGS iterations from zero; a call's
+        forward and backward 616 tensor operations against 2,619,
+        ``bench/router_op_count.py``); where it binds, the capacity solve still starts near
+        its optimum (4096 x 64: 3 + 33 iterations against 44).
+
+        Only where the capacity leaves spare slots, ``capacity >= n_tokens / E + 1``: with
+        none (``capacity_factor=1``, every slot needed: an assignment-like optimum, far
+        from the unconstrained routing) the capacity solve started from the seed stopped at
+        kinks that drop tokens (64 x 4, float32: token masses 0.00-1.83 with ``converged``,
+        where the solve from zero reached 0.99-1.00), and with a capacity of 1 token per
+        expert at a more lopsided optimum (3 tokens over 5 experts: token masses 0.6-1.8
+        against 0.6-1.2, the same value). ``prev``: the previous call's duals (their
+        ``beta``, per expert, seeds this solve; None: from zero). Returns the
         ``(alpha, beta)`` for the capacity solve (None if the seed came out non-finite) and
         the seed's result."""
         init = None if prev is None else (a.new_zeros(a.shape), prev[1])

@@ -161,6 +161,12 @@ def test_capacity_solve_is_seeded_by_the_expert_duals():
             assert float(res.value) == pytest.approx(float(cold.value), rel=1e-9)
             torch.testing.assert_close(out.combine_dense(), cold.to_dense(), rtol=0, atol=1e-6)
         torch.testing.assert_close(out.expert_load, torch.full((4,), 64.0, dtype=F64))
+        assert 0 < res.info["seed_time_s"] <= res.info["time_s"]
+    # no spare slot (capacity_factor=1, 256 = 4 x 64): no seed, the capacity solve from zero
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", otcore.ConvergenceWarning)  # (whether it converges is not the point)
+        tight = otcore.SparseOTRouter(4, capacity_factor=1.0, max_iter=20, backend="torch")(_scores(256, 4, seed=3))
+    assert "seed_iter" not in tight.result.info and tight.result.n_iter > 0
 
 
 def test_warm_start_reuses_the_duals():

@@ -139,7 +139,8 @@ def sparse_ot(
     columns (``axis=0``) or rows (``axis=1``) have at most ``k`` nonzeros, through its
     semi-dual or dual (see the module docstring), by batched L-BFGS, or by damped Newton
     steps where ``k`` >= the line length and the positions (rows for ``axis=0``) number at
-    most 256 (semi-dual only; then 3-20 iterations where L-BFGS took tens).
+    most 256 (semi-dual only: 11-49 steps where L-BFGS took 31-73 iterations on a 12 x 9
+    problem, docs/sparse_ot.md).
 
     Args:
         geom: :class:`~otcore.PointCloud` or :class:`~otcore.CostMatrix`, ``B`` problems if batched.
