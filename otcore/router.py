@@ -91,8 +91,10 @@ class SparseOTRouter(nn.Module):
             ``capacity_factor=1`` the optimal routing (every slot full) is locally constant in
             the scores: its exact derivative is 0 and the gate gets no gradient through
             the combine weights; ``"fixed"`` gives one (docs/router.md).
-        warm_start: start each solve from the previous call's expert duals when the number
-            of experts, the device and the dtype agree (token mode: also the token count). A
+        warm_start: start each solve from the previous call's duals when the number of
+            experts, the device and the dtype agree (capacity mode's seed takes the expert
+            duals alone; token mode and capacity mode without a seed also need the token
+            count). A
             warm solve that does not converge is redone cold and the better of the two kept
             (converged, then the smaller ``grad_norm``), with its duals for the next call.
             Kept in evaluation mode and under ``no_grad`` too, so a call's output depends on
@@ -100,6 +102,12 @@ class SparseOTRouter(nn.Module):
             ``result.info["warm_start"]`` says ``"none"``, ``"used"``, ``"retried cold"`` or
             ``"retried cold, warm kept"`` (``info["retry_iter"]``: the other solve's
             iterations).
+        formulation, backend: passed to :func:`otcore.sparse_ot`.
+
+    Input: scores ``(n_tokens, E)`` or ``(B, n_tokens, E)`` (higher = better match).
+    Returns a :class:`RouterOutput`. Non-convergence within ``max_iter`` is reported in
+    ``result.converged`` and warned about once per module (routing is approximate by
+    design; the plan is still feasible for the per-expert / per-token sparsity).
 
     In capacity mode, where the capacity leaves spare slots (``capacity >= n_tokens / E +
     1``), each solve starts from the routing without the capacity, solved through its ``E``
@@ -108,12 +116,6 @@ class SparseOTRouter(nn.Module):
     fresh batch of tokens too): where the capacity does not bind, that routing is the
     answer and the capacity solve stops at its first test (``result.n_iter == 0``); see
     docs/router.md.
-        formulation, backend: passed to :func:`otcore.sparse_ot`.
-
-    Input: scores ``(n_tokens, E)`` or ``(B, n_tokens, E)`` (higher = better match).
-    Returns a :class:`RouterOutput`. Non-convergence within ``max_iter`` is reported in
-    ``result.converged`` and warned about once per module (routing is approximate by
-    design; the plan is still feasible for the per-expert / per-token sparsity).
 
     Example::
 
@@ -190,10 +192,11 @@ class SparseOTRouter(nn.Module):
                 f"or route more tokens per call"
             )
         prev = self._init if self.warm_start else None
-        # capacity mode seeds its solve from the expert duals alone (below), so the previous
-        # call's beta serves a fresh batch of tokens too; token mode's duals are per expert
-        # already (its alpha, per token, is not used by its semi-dual)
-        usable = prev is not None and prev[1].shape == b.shape and (axis == 0 or prev[0].shape == a.shape) and all(
+        # capacity mode with spare slots seeds its solve from the expert duals alone (see _seed),
+        # so the previous call's beta serves a fresh batch of tokens too; otherwise the solve
+        # starts from both duals (token mode: its alpha, per token, is not used by its semi-dual)
+        seeded = axis == 0 and self._seeded and k * self.n_experts >= n_tokens + self.n_experts
+        usable = prev is not None and prev[1].shape == b.shape and (seeded or prev[0].shape == a.shape) and all(
             t.device == scores.device and t.dtype == dt for t in prev
         )  # same problem shape, and the module not moved to another device or dtype since
         # both marginals are fixed (token masses 1, expert loads n_tokens / n_experts), so
@@ -215,7 +218,7 @@ class SparseOTRouter(nn.Module):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
                 seed = None
-                if axis == 0 and self._seeded and k * self.n_experts >= n_tokens + self.n_experts:  # see _seed
+                if seeded:
                     init, seed = self._seed(cost, a, b, init, settings)
                 res = sparse_ot(cost, a, b, k=k, formulation=self.formulation, axis=axis, init=init,
                                 plan_grad=self.plan_grad, **settings)

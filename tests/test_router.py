@@ -186,6 +186,12 @@ def test_warm_start_reuses_the_duals():
     # the expert duals also serve a fresh batch of tokens, of another count
     fresh = router(_scores(100, 4, seed=3, dtype=F64))
     assert fresh.result.info["warm_start"] == "used" and fresh.result.converged
+    # no spare slot (capacity_factor=1: no seed): the capacity solve starts from both stored
+    # duals, so only for the same token count (another count once raised on alpha's shape)
+    tight = otcore.SparseOTRouter(4, capacity_factor=1.0, warm_start=True, max_iter=300, backend="torch")
+    t64 = tight(s)
+    assert tight(s).result.n_iter < t64.result.n_iter and "seed_iter" not in t64.result.info
+    assert tight(_scores(128, 4, seed=4, dtype=F64)).result.info["warm_start"] == "none"
     # token mode: the duals are per expert; a warm solve of the same scores stops at once
     tokens = otcore.SparseOTRouter(4, mode="tokens", gamma=0.2, warm_start=True, tol=1e-6, backend="torch")
     t1, t2 = tokens(s), tokens(s)

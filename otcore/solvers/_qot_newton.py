@@ -156,10 +156,12 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol: float, max_iter: in
             with np.errstate(invalid="ignore"):
                 ok = searching & np.isfinite(st[0]) & np.isfinite(st[1]) & (
                     st[0] <= f_h + c1 * alpha * slope + slack * np.maximum(s_h, st[2]))
-            if ok.any():
+            if ok.all():  # (one problem, or all: no mask)
+                theta, g, out = theta + step, gc, outc
+            elif ok.any():
                 mask = _host.to_device(ok, dev)
                 theta, g, out = _where(mask, (theta + step, gc, outc), (theta, g, out))
-                f_h, g_h, s_h, out_h = (np.where(ok, new, old) for new, old in zip(st[:4], (f_h, g_h, s_h, out_h)))
+            f_h, g_h, s_h, out_h = (np.where(ok, new, old) for new, old in zip(st[:4], (f_h, g_h, s_h, out_h)))
             searching &= ~ok
             if not searching.any():
                 break

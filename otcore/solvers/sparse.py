@@ -202,8 +202,9 @@ def sparse_ot(
         if solver == "newton":
             theta, out, n_iter, _, _, why = newton(pb.evaluate, pb.gamma, theta0, tol, max_iter, *_outside(pb),
                                                    progress=progress)
-            left = max_iter - int(n_iter.max())
-            if left > 0 and bool(((why == 2) | (why == 5)).any()):
+            its, stops = _host.to_host(n_iter, why)
+            left = max_iter - int(its.max())
+            if left > 0 and ((stops == 2) | (stops == 5)).any():
                 # Newton stalled (near an unregularized problem, gamma small against the costs, the
                 # support keeps changing): L-BFGS goes on from there (converged problems stop at once)
                 solver = "newton, then L-BFGS"
@@ -235,11 +236,7 @@ def _outside(pb: _Problem):
         return (weighted & ~held(out)).sum(-1)
 
     def entering(hp, out):
-        h = torch.where(pb.wl == 0, -torch.inf, out.beta)
-        u = torch.finfo(hp.dtype).eps
-        big = finite_abs_max(h) + finite_abs_max(hp)
-        small = max(float(big.min()), 1e-20 * float(big.max()), 1e-30)
-        edge = pb.geom.softmin(h, 16 * u * small, 1 - pb.axis, backend=pb.backend, precision="fp32").to(hp.dtype)
+        edge, _, _ = _hard_c_transform(pb, torch.where(pb.wl == 0, -torch.inf, out.beta), hp)
         return torch.where(weighted & ~held(out), edge - hp + pb.gamma * pb.wp, 0.0)
 
     return outside, entering
@@ -366,6 +363,20 @@ def _cost_floor(geom) -> torch.Tensor:
     return torch.zeros(geom.batch, dtype=geom.dtype, device=geom.device)
 
 
+def _hard_c_transform(pb: _Problem, h: torch.Tensor, hp: torch.Tensor):
+    """``min_l (C_rl - h_l)`` for every position ``r`` (B, N), the hard c-transform of the line
+    values ``h`` (``-inf`` leaves a line out), in ``hp``'s dtype; also ``(B,)`` the scores'
+    size ``max|h| + max|hp|`` and the ``eps`` used. A softmin at an ``eps`` of a few rounding
+    steps of the scores is the hard minimum (``eps`` is one number for the batch: the
+    smallest problem's, which only makes the others' minima sharper). One host read."""
+    u = torch.finfo(hp.dtype).eps
+    big = finite_abs_max(h) + finite_abs_max(hp)
+    size = _host.host_array(big)
+    eps = 16 * u * max(float(size.min()), 1e-20 * float(size.max()), 1e-30)
+    edge = pb.geom.softmin(h, eps, 1 - pb.axis, backend=pb.backend, precision="fp32")
+    return edge.to(hp.dtype), big, eps
+
+
 def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor, KSparse]:
     """The final position potentials and pass.
 
@@ -399,19 +410,14 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     h = torch.minimum(out.beta, -kth)  # -max(-beta, s)
     zero_lines = pb.wl == 0
     h = torch.where(zero_lines, -torch.inf, h)  # out of the minimum
-    # a softmin at an eps of a few rounding steps of the scores is the hard minimum (eps is one
-    # number for the batch: the smallest problem's, which only makes the others' minima
-    # sharper); a margin of a few more steps keeps the point strictly out of the top k (at a
-    # tie the selection could give it a slot)
+    # a margin of a few rounding steps keeps the point strictly out of the top k (at a tie the
+    # selection could give it a slot)
+    edge, big, eps = _hard_c_transform(pb, h, hp)
     u = torch.finfo(hp.dtype).eps
-    big = finite_abs_max(h) + finite_abs_max(hp)  # (B,) size of the scores
-    small = max(float(big.min()), 1e-20 * float(big.max()), 1e-30)
-    edge = pb.geom.softmin(h, 16 * u * small, 1 - pb.axis, backend=pb.backend, precision="fp32")
-    hp = torch.where(zero, (edge - 64 * u * big[:, None]).to(hp.dtype), hp)
+    hp = torch.where(zero, edge - 64 * u * big[:, None], hp)
     out = pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
     if pb.zeros[1 - pb.axis]:  # zero-weight lines too: min_r (C_rl - alpha_r) over the positions with mass
-        top = pb.geom.softmin(torch.where(zero, -torch.inf, hp), 16 * u * small, pb.axis, backend=pb.backend,
-                              precision="fp32")
+        top = pb.geom.softmin(torch.where(zero, -torch.inf, hp), eps, pb.axis, backend=pb.backend, precision="fp32")
         out = out._replace(beta=torch.where(zero_lines, top.to(out.beta.dtype), out.beta))
     return hp, out
 
