@@ -859,3 +859,35 @@ def test_newton_is_used_only_where_it_applies():
     big = otcore.CostMatrix(torch.rand(300, 4, generator=torch.Generator().manual_seed(9), dtype=F64))
     assert otcore.sparse_ot(big, k=300, gamma=0.3).info["solver"] == "L-BFGS"  # 300 positions: too many
     assert otcore.sparse_ot(big, k=4, gamma=0.3, axis=1).info["solver"] == "newton"  # 4 positions
+
+
+def test_newton_steps_stay_off_the_constant_direction_in_float32(monkeypatch):
+    """The semi-dual does not change when every potential moves by one constant; the damped
+    system turned float32's rounding of the masses into steps along it (a review: mean
+    potential -0.07 -> -2.6 in 3 steps, 11 of 30 problems converged against L-BFGS's 22)."""
+    def solve(seed):
+        g = torch.Generator().manual_seed(seed)
+        C = torch.rand(30, 12, generator=g)
+        a, b = torch.rand(30, generator=g) + 0.1, torch.rand(12, generator=g) + 0.1
+        return otcore.sparse_ot(otcore.CostMatrix(C), a / a.sum(), b / b.sum(), k=30, gamma=0.01, tol=1e-5,
+                                max_iter=1000), a / a.sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", otcore.ConvergenceWarning)
+        newton = [solve(seed) for seed in range(12)]
+        monkeypatch.setattr(S, "_newton_applies", lambda pb: False)
+        lbfgs = [solve(seed)[0] for seed in range(12)]
+    assert all(r.info["solver"].startswith("newton") for r, _ in newton)
+    assert sum(r.converged for r, _ in newton) >= sum(r.converged for r in lbfgs)
+    assert max(abs(float((r.alpha * a).sum())) for r, a in newton) < 0.05  # the cold start's gauge, <a, alpha> = 0
+
+
+def test_newton_stalled_at_max_iter_reports_the_cap():
+    """A Newton solve that stalls with no iteration left for L-BFGS stopped on max_iter, not on
+    the dtype's resolution (float64, far from its floor)."""
+    g = torch.Generator().manual_seed(8)
+    C = torch.rand(12, 9, generator=g, dtype=F64)
+    with pytest.warns(otcore.ConvergenceWarning, match="max_iter reached"):
+        r = otcore.sparse_ot(otcore.CostMatrix(C), torch.full((12,), 1 / 12, dtype=F64), torch.full((9,), 1 / 9, dtype=F64),
+                             k=12, gamma=1e-3, tol=1e-11, max_iter=40)
+    assert not r.converged and r.info["stop"] == "max_iter reached" and r.info["solver"] == "newton"

@@ -139,7 +139,7 @@ def sparse_ot(
     columns (``axis=0``) or rows (``axis=1``) have at most ``k`` nonzeros, through its
     semi-dual or dual (see the module docstring), by batched L-BFGS, or by damped Newton
     steps where ``k`` >= the line length and the positions (rows for ``axis=0``) number at
-    most 256 (semi-dual only: 11-49 steps where L-BFGS took 31-73 iterations on a 12 x 9
+    most 64 (semi-dual only: 11-49 steps where L-BFGS took 31-73 iterations on a 12 x 9
     problem, docs/sparse_ot.md).
 
     Args:
@@ -204,7 +204,10 @@ def sparse_ot(
                                                    progress=progress)
             its, stops = _host.to_host(n_iter, why)
             left = max_iter - int(its.max())
-            if left > 0 and ((stops == 2) | (stops == 5)).any():
+            stalled = (stops == 2) | (stops == 5)
+            if left == 0 and stalled.any():  # no iteration left for L-BFGS: the cap, not the dtype, stopped it
+                why = torch.where((why == 2) | (why == 5), 1, why)
+            elif stalled.any():
                 # Newton stalled (near an unregularized problem, gamma small against the costs, the
                 # support keeps changing): L-BFGS goes on from there (converged problems stop at once)
                 solver = "newton, then L-BFGS"
