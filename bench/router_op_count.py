@@ -23,14 +23,14 @@ import torch
 
 import otcore
 import otcore.solvers.sparse as sparse_solver
+from bench_sparse_ot import router_iters, weighted_sum
 from lbfgs_op_count import OpCounter
 
 
 def call(scores, now: bool, **kw):
     """One forward + backward, the router as it is (``now``) or as before 2026-12-01 (no
     seed: the capacity solve from zero; the implicit gradient by conjugate gradient); returns
-    (output, operations, host reads). The loss weighs the combine weights by fixed random
-    numbers (their plain sum has a zero plan gradient: every expert's load is fixed)."""
+    (output, operations, host reads). The loss is the benchmark's :func:`weighted_sum`."""
     router = otcore.SparseOTRouter(scores.shape[-1], **kw)
     if not now:
         router._seeded = False
@@ -43,15 +43,10 @@ def call(scores, now: bool, **kw):
         with counter, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = router(s)
-            weights = torch.randn(out.combine_weights.shape, generator=torch.Generator().manual_seed(1))
-            (out.combine_weights * weights).sum().backward()
+            weighted_sum(out.combine_weights).backward()
     finally:
         sparse_solver.DIRECT_MAX = direct_max
     return out, counter.counts["all"], counter.counts["host reads in all"]
-
-
-def iters(res) -> str:
-    return f"{res.info['seed_iter']}+{res.n_iter}" if res.info.get("seed_iter") else str(res.n_iter)
 
 
 def table():
@@ -62,8 +57,8 @@ def table():
         for plan_grad in ("fixed", "implicit"):
             o0, n0, r0 = call(scores, False, plan_grad=plan_grad)
             o1, n1, r1 = call(scores, True, plan_grad=plan_grad)
-            print(f"{f'{T} x {E}':>12} {plan_grad:>9} | {iters(o0.result):>10} {n0:>6} {r0:>5} | "
-                  f"{iters(o1.result):>8} {n1:>6} {r1:>5} | {n1 / n0:.2f}", flush=True)
+            print(f"{f'{T} x {E}':>12} {plan_grad:>9} | {router_iters(o0.result):>10} {n0:>6} {r0:>5} | "
+                  f"{router_iters(o1.result):>8} {n1:>6} {r1:>5} | {n1 / n0:.2f}", flush=True)
 
 
 def sweep():

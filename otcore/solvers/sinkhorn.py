@@ -301,7 +301,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         it += k + 1
         if not going_h.any():
             break
-        if progress.due():  # the residual is read (a sync on a GPU) only for a line that prints
-            progress.update(it, float(torch.where(active, resid, float("-inf")).amax()), eps)
+        if progress.due():  # from the residuals the test already read
+            progress.update(it, float(r_h[going_h > 0].max()), eps)
     progress.close()
     return f, g, n_iter, passed, stalled
