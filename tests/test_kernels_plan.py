@@ -193,6 +193,29 @@ def test_plan_topk_matches_torch_topk(k):
     assert relerr(torch.gather(P, 2, idx), vals) < 1e-5
 
 
+@pytest.mark.parametrize("k", [1, 8])
+def test_plan_topk_over_several_column_tiles_with_ties(k):
+    """150 columns are three column tiles of the kernel: the rounds of a tile stop once no
+    row's best key beats its smallest slot. Columns 70-139 repeat columns 0-69 (points and
+    potentials): equal keys in different tiles, of which a row keeps one per slot."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.rand(B, N, 3, generator=g, dtype=torch.float64)
+    y = torch.rand(B, 150, 3, generator=g, dtype=torch.float64)
+    y[:, 70:140] = y[:, :70]
+    F = torch.randn(B, N, generator=g, dtype=torch.float64) * 0.05
+    G = torch.randn(B, 150, generator=g, dtype=torch.float64) * 0.05
+    G[:, 70:140] = G[:, :70]
+    G[1, 100:104] = -INF  # zero-weight columns in the middle tile
+    geom = otcore.PointCloud(x.to(DEVICE), y.to(DEVICE))
+    F, G = F.to(DEVICE), G.to(DEVICE)
+    P = plan64(cost64(geom.x, geom.y, "sqeuclidean"), F, G, EPS)
+    vals, idx = geom.plan_topk(F, G, EPS, k, backend="triton")
+    ref = torch.topk(P, k, dim=2).values
+    assert relerr(vals, ref) < 1e-12
+    assert relerr(torch.gather(P, 2, idx), ref) < 1e-12  # each index carries its value
+    assert all(len(set(row.tolist())) == k for row in idx.reshape(-1, k))
+
+
 def test_plan_topk_large_k_falls_back_and_bad_k_raises():
     geom, C, F, G = problem(3, seed=8, zero_weights=False)
     k = KP.TOPK_MAX + 1
