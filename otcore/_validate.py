@@ -28,6 +28,7 @@ def tensor(name: str, t, ndims: tuple[int, ...], finite: bool = True) -> torch.T
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     no_function_transform(t)
+    strided(name, t)
     if t.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
     if t.dim() not in ndims:
@@ -38,6 +39,13 @@ def tensor(name: str, t, ndims: tuple[int, ...], finite: bool = True) -> torch.T
     if finite:
         all_finite((name, t))
     return t
+
+
+def strided(name: str, t: torch.Tensor) -> None:
+    """Raise ``TypeError`` for a sparse (COO, CSR, ...) tensor: the solvers read dense
+    entries (a sparse one got past the checks and failed inside torch, unnamed)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; use {name}.to_dense()")
 
 
 def no_function_transform(t: torch.Tensor) -> None:

@@ -114,6 +114,7 @@ class OTResult:
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
         _validate.no_function_transform(v)
+        _validate.strided("v", v)
         if not v.is_floating_point():
             raise TypeError(f"v must be a real floating-point tensor, got {v.dtype}")
         if v.device != self._F.device:

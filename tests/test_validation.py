@@ -493,6 +493,25 @@ def test_non_floating_tensors(dtype):
         solve(a=torch.ones(N, dtype=dtype))
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("to_sparse", [torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr], ids=["coo", "csr"])
+def test_sparse_tensors_are_refused_by_name(to_sparse):
+    """Solvers read dense entries: a sparse input is a TypeError naming it (it used to get past
+    the checks and fail inside torch, e.g. "Could not run 'aten::linalg_vector_norm'")."""
+    with pytest.raises(TypeError, match=r"^C must be a dense \(strided\) tensor, got layout torch.sparse_"):
+        otcore.CostMatrix(to_sparse(torch.rand(N, M)))
+    with pytest.raises(TypeError, match=r"^x must be a dense \(strided\) tensor"):
+        otcore.PointCloud(to_sparse(x_()), y_())
+    with pytest.raises(TypeError, match=r"^a must be a dense \(strided\) tensor"):
+        solve(a=torch.full((N,), 1.0 / N).to_sparse())  # (CSR needs two dimensions)
+    with pytest.raises(TypeError, match=r"^x must be a dense \(strided\) tensor"):
+        otcore.SinkhornLoss(eps=0.1)(to_sparse(x_()), y_())
+    with pytest.raises(TypeError, match=r"^v must be a dense \(strided\) tensor"):
+        solve().apply(to_sparse(torch.ones(M, 2)), axis=1)
+    with pytest.raises(TypeError, match=r"^scores must be a dense \(strided\) tensor"):
+        otcore.SparseOTRouter(n_experts=4)(to_sparse(torch.randn(16, 4)))
+
+
 # ----------------------------------------------------------------------------- fail fast, loss layer
 def test_checks_run_before_any_work(monkeypatch):
     """A bad scalar argument is reported before a single primitive runs."""
