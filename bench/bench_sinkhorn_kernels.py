@@ -567,11 +567,12 @@ def write_outputs(rows, out_dir, meta):
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    plot(rows, os.path.join(out_dir, "sinkhorn_kernels.png"), meta)
+    return plot(rows, os.path.join(out_dir, "sinkhorn_kernels.png"), meta)
 
 
-def plot(rows, path, meta):
-    """Grouped bars: ms per iteration per method and size (log scale), the exp floor as a line."""
+def plot(rows, path, meta) -> bool:
+    """Grouped bars: ms per iteration per method and size (log scale), the exp floor as a
+    line. Returns whether the picture was written."""
     try:
         import matplotlib
 
@@ -579,10 +580,10 @@ def plot(rows, path, meta):
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not importable: no plot")
-        return
+        return False
     it = [r for r in rows if r["section"] == "iteration_ms"]
     if not it:
-        return
+        return False
     sizes = list(dict.fromkeys(f"{r['n']}x{r['d']}" for r in it))
     methods = list(dict.fromkeys(r["method"] for r in it))
     width = 0.8 / len(methods)
@@ -607,6 +608,7 @@ def plot(rows, path, meta):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -673,8 +675,8 @@ def main(argv=None) -> int:
     if not args.skip_loss:
         print(f"loss layer, n = m = {args.loss_n}, d = 3", flush=True)
         loss_layer(device, args, rows, save=lambda: write_outputs(rows, out, meta))
-    write_outputs(rows, out, meta)
-    print(f"wrote {out}/results.csv, results.json, sinkhorn_kernels.png")
+    plotted = write_outputs(rows, out, meta)
+    print(f"wrote {out}/results.csv, results.json" + (", sinkhorn_kernels.png" if plotted else ""))
     return 0
 
 

@@ -1,23 +1,30 @@
-"""Triton kernel: a whole Jacobi-preconditioned conjugate gradient solve in one launch,
-for the Newton systems of Sinkhorn-Newton-Sparse.
+"""Triton kernel: a whole preconditioned conjugate gradient solve in one launch, for the
+Newton systems of Sinkhorn-Newton-Sparse.
 
 The system of every Newton step is, per problem (``S`` the ELL plan rows of
 :mod:`otcore.kernels.sparse`, ``d_a = r (1 + lam)``, ``d_b = c (1 + lam)``)::
 
     [[diag(d_a), S  ], [S^T, diag(d_b)]] (x_a, x_b) = (r_a, r_b)
 
+solved, as the twin solves it, through its Schur complement (``x_b`` eliminated)::
+
+    K x_a = r_a - S (r_b / d_b),   K = diag(d_a) - S diag(1/d_b) S^T,   x_b = (r_b - S^T x_a) / d_b
+
+by CG preconditioned with ``K``'s diagonal (1.8-18x fewer iterations than Jacobi-PCG on the
+whole system, at the same cost per iteration: :func:`otcore.reference_sparse.ell_pcg`).
 CG issued from the host costs ~17 launches per iteration (two ELL products, the dot
 products, the vector updates) and a host read every 8 iterations, for a few
 microseconds of GPU work each at the sizes SNS wins at (n = 500 ran 121 CG
-iterations per Newton step). Here one program per problem runs the whole loop:
+iterations per Newton step on the whole system). Here one program per problem runs the
+whole loop:
 
-    q = K p;  alpha = rz / <p, q>;  x += alpha p;  r -= alpha q;  z = r / diag;
-    rz' = <r, z>;  stop once rz' <= rtol^2 rz_0 (or <p, q> <= 0, or max_iter);
-    p = z + (rz' / rz) p
+    u = S^T p / d_b;  q = d_a p - S u;  alpha = rz / <p, q>;  x += alpha p;  r -= alpha q;
+    rz' = <r, pre r>;  stop once rz' <= rtol^2 rz_0 (or <p, q> <= 0, or max_iter);
+    p = pre r + (rz' / rz) p
 
-with ``r``, ``p`` and ``q`` in a global scratch buffer. Both products are gathers, so
-no atomics and a deterministic result: ``S p_b`` reads the ELL rows, ``S^T p_a`` a copy
-of the entries sorted by column (CSR by column: ``vals_t``, int32 ``rows_t``, the
+with ``r``, ``p``, ``q``, ``pre`` and ``u`` in a global scratch buffer. Both products are
+gathers, so no atomics and a deterministic result: ``S u`` reads the ELL rows, ``S^T p``
+a copy of the entries sorted by column (CSR by column: ``vals_t``, int32 ``rows_t``, the
 offsets ``off`` (B, m + 1)), built with a few torch ops per solve. A barrier separates
 each sweep over the vectors from the next, since a gather reads entries that other
 threads of the program wrote.
@@ -26,7 +33,7 @@ One program per problem runs on one SM: it wins while the host-issued loop's lau
 time exceeds a sweep's memory time on a single SM, which holds for small ELL matrices;
 larger ones run the host loop on the ELL product kernels (:data:`FUSED_MAX_ENTRIES`).
 
-The torch twin is :func:`otcore.reference_sparse.ell_pcg` (the same iteration,
+The torch twin is :func:`otcore.reference_sparse.ell_pcg` (the same iteration, on
 :func:`otcore._cg.pcg`). Only long-standing ``tl.*`` APIs are used (Triton >= 3.0).
 """
 
@@ -50,135 +57,170 @@ FUSED_MAX_ENTRIES = 1 << 18
 
 
 @triton.jit
-def _init_side(RHS, INV, X, W, size, BLOCK: tl.constexpr):
-    """``x = 0``, ``r = rhs``, ``p = z = inv r`` over one side; returns ``<r, z>``.
-    ``W`` holds ``r``, ``p``, ``q`` at offsets 0, ``size``, ``2 size``."""
-    acc = tl.zeros((BLOCK,), dtype=X.dtype.element_ty)
-    for i0 in range(0, size, BLOCK):
-        o = i0 + tl.arange(0, BLOCK)
-        mk = o < size
-        r = tl.load(RHS + o, mask=mk, other=0.0)
-        z = tl.load(INV + o, mask=mk, other=0.0) * r
-        tl.store(X + o, tl.zeros((BLOCK,), dtype=X.dtype.element_ty), mask=mk)
-        tl.store(W + o, r, mask=mk)
-        tl.store(W + size + o, z, mask=mk)
-        acc += r * z
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _rows_product(V, I, D, Wa, Wb, n, m, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``q_a = d_a p_a + S p_b`` (stored in ``Wa``); returns ``<p_a, q_a>``."""
+def _schur_init(V, I, DA, RA, IA, IB, XA, WA, WB, n, m, S: tl.constexpr, S_PAD: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+    """Per row: the preconditioner ``pre = 1 / (d_a - sum_k v^2 ib_j)`` (the Schur complement's
+    diagonal, floored at 64 rounding units of ``|d_a|`` as
+    :func:`otcore.reference_sparse.floor_factor`; 0 where ``ia`` leaves the row out or it is not
+    positive), the reduced right-hand side as the residual ``r = r_a - S u`` (``u = ib r_b`` in
+    ``WB``), ``p = pre r``, ``x_a = 0``. ``WA`` holds ``r, p, q, pre`` at offsets 0, n, 2n, 3n.
+    Returns ``<r, pre r>``."""
+    if WA.dtype.element_ty == tl.float64:
+        FLOOR: tl.constexpr = 1.4210854715202004e-14  # 64 * 2^-52
+    else:
+        FLOOR: tl.constexpr = 7.62939453125e-06  # 64 * 2^-23
     slots = tl.arange(0, S_PAD)
-    acc = tl.zeros((BLOCK_R,), dtype=Wa.dtype.element_ty)
+    acc = tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty)
     for i0 in range(0, n, BLOCK_R):
         rows = i0 + tl.arange(0, BLOCK_R)
         rm = rows < n
         mk = rm[:, None] & (slots < S)[None, :]
         v = tl.load(V + rows[:, None] * S + slots[None, :], mask=mk, other=0.0)
         j = tl.load(I + rows[:, None] * S + slots[None, :], mask=mk, other=0)
-        pb = tl.load(Wb + m + j, mask=mk & (j >= 0) & (j < m), other=0.0)  # (an index off the matrix reads nothing)
-        pa = tl.load(Wa + n + rows, mask=rm, other=0.0)
-        q = tl.load(D + rows, mask=rm, other=0.0) * pa + tl.sum(v * pb, axis=1)
-        tl.store(Wa + 2 * n + rows, q, mask=rm)
-        acc += pa * q
+        on = mk & (j >= 0) & (j < m)  # an index off the matrix reads nothing
+        da = tl.load(DA + rows, mask=rm, other=0.0)
+        k = da - tl.sum(v * v * tl.load(IB + j, mask=on, other=0.0), axis=1)
+        k = tl.where(k < FLOOR * tl.abs(da), FLOOR * tl.abs(da), k)  # (NaN stays NaN, as in the twin)
+        pre = tl.where((tl.load(IA + rows, mask=rm, other=0.0) != 0) & (k > 0), 1 / tl.where(k > 0, k, 1.0), 0.0)
+        r = tl.load(RA + rows, mask=rm, other=0.0) - tl.sum(v * tl.load(WB + j, mask=on, other=0.0), axis=1)
+        tl.store(XA + rows, tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty), mask=rm)
+        tl.store(WA + rows, r, mask=rm)
+        tl.store(WA + n + rows, pre * r, mask=rm)
+        tl.store(WA + 3 * n + rows, pre, mask=rm)
+        acc += r * (pre * r)
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _cols_product(VT, RT, OFF, D, Wa, Wb, n, m, BLOCK: tl.constexpr):
-    """``q_b = d_b p_b + S^T p_a`` (stored in ``Wb``) from the entries sorted by column:
-    column ``j``'s are ``off[j] <= e < off[j + 1]``; returns ``<p_b, q_b>``."""
-    acc = tl.zeros((BLOCK,), dtype=Wb.dtype.element_ty)
+def _cols_scaled(VT, RT, OFF, IB, SRC, RB, OUT, m, keep, BLOCK: tl.constexpr, FINAL: tl.constexpr):
+    """Over the columns, from the entries sorted by column (column ``j``'s at
+    ``off[j] <= e < off[j + 1]``), with ``t = S^T src``: ``out = ib t`` (the loop's ``u``), or
+    with ``FINAL`` ``out = keep ib (r_b - t)`` (``x_b`` from ``x_a``; ``keep`` 0 for an inactive
+    problem)."""
     for j0 in range(0, m, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         cm = cols < m
         start = tl.load(OFF + cols, mask=cm, other=0)
         count = tl.load(OFF + cols + 1, mask=cm, other=0) - start
-        s = tl.zeros((BLOCK,), dtype=Wb.dtype.element_ty)
-        for t in range(0, tl.max(count, axis=0).to(tl.int32)):  # the longest column of the block
-            mk = t < count
-            v = tl.load(VT + start + t, mask=mk, other=0.0)
-            i = tl.load(RT + start + t, mask=mk, other=0)
-            s += v * tl.load(Wa + n + i, mask=mk, other=0.0)
-        pb = tl.load(Wb + m + cols, mask=cm, other=0.0)
-        q = tl.load(D + cols, mask=cm, other=0.0) * pb + s
-        tl.store(Wb + 2 * m + cols, q, mask=cm)
-        acc += pb * q
+        t = tl.zeros((BLOCK,), dtype=OUT.dtype.element_ty)
+        for e in range(0, tl.max(count, axis=0).to(tl.int32)):  # the longest column of the block
+            mk = e < count
+            v = tl.load(VT + start + e, mask=mk, other=0.0)
+            t += v * tl.load(SRC + tl.load(RT + start + e, mask=mk, other=0), mask=mk, other=0.0)
+        ib = tl.load(IB + cols, mask=cm, other=0.0)
+        if FINAL:
+            out = keep * (ib * (tl.load(RB + cols, mask=cm, other=0.0) - t))
+        else:
+            out = ib * t
+        tl.store(OUT + cols, out, mask=cm)
+
+
+@triton.jit
+def _rows_product(V, I, DA, WA, U, n, m, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``q = d_a p - S u`` (the Schur complement times ``p``; stored in ``WA``); returns ``<p, q>``."""
+    slots = tl.arange(0, S_PAD)
+    acc = tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty)
+    for i0 in range(0, n, BLOCK_R):
+        rows = i0 + tl.arange(0, BLOCK_R)
+        rm = rows < n
+        mk = rm[:, None] & (slots < S)[None, :]
+        v = tl.load(V + rows[:, None] * S + slots[None, :], mask=mk, other=0.0)
+        j = tl.load(I + rows[:, None] * S + slots[None, :], mask=mk, other=0)
+        u = tl.load(U + j, mask=mk & (j >= 0) & (j < m), other=0.0)  # (an index off the matrix reads nothing)
+        pa = tl.load(WA + n + rows, mask=rm, other=0.0)
+        q = tl.load(DA + rows, mask=rm, other=0.0) * pa - tl.sum(v * u, axis=1)
+        tl.store(WA + 2 * n + rows, q, mask=rm)
+        acc += pa * q
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _step_side(INV, X, W, size, alpha, BLOCK: tl.constexpr):
-    """``x += alpha p``, ``r -= alpha q`` over one side; returns ``<r, inv r>``."""
+def _scale(IB, RB, U, m, BLOCK: tl.constexpr):
+    """``u = ib r_b`` over the columns."""
+    for j0 in range(0, m, BLOCK):
+        o = j0 + tl.arange(0, BLOCK)
+        mk = o < m
+        tl.store(U + o, tl.load(IB + o, mask=mk, other=0.0) * tl.load(RB + o, mask=mk, other=0.0), mask=mk)
+
+
+@triton.jit
+def _step(X, WA, n, alpha, BLOCK: tl.constexpr):
+    """``x += alpha p``, ``r -= alpha q``; returns ``<r, pre r>``."""
     acc = tl.zeros((BLOCK,), dtype=X.dtype.element_ty)
-    for i0 in range(0, size, BLOCK):
+    for i0 in range(0, n, BLOCK):
         o = i0 + tl.arange(0, BLOCK)
-        mk = o < size
-        p = tl.load(W + size + o, mask=mk, other=0.0)
-        r = tl.load(W + o, mask=mk, other=0.0) - alpha * tl.load(W + 2 * size + o, mask=mk, other=0.0)
+        mk = o < n
+        p = tl.load(WA + n + o, mask=mk, other=0.0)
+        r = tl.load(WA + o, mask=mk, other=0.0) - alpha * tl.load(WA + 2 * n + o, mask=mk, other=0.0)
         tl.store(X + o, tl.load(X + o, mask=mk, other=0.0) + alpha * p, mask=mk)
-        tl.store(W + o, r, mask=mk)
-        acc += r * (tl.load(INV + o, mask=mk, other=0.0) * r)
+        tl.store(WA + o, r, mask=mk)
+        acc += r * (tl.load(WA + 3 * n + o, mask=mk, other=0.0) * r)
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _direction_side(INV, W, size, beta, BLOCK: tl.constexpr):
-    """``p = inv r + beta p`` over one side."""
-    for i0 in range(0, size, BLOCK):
+def _direction(WA, n, beta, BLOCK: tl.constexpr):
+    """``p = pre r + beta p``."""
+    for i0 in range(0, n, BLOCK):
         o = i0 + tl.arange(0, BLOCK)
-        mk = o < size
-        z = tl.load(INV + o, mask=mk, other=0.0) * tl.load(W + o, mask=mk, other=0.0)
-        tl.store(W + size + o, z + beta * tl.load(W + size + o, mask=mk, other=0.0), mask=mk)
+        mk = o < n
+        z = tl.load(WA + 3 * n + o, mask=mk, other=0.0) * tl.load(WA + o, mask=mk, other=0.0)
+        tl.store(WA + n + o, z + beta * tl.load(WA + n + o, mask=mk, other=0.0), mask=mk)
 
 
 @triton.jit
 def _ell_pcg_kernel(
     V_ptr, I_ptr, VT_ptr, rows_t_ptr, off_ptr,
-    DA_ptr, DB_ptr, RA_ptr, RB_ptr, IA_ptr, IB_ptr, RTOL2_ptr, active_ptr,
+    DA_ptr, RA_ptr, RB_ptr, IA_ptr, IB_ptr, RTOL2_ptr, active_ptr,
     XA_ptr, XB_ptr, WA_ptr, WB_ptr, its_ptr,
     n, m, max_iter,
     S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The whole PCG solve of problem ``program_id(0)``; grid ``(B,)``.
+    """The whole solve of problem ``program_id(0)`` (the twin's Schur-complement PCG); grid ``(B,)``.
 
     Every tensor is contiguous: V, I (B, n, S) the ELL rows; VT, RT (B, n S) the entries
     sorted by column (values, int32 rows) and OFF (B, m + 1) int64 offsets; DA, RA, IA,
-    XA (B, n) and DB, RB, IB, XB (B, m) the diagonal, right-hand side, preconditioner and
-    solution of each side; WA (B, 3, n), WB (B, 3, m) scratch (r, p, q); RTOL2 (B,) the
+    XA (B, n) the ``a`` side's diagonal, right-hand side, mask-and-inverse and solution;
+    RB, IB, XB (B, m) the ``b`` side's right-hand side, ``1 / d_b`` (0: left out) and
+    solution; WA (B, 4, n) scratch (r, p, q, pre), WB (B, m) scratch (u); RTOL2 (B,) the
     squared tolerances in the solution's dtype; active (B,) bool; its (B,) int64 the
-    iterations run. An index outside ``[0, m)`` reads nothing (``plan_sparse_rows`` gives none).
+    iterations run. An index outside ``[0, m)`` reads nothing (``plan_sparse_rows`` gives
+    none). A barrier separates each sweep from the next: the gathers read entries other
+    threads of the program wrote.
     """
     b = tl.program_id(0).to(tl.int64)
     V, I = V_ptr + b * n * S, I_ptr + b * n * S
     VT, RT, OFF = VT_ptr + b * n * S, rows_t_ptr + b * n * S, off_ptr + b * (m + 1)
-    DA, RA, IA, XA, WA = DA_ptr + b * n, RA_ptr + b * n, IA_ptr + b * n, XA_ptr + b * n, WA_ptr + b * 3 * n
-    DB, RB, IB, XB, WB = DB_ptr + b * m, RB_ptr + b * m, IB_ptr + b * m, XB_ptr + b * m, WB_ptr + b * 3 * m
+    DA, RA, IA, XA, WA = DA_ptr + b * n, RA_ptr + b * n, IA_ptr + b * n, XA_ptr + b * n, WA_ptr + b * 4 * n
+    RB, IB, XB, U = RB_ptr + b * m, IB_ptr + b * m, XB_ptr + b * m, WB_ptr + b * m
+    act = tl.load(active_ptr + b) != 0
 
-    rz = _init_side(RA, IA, XA, WA, n, BLOCK) + _init_side(RB, IB, XB, WB, m, BLOCK)
+    _scale(IB, RB, U, m, BLOCK)
+    tl.debug_barrier()
+    rz = _schur_init(V, I, DA, RA, IA, IB, XA, WA, U, n, m, S, S_PAD, BLOCK_R)
     stop = rz * tl.load(RTOL2_ptr + b)
-    go = (rz > 0) & (tl.load(active_ptr + b) != 0)
+    go = (rz > 0) & act
     k = 0
     tl.debug_barrier()  # p is read by gathers below
     while go:
-        pq = _rows_product(V, I, DA, WA, WB, n, m, S, S_PAD, BLOCK_R) + _cols_product(VT, RT, OFF, DB, WA, WB, n, m,
-                                                                                      BLOCK)
+        _cols_scaled(VT, RT, OFF, IB, WA + n, RB, U, m, 0.0, BLOCK, False)  # u = S^T p / d_b
+        tl.debug_barrier()
+        pq = _rows_product(V, I, DA, WA, U, n, m, S, S_PAD, BLOCK_R)
         tl.debug_barrier()
         ok = pq > 0  # else (rounding at the null space, or not finite) stop at this iterate
         rz_new = rz
         if ok:
             alpha = rz / pq
-            rz_new = _step_side(IA, XA, WA, n, alpha, BLOCK) + _step_side(IB, XB, WB, m, alpha, BLOCK)
+            rz_new = _step(XA, WA, n, alpha, BLOCK)
         tl.debug_barrier()
         k += 1
         go = ok & (rz_new > stop) & (k < max_iter)
         beta = rz_new / rz  # rz > 0: the loop runs only while rz > stop >= 0
-        _direction_side(IA, WA, n, beta, BLOCK)
-        _direction_side(IB, WB, m, beta, BLOCK)
+        _direction(WA, n, beta, BLOCK)
         tl.debug_barrier()
         rz = rz_new
     tl.store(its_ptr + b, k)
+    _cols_scaled(VT, RT, OFF, IB, XA, RB, XB, m, act.to(XA.dtype.element_ty), BLOCK, True)
 
 
 def _by_column(vals, idx, m: int):
@@ -221,15 +263,15 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active):
     dtype, dev = vals.dtype, vals.device
     vals, idx = vals.contiguous(), idx.contiguous()
     vt, rt, off = _by_column(vals, idx, m)
-    da, db, ra, rb, ia, ib = (t.contiguous() for t in (*diag, *rhs, *inv_diag))  # vals' dtype (checked)
+    da, ra, rb, ia, ib = (t.contiguous() for t in (diag[0], *rhs, *inv_diag))  # vals' dtype (checked)
     # rtol^2 rounded as the twin's `rz * rtol**2` rounds it
     rtol2 = (torch.full((B,), rtol**2, dtype=dtype, device=dev) if not isinstance(rtol, torch.Tensor)
              else (rtol**2).to(dtype).expand(B).contiguous())
     xa, xb = torch.empty(B, n, dtype=dtype, device=dev), torch.empty(B, m, dtype=dtype, device=dev)
-    wa, wb = torch.empty(B, 3, n, dtype=dtype, device=dev), torch.empty(B, 3, m, dtype=dtype, device=dev)
+    wa, wb = torch.empty(B, 4, n, dtype=dtype, device=dev), torch.empty(B, m, dtype=dtype, device=dev)
     its = torch.empty(B, dtype=torch.int64, device=dev)
     _ell_pcg_kernel[(B,)](
-        vals, idx, vt, rt, off, da, db, ra, rb, ia, ib, rtol2, active.contiguous(), xa, xb, wa, wb, its,
+        vals, idx, vt, rt, off, da, ra, rb, ia, ib, rtol2, active.contiguous(), xa, xb, wa, wb, its,
         n, m, max_iter, S=s, **block_sizes(s), num_warps=NUM_WARPS,
     )
     return (xa, xb), its

@@ -185,11 +185,12 @@ class Geometry:
             raise ValueError(f"idx must be an int64 tensor of vals' shape {tuple(vals.shape)}")
 
     def ell_pcg(self, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active, backend="torch"):
-        """Solve ``[[diag(d_a), S], [S^T, diag(d_b)]] x = rhs`` per problem by Jacobi-PCG,
-        S the ELL matrix ``vals, idx`` (B,n,s) (indices in ``[0, m)``, as from
-        :meth:`plan_sparse_rows`); ``diag``, ``rhs``, ``inv_diag`` pairs of (B,n) and (B,m)
-        of vals' dtype; ``rtol`` a number or (B,); ``active`` (B,) bool or None (all);
-        returns ``((x_a, x_b), its (B,))`` (see reference_sparse.ell_pcg)."""
+        """Solve ``[[diag(d_a), S], [S^T, diag(d_b)]] x = rhs`` per problem by PCG on its
+        Schur complement (``x_b`` eliminated), S the ELL matrix ``vals, idx`` (B,n,s)
+        (indices in ``[0, m)``, as from :meth:`plan_sparse_rows`); ``diag``, ``rhs``,
+        ``inv_diag`` (``1 / diag``, 0 for entries left out) pairs of (B,n) and (B,m) of vals'
+        dtype; ``rtol`` a number or (B,); ``active`` (B,) bool or None (all); returns
+        ``((x_a, x_b), its (B,))`` (see reference_sparse.ell_pcg)."""
         B = self.batch
         self._check_ell(vals, idx)
         for name, pair in (("diag", diag), ("rhs", rhs), ("inv_diag", inv_diag)):

@@ -9,7 +9,7 @@ every row, in ELL format: ``vals`` (B, n, s) and int64 column indices ``idx``
   ``torch.topk`` of :func:`otcore.reference.plan_topk`).
 - :func:`ell_matvec`: ``S v`` and ``S^T u`` by gather / ``scatter_add``.
 - :func:`ell_pcg`: Newton's linear system ``[[diag(d_a), S], [S^T, diag(d_b)]] x = r``
-  by Jacobi-preconditioned conjugate gradient on those products.
+  by conjugate gradient on its Schur complement, with those products.
 - :func:`ell_to_csr`: the same matrix as a ``torch.sparse_csr_tensor`` (the
   independent reference the tests compare both implementations with; on CPU
   torch's CSR product is far slower than the gather, so the solver does not use it).
@@ -61,29 +61,67 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active, m
 
         [[diag(d_a), S], [S^T, diag(d_b)]] (x_a, x_b) = (r_a, r_b)
 
-    (``S`` the ELL matrix ``vals``/``idx`` (B, n, s), n x m) by Jacobi-preconditioned
-    conjugate gradient (:func:`otcore._cg.pcg`): a problem stops once ``r^T z <= rtol^2
-    r_0^T z_0`` (``z = inv_diag * r``), at ``max_iter`` iterations, or at a direction with
-    ``p^T K p <= 0``. Sinkhorn-Newton-Sparse's Newton step.
+    (``S`` the ELL matrix ``vals``/``idx`` (B, n, s), n x m) through the Schur complement of
+    its ``b`` block: ``x_b = (r_b - S^T x_a) / d_b`` eliminated,
+
+        K x_a = r_a - S (r_b / d_b),    K = diag(d_a) - S diag(1/d_b) S^T,
+
+    by conjugate gradient (:func:`otcore._cg.pcg`) preconditioned by ``K``'s diagonal
+    ``d_a,i - sum_k S_ik^2 / d_b,idx_ik``. An iteration costs what one of the whole system
+    costs (a product with ``S^T`` and one with ``S``), and on SNS's Newton systems they took
+    1.8-18x fewer (float64, to the same residual: 191 -> 106 on a 2048-point cloud at
+    eps 1e-3, 558 -> 31 on the 500-point random assignment, 820 -> 458 on 8 x 8 digits):
+    with the diagonals scaled to 1 the whole system's eigenvalues are ``1 +- sigma``
+    (``sigma`` the scaled ``S``'s singular values), paired around 1, where ``K``'s are
+    ``1 - sigma^2``. A problem stops once ``rho^T z <= rtol^2 rho_0^T z_0`` (``rho`` the
+    residual of ``K``'s system, which is the whole system's: its ``b`` part is 0; ``z`` the
+    preconditioned residual), at ``max_iter`` iterations, or at a direction with
+    ``p^T K p <= 0`` (rounding where ``K`` is singular, or not finite).
 
     Args:
-        diag, rhs, inv_diag: pairs ``(a-part (B, n), b-part (B, m))``; ``inv_diag`` is the
-            preconditioner (``1 / diag``, and 0 for entries left out of the system).
+        diag, rhs: pairs ``(a-part (B, n), b-part (B, m))``.
+        inv_diag: the same pair, ``1 / diag`` for the entries in the system and 0 for those
+            left out (zero weights: their solution is 0); the elimination divides by
+            ``d_b`` through its ``b`` part.
         rtol: float or (B,) tensor. active: (B,) bool; inactive problems get ``x = 0``.
         matvec: the ELL product used (:func:`ell_matvec`, or the Triton one).
 
     Returns:
         ``((x_a, x_b), its)``, ``its`` (B,) long: the iterations each problem ran.
     """
-    n = vals.shape[1]
-    da, db = diag
+    B, n, s = vals.shape
+    da = diag[0]
+    ia, ib = inv_diag
+    sq = (vals * vals * torch.gather(ib, 1, idx.reshape(B, n * s)).reshape(B, n, s)).sum(2)
+    pre = schur_preconditioner(da, sq, ia)
 
     def apply(p):
-        pa, pb = p[:, :n], p[:, n:]
-        return torch.cat((da * pa + matvec(geom, vals, idx, pb, 1), db * pb + matvec(geom, vals, idx, pa, 0)), 1)
+        return da * p - matvec(geom, vals, idx, ib * matvec(geom, vals, idx, p, 0), 1)
 
-    x, its = pcg(apply, torch.cat(rhs, 1), rtol, max_iter, inv_diag=torch.cat(inv_diag, 1), active=active)
-    return (x[:, :n], x[:, n:]), its
+    reduced = rhs[0] - matvec(geom, vals, idx, ib * rhs[1], 1)
+    xa, its = pcg(apply, reduced, rtol, max_iter, inv_diag=pre, active=active)
+    xb = ib * (rhs[1] - matvec(geom, vals, idx, xa, 0))
+    if active is not None:
+        xb = torch.where(active[:, None], xb, 0.0)
+    return (xa, xb), its
+
+
+def floor_factor(dtype: torch.dtype) -> float:
+    """The Schur complement's diagonal is floored at this times ``|d_a|`` (64 rounding units)."""
+    return 64 * torch.finfo(dtype).eps
+
+
+def schur_preconditioner(da: torch.Tensor, sq: torch.Tensor, ia: torch.Tensor) -> torch.Tensor:
+    """``1 / (d_a - sq)``, the Schur complement's Jacobi preconditioner (``sq`` (B, n) the
+    rows' ``sum_k S_ik^2 / d_b``), 0 where ``ia`` leaves an entry out or it is not positive.
+    The complement's diagonal is ``>= lam r_i`` for a damped Newton system (``d_a`` the row
+    sums of ``S`` and more, times ``1 + lam``); it is floored at :func:`floor_factor`
+    ``|d_a|``: as a difference of near-equal terms it can round to 0 or below. (A NaN stays
+    NaN and gets 0, as in the kernel.)"""
+    k = da - sq
+    floor = floor_factor(da.dtype) * da.abs()
+    k = torch.where(k < floor, floor, k)
+    return torch.where((ia != 0) & (k > 0), 1 / torch.where(k > 0, k, 1.0), 0.0)
 
 
 def ell_to_csr(vals: torch.Tensor, idx: torch.Tensor, m: int, transpose: bool = False) -> torch.Tensor:

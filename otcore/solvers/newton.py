@@ -18,9 +18,10 @@ concave, with gradient ``(a - r, b - c)`` (``r = P1``, ``c = P^T 1``) and Hessia
    block keeps only the ``s`` largest entries of each row of ``P`` (ELL format) while
    the diagonal stays exact: ``M_s`` is symmetric and diagonally dominant, hence
    positive semi-definite. ``(M_s + lam D) d = eps * grad`` (``D = diag(r, c)``) is
-   solved by Jacobi-preconditioned conjugate gradient, the right-hand side made
-   orthogonal to ``(1, -1)`` (it is in exact arithmetic, as ``sum a = sum b``), to the
-   relative residual ``sqrt(err)`` (inexact Newton).
+   solved by conjugate gradient on its Schur complement (the column side eliminated,
+   preconditioned by the complement's diagonal: :meth:`Geometry.ell_pcg`), the
+   right-hand side made orthogonal to ``(1, -1)`` (it is in exact arithmetic, as
+   ``sum a = sum b``), to the relative residual ``sqrt(err)`` (inexact Newton).
    The Levenberg-Marquardt damping ``lam`` matters: top-``s`` rows can split the graph
    of kept entries into weakly coupled blocks, each with its own near-null direction
    ``(1_K, -1_K)`` along which an undamped step is huge. ``lam`` shrinks tenfold after
@@ -380,7 +381,7 @@ class _Solve:
         return vals, idx, s
 
     def _direction(self, r, c, vals, idx, active, rtol, lam, cg_max_iter):
-        """Newton direction: solve ``(M_s + lam D) d = eps * grad`` by Jacobi-PCG.
+        """Newton direction: solve ``(M_s + lam D) d = eps * grad`` by PCG on its Schur complement.
 
         ``M_s = [[diag(r), S], [S^T, diag(c)]]`` with ``S`` the ELL matrix,
         ``D = diag(r, c)``, ``lam`` (B,) the per-problem damping. Zero-weight
