@@ -343,7 +343,7 @@ _METHOD_FLAGS = {
     "eps_schedule": ("sinkhorn", "newton"),
     "check_every": ("sinkhorn",),
     "cuda_graph": ("sinkhorn",),
-    "overrelax": ("sinkhorn",),
+    "overrelax": ("sinkhorn", "newton"),
     "warmup_iter": ("newton",),
     "sparsity": ("newton",),
     "k": ("sparse",),
@@ -429,6 +429,8 @@ def run_solve(args) -> int:
         kw.update(eps=eps, sparsity=args.sparsity)
         if args.warmup_iter is not None:
             kw.update(warmup_iter=args.warmup_iter)
+        if args.overrelax is not None:  # else the solver's default (its warm-up over-relaxed by 1.8)
+            kw.update(warmup_overrelax=args.overrelax)
         if args.eps_schedule is not None:  # else the solver's default (geometric)
             kw.update(eps_schedule=_schedule(args.eps_schedule))
     else:
@@ -440,7 +442,8 @@ def run_solve(args) -> int:
     try:
         res = solver(PointCloud(x, y, cost=args.cost), **kw)
     except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {_as_flag(str(e), kw)}")
+        # newton takes --overrelax as its warm-up's factor (warmup_overrelax)
+        raise SystemExit(f"error: {_as_flag(str(e).replace('warmup_overrelax', 'overrelax'), {*kw, 'overrelax'})}")
     _sync(dev)
     elapsed = time.perf_counter() - t0
     summary = {
@@ -523,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay the iterations between checks from a CUDA graph (sinkhorn only; CUDA tensors)")
     e.add_argument("--overrelax", type=_overrelax_arg, default=None,
                    help="over-relaxed iterations: auto (default: adapted, with a --tol), on, off (plain Sinkhorn) "
-                        "or a fixed factor in (0, 2) (sinkhorn only)")
-    e.add_argument("--warmup-iter", type=int, default=None, help="cap on Sinkhorn warm-up iterations (newton only; default 20)")
+                        "or a fixed factor in (0, 2); newton: its warm-up's (default 1.8)")
+    e.add_argument("--warmup-iter", type=int, default=None, help="cap on Sinkhorn warm-up iterations (newton only; default 10)")
     e.add_argument("--sparsity", type=int, default=None, help="plan entries kept per row in the Hessian (newton only; default adaptive)")
     k = s.add_argument_group("sparse")
     k.add_argument("--k", type=int, default=None, help="nonzeros allowed per column (per row with --axis 1); required")

@@ -86,7 +86,7 @@ def test_solve_cuda_graph_flag_reaches_the_solver(capsys, monkeypatch):
 
 
 def test_solve_overrelax_flag_reaches_the_solver(capsys, monkeypatch):
-    """``--overrelax auto|on|off|factor`` (sinkhorn only): the solver's ``overrelax``; auto
+    """``--overrelax auto|on|off|factor`` (sinkhorn): the solver's ``overrelax``; auto
     (the solver's default) when absent; plain iterations take more of them here."""
     import otcore.cli as cli
 
@@ -105,8 +105,28 @@ def test_solve_overrelax_flag_reaches_the_solver(capsys, monkeypatch):
     assert runs[""]["n_iter"] == runs["on"]["n_iter"] < runs["off"]["n_iter"]
     with pytest.raises(SystemExit, match="--overrelax as a factor must be in"):
         main(["solve", *base, "--overrelax", "2.5", "--quiet"])
-    with pytest.raises(SystemExit, match="--overrelax does not apply to --method newton"):
-        main(["solve", *base, "--method", "newton", "--overrelax", "on", "--quiet"])
+    with pytest.raises(SystemExit, match="--overrelax does not apply to --method sparse"):
+        main(["solve", "--n", "80", "--method", "sparse", "--k", "4", "--gamma", "1", "--overrelax", "on", "--quiet"])
+
+
+def test_solve_newton_overrelax_flag_is_the_warmup_factor(capsys, monkeypatch):
+    """``--method newton --overrelax``: the warm-up's factor (``warmup_overrelax``), the
+    solver's default (1.8) when absent; a bad factor names the flag."""
+    import otcore.cli as cli
+
+    seen = []
+    real = cli.sinkhorn_newton
+
+    def spy(*args, **kw):
+        seen.append(kw.get("warmup_overrelax", "default"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cli, "sinkhorn_newton", spy)
+    base = ["--method", "newton", "--n", "60", "--eps", "0.01", "--dtype", "float64"]
+    runs = [run_json(capsys, *base, *(["--overrelax", flag] if flag else [])) for flag in ("", "off", "1.5")]
+    assert seen == ["default", False, 1.5] and all(r["converged"] for r in runs)
+    with pytest.raises(SystemExit, match=r"^error: --overrelax as a factor must be in \(0, 2\)"):
+        main(["solve", *base, "--overrelax", "2.5", "--quiet"])
 
 
 def test_an_overrelax_that_is_no_setting_is_a_usage_error(capsys):

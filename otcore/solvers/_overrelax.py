@@ -56,29 +56,30 @@ MAX_FAILURES = 2
 STALL = 3
 
 
-def check_overrelax(value: Union[bool, float, str], tol: Optional[float], check_every: int = 10) -> Union[bool, float]:
+def check_overrelax(value: Union[bool, float, str], tol: Optional[float], check_every: int = 10,
+                    name: str = "overrelax") -> Union[bool, float]:
     """``"auto"`` (the default: adaptive where there are tests to adapt to, i.e. with a
     ``tol`` and ``check_every >= 3``, else plain), ``False`` (plain Sinkhorn), ``True``
     (adaptive; needs a ``tol``: it reads the residuals of the tests) or a fixed factor in
     (0, 2); relaxation needs ``check_every >= 3`` (the iteration before each test is plain).
-    Returns ``False``, ``True`` or the factor."""
+    Returns ``False``, ``True`` or the factor. ``name``: the argument's, for the errors."""
     if isinstance(value, str):
         if value != "auto":
-            raise ValueError(f"overrelax must be 'auto', a bool or a factor in (0, 2), got {value!r}")
+            raise ValueError(f"{name} must be 'auto', a bool or a factor in (0, 2), got {value!r}")
         return tol is not None and check_every >= 3
     if isinstance(value, bool):
         if value and tol is None:
-            raise ValueError("overrelax=True adapts the factor to the residuals of the convergence tests, which "
-                             "tol=None skips: give a tol, or a fixed factor such as overrelax=1.5")
+            raise ValueError(f"{name}=True adapts the factor to the residuals of the convergence tests, which "
+                             f"tol=None skips: give a tol, or a fixed factor such as {name}=1.5")
         w = value
     elif isinstance(value, numbers.Real):
         w = float(value)
         if not 0.0 < w < 2.0:
-            raise ValueError(f"overrelax as a factor must be in (0, 2) (the iteration diverges outside), got {w}")
+            raise ValueError(f"{name} as a factor must be in (0, 2) (the iteration diverges outside), got {w}")
     else:
-        raise TypeError(f"overrelax must be 'auto', a bool or a factor in (0, 2), got {type(value).__name__}")
+        raise TypeError(f"{name} must be 'auto', a bool or a factor in (0, 2), got {type(value).__name__}")
     if w is not False and check_every < 3:
-        raise ValueError(f"overrelax needs check_every >= 3: the iteration before each test runs plain, so with "
+        raise ValueError(f"{name} needs check_every >= 3: the iteration before each test runs plain, so with "
                          f"check_every={check_every} none would be relaxed")
     return w
 

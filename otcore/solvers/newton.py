@@ -9,9 +9,10 @@ concave, with gradient ``(a - r, b - c)`` (``r = P1``, ``c = P^T 1``) and Hessia
 ``-(1/eps) M``, ``M = [[diag(r), P], [P^T, diag(c)]]``, singular along ``(1, -1)``
 (shifting ``f`` up and ``g`` down leaves ``P`` unchanged).
 
-1. Warm-up: Sinkhorn iterations (the same loop as :func:`otcore.sinkhorn`) until a loose
-   residual or an iteration cap; from a cold start, by default, after eps scaling (one
-   iteration at each eps halving from the cost's diameter). The Newton steps' damped,
+1. Warm-up: Sinkhorn iterations (the same loop as :func:`otcore.sinkhorn`, over-relaxed
+   by a fixed factor at the target eps) until a loose residual or an iteration cap; from a
+   cold start, by default, after eps scaling (one iteration at each eps halving from the
+   cost's diameter). The Newton steps' damped,
    globalising phase is the longest part of a solve at small eps, and a start closer to
    the solution shortens it.
 2. Newton (the paper's stage 2): ``M`` is replaced by ``M_s``, whose off-diagonal
@@ -45,7 +46,7 @@ streamed passes per line-search trial.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ from ..result import OTResult
 from . import _host
 from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, finite_abs_max, live_potential,
                         make_problem, rounding_floor, settle_zero_weights)
+from ._overrelax import Overrelaxation, check_overrelax
 from .sinkhorn import Schedule, _iterate, check_schedule, eps_stages
 
 #: Newton steps without progress after which a problem near its floor stops. 20, not 5: in
@@ -67,6 +69,13 @@ PATIENCE = 20
 #: marginal error is within this factor of its rounding estimate (``_entropic.marginal_floor``,
 #: an upper estimate that errs high: float32 at eps = 1e-3 reaches ~1e-6 where it says 2e-5 to 6e-5).
 NEAR_FLOOR = 100.0
+
+#: The warm-up's over-relaxation factor at the target eps (``warmup_overrelax``). A fixed
+#: factor: the adaptive one reads the residual every 10 iterations, as many as the warm-up
+#: runs. 1.8 over 1.5: 161-168 Newton steps against 172-189 on the 15 problems of the
+#: docstring's measurement (plain: 197-200); on 14 random ones (clustered, Gaussian,
+#: shifted clouds, zero weights, batches, float32) 89 against 94 (plain, 20 iterations: 97).
+WARMUP_OVERRELAX = 1.8
 
 #: Largest ELL size ``B * n * s`` the automatic sparsity grows to (16M entries).
 MAX_ELL_ENTRIES = 1 << 24
@@ -80,8 +89,9 @@ def sinkhorn_newton(
     eps: float,
     tol: float = 1e-6,
     max_iter: int = 100,
-    warmup_iter: int = 20,
+    warmup_iter: int = 10,
     warmup_tol: float = 1e-2,
+    warmup_overrelax: Union[bool, float] = WARMUP_OVERRELAX,
     eps_schedule: Schedule = "geometric",
     sparsity: Optional[int] = None,
     drop_tol: float = 1e-3,
@@ -119,6 +129,13 @@ def sinkhorn_newton(
         warmup_iter: cap on the warm-up's Sinkhorn iterations at the target ``eps`` (0 skips
             the warm-up, eps stages included).
         warmup_tol: the warm-up stops once the marginal error is below this.
+        warmup_overrelax: the warm-up's iterations at the target ``eps`` over-relaxed by
+            this fixed factor in (0, 2) (:func:`otcore.sinkhorn`'s ``overrelax``), ``True``
+            (or ``"auto"``) for its adaptive factor, ``False`` for plain iterations. The default, 1.8, with
+            10 iterations started the Newton steps closer to the solution than 20 plain
+            ones: over 15 clouds, random assignments and digit problems 168 Newton steps
+            against 197 and 307 warm-up iterations against 457, each converged
+            (docs/newton.md).
         eps_schedule: eps scaling at the start of a cold warm-up (no ``init``), one
             Sinkhorn iteration per stage, on top of ``warmup_iter`` (as in
             :func:`otcore.sinkhorn`: None, ``"geometric"``, a decay factor or explicit
@@ -156,6 +173,7 @@ def sinkhorn_newton(
     max_iter = _validate.positive_int("max_iter", max_iter)
     warmup_iter = _validate.positive_int("warmup_iter", warmup_iter, minimum=0)
     warmup_tol = _validate.positive("warmup_tol", warmup_tol)
+    warmup_overrelax = check_overrelax(warmup_overrelax, warmup_tol, name="warmup_overrelax")
     if sparsity is not None:
         sparsity = _validate.positive_int("sparsity", sparsity)
         if sparsity > geom.m:
@@ -175,7 +193,7 @@ def sinkhorn_newton(
     progress = Progress(verbose, "sinkhorn_newton")
     with torch.autocast(geom.device.type, enabled=False):
         state = _Solve(pb, f, g, progress, cold=init is None)
-        state.warmup(warmup_iter, max(warmup_tol, tol), eps_schedule)
+        state.warmup(warmup_iter, max(warmup_tol, tol), eps_schedule, warmup_overrelax)
         state.newton(tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter)
         progress.close()
         out = (lambda t: t) if geom.batched else (lambda t: int(t[0]))
@@ -243,14 +261,18 @@ class _Solve:
         return r, c, err
 
     def _sinkhorn(self, n_iter: int, tol: float, stage: str, active=None, cold: bool = False,
-                  stages: tuple = ()) -> torch.Tensor:
+                  stages: tuple = (), overrelax: Union[bool, float] = False) -> torch.Tensor:
         """Run up to ``n_iter`` Sinkhorn iterations on the ``active`` problems (all if
         None), after one at each eps of ``stages``; each stops at ``tol``, the others keep
-        their potentials."""
+        their potentials. ``overrelax``: those at the target eps over-relaxed (a factor, or
+        True: adaptive), as in :func:`otcore.sinkhorn` (never for self-transport)."""
         _sync(self.pb.geom.device)
         t0 = time.perf_counter()
+        geom = self.pb.geom
+        relax = None if overrelax is False or self.pb.symmetric else \
+            Overrelaxation(overrelax, geom.batch, geom.device, geom.dtype)
         f, g, its, _, _ = _iterate(self.pb, self.f, self.g, list(stages), tol, len(stages) + n_iter, 10,
-                                self.progress, active=active, cold=cold)
+                                self.progress, active=active, cold=cold, relax=relax)
         if not self.cold:
             # Sinkhorn's updates move the free (f + c, g - c) direction, which Newton steps then
             # keep: a warm start offset by k/2 on both sides (solved on C + k) left |f|, |g| ~ 1
@@ -268,10 +290,11 @@ class _Solve:
 
     # --- stages -------------------------------------------------------------
     @torch.no_grad()
-    def warmup(self, n_iter: int, tol: float, schedule: Schedule) -> None:
+    def warmup(self, n_iter: int, tol: float, schedule: Schedule, overrelax: Union[bool, float]) -> None:
         if n_iter > 0:
             self.stages = eps_stages(schedule, self.pb.top_diameter, self.pb.eps) if self.cold else []
-            self.warmup_its += self._sinkhorn(n_iter, tol, "warmup", cold=self.cold, stages=self.stages)
+            self.warmup_its += self._sinkhorn(n_iter, tol, "warmup", cold=self.cold, stages=self.stages,
+                                              overrelax=overrelax)
 
     @torch.no_grad()
     def newton(self, tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter, patience=PATIENCE) -> None:
