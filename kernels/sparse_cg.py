@@ -57,6 +57,19 @@ FUSED_MAX_ENTRIES = 1 << 18
 
 
 @triton.jit
+def _ell_rows(V, I, i0, n, m, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """ELL rows ``i0 .. i0 + BLOCK_R``: ``(rows, rows in range, values, column indices,
+    entries to read)`` (BLOCK_R, S_PAD); an index off the matrix reads nothing."""
+    slots = tl.arange(0, S_PAD)
+    rows = i0 + tl.arange(0, BLOCK_R)
+    rm = rows < n
+    mk = rm[:, None] & (slots < S)[None, :]
+    v = tl.load(V + rows[:, None] * S + slots[None, :], mask=mk, other=0.0)
+    j = tl.load(I + rows[:, None] * S + slots[None, :], mask=mk, other=0)
+    return rows, rm, v, j, mk & (j >= 0) & (j < m)
+
+
+@triton.jit
 def _schur_init(V, I, DA, RA, IA, IB, XA, WA, WB, n, m, S: tl.constexpr, S_PAD: tl.constexpr,
                 BLOCK_R: tl.constexpr):
     """Per row: the preconditioner ``pre = 1 / (d_a - sum_k v^2 ib_j)`` (the Schur complement's
@@ -69,15 +82,9 @@ def _schur_init(V, I, DA, RA, IA, IB, XA, WA, WB, n, m, S: tl.constexpr, S_PAD: 
         FLOOR: tl.constexpr = 1.4210854715202004e-14  # 64 * 2^-52
     else:
         FLOOR: tl.constexpr = 7.62939453125e-06  # 64 * 2^-23
-    slots = tl.arange(0, S_PAD)
     acc = tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty)
     for i0 in range(0, n, BLOCK_R):
-        rows = i0 + tl.arange(0, BLOCK_R)
-        rm = rows < n
-        mk = rm[:, None] & (slots < S)[None, :]
-        v = tl.load(V + rows[:, None] * S + slots[None, :], mask=mk, other=0.0)
-        j = tl.load(I + rows[:, None] * S + slots[None, :], mask=mk, other=0)
-        on = mk & (j >= 0) & (j < m)  # an index off the matrix reads nothing
+        rows, rm, v, j, on = _ell_rows(V, I, i0, n, m, S, S_PAD, BLOCK_R)
         da = tl.load(DA + rows, mask=rm, other=0.0)
         k = da - tl.sum(v * v * tl.load(IB + j, mask=on, other=0.0), axis=1)
         k = tl.where(k < FLOOR * tl.abs(da), FLOOR * tl.abs(da), k)  # (NaN stays NaN, as in the twin)
@@ -118,15 +125,10 @@ def _cols_scaled(VT, RT, OFF, IB, SRC, RB, OUT, m, keep, BLOCK: tl.constexpr, FI
 @triton.jit
 def _rows_product(V, I, DA, WA, U, n, m, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
     """``q = d_a p - S u`` (the Schur complement times ``p``; stored in ``WA``); returns ``<p, q>``."""
-    slots = tl.arange(0, S_PAD)
     acc = tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty)
     for i0 in range(0, n, BLOCK_R):
-        rows = i0 + tl.arange(0, BLOCK_R)
-        rm = rows < n
-        mk = rm[:, None] & (slots < S)[None, :]
-        v = tl.load(V + rows[:, None] * S + slots[None, :], mask=mk, other=0.0)
-        j = tl.load(I + rows[:, None] * S + slots[None, :], mask=mk, other=0)
-        u = tl.load(U + j, mask=mk & (j >= 0) & (j < m), other=0.0)  # (an index off the matrix reads nothing)
+        rows, rm, v, j, on = _ell_rows(V, I, i0, n, m, S, S_PAD, BLOCK_R)
+        u = tl.load(U + j, mask=on, other=0.0)
         pa = tl.load(WA + n + rows, mask=rm, other=0.0)
         q = tl.load(DA + rows, mask=rm, other=0.0) * pa - tl.sum(v * u, axis=1)
         tl.store(WA + 2 * n + rows, q, mask=rm)

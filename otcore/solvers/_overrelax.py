@@ -84,6 +84,15 @@ def check_overrelax(value: Union[bool, float, str], tol: Optional[float], check_
     return w
 
 
+def for_problem(setting: Union[bool, float], pb) -> Optional["Overrelaxation"]:
+    """The factors of a solve of ``pb`` (an entropic ``Problem``) with the checked
+    ``setting``: None for plain iterations (``False``, or self-transport: its symmetric
+    update is an average already)."""
+    if setting is False or pb.symmetric:
+        return None
+    return Overrelaxation(setting, pb.geom.batch, pb.geom.device, pb.geom.dtype)
+
+
 class Overrelaxation:
     """The per-problem factors ``omega`` (B,) of one solve, one device buffer updated in
     place (a recorded CUDA graph reads it at its address), and their adaptation.

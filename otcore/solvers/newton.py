@@ -57,7 +57,7 @@ from ..result import OTResult
 from . import _host
 from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, finite_abs_max, live_potential,
                         make_problem, rounding_floor, settle_zero_weights)
-from ._overrelax import Overrelaxation, check_overrelax
+from ._overrelax import check_overrelax, for_problem as relaxation
 from .sinkhorn import Schedule, _iterate, check_schedule, eps_stages
 
 #: Newton steps without progress after which a problem near its floor stops. 20, not 5: in
@@ -131,11 +131,11 @@ def sinkhorn_newton(
         warmup_tol: the warm-up stops once the marginal error is below this.
         warmup_overrelax: the warm-up's iterations at the target ``eps`` over-relaxed by
             this fixed factor in (0, 2) (:func:`otcore.sinkhorn`'s ``overrelax``), ``True``
-            (or ``"auto"``) for its adaptive factor, ``False`` for plain iterations. The default, 1.8, with
-            10 iterations started the Newton steps closer to the solution than 20 plain
-            ones: over 15 clouds, random assignments and digit problems 168 Newton steps
-            against 197 and 307 warm-up iterations against 457, each converged
-            (docs/newton.md).
+            (or ``"auto"``) for its adaptive factor, ``False`` for plain iterations. The
+            default, 1.8, with 10 iterations started the Newton steps closer to the
+            solution than 20 plain ones: over 15 clouds, random assignments and digit
+            problems 168 Newton steps against 197 and 307 warm-up iterations against 457,
+            each converged (docs/newton.md).
         eps_schedule: eps scaling at the start of a cold warm-up (no ``init``), one
             Sinkhorn iteration per stage, on top of ``warmup_iter`` (as in
             :func:`otcore.sinkhorn`: None, ``"geometric"``, a decay factor or explicit
@@ -268,11 +268,8 @@ class _Solve:
         True: adaptive), as in :func:`otcore.sinkhorn` (never for self-transport)."""
         _sync(self.pb.geom.device)
         t0 = time.perf_counter()
-        geom = self.pb.geom
-        relax = None if overrelax is False or self.pb.symmetric else \
-            Overrelaxation(overrelax, geom.batch, geom.device, geom.dtype)
         f, g, its, _, _ = _iterate(self.pb, self.f, self.g, list(stages), tol, len(stages) + n_iter, 10,
-                                self.progress, active=active, cold=cold, relax=relax)
+                                self.progress, active=active, cold=cold, relax=relaxation(overrelax, self.pb))
         if not self.cold:
             # Sinkhorn's updates move the free (f + c, g - c) direction, which Newton steps then
             # keep: a warm start offset by k/2 on both sides (solved on C + k) left |f|, |g| ~ 1

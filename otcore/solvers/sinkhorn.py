@@ -41,7 +41,7 @@ from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, ma
                         settle_zero_weights)
 from ._graph import graphed
 from . import _host
-from ._overrelax import Overrelaxation, Progressing, check_overrelax
+from ._overrelax import Overrelaxation, Progressing, check_overrelax, for_problem as relaxation
 
 Schedule = Union[None, str, float, Sequence[float]]
 
@@ -188,8 +188,7 @@ def sinkhorn(
     progress = Progress(verbose, "sinkhorn", measure="marginal error" if pb.rho_a is None and pb.rho_b is None
                         else "residual")  # unbalanced: the distance to the optimality conditions
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
-        relax = None if overrelax is False or pb.symmetric else \
-            Overrelaxation(overrelax, geom.batch, geom.device, geom.dtype)
+        relax = relaxation(overrelax, pb)
         f, g, n_iter, passed, stalled = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
                                         cold=init is None, relax=relax)
         f, g = settle_zero_weights(pb, f, g, (_tau(pb.rho_a, pb.eps), _tau(pb.rho_b, pb.eps)), tied=pb.symmetric)
