@@ -66,11 +66,15 @@ def _ell_rows(V, I, i0, n, m, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.
     mk = rm[:, None] & (slots < S)[None, :]
     v = tl.load(V + rows[:, None] * S + slots[None, :], mask=mk, other=0.0)
     j = tl.load(I + rows[:, None] * S + slots[None, :], mask=mk, other=0)
-    return rows, rm, v, j, mk & (j >= 0) & (j < m)
+    on = mk & (j >= 0) & (j < m)
+    return rows, rm, tl.where(on, v, 0.0), j, on  # (an off-matrix entry's value, even inf, plays no part)
+
+
+
 
 
 @triton.jit
-def _schur_init(V, I, DA, RA, IA, IB, XA, WA, WB, n, m, S: tl.constexpr, S_PAD: tl.constexpr,
+def _schur_init(V, I, DA, RA, IA, INV_B, XA, WA, WB, n, m, S: tl.constexpr, S_PAD: tl.constexpr,
                 BLOCK_R: tl.constexpr):
     """Per row: the preconditioner ``pre = 1 / (d_a - sum_k v^2 ib_j)`` (the Schur complement's
     diagonal, floored at 64 rounding units of ``|d_a|`` as
@@ -86,7 +90,7 @@ def _schur_init(V, I, DA, RA, IA, IB, XA, WA, WB, n, m, S: tl.constexpr, S_PAD: 
     for i0 in range(0, n, BLOCK_R):
         rows, rm, v, j, on = _ell_rows(V, I, i0, n, m, S, S_PAD, BLOCK_R)
         da = tl.load(DA + rows, mask=rm, other=0.0)
-        k = da - tl.sum(v * v * tl.load(IB + j, mask=on, other=0.0), axis=1)
+        k = da - tl.sum(v * v * tl.load(INV_B + j, mask=on, other=0.0), axis=1)
         k = tl.where(k < FLOOR * tl.abs(da), FLOOR * tl.abs(da), k)  # (NaN stays NaN, as in the twin)
         pre = tl.where((tl.load(IA + rows, mask=rm, other=0.0) != 0) & (k > 0), 1 / tl.where(k > 0, k, 1.0), 0.0)
         r = tl.load(RA + rows, mask=rm, other=0.0) - tl.sum(v * tl.load(WB + j, mask=on, other=0.0), axis=1)
@@ -99,11 +103,11 @@ def _schur_init(V, I, DA, RA, IA, IB, XA, WA, WB, n, m, S: tl.constexpr, S_PAD: 
 
 
 @triton.jit
-def _cols_scaled(VT, RT, OFF, IB, SRC, RB, OUT, m, keep, BLOCK: tl.constexpr, FINAL: tl.constexpr):
+def _cols_scaled(VT, RT, OFF, INV_B, SRC, RB, OUT, m, keep, BLOCK: tl.constexpr, FINAL: tl.constexpr):
     """Over the columns, from the entries sorted by column (column ``j``'s at
-    ``off[j] <= e < off[j + 1]``), with ``t = S^T src``: ``out = ib t`` (the loop's ``u``), or
-    with ``FINAL`` ``out = keep ib (r_b - t)`` (``x_b`` from ``x_a``; ``keep`` 0 for an inactive
-    problem)."""
+    ``off[j] <= e < off[j + 1]``), with ``t = S^T src`` and ``ib = 1 / d_b`` (0: left out; in ``INV_B``):
+    ``out = ib t`` (the loop's ``u``), or with ``FINAL`` ``out = ib (r_b - t)`` (``x_b`` from
+    ``x_a``), 0 where left out or ``keep`` is 0 (an inactive problem), whatever ``r_b`` holds."""
     for j0 in range(0, m, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         cm = cols < m
@@ -114,9 +118,9 @@ def _cols_scaled(VT, RT, OFF, IB, SRC, RB, OUT, m, keep, BLOCK: tl.constexpr, FI
             mk = e < count
             v = tl.load(VT + start + e, mask=mk, other=0.0)
             t += v * tl.load(SRC + tl.load(RT + start + e, mask=mk, other=0), mask=mk, other=0.0)
-        ib = tl.load(IB + cols, mask=cm, other=0.0)
+        ib = tl.load(INV_B + cols, mask=cm, other=0.0)
         if FINAL:
-            out = keep * (ib * (tl.load(RB + cols, mask=cm, other=0.0) - t))
+            out = tl.where((keep != 0) & (ib != 0), ib * (tl.load(RB + cols, mask=cm, other=0.0) - t), 0.0)
         else:
             out = ib * t
         tl.store(OUT + cols, out, mask=cm)
@@ -137,12 +141,17 @@ def _rows_product(V, I, DA, WA, U, n, m, S: tl.constexpr, S_PAD: tl.constexpr, B
 
 
 @triton.jit
-def _scale(IB, RB, U, m, BLOCK: tl.constexpr):
-    """``u = ib r_b`` over the columns."""
+def _scale(IB, DB, RB, U, INV_B, m, BLOCK: tl.constexpr):
+    """Over the columns: ``1 / d_b`` where ``ib`` keeps the entry, else 0 (the twin's
+    ``eliminated_inverse``; once per solve, into ``INV_B``), and ``u = r_b / d_b`` (0 where
+    left out, whatever ``r_b`` holds there)."""
     for j0 in range(0, m, BLOCK):
         o = j0 + tl.arange(0, BLOCK)
         mk = o < m
-        tl.store(U + o, tl.load(IB + o, mask=mk, other=0.0) * tl.load(RB + o, mask=mk, other=0.0), mask=mk)
+        keep = tl.load(IB + o, mask=mk, other=0.0) != 0
+        ib = tl.where(keep, 1 / tl.where(keep, tl.load(DB + o, mask=mk, other=1.0), 1.0), 0.0)
+        tl.store(INV_B + o, ib, mask=mk)
+        tl.store(U + o, tl.where(keep, ib * tl.load(RB + o, mask=mk, other=0.0), 0.0), mask=mk)
 
 
 @triton.jit
@@ -173,7 +182,7 @@ def _direction(WA, n, beta, BLOCK: tl.constexpr):
 @triton.jit
 def _ell_pcg_kernel(
     V_ptr, I_ptr, VT_ptr, rows_t_ptr, off_ptr,
-    DA_ptr, RA_ptr, RB_ptr, IA_ptr, IB_ptr, RTOL2_ptr, active_ptr,
+    DA_ptr, DB_ptr, RA_ptr, RB_ptr, IA_ptr, IB_ptr, RTOL2_ptr, active_ptr,
     XA_ptr, XB_ptr, WA_ptr, WB_ptr, its_ptr,
     n, m, max_iter,
     S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
@@ -182,10 +191,10 @@ def _ell_pcg_kernel(
 
     Every tensor is contiguous: V, I (B, n, S) the ELL rows; VT, RT (B, n S) the entries
     sorted by column (values, int32 rows) and OFF (B, m + 1) int64 offsets; DA, RA, IA,
-    XA (B, n) the ``a`` side's diagonal, right-hand side, mask-and-inverse and solution;
-    RB, IB, XB (B, m) the ``b`` side's right-hand side, ``1 / d_b`` (0: left out) and
-    solution; WA (B, 4, n) scratch (r, p, q, pre), WB (B, m) scratch (u); RTOL2 (B,) the
-    squared tolerances in the solution's dtype; active (B,) bool; its (B,) int64 the
+    XA (B, n) the ``a`` side's diagonal, right-hand side, inverse (0: left out) and
+    solution; DB, RB, IB, XB (B, m) the ``b`` side's; WA (B, 4, n) scratch (r, p, q, pre),
+    WB (B, 2, m) scratch (u, and ``1 / d_b`` where kept); RTOL2 (B,) the squared
+    tolerances in the solution's dtype; active (B,) bool; its (B,) int64 the
     iterations run. An index outside ``[0, m)`` reads nothing (``plan_sparse_rows`` gives
     none). A barrier separates each sweep from the next: the gathers read entries other
     threads of the program wrote.
@@ -194,18 +203,19 @@ def _ell_pcg_kernel(
     V, I = V_ptr + b * n * S, I_ptr + b * n * S
     VT, RT, OFF = VT_ptr + b * n * S, rows_t_ptr + b * n * S, off_ptr + b * (m + 1)
     DA, RA, IA, XA, WA = DA_ptr + b * n, RA_ptr + b * n, IA_ptr + b * n, XA_ptr + b * n, WA_ptr + b * 4 * n
-    RB, IB, XB, U = RB_ptr + b * m, IB_ptr + b * m, XB_ptr + b * m, WB_ptr + b * m
+    DB, RB, IB, XB = DB_ptr + b * m, RB_ptr + b * m, IB_ptr + b * m, XB_ptr + b * m
+    U, INV_B = WB_ptr + b * 2 * m, WB_ptr + b * 2 * m + m
     act = tl.load(active_ptr + b) != 0
 
-    _scale(IB, RB, U, m, BLOCK)
+    _scale(IB, DB, RB, U, INV_B, m, BLOCK)
     tl.debug_barrier()
-    rz = _schur_init(V, I, DA, RA, IA, IB, XA, WA, U, n, m, S, S_PAD, BLOCK_R)
+    rz = _schur_init(V, I, DA, RA, IA, INV_B, XA, WA, U, n, m, S, S_PAD, BLOCK_R)
     stop = rz * tl.load(RTOL2_ptr + b)
     go = (rz > 0) & act
     k = 0
     tl.debug_barrier()  # p is read by gathers below
     while go:
-        _cols_scaled(VT, RT, OFF, IB, WA + n, RB, U, m, 0.0, BLOCK, False)  # u = S^T p / d_b
+        _cols_scaled(VT, RT, OFF, INV_B, WA + n, RB, U, m, 1, BLOCK, False)  # u = S^T p / d_b
         tl.debug_barrier()
         pq = _rows_product(V, I, DA, WA, U, n, m, S, S_PAD, BLOCK_R)
         tl.debug_barrier()
@@ -222,7 +232,7 @@ def _ell_pcg_kernel(
         tl.debug_barrier()
         rz = rz_new
     tl.store(its_ptr + b, k)
-    _cols_scaled(VT, RT, OFF, IB, XA, RB, XB, m, act.to(XA.dtype.element_ty), BLOCK, True)
+    _cols_scaled(VT, RT, OFF, INV_B, XA, RB, XB, m, act.to(tl.int32), BLOCK, True)
 
 
 def _by_column(vals, idx, m: int):
@@ -265,15 +275,15 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active):
     dtype, dev = vals.dtype, vals.device
     vals, idx = vals.contiguous(), idx.contiguous()
     vt, rt, off = _by_column(vals, idx, m)
-    da, ra, rb, ia, ib = (t.contiguous() for t in (diag[0], *rhs, *inv_diag))  # vals' dtype (checked)
+    da, db, ra, rb, ia, ib = (t.contiguous() for t in (*diag, *rhs, *inv_diag))  # vals' dtype (checked)
     # rtol^2 rounded as the twin's `rz * rtol**2` rounds it
     rtol2 = (torch.full((B,), rtol**2, dtype=dtype, device=dev) if not isinstance(rtol, torch.Tensor)
              else (rtol**2).to(dtype).expand(B).contiguous())
     xa, xb = torch.empty(B, n, dtype=dtype, device=dev), torch.empty(B, m, dtype=dtype, device=dev)
-    wa, wb = torch.empty(B, 4, n, dtype=dtype, device=dev), torch.empty(B, m, dtype=dtype, device=dev)
+    wa, wb = torch.empty(B, 4, n, dtype=dtype, device=dev), torch.empty(B, 2, m, dtype=dtype, device=dev)
     its = torch.empty(B, dtype=torch.int64, device=dev)
     _ell_pcg_kernel[(B,)](
-        vals, idx, vt, rt, off, da, ra, rb, ia, ib, rtol2, active.contiguous(), xa, xb, wa, wb, its,
+        vals, idx, vt, rt, off, da, db, ra, rb, ia, ib, rtol2, active.contiguous(), xa, xb, wa, wb, its,
         n, m, max_iter, S=s, **block_sizes(s), num_warps=NUM_WARPS,
     )
     return (xa, xb), its

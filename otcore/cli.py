@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay the iterations between checks from a CUDA graph (sinkhorn only; CUDA tensors)")
     e.add_argument("--overrelax", type=_overrelax_arg, default=None,
                    help="over-relaxed iterations: auto (default: adapted, with a --tol), on, off (plain Sinkhorn) "
-                        "or a fixed factor in (0, 2); newton: its warm-up's (default 1.8)")
+                        "or a fixed factor in (0, 2); newton: its warm-up's, off or a factor (default 1.8)")
     e.add_argument("--warmup-iter", type=int, default=None, help="cap on Sinkhorn warm-up iterations (newton only; default 10)")
     e.add_argument("--sparsity", type=int, default=None, help="plan entries kept per row in the Hessian (newton only; default adaptive)")
     k = s.add_argument_group("sparse")

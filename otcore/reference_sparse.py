@@ -80,9 +80,10 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active, m
 
     Args:
         diag, rhs: pairs ``(a-part (B, n), b-part (B, m))``.
-        inv_diag: the same pair, ``1 / diag`` for the entries in the system and 0 for those
-            left out (zero weights: their solution is 0); the elimination divides by
-            ``d_b`` through its ``b`` part.
+        inv_diag: the same pair: 0 for the entries left out of the system (zero weights:
+            their solution is 0), else ``1 / diag`` (its values are not used: the
+            preconditioner is the Schur complement's diagonal, the elimination divides by
+            ``d_b``).
         rtol: float or (B,) tensor. active: (B,) bool; inactive problems get ``x = 0``.
         matvec: the ELL product used (:func:`ell_matvec`, or the Triton one).
 
@@ -91,19 +92,28 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active, m
     """
     B, n, s = vals.shape
     da = diag[0]
-    ia, ib = inv_diag
+    ia = inv_diag[0]
+    ib = eliminated_inverse(diag[1], inv_diag[1])
     sq = (vals * vals * torch.gather(ib, 1, idx.reshape(B, n * s)).reshape(B, n, s)).sum(2)
     pre = schur_preconditioner(da, sq, ia)
 
     def apply(p):
         return da * p - matvec(geom, vals, idx, ib * matvec(geom, vals, idx, p, 0), 1)
 
-    reduced = rhs[0] - matvec(geom, vals, idx, ib * rhs[1], 1)
+    kept = inv_diag[1] != 0  # (a left-out entry's right-hand side, even non-finite, plays no part)
+    reduced = rhs[0] - matvec(geom, vals, idx, torch.where(kept, ib * rhs[1], 0.0), 1)
     xa, its = pcg(apply, reduced, rtol, max_iter, inv_diag=pre, active=active)
-    xb = ib * (rhs[1] - matvec(geom, vals, idx, xa, 0))
+    xb = torch.where(kept, ib * (rhs[1] - matvec(geom, vals, idx, xa, 0)), 0.0)
     if active is not None:
         xb = torch.where(active[:, None], xb, 0.0)
     return (xa, xb), its
+
+
+def eliminated_inverse(db: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+    """``1 / d_b`` where ``ib`` (the caller's ``inv_diag`` b part) keeps an entry, else 0: the
+    elimination divides by the system's own ``d_b``, whatever preconditioner values came."""
+    keep = ib != 0
+    return torch.where(keep, 1 / torch.where(keep, db, 1.0), 0.0)
 
 
 def floor_factor(dtype: torch.dtype) -> float:

@@ -127,6 +127,8 @@ def test_solve_newton_overrelax_flag_is_the_warmup_factor(capsys, monkeypatch):
     assert seen == ["default", False, 1.5] and all(r["converged"] for r in runs)
     with pytest.raises(SystemExit, match=r"^error: --overrelax as a factor must be in \(0, 2\)"):
         main(["solve", *base, "--overrelax", "2.5", "--quiet"])
+    with pytest.raises(SystemExit, match=r"^error: --overrelax must be a fixed factor in \(0, 2\) or False \(off\)"):
+        main(["solve", *base, "--overrelax", "auto", "--quiet"])
 
 
 def test_an_overrelax_that_is_no_setting_is_a_usage_error(capsys):

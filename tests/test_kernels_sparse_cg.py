@@ -325,6 +325,39 @@ def test_indices_off_the_matrix_are_ignored_by_the_kernel():
     (oa, ob), oits = geom.ell_pcg(vals, off, diag, rhs, inv, 1e-10, 200, active, backend="triton")
     (ca, cb), cits = geom.ell_pcg(cut, idx, diag, rhs, inv, 1e-10, 200, active, backend="triton")
     assert torch.equal(oits, cits) and rel(oa, ca) <= 1e-12 and rel(ob, cb) <= 1e-12
+    # its value plays no part either, even non-finite (inf * 0 made the whole solve NaN)
+    for bad in (float("inf"), float("nan")):
+        odd = vals.clone()
+        odd[0, 3, 2] = bad
+        (xa, xb), its = geom.ell_pcg(odd, off, diag, rhs, inv, 1e-10, 200, active, backend="triton")
+        assert torch.equal(its, cits) and rel(xa, ca) <= 1e-12 and rel(xb, cb) <= 1e-12
+
+
+def test_non_finite_right_hand_sides_left_out_or_inactive_give_zeros():
+    """A left-out column (``inv_diag`` 0) and an inactive problem get 0 in the solution on
+    both backends, whatever their right-hand side holds (a review saw NaN: 0 * NaN)."""
+    geom, vals, idx, diag, rhs, inv = system(2, 12, 10, 3, dead=True)  # column 3 left out
+    rhs = (rhs[0].clone(), rhs[1].clone())
+    rhs[1][0, 3] = float("nan")
+    rhs[1][1, 5] = float("inf")
+    active = torch.tensor([True, False], device=DEVICE)
+    ((ka, kb), kits), ((ta, tb), tits) = both(geom, vals, idx, diag, rhs, inv, 1e-10, 200, active)
+    for xa, xb in ((ka, kb), (ta, tb)):
+        assert bool(torch.isfinite(xa).all()) and bool(torch.isfinite(xb).all())
+        assert float(xb[0, 3]) == 0.0 and float(xa[1].abs().max()) == 0.0 and float(xb[1].abs().max()) == 0.0
+    assert close_counts(kits, tits) and rel(ka[0], ta[0]) <= 1e-10 and int(kits[0]) > 0
+
+
+def test_the_solution_is_the_system_of_diag_whatever_the_inverse_values():
+    """The elimination divides by the system's own ``d_b`` (``diag``); ``inv_diag`` only marks
+    entries in or out (a review saw a preconditioner of ``1 / (2 d_b)`` change the answer)."""
+    geom, vals, idx, diag, rhs, inv = system(2, 15, 12, 4)
+    active = torch.ones(2, dtype=torch.bool, device=DEVICE)
+    xa, xb = dense_solve(geom, vals, idx, diag, rhs)
+    for scale in (0.5, 3.0):
+        odd = (inv[0] * scale, inv[1] * scale)
+        for (ka, kb), _ in both(geom, vals, idx, diag, rhs, odd, 1e-12, 500, active):
+            assert rel(ka, xa) <= 1e-8 and rel(kb, xb) <= 1e-8
 
 
 def _bad(change):

@@ -130,12 +130,13 @@ def sinkhorn_newton(
             the warm-up, eps stages included).
         warmup_tol: the warm-up stops once the marginal error is below this.
         warmup_overrelax: the warm-up's iterations at the target ``eps`` over-relaxed by
-            this fixed factor in (0, 2) (:func:`otcore.sinkhorn`'s ``overrelax``), ``True``
-            (or ``"auto"``) for its adaptive factor, ``False`` for plain iterations. The
-            default, 1.8, with 10 iterations started the Newton steps closer to the
-            solution than 20 plain ones: over 15 clouds, random assignments and digit
-            problems 168 Newton steps against 197 and 307 warm-up iterations against 457,
-            each converged (docs/newton.md).
+            this fixed factor in (0, 2) (as :func:`otcore.sinkhorn`'s ``overrelax``), or
+            ``False`` for plain iterations (the adaptive factor, ``True``, would stay at 1
+            over so few: ``ValueError``). The default, 1.8, with 10 iterations started the
+            Newton steps closer to the solution than 20 plain ones: over 15 clouds, random
+            assignments and digit problems 168 Newton steps against 197 and 307 warm-up
+            iterations against 457, each converged; in float32 near its accuracy floor a
+            problem may fall either side of ``tol`` (docs/newton.md).
         eps_schedule: eps scaling at the start of a cold warm-up (no ``init``), one
             Sinkhorn iteration per stage, on top of ``warmup_iter`` (as in
             :func:`otcore.sinkhorn`: None, ``"geometric"``, a decay factor or explicit
@@ -174,6 +175,10 @@ def sinkhorn_newton(
     warmup_iter = _validate.positive_int("warmup_iter", warmup_iter, minimum=0)
     warmup_tol = _validate.positive("warmup_tol", warmup_tol)
     warmup_overrelax = check_overrelax(warmup_overrelax, warmup_tol, name="warmup_overrelax")
+    if warmup_overrelax is True:
+        raise ValueError("warmup_overrelax must be a fixed factor in (0, 2) or False (off): the adaptive factor "
+                         "(True, 'auto') starts after several residual tests, one every 10 iterations, and stays "
+                         "at 1 over a warm-up this short")
     if sparsity is not None:
         sparsity = _validate.positive_int("sparsity", sparsity)
         if sparsity > geom.m:
@@ -421,7 +426,14 @@ class _Solve:
         mass = (r.sum(-1) + c.sum(-1)).clamp(min=torch.finfo(r.dtype).tiny)
         t = (((ga * live_a).sum(-1) - (gb * live_b).sum(-1)) / mass)[:, None]
         rhs = (eps * torch.where(live_a, ga - t * r, 0.0), eps * torch.where(live_b, gb + t * c, 0.0))
-        dr, dc = r * (1 + lam), c * (1 + lam)
+        # the diagonal at least the kept entries' sums (it is in exact arithmetic: S holds part of
+        # P): r, c and S come from separate passes, and in float32 c fell below S's column sums by
+        # up to 1e-5 relative, leaving 6 of 14 Newton systems of a 24 x 24 problem indefinite (CG
+        # then ran to its cap, or returned a residual above the right-hand side's)
+        B = vals.shape[0]
+        kept_c = torch.zeros_like(c).scatter_add_(1, idx.reshape(B, -1), vals.reshape(B, -1))
+        dr = torch.maximum(r, vals.sum(2)) * (1 + lam)
+        dc = torch.maximum(c, kept_c) * (1 + lam)
         inv = (torch.where(live_a, 1 / dr.clamp(min=torch.finfo(r.dtype).tiny), 0.0),
                torch.where(live_b, 1 / dc.clamp(min=torch.finfo(c.dtype).tiny), 0.0))
 
