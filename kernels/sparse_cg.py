@@ -70,9 +70,6 @@ def _ell_rows(V, I, i0, n, m, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.
     return rows, rm, tl.where(on, v, 0.0), j, on  # (an off-matrix entry's value, even inf, plays no part)
 
 
-
-
-
 @triton.jit
 def _schur_init(V, I, DA, RA, IA, INV_B, XA, WA, WB, n, m, S: tl.constexpr, S_PAD: tl.constexpr,
                 BLOCK_R: tl.constexpr):
@@ -142,9 +139,9 @@ def _rows_product(V, I, DA, WA, U, n, m, S: tl.constexpr, S_PAD: tl.constexpr, B
 
 @triton.jit
 def _scale(IB, DB, RB, U, INV_B, m, BLOCK: tl.constexpr):
-    """Over the columns: ``1 / d_b`` where ``ib`` keeps the entry, else 0 (the twin's
-    ``eliminated_inverse``; once per solve, into ``INV_B``), and ``u = r_b / d_b`` (0 where
-    left out, whatever ``r_b`` holds there)."""
+    """Over the columns: ``1 / d_b`` where ``ib`` keeps the entry, else 0 (as the twin; once
+    per solve, into ``INV_B``), and ``u = r_b / d_b`` (0 where left out, whatever ``r_b``
+    holds there)."""
     for j0 in range(0, m, BLOCK):
         o = j0 + tl.arange(0, BLOCK)
         mk = o < m

@@ -93,27 +93,20 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active, m
     B, n, s = vals.shape
     da = diag[0]
     ia = inv_diag[0]
-    ib = eliminated_inverse(diag[1], inv_diag[1])
+    kept = inv_diag[1] != 0  # the b side's entries in the system (a left-out one's rhs, even NaN, plays no part)
+    ib = torch.where(kept, 1 / torch.where(kept, diag[1], 1.0), 0.0)  # the system's own 1 / d_b
     sq = (vals * vals * torch.gather(ib, 1, idx.reshape(B, n * s)).reshape(B, n, s)).sum(2)
     pre = schur_preconditioner(da, sq, ia)
 
     def apply(p):
         return da * p - matvec(geom, vals, idx, ib * matvec(geom, vals, idx, p, 0), 1)
 
-    kept = inv_diag[1] != 0  # (a left-out entry's right-hand side, even non-finite, plays no part)
     reduced = rhs[0] - matvec(geom, vals, idx, torch.where(kept, ib * rhs[1], 0.0), 1)
     xa, its = pcg(apply, reduced, rtol, max_iter, inv_diag=pre, active=active)
     xb = torch.where(kept, ib * (rhs[1] - matvec(geom, vals, idx, xa, 0)), 0.0)
     if active is not None:
         xb = torch.where(active[:, None], xb, 0.0)
     return (xa, xb), its
-
-
-def eliminated_inverse(db: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
-    """``1 / d_b`` where ``ib`` (the caller's ``inv_diag`` b part) keeps an entry, else 0: the
-    elimination divides by the system's own ``d_b``, whatever preconditioner values came."""
-    keep = ib != 0
-    return torch.where(keep, 1 / torch.where(keep, db, 1.0), 0.0)
 
 
 def floor_factor(dtype: torch.dtype) -> float:
