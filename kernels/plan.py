@@ -160,8 +160,9 @@ def plan_topk_kernel(
     reductions (``K = 8`` took 50x a plan-vector product on an H200); on a 4096 x 4096
     cloud (d = 3, 64 x 64 tiles, near-optimal potentials) the tiles need 2.6 rounds on
     average at ``K = 8`` and 6.1 at ``K = 32``, at 16384 x 16384 1.5 and 2.9
-    (``bench/topk_rounds.py``). A ``while`` loop that tested
-    after each round spilled 16-24 bytes at sm_90 (Triton 3.9); this count does not.
+    (``bench/topk_rounds.py``). At sm_90 (Triton 3.9) this count compiles without a spill
+    in float32, where a ``while`` loop testing after each round spilled 16-24 bytes; in
+    float64 at 64 x 64 tiles it still spills 8-64 bytes (the fixed ``K`` rounds: 8-488).
 
     A zero-weight column (key ``-inf``) is ranked as ``LOWEST`` (the dtype's most
     negative finite value) so it can still fill a slot with a valid index (value 0)
