@@ -53,6 +53,7 @@ import torch
 
 from .. import _validate
 from .._progress import Progress
+from ..reference_ksparse import cross_sum
 from ..result import OTResult
 from . import _host
 from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, finite_abs_max, live_potential,
@@ -430,10 +431,8 @@ class _Solve:
         # P): r, c and S come from separate passes, and in float32 c fell below S's column sums by
         # up to 1e-5 relative, leaving 6 of 14 Newton systems of a 24 x 24 problem indefinite (CG
         # then ran to its cap, or returned a residual above the right-hand side's)
-        B = vals.shape[0]
-        kept_c = torch.zeros_like(c).scatter_add_(1, idx.reshape(B, -1), vals.reshape(B, -1))
         dr = torch.maximum(r, vals.sum(2)) * (1 + lam)
-        dc = torch.maximum(c, kept_c) * (1 + lam)
+        dc = torch.maximum(c, cross_sum(vals, idx, c.shape[1])) * (1 + lam)
         inv = (torch.where(live_a, 1 / dr.clamp(min=torch.finfo(r.dtype).tiny), 0.0),
                torch.where(live_b, 1 / dc.clamp(min=torch.finfo(c.dtype).tiny), 0.0))
 
