@@ -541,3 +541,48 @@ def test_eps_scaled_warmup_shortens_the_newton_stage_and_keeps_the_solution():
     assert sum(s for s, _ in steps) <= 0.8 * sum(f for _, f in steps)  # 38 against 55
     with pytest.raises(ValueError, match="eps_schedule as a decay factor must be in"):
         otcore.sinkhorn_newton(geom, eps=0.1, eps_schedule=1.5)
+
+
+def test_grown_sparsity_solves_the_fitted_tail_for_drop_tol():
+    """On an exact profile q(s) = exp(-c s^alpha) the growth lands on the smallest s * 2^j with
+    q <= drop_tol (here 8 -> 64: q(32) = 3.5e-3, q(64) = 2.6e-5), within GROWTH_MAX and s_max;
+    an undefined fit (no decay, nothing dropped by half the entries, s = 1) doubles."""
+    import numpy as np
+
+    q = lambda s: np.exp(-0.25 * s ** 0.9)  # noqa: E731
+    assert q(32) > 1e-3 >= q(64)
+    assert NW.grown_sparsity(8, np.array([q(4)]), np.array([q(8)]), 1e-3, 4096) == 64
+    assert NW.grown_sparsity(8, np.array([q(4)]), np.array([q(8)]), 1e-3, 40) == 40  # s_max
+    slow = lambda s: np.exp(-0.01 * s ** 0.9)  # noqa: E731  a fit asking for s ~ 3000: capped
+    assert NW.grown_sparsity(8, np.array([slow(4)]), np.array([slow(8)]), 1e-3, 4096) == 8 * NW.GROWTH_MAX
+    # the batch takes its most demanding problem
+    assert NW.grown_sparsity(8, np.array([q(4), slow(4)]), np.array([q(8), slow(8)]), 1e-3, 4096) == 64
+    for half, full, s in ((0.5, 0.5, 8), (1.0, 0.3, 8), (0.2, 0.3, 8), (1.0, 0.4, 1)):  # undefined: doubles
+        assert NW.grown_sparsity(s, np.array([half]), np.array([full]), 1e-3, 4096) == 2 * s
+
+
+def test_automatic_sparsity_reaches_drop_tol_in_fewer_extractions(monkeypatch):
+    """At eps = 1e-2 a 400-point cloud's plan rows need s = 64 for a dropped mass of 1e-3: the
+    fitted growth extracts 8, 32, 64 in the first Newton step (doubling: 8, 16, 32, 64), and
+    the final s drops at most drop_tol of the plan's mass while half of it drops more."""
+    from otcore.geometry import Geometry
+
+    sizes, real = [], Geometry.plan_sparse_rows
+
+    def spy(self, F, G, eps, s, **kw):
+        sizes.append(s)
+        return real(self, F, G, eps, s, **kw)
+
+    monkeypatch.setattr(Geometry, "plan_sparse_rows", spy)
+    g = torch.Generator().manual_seed(3)
+    geom = otcore.PointCloud(torch.rand(400, 3, generator=g, dtype=torch.float64),
+                             torch.rand(400, 3, generator=g, dtype=torch.float64))
+    res = otcore.sinkhorn_newton(geom, eps=1e-2, tol=1e-8, backend="torch")
+    s = res.info["sparsity"]
+    assert res.converged and sizes[0] == 8 and s == max(sizes) and s > 16
+    first_step = sizes[:sizes.index(s) + 1]
+    assert len(first_step) < len(range(3, s.bit_length())) + 1, sizes  # doubling from 8: log2(s / 8) + 1
+    P = res.plan()
+    top = P.topk(s, dim=1).values
+    dropped = lambda k: float(1 - top[:, :k].sum() / P.sum())  # noqa: E731
+    assert dropped(s) <= 1e-3 < dropped(s // 2)
