@@ -890,3 +890,64 @@ def test_newton_stalled_at_max_iter_reports_the_cap():
         r = otcore.sparse_ot(otcore.CostMatrix(C), torch.full((12,), 1 / 12, dtype=F64), torch.full((9,), 1 / 9, dtype=F64),
                              k=12, gamma=1e-3, tol=1e-11, max_iter=40)
     assert not r.converged and r.info["stop"] == "max_iter reached" and r.info["solver"] == "newton"
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_cost_offset_is_taken_off_before_the_solve(axis):
+    """With both marginals fixed an offset leaves the plan unchanged. Kept in a float32
+    solve, ``C + 1e5`` made the pass form ``alpha - C`` at 1e5 (entries ~2^-24 1e5 / gamma
+    off): ``converged=True`` with plans 0.2 off in L1 and row sums off by 0.022 of 0.05 (a
+    review). The solve now sees ``C - min C``; the reference is float64 on the same
+    float32-rounded costs, whose optimum is smooth for ``axis=0`` here."""
+    C = torch.rand(20, 15, generator=torch.Generator().manual_seed(0), dtype=F64)
+    Cq = (C + 1e5).float()
+    r = otcore.sparse_ot(otcore.CostMatrix(Cq), k=3, gamma=0.3, axis=axis, backend="torch")
+    ref = otcore.sparse_ot(otcore.CostMatrix(Cq.double()), k=3, gamma=0.3, axis=axis, **TIGHT)
+    assert r.converged
+    T, Tr = r.to_dense().double(), ref.to_dense()
+    if axis == 0:  # smooth: one optimal plan
+        assert float((T - Tr).abs().sum()) < 1e-4 and r.grad_norm < 1e-3
+    # the value and cost in the caller's units (float32 resolves 1e5 to 0.008)
+    assert abs(float(r.value) - float(ref.value)) < 0.02 and abs(float(r.cost) - float(ref.cost)) < 0.02
+
+
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+def test_the_offset_taken_off_comes_back_in_duals_value_cost_and_gradients(formulation):
+    """float64, ``C + 50`` (the offset dominates: taken off) against ``C`` (kept): the same
+    plan; the value and cost 50 times the mass higher; ``alpha + beta - C`` unchanged on the
+    support; the same gradient to ``C`` (the plan) and, to ``a``, one shifted by a constant
+    (the balanced duals' gauge); a warm start from the offset problem's duals stops at once."""
+    C, a, b = _problem(9, 7, seed=40)
+    kw = dict(k=3, gamma=0.4, formulation=formulation, **TIGHT)
+    out = []
+    for off in (0.0, 50.0):
+        Cs = (C + off).requires_grad_(True)
+        aa = a.clone().requires_grad_(True)
+        r = otcore.sparse_ot(otcore.CostMatrix(Cs), aa, b, **kw)
+        gC, ga = torch.autograd.grad(r.value, (Cs, aa))
+        out.append((r, gC, ga, Cs.detach()))
+    (r0, gC0, ga0, C0), (r1, gC1, ga1, C1) = out
+    assert S._offset_free(otcore.CostMatrix(C1))[1] is not None and S._offset_free(otcore.CostMatrix(C0))[1] is None
+    torch.testing.assert_close(r1.to_dense(), r0.to_dense(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(r1.value, r0.value + 50.0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(r1.cost, r0.cost + 50.0, rtol=0, atol=1e-10)
+    sup = r0.to_dense() > 0
+    slack0 = r0.alpha[:, None] + r0.beta[None, :] - C0
+    slack1 = r1.alpha[:, None] + r1.beta[None, :] - C1
+    torch.testing.assert_close(slack1[sup], slack0[sup], rtol=0, atol=1e-9)
+    torch.testing.assert_close(gC1, gC0, rtol=0, atol=1e-10)
+    shift = ga1 - ga0
+    assert float(shift.max() - shift.min()) < 1e-8
+    warm = otcore.sparse_ot(otcore.CostMatrix(C1), a, b, init=(r1.alpha, r1.beta), **kw)
+    assert warm.n_iter <= 2 and float((warm.to_dense() - r1.to_dense()).abs().max().detach()) < 1e-9
+
+
+def test_only_the_problems_of_a_batch_with_an_offset_are_shifted():
+    """Per problem: in a batch of ``C`` and ``C + 1e5`` (float32) only the second is shifted,
+    and each problem gets the plan it has alone."""
+    C, a, b = _problem(12, 10, seed=41, dtype=torch.float32)
+    both = otcore.sparse_ot(otcore.CostMatrix(torch.stack([C, C + 1e5])), k=2, gamma=0.3, backend="torch")
+    alone = [otcore.sparse_ot(otcore.CostMatrix(Ci), k=2, gamma=0.3, backend="torch") for Ci in (C, C + 1e5)]
+    for i, r in enumerate(alone):
+        torch.testing.assert_close(both.to_dense()[i], r.to_dense(), rtol=0, atol=1e-6)
+    assert S._offset_free(otcore.CostMatrix(C))[1] is None
