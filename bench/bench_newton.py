@@ -10,8 +10,9 @@
    CUDA, the torch path on CPU), plain and with ``overrelax=True`` (otcore's fastest
    Sinkhorn); POT ``ot.sinkhorn(method="sinkhorn_log")`` on the
    materialised cost (torch backend, same device). ``--host-cg`` (CUDA) adds SNS with each
-   Newton step's conjugate gradient issued from the host on the ELL product kernels
-   instead of the one-launch solve (``kernels/sparse_cg.py``): the measured gain of that kernel.
+   Newton step's conjugate gradient issued from the host as whole-GPU sweeps
+   (``kernels/sparse_cg_steps.py``, the path of systems past ``FUSED_MAX_ENTRIES``) instead of
+   the one-launch solve (``kernels/sparse_cg.py``): which one wins at which size.
 2. Table 1 in the style of Tang et al. (ICLR 2024), float64, eps = 1/1200 (costs
    scaled to a maximum of 1): random assignment (C ~ U[0,1], n = ``--table-n``,
    uniform weights) and handwritten digits (scikit-learn's ``load_digits``: each
@@ -302,7 +303,7 @@ def main(argv=None):
     p.add_argument("--table1-only", action="store_true")
     p.add_argument("--sweep-only", action="store_true")
     p.add_argument("--no-pot", action="store_true")
-    p.add_argument("--host-cg", action="store_true", help="also SNS with the host-issued CG loop (CUDA)")
+    p.add_argument("--host-cg", action="store_true", help="also SNS with the host-issued CG sweeps (CUDA)")
     p.add_argument("--out", default="bench/out/newton")
     if p.parse_known_args(argv)[0].quick:  # quick defaults; options given explicitly still win
         p.set_defaults(sizes=[64, 128], eps=[1e-2, 1e-3], dtypes=["float64"], table_n=100, pairs=1, budget=5.0,

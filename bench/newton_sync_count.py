@@ -14,8 +14,9 @@ solve: the warm-up, the result's set-up and the unconverged result's warning can
 
 With the Triton backend each Newton step's conjugate-gradient solve is one launch
 (:mod:`otcore.kernels.sparse_cg`) that reads nothing back; ``--host-cg`` runs the
-host-issued loop instead, which (like the torch backend) reads its stopping test every 8
-CG iterations.
+host-issued sweeps instead (:mod:`otcore.kernels.sparse_cg_steps`, as systems past
+``FUSED_MAX_ENTRIES`` do: four launches per CG iteration), which (like the torch backend)
+read their stopping test every 8 CG iterations.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from lbfgs_op_count import OpCounter  # its host-read count (bench/ is the script's directory)
 
 import otcore
-from otcore.kernels import sparse_cg
+from otcore.kernels import sparse_cg, sparse_cg_steps
 
 
 def counts(geom, eps, backend, **kw):
@@ -42,7 +43,8 @@ def counts(geom, eps, backend, **kw):
             from otcore.kernels import plan, softmin, sparse
 
             ops = stack.enter_context(ComputeCounter("solve"))
-            launches = [stack.enter_context(LaunchCounter(mod, ops)) for mod in (softmin, plan, sparse, sparse_cg)]
+            launches = [stack.enter_context(LaunchCounter(mod, ops)) for mod in (softmin, plan, sparse, sparse_cg,
+                                                                                    sparse_cg_steps)]
         else:
             ops, launches = stack.enter_context(OpCounter("solve")), []
         result = otcore.sinkhorn_newton(geom, eps=eps, backend=backend, **kw)
@@ -55,8 +57,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="torch", choices=("torch", "triton"))
     parser.add_argument("--host-cg", action="store_true",
-                        help="Triton backend: the host-issued CG loop on the ELL product kernels, not the one-launch "
-                             "solve (sparse_cg.FUSED_MAX_ENTRIES = 0)")
+                        help="Triton backend: the host-issued CG sweeps (kernels/sparse_cg_steps.py, as for systems "
+                             "past sparse_cg.FUSED_MAX_ENTRIES), not the one-launch solve")
     args = parser.parse_args()
     if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("--backend triton on a CPU needs TRITON_INTERPRET=1")

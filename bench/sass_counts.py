@@ -33,7 +33,7 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 FP32 = ("FADD", "FFMA", "FMUL", "FMNMX", "FSEL", "FSETP")
 #: pointer arguments that are not of the compute dtype: int64 indices, the bool mask
 INDEX_POINTERS = {"idx_ptr": "*i64", "I_ptr": "*i64", "active_ptr": "*i1", "rows_t_ptr": "*i32", "off_ptr": "*i64",
-                  "its_ptr": "*i64"}
+                  "its_ptr": "*i64", "RUN_ptr": "*i32", "FLAG_ptr": "*i32"}
 
 
 def compile_sm90(kernel, constexprs: dict, num_warps: int = 8, dtype: str = "fp32", ints: dict | None = None):

@@ -31,7 +31,9 @@ threads of the program wrote.
 
 One program per problem runs on one SM: it wins while the host-issued loop's launch
 time exceeds a sweep's memory time on a single SM, which holds for small ELL matrices;
-larger ones run the host loop on the ELL product kernels (:data:`FUSED_MAX_ENTRIES`).
+larger ones run the same iteration as whole-GPU sweeps issued from the host
+(:mod:`otcore.kernels.sparse_cg_steps`, which calls this module's tile helpers;
+:data:`FUSED_MAX_ENTRIES`).
 
 The torch twin is :func:`otcore.reference_sparse.ell_pcg` (the same iteration, on
 :func:`otcore._cg.pcg`). Only long-standing ``tl.*`` APIs are used (Triton >= 3.0).
@@ -43,15 +45,13 @@ import torch
 import triton
 import triton.language as tl
 
-from otcore import reference_sparse as _twin
-
 from ._intmath import next_pow2
-from .sparse import ell_matvec
 
 #: Largest ELL size ``n * s`` per problem solved by the one-launch kernel; larger ones run
-#: the host-issued loop. An estimate, not a measurement: a CG step's sweeps read ~44 bytes
+#: the host-issued sweeps. An estimate, not a measurement: a CG step's sweeps read ~44 bytes
 #: per ELL entry (11.5 MB at 2^18 entries) on one SM, against the ~0.3 ms of host time
-#: that a host-issued CG step took on the H200 host (~17 launches); to be timed on a GPU
+#: that a host-issued CG step took on the H200 host (~17 launches of the loop on the ELL
+#: products that the sweeps, four launches per step, replaced); to be timed on a GPU
 #: (``bench/bench_newton.py --host-cg``).
 FUSED_MAX_ENTRIES = 1 << 18
 
@@ -71,31 +71,38 @@ def _ell_rows(V, I, i0, n, m, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.
 
 
 @triton.jit
-def _schur_init(V, I, DA, RA, IA, INV_B, XA, WA, WB, n, m, S: tl.constexpr, S_PAD: tl.constexpr,
-                BLOCK_R: tl.constexpr):
-    """Per row: the preconditioner ``pre = 1 / (d_a - sum_k v^2 ib_j)`` (the Schur complement's
-    diagonal, floored at 64 rounding units of ``|d_a|`` as
-    :func:`otcore.reference_sparse.floor_factor`; 0 where ``ia`` leaves the row out or it is not
-    positive), the reduced right-hand side as the residual ``r = r_a - S u`` (``u = ib r_b`` in
-    ``WB``), ``p = pre r``, ``x_a = 0``. ``WA`` holds ``r, p, q, pre`` at offsets 0, n, 2n, 3n.
-    Returns ``<r, pre r>``."""
+def _schur_init_rows(V, I, DA, RA, IA, INV_B, XA, WA, WB, n, m, i0, S: tl.constexpr, S_PAD: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    """Rows ``i0 .. i0 + BLOCK_R`` of the solve's start: the preconditioner ``pre = 1 / (d_a -
+    sum_k v^2 ib_j)`` (the Schur complement's diagonal, floored at 64 rounding units of
+    ``|d_a|`` as :func:`otcore.reference_sparse.floor_factor`; 0 where ``ia`` leaves the row out
+    or it is not positive), the reduced right-hand side as the residual ``r = r_a - S u``
+    (``u = ib r_b`` in ``WB``), ``p = pre r``, ``x_a = 0``. ``WA`` holds ``r, p, q, pre`` at
+    offsets 0, n, 2n, 3n. Returns the rows' ``r pre r`` (BLOCK_R,)."""
     if WA.dtype.element_ty == tl.float64:
         FLOOR: tl.constexpr = 1.4210854715202004e-14  # 64 * 2^-52
     else:
         FLOOR: tl.constexpr = 7.62939453125e-06  # 64 * 2^-23
+    rows, rm, v, j, on = _ell_rows(V, I, i0, n, m, S, S_PAD, BLOCK_R)
+    da = tl.load(DA + rows, mask=rm, other=0.0)
+    k = da - tl.sum(v * v * tl.load(INV_B + j, mask=on, other=0.0), axis=1)
+    k = tl.where(k < FLOOR * tl.abs(da), FLOOR * tl.abs(da), k)  # (NaN stays NaN, as in the twin)
+    pre = tl.where((tl.load(IA + rows, mask=rm, other=0.0) != 0) & (k > 0), 1 / tl.where(k > 0, k, 1.0), 0.0)
+    r = tl.load(RA + rows, mask=rm, other=0.0) - tl.sum(v * tl.load(WB + j, mask=on, other=0.0), axis=1)
+    tl.store(XA + rows, tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty), mask=rm)
+    tl.store(WA + rows, r, mask=rm)
+    tl.store(WA + n + rows, pre * r, mask=rm)
+    tl.store(WA + 3 * n + rows, pre, mask=rm)
+    return r * (pre * r)
+
+
+@triton.jit
+def _schur_init(V, I, DA, RA, IA, INV_B, XA, WA, WB, n, m, S: tl.constexpr, S_PAD: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+    """:func:`_schur_init_rows` over every row; returns ``<r, pre r>``."""
     acc = tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty)
     for i0 in range(0, n, BLOCK_R):
-        rows, rm, v, j, on = _ell_rows(V, I, i0, n, m, S, S_PAD, BLOCK_R)
-        da = tl.load(DA + rows, mask=rm, other=0.0)
-        k = da - tl.sum(v * v * tl.load(INV_B + j, mask=on, other=0.0), axis=1)
-        k = tl.where(k < FLOOR * tl.abs(da), FLOOR * tl.abs(da), k)  # (NaN stays NaN, as in the twin)
-        pre = tl.where((tl.load(IA + rows, mask=rm, other=0.0) != 0) & (k > 0), 1 / tl.where(k > 0, k, 1.0), 0.0)
-        r = tl.load(RA + rows, mask=rm, other=0.0) - tl.sum(v * tl.load(WB + j, mask=on, other=0.0), axis=1)
-        tl.store(XA + rows, tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty), mask=rm)
-        tl.store(WA + rows, r, mask=rm)
-        tl.store(WA + n + rows, pre * r, mask=rm)
-        tl.store(WA + 3 * n + rows, pre, mask=rm)
-        acc += r * (pre * r)
+        acc += _schur_init_rows(V, I, DA, RA, IA, INV_B, XA, WA, WB, n, m, i0, S, S_PAD, BLOCK_R)
     return tl.sum(acc, axis=0)
 
 
@@ -106,21 +113,27 @@ def _cols_scaled(VT, RT, OFF, INV_B, SRC, RB, OUT, m, keep, BLOCK: tl.constexpr,
     ``out = ib t`` (the loop's ``u``), or with ``FINAL`` ``out = ib (r_b - t)`` (``x_b`` from
     ``x_a``), 0 where left out or ``keep`` is 0 (an inactive problem), whatever ``r_b`` holds."""
     for j0 in range(0, m, BLOCK):
-        cols = j0 + tl.arange(0, BLOCK)
-        cm = cols < m
-        start = tl.load(OFF + cols, mask=cm, other=0)
-        count = tl.load(OFF + cols + 1, mask=cm, other=0) - start
-        t = tl.zeros((BLOCK,), dtype=OUT.dtype.element_ty)
-        for e in range(0, tl.max(count, axis=0).to(tl.int32)):  # the longest column of the block
-            mk = e < count
-            v = tl.load(VT + start + e, mask=mk, other=0.0)
-            t += v * tl.load(SRC + tl.load(RT + start + e, mask=mk, other=0), mask=mk, other=0.0)
-        ib = tl.load(INV_B + cols, mask=cm, other=0.0)
-        if FINAL:
-            out = tl.where((keep != 0) & (ib != 0), ib * (tl.load(RB + cols, mask=cm, other=0.0) - t), 0.0)
-        else:
-            out = ib * t
-        tl.store(OUT + cols, out, mask=cm)
+        _cols_scaled_tile(VT, RT, OFF, INV_B, SRC, RB, OUT, m, keep, j0, BLOCK, FINAL)
+
+
+@triton.jit
+def _cols_scaled_tile(VT, RT, OFF, INV_B, SRC, RB, OUT, m, keep, j0, BLOCK: tl.constexpr, FINAL: tl.constexpr):
+    """:func:`_cols_scaled` for columns ``j0 .. j0 + BLOCK``."""
+    cols = j0 + tl.arange(0, BLOCK)
+    cm = cols < m
+    start = tl.load(OFF + cols, mask=cm, other=0)
+    count = tl.load(OFF + cols + 1, mask=cm, other=0) - start
+    t = tl.zeros((BLOCK,), dtype=OUT.dtype.element_ty)
+    for e in range(0, tl.max(count, axis=0).to(tl.int32)):  # the longest column of the block
+        mk = e < count
+        v = tl.load(VT + start + e, mask=mk, other=0.0)
+        t += v * tl.load(SRC + tl.load(RT + start + e, mask=mk, other=0), mask=mk, other=0.0)
+    ib = tl.load(INV_B + cols, mask=cm, other=0.0)
+    if FINAL:
+        out = tl.where((keep != 0) & (ib != 0), ib * (tl.load(RB + cols, mask=cm, other=0.0) - t), 0.0)
+    else:
+        out = ib * t
+    tl.store(OUT + cols, out, mask=cm)
 
 
 @triton.jit
@@ -128,13 +141,19 @@ def _rows_product(V, I, DA, WA, U, n, m, S: tl.constexpr, S_PAD: tl.constexpr, B
     """``q = d_a p - S u`` (the Schur complement times ``p``; stored in ``WA``); returns ``<p, q>``."""
     acc = tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty)
     for i0 in range(0, n, BLOCK_R):
-        rows, rm, v, j, on = _ell_rows(V, I, i0, n, m, S, S_PAD, BLOCK_R)
-        u = tl.load(U + j, mask=on, other=0.0)
-        pa = tl.load(WA + n + rows, mask=rm, other=0.0)
-        q = tl.load(DA + rows, mask=rm, other=0.0) * pa - tl.sum(v * u, axis=1)
-        tl.store(WA + 2 * n + rows, q, mask=rm)
-        acc += pa * q
+        acc += _rows_product_tile(V, I, DA, WA, U, n, m, i0, S, S_PAD, BLOCK_R)
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _rows_product_tile(V, I, DA, WA, U, n, m, i0, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """:func:`_rows_product` for rows ``i0 .. i0 + BLOCK_R``; returns their ``p q`` (BLOCK_R,)."""
+    rows, rm, v, j, on = _ell_rows(V, I, i0, n, m, S, S_PAD, BLOCK_R)
+    u = tl.load(U + j, mask=on, other=0.0)
+    pa = tl.load(WA + n + rows, mask=rm, other=0.0)
+    q = tl.load(DA + rows, mask=rm, other=0.0) * pa - tl.sum(v * u, axis=1)
+    tl.store(WA + 2 * n + rows, q, mask=rm)
+    return pa * q
 
 
 @triton.jit
@@ -143,12 +162,18 @@ def _scale(IB, DB, RB, U, INV_B, m, BLOCK: tl.constexpr):
     per solve, into ``INV_B``), and ``u = r_b / d_b`` (0 where left out, whatever ``r_b``
     holds there)."""
     for j0 in range(0, m, BLOCK):
-        o = j0 + tl.arange(0, BLOCK)
-        mk = o < m
-        keep = tl.load(IB + o, mask=mk, other=0.0) != 0
-        ib = tl.where(keep, 1 / tl.where(keep, tl.load(DB + o, mask=mk, other=1.0), 1.0), 0.0)
-        tl.store(INV_B + o, ib, mask=mk)
-        tl.store(U + o, tl.where(keep, ib * tl.load(RB + o, mask=mk, other=0.0), 0.0), mask=mk)
+        _scale_tile(IB, DB, RB, U, INV_B, m, j0, BLOCK)
+
+
+@triton.jit
+def _scale_tile(IB, DB, RB, U, INV_B, m, j0, BLOCK: tl.constexpr):
+    """:func:`_scale` for columns ``j0 .. j0 + BLOCK``."""
+    o = j0 + tl.arange(0, BLOCK)
+    mk = o < m
+    keep = tl.load(IB + o, mask=mk, other=0.0) != 0
+    ib = tl.where(keep, 1 / tl.where(keep, tl.load(DB + o, mask=mk, other=1.0), 1.0), 0.0)
+    tl.store(INV_B + o, ib, mask=mk)
+    tl.store(U + o, tl.where(keep, ib * tl.load(RB + o, mask=mk, other=0.0), 0.0), mask=mk)
 
 
 @triton.jit
@@ -156,24 +181,36 @@ def _step(X, WA, n, alpha, BLOCK: tl.constexpr):
     """``x += alpha p``, ``r -= alpha q``; returns ``<r, pre r>``."""
     acc = tl.zeros((BLOCK,), dtype=X.dtype.element_ty)
     for i0 in range(0, n, BLOCK):
-        o = i0 + tl.arange(0, BLOCK)
-        mk = o < n
-        p = tl.load(WA + n + o, mask=mk, other=0.0)
-        r = tl.load(WA + o, mask=mk, other=0.0) - alpha * tl.load(WA + 2 * n + o, mask=mk, other=0.0)
-        tl.store(X + o, tl.load(X + o, mask=mk, other=0.0) + alpha * p, mask=mk)
-        tl.store(WA + o, r, mask=mk)
-        acc += r * (tl.load(WA + 3 * n + o, mask=mk, other=0.0) * r)
+        acc += _step_tile(X, WA, n, alpha, i0, BLOCK)
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _step_tile(X, WA, n, alpha, i0, BLOCK: tl.constexpr):
+    """:func:`_step` for entries ``i0 .. i0 + BLOCK``; returns their ``r pre r`` (BLOCK,)."""
+    o = i0 + tl.arange(0, BLOCK)
+    mk = o < n
+    p = tl.load(WA + n + o, mask=mk, other=0.0)
+    r = tl.load(WA + o, mask=mk, other=0.0) - alpha * tl.load(WA + 2 * n + o, mask=mk, other=0.0)
+    tl.store(X + o, tl.load(X + o, mask=mk, other=0.0) + alpha * p, mask=mk)
+    tl.store(WA + o, r, mask=mk)
+    return r * (tl.load(WA + 3 * n + o, mask=mk, other=0.0) * r)
 
 
 @triton.jit
 def _direction(WA, n, beta, BLOCK: tl.constexpr):
     """``p = pre r + beta p``."""
     for i0 in range(0, n, BLOCK):
-        o = i0 + tl.arange(0, BLOCK)
-        mk = o < n
-        z = tl.load(WA + 3 * n + o, mask=mk, other=0.0) * tl.load(WA + o, mask=mk, other=0.0)
-        tl.store(WA + n + o, z + beta * tl.load(WA + n + o, mask=mk, other=0.0), mask=mk)
+        _direction_tile(WA, n, beta, i0, BLOCK)
+
+
+@triton.jit
+def _direction_tile(WA, n, beta, i0, BLOCK: tl.constexpr):
+    """:func:`_direction` for entries ``i0 .. i0 + BLOCK``."""
+    o = i0 + tl.arange(0, BLOCK)
+    mk = o < n
+    z = tl.load(WA + 3 * n + o, mask=mk, other=0.0) * tl.load(WA + o, mask=mk, other=0.0)
+    tl.store(WA + n + o, z + beta * tl.load(WA + n + o, mask=mk, other=0.0), mask=mk)
 
 
 @triton.jit
@@ -268,7 +305,9 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active):
     B, n, s = vals.shape
     m = geom.m
     if not fused(n, s):
-        return _twin.ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active, matvec=ell_matvec)
+        from .sparse_cg_steps import ell_pcg_steps  # (it builds on this module's tile helpers)
+
+        return ell_pcg_steps(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active)
     dtype, dev = vals.dtype, vals.device
     vals, idx = vals.contiguous(), idx.contiguous()
     vt, rt, off = _by_column(vals, idx, m)

@@ -56,7 +56,7 @@ def ell_matvec(geom, vals: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, axi
     return out.scatter_add_(1, idx.reshape(B, n * s), terms.reshape(B, n * s))
 
 
-def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active, matvec=ell_matvec):
+def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active):
     """Solve, for every problem of the batch, the symmetric positive semi-definite system
 
         [[diag(d_a), S], [S^T, diag(d_b)]] (x_a, x_b) = (r_a, r_b)
@@ -85,7 +85,6 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active, m
             preconditioner is the Schur complement's diagonal, the elimination divides by
             ``d_b``).
         rtol: float or (B,) tensor. active: (B,) bool; inactive problems get ``x = 0``.
-        matvec: the ELL product used (:func:`ell_matvec`, or the Triton one).
 
     Returns:
         ``((x_a, x_b), its)``, ``its`` (B,) long: the iterations each problem ran.
@@ -99,11 +98,11 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active, m
     pre = schur_preconditioner(da, sq, ia)
 
     def apply(p):
-        return da * p - matvec(geom, vals, idx, ib * matvec(geom, vals, idx, p, 0), 1)
+        return da * p - ell_matvec(geom, vals, idx, ib * ell_matvec(geom, vals, idx, p, 0), 1)
 
-    reduced = rhs[0] - matvec(geom, vals, idx, torch.where(kept, ib * rhs[1], 0.0), 1)
+    reduced = rhs[0] - ell_matvec(geom, vals, idx, torch.where(kept, ib * rhs[1], 0.0), 1)
     xa, its = pcg(apply, reduced, rtol, max_iter, inv_diag=pre, active=active)
-    xb = torch.where(kept, ib * (rhs[1] - matvec(geom, vals, idx, xa, 0)), 0.0)
+    xb = torch.where(kept, ib * (rhs[1] - ell_matvec(geom, vals, idx, xa, 0)), 0.0)
     if active is not None:
         xb = torch.where(active[:, None], xb, 0.0)
     return (xa, xb), its

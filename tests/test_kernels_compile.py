@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     import torch
     sys.path.insert(0, sys.argv[1])
     from sass_counts import compile_sm90, resources, softmin_ints  # the bench's compiler call, shared
-    from otcore.kernels import ksparse, plan, sinkhorn_steps, softmin, sparse, sparse_cg
+    from otcore.kernels import ksparse, plan, sinkhorn_steps, softmin, sparse, sparse_cg, sparse_cg_steps
     from otcore.kernels._intmath import next_pow2
 
     steps = dict(EUCLID=False, SYMMETRIC=False, CHECK=False, RELAX=False, BLOCK_N=64, BLOCK_M=64)
@@ -128,11 +128,24 @@ SCRIPT = textwrap.dedent(
     # SNS's one-launch CG solve at the launcher's sizes (sparse_cg.block_sizes): narrow and wide rows
     for dtype, s in (("fp32", 8), ("fp64", 12), ("fp64", 64)):
         cases.append((sparse_cg._ell_pcg_kernel, dtype, dict(S=s, **sparse_cg.block_sizes(s)), sparse_cg.NUM_WARPS))
+    # its host-issued sweeps for larger systems (sparse_cg_steps), at s = 32
+    rows = dict(S=32, S_PAD=32, BLOCK_R=sparse_cg.block_sizes(32)["BLOCK_R"])
+    sums = dict(BLOCK=sparse_cg_steps.BLOCK_V, BLOCK_SUM=sparse_cg_steps.BLOCK_SUM)
+    for dtype in ("fp32", "fp64"):
+        for kernel, const in ((sparse_cg_steps._cg_setup_cols_kernel, dict(BLOCK=sparse_cg_steps.BLOCK_C)),
+                              (sparse_cg_steps._cg_setup_rows_kernel, rows),
+                              (sparse_cg_steps._cg_start_kernel, dict(BLOCK=sparse_cg_steps.BLOCK_SUM)),
+                              (sparse_cg_steps._cg_cols_kernel, dict(BLOCK=sparse_cg_steps.BLOCK_C, FINAL=False)),
+                              (sparse_cg_steps._cg_cols_kernel, dict(BLOCK=sparse_cg_steps.BLOCK_C, FINAL=True)),
+                              (sparse_cg_steps._cg_rows_kernel, rows),
+                              (sparse_cg_steps._cg_step_kernel, sums),
+                              (sparse_cg_steps._cg_direction_kernel, sums)):
+            cases.append((kernel, dtype, const, sparse_cg_steps.NUM_WARPS))
     # the streamed passes' block-size rules promise no spills (registers only); the top-s
     # extraction at most a few words (ptxas's choice varies by version: 0-56 bytes at these
     # sizes, where 4 warps and 32 rows had spilled 136 bytes to 2 KB)
     no_spill = (softmin.softmin_kernel, softmin.softmin_combine_kernel, plan.plan_reduce_kernel, sinkhorn_steps.sinkhorn_steps_kernel,
-                ksparse._ksparse_kernel)
+                ksparse._ksparse_kernel, *(k for k, *_ in cases if k.__module__.endswith("sparse_cg_steps")))
     # (the tiled kernel: a few words at some of its tiles, by ptxas's choice)
     stack_max = {sparse._topk_rows_kernel: 64, sparse_cg._ell_pcg_kernel: 64, sinkhorn_steps.sinkhorn_tiles_kernel: 32}
     for kernel, dtype, const, warps, *ints in cases:
@@ -154,4 +167,4 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 65, proc.stdout
+    assert proc.stdout.count(" ok") == 81, proc.stdout

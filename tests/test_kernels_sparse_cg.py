@@ -1,5 +1,7 @@
-"""The one-launch conjugate-gradient solve of SNS's Newton systems (kernels/sparse_cg.py)
-against its torch twin (reference_sparse.ell_pcg) and a float64 dense solve.
+"""The conjugate-gradient solve of SNS's Newton systems on the Triton backend -- the one-launch
+kernel (kernels/sparse_cg.py) and, past its size limit, the host-issued sweeps
+(kernels/sparse_cg_steps.py): every test runs on both paths -- against the torch twin
+(reference_sparse.ell_pcg) and a float64 dense solve.
 
 The system is ``[[diag(d_a), S], [S^T, diag(d_b)]] x = rhs`` with ``S`` an ELL matrix
 of plan rows, as a Newton step builds it (diagonal = row/column sums of ``S`` times
@@ -17,8 +19,18 @@ import otcore
 from otcore import reference_sparse as RS
 from otcore._cg import pcg
 from otcore.kernels import sparse_cg as KC
+from otcore.kernels import sparse_cg_steps as KS
 
 pytestmark = RUNTIME_WARNINGS_ARE_ERRORS
+
+
+@pytest.fixture(autouse=True, params=["one launch", "sweeps"])
+def path(request, monkeypatch):
+    """Each test on both Triton paths: ``"sweeps"`` sets ``FUSED_MAX_ENTRIES = 0``, so every
+    system runs the host-issued sweeps."""
+    if request.param == "sweeps":
+        monkeypatch.setattr(KC, "FUSED_MAX_ENTRIES", 0)
+    return request.param
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
@@ -178,7 +190,8 @@ def test_iteration_cap_and_per_problem_tolerances():
     assert int(kits[0]) < int(kits[1]) and close_counts(kits, tits) and rel(ka, ta) <= 1e-10
 
 
-def test_one_launch_and_no_host_read(monkeypatch):
+@pytest.mark.parametrize("path", ["one launch"], indirect=True)  # the sweeps' count: test_sweeps_launch_...
+def test_one_launch_and_no_host_read(monkeypatch, path):
     """The whole solve is one kernel launch; the host reads nothing (the torch loop reads
     its stopping test every 8 iterations)."""
     geom, vals, idx, diag, rhs, inv = system(2, 25, 18, 4)
@@ -213,9 +226,9 @@ def test_deterministic():
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
 
 
-def test_large_systems_run_the_host_loop_on_the_product_kernels(monkeypatch):
-    """Past ``FUSED_MAX_ENTRIES`` the Triton op runs the twin's loop with the Triton ELL
-    products: the same result."""
+@pytest.mark.parametrize("path", ["one launch"], indirect=True)
+def test_large_systems_run_the_host_issued_sweeps(monkeypatch, path):
+    """Past ``FUSED_MAX_ENTRIES`` the Triton op runs the host-issued sweeps: the same result."""
     geom, vals, idx, diag, rhs, inv = system(2, 24, 20, 5)
     active = torch.ones(2, dtype=torch.bool, device=DEVICE)
     (fa, fb), fits = geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-9, 300, active, backend="triton")
@@ -397,3 +410,35 @@ def test_active_none_means_every_problem():
     (xa, _), its = geom.ell_pcg(**dict(args, active=None), backend="triton")
     (ya, _), its2 = geom.ell_pcg(**args, backend="triton")
     assert torch.equal(its, its2) and torch.equal(xa, ya) and int(its.min()) > 0
+
+
+@pytest.mark.parametrize("path", ["sweeps"], indirect=True)
+def test_sweeps_launch_four_kernels_per_iteration_and_read_every_eighth(monkeypatch, path):
+    """The host-issued path: three set-up launches, four per iteration (columns, rows, step,
+    direction), one for ``x_b``, no torch operation in the loop, and one host read every 8
+    iterations, from the 8th on; several row, vector and column tiles per problem (1100 x
+    900, s = 3) give the twin's iteration counts and solution to rounding."""
+    geom, vals, idx, diag, rhs, inv = system(2, 1100, 900, 3)
+    active = torch.ones(2, dtype=torch.bool, device=DEVICE)
+    names = ["_cg_setup_cols_kernel", "_cg_setup_rows_kernel", "_cg_start_kernel", "_cg_cols_kernel",
+             "_cg_rows_kernel", "_cg_step_kernel", "_cg_direction_kernel"]
+    launches = []
+    for name in names:
+        kernel = getattr(KS, name)
+
+        class Counted:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                launches.append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(KS, name, Counted())
+    reads, real_bool = [], torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    (xa, xb), its = geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-8, 300, active, backend="triton")
+    monkeypatch.undo()
+    issued = launches.count("_cg_rows_kernel")
+    assert launches[:3] == names[:3] and launches[-1] == "_cg_cols_kernel"
+    assert launches[3:-1] == names[3:] * issued and issued % 8 == 0
+    assert int(its.max()) <= issued < int(its.max()) + 8 + 1 and len(reads) == issued // 8
+    (ta, tb), tits = geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-8, 300, active, backend="torch")
+    assert close_counts(its, tits) and rel(xa, ta) <= 1e-10 and rel(xb, tb) <= 1e-10

@@ -387,10 +387,16 @@ def test_float32_accuracy_floor_stops_unconverged_without_nan():
     assert torch.isfinite(res.f).all() and torch.isfinite(res.g).all() and res.marginal_error < 1e-3
 
 
-def test_triton_backend_matches_torch():
-    """With CUDA the real kernels run (tensors on DEVICE), without it the interpreter."""
+@pytest.mark.parametrize("cg", ["one launch", "sweeps"])
+def test_triton_backend_matches_torch(cg, monkeypatch):
+    """With CUDA the real kernels run (tensors on DEVICE), without it the interpreter; the
+    Newton systems' CG in one launch, and as the host-issued sweeps of larger systems."""
     if platform.system() != "Linux":  # on Linux triton is a dependency: a broken install must fail
         pytest.importorskip("triton", reason="triton is a dependency on Linux only (pyproject.toml)")
+    if cg == "sweeps":
+        from otcore.kernels import sparse_cg
+
+        monkeypatch.setattr(sparse_cg, "FUSED_MAX_ENTRIES", 0)
     g = torch.Generator().manual_seed(6)
     geom = otcore.PointCloud(torch.rand(2, 13, 3, generator=g, dtype=torch.float64).to(DEVICE),
                              torch.rand(2, 17, 3, generator=g, dtype=torch.float64).to(DEVICE))
