@@ -199,15 +199,16 @@ def choice(name: str, v, options) -> str:
     return v
 
 
-def weights(name: str, w, batch: int, size: int, batched: bool, like: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """Return weights as a ``(B, size)`` tensor in ``like``'s dtype and device, and the
-    number of positive entries of each problem (a list; one host sync for both checks).
+def weights(name: str, w, batch: int, size: int, batched: bool, like: torch.Tensor) -> tuple[torch.Tensor, list, list]:
+    """Return weights as a ``(B, size)`` tensor in ``like``'s dtype and device, the number
+    of positive entries of each problem and each problem's total mass (lists; one host
+    sync for the checks and both).
 
-    ``None`` means uniform weights ``1/size``. Weights must be finite,
+    ``None`` means uniform weights ``1/size`` (mass 1). Weights must be finite,
     non-negative and not all zero in any problem of the batch.
     """
     if w is None:
-        return torch.full((batch, size), 1.0 / size, dtype=like.dtype, device=like.device), [size] * batch
+        return torch.full((batch, size), 1.0 / size, dtype=like.dtype, device=like.device), [size] * batch, [1.0] * batch
     tensor(name, w, (2,) if batched else (1,))
     if w.device != like.device:
         raise ValueError(f"{name} is on {w.device} but the geometry is on {like.device}")
@@ -216,12 +217,13 @@ def weights(name: str, w, batch: int, size: int, batched: bool, like: torch.Tens
         raise ValueError(f"{name} must have shape {want}, got {tuple(w.shape)}")
     negative = (w < 0).any()
     w = w.detach().reshape(batch, size).to(like.dtype)
-    counts = torch.cat([negative.reshape(1).long(), (w > 0).sum(-1)]).tolist()  # one host sync
-    if counts[0]:
+    stats = torch.cat([negative.reshape(1).double(), (w > 0).sum(-1).double(), w.double().sum(-1)]).tolist()  # one sync
+    counts = [int(c) for c in stats[1:batch + 1]]
+    if stats[0]:
         raise ValueError(f"{name} has negative entries")
-    if min(counts[1:]) == 0:
+    if min(counts) == 0:
         raise ValueError(f"{name} is all zero (in at least one problem of the batch)")
-    return w, counts[1:]
+    return w, counts, stats[batch + 1:]
 
 
 def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: Optional[float], given: tuple = ()) -> None:

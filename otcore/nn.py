@@ -68,6 +68,8 @@ class SinkhornLoss(nn.Module):
             The potentials of converged solves are kept on the module (not in its state
             dict). Same values and gradients up to ``tol``, except that the gradients to the
             weights of a balanced problem, defined up to a constant, may differ by one.
+            Needs a ``tol`` (``ValueError`` with ``tol=None``: a fixed number of iterations
+            cannot tell a warm solve that failed).
 
     Shapes: ``x`` ``(n, d)`` or ``(B, n, d)``, ``y`` ``(m, d)`` or ``(B, m, d)``,
     optional weights ``a`` ``(n,)``/``(B, n)`` and ``b`` ``(m,)``/``(B, m)``.
@@ -97,9 +99,9 @@ class SinkhornLoss(nn.Module):
     ):
         super().__init__()
         self._eps = _validate.positive("eps", eps)
-        self.debias = _validate.flag("debias", debias)
+        self.debias = debias
         self.cost = _validate.choice("cost", cost, ("sqeuclidean", "euclidean"))
-        self.reduction = _validate.choice("reduction", reduction, ("mean", "sum", "none"))
+        self.reduction = reduction
         # the solver's own checks, at construction rather than at the first forward call
         rho_a, rho_b = parse_rho(rho)  # each entry checked first (a pair of arrays cannot be compared)
         if rho_a != rho_b:
@@ -120,7 +122,7 @@ class SinkhornLoss(nn.Module):
             backend=backend, precision=precision, cuda_graph=cuda_graph, verbose=False,
             overrelax=check_overrelax(overrelax, tol),
         )
-        self.warm_start = _validate.flag("warm_start", warm_start)
+        self.warm_start = warm_start
         self._last: dict = {}  # term ("xy", "xx", "yy", "xx+yy") -> its kept potentials, eps and support (_keep)
 
     def __setstate__(self, state):
@@ -128,7 +130,10 @@ class SinkhornLoss(nn.Module):
         if "eps" in state:
             state["_eps"] = state.pop("eps")
             state["solver_kw"] = {k: v for k, v in state["solver_kw"].items() if k != "eps"}
-        state.setdefault("warm_start", False)  # pickled before warm starts existed
+        for name in ("debias", "reduction", "warm_start"):  # pickled before they were checked properties
+            if name in state:
+                state["_" + name] = state.pop(name)
+        state.setdefault("_warm_start", False)  # or before warm starts existed
         state["solver_kw"].setdefault("overrelax", False)  # or before over-relaxation
         state.setdefault("_last", {})
         super().__setstate__(state)
@@ -145,6 +150,41 @@ class SinkhornLoss(nn.Module):
         value = _validate.positive("eps", value)
         check_schedule(self.solver_kw["eps_schedule"], value)  # an explicit schedule must stay above it
         self._eps = value
+
+    @property
+    def debias(self) -> bool:
+        """Subtract the self-transport terms; checked when set, as at construction."""
+        return self._debias
+
+    @debias.setter
+    def debias(self, value: bool) -> None:
+        self._debias = _validate.flag("debias", value)
+
+    @property
+    def reduction(self) -> str:
+        """``"mean"``, ``"sum"`` or ``"none"``; checked when set, as at construction."""
+        return self._reduction
+
+    @reduction.setter
+    def reduction(self, value: str) -> None:
+        self._reduction = _validate.choice("reduction", value, ("mean", "sum", "none"))
+
+    @property
+    def warm_start(self) -> bool:
+        """Start each solve from the previous call's potentials; checked when set, as at
+        construction. Needs a ``tol``: a warm solve that does not converge is redone cold,
+        and with ``tol=None`` (fixed iterations) nothing tells (a review: after a jump of the
+        points, warm gradients 55% off the converged ones, cold 5%)."""
+        return self._warm_start
+
+    @warm_start.setter
+    def warm_start(self, value: bool) -> None:
+        value = _validate.flag("warm_start", value)
+        if value and self.solver_kw["tol"] is None:
+            raise ValueError("warm_start=True needs a tol: a warm solve that does not converge is redone cold, and "
+                             "with tol=None (a fixed number of iterations, no convergence test) nothing tells, so a "
+                             "start far from the new solution (points that moved, a fresh batch) would be kept")
+        self._warm_start = value
 
     # torch.compile: the solve (data-dependent loop, host checks) is one opaque call;
     # its envelope gradient is an autograd.Function, so a compiled model trains through it.

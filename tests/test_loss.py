@@ -6,6 +6,8 @@ differences in float64, batching with every reduction, and a few steps of
 gradient descent.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -355,11 +357,12 @@ def test_warm_start_falls_back_to_a_cold_start(monkeypatch):
     assert "xy" not in short._last
     with pytest.raises((TypeError, ValueError), match="warm_start"):
         otcore.SinkhornLoss(warm_start="yes")
-    state = loss.__dict__.copy()  # a module pickled before warm starts existed
-    del state["warm_start"], state["_last"]
+    state = loss.__dict__.copy()  # a module pickled before warm starts existed (and checked properties)
+    del state["_warm_start"], state["_last"]
+    state["debias"], state["reduction"] = state.pop("_debias"), state.pop("_reduction")
     old = otcore.SinkhornLoss.__new__(otcore.SinkhornLoss)
     old.__setstate__(state)
-    assert old.warm_start is False and old._last == {}
+    assert old.warm_start is False and old._last == {} and old.debias is True and old.reduction == "mean"
 
     # another eps, or another zero-weight pattern: cold, with eps scaling (more than one
     # pass before the first test), and the same value as a cold module
@@ -530,3 +533,48 @@ def test_value_only_results_are_for_the_loss_own_solve_only():
     assert torch.isfinite(torch.as_tensor(inner.marginal_error)) and torch.isfinite(inner.cost)
     assert torch.isnan(torch.as_tensor(own.marginal_error)) and torch.isnan(own.cost)
     assert float(own.value) == pytest.approx(float(otcore.sinkhorn(geom, **kw).value), rel=1e-14)
+
+
+def test_settings_set_after_construction_are_checked():
+    """``reduction``, ``debias`` and ``warm_start`` are checked when set, as ``eps`` was: a
+    review's ``loss.reduction = "avg"`` returned the unreduced (B,) tensor, ``loss.debias =
+    "False"`` (a truthy string) kept the loss debiased."""
+    loss = otcore.SinkhornLoss(eps=0.1)
+    for name, value, exc in (("reduction", "avg", ValueError), ("debias", "False", TypeError),
+                             ("warm_start", "yes", TypeError), ("eps", -1.0, ValueError)):
+        with pytest.raises(exc, match=name):
+            setattr(loss, name, value)
+    loss.reduction, loss.debias = "sum", False
+    x, y = rand(2, 9, 2, seed=70), rand(2, 7, 2, seed=71)
+    plain = otcore.SinkhornLoss(eps=0.1, reduction="none", debias=False)(x, y)
+    torch.testing.assert_close(loss(x, y), plain.sum())
+
+
+def test_warm_start_needs_a_tol():
+    """With ``tol=None`` nothing tells a failed warm solve, so it was kept: y translated by 3
+    gave warm gradients 55% off the converged ones against 5% cold (a review)."""
+    with pytest.raises(ValueError, match="warm_start=True needs a tol"):
+        otcore.SinkhornLoss(eps=0.01, tol=None, max_iter=20, warm_start=True)
+    loss = otcore.SinkhornLoss(eps=0.01, tol=None, max_iter=20)
+    with pytest.raises(ValueError, match="warm_start=True needs a tol"):
+        loss.warm_start = True
+    assert loss.warm_start is False
+
+
+@pytest.mark.parametrize("rho", [None, 1.0])
+def test_a_tol_large_against_the_mass_warns(rho):
+    """``tol`` bounds an absolute L1 marginal error: on weights of mass 1e-6 the default tol
+    stopped the solve after one iteration at eps and the unbalanced loss came out -3.2e-6
+    against 7.1e-8 (a review). Such a tol warns; scaled with the mass, the loss is right."""
+    x, y = rand(30, 2, seed=72), rand(25, 2, seed=73)
+    a, b = torch.full((30,), 1e-6 / 30, dtype=torch.float64), torch.full((25,), 1e-6 / 25, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="smallest total mass"):
+        otcore.SinkhornLoss(eps=0.05, rho=rho)(x, y, a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled = otcore.SinkhornLoss(eps=0.05, rho=rho, tol=1e-12)(x, y, a, b)
+        unit = otcore.SinkhornLoss(eps=0.05, rho=rho, tol=1e-6)(x, y, a * 1e6, b * 1e6)
+    # balanced: S is linear in the (common) mass; unbalanced the mass enters rho's terms
+    if rho is None:
+        torch.testing.assert_close(scaled, unit * 1e-6, rtol=1e-5, atol=0)
+    assert float(scaled) > 0

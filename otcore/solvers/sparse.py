@@ -42,7 +42,7 @@ from .. import _dispatch, _validate
 from .._progress import Progress
 from .._cg import pcg
 from . import _host
-from ._entropic import balanced_gauge, check_init, finite_abs_max, padded
+from ._entropic import balanced_gauge, check_init, finite_abs_max, padded, tol_against_mass
 from ._lbfgs import lbfgs
 from ._qot_newton import DIRECT_MAX, newton, semi_dual_hessian_solve
 from ..autograd import first_order_only
@@ -313,8 +313,8 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     _validate.choice("plan_grad", plan_grad, PLAN_GRADS)
     _validate.choice("precision", precision, _validate.PRECISIONS)
     backend = _dispatch.resolve(backend, geom.device)
-    A, pos_a = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
-    Bw, pos_b = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
+    A, pos_a, mass_a = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
+    Bw, pos_b, mass_b = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
     _validate.balanced_mass(A, Bw, tol, given=(a, b))
     wp, wl = (A, Bw) if axis == 0 else (Bw, A)
     k_eff = min(k, wp.shape[1])
@@ -322,7 +322,9 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     geom, shift = _offset_free(geom)
     pb = _Problem(geom, axis, k_eff, gamma, formulation == "semi-dual", wp, wl, a, b, plan_grad, backend, precision,
                   (min(pos_a) < geom.n, min(pos_b) < geom.m), shift=shift)
-    return pb, _check_init(init, pb), geom.batched
+    theta0 = _check_init(init, pb)
+    tol_against_mass(tol, min(mass_a + mass_b))  # after every check: bad input raises without a warning first
+    return pb, theta0, geom.batched
 
 
 def _offset_free(geom):
