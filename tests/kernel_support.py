@@ -27,3 +27,19 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 #: ``pytestmark`` of the kernel files: NaN or inf arithmetic in the interpreter (even
 #: in masked lanes) is an error.
 RUNTIME_WARNINGS_ARE_ERRORS = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+
+def spy_launches(monkeypatch, kernels) -> list:
+    """Replace each ``(module, name)`` Triton kernel by a spy that records ``name`` at every
+    launch, then launches it; returns the list of names (in launch order)."""
+    seen = []
+    for mod, name in kernels:
+        kernel = getattr(mod, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                seen.append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(mod, name, Spy())
+    return seen

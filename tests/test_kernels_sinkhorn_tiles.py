@@ -9,7 +9,7 @@ tiles are partly masked along both axes, and batches mix active and inactive pro
 
 import pytest
 import torch
-from kernel_support import DEVICE, RUNTIME_WARNINGS_ARE_ERRORS
+from kernel_support import DEVICE, RUNTIME_WARNINGS_ARE_ERRORS, spy_launches
 from test_kernels_sinkhorn_steps import ACTIVE, assert_close, check_run, problem, resid64, run_all, steps64
 
 import otcore
@@ -22,17 +22,7 @@ pytestmark = RUNTIME_WARNINGS_ARE_ERRORS
 @pytest.fixture
 def launches(monkeypatch):
     """Names of the Triton kernels launched (the tiled, the one-tile and the streamed ones)."""
-    seen = []
-    for mod, name in ((K, "sinkhorn_tiles_kernel"), (K, "sinkhorn_steps_kernel"), (S, "softmin_kernel")):
-        kernel = getattr(mod, name)
-
-        class Spy:
-            def __getitem__(self, grid, kernel=kernel, name=name):
-                seen.append(name)
-                return kernel[grid]
-
-        monkeypatch.setattr(mod, name, Spy())
-    return seen
+    return spy_launches(monkeypatch, ((K, "sinkhorn_tiles_kernel"), (K, "sinkhorn_steps_kernel"), (S, "softmin_kernel")))
 
 
 @pytest.mark.parametrize("kind,d", [("sqeuclidean", 3), ("sqeuclidean", 17), ("euclidean", 3), ("dense", 1)])

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from kernel_support import DEVICE, RUNTIME_WARNINGS_ARE_ERRORS
+from kernel_support import DEVICE, RUNTIME_WARNINGS_ARE_ERRORS, spy_launches
 
 import otcore
 from otcore import reference_sparse as RS
@@ -195,15 +195,7 @@ def test_one_launch_and_no_host_read(monkeypatch, path):
     """The whole solve is one kernel launch; the host reads nothing (the torch loop reads
     its stopping test every 8 iterations)."""
     geom, vals, idx, diag, rhs, inv = system(2, 25, 18, 4)
-    launches = []
-    kernel = KC._ell_pcg_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(KC, "_ell_pcg_kernel", Counted())
+    launches = spy_launches(monkeypatch, [(KC, "_ell_pcg_kernel")])
     reads = []
     monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or 0)
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or True)
@@ -213,7 +205,7 @@ def test_one_launch_and_no_host_read(monkeypatch, path):
     geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-8, 100, torch.ones(2, dtype=torch.bool, device=DEVICE),
                  backend="triton")
     monkeypatch.undo()
-    assert launches == [(2,)] and reads == []
+    assert launches == ["_ell_pcg_kernel"] and reads == []
 
 
 def test_deterministic():
@@ -422,16 +414,7 @@ def test_sweeps_launch_four_kernels_per_iteration_and_read_every_eighth(monkeypa
     active = torch.ones(2, dtype=torch.bool, device=DEVICE)
     names = ["_cg_setup_cols_kernel", "_cg_setup_rows_kernel", "_cg_start_kernel", "_cg_cols_kernel",
              "_cg_rows_kernel", "_cg_step_kernel", "_cg_direction_kernel"]
-    launches = []
-    for name in names:
-        kernel = getattr(KS, name)
-
-        class Counted:
-            def __getitem__(self, grid, kernel=kernel, name=name):
-                launches.append(name)
-                return kernel[grid]
-
-        monkeypatch.setattr(KS, name, Counted())
+    launches = spy_launches(monkeypatch, [(KS, name) for name in names])
     reads, real_bool = [], torch.Tensor.__bool__
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
     (xa, xb), its = geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-8, 300, active, backend="triton")
