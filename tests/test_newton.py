@@ -592,3 +592,25 @@ def test_automatic_sparsity_reaches_drop_tol_in_fewer_extractions(monkeypatch):
     top = P.topk(s, dim=1).values
     dropped = lambda k: float(1 - top[:, :k].sum() / P.sum())  # noqa: E731
     assert dropped(s) <= 1e-3 < dropped(s // 2)
+
+
+def test_an_overshooting_growth_keeps_the_shortest_sufficient_prefix(monkeypatch):
+    """Rows of 16 tied entries then a sharp drop (blocks of zero cost): the fit reads the flat
+    run as slow decay and extracts 64 entries where 16 suffice (a review: 5x the CG work on
+    duplicated points). The entries come sorted, so the first 16 are kept: the same s as
+    doubling."""
+    from otcore.geometry import Geometry
+
+    sizes, real = [], Geometry.plan_sparse_rows
+
+    def spy(self, F, G, eps, s, **kw):
+        sizes.append(s)
+        return real(self, F, G, eps, s, **kw)
+
+    monkeypatch.setattr(Geometry, "plan_sparse_rows", spy)
+    blk = torch.arange(128) // 16
+    noise = torch.rand(128, 128, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    C = (blk[:, None] != blk[None, :]).double() + 0.01 * noise
+    res = otcore.sinkhorn_newton(otcore.CostMatrix(C), eps=0.05, tol=1e-8, backend="torch")
+    assert res.converged and sizes[:2] == [8, 64] and res.info["sparsity"] == 16
+    assert all(s == 16 for s in sizes[2:])

@@ -98,9 +98,9 @@ def grown_sparsity(s: int, dropped_half: np.ndarray, dropped: np.ndarray, drop_t
     is fitted through the two fractions and solved for ``drop_tol``; the result is rounded
     up to ``s`` times a power of 2, at least ``2 s``, at most ``GROWTH_MAX s`` and
     ``s_max``; where the fit is undefined (``dropped_half`` not above ``dropped``, or
-    either not in (0, 1)) ``s`` doubles. The fit of the early, flat part of a profile
-    errs low, which costs one more extraction, not a larger ``s``: the caller extracts
-    again and tests."""
+    either not in (0, 1)) ``s`` doubles. Where the fit errs low (the early, flat part of a
+    smooth profile) it costs one more extraction; where it errs high (a run of tied entries,
+    then a sharp drop) the caller keeps the shortest sufficient prefix of the entries."""
     with np.errstate(divide="ignore", invalid="ignore"):
         l_half, l_full = -np.log(dropped_half), -np.log(dropped)
         alpha = np.log2(l_full / l_half)
@@ -423,23 +423,33 @@ class _Solve:
     def _sparse_plan(self, r, active, s, s_max, adaptive, drop_tol):
         """ELL top-``s`` rows of P; with ``adaptive`` grow ``s`` (:func:`grown_sparsity`)
         until the dropped mass fraction of every active problem (``active`` on the host) is
-        at most ``drop_tol`` (one host read per test). Returns ``(vals, idx, s)``."""
+        at most ``drop_tol`` (one host read per test), then keep the shortest prefix of the
+        sorted entries, ``s`` of the call times a power of 2, that meets it: a fit that
+        overshot (rows with a run of tied entries then a sharp drop: 64 where 16 sufficed,
+        a review) costs an extraction, not a wider matrix. Returns ``(vals, idx, s)``."""
         pb = self.pb
         F, G = self._biased(self.f, self.g)
         extract = lambda s: pb.geom.plan_sparse_rows(F, G, pb.eps, s, **pb.kw())  # noqa: E731
         vals, idx = extract(s)
-        rows = r.sum(-1) if adaptive else None
-        while adaptive and s < s_max:
-            # the fractions dropped by all s entries and by the first s // 2 (values sorted),
-            # from the three sums in one transfer
-            kept, kept_half, mass = _host.to_host(vals.sum((1, 2)), vals[..., :s // 2].sum((1, 2)), rows)
+        if not adaptive or s >= s_max:
+            return vals, idx, s
+        first, rows = s, r.sum(-1)
+        while True:
+            # the mass kept by every prefix of the sorted entries, and the rows': one transfer
+            prof = _host.to_host(*vals.sum(1).cumsum(-1).T, rows)  # (s + 1, B)
             with np.errstate(divide="ignore", invalid="ignore"):
-                dropped, dropped_half = 1 - kept / mass, 1 - kept_half / mass
-            above = active & (dropped > drop_tol)
-            if not above.any():
+                dropped = (1 - prof[:-1] / prof[-1]).T  # (B, s): by the first 1, 2, ..., s entries
+            above = active & (dropped[:, -1] > drop_tol)
+            if s >= s_max or not above.any():
                 break
-            s = grown_sparsity(s, dropped_half[above], dropped[above], drop_tol, s_max)
+            s = grown_sparsity(s, dropped[above, s // 2 - 1] if s >= 2 else np.ones(int(above.sum())),
+                               dropped[above, -1], drop_tol, s_max)
             vals, idx = extract(s)
+        k = first
+        while k < s and not (~active | (dropped[:, k - 1] <= drop_tol)).all():
+            k *= 2
+        if k < s:
+            s, vals, idx = k, vals[..., :k].contiguous(), idx[..., :k].contiguous()
         return vals, idx, s
 
     def _direction(self, r, c, vals, idx, active, rtol, lam, cg_max_iter):
