@@ -405,11 +405,14 @@ def test_active_none_means_every_problem():
 
 
 @pytest.mark.parametrize("path", ["sweeps"], indirect=True)
-def test_sweeps_launch_four_kernels_per_iteration_and_read_every_eighth(monkeypatch, path):
+@pytest.mark.parametrize("programs", [KS.PROGRAMS_MAX, 2])
+def test_sweeps_launch_four_kernels_per_iteration_and_read_every_eighth(monkeypatch, path, programs):
     """The host-issued path: three set-up launches, four per iteration (columns, rows, step,
     direction), one for ``x_b``, no torch operation in the loop, and one host read every 8
     iterations, from the 8th on; several row, vector and column tiles per problem (1100 x
-    900, s = 3) give the twin's iteration counts and solution to rounding."""
+    900, s = 3), one program per tile or two programs looping over them, give the twin's
+    iteration counts and solution to rounding."""
+    monkeypatch.setattr(KS, "PROGRAMS_MAX", programs)
     geom, vals, idx, diag, rhs, inv = system(2, 1100, 900, 3)
     active = torch.ones(2, dtype=torch.bool, device=DEVICE)
     names = ["_cg_setup_cols_kernel", "_cg_setup_rows_kernel", "_cg_start_kernel", "_cg_cols_kernel",
