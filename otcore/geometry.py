@@ -349,6 +349,17 @@ class CostMatrix(Geometry):
 
     def __init__(self, C: torch.Tensor):
         _validate.tensor("C", C, (2, 3))
+        self._hold(C)
+
+    @classmethod
+    def _checked(cls, C: torch.Tensor) -> "CostMatrix":
+        """A cost matrix made by otcore from one already checked (finite, real, 2-D or 3-D):
+        without the check's host read."""
+        geom = cls.__new__(cls)
+        geom._hold(C)
+        return geom
+
+    def _hold(self, C: torch.Tensor) -> None:
         self.batched = C.dim() == 3
         self.C_in = C
         self.C = (C if self.batched else C[None]).detach().to(_validate.compute_dtype(C.dtype))

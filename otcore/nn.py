@@ -11,7 +11,7 @@ from torch import nn
 from . import _validate
 from ._dispatch import BACKENDS
 from .geometry import PointCloud
-from .result import ConvergenceWarning, all_converged
+from .result import ConvergenceWarning, all_converged, reemit
 from .router import SparseOTRouter
 from .solvers._entropic import balanced_gauge, parse_rho, value_only_results
 from .solvers._overrelax import check_overrelax
@@ -124,6 +124,7 @@ class SinkhornLoss(nn.Module):
         )
         self.warm_start = warm_start
         self._last: dict = {}  # term ("xy", "xx", "yy", "xx+yy") -> its kept potentials, eps and support (_keep)
+        self._reemitted: set = set()  # the warm solves' warnings passed on (result.reemit: once per module)
 
     def __setstate__(self, state):
         # a module pickled before eps became a property kept it in __dict__ and in solver_kw
@@ -136,7 +137,10 @@ class SinkhornLoss(nn.Module):
         state.setdefault("_warm_start", False)  # or before warm starts existed
         state["solver_kw"].setdefault("overrelax", False)  # or before over-relaxation
         state.setdefault("_last", {})
+        state.setdefault("_reemitted", set())
         super().__setstate__(state)
+        # through the setters: a pickle of a module set to reduction="avg" (unchecked then) raises here
+        self.debias, self.reduction, self.warm_start = self._debias, self._reduction, self._warm_start
 
     @property
     def eps(self) -> float:
@@ -226,7 +230,7 @@ class SinkhornLoss(nn.Module):
             return None
         for w in caught:  # anything but the (now moot) convergence warnings is passed on
             if not issubclass(w.category, ConvergenceWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                reemit(w, self._reemitted)
         return res
 
     def _keep(self, term: str, res, a, b) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -12,6 +13,18 @@ from . import _validate
 
 class ConvergenceWarning(UserWarning):
     """A solver stopped at ``max_iter`` (or on non-finite values) before meeting ``tol``."""
+
+
+def reemit(w: warnings.WarningMessage, seen: set) -> None:
+    """Pass on a warning recorded around a solve (``warnings.catch_warnings(record=True)``),
+    unless one of the same category and text was passed on before (``seen``, kept by the
+    module that solves: once per module). Python's own once-per-line filter cannot do it:
+    every ``catch_warnings`` resets its registries, and a warm-started SinkhornLoss repeated
+    a solver's warning on every call (a review: 13 times over 5 calls)."""
+    key = (w.category, str(w.message))
+    if key not in seen:
+        seen.add(key)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def all_converged(res) -> bool:

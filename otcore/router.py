@@ -31,7 +31,8 @@ from torch import nn
 from . import _validate
 from ._dispatch import BACKENDS
 from .geometry import CostMatrix
-from .result import ConvergenceWarning, SparseOTResult, all_converged
+from .result import ConvergenceWarning, SparseOTResult, all_converged, reemit
+from .solvers._entropic import TOL_MASS_SHARE
 from .solvers.sparse import sparse_ot
 
 MODES = ("capacity", "tokens")
@@ -151,6 +152,9 @@ class SparseOTRouter(nn.Module):
         self.k = _validate.positive_int("k", k)
         self.gamma = _validate.positive("gamma", gamma)
         self.tol = _validate.positive("tol", tol)
+        if self.tol > TOL_MASS_SHARE:  # (the solver's own warning, in its units, is left out of the calls)
+            warnings.warn(f"SparseOTRouter: tol={tol:g} (a fraction of the token mass) lets a routing misplace that "
+                          f"share of it and count as converged", UserWarning, stacklevel=2)
         self.max_iter = _validate.positive_int("max_iter", max_iter)
         self.plan_grad = _validate.choice("plan_grad", plan_grad, ("implicit", "fixed"))
         self.warm_start = _validate.flag("warm_start", warm_start)
@@ -218,6 +222,7 @@ class SparseOTRouter(nn.Module):
         def solve(init):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
+                warnings.filterwarnings("ignore", message=r"tol=.* of the smallest total mass")  # said at construction
                 seed = None
                 if seeded:
                     init, seed = self._seed(cost, a, b, init, settings)
@@ -244,7 +249,7 @@ class SparseOTRouter(nn.Module):
                 res.info.update(warm_start="retried cold, warm kept", retry_iter=cold.n_iter)
         for w in caught:
             if not issubclass(w.category, ConvergenceWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                reemit(w, self.__dict__.setdefault("_reemitted", set()))  # once per router
             elif not self._warned:
                 self._warned = True
                 warnings.warn(f"SparseOTRouter: {w.message} (warned once per router; result.converged reports "

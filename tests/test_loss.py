@@ -578,3 +578,31 @@ def test_a_tol_large_against_the_mass_warns(rho):
     if rho is None:
         torch.testing.assert_close(scaled, unit * 1e-6, rtol=1e-5, atol=0)
     assert float(scaled) > 0
+
+
+def test_warnings_of_warm_solves_are_shown_once_and_checks_come_first():
+    """A warm-started loss passes on each of its solves' warnings once per module (a review:
+    the tol warning 13 times over 5 calls: every catch_warnings resets Python's own
+    once-per-line registries); a bad argument raises before any warning; an old pickle goes
+    through the setters' checks."""
+    x, y = rand(30, 2, seed=74), rand(25, 2, seed=75)
+    a, b = torch.full((30,), 1e-6 / 30, dtype=torch.float64), torch.full((25,), 1e-6 / 25, dtype=torch.float64)
+    loss = otcore.SinkhornLoss(eps=0.05, warm_start=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(2):
+            loss(x, y, a, b)
+        first = len([w for w in caught if "smallest total mass" in str(w.message)])
+        for _ in range(4):
+            loss(x, y, a, b)
+    assert 1 <= first and len([w for w in caught if "smallest total mass" in str(w.message)]) == first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning first would fail here instead of the ValueError
+        with pytest.raises(ValueError, match="max_iter"):
+            otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.05, max_iter=0)
+        with pytest.raises(ValueError, match="drop_tol"):
+            otcore.sinkhorn_newton(otcore.PointCloud(x, y), a, b, eps=0.05, drop_tol=2.0)
+    state = otcore.SinkhornLoss(eps=0.05).__dict__.copy()
+    state["_reduction"] = "avg"  # as an unchecked assignment could leave it in an earlier pickle
+    with pytest.raises(ValueError, match="reduction"):
+        otcore.SinkhornLoss.__new__(otcore.SinkhornLoss).__setstate__(state)

@@ -429,3 +429,17 @@ def test_a_capacity_of_one_token_per_expert_routes_multiples_of_the_expert_share
     torch.testing.assert_close(masses / (5 / 8), (masses / (5 / 8)).round(), rtol=0, atol=1e-9)
     assert float(masses.min()) < 1 < float(masses.max())
     torch.testing.assert_close(out.expert_load, torch.full((8,), 5 / 8, dtype=F64))
+
+
+def test_a_loose_router_tol_warns_once_at_construction():
+    """``tol`` is a fraction of the token mass: above a tenth the router says so once, in its
+    own units, and its calls do not repeat the solver's warning (which quoted tol * n_tokens)."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="tol=0.2 .a fraction of the token mass"):
+        router = otcore.SparseOTRouter(8, tol=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("ignore", otcore.ConvergenceWarning)
+        for seed in range(3):
+            router(torch.randn(64, 8, generator=torch.Generator().manual_seed(seed)))

@@ -951,3 +951,26 @@ def test_only_the_problems_of_a_batch_with_an_offset_are_shifted():
     for i, r in enumerate(alone):
         torch.testing.assert_close(both.to_dense()[i], r.to_dense(), rtol=0, atol=1e-6)
     assert S._offset_free(otcore.CostMatrix(C))[1] is None
+
+
+def test_the_offset_path_reads_the_matrix_once(monkeypatch):
+    """The shifted matrix is made from the checked one without a second check (a review: its
+    finiteness check was a second host read per call)."""
+    from otcore import _validate
+
+    C = torch.rand(9, 7, generator=torch.Generator().manual_seed(42), dtype=F64) + 100.0
+    geom = otcore.CostMatrix(C)
+    checked, real = [], _validate.tensor
+    monkeypatch.setattr(_validate, "tensor", lambda name, *a, **k: checked.append(name) or real(name, *a, **k))
+    r = otcore.sparse_ot(geom, k=3, gamma=0.5, backend="torch")
+    assert r.converged and "C" not in checked
+
+
+def test_a_tol_large_against_the_mass_warns_before_the_solve_and_not_before_an_error():
+    C, a, b = _problem(9, 7, seed=43)
+    with pytest.warns(UserWarning, match="smallest total mass"):
+        otcore.sparse_ot(otcore.CostMatrix(C), a * 1e-6, b * 1e-6, k=3, gamma=0.5, tol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="max_iter"):
+            otcore.sparse_ot(otcore.CostMatrix(C), a * 1e-6, b * 1e-6, k=3, gamma=0.5, tol=1e-5, max_iter=0)

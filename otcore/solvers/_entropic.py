@@ -45,6 +45,8 @@ class Problem:
     symmetric: bool = False
     #: whether some problem has zero weights in ``a`` / ``b`` (read with the weights' checks)
     zeros: tuple[bool, bool] = (True, True)
+    #: the smallest total mass of the weights of any problem and side (read with their checks)
+    min_mass: float = 1.0
 
     def kw(self):
         return dict(backend=self.backend, precision=self.precision)
@@ -104,27 +106,27 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float])
         d = geom.diameters(*padded(A, Bw, zeros))
         span = tuple(torch.stack([d.min(), d.max()]).tolist())  # one host sync
     wide = span is not None and eps > span[0] / 4
-    if tol is not None:  # after every check: bad input raises without a warning first
-        tol_against_mass(tol, min(mass_a + mass_b))
     return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision,
-                   None if span is None else span[1], wide, symmetric, zeros)
+                   None if span is None else span[1], wide, symmetric, zeros, min(mass_a + mass_b))
 
 
 #: ``tol`` above this share of a measure's total mass draws a warning (:func:`tol_against_mass`).
 TOL_MASS_SHARE = 0.1
 
 
-def tol_against_mass(tol: float, mass: float) -> None:
+def tol_against_mass(tol: Optional[float], mass: float) -> None:
     """Warn when ``tol``, an absolute L1 marginal error, is a large share of the smallest
     total mass: the test then passes before the solve has converged (a review: a loss on
     weights of mass 1e-6 at the default tol stopped after one iteration at eps and came out
-    -3.2e-6 against 7.1e-8, no warning; at mass 1e-4, 5% off)."""
-    if tol > TOL_MASS_SHARE * mass:
+    -3.2e-6 against 7.1e-8, no warning; at mass 1e-4, 5% off). Called by the solvers once
+    every argument is checked (bad input raises without a warning first); for their caller's
+    line (``stacklevel=3``)."""
+    if tol is not None and tol > TOL_MASS_SHARE * mass:
         warnings.warn(
             f"tol={tol:g} is {tol / mass:.3g} of the smallest total mass of the weights ({mass:.3g}): the marginal "
             f"error it bounds is absolute (|P1 - a|_1 + |P^T 1 - b|_1), so the solve may stop before it converges. "
             f"Scale tol with the weights (e.g. tol={1e-5 * mass:.1g}) or normalise them",
-            UserWarning, stacklevel=4)
+            UserWarning, stacklevel=3)
 
 
 def padded(A: torch.Tensor, Bw: torch.Tensor, zeros: tuple[bool, bool]):

@@ -57,7 +57,7 @@ from ..reference_ksparse import cross_sum
 from ..result import OTResult
 from . import _host
 from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, finite_abs_max, live_potential,
-                        make_problem, rounding_floor, settle_zero_weights)
+                        make_problem, rounding_floor, settle_zero_weights, tol_against_mass)
 from ._overrelax import check_overrelax, for_problem as relaxation
 from .sinkhorn import Schedule, _iterate, check_schedule, eps_stages
 
@@ -227,6 +227,7 @@ def sinkhorn_newton(
     f, g = check_init(init, geom)
     if init is not None:  # the same plan in the gauge <a, f>/m(a) = <b, g>/m(b) (an offset costs digits)
         f, g = balanced_gauge(f, g, pb.A, pb.Bw)
+    tol_against_mass(tol, pb.min_mass)
     progress = Progress(verbose, "sinkhorn_newton")
     with torch.autocast(geom.device.type, enabled=False):
         state = _Solve(pb, f, g, progress, cold=init is None)

@@ -38,7 +38,7 @@ from .._progress import Progress
 from ..result import OTResult
 from ..reference import damping as _tau, scaled
 from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, make_problem, residual_floor,
-                        settle_zero_weights)
+                        settle_zero_weights, tol_against_mass)
 from ._graph import graphed
 from . import _host
 from ._overrelax import Overrelaxation, Progressing, check_overrelax, for_problem as relaxation
@@ -185,6 +185,7 @@ def sinkhorn(
         raise ValueError(f"tol=None runs max_iter={max_iter} iterations in all, eps-scaling stages included, and "
                          f"eps_schedule gives {len(stages)} stages before eps={pb.eps:g}: give max_iter > "
                          f"{len(stages)} or a shorter schedule")
+    tol_against_mass(tol, pb.min_mass)
     progress = Progress(verbose, "sinkhorn", measure="marginal error" if pb.rho_a is None and pb.rho_b is None
                         else "residual")  # unbalanced: the distance to the optimality conditions
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says

@@ -76,6 +76,8 @@ class _Problem:
     #: (B,) the constant ``c`` taken off a warm start's ``(alpha + c, beta - c)`` (see
     #: :func:`_check_init`), put back on the returned duals; None without a warm start
     gauge: Optional[torch.Tensor] = None
+    #: the smallest total mass of the weights of any problem and side (read with their checks)
+    min_mass: float = 1.0
     #: (B,) the constant taken off a cost matrix dominated by an offset (:func:`_offset_free`),
     #: put back on the positions' duals, the value and the cost; None when nothing was taken
     shift: Optional[torch.Tensor] = None
@@ -204,6 +206,7 @@ def sparse_ot(
     ftol = _validate.positive("ftol", ftol)
     max_iter = _validate.positive_int("max_iter", max_iter)
     history = _validate.positive_int("history", history)
+    tol_against_mass(tol, pb.min_mass)
     progress = Progress(verbose, "sparse_ot", measure="gradient norm")
     with torch.autocast(geom.device.type, enabled=False), torch.no_grad():
         solver = "newton" if _newton_applies(pb) else "L-BFGS"
@@ -322,9 +325,8 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     geom, shift = _offset_free(geom)
     pb = _Problem(geom, axis, k_eff, gamma, formulation == "semi-dual", wp, wl, a, b, plan_grad, backend, precision,
                   (min(pos_a) < geom.n, min(pos_b) < geom.m), shift=shift)
-    theta0 = _check_init(init, pb)
-    tol_against_mass(tol, min(mass_a + mass_b))  # after every check: bad input raises without a warning first
-    return pb, theta0, geom.batched
+    pb.min_mass = min(mass_a + mass_b)
+    return pb, _check_init(init, pb), geom.batched
 
 
 def _offset_free(geom):
@@ -348,7 +350,7 @@ def _offset_free(geom):
         return geom, None
     shift = torch.where(dominates, lo, 0.0)  # the other problems of a batch as they are
     C = geom.C_in.to(geom.dtype)
-    return CostMatrix(C - (shift[:, None, None] if geom.batched else shift[0])), shift
+    return CostMatrix._checked(C - (shift[:, None, None] if geom.batched else shift[0])), shift
 
 
 def _check_room(k: int, pos: list, lines: list, axis: int) -> None:
