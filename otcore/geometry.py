@@ -346,6 +346,9 @@ class CostMatrix(Geometry):
 
     is_dense = True
     cost = "matrix"
+    #: set on matrices otcore centred itself (the router's double-centred scores): sparse_ot
+    #: then looks for no offset to take off (a host read per solve)
+    _centred = False
 
     def __init__(self, C: torch.Tensor):
         _validate.tensor("C", C, (2, 3))

@@ -215,7 +215,7 @@ class SparseOTRouter(nn.Module):
         rows, cols = wide.mean(-1, keepdim=True), wide.mean(-2, keepdim=True)
         centred = (wide - cols) - (rows - rows.mean(-2, keepdim=True))
         cost = CostMatrix(-centred)
-        cost._centred = True  # no offset for sparse_ot to take off (it would cost a host read per solve)
+        cost._centred = True  # (CostMatrix._centred)
         settings = dict(gamma=self.gamma, tol=self.tol * n_tokens, max_iter=self.max_iter, backend=self.backend,
                         verbose=False)
 

@@ -324,8 +324,7 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     _check_room(k_eff, *((pos_a, pos_b) if axis == 0 else (pos_b, pos_a)), axis)
     geom, shift = _offset_free(geom)
     pb = _Problem(geom, axis, k_eff, gamma, formulation == "semi-dual", wp, wl, a, b, plan_grad, backend, precision,
-                  (min(pos_a) < geom.n, min(pos_b) < geom.m), shift=shift)
-    pb.min_mass = min(mass_a + mass_b)
+                  (min(pos_a) < geom.n, min(pos_b) < geom.m), min_mass=min(mass_a + mass_b), shift=shift)
     return pb, _check_init(init, pb), geom.batched
 
 
@@ -342,7 +341,7 @@ def _offset_free(geom):
     in L1, the ``k``-binding test reading rounding noise). The subtraction is exact for
     entries within a factor 2 of ``min C`` (Sterbenz). It costs a copy of ``C``, only where
     the offset dominates."""
-    if not geom.is_dense or getattr(geom, "_centred", False):  # (the router's scores are double-centred)
+    if not geom.is_dense or geom._centred:
         return geom, None
     lo, hi = geom.C.amin((1, 2)), geom.C.amax((1, 2))
     dominates = lo.abs() > hi - lo
