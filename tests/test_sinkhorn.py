@@ -982,3 +982,21 @@ def test_a_batch_warning_diagnoses_each_failed_problem():
     first, second = text.split("problem 0: ")[1].split("; problem 1: ")
     assert first.startswith("residual ") and "after 300 iterations" in first
     assert second.startswith("eps=0.02 is below what float32 resolves")
+
+
+def test_eps_scaling_with_a_cost_range_past_the_dtype_runs_no_stage():
+    """Finite float32 points ~4e19 apart have squared distances past float32: the diameter
+    is inf, and eps scaling raised a bare OverflowError (a review; also from sinkhorn_newton's
+    and SinkhornLoss's default schedules). Now no stage runs and the solve reports what it
+    reaches, as without a schedule."""
+    import warnings
+
+    x = torch.arange(1, 41, dtype=torch.float32).reshape(20, 2) * 1e18
+    y = torch.rand(30, 2, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.05)
+        scaled = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.05, eps_schedule="geometric")
+        otcore.sinkhorn_newton(otcore.PointCloud(x, y), eps=0.05)
+        otcore.SinkhornLoss(eps=0.05)(x, y)
+    assert scaled.info["eps_stages"] == [] and bool(scaled.converged) == bool(plain.converged)

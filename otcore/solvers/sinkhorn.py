@@ -86,6 +86,8 @@ def eps_stages(schedule: Schedule, top: Callable[[], float], eps: float) -> list
     if not isinstance(q, float):
         return q  # None: no stages; a sequence: those
     diam = top()  # asked only here, where a schedule needs it: a pass over the geometry
+    if not math.isfinite(diam):  # a cost range past the dtype (finite points 4e19 apart in float32):
+        return []  # no stage to scale from; the solve at eps reports what it reaches (a review: OverflowError)
     k = max(0, math.ceil(math.log(max(diam, eps) / eps) / math.log(1 / q)))
     # the first stage is capped at the diameter: with a small q, eps / q**k can be far
     # above the cost's range, where the update rounds to a huge common offset of f and g
