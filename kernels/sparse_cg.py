@@ -299,27 +299,36 @@ def fused(n: int, s: int) -> bool:
     return n * s <= FUSED_MAX_ENTRIES
 
 
+def operands(vals, idx, diag, rhs, inv_diag, rtol, m: int):
+    """What both Triton paths read: the contiguous ELL rows ``(vals, idx)``, their by-column
+    copy ``(vt, rt, off)``, the six vectors ``(d_a, d_b, r_a, r_b, i_a, i_b)`` (vals' dtype,
+    checked by the caller), ``rtol^2`` (B,) rounded as the twin's ``rz * rtol**2`` rounds it,
+    and the solution and scratch buffers ``(x_a, x_b, WA (B, 4, n), WB (B, 2, m))``."""
+    B, n, _ = vals.shape
+    dtype, dev = vals.dtype, vals.device
+    vals, idx = vals.contiguous(), idx.contiguous()
+    vectors = tuple(t.contiguous() for t in (*diag, *rhs, *inv_diag))
+    rtol2 = (torch.full((B,), rtol**2, dtype=dtype, device=dev) if not isinstance(rtol, torch.Tensor)
+             else (rtol**2).to(dtype).expand(B).contiguous())
+    buffers = (torch.empty(B, n, dtype=dtype, device=dev), torch.empty(B, m, dtype=dtype, device=dev),
+               torch.empty(B, 4, n, dtype=dtype, device=dev), torch.empty(B, 2, m, dtype=dtype, device=dev))
+    return (vals, idx), _by_column(vals, idx, m), vectors, rtol2, buffers
+
+
 def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active):
     """Triton version of :func:`otcore.reference_sparse.ell_pcg`: one launch for the
-    whole solve when :func:`fused`, else the host-issued loop on the Triton ELL products."""
+    whole solve when :func:`fused`, else host-issued whole-GPU sweeps
+    (:func:`otcore.kernels.sparse_cg_steps.ell_pcg_steps`)."""
     B, n, s = vals.shape
     m = geom.m
     if not fused(n, s):
         from .sparse_cg_steps import ell_pcg_steps  # (it builds on this module's tile helpers)
 
         return ell_pcg_steps(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active)
-    dtype, dev = vals.dtype, vals.device
-    vals, idx = vals.contiguous(), idx.contiguous()
-    vt, rt, off = _by_column(vals, idx, m)
-    da, db, ra, rb, ia, ib = (t.contiguous() for t in (*diag, *rhs, *inv_diag))  # vals' dtype (checked)
-    # rtol^2 rounded as the twin's `rz * rtol**2` rounds it
-    rtol2 = (torch.full((B,), rtol**2, dtype=dtype, device=dev) if not isinstance(rtol, torch.Tensor)
-             else (rtol**2).to(dtype).expand(B).contiguous())
-    xa, xb = torch.empty(B, n, dtype=dtype, device=dev), torch.empty(B, m, dtype=dtype, device=dev)
-    wa, wb = torch.empty(B, 4, n, dtype=dtype, device=dev), torch.empty(B, 2, m, dtype=dtype, device=dev)
-    its = torch.empty(B, dtype=torch.int64, device=dev)
+    (vals, idx), (vt, rt, off), vectors, rtol2, (xa, xb, wa, wb) = operands(vals, idx, diag, rhs, inv_diag, rtol, m)
+    its = torch.empty(B, dtype=torch.int64, device=vals.device)
     _ell_pcg_kernel[(B,)](
-        vals, idx, vt, rt, off, da, db, ra, rb, ia, ib, rtol2, active.contiguous(), xa, xb, wa, wb, its,
+        vals, idx, vt, rt, off, *vectors, rtol2, active.contiguous(), xa, xb, wa, wb, its,
         n, m, max_iter, S=s, **block_sizes(s), num_warps=NUM_WARPS,
     )
     return (xa, xb), its

@@ -14,13 +14,13 @@ tile helpers these kernels call), per problem ``b`` and iteration ``k``::
 Four launches per iteration and no torch operation: the twin's loop on the Triton ELL
 products took ~3 launches and ~50 torch operations per iteration (each a launch on a GPU,
 ``bench/newton_sync_count.py --host-cg``). A problem's dot products are reduced without
-atomics: each row tile writes its partial sum, and every program that needs the total sums
+atomics: each program writes its partial sum, and every program that needs the total sums
 the partials in the same order (deterministic); a problem's row and vector sweeps take at
 most :data:`PROGRAMS_MAX` programs, each looping over its share of the tiles, so that these
 re-summations stay small at any ``n`` (a review: one program per tile read ~4 partials per ELL
 entry at n = 2^21). The per-problem scalars ``rz`` and ``run``
 live on the device in two slots, read at the iteration's parity and written at the next's
-by the direction kernel's first tile, so no program reads a slot being written. The host
+by the direction kernel's program 0, so no program reads a slot being written. The host
 reads ``run`` every 8 iterations (the twin's rule); a stopped problem's programs return at
 once. Only long-standing ``tl.*`` APIs are used (Triton >= 3.0).
 """
@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_cg import (_by_column, _cols_scaled_tile, _direction_tile, _rows_product_tile, _scale_tile,
-                        _schur_init_rows, _step_tile, block_sizes)
+from .sparse_cg import (_cols_scaled_tile, _direction_tile, _rows_product_tile, _scale_tile, _schur_init_rows,
+                        _step_tile, block_sizes, operands)
 
 #: Entries of a vector sweep's tile (the step and direction kernels).
 BLOCK_V = 1024
@@ -177,17 +177,12 @@ def ell_pcg_steps(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, act
     B, n, s = vals.shape
     m = geom.m
     dtype, dev = vals.dtype, vals.device
-    vals, idx = vals.contiguous(), idx.contiguous()
-    vt, rt, off = _by_column(vals, idx, m)
-    da, db, ra, rb, ia, ib = (t.contiguous() for t in (*diag, *rhs, *inv_diag))
-    rtol2 = (torch.full((B,), rtol**2, dtype=dtype, device=dev) if not isinstance(rtol, torch.Tensor)
-             else (rtol**2).to(dtype).expand(B).contiguous())
+    (vals, idx), (vt, rt, off), (da, db, ra, rb, ia, ib), rtol2, (xa, xb, wa, wb) = operands(
+        vals, idx, diag, rhs, inv_diag, rtol, m)
     bs = block_sizes(s)
     rows = dict(S=s, S_PAD=bs["S_PAD"], BLOCK_R=bs["BLOCK_R"])
     tiles_r, tiles_v, tiles_c = triton.cdiv(n, bs["BLOCK_R"]), triton.cdiv(n, BLOCK_V), triton.cdiv(m, BLOCK_C)
     progs_r, progs_v = min(tiles_r, PROGRAMS_MAX), min(tiles_v, PROGRAMS_MAX)
-    xa, xb = torch.empty(B, n, dtype=dtype, device=dev), torch.empty(B, m, dtype=dtype, device=dev)
-    wa, wb = torch.empty(B, 4, n, dtype=dtype, device=dev), torch.empty(B, 2, m, dtype=dtype, device=dev)
     pq = torch.empty(B, progs_r, dtype=dtype, device=dev)  # the rows' partial <p, q>
     pr = torch.empty(B, max(progs_r, progs_v), dtype=dtype, device=dev)  # partial <r, pre r>
     rz, stop = torch.empty(B, 2, dtype=dtype, device=dev), torch.empty(B, dtype=dtype, device=dev)
