@@ -309,7 +309,7 @@ def operands(vals, idx, diag, rhs, inv_diag, rtol, m: int):
     vals, idx = vals.contiguous(), idx.contiguous()
     vectors = tuple(t.contiguous() for t in (*diag, *rhs, *inv_diag))
     rtol2 = (torch.full((B,), rtol**2, dtype=dtype, device=dev) if not isinstance(rtol, torch.Tensor)
-             else (rtol**2).to(dtype).expand(B).contiguous())
+             else (rtol**2).to(dev, dtype).expand(B).contiguous())
     buffers = (torch.empty(B, n, dtype=dtype, device=dev), torch.empty(B, m, dtype=dtype, device=dev),
                torch.empty(B, 4, n, dtype=dtype, device=dev), torch.empty(B, 2, m, dtype=dtype, device=dev))
     return (vals, idx), _by_column(vals, idx, m), vectors, rtol2, buffers

@@ -16,7 +16,8 @@ products took ~3 launches and ~50 torch operations per iteration (each a launch 
 ``bench/newton_sync_count.py --host-cg``). A problem's dot products are reduced without
 atomics: each program writes its partial sum, and every program that needs the total sums
 the partials in the same order (deterministic); a problem's row and vector sweeps take at
-most :data:`PROGRAMS_MAX` programs, each looping over its share of the tiles, so that these
+most :data:`PROGRAMS_MAX` programs, each looping over its share of the tiles (the column
+sweeps too, which keeps them within CUDA's 65535 programs on grid axis 1), so that these
 re-summations stay small at any ``n`` (a review: one program per tile read ~4 partials per ELL
 entry at n = 2^21). The per-problem scalars ``rz`` and ``run``
 live on the device in two slots, read at the iteration's parity and written at the next's
@@ -42,7 +43,7 @@ BLOCK_C = 512
 BLOCK_SUM = 1024
 #: Warps of every kernel here.
 NUM_WARPS = 4
-#: Most programs per problem of a row or vector sweep (each loops over its share of the tiles):
+#: Most programs per problem of a sweep (each loops over its share of the tiles):
 #: every program of the step and direction kernels re-sums up to this many partials.
 PROGRAMS_MAX = 512
 
@@ -58,12 +59,20 @@ def _total(P, count, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _cg_setup_cols_kernel(IB_ptr, DB_ptr, RB_ptr, WB_ptr, m, BLOCK: tl.constexpr):
-    """Grid ``(B, cdiv(m, BLOCK))``: ``1 / d_b`` where kept (into ``WB[:, 1]``) and ``u = r_b / d_b``
-    (``WB[:, 0]``)."""
-    b = tl.program_id(0).to(tl.int64)
+def _row0(t, BLOCK_R: tl.constexpr):
+    """Row tile ``t``'s first row in 64 bits: its entries' offsets ``row * S + slot`` pass 2^31
+    where one problem holds that many ELL entries (the one-launch kernel's systems are small)."""
+    return tl.cast(t, tl.int64) * BLOCK_R
+
+
+@triton.jit
+def _cg_setup_cols_kernel(IB_ptr, DB_ptr, RB_ptr, WB_ptr, m, tiles, BLOCK: tl.constexpr):
+    """Grid ``(B, programs)``: ``1 / d_b`` where kept (into ``WB[:, 1]``) and ``u = r_b / d_b``
+    (``WB[:, 0]``) for the column tiles ``pid, pid + programs, ...``."""
+    b, pid, progs = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.num_programs(1)
     U = WB_ptr + b * 2 * m
-    _scale_tile(IB_ptr + b * m, DB_ptr + b * m, RB_ptr + b * m, U, U + m, m, tl.program_id(1) * BLOCK, BLOCK)
+    for t in range(pid, tiles, progs):
+        _scale_tile(IB_ptr + b * m, DB_ptr + b * m, RB_ptr + b * m, U, U + m, m, t * BLOCK, BLOCK)
 
 
 @triton.jit
@@ -77,7 +86,8 @@ def _cg_setup_rows_kernel(V_ptr, I_ptr, DA_ptr, RA_ptr, IA_ptr, WB_ptr, XA_ptr, 
     acc = tl.zeros((BLOCK_R,), dtype=WA_ptr.dtype.element_ty)
     for t in range(pid, tiles, progs):
         acc += _schur_init_rows(V_ptr + b * n * S, I_ptr + b * n * S, DA_ptr + b * n, RA_ptr + b * n, IA_ptr + b * n,
-                                U + m, XA_ptr + b * n, WA_ptr + b * 4 * n, U, n, m, t * BLOCK_R, S, S_PAD, BLOCK_R)
+                                U + m, XA_ptr + b * n, WA_ptr + b * 4 * n, U, n, m, _row0(t, BLOCK_R), S, S_PAD,
+                                BLOCK_R)
     tl.store(P_ptr + b * s_p + pid, tl.sum(acc, axis=0))
 
 
@@ -96,17 +106,20 @@ def _cg_start_kernel(P_ptr, RTOL2_ptr, active_ptr, RZ_ptr, STOP_ptr, RUN_ptr, it
 
 @triton.jit
 def _cg_cols_kernel(VT_ptr, rows_t_ptr, off_ptr, WB_ptr, SRC_ptr, RB_ptr, OUT_ptr, FLAG_ptr, m, s_src, s_out, nnz,
-                    BLOCK: tl.constexpr, FINAL: tl.constexpr):
-    """Grid ``(B, cdiv(m, BLOCK))``: ``out = S^T src / d_b`` for one column tile, where the flag
+                    tiles, BLOCK: tl.constexpr, FINAL: tl.constexpr):
+    """Grid ``(B, programs)``: ``out = S^T src / d_b`` for the column tiles ``pid, pid + programs,
+    ...``, where the flag
     (``run`` at this iteration's slot, or with ``FINAL`` ``active``) is set; ``FINAL``:
     ``x_b = (r_b - S^T x_a) / d_b`` (0 where left out or inactive). ``src``/``out`` at problem
     strides ``s_src``/``s_out``; the by-column copy holds ``nnz = n s`` entries per problem."""
-    b = tl.program_id(0).to(tl.int64)
+    b, pid, progs = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.num_programs(1)
     flag = tl.load(FLAG_ptr + b * (1 if FINAL else 2))
     if FINAL or flag != 0:
         INV_B = WB_ptr + b * 2 * m + m
-        _cols_scaled_tile(VT_ptr + b * nnz, rows_t_ptr + b * nnz, off_ptr + b * (m + 1), INV_B, SRC_ptr + b * s_src,
-                          RB_ptr + b * m, OUT_ptr + b * s_out, m, flag, tl.program_id(1) * BLOCK, BLOCK, FINAL)
+        for t in range(pid, tiles, progs):
+            _cols_scaled_tile(VT_ptr + b * nnz, rows_t_ptr + b * nnz, off_ptr + b * (m + 1), INV_B,
+                              SRC_ptr + b * s_src, RB_ptr + b * m, OUT_ptr + b * s_out, m, flag, t * BLOCK, BLOCK,
+                              FINAL)
 
 
 @triton.jit
@@ -119,7 +132,7 @@ def _cg_rows_kernel(V_ptr, I_ptr, DA_ptr, WA_ptr, WB_ptr, RUN_ptr, PQ_ptr, n, m,
         acc = tl.zeros((BLOCK_R,), dtype=WA_ptr.dtype.element_ty)
         for t in range(pid, tiles, progs):
             acc += _rows_product_tile(V_ptr + b * n * S, I_ptr + b * n * S, DA_ptr + b * n, WA_ptr + b * 4 * n,
-                                      WB_ptr + b * 2 * m, n, m, t * BLOCK_R, S, S_PAD, BLOCK_R)
+                                      WB_ptr + b * 2 * m, n, m, _row0(t, BLOCK_R), S, S_PAD, BLOCK_R)
         tl.store(PQ_ptr + b * progs + pid, tl.sum(acc, axis=0))
 
 
@@ -182,7 +195,8 @@ def ell_pcg_steps(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, act
     bs = block_sizes(s)
     rows = dict(S=s, S_PAD=bs["S_PAD"], BLOCK_R=bs["BLOCK_R"])
     tiles_r, tiles_v, tiles_c = triton.cdiv(n, bs["BLOCK_R"]), triton.cdiv(n, BLOCK_V), triton.cdiv(m, BLOCK_C)
-    progs_r, progs_v = min(tiles_r, PROGRAMS_MAX), min(tiles_v, PROGRAMS_MAX)
+    # every sweep at most PROGRAMS_MAX programs per problem (also under CUDA's 65535 on grid axis 1)
+    progs_r, progs_v, progs_c = (min(tiles, PROGRAMS_MAX) for tiles in (tiles_r, tiles_v, tiles_c))
     pq = torch.empty(B, progs_r, dtype=dtype, device=dev)  # the rows' partial <p, q>
     pr = torch.empty(B, max(progs_r, progs_v), dtype=dtype, device=dev)  # partial <r, pre r>
     rz, stop = torch.empty(B, 2, dtype=dtype, device=dev), torch.empty(B, dtype=dtype, device=dev)
@@ -190,7 +204,7 @@ def ell_pcg_steps(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, act
     act = active.contiguous()
     sums = dict(BLOCK=BLOCK_V, BLOCK_SUM=BLOCK_SUM, num_warps=NUM_WARPS)
 
-    _cg_setup_cols_kernel[(B, tiles_c)](ib, db, rb, wb, m, BLOCK=BLOCK_C, num_warps=NUM_WARPS)
+    _cg_setup_cols_kernel[(B, progs_c)](ib, db, rb, wb, m, tiles_c, BLOCK=BLOCK_C, num_warps=NUM_WARPS)
     _cg_setup_rows_kernel[(B, progs_r)](vals, idx, da, ra, ia, wb, xa, wa, pr, n, m, tiles_r, pr.stride(0), **rows,
                                         num_warps=NUM_WARPS)
     _cg_start_kernel[(B,)](pr, rtol2, act, rz, stop, run, its, progs_r, pr.stride(0), BLOCK=BLOCK_SUM,
@@ -200,13 +214,13 @@ def ell_pcg_steps(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, act
         q = k % 2
         if k and k % 8 == 0 and not bool(run[:, q].any()):  # one host read (none at k = 0: a call has work)
             break
-        _cg_cols_kernel[(B, tiles_c)](vt, rt, off, wb, p, rb, u, run[:, q], m, p.stride(0), u.stride(0), n * s,
-                                      BLOCK=BLOCK_C, FINAL=False, num_warps=NUM_WARPS)
+        _cg_cols_kernel[(B, progs_c)](vt, rt, off, wb, p, rb, u, run[:, q], m, p.stride(0), u.stride(0), n * s,
+                                      tiles_c, BLOCK=BLOCK_C, FINAL=False, num_warps=NUM_WARPS)
         _cg_rows_kernel[(B, progs_r)](vals, idx, da, wa, wb, run[:, q], pq, n, m, tiles_r, **rows,
                                       num_warps=NUM_WARPS)
         _cg_step_kernel[(B, progs_v)](xa, wa, rz[:, q], run[:, q], pq, pr, n, progs_r, tiles_v, pr.stride(0), **sums)
         _cg_direction_kernel[(B, progs_v)](wa, rz, run, stop, pq, pr, its, n, progs_r, tiles_v, pr.stride(0), q,
                                            **sums)
-    _cg_cols_kernel[(B, tiles_c)](vt, rt, off, wb, xa, rb, xb, act.to(torch.int32), m, n, m, n * s,
+    _cg_cols_kernel[(B, progs_c)](vt, rt, off, wb, xa, rb, xb, act.to(torch.int32), m, n, m, n * s, tiles_c,
                                   BLOCK=BLOCK_C, FINAL=True, num_warps=NUM_WARPS)
     return (xa, xb), its

@@ -29,9 +29,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 RUNTIME_WARNINGS_ARE_ERRORS = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
-def spy_launches(monkeypatch, kernels) -> list:
+def spy_launches(monkeypatch, kernels, grids=None) -> list:
     """Replace each ``(module, name)`` Triton kernel by a spy that records ``name`` at every
-    launch, then launches it; returns the list of names (in launch order)."""
+    launch (and its grid into ``grids``, if given), then launches it; returns the list of
+    names (in launch order)."""
     seen = []
     for mod, name in kernels:
         kernel = getattr(mod, name)
@@ -39,6 +40,8 @@ def spy_launches(monkeypatch, kernels) -> list:
         class Spy:
             def __getitem__(self, grid, kernel=kernel, name=name):
                 seen.append(name)
+                if grids is not None:
+                    grids.append(grid)
                 return kernel[grid]
 
         monkeypatch.setattr(mod, name, Spy())

@@ -156,6 +156,12 @@ SCRIPT = textwrap.dedent(
         # shared memory within an H100/H200 SM's 227 KB (a launch asking for more fails)
         assert compiled.metadata.shared <= 232448, (kernel.__name__, const, compiled.metadata.shared)
         assert stack <= stack_max.get(kernel, stack), (kernel.__name__, const, regs, stack)
+        if kernel in (sparse_cg_steps._cg_setup_rows_kernel, sparse_cg_steps._cg_rows_kernel):
+            # the sweeps address a problem's ELL entries in 64 bits (it may hold 2^31 or more; a
+            # review found the offsets rows * S + slot in 32): the product rows * S in 64
+            ttir = compiled.asm["ttir"].splitlines()
+            assert [l for l in ttir if "arith.muli" in l and f"tensor<{const['BLOCK_R']}x1xi64>" in l], kernel
+            assert not [l for l in ttir if "arith.muli" in l and f"tensor<{const['BLOCK_R']}x1xi32>" in l], kernel
         print(kernel.__name__, dtype, const, regs, stack, compiled.metadata.shared, "ok", flush=True)
     """
 )

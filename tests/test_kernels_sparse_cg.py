@@ -405,19 +405,21 @@ def test_active_none_means_every_problem():
 
 
 @pytest.mark.parametrize("path", ["sweeps"], indirect=True)
-@pytest.mark.parametrize("programs", [KS.PROGRAMS_MAX, 2])
+@pytest.mark.parametrize("programs", [KS.PROGRAMS_MAX, 2, 1])
 def test_sweeps_launch_four_kernels_per_iteration_and_read_every_eighth(monkeypatch, path, programs):
     """The host-issued path: three set-up launches, four per iteration (columns, rows, step,
     direction), one for ``x_b``, no torch operation in the loop, and one host read every 8
     iterations, from the 8th on; several row, vector and column tiles per problem (1100 x
-    900, s = 3), one program per tile or two programs looping over them, give the twin's
-    iteration counts and solution to rounding."""
+    900, s = 3), one program per tile or one or two programs looping over them (every sweep
+    at most ``PROGRAMS_MAX`` programs per problem: CUDA allows 65535 on grid axis 1), give
+    the twin's iteration counts and solution to rounding."""
     monkeypatch.setattr(KS, "PROGRAMS_MAX", programs)
     geom, vals, idx, diag, rhs, inv = system(2, 1100, 900, 3)
     active = torch.ones(2, dtype=torch.bool, device=DEVICE)
     names = ["_cg_setup_cols_kernel", "_cg_setup_rows_kernel", "_cg_start_kernel", "_cg_cols_kernel",
              "_cg_rows_kernel", "_cg_step_kernel", "_cg_direction_kernel"]
-    launches = spy_launches(monkeypatch, [(KS, name) for name in names])
+    grids = []
+    launches = spy_launches(monkeypatch, [(KS, name) for name in names], grids)
     reads, real_bool = [], torch.Tensor.__bool__
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
     (xa, xb), its = geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-8, 300, active, backend="triton")
@@ -426,5 +428,7 @@ def test_sweeps_launch_four_kernels_per_iteration_and_read_every_eighth(monkeypa
     assert launches[:3] == names[:3] and launches[-1] == "_cg_cols_kernel"
     assert launches[3:-1] == names[3:] * issued and issued % 8 == 0
     assert int(its.max()) <= issued < int(its.max()) + 8 + 1 and len(reads) == issued // 8
+    assert all(grid[0] == 2 and (len(grid) == 1 or 1 <= grid[1] <= programs) for grid in grids)
+    assert {grid for name, grid in zip(launches, grids) if name == "_cg_cols_kernel"} == {(2, min(programs, 2))}
     (ta, tb), tits = geom.ell_pcg(vals, idx, diag, rhs, inv, 1e-8, 300, active, backend="torch")
     assert close_counts(its, tits) and rel(xa, ta) <= 1e-10 and rel(xb, tb) <= 1e-10
