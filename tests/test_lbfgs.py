@@ -1,6 +1,7 @@
 """The batched L-BFGS behind sparse OT: its compact-form direction against the dense BFGS
 inverse-Hessian recursion, and whole runs on quadratics with a known minimizer."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +124,19 @@ def test_edge_settings_no_trials_and_a_gradient_of_another_dtype():
                                           history=3, flat_converges=False)
     assert converged.all() and (reason == 0).all()
     torch.testing.assert_close(x.double(), torch.linalg.solve(A, c), rtol=0, atol=1e-4)
+
+
+def test_per_problem_iteration_budgets():
+    """``max_iter`` as a (B,) host array: each problem stops at its own budget (reason 1), a
+    budget of 0 takes no step, and a problem within its budget runs on as alone."""
+    torch.manual_seed(4)
+    D = 20
+    Q, _ = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64))
+    A = (Q @ torch.diag(torch.logspace(0, 2, D, dtype=torch.float64)) @ Q.T).expand(3, D, D)
+    c = torch.randn(3, D, dtype=torch.float64)
+    kw = dict(h0=1e-2, tol=1e-9, ftol=0.0, history=5, flat_converges=False)
+    *_, alone, _, _, _ = lbfgs(_quadratic(A[:1], c[:1]), torch.zeros(1, D, dtype=torch.float64), max_iter=5000, **kw)
+    x, _, n_iter, _, converged, reason = lbfgs(_quadratic(A, c), torch.zeros(3, D, dtype=torch.float64),
+                                               max_iter=np.array([5000, 0, 7]), **kw)
+    assert int(alone) > 7 and n_iter.tolist() == [int(alone), 0, 7] and converged.tolist() == [True, False, False]
+    assert reason.tolist() == [0, 1, 1] and torch.equal(x[1], torch.zeros(D, dtype=torch.float64))

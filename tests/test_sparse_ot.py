@@ -884,6 +884,22 @@ def test_newton_steps_stay_off_the_constant_direction_in_float32(monkeypatch):
     assert max(abs(float((r.alpha * a).sum())) for r, a in newton) < 0.05  # the cold start's gauge, <a, alpha> = 0
 
 
+def test_newton_then_lbfgs_budget_is_per_problem():
+    """After Newton, each stalled problem's L-BFGS gets what its own Newton run left of
+    ``max_iter``, not what the batch's longest one left (a review: [A, B] at ``max_iter=100``
+    stopped A at 66 iterations, 'max_iter reached', without L-BFGS; at 120 A got 13 L-BFGS
+    iterations and stopped unconverged, where alone it converges in ~100)."""
+    C = torch.stack([torch.rand(12, 9, generator=torch.Generator().manual_seed(s), dtype=F64) for s in (16, 13)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", otcore.ConvergenceWarning)
+        for max_iter in (80, 100, 120):
+            r = otcore.sparse_ot(otcore.CostMatrix(C), k=12, gamma=1e-3, tol=1e-10, max_iter=max_iter)
+            assert r.info["solver"] == "newton, then L-BFGS" or max_iter < 100
+            for its, stop in zip(r.n_iter.tolist(), r.info["stop"]):
+                assert its == max_iter if stop == "max_iter reached" else its < max_iter and stop == "gradient norm <= tol"
+    assert r.converged.all()  # both, at 120
+
+
 def test_newton_stalled_at_max_iter_reports_the_cap():
     """A Newton solve that stalls with no iteration left for L-BFGS stopped on max_iter, not on
     the dtype's resolution (float64, far from its floor)."""

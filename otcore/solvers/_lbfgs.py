@@ -93,7 +93,7 @@ def _pick(mask: np.ndarray, new: tuple, old: tuple) -> tuple:
 
 
 def lbfgs(
-    evaluate, theta, h0, tol, ftol: float, max_iter: int, history: int, progress=None,
+    evaluate, theta, h0, tol, ftol: float, max_iter, history: int, progress=None,
     max_step=math.inf, c1: float = 1e-4, c2: float = 0.9, max_ls: int = 40, window: int = 10,
     fscale=None, flat_converges=True, kick=0.0, max_kicks: int = 3, unit=None,
 ):
@@ -121,7 +121,8 @@ def lbfgs(
     ``ftol`` is 0 there and it is reason 5 (stationary, not converged: a smooth objective's
     gradient must vanish), and then the gradient norm must also not have fallen by 1% over
     the window (below the objective's float resolution the gradient is still measured
-    accurately). Otherwise: 1 = ``max_iter``, 2 = line search failed, 3 = non-finite values.
+    accurately). Otherwise: 1 = ``max_iter`` (a number, or a (B,) host array of per-problem
+    budgets, 0 allowed), 2 = line search failed, 3 = non-finite values.
 
     Where the line search finds no step (at a kink, e.g. ties in a top-k selection, the
     gradient of one piece need not be a descent direction of the objective) and ``kick``
@@ -176,7 +177,8 @@ def lbfgs(
     f, g, aux, scale = evaluate(theta)
     cur, _ = read(f, g, scale)  # host: (f, gnorm, scale) at the iterate
     converged = cur[1] <= tol_h
-    active = ~converged & np.isfinite(cur[0]) & np.isfinite(cur[1])
+    cap = np.broadcast_to(np.asarray(max_iter, dtype=np.int64), (B,))
+    active = ~converged & np.isfinite(cur[0]) & np.isfinite(cur[1]) & (cap > 0)
     start = cur[0]  # the objective at theta: an ftol stop no lower than it (by the slack) is suspect
     stalled, grad_ok, flat_stop = np.zeros(B, bool), converged.copy(), np.zeros(B, bool)
     n_iter, kicks = np.zeros(B, np.int64), np.zeros(B, np.int64)
@@ -187,7 +189,7 @@ def lbfgs(
     hscale = h0.clone()
     pattern = (torch.arange(D, device=dev, dtype=torch.float64) * 0.6180339887498949).frac().mul(2).sub(1).to(dt)
     recent, recent_g = [], []  # objective values and gradient norms of the last `window` iterations
-    for it in range(max_iter):
+    for it in range(int(cap.max(initial=0))):
         if not active.any():
             break
         d = -_direction(g, pairs, sy, yy, sg, yg, valid, hscale)
@@ -285,7 +287,7 @@ def lbfgs(
         else:  # no window yet: nothing is flat
             converged |= active & grad_ok
             unmoved = np.zeros(B, bool)
-        active &= moved & ~converged & ~flat_stop
+        active &= moved & ~converged & ~flat_stop & (n_iter < cap)
         if unmoved.any():
             (theta, g, aux), cur = kicked_off(unmoved, (theta, g, aux), cur)
             recent = [np.where(unmoved, np.inf, f_old) for f_old in recent]  # a fresh window for them

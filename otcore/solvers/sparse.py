@@ -214,16 +214,17 @@ def sparse_ot(
             theta, out, n_iter, _, _, why = newton(pb.evaluate, pb.gamma, theta0, tol, max_iter, *_outside(pb),
                                                    progress=progress)
             its, stops = _host.to_host(n_iter, why)
-            left = max_iter - int(its.max())
+            left = max_iter - its  # each problem's own budget (not the batch's longest Newton run's)
             stalled = (stops == 2) | (stops == 5)
-            if left == 0 and stalled.any():  # no iteration left for L-BFGS: the cap, not the dtype, stopped it
-                why = torch.where((why == 2) | (why == 5), 1, why)
-            elif stalled.any():
+            if (stalled & (left > 0)).any():
                 # Newton stalled (near an unregularized problem, gamma small against the costs, the
-                # support keeps changing): L-BFGS goes on from there (converged problems stop at once)
+                # support keeps changing): L-BFGS goes on from there (converged problems stop at
+                # once; a stalled one with no iteration left stops on max_iter)
                 solver = "newton, then L-BFGS"
                 theta, out, more, _, _, why = run_lbfgs(pb, pb.evaluate, theta, tol, ftol, left, history, progress)
                 n_iter = n_iter + more
+            elif stalled.any():  # no iteration left for L-BFGS: the cap, not the dtype, stopped them
+                why = torch.where((why == 2) | (why == 5), 1, why)
         else:
             theta, out, n_iter, _, _, why = run_lbfgs(pb, pb.evaluate, theta0, tol, ftol, max_iter, history, progress)
         progress.close()
@@ -263,7 +264,7 @@ def _newton_applies(pb: _Problem) -> bool:
     return pb.semi and pb.k >= pb.wp.shape[1] and pb.wp.shape[1] <= DIRECT_MAX
 
 
-def run_lbfgs(pb: _Problem, evaluate, theta0, tol: float, ftol: float, max_iter: int, history: int, progress=None):
+def run_lbfgs(pb: _Problem, evaluate, theta0, tol: float, ftol: float, max_iter, history: int, progress=None):
     """The solver's L-BFGS on ``evaluate`` (``pb.evaluate``, or a wrapper of it: the
     benchmark's) with this problem's settings: ``ftol`` only for the problems where ``k``
     binds at the current iterate (some line uses all its ``k`` slots; else the objective
