@@ -48,6 +48,17 @@ def _schedule_arg(text: str) -> str:
     return text
 
 
+def _gamma_schedule_arg(text: str):
+    """argparse type of ``--gamma-schedule``: ``auto``, ``none`` or a decay factor (its range
+    is the solver's check)."""
+    if text in ("auto", "none"):
+        return text  # ("none" is mapped to None by run_solve: the flag's absence is None)
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto, none or a decay factor in (0, 1), got {text!r}") from None
+
+
 def _overrelax_arg(text: str):
     """argparse type of ``--overrelax``: ``auto``, ``on``, ``off`` or a fixed factor (its
     range is the solver's check)."""
@@ -350,6 +361,7 @@ _METHOD_FLAGS = {
     "gamma": ("sparse",),
     "formulation": ("sparse",),
     "axis": ("sparse",),
+    "gamma_schedule": ("sparse",),
 }
 _WHY_NOT = {
     ("rho", "newton"): "Sinkhorn-Newton-Sparse solves balanced OT only; use --method sinkhorn for unbalanced OT",
@@ -437,6 +449,8 @@ def run_solve(args) -> int:
         solver = sparse_ot
         kw.update(k=args.k, gamma=args.gamma, formulation=args.formulation or "semi-dual",
                   axis=args.axis if args.axis is not None else 0)
+        if args.gamma_schedule is not None:  # else the solver's default (auto)
+            kw.update(gamma_schedule=None if args.gamma_schedule == "none" else args.gamma_schedule)
     _sync(dev)
     t0 = time.perf_counter()
     try:
@@ -452,7 +466,8 @@ def run_solve(args) -> int:
     }
     if args.method == "sparse":
         # k as solved: at most the line length (a larger --k is capped, docs/sparse_ot.md)
-        summary.update(k=res.info["k"], gamma=args.gamma, formulation=kw["formulation"], axis=kw["axis"])
+        summary.update(k=res.info["k"], gamma=args.gamma, formulation=kw["formulation"], axis=kw["axis"],
+                       gamma_stages=res.info["gamma_stages"])
         summary.update(n_iter=res.n_iter, converged=res.converged, grad_norm=res.grad_norm,
                        marginal_error=res.marginal_error, cost=res.cost, value=res.value)
         summary.update(_nonzeros(res), stop=res.info.get("stop"))
@@ -534,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--gamma", type=float, default=None, help="quadratic regularization; required")
     k.add_argument("--formulation", default=None, choices=["semi-dual", "dual"], help="default semi-dual")
     k.add_argument("--axis", type=int, default=None, choices=[0, 1], help="0: k-sparse columns (default), 1: rows")
+    k.add_argument("--gamma-schedule", type=_gamma_schedule_arg, default=None,
+                   help="auto (default: for --k >= the column length, from a large gamma down by factors of 4) | "
+                        "none | decay factor in (0,1)")
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--precision", default="fp32", choices=["fp32", "tf32"])
     s.add_argument("--dtype", default="float32", choices=["float32", "float64"])

@@ -228,6 +228,26 @@ def test_sparse_summary_reports_the_k_solved_with(capsys):
     assert s["k"] == 12
 
 
+def test_sparse_gamma_schedule_flag(capsys):
+    """--gamma-schedule: auto (the default) runs the continuation where --k >= the column
+    length and gamma is small; none turns it off; a factor sets it (any k); both reach the
+    same optimum. A bad value is a usage error, a factor out of (0, 1) the solver's."""
+    argv = ("--method", "sparse", "--n", "20", "--m", "15", "--k", "20", "--gamma", "1e-4", "--dtype", "float64",
+            "--tol", "1e-8")
+    auto = run_json(capsys, *argv)
+    none = run_json(capsys, *argv, "--gamma-schedule", "none")
+    half = run_json(capsys, *argv, "--gamma-schedule", "0.5")
+    assert len(auto["gamma_stages"]) > 0 and none["gamma_stages"] == [] and len(half["gamma_stages"]) > len(auto["gamma_stages"])
+    assert auto["converged"] and half["converged"]
+    assert auto["value"] == pytest.approx(half["value"], rel=1e-9)
+    assert none["value"] == pytest.approx(auto["value"], rel=1e-6)  # (the flag's run may stop short: its own tol)
+    with pytest.raises(SystemExit) as exc:
+        main(["solve", *argv, "--gamma-schedule", "geometric"])
+    assert exc.value.code == 2 and "--gamma-schedule: must be auto, none or a decay factor" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--gamma-schedule as a decay factor must be in"):
+        main(["solve", "--quiet", *argv, "--gamma-schedule", "2"])
+
+
 def test_solve_clouds_that_disagree_fail_before_solving(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "sinkhorn", lambda *a, **k: pytest.fail("solved despite mismatched clouds"))
     rng = np.random.default_rng(0)
@@ -333,6 +353,7 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["solve", "--n", "10", "--gamma", "0.1"], "--gamma does not apply to --method sinkhorn"),
         (["solve", "--n", "10", "--formulation", "dual"], "--formulation does not apply to --method sinkhorn"),
         (["solve", "--n", "10", "--axis", "1"], "--axis does not apply to --method sinkhorn"),
+        (["solve", "--n", "10", "--gamma-schedule", "none"], "--gamma-schedule does not apply to --method sinkhorn"),
         # sparse: k and gamma required and valid; entropic flags rejected
         (["solve", "--n", "10", "--method", "sparse", "--gamma", "0.1"], "--method sparse needs --k"),
         (["solve", "--n", "10", "--method", "sparse", "--k", "2"], "--method sparse needs --gamma"),

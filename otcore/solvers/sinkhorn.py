@@ -52,27 +52,30 @@ Schedule = Union[None, str, float, Sequence[float]]
 STALL_STOP = 10
 
 
-def check_schedule(schedule: Schedule, eps: float):
+def check_schedule(schedule: Schedule, eps: float, name: str = "eps_schedule", target: str = "eps",
+                   word: str = "geometric"):
     """Validate ``eps_schedule`` (no geometry needed): the decay factor (a float in
-    (0, 1)) for ``"geometric"`` or a number, else the list of stages (``[]`` for None)."""
+    (0, 1)) for ``"geometric"`` or a number, else the list of stages (``[]`` for None).
+    ``name``, ``target`` and ``word`` name the argument, the value it leads to and its
+    keyword in errors (sparse OT's ``gamma_schedule`` checks its factors and sequences here)."""
     if schedule is None:
         return []
     if isinstance(schedule, str):
-        if schedule != "geometric":
-            raise ValueError(f"eps_schedule must be None, 'geometric', a decay factor in (0, 1) or a decreasing "
-                             f"sequence of values > eps, got {schedule!r}")
+        if schedule != word:
+            raise ValueError(f"{name} must be None, {word!r}, a decay factor in (0, 1) or a decreasing "
+                             f"sequence of values > {target}, got {schedule!r}")
         return 0.5
     if isinstance(schedule, (numbers.Real, torch.Tensor)) and not _validate._is_bool(schedule):
-        q = _validate.positive("eps_schedule", schedule)  # a Python, NumPy or one-element tensor number
+        q = _validate.positive(name, schedule)  # a Python, NumPy or one-element tensor number
         if not 0 < q < 1:
-            raise ValueError(f"eps_schedule as a decay factor must be in (0, 1), got {q}")
+            raise ValueError(f"{name} as a decay factor must be in (0, 1), got {q}")
         return q
     if isinstance(schedule, (list, tuple)):
-        vals = [_validate.positive(f"eps_schedule[{i}]", v) for i, v in enumerate(schedule)]
+        vals = [_validate.positive(f"{name}[{i}]", v) for i, v in enumerate(schedule)]
         if any(v <= eps for v in vals) or any(u <= v for u, v in zip(vals, vals[1:])):
-            raise ValueError("eps_schedule as a sequence must be decreasing and > eps")
+            raise ValueError(f"{name} as a sequence must be decreasing and > {target}")
         return vals
-    raise TypeError(f"eps_schedule must be None, 'geometric', a float or a sequence, got {type(schedule).__name__}")
+    raise TypeError(f"{name} must be None, {word!r}, a float or a sequence, got {type(schedule).__name__}")
 
 
 def eps_stages(schedule: Schedule, top: Callable[[], float], eps: float) -> list[float]:
