@@ -7,9 +7,7 @@ changes at every step, so Newton's steps (and L-BFGS's) make little progress eac
 ``gamma * 4^s`` first, from where ``gamma`` times the mean line weight is 1% of the cost's
 range, each stage from the last one's duals. This script prints, per problem and
 ``gamma``, iterations, seconds, ``converged`` and the value's and plan's differences between
-the two (both must reach the same optimum). Where Newton solves, the staged run is the
-default (``"auto"``); where L-BFGS does, ``"auto"`` runs no stages and the staged run
-asks for them (``gamma_schedule=0.25``, the same factor).
+the two (both must reach the same optimum); the staged run is the default (``"auto"``).
 
 Problems (``k = n``, random weights, ``axis=0``): Gaussian point clouds in 2-d (squared
 Euclidean cost) and ``C ~ U[0,1]`` matrices; 12 x 9, 40 x 30 and 64 x 200 are solved by
@@ -68,27 +66,26 @@ def main():
         sizes, gammas = [(12, 9), (40, 30)], [1e-2, 1e-3]
     print(f"# {args.dtype}, tol {args.tol:g}, max_iter {args.max_iter}, device {args.device}, torch {torch.__version__}")
     print(f"{'problem':>18} {'gamma':>7} | {'none: solver':>20} {'iters':>5} {'s':>6} conv | "
-          f"{'staged':>6} {'solver':>20} {'iters':>5} {'s':>6} conv stages | {'value diff':>10} {'plan diff':>9} | "
+          f"{'auto: solver':>20} {'iters':>5} {'s':>6} conv stages | {'value diff':>10} {'plan diff':>9} | "
           f"speed-up")
     tot = {"newton": [0, 0.0, 0, 0.0], "lbfgs": [0, 0.0, 0, 0.0]}
     for kind in ("clouds", "uniform"):
         for n, m in sizes:
             geom, a, b = problem(kind, n, m, seed=0, dtype=dtype, device=args.device)
             for gamma in gammas:
-                schedule = "auto" if n <= 64 else 0.25  # Newton solves at most 64 rows
                 plain, t0 = solve(geom, a, b, n, gamma, args.tol, args.max_iter, None)
-                staged, t1 = solve(geom, a, b, n, gamma, args.tol, args.max_iter, schedule)
+                staged, t1 = solve(geom, a, b, n, gamma, args.tol, args.max_iter, "auto")
                 dv = float((staged.value - plain.value).abs() / plain.value.abs())
                 dp = float((staged.to_dense() - plain.to_dense()).abs().max())
                 key = "newton" if n <= 64 else "lbfgs"
                 tot[key] = [u + v for u, v in zip(tot[key], (int(plain.n_iter), t0, int(staged.n_iter), t1))]
                 print(f"{kind + f' {n}x{m}':>18} {gamma:7.0e} | {plain.info['solver']:>20} {int(plain.n_iter):5d} "
-                      f"{t0:6.2f} {'yes' if plain.converged else 'NO ':>4} | {schedule!s:>6} {staged.info['solver']:>20} "
+                      f"{t0:6.2f} {'yes' if plain.converged else 'NO ':>4} | {staged.info['solver']:>20} "
                       f"{int(staged.n_iter):5d} {t1:6.2f} {'yes' if staged.converged else 'NO ':>4} "
                       f"{len(staged.info['gamma_stages']):6d} | {dv:10.1e} {dp:9.1e} | {t0 / t1:6.1f}x")
     for key, (i0, t0, i1, t1) in tot.items():
         if i0:
-            print(f"# {key} sizes: none {i0} iterations, {t0:.1f} s; staged {i1} iterations, {t1:.1f} s "
+            print(f"# {key} sizes: none {i0} iterations, {t0:.1f} s; auto {i1} iterations, {t1:.1f} s "
                   f"({t0 / t1:.1f}x less time)")
 
 

@@ -103,7 +103,7 @@ def _pinv_apply(lam, V, keep, r: torch.Tensor) -> torch.Tensor:
     return (V @ coef[..., None])[..., 0]
 
 
-def newton(evaluate, gamma: float, theta: torch.Tensor, tol: float, max_iter: int, outside, entering,
+def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, entering,
            progress=None, c1: float = 1e-4, max_halvings: int = 8, patience: int = 10):
     """Minimize a batch of semi-duals of quadratically regularized OT by damped Newton steps.
 
@@ -127,8 +127,8 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol: float, max_iter: in
     Stops a problem when ``|g|_1 <= tol`` (reason 0), on non-finite values (3), when the
     damping has grown past ``LAM_MAX`` without a step (2), or when ``|g|_1`` has not fallen
     1% below its best for ``patience`` iterations (5: stationary at the dtype's floor, not
-    converged); else at ``max_iter`` (1). One host synchronisation per trial (usually one
-    per iteration).
+    converged); else at ``max_iter`` (1; a number, or a (B,) host array of per-problem
+    budgets, 0 allowed). One host synchronisation per trial (usually one per iteration).
 
     Returns ``(theta, aux, n_iter, grad_l1, converged, reason)`` as :func:`~otcore.solvers._lbfgs.lbfgs`.
     """
@@ -141,8 +141,9 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol: float, max_iter: in
     reason = np.where(g_h <= tol_h, 0, np.where(np.isfinite(f_h) & np.isfinite(g_h), 1, 3))
     best, stale = g_h.copy(), np.zeros(B, np.int64)
     n_iter, lam = np.zeros(B, np.int64), np.full(B, LAM_START)
-    for _ in range(max_iter):
-        active = reason == 1
+    cap = np.broadcast_to(np.asarray(max_iter, dtype=np.int64), (B,))
+    for _ in range(int(cap.max(initial=0))):
+        active = (reason == 1) & (n_iter < cap)  # (reason 1 at the end: the problem's cap)
         if not active.any():
             break
         n_iter += active
