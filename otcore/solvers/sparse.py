@@ -234,7 +234,7 @@ def sparse_ot(
         theta, used = theta0, None  # (B,) host array of the stages' iterations so far
         # each stage from the last one's duals, to a tolerance of STAGE_TOL per unit of mass (or tol);
         # a problem joins at its own first stage (before it, a tolerance of inf: no step)
-        stage_tol = (STAGE_TOL * pb.wl.sum(-1)).clamp(min=tol)
+        stage_tol = (STAGE_TOL * pb.wl.sum(-1)).clamp(min=tol) if stages else None
         for i, g in enumerate(stages):
             progress.label = f"sparse_ot (gamma stage {g:.3g})"
             tol_i = torch.where(_host.to_device(runs > len(stages) - 1 - i, theta.device), stage_tol, torch.inf)
@@ -262,12 +262,15 @@ def _solve(pb: _Problem, theta, used: Optional[np.ndarray], tol, ftol, max_iter:
     ``max_iter`` (not what the batch's longest left); an earlier stage just hands its
     iterate to the next one."""
     left = max_iter if used is None else max_iter - used
-    before = 0 if used is None else _host.to_device(used, theta.device)
+
+    def total(more):  # the iterations so far: more, plus the earlier stages'
+        return more if used is None else more + _host.to_device(used, more.device)
+
     if not _newton_applies(pb):
         theta, out, more, _, _, why = run_lbfgs(pb, pb.evaluate, theta, tol, ftol, left, history, progress)
-        return theta, out, more + before, why, "L-BFGS"
+        return theta, out, total(more), why, "L-BFGS"
     theta, out, more, _, _, why = newton(pb.evaluate, pb.gamma, theta, tol, left, *_outside(pb), progress=progress)
-    n_iter = more + before
+    n_iter = total(more)
     if not last:
         return theta, out, n_iter, why, "newton"
     its, stops = _host.to_host(n_iter, why)
