@@ -216,8 +216,11 @@ class SparseOTRouter(nn.Module):
         centred = (wide - cols) - (rows - rows.mean(-2, keepdim=True))
         cost = CostMatrix(-centred)
         cost._centred = True  # (CostMatrix._centred)
+        # no continuation in gamma (sparse_ot's default where k >= the line length: the seed, token
+        # mode with k = n_experts): at the router's loose tol each stage is a solve of its own, and
+        # the seed took 1.3-2x longer with it (a review; 1024 x 128 at gamma 1e-3 ran out of max_iter)
         settings = dict(gamma=self.gamma, tol=self.tol * n_tokens, max_iter=self.max_iter, backend=self.backend,
-                        verbose=False)
+                        verbose=False, gamma_schedule=None)
 
         def solve(init):
             with warnings.catch_warnings(record=True) as caught:

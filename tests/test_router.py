@@ -169,6 +169,24 @@ def test_capacity_solve_is_seeded_by_the_expert_duals():
     assert "seed_iter" not in tight.result.info and tight.result.n_iter > 0
 
 
+def test_router_solves_without_the_continuation_in_gamma(monkeypatch):
+    """The seed (k = n_experts) and token mode with k = n_experts are quadratically regularized
+    OT, where sparse_ot runs stages at larger gammas by default; at the router's loose tol
+    each stage is a solve of its own (a review: the seed 1.3-2x slower, out of max_iter at
+    1024 x 128, gamma 1e-3), so the router asks for none."""
+    import otcore.router as R
+    calls = []
+    solve = R.sparse_ot
+    monkeypatch.setattr(R, "sparse_ot", lambda *a, **kw: calls.append(kw) or solve(*a, **kw))
+    s = 10 * _scores(256, 8, seed=4)  # a score range where "auto" would run stages at gamma 0.01
+    out = otcore.SparseOTRouter(8, gamma=0.01, backend="torch")(s)
+    tok = otcore.SparseOTRouter(8, mode="tokens", k=8, gamma=0.01, backend="torch")(s)
+    assert len(calls) == 3 and all(kw["gamma_schedule"] is None for kw in calls)  # seed, capacity, tokens
+    assert out.result.info["seed_iter"] > 0 and tok.result.info["gamma_stages"] == []
+    auto = otcore.sparse_ot(otcore.CostMatrix(-s), k=8, axis=1, gamma=0.01, tol=1e-4 * 256)
+    assert auto.info["gamma_stages"]  # (what the default would have done)
+
+
 def test_warm_start_reuses_the_duals():
     s = _scores(64, 4, seed=8, dtype=F64)
     router = otcore.SparseOTRouter(4, gamma=0.1, warm_start=True, tol=1e-6, backend="torch")

@@ -119,10 +119,12 @@ def lbfgs(
     ``flat_converges`` (a bool, or ``(theta, aux) -> (B,) bool`` at the current iterate, asked
     only at an iteration where this test would stop some problem: it may cost a pass), else
     ``ftol`` is 0 there and it is reason 5 (stationary, not converged: a smooth objective's
-    gradient must vanish), and then the gradient norm must also not have fallen 1% below
-    its best for ``patience`` iterations (below the objective's float resolution the
-    gradient is still measured accurately, and falls unevenly: with 10, float64 solves of
-    quadratically regularized OT that went on to ``tol`` stopped 2-26x above it). Otherwise: 1 = ``max_iter`` (a number, or a (B,) host array of per-problem
+    gradient must vanish), and then the gradient norm must also not have fallen 1% over
+    the window nor 1% below its best for ``patience`` iterations (below the objective's float
+    resolution the gradient is still measured accurately, and falls unevenly: the window
+    alone stopped float64 solves of quadratically regularized OT 2-26x above a ``tol`` they
+    went on to reach; the best alone stopped float32 ones whose gradient rose for a while
+    after an early low, 10-400x above it). Otherwise: 1 = ``max_iter`` (a number, or a (B,) host array of per-problem
     budgets, 0 allowed), 2 = line search failed, 3 = non-finite values.
 
     Where the line search finds no step (at a kink, e.g. ties in a top-k selection, the
@@ -189,7 +191,7 @@ def lbfgs(
     valid = torch.zeros(B, history, dtype=torch.bool, device=dev)
     hscale = h0.clone()
     pattern = (torch.arange(D, device=dev, dtype=torch.float64) * 0.6180339887498949).frac().mul(2).sub(1).to(dt)
-    recent = []  # objective values of the last `window` iterations
+    recent, recent_g = [], []  # objective values and gradient norms of the last `window` iterations
     best_g, stale = cur[1].copy(), np.zeros(B, np.int64)  # iterations since |g|_1 fell 1% below its best
     for it in range(int(cap.max(initial=0))):
         if not active.any():
@@ -264,8 +266,9 @@ def lbfgs(
             stale = np.where(moved & (cur[1] < 0.99 * best_g), 0, stale + moved)
             best_g = np.fmin(best_g, cur[1])
         recent.append(cur[0])
+        recent_g.append(cur[1])
         if len(recent) > window:
-            old_f = recent.pop(0)
+            old_f, old_g = recent.pop(0), recent_g.pop(0)
             size = cur[2] + np.abs(cur[0]) if offset is None else np.abs(cur[0] + offset) + extra
             with np.errstate(invalid="ignore"):
                 by_ftol = moved & (old_f - cur[0] <= ftol * size)
@@ -278,7 +281,7 @@ def lbfgs(
             with np.errstate(invalid="ignore"):
                 flat = moved & (old_f - cur[0] <= np.where(conv_flat, ftol, 0.0) * size)
                 # not converging on it (smooth): below f's resolution the gradient may still fall
-                flat &= conv_flat | (stale >= patience)
+                flat &= conv_flat | ((stale >= patience) & (np.min(recent_g, 0) > 0.99 * old_g))
                 # flat without ever getting below the start by more than the rounding slack: ties at
                 # the start (float32 accepted a first step 2^-18 long within the slack, then wandered
                 # in it; ftol called that converged, 6.5% below the optimum). Kick it instead, once:

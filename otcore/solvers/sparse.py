@@ -200,7 +200,7 @@ def sparse_ot(
             ``n_iter`` and ``max_iter``). ``"auto"`` (default): where ``k`` >= the line
             length (quadratically regularized OT), from where ``gamma`` times the mean line
             weight is 1% of the cost's range down by factors of 4 (at smaller ``gamma`` the
-            support changes at every step: 1.4-12x less time at ``gamma`` <= 1e-3,
+            support changes at every step: 1.4-12.5x less time at ``gamma`` <= 1e-3,
             docs/sparse_ot.md); none where ``k`` can bind or ``gamma`` is that large
             already. A decay factor in (0, 1): the same with that factor, for any ``k``. A
             decreasing sequence of values ``> gamma``: those. None: no stages.
@@ -292,7 +292,7 @@ def gamma_stages(schedule, pb: _Problem, warm: bool) -> tuple[list[float], np.nd
     about what it would take alone).
 
     ``"auto"``: a decay factor of 1/4 for quadratically regularized OT (``k`` >= the line
-    length; 6.2x less time where Newton solves, 1.7x where L-BFGS does, over CPU test
+    length; 6.3x less time where Newton solves, 1.7x where L-BFGS does, over CPU test
     problems at gamma 1e-4 to 0.1, docs/sparse_ot.md), none where ``k`` can bind (L-BFGS
     stops on ``ftol`` at the relaxation's kink: on 200 x 150 with ``k = 5`` the stages took
     1.5x more time at ``gamma = 1e-2`` and converged where the cold solve ran out of
