@@ -120,12 +120,13 @@ def lbfgs(
     only at an iteration where this test would stop some problem: it may cost a pass), else
     ``ftol`` is 0 there and it is reason 5 (stationary, not converged: a smooth objective's
     gradient must vanish), and then the gradient norm must also not have fallen 1% over
-    the window nor 1% below its best for ``patience`` iterations (below the objective's float
-    resolution the gradient is still measured accurately, and falls unevenly: the window
-    alone stopped float64 solves of quadratically regularized OT 2-26x above a ``tol`` they
-    went on to reach; the best alone stopped float32 ones whose gradient rose for a while
-    after an early low, 10-400x above it). Otherwise: 1 = ``max_iter`` (a number, or a (B,) host array of per-problem
-    budgets, 0 allowed), 2 = line search failed, 3 = non-finite values.
+    the window nor 1% below its best for ``patience`` iterations (below the objective's
+    float resolution the gradient is still measured accurately, and falls unevenly: the
+    window alone stopped float64 solves of quadratically regularized OT 2-26x above a
+    ``tol`` they went on to reach; the best alone stopped float32 ones whose gradient rose
+    for a while after an early low, 10-400x above it). Otherwise: 1 = ``max_iter`` (a
+    number, or a (B,) host array of per-problem budgets, 0 allowed), 2 = line search
+    failed, 3 = non-finite values.
 
     Where the line search finds no step (at a kink, e.g. ties in a top-k selection, the
     gradient of one piece need not be a descent direction of the objective) and ``kick``

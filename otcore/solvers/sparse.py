@@ -24,11 +24,12 @@ The optimizer is a batched L-BFGS on the torch tensors with an Armijo backtracki
 search -- or, for the semi-dual with no cardinality constraint left (``k`` >= the line
 length: quadratically regularized OT, a smooth objective) and at most ``DIRECT_MAX``
 positions, damped Newton steps (:mod:`otcore.solvers._qot_newton`), L-BFGS taking over
-where they stall. At small ``gamma`` quadratically regularized OT is solved by continuation
-from larger ones (:func:`gamma_stages`). Each objective evaluation is one k-sparse pass of the geometry
-(:meth:`otcore.geometry.Geometry.ksparse_columns`). Host synchronisations: one per
-line-search trial (usually one trial per iteration) and one per iteration for the
-stopping test (one more when the trials run out); none inside the evaluations.
+where they stall. At small ``gamma`` quadratically regularized OT is solved by
+continuation from larger ones (:func:`gamma_stages`). Each objective evaluation is one
+k-sparse pass of the geometry (:meth:`otcore.geometry.Geometry.ksparse_columns`). Host
+synchronisations: one per line-search trial (usually one trial per iteration) and one per
+iteration for the stopping test (one more when the trials run out), one per stage; none
+inside the evaluations.
 """
 
 from __future__ import annotations
