@@ -861,12 +861,12 @@ def test_newton_as_gamma_falls_and_its_fallback():
     assert its[1e-3, "auto"] < its[1e-3, None]
 
 
-def _clouds(n, m, seed, dtype=F64, scale=1.0, batch=()):
+def _clouds(n, m, seed, batch=()):
     g = torch.Generator().manual_seed(seed)
-    x = scale * torch.randn(*batch, n, 2, generator=g, dtype=dtype)
-    y = scale * torch.randn(*batch, m, 2, generator=g, dtype=dtype)
-    a = torch.rand(*batch, n, generator=g, dtype=dtype) + 0.1
-    b = torch.rand(*batch, m, generator=g, dtype=dtype) + 0.1
+    x = torch.randn(*batch, n, 2, generator=g, dtype=F64)
+    y = torch.randn(*batch, m, 2, generator=g, dtype=F64)
+    a = torch.rand(*batch, n, generator=g, dtype=F64) + 0.1
+    b = torch.rand(*batch, m, generator=g, dtype=F64) + 0.1
     return otcore.PointCloud(x, y), a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
 
 

@@ -87,6 +87,11 @@ def _on_host(x, B: int) -> np.ndarray:
     return np.broadcast_to(np.asarray(x, dtype=np.float64), (B,)).copy()
 
 
+def _budgets(max_iter, B: int) -> np.ndarray:
+    """``max_iter`` (a number, or a (B,) host array of per-problem budgets) as (B,) int64."""
+    return np.broadcast_to(np.asarray(max_iter, dtype=np.int64), (B,))
+
+
 def _pick(mask: np.ndarray, new: tuple, old: tuple) -> tuple:
     """Per-problem select on tuples of host arrays."""
     return tuple(np.where(mask, u, v) for u, v in zip(new, old))
@@ -181,7 +186,7 @@ def lbfgs(
     f, g, aux, scale = evaluate(theta)
     cur, _ = read(f, g, scale)  # host: (f, gnorm, scale) at the iterate
     converged = cur[1] <= tol_h
-    cap = np.broadcast_to(np.asarray(max_iter, dtype=np.int64), (B,))
+    cap = _budgets(max_iter, B)
     active = ~converged & np.isfinite(cur[0]) & np.isfinite(cur[1]) & (cap > 0)
     start = cur[0]  # the objective at theta: an ftol stop no lower than it (by the slack) is suspect
     stalled, grad_ok, flat_stop = np.zeros(B, bool), converged.copy(), np.zeros(B, bool)

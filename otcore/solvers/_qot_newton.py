@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import _host
-from ._lbfgs import _on_host, _where
+from ._lbfgs import _budgets, _on_host, _where
 
 #: Systems in ``K`` are solved directly (a dense ``min(N, L)`` square system) when the positions
 #: or the lines number at most this, and Newton's method runs when the positions do. Forming
@@ -141,7 +141,7 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
     reason = np.where(g_h <= tol_h, 0, np.where(np.isfinite(f_h) & np.isfinite(g_h), 1, 3))
     best, stale = g_h.copy(), np.zeros(B, np.int64)
     n_iter, lam = np.zeros(B, np.int64), np.full(B, LAM_START)
-    cap = np.broadcast_to(np.asarray(max_iter, dtype=np.int64), (B,))
+    cap = _budgets(max_iter, B)
     for _ in range(int(cap.max(initial=0))):
         active = (reason == 1) & (n_iter < cap)  # (reason 1 at the end: the problem's cap)
         if not active.any():
