@@ -12,11 +12,14 @@ of the minimized objective ``f = -J`` (whose gradient is ``T 1 - wp``) is
 the lines holding each position, ``|S| = M^T 1``. ``K`` is singular: a constant on the
 positions of a connected part of the support leaves the plan unchanged.
 
-Where ``N`` or ``L`` is small (a router's experts) systems in ``K`` are solved directly:
-the implicit plan gradient (:func:`semi_dual_hessian_solve`) and, where no line's
-cardinality constraint can bind (quadratically regularized OT, ``k`` >= ``N``; the
-objective is then piecewise quadratic and once differentiable), the solve itself by
-semismooth Newton steps (:func:`newton`), a few instead of L-BFGS's tens.
+Where ``N`` or ``L`` is small (a router's experts) systems in ``K`` are solved directly
+(:func:`semi_dual_hessian_solve`: the implicit plan gradient, and Newton's steps); Newton's
+steps past ``DIRECT_MAX`` positions by conjugate gradient on the support
+(:func:`semi_dual_hessian_cg`, matrix-free: ``O(L s)`` per product, ``s`` the widest line's
+support). Where no line's cardinality constraint can bind (quadratically regularized OT,
+``k`` >= ``N``; the objective is then piecewise quadratic and once differentiable) the
+solve itself is by semismooth Newton steps (:func:`newton`): tens of passes over the costs
+instead of L-BFGS's hundreds.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from . import _host
+from .._cg import pcg
 from ._lbfgs import _budgets, _on_host, _where
 
 #: Systems in ``K`` are solved directly (a dense ``min(N, L)`` square system) when the positions
@@ -39,6 +43,18 @@ from ._lbfgs import _budgets, _on_host, _where
 DIRECT_MAX = 64
 #: :func:`newton`'s damping: its start, floor (steps then Newton's to ~1e-10) and cap
 LAM_START, LAM_MIN, LAM_MAX = 1e-3, 1e-10, 1e8
+#: the start in a stage of the continuation in gamma, where the support shrinks from the last
+#: stage's and 1e-3 cost the first step 8 halvings (300 x 200 clouds, gamma 1e-3, float64: 240
+#: passes over the costs; 184 with the gain-ratio rule below, 124 with both). Not for a solve
+#: without stages: the router's seed took one Newton step more from 0.1 (4096 x 8: 3 against 2)
+LAM_STAGE = 0.1
+#: the gain ratio (actual over predicted decrease of the objective) above which a full step
+#: lowers the damping, and below which a step raises it (Levenberg-Marquardt's usual 3/4, 1/4)
+RHO_LOWER, RHO_RAISE = 0.75, 0.25
+#: :func:`semi_dual_hessian_cg`: the relative (preconditioned) residual that ends it, and its
+#: cap: an inexact Newton step; on 300 x 200 clouds ~30 CG products per step, and the same
+#: Newton iterations as the direct solve to 1e-9
+CG_RTOL, CG_MAX = 1e-3, 500
 
 
 def semi_dual_hessian_solve(gamma: float, idx: torch.Tensor, support: torch.Tensor, u: torch.Tensor,
@@ -103,8 +119,44 @@ def _pinv_apply(lam, V, keep, r: torch.Tensor) -> torch.Tensor:
     return (V @ coef[..., None])[..., 0]
 
 
+def semi_dual_hessian_cg(gamma: float, idx: torch.Tensor, support: torch.Tensor, u: torch.Tensor,
+                         lam: torch.Tensor, width: int, rtol: float = CG_RTOL,
+                         max_iter: int = CG_MAX) -> torch.Tensor:
+    """``w ~ K_lam^-1 u`` (B, N) for the damped system of :func:`semi_dual_hessian_solve`
+    (``lam`` (B,) > 0), by Jacobi-preconditioned conjugate gradient (:func:`otcore._cg.pcg`,
+    to ``rtol``) without forming ``K``: on the support compacted to ``width`` slots per line
+    (``width`` >= every line's support size, a host number), a product
+    ``K_lam v = (D_lam v - M diag(1/|S|) M^T v) / gamma`` is a gather, a sum per line and a
+    scatter, ``O(L width)``. ``K_lam``'s diagonal is ``(D_lam_i - sum_{l ni i} 1/|S_l|) / gamma``
+    (positive: ``D_lam > D`` and a line holds ``i`` once). Stopped early (an inexact Newton
+    step), ``w`` is still a descent direction: conjugate gradient's iterates from 0 are.
+    """
+    B, L, _ = idx.shape
+    width = max(1, min(int(width), idx.shape[2]))
+    on, slot = torch.topk(support.to(u.dtype), width, dim=-1)  # the support's slots first
+    pos = torch.gather(idx, 2, slot).reshape(B, L * width)
+    size = on.sum(-1)
+    share = on * torch.where(size > 0, 1 / size.clamp(min=1), 0.0)[..., None]  # 1/|S_l| on line l's support
+
+    def spread(t):  # (B, L, width) -> (B, N): summed over the lines holding each position
+        return torch.zeros_like(u).scatter_add_(1, pos, t.reshape(B, L * width))
+
+    D = spread(on)
+    lam = lam.to(u.dtype)[:, None]
+    D = D * (1 + lam) + lam * (D == 0)
+    diag = D - spread(share)
+
+    def K(v):
+        along = (torch.gather(v, 1, pos).reshape(B, L, width) * on).sum(-1)  # M^T v
+        return (D * v - spread(share * along[..., None])) / gamma
+
+    w, _ = pcg(K, u, rtol, max_iter, inv_diag=gamma / diag)
+    return w
+
+
 def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, entering,
-           progress=None, c1: float = 1e-4, max_halvings: int = 8, patience: int = 10):
+           progress=None, lam_start=LAM_START, c1: float = 1e-4, max_halvings: int = 8,
+           patience: int = 10):
     """Minimize a batch of semi-duals of quadratically regularized OT by damped Newton steps.
 
     ``evaluate(theta) -> (f (B,), g (B, N), out, scale (B,))`` as :meth:`_Problem.evaluate`
@@ -114,10 +166,12 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
     falls apart (a connected part of it can shift its potentials at no curvature: the
     objective is linear along that shift until the support changes) and zero for a position
     in no line's support, so the step solves the damped system ``K_lam d = -g``
-    (:func:`semi_dual_hessian_solve`; Levenberg-Marquardt: ``lam`` per problem, divided by
-    10 after a full step down to ``LAM_MIN``, where the steps are Newton's and converge
-    superlinearly, multiplied by 10 after a step halved below 1/4 and by 100 after none was
-    accepted), with backtracking (Armijo, ``c1``, at most ``max_halvings`` halvings, and a
+    (:func:`semi_dual_hessian_solve` up to ``DIRECT_MAX`` positions, else
+    :func:`semi_dual_hessian_cg`; Levenberg-Marquardt: ``lam`` per problem from
+    ``lam_start`` (a number or a (B,) host array), divided by 10 after a full step whose decrease was at least ``RHO_LOWER``
+    of the quadratic model's, down to ``LAM_MIN``, where the steps are Newton's and converge
+    superlinearly; multiplied by 10 after a step halved below 1/4 or one that gained less
+    than ``RHO_RAISE`` of the model's, and by 100 after none was accepted), with backtracking (Armijo, ``c1``, at most ``max_halvings`` halvings, and a
     rounding slack of ``16 eps scale`` so that a problem at its dtype's floor is not refused
     every step). A weighted position in no line's support is moved apart, to where it
     enters one (the damping's step, ``|g_i| gamma / lam``, has no scale to the distance):
@@ -136,19 +190,28 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
     dev, dt = theta.device, theta.dtype
     slack = 16 * torch.finfo(dt).eps
     tol_h = _on_host(tol, B)
+    cg = theta.shape[1] > DIRECT_MAX
+
+    def probe(out):  # (B,) each: weighted positions in no support, and for CG the widest line's support
+        return (outside(out), (out.vals > 0).sum(-1).amax(-1)) if cg else (outside(out),)
+
     f, g, out, scale = evaluate(theta)
-    f_h, g_h, s_h, out_h = _host.to_host(f, g.abs().sum(-1), scale, outside(out))
+    f_h, g_h, s_h, *held = _host.to_host(f, g.abs().sum(-1), scale, *probe(out))  # held: [outside, (width)]
     reason = np.where(g_h <= tol_h, 0, np.where(np.isfinite(f_h) & np.isfinite(g_h), 1, 3))
     best, stale = g_h.copy(), np.zeros(B, np.int64)
-    n_iter, lam = np.zeros(B, np.int64), np.full(B, LAM_START)
+    n_iter, lam = np.zeros(B, np.int64), np.broadcast_to(np.asarray(lam_start, np.float64), (B,)).copy()
     cap = _budgets(max_iter, B)
     for _ in range(int(cap.max(initial=0))):
         active = (reason == 1) & (n_iter < cap)  # (reason 1 at the end: the problem's cap)
         if not active.any():
             break
         n_iter += active
-        d = -semi_dual_hessian_solve(gamma, out.idx, out.vals > 0, g, _host.to_device(lam, dev))
-        if (out_h[active] > 0).any():
+        lam_d = _host.to_device(lam, dev)
+        if cg:
+            d = -semi_dual_hessian_cg(gamma, out.idx, out.vals > 0, g, lam_d, int(held[1].max()))
+        else:
+            d = -semi_dual_hessian_solve(gamma, out.idx, out.vals > 0, g, lam_d)
+        if (held[0][active] > 0).any():
             move = entering(theta, out)
             d = torch.where(move != 0, move, d)
         # off the constant: the objective does not change along it (equal masses), and in float32
@@ -156,13 +219,14 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
         # (30 x 12, gamma 0.01: mean potential -0.07 -> -2.6 in 3 steps, 11 of 30 converged, 24 without)
         d = d - d.mean(-1, keepdim=True)
         gd = (g * d).sum(-1)
+        f_start = f_h
         alpha, searching, slope = np.ones(B), active.copy(), None
         for trial in range(max_halvings + 1):
             step = d if trial == 0 else _host.to_device(alpha, dev).to(dt)[:, None] * d
             fc, gc, outc, sc = evaluate(theta + step)
-            st = _host.to_host(fc, gc.abs().sum(-1), sc, outside(outc), *((gd,) if trial == 0 else ()))
+            st = _host.to_host(fc, gc.abs().sum(-1), sc, *probe(outc), *((gd,) if trial == 0 else ()))
             if trial == 0:
-                slope = st[4]
+                slope = st[-1]
             with np.errstate(invalid="ignore"):
                 ok = searching & np.isfinite(st[0]) & np.isfinite(st[1]) & (
                     st[0] <= f_h + c1 * alpha * slope + slack * np.maximum(s_h, st[2]))
@@ -171,14 +235,23 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
             elif ok.any():
                 mask = _host.to_device(ok, dev)
                 theta, g, out = _where(mask, (theta + step, gc, outc), (theta, g, out))
-            f_h, g_h, s_h, out_h = (np.where(ok, new, old) for new, old in zip(st[:4], (f_h, g_h, s_h, out_h)))
+            f_h, g_h, s_h, *held = (np.where(ok, new, old) for new, old in zip(st, (f_h, g_h, s_h, *held)))
             searching &= ~ok
             if not searching.any():
                 break
             alpha = np.where(searching, alpha / 2, alpha)
         taken = active & ~searching
-        lam = np.where(taken & (alpha >= 1), np.maximum(lam / 10, LAM_MIN), lam)
-        lam = np.where(taken & (alpha < 0.25), lam * 10, lam)
+        # the gain ratio: the decrease against the quadratic model's, -alpha g.d (1 - alpha/2) (its
+        # minimum at alpha = 1 where the step is Newton's; the damping's and the support's
+        # changes make the model optimistic, and the ratio says by how much). Taken as 1 where the
+        # model's decrease is within the objective's rounding: there the ratio is noise, and it
+        # raised the damping step after step (float32 at its floor: to LAM_MAX, where the solve
+        # stopped at 10x the gradient norm L-BFGS reached)
+        model = -alpha * slope * (1 - alpha / 2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho = np.where(model > slack * s_h, (f_start - f_h) / model, 1.0)
+        lam = np.where(taken & (alpha >= 1) & (rho >= RHO_LOWER), np.maximum(lam / 10, LAM_MIN), lam)
+        lam = np.where(taken & ((alpha < 0.25) | ~(rho >= RHO_RAISE)), lam * 10, lam)
         lam = np.where(active & searching, lam * 100, lam)
         with np.errstate(invalid="ignore"):
             stale = np.where(taken & (g_h < 0.99 * best), 0, stale + active)

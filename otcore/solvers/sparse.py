@@ -49,7 +49,7 @@ from .._cg import pcg
 from . import _host
 from ._entropic import balanced_gauge, check_init, finite_abs_max, padded, tol_against_mass
 from ._lbfgs import lbfgs
-from ._qot_newton import DIRECT_MAX, newton, semi_dual_hessian_solve
+from ._qot_newton import DIRECT_MAX, LAM_STAGE, LAM_START, newton, semi_dual_hessian_solve
 from .sinkhorn import check_schedule
 from ..autograd import first_order_only
 from ..geometry import CostMatrix, Geometry
@@ -240,10 +240,11 @@ def sparse_ot(
             progress.label = f"sparse_ot (gamma stage {g:.3g})"
             tol_i = torch.where(_host.to_device(runs > len(stages) - 1 - i, theta.device), stage_tol, torch.inf)
             theta, _, n_iter, _, _ = _solve(dataclasses.replace(pb, gamma=g), theta, used, tol_i, ftol,
-                                            max_iter, history, progress, last=False)
+                                            max_iter, history, progress, last=False, staged=runs > 0)
             used = _host.host_array(n_iter).astype(np.int64)
         progress.label = "sparse_ot"
-        theta, out, n_iter, why, solver = _solve(pb, theta, used, tol, ftol, max_iter, history, progress, last=True)
+        theta, out, n_iter, why, solver = _solve(pb, theta, used, tol, ftol, max_iter, history, progress, last=True,
+                                                 staged=runs > 0)
         progress.close()
         hp, out = _settle(pb, theta[:, : pb.wp.shape[1]], out)
     res = _result(pb, hp, out, n_iter, why, tol, batched, progress.elapsed)
@@ -253,7 +254,7 @@ def sparse_ot(
 
 
 def _solve(pb: _Problem, theta, used: Optional[np.ndarray], tol, ftol, max_iter: int, history: int, progress,
-           last: bool):
+           last: bool, staged: np.ndarray):
     """One solve at ``pb.gamma`` from ``theta``, after ``used`` (B,) iterations of earlier
     stages (a host array; None: none), within ``max_iter`` in all: ``(theta, out, n_iter,
     reason, solver)``, ``n_iter`` (B,) the total so far. Newton steps where they apply
@@ -261,7 +262,8 @@ def _solve(pb: _Problem, theta, used: Optional[np.ndarray], tol, ftol, max_iter:
     (near an unregularized problem: ``gamma`` small against the costs, the support changing
     at every step), L-BFGS goes on from there for what the problem's own runs left of
     ``max_iter`` (not what the batch's longest left); an earlier stage just hands its
-    iterate to the next one."""
+    iterate to the next one. Newton's damping starts at ``LAM_STAGE`` for the problems in a
+    continuation (``staged``, (B,) bool: those that run stages), else at ``LAM_START``."""
     left = max_iter if used is None else max_iter - used
 
     def total(more):  # the iterations so far: more, plus the earlier stages'
@@ -270,7 +272,8 @@ def _solve(pb: _Problem, theta, used: Optional[np.ndarray], tol, ftol, max_iter:
     if not _newton_applies(pb):
         theta, out, more, _, _, why = run_lbfgs(pb, pb.evaluate, theta, tol, ftol, left, history, progress)
         return theta, out, total(more), why, "L-BFGS"
-    theta, out, more, _, _, why = newton(pb.evaluate, pb.gamma, theta, tol, left, *_outside(pb), progress=progress)
+    theta, out, more, _, _, why = newton(pb.evaluate, pb.gamma, theta, tol, left, *_outside(pb), progress=progress,
+                                         lam_start=np.where(staged, LAM_STAGE, LAM_START))
     n_iter = total(more)
     if not last:
         return theta, out, n_iter, why, "newton"
@@ -356,8 +359,9 @@ def _outside(pb: _Problem):
 def _newton_applies(pb: _Problem) -> bool:
     """Newton steps (:func:`~otcore.solvers._qot_newton.newton`) instead of L-BFGS: the
     semi-dual with no cardinality constraint left (``k`` >= the line length: quadratically
-    regularized OT, a smooth objective) and few positions (its Hessian is N x N)."""
-    return pb.semi and pb.k >= pb.wp.shape[1] and pb.wp.shape[1] <= DIRECT_MAX
+    regularized OT, a smooth objective), at any size (past ``DIRECT_MAX`` positions the
+    Newton systems are solved by conjugate gradient on the support)."""
+    return pb.semi and pb.k >= pb.wp.shape[1]
 
 
 def run_lbfgs(pb: _Problem, evaluate, theta0, tol: float, ftol: float, max_iter, history: int, progress=None):
