@@ -274,8 +274,8 @@ class SparseOTRouter(nn.Module):
         """The capacity solve's starting duals, from the same routing without the capacity
         (quadratically regularized OT, ``k = n_experts`` per token) solved through its
         expert duals: ``E`` unknowns per group instead of ``n_tokens``, by Newton steps
-        (``sparse_ot``'s solver for it up to 64 experts; L-BFGS above), each evaluation the same pass over
-        the scores. Where the capacity does not bind (no expert's support exceeds it, as
+        (``sparse_ot``'s solver for it; past 64 experts by conjugate gradient), each
+        evaluation the same pass over the scores. Where the capacity does not bind (no expert's support exceeds it, as
         with the defaults on unit-scale scores) that plan *is* the capacity problem's
         optimum, and the capacity solve from these duals stops at its first test (4096 x 8,
         float32: 2 Newton steps and 0, against 19 L-BFGS iterations from zero; a call's

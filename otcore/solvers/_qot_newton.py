@@ -168,11 +168,12 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
     in no line's support, so the step solves the damped system ``K_lam d = -g``
     (:func:`semi_dual_hessian_solve` up to ``DIRECT_MAX`` positions, else
     :func:`semi_dual_hessian_cg`; Levenberg-Marquardt: ``lam`` per problem from
-    ``lam_start`` (a number or a (B,) host array), divided by 10 after a full step whose decrease was at least ``RHO_LOWER``
-    of the quadratic model's, down to ``LAM_MIN``, where the steps are Newton's and converge
-    superlinearly; multiplied by 10 after a step halved below 1/4 or one that gained less
-    than ``RHO_RAISE`` of the model's, and by 100 after none was accepted), with backtracking (Armijo, ``c1``, at most ``max_halvings`` halvings, and a
-    rounding slack of ``16 eps scale`` so that a problem at its dtype's floor is not refused
+    ``lam_start`` (a number or a (B,) host array), divided by 10 after a full step whose
+    decrease was at least ``RHO_LOWER`` of the quadratic model's, down to ``LAM_MIN``, where
+    the steps are Newton's and converge superlinearly; multiplied by 10 after a step halved
+    below 1/4 or one that gained less than ``RHO_RAISE`` of the model's, and by 100 after
+    none was accepted), with backtracking (Armijo, ``c1``, at most ``max_halvings``
+    halvings, and a rounding slack of ``16 eps scale`` so that a problem at its dtype's floor is not refused
     every step). A weighted position in no line's support is moved apart, to where it
     enters one (the damping's step, ``|g_i| gamma / lam``, has no scale to the distance):
     ``outside(out)`` (B,) counts them, and where there are any ``entering(theta, out)``

@@ -22,9 +22,11 @@ max_nz=k)`` uses the same convention. ``k >= n`` is quadratically regularized OT
 
 The optimizer is a batched L-BFGS on the torch tensors with an Armijo backtracking line
 search -- or, for the semi-dual with no cardinality constraint left (``k`` >= the line
-length: quadratically regularized OT, a smooth objective) and at most ``DIRECT_MAX``
-positions, damped Newton steps (:mod:`otcore.solvers._qot_newton`), L-BFGS taking over
-where they stall. At small ``gamma`` quadratically regularized OT is solved by
+length: quadratically regularized OT, a smooth objective), damped Newton steps
+(:mod:`otcore.solvers._qot_newton`: their systems solved directly up to ``DIRECT_MAX``
+positions, by conjugate gradient on the support past that), L-BFGS taking over where they
+stall. Newton's host synchronisations: one per trial, and those of its conjugate gradient
+(one per 8 products). At small ``gamma`` quadratically regularized OT is solved by
 continuation from larger ones (:func:`gamma_stages`). Each objective evaluation is one
 k-sparse pass of the geometry (:meth:`otcore.geometry.Geometry.ksparse_columns`). Host
 synchronisations: one per line-search trial (usually one trial per iteration) and one per
@@ -160,9 +162,9 @@ def sparse_ot(
     Solves ``min <T, C> + (gamma/2) |T|^2`` over couplings of ``a`` and ``b`` whose
     columns (``axis=0``) or rows (``axis=1``) have at most ``k`` nonzeros, through its
     semi-dual or dual (see the module docstring), by batched L-BFGS, or by damped Newton
-    steps where ``k`` >= the line length and the positions (rows for ``axis=0``) number at
-    most 64 (semi-dual only: 11-49 steps where L-BFGS took 31-73 iterations on a 12 x 9
-    problem, docs/sparse_ot.md).
+    steps where ``k`` >= the line length (semi-dual only; past 64 positions, rows for
+    ``axis=0``, their systems by conjugate gradient: 3.4-7.3x less time than L-BFGS on
+    300 x 200 and 1000 x 800 clouds in float64, docs/sparse_ot.md).
 
     Args:
         geom: :class:`~otcore.PointCloud` or :class:`~otcore.CostMatrix`, ``B`` problems if batched.
@@ -296,8 +298,8 @@ def gamma_stages(schedule, pb: _Problem, warm: bool) -> tuple[list[float], np.nd
     about what it would take alone).
 
     ``"auto"``: a decay factor of 1/4 for quadratically regularized OT (``k`` >= the line
-    length; 6.3x less time where Newton solves, 1.7x where L-BFGS does, over CPU test
-    problems at gamma 1e-4 to 0.1, docs/sparse_ot.md), none where ``k`` can bind (L-BFGS
+    length; 8.2x less time where Newton's systems are solved directly, 4.4x by conjugate
+    gradient, over CPU test problems at gamma 1e-4 to 0.1, docs/sparse_ot.md), none where ``k`` can bind (L-BFGS
     stops on ``ftol`` at the relaxation's kink: on 200 x 150 with ``k = 5`` the stages took
     1.5x more time at ``gamma = 1e-2`` and converged where the cold solve ran out of
     iterations at 1e-3 and 1e-4; a factor asks for them).
