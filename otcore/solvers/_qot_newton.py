@@ -53,8 +53,19 @@ LAM_STAGE = 0.1
 RHO_LOWER, RHO_RAISE = 0.75, 0.25
 #: :func:`semi_dual_hessian_cg`: the relative (preconditioned) residual that ends it, and its
 #: cap: an inexact Newton step; on 300 x 200 clouds ~30 CG products per step, and the same
-#: Newton iterations as the direct solve to 1e-9
-CG_RTOL, CG_MAX = 1e-3, 500
+#: Newton iterations as the direct solve to 1e-9. :func:`newton` tightens it with the gradient
+#: (``CG_RTOL`` times the gradient norm's fall since its start, down to ``CG_RTOL_MIN`` steps of
+#: the dtype): with weights spanning 1e-6 a fixed 1e-3 stalled Newton at a gradient norm of
+#: 3.6e-8 where the direct solve converged to 1e-9 (a review's 120 x 50)
+CG_RTOL, CG_MAX, CG_RTOL_MIN = 1e-3, 500, 100
+#: :func:`newton` stops as stationary after ``patience`` steps that neither lowered the gradient
+#: norm 1% below its best nor took ``FLAT`` of the objective's decrease so far off it (over those
+#: steps). The gradient alone stopped solves whose first steps raised it while the objective fell
+#: (a review: 1000 x 800 clouds at gamma 10-20, |g| 0.6 -> 1.8 -> 0.6 in 10 steps that took 12-81%
+#: of the decrease so far, then converged in 22); any decrease let near-linear programs creep for
+#: thousands of steps taking 0.03-1% each, where L-BFGS is the faster way on (90 x 110 at gamma x
+#: weight 7e-7 of the costs' range: 3000 Newton steps to |g| 15 where L-BFGS converged in 2755)
+FLAT = 0.02
 
 
 def semi_dual_hessian_solve(gamma: float, idx: torch.Tensor, support: torch.Tensor, u: torch.Tensor,
@@ -180,10 +191,12 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
     (B, N) gives their steps (zero elsewhere).
 
     Stops a problem when ``|g|_1 <= tol`` (reason 0), on non-finite values (3), when the
-    damping has grown past ``LAM_MAX`` without a step (2), or when ``|g|_1`` has not fallen
-    1% below its best for ``patience`` iterations (5: stationary at the dtype's floor, not
-    converged); else at ``max_iter`` (1; a number, or a (B,) host array of per-problem
-    budgets, 0 allowed). One host synchronisation per trial (usually one per iteration).
+    damping has grown past ``LAM_MAX`` without a step (2), or after ``patience`` iterations
+    in which ``|g|_1`` did not fall 1% below its best while the objective fell by less than
+    ``FLAT`` of its decrease since the start (5: stationary, not converged; the iterate
+    returned is then the one of least ``|g|_1``, one more evaluation where it is not the
+    last); else at ``max_iter`` (1; a number, or a (B,) host array of per-problem budgets,
+    0 allowed). One host synchronisation per trial (usually one per iteration).
 
     Returns ``(theta, aux, n_iter, grad_l1, converged, reason)`` as :func:`~otcore.solvers._lbfgs.lbfgs`.
     """
@@ -199,7 +212,8 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
     f, g, out, scale = evaluate(theta)
     f_h, g_h, s_h, *held = _host.to_host(f, g.abs().sum(-1), scale, *probe(out))  # held: [outside, (width)]
     reason = np.where(g_h <= tol_h, 0, np.where(np.isfinite(f_h) & np.isfinite(g_h), 1, 3))
-    best, stale = g_h.copy(), np.zeros(B, np.int64)
+    best, stale, g_start, f_first = g_h.copy(), np.zeros(B, np.int64), g_h.copy(), f_h.copy()
+    f_past, theta_best = [f_h], theta  # the objective at each of the last patience iterations; the best iterate
     n_iter, lam = np.zeros(B, np.int64), np.broadcast_to(np.asarray(lam_start, np.float64), (B,)).copy()
     cap = _budgets(max_iter, B)
     for _ in range(int(cap.max(initial=0))):
@@ -209,7 +223,9 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
         n_iter += active
         lam_d = _host.to_device(lam, dev)
         if cg:
-            d = -semi_dual_hessian_cg(gamma, out.idx, out.vals > 0, g, lam_d, int(held[1].max()))
+            fall = np.min(g_h[active] / g_start[active])
+            rtol = float(np.clip(CG_RTOL * fall, CG_RTOL_MIN * torch.finfo(dt).eps, CG_RTOL))
+            d = -semi_dual_hessian_cg(gamma, out.idx, out.vals > 0, g, lam_d, int(held[1].max()), rtol=rtol)
         else:
             d = -semi_dual_hessian_solve(gamma, out.idx, out.vals > 0, g, lam_d)
         if (held[0][active] > 0).any():
@@ -256,11 +272,23 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
         lam = np.where(active & searching, lam * 100, lam)
         with np.errstate(invalid="ignore"):
             stale = np.where(taken & (g_h < 0.99 * best), 0, stale + active)
+            f_past = (f_past + [f_h])[-patience - 1:]
+            flat = f_past[0] - f_h <= FLAT * np.maximum(f_first - f_h, 0)  # (FLAT, above: the last steps' share)
+            better = g_h < best
             best = np.fmin(best, g_h)
             reason = np.where(active & (lam > LAM_MAX), 2, reason)
-            reason = np.where(active & (stale >= patience), 5, reason)
+            reason = np.where(active & (stale >= patience) & flat, 5, reason)
             reason = np.where(taken & (g_h <= tol_h), 0, reason)
+        if better.all():  # (no copy: theta is replaced, never written to)
+            theta_best = theta
+        elif better.any():
+            theta_best = _where(_host.to_device(better, dev), theta, theta_best)
         if progress is not None and progress.due():
             progress.update(int(n_iter.max()), float(np.nanmax(g_h[active])), None, "Newton")
+    back = ((reason == 2) | (reason == 5)) & (best < g_h)  # stalled past their best iterate: back to it
+    if back.any():
+        _, _, out_best, _ = evaluate(theta_best)
+        theta, out = _where(_host.to_device(back, dev), (theta_best, out_best), (theta, out))
+        g_h = np.where(back, best, g_h)
     res = _host.to_device(np.stack([n_iter, g_h, reason == 0, reason]), dev)
     return theta, out, res[0].long(), res[1].to(dt), res[2] > 0, res[3].long()
