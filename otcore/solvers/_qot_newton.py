@@ -131,11 +131,12 @@ def _pinv_apply(lam, V, keep, r: torch.Tensor) -> torch.Tensor:
 
 
 def semi_dual_hessian_cg(gamma: float, idx: torch.Tensor, support: torch.Tensor, u: torch.Tensor,
-                         lam: torch.Tensor, width: int, rtol: float = CG_RTOL,
-                         max_iter: int = CG_MAX) -> torch.Tensor:
+                         lam: torch.Tensor, width: int, rtol=CG_RTOL, max_iter: int = CG_MAX,
+                         active: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``w ~ K_lam^-1 u`` (B, N) for the damped system of :func:`semi_dual_hessian_solve`
     (``lam`` (B,) > 0), by Jacobi-preconditioned conjugate gradient (:func:`otcore._cg.pcg`,
-    to ``rtol``) without forming ``K``: on the support compacted to ``width`` slots per line
+    to ``rtol``, a number or (B,) per problem; ``active`` (B,) bool: the others get 0 and
+    cost no product) without forming ``K``: on the support compacted to ``width`` slots per line
     (``width`` >= every line's support size, a host number), a product
     ``K_lam v = (D_lam v - M diag(1/|S|) M^T v) / gamma`` is a gather, a sum per line and a
     scatter, ``O(L width)``. ``K_lam``'s diagonal is ``(D_lam_i - sum_{l ni i} 1/|S_l|) / gamma``
@@ -161,7 +162,7 @@ def semi_dual_hessian_cg(gamma: float, idx: torch.Tensor, support: torch.Tensor,
         along = (torch.gather(v, 1, pos).reshape(B, L, width) * on).sum(-1)  # M^T v
         return (D * v - spread(share * along[..., None])) / gamma
 
-    w, _ = pcg(K, u, rtol, max_iter, inv_diag=gamma / diag)
+    w, _ = pcg(K, u, rtol, max_iter, inv_diag=gamma / diag, active=active)
     return w
 
 
@@ -212,7 +213,7 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
     f, g, out, scale = evaluate(theta)
     f_h, g_h, s_h, *held = _host.to_host(f, g.abs().sum(-1), scale, *probe(out))  # held: [outside, (width)]
     reason = np.where(g_h <= tol_h, 0, np.where(np.isfinite(f_h) & np.isfinite(g_h), 1, 3))
-    best, stale, g_start, f_first = g_h.copy(), np.zeros(B, np.int64), g_h.copy(), f_h.copy()
+    best, stale, g_first, f_first = g_h.copy(), np.zeros(B, np.int64), g_h.copy(), f_h.copy()
     f_past, theta_best = [f_h], theta  # the objective at each of the last patience iterations; the best iterate
     n_iter, lam = np.zeros(B, np.int64), np.broadcast_to(np.asarray(lam_start, np.float64), (B,)).copy()
     cap = _budgets(max_iter, B)
@@ -222,10 +223,12 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
             break
         n_iter += active
         lam_d = _host.to_device(lam, dev)
-        if cg:
-            fall = np.min(g_h[active] / g_start[active])
-            rtol = float(np.clip(CG_RTOL * fall, CG_RTOL_MIN * torch.finfo(dt).eps, CG_RTOL))
-            d = -semi_dual_hessian_cg(gamma, out.idx, out.vals > 0, g, lam_d, int(held[1].max()), rtol=rtol)
+        if cg:  # per problem: another one's tolerance must not change this one's steps (a review)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rtol = np.clip(CG_RTOL * g_h / g_first, CG_RTOL_MIN * torch.finfo(dt).eps, CG_RTOL)
+            d = -semi_dual_hessian_cg(gamma, out.idx, out.vals > 0, g, lam_d, int(held[1].max()),
+                                      rtol=_host.to_device(np.nan_to_num(rtol, nan=CG_RTOL), dev).to(dt),
+                                      active=_host.to_device(active, dev))
         else:
             d = -semi_dual_hessian_solve(gamma, out.idx, out.vals > 0, g, lam_d)
         if (held[0][active] > 0).any():

@@ -283,16 +283,17 @@ def _solve(pb: _Problem, theta, used: Optional[np.ndarray], tol, ftol, max_iter:
     left = max_iter - its
     stalled = (stops == 2) | (stops == 5)
     if (stalled & (left > 0)).any():  # converged problems stop at once; one with no iteration left on max_iter
-        then = run_lbfgs(pb, pb.evaluate, theta, tol, ftol, left, history, progress)
+        theta_l, out_l, more, gnorm_l, _, why_l = run_lbfgs(pb, pb.evaluate, theta, tol, ftol, left, history,
+                                                            progress)
         # the better end of the two, by gradient norm: from Newton's stall L-BFGS can end further
         # off (a review: 4.3e-8 -> 8.1e-7 on float64 weights spanning 1e-6, 0.66 -> 11.2 of a mass
         # of 100 in a float32 batch). The stop is L-BFGS's (max_iter, say), unless non-finite
-        worse = ~(_host.host_array(then[3]) <= gnorm_h)
+        worse = ~(_host.host_array(gnorm_l) <= gnorm_h)
         if worse.any():
             keep = _host.to_device(~worse, theta.device)
-            stop = torch.where(keep | (then[5] != 3), then[5], why)
-            then = (*_where(keep, then[:2], (theta, out)), then[2], then[3], then[4], stop)
-        return then[0], then[1], n_iter + then[2], then[5], "newton, then L-BFGS"
+            why_l = torch.where(keep | (why_l != 3), why_l, why)
+            theta_l, out_l = _where(keep, (theta_l, out_l), (theta, out))
+        return theta_l, out_l, n_iter + more, why_l, "newton, then L-BFGS"
     if stalled.any():  # no iteration left for L-BFGS: the cap, not the dtype, stopped them
         why = torch.where((why == 2) | (why == 5), 1, why)
     return theta, out, n_iter, why, "newton"
@@ -306,11 +307,11 @@ def gamma_stages(schedule, pb: _Problem, warm: bool) -> tuple[list[float], np.nd
     about what it would take alone).
 
     ``"auto"``: a decay factor of 1/4 for quadratically regularized OT (``k`` >= the line
-    length; 8.2x less time where Newton's systems are solved directly, 4.4x by conjugate
-    gradient, over CPU test problems at gamma 1e-4 to 0.1, docs/sparse_ot.md), none where ``k`` can bind (L-BFGS
-    stops on ``ftol`` at the relaxation's kink: on 200 x 150 with ``k = 5`` the stages took
-    1.5x more time at ``gamma = 1e-2`` and converged where the cold solve ran out of
-    iterations at 1e-3 and 1e-4; a factor asks for them).
+    length; 8.1x less time where Newton's systems are solved directly, 3.9x by conjugate
+    gradient, over CPU test problems at gamma 1e-4 to 0.1, docs/sparse_ot.md), none where
+    ``k`` can bind (L-BFGS stops on ``ftol`` at the relaxation's kink: on 200 x 150 with
+    ``k = 5`` the stages took 1.5x more time at ``gamma = 1e-2`` and converged where the
+    cold solve ran out of iterations at 1e-3 and 1e-4; a factor asks for them).
 
     A decay factor ``q`` in (0, 1): the stages ``gamma / q**s``, ``s = S, ..., 1``, ``S``
     the fewest (at most ``STAGES_MAX``) for which every problem's ``gamma / q**S`` times
