@@ -135,8 +135,8 @@ def semi_dual_hessian_cg(gamma: float, idx: torch.Tensor, support: torch.Tensor,
                          active: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``w ~ K_lam^-1 u`` (B, N) for the damped system of :func:`semi_dual_hessian_solve`
     (``lam`` (B,) > 0), by Jacobi-preconditioned conjugate gradient (:func:`otcore._cg.pcg`,
-    to ``rtol``, a number or (B,) per problem; ``active`` (B,) bool: the others get 0 and
-    cost no product) without forming ``K``: on the support compacted to ``width`` slots per line
+    to ``rtol``, a number or (B,) per problem; ``active`` (B,) bool: the others get 0 and do
+    not keep the batch's iterations going) without forming ``K``: on the support compacted to ``width`` slots per line
     (``width`` >= every line's support size, a host number), a product
     ``K_lam v = (D_lam v - M diag(1/|S|) M^T v) / gamma`` is a gather, a sum per line and a
     scatter, ``O(L width)``. ``K_lam``'s diagonal is ``(D_lam_i - sum_{l ni i} 1/|S_l|) / gamma``

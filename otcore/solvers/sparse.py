@@ -163,7 +163,7 @@ def sparse_ot(
     columns (``axis=0``) or rows (``axis=1``) have at most ``k`` nonzeros, through its
     semi-dual or dual (see the module docstring), by batched L-BFGS, or by damped Newton
     steps where ``k`` >= the line length (semi-dual only; past 64 positions, rows for
-    ``axis=0``, their systems by conjugate gradient: 3.4-7.3x less time than L-BFGS on
+    ``axis=0``, their systems by conjugate gradient: 3.5-7.2x less time than L-BFGS on
     300 x 200 and 1000 x 800 clouds in float64, docs/sparse_ot.md).
 
     Args:
