@@ -6,7 +6,8 @@ at router sizes they, not arithmetic, bound a call (docs/router.md#cost). Since 
 capacity mode seeds its solve from the routing without the capacity, solved through the
 expert duals by Newton steps (``SparseOTRouter._seed``), and the implicit plan gradient
 solves its system directly (``sparse.DIRECT_MAX``); "before" undoes both (a cold capacity
-solve, conjugate gradient). Same counts on any machine.
+solve, conjugate gradient: since 2026-12-02 with the semi-dual's products on the support,
+not autograd's, 49-81 operations fewer). Same counts on any machine.
 
     python bench/router_op_count.py            # three sizes, plan_grad "fixed" and "implicit"
     python bench/router_op_count.py --sweep    # 243 settings, plan_grad "fixed" (~10 min on one CPU thread)

@@ -834,6 +834,15 @@ def test_newton_system_by_conjugate_gradient_matches_the_direct_solve(dtype):
     # stopped at the default 1e-3 it is an inexact step, still a descent direction for -u
     rough = Q.semi_dual_hessian_cg(0.3, idx, support, u, lam, width)
     assert bool(((rough * u).sum(-1) > 0).all())
+    # undamped (the implicit plan gradient's system), u in K's range: the minimum-norm solution,
+    # as the direct solve's (the one-slot lines' and the empty position's null directions untouched)
+    M = torch.zeros(B, N, L, dtype=F64).scatter_(1, idx.transpose(1, 2), support.transpose(1, 2).to(F64))
+    size = M.sum(1)
+    K = (torch.diag_embed(M.sum(2)) - (M / size.clamp(min=1)[:, None, :]) @ M.transpose(1, 2)) / 0.3
+    u_range = (K @ torch.randn(B, N, 1, generator=g, dtype=F64))[..., 0].to(dtype)
+    direct = Q.semi_dual_hessian_solve(0.3, idx, support, u_range)
+    cg = Q.semi_dual_hessian_cg(0.3, idx, support, u_range, None, width, rtol=rtol, max_iter=500)
+    torch.testing.assert_close(cg, direct, rtol=0, atol=(1e-9 if dtype == F64 else 1e-4) * float(direct.abs().max()))
 
 
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 1e-5)])

@@ -131,12 +131,16 @@ def _pinv_apply(lam, V, keep, r: torch.Tensor) -> torch.Tensor:
 
 
 def semi_dual_hessian_cg(gamma: float, idx: torch.Tensor, support: torch.Tensor, u: torch.Tensor,
-                         lam: torch.Tensor, width: int, rtol=CG_RTOL, max_iter: int = CG_MAX,
+                         lam: Optional[torch.Tensor], width: int, rtol=CG_RTOL, max_iter: int = CG_MAX,
                          active: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``w ~ K_lam^-1 u`` (B, N) for the damped system of :func:`semi_dual_hessian_solve`
     (``lam`` (B,) > 0), by Jacobi-preconditioned conjugate gradient (:func:`otcore._cg.pcg`,
     to ``rtol``, a number or (B,) per problem; ``active`` (B,) bool: the others get 0 and do
-    not keep the batch's iterations going) without forming ``K``: on the support compacted to ``width`` slots per line
+    not keep the batch's iterations going); with ``lam`` None, ``w ~ K^+ u`` for ``u`` in
+    ``K``'s range, by conjugate gradient without a preconditioner (from 0 its iterates stay
+    in the range: the minimum-norm solution, as :func:`semi_dual_hessian_solve`'s; a diagonal
+    preconditioner would add a part along ``K``'s null directions, which moves the weights'
+    gradients). Both without forming ``K``: on the support compacted to ``width`` slots per line
     (``width`` >= every line's support size, a host number), a product
     ``K_lam v = (D_lam v - M diag(1/|S|) M^T v) / gamma`` is a gather, a sum per line and a
     scatter, ``O(L width)``. ``K_lam``'s diagonal is ``(D_lam_i - sum_{l ni i} 1/|S_l|) / gamma``
@@ -154,15 +158,16 @@ def semi_dual_hessian_cg(gamma: float, idx: torch.Tensor, support: torch.Tensor,
         return torch.zeros_like(u).scatter_add_(1, pos, t.reshape(B, L * width))
 
     D = spread(on)
-    lam = lam.to(u.dtype)[:, None]
-    D = D * (1 + lam) + lam * (D == 0)
-    diag = D - spread(share)
+    if lam is not None:
+        lam = lam.to(u.dtype)[:, None]
+        D = D * (1 + lam) + lam * (D == 0)
 
     def K(v):
         along = (torch.gather(v, 1, pos).reshape(B, L, width) * on).sum(-1)  # M^T v
         return (D * v - spread(share * along[..., None])) / gamma
 
-    w, _ = pcg(K, u, rtol, max_iter, inv_diag=gamma / diag, active=active)
+    inv_diag = None if lam is None else gamma / (D - spread(share))
+    w, _ = pcg(K, u, rtol, max_iter, inv_diag=inv_diag, active=active)
     return w
 
 
