@@ -138,14 +138,17 @@ def semi_dual_hessian_cg(gamma: float, idx: torch.Tensor, support: torch.Tensor,
     to ``rtol``, a number or (B,) per problem; ``active`` (B,) bool: the others get 0 and do
     not keep the batch's iterations going); with ``lam`` None, ``w ~ K^+ u`` for ``u`` in
     ``K``'s range, by conjugate gradient without a preconditioner (from 0 its iterates stay
-    in the range: the minimum-norm solution, as :func:`semi_dual_hessian_solve`'s; a diagonal
-    preconditioner would add a part along ``K``'s null directions, which moves the weights'
-    gradients). Both without forming ``K``: on the support compacted to ``width`` slots per line
+    in the range: the minimum-norm solution, as :func:`semi_dual_hessian_solve`'s; a
+    diagonal preconditioner would add a part along ``K``'s null directions, which moves the
+    weights' gradients).
+
+    Both without forming ``K``: on the support compacted to ``width`` slots per line
     (``width`` >= every line's support size, a host number), a product
     ``K_lam v = (D_lam v - M diag(1/|S|) M^T v) / gamma`` is a gather, a sum per line and a
-    scatter, ``O(L width)``. ``K_lam``'s diagonal is ``(D_lam_i - sum_{l ni i} 1/|S_l|) / gamma``
-    (positive: ``D_lam > D`` and a line holds ``i`` once). Stopped early (an inexact Newton
-    step), ``w`` is still a descent direction: conjugate gradient's iterates from 0 are.
+    scatter, ``O(L width)``. ``K_lam``'s diagonal is
+    ``(D_lam_i - sum_{l ni i} 1/|S_l|) / gamma`` (positive: ``D_lam > D`` and a line holds
+    ``i`` once). Stopped early (an inexact Newton step), ``w`` is still a descent direction:
+    conjugate gradient's iterates from 0 are.
     """
     B, L, _ = idx.shape
     width = max(1, min(int(width), idx.shape[2]))

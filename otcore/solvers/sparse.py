@@ -51,7 +51,8 @@ from .._cg import pcg
 from . import _host
 from ._entropic import balanced_gauge, check_init, finite_abs_max, padded, tol_against_mass
 from ._lbfgs import _where, lbfgs
-from ._qot_newton import DIRECT_MAX, LAM_STAGE, LAM_START, newton, semi_dual_hessian_cg, semi_dual_hessian_solve
+from ._qot_newton import (DIRECT_MAX, LAM_STAGE, LAM_START, newton, semi_dual_hessian_cg,
+                          semi_dual_hessian_solve)
 from .sinkhorn import check_schedule
 from ..autograd import first_order_only
 from ..geometry import CostMatrix, Geometry
