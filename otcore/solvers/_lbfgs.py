@@ -89,7 +89,7 @@ def _on_host(x, B: int) -> np.ndarray:
 
 def _budgets(max_iter, B: int) -> np.ndarray:
     """``max_iter`` (a number, or a (B,) host array of per-problem budgets) as (B,) int64."""
-    return np.broadcast_to(np.asarray(max_iter, dtype=np.int64), (B,))
+    return _on_host(max_iter, B).astype(np.int64)
 
 
 def _pick(mask: np.ndarray, new: tuple, old: tuple) -> tuple:

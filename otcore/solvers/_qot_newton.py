@@ -223,7 +223,7 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
     reason = np.where(g_h <= tol_h, 0, np.where(np.isfinite(f_h) & np.isfinite(g_h), 1, 3))
     best, stale, g_first, f_first = g_h.copy(), np.zeros(B, np.int64), g_h.copy(), f_h.copy()
     f_past, theta_best = [f_h], theta  # the objective at each of the last patience iterations; the best iterate
-    n_iter, lam = np.zeros(B, np.int64), np.broadcast_to(np.asarray(lam_start, np.float64), (B,)).copy()
+    n_iter, lam = np.zeros(B, np.int64), _on_host(lam_start, B)
     cap = _budgets(max_iter, B)
     for _ in range(int(cap.max(initial=0))):
         active = (reason == 1) & (n_iter < cap)  # (reason 1 at the end: the problem's cap)
