@@ -312,12 +312,13 @@ def _support_margin(res, C):
     return float(min(margins))
 
 
-# the implicit gradient's system: the semi-dual's solved directly (small problems) or by conjugate
-# gradient (as for large ones); the dual's always by conjugate gradient
-@pytest.mark.parametrize("formulation,solve", [("semi-dual", "direct"), ("semi-dual", "cg"), ("dual", "cg")])
+# the implicit gradient's system (the dual's reduced to the semi-dual's): solved directly (small
+# problems) or by conjugate gradient (as for large ones)
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+@pytest.mark.parametrize("solve", ["direct", "cg"])
 @pytest.mark.parametrize("case", ["k_large", "band"])
 def test_value_and_plan_gradients_by_finite_differences(formulation, case, solve, monkeypatch):
-    if solve == "cg" and formulation == "semi-dual":
+    if solve == "cg":
         monkeypatch.setattr(S, "DIRECT_MAX", 0)
     if case == "band":
         C, a, b, k, gamma = _band_problem()
@@ -997,7 +998,7 @@ def test_gamma_schedule_where_it_applies():
         binding = otcore.sparse_ot(geom, a, b, k=3, gamma=small, max_iter=50)
     assert binding.info["gamma_stages"] == []  # k binds: none by default
     dual = otcore.sparse_ot(geom, a, b, k=20, gamma=small, formulation="dual", tol=1e-9)
-    assert dual.info["gamma_stages"] and dual.info["solver"] == "L-BFGS" and dual.converged  # L-BFGS too
+    assert dual.info["gamma_stages"] and dual.info["solver"] == "newton (semi-dual)" and dual.converged
     assert otcore.sparse_ot(geom, a, b, k=20, gamma=large).info["gamma_stages"] == []  # dense already
     kw = dict(k=3, gamma=0.05, tol=1e-9)
     factor = otcore.sparse_ot(geom, a, b, gamma_schedule=0.5, **kw)
@@ -1121,10 +1122,64 @@ def test_newton_is_used_only_where_it_applies():
     geom = otcore.CostMatrix(C)
     assert otcore.sparse_ot(geom, k=30, gamma=0.3).info["solver"] == "newton"  # columns see all 30 rows
     assert otcore.sparse_ot(geom, k=5, gamma=0.3).info["solver"] == "L-BFGS"  # k binds
-    assert otcore.sparse_ot(geom, k=30, gamma=0.3, formulation="dual").info["solver"] == "L-BFGS"
+    assert otcore.sparse_ot(geom, k=30, gamma=0.3, formulation="dual").info["solver"] == "newton (semi-dual)"
+    assert otcore.sparse_ot(geom, k=5, gamma=0.3, formulation="dual").info["solver"] == "L-BFGS"
     big = otcore.CostMatrix(torch.rand(300, 4, generator=torch.Generator().manual_seed(9), dtype=F64))
     assert otcore.sparse_ot(big, k=300, gamma=0.3).info["solver"] == "newton"  # 300 positions: by CG
     assert otcore.sparse_ot(big, k=4, gamma=0.3, axis=1).info["solver"] == "newton"  # 4 positions
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_dual_without_binding_k_is_its_semi_dual_solved_by_newton(axis):
+    """The dual with k >= the line length (quadratically regularized OT) runs Newton on its
+    semi-dual: the same plan, duals and value; its own gradient (both marginals) within tol;
+    its value the dual objective at the returned duals, computed here from C; the plan POT's
+    (l2-regularized dual); a warm start from the result ends at once."""
+    geom, a, b = _clouds(50, 35, seed=3)
+    C = ((geom.x[0, :, None] - geom.y[0, None]) ** 2).sum(-1)
+    gamma, tol = 0.02, 1e-10
+    k = 50 if axis == 0 else 35
+    semi = otcore.sparse_ot(geom, a, b, k=k, gamma=gamma, axis=axis, tol=tol)
+    dual = otcore.sparse_ot(geom, a, b, k=k, gamma=gamma, axis=axis, tol=tol, formulation="dual")
+    assert dual.info["solver"] == "newton (semi-dual)" and dual.info["formulation"] == "dual"
+    assert dual.converged and dual.grad_norm <= tol and dual.n_iter == semi.n_iter
+    for f in ("alpha", "beta", "values", "value", "cost"):
+        torch.testing.assert_close(getattr(dual, f), getattr(semi, f), rtol=0, atol=1e-12)
+    X = torch.clamp(dual.alpha[:, None] + dual.beta[None, :] - C, min=0)
+    objective = a @ dual.alpha + b @ dual.beta - (X**2).sum() / (2 * gamma)
+    torch.testing.assert_close(dual.value, objective, rtol=1e-12, atol=0)
+    torch.testing.assert_close(dual.to_dense(), X / gamma, rtol=0, atol=1e-9)
+    pot = ot.smooth.smooth_ot_dual(a.numpy(), b.numpy(), C.numpy(), gamma, reg_type="l2", stopThr=1e-15,
+                                   numItermax=50000)
+    np.testing.assert_allclose(dual.to_dense().numpy(), pot, atol=1e-6)
+    warm = otcore.sparse_ot(geom, a, b, k=k, gamma=gamma, axis=axis, tol=tol, formulation="dual",
+                            init=(dual.alpha, dual.beta))
+    assert warm.converged and warm.n_iter <= 1 and warm.info["gamma_stages"] == []
+
+
+@pytest.mark.parametrize("k", [40, 6])  # k >= the line length (Newton), k = 6 (L-BFGS, k binds)
+def test_dual_implicit_gradient_is_the_semi_duals_at_the_same_optimum(k, monkeypatch):
+    """The dual's implicit system, its line block eliminated, is the semi-dual's: where both
+    end at the same plan their plan gradients agree, by conjugate gradient (past DIRECT_MAX)
+    and directly; the weights' up to a constant per side (what the null direction moves)."""
+    geom, a, b = _clouds(40, 30, seed=5)
+    W = torch.randn(30, min(k, 40), generator=torch.Generator().manual_seed(6), dtype=F64)
+
+    def grads(formulation, direct):
+        monkeypatch.setattr(S, "DIRECT_MAX", 10**9 if direct else 0)
+        x, y, ar, br = (t.clone().requires_grad_() for t in (geom.x[0], geom.y[0], a, b))
+        r = otcore.sparse_ot(otcore.PointCloud(x, y), ar, br, k=k, gamma=0.05, formulation=formulation,
+                             tol=1e-11, ftol=1e-16, max_iter=5000)
+        assert r.grad_norm <= 1e-9  # a smooth optimum (k = 6 does not bind here: the same as k = 40)
+        g = torch.autograd.grad((r.values * W).sum(), (x, y, ar, br))
+        return r, [g[0], g[1], g[2] - g[2].mean(), g[3] - g[3].mean()]
+
+    semi, ref = grads("semi-dual", direct=True)
+    for direct in (True, False):
+        dual, got = grads("dual", direct)
+        assert torch.equal(dual.indices, semi.indices)
+        for d, s in zip(got, ref):
+            torch.testing.assert_close(d, s, rtol=0, atol=1e-7 * max(1.0, float(s.abs().max())))
 
 
 def test_newton_steps_stay_off_the_constant_direction_in_float32(monkeypatch):
