@@ -105,11 +105,20 @@ def _is_bool(v) -> bool:
     return isinstance(v, (bool, np.bool_)) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool)
 
 
+def numpy_scalar(v):
+    """A 0-d NumPy array of integers or floats as its NumPy number (``np.array(0.1)``, what
+    NumPy reductions and ``np.asarray`` hand on); anything else as it is."""
+    if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iuf":
+        return v[()]
+    return v
+
+
 def positive(name: str, v, *, allow_none: bool = False) -> Optional[float]:
     """A finite number > 0 (``eps``, ``tol``, ``gamma``, ``rho``...): a Python or NumPy
-    number, or a one-element tensor that does not require grad."""
+    number (a 0-d array too), or a one-element tensor that does not require grad."""
     if v is None and allow_none:
         return None
+    v = numpy_scalar(v)
     if _is_bool(v) or not isinstance(v, (numbers.Real, torch.Tensor)) or (isinstance(v, torch.Tensor) and v.is_complex()):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     if isinstance(v, torch.Tensor):

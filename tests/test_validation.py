@@ -641,3 +641,27 @@ def test_sinkhorn_steps_checks_its_potentials_weights_and_mask(backend):
     with pytest.raises(ValueError, match="^active must be a"):
         g.sinkhorn_steps(f, gg, la, lb, 0.1, (1.0, 1.0), 2, on.float(), backend=backend)
     assert g.sinkhorn_steps(f, gg, la, lb, 0.1, (1.0, 1.0), 2, on, backend=backend)[0].shape == (2, 7)
+
+
+def test_zero_d_numpy_numbers_are_numbers():
+    """A 0-d NumPy array (what ``np.asarray``, ``np.median`` and friends hand on) counts as its
+    number wherever a number is asked for, as NumPy scalars and one-element tensors do, and a
+    1-d array as a schedule's sequence; the results equal those of the plain floats. A 0-d
+    bool or a longer array is still rejected, naming the argument."""
+    C = otcore.CostMatrix(torch.rand(9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    ref = otcore.sinkhorn(C, eps=0.05, tol=1e-8, eps_schedule=0.5, overrelax=1.5)
+    got = otcore.sinkhorn(C, eps=np.array(0.05), tol=np.array(1e-8), eps_schedule=np.array(0.5),
+                          overrelax=np.array(1.5))
+    assert torch.equal(got.f, ref.f) and got.n_iter == ref.n_iter
+    ref = otcore.sparse_ot(C, k=9, gamma=0.01, tol=1e-9, gamma_schedule=[0.08, 0.02])
+    got = otcore.sparse_ot(C, k=np.array(9), gamma=np.array(0.01), tol=np.array(1e-9),
+                           gamma_schedule=np.array([0.08, 0.02]))
+    assert torch.equal(got.values, ref.values) and got.info["gamma_stages"] == [0.08, 0.02]
+    with pytest.raises(TypeError, match="gamma must be a number"):
+        otcore.sparse_ot(C, k=9, gamma=np.array([0.01, 0.02]))
+    with pytest.raises(TypeError, match="eps must be a number"):
+        otcore.sinkhorn(C, eps=np.array(True))
+    with pytest.raises(TypeError, match="overrelax must be"):
+        otcore.sinkhorn(C, eps=0.05, overrelax=np.array([1.5]))
+    with pytest.raises(ValueError, match="eps_schedule as a decay factor"):
+        otcore.sinkhorn(C, eps=0.05, eps_schedule=np.array(1.5))

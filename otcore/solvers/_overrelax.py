@@ -48,6 +48,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .. import _validate
+
 #: Largest relaxation factor the adaptation sets (the theory's bound is 2).
 CAP = 1.95
 #: Returns to plain iterations after which a problem stays plain.
@@ -63,6 +65,7 @@ def check_overrelax(value: Union[bool, float, str], tol: Optional[float], check_
     (adaptive; needs a ``tol``: it reads the residuals of the tests) or a fixed factor in
     (0, 2); relaxation needs ``check_every >= 3`` (the iteration before each test is plain).
     Returns ``False``, ``True`` or the factor. ``name``: the argument's, for the errors."""
+    value = _validate.numpy_scalar(value)
     if isinstance(value, str):
         if value != "auto":
             raise ValueError(f"{name} must be 'auto', a bool or a factor in (0, 2), got {value!r}")

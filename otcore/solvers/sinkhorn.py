@@ -60,6 +60,9 @@ def check_schedule(schedule: Schedule, eps: float, name: str = "eps_schedule", t
     keyword in errors (sparse OT's ``gamma_schedule`` checks its factors and sequences here)."""
     if schedule is None:
         return []
+    schedule = _validate.numpy_scalar(schedule)
+    if isinstance(schedule, np.ndarray) and schedule.ndim == 1:  # a sequence, as a list
+        schedule = list(schedule)
     if isinstance(schedule, str):
         if schedule != word:
             raise ValueError(f"{name} must be None, {word!r}, a decay factor in (0, 1) or a decreasing "
