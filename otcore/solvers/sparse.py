@@ -816,8 +816,9 @@ def _implicit_solve(pb: _Problem, idx, support, u: torch.Tensor) -> torch.Tensor
     conjugate gradient on autograd's products of the whole system). A line with no support
     gets ``w_l = 0`` (its ``u_l`` is 0: no plan entry moves with it). This ``w`` differs from
     the minimum-norm one by ``(c, -c)`` on each connected part of the support, which moves the
-    weights' gradients by ``(c, -c)``: nothing along the balanced directions (``sum da = sum
-    db = 0``), the only ones a feasible change of the weights takes.
+    weights' gradients by ``(c, -c)`` there: nothing along changes of the weights balanced on
+    each part (with one part, any balanced change, ``sum da = sum db = 0``; moving mass
+    between parts changes the support, where the derivative is one-sided anyway).
     """
     N = pb.wp.shape[1]
     u_p, u_l = u[:, :N], u[:, N:]
