@@ -565,9 +565,11 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
       it receives no mass), yet it is ``dvalue/d(weight)``. It is set to the boundary
       at which the position would start to receive mass, the hard c-transform
       ``min_l (C_rl + max(-beta_l, s_l))``, ``s_l`` the line's k-th largest score of the
-      weighted positions (``-inf`` when a zero-weight position holds one of the k
-      slots); the plan does not change. Only lines with mass count: a zero-weight line
-      cannot take mass from the position.
+      weighted positions (``-inf`` when it has fewer than k), both read from a pass
+      without the zero-weight positions, so that none receives mass (a solve that stopped
+      with one inside a support, holding a residual's mass, gives that mass back to the
+      weighted positions). Only lines with mass count: a zero-weight line cannot take
+      mass from the position.
     - Likewise a zero-weight line's multiplier, ``dvalue/d(line weight)``, is set from the
       positions that have mass, ``-max_r (alpha_r - C_rl)`` over ``a_r > 0``: the pass
       takes the top score over every position, and a zero-weight position (its potential
@@ -575,10 +577,17 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     """
     kw = dict(backend=pb.backend, precision=pb.precision)
     zero = pb.wp == 0
-    if not pb.semi:
-        out = pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
     if not pb.zeros[pb.axis]:  # positions: a for axis 0, b for axis 1 (known without a sync)
+        if not pb.semi:
+            out = pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
         return hp, out
+    # the lines without the zero-weight positions: those pushed below every line's reach (by
+    # more than any score's spread, _max_step), so that a boundary taken from these multipliers
+    # holds once they come back (from the solve's pass, a position left inside a support with
+    # a residual's mass moved the multipliers it was put outside of: 1e-8 of mass came back)
+    live_min = torch.where(zero, torch.inf, hp).amin(-1, keepdim=True)
+    out = pb.geom.ksparse_columns(torch.where(zero, live_min - _max_step(pb)[:, None], hp), pb.gamma, pb.k,
+                                  pb.axis, mass=pb.wl, **kw)
     B, L, k = out.idx.shape
     pos = out.idx.reshape(B, L * k)
     scores = torch.gather(hp, 1, pos).reshape(B, L, k) - out.cost
