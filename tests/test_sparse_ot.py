@@ -595,6 +595,23 @@ def test_zero_weight_points_left_inside_a_support_get_no_mass(seed, formulation)
     torch.testing.assert_close(P.sum(0), b, rtol=0, atol=1e-12)  # the mass went to weighted rows
 
 
+@pytest.mark.parametrize("formulation,k,dtype", [("semi-dual", 6, F64), ("dual", 6, F64), ("dual", 30, F64),
+                                                 ("semi-dual", 6, torch.float32)])
+def test_a_stall_above_tol_says_what_may_help(formulation, k, dtype):
+    """A smooth solve that stops improving above tol (here: tol below what any dtype
+    resolves) warns with advice that fits: float64 only where it is not the dtype, the
+    semi-dual only to a dual that ran its own solver (not one solved as its semi-dual)."""
+    geom, a, b = _clouds(30, 20, seed=2)
+    geom = otcore.PointCloud(geom.x[0].to(dtype), geom.y[0].to(dtype))
+    with pytest.warns(ConvergenceWarning, match="tol may be below what the dtype resolves") as rec:
+        r = otcore.sparse_ot(geom, a.to(dtype), b.to(dtype), k=k, gamma=0.5, formulation=formulation, tol=1e-30,
+                             max_iter=3000)
+    assert not r.converged and int(r.n_iter) < 3000
+    text = str(rec[0].message)
+    assert ("or float64" in text) == (dtype != F64)
+    assert ("formulation='semi-dual'" in text) == (formulation == "dual" and k < 30)
+
+
 def test_zero_weight_duals_do_not_depend_on_the_other_problems_of_a_batch():
     """The boundary duals come from a near-hard softmin whose eps is one number for the
     batch: sized by a problem with costs ~1e5 it made another problem's zero-weight duals
