@@ -106,9 +106,10 @@ def _is_bool(v) -> bool:
 
 
 def numpy_scalar(v):
-    """A 0-d NumPy array of integers or floats as its NumPy number (``np.array(0.1)``, what
-    NumPy reductions and ``np.asarray`` hand on); anything else as it is."""
-    if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iuf":
+    """A 0-d NumPy array of bools, integers or floats as its NumPy scalar (``np.array(0.1)``,
+    what NumPy reductions and ``np.asarray`` hand on); anything else as it is. (A bool stays
+    a bool: where a number is asked for it is refused as before.)"""
+    if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "biuf":
         return v[()]
     return v
 

@@ -662,6 +662,12 @@ def test_zero_d_numpy_numbers_are_numbers():
     with pytest.raises(TypeError, match="eps must be a number"):
         otcore.sinkhorn(C, eps=np.array(True))
     with pytest.raises(TypeError, match="overrelax must be"):
-        otcore.sinkhorn(C, eps=0.05, overrelax=np.array([1.5]))
+        otcore.sinkhorn(C, eps=0.05, overrelax=np.array([1.5, 1.2]))
+    # overrelax: NumPy bools are bools, a one-element tensor is a factor (as for other numbers)
+    flags = [otcore.sinkhorn(C, eps=0.05, tol=1e-8, overrelax=v).info.get("overrelax") is not None
+             for v in (np.bool_(True), np.array(False), torch.tensor(1.5))]
+    assert flags == [True, False, True]
+    with pytest.raises(ValueError, match="overrelax as a factor must be in"):
+        otcore.sinkhorn(C, eps=0.05, overrelax=torch.tensor(2.5))
     with pytest.raises(ValueError, match="eps_schedule as a decay factor"):
         otcore.sinkhorn(C, eps=0.05, eps_schedule=np.array(1.5))

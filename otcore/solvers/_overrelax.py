@@ -66,6 +66,8 @@ def check_overrelax(value: Union[bool, float, str], tol: Optional[float], check_
     (0, 2); relaxation needs ``check_every >= 3`` (the iteration before each test is plain).
     Returns ``False``, ``True`` or the factor. ``name``: the argument's, for the errors."""
     value = _validate.numpy_scalar(value)
+    if isinstance(value, np.bool_):
+        value = bool(value)
     if isinstance(value, str):
         if value != "auto":
             raise ValueError(f"{name} must be 'auto', a bool or a factor in (0, 2), got {value!r}")
@@ -75,8 +77,9 @@ def check_overrelax(value: Union[bool, float, str], tol: Optional[float], check_
             raise ValueError(f"{name}=True adapts the factor to the residuals of the convergence tests, which "
                              f"tol=None skips: give a tol, or a fixed factor such as {name}=1.5")
         w = value
-    elif isinstance(value, numbers.Real):
-        w = float(value)
+    elif isinstance(value, (numbers.Real, torch.Tensor)) and not _validate._is_bool(value):
+        # a one-element tensor as for every other number (positive() checks its size and grad)
+        w = float(value) if isinstance(value, numbers.Real) else _validate.positive(name, value)
         if not 0.0 < w < 2.0:
             raise ValueError(f"{name} as a factor must be in (0, 2) (the iteration diverges outside), got {w}")
     else:
