@@ -1055,6 +1055,53 @@ def test_gamma_schedule_where_it_applies():
     assert warm.info["gamma_stages"] == [] and warm.converged and int(warm.n_iter) <= 2
 
 
+def _moved_clouds(n, m, delta, seed=0):
+    """Gaussian clouds (costs up to ~30) and the same with the sources moved by ``delta``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g, dtype=F64)
+    y = torch.randn(m, 2, generator=g, dtype=F64)
+    a = torch.rand(n, generator=g, dtype=F64) + 0.1
+    b = torch.rand(m, generator=g, dtype=F64) + 0.1
+    moved = x + delta * torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    return otcore.PointCloud(x, y), otcore.PointCloud(moved, y), a / a.sum(), b / b.sum()
+
+
+def test_warm_start_where_newton_stalls_runs_the_stages_from_there():
+    """A nearby problem's duals at small gamma need not be near enough for Newton: where it
+    stalls from them, the continuation runs from its best iterate (not L-BFGS: 1,210
+    iterations here before, 135 now); the cold solve's stages, its plan and value."""
+    geom, moved, a, b = _moved_clouds(40, 30, 1e-2)
+    kw = dict(k=40, gamma=1e-4, tol=1e-9, max_iter=6000)
+    near = otcore.sparse_ot(geom, a, b, **kw)
+    cold = otcore.sparse_ot(moved, a, b, **kw)
+    warm = otcore.sparse_ot(moved, a, b, init=(near.alpha, near.beta), **kw)
+    assert warm.converged and warm.info["solver"].startswith("newton, then gamma stages")
+    assert warm.info["gamma_stages"] == cold.info["gamma_stages"] and int(warm.n_iter) < 300
+    torch.testing.assert_close(warm.to_dense(), cold.to_dense(), rtol=0, atol=1e-8)
+    torch.testing.assert_close(warm.value, cold.value, rtol=1e-10, atol=0)
+    # without stages to run (gamma_schedule=None) the stall goes to L-BFGS, as before
+    plain = otcore.sparse_ot(moved, a, b, init=(near.alpha, near.beta), gamma_schedule=None, **kw)
+    assert plain.info["solver"] == "newton, then L-BFGS" and plain.info["gamma_stages"] == []
+
+
+def test_warm_starts_in_a_batch_are_rescued_each_as_alone():
+    """In a batch, only the problem whose warm start stalls runs the stages; the other keeps
+    Newton's end; each takes the iterations and the plan it takes alone."""
+    geom, near_moved, a, b = _moved_clouds(24, 18, 1e-3)
+    _, far_moved, _, _ = _moved_clouds(24, 18, 1e-2)
+    kw = dict(k=24, gamma=1e-3, tol=1e-9)
+    start = otcore.sparse_ot(geom, a, b, **kw)
+    init = (start.alpha, start.beta)
+    alone = [otcore.sparse_ot(m, a, b, init=init, **kw) for m in (near_moved, far_moved)]
+    assert alone[0].info["solver"] == "newton" and alone[1].info["solver"].startswith("newton, then gamma stages")
+    both = otcore.sparse_ot(otcore.PointCloud(torch.stack([near_moved.x[0], far_moved.x[0]]), geom.y.expand(2, -1, -1)),
+                            a.expand(2, -1), b.expand(2, -1), init=tuple(t.expand(2, -1) for t in init), **kw)
+    assert bool(both.converged.all())
+    assert both.n_iter.tolist() == [int(r.n_iter) for r in alone]
+    for i, r in enumerate(alone):
+        torch.testing.assert_close(both.to_dense()[i], r.to_dense(), rtol=0, atol=1e-9)
+
+
 def test_gamma_schedule_in_a_batch_solves_each_problem():
     """One schedule for the batch (gamma is one number): from where the problem with the
     smallest gamma * mean weight / cost range starts; each problem's plan and value are its

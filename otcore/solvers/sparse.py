@@ -198,7 +198,10 @@ def sparse_ot(
             iteration (compact form), only ``2 * history * D`` numbers per problem (``D`` dual
             variables).
         init: warm start ``(alpha, beta)`` (``beta`` is ignored by the semi-dual with
-            ``axis=0``, ``alpha`` by the one with ``axis=1``); it skips ``gamma_schedule``.
+            ``axis=0``, ``alpha`` by the one with ``axis=1``); it skips ``gamma_schedule``,
+            unless Newton stalls from it: the stages then run from Newton's best iterate
+            (``info["solver"]`` "newton, then gamma stages"; a nearby problem's duals at small
+            ``gamma`` need not be near enough, docs/sparse_ot.md).
         gamma_schedule: continuation in ``gamma``: solves at larger regularizations first,
             each from the last one's duals, to a gradient norm of ``max(1e-5 mass, tol)``,
             then at ``gamma`` (``info["gamma_stages"]`` lists them; their iterations count in
@@ -234,23 +237,18 @@ def sparse_ot(
     history = _validate.positive_int("history", history)
     tol_against_mass(tol, pb.min_mass)
     spb = _solved_as(pb)
-    stages, runs = gamma_stages(gamma_schedule, spb, warm=init is not None)
+    warm = init is not None
+    stages, runs = gamma_stages(gamma_schedule, spb, warm=warm)
+    # a warm start skips the stages; where Newton stalls from it, they run from its best iterate
+    rescue, rescue_runs = gamma_stages(gamma_schedule, spb, warm=False) if warm and _newton_applies(spb) else ([], None)
     progress = Progress(verbose, "sparse_ot", measure="gradient norm")
     with torch.autocast(geom.device.type, enabled=False), torch.no_grad():
         theta = theta0 if spb is pb else theta0[:, : pb.wp.shape[1]]
-        used = None  # (B,) host array of the stages' iterations so far
-        # each stage from the last one's duals, to a tolerance of STAGE_TOL per unit of mass (or tol);
-        # a problem joins at its own first stage (before it, a tolerance of inf: no step)
-        stage_tol = (STAGE_TOL * pb.wl.sum(-1)).clamp(min=tol) if stages else None
-        for i, g in enumerate(stages):
-            progress.label = f"sparse_ot (gamma stage {g:.3g})"
-            tol_i = torch.where(_host.to_device(runs > len(stages) - 1 - i, theta.device), stage_tol, torch.inf)
-            theta, _, n_iter, _, _ = _solve(dataclasses.replace(spb, gamma=g), theta, used, tol_i, ftol,
-                                            max_iter, history, progress, last=False, staged=runs > 0)
-            used = _host.host_array(n_iter).astype(np.int64)
-        progress.label = "sparse_ot"
-        theta, out, n_iter, why, solver = _solve(spb, theta, used, tol, ftol, max_iter, history, progress,
-                                                 last=True, staged=runs > 0)
+        run = (spb, ftol, max_iter, history, progress)
+        theta, out, n_iter, why, solver = _staged(*run, theta, None, stages, runs, tol, fallback=not rescue)
+        if rescue:
+            theta, out, n_iter, why, solver, stages = _rescue(*run, theta, out, n_iter, why, solver, rescue,
+                                                              rescue_runs, tol)
         progress.close()
         hp, out = _settle(pb, theta[:, : pb.wp.shape[1]], out)
     res = _result(pb, hp, out, n_iter, why, tol, batched, progress.elapsed)
@@ -259,8 +257,54 @@ def sparse_ot(
     return res
 
 
+def _staged(pb: _Problem, ftol, max_iter: int, history: int, progress, theta, used: Optional[np.ndarray], stages,
+            runs: np.ndarray, tol, fallback: bool = True):
+    """The continuation: each problem its last ``runs`` (B,) of ``stages`` (each stage from the
+    last one's duals, to a tolerance of ``STAGE_TOL`` per unit of mass, or ``tol``; a problem
+    joins at its own first stage, before it with a tolerance of inf: no step), then the
+    solve at ``pb.gamma`` (:func:`_solve`, ``last``), after ``used`` iterations."""
+    stage_tol = (STAGE_TOL * pb.wl.sum(-1)).clamp(min=tol) if stages else None
+    for i, g in enumerate(stages):
+        progress.label = f"sparse_ot (gamma stage {g:.3g})"
+        tol_i = torch.where(_host.to_device(runs > len(stages) - 1 - i, pb.wl.device), stage_tol, torch.inf)
+        theta, _, n_iter, _, _ = _solve(dataclasses.replace(pb, gamma=g), theta, used, tol_i, ftol, max_iter, history,
+                                        progress, last=False, staged=runs > 0)
+        used = _host.host_array(n_iter).astype(np.int64)
+    progress.label = "sparse_ot"
+    return _solve(pb, theta, used, tol, ftol, max_iter, history, progress, last=True, staged=runs > 0,
+                  fallback=fallback)
+
+
+def _rescue(pb: _Problem, ftol, max_iter: int, history: int, progress, theta, out, n_iter, why, solver: str, stages,
+            runs: np.ndarray, tol: float):
+    """After Newton from a warm start (no stages, :func:`_solve` without its L-BFGS
+    fallback): the problems where it stalled run the continuation (``stages``, each its
+    last ``runs``) from Newton's best iterate, then the solve at ``pb.gamma`` with the
+    fallback; the others keep their end. A warm start at small ``gamma`` need not be near
+    enough for Newton: 100 x 80 clouds (costs up to ~30), the duals of a solve at
+    ``gamma`` = 1e-4 for the sources moved by 1e-2 * N(0, 1): not converged in 6,000
+    iterations by Newton then L-BFGS, 255 with the stages from the stall (cold: 237;
+    ``bench/sparse_ot_gamma_schedule.py --warm``, docs/sparse_ot.md).
+    Returns ``(theta, out, n_iter, why, solver, stages run)``."""
+    its, stops = _host.to_host(n_iter, why)
+    stalled = (stops == 2) | (stops == 5)
+    if not stalled.any():
+        return theta, out, n_iter, why, solver, []
+    left = stalled & (its < max_iter)
+    # stalled with no iteration left: the cap, not the dtype, stopped them (as in _solve)
+    why = torch.where(_host.to_device(stalled & ~left, theta.device), 1, why)
+    if not left.any():
+        return theta, out, n_iter, why, solver, []
+    mask = _host.to_device(left, theta.device)
+    tol_r = torch.where(mask, torch.full_like(pb.wl[:, 0], tol), torch.inf)  # the others take no step
+    theta, out, n_iter, why_r, solver_r = _staged(pb, ftol, max_iter, history, progress, theta,
+                                                  its.astype(np.int64), stages, np.where(left, runs, 0), tol_r)
+    why = torch.where(mask, why_r, why)
+    return theta, out, n_iter, why, solver_r.replace("newton", "newton, then gamma stages", 1), stages
+
+
 def _solve(pb: _Problem, theta, used: Optional[np.ndarray], tol, ftol, max_iter: int, history: int, progress,
-           last: bool, staged: np.ndarray):
+           last: bool, staged: np.ndarray, fallback: bool = True):
     """One solve at ``pb.gamma`` from ``theta``, after ``used`` (B,) iterations of earlier
     stages (a host array; None: none), within ``max_iter`` in all: ``(theta, out, n_iter,
     reason, solver)``, ``n_iter`` (B,) the total so far. Newton steps where they apply
@@ -269,7 +313,9 @@ def _solve(pb: _Problem, theta, used: Optional[np.ndarray], tol, ftol, max_iter:
     at every step), L-BFGS goes on from there for what the problem's own runs left of
     ``max_iter`` (not what the batch's longest left); an earlier stage just hands its
     iterate to the next one. Newton's damping starts at ``LAM_STAGE`` for the problems in a
-    continuation (``staged``, (B,) bool: those that run stages), else at ``LAM_START``."""
+    continuation (``staged``, (B,) bool: those that run stages), else at ``LAM_START``.
+    Without ``fallback`` the last stage ends where Newton does (stalls as reasons 2 and 5:
+    :func:`_rescue` takes them on)."""
     left = max_iter if used is None else max_iter - used
 
     def total(more):  # the iterations so far: more, plus the earlier stages'
@@ -281,7 +327,7 @@ def _solve(pb: _Problem, theta, used: Optional[np.ndarray], tol, ftol, max_iter:
     theta, out, more, gnorm, _, why = newton(pb.evaluate, pb.gamma, theta, tol, left, *_outside(pb),
                                              progress=progress, lam_start=np.where(staged, LAM_STAGE, LAM_START))
     n_iter = total(more)
-    if not last:
+    if not (last and fallback):
         return theta, out, n_iter, why, "newton"
     its, stops, gnorm_h = _host.to_host(n_iter, why, gnorm)
     left = max_iter - its
@@ -322,7 +368,7 @@ def gamma_stages(schedule, pb: _Problem, warm: bool) -> tuple[list[float], np.nd
     its mean line weight is at least ``GAMMA_START`` of its cost's range (there Newton
     converged in 7-20 steps from zero potentials). A decreasing sequence of values
     ``> gamma``: those. None, or a warm start (``init``): none (the warm start is taken to
-    be near the solution already).
+    be near the solution already; :func:`_rescue` runs them where Newton stalls from it).
     """
     if isinstance(schedule, str) and schedule == "auto":
         q = 0.25 if pb.k >= pb.wp.shape[1] else []
