@@ -657,6 +657,8 @@ def test_zero_d_numpy_numbers_are_numbers():
     got = otcore.sparse_ot(C, k=np.array(9), gamma=np.array(0.01), tol=np.array(1e-9),
                            gamma_schedule=np.array([0.08, 0.02]))
     assert torch.equal(got.values, ref.values) and got.info["gamma_stages"] == [0.08, 0.02]
+    got = otcore.sparse_ot(C, k=9, gamma=0.01, tol=1e-9, gamma_schedule=torch.tensor([0.08, 0.02], dtype=torch.float64))
+    assert torch.equal(got.values, ref.values) and got.info["gamma_stages"] == [0.08, 0.02]
     with pytest.raises(TypeError, match="gamma must be a number"):
         otcore.sparse_ot(C, k=9, gamma=np.array([0.01, 0.02]))
     with pytest.raises(TypeError, match="eps must be a number"):

@@ -63,6 +63,8 @@ def check_schedule(schedule: Schedule, eps: float, name: str = "eps_schedule", t
     schedule = _validate.numpy_scalar(schedule)
     if isinstance(schedule, np.ndarray) and schedule.ndim == 1:  # a sequence, as a list
         schedule = list(schedule)
+    if isinstance(schedule, torch.Tensor) and schedule.ndim == 1 and schedule.numel() > 1:
+        schedule = list(schedule.unbind())  # (a one-element tensor is a number: the factor)
     if isinstance(schedule, str):
         if schedule != word:
             raise ValueError(f"{name} must be None, {word!r}, a decay factor in (0, 1) or a decreasing "
