@@ -612,6 +612,28 @@ def test_a_stall_above_tol_says_what_may_help(formulation, k, dtype):
     assert ("formulation='semi-dual'" in text) == (formulation == "dual" and k < 30)
 
 
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+@pytest.mark.parametrize("k", [3, 12])
+def test_zero_weight_rows_cheaper_than_the_rest_get_no_mass(k, formulation):
+    """Padding rows of zero weight and zero cost below a weighted block at 0.5-0.6: their
+    duals are pushed below every line's reach by the range of all costs, theirs included
+    (by the weighted block's range alone they outranked every weighted row and took all the
+    mass, value 0.21 instead of 0.52, with converged=True: a review)."""
+    g = torch.Generator().manual_seed(1)
+    C = torch.zeros(12, 9, dtype=F64)
+    C[2:] = 0.5 + 0.1 * torch.rand(10, 9, generator=g, dtype=F64)
+    a = torch.zeros(12, dtype=F64)
+    a[2:] = 0.1
+    b = torch.full((9,), 1 / 9, dtype=F64)
+    r = otcore.sparse_ot(otcore.CostMatrix(C), a, b, k=k, gamma=0.01, tol=1e-9, formulation=formulation)
+    alone = otcore.sparse_ot(otcore.CostMatrix(C[2:]), a[2:], b, k=min(k, 10), gamma=0.01, tol=1e-9,
+                             formulation=formulation)
+    assert r.converged and r.grad_norm <= 1e-9
+    assert float(r.to_dense()[:2].abs().max()) == 0.0
+    torch.testing.assert_close(r.to_dense()[2:], alone.to_dense(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(r.value, alone.value, rtol=1e-10, atol=0)
+
+
 def test_zero_weight_duals_do_not_depend_on_the_other_problems_of_a_batch():
     """The boundary duals come from a near-hard softmin whose eps is one number for the
     batch: sized by a problem with costs ~1e5 it made another problem's zero-weight duals
@@ -1082,6 +1104,37 @@ def test_warm_start_where_newton_stalls_runs_the_stages_from_there():
     # without stages to run (gamma_schedule=None) the stall goes to L-BFGS, as before
     plain = otcore.sparse_ot(moved, a, b, init=(near.alpha, near.beta), gamma_schedule=None, **kw)
     assert plain.info["solver"] == "newton, then L-BFGS" and plain.info["gamma_stages"] == []
+
+
+def test_warm_start_rescue_cut_short_ends_no_worse_than_the_stall():
+    """Cut short by max_iter, the stages can end above Newton's stall (a review: 0.84 against
+    0.107): the result is the better end of the two by gradient norm, its stop max_iter."""
+    geom, moved, a, b = _moved_clouds(24, 18, 1e-2)
+    kw = dict(k=24, gamma=1e-3, tol=1e-9)
+    start = otcore.sparse_ot(geom, a, b, **kw)
+    init = (start.alpha, start.beta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        stall = otcore.sparse_ot(moved, a, b, init=init, max_iter=100, gamma_schedule=None, **kw)  # ends at the stall
+        for max_iter in (80, 100, 120):
+            r = otcore.sparse_ot(moved, a, b, init=init, max_iter=max_iter, **kw)
+            assert r.info["solver"].startswith("newton, then gamma stages") and r.n_iter == max_iter
+            assert r.info["stop"] == "max_iter reached" and not r.converged
+            assert r.grad_norm <= 1.0001 * stall.grad_norm
+
+
+def test_warm_start_at_the_float32_floor_goes_on_by_l_bfgs():
+    """A warm start at the float32 solution with tol below float32's floor stalls near the
+    optimum (gradient norm ~5e-4 here, below 1e-3 per unit of mass): L-BFGS goes on, as
+    without stages (the stages would start over: 284 iterations against 68, a review)."""
+    geom, _, a, b = _moved_clouds(40, 30, 0.0)
+    g32, a32, b32 = otcore.PointCloud(geom.x[0].float(), geom.y[0].float()), a.float(), b.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        sol = otcore.sparse_ot(g32, a32, b32, k=40, gamma=1e-3, max_iter=3000)
+        warm = otcore.sparse_ot(g32, a32, b32, k=40, gamma=1e-3, max_iter=3000, init=(sol.alpha, sol.beta))
+    assert not sol.converged and warm.info["solver"] == "newton, then L-BFGS" and warm.info["gamma_stages"] == []
+    assert int(warm.n_iter) < 150 and warm.grad_norm <= sol.grad_norm
 
 
 def test_warm_starts_in_a_batch_are_rescued_each_as_alone():
