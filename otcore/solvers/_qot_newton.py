@@ -197,8 +197,8 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
     every step; a trial that passes only by that slack must lower ``|g|_1``: below the
     objective's resolution its decrease says nothing, and float32 steps taken on it alone
     wandered, the gradient norm rising up to 7x on some, stalling at 1.9e-3 where this
-    reaches 1.0e-5: ``test_newton_float32_below_the_objectives_resolution``). A weighted position in no line's support is moved apart, to where it
-    enters one (the damping's step, ``|g_i| gamma / lam``, has no scale to the distance):
+    reaches 1.0e-5: ``test_newton_float32_below_the_objectives_resolution``). A weighted
+    position in no line's support is moved apart, to where it enters one (the damping's step, ``|g_i| gamma / lam``, has no scale to the distance):
     ``outside(out)`` (B,) counts them, and where there are any ``entering(theta, out)``
     (B, N) gives their steps (zero elsewhere).
 

@@ -245,7 +245,8 @@ def sparse_ot(
     warm = init is not None
     stages, runs = gamma_stages(gamma_schedule, spb, warm=warm)
     # a warm start skips the stages; where Newton stalls from it, they run from its best iterate
-    rescue, rescue_runs = gamma_stages(gamma_schedule, spb, warm=False) if warm and _newton_applies(spb) else ([], None)
+    rescue, rescue_runs = (gamma_stages(gamma_schedule, spb, warm=False) if warm and _newton_applies(spb)
+                           else ([], None))
     progress = Progress(verbose, "sparse_ot", measure="gradient norm")
     with torch.autocast(geom.device.type, enabled=False), torch.no_grad():
         theta = theta0 if spb is pb else theta0[:, : pb.wp.shape[1]]
@@ -286,8 +287,8 @@ def _rescue(pb: _Problem, ftol, max_iter: int, history: int, progress, theta, ou
     fallback): the problems where it stalled run the continuation (``stages``, each its
     last ``runs``) from Newton's best iterate, then the solve at ``pb.gamma`` with the
     fallback, unless Newton stalled near the optimum (``RESCUE_GRAD``: L-BFGS goes on
-    there); the better end by gradient norm; the others keep theirs. A warm start at small ``gamma`` need not be near
-    enough for Newton: 100 x 80 clouds (costs up to ~30), the duals of a solve at
+    there); the better end by gradient norm; the others keep theirs. A warm start at small
+    ``gamma`` need not be near enough for Newton: 100 x 80 clouds (costs up to ~30), the duals of a solve at
     ``gamma`` = 1e-4 for the sources moved by 1e-2 * N(0, 1): not converged in 6,000
     iterations by Newton then L-BFGS, 255 with the stages from the stall (cold: 237;
     ``bench/sparse_ot_gamma_schedule.py --warm``, docs/sparse_ot.md).
@@ -917,17 +918,18 @@ def _implicit_solve(pb: _Problem, idx, support, u: torch.Tensor) -> torch.Tensor
     """``w`` with ``K w = u``, ``K = -dR/dtheta`` on the support (``u`` in its range).
 
     Semi-dual: the minimum-norm ``w``, by :func:`semi_dual_hessian_solve` (at most
-    ``DIRECT_MAX`` positions or lines) or :func:`semi_dual_hessian_cg`. Dual, ``theta = (hp, hl)``: ``K = [[D, M], [M^T,
-    diag(|S|)]] / gamma`` (the module docstring of :mod:`~otcore.solvers._qot_newton` names
-    them), whose line block is diagonal: eliminated, ``w_l = (gamma u_l - M^T w_p) / |S|``
-    leaves the semi-dual's system ``(D - M diag(1/|S|) M^T) w_p / gamma = u_p - M (u_l /
-    |S|)``, solved as above (1000 x 800 clouds with ``k = n``: 0.15 s against 1.7 s by
-    conjugate gradient on autograd's products of the whole system). A line with no support
-    gets ``w_l = 0`` (its ``u_l`` is 0: no plan entry moves with it). This ``w`` differs from
-    the minimum-norm one by ``(c, -c)`` on each connected part of the support, which moves the
-    weights' gradients by ``(c, -c)`` there: nothing along changes of the weights balanced on
-    each part (with one part, any balanced change, ``sum da = sum db = 0``; moving mass
-    between parts changes the support, where the derivative is one-sided anyway).
+    ``DIRECT_MAX`` positions or lines) or :func:`semi_dual_hessian_cg`. Dual, ``theta =
+    (hp, hl)``: ``K = [[D, M], [M^T, diag(|S|)]] / gamma`` (named as in the module docstring
+    of :mod:`~otcore.solvers._qot_newton`), whose line block is diagonal: eliminated,
+    ``w_l = (gamma u_l - M^T w_p) / |S|`` leaves the semi-dual's system
+    ``(D - M diag(1/|S|) M^T) w_p / gamma = u_p - M (u_l / |S|)``, solved as above (1000 x
+    800 clouds with ``k = n``: 0.09 s against 1.7 s by conjugate gradient on autograd's
+    products of the whole system). A line with no support gets ``w_l = 0`` (its ``u_l`` is
+    0: no plan entry moves with it). This ``w`` differs from the minimum-norm one by
+    ``(c, -c)`` on each connected part of the support, which moves the weights' gradients by
+    ``(c, -c)`` there: nothing along changes of the weights balanced on each part (with one
+    part, any balanced change, ``sum da = sum db = 0``; moving mass between parts changes
+    the support, where the derivative is one-sided anyway).
     """
     N = pb.wp.shape[1]
     u_p, u_l = u[:, :N], u[:, N:]
