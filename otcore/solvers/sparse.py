@@ -294,7 +294,11 @@ def _rescue(pb: _Problem, ftol, max_iter: int, history: int, progress, theta, ou
     ``bench/sparse_ot_gamma_schedule.py --warm``, docs/sparse_ot.md).
     Returns ``(theta, out, n_iter, why, solver, stages run)``."""
     dev = theta.device
-    gnorm = (pb.wp - out.cross_sum).abs().sum(-1)  # (the semi-dual's: Newton runs on it)
+
+    def grad_l1(o):  # the semi-dual's gradient norm (Newton runs on it)
+        return (pb.wp - o.cross_sum).abs().sum(-1)
+
+    gnorm = grad_l1(out)
     least = (RESCUE_GRAD * pb.wl.sum(-1)).clamp(min=tol)
     its, stops, gnorm_h, least_h = _host.to_host(n_iter, why, gnorm, least)
     stalled = (stops == 2) | (stops == 5)
@@ -321,7 +325,7 @@ def _rescue(pb: _Problem, ftol, max_iter: int, history: int, progress, theta, ou
                                     _host.host_array(n_iter).astype(np.int64), stages, np.where(far, runs, 0), tol_r)
     # the better end by gradient norm: cut short by max_iter, the stages can end above the stall
     # (a review: 0.84 against 0.107)
-    keep = far & ~(_host.host_array((pb.wp - o.cross_sum).abs().sum(-1)) <= gnorm_h)
+    keep = far & ~(_host.host_array(grad_l1(o)) <= gnorm_h)
     take = _host.to_device(far & ~keep, dev)
     theta, out = _where(take, (th, o), (theta, out))
     n_iter = torch.where(mask, n, n_iter)
