@@ -101,6 +101,10 @@ def main():
                   f"({t0 / t1:.1f}x less time)")
 
 
+def yes(r):
+    return "yes" if r.converged else "NO "
+
+
 def warm_starts(args, dtype):
     print(f"# warm starts, {args.dtype}, tol {args.tol:g}, max_iter {args.max_iter}, device {args.device}, "
           f"torch {torch.__version__}")
@@ -119,7 +123,6 @@ def warm_starts(args, dtype):
                 plain, t1 = solve(moved, a, b, n, gamma, args.tol, args.max_iter, None, init)
                 cold, t2 = solve(moved, a, b, n, gamma, args.tol, args.max_iter, "auto")
                 dp = float((warm.to_dense() - cold.to_dense()).abs().max())
-                yes = lambda r: "yes" if r.converged else "NO "  # noqa: E731
                 print(f"{f'clouds {n}x{m}':>16} {gamma:7.0e} {delta:7.0e} | {warm.info['solver']:>32} "
                       f"{int(warm.n_iter):5d} {t0:6.2f} {yes(warm):>4} | {plain.info['solver']:>20} "
                       f"{int(plain.n_iter):5d} {t1:6.2f} {yes(plain):>4} | {int(cold.n_iter):5d} {t2:6.2f} "

@@ -304,14 +304,13 @@ def _rescue(pb: _Problem, ftol, max_iter: int, history: int, progress, theta, ou
     stalled = (stops == 2) | (stops == 5)
     if not stalled.any():
         return theta, out, n_iter, why, solver, []
-    left = stalled & (its < max_iter)
-    # stalled with no iteration left: the cap, not the dtype, stopped them (as in _solve)
-    why = torch.where(_host.to_device(stalled & ~left, dev), 1, why)
-    # stalled near the optimum (a warm start at the solution, tol below the dtype's floor): the
-    # stages would start over (a review: 284 iterations against 68); L-BFGS goes on from there
-    near, far = left & (gnorm_h <= least_h), left & ~(gnorm_h <= least_h)
-    if near.any():
-        mask = _host.to_device(near, dev)
+    # the others go on as without stages (_after_newton: L-BFGS, or max_iter with no iteration
+    # left): stalled near the optimum (a warm start at the solution, tol below the dtype's floor),
+    # the stages would start over (a review: 284 iterations against 68)
+    far = stalled & (its < max_iter) & ~(gnorm_h <= least_h)
+    rest = stalled & ~far
+    if rest.any():
+        mask = _host.to_device(rest, dev)
         tol_n = torch.where(mask, torch.full_like(gnorm, tol), torch.inf)  # the others take no step
         th, o, n, w, solver = _after_newton(pb, theta, out, n_iter, why, gnorm, tol_n, ftol, max_iter, history,
                                             progress)
