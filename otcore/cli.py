@@ -362,6 +362,7 @@ _METHOD_FLAGS = {
     "formulation": ("sparse",),
     "axis": ("sparse",),
     "gamma_schedule": ("sparse",),
+    "relaxed_start": ("sparse",),
 }
 _WHY_NOT = {
     ("rho", "newton"): "Sinkhorn-Newton-Sparse solves balanced OT only; use --method sinkhorn for unbalanced OT",
@@ -451,6 +452,8 @@ def run_solve(args) -> int:
                   axis=args.axis if args.axis is not None else 0)
         if args.gamma_schedule is not None:  # else the solver's default (auto)
             kw.update(gamma_schedule=None if args.gamma_schedule == "none" else args.gamma_schedule)
+        if args.relaxed_start is not None:  # else the solver's default (auto)
+            kw.update(relaxed_start={"auto": "auto", "on": True, "off": False}[args.relaxed_start])
     _sync(dev)
     t0 = time.perf_counter()
     try:
@@ -467,7 +470,8 @@ def run_solve(args) -> int:
     if args.method == "sparse":
         # k as solved: at most the line length (a larger --k is capped, docs/sparse_ot.md)
         summary.update(k=res.info["k"], gamma=args.gamma, formulation=kw["formulation"], axis=kw["axis"],
-                       gamma_stages=res.info["gamma_stages"])
+                       gamma_stages=res.info["gamma_stages"], solver=res.info["solver"],
+                       relaxed_iter=res.info.get("relaxed_iter"))
         summary.update(n_iter=res.n_iter, converged=res.converged, grad_norm=res.grad_norm,
                        marginal_error=res.marginal_error, cost=res.cost, value=res.value)
         summary.update(_nonzeros(res), stop=res.info.get("stop"))
@@ -552,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--gamma-schedule", type=_gamma_schedule_arg, default=None,
                    help="auto (default: for --k >= the column length, from a large gamma down by factors of 4) | "
                         "none | decay factor in (0,1)")
+    k.add_argument("--relaxed-start", default=None, choices=["auto", "on", "off"],
+                   help="start from the optimum without --k (Newton), where --k < the column length: auto (default: "
+                        "where the columns' slots leave one spare per column), on, off (L-BFGS from zero)")
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--precision", default="fp32", choices=["fp32", "tf32"])
     s.add_argument("--dtype", default="float32", choices=["float32", "float64"])

@@ -249,6 +249,20 @@ def test_sparse_gamma_schedule_flag(capsys):
         main(["solve", "--quiet", *argv, "--gamma-schedule", "2"])
 
 
+def test_sparse_relaxed_start_flag(capsys):
+    """--relaxed-start: auto (the default) and on start from the optimum without --k (its Newton
+    iterations reported), off from zero; a bad value is a usage error."""
+    argv = ("--method", "sparse", "--n", "60", "--m", "60", "--k", "4", "--gamma", "10", "--dtype", "float64")
+    auto, on, off = (run_json(capsys, *argv, *flag) for flag in ((), ("--relaxed-start", "on"),
+                                                                ("--relaxed-start", "off")))
+    assert auto["solver"] == on["solver"] == "newton (relaxed start), then L-BFGS" and auto == {**on, "time_s": auto["time_s"]}
+    assert auto["relaxed_iter"] > 0 and off["solver"] == "L-BFGS" and off["relaxed_iter"] is None
+    assert auto["value"] == pytest.approx(off["value"], rel=1e-3) and auto["max_nonzeros_per_column"] <= 4
+    with pytest.raises(SystemExit) as exc:
+        main(["solve", *argv, "--relaxed-start", "yes"])
+    assert exc.value.code == 2 and "--relaxed-start: invalid choice" in capsys.readouterr().err
+
+
 def test_solve_clouds_that_disagree_fail_before_solving(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "sinkhorn", lambda *a, **k: pytest.fail("solved despite mismatched clouds"))
     rng = np.random.default_rng(0)
@@ -355,6 +369,7 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["solve", "--n", "10", "--formulation", "dual"], "--formulation does not apply to --method sinkhorn"),
         (["solve", "--n", "10", "--axis", "1"], "--axis does not apply to --method sinkhorn"),
         (["solve", "--n", "10", "--gamma-schedule", "none"], "--gamma-schedule does not apply to --method sinkhorn"),
+        (["solve", "--n", "10", "--relaxed-start", "off"], "--relaxed-start does not apply to --method sinkhorn"),
         # sparse: k and gamma required and valid; entropic flags rejected
         (["solve", "--n", "10", "--method", "sparse", "--gamma", "0.1"], "--method sparse needs --k"),
         (["solve", "--n", "10", "--method", "sparse", "--k", "2"], "--method sparse needs --gamma"),

@@ -1055,8 +1055,11 @@ def test_gamma_schedule_where_it_applies():
     small, large = 1e-3, 50.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # k binding at small gamma: stops on ftol or not
-        binding = otcore.sparse_ot(geom, a, b, k=3, gamma=small, max_iter=50)
-    assert binding.info["gamma_stages"] == []  # k binds: none by default
+        binding = otcore.sparse_ot(geom, a, b, k=3, gamma=small, max_iter=50, relaxed_start=False)
+        relaxed = otcore.sparse_ot(geom, a, b, k=3, gamma=small, max_iter=50)
+    assert binding.info["gamma_stages"] == []  # k can bind: none by default on its own L-BFGS
+    qot = otcore.sparse_ot(geom, a, b, k=20, gamma=small, tol=1e-5)
+    assert relaxed.info["gamma_stages"] == qot.info["gamma_stages"] != []  # the relaxed start's Newton runs them
     dual = otcore.sparse_ot(geom, a, b, k=20, gamma=small, formulation="dual", tol=1e-9)
     assert dual.info["gamma_stages"] and dual.info["solver"] == "newton (semi-dual)" and dual.converged
     assert otcore.sparse_ot(geom, a, b, k=20, gamma=large).info["gamma_stages"] == []  # dense already
@@ -1259,9 +1262,12 @@ def test_newton_is_used_only_where_it_applies():
     C = torch.rand(30, 20, generator=torch.Generator().manual_seed(9), dtype=F64)
     geom = otcore.CostMatrix(C)
     assert otcore.sparse_ot(geom, k=30, gamma=0.3).info["solver"] == "newton"  # columns see all 30 rows
-    assert otcore.sparse_ot(geom, k=5, gamma=0.3).info["solver"] == "L-BFGS"  # k binds
+    assert otcore.sparse_ot(geom, k=5, gamma=0.3, relaxed_start=False).info["solver"] == "L-BFGS"  # k can bind
+    relaxed = "newton (relaxed start), then L-BFGS"  # Newton on the problem without k, L-BFGS from there
+    assert otcore.sparse_ot(geom, k=5, gamma=0.3).info["solver"] == relaxed
     assert otcore.sparse_ot(geom, k=30, gamma=0.3, formulation="dual").info["solver"] == "newton (semi-dual)"
-    assert otcore.sparse_ot(geom, k=5, gamma=0.3, formulation="dual").info["solver"] == "L-BFGS"
+    assert otcore.sparse_ot(geom, k=5, gamma=0.3, formulation="dual", relaxed_start=False).info["solver"] == "L-BFGS"
+    assert otcore.sparse_ot(geom, k=5, gamma=0.3, formulation="dual").info["solver"] == relaxed
     big = otcore.CostMatrix(torch.rand(300, 4, generator=torch.Generator().manual_seed(9), dtype=F64))
     assert otcore.sparse_ot(big, k=300, gamma=0.3).info["solver"] == "newton"  # 300 positions: by CG
     assert otcore.sparse_ot(big, k=4, gamma=0.3, axis=1).info["solver"] == "newton"  # 4 positions

@@ -71,6 +71,11 @@ STAGE_TOL = 1e-5
 #: (bench/sparse_ot_gamma_schedule.py --warm, float64) were at 2.7e-2 to 0.55; float32 warm starts at
 #: the solution with tol below its floor stalled at 3.4e-5 to 9e-4 (40 x 30, 80 x 60 clouds, a review)
 RESCUE_GRAD = 1e-3
+#: a relaxed start's first width (slots per line of the pass it solves at; whatever ``k``: only the
+#: relaxed supports must fit), widened by 4x, up to the line length, where it binds. Quadratically
+#: regularized OT's supports on the benchmark's 2048 x 2048 clouds at gamma 10 (bench/bench_sparse_ot.py)
+#: hold at most 16; at 1000 x 800 with k = 64 a width of 2k took 6.9 s where this took 4.4 s
+RELAXED_WIDTH = 16
 
 
 @dataclass
@@ -100,6 +105,9 @@ class _Problem:
     #: (B,) the constant taken off a cost matrix dominated by an offset (:func:`_offset_free`),
     #: put back on the positions' duals, the value and the cost; None when nothing was taken
     shift: Optional[torch.Tensor] = None
+    #: a relaxed start's problem (:func:`_relaxed_start`): ``k`` is a width of the pass that is
+    #: checked not to bind, so the problem is quadratically regularized OT (Newton applies)
+    relaxed: bool = False
 
     def evaluate(self, theta: torch.Tensor):
         """Objective to *minimize* (minus the (semi-)dual), its gradient, the pass's output
@@ -158,6 +166,7 @@ def sparse_ot(
     history: int = 10,
     init=None,
     gamma_schedule="auto",
+    relaxed_start="auto",
     plan_grad: str = "implicit",
     backend: str = "auto",
     precision: str = "fp32",
@@ -171,7 +180,9 @@ def sparse_ot(
     steps where ``k`` >= the line length (on the semi-dual, the dual's maximum over ``beta``:
     the dual with such a ``k`` is solved through it; past 64 positions, rows for ``axis=0``,
     Newton's systems by conjugate gradient: 3.5-7.2x less time than L-BFGS on 300 x 200 and
-    1000 x 800 clouds in float64, docs/sparse_ot.md).
+    1000 x 800 clouds in float64, docs/sparse_ot.md). Where ``k`` is smaller the L-BFGS
+    starts, by default, from the optimum of the problem without ``k``, by those Newton steps
+    (``relaxed_start``).
 
     Args:
         geom: :class:`~otcore.PointCloud` or :class:`~otcore.CostMatrix`, ``B`` problems if batched.
@@ -214,9 +225,23 @@ def sparse_ot(
             length (quadratically regularized OT), from where ``gamma`` times the mean line
             weight is 1% of the cost's range down by factors of 4 (at smaller ``gamma`` the
             support changes at every step: 1.4-12.5x less time at ``gamma`` <= 1e-3,
-            docs/sparse_ot.md); none where ``k`` can bind or ``gamma`` is that large
-            already. A decay factor in (0, 1): the same with that factor, for any ``k``. A
-            decreasing sequence of values ``> gamma``: those. None: no stages.
+            docs/sparse_ot.md), and for a relaxed start's solve; none where ``k`` can bind
+            (without a relaxed start) or ``gamma`` is that large already. A decay factor in
+            (0, 1): the same with that factor, for any ``k`` (with a relaxed start, its
+            solve's). A decreasing sequence of values ``> gamma``: those. None: no stages.
+        relaxed_start: where ``k`` < the line length, first solve the problem without ``k``
+            (quadratically regularized OT: Newton steps, ``gamma_schedule``'s stages, to
+            ``tol``; its semi-dual lies below this one's, equal where no line's support
+            exceeds ``k``) and start the L-BFGS from its optimum: where ``k`` does not bind
+            there it is this problem's optimum (no L-BFGS iteration), where it binds the
+            L-BFGS starts near the kink it stops at (the benchmark's 2048 x 2048, ``k = 4``:
+            53 passes over the costs to POT's value against 547 from zero,
+            docs/sparse_ot.md). ``"auto"`` (default): where ``k`` times the lines is at least
+            the positions plus the lines; ``True``: wherever ``k`` < the line length;
+            ``False``: L-BFGS from zero. None from a warm start. A problem whose relaxed
+            optimum holds equal costs in most lines where ``k`` binds starts from zero
+            (``info["relaxed_kept"]``). Its iterations count in ``n_iter`` and ``max_iter``
+            (``info["relaxed_iter"]``; ``info["relaxed_width"]``: its pass's slots per line).
         plan_grad: how ``values`` are differentiated: ``"implicit"`` (exact derivative of
             the optimal plan on its support, through the optimality conditions, by
             conjugate gradient; 0 where the constraints pin the plan, every support full:
@@ -243,7 +268,8 @@ def sparse_ot(
     tol_against_mass(tol, pb.min_mass)
     spb = _solved_as(pb)
     warm = init is not None
-    stages, runs = gamma_stages(gamma_schedule, spb, warm=warm)
+    relax = relaxed_start_applies(relaxed_start, spb, warm)
+    stages, runs = gamma_stages(gamma_schedule, spb, warm=warm or relax)  # a relaxed start's solve runs them
     # a warm start skips the stages; where Newton stalls from it, they run from its best iterate
     rescue, rescue_runs = (gamma_stages(gamma_schedule, spb, warm=False) if warm and _newton_applies(spb)
                            else ([], None))
@@ -251,7 +277,11 @@ def sparse_ot(
     with torch.autocast(geom.device.type, enabled=False), torch.no_grad():
         theta = theta0 if spb is pb else theta0[:, : pb.wp.shape[1]]
         run = (spb, ftol, max_iter, history, progress)
-        theta, out, n_iter, why, solver = _staged(*run, theta, None, stages, runs, tol, fallback=not rescue)
+        used = width = None
+        if relax:
+            theta, used, stages, width, kept = _relaxed_start(spb, theta, gamma_schedule, tol, *run[1:])
+        theta, out, n_iter, why, solver = _staged(*run, theta, used, [] if relax else stages, runs, tol,
+                                                  fallback=not rescue)
         if rescue:
             theta, out, n_iter, why, solver, stages = _rescue(*run, theta, out, n_iter, why, solver, rescue,
                                                               rescue_runs, tol)
@@ -260,24 +290,31 @@ def sparse_ot(
     res = _result(pb, hp, out, n_iter, why, tol, batched, progress.elapsed)
     res.info["solver"] = solver if spb is pb else f"{solver} (semi-dual)"
     res.info["gamma_stages"] = stages
+    if relax:
+        res.info["solver"] = f"newton (relaxed start), then {solver}"
+        res.info["relaxed_width"] = width
+        res.info["relaxed_iter"] = torch.as_tensor(used) if batched else int(used[0])
+        res.info["relaxed_kept"] = kept if batched else bool(kept[0])
     return res
 
 
 def _staged(pb: _Problem, ftol, max_iter: int, history: int, progress, theta, used: Optional[np.ndarray], stages,
-            runs: np.ndarray, tol, fallback: bool = True):
+            runs: np.ndarray, tol, fallback: bool = True, label: str = "sparse_ot", fit=None):
     """The continuation: each problem its last ``runs`` (B,) of ``stages`` (each stage from the
     last one's duals, to a tolerance of ``STAGE_TOL`` per unit of mass, or ``tol``; a problem
     joins at its own first stage, before it with a tolerance of inf: no step), then the
-    solve at ``pb.gamma`` (:func:`_solve`, ``last``), after ``used`` iterations."""
+    solve at ``pb.gamma`` (:func:`_solve`, ``last``), after ``used`` iterations. ``fit(pb,
+    theta) -> pb``: a relaxed start's pass width, fitted to each stage at its start."""
+    fit = fit or (lambda p, _: p)
     stage_tol = (STAGE_TOL * pb.wl.sum(-1)).clamp(min=tol) if stages else None
     for i, g in enumerate(stages):
-        progress.label = f"sparse_ot (gamma stage {g:.3g})"
+        progress.label = f"{label} (gamma stage {g:.3g})"
         tol_i = torch.where(_host.to_device(runs > len(stages) - 1 - i, pb.wl.device), stage_tol, torch.inf)
-        theta, _, n_iter, _, _ = _solve(dataclasses.replace(pb, gamma=g), theta, used, tol_i, ftol, max_iter, history,
-                                        progress, last=False, staged=runs > 0)
+        theta, _, n_iter, _, _ = _solve(fit(dataclasses.replace(pb, gamma=g), theta), theta, used, tol_i, ftol,
+                                        max_iter, history, progress, last=False, staged=runs > 0)
         used = _host.host_array(n_iter).astype(np.int64)
-    progress.label = "sparse_ot"
-    return _solve(pb, theta, used, tol, ftol, max_iter, history, progress, last=True, staged=runs > 0,
+    progress.label = label
+    return _solve(fit(pb, theta), theta, used, tol, ftol, max_iter, history, progress, last=True, staged=runs > 0,
                   fallback=fallback)
 
 
@@ -330,6 +367,99 @@ def _rescue(pb: _Problem, ftol, max_iter: int, history: int, progress, theta, ou
     n_iter = torch.where(mask, n, n_iter)
     why = torch.where(mask & ~(_host.to_device(keep, dev) & (w == 3)), w, why)  # the stop is the stages'
     return theta, out, n_iter, why, solver_r.replace("newton", "newton, then gamma stages", 1), stages
+
+
+def relaxed_start_applies(option, pb: _Problem, warm: bool) -> bool:
+    """Whether the solve starts from the relaxed problem's optimum (:func:`_relaxed_start`):
+    ``relaxed_start`` (checked here) ``True``, or ``"auto"`` where the lines' slots leave at
+    least one spare per line, ``k L >= N + L`` (``L`` lines, ``N`` positions; the router's
+    rule for its seed: with every slot needed the optimum is assignment-like, far from the
+    relaxed one); never from a warm start (``init``), nor where ``k`` >= the line length
+    (nothing to relax)."""
+    option = _validate.numpy_scalar(option)
+    if isinstance(option, np.bool_):
+        option = bool(option)
+    if isinstance(option, str):
+        if option != "auto":
+            raise ValueError(f"relaxed_start must be 'auto', True or False, got {option!r}")
+    elif not isinstance(option, bool):
+        raise TypeError(f"relaxed_start must be 'auto', True or False, got {type(option).__name__}")
+    N, L = pb.wp.shape[1], pb.wl.shape[1]
+    if option is False or warm or pb.k >= N:
+        return False
+    return option is True or pb.k * L >= N + L
+
+
+def _relaxed_start(pb: _Problem, theta, schedule, tol: float, ftol, max_iter: int, history: int, progress):
+    """The starting duals of a problem where ``k`` < the line length: the optimum of the same
+    problem without the cardinality constraint (quadratically regularized OT, the semi-dual),
+    solved by Newton steps with its continuation in ``gamma`` (``schedule``), to ``tol``.
+
+    Its semi-dual is below this one's at every ``alpha`` (a line's inner maximum over a
+    larger set), equal where no line's projection uses more than ``k`` positions: where
+    ``k`` does not bind at the relaxed optimum that optimum is this problem's (the solve
+    then stops at its first test), and where it binds L-BFGS starts near it. On the
+    benchmark's 2048 x 2048 clouds (``k = 4``, ``gamma = 10``, float32, one CPU thread):
+    40 passes over the costs (19 Newton steps) and 13 L-BFGS evaluations to POT's value,
+    5.4 s, against 547 evaluations and 34.4 s from zero (docs/sparse_ot.md).
+
+    The relaxed pass keeps ``RELAXED_WIDTH`` slots per line (whatever ``k``), not the
+    line's length (a pass's cost grows with its width; a Triton pass past 256 slots runs
+    ``torch.topk``), widened 4x, up to the line length, where it binds (:func:`_binds`): at
+    each stage's start iterate (Newton on a width that binds is on a kink: at the benchmark's
+    1024 x 1024 its stage at 4 gamma took 31 steps where the supports outgrew 16 slots: 45
+    steps and 2.6 s in all, against 12 and 0.65 s with the stage's width fitted), and at the
+    end, where Newton goes on from there for the problems it binds for.
+
+    Returns ``(theta, used, stages, width, kept)``: the duals in ``pb``'s layout (the dual's
+    line multipliers those the relaxed pass solved for), (B,) iterations used (a host
+    array), the stages run, the last width and (B,) whether each problem starts from the relaxed
+    optimum (not where it came out non-finite, nor where :func:`_tied_where_binding`: those
+    start from ``theta`` as given, the relaxed solve's iterations still counted)."""
+    B, N = pb.wp.shape
+    base = min(N, RELAXED_WIDTH)
+    rpb = dataclasses.replace(pb, k=base, semi=True, relaxed=True)
+
+    def fit(p: _Problem, hp) -> _Problem:  # the narrowest width from base up (x4) that does not bind at hp
+        while p.k < N and _host.host_array(_binds(p)(hp, p.evaluate(hp)[2])).any():
+            p = dataclasses.replace(p, k=min(N, 4 * p.k))
+        return p
+
+    stages, runs = gamma_stages(schedule, rpb, warm=False)
+    hp, out, n_iter, why, _ = _staged(rpb, ftol, max_iter, history, progress, theta[:, :N], None, stages, runs, tol,
+                                      fallback=False, label="sparse_ot (relaxed start)", fit=fit)
+    width = out.idx.shape[-1]
+    rpb = dataclasses.replace(rpb, k=width)
+    while width < N:
+        cut = _host.host_array(_binds(rpb)(hp, out))
+        if not cut.any():
+            break
+        width = min(N, 4 * width)
+        rpb = dataclasses.replace(rpb, k=width)
+        mask = _host.to_device(cut, hp.device)
+        tol_w = torch.where(mask, torch.full_like(pb.wl[:, 0], tol), torch.inf)  # the others take no step
+        hp, out, n_w, why_w, _ = _solve(rpb, hp, _host.host_array(n_iter).astype(np.int64), tol_w, ftol, max_iter,
+                                        history, progress, last=True, staged=np.zeros(B, bool), fallback=False)
+        n_iter, why = torch.where(mask, n_w, n_iter), torch.where(mask, why_w, why)
+    start = hp if pb.semi else torch.cat([hp, out.beta], 1)
+    keep = (why != 3) & torch.isfinite(start).all(-1) & ~_tied_where_binding(pb.k, out)
+    theta = torch.where(keep[:, None], start, theta)
+    return theta, _host.host_array(n_iter).astype(np.int64), stages, width, keep
+
+
+def _tied_where_binding(k: int, out: KSparse) -> torch.Tensor:
+    """(B,) whether most lines where ``k`` binds in the relaxed pass ``out`` (support > ``k``)
+    hold equal costs in their support: degenerate costs (integers, duplicated points) whose
+    relaxed optimum spreads each line's mass over interchangeable positions. From there
+    L-BFGS stopped at kinks 0.15-1.3% below the value it reached from zero on 17 of 18
+    integer-cost problems (costs in {0..3}, 20 x 10 to 60 x 40, float32 and float64; it was
+    6.6% above on 2 others) where on continuous costs the two ends differed by at most
+    3e-4 either way (docs/sparse_ot.md); such problems start from zero."""
+    on = out.vals > 0
+    binding = on.sum(-1) > k  # (B, L)
+    c = torch.where(on, out.cost, torch.nan).sort(-1).values
+    tied = (c[..., 1:] == c[..., :-1]).any(-1) & binding  # (NaN == NaN is False: the empty slots never tie)
+    return 2 * tied.sum(-1) > binding.sum(-1)
 
 
 def _solve(pb: _Problem, theta, used: Optional[np.ndarray], tol, ftol, max_iter: int, history: int, progress,
@@ -392,7 +522,7 @@ def gamma_stages(schedule, pb: _Problem, warm: bool) -> tuple[list[float], np.nd
     about what it would take alone).
 
     ``"auto"``: a decay factor of 1/4 for quadratically regularized OT (``k`` >= the line
-    length; 8.1x less time where Newton's systems are solved directly, 3.9x by conjugate
+    length, or a relaxed start's problem; 8.1x less time where Newton's systems are solved directly, 3.9x by conjugate
     gradient, over CPU test problems at gamma 1e-4 to 0.1, docs/sparse_ot.md), none where
     ``k`` can bind (L-BFGS stops on ``ftol`` at the relaxation's kink: on 200 x 150 with
     ``k = 5`` the stages took 1.5x more time at ``gamma = 1e-2`` and converged where the
@@ -406,7 +536,7 @@ def gamma_stages(schedule, pb: _Problem, warm: bool) -> tuple[list[float], np.nd
     be near the solution already; :func:`_rescue` runs them where Newton stalls from it).
     """
     if isinstance(schedule, str) and schedule == "auto":
-        q = 0.25 if pb.k >= pb.wp.shape[1] else []
+        q = 0.25 if _unconstrained(pb) else []
     else:
         q = check_schedule(schedule, pb.gamma, name="gamma_schedule", target="gamma", word="auto")
     B = pb.wl.shape[0]
@@ -445,8 +575,12 @@ def _outside(pb: _Problem):
     def outside(out):
         return (weighted & ~held(out)).sum(-1)
 
+    diameters = []  # the costs' range, read at the first step that needs it
+
     def entering(hp, out):
-        edge, _, _ = _hard_c_transform(pb, torch.where(pb.wl == 0, -torch.inf, out.beta), hp)
+        if not diameters:
+            diameters.append(pb.geom.diameters().detach())
+        edge, _, _ = _hard_c_transform(pb, torch.where(pb.wl == 0, -torch.inf, out.beta), hp, diameters[0])
         return torch.where(weighted & ~held(out), edge - hp + pb.gamma * pb.wp, 0.0)
 
     return outside, entering
@@ -466,12 +600,18 @@ def _solved_as(pb: _Problem) -> _Problem:
     return dataclasses.replace(pb, semi=True)
 
 
+def _unconstrained(pb: _Problem) -> bool:
+    """Quadratically regularized OT: no cardinality constraint left (``k`` >= the line
+    length), or a relaxed start's problem (``k`` a width checked not to bind)."""
+    return pb.relaxed or pb.k >= pb.wp.shape[1]
+
+
 def _newton_applies(pb: _Problem) -> bool:
     """Newton steps (:func:`~otcore.solvers._qot_newton.newton`) instead of L-BFGS: the
-    semi-dual with no cardinality constraint left (``k`` >= the line length: quadratically
+    semi-dual with no cardinality constraint (:func:`_unconstrained`: quadratically
     regularized OT, a smooth objective), at any size (past ``DIRECT_MAX`` positions the
     Newton systems are solved by conjugate gradient on the support)."""
-    return pb.semi and pb.k >= pb.wp.shape[1]
+    return pb.semi and _unconstrained(pb)
 
 
 def run_lbfgs(pb: _Problem, evaluate, theta0, tol: float, ftol: float, max_iter, history: int, progress=None):
@@ -622,18 +762,30 @@ def _cost_floor(geom) -> torch.Tensor:
     return torch.zeros(geom.batch, dtype=geom.dtype, device=geom.device)
 
 
-def _hard_c_transform(pb: _Problem, h: torch.Tensor, hp: torch.Tensor):
+def _hard_c_transform(pb: _Problem, h: torch.Tensor, hp: torch.Tensor, diameters: torch.Tensor):
     """``min_l (C_rl - h_l)`` for every position ``r`` (B, N), the hard c-transform of the line
-    values ``h`` (``-inf`` leaves a line out), in ``hp``'s dtype; also ``(B,)`` the scores'
-    size ``max|h| + max|hp|`` and the ``eps`` used. A softmin at an ``eps`` of a few rounding
-    steps of the scores is the hard minimum (``eps`` is one number for the batch: the
-    smallest problem's, which only makes the others' minima sharper). One host read."""
+    values ``h`` (``-inf`` leaves a line out), in ``hp``'s dtype (``diameters`` (B,): the
+    costs' range, :meth:`~otcore.geometry.Geometry.diameters`); also ``(B,)`` the scores'
+    size ``max|h| + max|hp|`` and an ``eps`` of a few rounding steps of it (one number for
+    the batch: the smallest problem's). Exact: each position's best line by the k-sparse
+    pass with the axes swapped and ``k = 1`` (the lines left out pushed below every other by
+    twice the cost's range), its cost read back. A softmin at that ``eps`` had been the
+    minimum up to rounding, but ``eps`` batch-wide made a problem's Newton steps differ in a
+    batch from alone (5e-17, enough for L-BFGS to end at another kink: plans 0.047 apart).
+    One host read."""
     u = torch.finfo(hp.dtype).eps
     big = finite_abs_max(h) + finite_abs_max(hp)
     size = _host.host_array(big)
     eps = 16 * u * max(float(size.min()), 1e-20 * float(size.max()), 1e-30)
-    edge = pb.geom.softmin(h, eps, 1 - pb.axis, backend=pb.backend, precision="fp32")
-    return edge.to(hp.dtype), big, eps
+    out_line = ~torch.isfinite(h)
+    low = torch.where(out_line, torch.inf, h).amin(-1, keepdim=True)
+    reach = 2 * diameters.to(h.dtype)[:, None] + 1 + big[:, None].to(h.dtype)
+    scores = torch.where(out_line, low - reach, h)
+    ones = torch.ones_like(hp)
+    best = pb.geom.ksparse_columns(scores.to(pb.geom.dtype), 1.0, 1, 1 - pb.axis, mass=ones.to(pb.geom.dtype),
+                                   backend=pb.backend, precision="fp32")
+    line = best.idx[..., 0]
+    return (best.cost[..., 0].to(hp.dtype) - torch.gather(h, 1, line)), big, eps
 
 
 def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor, KSparse]:
@@ -670,7 +822,8 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     # range let zero-cost padding rows outrank the weighted ones: all the mass went to them, a review)
     live_min = torch.where(zero, torch.inf, hp).amin(-1, keepdim=True)
     big = torch.finfo(hp.dtype).max / 8
-    reach = (2 * (pb.geom.diameters().detach().to(hp.dtype) + pb.gamma * pb.wl.amax(-1)) + 1e-12).clamp(max=big)
+    diameters = pb.geom.diameters().detach()
+    reach = (2 * (diameters.to(hp.dtype) + pb.gamma * pb.wl.amax(-1)) + 1e-12).clamp(max=big)
     out = pb.geom.ksparse_columns(torch.where(zero, live_min - reach[:, None], hp), pb.gamma, pb.k,
                                   pb.axis, mass=pb.wl, **kw)
     B, L, k = out.idx.shape
@@ -684,7 +837,7 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     h = torch.where(zero_lines, -torch.inf, h)  # out of the minimum
     # a margin of a few rounding steps keeps the point strictly out of the top k (at a tie the
     # selection could give it a slot)
-    edge, big, eps = _hard_c_transform(pb, h, hp)
+    edge, big, eps = _hard_c_transform(pb, h, hp, diameters)
     u = torch.finfo(hp.dtype).eps
     hp = torch.where(zero, edge - 64 * u * big[:, None], hp)
     out = pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)

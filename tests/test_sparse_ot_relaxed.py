@@ -1,0 +1,184 @@
+"""sparse_ot's relaxed start: where k < the line length, Newton on the problem without the
+cardinality constraint (quadratically regularized OT) first, L-BFGS from its optimum.
+
+Checked against the problem without k (where k does not bind there, the same optimum), the
+solve from zero, POT's sparsity-constrained solver, and each problem of a batch alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+import otcore
+from otcore.result import ConvergenceWarning
+from otcore.solvers import sparse as S
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # POT's SciPy calls
+
+F64 = torch.float64
+RELAXED = "newton (relaxed start), then L-BFGS"
+
+
+def _clouds(n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 2, generator=g, dtype=F64), torch.randn(m, 2, generator=g, dtype=F64)
+    a, b = torch.rand(n, generator=g, dtype=F64) + 0.1, torch.rand(m, generator=g, dtype=F64) + 0.1
+    return otcore.PointCloud(x, y), a / a.sum(), b / b.sum()
+
+
+def _square(n, seed=0, scale=1.0):
+    """The benchmark's problem (bench/bench_sparse_ot.py), smaller: uniform clouds in the unit
+    square, squared Euclidean costs as a matrix, uniform weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g, dtype=F64)
+    y = 0.05 + 0.9 * torch.rand(n, 2, generator=g, dtype=F64)
+    return scale**2 * torch.cdist(x, y) ** 2
+
+
+def _pot_value(C, k, gamma):
+    """POT's semi-dual solve (L-BFGS-B, its defaults) and its objective at POT's duals."""
+    n, m = C.shape
+    a, b = np.full(n, 1 / n), np.full(m, 1 / m)
+    with contextlib.redirect_stdout(io.StringIO()):  # its projection prints shapes
+        _, log = ot.smooth.smooth_ot_semi_dual(a, b, C.numpy(), gamma, reg_type="sparsity_constrained", max_nz=k,
+                                               log=True)
+        reg = ot.smooth.SparsityConstrained(max_nz=k, gamma=gamma)
+        return ot.smooth.semi_dual_obj_grad(log["alpha"], a, b, C.numpy(), reg)[0]
+
+
+@pytest.mark.parametrize("formulation", ["semi-dual", "dual"])
+def test_where_k_does_not_bind_the_relaxed_optimum_is_the_answer(formulation):
+    """No line of the unconstrained optimum uses more than 4 positions: with k = 8 it is the
+    problem's optimum, and the L-BFGS from it stops at its first test (0 iterations), where
+    from zero it took 513 (semi-dual; the dual had not converged in 1000)."""
+    geom, a, b = _clouds(60, 50, seed=3)
+    qot = otcore.sparse_ot(geom, a, b, k=60, gamma=0.2, tol=1e-10)
+    assert int((qot.to_dense() > 0).sum(0).max()) <= 4
+    r = otcore.sparse_ot(geom, a, b, k=8, gamma=0.2, tol=1e-10, formulation=formulation)
+    assert r.info["solver"] == RELAXED and r.converged and r.info["relaxed_kept"] is True
+    assert r.n_iter == r.info["relaxed_iter"] and r.info["relaxed_width"] == 16
+    assert r.info["gamma_stages"] == qot.info["gamma_stages"] != []  # the relaxed Newton runs the continuation
+    torch.testing.assert_close(r.to_dense(), qot.to_dense(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(r.value, qot.value, rtol=1e-12, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the dual's L-BFGS: 2.9e-8 after its 1000 iterations
+        cold = otcore.sparse_ot(geom, a, b, k=8, gamma=0.2, tol=1e-10, formulation=formulation, relaxed_start=False)
+    assert cold.info["solver"] == "L-BFGS" and cold.n_iter > 3 * r.n_iter
+    torch.testing.assert_close(r.to_dense(), cold.to_dense(), rtol=0, atol=1e-8)
+
+
+def test_float32_where_k_does_not_bind():
+    geom, a, b = _clouds(60, 50, seed=3)
+    g32 = otcore.PointCloud(geom.x[0].float(), geom.y[0].float())
+    r = otcore.sparse_ot(g32, a.float(), b.float(), k=8, gamma=0.2)
+    ref = otcore.sparse_ot(geom, a, b, k=60, gamma=0.2, tol=1e-10)
+    assert r.converged and r.info["solver"] == RELAXED and r.n_iter == r.info["relaxed_iter"]
+    assert float((r.to_dense().double() - ref.to_dense()).abs().sum()) < 1e-4
+
+
+@pytest.mark.parametrize("k, gamma, width", [(4, 10.0, 16), (2, 60.0, 64)])
+def test_where_k_binds_the_solve_goes_on_from_the_relaxed_optimum(k, gamma, width, monkeypatch):
+    """The benchmark's problem at 120 x 120: the unconstrained optimum uses up to 14 (gamma 10)
+    or 29 (gamma 60) positions per column, so k binds; past 16 the relaxed pass is widened
+    (to 64) and its optimum is the unconstrained one. From there L-BFGS ends above POT's
+    value in fewer iterations than from zero (368 against 620, 236 against 468)."""
+    C = _square(120)
+    qot = otcore.sparse_ot(otcore.CostMatrix(C), k=120, gamma=gamma, tol=1e-9)
+    support = int((qot.to_dense() > 0).sum(0).max())
+    assert k < support and (support > 16) == (width > 16)
+    starts, real = [], S._relaxed_start
+    monkeypatch.setattr(S, "_relaxed_start", lambda *args: starts.append(real(*args)) or starts[-1])
+    r = otcore.sparse_ot(otcore.CostMatrix(C), k=k, gamma=gamma, tol=1e-9)
+    assert r.info["solver"] == RELAXED and r.info["relaxed_width"] == width and r.info["relaxed_kept"] is True
+    start = starts[0][0][0]
+    torch.testing.assert_close(start - start.mean(), qot.alpha - qot.alpha.mean(), rtol=0, atol=1e-9)
+    cold = otcore.sparse_ot(otcore.CostMatrix(C), k=k, gamma=gamma, tol=1e-9, relaxed_start=False)
+    assert r.n_iter < cold.n_iter
+    assert float(r.value) >= _pot_value(C, k, gamma) and float(r.value) == pytest.approx(float(cold.value), rel=1e-4)
+    assert bool(((r.values > 0).sum(-1) <= k).all())
+
+
+def test_a_batch_gives_each_problem_what_it_gets_alone():
+    """One problem's relaxed pass is widened (its clouds shrunk: wider supports), the other's
+    is not; Newton's steps, including where a position enters a support (the hard c-transform,
+    exact rather than a batch-wide softmin), do not depend on the batch beyond rounding (a
+    row's sum in a batch of two and alone differ in the last bit on the CPU; the L-BFGS after
+    the relaxed start, stopped at a kink of the objective, turns 1e-18 into 1.8e-9 in the plan
+    and 1.1e-9 in the value here)."""
+    C = torch.stack([_square(40, seed=1, scale=0.4), _square(40, seed=2)])
+    both = otcore.sparse_ot(otcore.CostMatrix(C), k=3, gamma=8.0, tol=1e-9)
+    alone = [otcore.sparse_ot(otcore.CostMatrix(Ci), k=3, gamma=8.0, tol=1e-9) for Ci in C]
+    assert [r.info["relaxed_width"] for r in alone] == [40, 16] and both.info["relaxed_width"] == 40
+    for i, r in enumerate(alone):
+        assert int(both.info["relaxed_iter"][i]) == r.info["relaxed_iter"] and int(both.n_iter[i]) == r.n_iter
+        torch.testing.assert_close(both.value[i], r.value, rtol=1e-8, atol=0)
+        torch.testing.assert_close(both.to_dense()[i], r.to_dense(), rtol=0, atol=1e-7)
+
+
+def test_tied_costs_start_from_zero():
+    """Integer costs: the unconstrained optimum spreads each column over its many zero-cost rows
+    (interchangeable, equal costs), from where L-BFGS stopped 0.4% below its end from zero; such
+    a problem starts from zero, its relaxed iterations counted."""
+    C = torch.randint(0, 4, (30, 30), generator=torch.Generator().manual_seed(201)).to(F64)
+    r = otcore.sparse_ot(otcore.CostMatrix(C), k=2, gamma=0.5)
+    cold = otcore.sparse_ot(otcore.CostMatrix(C), k=2, gamma=0.5, relaxed_start=False)
+    assert r.info["relaxed_kept"] is False and r.info["relaxed_iter"] > 0
+    assert r.n_iter == cold.n_iter + r.info["relaxed_iter"] and float(r.value) == float(cold.value)
+
+
+def test_where_it_applies():
+    """"auto": where the lines' slots leave a spare per line (k L >= N + L); True forces it; a
+    warm start, or k >= the line length, has none."""
+    C = torch.rand(20, 10, generator=torch.Generator().manual_seed(5), dtype=F64)
+    geom = otcore.CostMatrix(C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        assert otcore.sparse_ot(geom, k=2, gamma=0.3).info["solver"] == "L-BFGS"  # 20 slots for 20 rows
+        assert otcore.sparse_ot(geom, k=2, gamma=0.3, relaxed_start=True).info["solver"] == RELAXED
+        assert otcore.sparse_ot(geom, k=3, gamma=0.3).info["solver"] == RELAXED  # 30 >= 20 + 10
+        assert otcore.sparse_ot(geom, k=3, gamma=0.3, relaxed_start=np.bool_(False)).info["solver"] == "L-BFGS"
+        init = (torch.zeros(20, dtype=F64), torch.zeros(10, dtype=F64))
+        warm = otcore.sparse_ot(geom, k=3, gamma=0.3, relaxed_start=True, init=init)
+    assert warm.info["solver"] == "L-BFGS" and "relaxed_iter" not in warm.info
+    assert otcore.sparse_ot(geom, k=20, gamma=0.3, relaxed_start=True).info["solver"] == "newton"
+
+
+def test_its_iterations_count_in_max_iter():
+    C = _square(60)
+    with pytest.warns(ConvergenceWarning):
+        r = otcore.sparse_ot(otcore.CostMatrix(C), k=4, gamma=10.0, max_iter=3)
+    assert r.n_iter == 3 and r.info["relaxed_iter"] == 3 and not r.converged and r.info["stop"] == "max_iter reached"
+
+
+@pytest.mark.parametrize("value, error", [("yes", ValueError), (1, TypeError), (None, TypeError)])
+def test_bad_relaxed_start(value, error):
+    C = torch.rand(9, 7, generator=torch.Generator().manual_seed(0), dtype=F64)
+    with pytest.raises(error, match="relaxed_start"):
+        otcore.sparse_ot(otcore.CostMatrix(C), k=3, gamma=0.5, relaxed_start=value)
+
+
+@pytest.mark.parametrize("geometry", ["matrix", "cloud"])
+def test_hard_c_transform_is_the_minimum(geometry):
+    """``min_l (C_rl - h_l)`` exactly, lines at -inf left out, for either axis."""
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(2, 9, 3, generator=g, dtype=F64), torch.randn(2, 7, 3, generator=g, dtype=F64)
+    geom = otcore.PointCloud(x, y)
+    C = geom.cost_block()
+    if geometry == "matrix":
+        geom = otcore.CostMatrix(C)
+    for axis in (0, 1):
+        Ct = C if axis == 0 else C.transpose(1, 2)  # (B, positions, lines)
+        h = torch.randn(2, Ct.shape[2], generator=g, dtype=F64)
+        h[0, 1] = h[1, -1] = -torch.inf
+        hp = torch.randn(2, Ct.shape[1], generator=g, dtype=F64)
+        pb = S._Problem(geom, axis, 2, 0.5, True, torch.ones_like(hp), torch.ones_like(h), None, None, "fixed", "torch",
+                        "fp32")
+        edge, _, _ = S._hard_c_transform(pb, h, hp, geom.diameters())
+        torch.testing.assert_close(edge, (Ct - h[:, None, :]).amin(-1), rtol=0, atol=1e-12)
