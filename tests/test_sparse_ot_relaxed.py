@@ -180,5 +180,5 @@ def test_hard_c_transform_is_the_minimum(geometry):
         hp = torch.randn(2, Ct.shape[1], generator=g, dtype=F64)
         pb = S._Problem(geom, axis, 2, 0.5, True, torch.ones_like(hp), torch.ones_like(h), None, None, "fixed", "torch",
                         "fp32")
-        edge, _, _ = S._hard_c_transform(pb, h, hp, geom.diameters())
+        edge, _ = S._hard_c_transform(pb, h, hp, geom.diameters())
         torch.testing.assert_close(edge, (Ct - h[:, None, :]).amin(-1), rtol=0, atol=1e-12)

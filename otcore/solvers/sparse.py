@@ -235,8 +235,8 @@ def sparse_ot(
             exceeds ``k``) and start the L-BFGS from its optimum: where ``k`` does not bind
             there it is this problem's optimum (no L-BFGS iteration), where it binds the
             L-BFGS starts near the kink it stops at (the benchmark's 2048 x 2048, ``k = 4``:
-            53 passes over the costs to POT's value against 547 from zero,
-            docs/sparse_ot.md). ``"auto"`` (default): where ``k`` times the lines is at least
+            14 Newton iterations and 13 L-BFGS evaluations to POT's value, against 547
+            evaluations from zero, docs/sparse_ot.md). ``"auto"`` (default): where ``k`` times the lines is at least
             the positions plus the lines; ``True``: wherever ``k`` < the line length;
             ``False``: L-BFGS from zero. None from a warm start. A problem whose relaxed
             optimum holds equal costs in most lines where ``k`` binds starts from zero
@@ -400,8 +400,8 @@ def _relaxed_start(pb: _Problem, theta, schedule, tol: float, ftol, max_iter: in
     ``k`` does not bind at the relaxed optimum that optimum is this problem's (the solve
     then stops at its first test), and where it binds L-BFGS starts near it. On the
     benchmark's 2048 x 2048 clouds (``k = 4``, ``gamma = 10``, float32, one CPU thread):
-    40 passes over the costs (19 Newton steps) and 13 L-BFGS evaluations to POT's value,
-    5.4 s, against 547 evaluations and 34.4 s from zero (docs/sparse_ot.md).
+    14 Newton iterations (2.7 s) and 13 L-BFGS evaluations to POT's value, 3.4 s in all,
+    against 547 evaluations and 34.9 s from zero (docs/sparse_ot.md).
 
     The relaxed pass keeps ``RELAXED_WIDTH`` slots per line (whatever ``k``), not the
     line's length (a pass's cost grows with its width; a Triton pass past 256 slots runs
@@ -451,10 +451,11 @@ def _tied_where_binding(k: int, out: KSparse) -> torch.Tensor:
     """(B,) whether most lines where ``k`` binds in the relaxed pass ``out`` (support > ``k``)
     hold equal costs in their support: degenerate costs (integers, duplicated points) whose
     relaxed optimum spreads each line's mass over interchangeable positions. From there
-    L-BFGS stopped at kinks 0.15-1.3% below the value it reached from zero on 17 of 18
-    integer-cost problems (costs in {0..3}, 20 x 10 to 60 x 40, float32 and float64; it was
-    6.6% above on 2 others) where on continuous costs the two ends differed by at most
-    3e-4 either way (docs/sparse_ot.md); such problems start from zero."""
+    L-BFGS stopped below the value it reached from zero on 119 of 180 integer-cost problems
+    (costs in {0..3}, 20 x 10 to 100 x 120, float32 and float64), 40 of them by more than
+    0.1% (up to 1.3%), and above on 52 (up to 6.7%), where on continuous costs the two ends
+    differed by at most 2.4e-4 either way (docs/sparse_ot.md); such problems start from
+    zero."""
     on = out.vals > 0
     binding = on.sum(-1) > k  # (B, L)
     c = torch.where(on, out.cost, torch.nan).sort(-1).values
@@ -522,8 +523,9 @@ def gamma_stages(schedule, pb: _Problem, warm: bool) -> tuple[list[float], np.nd
     about what it would take alone).
 
     ``"auto"``: a decay factor of 1/4 for quadratically regularized OT (``k`` >= the line
-    length, or a relaxed start's problem; 8.1x less time where Newton's systems are solved directly, 3.9x by conjugate
-    gradient, over CPU test problems at gamma 1e-4 to 0.1, docs/sparse_ot.md), none where
+    length, or a relaxed start's problem; 8.1x less time where Newton's systems are solved
+    directly, 3.9x by conjugate gradient, over CPU test problems at gamma 1e-4 to 0.1,
+    docs/sparse_ot.md), none where
     ``k`` can bind (L-BFGS stops on ``ftol`` at the relaxation's kink: on 200 x 150 with
     ``k = 5`` the stages took 1.5x more time at ``gamma = 1e-2`` and converged where the
     cold solve ran out of iterations at 1e-3 and 1e-4; a factor asks for them).
@@ -580,7 +582,7 @@ def _outside(pb: _Problem):
     def entering(hp, out):
         if not diameters:
             diameters.append(pb.geom.diameters().detach())
-        edge, _, _ = _hard_c_transform(pb, torch.where(pb.wl == 0, -torch.inf, out.beta), hp, diameters[0])
+        edge, _ = _hard_c_transform(pb, torch.where(pb.wl == 0, -torch.inf, out.beta), hp, diameters[0])
         return torch.where(weighted & ~held(out), edge - hp + pb.gamma * pb.wp, 0.0)
 
     return outside, entering
@@ -766,26 +768,20 @@ def _hard_c_transform(pb: _Problem, h: torch.Tensor, hp: torch.Tensor, diameters
     """``min_l (C_rl - h_l)`` for every position ``r`` (B, N), the hard c-transform of the line
     values ``h`` (``-inf`` leaves a line out), in ``hp``'s dtype (``diameters`` (B,): the
     costs' range, :meth:`~otcore.geometry.Geometry.diameters`); also ``(B,)`` the scores'
-    size ``max|h| + max|hp|`` and an ``eps`` of a few rounding steps of it (one number for
-    the batch: the smallest problem's). Exact: each position's best line by the k-sparse
-    pass with the axes swapped and ``k = 1`` (the lines left out pushed below every other by
-    twice the cost's range), its cost read back. A softmin at that ``eps`` had been the
-    minimum up to rounding, but ``eps`` batch-wide made a problem's Newton steps differ in a
-    batch from alone (5e-17, enough for L-BFGS to end at another kink: plans 0.047 apart).
-    One host read."""
-    u = torch.finfo(hp.dtype).eps
+    size ``max|h| + max|hp|``. Exact: each position's best line by the k-sparse pass with
+    the axes swapped and ``k = 1`` (the lines left out pushed below every other by twice the
+    costs' range), its cost read back. A softmin at an ``eps`` of a few rounding steps had
+    been the minimum up to rounding, but that ``eps``, one number for the batch, made a
+    problem's Newton steps differ in a batch from alone (5e-17: enough for L-BFGS to end at
+    another kink, plans 0.047 apart). No host read."""
     big = finite_abs_max(h) + finite_abs_max(hp)
-    size = _host.host_array(big)
-    eps = 16 * u * max(float(size.min()), 1e-20 * float(size.max()), 1e-30)
     out_line = ~torch.isfinite(h)
     low = torch.where(out_line, torch.inf, h).amin(-1, keepdim=True)
     reach = 2 * diameters.to(h.dtype)[:, None] + 1 + big[:, None].to(h.dtype)
-    scores = torch.where(out_line, low - reach, h)
-    ones = torch.ones_like(hp)
-    best = pb.geom.ksparse_columns(scores.to(pb.geom.dtype), 1.0, 1, 1 - pb.axis, mass=ones.to(pb.geom.dtype),
+    scores = torch.where(out_line, low - reach, h).to(pb.geom.dtype)
+    best = pb.geom.ksparse_columns(scores, 1.0, 1, 1 - pb.axis, mass=torch.ones_like(hp, dtype=pb.geom.dtype),
                                    backend=pb.backend, precision="fp32")
-    line = best.idx[..., 0]
-    return (best.cost[..., 0].to(hp.dtype) - torch.gather(h, 1, line)), big, eps
+    return best.cost[..., 0].to(hp.dtype) - torch.gather(h, 1, best.idx[..., 0]), big
 
 
 def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor, KSparse]:
@@ -837,11 +833,13 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     h = torch.where(zero_lines, -torch.inf, h)  # out of the minimum
     # a margin of a few rounding steps keeps the point strictly out of the top k (at a tie the
     # selection could give it a slot)
-    edge, big, eps = _hard_c_transform(pb, h, hp, diameters)
+    edge, big = _hard_c_transform(pb, h, hp, diameters)
     u = torch.finfo(hp.dtype).eps
     hp = torch.where(zero, edge - 64 * u * big[:, None], hp)
     out = pb.geom.ksparse_columns(hp, pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
     if pb.zeros[1 - pb.axis]:  # zero-weight lines too: min_r (C_rl - alpha_r) over the positions with mass
+        size = _host.host_array(big)  # a softmin at a few rounding steps of the scores (the batch's smallest)
+        eps = 16 * u * max(float(size.min()), 1e-20 * float(size.max()), 1e-30)
         top = pb.geom.softmin(torch.where(zero, -torch.inf, hp), eps, pb.axis, backend=pb.backend, precision="fp32")
         out = out._replace(beta=torch.where(zero_lines, top.to(out.beta.dtype), out.beta))
     return hp, out
