@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -201,6 +201,18 @@ def axis(v, meaning: str = "0 (a result per column) or 1 (a result per row)") ->
 
 #: ``precision`` of every solver and primitive: float32-faithful or the fast tf32 kernels.
 PRECISIONS = ("fp32", "tf32")
+
+
+def auto_flag(name: str, v) -> Union[str, bool]:
+    """``"auto"``, or a bool (Python or NumPy, a 0-d array of one too): ``"auto"``, True or False."""
+    v = numpy_scalar(v)
+    if isinstance(v, np.bool_):
+        v = bool(v)
+    if isinstance(v, str) and v != "auto":
+        raise ValueError(f"{name} must be 'auto', True or False, got {v!r}")
+    if not isinstance(v, (str, bool)):
+        raise TypeError(f"{name} must be 'auto', True or False, got {type(v).__name__}")
+    return v
 
 
 def choice(name: str, v, options) -> str:

@@ -376,14 +376,7 @@ def relaxed_start_applies(option, pb: _Problem, warm: bool) -> bool:
     rule for its seed: with every slot needed the optimum is assignment-like, far from the
     relaxed one); never from a warm start (``init``), nor where ``k`` >= the line length
     (nothing to relax)."""
-    option = _validate.numpy_scalar(option)
-    if isinstance(option, np.bool_):
-        option = bool(option)
-    if isinstance(option, str):
-        if option != "auto":
-            raise ValueError(f"relaxed_start must be 'auto', True or False, got {option!r}")
-    elif not isinstance(option, bool):
-        raise TypeError(f"relaxed_start must be 'auto', True or False, got {type(option).__name__}")
+    option = _validate.auto_flag("relaxed_start", option)
     N, L = pb.wp.shape[1], pb.wl.shape[1]
     if option is False or warm or pb.k >= N:
         return False
