@@ -76,6 +76,13 @@ RESCUE_GRAD = 1e-3
 #: regularized OT's supports on the benchmark's 2048 x 2048 clouds at gamma 10 (bench/bench_sparse_ot.py)
 #: hold at most 16; at 1000 x 800 with k = 64 a width of 2k took 6.9 s where this took 4.4 s
 RELAXED_WIDTH = 16
+#: the relaxed solve (each of its gamma stages) stops at a gradient norm of at least this many
+#: rounding steps of the mass (1.2e-4 of it in float32, 2.3e-13 in float64), the L-BFGS going on to
+#: tol: in float32 its Newton stalled at 1.8e-5 and 4.2e-5 in two stages, 79 of 116 iterations (400 x
+#: 400 clouds at gamma 0.01, a review). 4096 steps (4.9e-4) left a float32 L-BFGS to stop on ftol at
+#: 6.3e-5 where from zero it converged (1000 x 1000 at gamma 0.01); sqrt(eps) (1.5e-8 in float64)
+#: cost the float64 L-BFGS 35 iterations more where the relaxed optimum is the answer
+RELAXED_FLOOR = 1024
 
 
 @dataclass
@@ -235,12 +242,13 @@ def sparse_ot(
             exceeds ``k``) and start the L-BFGS from its optimum: where ``k`` does not bind
             there it is this problem's optimum (no L-BFGS iteration), where it binds the
             L-BFGS starts near the kink it stops at (the benchmark's 2048 x 2048, ``k = 4``:
-            14 Newton iterations and 13 L-BFGS evaluations to POT's value, against 547
-            evaluations from zero, docs/sparse_ot.md). ``"auto"`` (default): where ``k`` times the lines is at least
-            the positions plus the lines; ``True``: wherever ``k`` < the line length;
-            ``False``: L-BFGS from zero. None from a warm start. A problem whose relaxed
-            optimum holds equal costs in most lines where ``k`` binds starts from zero
-            (``info["relaxed_kept"]``). Its iterations count in ``n_iter`` and ``max_iter``
+            13 Newton iterations and 13 L-BFGS evaluations to POT's value, against 547
+            evaluations from zero, docs/sparse_ot.md). ``"auto"`` (default): where ``k``
+            times the lines is at least the positions plus the lines, and ``gamma_schedule``
+            is not None; ``True``: wherever ``k`` < the line length; ``False``: L-BFGS from
+            zero. None from a warm start. A problem with near-equal
+            costs in most lines (its ``k + 1`` cheapest, or its relaxed support where ``k``
+            binds) starts from zero (``info["relaxed_kept"]``). Its iterations count in ``n_iter`` and ``max_iter``
             (``info["relaxed_iter"]``; ``info["relaxed_width"]``: its pass's slots per line).
         plan_grad: how ``values`` are differentiated: ``"implicit"`` (exact derivative of
             the optimal plan on its support, through the optimality conditions, by
@@ -268,7 +276,7 @@ def sparse_ot(
     tol_against_mass(tol, pb.min_mass)
     spb = _solved_as(pb)
     warm = init is not None
-    relax = relaxed_start_applies(relaxed_start, spb, warm)
+    relax = relaxed_start_applies(relaxed_start, spb, warm, gamma_schedule)
     stages, runs = gamma_stages(gamma_schedule, spb, warm=warm or relax)  # a relaxed start's solve runs them
     # a warm start skips the stages; where Newton stalls from it, they run from its best iterate
     rescue, rescue_runs = (gamma_stages(gamma_schedule, spb, warm=False) if warm and _newton_applies(spb)
@@ -369,18 +377,20 @@ def _rescue(pb: _Problem, ftol, max_iter: int, history: int, progress, theta, ou
     return theta, out, n_iter, why, solver_r.replace("newton", "newton, then gamma stages", 1), stages
 
 
-def relaxed_start_applies(option, pb: _Problem, warm: bool) -> bool:
+def relaxed_start_applies(option, pb: _Problem, warm: bool, schedule) -> bool:
     """Whether the solve starts from the relaxed problem's optimum (:func:`_relaxed_start`):
     ``relaxed_start`` (checked here) ``True``, or ``"auto"`` where the lines' slots leave at
     least one spare per line, ``k L >= N + L`` (``L`` lines, ``N`` positions; the router's
     rule for its seed: with every slot needed the optimum is assignment-like, far from the
-    relaxed one); never from a warm start (``init``), nor where ``k`` >= the line length
-    (nothing to relax)."""
+    relaxed one), unless ``gamma_schedule`` (``schedule``) is None (without its stages the
+    relaxed Newton stalls at small ``gamma``: 300 x 300 clouds at 1e-3, 80 iterations that
+    left 1.43 s against 0.86 s from zero, a review); never from a warm start (``init``), nor
+    where ``k`` >= the line length (nothing to relax)."""
     option = _validate.auto_flag("relaxed_start", option)
     N, L = pb.wp.shape[1], pb.wl.shape[1]
     if option is False or warm or pb.k >= N:
         return False
-    return option is True or pb.k * L >= N + L
+    return option is True or (pb.k * L >= N + L and schedule is not None)
 
 
 def _relaxed_start(pb: _Problem, theta, schedule, tol: float, ftol, max_iter: int, history: int, progress):
@@ -393,8 +403,8 @@ def _relaxed_start(pb: _Problem, theta, schedule, tol: float, ftol, max_iter: in
     ``k`` does not bind at the relaxed optimum that optimum is this problem's (the solve
     then stops at its first test), and where it binds L-BFGS starts near it. On the
     benchmark's 2048 x 2048 clouds (``k = 4``, ``gamma = 10``, float32, one CPU thread):
-    14 Newton iterations (2.7 s) and 13 L-BFGS evaluations to POT's value, 3.4 s in all,
-    against 547 evaluations and 34.9 s from zero (docs/sparse_ot.md).
+    13 Newton iterations (2.7 s) and 13 L-BFGS evaluations to POT's value, 3.3 s in all,
+    against 547 evaluations and 30.8 s from zero (docs/sparse_ot.md).
 
     The relaxed pass keeps ``RELAXED_WIDTH`` slots per line (whatever ``k``), not the
     line's length (a pass's cost grows with its width; a Triton pass past 256 slots runs
@@ -407,53 +417,65 @@ def _relaxed_start(pb: _Problem, theta, schedule, tol: float, ftol, max_iter: in
     Returns ``(theta, used, stages, width, kept)``: the duals in ``pb``'s layout (the dual's
     line multipliers those the relaxed pass solved for), (B,) iterations used (a host
     array), the stages run, the last width and (B,) whether each problem starts from the relaxed
-    optimum (not where it came out non-finite, nor where :func:`_tied_where_binding`: those
-    start from ``theta`` as given, the relaxed solve's iterations still counted)."""
+    optimum (not where it came out non-finite, nor on degenerate costs, :func:`_tied`: at the
+    start, the ``k + 1`` cheapest positions of most lines, where the problem takes no relaxed
+    step, or at the relaxed optimum, the supports of most lines where ``k`` binds, its
+    relaxed iterations then still counted: those start from ``theta`` as given)."""
     B, N = pb.wp.shape
     base = min(N, RELAXED_WIDTH)
     rpb = dataclasses.replace(pb, k=base, semi=True, relaxed=True)
 
     def fit(p: _Problem, hp) -> _Problem:  # the narrowest width from base up (x4) that does not bind at hp
-        while p.k < N and _host.host_array(_binds(p)(hp, p.evaluate(hp)[2])).any():
+        while p.k < N and _host.host_array(_binds(p)(hp, p.evaluate(hp)[2]) & ~degenerate).any():
             p = dataclasses.replace(p, k=min(N, 4 * p.k))
         return p
 
     stages, runs = gamma_stages(schedule, rpb, warm=False)
+    # degenerate costs already at the start (the k + 1 cheapest of most lines near-equal): those
+    # problems take no relaxed step (a tolerance of inf) and start from zero, their max_iter whole
+    first = pb.geom.ksparse_columns(theta[:, :N], pb.gamma, pb.k + 1, pb.axis, mass=pb.wl, backend=pb.backend,
+                                    precision=pb.precision)
+    degenerate = _tied(pb, first.cost, torch.ones_like(first.idx, dtype=torch.bool), pb.wl > 0)
+    tol = (RELAXED_FLOOR * torch.finfo(pb.wl.dtype).eps * pb.wl.sum(-1)).clamp(min=tol)  # (B,)
+    tol = torch.where(degenerate, torch.inf, tol)
     hp, out, n_iter, why, _ = _staged(rpb, ftol, max_iter, history, progress, theta[:, :N], None, stages, runs, tol,
                                       fallback=False, label="sparse_ot (relaxed start)", fit=fit)
     width = out.idx.shape[-1]
     rpb = dataclasses.replace(rpb, k=width)
     while width < N:
-        cut = _host.host_array(_binds(rpb)(hp, out))
+        cut = _host.host_array(_binds(rpb)(hp, out) & ~degenerate)
         if not cut.any():
             break
         width = min(N, 4 * width)
         rpb = dataclasses.replace(rpb, k=width)
         mask = _host.to_device(cut, hp.device)
-        tol_w = torch.where(mask, torch.full_like(pb.wl[:, 0], tol), torch.inf)  # the others take no step
+        tol_w = torch.where(mask, tol, torch.inf)  # the others take no step
         hp, out, n_w, why_w, _ = _solve(rpb, hp, _host.host_array(n_iter).astype(np.int64), tol_w, ftol, max_iter,
                                         history, progress, last=True, staged=np.zeros(B, bool), fallback=False)
         n_iter, why = torch.where(mask, n_w, n_iter), torch.where(mask, why_w, why)
     start = hp if pb.semi else torch.cat([hp, out.beta], 1)
-    keep = (why != 3) & torch.isfinite(start).all(-1) & ~_tied_where_binding(pb.k, out)
+    on = out.vals > 0
+    binding = on.sum(-1) > pb.k  # (B, L): the lines where k binds at the relaxed optimum
+    keep = ~degenerate & (why != 3) & torch.isfinite(start).all(-1) & ~_tied(pb, out.cost, on, binding)
     theta = torch.where(keep[:, None], start, theta)
     return theta, _host.host_array(n_iter).astype(np.int64), stages, width, keep
 
 
-def _tied_where_binding(k: int, out: KSparse) -> torch.Tensor:
-    """(B,) whether most lines where ``k`` binds in the relaxed pass ``out`` (support > ``k``)
-    hold equal costs in their support: degenerate costs (integers, duplicated points) whose
-    relaxed optimum spreads each line's mass over interchangeable positions. From there
-    L-BFGS stopped below the value it reached from zero on 119 of 180 integer-cost problems
-    (costs in {0..3}, 20 x 10 to 100 x 120, float32 and float64), 40 of them by more than
-    0.1% (up to 1.3%), and above on 52 (up to 6.7%), where on continuous costs the two ends
-    differed by at most 2.4e-4 either way (docs/sparse_ot.md); such problems start from
-    zero."""
-    on = out.vals > 0
-    binding = on.sum(-1) > k  # (B, L)
-    c = torch.where(on, out.cost, torch.nan).sort(-1).values
-    tied = (c[..., 1:] == c[..., :-1]).any(-1) & binding  # (NaN == NaN is False: the empty slots never tie)
-    return 2 * tied.sum(-1) > binding.sum(-1)
+def _tied(pb: _Problem, cost: torch.Tensor, on: torch.Tensor, lines: torch.Tensor) -> torch.Tensor:
+    """(B,) whether most of the ``lines`` (B, L) hold near-equal costs among their slots ``on``
+    (``cost``, ``on`` (B, L, s)): within ``1e-4 gamma`` times the line's weight (the scale of
+    its projection's scores) plus rounding. Degenerate costs (integers, duplicated points,
+    integers with 1e-9 of noise) whose relaxed optimum spreads each line's mass over
+    interchangeable positions: from there L-BFGS stopped below the value it reached from
+    zero on 119 of 180 integer-cost problems (costs in {0..3}, 20 x 10 to 100 x 120, float32
+    and float64), 40 of them by more than 0.1% (up to 1.3%), and above on 52 (up to 6.7%),
+    where on continuous costs the two ends differed by at most 2.4e-4 either way
+    (docs/sparse_ot.md). Such problems start from zero."""
+    c = torch.where(on, cost, torch.nan).sort(-1).values
+    u = torch.finfo(c.dtype).eps
+    close = 1e-4 * pb.gamma * pb.wl.to(c.dtype)[..., None] + 4 * u * c[..., 1:].abs()
+    tied = ((c[..., 1:] - c[..., :-1]) <= close).any(-1) & lines  # (NaN compares False: empty slots never tie)
+    return 2 * tied.sum(-1) > lines.sum(-1)
 
 
 def _solve(pb: _Problem, theta, used: Optional[np.ndarray], tol, ftol, max_iter: int, history: int, progress,
