@@ -396,7 +396,8 @@ def relaxed_start_applies(option, pb: _Problem, warm: bool, schedule) -> bool:
 def _relaxed_start(pb: _Problem, theta, schedule, tol: float, ftol, max_iter: int, history: int, progress):
     """The starting duals of a problem where ``k`` < the line length: the optimum of the same
     problem without the cardinality constraint (quadratically regularized OT, the semi-dual),
-    solved by Newton steps with its continuation in ``gamma`` (``schedule``), to ``tol``.
+    solved by Newton steps with its continuation in ``gamma`` (``schedule``), to ``tol`` or
+    ``RELAXED_FLOOR`` rounding steps of the mass, whichever is larger.
 
     Its semi-dual is below this one's at every ``alpha`` (a line's inner maximum over a
     larger set), equal where no line's projection uses more than ``k`` positions: where
@@ -414,14 +415,20 @@ def _relaxed_start(pb: _Problem, theta, schedule, tol: float, ftol, max_iter: in
     steps and 2.6 s in all, against 12 and 0.65 s with the stage's width fitted), and at the
     end, where Newton goes on from there for the problems it binds for.
 
-    Returns ``(theta, used, stages, width, kept)``: the duals in ``pb``'s layout (the dual's
-    line multipliers those the relaxed pass solved for), (B,) iterations used (a host
-    array), the stages run, the last width and (B,) whether each problem starts from the relaxed
-    optimum (not where it came out non-finite, nor on degenerate costs, :func:`_tied`: at the
-    start, the ``k + 1`` cheapest positions of most lines, where the problem takes no relaxed
-    step, or at the relaxed optimum, the supports of most lines where ``k`` binds, its
-    relaxed iterations then still counted: those start from ``theta`` as given)."""
+    Degenerate costs (:func:`_tied`) are checked twice: at the start, on the ``k + 1``
+    cheapest positions of each line (such a problem takes no relaxed step), and at the
+    relaxed optimum, on the supports of the lines where ``k`` binds (its relaxed iterations
+    are then counted); either way the problem starts from ``theta`` as given, as does one
+    whose relaxed solve came out non-finite.
+
+    Returns ``(theta, used, stages, width, kept)``: the starting duals in ``pb``'s layout (the
+    dual's line multipliers those the relaxed pass solved for), (B,) iterations used (a host
+    array), the stages run, the last width, and (B,) whether each problem starts from the
+    relaxed optimum."""
     B, N = pb.wp.shape
+    first = pb.geom.ksparse_columns(theta[:, :N], pb.gamma, pb.k + 1, pb.axis, mass=pb.wl, backend=pb.backend,
+                                    precision=pb.precision)
+    degenerate = _tied(pb, first.cost, torch.ones_like(first.idx, dtype=torch.bool), pb.wl > 0)
     base = min(N, RELAXED_WIDTH)
     rpb = dataclasses.replace(pb, k=base, semi=True, relaxed=True)
 
@@ -431,13 +438,8 @@ def _relaxed_start(pb: _Problem, theta, schedule, tol: float, ftol, max_iter: in
         return p
 
     stages, runs = gamma_stages(schedule, rpb, warm=False)
-    # degenerate costs already at the start (the k + 1 cheapest of most lines near-equal): those
-    # problems take no relaxed step (a tolerance of inf) and start from zero, their max_iter whole
-    first = pb.geom.ksparse_columns(theta[:, :N], pb.gamma, pb.k + 1, pb.axis, mass=pb.wl, backend=pb.backend,
-                                    precision=pb.precision)
-    degenerate = _tied(pb, first.cost, torch.ones_like(first.idx, dtype=torch.bool), pb.wl > 0)
     tol = (RELAXED_FLOOR * torch.finfo(pb.wl.dtype).eps * pb.wl.sum(-1)).clamp(min=tol)  # (B,)
-    tol = torch.where(degenerate, torch.inf, tol)
+    tol = torch.where(degenerate, torch.inf, tol)  # degenerate problems take no relaxed step
     hp, out, n_iter, why, _ = _staged(rpb, ftol, max_iter, history, progress, theta[:, :N], None, stages, runs, tol,
                                       fallback=False, label="sparse_ot (relaxed start)", fit=fit)
     width = out.idx.shape[-1]
