@@ -145,6 +145,61 @@ def test_a_float32_batch_with_zero_weights_on_rows(formulation):
         torch.testing.assert_close(both.to_dense()[i], alone.to_dense(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("seed", [0, 5])
+def test_a_float64_batch_with_more_positions_than_lines(seed):
+    """Newton's direct solve through the lines (positions outnumber them): its matrix-vector
+    products as sums of elementwise products, since a batched product rounded 5e-18 otherwise
+    than one alone (a review: 126 iterations in a batch against 98 alone, plans 3.2e-3 apart)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(2, 40, 2, generator=g, dtype=F64), torch.randn(2, 30, 2, generator=g, dtype=F64)
+    both = otcore.sparse_ot(otcore.PointCloud(x, y), k=4, gamma=0.5)
+    for i in range(2):
+        alone = otcore.sparse_ot(otcore.PointCloud(x[i], y[i]), k=4, gamma=0.5)
+        assert int(both.n_iter[i]) == alone.n_iter and int(both.info["relaxed_iter"][i]) == alone.info["relaxed_iter"]
+        torch.testing.assert_close(both.to_dense()[i], alone.to_dense(), rtol=0, atol=0)
+
+
+def test_zero_weight_padding_keeps_the_relaxed_start():
+    """Zero-weight, zero-cost padding rows were the cheapest in every column and tied: the
+    check at the start called the problem degenerate (a review: 655 iterations against 381
+    unpadded). They are pushed out of its pass; the padded problem solves as the unpadded."""
+    C = _square(120)
+    r = otcore.sparse_ot(otcore.CostMatrix(C), k=4, gamma=10.0)
+    a = torch.cat([torch.full((120,), 1 / 120, dtype=F64), torch.zeros(8, dtype=F64)])
+    b = torch.full((120,), 1 / 120, dtype=F64)
+    padded = otcore.sparse_ot(otcore.CostMatrix(torch.cat([C, torch.zeros(8, 120, dtype=F64)])), a, b, k=4, gamma=10.0)
+    assert r.info["relaxed_kept"] is True and padded.info["relaxed_kept"] is True
+    assert float(padded.value) == pytest.approx(float(r.value), rel=1e-4) and float(padded.values[:, :].sum()) > 0
+    assert float(padded.to_dense()[120:].abs().max()) == 0
+
+
+def test_continuous_costs_are_not_called_degenerate_at_large_k_and_gamma():
+    """The check at the start compares each line's k-th and (k+1)-th cheapest costs: any two of
+    its k + 1 cheapest within 1e-4 gamma b_j flagged 84% of the lines of uniform clouds at
+    k = 64, gamma = 100 (a review: 7.5x the time of the relaxed start it turned off)."""
+    C = _square(300)
+    r = otcore.sparse_ot(otcore.CostMatrix(C), k=64, gamma=100.0)
+    assert r.info["relaxed_kept"] is True and r.converged and r.n_iter == r.info["relaxed_iter"]
+
+
+def test_float32_keeps_the_relaxed_optimum_where_it_is_the_answer():
+    """Where k does not bind at the relaxed optimum the L-BFGS after it ran on a float32
+    objective flat to rounding and ended at a larger gradient norm (a review: 7.8e-5 -> 4.7e-4);
+    the relaxed optimum is returned then."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 2, generator=g, dtype=F64), torch.randn(150, 2, generator=g, dtype=F64)
+    a, b = torch.rand(200, generator=g, dtype=F64) + 0.1, torch.rand(150, generator=g, dtype=F64) + 0.1
+    geom = otcore.PointCloud(x.float(), y.float())
+    args = (geom, (a / a.sum()).float(), (b / b.sum()).float())
+    starts, real = [], S._relaxed_start
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "_relaxed_start", lambda *ar: starts.append(real(*ar)) or starts[-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # float32 cannot resolve tol here
+            r = otcore.sparse_ot(*args, k=8, gamma=0.2)
+    assert bool(starts[0][5]) and r.grad_norm <= float(starts[0][6]) and r.grad_norm < 1e-4
+
+
 @pytest.mark.parametrize("noise", [0.0, 1e-9])
 def test_tied_costs_start_from_zero(noise):
     """Integer costs (with or without 1e-9 of noise): the unconstrained optimum spreads each

@@ -101,22 +101,24 @@ def semi_dual_hessian_solve(gamma: float, idx: torch.Tensor, support: torch.Tens
     if N <= L:
         K = torch.diag_embed(D) - (M * torch.where(S > 0, 1 / S.clamp(min=1), 0.0)[:, None, :]) @ M.transpose(1, 2)
         w = _pinv_apply(*_eig(K), gu) if lam is None else torch.linalg.solve(K, gu)
-        return w.to(u.dtype).contiguous()  # (see the end)
+        return w.to(u.dtype).contiguous()  # (batch-exact: see the end)
     A = torch.diag_embed(S) - (M * inv_d[:, :, None]).transpose(1, 2) @ M
-    rhs = (M.transpose(1, 2) @ (inv_d * gu)[..., None])[..., 0]
+    rhs = (M * (inv_d * gu)[:, :, None]).sum(1)
     if lam is not None:  # A is then positive definite on the lines with support (the others: rows of 0)
         empty = S == 0
         z = torch.linalg.solve(A + torch.diag_embed(empty.to(dt)), rhs)
-        return (inv_d * (gu + (M @ z[..., None])[..., 0])).to(u.dtype).contiguous()
+        return (inv_d * (gu + (M * z[:, None, :]).sum(-1))).to(u.dtype).contiguous()
     lam_, V, keep = _eig(A)
     z = _pinv_apply(lam_, V, keep, rhs)
-    w = inv_d * (gu + (M @ z[..., None])[..., 0])
+    w = inv_d * (gu + (M * z[:, None, :]).sum(-1))
     P = (M @ torch.where(keep[:, None, :], 0.0, V)) * inv_d[..., None]  # K's null vectors (zero columns elsewhere)
     along = _pinv_apply(*_eig(P.transpose(1, 2) @ P), (P.transpose(1, 2) @ w[..., None])[..., 0])
-    # contiguous: LAPACK's results come column-major in a batch, and a row's sum over such a
-    # strided tensor rounds otherwise than alone (Newton's steps then differed from a solve
-    # alone by 1e-18, which L-BFGS at a kink of a relaxed start turned into 1.8e-9 in the plan)
-    return (w - (P @ along[..., None])[..., 0]).to(u.dtype).contiguous()
+    # batch-exact: contiguous (LAPACK's results come column-major in a batch, and a row's sum
+    # over such a strided tensor rounds otherwise than alone), and matrix-vector products as
+    # sums of elementwise products (a batched product rounded 5e-18 otherwise than one alone).
+    # Newton's steps differed from a solve alone by 1e-18, which L-BFGS at a kink of a relaxed
+    # start turned into plans 1.8e-9 (and, past a review, 1.6e-2) apart
+    return (w - (P * along[:, None, :]).sum(-1)).to(u.dtype).contiguous()
 
 
 def _eig(K: torch.Tensor):
@@ -128,9 +130,9 @@ def _eig(K: torch.Tensor):
 
 def _pinv_apply(lam, V, keep, r: torch.Tensor) -> torch.Tensor:
     """``K^+ r`` from :func:`_eig`'s decomposition, ``r`` (B, n)."""
-    coef = (V.transpose(1, 2) @ r[..., None])[..., 0]
+    coef = (V * r[:, :, None]).sum(1)  # (products as sums: batch-exact, see semi_dual_hessian_solve)
     coef = torch.where(keep, coef / torch.where(keep, lam, 1.0), 0.0)
-    return (V @ coef[..., None])[..., 0]
+    return (V * coef[:, None, :]).sum(-1)
 
 
 def semi_dual_hessian_cg(gamma: float, idx: torch.Tensor, support: torch.Tensor, u: torch.Tensor,
