@@ -112,7 +112,7 @@ def semi_dual_hessian_solve(gamma: float, idx: torch.Tensor, support: torch.Tens
     z = _pinv_apply(lam_, V, keep, rhs)
     w = inv_d * (gu + (M * z[:, None, :]).sum(-1))
     P = (M @ torch.where(keep[:, None, :], 0.0, V)) * inv_d[..., None]  # K's null vectors (zero columns elsewhere)
-    along = _pinv_apply(*_eig(P.transpose(1, 2) @ P), (P.transpose(1, 2) @ w[..., None])[..., 0])
+    along = _pinv_apply(*_eig(P.transpose(1, 2) @ P), (P * w[..., None]).sum(1))
     # batch-exact: contiguous (LAPACK's results come column-major in a batch, and a row's sum
     # over such a strided tensor rounds otherwise than alone), and matrix-vector products as
     # sums of elementwise products (a batched product rounded 5e-18 otherwise than one alone).
