@@ -436,10 +436,9 @@ def _relaxed_start(pb: _Problem, theta, schedule, tol: float, ftol, max_iter: in
     # the k-th and (k+1)-th cheapest weighted positions of each line (zero-weight ones pushed below
     # every line's reach: zero-cost padding tied in every line, a review); any two of the k + 1 tied
     # in 84% of the lines of continuous clouds at k = 64, gamma = 100 (7.5x the time, a review)
-    hp = theta[:, :N]
-    out_of_reach = hp.amin(-1, keepdim=True) - 2 * pb.geom.diameters().detach().to(hp.dtype)[:, None] - 1
-    first = pb.geom.ksparse_columns(torch.where(pb.wp > 0, hp, out_of_reach), pb.gamma, pb.k + 1, pb.axis,
-                                    mass=pb.wl, backend=pb.backend, precision=pb.precision)
+    hp = _out_of_reach(pb, theta[:, :N], pb.wp == 0, pb.geom.diameters().detach())
+    first = pb.geom.ksparse_columns(hp, pb.gamma, pb.k + 1, pb.axis, mass=pb.wl, backend=pb.backend,
+                                    precision=pb.precision)
     kth = first.cost.sort(-1).values[..., -2:]  # (the slots come in no set order)
     degenerate = _tied(pb, kth, torch.ones_like(kth, dtype=torch.bool), pb.wl > 0)
     base = min(N, RELAXED_WIDTH)
@@ -829,6 +828,17 @@ def _hard_c_transform(pb: _Problem, h: torch.Tensor, hp: torch.Tensor, diameters
     return best.cost[..., 0].to(hp.dtype) - torch.gather(h, 1, best.idx[..., 0]), big
 
 
+def _out_of_reach(pb: _Problem, hp: torch.Tensor, out: torch.Tensor, diameters: torch.Tensor) -> torch.Tensor:
+    """``hp`` with the positions ``out`` (B, N) pushed below every line's reach: below the
+    lowest other potential by twice the range of *every* cost (``diameters`` (B,),
+    :meth:`~otcore.geometry.Geometry.diameters`; the weighted block's range let zero-cost
+    padding rows outrank the weighted ones, a review) and of what a line's weight gives."""
+    live_min = torch.where(out, torch.inf, hp).amin(-1, keepdim=True)
+    big = torch.finfo(hp.dtype).max / 8
+    reach = (2 * (diameters.to(hp.dtype) + pb.gamma * pb.wl.amax(-1)) + 1e-12).clamp(max=big)
+    return torch.where(out, live_min - reach[:, None], hp)
+
+
 def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor, KSparse]:
     """The final position potentials and pass.
 
@@ -858,15 +868,9 @@ def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor,
     # the lines without the zero-weight positions: those pushed below every line's reach, so that
     # a boundary taken from these multipliers holds once they come back (from the solve's pass, a
     # position left inside a support with a residual's mass moved the multipliers it was put
-    # outside of: 1e-8 of mass came back). Their scores h_r - C_rl fall below the lowest weighted
-    # position's h minus the range of *every* cost, the zero-weight rows' too (the weighted block's
-    # range let zero-cost padding rows outrank the weighted ones: all the mass went to them, a review)
-    live_min = torch.where(zero, torch.inf, hp).amin(-1, keepdim=True)
-    big = torch.finfo(hp.dtype).max / 8
+    # outside of: 1e-8 of mass came back)
     diameters = pb.geom.diameters().detach()
-    reach = (2 * (diameters.to(hp.dtype) + pb.gamma * pb.wl.amax(-1)) + 1e-12).clamp(max=big)
-    out = pb.geom.ksparse_columns(torch.where(zero, live_min - reach[:, None], hp), pb.gamma, pb.k,
-                                  pb.axis, mass=pb.wl, **kw)
+    out = pb.geom.ksparse_columns(_out_of_reach(pb, hp, zero, diameters), pb.gamma, pb.k, pb.axis, mass=pb.wl, **kw)
     B, L, k = out.idx.shape
     pos = out.idx.reshape(B, L * k)
     scores = torch.gather(hp, 1, pos).reshape(B, L, k) - out.cost
