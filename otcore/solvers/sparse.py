@@ -246,10 +246,11 @@ def sparse_ot(
             evaluations from zero, docs/sparse_ot.md). ``"auto"`` (default): where ``k``
             times the lines is at least the positions plus the lines, and ``gamma_schedule``
             is not None; ``True``: wherever ``k`` < the line length; ``False``: L-BFGS from
-            zero. None from a warm start. A problem with near-equal
-            costs in most lines (its ``k + 1`` cheapest, or its relaxed support where ``k``
-            binds) starts from zero (``info["relaxed_kept"]``). Its iterations count in ``n_iter`` and ``max_iter``
-            (``info["relaxed_iter"]``; ``info["relaxed_width"]``: its pass's slots per line).
+            zero. None from a warm start. A problem with near-equal costs in most lines (its
+            ``k``-th and ``(k+1)``-th cheapest, or its relaxed support where ``k`` binds)
+            starts from zero (``info["relaxed_kept"]``). Its iterations count in ``n_iter``
+            and ``max_iter`` (``info["relaxed_iter"]``; ``info["relaxed_width"]``: its pass's
+            slots per line).
         plan_grad: how ``values`` are differentiated: ``"implicit"`` (exact derivative of
             the optimal plan on its support, through the optimality conditions, by
             conjugate gradient; 0 where the constraints pin the plan, every support full:
@@ -421,8 +422,8 @@ def _relaxed_start(pb: _Problem, theta, schedule, tol: float, ftol, max_iter: in
     steps and 2.6 s in all, against 12 and 0.65 s with the stage's width fitted), and at the
     end, where Newton goes on from there for the problems it binds for.
 
-    Degenerate costs (:func:`_tied`) are checked twice: at the start, on the ``k + 1``
-    cheapest positions of each line (such a problem takes no relaxed step), and at the
+    Degenerate costs (:func:`_tied`) are checked twice: at the start, on the ``k``-th and
+    ``(k+1)``-th cheapest positions of each line (such a problem takes no relaxed step), and at the
     relaxed optimum, on the supports of the lines where ``k`` binds (its relaxed iterations
     are then counted); either way the problem starts from ``theta`` as given, as does one
     whose relaxed solve came out non-finite.
@@ -819,13 +820,15 @@ def _hard_c_transform(pb: _Problem, h: torch.Tensor, hp: torch.Tensor, diameters
     problem's Newton steps differ in a batch from alone (5e-17: enough for L-BFGS to end at
     another kink, plans 0.047 apart). No host read."""
     big = finite_abs_max(h) + finite_abs_max(hp)
-    out_line = ~torch.isfinite(h)
-    low = torch.where(out_line, torch.inf, h).amin(-1, keepdim=True)
-    reach = 2 * diameters.to(h.dtype)[:, None] + 1 + big[:, None].to(h.dtype)
-    scores = torch.where(out_line, low - reach, h).to(pb.geom.dtype)
+    scores = _pushed_below(h, ~torch.isfinite(h), 2 * diameters.to(h.dtype) + 1 + big.to(h.dtype)).to(pb.geom.dtype)
     best = pb.geom.ksparse_columns(scores, 1.0, 1, 1 - pb.axis, mass=torch.ones_like(hp, dtype=pb.geom.dtype),
                                    backend=pb.backend, precision="fp32")
     return best.cost[..., 0].to(hp.dtype) - torch.gather(h, 1, best.idx[..., 0]), big
+
+
+def _pushed_below(v: torch.Tensor, out: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """``v`` (B, n) with the entries ``out`` set ``margin`` (B,) below the lowest other one."""
+    return torch.where(out, torch.where(out, torch.inf, v).amin(-1, keepdim=True) - margin[:, None], v)
 
 
 def _out_of_reach(pb: _Problem, hp: torch.Tensor, out: torch.Tensor, diameters: torch.Tensor) -> torch.Tensor:
@@ -833,10 +836,8 @@ def _out_of_reach(pb: _Problem, hp: torch.Tensor, out: torch.Tensor, diameters: 
     lowest other potential by twice the range of *every* cost (``diameters`` (B,),
     :meth:`~otcore.geometry.Geometry.diameters`; the weighted block's range let zero-cost
     padding rows outrank the weighted ones, a review) and of what a line's weight gives."""
-    live_min = torch.where(out, torch.inf, hp).amin(-1, keepdim=True)
     big = torch.finfo(hp.dtype).max / 8
-    reach = (2 * (diameters.to(hp.dtype) + pb.gamma * pb.wl.amax(-1)) + 1e-12).clamp(max=big)
-    return torch.where(out, live_min - reach[:, None], hp)
+    return _pushed_below(hp, out, (2 * (diameters.to(hp.dtype) + pb.gamma * pb.wl.amax(-1)) + 1e-12).clamp(max=big))
 
 
 def _settle(pb: _Problem, hp: torch.Tensor, out: KSparse) -> tuple[torch.Tensor, KSparse]:
