@@ -168,7 +168,7 @@ def to_value(pb, theta0, target: float | None, relaxed: bool, max_iter: int, dev
     t0 = time.perf_counter()
     theta, used, relaxed_s = theta0, 0, 0.0
     if relaxed:
-        theta, its, _, _, _ = S._relaxed_start(pb, theta0, "auto", 1e-5, 1e-8, max_iter, 10, Progress(False, "bench"))
+        theta, its = S._relaxed_start(pb, theta0, "auto", 1e-5, 1e-8, max_iter, 10, Progress(False, "bench"))[:2]
         used = int(its[0])
         _sync(device)
         relaxed_s = time.perf_counter() - t0
