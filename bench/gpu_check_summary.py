@@ -182,12 +182,12 @@ def section_sparse(rows, dev_ref, say):
                 pot_s, src, provisional = r["pot_s"], r["pot_source"], bool(r.get("pot_provisional"))
                 if key in dev_ref:  # POT measured on this machine in the background
                     pot_s, src, provisional = dev_ref[key]["pot_s"], "this machine", False
-                sp = f"{pot_s / reached:.0f}x" if reached else "POT's value not reached"
+                sp = f"{pot_s / reached:.3g}x" if reached else "POT's value not reached"
                 cold = r.get("cold_to_pot_value_s")
                 s += f" | POT {pot_s:.1f}s ({src[:40]}) -> {sp}"
                 if "relaxed_s" in r:  # (rows since 2026-12-02)
                     s += (f" (relaxed start {r['relaxed_s']:.3f}s; from zero "
-                          f"{f'{pot_s / cold:.0f}x' if cold else 'not reached'})")
+                          f"{f'{pot_s / cold:.3g}x' if cold else 'not reached'})")
                 if r["n"] == 2048:
                     met = bool(reached) and pot_s / reached >= 100
                     s += f", target >= 100x: {'met' if met else 'MISSED'}"
