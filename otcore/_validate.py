@@ -248,7 +248,7 @@ def weights(name: str, w, batch: int, size: int, batched: bool, like: torch.Tens
     return w, counts, stats[batch + 1:]
 
 
-def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: Optional[float], given: tuple = ()) -> None:
+def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: Optional[float], given: tuple = (), has_rho: bool = True) -> None:
     """Balanced OT needs equal total mass on both sides.
 
     The marginal error cannot fall below the gap ``|sum a - sum b|``, so a gap above
@@ -258,6 +258,8 @@ def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: Optional[float], given:
     whatever ``tol`` (fp16/bf16 ones can exceed the share: normalise those in float32). The dtype
     is the coarsest of ``a``'s and of the weights as ``given`` (before a cast: float32
     weights normalised in float32 keep their float32 gap on a float64 geometry).
+    ``has_rho``: whether the caller takes ``rho=`` (the error's advice names it, or
+    :func:`otcore.sinkhorn`'s for solvers without it).
     """
     ma, mb = a.double().sum(-1), b.double().sum(-1)
     big = torch.maximum(ma, mb)
@@ -272,5 +274,6 @@ def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: Optional[float], given:
         raise ValueError(
             f"a and b must have the same total mass in balanced mode (got {float(ma[i]):.8g} vs "
             f"{float(mb[i]):.8g}, a gap of {float((ma[i] - mb[i]).abs()):.2g}; the marginal error cannot fall "
-            f"below it, and tol={tol}); normalise them or pass rho= for unbalanced OT"
+            f"below it, and tol={tol}); normalise them"
+            + (" or pass rho= for unbalanced OT" if has_rho else " (otcore.sinkhorn(..., rho=) solves unbalanced OT)")
         )

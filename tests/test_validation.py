@@ -7,6 +7,7 @@ tensors. Device mismatches are provoked with ``meta`` tensors, which exist on
 every machine (and with CUDA when there is one).
 """
 
+import inspect
 import math
 import warnings
 
@@ -221,6 +222,21 @@ def test_mass_mismatch_in_balanced_mode():
     # accepted when either marginal is relaxed
     for rho in (1.0, (1.0, None), (None, 1.0)):
         assert solve(a=2 * uniform(N), rho=rho, max_iter=5000).converged
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton", "sparse_ot"])
+def test_mass_mismatch_advice_names_only_what_the_solver_takes(solver):
+    """The error advised ``rho=`` to solvers without it (a review: sinkhorn_newton then
+    raised a TypeError); those name otcore.sinkhorn's instead."""
+    geom = otcore.PointCloud(rand(12, 2, dtype=torch.float64), rand(9, 2, seed=1, dtype=torch.float64))
+    kw = dict(k=3, gamma=1.0) if solver == "sparse_ot" else dict(eps=0.05)
+    with pytest.raises(ValueError, match="same total mass") as err:
+        getattr(otcore, solver)(geom, 2 * uniform(12), uniform(9), **kw)
+    if solver == "sinkhorn":
+        assert str(err.value).endswith("normalise them or pass rho= for unbalanced OT")
+    else:
+        assert "rho" not in inspect.signature(getattr(otcore, solver)).parameters
+        assert str(err.value).endswith("normalise them (otcore.sinkhorn(..., rho=) solves unbalanced OT)")
 
 
 @pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton", "sparse_ot"])

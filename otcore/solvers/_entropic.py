@@ -82,9 +82,10 @@ def _rho(name: str, value) -> Optional[float]:
     return _validate.positive(name, value, allow_none=True)
 
 
-def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float]) -> Problem:
+def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float], has_rho: bool = True) -> Problem:
     """Validate every argument before any work is done (``tol``: already validated, for
-    the mass check; None: none)."""
+    the mass check; None: none; ``has_rho``: whether the caller takes ``rho``, for the
+    mass check's advice)."""
     if not isinstance(geom, Geometry):
         raise TypeError(f"geom must be an otcore.PointCloud or otcore.CostMatrix, got {type(geom).__name__}")
     eps = _validate.magnitude_fits("eps", _validate.positive("eps", eps), geom.dtype, "rescale the cost")
@@ -97,7 +98,7 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float])
         if r is not None:
             _validate.magnitude_fits("rho", r, geom.dtype)
     if rho_a is None and rho_b is None and not (a is None and b is None):  # uniform weights: both sum to 1
-        _validate.balanced_mass(A, Bw, tol, given=(a, b))
+        _validate.balanced_mass(A, Bw, tol, given=(a, b), has_rho=has_rho)
     symmetric = geom.symmetric and a is b and rho_a == rho_b
     zeros = (min(pos_a) < geom.n, min(pos_b) < geom.m)
     # per problem: one problem's large diameter must not hide another's large eps/diameter

@@ -202,7 +202,7 @@ def sinkhorn_newton(
         ``time_warmup_s``, ``time_newton_s``, ``time_fallback_s``, ``time_s``.
     """
     tol = _validate.positive("tol", tol)
-    pb = make_problem(geom, a, b, eps, None, backend, precision, tol)
+    pb = make_problem(geom, a, b, eps, None, backend, precision, tol, has_rho=False)
     max_iter = _validate.positive_int("max_iter", max_iter)
     warmup_iter = _validate.positive_int("warmup_iter", warmup_iter, minimum=0)
     warmup_tol = _validate.positive("warmup_tol", warmup_tol)

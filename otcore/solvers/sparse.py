@@ -713,7 +713,7 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     backend = _dispatch.resolve(backend, geom.device)
     A, pos_a, mass_a = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
     Bw, pos_b, mass_b = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
-    _validate.balanced_mass(A, Bw, tol, given=(a, b))
+    _validate.balanced_mass(A, Bw, tol, given=(a, b), has_rho=False)
     wp, wl = (A, Bw) if axis == 0 else (Bw, A)
     k_eff = min(k, wp.shape[1])
     _check_room(k_eff, *((pos_a, pos_b) if axis == 0 else (pos_b, pos_a)), axis)
