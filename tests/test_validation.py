@@ -81,6 +81,9 @@ def test_finiteness_check_names_the_first_bad_input_in_every_dtype():
     huge = x_().double() * 1e300
     otcore.PointCloud(huge, y_().double())  # finite: no error
     otcore.PointCloud(x_().half(), y_().double() * 1e300)  # mixed dtypes compared in float64
+    # mixed dtypes are computed in the wider one (docs/api.md, PointCloud)
+    assert otcore.PointCloud(x_().float(), y_().double()).dtype == torch.float64
+    assert otcore.PointCloud(x_().bfloat16(), y_().half()).dtype == torch.float32
 
 
 def test_finite_rows_flags_each_problem_on_its_own():
