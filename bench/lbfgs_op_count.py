@@ -13,6 +13,9 @@ twin's evaluation reads one flag per call on the CPU only, for its tie-break; th
 paths read none.)
 
     python bench/lbfgs_op_count.py                 # the router's 512 x 8 problem, then 150 x 200 with history 10 and 100
+
+Every solve runs with ``relaxed_start=False`` (L-BFGS from zero): the relaxed start's Newton
+steps, the default since 2026-12-02, would replace most of the loop this counts.
 """
 
 from __future__ import annotations
@@ -119,14 +122,14 @@ def main():
     cost = otcore.CostMatrix(-(scores - scores.mean(0) - scores.mean(1, keepdim=True) + scores.mean()))
     # the router's capacity problem solved from zero (the router itself seeds it: bench/router_op_count.py)
     out, counts = count(lambda: otcore.sparse_ot(cost, torch.ones(512), torch.full((8,), 64.0), k=80, gamma=0.1,
-                                                 tol=1e-3 * 512, max_iter=100))
+                                                 tol=1e-3 * 512, max_iter=100, relaxed_start=False))
     report("router's 512 x 8 capacity problem", out, counts)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(150, 2, generator=g, dtype=torch.float64)
     y = torch.randn(200, 2, generator=g, dtype=torch.float64)
     for history in (10, 100):
         out, counts = count(lambda: otcore.sparse_ot(otcore.PointCloud(x, y), k=5, gamma=0.05, history=history,
-                                                     max_iter=300, tol=1e-30))
+                                                     max_iter=300, tol=1e-30, relaxed_start=False))
         report(f"150 x 200, k=5, history {history}", out, counts)
 
 

@@ -654,8 +654,14 @@ def test_coordinates_whose_squares_overflow_are_named(cost):
     too, through its square), the potentials are NaN; the warning blamed eps alone."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(12, 2, generator=g) * 1e20, torch.rand(9, 2, generator=g) * 1e20
-    with pytest.warns(ConvergenceWarning, match="costs beyond its range"):
+    with pytest.warns(ConvergenceWarning, match=r"costs beyond its range .* near 1e19 overflow float32; rescale "
+                                                r"the points or use float64\)"):
         res = otcore.sinkhorn(otcore.PointCloud(x, y, cost=cost), eps=1e18, **T)
+    assert res.converged is False
+    # float64 (~1e300 apart): the advice no longer says to use float64 (a review)
+    with pytest.warns(ConvergenceWarning, match=r"eps too small for float64, or costs beyond its range .* near 1e154 "
+                                                r"overflow float64; rescale the points\)$"):
+        res = otcore.sinkhorn(otcore.PointCloud(x.double() * 1e280, y.double() * 1e280, cost=cost), eps=1e18, **T)
     assert res.converged is False
 
 

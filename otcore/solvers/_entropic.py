@@ -350,10 +350,12 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
     bool, the problems a solver stopped for lack of progress near the floor, if it has such a rule).
     Every number read is over those problems (:func:`_diagnoses` asks it of one at a time)."""
     bad = ~converged
-    if not bool(_validate.finite_rows(f, g)[bad].all()):
-        return ("non-finite potentials: eps too small for the dtype, or costs beyond its range (squared distances "
-                "of coordinates near 1e19 overflow float32; rescale the points or use float64)")
     eps, dt = pb.eps, _validate.dtype_name(f.dtype)
+    if not bool(_validate.finite_rows(f, g)[bad].all()):
+        reach = ("1e19 overflow float32; rescale the points or use float64" if f.dtype != torch.float64
+                 else "1e154 overflow float64; rescale the points")  # (a float64 run was told to use float64)
+        return f"non-finite potentials: eps too small for {dt}, or costs beyond its range (squared distances " \
+               f"of coordinates near {reach})"
     if bool((finite & ~converged & value_unresolved(pb, value, cost)).any()):
         return (f"eps={eps:g} is above what {dt} resolves of the value: its potentials carry a rounding of about "
                 f"u * eps, over 1e-4 of the value; the plan is near a (x) b there and the value near <a (x) b, C> "
