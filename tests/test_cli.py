@@ -838,6 +838,46 @@ def test_cli_md_commands_run(capsys, tmp_path, monkeypatch):
         assert all(c in (True, "True") for c in (converged if isinstance(converged, list) else [converged])), (where, out)
 
 
+#: docs/cli.md's sample summaries: the command each ```text block (told apart by its method
+#: row) was printed by
+CLI_MD_SAMPLES = {
+    "sinkhorn": ["solve", "--n", "500", "--eps", "0.01"],
+    "newton": ["solve", "--method", "newton", "--n", "500", "--eps", "0.002", "--tol", "1e-8", "--dtype", "float64"],
+    "sparse": ["solve", "--method", "sparse", "--n", "300", "--m", "40", "--k", "8", "--gamma", "0.5"],
+}
+
+
+def test_cli_md_sample_summaries_are_what_the_commands_print(capsys):
+    """docs/cli.md's printed summaries hold the rows the commands print now, with their
+    values (times aside; numbers to a margin for another CPU's rounding). A review found
+    the sparse sample three rows short and every float32 sample stale after a change of
+    the random points."""
+    text = (ROOT / "docs/cli.md").read_text(encoding="utf-8")
+    samples = {}
+    for block in re.findall(r"^```text\n(.*?)^```", text, re.S | re.M):
+        rows = dict(re.findall(r"^  (\S+)\s+(\S.*)$", block, re.M))
+        if "method" in rows:
+            samples[rows["method"]] = rows
+    assert sorted(samples) == sorted(CLI_MD_SAMPLES)
+    for method, argv in CLI_MD_SAMPLES.items():
+        capsys.readouterr()
+        assert main(argv + ["--device", "cpu", "--quiet"]) == 0
+        now = dict(re.findall(r"^  (\S+)\s+(\S.*)$", capsys.readouterr().out, re.M))
+        doc = samples[method]
+        assert list(doc) == list(now), (method, list(doc), list(now))  # the same rows, in order
+        for key, shown in doc.items():
+            if key.startswith("time"):
+                continue
+            try:
+                shown_f, now_f = float(shown), float(now[key])
+            except ValueError:
+                assert shown == now[key], (method, key)
+                continue
+            # errors and gradient norms are roundings' sums: their order of magnitude is the claim
+            rel = 0.5 if key in ("marginal_error", "residual", "grad_norm") else 0.1 if "iter" in key else 1e-3
+            assert now_f == pytest.approx(shown_f, rel=rel), (method, key, shown, now[key])
+
+
 # --------------------------------------------------------------------------- entry point
 def _python_m(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
