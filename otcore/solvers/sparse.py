@@ -231,7 +231,7 @@ def sparse_ot(
             ``n_iter`` and ``max_iter``). ``"auto"`` (default): where ``k`` >= the line
             length (quadratically regularized OT), from where ``gamma`` times the mean line
             weight is 1% of the cost's range down by factors of 4 (at smaller ``gamma`` the
-            support changes at every step: 1.4-12.5x less time at ``gamma`` <= 1e-3,
+            support changes at every step: 1.9-18x less time at ``gamma`` <= 1e-3,
             docs/sparse_ot.md), and for a relaxed start's solve; none where ``k`` can bind
             (without a relaxed start) or ``gamma`` is that large already. A decay factor in
             (0, 1): the same with that factor, for any ``k`` (with a relaxed start, its
