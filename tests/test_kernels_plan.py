@@ -389,7 +389,7 @@ def test_tf32_with_far_zero_weight_padding_takes_direct_differences(monkeypatch,
 @pytest.mark.parametrize("n,m", [(17, 19), (17, 17), (70, 70)])
 def test_loss_gradient_through_kernels_matches_torch_backend(n, m):
     """Equal sizes: the two self-transport terms are one batched solve (the one-tile
-    kernel up to 64 points, the streamed passes beyond)."""
+    kernel up to 64 points, the tiled kernel beyond)."""
     g = torch.Generator().manual_seed(13)
     x = rand(n, 2, generator=g).requires_grad_()
     y = rand(m, 2, generator=g)

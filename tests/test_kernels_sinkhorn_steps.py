@@ -222,8 +222,8 @@ def test_the_convergence_test_stops_exactly_the_converged_problems(case):
     ft, gt, rt = geom.sinkhorn_steps(f0, g0, *args, backend="torch")
     assert rk[1].isnan() and rt[1].isnan()  # the inactive problem
     live = ACTIVE  # float32 residuals: differences of terms near 1, so ~1e-6 absolute
-    assert torch.allclose(rk[live].double(), r64[live], rtol=1e-2, atol=1e-6)
-    assert torch.allclose(rt[live].double(), r64[live], rtol=1e-2, atol=1e-6)
+    assert torch.allclose(rk[live].double(), r64[live], rtol=1e-3, atol=2e-7)  # (measured: <= 1.2e-4 relative)
+    assert torch.allclose(rt[live].double(), r64[live], rtol=1e-3, atol=2e-7)
     more = steps64(C64, f0, g0, la, lb, eps, tau, k + 1, ACTIVE, symmetric)
     scale = float(C64.amax())
     for p in (0, 2):

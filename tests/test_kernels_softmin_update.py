@@ -156,7 +156,8 @@ def test_streamed_iterations_with_the_test_match_the_twin_and_float64(case, spli
         assert_close(got[live], want[live], scale, 1e-5)
     assert torch.equal(fk[1], f0[1]) and torch.equal(gk[1], g0[1])
     assert rk[1].isnan() and rt[1].isnan()
-    assert torch.allclose(rk[ACTIVE].double(), r64[ACTIVE], rtol=1e-2, atol=1e-6)
+    for r in (rk, rt):  # the kernel's and the twin's residuals (a review: the twin's went unchecked)
+        assert torch.allclose(r[ACTIVE].double(), r64[ACTIVE], rtol=1e-3, atol=2e-7)
 
 
 class Computing(TorchDispatchMode):

@@ -128,10 +128,16 @@ def test_self_transport_ignores_it():
     assert torch.equal(a.f, b.f) and a.n_iter == b.n_iter and "overrelax" not in b.info
 
 
-@pytest.mark.parametrize("n", [40, 70], ids=["one-tile size", "streamed"])
-def test_the_triton_backend_runs_the_same_iterations(n):
-    """On the Triton backend both the one-tile kernel (``RELAX``) and the streamed passes
-    (``UPDATE=3``) read the factor per problem: the twin's iterations."""
+@pytest.mark.parametrize("n, streamed", [(40, False), (70, False), (70, True)],
+                         ids=["one-tile size", "tiled", "streamed"])
+def test_the_triton_backend_runs_the_same_iterations(n, streamed, monkeypatch):
+    """On the Triton backend the one-tile kernel (``RELAX``), the tiled kernel and the
+    streamed passes (``UPDATE=3``; the tiled kernel's budget at 0: a review found the 70-point
+    case ran the tiled kernel) read the factor per problem: the twin's iterations."""
+    from otcore.kernels import sinkhorn_steps as K
+
+    if streamed:
+        monkeypatch.setattr(K, "TILES_MAX_WORK", 0)
     x, y = rand(2, n, 3, seed=9, dtype=torch.float32), rand(2, n + 9, 3, seed=10, dtype=torch.float32)
     geom = otcore.PointCloud(x.to(DEVICE), y.to(DEVICE))
     kw = dict(eps=0.01, tol=None, max_iter=25, overrelax=1.7)

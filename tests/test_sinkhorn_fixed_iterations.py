@@ -81,8 +81,15 @@ def test_recorded_blocks_replay_the_fixed_iterations(monkeypatch):
     assert graphs.recorded == [8] and graphs.replays == 3  # blocks 8 (recorded), 8, 8, 8 replayed, 2 eager
 
 
-def test_the_triton_backend_streamed_passes():
-    """Past one tile (the streamed, fused passes) the kernels give the twin's iterations."""
+@pytest.mark.parametrize("streamed", [False, True], ids=["tiled", "streamed"])
+def test_the_triton_backend_past_one_tile(streamed, monkeypatch):
+    """Past one tile -- the tiled kernel, and with its budget at 0 the streamed, fused passes
+    (a review: this test claimed the streamed passes and ran the tiled kernel) -- the kernels
+    give the twin's iterations."""
+    from otcore.kernels import sinkhorn_steps as K
+
+    if streamed:
+        monkeypatch.setattr(K, "TILES_MAX_WORK", 0)
     x, y = rand(70, 3, seed=8, dtype=torch.float32), rand(83, 3, seed=9, dtype=torch.float32)
     geom = otcore.PointCloud(x.to(DEVICE), y.to(DEVICE))
     got = fixed(geom, eps=0.05, max_iter=12, backend="triton")

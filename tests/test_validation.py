@@ -573,6 +573,7 @@ def test_tiny_positive_eps_is_accepted_not_clamped():
     res = otcore.sinkhorn(otcore.CostMatrix(torch.zeros(2, 2, dtype=torch.float64)), eps=1e-300)
     assert res.converged  # a zero cost: the plan is a x b for any eps
     torch.testing.assert_close(res.plan(), torch.full((2, 2), 0.25, dtype=torch.float64))
+    assert res._eps == 1e-300  # the eps its plan is read at: as given, not clamped (the plan alone cannot tell)
 
 
 def test_eps_or_gamma_whose_reciprocal_overflows_is_rejected_before_any_work():
