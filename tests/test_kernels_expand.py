@@ -151,7 +151,8 @@ def test_clustered_data_keeps_direct_differences(large):
 
 def test_plan_operations_on_the_expansion(large):
     """The plan kernels share the cost tile: marginals, P v, the dense plan, <P, C> and
-    the top entries, against float64 and the direct path."""
+    the top entries (values, and the float64 plan read at the returned indices), against
+    float64."""
     x, y = clouds(3, seed=5)
     geom = otcore.PointCloud(x, y)
     assert triton_ops.operand(geom, 1, "fp32", 0.05).mode == K.COST_EXPAND
@@ -168,7 +169,9 @@ def test_plan_operations_on_the_expansion(large):
     assert relerr(geom.plan(F, G, 0.05, backend="triton"), P) < 1e-5
     assert relerr(geom.plan_cost(F, G, 0.05, backend="triton"), (P * C).sum((1, 2))) < 1e-5
     vals, idx = geom.plan_topk(F, G, 0.05, 4, backend="triton")
-    assert relerr(vals, torch.topk(P, 4, dim=2).values) < 1e-5
+    top = torch.topk(P, 4, dim=2).values
+    assert relerr(vals, top) < 1e-5
+    assert relerr(P.gather(2, idx), top) < 1e-5
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.2])

@@ -574,9 +574,14 @@ def test_a_tol_large_against_the_mass_warns(rho):
         warnings.simplefilter("error")
         scaled = otcore.SinkhornLoss(eps=0.05, rho=rho, tol=1e-12)(x, y, a, b)
         unit = otcore.SinkhornLoss(eps=0.05, rho=rho, tol=1e-6)(x, y, a * 1e6, b * 1e6)
-    # balanced: S is linear in the (common) mass; unbalanced the mass enters rho's terms
-    if rho is None:
+    # the divergence formula on solves 1e4 times tighter (equal masses: no mass term)
+    tight = dict(eps=0.05, rho=rho, tol=1e-16, max_iter=100_000, backend="torch")
+    want = ot_value(x, y, a, b, **tight) - 0.5 * (ot_value(x, x, a, a, **tight) + ot_value(y, y, b, b, **tight))
+    torch.testing.assert_close(scaled, want, rtol=1e-8, atol=0)
+    if rho is None:  # balanced: S is linear in the (common) mass
         torch.testing.assert_close(scaled, unit * 1e-6, rtol=1e-5, atol=0)
+    else:  # unbalanced the mass enters rho's terms: the unit-mass loss is not 1e6 times it
+        assert abs(float(unit) * 1e-6 / float(scaled) - 1) > 0.1
     assert float(scaled) > 0
 
 
