@@ -221,59 +221,76 @@ def choice(name: str, v, options) -> str:
     return v
 
 
-def weights(name: str, w, batch: int, size: int, batched: bool, like: torch.Tensor) -> tuple[torch.Tensor, list, list]:
-    """Return weights as a ``(B, size)`` tensor in ``like``'s dtype and device, the number
-    of positive entries of each problem and each problem's total mass (lists; one host
-    sync for the checks and both).
+def weights(sides, batch: int, batched: bool, like: torch.Tensor) -> list[tuple[torch.Tensor, list, list]]:
+    """Check each side's weights, ``sides`` being ``(name, w, size)`` triples, and return per
+    side a ``(B, size)`` tensor in ``like``'s dtype and device, the number of positive
+    entries of each problem and each problem's total mass (lists). One host read for all
+    sides' checks and numbers (a sync on a GPU; it was two per side, and one more for the
+    mass check, which now reads these masses).
 
     ``None`` means uniform weights ``1/size`` (mass 1). Weights must be finite,
     non-negative and not all zero in any problem of the batch.
     """
-    if w is None:
-        return torch.full((batch, size), 1.0 / size, dtype=like.dtype, device=like.device), [size] * batch, [1.0] * batch
-    tensor(name, w, (2,) if batched else (1,))
-    if w.device != like.device:
-        raise ValueError(f"{name} is on {w.device} but the geometry is on {like.device}")
-    want = (batch, size) if batched else (size,)
-    if tuple(w.shape) != want:
-        raise ValueError(f"{name} must have shape {want}, got {tuple(w.shape)}")
-    negative = (w < 0).any()
-    w = w.detach().reshape(batch, size).to(like.dtype)
-    stats = torch.cat([negative.reshape(1).double(), (w > 0).sum(-1).double(), w.double().sum(-1)]).tolist()  # one sync
-    counts = [int(c) for c in stats[1:batch + 1]]
-    if stats[0]:
-        raise ValueError(f"{name} has negative entries")
-    if min(counts) == 0:
-        raise ValueError(f"{name} is all zero (in at least one problem of the batch)")
-    return w, counts, stats[batch + 1:]
+    out, stats = [], []
+    for name, w, size in sides:
+        if w is None:
+            out.append((torch.full((batch, size), 1.0 / size, dtype=like.dtype, device=like.device), [size] * batch,
+                        [1.0] * batch))
+            continue
+        tensor(name, w, (2,) if batched else (1,), finite=False)
+        if w.device != like.device:
+            raise ValueError(f"{name} is on {w.device} but the geometry is on {like.device}")
+        want = (batch, size) if batched else (size,)
+        if tuple(w.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(w.shape)}")
+        with torch.no_grad():  # as given: the largest |entry| (NaN propagates) and any negative one
+            stats += [torch.linalg.vector_norm(w, math.inf).double().reshape(1), (w < 0).any().double().reshape(1)]
+            w = w.detach().reshape(batch, size).to(like.dtype)
+            stats += [(w > 0).sum(-1).double(), w.double().sum(-1)]
+        out.append((name, w))
+    read = iter(torch.cat(stats).tolist() if stats else [])  # one sync
+    for i, side in enumerate(out):
+        if not isinstance(side[0], str):
+            continue
+        name, w = side
+        top, negative = next(read), next(read)
+        counts, masses = [int(next(read)) for _ in range(batch)], [next(read) for _ in range(batch)]
+        if not math.isfinite(top):
+            raise ValueError(f"{name} contains NaN or inf")
+        if negative:
+            raise ValueError(f"{name} has negative entries")
+        if min(counts) == 0:
+            raise ValueError(f"{name} is all zero (in at least one problem of the batch)")
+        out[i] = (w, counts, masses)
+    return out
 
 
-def balanced_mass(a: torch.Tensor, b: torch.Tensor, tol: Optional[float], given: tuple = (), has_rho: bool = True) -> None:
-    """Balanced OT needs equal total mass on both sides.
+def balanced_mass(mass_a: list, mass_b: list, tol: Optional[float], dtype: torch.dtype, given: tuple = (),
+                  has_rho: bool = True) -> None:
+    """Balanced OT needs equal total mass on both sides (``mass_a``, ``mass_b``: each
+    problem's, read by :func:`weights`; no device work).
 
     The marginal error cannot fall below the gap ``|sum a - sum b|``, so a gap above
     ``tol / 2`` is an error (``tol`` None, a fixed number of iterations: only the share below); so is one above the dtype's share (``1e-8`` relative in
     float64, ``1e-4`` otherwise), whatever ``tol``. Within that share, a gap of a few
     rounding steps (``16 u`` of the mass: weights normalised in their own dtype) passes
     whatever ``tol`` (fp16/bf16 ones can exceed the share: normalise those in float32). The dtype
-    is the coarsest of ``a``'s and of the weights as ``given`` (before a cast: float32
-    weights normalised in float32 keep their float32 gap on a float64 geometry).
+    is the coarsest of the weights' as solved (``dtype``) and as ``given`` (before a cast:
+    float32 weights normalised in float32 keep their float32 gap on a float64 geometry).
     ``has_rho``: whether the caller takes ``rho=`` (the error's advice names it, or
     :func:`otcore.sinkhorn`'s for solvers without it).
     """
-    ma, mb = a.double().sum(-1), b.double().sum(-1)
-    big = torch.maximum(ma, mb)
-    dtypes = [a.dtype] + [w.dtype for w in given if isinstance(w, torch.Tensor) and w.is_floating_point()]
+    dtypes = [dtype] + [w.dtype for w in given if isinstance(w, torch.Tensor) and w.is_floating_point()]
     unit = max(torch.finfo(d).eps for d in dtypes)
     rtol = 1e-8 if unit <= torch.finfo(torch.float64).eps else 1e-4
-    share = rtol * big
-    allowed = share if tol is None else torch.minimum(share, torch.clamp(16 * unit * big, min=tol / 2))
-    bad = (ma - mb).abs() > allowed
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(
-            f"a and b must have the same total mass in balanced mode (got {float(ma[i]):.8g} vs "
-            f"{float(mb[i]):.8g}, a gap of {float((ma[i] - mb[i]).abs()):.2g}; the marginal error cannot fall "
-            f"below it, and tol={tol}); normalise them"
-            + (" or pass rho= for unbalanced OT" if has_rho else " (otcore.sinkhorn(..., rho=) solves unbalanced OT)")
-        )
+    for ma, mb in zip(mass_a, mass_b):
+        big = max(ma, mb)
+        share = rtol * big
+        allowed = share if tol is None else min(share, max(16 * unit * big, tol / 2))
+        if not abs(ma - mb) <= allowed:
+            raise ValueError(
+                f"a and b must have the same total mass in balanced mode (got {ma:.8g} vs {mb:.8g}, a gap of "
+                f"{abs(ma - mb):.2g}; the marginal error cannot fall below it, and tol={tol}); normalise them"
+                + (" or pass rho= for unbalanced OT" if has_rho else " (otcore.sinkhorn(..., rho=) solves unbalanced OT)")
+            )
+

@@ -309,6 +309,29 @@ def test_warm_start_whose_plan_overflows_takes_sinkhorn_steps_first():
     assert torch.isfinite(res.value) and res.marginal_error <= 1e-5
 
 
+@pytest.mark.parametrize("start", ["shifted optimum", "larger eps"])
+def test_float64_warm_start_with_a_far_too_heavy_plan_takes_sinkhorn_steps_first(start):
+    """The same in float64, where such a plan is finite: the fallback ran on overflow only, and
+    damped Newton steps shed ~1 unit of log-mass each (a review: from the optimum with f and g
+    + 0.5 at eps = 0.01, a plan e^100 too heavy, 100 steps ended at marginal error 1.3; from
+    eps = 1's potentials at 1e-3, 5.8e179). A plan over 3x too heavy now takes them."""
+    g = torch.Generator().manual_seed(0)
+    geom = otcore.PointCloud(torch.rand(20, 2, generator=g, dtype=torch.float64),
+                             torch.rand(30, 2, generator=g, dtype=torch.float64))
+    eps = 0.01 if start == "shifted optimum" else 1e-3
+    ref = otcore.sinkhorn_newton(geom, eps=eps, tol=1e-10, backend="torch")
+    if start == "shifted optimum":
+        src = (ref.f + 0.5, ref.g + 0.5)
+    else:
+        coarse = otcore.sinkhorn(geom, eps=1.0, backend="torch")
+        src = (coarse.f, coarse.g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = otcore.sinkhorn_newton(geom, eps=eps, tol=1e-9, init=src, warmup_iter=0, backend="torch")
+    assert res.converged and res.info["fallback_iter"] > 0 and res.n_iter <= 50
+    assert float((res.plan() - ref.plan()).abs().sum()) <= 1e-8
+
+
 def test_fallback_to_sinkhorn_when_newton_does_not_help(monkeypatch):
     """A useless (zero) Newton direction is rejected; Sinkhorn steps carry the solve."""
     monkeypatch.setattr(NW._Solve, "_direction", lambda self, r, c, *args: (torch.zeros_like(r), torch.zeros_like(c)))

@@ -528,6 +528,43 @@ def test_a_warm_start_in_another_gauge_and_with_a_schedule_starts_where_it_is():
         otcore.sinkhorn(geom, eps=0.01, init=(ref.f, ref.g), eps_schedule=2.0, **T)
 
 
+@pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton"])
+def test_a_float64_warm_start_is_shifted_before_the_cast_to_float32(solver):
+    """A float64 optimum shifted by c (the same plan) on a float32 geometry: cast to float32
+    before the balanced gauge's shift, c = 1e7 took a cold start's 70 Sinkhorn iterations
+    (Newton 14), and float32 pairs (c, -c), the plan of zeros, did not converge at c = 1e10
+    (a review). The shift now runs in float64: one iteration; (c, -c) is (0, 0)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 2, generator=g, dtype=torch.float64), torch.rand(30, 2, generator=g, dtype=torch.float64)
+    ref = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.01, tol=1e-12, max_iter=20_000, **T)
+    geom = otcore.PointCloud(x.float(), y.float())
+    solve = getattr(otcore, solver)
+    cold = solve(geom, eps=0.01, **T)
+    assert cold.converged and cold.n_iter >= 10
+    for c in (1e2, 1e7):
+        res = solve(geom, eps=0.01, init=(ref.f + c, ref.g - c), **T)
+        assert res.converged and res.n_iter <= 1, c
+        torch.testing.assert_close(res.plan().double(), ref.plan(), rtol=0, atol=2e-6)
+    zero = solve(geom, eps=0.01, init=(torch.zeros(20), torch.zeros(30)), **T)
+    far = solve(geom, eps=0.01, init=(torch.full((20,), 1e10), torch.full((30,), -1e10)), **T)
+    assert zero.converged and far.converged and far.n_iter == zero.n_iter
+    torch.testing.assert_close(far.f, zero.f)
+
+
+def test_a_warm_start_float32_cannot_hold_is_refused():
+    """Finite in float64 but beyond float32 once cast (after the gauge's shift where one
+    applies): a ValueError naming the side, where the solve had returned NaN potentials
+    and blamed eps."""
+    geom = otcore.PointCloud(rand(20, 2, seed=1).float(), rand(30, 2, seed=2).float())
+    f, g = torch.zeros(20, dtype=torch.float64), torch.zeros(30, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^init\[0\] \(f\) does not fit float32"):
+        otcore.sinkhorn(geom, eps=0.1, init=(f + 1e39, g), **T)  # balanced: f - c = 5e38
+    with pytest.raises(ValueError, match=r"^init\[1\] \(g\) does not fit float32"):
+        otcore.sinkhorn(geom, eps=0.1, rho=1.0, init=(f, g - 1e39), **T)  # unbalanced: no shift
+    with pytest.raises(ValueError, match=r"^init\[1\] \(g\) contains NaN or inf"):
+        otcore.sinkhorn(geom, eps=0.1, init=(f, g + math.nan), **T)
+
+
 def test_warm_start_batched_shapes():
     x, y = rand(2, 8, 2, seed=1), rand(2, 6, 2, seed=2)
     r0 = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, tol=1e-9, **T)

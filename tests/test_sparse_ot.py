@@ -849,6 +849,21 @@ def test_a_warm_start_in_another_gauge_is_solved_in_a_centred_one(k):
     assert abs(float((warm.alpha - cold.alpha).mean()) - c) < 1e-2  # the caller's gauge
 
 
+def test_a_float64_warm_start_is_shifted_before_the_cast_to_float32():
+    """Float64 duals of the optimum in another gauge on a float32 problem: cast first, c = 1e7
+    took as many iterations as a cold start and c = 1e10 ended unconverged (65 iterations);
+    the shifts (cost offset, gauge) now run in float64. The duals come back in the caller's
+    gauge, to float32's resolution there."""
+    C = torch.rand(30, 20, generator=torch.Generator().manual_seed(0), dtype=F64)
+    ref = otcore.sparse_ot(otcore.CostMatrix(C), k=30, gamma=0.5, tol=1e-10, backend="torch")
+    for c in (1e7, 1e10):
+        warm = otcore.sparse_ot(otcore.CostMatrix(C.float()), k=30, gamma=0.5, init=(ref.alpha + c, ref.beta - c),
+                                backend="torch")
+        assert warm.converged and warm.n_iter <= 1, c
+        torch.testing.assert_close(warm.to_dense().double(), ref.to_dense(), rtol=0, atol=1e-6)
+        assert abs(float((warm.alpha.double() - ref.alpha).mean()) / c - 1) < 1e-6
+
+
 def test_the_duals_fixed_plan_jacobian_keeps_the_line_sums():
     """``plan_grad="fixed"`` is the projection's Jacobian on the support for both
     formulations: a line's sum is exact whatever the costs, so its gradient is 0 (the
@@ -1557,10 +1572,19 @@ def test_the_offset_path_reads_the_matrix_once(monkeypatch):
     assert r.converged and "C" not in checked
 
 
-def test_a_tol_large_against_the_mass_warns_before_the_solve_and_not_before_an_error():
+def test_a_tol_large_against_the_mass_warns_before_the_solve_and_not_before_an_error(monkeypatch):
     C, a, b = _problem(9, 7, seed=43)
     with pytest.warns(UserWarning, match="smallest total mass"):
         otcore.sparse_ot(otcore.CostMatrix(C), a * 1e-6, b * 1e-6, k=3, gamma=0.5, tol=1e-5)
+    # before: an objective evaluation that raises stops the solve after the warning
+
+    def reached(self, theta):
+        raise RuntimeError("the solve began")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(S._Problem, "evaluate", reached)
+        with pytest.warns(UserWarning, match="smallest total mass"), pytest.raises(RuntimeError, match="began"):
+            otcore.sparse_ot(otcore.CostMatrix(C), a * 1e-6, b * 1e-6, k=3, gamma=0.5, tol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="max_iter"):

@@ -45,8 +45,14 @@ class Problem:
     symmetric: bool = False
     #: whether some problem has zero weights in ``a`` / ``b`` (read with the weights' checks)
     zeros: tuple[bool, bool] = (True, True)
-    #: the smallest total mass of the weights of any problem and side (read with their checks)
-    min_mass: float = 1.0
+    #: each problem's total mass of ``a`` and of ``b`` (B,), host float64 (read with their checks)
+    mass_a: np.ndarray = None
+    mass_b: np.ndarray = None
+
+    @property
+    def min_mass(self) -> float:
+        """The smallest total mass of the weights of any problem and side."""
+        return float(min(self.mass_a.min(), self.mass_b.min()))
 
     def kw(self):
         return dict(backend=self.backend, precision=self.precision)
@@ -91,14 +97,14 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float],
     eps = _validate.magnitude_fits("eps", _validate.positive("eps", eps), geom.dtype, "rescale the cost")
     _validate.choice("precision", precision, _validate.PRECISIONS)
     backend = _dispatch.resolve(backend, geom.device)
-    A, pos_a, mass_a = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
-    Bw, pos_b, mass_b = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
+    (A, pos_a, mass_a), (Bw, pos_b, mass_b) = _validate.weights((("a", a, geom.n), ("b", b, geom.m)), geom.batch,
+                                                                geom.batched, geom._ref)
     rho_a, rho_b = parse_rho(rho)
     for r in (rho_a, rho_b):
         if r is not None:
             _validate.magnitude_fits("rho", r, geom.dtype)
     if rho_a is None and rho_b is None and not (a is None and b is None):  # uniform weights: both sum to 1
-        _validate.balanced_mass(A, Bw, tol, given=(a, b), has_rho=has_rho)
+        _validate.balanced_mass(mass_a, mass_b, tol, A.dtype, given=(a, b), has_rho=has_rho)
     symmetric = geom.symmetric and a is b and rho_a == rho_b
     zeros = (min(pos_a) < geom.n, min(pos_b) < geom.m)
     # per problem: one problem's large diameter must not hide another's large eps/diameter
@@ -108,7 +114,7 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float],
         span = tuple(torch.stack([d.min(), d.max()]).tolist())  # one host sync
     wide = span is not None and eps > span[0] / 4
     return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision,
-                   None if span is None else span[1], wide, symmetric, zeros, min(mass_a + mass_b))
+                   None if span is None else span[1], wide, symmetric, zeros, np.array(mass_a), np.array(mass_b))
 
 
 #: ``tol`` above this share of a measure's total mass draws a warning (:func:`tol_against_mass`).
@@ -135,24 +141,50 @@ def padded(A: torch.Tensor, Bw: torch.Tensor, zeros: tuple[bool, bool]):
     return (A if zeros[0] else None), (Bw if zeros[1] else None)
 
 
-def check_init(init, geom, names=("f", "g")) -> tuple[torch.Tensor, torch.Tensor]:
+def check_init(init, geom, names=("f", "g"), gauge=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Warm start: a pair of potentials on the two sides (``names`` in messages), with
     the unbatched or batched shapes; returned batched, detached, in the geometry's dtype
-    (zeros if ``init`` is None)."""
-    zeros = lambda k: torch.zeros(geom.batch, k, dtype=geom.dtype, device=geom.device)  # noqa: E731
+    (zeros if ``init`` is None). ``gauge``: the weights ``(A, Bw)`` of a balanced problem,
+    whose pair is first moved to :func:`balanced_gauge`, in float64 before the cast (a
+    float64 pair (f + c, g - c) cast to float32 first lost its digits to c: at c = 1e7 a
+    start at the optimum took a cold start's 70 iterations, a review)."""
+    pair = init_pair(init, geom, names)
+    if pair is None:
+        return tuple(torch.zeros(geom.batch, k, dtype=geom.dtype, device=geom.device) for k in (geom.n, geom.m))
+    if gauge is not None:
+        pair = balanced_gauge(*pair, *gauge)
+    return init_in_dtype(pair, geom, names)
+
+
+def init_pair(init, geom, names) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``init`` checked (see :func:`check_init`), batched, detached and in float64 (None if
+    None): for the shifts a solver applies before :func:`init_in_dtype`."""
     if init is None:
-        return zeros(geom.n), zeros(geom.m)
+        return None
     if not isinstance(init, (tuple, list)) or len(init) != 2:
         raise TypeError(f"init must be a pair ({names[0]}, {names[1]}) of tensors")
-    out = []
-    for name, t, k in ((f"init[0] ({names[0]})", init[0], geom.n), (f"init[1] ({names[1]})", init[1], geom.m)):
-        _validate.tensor(name, t, (2,) if geom.batched else (1,))
+    sides = ((f"init[0] ({names[0]})", init[0], geom.n), (f"init[1] ({names[1]})", init[1], geom.m))
+    for name, t, k in sides:
+        _validate.tensor(name, t, (2,) if geom.batched else (1,), finite=False)
         want = (geom.batch, k) if geom.batched else (k,)
         if tuple(t.shape) != want:
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
         if t.device != geom.device:
             raise ValueError(f"{name} is on {t.device} but the geometry is on {geom.device}")
-        out.append(t.detach().reshape(geom.batch, k).to(geom.dtype))
+    _validate.all_finite(*((name, t) for name, t, _ in sides))  # one read for both
+    return tuple(t.detach().reshape(geom.batch, k).double() for _, t, k in sides)
+
+
+def init_in_dtype(pair, geom, names) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair of :func:`init_pair` (shifted) in the geometry's dtype, which must hold it:
+    ``ValueError`` naming the side otherwise (a float64 1e39 became inf in float32 and the
+    solve NaN, its warning blaming eps, a review). One host read."""
+    out = [t.to(geom.dtype) for t in pair]
+    tops = torch.stack([torch.linalg.vector_norm(t, math.inf).double() for t in (*pair, *out)]).tolist()
+    for i in range(2):
+        if not math.isfinite(tops[2 + i]):
+            raise ValueError(f"init[{i}] ({names[i]}) does not fit {_validate.dtype_name(geom.dtype)}: its largest "
+                             f"|entry| is {tops[i]:.3g} (after the balanced gauge's shift, where one applies)")
     return out[0], out[1]
 
 

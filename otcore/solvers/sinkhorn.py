@@ -181,9 +181,9 @@ def sinkhorn(
     check_every = _validate.positive_int("check_every", check_every)
     _validate.flag("cuda_graph", cuda_graph)
     overrelax = check_overrelax(overrelax, tol, check_every)
-    f, g = check_init(init, geom)
-    if init is not None and pb.rho_a is None and pb.rho_b is None and not pb.symmetric:
-        f, g = balanced_gauge(f, g, pb.A, pb.Bw)  # the same plan; a large offset would cost digits
+    # balanced: the same plan in the gauge <a, f>/m(a) = <b, g>/m(b) (a large offset would cost digits)
+    balanced = pb.rho_a is None and pb.rho_b is None and not pb.symmetric
+    f, g = check_init(init, geom, gauge=(pb.A, pb.Bw) if balanced else None)
     if init is None:
         stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps)
         for stage in stages:  # the diameter's or the given values: each must fit the dtype as eps does

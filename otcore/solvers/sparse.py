@@ -49,7 +49,7 @@ import torch
 from .. import _dispatch, _validate
 from .._progress import Progress
 from . import _host
-from ._entropic import balanced_gauge, check_init, finite_abs_max, padded, tol_against_mass
+from ._entropic import balanced_gauge, check_init, finite_abs_max, init_in_dtype, init_pair, padded, tol_against_mass
 from ._lbfgs import _where, lbfgs
 from ._qot_newton import (DIRECT_MAX, LAM_STAGE, LAM_START, newton, semi_dual_hessian_cg,
                           semi_dual_hessian_solve)
@@ -143,17 +143,22 @@ def _check_init(init, pb: _Problem) -> torch.Tensor:
     and its ``c`` recorded in ``pb.gauge`` (the returned duals get it back). Carried into the
     solve, a large ``c`` cost float32 its digits: ``c = 1e8`` returned a uniform plan with
     ``grad_norm`` 0 and a wrong value, ``converged=True``."""
-    alpha, beta = check_init(init, pb.geom, names=("alpha", "beta"))
-    if init is not None and pb.shift is not None:  # the positions' duals carry the cost's offset
-        if pb.axis == 0:
-            alpha = alpha - pb.shift[:, None]
-        else:
-            beta = beta - pb.shift[:, None]
-    if init is not None:
+    names = ("alpha", "beta")
+    pair = init_pair(init, pb.geom, names)  # float64: the shifts below cost no digits
+    if pair is None:
+        alpha, beta = check_init(None, pb.geom, names)
+    else:
+        alpha, beta = pair
+        if pb.shift is not None:  # the positions' duals carry the cost's offset
+            if pb.axis == 0:
+                alpha = alpha - pb.shift.double()[:, None]
+            else:
+                beta = beta - pb.shift.double()[:, None]
         A, Bw = (pb.wp, pb.wl) if pb.axis == 0 else (pb.wl, pb.wp)
         centred, _ = balanced_gauge(alpha, beta, A, Bw)
-        pb.gauge = (alpha - centred).mean(-1)  # the c of alpha = centred + c (one number per problem)
-        alpha, beta = centred, beta + pb.gauge[:, None]
+        gauge = (alpha - centred).mean(-1)  # the c of alpha = centred + c (one number per problem)
+        alpha, beta = init_in_dtype((centred, beta + gauge[:, None]), pb.geom, names)
+        pb.gauge = gauge.to(alpha.dtype)
     hp, hl = (alpha, beta) if pb.axis == 0 else (beta, alpha)
     return hp if pb.semi else torch.cat([hp, hl], 1)
 
@@ -711,9 +716,9 @@ def _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, p
     _validate.choice("plan_grad", plan_grad, PLAN_GRADS)
     _validate.choice("precision", precision, _validate.PRECISIONS)
     backend = _dispatch.resolve(backend, geom.device)
-    A, pos_a, mass_a = _validate.weights("a", a, geom.batch, geom.n, geom.batched, geom._ref)
-    Bw, pos_b, mass_b = _validate.weights("b", b, geom.batch, geom.m, geom.batched, geom._ref)
-    _validate.balanced_mass(A, Bw, tol, given=(a, b), has_rho=False)
+    (A, pos_a, mass_a), (Bw, pos_b, mass_b) = _validate.weights((("a", a, geom.n), ("b", b, geom.m)), geom.batch,
+                                                                geom.batched, geom._ref)
+    _validate.balanced_mass(mass_a, mass_b, tol, A.dtype, given=(a, b), has_rho=False)
     wp, wl = (A, Bw) if axis == 0 else (Bw, A)
     k_eff = min(k, wp.shape[1])
     _check_room(k_eff, *((pos_a, pos_b) if axis == 0 else (pos_b, pos_a)), axis)
