@@ -217,6 +217,49 @@ def test_all_zero_weights():
         otcore.sinkhorn(g, None, b, eps=0.1, rho=1.0)
 
 
+@pytest.mark.parametrize("solver", ["sinkhorn", "sparse_ot"])
+def test_the_weights_of_both_sides_and_their_mass_check_read_the_host_once(solver, monkeypatch):
+    """On a GPU each host read is a synchronisation: the weights' checks of both sides and
+    the mass check take one (they took two per side and one more), counted as ``tolist``
+    calls and scalar reads (``bool``, ``float``, ``item``) while the weights are checked."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from otcore import _validate
+
+    reads = []
+
+    class Scalars(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__ == "_local_scalar_dense.default":
+                reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    tolist, checks, mass = torch.Tensor.tolist, _validate.weights, _validate.balanced_mass
+
+    def counted(*args, **kw):
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
+        try:
+            with Scalars():
+                return checks(*args, **kw)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+    def mass_counted(*args, **kw):
+        with Scalars():
+            return mass(*args, **kw)
+
+    monkeypatch.setattr(_validate, "weights", counted)
+    monkeypatch.setattr(_validate, "balanced_mass", mass_counted)
+    a, b = with_value(uniform(N), 0, 0.0), uniform(M)
+    a = a / a.sum()
+    geom = otcore.PointCloud(rand(N, D), rand(M, D, seed=1))
+    if solver == "sinkhorn":
+        otcore.sinkhorn(geom, a, b, eps=0.1, backend="torch")
+    else:
+        otcore.sparse_ot(geom, a, b, k=3, gamma=0.5, backend="torch")
+    assert reads == ["tolist"]
+
+
 def test_mass_mismatch_in_balanced_mode():
     with pytest.raises(ValueError, match="same total mass"):
         solve(a=2 * uniform(N))
