@@ -211,13 +211,14 @@ class SinkhornLoss(nn.Module):
 
     def _warm_solve(self, geom, x, y, a, b, term: str):
         """The solve started from ``term``'s kept potentials, without eps scaling, if they
-        fit (same eps, shapes, dtype, device and zero-weight pattern) and it converges;
+        fit (same eps, shapes, compute dtype, device and zero-weight pattern) and it converges;
         else None (the caller solves cold). A warm start far from the new solution (points
         that jumped, say) can fail where a cold start with eps scaling converges."""
         last = self._last.get(term)
         if last is None or last["eps"] != self.eps or not all(
-                t.shape == p.shape[:-1] and t.dtype == p.dtype and t.device == p.device
-                for t, p in zip(last["fg"], (x, y))):
+                t.shape == p.shape[:-1] and t.dtype == geom.dtype and t.device == p.device
+                for t, p in zip(last["fg"], (x, y))):  # (the geometry's dtype: x float32 with y float64
+            # is solved in float64, and compared with x's dtype the cross term never started warm)
             return None
         for kept, w in zip(last["support"], (a, b)):  # a point that had zero weight holds any potential
             if (kept is None) != (w is None) or (w is not None and not torch.equal(kept, w > 0)):

@@ -21,10 +21,12 @@ The plan is differentiable with respect to the scores (see
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from fractions import Fraction
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,7 +101,11 @@ class SparseOTRouter(nn.Module):
             warm solve that does not converge is redone cold and the better of the two kept
             (converged, then the smaller ``grad_norm``), with its duals for the next call.
             Kept in evaluation mode and under ``no_grad`` too, so a call's output depends on
-            the previous call's (within ``tol``).
+            the calls before it: where the capacity binds, by more than ``tol`` (the solve
+            stops at a kink whose plan depends on the path there; 0.018 of L1 per token on
+            64 x 8 scores, docs/router.md). For outputs that depend on the scores alone,
+            set ``router.warm_start = False``. Settings may be changed after construction
+            (checked as here).
             ``result.info["warm_start"]`` says ``"none"``, ``"used"``, ``"retried cold"`` or
             ``"retried cold, warm kept"`` (``info["retry_iter"]``: the other solve's
             iterations).
@@ -142,28 +148,21 @@ class SparseOTRouter(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        self.n_experts = _validate.positive_int("n_experts", n_experts)
-        self.mode = _validate.choice("mode", mode, MODES)
-        self.capacity_factor = _validate.positive("capacity_factor", capacity_factor)
-        if self.capacity_factor < 1:
-            raise ValueError(
-                f"capacity_factor must be >= 1 (every expert must be able to take its n_tokens/n_experts share), got {capacity_factor}"
-            )
-        self.k = _validate.positive_int("k", k)
-        self.gamma = _validate.positive("gamma", gamma)
-        self.tol = _validate.positive("tol", tol)
-        if self.tol > TOL_MASS_SHARE:  # (the solver's own warning, in its units, is left out of the calls)
-            warnings.warn(f"SparseOTRouter: tol={tol:g} (a fraction of the token mass) lets a routing misplace that "
-                          f"share of it and count as converged", UserWarning, stacklevel=2)
-        self.max_iter = _validate.positive_int("max_iter", max_iter)
-        self.plan_grad = _validate.choice("plan_grad", plan_grad, ("implicit", "fixed"))
-        self.warm_start = _validate.flag("warm_start", warm_start)
-        self.formulation = _validate.choice("formulation", formulation, ("semi-dual", "dual"))
-        self.backend = _validate.choice("backend", backend, BACKENDS)
+        # each setting through its check (__setattr__), here and when set later
+        self.n_experts, self.mode, self.capacity_factor, self.k = n_experts, mode, capacity_factor, k
+        self.gamma, self.tol, self.max_iter, self.plan_grad = gamma, tol, max_iter, plan_grad
+        self.warm_start, self.formulation, self.backend = warm_start, formulation, backend
         self._init: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._seeded = True  # capacity mode's seed (False: from zero, as bench/router_op_count.py compares)
         self._warned = False
         self._warned_ties = False
+
+    def __setattr__(self, name: str, value) -> None:
+        """The settings are checked when set, at construction and after it (a review: a
+        later ``router.mode = "Tokens"`` ran token mode, ``capacity_factor = 0.5`` failed
+        inside the solver with a message about ``k``)."""
+        check = _SETTINGS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
 
     def capacity(self, n_tokens: int) -> int:
         """Tokens per expert: ``ceil(n_tokens * capacity_factor / n_experts)`` (at most n_tokens),
@@ -214,7 +213,13 @@ class SparseOTRouter(nn.Module):
         wide = scores.to(dt)
         rows, cols = wide.mean(-1, keepdim=True), wide.mean(-2, keepdim=True)
         centred = (wide - cols) - (rows - rows.mean(-2, keepdim=True))
-        cost = CostMatrix(-centred)
+        try:
+            cost = CostMatrix(-centred)
+        except ValueError as e:  # finite scores whose centring overflows (|s| ~ 2e38 in float32)
+            if "NaN or inf" not in str(e):
+                raise
+            raise ValueError(f"scores overflow {_validate.dtype_name(dt)} when centred (largest |score| "
+                             f"{float(wide.detach().abs().max()):.3g}): rescale them or pass float64 scores") from None
         cost._centred = True  # (CostMatrix._centred)
         # no continuation in gamma (sparse_ot's default where k >= the line length: the seed, token
         # mode with k = n_experts): at the router's loose tol each stage is a solve of its own, and
@@ -281,8 +286,9 @@ class SparseOTRouter(nn.Module):
         expert duals: ``E`` unknowns per group instead of ``n_tokens``, by Newton steps
         (``sparse_ot``'s solver for it; past 64 experts by conjugate gradient), each
         evaluation the same pass over the scores. Where the capacity does not bind (no
-        expert's support exceeds it, as with the defaults on unit-scale scores) that plan
-        *is* the capacity problem's optimum, and the capacity solve from these duals stops
+        expert's support exceeds it, as with the defaults on 4096 x 8 unit-scale scores, not
+        on 64 x 8 ones: docs/router.md) that plan *is* the capacity problem's optimum, and
+        the capacity solve from these duals stops
         at its first test (4096 x 8, float32: 2 Newton steps and 0, against 19 L-BFGS
         iterations from zero; a call's forward and backward 612 tensor operations against
         2,618, ``bench/router_op_count.py``, 2026-12-03); where it binds, the capacity
@@ -310,8 +316,9 @@ class SparseOTRouter(nn.Module):
         scores tied across experts, which the k-sparse relaxation cannot split (every expert
         ranks the tokens alike whatever the duals). On 512 x 8 scores with gamma = 0.1, all
         zero scores misplace 1.5-1.7 of the token mass, N(0, 0.01) ones at most 0.28."""
-        if self._warned_ties:
-            return
+        if self._warned_ties or (self.mode == "capacity" and self.capacity(n_tokens) == 1):
+            return  # (a capacity of one token per expert has its own gap: docs/router.md; 3 x 5
+            # N(0, 1) scores missed 0.53 of the token mass, no two scores within 0.029, a review)
         miss = float(torch.as_tensor(res.grad_norm).max()) / n_tokens
         if miss <= 0.5:
             return
@@ -328,6 +335,56 @@ class SparseOTRouter(nn.Module):
     def extra_repr(self) -> str:
         what = f"capacity_factor={self.capacity_factor}" if self.mode == "capacity" else f"k={self.k}"
         return f"n_experts={self.n_experts}, mode={self.mode!r}, {what}, gamma={self.gamma}"
+
+
+def _capacity_factor(value) -> float:
+    """``>= 1``; a float32 or float16 number (a NumPy scalar, a one-element tensor) as the
+    shortest decimal that its dtype rounds to it, so that ``capacity`` takes it as written:
+    ``np.float32(1.1)`` is 1.1, not 1.100000023841858 (whose capacity of 100 tokens over 10
+    experts came out 12, a review)."""
+    value = _validate.numpy_scalar(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype in (torch.float32, torch.float16):
+        value = value.detach().cpu().numpy().reshape(())[()]
+    if isinstance(value, (np.float32, np.float16)) and np.isfinite(value):
+        value = float(np.format_float_scientific(value, unique=True))
+    factor = _validate.positive("capacity_factor", value)
+    if factor < 1:
+        raise ValueError(f"capacity_factor must be >= 1 (every expert must be able to take its n_tokens/n_experts "
+                         f"share), got {factor}")
+    return factor
+
+
+def _tol(value) -> float:
+    tol = _validate.positive("tol", value)
+    if tol > TOL_MASS_SHARE:  # (the solver's own warning, in its units, is left out of the calls)
+        warnings.warn(f"SparseOTRouter: tol={tol:g} (a fraction of the token mass) lets a routing misplace that "
+                      f"share of it and count as converged", UserWarning, stacklevel=_caller_level())
+    return tol
+
+
+def _caller_level() -> int:
+    """``stacklevel`` for a warning of the function calling this: the first frame outside
+    this module (the user's line, whether the setting came through the constructor or not)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+#: SparseOTRouter's settings and their checks (SparseOTRouter.__setattr__)
+_SETTINGS = {
+    "n_experts": lambda v: _validate.positive_int("n_experts", v),
+    "mode": lambda v: _validate.choice("mode", v, MODES),
+    "capacity_factor": _capacity_factor,
+    "k": lambda v: _validate.positive_int("k", v),
+    "gamma": lambda v: _validate.positive("gamma", v),
+    "tol": _tol,
+    "max_iter": lambda v: _validate.positive_int("max_iter", v),
+    "plan_grad": lambda v: _validate.choice("plan_grad", v, ("implicit", "fixed")),
+    "warm_start": lambda v: _validate.flag("warm_start", v),
+    "formulation": lambda v: _validate.choice("formulation", v, ("semi-dual", "dual")),
+    "backend": lambda v: _validate.choice("backend", v, BACKENDS),
+}
 
 
 def _score(res: SparseOTResult) -> tuple:

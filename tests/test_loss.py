@@ -339,6 +339,29 @@ def test_warm_start_gives_the_same_loss_and_gradient_in_fewer_iterations(monkeyp
     assert iters["warm"] < 0.8 * iters["cold"], iters
 
 
+def test_warm_start_of_mixed_dtype_inputs_reuses_the_cross_term(monkeypatch):
+    """x float32 and y float64 are solved in float64: the kept potentials were compared with
+    x's dtype, and the cross term started cold at every call (36 iterations against 20
+    warm, a review); the self terms were warm."""
+    import otcore.nn as nn_module
+
+    starts, solve = [], nn_module.sinkhorn
+
+    def recorded(*args, **kw):
+        starts.append(kw.get("init") is not None)
+        return solve(*args, **kw)
+
+    monkeypatch.setattr(nn_module, "sinkhorn", recorded)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 2, generator=g), torch.rand(25, 2, generator=g, dtype=F64)
+    loss = otcore.SinkhornLoss(eps=0.05, warm_start=True, backend="torch")
+    loss(x, y)
+    assert starts == [False, False, False]
+    del starts[:]
+    loss(x + 1e-4, y)
+    assert starts == [True, True, True]  # the cross term, then the two self terms
+
+
 def test_warm_start_falls_back_to_a_cold_start(monkeypatch):
     seen = _count_iterations(monkeypatch)
     loss = otcore.SinkhornLoss(eps=0.1, warm_start=True, tol=1e-6)
