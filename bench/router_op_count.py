@@ -9,14 +9,21 @@ solves its system directly (``sparse.DIRECT_MAX``); "before" undoes both (a cold
 solve, conjugate gradient: since 2026-12-02 with the semi-dual's products on the support,
 not autograd's, 49-81 operations fewer). Same counts on any machine.
 
+By default the router runs on the CPU's path (``backend="auto"``: the torch twins), whose
+k-sparse pass is ~50 operations per evaluation; ``--backend triton`` counts the GPU's
+path, where that pass is one Triton launch (the kernels run under the interpreter).
+
     python bench/router_op_count.py            # three sizes, plan_grad "fixed" and "implicit"
+    TRITON_INTERPRET=1 python bench/router_op_count.py --backend triton   # the GPU's path (~1 min)
     python bench/router_op_count.py --sweep    # 243 settings, plan_grad "fixed" (~10 min on one CPU thread)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import os
 import statistics
 import warnings
 
@@ -28,38 +35,55 @@ from bench_sparse_ot import router_iters, weighted_sum
 from lbfgs_op_count import OpCounter
 
 
-def call(scores, now: bool, **kw):
+def call(scores, now: bool, backend: str = "auto", **kw):
     """One forward + backward, the router as it is (``now``) or as before 2026-12-01 (no
     seed: the capacity solve from zero; the implicit gradient by conjugate gradient); returns
-    (output, operations, host reads). The loss is the benchmark's :func:`weighted_sum`."""
-    router = otcore.SparseOTRouter(scores.shape[-1], **kw)
+    (output, operations, host reads, Triton launches). The loss is the benchmark's
+    :func:`weighted_sum`. ``backend="triton"`` (under ``TRITON_INTERPRET=1``): the GPU's
+    path, the k-sparse pass a Triton launch (counted apart, the interpreter's own copies
+    inside it not counted) instead of the torch twin's ~50 operations."""
+    router = otcore.SparseOTRouter(scores.shape[-1], backend=backend, **kw)
     if not now:
         router._seeded = False
     s = scores.clone().requires_grad_()
-    counter = OpCounter()
     direct_max = sparse_solver.DIRECT_MAX
-    try:
-        if not now:
-            sparse_solver.DIRECT_MAX = 0  # the implicit plan gradient by conjugate gradient
-        with counter, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = router(s)
-            weighted_sum(out.combine_weights).backward()
-    finally:
-        sparse_solver.DIRECT_MAX = direct_max
-    return out, counter.counts["all"], counter.counts["host reads in all"]
+    with contextlib.ExitStack() as stack:
+        if backend == "triton":
+            from sinkhorn_launch_count import ComputeCounter, LaunchCounter  # (it needs TRITON_INTERPRET=1)
+
+            from otcore.kernels import ksparse
+            counter = stack.enter_context(ComputeCounter("all"))
+            launches = stack.enter_context(LaunchCounter(ksparse, counter)).launches
+        else:
+            counter, launches = stack.enter_context(OpCounter()), {}
+        try:
+            if not now:
+                sparse_solver.DIRECT_MAX = 0  # the implicit plan gradient by conjugate gradient
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = router(s)
+                weighted_sum(out.combine_weights).backward()
+        finally:
+            sparse_solver.DIRECT_MAX = direct_max
+    return out, counter.counts["all"], counter.counts["host reads in all"], sum(launches.values())
 
 
-def table():
-    print(f"{'scores':>12} {'plan_grad':>9} | {'before: it':>10} {'ops':>6} {'reads':>5} | "
-          f"{'now: it':>8} {'ops':>6} {'reads':>5} | ops ratio")
+def table(backend: str):
+    """``backend="triton"``: operations are the torch operations plus the Triton launches
+    (each a launch on a GPU), listed apart as ``triton``."""
+    launches = backend == "triton"
+    head = f"{'ops':>6} {'triton':>6}" if launches else f"{'ops':>6}"
+    print(f"{'scores':>12} {'plan_grad':>9} | {'before: it':>10} {head} {'reads':>5} | "
+          f"{'now: it':>8} {head} {'reads':>5} | ops ratio")
     for T, E in ((512, 8), (4096, 8), (4096, 64)):
         scores = torch.randn(T, E, generator=torch.Generator().manual_seed(0))
         for plan_grad in ("fixed", "implicit"):
-            o0, n0, r0 = call(scores, False, plan_grad=plan_grad)
-            o1, n1, r1 = call(scores, True, plan_grad=plan_grad)
-            print(f"{f'{T} x {E}':>12} {plan_grad:>9} | {router_iters(o0.result):>10} {n0:>6} {r0:>5} | "
-                  f"{router_iters(o1.result):>8} {n1:>6} {r1:>5} | {n1 / n0:.2f}", flush=True)
+            o0, n0, r0, l0 = call(scores, False, backend, plan_grad=plan_grad)
+            o1, n1, r1, l1 = call(scores, True, backend, plan_grad=plan_grad)
+            c0 = f"{n0 + l0:>6} {l0:>6}" if launches else f"{n0:>6}"
+            c1 = f"{n1 + l1:>6} {l1:>6}" if launches else f"{n1:>6}"
+            print(f"{f'{T} x {E}':>12} {plan_grad:>9} | {router_iters(o0.result):>10} {c0} {r0:>5} | "
+                  f"{router_iters(o1.result):>8} {c1} {r1:>5} | {(n1 + l1) / (n0 + l0):.2f}", flush=True)
 
 
 def sweep():
@@ -70,7 +94,7 @@ def sweep():
     for T, E, gamma, cf, scale in grid:
         scores = scale * torch.randn(T, E, generator=torch.Generator().manual_seed(T + E))
         kw = dict(gamma=gamma, capacity_factor=cf, plan_grad="fixed")
-        (o0, n0, _), (o1, n1, _) = call(scores, False, **kw), call(scores, True, **kw)
+        (o0, n0, _, _), (o1, n1, _, _) = call(scores, False, **kw), call(scores, True, **kw)
         total[0] += n0
         total[1] += n1
         c0, c1 = o0.result.converged, o1.result.converged
@@ -91,9 +115,13 @@ def sweep():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="the 243-setting comparison instead of the table")
+    p.add_argument("--backend", choices=("auto", "triton"), default="auto",
+                   help="triton: the GPU's path under TRITON_INTERPRET=1 (the table only; slower)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    sweep() if args.sweep else table()
+    if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--backend triton needs TRITON_INTERPRET=1 (the kernels run under the interpreter)")
+    sweep() if args.sweep else table(args.backend)
 
 
 if __name__ == "__main__":

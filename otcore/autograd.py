@@ -196,7 +196,11 @@ def _envelope_backward(ctx, gv, gc):
         if w_in is None:
             continue
         if need[k]:
-            d = _weight_grad(geom, f, g_other, w_other, rho, eps, axis, kw, s.wide) * gv[:, None]
+            # the value's gradient only (the cost's is 0): a zero weight's -inf (a relaxed side's
+            # potential below -88 rho, conventions.md) times gv = 0 made the cost's gradient NaN, and
+            # a batch's problems outside the objective NaN too (a review)
+            d = _weight_grad(geom, f, g_other, w_other, rho, eps, axis, kw, s.wide)
+            d = torch.where(gv[:, None] == 0, 0.0, d * gv[:, None])
             grads.append(d.reshape(w_in.shape).to(w_in.dtype))
         else:
             grads.append(None)

@@ -66,6 +66,8 @@ class Geometry:
 
     # --- primitives -------------------------------------------------------
     def _call(self, name, backend, *args, **kw):
+        if "precision" in kw:  # (the torch twins take it without reading it: checked here for both paths)
+            _validate.choice("precision", kw["precision"], _validate.PRECISIONS)
         return _dispatch.primitive(name, backend)(self, *args, **kw)
 
     def softmin(self, h, eps, axis, backend="torch", precision="fp32", hint=None):
@@ -149,8 +151,14 @@ class Geometry:
 
     def ksparse_columns(self, h, gamma, k, axis, mass=None, beta=None, backend="torch", precision="fp32"):
         """k-sparse plan ``T = [h_r + beta_l - C_rl]_+ / gamma`` on the top k of each column
-        (``axis=0``) or row (``axis=1``); see :mod:`otcore.reference_ksparse`."""
-        return self._call("ksparse_columns", backend, h, _validate.positive("gamma", gamma), k, _validate.axis(axis),
+        (``axis=0``) or row (``axis=1``); see :mod:`otcore.reference_ksparse`. ``h`` on the
+        positions, (B, n) for ``axis=0``, (B, m) for ``axis=1``; ``mass`` / ``beta`` on the
+        lines, the other side (shapes checked: the kernel indexes them by these sizes)."""
+        axis = _validate.axis(axis)
+        pos, line = ("n", "m") if axis == 0 else ("m", "n")
+        self._check_rows(("h", h, pos), *((name, t, line) for name, t in (("mass", mass), ("beta", beta))
+                                           if t is not None))
+        return self._call("ksparse_columns", backend, h, _validate.positive("gamma", gamma), k, axis,
                           mass=mass, beta=beta, precision=precision)
 
     def plan_sparse_rows(self, F, G, eps, s, backend="torch", precision="fp32"):
@@ -365,9 +373,26 @@ class CostMatrix(Geometry):
     def _hold(self, C: torch.Tensor) -> None:
         self.batched = C.dim() == 3
         self.C_in = C
-        self.C = (C if self.batched else C[None]).detach().to(_validate.compute_dtype(C.dtype))
-        self.batch, self.n, self.m = self.C.shape
-        self._ref = self.C
+        self._load()
+        self.batch, self.n, self.m = self._C.shape
+        self._ref = self._C
+
+    def _load(self) -> None:
+        """A batched view of ``C`` in the compute dtype (a copy for fp16/bf16), as of its
+        current version."""
+        C = self.C_in if self.batched else self.C_in[None]
+        self._C = C.detach().to(_validate.compute_dtype(C.dtype))
+        self.loaded_versions = self.input_versions()
+
+    @property
+    def C(self) -> torch.Tensor:
+        """The cost, (B, n, m) in the compute dtype. A view of the input in float32/float64;
+        an fp16/bf16 one's float32 copy is made again after an in-place change (it kept the
+        old cost, where the view sees the new one, a review)."""
+        if self._C.dtype != self.C_in.dtype and not torch.compiler.is_compiling() \
+                and self.input_versions() != self.loaded_versions:
+            self._load()
+        return self._C
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         return (self.C_in,)

@@ -127,6 +127,14 @@ def _log2_plan_(Z: torch.Tensor, C: torch.Tensor, Fk_lines: torch.Tensor, Gk_oth
     return Z.add_(Fk_lines[:, :, None])
 
 
+def scaled_potentials(geom, F: torch.Tensor, G: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F k, G k)`` in the compute dtype (the geometry's, widened to the potentials' if
+    theirs is wider), as :func:`softmin` reads ``h``: fp16 potentials scaled in fp16 put the
+    plan operations 66% off where the kernels, reading them in float32, kept 1e-3 (a review)."""
+    dt = torch.promote_types(torch.promote_types(F.dtype, G.dtype), geom.dtype)
+    return F.to(dt) * k, G.to(dt) * k
+
+
 def sides(F: torch.Tensor, G: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(potential of the lines, potential of the other side) for a pass along ``axis``."""
     return (F, G) if axis == 1 else (G, F)
@@ -280,9 +288,9 @@ def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: st
     """``axis=1``: ``(P v)_i = sum_j P_ij v_j`` with v (B,m) or (B,m,k) -> (B,n[,k]).
     ``axis=0``: ``(P^T u)_j = sum_i P_ij u_i`` with u (B,n) or (B,n,k) -> (B,m[,k])."""
     vec = v.dim() == 2
-    V = v[..., None] if vec else v
     k = _LOG2E / eps
-    Fl, Go = sides(F * k, G * k, axis)
+    Fl, Go = sides(*scaled_potentials(geom, F, G, k), axis)
+    V = (v[..., None] if vec else v).to(Fl.dtype)  # (a float64 v on float32 potentials was a RuntimeError)
     out = torch.empty(geom.batch, Fl.shape[1], V.shape[2], dtype=V.dtype, device=V.device)
     for sl, C, Z in _tiles(geom, axis, Fl.dtype):
         out[:, sl] = _log2_plan_(Z, C, Fl[:, sl], Go, k).exp2_() @ V
@@ -292,7 +300,7 @@ def apply_plan(geom, F, G, eps: float, v: torch.Tensor, axis: int, precision: st
 def marginals(geom, F, G, eps: float, axis: int, precision: str = "fp32") -> torch.Tensor:
     """``axis=1``: row sums ``P 1`` (B,n); ``axis=0``: column sums ``P^T 1`` (B,m)."""
     k = _LOG2E / eps
-    Fl, Go = sides(F * k, G * k, axis)
+    Fl, Go = sides(*scaled_potentials(geom, F, G, k), axis)
     out = torch.empty_like(Fl)
     for sl, C, Z in _tiles(geom, axis, Fl.dtype):
         out[:, sl] = _log2_plan_(Z, C, Fl[:, sl], Go, k).exp2_().sum(2)
@@ -303,14 +311,15 @@ def plan_dense(geom, F, G, eps: float, precision: str = "fp32") -> torch.Tensor:
     """The dense plan ``P`` (B,n,m). Small problems only: this *is* an n x m buffer."""
     k = _LOG2E / eps
     C = geom.cost_block()
-    return _log2_plan_(torch.empty_like(C), C, F * k, G * k, k).exp2_()
+    Fk, Gk = scaled_potentials(geom, F, G, k)
+    return _log2_plan_(torch.empty_like(C, dtype=Fk.dtype), C, Fk, Gk, k).exp2_()
 
 
 def plan_cost(geom, F, G, eps: float, precision: str = "fp32") -> torch.Tensor:
     """Transport cost ``<P, C>`` per problem, (B,)."""
     k = _LOG2E / eps
-    Fk, Gk = F * k, G * k
-    total = torch.zeros(geom.batch, dtype=F.dtype, device=F.device)
+    Fk, Gk = scaled_potentials(geom, F, G, k)
+    total = torch.zeros(geom.batch, dtype=Fk.dtype, device=F.device)
     for sl, C, Z in _tiles(geom, 1, Fk.dtype, keep_cost=True):
         total += _log2_plan_(Z, C, Fk[:, sl], Gk, k).exp2_().mul_(C).sum((1, 2))
     return total
@@ -320,8 +329,8 @@ def plan_topk(geom, F, G, eps: float, k: int, precision: str = "fp32") -> tuple[
     """The ``k`` largest entries of each row of ``P``: values (B,n,k), column indices (B,n,k)."""
     k = _validate.top_k(k, geom.m)
     kk = _LOG2E / eps
-    Fk, Gk = F * kk, G * kk
-    vals = torch.empty(geom.batch, geom.n, k, dtype=F.dtype, device=F.device)
+    Fk, Gk = scaled_potentials(geom, F, G, kk)
+    vals = torch.empty(geom.batch, geom.n, k, dtype=Fk.dtype, device=F.device)
     idx = torch.empty(geom.batch, geom.n, k, dtype=torch.int64, device=F.device)
     for sl, C, Z in _tiles(geom, 1, Fk.dtype):
         lp, ix = torch.topk(_log2_plan_(Z, C, Fk[:, sl], Gk, kk), k, dim=2)

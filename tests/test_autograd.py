@@ -177,6 +177,25 @@ def test_gradient_dtype_follows_the_input(dtype):
     torch.testing.assert_close(x.grad.float(), x32.grad.to(dtype).float())
 
 
+def test_the_weights_gradient_of_the_cost_is_zero_where_the_value_s_is_minus_inf():
+    """A zero weight on a relaxed side whose potential falls below -88 rho has a value
+    gradient of -inf (conventions.md); times the cost's 0 it made the cost's weight gradient
+    NaN, and in a batch the weights of a problem outside the objective NaN (a review)."""
+    C = torch.rand(2, 10, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    C[:, 0] = -1000.0  # the zero-weight point's row: very cheap
+    a = torch.full((2, 10), 1 / 9)
+    a[:, 0] = 0.0
+    a.requires_grad_()
+    res = otcore.sinkhorn(otcore.CostMatrix(C), a, None, eps=0.1, rho=1.0, **T)
+    assert res.converged.all()
+    (gv,) = torch.autograd.grad(res.value.sum(), a, retain_graph=True)
+    assert torch.isneginf(gv[:, 0]).all() and torch.isfinite(gv[:, 1:]).all()
+    (gc,) = torch.autograd.grad(res.cost.sum(), a, retain_graph=True)
+    assert torch.equal(gc, torch.zeros_like(gc))
+    (g0,) = torch.autograd.grad(res.value[0], a)
+    assert torch.isneginf(g0[0, 0]) and torch.equal(g0[1], torch.zeros_like(g0[1]))
+
+
 def test_no_graph_without_requires_grad():
     res = otcore.sinkhorn(otcore.PointCloud(rand(4, 2), rand(5, 2, seed=1)), eps=0.1, **T)
     assert not res.value.requires_grad and not res.cost.requires_grad
@@ -311,6 +330,21 @@ def test_result_methods_refuse_inputs_changed_in_place_since_the_solve():
     x2.add_(0.1)
     with pytest.raises(RuntimeError, match="modified in place since the solve"):
         res.plan()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_cost_matrix_sees_in_place_changes_in_every_dtype(dtype):
+    """An fp16/bf16 matrix is held as a float32 copy, taken once: after ``C.mul_(2)`` a solve
+    on the same geometry used the old cost (float32 and float64 ones, views, saw the new one;
+    a review). The copy is made again when the input's version changes."""
+    C = torch.rand(20, 30, generator=torch.Generator().manual_seed(0)).to(dtype)
+    geom = otcore.CostMatrix(C)
+    before = otcore.sinkhorn(geom, eps=0.1, **T).value
+    C.mul_(2)
+    after = otcore.sinkhorn(geom, eps=0.1, **T).value
+    fresh = otcore.sinkhorn(otcore.CostMatrix(C), eps=0.1, **T).value
+    assert float(after) > 1.2 * float(before)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
 
 
 def test_backward_after_an_in_place_change_of_the_potentials_raises():

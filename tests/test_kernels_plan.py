@@ -442,3 +442,39 @@ def test_custom_op_registrations_pass_opcheck():
     torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, geom.y, True, KP.WEIGHT_P, False))
     # the per-entry differences (the point costs' gradient), with no V
     torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, None, False, KP.WEIGHT_P, True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_narrow_potentials_and_vectors_are_read_in_the_compute_dtype(backend):
+    """fp16 potentials: the torch twin scaled them by log2(e)/eps in fp16 and its marginals,
+    cost and plan came out 66% off (the kernels, reading them in float32: 1e-3); a float64
+    or fp16 v made its P v a RuntimeError (a review). Both read them in float32 now."""
+    g = torch.Generator().manual_seed(0)
+    geom = otcore.PointCloud(torch.rand(20, 3, generator=g).to(DEVICE), torch.rand(30, 3, generator=g).to(DEVICE))
+    F = (600 + 0.01 * torch.randn(1, 20, generator=g)).half().to(DEVICE)
+    G = (-600.5 + 0.01 * torch.randn(1, 30, generator=g)).half().to(DEVICE)
+    F32, G32 = F.float(), G.float()  # the same values, exactly
+    for name, args in (("marginals", (EPS, 1)), ("plan_cost", (EPS,)), ("plan", (EPS,))):
+        got = getattr(geom, name)(F, G, *args, backend=backend)
+        want = getattr(geom, name)(F32, G32, *args, backend=backend)
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    v = torch.rand(1, 30, 2, generator=g, dtype=torch.float64).to(DEVICE)
+    for vv in (v, v.half()):
+        got = geom.apply_plan(F32, G32, EPS, vv, 1, backend=backend)
+        want = geom.apply_plan(F32, G32, EPS, vv.float(), 1, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_the_k_sparse_pass_checks_its_shapes():
+    """The kernel indexes h, mass and beta by the geometry's sizes: a short h was read past
+    its end on the Triton backend (the result changed with the memory after it, a review)."""
+    geom = otcore.CostMatrix(torch.rand(20, 30, generator=torch.Generator().manual_seed(1)).to(DEVICE))
+    mass = torch.full((1, 30), 1 / 30, device=DEVICE)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=r"^h must be a \(B=1, n=20\) tensor"):
+            geom.ksparse_columns(torch.zeros(1, 5, device=DEVICE), 0.1, 3, 0, mass=mass, backend=backend)
+        with pytest.raises(ValueError, match=r"^mass must be a \(B=1, m=30\) tensor"):
+            geom.ksparse_columns(torch.zeros(1, 20, device=DEVICE), 0.1, 3, 0, mass=mass[:, :7], backend=backend)
+        with pytest.raises(ValueError, match=r"^beta must be a \(B=1, n=20\) tensor"):
+            geom.ksparse_columns(torch.zeros(1, 30, device=DEVICE), 0.1, 3, 1, beta=mass, backend=backend)
