@@ -66,13 +66,14 @@ def resolved_softmin(geom, g: torch.Tensor, w: torch.Tensor, eps: float, axis: i
     eps = 5000 x the diameter it is 2e-2 of the value. The potentials themselves are
     only that accurate too, but the dual value is stationary in them, so one float64
     pass at the float32 potentials gives the value to float32 accuracy. A point cloud's
-    coordinates are exact in float64 (any backend); a cost matrix is widened tile by
-    tile by the torch pass, which reads it once without a float64 copy.
+    costs are formed from its coordinates in float64 (on either backend: the torch pass on
+    the cloud itself read its cached float32 costs, a review); a cost matrix is widened
+    tile by tile by the torch pass, which reads it once without a float64 copy.
     """
     if not wide:
         return geom.softmin(g + eps * torch.log(w), eps, axis, **kw)
     h = g.double() + eps * torch.log(w.double())
-    if geom.is_dense or kw["backend"] == "torch":
+    if geom.is_dense:
         return geom.softmin(h, eps, axis, backend="torch")
     wide_geom = type(geom)(geom.x.double(), geom.y.double(), geom.cost)
     return wide_geom.softmin(h, eps, axis, backend=kw["backend"])
