@@ -148,43 +148,51 @@ def check_init(init, geom, names=("f", "g"), gauge=None) -> tuple[torch.Tensor, 
     whose pair is first moved to :func:`balanced_gauge`, in float64 before the cast (a
     float64 pair (f + c, g - c) cast to float32 first lost its digits to c: at c = 1e7 a
     start at the optimum took a cold start's 70 iterations, a review)."""
-    pair = init_pair(init, geom, names)
-    if pair is None:
+    start = init_pair(init, geom, names)
+    if start is None:
         return tuple(torch.zeros(geom.batch, k, dtype=geom.dtype, device=geom.device) for k in (geom.n, geom.m))
+    f, g, tops = start
     if gauge is not None:
-        pair = balanced_gauge(*pair, *gauge)
-    return init_in_dtype(pair, geom, names)
+        f, g = balanced_gauge(f, g, *gauge)
+    return init_in_dtype(f, g, tops, geom, names)
 
 
-def init_pair(init, geom, names) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``init`` checked (see :func:`check_init`), batched, detached and in float64 (None if
-    None): for the shifts a solver applies before :func:`init_in_dtype`."""
+def init_pair(init, geom, names) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``init`` checked for type, shape and device (see :func:`check_init`): ``(f, g)``
+    batched, detached and in float64, for the shifts a solver applies before
+    :func:`init_in_dtype`, and their largest ``|entry|`` as given (a device tensor, read
+    there); None if ``init`` is None."""
     if init is None:
         return None
     if not isinstance(init, (tuple, list)) or len(init) != 2:
         raise TypeError(f"init must be a pair ({names[0]}, {names[1]}) of tensors")
     sides = ((f"init[0] ({names[0]})", init[0], geom.n), (f"init[1] ({names[1]})", init[1], geom.m))
     for name, t, k in sides:
-        _validate.tensor(name, t, (2,) if geom.batched else (1,), finite=False)
+        _validate.tensor(name, t, (2,) if geom.batched else (1,), finite=False)  # (read in init_in_dtype)
         want = (geom.batch, k) if geom.batched else (k,)
         if tuple(t.shape) != want:
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
         if t.device != geom.device:
             raise ValueError(f"{name} is on {t.device} but the geometry is on {geom.device}")
-    _validate.all_finite(*((name, t) for name, t, _ in sides))  # one read for both
-    return tuple(t.detach().reshape(geom.batch, k).double() for _, t, k in sides)
+    f, g = (t.detach().reshape(geom.batch, k).double() for _, t, k in sides)
+    return f, g, torch.stack([torch.linalg.vector_norm(t, math.inf) for t in (f, g)])
 
 
-def init_in_dtype(pair, geom, names) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pair of :func:`init_pair` (shifted) in the geometry's dtype, which must hold it:
-    ``ValueError`` naming the side otherwise (a float64 1e39 became inf in float32 and the
-    solve NaN, its warning blaming eps, a review). One host read."""
-    out = [t.to(geom.dtype) for t in pair]
-    tops = torch.stack([torch.linalg.vector_norm(t, math.inf).double() for t in (*pair, *out)]).tolist()
+def init_in_dtype(f, g, tops, geom, names) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair of :func:`init_pair` (shifted) in the geometry's dtype, checked in one host
+    read: finite as given (``tops``), and held by that dtype after the shifts (a float64
+    1e39 became inf in float32 and the solve NaN, its warning blaming eps, a review);
+    ``ValueError`` naming the side."""
+    out = [t.to(geom.dtype) for t in (f, g)]
+    read = torch.cat([tops, torch.stack([torch.linalg.vector_norm(t, math.inf).double() for t in out])]).tolist()
     for i in range(2):
-        if not math.isfinite(tops[2 + i]):
+        if not math.isfinite(read[i]):
+            raise ValueError(f"init[{i}] ({names[i]}) contains NaN or inf")
+    for i in range(2):
+        if not math.isfinite(read[2 + i]):
             raise ValueError(f"init[{i}] ({names[i]}) does not fit {_validate.dtype_name(geom.dtype)}: its largest "
-                             f"|entry| is {tops[i]:.3g} (after the balanced gauge's shift, where one applies)")
+                             f"|entry| is {float((f, g)[i].abs().max()):.3g} (after the balanced gauge's shift, where "
+                             f"one applies)")
     return out[0], out[1]
 
 

@@ -144,11 +144,11 @@ def _check_init(init, pb: _Problem) -> torch.Tensor:
     solve, a large ``c`` cost float32 its digits: ``c = 1e8`` returned a uniform plan with
     ``grad_norm`` 0 and a wrong value, ``converged=True``."""
     names = ("alpha", "beta")
-    pair = init_pair(init, pb.geom, names)  # float64: the shifts below cost no digits
-    if pair is None:
+    start = init_pair(init, pb.geom, names)  # float64: the shifts below cost no digits
+    if start is None:
         alpha, beta = check_init(None, pb.geom, names)
     else:
-        alpha, beta = pair
+        alpha, beta, tops = start
         if pb.shift is not None:  # the positions' duals carry the cost's offset
             if pb.axis == 0:
                 alpha = alpha - pb.shift.double()[:, None]
@@ -157,7 +157,7 @@ def _check_init(init, pb: _Problem) -> torch.Tensor:
         A, Bw = (pb.wp, pb.wl) if pb.axis == 0 else (pb.wl, pb.wp)
         centred, _ = balanced_gauge(alpha, beta, A, Bw)
         gauge = (alpha - centred).mean(-1)  # the c of alpha = centred + c (one number per problem)
-        alpha, beta = init_in_dtype((centred, beta + gauge[:, None]), pb.geom, names)
+        alpha, beta = init_in_dtype(centred, beta + gauge[:, None], tops, pb.geom, names)
         pb.gauge = gauge.to(alpha.dtype)
     hp, hl = (alpha, beta) if pb.axis == 0 else (beta, alpha)
     return hp if pb.semi else torch.cat([hp, hl], 1)
