@@ -231,7 +231,7 @@ def weights(sides, batch: int, batched: bool, like: torch.Tensor) -> list[tuple[
     ``None`` means uniform weights ``1/size`` (mass 1). Weights must be finite,
     non-negative and not all zero in any problem of the batch.
     """
-    out, stats = [], []
+    out, pending, stats = [], [], []
     for name, w, size in sides:
         if w is None:
             out.append((torch.full((batch, size), 1.0 / size, dtype=like.dtype, device=like.device), [size] * batch,
@@ -247,12 +247,10 @@ def weights(sides, batch: int, batched: bool, like: torch.Tensor) -> list[tuple[
             stats += [torch.linalg.vector_norm(w, math.inf).double().reshape(1), (w < 0).any().double().reshape(1)]
             w = w.detach().reshape(batch, size).to(like.dtype)
             stats += [(w > 0).sum(-1).double(), w.double().sum(-1)]
-        out.append((name, w))
+        pending.append((len(out), name))
+        out.append(w)
     read = iter(torch.cat(stats).tolist() if stats else [])  # one sync
-    for i, side in enumerate(out):
-        if not isinstance(side[0], str):
-            continue
-        name, w = side
+    for i, name in pending:
         top, negative = next(read), next(read)
         counts, masses = [int(next(read)) for _ in range(batch)], [next(read) for _ in range(batch)]
         if not math.isfinite(top):
@@ -261,7 +259,7 @@ def weights(sides, batch: int, batched: bool, like: torch.Tensor) -> list[tuple[
             raise ValueError(f"{name} has negative entries")
         if min(counts) == 0:
             raise ValueError(f"{name} is all zero (in at least one problem of the batch)")
-        out[i] = (w, counts, masses)
+        out[i] = (out[i], counts, masses)
     return out
 
 

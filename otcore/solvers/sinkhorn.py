@@ -37,7 +37,7 @@ from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
 from ..reference import damping as _tau, scaled
-from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, make_problem, residual_floor,
+from ._entropic import (Problem, check_init, entropic_result, make_problem, residual_floor,
                         settle_zero_weights, tol_against_mass)
 from ._graph import graphed
 from . import _host
