@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ._intmath import cdiv, next_pow2
-from .softmin import COST_DIRECT, COST_DOT, CostOperand, block_sizes, cost_tile, own_block, program_rows, scalars
+from .softmin import (COST_DIRECT, COST_DOT, GRID_Y_MAX, CostOperand, block_sizes, cost_tile, own_block, program_rows,
+                      scalars)
 
 WEIGHT_P = 0  # W = P
 WEIGHT_PC = 1  # W = P * C
@@ -44,7 +45,7 @@ def _log2_plan_tile(f_ptr, g_ptr, scale, C, offs_i, offs_j, mask_i, mask_j):
 @triton.jit
 def plan_reduce_kernel(
     out_v_ptr, out_s_ptr, f_ptr, g_ptr, v_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
-    n_own, n_oth, n_val, tiles_own,
+    n_own, n_oth, n_val, tiles_own, q0,
     s_ovb, s_ovr, s_osb, s_fb, s_gb, s_vb, s_vr, s_vk,
     s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
@@ -54,9 +55,10 @@ def plan_reduce_kernel(
 ):
     """``out_v[i, k] = sum_j W_ij V[j, k]`` and ``out_s[i] = sum_j W_ij`` for own rows i.
 
-    Grid: ``(B * tiles_own, cdiv(n_val, BLOCK_K))``; program ``(p, q)`` handles
-    problem ``p // tiles_own``, own rows ``(p % tiles_own)*BLOCK_I + [0, BLOCK_I)``
-    and value columns ``q*BLOCK_K + [0, BLOCK_K)``, streaming every other point.
+    Grid: ``(B * tiles_own, Q)``; program ``(p, q - q0)`` handles problem
+    ``p // tiles_own``, own rows ``(p % tiles_own)*BLOCK_I + [0, BLOCK_I)`` and value
+    columns ``q*BLOCK_K + [0, BLOCK_K)``, streaming every other point (the launcher covers
+    ``cdiv(n_val, BLOCK_K)`` value tiles in launches of at most ``GRID_Y_MAX``, from ``q0``).
 
     Pointers and strides (elements):
 
@@ -80,7 +82,7 @@ def plan_reduce_kernel(
     near-coincident pairs, ``x_i (W1)_i - (W y)_i`` would cancel two terms much larger than
     the result (for ``W = P / C``, ~``1/C`` times larger).
     """
-    q = tl.program_id(1)
+    q = q0 + tl.program_id(1)
     b, offs_i, mask_i, own_ptr, oth_ptr, c_ptr = program_rows(
         tl.program_id(0), tiles_own, n_own, own_ptr, oth_ptr, c_ptr, s_ob, s_tb, s_cb, BLOCK_I)
     offs_k = q * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -212,19 +214,22 @@ def plan_topk_kernel(
 @triton.jit
 def plan_dense_kernel(
     out_ptr, f_ptr, g_ptr, scal_ptr, own_ptr, oth_ptr, c_ptr,
-    n_own, n_oth, tiles_own, s_pb, s_pr, s_fb, s_gb,
+    n_own, n_oth, tiles_own, j0, s_pb, s_pr, s_fb, s_gb,
     s_ob, s_or, s_ok, s_tb, s_tr, s_tk, s_cb, s_co, s_ct,
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """Write ``P`` tile ``(own rows of program p, other columns of program q)``.
 
-    Grid ``(B * tiles_own, cdiv(n_oth, BLOCK_J))``; ``out_ptr``: ``(B, n_own, n_oth)``
-    with strides ``s_pb``, ``s_pr``, 1. Other pointers: as in :func:`plan_reduce_kernel`.
+    Grid ``(B * tiles_own, J)``: program ``(p, q)`` writes column tile ``j0 + q`` (the
+    launcher covers ``cdiv(n_oth, BLOCK_J)`` tiles in launches of at most ``GRID_Y_MAX``,
+    the CUDA limit of grid axis 1: one launch for m up to 4 million at 64 columns per
+    tile); ``out_ptr``: ``(B, n_own, n_oth)`` with strides ``s_pb``, ``s_pr``, 1. Other
+    pointers: as in :func:`plan_reduce_kernel`.
     """
     b, offs_i, mask_i, own_ptr, oth_ptr, c_ptr = program_rows(
         tl.program_id(0), tiles_own, n_own, own_ptr, oth_ptr, c_ptr, s_ob, s_tb, s_cb, BLOCK_I)
-    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_j = (j0 + tl.program_id(1)) * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_j = offs_j < n_oth
     f_ptr += b * s_fb
     g_ptr += b * s_gb
@@ -332,16 +337,17 @@ def launch_plan_reduce(
         V, out_v, vs, ovs = F_own, None, (0, 0, 0), (0, 0)
     out_s = torch.empty((B, n_own), dtype=dt, device=dev) if with_sum else None
     args = op.pointer_args()
-    grid = (B * tiles_own, cdiv(n_val, bk) if matrix else 1)
-    plan_reduce_kernel[grid](
-        out_v if has_v else F_own, out_s if with_sum else F_own, F_own, G_oth, V,
-        scalars(eps, dt, dev), *args[:3],
-        n_own, n_oth, n_val, tiles_own,
-        *ovs, n_own, F_own.stride(0), G_oth.stride(0), *vs, *args[3:],
-        **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk,
-        HAS_V=has_v, V_MATRIX=matrix, WITH_SUM=with_sum, WEIGHT=weight, VIP=_value_precision(op),
-        DIFF=diff, num_warps=warps,
-    )
+    tiles_val = cdiv(n_val, bk) if matrix else 1
+    for q0 in range(0, tiles_val, GRID_Y_MAX):  # (grid axis 1 holds at most GRID_Y_MAX programs)
+        plan_reduce_kernel[(B * tiles_own, min(GRID_Y_MAX, tiles_val - q0))](
+            out_v if has_v else F_own, out_s if with_sum else F_own, F_own, G_oth, V,
+            scalars(eps, dt, dev), *args[:3],
+            n_own, n_oth, n_val, tiles_own, q0,
+            *ovs, n_own, F_own.stride(0), G_oth.stride(0), *vs, *args[3:],
+            **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk,
+            HAS_V=has_v, V_MATRIX=matrix, WITH_SUM=with_sum, WEIGHT=weight, VIP=_value_precision(op),
+            DIFF=diff, num_warps=warps,
+        )
     return out_v, out_s
 
 
@@ -383,9 +389,11 @@ def launch_plan_dense(op: CostOperand, F_own, G_oth, eps: float) -> torch.Tensor
     tiles_own = cdiv(n_own, bi)
     P = torch.empty((B, n_own, n_oth), dtype=dt, device=dev)
     args = op.pointer_args()
-    plan_dense_kernel[(B * tiles_own, cdiv(n_oth, bj))](
-        P, F_own, G_oth, scalars(eps, dt, dev), *args[:3],
-        n_own, n_oth, tiles_own, P.stride(0), P.stride(1), F_own.stride(0), G_oth.stride(0), *args[3:],
-        **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, num_warps=warps,
-    )
+    tiles_oth = cdiv(n_oth, bj)
+    for j0 in range(0, tiles_oth, GRID_Y_MAX):  # (grid axis 1 holds at most GRID_Y_MAX programs)
+        plan_dense_kernel[(B * tiles_own, min(GRID_Y_MAX, tiles_oth - j0))](
+            P, F_own, G_oth, scalars(eps, dt, dev), *args[:3],
+            n_own, n_oth, tiles_own, j0, P.stride(0), P.stride(1), F_own.stride(0), G_oth.stride(0), *args[3:],
+            **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, num_warps=warps,
+        )
     return P

@@ -448,7 +448,7 @@ def softmin_kernel(
     if UPDATE != 0:  # a converged problem keeps its potential: no tile is read
         go = tl.load(active_ptr + b) != 0
         j_hi = tl.where(go, j_hi, j_lo)
-    out_ptrs = out_ptr + b * s_outb + sid * s_outs + offs_i
+    out_ptrs = out_ptr + b * s_outb + sid.to(tl.int64) * s_outs + offs_i
     store = mask_i
     load_i = mask_i
     if FIXUP:  # redo the rows a SHIFT launch left as NaN; a program without any reads nothing more
@@ -504,7 +504,7 @@ def softmin_combine_kernel(
     in place of the ~7 of a torch ``logsumexp`` and its scalings.
     """
     pid = tl.program_id(0)
-    b = pid // tiles
+    b = (pid // tiles).to(tl.int64)  # (b * s_partb: a partial buffer of 2^31 entries or more)
     offs = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_own
     part_ptr += b * s_partb + offs
@@ -968,7 +968,7 @@ def launch_softmin(op: CostOperand, h: torch.Tensor, eps: float, splits: Optiona
     if splits is None:
         S = num_splits(B * tiles_own, tiles_oth, ref.device, dense=op.mode == COST_DENSE)
     else:
-        S = max(1, min(splits, tiles_oth))
+        S = max(1, min(splits, tiles_oth, GRID_Y_MAX))  # (the splits sit on grid axis 1)
     split_len = cdiv(tiles_oth, S) * bj
     S = cdiv(n_oth, split_len)
     partial = S > 1

@@ -158,6 +158,10 @@ class Geometry:
         pos, line = ("n", "m") if axis == 0 else ("m", "n")
         self._check_rows(("h", h, pos), *((name, t, line) for name, t in (("mass", mass), ("beta", beta))
                                            if t is not None))
+        k, length = _validate.positive_int("k", k), self.n if axis == 0 else self.m
+        if k > length:  # (the kernel stored indices past the line for k > N; the solvers cap k at N)
+            raise ValueError(f"k must be <= {length}, the length of a {'column' if axis == 0 else 'row'} "
+                             f"(axis={axis}), got {k}")
         return self._call("ksparse_columns", backend, h, _validate.positive("gamma", gamma), k, axis,
                           mass=mass, beta=beta, precision=precision)
 

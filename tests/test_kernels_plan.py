@@ -468,7 +468,8 @@ def test_narrow_potentials_and_vectors_are_read_in_the_compute_dtype(backend):
 
 def test_the_k_sparse_pass_checks_its_shapes():
     """The kernel indexes h, mass and beta by the geometry's sizes: a short h was read past
-    its end on the Triton backend (the result changed with the memory after it, a review)."""
+    its end on the Triton backend (the result changed with the memory after it, a review);
+    and k by the line's length."""
     geom = otcore.CostMatrix(torch.rand(20, 30, generator=torch.Generator().manual_seed(1)).to(DEVICE))
     mass = torch.full((1, 30), 1 / 30, device=DEVICE)
     for backend in ("torch", "triton"):
@@ -478,3 +479,65 @@ def test_the_k_sparse_pass_checks_its_shapes():
             geom.ksparse_columns(torch.zeros(1, 20, device=DEVICE), 0.1, 3, 0, mass=mass[:, :7], backend=backend)
         with pytest.raises(ValueError, match=r"^beta must be a \(B=1, n=20\) tensor"):
             geom.ksparse_columns(torch.zeros(1, 30, device=DEVICE), 0.1, 3, 1, beta=mass, backend=backend)
+        # k past the line: the kernel stored indices >= N (the solvers cap k; a direct call did not)
+        with pytest.raises(ValueError, match=r"^k must be <= 20, the length of a column \(axis=0\), got 21"):
+            geom.ksparse_columns(torch.zeros(1, 20, device=DEVICE), 0.1, 21, 0, mass=mass, backend=backend)
+
+
+def test_grid_axis_1_past_its_limit_takes_several_launches(monkeypatch):
+    """CUDA's grid axis 1 holds at most 65,535 programs: the dense plan's column tiles (a cost
+    of 8 x 4,194,305 needed 65,537) and P V's value tiles are launched in chunks of at most
+    ``GRID_Y_MAX``, each from its own first tile (a review). Forced here with a limit of 2."""
+    g = torch.Generator().manual_seed(4)
+    x, y = rand(B, 20, 3, generator=g), rand(B, 300, 3, generator=g)  # several column tiles
+    geom, F, G = otcore.PointCloud(x, y), -0.2 * rand(B, 20, generator=g), -0.2 * rand(B, 300, generator=g)
+    P = plan64(cost64(x, y, "sqeuclidean"), F, G, EPS)
+    launches = []
+    dense, reduce = KP.plan_dense_kernel, KP.plan_reduce_kernel
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(KP, "GRID_Y_MAX", 2)
+    monkeypatch.setattr(KP, "plan_dense_kernel", Recorded(dense))
+    monkeypatch.setattr(KP, "plan_reduce_kernel", Recorded(reduce))
+    assert relerr(geom.plan(F, G, EPS, backend="triton"), P) < 1e-5
+    assert len(launches) > 1 and all(grid[1] <= 2 for grid in launches)
+    del launches[:]
+    V = randn(B, 300, 150, generator=torch.Generator().manual_seed(3))  # 3 value tiles of 64
+    got = geom.apply_plan(F, G, EPS, V, 1, backend="triton")
+    assert [grid[1] for grid in launches] == [2, 1]
+    assert relerr(got, P @ V.double()) < 2e-5
+    del launches[:]
+    out, sums = KP.launch_plan_reduce(triton_ops.operand(geom, 1, "fp32", EPS), F, G, EPS, V, with_sum=True)
+    assert [grid[1] for grid in launches] == [2, 1]  # the row sums: by the first chunk's q = 0 programs
+    assert relerr(sums, P.sum(2)) < 1e-5 and relerr(out, P @ V.double()) < 2e-5
+
+
+def test_a_split_pass_never_asks_for_more_slices_than_grid_axis_1_holds(monkeypatch):
+    """An explicit ``splits`` was capped at the column tiles only: 100,000 slices of 5,000,000
+    columns would have launched 78,125 programs on axis 1 (a review)."""
+    from otcore.kernels import softmin as KSM
+
+    geom, C, F, G = problem(3)
+    grids = []
+    kernel = KSM.softmin_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(KSM, "GRID_Y_MAX", 2)
+    monkeypatch.setattr(KSM, "softmin_kernel", Recorded())
+    h = G.clone()
+    h[torch.isinf(h)] = 0.0
+    got = KSM.launch_softmin(triton_ops.operand(geom, 1, "fp32", EPS), h, EPS, splits=100)
+    assert grids and all(grid[1] <= 2 for grid in grids)
+    want = -EPS * torch.logsumexp((h.double()[:, None, :] - C) / EPS, dim=2)
+    assert relerr(got, want) < 1e-5
