@@ -14,14 +14,17 @@ class Progress:
     NaN or inf error is printed as such: it says a problem diverged.
 
     ``verbose=None`` (default): only when stderr is a terminal and the run has
-    lasted more than ``after`` seconds. ``True``: always. ``False``: never.
+    lasted more than ``after`` seconds. ``True``: always. ``False``: never. Without a
+    stderr (``sys.stderr`` None, as under pythonw or some service hosts) or when writing to
+    it fails (a closed descriptor), nothing is printed and the solve goes on: a progress
+    line never ends a solve (a review: both raised from every default solve).
     """
 
     def __init__(self, verbose: Optional[bool], label: str, after: float = 1.0, measure: str = "marginal error"):
         self.label, self.measure = label, measure
         if verbose is not None and not isinstance(verbose, bool):
             raise TypeError(f"verbose must be True, False or None, got {verbose!r}")
-        self.enabled = bool(verbose) if verbose is not None else sys.stderr.isatty()
+        self.enabled = bool(verbose) if verbose is not None else _is_terminal(sys.stderr)
         self.after = 0.0 if verbose else after
         self.start = time.perf_counter()
         self.last = 0.0
@@ -56,14 +59,27 @@ class Progress:
         line = f"{' | '.join(fields)} | {now:6.1f}s "
         # the line can shrink (a field left out, another stage): pad over the longest one yet
         self.width = max(self.width, len(line))
-        sys.stderr.write("\r" + line.ljust(self.width))
-        sys.stderr.flush()
+        self._write("\r" + line.ljust(self.width))
 
     def close(self) -> None:
         """End the line (once: a stage that closes it, e.g. SNS's warm-up, and the solve's
         own close print one newline between them, not two)."""
         if self.printed:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            self._write("\n")
             self.printed = False
             self.width = 0
+
+    def _write(self, text: str) -> None:
+        """To stderr; no stderr, or one that fails, turns the line off."""
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):  # None; a closed descriptor; a closed file
+            self.enabled = self.printed = False
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, OSError, ValueError):  # None (no stderr), a closed file
+        return False

@@ -7,6 +7,7 @@ Run ``otcore --help``, ``otcore demo --help`` or ``otcore solve --help``;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -87,6 +88,35 @@ def _check_backend(backend: str, device: torch.device) -> None:
         raise SystemExit("error: " + re.sub(r"backend='(\w+)'", r"--backend \1", str(e)))
 
 
+def _save_image(image, path: str) -> None:
+    """Write ``image`` to ``path`` through a temporary file in the same folder, renamed over
+    it once complete: a failed overwrite (a full disk, a quota) had left the old picture
+    truncated (a review). The format follows ``path``'s extension."""
+    import tempfile
+
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format=_image_format(path))
+        # the permissions a plain write gives (mkstemp's file is private): the old file's, else the umask's
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~umask)
+        os.replace(tmp, path)
+    except OSError as e:  # checked up front; the folder may still vanish or fill up meanwhile
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise SystemExit(f"error: cannot write --out {path}: {e.strerror or e}")
+
+
+def _image_format(path: str) -> Optional[str]:
+    """Pillow's format for ``path``'s extension (None: not an image name)."""
+    from PIL import Image
+
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower())  # (registers the plugins)
+
+
 def _as_flag(message: str, names) -> str:
     """A solver's message names its keyword argument (``max_iter must be ...``); the user
     of the command line typed a flag, so a message that starts with one of ``names`` names
@@ -148,7 +178,7 @@ def _check_out(path: str) -> None:
         raise SystemExit(_DEMO_DEPS)
     if os.path.isdir(path):
         raise SystemExit(f"error: --out {path} is a folder; give a file name, e.g. {os.path.join(path, 'demo.png')}")
-    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())  # (registers the plugins)
+    fmt = _image_format(path)
     if fmt is None:
         raise SystemExit(f"error: --out {path}: not an image file name (use a .png extension)")
     try:  # a format Pillow reads but cannot write (PSD), a stub without its handler (HDF5), no RGB (XBM)
@@ -221,7 +251,7 @@ def run_demo(args) -> int:
         t_solve = time.perf_counter() - t0
         mapped = entropic_map(res, xs.to(dev), y, b).clamp(0, 1)  # display only: colours live in [0, 1]
     except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {_as_flag(str(e), {'eps', 'tol', 'max_iter'})}")
     _sync(dev)
     t_map = time.perf_counter() - t0 - t_solve
     if not bool(torch.isfinite(mapped).all()):  # e.g. an eps far below float32's resolution
@@ -235,10 +265,7 @@ def run_demo(args) -> int:
     h = src.shape[0]
     tgt_show = np.asarray(Image.fromarray(tgt).resize((round(tgt.shape[1] * h / tgt.shape[0]), h)))
     gap = np.full((h, 8, 3), 255, np.uint8)
-    try:
-        Image.fromarray(np.concatenate([src, gap, tgt_show, gap, out_img], axis=1)).save(args.out)
-    except OSError as e:  # checked up front; the folder may still vanish or fill up meanwhile
-        raise SystemExit(f"error: cannot write --out {args.out}: {e.strerror or e}")
+    _save_image(Image.fromarray(np.concatenate([src, gap, tgt_show, gap, out_img], axis=1)), args.out)
 
     print("otcore demo: colour transfer china.jpg -> flower.jpg (left: source, middle: target, right: result)")
     print(_table([
@@ -415,6 +442,27 @@ def _nonzeros(res: SparseOTResult) -> dict:
     return {k: (v.tolist() if res.batched else int(v[0])) for k, v in out.items()}
 
 
+def _check_scalars(args) -> None:
+    """The solver's checks of the number flags that need no points (``--eps``, ``--tol``,
+    ``--max-iter``, ``--rho``, ``--eps-schedule``), run before the clouds are drawn or read:
+    they had come after, 17-20 s into ``--n 50000000`` (a review). The solver checks them
+    again, with the rest."""
+    from ._validate import positive, positive_int
+    from .solvers._entropic import parse_rho
+    from .solvers.sinkhorn import check_schedule
+
+    try:
+        eps = positive("eps", args.eps if args.eps is not None else _DEFAULT_EPS)
+        positive("tol", args.tol)
+        positive_int("max_iter", args.max_iter)
+        if args.method == "sinkhorn":
+            parse_rho(args.rho)
+        if args.method != "sparse":
+            check_schedule(_schedule(args.eps_schedule), eps)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {_as_flag(str(e), {'eps', 'tol', 'max_iter', 'rho', 'eps_schedule'})}")
+
+
 def run_solve(args) -> int:
     _check_int("--n", args.n)
     _check_int("--m", args.m)
@@ -428,6 +476,7 @@ def run_solve(args) -> int:
     _check_positive("--gamma", args.gamma)
     dev = _device(args.device)
     _check_backend(args.backend, dev)
+    _check_scalars(args)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     x, y = _clouds(args, dtype)
     x, y = x.to(dev), y.to(dev)
@@ -584,11 +633,36 @@ def entry() -> NoReturn:
     """The ``otcore`` program (console script and ``python -m otcore``): :func:`main` with
     each warning printed as one ``warning: ...`` line (not Python's file and source line)."""
     warnings.showwarning = _show_warning
-    sys.exit(main())
+    try:
+        status = main()
+        if sys.stdout is not None:
+            sys.stdout.flush()  # (a write error shows here, not at exit)
+    except KeyboardInterrupt:
+        _say("error: interrupted")
+        status = 130
+    except BrokenPipeError:  # the reader left (``| head``): no traceback, nothing more to write
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 1
+    except OSError as e:  # writing the output failed (a full disk: /dev/full)
+        _say(f"error: cannot write the output: {e.strerror or e}")
+        status = 1
+    sys.exit(status)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr if file is None else file)
+    _say(f"warning: {message}", file)
+
+
+def _say(text: str, file=None) -> None:
+    """A line on stderr (or ``file``); nothing without one, or where writing fails, as
+    Python's own warnings do (``print(file=None)`` had written to stdout, into ``--json``'s
+    output; a closed descriptor had ended the run before its summary, a review)."""
+    file = sys.stderr if file is None else file
+    if file is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=file)
 
 
 if __name__ == "__main__":  # pragma: no cover

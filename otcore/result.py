@@ -76,7 +76,9 @@ class OTResult:
 
     def __getstate__(self):
         # a copy (copy.deepcopy, pickle, torch.save) gets new input tensors whose version
-        # counters start again at 0: it keeps whether the result was up to date, not the counts
+        # counters start again at 0: it keeps whether the result was up to date, not the counts.
+        # (copy.deepcopy of a result whose value is in autograd's graph raises in torch, as for
+        # any non-leaf tensor; pickle and torch.save copy it)
         state = dict(self.__dict__)
         if self._versions is not None:
             state["_versions"] = self._versions == self._geom.input_versions()

@@ -710,6 +710,39 @@ def test_demo_solver_errors_exit_with_message(monkeypatch, tmp_path):
     assert not out.exists()
 
 
+def test_demo_solver_errors_name_the_flag(monkeypatch, tmp_path):
+    """``demo --eps 1e300`` said ``eps=...`` where ``solve`` says ``--eps=...`` (a review)."""
+    _fake_photos(monkeypatch)
+    msg = _exit_message(["demo", "--device", "cpu", "--n", "20", "--eps", "1e300", "--out", str(tmp_path / "x.png")])
+    assert msg.startswith("error: --eps=1e+300 is too large"), msg
+
+
+def test_demo_overwrites_its_picture_whole_or_not_at_all(monkeypatch, tmp_path):
+    """A failed overwrite had left the old picture truncated: it is written to a temporary
+    file beside it and renamed over it, with the old file's permissions."""
+    from PIL import Image
+
+    _fake_photos(monkeypatch)
+    out = tmp_path / "x.png"
+    out.write_bytes(b"the old picture")
+    os.chmod(out, 0o640)
+    real = Image.Image.save
+
+    def failing(self, fp, *args, **kw):  # (the up-front check's probe into memory passes)
+        real(self, fp, *args, **kw)
+        if not isinstance(fp, io.BytesIO):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", failing)
+    flags = ["demo", "--device", "cpu", "--n", "20", "--out", str(out)]
+    assert _exit_message(flags) == f"error: cannot write --out {out}: No space left on device"
+    assert out.read_bytes() == b"the old picture" and sorted(os.listdir(tmp_path)) == ["x.png"]
+    monkeypatch.setattr(Image.Image, "save", real)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(flags) == 0
+    assert Image.open(out).size[1] == 30 and (os.stat(out).st_mode & 0o777) == 0o640
+
+
 def _fake_photos(monkeypatch, shape=(30, 40, 3)):
     """Small synthetic photos instead of scikit-learn's (no sklearn needed, fast)."""
     rng = np.random.default_rng(0)
@@ -913,6 +946,70 @@ def test_main_in_process_leaves_warnings_to_the_caller():
     with pytest.warns(otcore.ConvergenceWarning, match="did not converge"):
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(["solve", "--n", "30", "--max-iter", "1", "--json", "--device", "cpu"]) == 3
+
+
+def _python_c(code: str, stdin=None, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, **kw)
+
+
+def test_the_program_without_a_stderr_keeps_its_json_and_its_status():
+    """``sys.stderr`` None (pythonw, some service hosts): every default solve raised from the
+    progress line's isatty, and the warnings went to stdout ahead of ``--json``'s object (a
+    review). Now nothing is printed there and the summary and status stand."""
+    code = ("import sys; sys.stderr = None; sys.argv = ['otcore', 'solve', '--n', '20', '--max-iter', '1', "
+            "'--json', '--device', 'cpu']; from otcore import cli; cli.entry()")
+    p = _python_c(code)
+    assert p.returncode == 3, p.stdout
+    assert json.loads(p.stdout)["converged"] is False  # the whole of stdout is the summary
+    p = _python_c("import sys, torch, otcore; sys.stderr = None; "
+                  "print(otcore.sinkhorn(otcore.PointCloud(torch.rand(20, 3), torch.rand(25, 3)), eps=0.1).converged)")
+    assert p.returncode == 0 and p.stdout.strip() == "True", p.stdout
+
+
+def test_a_closed_stderr_neither_ends_the_run_nor_the_progress_line():
+    """fd 2 closed: the warning's write raised OSError and an unconverged solve exited 1
+    without its summary; ``verbose=True`` died in its first progress line (a review)."""
+    code = ("import os, sys; os.close(2); sys.argv = ['otcore', 'solve', '--n', '20', '--max-iter', '1', "
+            "'--json', '--device', 'cpu']; from otcore import cli; cli.entry()")
+    p = _python_c(code)
+    assert p.returncode == 3 and json.loads(p.stdout)["converged"] is False
+    code = ("import os, torch, otcore; from otcore import _progress; os.close(2); "
+            "bar = _progress.Progress(True, 'test'); bar.last = -1.0; bar.update(1, 0.5, 0.1); bar.close(); "
+            "print(bar.enabled)")
+    p = _python_c(code)
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stdout
+
+
+def test_output_the_reader_does_not_take_ends_without_a_traceback():
+    """A full disk (/dev/full) and a reader that left the pipe ended in a Python traceback."""
+    code = "from otcore import cli; cli.entry()"
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([sys.executable, "-c", code, "solve", "--n", "20", "--device", "cpu"],
+                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert p.returncode == 1 and p.stderr.startswith("error: cannot write the output"), p.stderr
+        assert "Traceback" not in p.stderr
+    proc = subprocess.Popen([sys.executable, "-c", code, "solve", "--n", "20", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc.stdout.close()  # the reader leaves before the summary
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--eps", "0"], "error: --eps must be"), (["--max-iter", "0"], "error: --max-iter must be"),
+    (["--eps-schedule", "5"], "error: --eps-schedule"), (["--tol", "-1"], "error: --tol must be"),
+    (["--rho", "-1"], "error: --rho must be"),
+])
+def test_solve_number_flags_fail_before_the_clouds_are_drawn(monkeypatch, flags, message):
+    """They were checked by the solver, after the points: 17-20 s into --n 50000000."""
+    def drawn(*args, **kw):
+        raise AssertionError("the clouds were drawn")
+
+    monkeypatch.setattr(cli, "_clouds", drawn)
+    assert _exit_message(["solve", "--n", "50000000", "--device", "cpu", *flags]).startswith(message)
 
 
 def test_python_m_json_stdout_is_one_object():

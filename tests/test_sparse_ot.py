@@ -849,6 +849,16 @@ def test_a_warm_start_in_another_gauge_is_solved_in_a_centred_one(k):
     assert abs(float((warm.alpha - cold.alpha).mean()) - c) < 1e-2  # the caller's gauge
 
 
+def test_max_iter_past_int64_counts_is_refused():
+    """2^63 raised OverflowError in the stages' int64 counts, 2^63 - 1 ran 0 iterations and
+    reported max_iter reached (a review, through the CLI)."""
+    C = torch.rand(6, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    for max_iter in (2**63, 2**63 - 1):
+        with pytest.raises(ValueError, match=r"^max_iter must be <= 2\*\*62"):
+            otcore.sparse_ot(otcore.CostMatrix(C), k=2, gamma=1.0, max_iter=max_iter, backend="torch")
+    assert otcore.sparse_ot(otcore.CostMatrix(C), k=2, gamma=1.0, max_iter=2**62, backend="torch").converged
+
+
 def test_a_float64_warm_start_is_shifted_before_the_cast_to_float32():
     """Float64 duals of the optimum in another gauge on a float32 problem: cast first, c = 1e7
     took as many iterations as a cold start and c = 1e10 ended unconverged (65 iterations);

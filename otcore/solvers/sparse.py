@@ -278,6 +278,8 @@ def sparse_ot(
     pb, theta0, batched = _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, precision, init, tol)
     ftol = _validate.positive("ftol", ftol)
     max_iter = _validate.positive_int("max_iter", max_iter)
+    if max_iter > 2**62:  # (the stages' iteration counts are int64: 2^63 raised OverflowError, 2^63 - 1 ran 0)
+        raise ValueError(f"max_iter must be <= 2**62 (iteration counts are int64), got {max_iter}")
     history = _validate.positive_int("history", history)
     tol_against_mass(tol, pb.min_mass)
     spb = _solved_as(pb)
