@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import math
@@ -644,10 +645,15 @@ def entry() -> NoReturn:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 1
-    except OSError as e:  # writing the output failed (a full disk: /dev/full)
+    except OSError as e:  # writing the output failed (a full disk: /dev/full); files read say so themselves
+        if e.errno not in _WRITE_ERRORS:
+            raise
         _say(f"error: cannot write the output: {e.strerror or e}")
         status = 1
     sys.exit(status)
+
+
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBADF}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
