@@ -912,9 +912,14 @@ def test_cli_md_sample_summaries_are_what_the_commands_print(capsys):
 
 
 # --------------------------------------------------------------------------- entry point
+def _env() -> dict:
+    """The environment of a subprocess that imports this checkout's otcore."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def _python_m(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "otcore", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "otcore", *args], capture_output=True, text=True, env=_env(),
+                          timeout=120)
 
 
 def test_python_m_help():
@@ -948,9 +953,8 @@ def test_main_in_process_leaves_warnings_to_the_caller():
             assert main(["solve", "--n", "30", "--max-iter", "1", "--json", "--device", "cpu"]) == 3
 
 
-def _python_c(code: str, stdin=None, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, **kw)
+def _python_c(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
 
 
 def test_the_program_without_a_stderr_keeps_its_json_and_its_status():
@@ -987,12 +991,11 @@ def test_output_the_reader_does_not_take_ends_without_a_traceback():
     if os.path.exists("/dev/full"):
         with open("/dev/full", "w") as full:
             p = subprocess.run([sys.executable, "-c", code, "solve", "--n", "20", "--device", "cpu"],
-                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
-                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, env=_env())
         assert p.returncode == 1 and p.stderr.startswith("error: cannot write the output"), p.stderr
         assert "Traceback" not in p.stderr
     proc = subprocess.Popen([sys.executable, "-c", code, "solve", "--n", "20", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     proc.stdout.close()  # the reader leaves before the summary
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1 and "Traceback" not in err, err

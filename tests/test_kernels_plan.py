@@ -484,6 +484,17 @@ def test_the_k_sparse_pass_checks_its_shapes():
             geom.ksparse_columns(torch.zeros(1, 20, device=DEVICE), 0.1, 21, 0, mass=mass, backend=backend)
 
 
+class _Recorded:
+    """A Triton kernel whose launches' grids are appended to ``grids``."""
+
+    def __init__(self, kernel, grids: list):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
 def test_grid_axis_1_past_its_limit_takes_several_launches(monkeypatch):
     """CUDA's grid axis 1 holds at most 65,535 programs: the dense plan's column tiles (a cost
     of 8 x 4,194,305 needed 65,537) and P V's value tiles are launched in chunks of at most
@@ -493,19 +504,9 @@ def test_grid_axis_1_past_its_limit_takes_several_launches(monkeypatch):
     geom, F, G = otcore.PointCloud(x, y), -0.2 * rand(B, 20, generator=g), -0.2 * rand(B, 300, generator=g)
     P = plan64(cost64(x, y, "sqeuclidean"), F, G, EPS)
     launches = []
-    dense, reduce = KP.plan_dense_kernel, KP.plan_reduce_kernel
-
-    class Recorded:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return self.kernel[grid]
-
     monkeypatch.setattr(KP, "GRID_Y_MAX", 2)
-    monkeypatch.setattr(KP, "plan_dense_kernel", Recorded(dense))
-    monkeypatch.setattr(KP, "plan_reduce_kernel", Recorded(reduce))
+    monkeypatch.setattr(KP, "plan_dense_kernel", _Recorded(KP.plan_dense_kernel, launches))
+    monkeypatch.setattr(KP, "plan_reduce_kernel", _Recorded(KP.plan_reduce_kernel, launches))
     assert relerr(geom.plan(F, G, EPS, backend="triton"), P) < 1e-5
     assert len(launches) > 1 and all(grid[1] <= 2 for grid in launches)
     del launches[:]
@@ -526,15 +527,8 @@ def test_a_split_pass_never_asks_for_more_slices_than_grid_axis_1_holds(monkeypa
 
     geom, C, F, G = problem(3)
     grids = []
-    kernel = KSM.softmin_kernel
-
-    class Recorded:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
     monkeypatch.setattr(KSM, "GRID_Y_MAX", 2)
-    monkeypatch.setattr(KSM, "softmin_kernel", Recorded())
+    monkeypatch.setattr(KSM, "softmin_kernel", _Recorded(KSM.softmin_kernel, grids))
     h = G.clone()
     h[torch.isinf(h)] = 0.0
     got = KSM.launch_softmin(triton_ops.operand(geom, 1, "fp32", EPS), h, EPS, splits=100)
