@@ -632,8 +632,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def entry() -> NoReturn:
     """The ``otcore`` program (console script and ``python -m otcore``): :func:`main` with
-    each warning printed as one ``warning: ...`` line (not Python's file and source line)."""
+    each warning printed as one ``warning: ...`` line (not Python's file and source line).
+    Output that cannot be written (standard output closed, a full disk) is an error, status 1."""
     warnings.showwarning = _show_warning
+    if sys.stdout is None:  # fd 1 closed (``>&-``): the summary has nowhere to go, so no solve runs for it
+        _say("error: cannot write the output: standard output is closed")  # (it had exited 0, silently)
+        sys.exit(1)
     try:
         status = main()
         if sys.stdout is not None:

@@ -1001,6 +1001,14 @@ def test_output_the_reader_does_not_take_ends_without_a_traceback():
     assert proc.wait(timeout=120) == 1 and "Traceback" not in err, err
 
 
+def test_a_closed_stdout_is_an_error_before_the_solve():
+    """fd 1 closed: the run solved, printed nowhere and exited 0."""
+    code = ("import os, sys; os.close(1); sys.stdout = None; sys.argv = ['otcore', 'solve', '--n', '20', "
+            "'--device', 'cpu']; from otcore import cli; cli.main = None; cli.entry()")  # (main must not run)
+    p = _python_c(code)
+    assert p.returncode == 1 and p.stderr == "error: cannot write the output: standard output is closed\n", p.stderr
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--eps", "0"], "error: --eps must be"), (["--max-iter", "0"], "error: --max-iter must be"),
     (["--eps-schedule", "5"], "error: --eps-schedule"), (["--tol", "-1"], "error: --tol must be"),

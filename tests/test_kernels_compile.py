@@ -163,6 +163,7 @@ SCRIPT = textwrap.dedent(
             assert [l for l in ttir if "arith.muli" in l and f"tensor<{const['BLOCK_R']}x1xi64>" in l], kernel
             assert not [l for l in ttir if "arith.muli" in l and f"tensor<{const['BLOCK_R']}x1xi32>" in l], kernel
         print(kernel.__name__, dtype, const, regs, stack, compiled.metadata.shared, "ok", flush=True)
+    print("cases", len(cases))
     """
 )
 
@@ -173,4 +174,6 @@ def test_kernels_compile_for_sm90():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, bench], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 81, proc.stdout
+    # every case compiled (the count from the script itself, not a number kept here in step with it)
+    n_cases = int(proc.stdout.rsplit("cases ", 1)[1])
+    assert n_cases >= 80 and proc.stdout.count(" ok") == n_cases, proc.stdout
