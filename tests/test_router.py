@@ -517,3 +517,26 @@ def test_a_loose_router_tol_warns_once_at_construction():
         warnings.simplefilter("ignore", otcore.ConvergenceWarning)
         for seed in range(3):
             router(torch.randn(64, 8, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_the_moe_example_trains_both_routers_and_the_ot_one_keeps_its_capacity():
+    """``examples/moe_router.py`` (docs/router.md's example; not run by the other tests): both
+    MoEs learn the task (far below predicting 0), and the OT router's busiest expert stays
+    within the capacity factor 1.25 of the mean load (balanced by construction), where the
+    softmax router's balance loss only discourages overload."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "moe_router.py"
+    spec = importlib.util.spec_from_file_location("moe_router_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    try:
+        rows = {r["router"]: r for r in example.main(["--steps", "60", "--tokens", "128"])}
+    finally:
+        torch.set_num_threads(threads)  # (the example pins one thread)
+    assert set(rows) == {"softmax-top1", "ot-capacity"}
+    for r in rows.values():
+        assert math.isfinite(r["test_mse"]) and r["test_mse"] < 0.25 * r["mse_of_zero"], r
+    assert rows["ot-capacity"]["max_load"] <= 1.25, rows
