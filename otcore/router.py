@@ -177,7 +177,7 @@ class SparseOTRouter(nn.Module):
     # model trains through it (traced, the loop broke the graph dozens of times)
     @torch.compiler.disable
     def forward(self, scores: torch.Tensor) -> RouterOutput:
-        _validate.tensor("scores", scores, (2, 3))
+        _validate.tensor("scores", scores, (2, 3), finite=False)  # (finite: through the cost's check below)
         if scores.shape[-1] != self.n_experts:
             raise ValueError(f"scores must have n_experts={self.n_experts} columns, got shape {tuple(scores.shape)}")
         batched = scores.dim() == 3
@@ -215,9 +215,10 @@ class SparseOTRouter(nn.Module):
         centred = (wide - cols) - (rows - rows.mean(-2, keepdim=True))
         try:
             cost = CostMatrix(-centred)
-        except ValueError as e:  # finite scores whose centring overflows (|s| ~ 2e38 in float32)
-            if "NaN or inf" not in str(e):
+        except ValueError as e:  # scores with NaN or inf, or finite ones whose centring overflows (|s| ~ 2e38
+            if "NaN or inf" not in str(e):  # in float32): which of the two, read only here (one read fewer a call)
                 raise
+            _validate.all_finite(("scores", scores))
             raise ValueError(f"scores overflow {_validate.dtype_name(dt)} when centred (largest |score| "
                              f"{float(wide.detach().abs().max()):.3g}): rescale them or pass float64 scores") from None
         cost._centred = True  # (CostMatrix._centred)

@@ -329,6 +329,16 @@ def test_scores_whose_centring_overflows_are_named():
         otcore.SparseOTRouter(4, backend="torch")(s)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_scores_with_nan_or_inf_are_named(bad, dtype):
+    """(Their finiteness is read through the cost's check; the scores are named, not C.)"""
+    s = torch.randn(20, 4).to(dtype)
+    s[3, 1] = bad
+    with pytest.raises(ValueError, match="^scores contains NaN or inf$"):
+        otcore.SparseOTRouter(4, backend="torch")(s)
+
+
 def test_a_capacity_of_one_token_per_expert_is_not_called_a_tie():
     """3 tokens over 5 experts, N(0, 1) scores (no two within 0.029): the relaxation's gap at
     a capacity of 1 missed 0.53 of the token mass, which the router blamed on tied scores."""
