@@ -725,12 +725,61 @@ def test_a_value_eps_cannot_resolve_is_not_converged():
 
 
 def test_an_overflow_from_too_few_iterations_at_eps_is_not_blamed_on_the_weights():
-    """max_iter used up by the eps stages: the warning said to normalise the (uniform) weights."""
+    """A plan that overflows after too few iterations: the warning said to normalise the
+    (uniform) weights. With tol=None (3 iterations at eps 1e-10, float32: a plan of mass
+    1.8e19) converged was True, with marginal_error inf (a review): the result's marginals and
+    cost must be finite too."""
+    g = torch.Generator().manual_seed(0)
+    geom = otcore.PointCloud(torch.rand(20, 2, generator=g), torch.rand(15, 2, generator=g))
+    for tol in (None, 1e-5):
+        with pytest.warns(ConvergenceWarning, match="too few iterations at eps"):
+            res = otcore.sinkhorn(geom, eps=1e-10, tol=tol, max_iter=3, **T)
+        assert res.converged is False and not math.isfinite(res.marginal_error)
+
+
+@pytest.mark.parametrize("tol", [None, 1e-5])
+def test_eps_stages_that_leave_no_iteration_at_eps_are_refused(tol):
+    """max_iter used up by the eps stages: with a tol the solve ran them and reported a residual
+    of 1e13 at an eps never iterated at (a review); a factor of 0.9999999 built its 57 million
+    stages (79 s) before a 50-iteration solve. Both are refused before any pass, as tol=None was."""
     g = torch.Generator().manual_seed(0)
     geom = otcore.PointCloud(torch.rand(200, 3, generator=g), torch.rand(200, 3, generator=g))
-    with pytest.warns(ConvergenceWarning, match="too few iterations at eps"):
-        res = otcore.sinkhorn(geom, eps=0.01, eps_schedule="geometric", max_iter=3, **T)
-    assert res.converged is False
+    with pytest.raises(ValueError, match=r"^max_iter=3 counts the eps-scaling stages, and eps_schedule gives 9 "):
+        otcore.sinkhorn(geom, eps=0.01, eps_schedule="geometric", max_iter=3, tol=tol, **T)
+    with pytest.raises(ValueError, match=r"^max_iter=50 counts .* gives 5[0-9]{7} stages"):
+        otcore.sinkhorn(geom, eps=0.01, eps_schedule=0.9999999, max_iter=50, tol=tol, **T)
+    with pytest.raises(ValueError, match=r"^max_iter=2 counts .* gives 2 stages"):
+        otcore.sinkhorn(geom, eps=0.01, eps_schedule=[1.0, 0.1], max_iter=2, tol=tol, **T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # (one iteration at eps: unconverged with a tol)
+        res = otcore.sinkhorn(geom, eps=0.01, eps_schedule="geometric", max_iter=10, tol=tol, **T)
+    assert res.info["eps_stages"][-1] == 0.02 and int(res.n_iter) == 10
+
+
+def test_eps_stages_from_a_discouraging_cost_leave_no_offset_in_float32():
+    """A pair discouraged by a cost of 1e8 (docs/conventions.md) starts the geometric stages at
+    1e8: they left f, g at -/+1.7e4, whose float32 rounding stalled the solve at a marginal error
+    of 0.22 (converged False, value 5% off), and in a batch the neighbour failed too, though each
+    converges without stages in 60-70 iterations (a review). The stages now end in a cold start's
+    gauge."""
+    g = torch.Generator().manual_seed(0)
+    C = torch.cdist(torch.rand(2, 40, 2, generator=g), torch.rand(2, 40, 2, generator=g)) ** 2
+    C[1, 0, :20] = 1e8
+    plain = otcore.sinkhorn(otcore.CostMatrix(C), eps=1e-2, **T)
+    assert bool(plain.converged.all())
+    for geom in (otcore.CostMatrix(C), otcore.CostMatrix(C[1])):
+        res = otcore.sinkhorn(geom, eps=1e-2, eps_schedule="geometric", **T)
+        assert res.info["eps_stages"][0] == 1e8 and bool(torch.as_tensor(res.converged).all())
+        torch.testing.assert_close(res.value, plain.value if geom.batched else plain.value[1], rtol=1e-5, atol=0)
+        assert float(res.f.abs().max()) < 10 and float(res.g.abs().max()) < 10
+
+
+def test_eps_stages_of_factors_beyond_the_float_range():
+    """eps 1e-200 and q 1e-170 (float64): eps / q**i raised ZeroDivisionError (q**2 underflows)."""
+    from otcore.solvers.sinkhorn import eps_stages
+
+    assert eps_stages(1e-170, lambda: 1e200, 1e-200) == pytest.approx([1e200, 1e140, 1e-30], rel=1e-12)
+    assert eps_stages(0.5, lambda: 3.0, 0.01) == [3.0, 2.56, 1.28, 0.64, 0.32, 0.16, 0.08, 0.04, 0.02]
 
 
 def test_eps_beyond_the_dtype_is_rejected():

@@ -83,23 +83,42 @@ def check_schedule(schedule: Schedule, eps: float, name: str = "eps_schedule", t
     raise TypeError(f"{name} must be None, {word!r}, a float or a sequence, got {type(schedule).__name__}")
 
 
-def eps_stages(schedule: Schedule, top: Callable[[], float], eps: float) -> list[float]:
+def eps_stages(schedule: Schedule, top: Callable[[], float], eps: float,
+               max_iter: Optional[int] = None) -> list[float]:
     """The eps values run (one iteration each) before the target ``eps``.
 
     ``None``: none. ``"geometric"``: from the cost's diameter ``top()`` down to ``eps`` by
     factors of 1/2 (the first value is the diameter). A float ``q`` in (0, 1): the same
-    with factor ``q``. A decreasing sequence of values > eps: those.
+    with factor ``q``. A decreasing sequence of values > eps: those. ``max_iter``, if given,
+    counts the stages: ``ValueError`` where they would leave no iteration at ``eps``
+    (checked before the list is built: a factor of 0.9999999 made 50 million stages for a
+    50-iteration solve, in 79 s, a review).
     """
     q = check_schedule(schedule, eps)
     if not isinstance(q, float):
+        _check_stage_count(len(q), eps, max_iter)
         return q  # None: no stages; a sequence: those
     diam = top()  # asked only here, where a schedule needs it: a pass over the geometry
     if not math.isfinite(diam):  # a cost range past the dtype (finite points 4e19 apart in float32):
         return []  # no stage to scale from; the solve at eps reports what it reaches (a review: OverflowError)
-    k = max(0, math.ceil(math.log(max(diam, eps) / eps) / math.log(1 / q)))
+    # in logarithms: diam / eps and q**i may leave the float range (eps 1e-200 and q 1e-170 had
+    # raised ZeroDivisionError from eps / q**i)
+    span, step = math.log(max(diam, eps)) - math.log(eps), -math.log(q)
+    k = max(0, math.ceil(span / step))
+    _check_stage_count(k, eps, max_iter)
     # the first stage is capped at the diameter: with a small q, eps / q**k can be far
     # above the cost's range, where the update rounds to a huge common offset of f and g
-    return [min(eps / q**i, diam) for i in range(k, 0, -1)]
+    def stage(i: int) -> float:  # eps / q**i (exact for q = 1/2), in logarithms where q**i underflows
+        return diam if i * step >= span else min(eps / q**i if q**i > 0 else math.exp(math.log(eps) + i * step), diam)
+
+    return [stage(i) for i in range(k, 0, -1)]
+
+
+def _check_stage_count(k: int, eps: float, max_iter: Optional[int]) -> None:
+    if max_iter is not None and k >= max_iter:  # the result would be read at an eps never iterated at
+        raise ValueError(f"max_iter={max_iter} counts the eps-scaling stages, and eps_schedule gives {k} stages "
+                         f"before eps={eps:g}, leaving no iteration at eps: give max_iter > {k} or a shorter "
+                         f"schedule")
 
 
 def sinkhorn(
@@ -135,17 +154,19 @@ def sinkhorn(
             marginals: distance to their optimal targets ``a exp(-f/rho)``) is <= tol.
             ``None``: run exactly ``max_iter`` iterations with no convergence test (no
             host synchronisation in the loop; e.g. SwAV's 3 iterations); ``converged``
-            then only says that the result is finite, and no warning is given for the
-            marginals, whose error ``marginal_error`` still reports.
+            then only says that the result (potentials, value, ``marginal_error``, cost) is
+            finite, and no warning is given for the marginals, whose error
+            ``marginal_error`` still reports.
         max_iter: iteration cap (eps-scaling stages count). Hitting it gives
             ``converged=False`` and a :class:`~otcore.result.ConvergenceWarning` (with a
-            ``tol``; with ``tol=None`` it must exceed the number of stages). A problem also
+            ``tol``). It must exceed the number of stages (``ValueError``). A problem also
             stops, unconverged, when its residual has not fallen 1% for :data:`STALL_STOP`
             tests within 4x its rounding estimate (a ``tol`` the dtype cannot reach).
         rho: None (balanced), a number (KL penalty on both marginals), or
             ``(rho_a, rho_b)`` with None for an exact side.
         eps_schedule: eps scaling (see :func:`eps_stages`): None, ``"geometric"``,
-            a decay factor, or explicit values; one iteration per stage.
+            a decay factor, or explicit values; one iteration per stage. A batch runs one
+            list of stages, from its largest cost diameter.
         init: warm start ``(f, g)``, e.g. ``(res.f, res.g)`` of a nearby problem.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
         precision: ``"fp32"`` (float32-faithful) or ``"tf32"`` (faster kernels; ~1e-2 relative
@@ -185,16 +206,12 @@ def sinkhorn(
     balanced = pb.rho_a is None and pb.rho_b is None and not pb.symmetric
     f, g = check_init(init, geom, gauge=(pb.A, pb.Bw) if balanced else None)
     if init is None:
-        stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps)
+        stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps, max_iter)
         for stage in stages:  # the diameter's or the given values: each must fit the dtype as eps does
             _validate.magnitude_fits("eps_schedule", stage, geom.dtype, "rescale the cost")
     else:  # a warm start skips the eps stages (as in sinkhorn_newton): a stage at the diameter's
         check_schedule(eps_schedule, pb.eps)  # eps would throw a nearby problem's potentials away
         stages = []
-    if tol is None and len(stages) >= max_iter:  # the result would be read at an eps never iterated at
-        raise ValueError(f"tol=None runs max_iter={max_iter} iterations in all, eps-scaling stages included, and "
-                         f"eps_schedule gives {len(stages)} stages before eps={pb.eps:g}: give max_iter > "
-                         f"{len(stages)} or a shorter schedule")
     tol_against_mass(tol, pb.min_mass)
     progress = Progress(verbose, "sinkhorn", measure="marginal error" if pb.rho_a is None and pb.rho_b is None
                         else "residual")  # unbalanced: the distance to the optimality conditions
@@ -207,6 +224,20 @@ def sinkhorn(
         if relax is not None:  # the factors in use at the end, per problem
             info["overrelax"] = relax.omega if geom.batched else float(relax.w[0])
         return entropic_result(pb, f, g, n_iter, passed, tol, "sinkhorn", info, stalled)
+
+
+def _cold_gauge(pb: Problem, f, g, active):
+    """Balanced potentials after the eps stages moved to ``<b, g> = 0``, the gauge of a cold
+    start at the target eps (``g`` from ``f = softmin(C)``: a cost offset stays in ``f``,
+    where it rounds least, sinkhorn_newton's warm-up notes). The stages' updates drift
+    along the free direction ``(f + c, g - c)``: from a first stage at 1e8 (a pair
+    discouraged by a cost of 1e8, float32) they left ``f, g`` at -/+1.7e4, whose rounding
+    (2e-3 = 0.2 eps at eps 0.01) stalled the solve at a marginal error of 0.22 where none
+    converged in 70 iterations (a review)."""
+    w = pb.Bw.to(g.dtype)
+    c = torch.where(w > 0, w * g, 0.0).sum(-1) / w.sum(-1)
+    c = torch.where(active, c, 0.0)[:, None]
+    return f + c, g - c
 
 
 @torch.no_grad()
@@ -258,6 +289,8 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         progress.update(it, None, e, f"eps stage {i + 1}/{len(stages)}")
     if it:  # one iteration per stage, for every problem (active does not change during them)
         n_iter += active * it
+        if pb.rho_a is None and pb.rho_b is None and not pb.symmetric:
+            f, g = _cold_gauge(pb, f, g, active)
 
     if tol is None:  # a fixed number of iterations, in blocks of check_every (progress lines between them)
         def unchecked_block(f, g, active, k: int):

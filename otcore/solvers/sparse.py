@@ -139,10 +139,13 @@ class _Problem:
 def _check_init(init, pb: _Problem) -> torch.Tensor:
     """Starting point from ``init = (alpha, beta)`` (zeros if None), in line coordinates.
     ``(alpha + c, beta - c)`` is the same dual point (both objectives are invariant, the
-    masses being equal): a warm start is solved from ``<a, alpha> / m(a) = <b, beta> / m(b)``
-    and its ``c`` recorded in ``pb.gauge`` (the returned duals get it back). Carried into the
-    solve, a large ``c`` cost float32 its digits: ``c = 1e8`` returned a uniform plan with
-    ``grad_norm`` 0 and a wrong value, ``converged=True``."""
+    masses being equal): a warm start of the dual is solved from ``<a, alpha> / m(a) = <b,
+    beta> / m(b)``, one of the semi-dual from its positions' duals at weighted mean 0 (the
+    other side does not enter it and is not read), and the ``c`` is recorded in ``pb.gauge``
+    (the returned duals get it back). Carried into the solve, a large ``c`` cost float32 its
+    digits: ``c = 1e8`` returned a uniform plan with ``grad_norm`` 0 and a wrong value,
+    ``converged=True``; so did a semi-dual start whose ignored ``beta`` was -1e8, when both
+    sides were centred together (a review)."""
     names = ("alpha", "beta")
     start = init_pair(init, pb.geom, names)  # float64: the shifts below cost no digits
     if start is None:
@@ -154,10 +157,18 @@ def _check_init(init, pb: _Problem) -> torch.Tensor:
                 alpha = alpha - pb.shift.double()[:, None]
             else:
                 beta = beta - pb.shift.double()[:, None]
-        A, Bw = (pb.wp, pb.wl) if pb.axis == 0 else (pb.wl, pb.wp)
-        centred, _ = balanced_gauge(alpha, beta, A, Bw)
-        gauge = (alpha - centred).mean(-1)  # the c of alpha = centred + c (one number per problem)
-        alpha, beta = init_in_dtype(centred, beta + gauge[:, None], tops, pb.geom, names)
+        if pb.semi:  # the positions' duals alone, at weighted mean 0; the lines' are solved for
+            hp = alpha if pb.axis == 0 else beta
+            w = pb.wp.double()
+            c = torch.where(w > 0, w * hp, 0.0).sum(-1) / w.sum(-1)
+            hp, unused = hp - c[:, None], torch.zeros_like(beta if pb.axis == 0 else alpha)
+            (alpha, beta), gauge = ((hp, unused), c) if pb.axis == 0 else ((unused, hp), -c)
+        else:
+            A, Bw = (pb.wp, pb.wl) if pb.axis == 0 else (pb.wl, pb.wp)
+            centred, _ = balanced_gauge(alpha, beta, A, Bw)
+            gauge = (alpha - centred).mean(-1)  # the c of alpha = centred + c (one number per problem)
+            alpha, beta = centred, beta + gauge[:, None]
+        alpha, beta = init_in_dtype(alpha, beta, tops, pb.geom, names)
         pb.gauge = gauge.to(alpha.dtype)
     hp, hl = (alpha, beta) if pb.axis == 0 else (beta, alpha)
     return hp if pb.semi else torch.cat([hp, hl], 1)
