@@ -76,18 +76,21 @@ def _schur_init_rows(V, I, DA, RA, IA, INV_B, XA, WA, WB, n, m, i0, S: tl.conste
     """Rows ``i0 .. i0 + BLOCK_R`` of the solve's start: the preconditioner ``pre = 1 / (d_a -
     sum_k v^2 ib_j)`` (the Schur complement's diagonal, floored at 64 rounding units of
     ``|d_a|`` as :func:`otcore.reference_sparse.floor_factor`; 0 where ``ia`` leaves the row out
-    or it is not positive), the reduced right-hand side as the residual ``r = r_a - S u``
+    or its inverse is not finite), the reduced right-hand side as the residual ``r = r_a - S u``
     (``u = ib r_b`` in ``WB``), ``p = pre r``, ``x_a = 0``. ``WA`` holds ``r, p, q, pre`` at
     offsets 0, n, 2n, 3n. Returns the rows' ``r pre r`` (BLOCK_R,)."""
     if WA.dtype.element_ty == tl.float64:
         FLOOR: tl.constexpr = 1.4210854715202004e-14  # 64 * 2^-52
+        LEAST: tl.constexpr = 5.562684646268003e-309  # 1 / the largest float64: 1 / k finite above it
     else:
         FLOOR: tl.constexpr = 7.62939453125e-06  # 64 * 2^-23
+        LEAST: tl.constexpr = 2.938735877055719e-39  # 1 / the largest float32
     rows, rm, v, j, on = _ell_rows(V, I, i0, n, m, S, S_PAD, BLOCK_R)
     da = tl.load(DA + rows, mask=rm, other=0.0)
     k = da - tl.sum(v * v * tl.load(INV_B + j, mask=on, other=0.0), axis=1)
     k = tl.where(k < FLOOR * tl.abs(da), FLOOR * tl.abs(da), k)  # (NaN stays NaN, as in the twin)
-    pre = tl.where((tl.load(IA + rows, mask=rm, other=0.0) != 0) & (k > 0), 1 / tl.where(k > 0, k, 1.0), 0.0)
+    ok = (tl.load(IA + rows, mask=rm, other=0.0) != 0) & (k >= LEAST)  # (a subnormal k: left out, as the twin)
+    pre = tl.where(ok, 1 / tl.where(ok, k, 1.0), 0.0)
     r = tl.load(RA + rows, mask=rm, other=0.0) - tl.sum(v * tl.load(WB + j, mask=on, other=0.0), axis=1)
     tl.store(XA + rows, tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty), mask=rm)
     tl.store(WA + rows, r, mask=rm)

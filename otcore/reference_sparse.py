@@ -119,11 +119,15 @@ def schur_preconditioner(da: torch.Tensor, sq: torch.Tensor, ia: torch.Tensor) -
     The complement's diagonal is ``>= lam r_i`` for a damped Newton system (``d_a`` the row
     sums of ``S`` and more, times ``1 + lam``); it is floored at :func:`floor_factor`
     ``|d_a|``: as a difference of near-equal terms it can round to 0 or below. (A NaN stays
-    NaN and gets 0, as in the kernel.)"""
+    NaN and gets 0, as in the kernel.) A ``k`` whose inverse the dtype cannot hold (a row of
+    subnormal mass: a weight of 1e-310 in float64) gets 0 too, the row left out of the step:
+    its inf had made ``<r, pre r>`` inf, and the whole problem's Newton step 0 (100 steps
+    unconverged where exact zeros converged in 21, a review)."""
     k = da - sq
     floor = floor_factor(da.dtype) * da.abs()
     k = torch.where(k < floor, floor, k)
-    return torch.where((ia != 0) & (k > 0), 1 / torch.where(k > 0, k, 1.0), 0.0)
+    ok = (ia != 0) & (k >= 1 / torch.finfo(k.dtype).max)  # (k > 0 and 1 / k finite)
+    return torch.where(ok, 1 / torch.where(ok, k, 1.0), 0.0)
 
 
 def ell_to_csr(vals: torch.Tensor, idx: torch.Tensor, m: int, transpose: bool = False) -> torch.Tensor:

@@ -169,6 +169,28 @@ def test_left_out_rows_columns_and_empty_columns():
     assert rel(ka, xa) <= 1e-7 and rel(kb, xb) <= 1e-7 and rel(ka, ta) <= 1e-10
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_row_whose_diagonal_the_dtype_cannot_invert_is_left_out_on_both_backends(dtype):
+    """A row of subnormal mass (a weight of 1e-310 in float64): its preconditioner 1 / k had
+    been inf, <r, pre r> inf, and CG returned x = 0 for the whole problem (a review). Now that
+    row gets 0, as a zero weight's, and the others solve as without it."""
+    geom, vals, idx, diag, rhs, inv = system(1, 21, 26, 3, dtype=dtype, dead=True)
+    tiny = torch.finfo(dtype).tiny / 64  # subnormal: 1 / tiny overflows
+    vals = torch.where((torch.arange(21, device=DEVICE) == 2)[None, :, None], 0.0, vals)
+    da = diag[0].clone()
+    da[:, 2] = tiny
+    ia = inv[0].clone()
+    ia[:, 2] = 1.0  # (kept in the system: only its inverse's finiteness leaves it out)
+    active = torch.ones(1, dtype=torch.bool, device=DEVICE)
+    ((ka, kb), _), ((ta, tb), _) = both(geom, vals, idx, (da, diag[1]), rhs, (ia, inv[1]), TOL[dtype] / 100, 500,
+                                        active)
+    xa, xb = dense_solve(geom, vals, idx, diag, rhs)  # (row 2 left out: its diagonal 0 there)
+    for a, b in ((ka, kb), (ta, tb)):
+        assert torch.isfinite(a).all() and float(a[:, 2].abs().max()) == 0.0
+        keep = torch.arange(21, device=DEVICE) != 2
+        assert rel(a[:, keep], xa[:, keep]) <= 100 * TOL[dtype] and rel(b, xb) <= 100 * TOL[dtype]
+
+
 def test_inactive_problems_and_a_zero_right_hand_side_run_no_iteration():
     geom, vals, idx, diag, rhs, inv = system(3, 19, 22, 4)
     rhs = (rhs[0].clone(), rhs[1].clone())

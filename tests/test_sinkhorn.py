@@ -1021,14 +1021,29 @@ def test_a_tol_below_the_marginals_rounding_is_named_in_the_warning():
     x = torch.rand(9, 2, generator=g, dtype=torch.float64)
     y = torch.rand(11, 2, generator=g, dtype=torch.float64) + 0.2
     a, b = torch.rand(9, generator=g, dtype=torch.float64) * 9, torch.rand(11, generator=g, dtype=torch.float64)
-    # the solve stops where the residual stopped falling, near that rounding (STALL_STOP): plain
-    # iterations get there after ~15,000, over-relaxed ones after ~2,400 (which ran all 100,000
-    # before that rule)
-    for overrelax, most in ((False, 16_000), ("auto", 3_000)):
+    # the solve stops where the residual stopped falling, near that rounding (STALL_STOP, once the
+    # stall is a third of the tests): plain iterations get there after ~15,000, over-relaxed ones
+    # after ~3,400 (which ran all 100,000 before that rule; 2,400 with a stall of 10 tests alone)
+    for overrelax, most in ((False, 16_000), ("auto", 4_000)):
         with pytest.warns(ConvergenceWarning, match=r"rounding at eps=0.01 in float64 .*larger tol"):
             res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.01, rho=10.0, tol=1e-12, max_iter=100_000,
                                   overrelax=overrelax)
         assert not res.converged and res.info["residual"] < 1e-11 and res.n_iter < most
+
+
+def test_a_slow_float32_convergence_near_its_floor_is_not_stopped_as_a_stall():
+    """float32, eps = 1e-3, tol = 3e-6: the residual falls by ~2% per 100 iterations near 4e-5,
+    under its readings' noise; 10 tests without a 1% fall stopped it there (1,271 iterations,
+    converged False, "near the marginals' rounding"), though it meets tol after 12,250 (the
+    plan's marginals checked in float64: 7e-6; a review). The stall must now also be a third
+    of the tests so far."""
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.rand(40, 2, generator=g), torch.rand(40, 2, generator=g)
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=1e-3, tol=3e-6, max_iter=30_000, **T)
+    assert res.converged and 5_000 < res.n_iter < 30_000
+    C = torch.cdist(x.double(), y.double()) ** 2
+    P = torch.exp((res.f.double()[:, None] + res.g.double()[None, :] - C) / 1e-3) / 1600
+    assert float((P.sum(1) - 1 / 40).abs().sum() + (P.sum(0) - 1 / 40).abs().sum()) < 3e-5
 
 
 def test_progress_line_reads_the_residual_only_when_it_prints(monkeypatch, capsys):

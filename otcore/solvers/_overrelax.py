@@ -173,15 +173,18 @@ class Overrelaxation:
 
 class Progressing:
     """Per problem, the tests since its residual last fell by 1% below the best read so far
-    (``stale``, host (B,)); a NaN residual (a problem that stopped) counts no test."""
+    (``stale``, host (B,)), and the tests in all (``tests``); a NaN residual (a problem that
+    stopped) counts no test."""
 
     def __init__(self, batch: int):
         self.best = np.full(batch, np.inf)
         self.stale = np.zeros(batch, dtype=np.int64)
+        self.tests = np.zeros(batch, dtype=np.int64)
 
     def update(self, resid: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore"):
             fell = resid < 0.99 * self.best
         self.best = np.where(fell, resid, self.best)
         self.stale = np.where(fell, 0, self.stale + np.isfinite(resid))
+        self.tests += np.isfinite(resid)
         return self.stale

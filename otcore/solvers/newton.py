@@ -263,6 +263,14 @@ def _dot(u: tuple[torch.Tensor, torch.Tensor], v: tuple[torch.Tensor, torch.Tens
     return (u[0] * v[0]).sum(-1) + (u[1] * v[1]).sum(-1)
 
 
+def _dead_lines(pb: Problem, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: some point whose weight the dtype can invert receives a plan mass it cannot
+    (``r_i < 1 / max``: underflowed to a subnormal or 0). The Newton system leaves such a
+    point out (:meth:`_Solve._direction`), so no Newton step moves it."""
+    least = 1 / torch.finfo(r.dtype).max
+    return ((r < least) & (pb.A >= least)).any(-1) | ((c < least) & (pb.Bw >= least)).any(-1)
+
+
 class _Solve:
     """Mutable state of one SNS run (batched potentials, per-problem counters)."""
 
@@ -347,7 +355,7 @@ class _Solve:
         fallback_time = self.times["fallback"]
         r, c, err = self._marginals(self.f, self.g)
         self.ls_evals += 1
-        err, pot = self._read_state(err)
+        err, pot, dead = self._read_state(err, _dead_lines(pb, r, c))
         mass = pb.mass_a + pb.mass_b
         # a start whose plan overflows or carries over 3x the mass (err > 2 (m(a) + m(b))), e.g.
         # a warm start from a larger eps: Sinkhorn steps scale the plan to the marginals in one
@@ -357,6 +365,13 @@ class _Solve:
         far = ~np.isfinite(err) | (err > 2 * mass)
         if far.any():
             r, c, err, pot = self._fallback(fallback_iter, tol, far, r, c, err, pot)
+        # a start where a point of weight receives no mass the dtype can invert (its row of the plan
+        # underflowed): Newton leaves it out of its system, as a zero weight, and cannot move it;
+        # one Sinkhorn iteration restores it (a review: a warm start after one point moved ran 10
+        # Newton steps and 10 fallback iterations, against 3 steps cold)
+        dead = ~far & (dead > 0)
+        if dead.any():
+            r, c, err, pot = self._fallback(1, tol, dead, r, c, err, pot)
         s = sparsity if sparsity is not None else min(geom.m, 8)
         s_max = geom.m if sparsity is not None else max(s, min(geom.m, MAX_ELL_ENTRIES // (geom.batch * geom.n)))
         B = geom.batch
@@ -410,11 +425,12 @@ class _Solve:
         _sync(geom.device)
         self.times["newton"] += time.perf_counter() - t0 - (self.times["fallback"] - fallback_time)
 
-    def _read_state(self, err):
+    def _read_state(self, err, *more):
         """Host copies of the marginal error (B,) and of ``max |f|, |g|`` over the points
-        with weight (:func:`~otcore.solvers._entropic.marginal_floor`'s potential): one transfer."""
-        st = _host.to_host(err, live_potential(self.pb, self.f, self.g))
-        return st[0], st[1]
+        with weight (:func:`~otcore.solvers._entropic.marginal_floor`'s potential), and of
+        ``more`` (B,) rows: one transfer."""
+        st = _host.to_host(err, live_potential(self.pb, self.f, self.g), *more)
+        return st[0], st[1], *st[2:]
 
     def _fallback(self, n_iter, tol, which, r, c, err, pot):
         """Sinkhorn iterations for the problems in ``which`` (host mask); their new ``(r, c,
@@ -476,10 +492,17 @@ class _Solve:
         # taken along D (1, -1) = (r, -c), so each point's share follows its mass and the
         # preconditioned step it causes is the null direction itself; a uniform shift t (~1e-18 of
         # rounding in float64), divided by a point's r_i ~ 1e-20, moved its potential by 1e10
-        live_a, live_b = r > 0, c > 0
+        # a row or column whose plan mass is too small for its inverse (subnormal: a weight of
+        # 1e-310 in float64) is left out of the system as a zero weight is (1 / r had been inf,
+        # CG's <r, pre r> inf, and the whole problem's step 0: 100 steps unconverged, a review)
+        least = 1 / torch.finfo(r.dtype).max
+        live_a, live_b = r >= least, c >= least
         mass = (r.sum(-1) + c.sum(-1)).clamp(min=torch.finfo(r.dtype).tiny)
         t = (((ga * live_a).sum(-1) - (gb * live_b).sum(-1)) / mass)[:, None]
-        rhs = (eps * torch.where(live_a, ga - t * r, 0.0), eps * torch.where(live_b, gb + t * c, 0.0))
+        # solved for d / eps (the system is linear), scaled after: CG's <r, pre r> grows as the
+        # right-hand side squared, and eps * grad overflowed it from eps ~ 1e154 in float64 (a
+        # problem scaled by 1e200 ran 96 Newton steps and 930 fallback iterations, a review)
+        rhs = (torch.where(live_a, ga - t * r, 0.0), torch.where(live_b, gb + t * c, 0.0))
         # the diagonal at least the kept entries' sums (it is in exact arithmetic: S holds part of
         # P): r, c and S come from separate passes, and in float32 c fell below S's column sums by
         # up to 1e-5 relative, leaving 6 of 14 Newton systems of a 24 x 24 problem indefinite (CG
@@ -491,7 +514,7 @@ class _Solve:
 
         (da, db), its = geom.ell_pcg(vals, idx, (dr, dc), rhs, inv, rtol, cg_max_iter, active, **kw)
         self.cg_its = self.cg_its + its.max()  # on the device: read once, at the end
-        return da, db
+        return eps * da, eps * db
 
     def _line_search(self, df, dg, r, c, err, pot, active, max_halvings: int = 12, c1: float = 1e-4):
         """Backtracking on ``alpha`` in {1, 1/2, ...}; moves ``self.f``, ``self.g``.
