@@ -241,7 +241,7 @@ def _cold_gauge(pb: Problem, f, g, active):
     rounding (2e-3 = 0.2 eps at eps 0.01) stalled the solve at a marginal error of 0.22
     where none converged in 70 iterations; from 1e30 (float64) at -/+1.2e28 (reviews).
     Moved once after the stages, the 1e30 case still kept 1e12: the drift of the large
-    stages had rounded away the small ones' digits, hence after each."""
+    stages had rounded away the small ones' digits, hence after each large one too."""
     w = pb.Bw.to(g.dtype)
     c = torch.where(w > 0, w * g, 0.0).sum(-1) / w.sum(-1)
     c = torch.where(active, c, 0.0)[:, None]
@@ -292,9 +292,13 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
 
     it = 0
     gauged = pb.rho_a is None and pb.rho_b is None and not pb.symmetric
+    # the drift of a stage is about its eps: re-gauged after those large enough to cost the target's
+    # digits (eps / (1024 u); none in a loss's usual schedule, from a diameter of a few units) and
+    # after the last (the drift left, up to twice that bound, would stay in the result's rounding)
+    large, last = pb.eps / (1024 * torch.finfo(f.dtype).eps), min(len(stages), max_iter) - 1
     for i, e in enumerate(stages[:max_iter]):
         f, g = steps(f, g, e, 1, active)
-        if gauged:  # after each stage: the drift is the potentials' size at that stage's eps
+        if gauged and (e > large or i == last):
             f, g = _cold_gauge(pb, f, g, active)
         it += 1
         progress.update(it, None, e, f"eps stage {i + 1}/{len(stages)}")
