@@ -202,14 +202,17 @@ def balanced_gauge(f: torch.Tensor, g: torch.Tensor, a=None, b=None) -> tuple[to
     with weight; uniform where ``a`` or ``b`` is None). A warm start carrying a large ``c``
     costs float32 its digits: shifted by 3 at eps = 0.01, a start at the optimum ran 1000
     iterations unconverged."""
-    def mean(p, w):
-        if w is None:
-            return p.mean(-1)
-        w = w.to(p.dtype).expand_as(p)
-        return torch.where(w > 0, w * p, 0.0).sum(-1) / w.sum(-1)
-
-    c = 0.5 * (mean(f, a) - mean(g, b))
+    c = 0.5 * (weighted_mean(f, a) - weighted_mean(g, b))
     return f - c[..., None], g + c[..., None]
+
+
+def weighted_mean(p: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
+    """``<w, p> / m(w)`` over the last dimension, over the points with weight (a zero weight's
+    entry, even non-finite, plays no part); the plain mean where ``w`` is None."""
+    if w is None:
+        return p.mean(-1)
+    w = w.to(p.dtype).expand_as(p)
+    return torch.where(w > 0, w * p, 0.0).sum(-1) / w.sum(-1)
 
 
 def finite_abs_max(t: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from .._progress import Progress
 from ..result import OTResult
 from ..reference import damping as _tau, scaled
 from ._entropic import (Problem, check_init, entropic_result, make_problem, residual_floor,
-                        settle_zero_weights, tol_against_mass)
+                        settle_zero_weights, tol_against_mass, weighted_mean)
 from ._graph import graphed
 from . import _host
 from ._overrelax import Overrelaxation, Progressing, check_overrelax, for_problem as relaxation
@@ -242,9 +242,7 @@ def _cold_gauge(pb: Problem, f, g, active):
     where none converged in 70 iterations; from 1e30 (float64) at -/+1.2e28 (reviews).
     Moved once after the stages, the 1e30 case still kept 1e12: the drift of the large
     stages had rounded away the small ones' digits, hence after each large one too."""
-    w = pb.Bw.to(g.dtype)
-    c = torch.where(w > 0, w * g, 0.0).sum(-1) / w.sum(-1)
-    c = torch.where(active, c, 0.0)[:, None]
+    c = torch.where(active, weighted_mean(g, pb.Bw), 0.0)[:, None]
     return f + c, g - c
 
 

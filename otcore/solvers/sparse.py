@@ -49,7 +49,8 @@ import torch
 from .. import _dispatch, _validate
 from .._progress import Progress
 from . import _host
-from ._entropic import balanced_gauge, check_init, finite_abs_max, init_in_dtype, init_pair, padded, tol_against_mass
+from ._entropic import (balanced_gauge, check_init, finite_abs_max, init_in_dtype, init_pair, padded,
+                        tol_against_mass, weighted_mean)
 from ._lbfgs import _where, lbfgs
 from ._qot_newton import (DIRECT_MAX, LAM_STAGE, LAM_START, newton, semi_dual_hessian_cg,
                           semi_dual_hessian_solve)
@@ -159,8 +160,7 @@ def _check_init(init, pb: _Problem) -> torch.Tensor:
                 beta = beta - pb.shift.double()[:, None]
         if pb.semi:  # the positions' duals alone, at weighted mean 0; the lines' are solved for
             hp = alpha if pb.axis == 0 else beta
-            w = pb.wp.double()
-            c = torch.where(w > 0, w * hp, 0.0).sum(-1) / w.sum(-1)
+            c = weighted_mean(hp, pb.wp)
             hp, unused = hp - c[:, None], torch.zeros_like(beta if pb.axis == 0 else alpha)
             (alpha, beta), gauge = ((hp, unused), c) if pb.axis == 0 else ((unused, hp), -c)
         else:
