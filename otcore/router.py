@@ -291,9 +291,9 @@ class SparseOTRouter(nn.Module):
         on 64 x 8 ones: docs/router.md) that plan *is* the capacity problem's optimum, and
         the capacity solve from these duals stops at its first test (4096 x 8, float32: 2
         Newton steps and 0, against 19 L-BFGS iterations from zero; a call's forward and
-        backward 611 tensor operations against 2,618, ``bench/router_op_count.py``,
+        backward 597 tensor operations against 2,617, ``bench/router_op_count.py``,
         2026-12-03); where it binds, the capacity solve still starts near its optimum
-        (4096 x 64: 3 + 33 iterations against 44).
+        (4096 x 64: 3 + 35 iterations against 44).
 
         Only where the capacity leaves spare slots, ``capacity >= n_tokens / E + 1``: with
         none (``capacity_factor=1``, every slot needed: an assignment-like optimum, far
