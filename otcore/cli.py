@@ -121,10 +121,14 @@ def _image_format(path: str) -> Optional[str]:
 def _as_flag(message: str, names) -> str:
     """A solver's message names its keyword argument (``max_iter must be ...``); the user
     of the command line typed a flag, so a message that starts with one of ``names`` names
-    the flag instead (``--max-iter must be ...``)."""
+    the flag instead (``--max-iter must be ...``), and so do the compound ones of ``names``
+    elsewhere in it (``give max_iter > 9`` -> ``give --max-iter > 9``; a plain word such as
+    ``eps`` is the quantity there, as in ``at eps=0.01``)."""
     first = re.match(r"\w+", message)
     if first and first.group(0) in names:
-        return "--" + first.group(0).replace("_", "-") + message[first.end():]
+        message = "--" + first.group(0).replace("_", "-") + message[first.end():]
+    for name in (n for n in names if "_" in n):
+        message = re.sub(rf"(?<![-\w]){name}\b", "--" + name.replace("_", "-"), message)
     return message
 
 

@@ -1128,3 +1128,13 @@ def test_progress_line_leaves_out_unknown_fields(capsys):
     q.close()
     q.close()  # one newline, however often closed
     assert capsys.readouterr().err == "\n"
+
+
+def test_a_schedule_longer_than_max_iter_names_the_flags():
+    """The solver's message names max_iter and eps_schedule; the command line's user typed
+    --max-iter and --eps-schedule (only a message's first word had been turned into its flag)."""
+    msg = _exit_message(["solve", "--n", "50", "--device", "cpu", "--eps", "0.01", "--eps-schedule", "geometric",
+                         "--max-iter", "3"])
+    assert msg.startswith("error: --max-iter=3 counts the eps-scaling stages, and --eps-schedule gives "), msg
+    assert "give --max-iter > " in msg and "max_iter" not in msg and "eps_schedule" not in msg, msg
+    assert "before eps=0.01" in msg  # (a plain word, the quantity, is left as it is)
