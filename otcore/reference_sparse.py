@@ -113,6 +113,12 @@ def floor_factor(dtype: torch.dtype) -> float:
     return 64 * torch.finfo(dtype).eps
 
 
+def least_invertible(dtype: torch.dtype) -> float:
+    """``1 / max``: the smallest positive number whose inverse the dtype holds (a subnormal's
+    overflows to inf)."""
+    return 1 / torch.finfo(dtype).max
+
+
 def schur_preconditioner(da: torch.Tensor, sq: torch.Tensor, ia: torch.Tensor) -> torch.Tensor:
     """``1 / (d_a - sq)``, the Schur complement's Jacobi preconditioner (``sq`` (B, n) the
     rows' ``sum_k S_ik^2 / d_b``), 0 where ``ia`` leaves an entry out or it is not positive.
@@ -126,7 +132,7 @@ def schur_preconditioner(da: torch.Tensor, sq: torch.Tensor, ia: torch.Tensor) -
     k = da - sq
     floor = floor_factor(da.dtype) * da.abs()
     k = torch.where(k < floor, floor, k)
-    ok = (ia != 0) & (k >= 1 / torch.finfo(k.dtype).max)  # (k > 0 and 1 / k finite)
+    ok = (ia != 0) & (k >= least_invertible(k.dtype))  # (k > 0 and 1 / k finite)
     return torch.where(ok, 1 / torch.where(ok, k, 1.0), 0.0)
 
 

@@ -55,6 +55,7 @@ import torch
 from .. import _validate
 from .._progress import Progress
 from ..reference_ksparse import cross_sum
+from ..reference_sparse import least_invertible
 from ..result import OTResult
 from . import _host
 from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, finite_abs_max, live_potential,
@@ -267,7 +268,7 @@ def _dead_lines(pb: Problem, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """(B,) bool: some point whose weight the dtype can invert receives a plan mass it cannot
     (``r_i < 1 / max``: underflowed to a subnormal or 0). The Newton system leaves such a
     point out (:meth:`_Solve._direction`), so no Newton step moves it."""
-    least = 1 / torch.finfo(r.dtype).max
+    least = least_invertible(r.dtype)
     return ((r < least) & (pb.A >= least)).any(-1) | ((c < least) & (pb.Bw >= least)).any(-1)
 
 
@@ -495,7 +496,7 @@ class _Solve:
         # a row or column whose plan mass is too small for its inverse (subnormal: a weight of
         # 1e-310 in float64) is left out of the system as a zero weight is (1 / r had been inf,
         # CG's <r, pre r> inf, and the whole problem's step 0: 100 steps unconverged, a review)
-        least = 1 / torch.finfo(r.dtype).max
+        least = least_invertible(r.dtype)
         live_a, live_b = r >= least, c >= least
         mass = (r.sum(-1) + c.sum(-1)).clamp(min=torch.finfo(r.dtype).tiny)
         t = (((ga * live_a).sum(-1) - (gb * live_b).sum(-1)) / mass)[:, None]
@@ -509,8 +510,7 @@ class _Solve:
         # then ran to its cap, or returned a residual above the right-hand side's)
         dr = torch.maximum(r, vals.sum(2)) * (1 + lam)
         dc = torch.maximum(c, cross_sum(vals, idx, c.shape[1])) * (1 + lam)
-        inv = (torch.where(live_a, 1 / dr.clamp(min=torch.finfo(r.dtype).tiny), 0.0),
-               torch.where(live_b, 1 / dc.clamp(min=torch.finfo(c.dtype).tiny), 0.0))
+        inv = (torch.where(live_a, 1 / dr, 0.0), torch.where(live_b, 1 / dc, 0.0))  # (live: dr >= r >= least)
 
         (da, db), its = geom.ell_pcg(vals, idx, (dr, dc), rhs, inv, rtol, cg_max_iter, active, **kw)
         self.cg_its = self.cg_its + its.max()  # on the device: read once, at the end
