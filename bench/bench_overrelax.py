@@ -27,7 +27,13 @@ import otcore
 
 
 def timed(fn, device):
+    """``(fn(), seconds)`` of a second call on CUDA: the first compiles the Triton kernels it
+    is the first to use (1-2 s each, against tens of ms a solve), which had been timed in
+    the plain solves alone and inflated the speed-up (a review)."""
     if device.type == "cuda":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", otcore.ConvergenceWarning)
+            fn()
         torch.cuda.synchronize(device)
     t = time.perf_counter()
     out = fn()

@@ -204,8 +204,14 @@ def ours_solve(C: torch.Tensor, k: int, gamma: float, backend: str, target: floa
         _sync(device)
         full = time.perf_counter() - t0
     pb, theta0, _ = S._make_problem(geom, None, None, k, gamma, "semi-dual", 0, "fixed", backend, "fp32", None, 1e-5)
-    reached, evals, _, relaxed_s, relaxed_iter = to_value(pb, theta0, target, True, max_iter, device)
-    cold, cold_evals, cold_s, _, _ = to_value(pb, theta0, target, False, max_iter, device)
+    if target is None:  # no POT value (sizes past --pot-max): nothing to reach, and a relaxed path
+        # and 1000 L-BFGS iterations measured nothing (~10 s at 8192 on the H200, a review); 100
+        # iterations from zero give the time per evaluation in the loop
+        reached = evals = relaxed_s = relaxed_iter = None
+        cold, cold_evals, cold_s, _, _ = to_value(pb, theta0, None, False, min(max_iter, 100), device)
+    else:
+        reached, evals, _, relaxed_s, relaxed_iter = to_value(pb, theta0, target, True, max_iter, device)
+        cold, cold_evals, cold_s, _, _ = to_value(pb, theta0, target, False, max_iter, device)
     return dict(ours_s=full, ours_value=float(res.value), ours_iters=res.n_iter, ours_stop=res.info["stop"],
                 ours_solver=res.info["solver"], ours_marginal_error=float(res.marginal_error),
                 ours_to_pot_value_s=reached, relaxed_s=relaxed_s, relaxed_iter=relaxed_iter, evals_to_pot=evals,
@@ -310,15 +316,22 @@ def _median_time(fn, device, reps):
     return statistics.median(times)
 
 
+#: the largest relative deviation of the exact sums a router check accepts (float32 rounding
+#: of a sum of up to 65,536 weights is ~1e-5 at most)
+ROUTER_SUM_TOL = 1e-4
+
+
 def router_check(out, mode, T, E):
-    """Invariants of a router output: finite non-negative weights; capacity mode: every
-    expert's load is T/E (semi-dual: exact); token mode: every token's weights sum to 1."""
+    """Invariants of a router output: finite non-negative weights, and exact sums (within
+    :data:`ROUTER_SUM_TOL`): capacity mode, every expert's load is T/E (semi-dual); token
+    mode, every token's weights sum to 1. ``(ok, deviation)``: the deviation is checked,
+    not only printed (a check that cannot fail on its main invariant, a review)."""
     w = out.combine_weights.detach().double()
-    ok = bool(torch.isfinite(w).all()) and bool((w >= 0).all())
     if mode == "capacity":
         dev = float((w.sum(-1) - T / E).abs().max() / (T / E))
     else:
         dev = float((w.sum(-1) - 1).abs().max())
+    ok = bool(torch.isfinite(w).all()) and bool((w >= 0).all()) and dev <= ROUTER_SUM_TOL
     return ok, dev
 
 
@@ -389,9 +402,9 @@ def bench_router(args, device, emit) -> list[dict]:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)
                     ok, dev = router_check(router(scores0.clone()), mode, T, E)
-                print(f"  check T={T} E={E} {mode}: weights finite and >= 0: {ok}; "
-                      f"{'max |load - T/E| / (T/E)' if mode == 'capacity' else 'max |token sum - 1|'} = {dev:.1e}",
-                      flush=True)
+                print(f"  check T={T} E={E} {mode}: weights finite and >= 0 and "
+                      f"{'max |load - T/E| / (T/E)' if mode == 'capacity' else 'max |token sum - 1|'} = {dev:.1e} "
+                      f"<= {ROUTER_SUM_TOL:g}: {ok}", flush=True)
 
                 def ot_step():
                     s = scores0.clone().requires_grad_()

@@ -12,17 +12,20 @@
 #         n = 8192, 32768 vs copy bandwidth (bench_sinkhorn_kernels.py)            110
 #   a2    the same at n = 1,000,000, d = 3 (otcore only)                             70
 #   b     SinkhornLoss fwd + bwd at n = 10,000, d = 3, checked vs float64            60
+#   t     the kernel tests on the real kernels (pytest -v, if importable: carried as a
+#         wheel, with hypothesis for the one-tile kernel's file; a file that cannot be
+#         collected is reported and the others run), the kernels changed since the last
+#         GPU run first: the plan kernels, the softmin incl. the shifted sum, SNS's
+#         one-launch CG solve, then the k-sparse pass, CUDA graphs (a failed capture
+#         fails), the fused half-step, the one-tile and tiled kernels; at most T_MAX_S
+#         (150 s: ~160 of the 374 tests at the first run's 0.9 s each), one line per test,
+#         so a cut run still names what passed and failed                         150
 #   l     latency-bound workloads (SwAV 3000x4096, MoE 4096x64, B = 16384 of 4x4 and
 #         64x64), plain torch vs otcore eager / per-pass / cuda_graph, fixed iterations
 #         and to a tolerance (bench_latency.py)                                      45
 #   o     plain vs over-relaxed Sinkhorn to one tol, and the loss (bench_overrelax.py) 20
 #   p     plan kernels (P v, P^T u, marginals, top-k, <P, C>, gradient) vs float64,
 #         ms per call at 8192/d3, 32768/d3, 32768/d64 (bench_plan_kernels.py)          30
-#   t     the kernel tests on the real kernels (pytest, if importable: carried as a
-#         wheel, with hypothesis for the one-tile kernel's file; a file that cannot be
-#         collected is reported and the others run): the one-tile and tiled kernels, CUDA graphs
-#         (a failed capture fails), the softmin incl. the shifted sum and the fused
-#         half-step, SNS's one-launch CG solve, the k-sparse pass, the plan kernels      45
 #   c1    SNS vs Sinkhorn (bench_newton.py): clouds, eps 1e-3, n = 4096 then 16384,
 #         float64 (tol 1e-6) then float32 (tol 1e-5); whatever fits              50
 #   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair),
@@ -34,8 +37,9 @@
 # its results after every size/problem, so a killed part keeps what it finished. In a full
 # run a part's budget is the time left under GPU_CHECK_TOTAL_S (default 560 s) minus the
 # least time each later part needs (PLANNED below), so time a part leaves unused goes to
-# the next; the budgets listed above are what each part was planned to take (on the H200,
-# l, p, t, c1, c2 and d needed more). The driver skips a part with under 15 s left;
+# the next (part t takes at most T_MAX_S, which leaves the timings after it their share);
+# the budgets listed above are what each part was planned to take (on the H200, l, p, t,
+# c1, c2 and d needed more). The driver skips a part with under 15 s left;
 # GPU_CHECK_PART_CAP_S caps every part, for testing the plumbing. POT (CPU, 8 threads)
 # for the sparse-OT speedup runs in the background from the start when importable and is
 # used by part d if it has finished; otherwise part d uses the stored
@@ -147,6 +151,7 @@ summary() { "$PY" "$REPO/bench/gpu_check_summary.py" --work "$WORK" --out "$OUT"
 # anything useful; a part's budget leaves that much to every part after it, so the budgets
 # (which add up to more than the total) cannot starve the last parts (empty: no reserve)
 PLANNED=""
+CAPS=""
 kept_for_later() {  # kept_for_later NAME: seconds reserved for the parts planned after NAME
   local item seen=0 sum=0
   for item in $PLANNED; do
@@ -161,9 +166,15 @@ run_part() {  # run_part NAME BUDGET_S CMD...
   shift 2
   local left=$((TOTAL - $(elapsed) - RESERVE - $(kept_for_later "$name")))
   # full runs: a part may use all the time the later parts' reserves leave (the H200 run
-  # of 2026-11-30 ended 100 s early with six parts cut at their fixed limits); quick
-  # runs keep their fixed limits
-  [ $QUICK = 0 ] && [ -n "$PLANNED" ] && budget=$left
+  # of 2026-11-30 ended 100 s early with six parts cut at their fixed limits), up to its
+  # cap in CAPS ("name:seconds"); quick runs keep their fixed limits
+  if [ $QUICK = 0 ] && [ -n "$PLANNED" ]; then
+    budget=$left
+    local item
+    for item in $CAPS; do
+      [ "${item%%:*}" = "$name" ] && [ "$budget" -gt "${item#*:}" ] && budget=${item#*:}
+    done
+  fi
   [ "$budget" -gt "$left" ] && budget=$left
   [ -n "${GPU_CHECK_PART_CAP_S:-}" ] && [ "$budget" -gt "$GPU_CHECK_PART_CAP_S" ] && budget=$GPU_CHECK_PART_CAP_S
   if [ "$budget" -lt 15 ]; then
@@ -193,11 +204,15 @@ S=bench/bench_sparse_ot.py
 L=bench/bench_latency.py
 P=bench/bench_plan_kernels.py
 # part t: pytest from $WORK (not the repo root, whose otcore/ lacks the kernels subpackage),
-# so the staged copy on PYTHONPATH is the one imported; its own timeout per part
-T_TESTS="$REPO/tests/test_kernels_sinkhorn_steps.py $REPO/tests/test_kernels_sinkhorn_tiles.py $REPO/tests/test_cuda_graph.py
-  $REPO/tests/test_kernels_softmin.py
-  $REPO/tests/test_kernels_softmin_update.py $REPO/tests/test_kernels_sparse_cg.py $REPO/tests/test_kernels_ksparse.py
-  $REPO/tests/test_kernels_plan.py"
+# so the staged copy on PYTHONPATH is the one imported; its own timeout per part. In
+# order of priority (pytest keeps it): the files of the kernels changed since the last GPU
+# run first (grid chunks of the plan kernels; the softmin's split caps and int64 offsets;
+# the CG preconditioner's guard), as the part is cut at T_MAX_S; -v prints a line per test
+# as it ends (under -q a killed run left only dots, no names)
+T_MAX_S=150
+T_TESTS="$REPO/tests/test_kernels_plan.py $REPO/tests/test_kernels_softmin.py $REPO/tests/test_kernels_sparse_cg.py
+  $REPO/tests/test_kernels_ksparse.py $REPO/tests/test_cuda_graph.py $REPO/tests/test_kernels_softmin_update.py
+  $REPO/tests/test_kernels_sinkhorn_steps.py $REPO/tests/test_kernels_sinkhorn_tiles.py"
 tests_part() {
   if ! "$PY" -c "import pytest" 2>/dev/null; then
     echo "== part t SKIPPED: pytest not importable (carry its wheels in .whl/, docs/benchmarks.md)"
@@ -206,7 +221,7 @@ tests_part() {
   fi
   "$PY" -c "import hypothesis" 2>/dev/null ||
     echo "# note: hypothesis not importable: tests/test_kernels_sinkhorn_steps.py is not collected (carry its wheels)"
-  (cd "$WORK" && run_part t "$1" "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
+  (cd "$WORK" && run_part t "$1" "$PY" -m pytest -v -p no:cacheprovider --continue-on-collection-errors \
     --rootdir "$REPO" $T_TESTS)
 }
 POT_REF=bench/data/pot_sparse_ref.json
@@ -217,21 +232,26 @@ if [ $QUICK = 1 ]; then
   run_part a  $B "$PY" $K --quick --sizes 64x3 96x17 --dense-sizes 64 --skip-loss --out "$WORK/a"
   run_part a2 $B "$PY" $K --quick --sizes 128x3 --skip-peers --skip-dense --skip-loss --warm-iters 2 --out "$WORK/a2"
   run_part b  $B "$PY" $K --quick --only-loss --out "$WORK/b"
+  tests_part $((3 * B))  # eight test files under the interpreter (~3 min on the 2-core development CPU)
   run_part l  $B "$PY" $L --quick --out "$WORK/l"
   run_part o  $B "$PY" bench/bench_overrelax.py --quick --out "$WORK/o"
   run_part p  $B "$PY" $P --quick --out "$WORK/p"
-  tests_part $((3 * B))  # eight test files under the interpreter (~3 min on the 2-core development CPU)
   run_part c1 $B "$PY" $N --quick --sweep-only --sizes 64 --eps 1e-3 --dtypes float64 float32 --budget 2 --pot-budget 1 --out "$WORK/c1"
   run_part c2 $B "$PY" $N --quick --table1-only --table-n 64 --pairs 1 --budget 2 --pot-budget 1 --out "$WORK/c2"
   run_part d  $B "$PY" $S --sizes 64 --tokens 512 --experts 8 --reps 2 --max-iter 200 --check-max 64 \
     --pot-ref $POT_REF --out "$WORK/d/sparse_ot.json"
   run_part e  $B "$PY" $K --quick --sizes 64x3 --peers flash --skip-dense --skip-loss --out "$WORK/e"
 else
-  PLANNED="a:60 a2:30 b:35 l:30 o:15 p:20 t:30 c1:30 c2:20 d:60 e:20"
+  PLANNED="a:60 a2:30 b:35 t:30 l:30 o:15 p:20 c1:30 c2:20 d:60 e:20"
+  CAPS="t:$T_MAX_S"
   # POT's sparse-OT reference at n = 2048 runs on the CPU beside the GPU parts
   if "$PY" -c "import ot" 2>/dev/null; then
     echo "# POT sparse-OT reference (n = 2048, CPU, 8 threads) started in the background"
-    OMP_NUM_THREADS=8 OPENBLAS_NUM_THREADS=8 MKL_NUM_THREADS=8 timeout $((TOTAL - 60)) \
+    # on the cores the GPU parts' host threads are least likely to use (the last 8 of 16+):
+    # beside host-bound timings (launch overhead) an unpinned 8-thread job adds noise
+    PIN=""
+    command -v taskset >/dev/null && [ "$(nproc)" -ge 16 ] && PIN="taskset -c $(( $(nproc) - 8 ))-$(( $(nproc) - 1 ))"
+    OMP_NUM_THREADS=8 OPENBLAS_NUM_THREADS=8 MKL_NUM_THREADS=8 $PIN timeout $((TOTAL - 60)) \
       "$PY" $S --pot-only --sizes 2048 --pot-ref "$DEV_POT_REF" >"$WORK/pot_background.log" 2>&1 &
     POT_PID=$!
   fi
@@ -239,10 +259,10 @@ else
     --skip-loss --out "$WORK/a"
   run_part a2  70 "$PY" $K --sizes 1000000x3 --skip-peers --skip-dense --skip-loss --warm-iters 3 --out "$WORK/a2"
   run_part b   60 "$PY" $K --only-loss --out "$WORK/b"
+  tests_part $T_MAX_S
   run_part l   45 "$PY" $L --out "$WORK/l"
   run_part o   20 "$PY" bench/bench_overrelax.py --out "$WORK/o"
   run_part p   30 "$PY" $P --out "$WORK/p"
-  tests_part 45
   run_part c1  50 "$PY" $N --sweep-only --sizes 4096 16384 --eps 1e-3 --dtypes float64 float32 --budget 6 \
     --pot-budget 3 --out "$WORK/c1"
   run_part c2  30 "$PY" $N --table1-only --table-n 500 --pairs 1 --budget 4 --pot-budget 2 --host-cg --out "$WORK/c2"

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -230,7 +231,9 @@ def section_latency(work, say):
         try:
             say(f"  {r['workload']:14s} {r['shape']:>16s} {r['iters']:>9s} it  err {float(r['max_rel_err']):.1e}  "
                 f"{float(r['torch_ms']):9.3f} | {float(r['otcore_ms']):9.3f} | {float(r['otcore_per_pass_ms']):9.3f} | "
-                f"{float(r['otcore_graph_ms']):9.3f}  ({float(r['speedup_vs_torch']):.2f}x torch)"
+                f"{float(r['otcore_graph_ms']):9.3f}  ({'>' if r.get('torch_converged') == 'False' else ''}"
+                f"{float(r['speedup_vs_torch']):.2f}x torch"
+                f"{', torch unconverged at its cap' if r.get('torch_converged') == 'False' else ''})"
                 f"  check {'ok' if r.get('ok') == 'True' else 'FAILED'}")
         except (KeyError, TypeError, ValueError):  # a row cut short (the part killed while writing)
             say(f"  (an incomplete row skipped: {dict(r)})")
@@ -270,16 +273,34 @@ def section_plan(work, say):
 
 
 def section_tests(work, say):
-    """Part t: the kernel tests' outcome (pytest's last line and its FAILED lines)."""
+    """Part t: the kernel tests' outcome: pytest's last line where it got there; else (a run
+    cut at its budget) the per-test lines of ``-v`` counted by outcome and file; and every
+    test that failed or errored, by name."""
     try:
         with open(os.path.join(work, "t", "log.txt")) as fh:
             lines = fh.read().splitlines()
     except OSError:
         return
-    last = [ln for ln in lines if " passed" in ln or " failed" in ln or " error" in ln]
-    say("[t] kernel tests on this device: " + (last[-1].strip() if last else "no result line (cut short?)"))
-    for ln in lines:
-        if ln.startswith("FAILED") or ln.startswith("ERROR"):
+    outcome = re.compile(r"^(\S+?)::(\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+    tests = [m.groups() for m in map(outcome.match, lines) if m]
+    last = [ln for ln in lines if re.match(r"^=+ .*\b(passed|failed|error|errors|skipped)\b.* in [\d.]+s", ln)]
+    if last:
+        say("[t] kernel tests on this device: " + last[-1].strip("= ").strip())
+    elif tests:
+        counts = {}
+        for path, _, result in tests:
+            counts.setdefault(os.path.basename(path), {}).setdefault(result, 0)
+            counts[os.path.basename(path)][result] += 1
+        per_file = "; ".join(f"{name}: " + ", ".join(f"{n} {r.lower()}" for r, n in sorted(c.items()))
+                             for name, c in counts.items())
+        say(f"[t] kernel tests on this device, cut short after {len(tests)} tests: {per_file}")
+    else:
+        say("[t] kernel tests on this device: no test ran to its end (cut short?)")
+    for path, name, result in tests:
+        if result in ("FAILED", "ERROR"):
+            say(f"  {result} {os.path.basename(path)}::{name}")
+    for ln in lines:  # collection errors (no per-test line)
+        if ln.startswith("ERROR") and "::" not in ln:
             say("  " + ln)
 
 

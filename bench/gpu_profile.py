@@ -49,6 +49,7 @@ from otcore.kernels import ksparse as _ksparse  # noqa: E402
 from otcore.kernels import softmin as _softmin  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bandwidth import copy_bandwidth  # noqa: E402
 from bench_latency import time_ms  # noqa: E402  (median ms: CUDA events, or wall clock on a CPU)
 
 EPS = 0.05
@@ -149,6 +150,7 @@ def ksparse_sweep(device, quick: bool, deadline: float, rec: dict):
     if quick:
         configs = [(64, 32, 8), (4, 32, 4)]
     out = rec.setdefault("ksparse", [])
+    copy_bps = copy_bandwidth(device)[0]  # (measured once where gpu_check.sh did not pass it)
     for n in ((48,) if quick else (2048, 8192)):
         C = torch.rand(1, n, n, generator=g).to(device)
         geom = otcore.CostMatrix(C)
@@ -174,7 +176,9 @@ def ksparse_sweep(device, quick: bool, deadline: float, rec: dict):
             base = res if base is None else base
             err = max(relerr(res.beta, base.beta), relerr(res.vals, base.vals))
             same_idx = bool((res.idx == base.idx).all())
-            read_ms = n * n * 4 / float(os.environ.get("OTCORE_COPY_BPS", 2.9e12) / 2) * 1e3
+            # one read of C at copy bandwidth (_bandwidth's convention, as bench_sparse_ot's:
+            # N bytes read in N / copy_Bps; the environment's figure was a string divided by 2)
+            read_ms = n * n * 4 / copy_bps * 1e3
             print(f"  ksparse n={n:5d} BLOCK_L={bl:3d} BLOCK_N={bn:4d} warps={w} programs={triton.cdiv(n, bl):5d} "
                   f"{ms:8.4f} ms  ({100 * read_ms / ms:5.1f}% of one read of C)  diff {err:.1e} same idx {same_idx}")
             out.append(dict(n=n, block_l=bl, block_n=bn, warps=w, ms=ms, read_frac=read_ms / ms, diff=err,
