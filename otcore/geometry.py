@@ -12,6 +12,7 @@ Primitives take *biased* potentials ``F = f + eps*log a`` (B,n) and
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -20,6 +21,9 @@ import torch
 from . import _dispatch, _validate, reference
 
 COSTS = ("sqeuclidean", "euclidean")
+
+#: stamps for the loads of inputs without version counters (:meth:`Geometry.loaded_stamp`)
+_UNTRACKED_LOADS = itertools.count()
 
 
 def _eps(eps) -> float:
@@ -49,6 +53,21 @@ class Geometry:
         """The largest of :meth:`diameters` over the batch (the start of eps scaling)."""
         return float(self.diameters(a, b).max())
 
+    def diameters(self, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per problem, an upper bound of the costs between the points of positive weight,
+        ``(B,)`` (see each geometry's ``_diameters``). Weights are checked as a solver checks
+        them: a tensor, finite, non-negative, not all zero (negative or NaN ones had counted
+        as zero, and all-zero ones gave a cost matrix -inf, a review); ``(n,)``/``(m,)`` or,
+        as for a batch of one, ``(1, n)``/``(1, m)`` for an unbatched geometry."""
+        sides = []
+        for name, w, size in (("a", a, self.n), ("b", b, self.m)):
+            if isinstance(w, torch.Tensor) and not self.batched and w.dim() == 2 and w.shape[0] == 1:
+                w = w[0]
+            sides.append((name, w, size))
+        if a is not None or b is not None:
+            _validate.weights(sides, self.batch, self.batched, self._ref)  # one host read
+        return self._diameters(a, b)
+
     def _live(self, name: str, w: Optional[torch.Tensor], size: int) -> Optional[torch.Tensor]:
         """(B, size) bool ``w > 0`` of weights ``w`` given as (B, size), or (size,) for an
         unbatched geometry; None stays None."""
@@ -63,6 +82,42 @@ class Geometry:
         """The version counters of :meth:`inputs` (bumped by in-place ops), one per
         tensor; None for an inference tensor, which carries none."""
         return tuple(_version(t) for t in self.inputs())
+
+    def _stamp(self) -> tuple:
+        """What ``loaded_versions`` records at a load: :meth:`input_versions`, or, where an
+        input carries no version counter (an inference tensor, made under
+        ``torch.inference_mode()``), a stamp of this load, so that what is cached from it
+        (the cost of a small problem, fp16 copies, the Triton path's centred points) is
+        made again after the next :meth:`_reread_untracked`. (All such loads had recorded
+        ``(None, None)``: a geometry reused after ``x.copy_(batch)`` under inference mode
+        solved its old cost, a review.)"""
+        versions = self.input_versions()
+        return versions if None not in versions else ("untracked load", next(_UNTRACKED_LOADS))
+
+    def _stale(self) -> bool:
+        """Whether an input changed in place since the last load (never known for inputs
+        without version counters: :meth:`_reread_untracked` reloads those)."""
+        versions = self.input_versions()
+        return None not in versions and versions != self.loaded_versions
+
+    def _reread_untracked(self) -> None:
+        """Load again inputs whose in-place changes cannot be seen (inference tensors): at
+        the start of every solve and of every result method, which then read the inputs as
+        they are."""
+        if None in self.input_versions():
+            self._load()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_dense", None)  # made again from the copy's inputs
+        return state
+
+    def __setstate__(self, state):
+        # a copy (pickle, copy.deepcopy, torch.save) loads its inputs again: their version
+        # counters restart, and could equal the versions of a stale load (a copy taken after
+        # x.add_(5) and before the geometry re-read x solved the old cost, a review)
+        self.__dict__.update(state)
+        self._load()
 
     # --- primitives -------------------------------------------------------
     def _call(self, name, backend, *args, **kw):
@@ -283,12 +338,12 @@ class PointCloud(Geometry):
         self._y = (self.y_in if self.batched else self.y_in[None]).detach().to(self._dt)
         self._ref = self._x
         self._dense: Optional[torch.Tensor] = None
-        self.loaded_versions = self.input_versions()
+        self.loaded_versions = self._stamp()
 
     def _fresh(self) -> None:
         if torch.compiler.is_compiling():  # a compiled graph reads the inputs as traced
             return
-        if self.input_versions() != self.loaded_versions:
+        if self._stale():
             self._load()
 
     @property
@@ -329,7 +384,7 @@ class PointCloud(Geometry):
             self._dense = D  # small problem: keep the cost instead of recomputing it every pass
         return D
 
-    def diameters(self, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _diameters(self, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per problem, the cost across the diagonal of the box holding both clouds (an
         upper bound of every cost), ``(B,)``. With weights ``a`` (B,n) / ``b`` (B,m) (or
         ``(n,)``/``(m,)`` unbatched), only points of positive weight count: far zero-weight
@@ -379,22 +434,20 @@ class CostMatrix(Geometry):
         self.C_in = C
         self._load()
         self.batch, self.n, self.m = self._C.shape
-        self._ref = self._C
 
     def _load(self) -> None:
         """A batched view of ``C`` in the compute dtype (a copy for fp16/bf16), as of its
         current version."""
         C = self.C_in if self.batched else self.C_in[None]
-        self._C = C.detach().to(_validate.compute_dtype(C.dtype))
-        self.loaded_versions = self.input_versions()
+        self._C = self._ref = C.detach().to(_validate.compute_dtype(C.dtype))
+        self.loaded_versions = self._stamp()
 
     @property
     def C(self) -> torch.Tensor:
         """The cost, (B, n, m) in the compute dtype. A view of the input in float32/float64;
         an fp16/bf16 one's float32 copy is made again after an in-place change (it kept the
         old cost, where the view sees the new one, a review)."""
-        if self._C.dtype != self.C_in.dtype and not torch.compiler.is_compiling() \
-                and self.input_versions() != self.loaded_versions:
+        if self._C.dtype != self.C_in.dtype and not torch.compiler.is_compiling() and self._stale():
             self._load()
         return self._C
 
@@ -407,7 +460,7 @@ class CostMatrix(Geometry):
     def cost_block(self) -> torch.Tensor:
         return self.C
 
-    def diameters(self, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _diameters(self, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per problem, ``max C - min C``, ``(B,)``; with weights ``a`` (B,n) / ``b`` (B,m),
         over the entries whose row and column have positive weight (streamed by row blocks;
         ``(n,)``/``(m,)`` weights for an unbatched matrix)."""

@@ -40,12 +40,14 @@ class SinkhornLoss(nn.Module):
 
     Float32 and a large eps: each term's potentials are ``-eps log`` of a sum near 1, so
     they carry an absolute rounding of ~``eps * 2^-24``, and the debiased loss is a small
-    difference of three such terms. Each value is therefore taken from a float64 softmin at
-    the float32 potentials once eps exceeds a quarter of the cost's diameter (see
-    docs/conventions.md): measured against POT in float64 (200 vs 150 uniform points in the
-    unit square), 9e-5 relative at eps = 10, 7e-5 at 100 and 1000. What is left grows like
-    eps times float32's rounding squared: from eps ~ 1e8 (5e-4 off at 1e8, 3e-3 at 1e9 on 30
-    vs 25 points) use float64 inputs.
+    difference of three such terms (~1e4 times the loss at eps = 100 on the unit square).
+    Each value is therefore taken from a float64 softmin at the float32 potentials once eps
+    exceeds a quarter of the cost's diameter (see docs/conventions.md), with the default
+    uniform weights as ``1/n`` in float64, and the three are combined in float64 before
+    the one rounding to float32: against float64 solves (200 vs 150 uniform points in the
+    unit square, 5 samples) within 5e-6 relative at eps = 10, 100 and 1000, most within
+    4e-7. What is left grows like eps times float32's rounding squared: from eps ~ 1e8
+    (1e-4 to 6e-4 off at 1e8, 1e-3 to 6e-3 at 1e9 on 30 vs 25 points) use float64 inputs.
 
     Args:
         eps: regularization in cost units (``||x - y||^2`` by default, no 1/2).
@@ -100,7 +102,7 @@ class SinkhornLoss(nn.Module):
         super().__init__()
         self._eps = _validate.positive("eps", eps)
         self.debias = debias
-        self.cost = _validate.choice("cost", cost, ("sqeuclidean", "euclidean"))
+        self.cost = cost
         self.reduction = reduction
         # the solver's own checks, at construction rather than at the first forward call
         rho_a, rho_b = parse_rho(rho)  # each entry checked first (a pair of arrays cannot be compared)
@@ -131,7 +133,7 @@ class SinkhornLoss(nn.Module):
         if "eps" in state:
             state["_eps"] = state.pop("eps")
             state["solver_kw"] = {k: v for k, v in state["solver_kw"].items() if k != "eps"}
-        for name in ("debias", "reduction", "warm_start"):  # pickled before they were checked properties
+        for name in ("debias", "cost", "reduction", "warm_start"):  # pickled before they were checked properties
             if name in state:
                 state["_" + name] = state.pop(name)
         state.setdefault("_warm_start", False)  # or before warm starts existed
@@ -140,7 +142,8 @@ class SinkhornLoss(nn.Module):
         state.setdefault("_reemitted", set())
         super().__setstate__(state)
         # through the setters: a pickle of a module set to reduction="avg" (unchecked then) raises here
-        self.debias, self.reduction, self.warm_start = self._debias, self._reduction, self._warm_start
+        self.debias, self.cost, self.reduction = self._debias, self._cost, self._reduction
+        self.warm_start = self._warm_start
 
     @property
     def eps(self) -> float:
@@ -163,6 +166,16 @@ class SinkhornLoss(nn.Module):
     @debias.setter
     def debias(self, value: bool) -> None:
         self._debias = _validate.flag("debias", value)
+
+    @property
+    def cost(self) -> str:
+        """``"sqeuclidean"`` or ``"euclidean"``; checked when set, as at construction (a bad
+        value set between calls had shown in the repr and raised only at the next call)."""
+        return self._cost
+
+    @cost.setter
+    def cost(self, value: str) -> None:
+        self._cost = _validate.choice("cost", value, ("sqeuclidean", "euclidean"))
 
     @property
     def reduction(self) -> str:
@@ -265,17 +278,24 @@ class SinkhornLoss(nn.Module):
                                  f"in that dtype) balanced OT cannot absorb: normalise them in float32, e.g. "
                                  f"a = a.float() / a.float().sum()") from None
             raise
+        # the loss's dtype: the points' (the solve's; x and y checked by it), whatever the
+        # weights' (float64 weights on float32 points had made only the debiased loss
+        # float64, through its mass term)
+        dtype = torch.promote_types(x.dtype, y.dtype)
         if self.debias:
             loss = loss - 0.5 * self._self_terms(x, y, a, b)
             # the generalized KL of the value holds + eps m(a) m(b); the debiasing leaves
             # - eps/2 (m(a) - m(b))^2 of it, which Sejourne et al. (2019) add back so that
             # the unbalanced divergence stays >= 0 (zero for balanced weights)
             loss = loss + 0.5 * self.eps * (self._mass(a) - self._mass(b)) ** 2
+        # each value comes in the dtype it was computed in (value_only_results: float64 at a
+        # float32 solve's large eps), so the terms, ~1e4 times their difference there, are
+        # combined and reduced before the one rounding to the loss's dtype
         if self.reduction == "mean":
-            return loss.mean()
-        if self.reduction == "sum":
-            return loss.sum()
-        return loss
+            loss = loss.mean()
+        elif self.reduction == "sum":
+            loss = loss.sum()
+        return loss.to(dtype)
 
     def _self_terms(self, x, y, a, b) -> torch.Tensor:
         """``OT(a, x; a, x) + OT(b, y; b, y)``. Clouds of one shape, dtype and device (and

@@ -100,6 +100,7 @@ class OTResult:
             raise RuntimeError(f"OTResult.{method}(): the geometry's inputs were modified in place since the "
                                "solve, so its potentials no longer describe their plan; solve again (or keep a "
                                "copy of the inputs)")
+        self._geom._reread_untracked()  # inference tensors: no counter tells a change; read as they are now
         with torch.no_grad(), torch.autocast(self._geom.device.type, enabled=False):
             return getattr(self._geom, primitive)(self._F, self._G, self._eps, *args, **self._kw())
 

@@ -230,6 +230,21 @@ def test_low_precision_weights_are_widened_once_for_the_three_terms():
     assert (g16.float() - g32).abs().max() <= 2**-7 * g32.abs().max()  # one bf16 rounding of the result
 
 
+@pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.parametrize("low", [None, torch.float16])
+def test_the_loss_has_the_points_dtype_whatever_the_weights(debias, low):
+    """float64 weights on float32 (or fp16) points: the solve is float32, and so is the loss,
+    debiased or not (the mass term, in the weights' dtype, had made only the debiased loss
+    float64, a review; fp16 points give a float32 loss, as documented)."""
+    x, y = rand(9, 2, seed=60, dtype=torch.float32), rand(7, 2, seed=61, dtype=torch.float32)
+    if low is not None:
+        x, y = x.to(low), y.to(low)
+    a, b = torch.full((9,), 1 / 9, dtype=F64), torch.full((7,), 1 / 7, dtype=F64)
+    loss = otcore.SinkhornLoss(eps=0.1, debias=debias, **T)
+    assert loss(x, y, a, b).dtype == torch.float32
+    assert loss(x.to(F64), y, a, b).dtype == F64  # mixed points: the wider one
+
+
 def test_loss_inside_non_reentrant_activation_checkpointing():
     """torch.utils.checkpoint(use_reentrant=False), PyTorch's recommended mode, allows one
     unpack of the saved tensors per backward; the envelope backward read them twice
@@ -291,6 +306,7 @@ def test_a_module_pickled_before_eps_became_a_property_loads():
     loss = otcore.SinkhornLoss(eps=0.3, tol=1e-9)
     state = loss.__dict__.copy()  # the old layout: eps in __dict__ and in the solver's arguments
     state["eps"] = state.pop("_eps")
+    state["cost"] = state.pop("_cost")  # (cost too: a plain attribute then)
     state["solver_kw"] = dict(state["solver_kw"], eps=0.3)
     old = otcore.SinkhornLoss.__new__(otcore.SinkhornLoss)
     old.__setstate__(state)
@@ -559,11 +575,13 @@ def test_value_only_results_are_for_the_loss_own_solve_only():
 
 
 def test_settings_set_after_construction_are_checked():
-    """``reduction``, ``debias`` and ``warm_start`` are checked when set, as ``eps`` was: a
-    review's ``loss.reduction = "avg"`` returned the unreduced (B,) tensor, ``loss.debias =
-    "False"`` (a truthy string) kept the loss debiased."""
+    """``reduction``, ``debias``, ``cost`` and ``warm_start`` are checked when set, as ``eps``
+    was: a review's ``loss.reduction = "avg"`` returned the unreduced (B,) tensor, ``loss.debias =
+    "False"`` (a truthy string) kept the loss debiased, ``loss.cost = "l1"`` showed in the
+    repr and raised only at the next call."""
     loss = otcore.SinkhornLoss(eps=0.1)
     for name, value, exc in (("reduction", "avg", ValueError), ("debias", "False", TypeError),
+                             ("cost", "l1", ValueError),
                              ("warm_start", "yes", TypeError), ("eps", -1.0, ValueError)):
         with pytest.raises(exc, match=name):
             setattr(loss, name, value)

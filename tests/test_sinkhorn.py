@@ -239,8 +239,17 @@ def test_far_zero_weight_padding_leaves_the_schedule_and_diameter_alone():
     torch.testing.assert_close(otcore.PointCloud(x_pad, y).diameters(a_pad, b), otcore.PointCloud(x, y).diameters())
     assert float(otcore.CostMatrix(C).diameters()) > 1e9  # without weights: every entry
     batched = otcore.PointCloud(torch.rand(2, 3, 2), torch.rand(2, 4, 2))
-    with pytest.raises(ValueError, match=r"a must have shape \(2, 3\), got \(6,\)"):
+    with pytest.raises(ValueError, match=r"a must have 2 dimensions, got shape \(6,\)"):
         batched.diameters(torch.ones(6))  # not reshaped into a batch it is not
+    # weights checked as a solver checks them (negative, NaN and all-zero ones had counted as
+    # zero: the x cloud dropped silently, a cost matrix -inf; a list raised AttributeError)
+    for geom in (otcore.PointCloud(x, y), otcore.CostMatrix(C[:30])):
+        for bad, match in ((-torch.ones(30), "a has negative entries"), (torch.full((30,), math.nan), "a .*NaN"),
+                           (torch.zeros(30), "a .*zero")):
+            with pytest.raises(ValueError, match=match):
+                geom.diameters(bad)
+        with pytest.raises(TypeError, match="b must be a torch.Tensor"):
+            geom.diameters(None, [0.05] * 20)
 
 
 # ----------------------------------------------------------------------------- small eps limits
@@ -994,7 +1003,7 @@ def test_value_at_large_eps_keeps_the_mass_term_small():
     geom32 = otcore.PointCloud(x, y)
     for wa, wb in ((None, None), (a[0].float(), b[0].float())):  # uniform: the masses from the host
         pb = make_problem(geom32, wa, wb, eps, None, "torch", "fp32", 1e-5)
-        got = float(mass_gap(pb, a.float(), delta64.float()))
+        got = float(mass_gap(pb, a.float(), b.float(), delta64.float()))
         assert abs(eps * (got - exact)) < 1e-4 * abs(res.value)
     # the naive float32 sum of the plan is far worse at this eps
     naive = float(res.plan().sum()) - 1.0

@@ -378,6 +378,50 @@ def test_implicit_plan_gradient_solved_directly_matches_conjugate_gradient(n, m,
         torch.testing.assert_close(d, c, rtol=0, atol=rtol * max(1.0, float(c.abs().max())))
 
 
+def test_implicit_plan_gradient_on_a_chain_like_support_runs_its_conjugate_gradient_to_the_end(monkeypatch):
+    """1-D clouds give a chain-like support, which conditions the implicit gradient's system
+    like a path's Laplacian (~N^2): conjugate gradient needs ~0.6 N iterations here (612 for
+    N = 1200). Capped at 500, it stopped short silently (2000 x 1800 clouds: gradients 1.3e-2
+    off, a review); now up to 2N + 10, the same gradients as the direct solve."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1200, 1, generator=g, dtype=F64).requires_grad_()
+    y = torch.rand(1000, 1, generator=g, dtype=F64)
+    res = otcore.sparse_ot(otcore.PointCloud(x, y), k=1200, gamma=1e-2, tol=1e-11, max_iter=5000)
+    assert res.converged
+    W = torch.randn(res.values.shape, generator=g, dtype=F64)
+    seen = []
+    pcg = Q.pcg
+
+    def spy(*args, **kw):
+        w, its = pcg(*args, **kw)
+        seen.append(int(its.max()))
+        return w, its
+
+    monkeypatch.setattr(Q, "pcg", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cap reached, no warning
+        (by_cg,) = torch.autograd.grad((res.values * W).sum(), x, retain_graph=True)
+    assert seen and seen[0] > 500
+    monkeypatch.setattr(S, "DIRECT_MAX", 10**9)
+    (direct,) = torch.autograd.grad((res.values * W).sum(), x)
+    torch.testing.assert_close(by_cg, direct, rtol=0, atol=1e-7 * float(direct.abs().max()))
+
+
+def test_implicit_plan_gradient_warns_when_its_conjugate_gradient_stops_at_the_cap(monkeypatch):
+    """A system conjugate gradient cannot finish within 2N + 10 iterations gives a gradient it
+    cannot vouch for: a ConvergenceWarning says so (the cap had been reached silently)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(80, 1, generator=g, dtype=F64).requires_grad_()
+    y = torch.rand(70, 1, generator=g, dtype=F64)
+    res = otcore.sparse_ot(otcore.PointCloud(x, y), k=80, gamma=1e-2, tol=1e-11, max_iter=5000)
+    monkeypatch.setattr(S, "DIRECT_MAX", 0)
+    pcg = Q.pcg
+    monkeypatch.setattr(Q, "pcg", lambda K, u, rtol, max_iter, **kw: pcg(K, u, rtol, 3, **kw)[:1]
+                        + (torch.full((u.shape[0],), max_iter),))  # three iterations, reported as the cap
+    with pytest.warns(ConvergenceWarning, match=r"conjugate gradient .* stopped at its cap of 170 iterations"):
+        torch.autograd.grad(res.values.sum() + (res.values**2).sum(), x)
+
+
 def test_value_gradient_is_the_plan_and_the_duals():
     C, a, b = _problem(8, 6, seed=17)
     Cr, ar, br = (t.clone().requires_grad_() for t in (C, a, b))
@@ -935,11 +979,11 @@ def test_newton_system_by_conjugate_gradient_matches_the_direct_solve(dtype):
     assert width < k
     direct = Q.semi_dual_hessian_solve(0.3, idx, support, u, lam)
     rtol = 1e-13 if dtype == F64 else 1e-6
-    cg = Q.semi_dual_hessian_cg(0.3, idx, support, u, lam, width, rtol=rtol, max_iter=500)
+    cg = Q.semi_dual_hessian_cg(0.3, idx, support, u, lam, width, rtol=rtol, max_iter=500)[0]
     scale = float(direct.abs().max())
     torch.testing.assert_close(cg, direct, rtol=0, atol=(1e-10 if dtype == F64 else 1e-4) * scale)
     # stopped at the default 1e-3 it is an inexact step, still a descent direction for -u
-    rough = Q.semi_dual_hessian_cg(0.3, idx, support, u, lam, width)
+    rough = Q.semi_dual_hessian_cg(0.3, idx, support, u, lam, width)[0]
     assert bool(((rough * u).sum(-1) > 0).all())
     # undamped (the implicit plan gradient's system), u in K's range: the minimum-norm solution,
     # as the direct solve's (the one-slot lines' and the empty position's null directions untouched)
@@ -948,7 +992,7 @@ def test_newton_system_by_conjugate_gradient_matches_the_direct_solve(dtype):
     K = (torch.diag_embed(M.sum(2)) - (M / size.clamp(min=1)[:, None, :]) @ M.transpose(1, 2)) / 0.3
     u_range = (K @ torch.randn(B, N, 1, generator=g, dtype=F64))[..., 0].to(dtype)
     direct = Q.semi_dual_hessian_solve(0.3, idx, support, u_range)
-    cg = Q.semi_dual_hessian_cg(0.3, idx, support, u_range, None, width, rtol=rtol, max_iter=500)
+    cg = Q.semi_dual_hessian_cg(0.3, idx, support, u_range, None, width, rtol=rtol, max_iter=500)[0]
     torch.testing.assert_close(cg, direct, rtol=0, atol=(1e-9 if dtype == F64 else 1e-4) * float(direct.abs().max()))
 
 

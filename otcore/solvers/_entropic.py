@@ -61,8 +61,17 @@ class Problem:
         """The largest cost diameter of the batch (the start of eps scaling), computed
         once (one pass over the points or ``C`` and a host sync)."""
         if self.diameter is None:
-            self.diameter = self.geom.diameter(*self.padded())
+            self.diameter = float(self.geom._diameters(*self.padded()).max())  # (checked weights)
         return self.diameter
+
+    def value_weights(self, dtype: torch.dtype):
+        """``(A, Bw)`` for the dual value in ``dtype`` (the row pass's): float64 where the
+        solve is ``wide``, and there the default uniform weights (``a``/``b`` None) are
+        ``1/n`` in float64, not float32's rounding of it, whose 2e-8 relative error is the
+        value's (~7e-9 of each term of a unit-square loss, 3e-4 of the debiased loss at
+        large eps, a review)."""
+        return tuple(w.to(dtype) if given is not None or w.dtype == dtype else torch.full_like(w, 1.0 / w.shape[-1], dtype=dtype)
+                     for w, given in ((self.A, self.a_in), (self.Bw, self.b_in)))
 
     def padded(self):
         """``(A, Bw)``, each None where it has no zero weight, for :meth:`Geometry.diameters`:
@@ -94,6 +103,7 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float],
     mass check's advice)."""
     if not isinstance(geom, Geometry):
         raise TypeError(f"geom must be an otcore.PointCloud or otcore.CostMatrix, got {type(geom).__name__}")
+    geom._reread_untracked()  # inference tensors: read as they are now
     eps = _validate.magnitude_fits("eps", _validate.positive("eps", eps), geom.dtype, "rescale the cost")
     _validate.choice("precision", precision, _validate.PRECISIONS)
     backend = _dispatch.resolve(backend, geom.device)
@@ -110,7 +120,7 @@ def make_problem(geom, a, b, eps, rho, backend, precision, tol: Optional[float],
     # per problem: one problem's large diameter must not hide another's large eps/diameter
     span = None
     if geom.dtype != torch.float64:
-        d = geom.diameters(*padded(A, Bw, zeros))
+        d = geom._diameters(*padded(A, Bw, zeros))  # (checked weights)
         span = tuple(torch.stack([d.min(), d.max()]).tolist())  # one host sync
     wide = span is not None and eps > span[0] / 4
     return Problem(geom, A, Bw, torch.log(A), torch.log(Bw), a, b, eps, rho_a, rho_b, backend, precision,
@@ -241,10 +251,10 @@ def weighted(w: torch.Tensor, t: torch.Tensor, zeros: bool) -> torch.Tensor:
     return torch.where(w > 0, wt, 0.0) if zeros else wt
 
 
-def mass_gap(pb: Problem, A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def mass_gap(pb: Problem, A: torch.Tensor, Bw: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``sum P - (sum a)(sum b)`` per problem, (B,), from the row pass: ``sum_j P_ij =
     a_i exp(delta_i)``, so it is ``sum_i a_i expm1(delta_i) + (sum a)(1 - sum b)``
-    (``A``: ``pb.A`` in ``delta``'s dtype).
+    (``A``, ``Bw``: :meth:`Problem.value_weights`, in ``delta``'s dtype).
 
     The dual value subtracts ``eps`` times it. Summed as ``sum P`` in float32, its
     rounding (~1e-7 of the mass) times a large eps swamped the value (eps = 1e4: 2e-2
@@ -255,7 +265,7 @@ def mass_gap(pb: Problem, A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     four operations fewer each."""
     terms = weighted(A, torch.expm1(delta), pb.zeros[0]).sum(-1)
     ma, mb = (_uniform_mass(w) if given is None else w.double().sum(-1)
-              for w, given in ((pb.A, pb.a_in), (pb.Bw, pb.b_in)))
+              for w, given in ((A, pb.a_in), (Bw, pb.b_in)))
     masses = ma * (1.0 - mb)
     return terms + (masses.to(terms.dtype) if isinstance(masses, torch.Tensor) else masses)
 
@@ -464,15 +474,18 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
 
 
 #: The geometry whose solve's result only its value will be read of (set by
-#: :func:`value_only_results`, as ``SinkhornLoss`` does): see :func:`entropic_result`.
+#: :func:`value_only_results`, as ``SinkhornLoss`` does), to combine it with others: see
+#: :func:`entropic_result`.
 _VALUE_ONLY = contextvars.ContextVar("otcore_value_only", default=None)
 
 
 @contextlib.contextmanager
 def value_only_results(geom):
     """Within this context, the result of a solve on ``geom`` (this object, not any other
-    solve that code run meanwhile starts, e.g. from a warning hook) with ``tol=None`` skips
-    the column marginals and the transport cost (:func:`entropic_result`)."""
+    solve that code run meanwhile starts, e.g. from a warning hook) holds its value in the
+    dtype it was computed in (float64 where a float32 solve's softmin is: eps above a quarter
+    of the cost's diameter), for the caller to round once after combining values, and with
+    ``tol=None`` it skips the column marginals and the transport cost (:func:`entropic_result`)."""
     token = _VALUE_ONLY.set(geom)
     try:
         yield
@@ -488,14 +501,19 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     Within :func:`value_only_results` of this geometry and with ``tol=None`` (a caller that reads only the
     value and its gradients, as ``SinkhornLoss``): one streamed pass instead of three, the
     column marginals and the transport cost being skipped; ``marginal_error``, the residual
-    and ``cost`` are then NaN. (A tolerance is tested on the marginals: then all passes run.)"""
+    and ``cost`` are then NaN. (A tolerance is tested on the marginals: then all passes run.)
+    Within that context (any ``tol``) the value also keeps its computed dtype: float32
+    rounding of each term had cost the debiased loss, a difference of three terms ~1e4 times
+    its size at large eps, 1.6e-3 of itself (a review: eps 100, 200 vs 150 points)."""
     geom, eps, kw = pb.geom, pb.eps, pb.kw()
-    value_only = tol is None and _VALUE_ONLY.get() is geom
+    for_loss = _VALUE_ONLY.get() is geom
+    value_only = tol is None and for_loss
     with torch.no_grad():
         F, G = f + eps * pb.loga, g + eps * pb.logb
         # row marginals from the row pass s: (P1)_i = a_i exp(delta_i), delta = (f - s)/eps
         # (s in float64 when wide: resolved_softmin; else the pass of G = g + eps log b itself)
-        s = resolved_softmin(geom, g, pb.Bw, eps, 1, kw, True) if pb.wide else geom.softmin(G, eps, 1, **kw)
+        A, Bw = pb.value_weights(torch.float64 if pb.wide else f.dtype)
+        s = resolved_softmin(geom, g, Bw, eps, 1, kw, True) if pb.wide else geom.softmin(G, eps, 1, **kw)
         delta = (f.to(s.dtype) - s) / eps
         if value_only:
             marg_err = resid = cost = torch.full((geom.batch,), math.nan, dtype=f.dtype, device=f.device)
@@ -506,10 +524,10 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
             # balanced: the residual is the marginal error
             resid = marg_err if pb.rho_a is None and pb.rho_b is None else optimality_residual(pb, r, c, f, g)
             cost = geom.plan_cost(F, G, eps, **kw)
-        A, Bw, wf, wg = (t.to(delta.dtype) for t in (pb.A, pb.Bw, f, g))
+        wf, wg = f.to(delta.dtype), g.to(delta.dtype)
         value = (weighted(A, phi(wf, pb.rho_a), pb.zeros[0]).sum(-1)
-                 + weighted(Bw, phi(wg, pb.rho_b), pb.zeros[1]).sum(-1) - eps * mass_gap(pb, A, delta))
-        value = value.to(f.dtype)
+                 + weighted(Bw, phi(wg, pb.rho_b), pb.zeros[1]).sum(-1) - eps * mass_gap(pb, A, Bw, delta))
+        value = value if for_loss else value.to(f.dtype)
         # what the result holds, all finite (a plan of mass 1.8e19 at eps 1e-10 in float32 had
         # marginal_error inf with converged True under tol=None, a review)
         finite = _validate.finite_rows(f, g, value, *(() if value_only else (marg_err, resid, cost)))

@@ -137,8 +137,8 @@ def _pinv_apply(lam, V, keep, r: torch.Tensor) -> torch.Tensor:
 
 def semi_dual_hessian_cg(gamma: float, idx: torch.Tensor, support: torch.Tensor, u: torch.Tensor,
                          lam: Optional[torch.Tensor], width: int, rtol=CG_RTOL, max_iter: int = CG_MAX,
-                         active: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``w ~ K_lam^-1 u`` (B, N) for the damped system of :func:`semi_dual_hessian_solve`
+                         active: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w, its)``: ``w ~ K_lam^-1 u`` (B, N) for the damped system of :func:`semi_dual_hessian_solve`
     (``lam`` (B,) > 0), by Jacobi-preconditioned conjugate gradient (:func:`otcore._cg.pcg`,
     to ``rtol``, a number or (B,) per problem; ``active`` (B,) bool: the others get 0 and do
     not keep the batch's iterations going); with ``lam`` None, ``w ~ K^+ u`` for ``u`` in
@@ -175,8 +175,7 @@ def semi_dual_hessian_cg(gamma: float, idx: torch.Tensor, support: torch.Tensor,
         return (D * v - spread(share * along[..., None])) / gamma
 
     inv_diag = None if lam is None else gamma / (D - spread(share))
-    w, _ = pcg(K, u, rtol, max_iter, inv_diag=inv_diag, active=active)
-    return w
+    return pcg(K, u, rtol, max_iter, inv_diag=inv_diag, active=active)
 
 
 def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, entering,
@@ -244,7 +243,7 @@ def newton(evaluate, gamma: float, theta: torch.Tensor, tol, max_iter, outside, 
                 rtol = np.clip(CG_RTOL * g_h / g_first, CG_RTOL_MIN * torch.finfo(dt).eps, CG_RTOL)
             d = -semi_dual_hessian_cg(gamma, out.idx, out.vals > 0, g, lam_d, int(held[1].max()),
                                       rtol=_host.to_device(np.nan_to_num(rtol, nan=CG_RTOL), dev).to(dt),
-                                      active=_host.to_device(active, dev))
+                                      active=_host.to_device(active, dev))[0]
         else:
             d = -semi_dual_hessian_solve(gamma, out.idx, out.vals > 0, g, lam_d)
         if (held[0][active] > 0).any():
