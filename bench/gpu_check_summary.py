@@ -282,8 +282,17 @@ def section_tests(work, say):
     except OSError:
         return
     outcome = re.compile(r"^(\S+?)::(\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
-    tests = [m.groups() for m in map(outcome.match, lines) if m]
-    last = [ln for ln in lines if re.match(r"^=+ .*\b(passed|failed|error|errors|skipped)\b.* in [\d.]+s", ln)]
+    # one outcome per test: a test that passed and then errored in its teardown prints two
+    # lines (counted twice, a review); the worse one stands
+    worse = {"ERROR": 3, "FAILED": 2, "XPASS": 1}
+    seen = {}
+    for m in filter(None, map(outcome.match, lines)):
+        path, name, result = m.groups()
+        if worse.get(result, 0) >= worse.get(seen.get((path, name)), 0):
+            seen[(path, name)] = result
+    tests = [(path, name, result) for (path, name), result in seen.items()]
+    # pytest's closing line, "=== 3 passed, 1 xfailed in 2.5s ===" (any outcomes)
+    last = [ln for ln in lines if re.match(r"^=+ \d+ \w+.* in [\d.]+s\b", ln)]
     if last:
         say("[t] kernel tests on this device: " + last[-1].strip("= ").strip())
     elif tests:

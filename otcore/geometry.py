@@ -84,21 +84,19 @@ class Geometry:
         return tuple(_version(t) for t in self.inputs())
 
     def _stamp(self) -> tuple:
-        """What ``loaded_versions`` records at a load: :meth:`input_versions`, or, where an
-        input carries no version counter (an inference tensor, made under
-        ``torch.inference_mode()``), a stamp of this load, so that what is cached from it
-        (the cost of a small problem, fp16 copies, the Triton path's centred points) is
-        made again after the next :meth:`_reread_untracked`. (All such loads had recorded
-        ``(None, None)``: a geometry reused after ``x.copy_(batch)`` under inference mode
-        solved its old cost, a review.)"""
-        versions = self.input_versions()
-        return versions if None not in versions else ("untracked load", next(_UNTRACKED_LOADS))
+        """What ``loaded_versions`` records at a load: :meth:`input_versions`, each input
+        without a version counter (an inference tensor, made under ``torch.inference_mode()``)
+        given a stamp of this load instead, so that what is cached from it (the cost of a
+        small problem, fp16 copies, the Triton path's centred points) is made again after the
+        next :meth:`_reread_untracked`. (Such loads had all recorded ``None``: a geometry
+        reused after ``x.copy_(batch)`` under inference mode solved its old cost, a review.)"""
+        return tuple(("untracked load", next(_UNTRACKED_LOADS)) if v is None else v for v in self.input_versions())
 
     def _stale(self) -> bool:
-        """Whether an input changed in place since the last load (never known for inputs
-        without version counters: :meth:`_reread_untracked` reloads those)."""
-        versions = self.input_versions()
-        return None not in versions and versions != self.loaded_versions
+        """Whether an input with a version counter changed in place since the last load
+        (inputs without one are never known to: :meth:`_reread_untracked` reloads those; a
+        tracked input beside an inference tensor still counts, a review)."""
+        return any(v is not None and v != loaded for v, loaded in zip(self.input_versions(), self.loaded_versions))
 
     def _reread_untracked(self) -> None:
         """Load again inputs whose in-place changes cannot be seen (inference tensors): at
@@ -376,11 +374,14 @@ class PointCloud(Geometry):
         they keep full relative accuracy for large or far-from-origin coordinates.
         """
         x, y = self.x, self.y  # reloads (and drops the cache) after an in-place change
-        if self._dense is not None:
+        # while compiling, never the cache: a compiled graph that read it kept returning the
+        # cost of its first call after x.add_(0.5) (the reload above is skipped there, a review)
+        compiling = torch.compiler.is_compiling()
+        if self._dense is not None and not compiling:
             return self._dense
         D = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
         D = D * D if self.cost == "sqeuclidean" else D
-        if self.batch * self.n * self.m <= reference.BLOCK_ELEMENTS:
+        if self.batch * self.n * self.m <= reference.BLOCK_ELEMENTS and not compiling:
             self._dense = D  # small problem: keep the cost instead of recomputing it every pass
         return D
 

@@ -264,17 +264,20 @@ def test_float32_value_and_weight_gradients_stay_accurate_at_large_eps(backend, 
         assert (g32 - g64).abs().max() <= 2e-6 * g64.abs().max()
 
 
+@pytest.mark.parametrize("weights", [None, F64])
 @pytest.mark.parametrize("eps", [10.0, 100.0, 1000.0])
-def test_sinkhorn_loss_float32_at_large_eps_matches_float64(eps):
+def test_sinkhorn_loss_float32_at_large_eps_matches_float64(eps, weights):
     """The debiased loss cancels three values ~1e3 times its size (here: diameter ~ 2).
     Before the float64 value pass its float32 error was 4% at eps = 100; after it, while
     each term was still rounded to float32 and took the uniform weights' float32 ``1/n``
     (2e-8 off: the value's error), 2.6e-5 to 9.6e-5 here (1.6e-3 on another sample, a
     review). The terms are now combined before the one rounding, with ``1/n`` in float64:
-    2.5e-7 to 3e-7."""
+    2.5e-7 to 3e-7. Float64 weights given on float32 points are read as given there (their
+    float32 copies, the solve's, had left the loss 3e-4 off, a review)."""
     x, y = rand(200, 2, seed=7), rand(150, 2, seed=8)
+    w = () if weights is None else (torch.full((200,), 1 / 200, dtype=F64), torch.full((150,), 1 / 150, dtype=F64))
     l64 = otcore.SinkhornLoss(eps=eps, tol=1e-10, backend="torch")(x, y)
-    l32 = otcore.SinkhornLoss(eps=eps, backend="torch")(x.float(), y.float())
+    l32 = otcore.SinkhornLoss(eps=eps, backend="torch")(x.float(), y.float(), *w)
     assert l32.dtype == torch.float32
     assert abs(float(l32) - float(l64)) <= 2e-6 * abs(float(l64))
 
@@ -382,6 +385,39 @@ def test_inference_tensors_changed_in_place_are_read_again_by_the_next_solve(bac
                                    otcore.sparse_ot(otcore.PointCloud(x.clone(), y), k=2, gamma=0.5,
                                                     backend=backend).value, rtol=1e-6, atol=0)
         assert float(first.value) != float(otcore.sparse_ot(geom, k=2, gamma=0.5, backend=backend).value)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_tracked_input_beside_an_inference_tensor_is_followed(backend):
+    """A geometry of an inference tensor and a normal one: the normal one's in-place change
+    is seen by the next primitive call, as before inference tensors got a stamp per load
+    (the stamp had hidden it: the cached cost 4.8 off, Triton's centred features 16 off, a
+    review). d = 17: the Triton path caches centred points."""
+    with torch.inference_mode():
+        x = rand(9, 17, seed=85, dtype=torch.float32)
+    y = rand(7, 17, seed=86, dtype=torch.float32)
+    geom = otcore.PointCloud(x, y)
+    otcore.sinkhorn(geom, eps=0.1, backend=backend, tol=None, max_iter=5)
+    y.add_(1.0)
+    want = torch.cdist(x, y) ** 2
+    torch.testing.assert_close(geom.cost_block()[0], want, rtol=1e-6, atol=1e-5)
+    s = geom.softmin(torch.zeros(1, 7), 0.1, 1, backend=backend)[0]
+    torch.testing.assert_close(s, -0.1 * torch.logsumexp(-want / 0.1, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_solve_sees_in_place_changes_of_its_inputs():
+    """A compiled function solving on a geometry made outside it: the graph had read the
+    small problem's cached cost and returned its first call's value forever after
+    x.add_(0.5) (0.189 for 0.585, a review). While compiling the cache is not used."""
+    x, y = rand(9, 2, seed=87, dtype=torch.float32), rand(7, 2, seed=88, dtype=torch.float32)
+    geom = otcore.PointCloud(x, y)
+    solve = torch.compile(lambda g: otcore.sinkhorn(g, eps=0.1, **T).value, backend="eager")
+    before = solve(geom)
+    x.add_(0.5)
+    after = solve(geom)
+    fresh = otcore.sinkhorn(otcore.PointCloud(x.clone(), y), eps=0.1, **T).value
+    assert float(after) > 2 * float(before)
+    torch.testing.assert_close(after, fresh, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

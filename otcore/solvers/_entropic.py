@@ -66,12 +66,18 @@ class Problem:
 
     def value_weights(self, dtype: torch.dtype):
         """``(A, Bw)`` for the dual value in ``dtype`` (the row pass's): float64 where the
-        solve is ``wide``, and there the default uniform weights (``a``/``b`` None) are
+        solve is ``wide``, and there the weights as given (a float64 ``a`` had been read
+        through its float32 copy) and the default uniform weights (``a``/``b`` None) as
         ``1/n`` in float64, not float32's rounding of it, whose 2e-8 relative error is the
         value's (~7e-9 of each term of a unit-square loss, 3e-4 of the debiased loss at
         large eps, a review)."""
-        return tuple(w.to(dtype) if given is not None or w.dtype == dtype else torch.full_like(w, 1.0 / w.shape[-1], dtype=dtype)
-                     for w, given in ((self.A, self.a_in), (self.Bw, self.b_in)))
+        def wide(w, given):
+            if w.dtype == dtype:
+                return w
+            if given is None:
+                return torch.full_like(w, 1.0 / w.shape[-1], dtype=dtype)
+            return given.detach().reshape(w.shape).to(dtype)
+        return wide(self.A, self.a_in), wide(self.Bw, self.b_in)
 
     def padded(self):
         """``(A, Bw)``, each None where it has no zero weight, for :meth:`Geometry.diameters`:
@@ -506,7 +512,9 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     rounding of each term had cost the debiased loss, a difference of three terms ~1e4 times
     its size at large eps, 1.6e-3 of itself (a review: eps 100, 200 vs 150 points)."""
     geom, eps, kw = pb.geom, pb.eps, pb.kw()
-    for_loss = _VALUE_ONLY.get() is geom
+    # (the context is read only where it matters: a value computed wider than the solve, or
+    # tol=None; torch.compile cannot trace ContextVar.get, a graph break every solve)
+    for_loss = (tol is None or pb.wide) and _VALUE_ONLY.get() is geom
     value_only = tol is None and for_loss
     with torch.no_grad():
         F, G = f + eps * pb.loga, g + eps * pb.logb
