@@ -138,11 +138,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def reciprocal_fits(name: str, v: float, dtype: torch.dtype) -> float:
-    """``v`` > 0 whose reciprocal (the solvers scale by ``1/v``) is finite in ``dtype``."""
+    """``v`` > 0 whose reciprocal, times ``log2(e)`` (the kernels scale by ``log2(e)/v``, in
+    base 2), is finite in ``dtype``: float32 rho = 3e-39 passed a check of ``1/v`` alone, and
+    the Triton kernel's convergence test read inf (a review)."""
     big = torch.finfo(dtype).max
-    if 1.0 / v > big:
+    if math.log2(math.e) / v > big:
         raise ValueError(f"{name}={v:g} is too small for {dtype_name(dtype)}: 1/{name} overflows "
-                         f"(it must be >= {1.0 / big:.1e}; rescale the cost"
+                         f"(it must be >= {math.log2(math.e) / big:.1e}; rescale the cost"
                          f"{'' if dtype == torch.float64 else ', or use float64'})")
     return v
 

@@ -235,3 +235,60 @@ def test_far_zero_weight_padding_keeps_the_unpadded_value(backend, dtype, scale,
         val.backward()
         torch.testing.assert_close(val, loss(x, y, a, b), rtol=1e-5, atol=0)
         assert bool(torch.isfinite(xg.grad).all())
+
+
+def _unbalanced_dual_optimum(C, a, b, eps, rho):
+    """The maximiser of the (strictly concave) unbalanced dual by damped Newton on autograd's
+    Hessian, float64: an independent reference for the potentials."""
+    n = C.shape[0]
+
+    def dual(z):
+        f, g = z[:n], z[n:]
+        phi = lambda t: -rho * torch.expm1(-t / rho)  # noqa: E731
+        return (a * phi(f)).sum() + (b * phi(g)).sum() \
+            - eps * (a[:, None] * b[None] * torch.expm1((f[:, None] + g[None] - C) / eps)).sum()
+
+    z = torch.zeros(n + C.shape[1], dtype=F64)
+    for _ in range(200):
+        grad = torch.autograd.functional.jacobian(dual, z)
+        if grad.abs().max() < 1e-15:
+            break
+        step, t = -torch.linalg.solve(torch.autograd.functional.hessian(dual, z), grad), 1.0
+        while dual(z + t * step) < dual(z) - 1e-15 and t > 1e-10:
+            t /= 2
+        z = z + t * step
+    return z[:n], z[n:]
+
+
+@pytest.mark.parametrize("rho", [1e2, 1e5])
+def test_large_rho_potentials_reach_the_optimum_along_the_plan_preserving_direction(rho):
+    """Along (f + c, g - c) the plan does not change and the dual's curvature is ~ mass / rho:
+    the residual saw a drift c only as mass c / rho, and a solve stopped at the default tol
+    with f 5e-4 (rho 100) and 0.059 (rho 1e5, after 30 iterations; eps 0.05) off the optimum,
+    converged=True, its weights' gradients as far off (a review). The best translation,
+    in closed form after each block of iterations and at the end, puts them there."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(13, 2, generator=g, dtype=F64), torch.rand(9, 2, generator=g, dtype=F64)
+    a, b = torch.rand(13, generator=g, dtype=F64), torch.rand(9, generator=g, dtype=F64)
+    a, b = a / a.sum(), b / b.sum()
+    f_opt, g_opt = _unbalanced_dual_optimum(torch.cdist(x, y) ** 2, a, b, 0.05, rho)
+    ag = a.clone().requires_grad_()
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), ag, b, eps=0.05, rho=rho, **T)  # default tol
+    assert res.converged
+    assert float((res.f - f_opt).abs().max()) < 1e-5 and float((res.g - g_opt).abs().max()) < 1e-5
+    # the value's gradient in a_i: phi(f_i) - eps ((P1)_i / a_i - m(b)), (P1)_i = a_i e^(-f_i/rho) at the optimum
+    (ga,) = torch.autograd.grad(res.value, ag)
+    want = -rho * torch.expm1(-f_opt / rho) - 0.05 * (torch.exp(-f_opt / rho) - b.sum())
+    torch.testing.assert_close(ga, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rho", [(1000.0, 1000.0), (1000.0, None), (None, 30.0)])
+def test_large_rho_with_unequal_masses_converges_like_balanced(rho):
+    """Masses 30 and 34: the iterations converge along the plan-preserving direction at a
+    rate ~ 1 - eps / rho, so rho = 1000 had not converged in 20,000 iterations (float64, tol
+    1e-7); with the best translation after each block of iterations it takes 40."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(60, 2, generator=g, dtype=F64), torch.rand(45, 2, generator=g, dtype=F64)
+    a, b = torch.rand(60, generator=g, dtype=F64), torch.rand(45, generator=g, dtype=F64) * 1.5
+    res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.05, rho=rho, tol=1e-7, max_iter=300, **T)
+    assert res.converged and res.n_iter <= 60

@@ -647,6 +647,12 @@ def test_rho_outside_the_dtype_is_rejected_before_any_work():
     geom = otcore.PointCloud(rand(5, 2, seed=3), rand(7, 2, seed=4))
     with pytest.raises(ValueError, match="rho=1e-60 is too small for float32"):
         otcore.sinkhorn(geom, eps=0.1, rho=1e-60)
+    # the kernels scale by log2(e)/rho: 3e-39 passed a check of 1/rho, and the Triton kernel's
+    # test read inf (101 iterations where the torch path took 1, a review); eps alike
+    with pytest.raises(ValueError, match=r"rho=3e-39 is too small for float32: .* >= 4\.2e-39"):
+        otcore.sinkhorn(geom, eps=0.1, rho=3e-39)
+    with pytest.raises(ValueError, match=r"eps=3e-39 is too small for float32"):
+        otcore.sinkhorn(geom, eps=3e-39)
     with pytest.raises(ValueError, match=r"rho=1e\+39 is too large for float32"):
         otcore.sinkhorn(geom, eps=0.1, rho=(None, 1e39))
     assert otcore.sinkhorn(otcore.PointCloud(rand(5, 2, seed=3).double(), rand(7, 2, seed=4).double()),
