@@ -22,7 +22,7 @@ from . import _dispatch, _validate, reference
 
 COSTS = ("sqeuclidean", "euclidean")
 
-#: stamps for the loads of inputs without version counters (:meth:`Geometry.loaded_stamp`)
+#: stamps for the loads of inputs without version counters (:meth:`Geometry._stamp`)
 _UNTRACKED_LOADS = itertools.count()
 
 

@@ -46,8 +46,9 @@ class SinkhornLoss(nn.Module):
     uniform weights as ``1/n`` in float64 (float64 weights as given), and the three are
     combined in float64 before the one rounding to float32: against float64 solves (200 vs
     150 uniform points in the unit square, 5 samples) within 5e-6 relative at eps = 10, 100
-    and 1000, most within 4e-7. What is left grows like eps times float32's rounding squared: from eps ~ 1e8
-    (1e-4 to 6e-4 off at 1e8, 1e-3 to 6e-3 at 1e9 on 30 vs 25 points) use float64 inputs.
+    and 1000, most within 4e-7. What is left grows like eps times float32's rounding
+    squared: from eps ~ 1e8 (1e-4 to 6e-4 off at 1e8, 1e-3 to 6e-3 at 1e9 on 30 vs 25
+    points) use float64 inputs.
 
     Args:
         eps: regularization in cost units (``||x - y||^2`` by default, no 1/2).
