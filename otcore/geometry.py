@@ -59,13 +59,12 @@ class Geometry:
         them: a tensor, finite, non-negative, not all zero (negative or NaN ones had counted
         as zero, and all-zero ones gave a cost matrix -inf, a review); ``(n,)``/``(m,)`` or,
         as for a batch of one, ``(1, n)``/``(1, m)`` for an unbatched geometry."""
-        sides = []
-        for name, w, size in (("a", a, self.n), ("b", b, self.m)):
-            if isinstance(w, torch.Tensor) and not self.batched and w.dim() == 2 and w.shape[0] == 1:
-                w = w[0]
-            sides.append((name, w, size))
         if a is not None or b is not None:
-            _validate.weights(sides, self.batch, self.batched, self._ref)  # one host read
+            def one(w):  # (1, size) for an unbatched geometry: as (size,)
+                flat = isinstance(w, torch.Tensor) and not self.batched and w.dim() == 2 and w.shape[0] == 1
+                return w[0] if flat else w
+            _validate.weights((("a", one(a), self.n), ("b", one(b), self.m)), self.batch, self.batched,
+                              self._ref)  # one host read
         return self._diameters(a, b)
 
     def _live(self, name: str, w: Optional[torch.Tensor], size: int) -> Optional[torch.Tensor]:

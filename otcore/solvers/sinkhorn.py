@@ -223,10 +223,11 @@ def sinkhorn(
                         else "residual")  # unbalanced: the distance to the optimality conditions
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
         relax = relaxation(overrelax, pb)
+        move = best_translation(pb) if translates(pb) else None  # after each block of iterations and at the end
         f, g, n_iter, passed, stalled = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
-                                        cold=init is None, relax=relax)
-        if translates(pb):
-            f, g = best_translation(pb)(f, g)
+                                        cold=init is None, relax=relax, move=move)
+        if move is not None:
+            f, g = move(f, g)
         f, g = settle_zero_weights(pb, f, g, (_tau(pb.rho_a, pb.eps), _tau(pb.rho_b, pb.eps)), tied=pb.symmetric)
         info = {"eps_stages": stages, "symmetric": pb.symmetric, "time_s": progress.elapsed}
         if relax is not None:  # the factors in use at the end, per problem
@@ -297,12 +298,14 @@ def _cold_gauge(pb: Problem, f, g, active):
 
 @torch.no_grad()
 def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cuda_graph: bool = False,
-             active=None, cold: bool = False, relax: Optional[Overrelaxation] = None):
+             active=None, cold: bool = False, relax: Optional[Overrelaxation] = None, move=None):
     """Run the iterations; returns ``(f, g, n_iter, passed, stalled)`` (per-problem counts and
     flags; ``stalled``: stopped by :data:`STALL_STOP`, None with ``tol=None``).
     ``active`` (B,) bool, if given, restricts the iterations to those problems (the
     others keep their potentials and count no iterations). ``cold``: ``f, g`` are the zeros
     of no warm start (the symmetric iteration then starts one pass further, below).
+    ``move``: :func:`best_translation`'s, applied after each block of iterations at the
+    target eps (unbalanced problems; None: none).
 
     The eps-scaling stages run one iteration each, unchecked (the potentials are far
     from the target's). At the target eps the residual is read after the first
@@ -351,10 +354,6 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         progress.update(it, None, e, f"eps stage {i + 1}/{len(stages)}")
     if it:  # one iteration per stage, for every problem (active does not change during them)
         n_iter += active * it
-
-    # unbalanced: after each block of iterations the potentials move along the direction that
-    # keeps the plan, which the iterations converge along slowly (best_translation)
-    move = best_translation(pb) if translates(pb) else None
 
     def until_test(done: int) -> int:
         """Iterations at the target eps before the next test, ``done`` having run: after
