@@ -48,6 +48,7 @@ def strided(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; use {name}.to_dense()")
 
 
+@torch.compiler.disable  # run, not traced: torch.compile cannot trace the functorch queries (it warned)
 def no_function_transform(t: torch.Tensor) -> None:
     """Raise ``TypeError`` for a tensor that a ``torch.func`` transform (``grad``, ``vmap``,
     ``jacrev``, ...) is tracking: batched by ``vmap``, or under a gradient transform with

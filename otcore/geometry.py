@@ -284,10 +284,9 @@ def _described(t) -> str:
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor
-        return None
+    # asked before reading: an inference tensor's t._version raises, and torch.compile
+    # does not trace the exception's handler (the compiled solve failed, a RuntimeError)
+    return None if t.is_inference() else t._version
 
 
 class PointCloud(Geometry):

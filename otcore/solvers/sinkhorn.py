@@ -126,6 +126,10 @@ def _check_stage_count(k: int, eps: float, max_iter: Optional[int]) -> None:
                          f"schedule")
 
 
+# torch.compile: the solve (data-dependent loop, host checks) is one opaque call, as in
+# SinkhornLoss; its gradients are autograd.Functions. (Traced, 200 x 150 points compiled for
+# 100-300 s, later calls ran 2-3 s for eager's 0.06-0.9 s, and inference tensors failed a guard.)
+@torch.compiler.disable
 def sinkhorn(
     geom,
     a: Optional[torch.Tensor] = None,
