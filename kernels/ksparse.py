@@ -261,8 +261,10 @@ def ksparse_columns(
         return _torch_ksparse_columns(geom, h, gamma, k, axis, mass=mass, beta=beta, precision=precision)
     B, n, m = geom.batch, geom.n, geom.m
     N, L = (n, m) if axis == 0 else (m, n)
-    dt, dev = h.dtype, h.device
-    h = h.contiguous()
+    # the geometry's compute dtype, as the torch twin reads narrower inputs (bf16 h had run
+    # the whole pass in bf16: line sums 8.5e-22 for masses of 1/9, a review)
+    dt, dev = geom.dtype, h.device
+    h = h.to(dt).contiguous()
     line_in = (mass if mass is not None else beta).to(dt).contiguous()
     beta_o = torch.empty(B, L, dtype=dt, device=dev)
     reg = torch.empty_like(beta_o)

@@ -185,8 +185,8 @@ def plan_sparse_rows(geom, F, G, eps: float, s: int, precision: str = "fp32"):
     B, n, m = geom.batch, geom.n, geom.m
     if B > BATCH_MAX:
         return _twin.plan_sparse_rows(geom, F, G, eps, s, precision)
-    F = F.contiguous()
-    G = G.contiguous()
+    F = F.to(geom.dtype).contiguous()  # the compute dtype, as the twin reads fp16/bf16 potentials
+    G = G.to(geom.dtype).contiguous()
     vals = torch.empty(B, n, s, dtype=F.dtype, device=F.device)
     idx = torch.empty(B, n, s, dtype=torch.int64, device=F.device)
     s_pad = next_pow2(s)

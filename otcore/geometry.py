@@ -234,12 +234,11 @@ class Geometry:
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != (self.batch, want):
             raise ValueError(f"v must have {want} entries per problem for axis={axis} ({'m' if axis else 'n'}), "
                              f"as a (B={self.batch}, {want}) tensor, got shape {tuple(getattr(v, 'shape', ()))}")
-        if idx.numel() and bool(((idx < 0) | (idx >= self.m)).any()):
-            raise ValueError(f"idx must hold column indices in [0, m={self.m})")
         return self._call("ell_matvec", backend, vals, idx, v, axis)
 
-    def _check_ell(self, vals, idx) -> None:
-        """``vals`` a float32/float64 (B, n, s) tensor, ``idx`` int64 of its shape."""
+    def _check_ell(self, vals, idx, check_idx: bool = True) -> None:
+        """``vals`` a float32/float64 (B, n, s) tensor, ``idx`` int64 of its shape, and
+        (``check_idx``; one host read) in ``[0, m)``."""
         B = self.batch
         if not isinstance(vals, torch.Tensor) or vals.dim() != 3 or vals.shape[:2] != (B, self.n) or \
                 vals.dtype not in (torch.float32, torch.float64):
@@ -247,16 +246,21 @@ class Geometry:
                              f"{getattr(vals, 'dtype', type(vals).__name__)} {tuple(getattr(vals, 'shape', ()))}")
         if not isinstance(idx, torch.Tensor) or idx.shape != vals.shape or idx.dtype != torch.int64:
             raise ValueError(f"idx must be an int64 tensor of vals' shape {tuple(vals.shape)}")
+        if check_idx and idx.numel() and bool(((idx < 0) | (idx >= self.m)).any()):
+            raise ValueError(f"idx must hold column indices in [0, m={self.m})")
 
-    def ell_pcg(self, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active, backend="torch"):
+    def ell_pcg(self, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active, backend="torch", check_idx=True):
         """Solve ``[[diag(d_a), S], [S^T, diag(d_b)]] x = rhs`` per problem by PCG on its
         Schur complement (``x_b`` eliminated), S the ELL matrix ``vals, idx`` (B,n,s)
         (indices in ``[0, m)``, as from :meth:`plan_sparse_rows`); ``diag``, ``rhs``,
         ``inv_diag`` (``1 / diag``, 0 for entries left out) pairs of (B,n) and (B,m) of vals'
         dtype; ``rtol`` a number or (B,); ``active`` (B,) bool or None (all); returns
-        ``((x_a, x_b), its (B,))`` (see reference_sparse.ell_pcg)."""
+        ``((x_a, x_b), its (B,))`` (see reference_sparse.ell_pcg). The indices' range is
+        checked (one host read: the Triton kernels do not mask them, an index out of range
+        read past the vectors), unless ``check_idx=False`` (SNS, whose indices come from
+        :meth:`plan_sparse_rows`: no read per Newton step)."""
         B = self.batch
-        self._check_ell(vals, idx)
+        self._check_ell(vals, idx, check_idx)
         for name, pair in (("diag", diag), ("rhs", rhs), ("inv_diag", inv_diag)):
             if len(pair) != 2 or any(not isinstance(t, torch.Tensor) or t.shape != (B, k) or t.dtype != vals.dtype
                                      for t, k in zip(pair, (self.n, self.m))):

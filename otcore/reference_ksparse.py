@@ -158,7 +158,7 @@ def ksparse_columns(
             bl = -(rel + u[..., 0])
             excess = torch.clamp((xs - u[..., :1]) - rel[..., None], min=0)
         else:
-            bl = beta[:, sl]
+            bl = beta[:, sl].to(torch.promote_types(beta.dtype, x.dtype))  # (fp16/bf16: echoed in x's dtype)
             excess = torch.clamp(xs + bl[..., None], min=0)
         T = excess / gamma
         out["beta"].append(bl)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -13,6 +15,24 @@ from . import _validate
 
 class ConvergenceWarning(UserWarning):
     """A solver stopped at ``max_iter`` (or on non-finite values) before meeting ``tol``."""
+
+
+#: Frames a warning is not attributed to: otcore's own (the kernels too, wherever installed)
+#: and torch's (nn.Module's call, torch.compiler.disable's wrapper, autograd's backward).
+_LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` by the function calling this: the first frame
+    outside otcore and torch, the user's line. (Fixed levels counted frames that change:
+    behind ``torch.compiler.disable`` the solvers' warnings named torch's eval_frame.py, and
+    the router's torch's module.py, a review.)"""
+    kernels = sys.modules.get("otcore.kernels")
+    skip = _LIBRARY_DIRS + ((os.path.dirname(os.path.abspath(kernels.__file__)) + os.sep,) if kernels else ())
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def reemit(w: warnings.WarningMessage, seen: set) -> None:

@@ -21,7 +21,6 @@ The plan is differentiable with respect to the scores (see
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from fractions import Fraction
 from typing import NamedTuple, Optional
@@ -33,7 +32,7 @@ from torch import nn
 from . import _validate
 from ._dispatch import BACKENDS
 from .geometry import CostMatrix
-from .result import ConvergenceWarning, SparseOTResult, all_converged, reemit
+from .result import ConvergenceWarning, SparseOTResult, all_converged, reemit, user_stacklevel
 from .solvers._entropic import TOL_MASS_SHARE
 from .solvers.sparse import sparse_ot
 
@@ -267,7 +266,7 @@ class SparseOTRouter(nn.Module):
             elif not self._warned:
                 self._warned = True
                 warnings.warn(f"SparseOTRouter: {w.message} (warned once per router; result.converged reports "
-                              f"every call)", ConvergenceWarning, stacklevel=4)
+                              f"every call)", ConvergenceWarning, stacklevel=user_stacklevel())
         self._check_ties(res, n_tokens, wide)
         if self.warm_start:  # the duals kept: those of the better solve, unless it stopped on non-finite values
             self._init = (res.alpha.detach(), res.beta.detach()) if _finite(res) else None
@@ -330,7 +329,7 @@ class SparseOTRouter(nn.Module):
             f"n_tokens): the scores are tied across experts (score std {float(scores.detach().std()):.2g}; e.g. a gate "
             f"initialised at zero, or duplicated tokens), which the k-sparse relaxation cannot split between "
             f"experts. Break the ties, e.g. with a random gate initialisation (warned once per router)",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
     def extra_repr(self) -> str:
@@ -339,15 +338,16 @@ class SparseOTRouter(nn.Module):
 
 
 def _capacity_factor(value) -> float:
-    """``>= 1``; a float32 or float16 number (a NumPy scalar, a one-element tensor) as the
-    shortest decimal that its dtype rounds to it, so that ``capacity`` takes it as written:
-    ``np.float32(1.1)`` is 1.1, not 1.100000023841858 (whose capacity of 100 tokens over 10
-    experts came out 12, a review)."""
+    """``>= 1``; a float32, float16 or bfloat16 number (a NumPy scalar, a one-element tensor)
+    as the shortest decimal that its dtype rounds to it, so that ``capacity`` takes it as
+    written: ``np.float32(1.1)`` is 1.1, not 1.100000023841858 (whose capacity of 100 tokens
+    over 10 experts came out 12, a review; bf16's 1.1015625 too, a later one)."""
     value = _validate.numpy_scalar(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype in (torch.float32, torch.float16):
-        value = value.detach().cpu().numpy().reshape(())[()]
-    if isinstance(value, (np.float32, np.float16)) and np.isfinite(value):
-        value = float(np.format_float_scientific(value, unique=True))
+    narrow = {np.float32: torch.float32, np.float16: torch.float16}.get(type(value))
+    if narrow is not None:
+        value = torch.tensor(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype in _NARROW_FLOATS:
+        value = _shortest_decimal(float(value.detach().reshape(())), value.dtype)
     factor = _validate.positive("capacity_factor", value)
     if factor < 1:
         raise ValueError(f"capacity_factor must be >= 1 (every expert must be able to take its n_tokens/n_experts "
@@ -355,21 +355,24 @@ def _capacity_factor(value) -> float:
     return factor
 
 
+_NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _shortest_decimal(v: float, dtype: torch.dtype) -> float:
+    """The decimal of fewest digits that ``dtype`` rounds to ``v`` (``v`` itself if not finite)."""
+    for digits in range(1, 18) if math.isfinite(v) else ():
+        d = float(f"{v:.{digits}g}")
+        if float(torch.tensor(d, dtype=dtype)) == v:
+            return d
+    return v
+
+
 def _tol(value) -> float:
     tol = _validate.positive("tol", value)
     if tol > TOL_MASS_SHARE:  # (the solver's own warning, in its units, is left out of the calls)
         warnings.warn(f"SparseOTRouter: tol={tol:g} (a fraction of the token mass) lets a routing misplace that "
-                      f"share of it and count as converged", UserWarning, stacklevel=_caller_level())
+                      f"share of it and count as converged", UserWarning, stacklevel=user_stacklevel())
     return tol
-
-
-def _caller_level() -> int:
-    """``stacklevel`` for a warning of the function calling this: the first frame outside
-    this module (the user's line, whether the setting came through the constructor or not)."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 #: SparseOTRouter's settings and their checks (SparseOTRouter.__setattr__)

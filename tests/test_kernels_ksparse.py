@@ -104,6 +104,25 @@ def test_kernel_float64_is_exact(kind):
         torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("narrow", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["semi", "dual"])
+def test_narrow_inputs_are_read_in_the_compute_dtype(narrow, mode):
+    """fp16/bf16 ``h`` (and mass or beta) on a float32 geometry: the kernel had run the pass
+    in their dtype, and with bf16 the semi-dual plan's line sums came out 8.5e-22 for masses
+    of 1/9 (a review); both backends now read them in float32, as docs/api.md says."""
+    geom = _geom("sqeuclidean", 37, 9, 2, 1, torch.float32, seed=5)
+    h, kw = _inputs(geom, 0, mode, seed=6)
+    h, kw = h.to(narrow), {key: v.to(narrow) for key, v in kw.items()}
+    got = geom.ksparse_columns(h, 0.5, 3, 0, backend="triton", **kw)
+    want = geom.ksparse_columns(h, 0.5, 3, 0, backend="torch", **kw)
+    assert got.vals.dtype == want.vals.dtype == torch.float32
+    for a, b in zip(got, want):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if mode == "semi":
+        torch.testing.assert_close(got.line_sum, kw["mass"].float(), rtol=1e-5, atol=0)
+
+
 def test_projection_unit_cases_in_the_kernel():
     x = torch.tensor([0.5, 0.4, 0.3, -1.0], dtype=torch.float64, device=DEVICE)
     want = {1: [1, 0, 0, 0], 2: [0.55, 0.45, 0, 0], 3: [13 / 30, 10 / 30, 7 / 30, 0]}

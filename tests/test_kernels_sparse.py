@@ -95,6 +95,21 @@ def test_plan_sparse_rows_matches_twin_and_float64(kind, batch, dtype, s):
     assert not bool((ik[-1][vk[-1] > 0] == 5).any())
 
 
+@pytest.mark.parametrize("narrow", [torch.float16, torch.bfloat16])
+def test_plan_sparse_rows_reads_narrow_potentials_in_the_compute_dtype(narrow):
+    """fp16/bf16 potentials on a float32 geometry: the kernel had computed and returned in
+    their dtype (bf16 rows 1.4e-2 off the twin's float32 ones, a review); both backends now
+    read them in float32, as docs/api.md says."""
+    geom, C, F, G = make("sq3", torch.float32, 2)
+    F, G = F.to(narrow), G.to(narrow)
+    P64 = torch.exp((F.double()[:, :, None] + G.double()[:, None, :] - C) / EPS)
+    vk, ik = geom.plan_sparse_rows(F, G, EPS, 5, backend="triton")
+    vt, it = geom.plan_sparse_rows(F, G, EPS, 5, backend="torch")
+    assert vk.dtype == vt.dtype == torch.float32
+    check_topk(vk, ik, P64, 5, TOL[torch.float32])
+    check_topk(vt, it, P64, 5, TOL[torch.float32])
+
+
 def test_plan_sparse_rows_full_width_equals_plan():
     """s = m keeps every entry: scattering the ELL rows back gives the dense plan
     (the zero-weight column's slot holds a zero)."""

@@ -312,10 +312,12 @@ def test_settings_set_after_construction_are_checked():
 
 
 @pytest.mark.parametrize("factor", [np.float32(1.1), torch.tensor(1.1), torch.tensor(1.2, dtype=torch.float16),
-                                    np.array(np.float32(1.1))])
+                                    np.array(np.float32(1.1)), np.float16(1.1),
+                                    torch.tensor(1.1, dtype=torch.bfloat16), torch.tensor(1.3, dtype=torch.bfloat16)])
 def test_a_float32_capacity_factor_is_taken_as_written(factor):
     """``np.float32(1.1)`` is 1.100000023841858: its capacity of 100 tokens over 10 experts
-    came out 12 (a review); the shortest decimal of its dtype is 1.1, capacity 11."""
+    came out 12 (a review); the shortest decimal of its dtype is 1.1, capacity 11. bf16's
+    1.1 (1.1015625) had still given 12 (a later review)."""
     router = otcore.SparseOTRouter(10, capacity_factor=factor)
     want = round(float(factor), 2)
     assert router.capacity_factor == want

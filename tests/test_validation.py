@@ -742,3 +742,24 @@ def test_zero_d_numpy_numbers_are_numbers():
         otcore.sinkhorn(C, eps=0.05, overrelax=torch.tensor(2.5))
     with pytest.raises(ValueError, match="eps_schedule as a decay factor"):
         otcore.sinkhorn(C, eps=0.05, eps_schedule=np.array(1.5))
+
+
+def test_warnings_name_the_callers_line():
+    """Every warning of a solve names the line that called otcore, through whatever frames
+    lie between: torch.compiler.disable's wrapper had moved the solvers' warnings to torch's
+    eval_frame.py, and the router's went to torch's module.py (a review)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(30, 2, generator=g), torch.rand(20, 2, generator=g)
+    scores = torch.randn(64, 8, generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        otcore.sinkhorn(otcore.PointCloud(x, y), eps=1e-3, max_iter=13)
+        otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, tol=0.5)  # tol against the mass
+        otcore.sinkhorn_newton(otcore.PointCloud(x, y), eps=1e-3, max_iter=1, warmup_iter=1)
+        otcore.sparse_ot(otcore.PointCloud(x, y), k=2, gamma=1e-3, max_iter=2)
+        otcore.SinkhornLoss(eps=1e-3, max_iter=13)(x, y)
+        otcore.SparseOTRouter(8, gamma=0.5, max_iter=1)(scores)  # unconverged
+        otcore.SparseOTRouter(8)(torch.zeros(64, 8))  # tied scores
+    what = [(w.category.__name__, str(w.message)[:40]) for w in caught]
+    assert len({w.lineno for w in caught}) == 7, what  # one line or more from each of the seven calls
+    assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]

@@ -16,7 +16,7 @@ from .. import _dispatch, _validate
 from ..autograd import EnvelopeSpec, envelope_value, phi, resolved_softmin
 from ..geometry import Geometry
 from ..reference import scaled
-from ..result import ConvergenceWarning, OTResult
+from ..result import ConvergenceWarning, OTResult, user_stacklevel
 
 
 @dataclass
@@ -143,13 +143,13 @@ def tol_against_mass(tol: Optional[float], mass: float) -> None:
     weights of mass 1e-6 at the default tol stopped after one iteration at eps and came out
     -3.2e-6 against 7.1e-8, no warning; at mass 1e-4, 5% off). Called by the solvers once
     every argument is checked (bad input raises without a warning first); for their caller's
-    line (``stacklevel=3``)."""
+    line (:func:`~otcore.result.user_stacklevel`)."""
     if tol is not None and tol > TOL_MASS_SHARE * mass:
         warnings.warn(
             f"tol={tol:g} is {tol / mass:.3g} of the smallest total mass of the weights ({mass:.3g}): the marginal "
             f"error it bounds is absolute (|P1 - a|_1 + |P^T 1 - b|_1), so the solve may stop before it converges. "
             f"Scale tol with the weights (e.g. tol={1e-5 * mass:.1g}) or normalise them",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=user_stacklevel())
 
 
 def padded(A: torch.Tensor, Bw: torch.Tensor, zeros: tuple[bool, bool]):
@@ -566,7 +566,7 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
     if not all_ok:
         bad = int((~converged).sum())
         why = _diagnoses(pb, f, g, resid, passed, converged, finite, n_iter, tol, value, cost, stalled)
-        warnings.warn(f"{name} did not converge for {bad} of {geom.batch} problem(s): {why}", ConvergenceWarning, stacklevel=3)
+        warnings.warn(f"{name} did not converge for {bad} of {geom.batch} problem(s): {why}", ConvergenceWarning, stacklevel=user_stacklevel())
     out = (lambda t: t) if geom.batched else (lambda t: t[0])
     return OTResult(
         f=out(f),

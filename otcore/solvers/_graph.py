@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..result import user_stacklevel
+
 #: ``block(f, g, active, k) -> (f, g, ...)``: ``k`` iterations, potentials frozen where
 #: ``active`` is False (the solver's block also returns the residual of its convergence
 #: test). Must be functional (new output tensors, inputs untouched).
@@ -79,7 +81,7 @@ class GraphedBlock:
             except Exception as e:  # an op that cannot be recorded (torch or Triton): run eagerly
                 self.failed = True
                 warnings.warn(f"cuda_graph: recording the Sinkhorn iterations failed ({e}); running them eagerly",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=user_stacklevel())
                 return self.block(f, g, active, k)
             self.recorded = (replay, static, out)
             return tuple(first)

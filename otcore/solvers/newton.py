@@ -529,7 +529,7 @@ class _Solve:
         dc = torch.maximum(c, cross_sum(vals, idx, c.shape[1])) * (1 + lam)
         inv = (torch.where(live_a, 1 / dr, 0.0), torch.where(live_b, 1 / dc, 0.0))  # (live: dr >= r >= least)
 
-        (da, db), its = geom.ell_pcg(vals, idx, (dr, dc), rhs, inv, rtol, cg_max_iter, active, **kw)
+        (da, db), its = geom.ell_pcg(vals, idx, (dr, dc), rhs, inv, rtol, cg_max_iter, active, check_idx=False, **kw)
         self.cg_its = self.cg_its + its.max()  # on the device: read once, at the end
         return eps * da, eps * db
 

@@ -58,7 +58,7 @@ from .sinkhorn import check_schedule
 from ..autograd import first_order_only
 from ..geometry import CostMatrix, Geometry
 from ..reference_ksparse import KSparse, cross_sum
-from ..result import ConvergenceWarning, SparseOTResult
+from ..result import ConvergenceWarning, SparseOTResult, user_stacklevel
 
 FORMULATIONS = ("semi-dual", "dual")
 PLAN_GRADS = ("implicit", "fixed")
@@ -985,7 +985,7 @@ def _result(pb: _Problem, hp, out: KSparse, n_iter, reason, tol, batched, elapse
             f"sparse_ot did not converge for {int(bad.sum())} of {geom.batch} problem(s): gradient L1 norm "
             f"{gnorm_h[bad].max():.3e} (tol={tol:g}) after {n_iter_h.max()} iterations ({'; '.join(why)})",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     alpha, beta = (hp, hl) if pb.axis == 0 else (hl, hp)
     if pb.gauge is not None:  # a warm start's own gauge (the value, read above, is centred)
@@ -1179,7 +1179,7 @@ def _implicit_solve(pb: _Problem, idx, support, u: torch.Tensor) -> torch.Tensor
             warnings.warn(f"sparse_ot's plan gradient: conjugate gradient on the support's {N} x {N} system "
                           f"stopped at its cap of {cap} iterations short of rtol={rtol:g} (a badly "
                           f"conditioned support); the gradient through the plan may be off (float64 inputs "
-                          f"resolve it better)", ConvergenceWarning, stacklevel=3)
+                          f"resolve it better)", ConvergenceWarning, stacklevel=user_stacklevel())
     if pb.semi:
         return w_p
     along = (torch.gather(w_p, 1, idx.reshape(idx.shape[0], -1)).reshape(idx.shape) * sup).sum(-1)  # M^T w_p
