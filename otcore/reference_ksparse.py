@@ -24,6 +24,7 @@ Per line it also returns ``reg_l = (gamma/2) |T_:l|^2``, so that both objectives
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -143,16 +144,28 @@ def ksparse_columns(
     """
     if (mass is None) == (beta is None):
         raise ValueError("exactly one of mass (semi-dual) and beta (dual) must be given")
-    out = {f: [] for f in ("beta", "reg", "vals", "idx", "cost")}
+    # Outputs and the tile-sized temporaries allocated once per pass, written block by block:
+    # per-block allocations fragmented glibc's heap (a 20,000 x 20,000 pass grew by 2.2 GiB,
+    # past the dense cost, in 1 to 4 of 5 fresh runs; a review), as reference._tiles' tiles once did
+    B, L = geom.batch, geom.m if axis == 0 else geom.n
+    scratch = _Scratch()
+    beta_o = reg = vals = idx = cost = None
     for sl, x, Cl in _line_scores(geom, h, axis):
+        if vals is None:
+            dt, dev = x.dtype, x.device
+            beta_o, reg = torch.empty(B, L, dtype=dt, device=dev), torch.empty(B, L, dtype=dt, device=dev)
+            vals, cost = torch.empty(B, L, k, dtype=dt, device=dev), torch.empty(B, L, k, dtype=dt, device=dev)
+            idx = torch.empty(B, L, k, dtype=torch.int64, device=dev)
         if k == x.shape[2]:  # every position kept (k = line length): no selection, one sort for the threshold
-            u = torch.sort(x, dim=2, descending=True).values
+            u = torch.sort(x, dim=2, descending=True, out=scratch.tile(x, "sorted", "order")).values
             ix = torch.arange(k, device=x.device).expand(x.shape)
-            xs, cl = x, Cl.clone()  # (Cl is a reused tile)
+            xs = x
+            cost[:, sl] = Cl
         else:
-            u, ix = torch.topk(x, k, dim=2)  # sorted, largest first
-            ix = top_positions(x, u, ix)  # canonical layout: positions ascending within each line
-            xs, cl = torch.gather(x, 2, ix), torch.gather(Cl, 2, ix)
+            u, ix = torch.topk(x, k, dim=2, out=scratch.lines(x, k, "u", "ix"))  # sorted, largest first
+            ix = top_positions(x, u, ix, scratch)  # canonical layout: positions ascending within each line
+            xs = torch.gather(x, 2, ix)
+            torch.gather(Cl, 2, ix, out=cost[:, sl])
         if mass is not None:  # relative to the line's top score (large scores, small gamma * mass)
             rel = threshold_below_top(u, gamma * mass[:, sl])
             bl = -(rel + u[..., 0])
@@ -160,18 +173,42 @@ def ksparse_columns(
         else:
             bl = beta[:, sl].to(torch.promote_types(beta.dtype, x.dtype))  # (fp16/bf16: echoed in x's dtype)
             excess = torch.clamp(xs + bl[..., None], min=0)
-        T = excess / gamma
-        out["beta"].append(bl)
+        T = torch.div(excess, gamma, out=vals[:, sl])
+        beta_o[:, sl] = bl
         # (gamma/2) T^2 as excess * T / 2: T^2 alone under- or overflows float32 at masses ~1e-23 or ~1e19
-        out["reg"].append(0.5 * (excess * T).sum(2))
-        out["vals"].append(T)
-        out["idx"].append(ix)
-        out["cost"].append(cl)
-    beta_o, reg, vals, idx, cost = (torch.cat(out[f], 1) for f in ("beta", "reg", "vals", "idx", "cost"))
+        reg[:, sl] = 0.5 * (excess * T).sum(2)
+        idx[:, sl] = ix
     return KSparse(beta_o, reg, vals, idx, cost, vals.sum(2), cross_sum(vals, idx, h.shape[1]))
 
 
-def top_positions(x: torch.Tensor, u: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
+class _Scratch:
+    """Work buffers of one pass, allocated at its first (largest) block; a smaller block
+    takes a contiguous view of the front of each."""
+
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def _get(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        size, buf = math.prod(shape), self.bufs.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < size:
+            buf = self.bufs[name] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:size].view(shape)
+
+    def like(self, x: torch.Tensor, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A tile of ``x``'s shape, in ``dtype`` (``x``'s by default)."""
+        return self._get(name, tuple(x.shape), dtype or x.dtype, x.device)
+
+    def tile(self, x: torch.Tensor, values: str, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, int64 positions)`` of ``x``'s shape, for ``torch.sort(..., out=)``."""
+        return self.like(x, values), self.like(x, order, torch.int64)
+
+    def lines(self, x: torch.Tensor, k: int, values: str, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, int64 positions)`` of ``k`` per line of ``x``, for ``torch.topk(..., out=)``."""
+        shape = (*x.shape[:-1], k)
+        return self._get(values, shape, x.dtype, x.device), self._get(order, shape, torch.int64, x.device)
+
+
+def top_positions(x: torch.Tensor, u: torch.Tensor, ix: torch.Tensor, scratch: Optional[_Scratch] = None) -> torch.Tensor:
     """Positions of the ``k`` largest entries of each line of ``x`` (..., N), ascending, from
     ``torch.topk``'s values ``u`` and positions ``ix`` (..., k): every entry above the k-th
     largest value, then of the entries equal to it the first in position order, as the
@@ -180,15 +217,19 @@ def top_positions(x: torch.Tensor, u: torch.Tensor, ix: torch.Tensor) -> torch.T
     only where a tie straddles the k-th place (a check without cost there); on a GPU always
     (a check would be a host sync)."""
     k, N = u.shape[-1], x.shape[-1]
+    scratch = scratch or _Scratch()
     kth = u[..., -1:]
-    tied = x == kth
+    tied = torch.eq(x, kth, out=scratch.like(x, "tied", torch.bool))
     if not x.is_cuda and not bool((tied.sum(-1) > (u == kth).sum(-1)).any()):
         return ix.sort(dim=-1).values  # no tie left out: topk's set is the only one
-    need = k - (x > kth).sum(-1, keepdim=True)
-    take = (x > kth) | (tied & (torch.cumsum(tied, -1, dtype=torch.int32) <= need))  # exactly k per line
+    above = torch.gt(x, kth, out=scratch.like(x, "above", torch.bool))
+    need = k - above.sum(-1, keepdim=True)
+    rank = torch.cumsum(tied, -1, dtype=torch.int32, out=scratch.like(x, "rank", torch.int32))
+    within = torch.le(rank, need, out=scratch.like(x, "within", torch.bool))
+    take = above.logical_or_(within.logical_and_(tied))  # exactly k per line (in above's buffer)
     # the k taken positions have the k largest keys N - position, all distinct: largest key first
     # is smallest position first
-    key = torch.where(take, N - torch.arange(N, device=x.device, dtype=torch.int32), 0)
+    key = torch.mul(take, N - torch.arange(N, device=x.device, dtype=torch.int32), out=rank)
     return torch.topk(key, k, dim=-1).indices
 
 

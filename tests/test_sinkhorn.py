@@ -1082,6 +1082,29 @@ def test_progress_line_reads_the_residual_only_when_it_prints(monkeypatch, capsy
     assert reads == []
 
 
+def test_progress_line_pairs_each_error_with_its_iteration(monkeypatch):
+    """A printed ``iter N`` carries the marginal error after N iterations: it had carried the
+    error after N - 1 (the test reads the row pass of the iteration it then completes; a
+    review: 'iter 11' with 5.859e-2, the error after 10, for 5.650e-2)."""
+    from otcore import _progress
+
+    lines = []
+    real = _progress.Progress.update
+    monkeypatch.setattr(_progress.Progress, "due", lambda self: True)
+    monkeypatch.setattr(_progress.Progress, "update",
+                        lambda self, it, err, eps, stage="": lines.append((it, err)) or real(self, it, err, eps, stage))
+    g = torch.Generator().manual_seed(4)
+    geom = otcore.PointCloud(torch.rand(30, 2, generator=g, dtype=torch.float64),
+                             torch.rand(20, 2, generator=g, dtype=torch.float64))
+    with pytest.warns(ConvergenceWarning):  # (capped: tested lines all along)
+        otcore.sinkhorn(geom, eps=0.01, tol=1e-12, max_iter=60, check_every=10, overrelax=False, verbose=True, **T)
+    tested = [(it, err) for it, err in lines if err is not None]
+    assert len(tested) >= 3
+    for it, err in tested:
+        want = otcore.sinkhorn(geom, eps=0.01, tol=None, max_iter=it, overrelax=False, **T).marginal_error
+        assert err == pytest.approx(float(want), rel=1e-6), it
+
+
 def test_a_batch_warning_diagnoses_each_failed_problem():
     """Two problems failing for different reasons: one only hit max_iter, the other's eps is
     below what float32 resolves of its plan. One diagnosis for the batch gave the first the

@@ -421,7 +421,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         it += k + 1
         if not going_h.any():
             break
-        if progress.due():  # from the residuals the test already read
-            progress.update(it, float(r_h[going_h > 0].max()), eps)
+        if progress.due():  # from the residuals the test already read: those after it - 1 iterations
+            progress.update(it - 1, float(r_h[going_h > 0].max()), eps)
     progress.close()
     return f, g, n_iter, passed, stalled
