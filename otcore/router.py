@@ -343,8 +343,7 @@ def _capacity_factor(value) -> float:
     written: ``np.float32(1.1)`` is 1.1, not 1.100000023841858 (whose capacity of 100 tokens
     over 10 experts came out 12, a review; bf16's 1.1015625 too, a later one)."""
     value = _validate.numpy_scalar(value)
-    narrow = {np.float32: torch.float32, np.float16: torch.float16}.get(type(value))
-    if narrow is not None:
+    if isinstance(value, (np.float32, np.float16)):
         value = torch.tensor(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype in _NARROW_FLOATS:
         value = _shortest_decimal(float(value.detach().reshape(())), value.dtype)

@@ -113,10 +113,7 @@ def grown_sparsity(s: int, dropped_half: np.ndarray, dropped: np.ndarray, drop_t
     return min(s_max, grow * s)
 
 
-# torch.compile: the solve (data-dependent loop, host checks) is one opaque call, as in
-# SinkhornLoss; its gradients are autograd.Functions. (Traced, 200 x 150 points compiled for
-# 100-300 s, later calls ran 2-3 s for eager's 0.06-0.9 s, and inference tensors failed a guard.)
-@torch.compiler.disable
+@torch.compiler.disable  # one opaque call under torch.compile, as otcore.sinkhorn (see there)
 def sinkhorn_newton(
     geom,
     a: Optional[torch.Tensor] = None,

@@ -174,10 +174,7 @@ def _check_init(init, pb: _Problem) -> torch.Tensor:
     return hp if pb.semi else torch.cat([hp, hl], 1)
 
 
-# torch.compile: the solve (data-dependent loop, host checks) is one opaque call, as in
-# SinkhornLoss; its gradients are autograd.Functions. (Traced, 200 x 150 points compiled for
-# 100-300 s, later calls ran 2-3 s for eager's 0.06-0.9 s, and inference tensors failed a guard.)
-@torch.compiler.disable
+@torch.compiler.disable  # one opaque call under torch.compile, as otcore.sinkhorn (see there)
 def sparse_ot(
     geom,
     a: Optional[torch.Tensor] = None,
