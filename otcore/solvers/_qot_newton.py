@@ -90,35 +90,81 @@ def semi_dual_hessian_solve(gamma: float, idx: torch.Tensor, support: torch.Tens
     B, L, _ = idx.shape
     N = u.shape[1]
     dt = torch.float64
-    M = torch.zeros(B, N, L, dtype=dt, device=u.device).scatter_(
-        1, idx.transpose(1, 2), support.transpose(1, 2).to(dt))
-    D, S = M.sum(2), M.sum(1)
+    sup = support.to(dt)
+    # M is never built whole: N x L in float64 is more than the dense cost on semi-discrete
+    # problems (200,000 x 64 clouds: +166 MiB, a review). D, S and M's products are the
+    # support's scatters and gathers; K and A are summed from slices of M's columns or rows.
+    D = torch.zeros(B, N, dtype=dt, device=u.device).scatter_add_(1, idx.reshape(B, -1), sup.reshape(B, -1))
+    S = sup.sum(2)
     if lam is not None:
         lam = lam.to(dt)[:, None]
         D = D * (1 + lam) + lam * (D == 0)
     inv_d = torch.where(D > 0, 1 / torch.where(D > 0, D, 1.0), 0.0)
     gu = gamma * u.to(dt)
     if N <= L:
-        K = torch.diag_embed(D) - (M * torch.where(S > 0, 1 / S.clamp(min=1), 0.0)[:, None, :]) @ M.transpose(1, 2)
+        inv_s = torch.where(S > 0, 1 / S.clamp(min=1), 0.0)
+        K = torch.diag_embed(D)
+        for l0, l1 in _slices(L, N):  # K -= M_c diag(1/|S|) M_c^T over slices of M's columns
+            Mc = torch.zeros(B, N, l1 - l0, dtype=dt, device=u.device).scatter_(
+                1, idx[:, l0:l1].transpose(1, 2), sup[:, l0:l1].transpose(1, 2))
+            K = K - (Mc * inv_s[:, None, l0:l1]) @ Mc.transpose(1, 2)
         w = _pinv_apply(*_eig(K), gu) if lam is None else torch.linalg.solve(K, gu)
         return w.to(u.dtype).contiguous()  # (batch-exact: see the end)
-    A = torch.diag_embed(S) - (M * inv_d[:, :, None]).transpose(1, 2) @ M
-    rhs = (M * (inv_d * gu)[:, :, None]).sum(1)
+    A, G = torch.diag_embed(S), torch.zeros(B, L, L, dtype=dt, device=u.device)
+    for n0, n1 in _slices(N, L):  # A -= M_r^T D^-1 M_r, G += M_r^T D^-2 M_r over slices of M's rows
+        Mr = _incidence_rows(idx, sup, n0, n1)
+        scaled = Mr * inv_d[:, n0:n1, None]
+        A, G = A - scaled.transpose(1, 2) @ Mr, G + scaled.transpose(1, 2) @ scaled
+    rhs = (sup * torch.gather(inv_d * gu, 1, idx.reshape(B, -1)).reshape(idx.shape)).sum(2)  # M^T D^-1 gamma u
     if lam is not None:  # A is then positive definite on the lines with support (the others: rows of 0)
         empty = S == 0
         z = torch.linalg.solve(A + torch.diag_embed(empty.to(dt)), rhs)
-        return (inv_d * (gu + (M * z[:, None, :]).sum(-1))).to(u.dtype).contiguous()
+        return (inv_d * (gu + _times_lines(idx, sup, z[:, :, None], N)[..., 0])).to(u.dtype).contiguous()
     lam_, V, keep = _eig(A)
     z = _pinv_apply(lam_, V, keep, rhs)
-    w = inv_d * (gu + (M * z[:, None, :]).sum(-1))
-    P = (M @ torch.where(keep[:, None, :], 0.0, V)) * inv_d[..., None]  # K's null vectors (zero columns elsewhere)
-    along = _pinv_apply(*_eig(P.transpose(1, 2) @ P), (P * w[..., None]).sum(1))
+    w = inv_d * (gu + _times_lines(idx, sup, z[:, :, None], N)[..., 0])
+    # w projected off K's null vectors P = D^-1 M V0 (V0: A's null vectors), through the lines:
+    # P^T P = V0^T G V0, P^T w = V0^T M^T D^-1 w, P c = D^-1 M (V0 c) (P has N x #nulls entries)
+    V0 = torch.where(keep[:, None, :], 0.0, V)
+    PtP = ((V0[:, :, :, None] * G[:, :, None, :]).sum(1)[:, :, :, None] * V0[:, None, :, :]).sum(2)
+    Mtw = (sup * torch.gather(inv_d * w, 1, idx.reshape(B, -1)).reshape(idx.shape)).sum(2)
+    along = _pinv_apply(*_eig(PtP), (V0 * Mtw[:, :, None]).sum(1))
+    along = inv_d * _times_lines(idx, sup, (V0 * along[:, None, :]).sum(-1)[:, :, None], N)[..., 0]
     # batch-exact: contiguous (LAPACK's results come column-major in a batch, and a row's sum
     # over such a strided tensor rounds otherwise than alone), and matrix-vector products as
     # sums of elementwise products (a batched product rounded 5e-18 otherwise than one alone).
     # Newton's steps differed from a solve alone by 1e-18, which L-BFGS at a kink of a relaxed
     # start turned into plans 1.8e-9 (and, past a review, 1.6e-2) apart
-    return (w - (P * along[:, None, :]).sum(-1)).to(u.dtype).contiguous()
+    return (w - along).to(u.dtype).contiguous()
+
+
+#: Entries of M's slices (float64: 8 MiB) in :func:`semi_dual_hessian_solve`.
+SLICE_ENTRIES = 2**20
+
+
+def _slices(total: int, width: int):
+    """``(start, stop)`` over ``range(total)`` in steps holding ``SLICE_ENTRIES`` of ``width`` each."""
+    step = max(1, SLICE_ENTRIES // max(1, width))
+    return ((s, min(total, s + step)) for s in range(0, total, step))
+
+
+def _incidence_rows(idx: torch.Tensor, sup: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
+    """Rows ``n0 .. n1`` of the position x line incidence ``M`` (B, n1 - n0, L): the support's
+    entries at those positions (a line holds a position once, so adding is setting)."""
+    inside = (idx >= n0) & (idx < n1)
+    at = torch.where(inside, idx - n0, 0).transpose(1, 2)
+    rows = torch.zeros(idx.shape[0], n1 - n0, idx.shape[1], dtype=sup.dtype, device=sup.device)
+    return rows.scatter_add_(1, at, torch.where(inside, sup, 0.0).transpose(1, 2))
+
+
+def _times_lines(idx: torch.Tensor, sup: torch.Tensor, Z: torch.Tensor, N: int) -> torch.Tensor:
+    """``M Z`` (B, N, c) for ``Z`` (B, L, c) on the lines: each support entry adds its value
+    times its line's row of ``Z`` to its position."""
+    B, L, k = idx.shape
+    c = Z.shape[2]
+    terms = (sup[..., None] * Z[:, :, None, :]).reshape(B, L * k, c)
+    out = torch.zeros(B, N, c, dtype=terms.dtype, device=terms.device)
+    return out.scatter_add_(1, idx.reshape(B, L * k, 1).expand(B, L * k, c), terms)
 
 
 def _eig(K: torch.Tensor):
