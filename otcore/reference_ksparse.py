@@ -151,10 +151,10 @@ def ksparse_columns(
     scratch = _Scratch()
     beta_o = reg = vals = idx = cost = None
     for sl, x, Cl in _line_scores(geom, h, axis):
-        if vals is None:
+        if vals is None:  # (the cost in its own dtype: a wider h than the geometry promotes x, not C; a review)
             dt, dev = x.dtype, x.device
             beta_o, reg = torch.empty(B, L, dtype=dt, device=dev), torch.empty(B, L, dtype=dt, device=dev)
-            vals, cost = torch.empty(B, L, k, dtype=dt, device=dev), torch.empty(B, L, k, dtype=dt, device=dev)
+            vals, cost = torch.empty(B, L, k, dtype=dt, device=dev), torch.empty(B, L, k, dtype=Cl.dtype, device=dev)
             idx = torch.empty(B, L, k, dtype=torch.int64, device=dev)
         if k == x.shape[2]:  # every position kept (k = line length): no selection, one sort for the threshold
             u = torch.sort(x, dim=2, descending=True, out=scratch.tile(x, "sorted", "order")).values

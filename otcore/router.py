@@ -345,7 +345,8 @@ def _capacity_factor(value) -> float:
     value = _validate.numpy_scalar(value)
     if isinstance(value, (np.float32, np.float16)):
         value = torch.tensor(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype in _NARROW_FLOATS:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype in _NARROW_FLOATS \
+            and not value.requires_grad:  # (one that does is refused by the check below, as float64's)
         value = _shortest_decimal(float(value.detach().reshape(())), value.dtype)
     factor = _validate.positive("capacity_factor", value)
     if factor < 1:

@@ -123,6 +123,20 @@ def test_narrow_inputs_are_read_in_the_compute_dtype(narrow, mode):
         torch.testing.assert_close(got.line_sum, kw["mass"].float(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["matrix", "sqeuclidean"])
+def test_a_wider_h_than_the_geometry_gives_the_float64_pass(kind):
+    """float64 ``h`` on a float32 geometry whose cost is held (a matrix, or small clouds): the
+    twin computes in float64 with the cost as stored; its preallocated cost output had taken
+    h's dtype and the gather into it raised (a review)."""
+    geom = _geom(kind, 37, 21, 3, 2, torch.float32, seed=7)
+    h, kw = _inputs(geom, 0, "semi", seed=8)
+    got = R.ksparse_columns(geom, h.double(), 0.5, 5, 0, mass=kw["mass"].double())
+    want = R.ksparse_columns(_as64(geom), h.double(), 0.5, 5, 0, mass=kw["mass"].double())
+    assert got.vals.dtype == torch.float64 and got.cost.dtype == torch.float32
+    assert torch.equal(got.idx, want.idx)  # (the float64 clouds' cost rounds otherwise than float32's)
+    torch.testing.assert_close(got.vals, want.vals, rtol=1e-5, atol=1e-6)
+
+
 def test_projection_unit_cases_in_the_kernel():
     x = torch.tensor([0.5, 0.4, 0.3, -1.0], dtype=torch.float64, device=DEVICE)
     want = {1: [1, 0, 0, 0], 2: [0.55, 0.45, 0, 0], 3: [13 / 30, 10 / 30, 7 / 30, 0]}

@@ -324,6 +324,14 @@ def test_a_float32_capacity_factor_is_taken_as_written(factor):
     assert router.capacity(100) == math.ceil(round(100 * want / 10, 9))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_capacity_factor_that_requires_grad_is_refused(dtype):
+    """As any setting: it would get no gradient (float32 and bf16 ones had been read as
+    numbers, a review)."""
+    with pytest.raises(TypeError, match="^capacity_factor must be a number"):
+        otcore.SparseOTRouter(10, capacity_factor=torch.tensor(1.1, dtype=dtype, requires_grad=True))
+
+
 def test_scores_whose_centring_overflows_are_named():
     s = torch.full((20, 4), 2e38)
     s[:, 0] = -2e38

@@ -433,11 +433,8 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
     wider = "" if f.dtype == torch.float64 else "use float64, "
     rounding = (f"rounding at eps={eps:g} in {dt} (about {floor:.1e}, with |f|, |g| up to {pot:.3g}): "
                 f"ask for a larger tol, or {wider}a larger eps, or rescale the cost")
-    # marginals that look met (else the messages below say by how much they miss), or a solve
-    # stalled there: the rounding is the cause (SNS's last row update, rounded at |f| ~ 1e6 in
-    # float32, reads 0.67 where the loop's marginals had read 1.5e-7)
-    stuck = stalled if stalled is not None else torch.zeros_like(converged)
-    fuzzy = ~converged & unresolved(pb, f, g, tol) & ((resid <= 2 * tol) | stuck)
+    # marginals that look met (else the messages below say by how much they miss)
+    fuzzy = ~converged & unresolved(pb, f, g, tol) & (resid <= 2 * tol)
     if bool(fuzzy.any()):
         share = float((floors / masses)[fuzzy].max())
         shift = "subtract C.min() (the plan does not change), " if pb.geom.is_dense else ""
