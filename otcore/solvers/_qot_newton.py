@@ -115,7 +115,7 @@ def semi_dual_hessian_solve(gamma: float, idx: torch.Tensor, support: torch.Tens
         Mr = _incidence_rows(idx, sup, n0, n1)
         scaled = Mr * inv_d[:, n0:n1, None]
         A, G = A - scaled.transpose(1, 2) @ Mr, G + scaled.transpose(1, 2) @ scaled
-    rhs = (sup * torch.gather(inv_d * gu, 1, idx.reshape(B, -1)).reshape(idx.shape)).sum(2)  # M^T D^-1 gamma u
+    rhs = _lines_times(idx, sup, inv_d * gu)  # M^T D^-1 gamma u
     if lam is not None:  # A is then positive definite on the lines with support (the others: rows of 0)
         empty = S == 0
         z = torch.linalg.solve(A + torch.diag_embed(empty.to(dt)), rhs)
@@ -127,8 +127,7 @@ def semi_dual_hessian_solve(gamma: float, idx: torch.Tensor, support: torch.Tens
     # P^T P = V0^T G V0, P^T w = V0^T M^T D^-1 w, P c = D^-1 M (V0 c) (P has N x #nulls entries)
     V0 = torch.where(keep[:, None, :], 0.0, V)
     PtP = ((V0[:, :, :, None] * G[:, :, None, :]).sum(1)[:, :, :, None] * V0[:, None, :, :]).sum(2)
-    Mtw = (sup * torch.gather(inv_d * w, 1, idx.reshape(B, -1)).reshape(idx.shape)).sum(2)
-    along = _pinv_apply(*_eig(PtP), (V0 * Mtw[:, :, None]).sum(1))
+    along = _pinv_apply(*_eig(PtP), (V0 * _lines_times(idx, sup, inv_d * w)[:, :, None]).sum(1))
     along = inv_d * _times_lines(idx, sup, (V0 * along[:, None, :]).sum(-1)[:, :, None], N)[..., 0]
     # batch-exact: contiguous (LAPACK's results come column-major in a batch, and a row's sum
     # over such a strided tensor rounds otherwise than alone), and matrix-vector products as
@@ -155,6 +154,12 @@ def _incidence_rows(idx: torch.Tensor, sup: torch.Tensor, n0: int, n1: int) -> t
     at = torch.where(inside, idx - n0, 0).transpose(1, 2)
     rows = torch.zeros(idx.shape[0], n1 - n0, idx.shape[1], dtype=sup.dtype, device=sup.device)
     return rows.scatter_add_(1, at, torch.where(inside, sup, 0.0).transpose(1, 2))
+
+
+def _lines_times(idx: torch.Tensor, sup: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``M^T v`` (B, L) for ``v`` (B, N) on the positions: each line's support entries times
+    ``v`` at their positions, summed."""
+    return (sup * torch.gather(v, 1, idx.reshape(idx.shape[0], -1)).reshape(idx.shape)).sum(2)
 
 
 def _times_lines(idx: torch.Tensor, sup: torch.Tensor, Z: torch.Tensor, N: int) -> torch.Tensor:
