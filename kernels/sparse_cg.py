@@ -77,7 +77,7 @@ def _schur_init_rows(V, I, DA, RA, IA, INV_B, XA, WA, WB, n, m, i0, S: tl.conste
     sum_k v^2 ib_j)`` (the Schur complement's diagonal, floored at 64 rounding units of
     ``|d_a|`` as :func:`otcore.reference_sparse.floor_factor`; 0 where ``ia`` leaves the row out
     or its inverse is not finite), the reduced right-hand side as the residual ``r = r_a - S u``
-    (``u = ib r_b`` in ``WB``; 0 on the rows left out), ``p = pre r``, ``x_a = 0``. ``WA`` holds ``r, p, q, pre`` at
+    (``u = ib r_b`` in ``WB``), ``p = pre r``, ``x_a = 0``. ``WA`` holds ``r, p, q, pre`` at
     offsets 0, n, 2n, 3n. Returns the rows' ``r pre r`` (BLOCK_R,)."""
     if WA.dtype.element_ty == tl.float64:
         FLOOR: tl.constexpr = 1.4210854715202004e-14  # 64 * 2^-52
@@ -89,12 +89,9 @@ def _schur_init_rows(V, I, DA, RA, IA, INV_B, XA, WA, WB, n, m, i0, S: tl.conste
     da = tl.load(DA + rows, mask=rm, other=0.0)
     k = da - tl.sum(v * v * tl.load(INV_B + j, mask=on, other=0.0), axis=1)
     k = tl.where(k < FLOOR * tl.abs(da), FLOOR * tl.abs(da), k)  # (NaN stays NaN, as in the twin)
-    kept = tl.load(IA + rows, mask=rm, other=0.0) != 0
-    ok = kept & (k >= LEAST)  # (a subnormal k: left out, as the twin)
+    ok = (tl.load(IA + rows, mask=rm, other=0.0) != 0) & (k >= LEAST)  # (a subnormal k: left out, as the twin)
     pre = tl.where(ok, 1 / tl.where(ok, k, 1.0), 0.0)
-    # 0 where left out, whatever r_a holds there (a NaN had made <r, pre r> NaN: no iteration ran)
-    r = tl.where(kept, tl.load(RA + rows, mask=rm, other=0.0) - tl.sum(v * tl.load(WB + j, mask=on, other=0.0),
-                                                                          axis=1), 0.0)
+    r = tl.load(RA + rows, mask=rm, other=0.0) - tl.sum(v * tl.load(WB + j, mask=on, other=0.0), axis=1)
     tl.store(XA + rows, tl.zeros((BLOCK_R,), dtype=WA.dtype.element_ty), mask=rm)
     tl.store(WA + rows, r, mask=rm)
     tl.store(WA + n + rows, pre * r, mask=rm)

@@ -276,9 +276,12 @@ class Geometry:
         else:
             rtol = _validate.positive("rtol", rtol)
         max_iter = _validate.positive_int("max_iter", max_iter)
-        # a left-out row's diagonal plays no part, even inf or NaN (0 * inf in its products had
-        # stopped the solve after one iteration, 0.28 off, a review; the b side's is never read)
-        diag = (torch.where(inv_diag[0] != 0, diag[0], 0.0), diag[1])
+        # a left-out row's diagonal and right-hand side play no part, even inf or NaN (0 * inf
+        # in its products had stopped the solve after one iteration, 0.28 off, and a NaN
+        # right-hand side made <r, pre r> NaN: no iteration ran; reviews). The b side's left-out
+        # entries are never read.
+        out = inv_diag[0] == 0
+        diag, rhs = (diag[0].masked_fill(out, 0.0), diag[1]), (rhs[0].masked_fill(out, 0.0), rhs[1])
         return self._call("ell_pcg", backend, vals, idx, diag, rhs, inv_diag, rtol, max_iter, active)
 
     def sparse_cost_grad(self, W, idx, axis, backend="torch"):

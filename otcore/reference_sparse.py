@@ -100,9 +100,7 @@ def ell_pcg(geom, vals, idx, diag, rhs, inv_diag, rtol, max_iter: int, active):
     def apply(p):
         return da * p - ell_matvec(geom, vals, idx, ib * ell_matvec(geom, vals, idx, p, 0), 1)
 
-    # 0 on the a side's left-out entries, whatever rhs holds there (a NaN had made the first
-    # <r, pre r> NaN, and no iteration ran; a review)
-    reduced = torch.where(ia != 0, rhs[0] - ell_matvec(geom, vals, idx, torch.where(kept, ib * rhs[1], 0.0), 1), 0.0)
+    reduced = rhs[0] - ell_matvec(geom, vals, idx, torch.where(kept, ib * rhs[1], 0.0), 1)
     xa, its = pcg(apply, reduced, rtol, max_iter, inv_diag=pre, active=active)
     xb = torch.where(kept, ib * (rhs[1] - ell_matvec(geom, vals, idx, xa, 0)), 0.0)
     if active is not None:
