@@ -100,7 +100,8 @@ def _line_scores(
     s_hb, s_hn, s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
     COST: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Tile of scores ``x = h_pos - C(pos, line)`` and costs, (BLOCK_L, BLOCK_N); x = -inf outside.
+    """Tile of scores ``x = h_pos - C(pos, line)`` and costs, (BLOCK_L, BLOCK_N); x = -inf outside,
+    +inf where NaN.
 
     COST 0: read ``C`` (strides per position / per line); 1: ``|p - q|^2``; 2: ``|p - q|``,
     with ``p`` the position points, ``q`` the line points, summed coordinate by
@@ -120,7 +121,11 @@ def _line_scores(
             c += diff * diff
         if COST == 2:
             c = tl.sqrt(c)
-    x = tl.where(ok, h[None, :] - c, float("-inf"))
+    x = h[None, :] - c
+    # a NaN score (a NaN written into C after its check) ranks first as +inf, where torch.topk
+    # ranks it in the twin; compared as NaN, it had broken the sorting network's order
+    # (padding positions past N taken: an out-of-range index)
+    x = tl.where(ok, tl.where(x == x, x, float("inf")), float("-inf"))
     return x, c
 
 
@@ -187,7 +192,13 @@ def _ksparse_kernel(
         beta = tl.load(beta_in_ptr + pid_b * L + lines, mask=line_ok, other=0.0)
         shift = tl.zeros_like(beta)
         thr = -beta
+    # a line that held a NaN score (ranked first as +inf, see _line_scores) gets NaN sums and
+    # NaN entries, as in the twin (tl.maximum(NaN, 0) would have returned 0): in the dual the
+    # NaN one, in the semi-dual all of the line's (its multiplier is NaN)
+    bad = (tl.max(top, axis=1) == float("inf")) & SEMI
+    beta = tl.where(bad, float("nan"), beta)
     excess = tl.where(first, tl.maximum((top - shift[:, None]) - thr[:, None], 0.0), 0.0)  # gamma T
+    excess = tl.where(first & (bad[:, None] | (top == float("inf"))), float("nan"), excess)
     T = excess / gamma
     out = pid_b * L + lines.to(tl.int64)  # (B, L, K) outputs may pass 2^31 entries
     tl.store(beta_ptr + out, beta, mask=line_ok)
@@ -210,7 +221,8 @@ def _ksparse_kernel(
         take = (((x > kth[:, None]) & line_ok[:, None]) | ((eq > 0) & (eq_rank < need_eq[:, None]))).to(tl.int32)
         dst = out[:, None] * K + taken[:, None] + tl.cumsum(take, axis=1) - take
         sel = take > 0
-        tl.store(vals_ptr + dst, tl.maximum((x - shift[:, None]) - thr[:, None], 0.0) / gamma, mask=sel)
+        val = tl.maximum((x - shift[:, None]) - thr[:, None], 0.0) / gamma
+        tl.store(vals_ptr + dst, tl.where(bad[:, None] | (x == float("inf")), float("nan"), val), mask=sel)
         tl.store(idx_ptr + dst, (pos[None, :] + 0 * dst).to(tl.int64), mask=sel)
         tl.store(cost_ptr + dst, c, mask=sel)
         taken += tl.sum(take, axis=1)

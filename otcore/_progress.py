@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Optional
 
+from . import _validate
+
 
 class Progress:
     """Prints ``label iter N | marginal error E | eps e`` on one refreshed stderr line
@@ -22,8 +24,8 @@ class Progress:
 
     def __init__(self, verbose: Optional[bool], label: str, after: float = 1.0, measure: str = "marginal error"):
         self.label, self.measure = label, measure
-        if verbose is not None and not isinstance(verbose, bool):
-            raise TypeError(f"verbose must be True, False or None, got {verbose!r}")
+        if verbose is not None:
+            verbose = _validate.flag("verbose", verbose, "True, False or None")
         self.enabled = bool(verbose) if verbose is not None else _is_terminal(sys.stderr)
         self.after = 0.0 if verbose else after
         self.start = time.perf_counter()

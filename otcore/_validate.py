@@ -160,11 +160,14 @@ def magnitude_fits(name: str, v: float, dtype: torch.dtype, hint: str = "rho = N
     return v
 
 
-def flag(name: str, v) -> bool:
-    """A bool argument, taken as given (``"False"`` would be truthy)."""
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return v
+def flag(name: str, v, allowed: str = "a bool") -> bool:
+    """A bool argument: Python or NumPy (a 0-d array of one too, as :func:`auto_flag` takes;
+    ``np.bool_`` had been refused as "must be a bool, got bool", a review), taken as given
+    (``"False"`` would be truthy). ``allowed`` words the error."""
+    v = numpy_scalar(v)
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {allowed}, got {type(v).__name__}")
+    return bool(v)
 
 
 def _int(name: str, v) -> int:

@@ -7,6 +7,8 @@ odd shapes. The interpreter proves the algebra, not GPU speed or register limits
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from kernel_support import DEVICE, RUNTIME_WARNINGS_ARE_ERRORS
@@ -90,6 +92,27 @@ def test_cuda_layout_one_line_per_program(monkeypatch, kind, n, m, d, k, axis, m
     assert torch.equal(got.idx, twin.idx)
     for field in ("beta", "reg", "vals", "cost", "line_sum", "cross_sum"):
         torch.testing.assert_close(getattr(got, field), getattr(twin, field), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["interpreter", "cuda"])
+@pytest.mark.parametrize("mode", ["semi", "dual"])
+def test_a_last_chunk_of_one_position(monkeypatch, layout, mode):
+    """Lines one position longer than the chunk (33 = 32 + 1 in the interpreter's layout, 65
+    = 64 + 1 in CUDA's), that position in every line's top k: its chunk must be read in
+    the first pass too (a loop bound of N - 1 lost it there: a wrong support, beta 1.05
+    off, with the line sums still right, a review's mutant)."""
+    sizes = K.block_sizes(4, torch.device("cuda" if layout == "cuda" else "cpu"))
+    monkeypatch.setattr(K, "block_sizes", lambda k_, dev: sizes)
+    N = sizes[1] + 1
+    geom = _geom("sqeuclidean", N, 7, 2, batch=1, dtype=torch.float64, seed=N)
+    h, kw = _inputs(geom, 0, mode, seed=N)
+    h[:, -1] = h.max() + 1.0  # the last position leads every line
+    got = K.ksparse_columns(geom, h, 0.3, 4, 0, **kw)
+    twin = R.ksparse_columns(geom, h, 0.3, 4, 0, **kw)
+    assert bool((got.idx == N - 1).any(-1).all())
+    assert torch.equal(got.idx, twin.idx)
+    for field in ("beta", "reg", "vals", "line_sum"):
+        torch.testing.assert_close(getattr(got, field), getattr(twin, field), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("kind", ["matrix", "sqeuclidean"])
@@ -181,6 +204,41 @@ def test_ties_take_exactly_k_distinct_positions_the_same_in_kernel_and_twin():
             a, b = K.ksparse_columns(geom, hh, 0.5, 7, axis, **kw), R.ksparse_columns(geom, hh, 0.5, 7, axis, **kw)
             assert torch.equal(a.idx, b.idx)
             torch.testing.assert_close(a.vals, b.vals)
+
+
+@pytest.mark.parametrize("mode", ["semi", "dual"])
+def test_a_nan_cost_poisons_its_line_as_in_the_twin(mode):
+    """A NaN in C (written in place after the geometry's check) ranks first, as torch.topk
+    ranks it in the twin: that line's sums come out NaN, the others as without it, and every
+    index stays a real position in its own line's k slots. (Compared as NaN it had broken the
+    sorting network: positions past N taken, and NaN-free sums, so sparse_ot said
+    converged=True.) 45 positions: two chunks of the interpreter's 32."""
+    g = torch.Generator().manual_seed(13)
+    C = torch.rand(1, 45, 19, generator=g).to(DEVICE)
+    geom = otcore.CostMatrix(C)
+    clean = otcore.CostMatrix(C.clone())
+    C[0, 40, 5] = float("nan")  # position 40 (second chunk) of line 5 (axis 0)
+    for axis, line in ((0, 5), (1, 40)):
+        N, L = C.shape[1 + axis], C.shape[2 - axis]
+        h = (0.1 * torch.randn(1, N, generator=g)).to(DEVICE)
+        kw = dict(mass=torch.rand(1, L, generator=g).to(DEVICE)) if mode == "semi" else \
+            dict(beta=torch.rand(1, L, generator=g).to(DEVICE) - 0.2)
+        with warnings.catch_warnings():  # the interpreter's numpy warns of the NaN made on purpose
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got, twin = K.ksparse_columns(geom, h, 0.5, 4, axis, **kw), R.ksparse_columns(geom, h, 0.5, 4, axis, **kw)
+        base = K.ksparse_columns(clean, h, 0.5, 4, axis, **kw)
+        assert bool(((got.idx >= 0) & (got.idx < N)).all())
+        other = torch.arange(L, device=DEVICE) != line
+        for field in ("reg", "line_sum") + (("beta",) if mode == "semi" else ()):
+            a, b = getattr(got, field)[0], getattr(twin, field)[0]
+            assert bool(a[line].isnan()) and bool(b[line].isnan()), field
+            torch.testing.assert_close(a[other], getattr(base, field)[0][other])
+        assert torch.equal(got.idx[0, line], twin.idx[0, line])  # the NaN's position among the chosen
+        # entries: all NaN in the semi-dual (the line's multiplier is), the NaN one in the dual
+        assert int(got.vals[0, line].isnan().sum()) == (4 if mode == "semi" else 1)
+        torch.testing.assert_close(got.vals[0, line], twin.vals[0, line], equal_nan=True)
+        torch.testing.assert_close(got.vals[0, other], base.vals[0, other])
+        assert int((40 if axis == 0 else 5)) in got.idx[0, line].tolist()
 
 
 def test_strided_and_transposed_cost():

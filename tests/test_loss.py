@@ -652,3 +652,36 @@ def test_warnings_of_warm_solves_are_shown_once_and_checks_come_first():
     state["_reduction"] = "avg"  # as an unchecked assignment could leave it in an earlier pickle
     with pytest.raises(ValueError, match="reduction"):
         otcore.SinkhornLoss.__new__(otcore.SinkhornLoss).__setstate__(state)
+
+
+def test_numpy_bools_are_bools():
+    """``np.bool_`` (what a NumPy comparison gives, or a config read through NumPy) is a bool
+    for every flag: ``debias``, ``warm_start`` and ``cuda_graph`` had refused it ("must be a
+    bool, got bool"), ``verbose`` too, while ``overrelax`` took it (a review)."""
+    import numpy as np
+
+    x, y = rand(7, 2, seed=1), rand(6, 2, seed=2)
+    want = otcore.SinkhornLoss(eps=0.1, debias=False, warm_start=True, **T)(x, y)
+    for false, true in ((np.False_, np.True_), (np.array(False), np.array(True))):
+        loss = otcore.SinkhornLoss(eps=0.1, debias=false, warm_start=true, cuda_graph=false, **T)
+        assert loss.debias is False and loss.warm_start is True
+        torch.testing.assert_close(loss(x, y), want, rtol=0, atol=0)
+        res = otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, verbose=false, cuda_graph=false, **T)
+        assert bool(res.converged)
+    with pytest.raises(TypeError, match="debias"):
+        otcore.SinkhornLoss(debias="False")
+    with pytest.raises(TypeError, match="verbose"):
+        otcore.sinkhorn(otcore.PointCloud(x, y), eps=0.1, verbose=1)
+
+
+def test_an_empty_schedule_is_no_stages():
+    """An empty ``eps_schedule`` of any kind runs no stage, as None: an empty tensor had been
+    a TypeError where ``[]``, ``()`` and an empty array were accepted (a review)."""
+    import numpy as np
+
+    geom = otcore.PointCloud(rand(9, 2, seed=3), rand(8, 2, seed=4))
+    want = otcore.sinkhorn(geom, eps=0.05, eps_schedule=None, **T)
+    for empty in ([], (), np.array([]), torch.tensor([]), torch.tensor([], dtype=F64)):
+        res = otcore.sinkhorn(geom, eps=0.05, eps_schedule=empty, **T)
+        assert res.info["eps_stages"] == [] and res.n_iter == want.n_iter
+        torch.testing.assert_close(res.f, want.f, rtol=0, atol=0)

@@ -172,6 +172,32 @@ def test_unbalanced_with_eps_schedule_and_warm_start():
     torch.testing.assert_close(warm.plan(), ref.plan(), rtol=1e-8, atol=1e-13)
 
 
+@pytest.mark.parametrize("one_side", [False, True])
+def test_a_warm_start_is_moved_by_the_best_translation_first(one_side):
+    """A warm start offset along (f + c, g - c), which keeps the plan, starts from its best
+    translation: in float32 at c = 50 (rho 0.5, eps 0.02) the first test's exp(-f/rho) had
+    overflowed, which stopped the solve after 1 iteration at a value of -2.5e35; likewise a
+    rho continuation from a rho = 1000 solve (f ~ -346, masses 1 and 2)."""
+    x, y, a, b = problem(seed=4)
+    rho = (0.5, None) if one_side else 0.5
+    kw = dict(eps=0.02, rho=rho, **T)
+    ref = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, tol=1e-11, max_iter=20_000, **kw)
+    g32 = otcore.PointCloud(x.float(), y.float())
+    a32, b32 = a.float(), b.float()
+    for c in (50.0, -50.0):
+        warm = otcore.sinkhorn(g32, a32, b32, init=(ref.f + c, ref.g - c), tol=1e-5, **kw)
+        assert bool(warm.converged) and warm.n_iter <= 2
+        torch.testing.assert_close(warm.value.double(), ref.value, rtol=1e-5, atol=0)
+    if not one_side:  # a continuation in rho, weights of masses 1 and 2
+        b2 = 2 * b / b.sum()
+        far = otcore.sinkhorn(otcore.PointCloud(x, y), a, b2, eps=0.05, rho=1000.0, tol=1e-8, max_iter=5000, **T)
+        assert float(far.f.mean()) < -100
+        cold = otcore.sinkhorn(g32, a32, b2.float(), eps=0.05, rho=0.5, tol=1e-6, **T)
+        warm = otcore.sinkhorn(g32, a32, b2.float(), eps=0.05, rho=0.5, tol=1e-6, init=(far.f, far.g), **T)
+        assert bool(cold.converged) and bool(warm.converged)
+        torch.testing.assert_close(warm.value, cold.value, rtol=1e-5, atol=0)
+
+
 @st.composite
 def unbalanced_problems(draw):
     n, m, d = draw(st.integers(1, 8)), draw(st.integers(1, 8)), draw(st.integers(1, 3))

@@ -157,19 +157,20 @@ def padded(A: torch.Tensor, Bw: torch.Tensor, zeros: tuple[bool, bool]):
     return (A if zeros[0] else None), (Bw if zeros[1] else None)
 
 
-def check_init(init, geom, names=("f", "g"), gauge=None) -> tuple[torch.Tensor, torch.Tensor]:
+def check_init(init, geom, names=("f", "g"), shift=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Warm start: a pair of potentials on the two sides (``names`` in messages), with
     the unbatched or batched shapes; returned batched, detached, in the geometry's dtype
-    (zeros if ``init`` is None). ``gauge``: the weights ``(A, Bw)`` of a balanced problem,
-    whose pair is first moved to :func:`balanced_gauge`, in float64 before the cast (a
-    float64 pair (f + c, g - c) cast to float32 first lost its digits to c: at c = 1e7 a
-    start at the optimum took a cold start's 70 iterations, a review)."""
+    (zeros if ``init`` is None). ``shift``: ``(f, g) -> (f + c, g - c)``, the same plan, applied
+    in float64 before the cast (:func:`balanced_gauge` for a balanced problem, the best
+    translation for an unbalanced one: a float64 pair (f + c, g - c) cast to float32 first
+    lost its digits to c: at c = 1e7 a start at the optimum took a cold start's 70
+    iterations, a review)."""
     start = init_pair(init, geom, names)
     if start is None:
         return tuple(torch.zeros(geom.batch, k, dtype=geom.dtype, device=geom.device) for k in (geom.n, geom.m))
     f, g, tops = start
-    if gauge is not None:
-        f, g = balanced_gauge(f, g, *gauge)
+    if shift is not None:
+        f, g = shift(f, g)
     return init_in_dtype(f, g, tops, geom, names)
 
 

@@ -229,7 +229,7 @@ def sinkhorn_newton(
     fallback_iter = _validate.positive_int("fallback_iter", fallback_iter)
     check_schedule(eps_schedule, pb.eps)
     # the same plan in the gauge <a, f>/m(a) = <b, g>/m(b) (an offset costs digits)
-    f, g = check_init(init, geom, gauge=(pb.A, pb.Bw))
+    f, g = check_init(init, geom, shift=lambda f, g: balanced_gauge(f, g, pb.A, pb.Bw))
     tol_against_mass(tol, pb.min_mass)
     progress = Progress(verbose, "sinkhorn_newton")
     with torch.autocast(geom.device.type, enabled=False):

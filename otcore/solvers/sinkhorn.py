@@ -37,7 +37,7 @@ from .. import _validate
 from .._progress import Progress
 from ..result import OTResult
 from ..reference import damping as _tau, scaled
-from ._entropic import (Problem, check_init, entropic_result, make_problem, residual_floor,
+from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, make_problem, residual_floor,
                         settle_zero_weights, tol_against_mass, weighted_mean)
 from ._graph import graphed
 from . import _host
@@ -68,8 +68,9 @@ def check_schedule(schedule: Schedule, eps: float, name: str = "eps_schedule", t
     schedule = _validate.numpy_scalar(schedule)
     if isinstance(schedule, np.ndarray) and schedule.ndim == 1:  # a sequence, as a list
         schedule = list(schedule)
-    if isinstance(schedule, torch.Tensor) and schedule.ndim == 1 and schedule.numel() > 1:
-        schedule = list(schedule.unbind())  # (a one-element tensor is a number: the factor)
+    if isinstance(schedule, torch.Tensor) and schedule.ndim == 1 and schedule.numel() != 1:
+        schedule = list(schedule.unbind())  # (a one-element tensor is a number: the factor; an empty one
+        # no stages, as [] and an empty array are: it was a TypeError, a review)
     if isinstance(schedule, str):
         if schedule != word:
             raise ValueError(f"{name} must be None, {word!r}, a decay factor in (0, 1) or a decreasing "
@@ -212,9 +213,15 @@ def sinkhorn(
     check_every = _validate.positive_int("check_every", check_every)
     _validate.flag("cuda_graph", cuda_graph)
     overrelax = check_overrelax(overrelax, tol, check_every)
-    # balanced: the same plan in the gauge <a, f>/m(a) = <b, g>/m(b) (a large offset would cost digits)
-    balanced = pb.rho_a is None and pb.rho_b is None and not pb.symmetric
-    f, g = check_init(init, geom, gauge=(pb.A, pb.Bw) if balanced else None)
+    move = best_translation(pb) if translates(pb) else None  # after each block of iterations and at the end
+    # a warm start moved first along (f + c, g - c), the same plan: balanced, to the gauge
+    # <a, f>/m(a) = <b, g>/m(b) (a large offset would cost digits); unbalanced, by the best
+    # translation (float32 from a rho = 1000 solve's f ~ -346 at rho = 0.5: exp(-f/rho)
+    # overflowed the first test, which stopped the solve after 1 iteration, a review)
+    if pb.rho_a is None and pb.rho_b is None and not pb.symmetric:
+        f, g = check_init(init, geom, shift=lambda f, g: balanced_gauge(f, g, pb.A, pb.Bw))
+    else:
+        f, g = check_init(init, geom, shift=None if move is None else lambda f, g: move(f, g, dtype=geom.dtype))
     if init is None:
         stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps, max_iter)
         for stage in stages:  # the diameter's or the given values: each must fit the dtype as eps does
@@ -227,7 +234,6 @@ def sinkhorn(
                         else "residual")  # unbalanced: the distance to the optimality conditions
     with torch.autocast(geom.device.type, enabled=False):  # computed in fp32/fp64 whatever autocast says
         relax = relaxation(overrelax, pb)
-        move = best_translation(pb) if translates(pb) else None  # after each block of iterations and at the end
         f, g, n_iter, passed, stalled = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
                                         cold=init is None, relax=relax, move=move)
         if move is not None:
@@ -246,7 +252,7 @@ def translates(pb: Problem) -> bool:
 
 
 def best_translation(pb: Problem):
-    """``move(f, g, active=None)``: unbalanced potentials moved by the best ``c`` along
+    """``move(f, g, active=None, dtype=None)``: unbalanced potentials moved by the best ``c`` along
     ``(f + c, g - c)``, the direction that leaves the plan as it is, in closed form (as
     translation-invariant Sinkhorn does, Sejourne et al. 2022), for the problems
     ``active``. Along it the dual ``-rho_a <a, e^(-f/rho_a) - 1> - rho_b <b, e^(-g/rho_b) - 1>``
@@ -273,13 +279,13 @@ def best_translation(pb: Problem):
         return torch.logsumexp(torch.where(w > 0, torch.log(w.double()) - h.double() / rho, -math.inf), -1)
 
     @torch.no_grad()
-    def move(f, g, active=None):
+    def move(f, g, active=None, dtype=None):  # dtype: the one f + c is rounded to (a warm start's cast)
         la, lb = log_sum(pb.A, f, pb.rho_a, exact[0]), log_sum(pb.Bw, g, pb.rho_b, exact[1])
         c = ((la - lb) / stiff).to(f.dtype)[:, None]
         # only a move whose rounding (u |c| in f + g - C) stays below 2^-10 eps: at rho = 1e39
         # (float64) masses equal to a rounding step put the optimum at |c| ~ 1e23, where f + c
         # keeps no digit of f (the plan was lost); and not a NaN/inf one (the result diagnoses it)
-        keep = torch.isfinite(c) & (c.abs() * torch.finfo(f.dtype).eps <= pb.eps * 2.0**-10)
+        keep = torch.isfinite(c) & (c.abs() * torch.finfo(dtype or f.dtype).eps <= pb.eps * 2.0**-10)
         c = torch.where(keep if active is None else keep & active[:, None], c, 0.0)
         return f + c, g - c
 
