@@ -484,6 +484,32 @@ def test_hints_only_for_large_passes_and_switched_off_by_the_environment(monkeyp
     assert relerr(geom.softmin(h, 0.05, 1, backend="triton", hint=exact.float() + 1e3), exact) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["points", "dense"])
+def test_per_row_online_sum_rescales_when_the_running_max_grows(kind, monkeypatch):
+    """OTCORE_LSE_LANES=0 selects the per-row online log-sum-exp (docs/kernels.md: to time it
+    against the per-lane form), read at every launch. Each column tile that raises a row's
+    running max must rescale the sum kept so far: here h grows along the columns so that
+    every row's max grows from tile to tile (4 tiles of 64, checked in float64), and problem
+    1's first tile is all zero weight (a running max of -inf). No other test ran this path
+    (a mutant dropping the rescale was 3% off float64 here, with every test passing)."""
+    monkeypatch.setenv("OTCORE_LSE_LANES", "0")
+    assert not K.lse_lanes()
+    m, eps = 200, 0.05
+    x, y = clouds(3, scale=0.5, m=m, seed=31)
+    h = (3.0 * torch.arange(m, dtype=torch.float32) / m).expand(B, m).clone().to(DEVICE)
+    h[1, :64] = -INF
+    C = cost64(x, y, "sqeuclidean")
+    bj = K.pass_tiles(N, m, K.COST_DIRECT, 3)[1]
+    z = (h.double()[:, None, :] - C) / eps
+    tile_max = torch.stack([z[..., j:j + bj].amax(-1) for j in range(0, m, bj)], -1)  # (B, N, tiles)
+    assert tile_max.shape[-1] >= 3 and bool((tile_max[..., 1:] > tile_max[..., :-1]).all())  # the case
+    geom = otcore.PointCloud(x, y) if kind == "points" else otcore.CostMatrix(C.float())
+    out = geom.softmin(h, eps, 1, backend="triton")
+    exact = softmin64(C, h, eps, 1)
+    assert relerr(out, exact) < 1e-5
+    assert relerr(out, geom.softmin(h, eps, 1, backend="torch")) < 1e-5
+
+
 def test_a_hint_of_the_wrong_shape_is_an_error():
     op = K.point_operand(*clouds(3, seed=29), False, "fp32")
     with pytest.raises(ValueError, match="hint must have the result's shape"):

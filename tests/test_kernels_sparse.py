@@ -120,6 +120,39 @@ def test_plan_sparse_rows_full_width_equals_plan():
     assert float((dense - P64).abs().max()) <= 1e-12 * float(P64.max())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind", ["sq3", "dense"])
+def test_plan_sparse_rows_past_one_column_tile_keeps_the_tile_offset(kind, dtype):
+    """The extraction streams the columns in tiles of ``topk_blocks``' BLOCK_N (128): with
+    m = 201 a row's largest entries also come from the second tile, whose column indices
+    carry the tile's offset (a mutant storing the index within the tile passed every test,
+    all with m = 53 < 128; its indices pointed at entries 0.87 max P off). Through the
+    geometry primitive, against the twin and a float64 top-s of the dense plan."""
+    m, s = 201, 5
+    assert KS.topk_blocks(8, dtype == torch.float64)[1] < m  # the case: two column tiles
+    g = torch.Generator().manual_seed(4)
+    if kind == "dense":
+        geom = otcore.CostMatrix(torch.rand(2, N, m, generator=g, dtype=torch.float64).to(DEVICE, dtype))
+    else:
+        geom = otcore.PointCloud(torch.rand(2, N, 3, generator=g, dtype=torch.float64).to(DEVICE, dtype),
+                                 torch.rand(2, m, 3, generator=g, dtype=torch.float64).to(DEVICE, dtype))
+    C = cost64(geom)
+    G = torch.full((2, m), -EPS * math.log(m), dtype=torch.float64, device=DEVICE)
+    F = -EPS * torch.logsumexp((G[:, None, :] - C) / EPS, dim=2) - EPS * math.log(N)
+    G = -EPS * torch.logsumexp((F[:, :, None] - C) / EPS, dim=1)
+    F, G = F.to(dtype), G.to(dtype)
+    P64 = torch.exp((F.double()[:, :, None] + G.double()[:, None, :] - C) / EPS)
+    top = P64.topk(s, dim=2).indices
+    reach = (top >= 128).any(2)
+    assert float(reach.double().mean()) > 0.5 and bool((top < 128).any())  # the case: most rows reach tile 2
+    vk, ik = geom.plan_sparse_rows(F, G, EPS, s, backend="triton")
+    vt, it = geom.plan_sparse_rows(F, G, EPS, s, backend="torch")
+    check_topk(vk, ik, P64, s, TOL[dtype])
+    check_topk(vt, it, P64, s, TOL[dtype])
+    if dtype == torch.float64:  # (float32 may order near-ties otherwise: check_topk's values decide there)
+        assert torch.equal(ik, it) and torch.equal(ik, top)
+
+
 def test_geometry_dispatch_reaches_kernel_and_twin():
     geom, C, F, G = make("dense", torch.float64, 2)
     vk, ik = geom.plan_sparse_rows(F, G, EPS, 4, backend="triton")

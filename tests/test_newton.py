@@ -360,6 +360,48 @@ def test_float64_warm_start_with_a_far_too_heavy_plan_takes_sinkhorn_steps_first
     assert float((res.plan() - ref.plan()).abs().sum()) <= 1e-8
 
 
+@pytest.mark.parametrize("start", ["shifted optimum", "larger eps"])
+def test_n_iter_counts_the_fallback_sinkhorn_iterations(start):
+    """``n_iter`` counts all Sinkhorn and Newton iterations (the docstring), the fallback's
+    too: a mutant leaving them out passed every test, none of which checked the sum where
+    the fallback ran. Both warm starts here take fallback Sinkhorn steps (checked)."""
+    g = torch.Generator().manual_seed(0)
+    geom = otcore.PointCloud(torch.rand(20, 2, generator=g, dtype=torch.float64),
+                             torch.rand(30, 2, generator=g, dtype=torch.float64))
+    if start == "shifted optimum":
+        eps = 0.01
+        ref = otcore.sinkhorn_newton(geom, eps=eps, tol=1e-10, backend="torch")
+        src = (ref.f + 0.5, ref.g + 0.5)
+    else:
+        eps = 1e-3
+        coarse = otcore.sinkhorn(geom, eps=1.0, backend="torch")
+        src = (coarse.f, coarse.g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = otcore.sinkhorn_newton(geom, eps=eps, tol=1e-9, init=src, warmup_iter=0, backend="torch")
+    info = res.info
+    assert res.converged and info["fallback_iter"] > 0  # the case: the fallback ran
+    assert res.n_iter == info["warmup_iter"] + info["newton_iter"] + info["fallback_iter"]
+
+
+def test_sparsity_equal_to_m_is_accepted_and_solves():
+    """``sparsity`` lies in [1, m]: s = m (every column kept, a dense Newton system) is valid
+    and reaches the plan of a long float64 Sinkhorn run (a mutant rejecting it passed every
+    test: the table of bad inputs has 0 and m + 1, nothing solved with s = m); m + 1 is not."""
+    g = torch.Generator().manual_seed(2)
+    geom = otcore.PointCloud(torch.rand(20, 2, generator=g, dtype=torch.float64),
+                             torch.rand(30, 2, generator=g, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = otcore.sinkhorn_newton(geom, eps=0.05, tol=1e-9, sparsity=geom.m, backend="torch")
+    ref = otcore.sinkhorn(geom, eps=0.05, tol=1e-12, max_iter=50_000, backend="torch")
+    assert res.converged and res.info["newton_iter"] >= 1 and res.info["sparsity"] == geom.m
+    assert float((res.plan() - ref.plan()).abs().sum()) <= 1e-8
+    for bad in (geom.m + 1, 0):
+        with pytest.raises(ValueError, match="^sparsity must"):
+            otcore.sinkhorn_newton(geom, eps=0.05, sparsity=bad, backend="torch")
+
+
 def test_fallback_to_sinkhorn_when_newton_does_not_help(monkeypatch):
     """A useless (zero) Newton direction is rejected; Sinkhorn steps carry the solve."""
     monkeypatch.setattr(NW._Solve, "_direction", lambda self, r, c, *args: (torch.zeros_like(r), torch.zeros_like(c)))

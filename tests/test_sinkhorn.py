@@ -252,6 +252,24 @@ def test_far_zero_weight_padding_leaves_the_schedule_and_diameter_alone():
             geom.diameters(None, [0.05] * 20)
 
 
+def test_one_cloud_diameter_with_different_supports_bounds_the_live_costs():
+    """``PointCloud(x, x).diameters(a, b)`` with a and b live on different points bounds the
+    cost between a's live points and b's (docs/api.md): one box serves a cloud against itself
+    only when both sides have the same live points (a mutant taking that shortcut whatever
+    the weights returned 1 for a largest live cost of 100). Same as with ``x.clone()``."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [0.5, 3.0]], dtype=F64)
+    a = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=F64)  # x[2] and x[3] carry no mass in a ...
+    b = torch.tensor([0.5, 0.0, 0.5, 0.0], dtype=F64)  # ... x[2] has mass in b
+    for cost in ("sqeuclidean", "euclidean"):
+        geom = otcore.PointCloud(x, x, cost=cost)
+        C = dense_cost(geom)
+        live = C[a > 0][:, b > 0]
+        assert float(live.max()) == (100.0 if cost == "sqeuclidean" else 10.0)  # the case: x[0] to x[2]
+        diam = geom.diameters(a, b)
+        assert float(diam) >= float(live.max())
+        torch.testing.assert_close(diam, otcore.PointCloud(x, x.clone(), cost=cost).diameters(a, b))
+
+
 # ----------------------------------------------------------------------------- small eps limits
 def test_small_eps_cost_brackets_emd2():
     """OT <= cost <= value <= OT + eps * min(H(a), H(b)) (the optimal plan's KL to a x b
@@ -377,6 +395,55 @@ def test_self_transport_converges_fast_where_alternating_stalls():
     with pytest.warns(ConvergenceWarning):
         alt = otcore.sinkhorn(otcore.PointCloud(x, x.clone()), max_iter=2000, **kw)
     assert not alt.converged
+
+
+@pytest.mark.parametrize("tol", [1e-10, None])
+def test_one_cloud_with_two_different_weight_vectors_is_not_self_transport(tol):
+    """``PointCloud(x, x)`` given two different weight vectors (``a is not b``) is no
+    self-transport: the averaged symmetric update assumes f = g, so the gate needs ``a is b``
+    (a mutant dropping that check solved it as self-transport: 3.5% off POT's value here, and
+    converged=True under tol=None). The value is POT's primal objective, the plan that of the
+    same points given as two tensors."""
+    x = rand(15, 2, seed=31)
+    a, b = weights(15, 32), weights(15, 33)
+    eps = 0.1
+    geom = otcore.PointCloud(x, x)
+    res = otcore.sinkhorn(geom, a, b, eps=eps, tol=tol, max_iter=2000, **T)
+    alt = otcore.sinkhorn(otcore.PointCloud(x, x.clone()), a, b, eps=eps, tol=1e-12, max_iter=2000, **T)
+    assert res.converged
+    C = dense_cost(geom)
+    P = pot_plan(a, b, C, eps, stopThr=1e-14)
+    assert float(res.value) == pytest.approx(entropic_objective(P, C, a, b, eps), rel=1e-9)
+    torch.testing.assert_close(res.plan(), P, rtol=0, atol=1e-10)
+    torch.testing.assert_close(res.value, alt.value, rtol=1e-10, atol=0)
+    assert not res.info["symmetric"]
+
+
+@pytest.mark.parametrize("tol", [1e-10, None])
+@pytest.mark.parametrize("rho", [(0.5, None), (0.5, 2.0)], ids=["one-sided", "unequal"])
+def test_one_cloud_with_unequal_rho_per_side_is_not_self_transport(rho, tol):
+    """``PointCloud(x, x)`` with ``a is b`` (both None: uniform) but a different ``rho`` per side
+    is no self-transport either: the symmetric update would damp both sides with side a's rho
+    (a mutant dropping the ``rho_a == rho_b`` check missed the exact side's marginal by 0.07).
+    The result is that of the same points given as two tensors, its value the primal
+    objective ``<P, C> + eps KL(P | a x a) + sum_sides rho KL(marginal | a)`` of its plan,
+    and an exact side's marginal holds."""
+    n, eps = 15, 0.1
+    x = rand(n, 2, seed=34)
+    kw = dict(eps=eps, rho=rho, max_iter=2000, **T)
+    same = otcore.sinkhorn(otcore.PointCloud(x, x), tol=tol, **kw)
+    alt = otcore.sinkhorn(otcore.PointCloud(x, x.clone()), tol=1e-12, **kw)
+    assert same.converged
+    torch.testing.assert_close(same.value, alt.value, rtol=1e-10, atol=0)
+    P = same.plan()
+    torch.testing.assert_close(P, alt.plan(), rtol=0, atol=1e-12)
+    a = torch.full((n,), 1 / n, dtype=F64)
+    primal = entropic_objective(P, dense_cost(otcore.PointCloud(x, x)), a, a, eps)
+    primal += sum(r * gen_kl(marg, a) for r, marg in zip(rho, (P.sum(1), P.sum(0))) if r is not None)
+    assert float(same.value) == pytest.approx(primal, rel=1e-9)
+    if rho[1] is None:  # the exact side
+        assert float((P.sum(0) - a).abs().sum()) <= 1e-10
+    assert not same.info["symmetric"]
 
 
 def test_one_dimensional_sorting_closed_form():
@@ -828,6 +895,25 @@ def test_float32_agrees_with_float64():
     # potentials are unique up to f + c, g - c: compare the gauge-free combination
     diff = (r32.f.double()[:, None] + r32.g.double()[None]) - (r64.f[:, None] + r64.g[None])
     assert float(diff.abs().max()) <= 1e-5 * max(1.0, float(r64.f.abs().max()))
+
+
+@pytest.mark.parametrize("eps", [0.01, 5.0], ids=["narrow", "wide"])
+def test_float32_inputs_give_float32_results_at_any_eps(eps):
+    """float32 in, float32 out (docs/conventions.md): at eps above a quarter of the diameter
+    the value is computed in a float64 pass ("wide"), then cast back; a mutant skipping that
+    cast returned value in float64 beside a float32 cost and f. The value still agrees with
+    the float64 solve of the same points."""
+    x, y = rand(12, 2, seed=41, dtype=torch.float32), rand(9, 2, seed=42, dtype=torch.float32)
+    geom = otcore.PointCloud(x, y)
+    assert (eps > float(geom.diameters()) / 4) == (eps == 5.0)  # the case: only 5.0 is wide
+    res = otcore.sinkhorn(geom, eps=eps, **T)
+    assert res.converged
+    for name in ("value", "cost", "f", "g", "marginal_error"):
+        out = getattr(res, name)
+        if isinstance(out, torch.Tensor):
+            assert out.dtype == torch.float32, name
+    ref = otcore.sinkhorn(otcore.PointCloud(x.double(), y.double()), eps=eps, tol=1e-12, max_iter=10_000, **T)
+    assert float(res.value) == pytest.approx(float(ref.value), rel=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

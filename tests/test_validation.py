@@ -307,6 +307,26 @@ def test_float32_mass_gap_that_tol_cannot_absorb_is_rejected(solver):
 
 
 @pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton", "sparse_ot"])
+def test_float64_mass_gap_above_half_tol_is_rejected(solver):
+    """docs/api.md: a balanced mass gap above ``tol / 2`` is a ValueError (the marginal error
+    cannot fall below it). In float64 at tol = 1e-9 that bound binds (the dtype's share is
+    1e-8 relative, 16 rounding steps 3.6e-15): a gap of 0.8 tol is refused, one of 0.3 tol
+    accepted. The only other test used a gap of 5 tol, which a threshold of 2 tol (a mutant
+    that passed every test) also refuses."""
+    geom = otcore.PointCloud(rand(20, 2, dtype=torch.float64), rand(17, 2, seed=1, dtype=torch.float64))
+    kw = dict(k=3, gamma=1.0) if solver == "sparse_ot" else dict(eps=0.05)
+    fn = getattr(otcore, solver)
+    tol = 1e-9
+    a, b = uniform(20), uniform(17)
+    assert abs(float(a.sum()) - float(b.sum())) <= 1e-15  # the gaps below are the scalings'
+    with pytest.raises(ValueError, match=r"same total mass .* a gap of 8e-10; .* tol=1e-09"):
+        fn(geom, a, b * (1 + 0.8 * tol), tol=tol, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", otcore.ConvergenceWarning)
+        assert fn(geom, a, b * (1 + 0.3 * tol), tol=tol, **kw).converged  # within tol / 2: accepted, and met
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton", "sparse_ot"])
 def test_float32_weights_normalised_in_float32_pass_on_a_float64_geometry(solver):
     """The rounding gap allowed is that of the weights as given: float32 weights summing
     to 1 + 9e-8 were rejected on a float64 geometry (float64's 1e-8 after the cast)."""
