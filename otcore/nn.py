@@ -270,6 +270,13 @@ class SinkhornLoss(nn.Module):
         low = sorted({_validate.dtype_name(w.dtype) for w in (a, b)
                       if isinstance(w, torch.Tensor) and w.dtype in (torch.float16, torch.bfloat16)})
         x, y, a, b = _widen(x, y, a, b)
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype != y.dtype \
+                and x.is_floating_point() and y.is_floating_point():
+            # points of two dtypes: both in the wider (the loss's), as the cross term's geometry
+            # reads them, so that the self terms are solved at the loss's precision too (float32
+            # x with float64 y had solved OT(x, x) in float32: 1e-7 of a float64 loss, a review)
+            wide = torch.promote_types(x.dtype, y.dtype)
+            x, y = x.to(wide), y.to(wide)
         try:
             loss = self._ot(x, y, a, b, "xy")
         except ValueError as e:

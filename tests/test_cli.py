@@ -953,6 +953,23 @@ def test_main_in_process_leaves_warnings_to_the_caller():
             assert main(["solve", "--n", "30", "--max-iter", "1", "--json", "--device", "cpu"]) == 3
 
 
+def test_a_batch_with_one_unconverged_problem_exits_3(tmp_path):
+    """The exit status says whether every problem of a batch converged: problem 0 (a tiny
+    cloud) converges at once, problem 1 cannot in 30 iterations at eps 1e-3; status 3, as
+    for one problem (a mutant reading "any converged" exited 0 here, every test passing)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((2, 40, 2)), rng.random((2, 30, 2))
+    x[0] *= 1e-3
+    y[0] *= 1e-3
+    xp, yp = save_clouds(tmp_path, x, y)
+    out = io.StringIO()
+    with pytest.warns(otcore.ConvergenceWarning, match="1 of 2"), contextlib.redirect_stdout(out):
+        status = main(["solve", "--x", xp, "--y", yp, "--eps", "0.001", "--max-iter", "30", "--dtype", "float64",
+                       "--json", "--device", "cpu", "--backend", "torch"])
+    assert json.loads(out.getvalue())["converged"] == [True, False]
+    assert status == 3
+
+
 def _python_c(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
 

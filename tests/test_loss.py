@@ -685,3 +685,23 @@ def test_an_empty_schedule_is_no_stages():
         res = otcore.sinkhorn(geom, eps=0.05, eps_schedule=empty, **T)
         assert res.info["eps_stages"] == [] and res.n_iter == want.n_iter
         torch.testing.assert_close(res.f, want.f, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wide_side", ["x", "y"])
+def test_mixed_dtype_points_solve_every_term_in_the_wider_dtype(wide_side):
+    """float32 and float64 point clouds: the loss is float64 (the wider, docs/api.md), with
+    either side the wider one (only float64 x had been tested; a mutant taking x's dtype
+    passed), and each term is solved in float64, the self terms too: equal to the loss of
+    both clouds in float64, to its tol. (The float32 cloud's self term had been solved in
+    float32, 1e-7 relative off, a review.) The float32 cloud gets a float32 gradient."""
+    x64, y64 = rand(9, 2, seed=62), rand(7, 2, seed=63)
+    x, y = (x64.float(), y64) if wide_side == "y" else (x64, y64.float())
+    loss = otcore.SinkhornLoss(eps=0.1, tol=1e-12, max_iter=5000, **T)
+    narrow = x if wide_side == "y" else y
+    narrow.requires_grad_(True)
+    got = loss(x, y)
+    assert got.dtype == F64
+    want = loss(x.detach().double(), y.detach().double())  # the float32 cloud's own coordinates
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-11, abs=1e-13)
+    got.backward()
+    assert narrow.grad.dtype == torch.float32 and bool(narrow.grad.isfinite().all())

@@ -28,11 +28,17 @@ def test_capacity_mode_caps_experts_and_balances_loads():
     assert router.capacity(T) == cap
     assert out.combine_weights.shape == out.dispatch_index.shape == out.dispatch_mask.shape == (E, cap)
     assert int(out.dispatch_mask.sum(1).max()) <= cap
+    # the mask marks the slots that carry mass (docs/api.md), not every slot: here some hold
+    # no token (a mutant marking them all passed; a MoE layer dispatching by it ran each
+    # expert on its whole capacity)
+    assert torch.equal(out.dispatch_mask, out.combine_weights > 0)
+    assert int(out.dispatch_mask.sum()) < E * cap
     # every expert receives exactly its share of the token mass (semi-dual: exact column sums)
     torch.testing.assert_close(out.expert_load, torch.full((E,), T / E, dtype=F64))
     D = out.combine_dense()
     assert D.shape == (T, E)
     torch.testing.assert_close(D.sum(0), out.expert_load)
+    assert torch.equal(out.dispatch_mask.sum(1), (D > 0).sum(0))
     # gamma small enough that capacities do not bind: every token is fully routed, to the
     # router's tolerance (per token; the L1 gradient norm of the solve is at most tol * T)
     assert out.result.converged

@@ -978,10 +978,16 @@ def test_result_apply_rejects_bad_vectors():
         res.apply(torch.ones(5, dtype=F64), axis=1)
     with pytest.raises(TypeError, match="v must be"):
         res.apply([1.0] * 6)
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="k must be <= m = 6"):
         res.topk(7)
     with pytest.raises(TypeError, match="k must be"):
         res.topk(2.0)
+    # k is bounded by the columns m (6), not the rows n (5): a whole row is a valid top k
+    # (a mutant checking against n passed every test, none with n < k <= m)
+    vals, idx = res.topk(6)
+    wv, wi = torch.topk(res.plan(), 6, dim=-1)
+    torch.testing.assert_close(vals, wv)
+    assert torch.equal(idx, wi)
 
 
 # ----------------------------------------------------------------------------- hypothesis
