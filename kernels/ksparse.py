@@ -100,8 +100,8 @@ def _line_scores(
     s_hb, s_hn, s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
     COST: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Tile of scores ``x = h_pos - C(pos, line)`` and costs, (BLOCK_L, BLOCK_N); x = -inf outside,
-    +inf where NaN.
+    """Tile of scores ``x = h_pos - C(pos, line)``, costs and where the score is NaN,
+    (BLOCK_L, BLOCK_N); x = -inf outside, +inf where NaN.
 
     COST 0: read ``C`` (strides per position / per line); 1: ``|p - q|^2``; 2: ``|p - q|``,
     with ``p`` the position points, ``q`` the line points, summed coordinate by
@@ -125,8 +125,9 @@ def _line_scores(
     # a NaN score (a NaN written into C after its check) ranks first as +inf, where torch.topk
     # ranks it in the twin; compared as NaN, it had broken the sorting network's order
     # (padding positions past N taken: an out-of-range index)
-    x = tl.where(ok, tl.where(x == x, x, float("inf")), float("-inf"))
-    return x, c
+    nan = ok & (x != x)
+    x = tl.where(ok, tl.where(nan, float("inf"), x), float("-inf"))
+    return x, c, nan
 
 
 @triton.jit
@@ -157,16 +158,18 @@ def _ksparse_kernel(
     ninf = float("-inf")
 
     # ---- pass 1: the K largest scores of each line, sorted ascending in the last K slots
-    x0, c0 = _line_scores(h_ptr, c_ptr, p_ptr, q_ptr, pid_b, slot, lines, slot < N, line_ok, D,
-                          s_hb, s_hn, s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
-                          COST, BLOCK_L, BLOCK_N)
+    x0, c0, nan0 = _line_scores(h_ptr, c_ptr, p_ptr, q_ptr, pid_b, slot, lines, slot < N, line_ok, D,
+                                s_hb, s_hn, s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
+                                COST, BLOCK_L, BLOCK_N)
     buf = tl.where(keep, _bitonic_sort(x0, BLOCK_L, LOG_N, False), ninf)
     kth = tl.max(tl.where(slot[None, :] == BLOCK_N - K, buf, ninf), axis=1)
+    nan_line = tl.max(nan0.to(tl.int32), axis=1)  # lines that hold a NaN score
     for n0 in range(BLOCK_N, N, BLOCK_N):
         pos = n0 + slot
-        x, c = _line_scores(h_ptr, c_ptr, p_ptr, q_ptr, pid_b, pos, lines, pos < N, line_ok, D,
-                            s_hb, s_hn, s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
-                            COST, BLOCK_L, BLOCK_N)
+        x, c, nan = _line_scores(h_ptr, c_ptr, p_ptr, q_ptr, pid_b, pos, lines, pos < N, line_ok, D,
+                                 s_hb, s_hn, s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
+                                 COST, BLOCK_L, BLOCK_N)
+        nan_line = tl.maximum(nan_line, tl.max(nan.to(tl.int32), axis=1))
         beats = tl.max(tl.max((x > kth[:, None]).to(tl.int32), axis=1), axis=0)
         if beats > 0:  # merge only when some score enters a line's top K
             merged = _bitonic_sort(tl.maximum(buf, _bitonic_sort(x, BLOCK_L, LOG_N, True)), BLOCK_L, LOG_N, False)
@@ -194,11 +197,13 @@ def _ksparse_kernel(
         thr = -beta
     # a line that held a NaN score (ranked first as +inf, see _line_scores) gets NaN sums and
     # NaN entries, as in the twin (tl.maximum(NaN, 0) would have returned 0): in the dual the
-    # NaN one, in the semi-dual all of the line's (its multiplier is NaN)
-    bad = (tl.max(top, axis=1) == float("inf")) & SEMI
+    # NaN one, in the semi-dual all of the line's (its multiplier is NaN), and all of a line
+    # whose multiplier is NaN (a +inf score's semi-dual one, or a NaN given in the dual); a
+    # +inf score in the dual gives +inf, as there
+    bad = ((nan_line > 0) & SEMI) | (beta != beta)
     beta = tl.where(bad, float("nan"), beta)
     excess = tl.where(first, tl.maximum((top - shift[:, None]) - thr[:, None], 0.0), 0.0)  # gamma T
-    excess = tl.where(first & (bad[:, None] | (top == float("inf"))), float("nan"), excess)
+    excess = tl.where(first & (bad | (nan_line > 0))[:, None], float("nan"), excess)  # (only summed)
     T = excess / gamma
     out = pid_b * L + lines.to(tl.int64)  # (B, L, K) outputs may pass 2^31 entries
     tl.store(beta_ptr + out, beta, mask=line_ok)
@@ -213,16 +218,16 @@ def _ksparse_kernel(
     eq_seen = tl.zeros((BLOCK_L,), dtype=tl.int32)
     for n0 in range(0, N, BLOCK_N):
         pos = n0 + slot
-        x, c = _line_scores(h_ptr, c_ptr, p_ptr, q_ptr, pid_b, pos, lines, pos < N, line_ok, D,
-                            s_hb, s_hn, s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
-                            COST, BLOCK_L, BLOCK_N)
+        x, c, nan = _line_scores(h_ptr, c_ptr, p_ptr, q_ptr, pid_b, pos, lines, pos < N, line_ok, D,
+                                 s_hb, s_hn, s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
+                                 COST, BLOCK_L, BLOCK_N)
         eq = ((x == kth[:, None]) & line_ok[:, None]).to(tl.int32)
         eq_rank = eq_seen[:, None] + tl.cumsum(eq, axis=1) - eq
         take = (((x > kth[:, None]) & line_ok[:, None]) | ((eq > 0) & (eq_rank < need_eq[:, None]))).to(tl.int32)
         dst = out[:, None] * K + taken[:, None] + tl.cumsum(take, axis=1) - take
         sel = take > 0
         val = tl.maximum((x - shift[:, None]) - thr[:, None], 0.0) / gamma
-        tl.store(vals_ptr + dst, tl.where(bad[:, None] | (x == float("inf")), float("nan"), val), mask=sel)
+        tl.store(vals_ptr + dst, tl.where(bad[:, None] | nan, float("nan"), val), mask=sel)
         tl.store(idx_ptr + dst, (pos[None, :] + 0 * dst).to(tl.int64), mask=sel)
         tl.store(cost_ptr + dst, c, mask=sel)
         taken += tl.sum(take, axis=1)

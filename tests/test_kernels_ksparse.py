@@ -206,19 +206,23 @@ def test_ties_take_exactly_k_distinct_positions_the_same_in_kernel_and_twin():
             torch.testing.assert_close(a.vals, b.vals)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf")], ids=["nan", "-inf"])
 @pytest.mark.parametrize("mode", ["semi", "dual"])
-def test_a_nan_cost_poisons_its_line_as_in_the_twin(mode):
-    """A NaN in C (written in place after the geometry's check) ranks first, as torch.topk
-    ranks it in the twin: that line's sums come out NaN, the others as without it, and every
-    index stays a real position in its own line's k slots. (Compared as NaN it had broken the
-    sorting network: positions past N taken, and NaN-free sums, so sparse_ot said
-    converged=True.) 45 positions: two chunks of the interpreter's 32."""
+def test_a_non_finite_cost_makes_its_line_as_in_the_twin(mode, bad):
+    """A NaN (or -inf: a score of +inf) written into C in place, after the geometry's check:
+    the kernel keeps it first, as torch.topk ranks it in the twin, and that line comes out
+    as the twin's: NaN sums (inf for -inf in the dual), NaN entries (all of a semi-dual
+    line, whose multiplier is NaN; the one in the dual, inf for -inf), the other lines as
+    without it, and every index a real position in its line's k slots. (Compared as NaN the
+    score had broken the sorting network: padding positions past N taken, an out-of-range
+    index, or NaN-free sums, so sparse_ot said converged=True; tl.maximum(NaN, 0) is 0.)
+    45 positions: two chunks of the interpreter's 32."""
     g = torch.Generator().manual_seed(13)
     C = torch.rand(1, 45, 19, generator=g).to(DEVICE)
     geom = otcore.CostMatrix(C)
     clean = otcore.CostMatrix(C.clone())
-    C[0, 40, 5] = float("nan")  # position 40 (second chunk) of line 5 (axis 0)
-    for axis, line in ((0, 5), (1, 40)):
+    C[0, 40, 5] = bad  # position 40 (second chunk) of line 5 (axis 0)
+    for axis, line, pos in ((0, 5, 40), (1, 40, 5)):
         N, L = C.shape[1 + axis], C.shape[2 - axis]
         h = (0.1 * torch.randn(1, N, generator=g)).to(DEVICE)
         kw = dict(mass=torch.rand(1, L, generator=g).to(DEVICE)) if mode == "semi" else \
@@ -228,17 +232,20 @@ def test_a_nan_cost_poisons_its_line_as_in_the_twin(mode):
             got, twin = K.ksparse_columns(geom, h, 0.5, 4, axis, **kw), R.ksparse_columns(geom, h, 0.5, 4, axis, **kw)
         base = K.ksparse_columns(clean, h, 0.5, 4, axis, **kw)
         assert bool(((got.idx >= 0) & (got.idx < N)).all())
+        assert torch.equal(got.idx, twin.idx) and pos in got.idx[0, line].tolist()
         other = torch.arange(L, device=DEVICE) != line
-        for field in ("reg", "line_sum") + (("beta",) if mode == "semi" else ()):
-            a, b = getattr(got, field)[0], getattr(twin, field)[0]
-            assert bool(a[line].isnan()) and bool(b[line].isnan()), field
+        sums_nan = mode == "semi" or bad != bad
+        for field in ("beta", "reg", "line_sum", "vals"):
+            a = getattr(got, field)[0]
+            torch.testing.assert_close(a, getattr(twin, field)[0], equal_nan=True)
             torch.testing.assert_close(a[other], getattr(base, field)[0][other])
-        assert torch.equal(got.idx[0, line], twin.idx[0, line])  # the NaN's position among the chosen
-        # entries: all NaN in the semi-dual (the line's multiplier is), the NaN one in the dual
-        assert int(got.vals[0, line].isnan().sum()) == (4 if mode == "semi" else 1)
-        torch.testing.assert_close(got.vals[0, line], twin.vals[0, line], equal_nan=True)
-        torch.testing.assert_close(got.vals[0, other], base.vals[0, other])
-        assert int((40 if axis == 0 else 5)) in got.idx[0, line].tolist()
+        for field in ("reg", "line_sum"):
+            v = float(getattr(got, field)[0, line])
+            assert (v != v) if sums_nan else v == float("inf"), (field, v)
+        slot = got.idx[0, line].tolist().index(pos)
+        entries = got.vals[0, line]
+        assert int(entries.isnan().sum()) == (4 if mode == "semi" else int(bad != bad))
+        assert mode == "semi" or bad != bad or float(entries[slot]) == float("inf")
 
 
 def test_strided_and_transposed_cost():

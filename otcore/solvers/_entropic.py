@@ -208,8 +208,8 @@ def init_in_dtype(f, g, tops, geom, names) -> tuple[torch.Tensor, torch.Tensor]:
     for i in range(2):
         if not math.isfinite(read[2 + i]):
             raise ValueError(f"init[{i}] ({names[i]}) does not fit {_validate.dtype_name(geom.dtype)}: its largest "
-                             f"|entry| is {float((f, g)[i].abs().max()):.3g} (after the balanced gauge's shift, where "
-                             f"one applies)")
+                             f"|entry| is {float((f, g)[i].abs().max()):.3g} (after the shift along (f + c, g - c) "
+                             f"that keeps the plan: the balanced gauge, or an unbalanced problem's best translation)")
     return out[0], out[1]
 
 

@@ -221,7 +221,7 @@ def sinkhorn(
     if pb.rho_a is None and pb.rho_b is None and not pb.symmetric:
         f, g = check_init(init, geom, shift=lambda f, g: balanced_gauge(f, g, pb.A, pb.Bw))
     else:
-        f, g = check_init(init, geom, shift=None if move is None else lambda f, g: move(f, g, dtype=geom.dtype))
+        f, g = check_init(init, geom, shift=move)
     if init is None:
         stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps, max_iter)
         for stage in stages:  # the diameter's or the given values: each must fit the dtype as eps does
@@ -252,7 +252,7 @@ def translates(pb: Problem) -> bool:
 
 
 def best_translation(pb: Problem):
-    """``move(f, g, active=None, dtype=None)``: unbalanced potentials moved by the best ``c`` along
+    """``move(f, g, active=None)``: unbalanced potentials moved by the best ``c`` along
     ``(f + c, g - c)``, the direction that leaves the plan as it is, in closed form (as
     translation-invariant Sinkhorn does, Sejourne et al. 2022), for the problems
     ``active``. Along it the dual ``-rho_a <a, e^(-f/rho_a) - 1> - rho_b <b, e^(-g/rho_b) - 1>``
@@ -279,13 +279,13 @@ def best_translation(pb: Problem):
         return torch.logsumexp(torch.where(w > 0, torch.log(w.double()) - h.double() / rho, -math.inf), -1)
 
     @torch.no_grad()
-    def move(f, g, active=None, dtype=None):  # dtype: the one f + c is rounded to (a warm start's cast)
+    def move(f, g, active=None):
         la, lb = log_sum(pb.A, f, pb.rho_a, exact[0]), log_sum(pb.Bw, g, pb.rho_b, exact[1])
         c = ((la - lb) / stiff).to(f.dtype)[:, None]
         # only a move whose rounding (u |c| in f + g - C) stays below 2^-10 eps: at rho = 1e39
         # (float64) masses equal to a rounding step put the optimum at |c| ~ 1e23, where f + c
         # keeps no digit of f (the plan was lost); and not a NaN/inf one (the result diagnoses it)
-        keep = torch.isfinite(c) & (c.abs() * torch.finfo(dtype or f.dtype).eps <= pb.eps * 2.0**-10)
+        keep = torch.isfinite(c) & (c.abs() * torch.finfo(f.dtype).eps <= pb.eps * 2.0**-10)
         c = torch.where(keep if active is None else keep & active[:, None], c, 0.0)
         return f + c, g - c
 
