@@ -218,10 +218,8 @@ def sinkhorn(
     # <a, f>/m(a) = <b, g>/m(b) (a large offset would cost digits); unbalanced, by the best
     # translation (float32 from a rho = 1000 solve's f ~ -346 at rho = 0.5: exp(-f/rho)
     # overflowed the first test, which stopped the solve after 1 iteration, a review)
-    if pb.rho_a is None and pb.rho_b is None and not pb.symmetric:
-        f, g = check_init(init, geom, shift=lambda f, g: balanced_gauge(f, g, pb.A, pb.Bw))
-    else:
-        f, g = check_init(init, geom, shift=move)
+    balanced = pb.rho_a is None and pb.rho_b is None and not pb.symmetric
+    f, g = check_init(init, geom, shift=(lambda f, g: balanced_gauge(f, g, pb.A, pb.Bw)) if balanced else move)
     if init is None:
         stages = eps_stages(eps_schedule, pb.top_diameter, pb.eps, max_iter)
         for stage in stages:  # the diameter's or the given values: each must fit the dtype as eps does
