@@ -191,17 +191,19 @@ def _ksparse_kernel(
         shift = vmax
         thr = tl.where(line_ok, tl.max(cand, axis=1), 0.0)  # padding lines: -inf
         beta = tl.where(line_ok, -(thr + vmax), 0.0)
+        # a line with a NaN score, or with no finite one (its costs all +inf: a point past
+        # float32's range of squares), has no multiplier: NaN, as the twin's (tl.max skips the
+        # NaN candidates: it had been +inf, with zero entries)
+        beta = tl.where((nan_line > 0) | (vmax == float("-inf")), float("nan"), beta)
     else:
         beta = tl.load(beta_in_ptr + pid_b * L + lines, mask=line_ok, other=0.0)
         shift = tl.zeros_like(beta)
         thr = -beta
     # a line that held a NaN score (ranked first as +inf, see _line_scores) gets NaN sums and
     # NaN entries, as in the twin (tl.maximum(NaN, 0) would have returned 0): in the dual the
-    # NaN one, in the semi-dual all of the line's (its multiplier is NaN), and all of a line
-    # whose multiplier is NaN (a +inf score's semi-dual one, or a NaN given in the dual); a
-    # +inf score in the dual gives +inf, as there
-    bad = ((nan_line > 0) & SEMI) | (beta != beta)
-    beta = tl.where(bad, float("nan"), beta)
+    # NaN one; all of a line whose multiplier is NaN (the semi-dual's above, a +inf score's
+    # there, a NaN given in the dual); a +inf score in the dual gives +inf, as there
+    bad = beta != beta
     excess = tl.where(first, tl.maximum((top - shift[:, None]) - thr[:, None], 0.0), 0.0)  # gamma T
     excess = tl.where(first & (bad | (nan_line > 0))[:, None], float("nan"), excess)  # (only summed)
     T = excess / gamma

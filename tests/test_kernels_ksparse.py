@@ -248,6 +248,26 @@ def test_a_non_finite_cost_makes_its_line_as_in_the_twin(mode, bad):
         assert mode == "semi" or bad != bad or float(entries[slot]) == float("inf")
 
 
+def test_a_line_of_infinite_costs_is_nan_as_in_the_twin():
+    """A semi-dual line whose costs are all +inf (a finite float32 point at 3e19 from the
+    others: its squared distances overflow) has no multiplier: NaN throughout, as the
+    twin's (the kernel's max over the threshold candidates skipped their NaNs: beta +inf and
+    zero entries, a review); the other lines are untouched."""
+    x = torch.rand(1, 37, 2, generator=torch.Generator().manual_seed(21)).to(DEVICE)
+    y = torch.rand(1, 9, 2, generator=torch.Generator().manual_seed(22)).to(DEVICE)
+    y[0, 4] = 3e19
+    geom = otcore.PointCloud(x, y)
+    h = torch.zeros(1, 37, device=DEVICE)
+    mass = torch.full((1, 9), 1 / 9, device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got, twin = K.ksparse_columns(geom, h, 0.5, 3, 0, mass=mass), R.ksparse_columns(geom, h, 0.5, 3, 0, mass=mass)
+    for field in ("beta", "reg", "line_sum", "vals"):
+        a = getattr(got, field)[0]
+        assert bool(a[4].isnan().all()) and not bool(a[torch.arange(9) != 4].isnan().any()), field
+        torch.testing.assert_close(a, getattr(twin, field)[0], equal_nan=True)
+
+
 def test_strided_and_transposed_cost():
     """A non-contiguous C (a transposed view) is read through its strides."""
     g = torch.Generator().manual_seed(6)
