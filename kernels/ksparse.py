@@ -163,13 +163,13 @@ def _ksparse_kernel(
                                 COST, BLOCK_L, BLOCK_N)
     buf = tl.where(keep, _bitonic_sort(x0, BLOCK_L, LOG_N, False), ninf)
     kth = tl.max(tl.where(slot[None, :] == BLOCK_N - K, buf, ninf), axis=1)
-    nan_line = tl.max(nan0.to(tl.int32), axis=1)  # lines that hold a NaN score
+    nan_seen = nan0  # where a chunk held a NaN score (OR-ed per slot: one reduction after the loop)
     for n0 in range(BLOCK_N, N, BLOCK_N):
         pos = n0 + slot
         x, c, nan = _line_scores(h_ptr, c_ptr, p_ptr, q_ptr, pid_b, pos, lines, pos < N, line_ok, D,
                                  s_hb, s_hn, s_cb, s_cpos, s_cline, s_pb, s_pn, s_pd, s_qb, s_ql, s_qd,
                                  COST, BLOCK_L, BLOCK_N)
-        nan_line = tl.maximum(nan_line, tl.max(nan.to(tl.int32), axis=1))
+        nan_seen = nan_seen | nan
         beats = tl.max(tl.max((x > kth[:, None]).to(tl.int32), axis=1), axis=0)
         if beats > 0:  # merge only when some score enters a line's top K
             merged = _bitonic_sort(tl.maximum(buf, _bitonic_sort(x, BLOCK_L, LOG_N, True)), BLOCK_L, LOG_N, False)
@@ -177,6 +177,7 @@ def _ksparse_kernel(
             kth = tl.max(tl.where(slot[None, :] == BLOCK_N - K, buf, ninf), axis=1)
 
     # ---- line multiplier, regularizer and line sum from the top K, largest first
+    nan_line = tl.max(nan_seen.to(tl.int32), axis=1)  # lines that hold a NaN score
     top = _bitonic_sort(buf, BLOCK_L, LOG_N, True)
     first = slot[None, :] < K
     if SEMI:
