@@ -201,6 +201,43 @@ def test_a_warm_start_is_moved_by_the_best_translation_first(one_side):
             torch.testing.assert_close(warm.value, cold.value, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_warm_start_far_from_the_optimum_is_iterated_not_given_up(backend):
+    """Float32 potentials ~100 below the optimum (rho 1, eps 0.05; not a move along (f + c,
+    g - c)) overflow the first test's P1 and a exp(-f/rho): its residual, inf or NaN, had been
+    read as a failed problem and the solve stopped after 1 iteration, converged=False at a
+    value of -3.6e34 (-inf at 200). The damped updates contract the offset: it converges,
+    within a batch too, while a plan that overflows at an eps float32 cannot resolve still
+    stops at the first test."""
+    x, y, a, b = problem(n=13, m=9, seed=6)
+    g32 = otcore.PointCloud(x.float(), y.float())
+    a32, b32 = a.float(), b.float()
+    kw = dict(eps=0.05, tol=1e-5, backend=backend)
+    for rho in (1.0, (1.0, None)):
+        ref = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.05, rho=rho, tol=1e-11, max_iter=5000, **T)
+        for lower in (100.0, 1000.0):
+            warm = otcore.sinkhorn(g32, a32, b32, rho=rho, init=(ref.f - lower, ref.g - lower), **kw)
+            assert bool(warm.converged) and warm.n_iter < 200
+            torch.testing.assert_close(warm.value.double(), ref.value, rtol=1e-5, atol=0)
+    # a batch: one problem far, one at its optimum
+    ref = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.05, rho=1.0, tol=1e-11, max_iter=5000, **T)
+    gb = otcore.PointCloud(torch.stack([x, x]).float(), torch.stack([y, y]).float())
+    f0 = torch.stack([ref.f - 300, ref.f]).float()
+    g0 = torch.stack([ref.g - 300, ref.g]).float()
+    both = otcore.sinkhorn(gb, torch.stack([a32, a32]), torch.stack([b32, b32]), rho=1.0, init=(f0, g0), **kw)
+    assert bool(both.converged.all()) and int(both.n_iter[1]) <= 1
+    torch.testing.assert_close(both.value.double(), ref.value.expand(2), rtol=1e-5, atol=0)
+    # too few iterations for the offset: converged=False, the warning names the far start
+    with pytest.warns(otcore.ConvergenceWarning, match="far from the optimum"):
+        short = otcore.sinkhorn(g32, a32, b32, rho=1.0, init=(ref.f - 1e4, ref.g - 1e4), max_iter=12, **kw)
+    assert not bool(short.converged) and short.n_iter == 12
+    # an eps below what float32 resolves of the potentials: stopped at the first test, as before
+    with pytest.warns(otcore.ConvergenceWarning, match="overflows"):
+        tiny = otcore.sinkhorn(otcore.PointCloud(x.float(), 3 * y.float()), a32, b32, rho=1.0, eps=1e-9,
+                               tol=1e-5, max_iter=2000, backend=backend)
+    assert not bool(tiny.converged) and tiny.n_iter <= 1
+
+
 @st.composite
 def unbalanced_problems(draw):
     n, m, d = draw(st.integers(1, 8)), draw(st.integers(1, 8)), draw(st.integers(1, 3))

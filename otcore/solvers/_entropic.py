@@ -249,6 +249,19 @@ def optimality_residual(pb: Problem, r: torch.Tensor, c: torch.Tensor, f, g) -> 
     return (r - ta).abs().sum(-1) + (c - tb).abs().sum(-1)
 
 
+def far_start(pb: Problem, f, g) -> torch.Tensor:
+    """(B,) bool: a KL-relaxed problem at finite potentials that ``eps`` resolves (each exponent
+    ``(f_i + g_j - C_ij) / eps`` rounded by less than 1): if its residual is not finite there
+    (``P1``, or the target ``a exp(-f / rho)``, past the dtype: a warm start far from the
+    optimum, float32 potentials ~100 eps off), the damped updates (``tau = rho / (rho + eps)
+    < 1`` on a relaxed side) still contract the offset, so the problem is not failed, as one
+    whose plan overflows at an eps below what the dtype resolves is. All False if balanced."""
+    if pb.rho_a is None and pb.rho_b is None:
+        return torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
+    pot = live_potential(pb, f, g)
+    return _validate.finite_rows(f, g) & (2 * torch.finfo(f.dtype).eps * pot < pb.eps)
+
+
 def weighted(w: torch.Tensor, t: torch.Tensor, zeros: bool) -> torch.Tensor:
     """``w * t`` per point, 0 where ``w`` is 0 (``zeros``: some weight is; else no mask, no
     operation): a zero-weight point carries no mass whatever its potential, which can be far
@@ -425,6 +438,11 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
         if eps * masses > 1e-3 * torch.finfo(f.dtype).max:  # the value's own term is out of range
             return (f"the value is not finite in {dt}: its term eps * m(a) * m(b) (here up to {eps * masses:.3g}) "
                     f"is beyond the dtype's range; normalise the weights (the plan scales with them) or use float64")
+        if bool(far_start(pb, f, g)[bad].all()):
+            return (f"the plan of the returned potentials, or a relaxed marginal's target a * exp(-f / rho), "
+                    f"overflows {dt} at potentials eps={eps:g} resolves: a start (init) far from the optimum, whose "
+                    f"offset each iteration shrinks by rho / (rho + eps); more iterations (max_iter), or a start "
+                    f"nearer the optimum")
         return (f"the plan of the returned potentials overflows (non-finite value or marginals) at eps={eps:g}: "
                 f"too few iterations at eps (eps_schedule's stages count toward max_iter), or eps below what {dt} "
                 f"resolves of the cost")

@@ -38,7 +38,7 @@ from .._progress import Progress
 from ..result import OTResult
 from ..reference import damping as _tau, scaled
 from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, make_problem, residual_floor,
-                        settle_zero_weights, tol_against_mass, weighted_mean)
+                        settle_zero_weights, tol_against_mass, weighted_mean, far_start)
 from ._graph import graphed
 from . import _host
 from ._overrelax import Overrelaxation, Progressing, check_overrelax, for_problem as relaxation
@@ -406,7 +406,9 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         n_iter += active * k
         ok = resid <= tol
         passed |= active & ok
-        active &= ~ok & _validate.finite_rows(resid)
+        # a non-finite residual is a failed problem, save a relaxed one's far start (its inf, or
+        # inf - inf, contracts away: float32 potentials 100 off had stopped after 1 iteration)
+        active &= ~ok & (_validate.finite_rows(resid) | far_start(pb, f, g))
         n_iter += active  # the iteration whose row pass gave the test, completed by those still running
         # the block's one host synchronisation: the flags, and the residuals with them
         r_h, going_h = _host.to_host(resid, active)
