@@ -361,12 +361,18 @@ def test_inference_tensors_changed_in_place_are_read_again_by_the_next_solve(bac
     recorded (None, None): a geometry reused after ``x.add_(5)`` solved its cached old cost
     on the torch backend (value 0.23 for 48, converged) while the Triton one read the new
     points, and an fp16 matrix kept its old float32 copy (a review). Such inputs are now
-    read again at the start of every solve and result method, alike on both backends."""
+    read again at the start of every solve and result method, alike on both backends.
+    The Triton path caches copies of fp16 points (their float32 copy) and of d > 8 points
+    (centred): a stamp that did not change had kept serving them (fp16: the old value,
+    0.23 for 18, converged; a mutation test), where float32 d = 2 points are views."""
     with torch.inference_mode():
         x, y = rand(8, 2, seed=80, dtype=torch.float32), rand(6, 2, seed=81, dtype=torch.float32)
         C = rand(8, 6, seed=82, dtype=torch.float32).half()
-        for geom, inp in ((otcore.PointCloud(x, y), x), (otcore.CostMatrix(C), C)):
-            kw = dict(eps=0.1, backend=backend if geom.cost != "matrix" else "torch")
+        xh, yh = rand(9, 2, seed=83, dtype=torch.float32).half(), rand(7, 2, seed=84, dtype=torch.float32).half()
+        x17, y17 = rand(9, 17, seed=83, dtype=torch.float32), rand(7, 17, seed=84, dtype=torch.float32)
+        for geom, inp in ((otcore.PointCloud(x, y), x), (otcore.CostMatrix(C), C), (otcore.PointCloud(xh, yh), xh),
+                          (otcore.PointCloud(x17, y17), x17)):
+            kw = dict(eps=0.1 if inp is not x17 else 0.5, backend=backend if geom.cost != "matrix" else "torch")
             res = otcore.sinkhorn(geom, **kw)
             inp.add_(5.0 if inp is x else 3.0)
             again = otcore.sinkhorn(geom, **kw)

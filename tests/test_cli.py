@@ -1018,6 +1018,23 @@ def test_output_the_reader_does_not_take_ends_without_a_traceback():
     assert proc.wait(timeout=120) == 1 and "Traceback" not in err, err
 
 
+def test_a_closed_stderr_file_object_turns_the_progress_line_off(monkeypatch):
+    """sys.stderr a closed file object (not fd 2: a closed io.StringIO, as a harness may leave
+    it): its write raises ValueError, which turns the line off instead of ending the solve
+    (a mutation test)."""
+    from otcore._progress import Progress
+
+    dead = io.StringIO()
+    dead.close()
+    monkeypatch.setattr(sys, "stderr", dead)
+    p = Progress(True, "sinkhorn")
+    p.last = -1.0
+    p.update(3, 1e-3, 0.1)
+    assert not p.enabled and not p.printed
+    p.update(4, 1e-4, 0.1)
+    p.close()
+
+
 def test_a_closed_stdout_is_an_error_before_the_solve():
     """fd 1 closed: the run solved, printed nowhere and exited 0."""
     code = ("import os, sys; os.close(1); sys.stdout = None; sys.argv = ['otcore', 'solve', '--n', '20', "
@@ -1142,6 +1159,9 @@ def test_progress_line_leaves_out_unknown_fields(capsys):
     q.update(5, float("nan"), 2.22)
     line = capsys.readouterr().err
     assert "marginal error nan" in line and len(line) - 1 >= q.width >= len("sinkhorn iter      4 | eps 2.22 | eps stage 4/98 |")
+    q.last = -1.0  # an error of exactly 0 is a value: shown (a truth test had left it out, a mutation test)
+    q.update(6, 0.0, 2.22)
+    assert "sinkhorn iter      6 | marginal error 0.000e+00 | eps 2.22 |" in capsys.readouterr().err
     q.close()
     q.close()  # one newline, however often closed
     assert capsys.readouterr().err == "\n"

@@ -149,6 +149,25 @@ def test_clustered_data_keeps_direct_differences(large):
     assert relerr(forced, exact) > 1e-3  # what the guard avoids (1.0e-2 in the interpreter)
 
 
+def test_one_far_pair_sets_the_spread_of_the_guard():
+    """The guard reads the largest squared norm of the centred points, not a typical one: one
+    pair 30 out (of 40 x 41 points, d = 9, eps 0.1) puts the spread at 1.5e4, where the dot
+    product's rounding is past the guard and the kernel takes direct differences; by the mean
+    norm (3.9e2) it took the dot product and the far pair's row came out 1.5e-2 eps off
+    (a mutation test)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(1, 40, 9, generator=g), torch.rand(1, 41, 9, generator=g)
+    x[0, 0] += 30.0
+    y[0, 0] = x[0, 0] + 0.05 * torch.rand(9, generator=g)
+    x, y = x.to(DEVICE), y.to(DEVICE)
+    geom = otcore.PointCloud(x, y)
+    assert triton_ops.squared_spread(geom) > 1e4
+    h = torch.zeros(1, 41, device=DEVICE)
+    exact = softmin64(x, y, h, 0.1, 1)
+    got = geom.softmin(h, 0.1, 1, backend="triton")
+    assert float((got.double() - exact).abs().max()) < 1e-5 * 0.1
+
+
 def test_plan_operations_on_the_expansion(large):
     """The plan kernels share the cost tile: marginals, P v, the dense plan, <P, C> and
     the top entries (values, and the float64 plan read at the returned indices), against

@@ -256,16 +256,19 @@ def test_euclidean_grad_ignores_coincident_points():
 
 
 @pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
-@pytest.mark.parametrize("case", ["near-coincident", "offset 1e4"])
+@pytest.mark.parametrize("case", ["near-coincident", "offset 1e4", "offset 1e4, d = 9"])
 def test_cost_grad_is_float32_faithful_on_near_coincident_pairs_and_far_from_the_origin(cost, case):
     """sum_j W_ij (x_i - y_j) with each difference formed per entry. As x_i (W1)_i - (W y)_i
     the terms cancel: the plan on pairs 1e-5 apart gave 2e-2 relative error (Euclidean,
-    W = P / C ~ 1/C), clouds at 1e4 from the origin 8e-3 in the twin."""
+    W = P / C ~ 1/C), clouds at 1e4 from the origin 8e-3 in the twin. Past d = 8 the
+    squared-Euclidean kernel takes that product form on centred points: uncentred, 1.8e-3
+    at 1e4 from the origin (a mutation test)."""
     g = torch.Generator().manual_seed(12)
-    x = torch.rand(1, 13, 3, generator=g, dtype=torch.float64)
-    y = torch.rand(1, 21, 3, generator=g, dtype=torch.float64)
+    d = 9 if "d = 9" in case else 3
+    x = torch.rand(1, 13, d, generator=g, dtype=torch.float64)
+    y = torch.rand(1, 21, d, generator=g, dtype=torch.float64)
     if case == "near-coincident":
-        y[:, :13] = x + 1e-5 * torch.randn(1, 13, 3, generator=g, dtype=torch.float64)
+        y[:, :13] = x + 1e-5 * torch.randn(1, 13, d, generator=g, dtype=torch.float64)
     else:
         x, y = x + 1e4, y + 1e4
     x, y = x.float().to(DEVICE), y.float().to(DEVICE)  # the exact inputs of the float64 reference
@@ -442,6 +445,36 @@ def test_custom_op_registrations_pass_opcheck():
     torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, geom.y, True, KP.WEIGHT_P, False))
     # the per-entry differences (the point costs' gradient), with no V
     torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, None, False, KP.WEIGHT_P, True))
+
+
+@pytest.mark.parametrize("axis", [1, 0])
+def test_cost_matrix_ops_have_their_shapes_under_compile(axis):
+    """A non-square CostMatrix (5 x 7), both axes: the fake kernels' shapes (the transposed
+    read's (B, m) output) agree with the kernels' (opcheck), and a compiled graph that
+    broadcasts them against their shape runs; a swapped index in the fake shape had made it a
+    TorchRuntimeError, which point clouds did not show (a mutation test)."""
+    g = torch.Generator().manual_seed(16)
+    geom = otcore.CostMatrix(torch.rand(1, 5, 7, generator=g).to(DEVICE))
+    n_own, n_oth = (5, 7) if axis == 1 else (7, 5)
+    own_pot = (0.1 * torch.randn(1, n_own, generator=g)).to(DEVICE)
+    oth_pot = (0.1 * torch.randn(1, n_oth, generator=g)).to(DEVICE)
+    fields = triton_ops._fields(triton_ops.operand(geom, axis, "fp32", EPS))
+    torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, oth_pot, EPS, None))
+    torch.library.opcheck(torch.ops.otcore.plan_topk.default, (*fields, own_pot, oth_pot, EPS, 2))
+    torch.library.opcheck(torch.ops.otcore.plan_dense.default, (*fields, own_pot, oth_pot, EPS))
+    torch.library.opcheck(torch.ops.otcore.plan_reduce.default,
+                          (*fields, own_pot, oth_pot, EPS, None, True, KP.WEIGHT_P, False))
+    F, G = (own_pot, oth_pot) if axis == 1 else (oth_pot, own_pot)
+    ramp = torch.arange(float(n_own), device=DEVICE)
+
+    def prims(F, G):
+        return (geom.softmin(G if axis == 1 else F, EPS, axis, backend="triton") + ramp,
+                geom.marginals(F, G, EPS, axis, backend="triton") + ramp,
+                geom.plan(F, G, EPS, backend="triton").sum(1 + axis) + ramp)
+
+    for a, b in zip(torch.compile(prims, backend="aot_eager", fullgraph=True)(F, G), prims(F, G)):
+        assert a.shape == b.shape == (1, n_own)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
