@@ -540,6 +540,7 @@ def test_bad_init():
         (["a"], TypeError),
         ({"geometric": 1}, TypeError),
         (True, TypeError),
+        (torch.tensor([[[0.5]]]), TypeError),  # one element, but not a number nor a sequence
     ],
 )
 def test_bad_eps_schedule(schedule, exc):
@@ -730,6 +731,24 @@ def test_sinkhorn_steps_checks_its_potentials_weights_and_mask(backend):
     with pytest.raises(ValueError, match="^active must be a"):
         g.sinkhorn_steps(f, gg, la, lb, 0.1, (1.0, 1.0), 2, on.float(), backend=backend)
     assert g.sinkhorn_steps(f, gg, la, lb, 0.1, (1.0, 1.0), 2, on, backend=backend)[0].shape == (2, 7)
+
+
+def test_a_one_element_schedule_is_one_stage_whatever_its_type():
+    """A 1-d tensor is a sequence at any length, as a 1-d array and a list are: a one-element
+    tensor had been read as a decay factor (gamma_schedule=torch.tensor([5.0]) a ValueError
+    where [5.0] is one stage; torch.tensor([0.5]) three stages where np.array([0.5]) is one,
+    a review). A 0-d tensor is the factor."""
+    C = otcore.CostMatrix(torch.rand(9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    for stage in ([5.0], (5.0,), np.array([5.0]), torch.tensor([5.0])):
+        assert otcore.sparse_ot(C, k=9, gamma=0.01, gamma_schedule=stage).info["gamma_stages"] == [5.0]
+    assert otcore.sparse_ot(C, k=9, gamma=0.01, gamma_schedule=torch.tensor([0.5])).info["gamma_stages"] == [0.5]
+    factor = otcore.sparse_ot(C, k=9, gamma=0.01, gamma_schedule=0.5).info["gamma_stages"]
+    assert len(factor) > 1 and otcore.sparse_ot(C, k=9, gamma=0.01, gamma_schedule=torch.tensor(0.5)).info[
+        "gamma_stages"] == factor
+    for sched in ([0.5], np.array([0.5]), torch.tensor([0.5], dtype=torch.float64)):
+        assert otcore.sinkhorn(C, eps=0.1, eps_schedule=sched).info["eps_stages"] == [0.5]
+    assert otcore.sinkhorn(C, eps=0.01, eps_schedule=torch.tensor(0.5)).info["eps_stages"] == \
+        otcore.sinkhorn(C, eps=0.01, eps_schedule=0.5).info["eps_stages"]
 
 
 def test_zero_d_numpy_numbers_are_numbers():

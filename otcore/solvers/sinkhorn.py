@@ -68,16 +68,19 @@ def check_schedule(schedule: Schedule, eps: float, name: str = "eps_schedule", t
     schedule = _validate.numpy_scalar(schedule)
     if isinstance(schedule, np.ndarray) and schedule.ndim == 1:  # a sequence, as a list
         schedule = list(schedule)
-    if isinstance(schedule, torch.Tensor) and schedule.ndim == 1 and schedule.numel() != 1:
-        schedule = list(schedule.unbind())  # (a one-element tensor is a number: the factor; an empty one
-        # no stages, as [] and an empty array are: it was a TypeError, a review)
+    if isinstance(schedule, torch.Tensor) and schedule.ndim == 1:  # a sequence, as a 1-d array (one
+        schedule = list(schedule.unbind())  # element too: a factor there had refused [5.0] and read
+        # [0.5] as a factor where np.array([0.5]) is one stage, a review; an empty one: no stages)
+    if isinstance(schedule, torch.Tensor) and schedule.ndim > 1:
+        raise TypeError(f"{name} must be None, {word!r}, a number (a 0-d tensor) or a 1-d sequence, got a "
+                        f"tensor of shape {tuple(schedule.shape)}")
     if isinstance(schedule, str):
         if schedule != word:
             raise ValueError(f"{name} must be None, {word!r}, a decay factor in (0, 1) or a decreasing "
                              f"sequence of values > {target}, got {schedule!r}")
         return 0.5
     if isinstance(schedule, (numbers.Real, torch.Tensor)) and not _validate._is_bool(schedule):
-        q = _validate.positive(name, schedule)  # a Python, NumPy or one-element tensor number
+        q = _validate.positive(name, schedule)  # a Python, NumPy or 0-d tensor number
         if not 0 < q < 1:
             raise ValueError(f"{name} as a decay factor must be in (0, 1), got {q}")
         return q
