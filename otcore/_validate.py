@@ -69,6 +69,20 @@ def no_function_transform(t: torch.Tensor) -> None:
                         "torch.autograd.functional.jacobian); OT under torch.no_grad() inside a transform works")
 
 
+@torch.compiler.disable  # (as no_function_transform)
+def no_batched_grads(name: str, *grads) -> None:
+    """Raise ``TypeError`` where a backward receives gradients batched by autograd's vmap
+    (``torch.autograd.grad(..., is_grads_batched=True)``,
+    ``torch.autograd.functional.jacobian(..., vectorize=True)``) and cannot take them (its
+    host reads and in-place scatters had failed inside torch: "Batching rule not
+    implemented for aten::is_nonzero")."""
+    functorch = getattr(torch._C, "_functorch", None)
+    batched = getattr(functorch, "is_legacy_batchedtensor", None)  # (autograd's vmap is the legacy one)
+    if batched is not None and any(isinstance(g, torch.Tensor) and batched(g) for g in grads):
+        raise TypeError(f"{name}'s gradients cannot be batched (is_grads_batched=True, or jacobian(..., "
+                        f"vectorize=True)): take one backward per row (vectorize=False, the default)")
+
+
 def all_finite(*named: tuple[str, torch.Tensor]) -> None:
     """Raise ``ValueError`` naming the first of the ``(name, tensor)`` pairs that holds NaN or
     inf. One host read for all of them (a sync on a GPU); each tensor costs one reduction,

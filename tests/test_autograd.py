@@ -525,6 +525,27 @@ def test_apply_under_torch_func_transforms_is_refused_by_name():
     torch.testing.assert_close(torch.func.grad(lambda w: (w * res.apply(v)).sum())(w), res.apply(v))
 
 
+def test_batched_gradients_through_sparse_ot_are_refused_by_name():
+    """Autograd's vmap (jacobian(vectorize=True), grad(is_grads_batched=True)) through sparse_ot's
+    value or plan had failed inside torch ("Batching rule not implemented for aten::is_nonzero",
+    an in-place scatter; a review): a TypeError naming sparse_ot now. sinkhorn's backward takes
+    them, equal to the loop; sparse_ot's loop (vectorize=False) works."""
+    x0, y0 = rand(7, 2, seed=30), rand(5, 2, seed=31)
+    sink = lambda x: otcore.sinkhorn(otcore.PointCloud(x, y0), eps=0.1, tol=1e-10, **T).value.reshape(1)
+    torch.testing.assert_close(torch.autograd.functional.jacobian(sink, x0, vectorize=True),
+                               torch.autograd.functional.jacobian(sink, x0), rtol=0, atol=0)
+    for read in (lambda r: r.value.reshape(1), lambda r: (r.values ** 2).sum().reshape(1)):
+        f = lambda x: read(otcore.sparse_ot(otcore.PointCloud(x, y0), k=3, gamma=0.5, tol=1e-10, **T))
+        with pytest.raises(TypeError, match="sparse_ot's gradients cannot be batched"):
+            torch.autograd.functional.jacobian(f, x0, vectorize=True)
+        x = x0.clone().requires_grad_()
+        out = f(x)
+        with pytest.raises(TypeError, match="sparse_ot's gradients cannot be batched"):
+            torch.autograd.grad(out, x, torch.ones(2, 1, dtype=out.dtype), is_grads_batched=True)
+        loop = torch.autograd.functional.jacobian(f, x0)
+        assert loop.shape == (1, 7, 2) and bool(torch.isfinite(loop).all()) and bool((loop != 0).any())
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_apply_is_differentiable_in_v_on_every_backend(backend):
     """A barycentric map res.apply(y) trains y (the plan held fixed): the gradient is the

@@ -1076,6 +1076,7 @@ class _SparseOTFunction(torch.autograd.Function):
         # read once (non-reentrant activation checkpointing allows one unpack); raises if an
         # input was modified in place since the solve
         saved = ctx.saved_tensors
+        _validate.no_batched_grads("sparse_ot", gv, gc, gT)
         with torch.no_grad(), torch.autocast(ctx.spec.pb.geom.device.type, enabled=False):  # the solve's precision
             grads = _sparse_backward(ctx, gv, gc, gT)
         return first_order_only(grads, (*saved, gv, gc, gT))
