@@ -399,6 +399,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
 
     run_block = graphed(checked_block, geom.device, check_every - 1) if cuda_graph else checked_block
     progressing, stalled = Progressing(B), torch.zeros_like(active)
+    relaxed, going_prev = pb.rho_a is not None or pb.rho_b is not None, None
     while it < max_iter:
         k = until_test(it - len(stages))
         if it + k >= max_iter:  # the cap comes first: run up to it, untested
@@ -409,12 +410,22 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
         n_iter += active * k
         ok = resid <= tol
         passed |= active & ok
-        # a non-finite residual is a failed problem, save a relaxed one's far start (its inf, or
-        # inf - inf, contracts away: float32 potentials 100 off had stopped after 1 iteration)
-        active &= ~ok & (_validate.finite_rows(resid) | far_start(pb, f, g))
+        before = active
+        active = active & ~ok & _validate.finite_rows(resid)  # a non-finite residual: failed
         n_iter += active  # the iteration whose row pass gave the test, completed by those still running
         # the block's one host synchronisation: the flags, and the residuals with them
         r_h, going_h = _host.to_host(resid, active)
+        if relaxed and not np.isfinite(r_h).all():
+            # save a relaxed problem's far start: its inf (or inf - inf) contracts away (float32
+            # potentials 100 off had stopped after 1 iteration). Read only here: the check costs
+            # the common case nothing (the previous test's flags tell who was running)
+            was_h = going_prev if going_prev is not None else _host.to_host(before)[0]
+            lost = (was_h > 0) & ~np.isfinite(r_h)
+            if lost.any():
+                revive = far_start(pb, f, g) & _host.to_device(lost, active.device)
+                active |= revive
+                n_iter += revive & (resid > tol)  # (inf completed the test's iteration, NaN did not)
+                going_h = _host.to_host(active)[0]
         stale = progressing.update(np.where(going_h > 0, r_h, np.nan))
         if relax is not None:
             relax.after_test(r_h, it + k, stale)
@@ -428,6 +439,7 @@ def _iterate(pb: Problem, f, g, stages, tol, max_iter, check_every, progress, cu
                 stalled |= stop_d
                 going_h = np.where(stop, 0.0, going_h)
         it += k + 1
+        going_prev = going_h
         if not going_h.any():
             break
         if progress.due():  # from the residuals the test already read: those after it - 1 iterations
