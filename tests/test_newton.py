@@ -384,6 +384,32 @@ def test_n_iter_counts_the_fallback_sinkhorn_iterations(start):
     assert res.n_iter == info["warmup_iter"] + info["newton_iter"] + info["fallback_iter"]
 
 
+def test_every_fallback_call_is_counted(monkeypatch):
+    """A float32 solve near its floor falls back to Sinkhorn many times: each call's iterations
+    add to ``info["fallback_iter"]`` and ``n_iter`` (counted here by wrapping the calls), and the
+    stage timings partition the solve (a mutant overwriting the count, 1 of 26, and one timing
+    the fallbacks inside the Newton stage too, stages 0.99 s of a 0.58 s solve, passed every
+    test: a mutation test)."""
+    ran, real = [], NW._Solve._sinkhorn
+
+    def counted(self, n_iter, tol, stage, *args, **kw):
+        its = real(self, n_iter, tol, stage, *args, **kw)
+        if stage == "fallback":
+            ran.append(int(its.sum()))
+        return its
+
+    monkeypatch.setattr(NW._Solve, "_sinkhorn", counted)
+    C = torch.rand(60, 60, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # (the count is the point, not the floor)
+        res = otcore.sinkhorn_newton(otcore.CostMatrix(C), eps=1e-3, tol=1e-6, backend="torch")
+    info = res.info
+    assert len(ran) >= 2 and info["fallback_iter"] == sum(ran)
+    assert res.n_iter == info["warmup_iter"] + info["newton_iter"] + sum(ran)
+    stages = info["time_warmup_s"] + info["time_newton_s"] + info["time_fallback_s"]
+    assert info["time_fallback_s"] > 0 and stages <= 1.001 * info["time_s"] + 1e-4
+
+
 def test_sparsity_equal_to_m_is_accepted_and_solves():
     """``sparsity`` lies in [1, m]: s = m (every column kept, a dense Newton system) is valid
     and reaches the plan of a long float64 Sinkhorn run (a mutant rejecting it passed every
@@ -397,6 +423,9 @@ def test_sparsity_equal_to_m_is_accepted_and_solves():
     ref = otcore.sinkhorn(geom, eps=0.05, tol=1e-12, max_iter=50_000, backend="torch")
     assert res.converged and res.info["newton_iter"] >= 1 and res.info["sparsity"] == geom.m
     assert float((res.plan() - ref.plan()).abs().sum()) <= 1e-8
+    # cg_tol's documented bound, 0.1, is valid (a mutant refusing it passed every test)
+    loose = otcore.sinkhorn_newton(geom, eps=0.05, tol=1e-9, cg_tol=0.1, backend="torch")
+    assert loose.converged and float((loose.plan() - ref.plan()).abs().sum()) <= 1e-8
     for bad in (geom.m + 1, 0):
         with pytest.raises(ValueError, match="^sparsity must"):
             otcore.sinkhorn_newton(geom, eps=0.05, sparsity=bad, backend="torch")
@@ -740,7 +769,10 @@ def test_subnormal_weights_and_underflowed_rows_do_not_stop_the_newton_steps():
     preconditioner, whose inf zeroed the whole problem's Newton step (100 steps and 970 fallback
     iterations, unconverged). A warm start whose row 0 gets no mass the dtype can invert ran
     Newton steps that cannot move that row (25 and 10 fallback iterations where one Sinkhorn
-    iteration converges). A review; both solved now."""
+    iteration converges). A review; both solved now. Both sides: with the weights in b (or a
+    warm start's column 0 starved) a mutation test's guard on rows alone passed every test
+    (b: 100 steps and 1000 fallback iterations, unconverged; the column: 10 fallback
+    iterations and up to 23 Newton steps)."""
     g = torch.Generator().manual_seed(0)
     C = torch.rand(20, 15, generator=g, dtype=torch.float64)
     a = torch.rand(20, generator=g, dtype=torch.float64)
@@ -748,14 +780,24 @@ def test_subnormal_weights_and_underflowed_rows_do_not_stop_the_newton_steps():
     a = a / a.sum()
     res = otcore.sinkhorn_newton(otcore.CostMatrix(C), a, eps=1e-3, tol=1e-9)
     assert res.converged and res.info["fallback_iter"] == 0 and res.info["newton_iter"] <= 30
+    gb = torch.Generator().manual_seed(0)
+    Cb = torch.rand(15, 20, generator=gb, dtype=torch.float64)
+    b = torch.rand(20, generator=gb, dtype=torch.float64)
+    b[:5] = 1e-310
+    b = b / b.sum()
+    res = otcore.sinkhorn_newton(otcore.CostMatrix(Cb), None, b, eps=1e-3, tol=1e-9)
+    ref = otcore.sinkhorn(otcore.CostMatrix(Cb), None, b, eps=1e-3, tol=1e-11, max_iter=200_000, backend="torch")
+    assert res.converged and res.info["fallback_iter"] == 0 and res.info["newton_iter"] <= 30
+    assert float((res.plan() - ref.plan()).abs().sum()) <= 1e-8
     geom = otcore.PointCloud(torch.rand(30, 2, generator=g, dtype=torch.float64),
                              torch.rand(25, 2, generator=g, dtype=torch.float64))
     opt = otcore.sinkhorn_newton(geom, eps=1e-3, tol=1e-12)
-    for shift in (0.71, 5.0):  # row 0's mass subnormal, then exactly 0
-        f = opt.f.clone()
-        f[0] -= shift
-        res = otcore.sinkhorn_newton(geom, eps=1e-3, tol=1e-9, init=(f, opt.g), warmup_iter=0)
-        assert res.converged and res.info["fallback_iter"] <= 1 and res.info["newton_iter"] <= 3, res.info
+    for side in (0, 1):
+        for shift in (0.71, 5.0):  # row (column) 0's mass subnormal, then exactly 0
+            f, gg = opt.f.clone(), opt.g.clone()
+            (f, gg)[side][0] -= shift
+            res = otcore.sinkhorn_newton(geom, eps=1e-3, tol=1e-9, init=(f, gg), warmup_iter=0)
+            assert res.converged and res.info["fallback_iter"] <= 1 and res.info["newton_iter"] <= 6, res.info
 
 
 def test_the_newton_step_is_scale_invariant_up_to_the_float_range():
