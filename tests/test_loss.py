@@ -706,3 +706,18 @@ def test_mixed_dtype_points_solve_every_term_in_the_wider_dtype(wide_side):
     assert float(got.detach()) == pytest.approx(float(want), rel=1e-11, abs=1e-13)
     got.backward()
     assert narrow.grad.dtype == torch.float32 and bool(narrow.grad.isfinite().all())
+
+
+def test_the_loss_of_clouds_with_a_far_pair_is_not_negative_in_float32():
+    """A pair 1e4 units from the rest (float32, eps 0.01): the geometric stages lost the plan of
+    OT(x, y) and the loss read -0.0286 where float64 reads 0.0417 (S >= 0, a review). The
+    scheduled solve that fails runs again cold (otcore.sinkhorn); the loss matches float64's
+    on the same float32 points."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(30, 2, generator=g), torch.rand(30, 2, generator=g)
+    x[0] += 1e4
+    y[0] += 1e4
+    loss = otcore.SinkhornLoss(eps=0.01, **T)
+    want = float(loss(x.double(), y.double()))
+    got = float(loss(x, y))
+    assert want > 0.02 and got == pytest.approx(want, rel=1e-4)

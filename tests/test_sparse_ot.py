@@ -1664,3 +1664,19 @@ def test_a_tol_large_against_the_mass_warns_before_the_solve_and_not_before_an_e
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="max_iter"):
             otcore.sparse_ot(otcore.CostMatrix(C), a * 1e-6, b * 1e-6, k=3, gamma=0.5, tol=1e-5, max_iter=0)
+
+
+def test_a_history_beyond_max_iter_keeps_the_iterates_and_a_memory_beyond_reach_is_refused():
+    """history=10**6 had asked torch for two (B, 10**6, 10**6) matrices and raised its
+    RuntimeError (a review). At most one pair enters per iteration, so a memory of max_iter
+    pairs is the same solve, bit for bit; a memory beyond the machine's even so is a ValueError
+    naming history, before any pass."""
+    g = torch.Generator().manual_seed(0)
+    geom = otcore.CostMatrix(torch.rand(30, 40, generator=g, dtype=torch.float64))
+    kw = dict(k=3, gamma=0.1, max_iter=20, tol=1e-14, ftol=1e-300, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", otcore.ConvergenceWarning)  # (the tol is out of reach in 20 iterations)
+        short, long = (otcore.sparse_ot(geom, history=h, **kw) for h in (20, 10**6))
+    assert short.n_iter == long.n_iter == 20 and torch.equal(short.beta, long.beta)
+    with pytest.raises(ValueError, match=r"^history=10000000: the L-BFGS memory, .* exceeds the .* GiB of cpu"):
+        otcore.sparse_ot(geom, history=10**7, **dict(kw, max_iter=10**9))

@@ -227,8 +227,12 @@ def test_a_warm_start_far_from_the_optimum_is_iterated_not_given_up(backend):
     both = otcore.sinkhorn(gb, torch.stack([a32, a32]), torch.stack([b32, b32]), rho=1.0, init=(f0, g0), **kw)
     assert bool(both.converged.all()) and int(both.n_iter[1]) <= 1
     torch.testing.assert_close(both.value.double(), ref.value.expand(2), rtol=1e-5, atol=0)
-    # too few iterations for the offset: converged=False, the warning names the far start
+    # too few iterations for the offset: converged=False, the warning names the far start (since
+    # the translation may round f + g by eps/16, 2026-12-04, 3 iterations end finite, 50 converge)
     with pytest.warns(otcore.ConvergenceWarning, match="far from the optimum"):
+        short = otcore.sinkhorn(g32, a32, b32, rho=1.0, init=(ref.f - 1e4, ref.g - 1e4), max_iter=2, **kw)
+    assert not bool(short.converged) and short.n_iter == 2
+    with pytest.warns(otcore.ConvergenceWarning, match=r"residual 1\.[0-9]+e\+01 > tol=1e-05 after 12 iterations"):
         short = otcore.sinkhorn(g32, a32, b32, rho=1.0, init=(ref.f - 1e4, ref.g - 1e4), max_iter=12, **kw)
     assert not bool(short.converged) and short.n_iter == 12
     # an eps below what float32 resolves of the potentials: stopped at the first test, as before
@@ -358,3 +362,25 @@ def test_large_rho_with_unequal_masses_converges_like_balanced(rho):
     a, b = torch.rand(60, generator=g, dtype=F64), torch.rand(45, generator=g, dtype=F64) * 1.5
     res = otcore.sinkhorn(otcore.PointCloud(x, y), a, b, eps=0.05, rho=rho, tol=1e-7, max_iter=300, **T)
     assert res.converged and res.n_iter <= 60
+
+
+def test_float32_moves_to_an_optimum_far_along_the_translation_or_says_why_not():
+    """Masses 1 and 1.5 at rho 1000, eps 0.01, float32: the optimum sits at an offset c ~ 199
+    along (f + c, g - c), whose rounding (2.4e-5) the move had refused (bound 2^-10 eps), and
+    the solve ran 1000 iterations at a residual of 0.49 with a warning that gave no cause (a
+    review). The move now goes there and the solve stops at float32's rounding; at rho 1e6
+    (c ~ 2e5, rounded by 0.024) the warning names the offset."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(30, 2, generator=g), torch.rand(40, 2, generator=g)
+    a, b = torch.full((30,), 1 / 30), torch.full((40,), 1.5 / 40)
+    geom = otcore.PointCloud(x, y)
+    ref = otcore.sinkhorn(otcore.PointCloud(x.double(), y.double()), a.double(), b.double(), eps=0.01, rho=1e3,
+                          backend="torch")
+    assert ref.converged
+    with pytest.warns(otcore.ConvergenceWarning, match="no progress .* near the marginals' rounding"):
+        res = otcore.sinkhorn(geom, a, b, eps=0.01, rho=1e3, backend="torch")
+    assert res.n_iter < 300 and res.info["residual"] < 1e-2
+    assert float(res.value) == pytest.approx(float(ref.value), rel=1e-3)
+    with pytest.warns(otcore.ConvergenceWarning, match=r"the optimum lies at an offset of about 2\.0[0-9]e\+05 along "
+                                                       r"\(f \+ c, g - c\).* use float64, a smaller rho"):
+        otcore.sinkhorn(geom, a, b, eps=0.01, rho=1e6, backend="torch")

@@ -249,6 +249,36 @@ def optimality_residual(pb: Problem, r: torch.Tensor, c: torch.Tensor, f, g) -> 
     return (r - ta).abs().sum(-1) + (c - tb).abs().sum(-1)
 
 
+def best_offset(pb: Problem, f, g, log_masses=(None, None)):
+    """``(c, keep)``, (B, 1) each: the offset of :func:`~otcore.solvers.sinkhorn.best_translation`,
+    ``c = (L_a - L_b) / (1/rho_a + 1/rho_b)``, ``L = log <w, e^(-f/rho)>`` (an exact side:
+    its log mass, ``log_masses`` if given as device tensors, else read here), in float64,
+    and whether the move is taken: finite, and rounding ``f + g - C`` by ``u |c|`` at most
+    ``eps/16`` (at rho = 1e39, float64, masses equal to a rounding step put the optimum at
+    ``|c| ~ 1e23``, where ``f + c`` keeps no digit of ``f``: the plan was lost). (The bound
+    had been ``2^-10 eps``, which refused a float32 optimum at ``c ~ 199``, rho 1000, eps
+    0.01, masses 1 and 1.5: 1000 iterations at a residual of 0.49; moved, the solve stalls
+    at float32's rounding, 4.8e-3, after 151.)"""
+    stiff = (0.0 if pb.rho_a is None else 1 / pb.rho_a) + (0.0 if pb.rho_b is None else 1 / pb.rho_b)
+
+    def log_sum(w, h, rho, mass, given):  # log <w, e^(-h/rho)> over the points of weight
+        if rho is None:
+            return given if given is not None else math.log(mass)
+        return torch.logsumexp(torch.where(w > 0, torch.log(w.double()) - h.double() / rho, -math.inf), -1)
+
+    la = log_sum(pb.A, f, pb.rho_a, pb.mass_a, log_masses[0])
+    lb = log_sum(pb.Bw, g, pb.rho_b, pb.mass_b, log_masses[1])
+    c = ((la - lb) / stiff).to(f.dtype)[:, None]
+    return c, torch.isfinite(c) & (c.abs() * torch.finfo(f.dtype).eps <= pb.eps * 2.0**-4)
+
+
+def residual_at(pb: Problem, f, g) -> torch.Tensor:
+    """(B,) :func:`optimality_residual` of the potentials ``(f, g)``, NaN read as inf. Two passes."""
+    F, G, kw = f + pb.eps * pb.loga, g + pb.eps * pb.logb, pb.kw()
+    r, c = (pb.geom.marginals(F, G, pb.eps, axis, **kw) for axis in (1, 0))
+    return torch.nan_to_num(optimality_residual(pb, r, c, f, g), nan=math.inf)
+
+
 def far_start(pb: Problem, f, g) -> torch.Tensor:
     """(B,) bool: a KL-relaxed problem at finite potentials that ``eps`` resolves (each exponent
     ``(f_i + g_j - C_ij) / eps`` rounded by less than 1): if its residual is not finite there
@@ -480,6 +510,17 @@ def _why_not_converged(pb: Problem, f, g, resid, passed, converged, finite, n_it
                    else f"use float64 (the uniform weights' rounding in {dt})")
             return (f"the weights' total masses differ by {gap:.3e}, below which no balanced plan's marginal error "
                     f"(residual {left:.3e}) can fall, so tol={tol:g} is out of reach: {fix}, or ask for a larger tol")
+    if (pb.rho_a is not None or pb.rho_b is not None) and not pb.symmetric:
+        c, keep = best_offset(pb, f, g)
+        far = ~converged & ~keep[:, 0] & torch.isfinite(c[:, 0])
+        if bool(far.any()):  # the optimum lies along (f + c, g - c), beyond what the dtype moves to
+            c_far = float(c[far].abs().max())
+            return (f"residual {float(resid[far].max()):.3e} > tol={tol:g}: the optimum lies at an offset of about "
+                    f"{c_far:.3g} along (f + c, g - c), the direction that keeps the plan (unequal masses and a large "
+                    f"rho: c ~ rho log(m(a)/m(b)) / 2), and {dt} would round f + g there by about "
+                    f"{c_far * torch.finfo(f.dtype).eps:.1e}, over eps/16; the iterations move along it by a factor "
+                    f"1 - eps/rho each: use {'' if f.dtype == torch.float64 else 'float64, '}a smaller rho, "
+                    f"or equal masses")
     if stalled is not None and bool((stalled & ~converged).any()):
         left = float(resid[stalled & ~converged].max())
         return (f"no progress in the last steps (Sinkhorn iterations or Newton steps) at residual {left:.3e} > "

@@ -10,6 +10,7 @@ one host synchronisation per trial, usually one per iteration.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -85,6 +86,37 @@ def _on_host(x, B: int) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = _host.host_array(x.double())
     return np.broadcast_to(np.asarray(x, dtype=np.float64), (B,)).copy()
+
+
+def memory_pairs(history: int, max_iter: int) -> int:
+    """Pairs the memory is allocated for: at most one enters per iteration, so a memory
+    longer than the budget would hold only zeros (history=10**6 had asked torch for two
+    (B, 10**6, 10**6) matrices, a review)."""
+    return max(1, min(history, max_iter))
+
+
+def check_history(history: int, max_iter: int, theta: torch.Tensor) -> None:
+    """``ValueError`` naming ``history`` where the memory for ``theta`` (B, D) (``2 h D + 2
+    h^2`` numbers per problem, ``h`` = :func:`memory_pairs`) exceeds the device's memory
+    (its total: the GPU's, or the machine's physical memory), before any pass."""
+    B, D = theta.shape
+    h = memory_pairs(history, max_iter)
+    need = B * (2 * h * D + 2 * h * h) * theta.element_size()
+    have = _memory_of(theta.device)
+    if need > have:
+        raise ValueError(f"history={history}: the L-BFGS memory, {B} x (2 x {h} x {D} + 2 x {h}^2) numbers "
+                         f"({need / 2**30:.3g} GiB), exceeds the {have / 2**30:.3g} GiB of {theta.device}: give a "
+                         f"shorter history (or max_iter, which bounds the pairs kept)")
+
+
+def _memory_of(device: torch.device) -> float:
+    """Total bytes of ``device``'s memory (inf where it cannot be read)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[1])
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # (no sysconf, or not these names: Windows, some BSDs)
+        return math.inf
 
 
 def _budgets(max_iter, B: int) -> np.ndarray:
@@ -191,10 +223,11 @@ def lbfgs(
     start = cur[0]  # the objective at theta: an ftol stop no lower than it (by the slack) is suspect
     stalled, grad_ok, flat_stop = np.zeros(B, bool), converged.copy(), np.zeros(B, bool)
     n_iter, kicks = np.zeros(B, np.int64), np.zeros(B, np.int64)
-    pairs = torch.zeros(B, 2 * history, D, dtype=dt, device=dev)  # memory: s_1..s_m, y_1..y_m
-    sy = torch.zeros(B, history, history, dtype=dt, device=dev)
-    yy, sg, yg = torch.zeros_like(sy), sy[:, 0], sy[:, 0]
-    valid = torch.zeros(B, history, dtype=torch.bool, device=dev)
+    m = memory_pairs(history, int(cap.max(initial=0)))
+    pairs = torch.zeros(B, 2 * m, D, dtype=dt, device=dev)  # memory: s_1..s_m, y_1..y_m
+    sy, yy = torch.zeros(B, m, m, dtype=dt, device=dev), torch.zeros(B, m, m, dtype=dt, device=dev)
+    sg, yg = sy[:, 0], sy[:, 0]
+    valid = torch.zeros(B, m, dtype=torch.bool, device=dev)
     hscale = h0.clone()
     pattern = (torch.arange(D, device=dev, dtype=torch.float64) * 0.6180339887498949).frac().mul(2).sub(1).to(dt)
     recent, recent_g = [], []  # objective values and gradient norms of the last `window` iterations

@@ -61,7 +61,7 @@ from . import _host
 from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, finite_abs_max, live_potential,
                         make_problem, rounding_floor, settle_zero_weights, tol_against_mass, unresolved)
 from ._overrelax import check_overrelax, for_problem as relaxation
-from .sinkhorn import Schedule, _iterate, check_schedule, eps_stages
+from .sinkhorn import Schedule, _iterate, check_schedule, eps_stages, retry_without_stages
 
 #: Newton steps without progress after which a problem near its floor stops. 20, not 5: in
 #: float32 at eps = 1e-3 (tol 1e-6, close to the floor) 5 stopped problems that went on to
@@ -176,6 +176,9 @@ def sinkhorn_newton(
             values). The default halves eps from the cost's diameter: the Newton steps
             then start closer to the solution (about a third fewer of them on the paper's
             digits problems). A warm start ``init`` skips the stages (they would wash it out).
+            A problem unconverged after a run with stages is solved once more from zero
+            without them (:func:`~otcore.solvers.sinkhorn.retry_without_stages`), warm-up and
+            Newton steps on budgets of their own; ``info["eps_schedule_retry"]`` says which.
         sparsity: entries ``s`` kept per row of the plan in the Hessian (``1 <= s <= m``);
             None chooses it: start at 8 and grow (up to ``m``, and ``B n s`` at most
             ``MAX_ELL_ENTRIES``) while the dropped mass ``1 - sum(kept)/sum(P)`` exceeds
@@ -236,6 +239,18 @@ def sinkhorn_newton(
         state = _Solve(pb, f, g, progress, cold=init is None)
         state.warmup(warmup_iter, max(warmup_tol, tol), eps_schedule, warmup_overrelax)
         state.newton(tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter)
+        retried = torch.zeros_like(state.passed)
+        if state.stages:  # a cold start whose eps stages may have left a group of points offset
+            def again(failed, _left):  # those problems from zero, no stages; state counts both runs
+                other = _Solve(pb, *(torch.where(failed[:, None], 0.0, t) for t in (state.f, state.g)), progress,
+                               cold=True)
+                other.passed = ~failed  # the others stay as they are
+                other.warmup(warmup_iter, max(warmup_tol, tol), None, warmup_overrelax, active=failed)
+                other.newton(tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter)
+                state.add_counts(other)
+                return other.f, other.g, other.n_iter(), other.passed, other.stalled
+            (state.f, state.g, _, state.passed, state.stalled), retried = retry_without_stages(
+                pb, (state.f, state.g, state.n_iter(), state.passed, state.stalled), again, tol)
         progress.close()
         out = (lambda t: t) if geom.batched else (lambda t: int(t[0]))
         info = {
@@ -250,9 +265,10 @@ def sinkhorn_newton(
             "time_newton_s": state.times["newton"],
             "time_fallback_s": state.times["fallback"],
             "time_s": progress.elapsed,
+            "eps_schedule_retry": retried if geom.batched else bool(retried[0]),
         }
-        n_iter = state.warmup_its + state.newton_its + state.fallback_its
-        return entropic_result(pb, state.f, state.g, n_iter, state.passed, tol, "sinkhorn_newton", info, state.stalled)
+        return entropic_result(pb, state.f, state.g, state.n_iter(), state.passed, tol, "sinkhorn_newton", info,
+                               state.stalled)
 
 
 def _sync(device: torch.device) -> None:
@@ -273,21 +289,30 @@ def _dead_lines(pb: Problem, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return ((r < least) & (pb.A >= least)).any(-1) | ((c < least) & (pb.Bw >= least)).any(-1)
 
 
-def _row_update(pb: Problem, f: torch.Tensor, g: torch.Tensor, r: torch.Tensor, tol: float) -> torch.Tensor:
-    """Sinkhorn's row update from the row marginals ``r = P1`` of ``(f, g)``, with no pass:
-    ``(P1)_i = a_i exp((f_i - s_i) / eps)`` for the soft c-transform ``s``, so ``f_i - eps
-    log(r_i / a_i) = s_i``. Newton's iterate leaves a row of tiny weight where the marginal
-    test cannot see it (its error is ``a_i |exp((f_i - s_i)/eps) - 1|``, CG's tolerance is
-    relative), and ``value``'s gradient in ``a_i`` reads ``exp((f_i - s_i)/eps)``: weights of
-    1e-12 had gradients 34 off at 9 eps from ``s_i`` (a review). The update moves the total
-    L1 marginal error down or not at all (``|P^T (a / P1 - 1)|_1 <= |a - P1|_1``) in exact
-    arithmetic. Rows without weight or mass keep ``f`` (zero weights: :func:`settle_zero_weights`),
-    and so do problems whose plan the dtype does not resolve (:func:`unresolved`: rounded at
-    |f| ~ 1e6 in float32 the update had raised their true marginal error from 0.66-0.81 to
+def _closing_updates(pb: Problem, f: torch.Tensor, g: torch.Tensor, r: torch.Tensor, tol: float):
+    """Sinkhorn's row then column update of Newton's iterate: the new ``(f, g)``. One pass.
+
+    The row update needs none: from ``r = P1`` of ``(f, g)``, ``(P1)_i = a_i exp((f_i -
+    s_i) / eps)`` for the soft c-transform ``s``, so ``f_i - eps log(r_i / a_i) = s_i``. The
+    column update is the pass ``g_j = -eps log sum_i a_i exp((f_i - C_ij)/eps)`` at the new
+    ``f``. Newton's iterate leaves a point of tiny weight where the marginal test cannot see
+    it (its error is ``a_i |exp((f_i - s_i)/eps) - 1|``, CG's tolerance is relative), and
+    ``value``'s gradient in its weight reads that exponential: rows of weight 1e-12 had
+    gradients 34 off at 9 eps from ``s_i``, and a column of weight 1e-40 (float64, eps 1e-3)
+    sat 5.8 eps off, its marginal 320x its weight, with ``converged`` True (reviews). Each
+    update leaves its side exact and moves the total L1 marginal error down or not at all
+    in exact arithmetic (from exact rows, the column update leaves the rows an error of at
+    most the columns' before it: ``sum_i |sum_j P_ij (b_j / c_j - 1)| <= |b - c|_1``); a point of tiny weight
+    barely moves the other side's marginals, so both ends keep theirs. Points without
+    weight or mass keep their potential (zero weights: :func:`settle_zero_weights`), and so
+    do problems whose plan the dtype does not resolve (:func:`unresolved`: rounded at |f| ~
+    1e6 in float32 the row update had raised their true marginal error from 0.66-0.81 to
     1.27-1.41, a review; they are not converged either way)."""
-    new = f - pb.eps * torch.log(r / pb.A)
     keep = ~unresolved(pb, f, g, tol)[:, None]
-    return torch.where(keep & (pb.A > 0) & torch.isfinite(new), new, f)
+    new = f - pb.eps * torch.log(r / pb.A)
+    f = torch.where(keep & (pb.A > 0) & torch.isfinite(new), new, f)
+    new = pb.geom.softmin(f + pb.eps * pb.loga, pb.eps, 0, **pb.kw())
+    return f, torch.where(keep & (pb.Bw > 0) & torch.isfinite(new), new, g)
 
 
 class _Solve:
@@ -312,6 +337,22 @@ class _Solve:
         tiny = 1e-10 if f.dtype == torch.float64 else 1e-6
         self.lam_min, self.lam_max = tiny, 1e2
         self.lam = np.full(B, 1e-4)  # on the host, with the rest of the per-problem arithmetic
+
+    def n_iter(self) -> torch.Tensor:
+        """(B,) iterations run: warm-up (eps stages included), Newton steps, fallback iterations."""
+        return self.warmup_its + self.newton_its + self.fallback_its
+
+    def add_counts(self, other: "_Solve") -> None:
+        """Add ``other``'s iterations, CG iterations, line-search evaluations and stage times
+        (a second run on some of these problems, :func:`retry_without_stages`)."""
+        self.warmup_its = self.warmup_its + other.warmup_its
+        self.newton_its = self.newton_its + other.newton_its
+        self.fallback_its = self.fallback_its + other.fallback_its
+        self.cg_its += other.cg_its
+        self.ls_evals += other.ls_evals
+        self.s = other.s or self.s
+        for k in self.times:
+            self.times[k] += other.times[k]
 
     # --- pieces -------------------------------------------------------------
     def _biased(self, f, g):
@@ -353,11 +394,12 @@ class _Solve:
 
     # --- stages -------------------------------------------------------------
     @torch.no_grad()
-    def warmup(self, n_iter: int, tol: float, schedule: Schedule, overrelax: Union[bool, float]) -> None:
+    def warmup(self, n_iter: int, tol: float, schedule: Schedule, overrelax: Union[bool, float],
+               active: Optional[torch.Tensor] = None) -> None:
         if n_iter > 0:
             self.stages = eps_stages(schedule, self.pb.top_diameter, self.pb.eps) if self.cold else []
-            self.warmup_its += self._sinkhorn(n_iter, tol, "warmup", cold=self.cold, stages=self.stages,
-                                              overrelax=overrelax)
+            self.warmup_its += self._sinkhorn(n_iter, tol, "warmup", active=active, cold=self.cold,
+                                              stages=self.stages, overrelax=overrelax)
 
     @torch.no_grad()
     def newton(self, tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter, patience=PATIENCE) -> None:
@@ -439,7 +481,7 @@ class _Solve:
         self.passed = _host.to_device(passed, dev)
         self.stalled = _host.to_device(~passed & (stalled >= patience), dev)
         self.newton_its = self.newton_its + _host.to_device(newton_its, dev)
-        self.f, self.g = settle_zero_weights(pb, _row_update(pb, self.f, self.g, r, tol), self.g)
+        self.f, self.g = settle_zero_weights(pb, *_closing_updates(pb, self.f, self.g, r, tol))
         self.s = s if newton_its.any() else 0  # no Newton step: no sparse plan was extracted
         _sync(geom.device)
         self.times["newton"] += time.perf_counter() - t0 - (self.times["fallback"] - fallback_time)

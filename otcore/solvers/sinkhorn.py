@@ -38,7 +38,8 @@ from .._progress import Progress
 from ..result import OTResult
 from ..reference import damping as _tau, scaled
 from ._entropic import (Problem, balanced_gauge, check_init, entropic_result, make_problem, residual_floor,
-                        settle_zero_weights, tol_against_mass, weighted_mean, far_start)
+                        settle_zero_weights, tol_against_mass, weighted_mean, far_start, residual_at, unresolved,
+                        best_offset)
 from ._graph import graphed
 from . import _host
 from ._overrelax import Overrelaxation, Progressing, check_overrelax, for_problem as relaxation
@@ -180,7 +181,9 @@ def sinkhorn(
             ``(rho_a, rho_b)`` with None for an exact side.
         eps_schedule: eps scaling (see :func:`eps_stages`): None, ``"geometric"``,
             a decay factor, or explicit values; one iteration per stage. A batch runs one
-            list of stages, from its largest cost diameter.
+            list of stages, from its largest cost diameter. With a ``tol``, a problem
+            unconverged after stages that stops before ``max_iter`` runs once more from
+            zero without them (:func:`retry_without_stages`; ``info["eps_schedule_retry"]``).
         init: warm start ``(f, g)``, e.g. ``(res.f, res.g)`` of a nearby problem.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
         precision: ``"fp32"`` (float32-faithful) or ``"tf32"`` (faster kernels; ~1e-2 relative
@@ -237,13 +240,64 @@ def sinkhorn(
         relax = relaxation(overrelax, pb)
         f, g, n_iter, passed, stalled = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
                                         cold=init is None, relax=relax, move=move)
+        retried = torch.zeros_like(passed)
+        if stages and tol is not None:
+            def again(failed, left: int):  # those problems from zero at eps, no stages: (f, g, n_iter, passed, stalled)
+                zero = lambda t: torch.where(failed[:, None], 0.0, t)
+                return _iterate(pb, zero(f), zero(g), [], tol, left, check_every, progress, cuda_graph,
+                                active=failed, cold=True, relax=relaxation(overrelax, pb), move=move)
+            (f, g, n_iter, passed, stalled), retried = retry_without_stages(pb, (f, g, n_iter, passed, stalled),
+                                                                            again, tol, max_iter)
         if move is not None:
             f, g = move(f, g)
         f, g = settle_zero_weights(pb, f, g, (_tau(pb.rho_a, pb.eps), _tau(pb.rho_b, pb.eps)), tied=pb.symmetric)
-        info = {"eps_stages": stages, "symmetric": pb.symmetric, "time_s": progress.elapsed}
+        info = {"eps_stages": stages, "symmetric": pb.symmetric, "time_s": progress.elapsed,
+                "eps_schedule_retry": retried if geom.batched else bool(retried[0])}
         if relax is not None:  # the factors in use at the end, per problem
             info["overrelax"] = relax.omega if geom.batched else float(relax.w[0])
         return entropic_result(pb, f, g, n_iter, passed, tol, "sinkhorn", info, stalled)
+
+
+def retry_without_stages(pb: Problem, first: tuple, again: Callable, tol: float,
+                         max_iter: Optional[int] = None) -> tuple[tuple, torch.Tensor]:
+    """The problems of a cold solve with eps stages that failed (not converged, or passed by a
+    test that cannot see the plan's rounding: :func:`unresolved`), solved once more from zero
+    at the target eps without stages. ``first = (f, g, n_iter, passed, stalled)`` of the
+    solve; ``again(failed, left)`` the same tuple from the problems ``failed``, run for at
+    most ``left`` iterations. With ``max_iter`` (Sinkhorn's cap, stages included) only those
+    that failed before it are run again, within the iterations left; without (``left`` None),
+    every failed one, on budgets of its own (SNS's, whose caps are per phase). Returns the tuple kept per problem (the second where it converged
+    or ends nearer the optimality conditions; iterations of both counted) and the (B,) mask
+    of the problems solved again.
+
+    Why: the stages' large eps couple every point, and one iteration each leaves a group of
+    points that decouples from the rest on the way down (a far pair or cluster of balanced
+    mass: no representable plan entry across) at an offset ``(f + c, g - c)`` of its own,
+    of the order of the cost to the rest, which no later iteration moves (the exact optimum
+    ties it through plan entries below the dtype's range; iterations run to convergence at
+    each stage froze it too, at eps ~ that cost, measured). It is an optimum in exact
+    arithmetic, but its potentials round: in float32 a pair 10 units away (offset 114)
+    stalled at a marginal error of 7e-5, 1e4 units away (offset 1e8) the plan was lost and
+    SinkhornLoss came out negative; a forbidden cost of 1e30 (float64) left ``f ~ -1e28``
+    (reviews). A cold start sets each group's offset locally (``g`` from 0) and converged
+    on all of them in 60-220 iterations; on coupled problems the stages are the faster
+    start, hence this order. A solve that reaches ``max_iter`` is not run again: the cap
+    holds (a capped solve equals ``tol=None``'s iterations)."""
+    f, g, n_iter, passed, stalled = first
+    failed = ~passed | unresolved(pb, f, g, tol)
+    if max_iter is not None:
+        failed &= n_iter < max_iter
+    used = _host.to_host(torch.where(failed, n_iter, -1))[0]  # one host read, after the loop's last
+    if (used < 0).all():
+        return first, failed
+    # (a batch: the iterations left to the latest to fail)
+    second = again(failed, None if max_iter is None else max_iter - int(used.max()))
+    take = failed & second[3] & ~unresolved(pb, second[0], second[1], tol)
+    if bool((failed & ~take).any()):  # neither converged: the smaller residual
+        take |= failed & (residual_at(pb, second[0], second[1]) < residual_at(pb, f, g))
+    f, g = (torch.where(take[:, None], new, old) for old, new in zip((f, g), second[:2]))
+    passed, stalled = (torch.where(take, new, old) for old, new in ((passed, second[3]), (stalled, second[4])))
+    return (f, g, n_iter + second[2], passed, stalled), failed
 
 
 def translates(pb: Problem) -> bool:
@@ -265,28 +319,18 @@ def best_translation(pb: Problem):
     maximum is where ``<a, e^(-(f+c)/rho_a)> = <b, e^(-(g-c)/rho_b)>`` (an exact side: its
     mass), i.e. ``c = (L_a - L_b) / (1/rho_a + 1/rho_b)``, ``L = log <w, e^(-f/rho)>``,
     taken in float64 (float32's log of a sum near the mass would lose ``c`` to rho 2^-24).
-    A problem whose move would round ``f + g`` by more than ``2^-10 eps`` is left where it
-    is (the optimum of masses that differ by a rounding step at rho = 1e39 is ~1e23 away).
+    A problem whose move would round ``f + g`` by more than ``eps/16`` is left where it is
+    (:func:`~otcore.solvers._entropic.best_offset`; the optimum of masses that differ by a
+    rounding step at rho = 1e39 is ~1e23 away).
     No host sync (an exact side's log mass is put on the device here, once), so a CUDA
     graph of the iterations can hold it."""
-    stiff = (0.0 if pb.rho_a is None else 1 / pb.rho_a) + (0.0 if pb.rho_b is None else 1 / pb.rho_b)
     device = pb.A.device
     exact = [torch.as_tensor(np.log(mass), dtype=torch.float64, device=device) if rho is None else None
              for rho, mass in ((pb.rho_a, pb.mass_a), (pb.rho_b, pb.mass_b))]
 
-    def log_sum(w, h, rho, log_mass):  # log <w, e^(-h/rho)> over the points of weight; an exact side: log mass
-        if rho is None:
-            return log_mass
-        return torch.logsumexp(torch.where(w > 0, torch.log(w.double()) - h.double() / rho, -math.inf), -1)
-
     @torch.no_grad()
     def move(f, g, active=None):
-        la, lb = log_sum(pb.A, f, pb.rho_a, exact[0]), log_sum(pb.Bw, g, pb.rho_b, exact[1])
-        c = ((la - lb) / stiff).to(f.dtype)[:, None]
-        # only a move whose rounding (u |c| in f + g - C) stays below 2^-10 eps: at rho = 1e39
-        # (float64) masses equal to a rounding step put the optimum at |c| ~ 1e23, where f + c
-        # keeps no digit of f (the plan was lost); and not a NaN/inf one (the result diagnoses it)
-        keep = torch.isfinite(c) & (c.abs() * torch.finfo(f.dtype).eps <= pb.eps * 2.0**-10)
+        c, keep = best_offset(pb, f, g, exact)
         c = torch.where(keep if active is None else keep & active[:, None], c, 0.0)
         return f + c, g - c
 

@@ -51,7 +51,7 @@ from .._progress import Progress
 from . import _host
 from ._entropic import (balanced_gauge, check_init, finite_abs_max, init_in_dtype, init_pair, padded,
                         tol_against_mass, weighted_mean)
-from ._lbfgs import _where, lbfgs
+from ._lbfgs import _where, check_history, lbfgs
 from ._qot_newton import (DIRECT_MAX, LAM_STAGE, LAM_START, newton, semi_dual_hessian_cg,
                           semi_dual_hessian_solve)
 from .sinkhorn import check_schedule
@@ -234,9 +234,11 @@ def sparse_ot(
             says which ran); reaching it gives ``converged=False`` and a
             :class:`~otcore.result.ConvergenceWarning`. ``converged`` also needs the line
             sums to equal the line weights to ``tol`` (plus rounding).
-        history: L-BFGS memory (pairs kept). A longer memory costs no extra operations per
-            iteration (compact form), only ``2 * history * D`` numbers per problem (``D`` dual
-            variables).
+        history: L-BFGS memory (pairs kept). It costs ``2 h D + 2 h^2`` numbers per problem
+            (``D`` dual variables; the pairs and the compact form's two ``h x h`` products)
+            and ``O(h D)`` operations per iteration (the product with the pairs, as one
+            matmul), ``h = min(history, max_iter)``: at most one pair enters per iteration.
+            A memory beyond the device's is a ``ValueError`` naming ``history``, before any pass.
         init: warm start ``(alpha, beta)`` (``beta`` is ignored by the semi-dual with
             ``axis=0``, ``alpha`` by the one with ``axis=1``); it skips ``gamma_schedule``,
             unless Newton stalls from it: the stages then run from Newton's best iterate
@@ -293,6 +295,7 @@ def sparse_ot(
     if max_iter > 2**62:  # (the stages' iteration counts are int64: 2^63 raised OverflowError, 2^63 - 1 ran 0)
         raise ValueError(f"max_iter must be <= 2**62 (iteration counts are int64), got {max_iter}")
     history = _validate.positive_int("history", history)
+    check_history(history, max_iter, theta0)
     tol_against_mass(tol, pb.min_mass)
     spb = _solved_as(pb)
     warm = init is not None
