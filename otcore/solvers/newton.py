@@ -239,7 +239,7 @@ def sinkhorn_newton(
         state = _Solve(pb, f, g, progress, cold=init is None)
         state.warmup(warmup_iter, max(warmup_tol, tol), eps_schedule, warmup_overrelax)
         state.newton(tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter)
-        retried = torch.zeros_like(state.passed)
+        retried, retried_h = torch.zeros_like(state.passed), np.zeros(geom.batch, bool)
         if state.stages:  # a cold start whose eps stages may have left a group of points offset
             def again(failed, _left):  # those problems from zero, no stages; state counts both runs
                 other = _Solve(pb, *(torch.where(failed[:, None], 0.0, t) for t in (state.f, state.g)), progress,
@@ -249,7 +249,7 @@ def sinkhorn_newton(
                 other.newton(tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter)
                 state.add_counts(other)
                 return other.f, other.g, other.n_iter(), other.passed, other.stalled
-            (state.f, state.g, _, state.passed, state.stalled), retried = retry_without_stages(
+            (state.f, state.g, _, state.passed, state.stalled), retried, retried_h, _ = retry_without_stages(
                 pb, (state.f, state.g, state.n_iter(), state.passed, state.stalled), again, tol)
         progress.close()
         out = (lambda t: t) if geom.batched else (lambda t: int(t[0]))
@@ -265,7 +265,7 @@ def sinkhorn_newton(
             "time_newton_s": state.times["newton"],
             "time_fallback_s": state.times["fallback"],
             "time_s": progress.elapsed,
-            "eps_schedule_retry": retried if geom.batched else bool(retried[0]),
+            "eps_schedule_retry": retried if geom.batched else bool(retried_h[0]),
         }
         return entropic_result(pb, state.f, state.g, state.n_iter(), state.passed, tol, "sinkhorn_newton", info,
                                state.stalled)

@@ -240,26 +240,32 @@ def sinkhorn(
         relax = relaxation(overrelax, pb)
         f, g, n_iter, passed, stalled = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
                                         cold=init is None, relax=relax, move=move)
-        retried = torch.zeros_like(passed)
+        retried, retried_h = torch.zeros_like(passed), np.zeros(geom.batch, bool)
         if stages and tol is not None:
+            again_relax = []
+
             def again(failed, left: int):  # those problems from zero at eps, no stages: (f, g, n_iter, passed, stalled)
                 zero = lambda t: torch.where(failed[:, None], 0.0, t)
+                again_relax.append(relaxation(overrelax, pb))
                 return _iterate(pb, zero(f), zero(g), [], tol, left, check_every, progress, cuda_graph,
-                                active=failed, cold=True, relax=relaxation(overrelax, pb), move=move)
-            (f, g, n_iter, passed, stalled), retried = retry_without_stages(pb, (f, g, n_iter, passed, stalled),
-                                                                            again, tol, max_iter)
+                                active=failed, cold=True, relax=again_relax[0], move=move)
+            (f, g, n_iter, passed, stalled), retried, retried_h, kept = retry_without_stages(
+                pb, (f, g, n_iter, passed, stalled), again, tol, max_iter)
+            if relax is not None and kept is not None:  # the factors of the run kept
+                relax.omega = torch.where(kept, again_relax[0].omega, relax.omega)
+                relax.w = np.where(_host.to_host(kept)[0] > 0, again_relax[0].w, relax.w)
         if move is not None:
             f, g = move(f, g)
         f, g = settle_zero_weights(pb, f, g, (_tau(pb.rho_a, pb.eps), _tau(pb.rho_b, pb.eps)), tied=pb.symmetric)
         info = {"eps_stages": stages, "symmetric": pb.symmetric, "time_s": progress.elapsed,
-                "eps_schedule_retry": retried if geom.batched else bool(retried[0])}
+                "eps_schedule_retry": retried if geom.batched else bool(retried_h[0])}
         if relax is not None:  # the factors in use at the end, per problem
             info["overrelax"] = relax.omega if geom.batched else float(relax.w[0])
         return entropic_result(pb, f, g, n_iter, passed, tol, "sinkhorn", info, stalled)
 
 
 def retry_without_stages(pb: Problem, first: tuple, again: Callable, tol: float,
-                         max_iter: Optional[int] = None) -> tuple[tuple, torch.Tensor]:
+                         max_iter: Optional[int] = None):
     """The problems of a cold solve with eps stages that failed (not converged, or passed by a
     test that cannot see the plan's rounding: :func:`unresolved`), solved once more from zero
     at the target eps without stages. ``first = (f, g, n_iter, passed, stalled)`` of the
@@ -267,8 +273,9 @@ def retry_without_stages(pb: Problem, first: tuple, again: Callable, tol: float,
     most ``left`` iterations. With ``max_iter`` (Sinkhorn's cap, stages included) only those
     that failed before it are run again, within the iterations left; without (``left`` None),
     every failed one, on budgets of its own (SNS's, whose caps are per phase). Returns the tuple kept per problem (the second where it converged
-    or ends nearer the optimality conditions; iterations of both counted) and the (B,) mask
-    of the problems solved again.
+    or ends nearer the optimality conditions; iterations of both counted), the (B,) mask of
+    the problems solved again (on the device, and its host copy), and that of those whose
+    second run is kept (None where none ran again: no host read is spent on it).
 
     Why: the stages' large eps couple every point, and one iteration each leaves a group of
     points that decouples from the rest on the way down (a far pair or cluster of balanced
@@ -289,7 +296,7 @@ def retry_without_stages(pb: Problem, first: tuple, again: Callable, tol: float,
         failed &= n_iter < max_iter
     used = _host.to_host(torch.where(failed, n_iter, -1))[0]  # one host read, after the loop's last
     if (used < 0).all():
-        return first, failed
+        return first, failed, used >= 0, None
     # (a batch: the iterations left to the latest to fail)
     second = again(failed, None if max_iter is None else max_iter - int(used.max()))
     take = failed & second[3] & ~unresolved(pb, second[0], second[1], tol)
@@ -297,7 +304,7 @@ def retry_without_stages(pb: Problem, first: tuple, again: Callable, tol: float,
         take |= failed & (residual_at(pb, second[0], second[1]) < residual_at(pb, f, g))
     f, g = (torch.where(take[:, None], new, old) for old, new in zip((f, g), second[:2]))
     passed, stalled = (torch.where(take, new, old) for old, new in ((passed, second[3]), (stalled, second[4])))
-    return (f, g, n_iter + second[2], passed, stalled), failed
+    return (f, g, n_iter + second[2], passed, stalled), failed, used >= 0, take
 
 
 def translates(pb: Problem) -> bool:
