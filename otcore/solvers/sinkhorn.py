@@ -272,10 +272,11 @@ def retry_without_stages(pb: Problem, first: tuple, again: Callable, tol: float,
     solve; ``again(failed, left)`` the same tuple from the problems ``failed``, run for at
     most ``left`` iterations. With ``max_iter`` (Sinkhorn's cap, stages included) only those
     that failed before it are run again, within the iterations left; without (``left`` None),
-    every failed one, on budgets of its own (SNS's, whose caps are per phase). Returns the tuple kept per problem (the second where it converged
-    or ends nearer the optimality conditions; iterations of both counted), the (B,) mask of
-    the problems solved again (on the device, and its host copy), and that of those whose
-    second run is kept (None where none ran again: no host read is spent on it).
+    every failed one, on budgets of its own (SNS's, whose caps are per phase). Returns the
+    tuple kept per problem (the second where it converged or ends nearer the optimality
+    conditions; iterations of both counted), the (B,) mask of the problems solved again (on
+    the device, and its host copy), and that of those whose second run is kept (None where
+    none ran again: no host read is spent on it).
 
     Why: the stages' large eps couple every point, and one iteration each leaves a group of
     points that decouples from the rest on the way down (a far pair or cluster of balanced
