@@ -241,7 +241,9 @@ def sinkhorn(
         f, g, n_iter, passed, stalled = _iterate(pb, f, g, stages, tol, max_iter, check_every, progress, cuda_graph,
                                         cold=init is None, relax=relax, move=move)
         retried, retried_h = torch.zeros_like(passed), np.zeros(geom.batch, bool)
-        if stages and tol is not None:
+        # (not self-transport: f = g leaves a group no free offset, and the loss's two such
+        # solves keep their host reads)
+        if stages and tol is not None and not pb.symmetric:
             again_relax = []
 
             def again(failed, left: int):  # those problems from zero at eps, no stages: (f, g, n_iter, passed, stalled)
