@@ -864,7 +864,7 @@ def isolated_pair(shift: float, dtype: torch.dtype, n: int = 30):
                                                  (1e4, torch.float64, False)])
 def test_eps_stages_that_leave_an_isolated_pair_offset_are_run_again_cold(shift, dtype, retried):
     """The geometric stages left the far pair at an offset of about half its cost to the rest
-    (f_0 = -113 for 10 units, -9e7 for 1e4): float32 stalled at a marginal error of 7e-5, or
+    (f_0 = -113 for 10 units, -1.2e8 for 1e4): float32 stalled at a marginal error of 7e-5, or
     lost the plan (error 420, value 5e-10 for 0.0704), while the cold start converges in 140
     iterations (a review). Such a solve runs again from zero without stages; float64 resolves
     the offset and converges as it was."""
