@@ -241,9 +241,8 @@ def sinkhorn_newton(
         state.newton(tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter)
         retried, retried_h = torch.zeros_like(state.passed), np.zeros(geom.batch, bool)
         if state.stages:  # a cold start whose eps stages may have left a group of points offset
-            def again(failed, _left):  # those problems from zero, no stages; state counts both runs
-                other = _Solve(pb, *(torch.where(failed[:, None], 0.0, t) for t in (state.f, state.g)), progress,
-                               cold=True)
+            def again(f0, g0, failed, _left):  # those problems from zero, no stages; state counts both runs
+                other = _Solve(pb, f0, g0, progress, cold=True)
                 other.passed = ~failed  # the others stay as they are
                 other.warmup(warmup_iter, max(warmup_tol, tol), None, warmup_overrelax, active=failed)
                 other.newton(tol, max_iter, sparsity, drop_tol, cg_tol, cg_max_iter, fallback_iter)

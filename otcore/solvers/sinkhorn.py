@@ -246,10 +246,9 @@ def sinkhorn(
         if stages and tol is not None and not pb.symmetric:
             again_relax = []
 
-            def again(failed, left: int):  # those problems from zero at eps, no stages: (f, g, n_iter, passed, stalled)
-                zero = lambda t: torch.where(failed[:, None], 0.0, t)
+            def again(f0, g0, failed, left: int):  # at eps, no stages: (f, g, n_iter, passed, stalled)
                 again_relax.append(relaxation(overrelax, pb))
-                return _iterate(pb, zero(f), zero(g), [], tol, left, check_every, progress, cuda_graph,
+                return _iterate(pb, f0, g0, [], tol, left, check_every, progress, cuda_graph,
                                 active=failed, cold=True, relax=again_relax[0], move=move)
             (f, g, n_iter, passed, stalled), retried, retried_h, kept = retry_without_stages(
                 pb, (f, g, n_iter, passed, stalled), again, tol, max_iter)
@@ -271,8 +270,8 @@ def retry_without_stages(pb: Problem, first: tuple, again: Callable, tol: float,
     """The problems of a cold solve with eps stages that failed (not converged, or passed by a
     test that cannot see the plan's rounding: :func:`unresolved`), solved once more from zero
     at the target eps without stages. ``first = (f, g, n_iter, passed, stalled)`` of the
-    solve; ``again(failed, left)`` the same tuple from the problems ``failed``, run for at
-    most ``left`` iterations. With ``max_iter`` (Sinkhorn's cap, stages included) only those
+    solve; ``again(f0, g0, failed, left)`` the same tuple from ``(f0, g0)``, the potentials
+    with the problems ``failed`` set to zero, run on those for at most ``left`` iterations. With ``max_iter`` (Sinkhorn's cap, stages included) only those
     that failed before it are run again, within the iterations left; without (``left`` None),
     every failed one, on budgets of its own (SNS's, whose caps are per phase). Returns the
     tuple kept per problem (the second where it converged or ends nearer the optimality
@@ -301,7 +300,8 @@ def retry_without_stages(pb: Problem, first: tuple, again: Callable, tol: float,
     if (used < 0).all():
         return first, failed, used >= 0, None
     # (a batch: the iterations left to the latest to fail)
-    second = again(failed, None if max_iter is None else max_iter - int(used.max()))
+    f0, g0 = (torch.where(failed[:, None], 0.0, t) for t in (f, g))
+    second = again(f0, g0, failed, None if max_iter is None else max_iter - int(used.max()))
     take = failed & second[3] & ~unresolved(pb, second[0], second[1], tol)
     if bool((failed & ~take).any()):  # neither converged: the smaller residual
         take |= failed & (residual_at(pb, second[0], second[1]) < residual_at(pb, f, g))
