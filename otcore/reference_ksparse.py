@@ -222,7 +222,12 @@ def top_positions(x: torch.Tensor, u: torch.Tensor, ix: torch.Tensor, scratch: O
     tied = torch.eq(x, kth, out=scratch.like(x, "tied", torch.bool))
     if not x.is_cuda and not bool((tied.sum(-1) > (u == kth).sum(-1)).any()):
         return ix.sort(dim=-1).values  # no tie left out: topk's set is the only one
-    above = torch.gt(x, kth, out=scratch.like(x, "above", torch.bool))
+    # a NaN score ranks above every number, as in torch.topk and the kernel (which reads it
+    # as +inf): "not <= kth" holds for it, where "> kth" had dropped it and taken a padding
+    # position instead (seen on an H200, where this path always runs). A NaN k-th value (k
+    # NaNs or more) compares as +inf, so the first k NaN positions are taken, as there.
+    kth = torch.where(kth.isnan(), float("inf"), kth)
+    above = torch.le(x, kth, out=scratch.like(x, "above", torch.bool)).logical_not_()
     need = k - above.sum(-1, keepdim=True)
     rank = torch.cumsum(tied, -1, dtype=torch.int32, out=scratch.like(x, "rank", torch.int32))
     within = torch.le(rank, need, out=scratch.like(x, "within", torch.bool))

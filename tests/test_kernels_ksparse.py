@@ -248,6 +248,27 @@ def test_a_non_finite_cost_makes_its_line_as_in_the_twin(mode, bad):
         assert mode == "semi" or bad != bad or float(entries[slot]) == float("inf")
 
 
+@pytest.mark.parametrize("mode", ["semi", "dual"])
+def test_a_nan_score_beside_a_tie_at_the_kth_place_is_kept(mode):
+    """A NaN score in a line whose k-th place is tied: the twin's tie-break (which runs on a
+    CPU only then, on a GPU always) keeps the NaN position, as torch.topk and the kernel rank
+    it first, and takes the first tied positions in order. (Its "score > k-th" test had
+    dropped the NaN and taken a padding position instead: seen on an H200, where the
+    kernel and the twin then differed in line 5 of the test above.)"""
+    C = torch.rand(1, 45, 19, generator=torch.Generator().manual_seed(14)).to(DEVICE) + 1
+    C[0, [3, 17, 30, 38, 44], 5] = 0.5  # five positions tied at the line's best finite score
+    geom = otcore.CostMatrix(C)
+    C[0, 40, 5] = float("nan")  # after the geometry's check, as in the test above
+    h = torch.zeros(1, 45, device=DEVICE)
+    kw = dict(mass=torch.ones(1, 19, device=DEVICE)) if mode == "semi" else dict(beta=torch.ones(1, 19, device=DEVICE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got, twin = K.ksparse_columns(geom, h, 0.5, 4, 0, **kw), R.ksparse_columns(geom, h, 0.5, 4, 0, **kw)
+    assert twin.idx[0, 5].tolist() == [3, 17, 30, 40] and torch.equal(got.idx, twin.idx)
+    for field in ("beta", "reg", "line_sum", "vals", "cross_sum"):
+        torch.testing.assert_close(getattr(got, field), getattr(twin, field), equal_nan=True)
+
+
 def test_a_line_of_infinite_costs_is_nan_as_in_the_twin():
     """A semi-dual line whose costs are all +inf (a finite float32 point at 3e19 from the
     others: its squared distances overflow) has no multiplier: NaN throughout, as the

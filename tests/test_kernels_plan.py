@@ -138,8 +138,10 @@ def test_wide_dot_path_reads_coordinate_slices():
     assert relerr(geom.apply_plan(F, G, EPS, V, 1, backend="triton"), P @ V.double()) < 5e-5
     vals, idx = geom.plan_topk(F, G, EPS, 3, backend="triton")
     want = P.topk(3, dim=2)
-    pos = want.values > 0  # the zero-weight row's zeros come in any order
-    assert relerr(vals, want.values) < 5e-5 and torch.equal(idx[pos], want.indices[pos])
+    # the positions are checked by the float64 plan's entries there, not by equality: two of
+    # the top entries differ by 2.1e-7 relative, below the 5e-5 above (on the H200 they came
+    # out swapped; the interpreter kept float64's order)
+    assert relerr(vals, want.values) < 5e-5 and relerr(P.gather(2, idx), want.values) < 5e-5
     x = geom.x.double().requires_grad_()
     (P.detach() * cost64(x, geom.y.double(), "sqeuclidean")).sum().backward()
     gx, _ = geom.plan_cost_grad(F, G, EPS, backend="triton")
