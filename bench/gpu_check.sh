@@ -14,12 +14,12 @@
 #   b     SinkhornLoss fwd + bwd at n = 10,000, d = 3, checked vs float64            60
 #   t     the kernel tests on the real kernels (pytest -v, if importable: carried as a
 #         wheel, with hypothesis for the one-tile kernel's file; a file that cannot be
-#         collected is reported and the others run), the kernels changed since the last
-#         GPU run first: the plan kernels, the softmin incl. the shifted sum, SNS's
-#         one-launch CG solve, then the k-sparse pass, CUDA graphs (a failed capture
-#         fails), the fused half-step, the one-tile and tiled kernels; at most T_MAX_S
-#         (150 s: ~160 of the 374 tests at the first run's 0.9 s each), one line per test,
-#         so a cut run still names what passed and failed                         150
+#         collected is reported and the others run), those the last GPU run did not
+#         reach first: SNS's CG kernels, the fused half-step, the tiled and one-tile
+#         kernels, then the plan kernels, the softmin, the k-sparse pass and CUDA graphs
+#         (a failed capture fails); at most T_MAX_S (150 s: 129 of the 413 tests on the
+#         H200 on 2026-12-04), one line per test, so a cut run still names what passed
+#         and failed                                                                150
 #   l     latency-bound workloads (SwAV 3000x4096, MoE 4096x64, B = 16384 of 4x4 and
 #         64x64), plain torch vs otcore eager / per-pass / cuda_graph, fixed iterations
 #         and to a tolerance (bench_latency.py)                                      45
@@ -30,7 +30,7 @@
 #         float64 (tol 1e-6) then float32 (tol 1e-5); whatever fits              50
 #   c2    SNS vs Sinkhorn, Tang et al. Table 1 problems (float64, n = 500, 1 pair),
 #         with SNS's CG also issued from the host (the one-launch solve's gain)        30
-#   d     sparse OT (n = 2048, 8192) + OT router (bench_sparse_ot.py)                70
+#   d     sparse OT (n = 2048) + OT router (bench_sparse_ot.py)                70
 #   e     FlashSinkhorn peer timings (its default blocks, autotuning off: 44 configs
 #         per shape would not fit) + a second otcore measurement                     30
 # A part that runs past its budget is killed and the next one starts; each bench writes
@@ -40,7 +40,11 @@
 # the next (part t takes at most T_MAX_S, which leaves the timings after it their share);
 # the budgets listed above are what each part was planned to take (on the H200, l, p, t,
 # c1, c2 and d needed more). The driver skips a part with under 15 s left;
-# GPU_CHECK_PART_CAP_S caps every part, for testing the plumbing. POT (CPU, 8 threads)
+# GPU_CHECK_PART_CAP_S caps every part, for testing the plumbing. GPU_CHECK_PARTS (names
+# separated by spaces, e.g. "t c2 d") runs only those parts, each keeping its place in the
+# order: a later call that finishes what an earlier one cut short, with the time of the
+# parts left out going to those run (the reserves count only the parts run; env always
+# runs). POT (CPU, 8 threads)
 # for the sparse-OT speedup runs in the background from the start when importable and is
 # used by part d if it has finished; otherwise part d uses the stored
 # bench/data/pot_sparse_ref.json (a shared 2-core machine: pessimistic for POT) and its
@@ -152,10 +156,15 @@ summary() { "$PY" "$REPO/bench/gpu_check_summary.py" --work "$WORK" --out "$OUT"
 # (which add up to more than the total) cannot starve the last parts (empty: no reserve)
 PLANNED=""
 CAPS=""
-kept_for_later() {  # kept_for_later NAME: seconds reserved for the parts planned after NAME
+selected() {  # selected NAME: is the part to run (GPU_CHECK_PARTS unset or empty: all)
+  [ -z "${GPU_CHECK_PARTS:-}" ] && return 0
+  case " $GPU_CHECK_PARTS " in *" $1 "*) return 0 ;; esac
+  return 1
+}
+kept_for_later() {  # kept_for_later NAME: seconds reserved for the parts planned (and run) after NAME
   local item seen=0 sum=0
   for item in $PLANNED; do
-    [ $seen = 1 ] && sum=$((sum + ${item#*:}))
+    [ $seen = 1 ] && selected "${item%%:*}" && sum=$((sum + ${item#*:}))
     [ "${item%%:*}" = "$1" ] && seen=1
   done
   echo $sum
@@ -164,6 +173,10 @@ kept_for_later() {  # kept_for_later NAME: seconds reserved for the parts planne
 run_part() {  # run_part NAME BUDGET_S CMD...
   local name=$1 budget=$2
   shift 2
+  if ! selected "$name"; then
+    printf "%s\t0\t0\tnot selected (GPU_CHECK_PARTS)\n" "$name" >>"$WORK/parts.tsv"
+    return
+  fi
   local left=$((TOTAL - $(elapsed) - RESERVE - $(kept_for_later "$name")))
   # full runs: a part may use all the time the later parts' reserves leave (the H200 run
   # of 2026-11-30 ended 100 s early with six parts cut at their fixed limits), up to its
@@ -205,15 +218,18 @@ L=bench/bench_latency.py
 P=bench/bench_plan_kernels.py
 # part t: pytest from $WORK (not the repo root, whose otcore/ lacks the kernels subpackage),
 # so the staged copy on PYTHONPATH is the one imported; its own timeout per part. In
-# order of priority (pytest keeps it): the files of the kernels changed since the last GPU
-# run first (grid chunks of the plan kernels; the softmin's split caps and int64 offsets;
-# the CG preconditioner's guard), as the part is cut at T_MAX_S; -v prints a line per test
-# as it ends (under -q a killed run left only dots, no names)
+# order of priority (pytest keeps it), as the part is cut at T_MAX_S: first the files the
+# H200 run of 2026-12-04 did not reach (the CG file after its first 14 tests, the fused
+# half-step, the tiled and one-tile kernels), then those it passed (plan, softmin,
+# k-sparse, CUDA graphs); -v prints a line per test as it ends (under -q a killed run left
+# only dots, no names)
 T_MAX_S=150
-T_TESTS="$REPO/tests/test_kernels_plan.py $REPO/tests/test_kernels_softmin.py $REPO/tests/test_kernels_sparse_cg.py
-  $REPO/tests/test_kernels_ksparse.py $REPO/tests/test_cuda_graph.py $REPO/tests/test_kernels_softmin_update.py
-  $REPO/tests/test_kernels_sinkhorn_steps.py $REPO/tests/test_kernels_sinkhorn_tiles.py"
+T_TESTS="$REPO/tests/test_kernels_sparse_cg.py $REPO/tests/test_kernels_softmin_update.py
+  $REPO/tests/test_kernels_sinkhorn_tiles.py $REPO/tests/test_kernels_sinkhorn_steps.py
+  $REPO/tests/test_kernels_plan.py $REPO/tests/test_kernels_softmin.py $REPO/tests/test_kernels_ksparse.py
+  $REPO/tests/test_cuda_graph.py"
 tests_part() {
+  selected t || { printf "t\t0\t0\tnot selected (GPU_CHECK_PARTS)\n" >>"$WORK/parts.tsv"; return; }
   if ! "$PY" -c "import pytest" 2>/dev/null; then
     echo "== part t SKIPPED: pytest not importable (carry its wheels in .whl/, docs/benchmarks.md)"
     printf "t\t0\t0\tskipped (no pytest)\n" >>"$WORK/parts.tsv"
@@ -245,7 +261,7 @@ else
   PLANNED="a:60 a2:30 b:35 t:30 l:30 o:15 p:20 c1:30 c2:20 d:60 e:20"
   CAPS="t:$T_MAX_S"
   # POT's sparse-OT reference at n = 2048 runs on the CPU beside the GPU parts
-  if "$PY" -c "import ot" 2>/dev/null; then
+  if selected d && "$PY" -c "import ot" 2>/dev/null; then
     echo "# POT sparse-OT reference (n = 2048, CPU, 8 threads) started in the background"
     # on the cores the GPU parts' host threads are least likely to use (the last 8 of 16+):
     # beside host-bound timings (launch overhead) an unpinned 8-thread job adds noise
@@ -272,7 +288,9 @@ else
   else
     echo "# POT background run not finished: part d uses $POT_REF; its >= 100x verdict is provisional (stored POT reference)"
   fi
-  run_part d   70 "$PY" $S --sizes 2048 8192 --pot-max 0 --pot-ref "$REF" --reps 3 --out "$WORK/d/sparse_ot.json"
+  # n = 2048 only: with 8192 too (1.92 s a solve on the H200, 2026-12-04) part d's 60 s
+  # ended before the router rows
+  run_part d   70 "$PY" $S --sizes 2048 --pot-max 0 --pot-ref "$REF" --reps 3 --out "$WORK/d/sparse_ot.json"
   run_part e   30 "$PY" $K --sizes 8192x3 32768x3 32768x64 --peers flash --skip-dense --skip-loss --solve-max-n 0 \
     --warm-iters 2 --out "$WORK/e"
   if [ -n "${POT_PID:-}" ]; then

@@ -337,7 +337,10 @@ def main(argv=None):
             parts = list(csv.DictReader(fh, delimiter="\t"))
     except OSError:
         parts = []
-    say("   parts: " + " | ".join(f"{p['part']} {p['status']} {p['used_s']}/{p['budget_s']}s" for p in parts))
+    run = [p for p in parts if not p["status"].startswith("not selected")]
+    left_out = [p["part"] for p in parts if p not in run]
+    say("   parts: " + " | ".join(f"{p['part']} {p['status']} {p['used_s']}/{p['budget_s']}s" for p in run)
+        + (f" | not selected (GPU_CHECK_PARTS): {' '.join(left_out)}" if left_out else ""))
 
     krows, meta = kernel_rows(args.work)
     section_kernels([r for r in krows if r["part"] != "b"], say)

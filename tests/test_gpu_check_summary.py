@@ -1,0 +1,24 @@
+"""bench/gpu_check_summary.py: the parts line of a run limited by GPU_CHECK_PARTS."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+import gpu_check_summary  # noqa: E402
+
+
+def test_parts_left_out_by_gpu_check_parts_are_listed_apart(tmp_path, capsys):
+    """Parts run keep their status and times; the parts GPU_CHECK_PARTS left out are named
+    once at the end, not as eleven "not selected 0/0s" entries among them."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    (work / "parts.tsv").write_text(
+        "part\tbudget_s\tused_s\tstatus\n"
+        "a\t0\t0\tnot selected (GPU_CHECK_PARTS)\n"
+        "t\t150\t150\tTIMEOUT\n"
+        "c2\t0\t0\tnot selected (GPU_CHECK_PARTS)\n"
+        "d\t300\t95\tok\n")
+    gpu_check_summary.main(["--work", str(work), "--out", str(out)])
+    parts = next(line for line in (out / "summary.txt").read_text().splitlines() if line.strip().startswith("parts:"))
+    assert parts.strip() == "parts: t TIMEOUT 150/150s | d ok 95/300s | not selected (GPU_CHECK_PARTS): a c2"
