@@ -206,7 +206,9 @@ class SparseOTResult:
         cost: ``<T, C>``, a scalar tensor (``(B,)`` batched); gradient with ``T`` held fixed.
         value: optimum of the (semi-)dual objective (a lower bound of the primal
             ``<T, C> + (gamma/2)|T|^2`` over k-sparse couplings, equal to it when
-            ``k`` is large); differentiable by the envelope theorem.
+            ``k`` is large); differentiable by the envelope theorem (at a kink, a tie
+            across a line's ``k``-th place: a supergradient, the plan mixed over the tied
+            supports, docs/sparse_ot.md#gradients).
         n_iter: L-BFGS iterations (int; ``(B,)`` long tensor batched).
         converged: whether ``grad_norm <= tol`` was reached, or the objective stopped
             improving (``ftol``: the optimum of a binding k-constraint, where the gradient

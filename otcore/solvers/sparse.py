@@ -48,7 +48,7 @@ import torch
 
 from .. import _dispatch, _validate
 from .._progress import Progress
-from . import _host
+from . import _host, _kink
 from ._entropic import (balanced_gauge, check_init, finite_abs_max, init_in_dtype, init_pair, padded,
                         tol_against_mass, weighted_mean)
 from ._lbfgs import _where, check_history, lbfgs
@@ -286,7 +286,10 @@ def sparse_ot(
         ``cost``, ``value``, ``n_iter``, ``converged``. Gradients reach ``C`` (or ``x``,
         ``y``), ``a`` and ``b``: ``value`` by the envelope theorem (``dvalue/dC = T``,
         ``dvalue/da = alpha``, ``dvalue/db = beta``; for balanced weights meaningful up to
-        an additive constant), ``values`` as set by ``plan_grad``.
+        an additive constant; where the solve stops at a kink, a tie across a line's
+        ``k``-th place, ``dvalue/dC`` is the plan mixed over the tied supports so that it
+        meets both marginals, a supergradient of the concave value, ``otcore/solvers/_kink.py``),
+        ``values`` as set by ``plan_grad``.
     """
     tol = _validate.positive("tol", tol)
     pb, theta0, batched = _make_problem(geom, a, b, k, gamma, formulation, axis, plan_grad, backend, precision, init, tol)
@@ -959,17 +962,21 @@ def _result(pb: _Problem, hp, out: KSparse, n_iter, reason, tol, batched, elapse
     # _settle's moves of zero-weight duals, must still meet it -- a check on that step)
     settled = gnorm <= 2 * tol + 64 * torch.finfo(hp.dtype).eps * pb.wl.sum(-1)
     converged = finite & lines_ok & ((gnorm <= tol) | ((reason == 0) & settled) | (reason == 4))
-    value, cost, vals = _attach_gradients(pb, hp, hl, out, value, cost)
+    # every per-problem number the result, its warning and its gradients need, in one
+    # transfer (a sync on a GPU)
+    conv_h, lines_h, gnorm_h, marg_h, line_err_h, reason_h, n_iter_h = _host.to_host(
+        converged, lines_ok, gnorm, marg, line_err, reason, n_iter)
+    conv_h, lines_h, reason_h, n_iter_h = conv_h > 0, lines_h > 0, reason_h.astype(int), n_iter_h.astype(int)
+    # converged with the row sums off (gnorm less the dual's line part): at a kink, where
+    # the value's gradient mixes the tied supports
+    cross_h = gnorm_h - (0.0 if pb.semi else line_err_h)
+    value, cost, vals = _attach_gradients(pb, hp, hl, out, value, cost, conv_h & (cross_h > tol), tol)
     if pb.shift is not None:  # the offset taken off C (_offset_free): <T, C> = <T, C - c> + c sum(T)
         w_in = pb.a_in if pb.axis == 0 else pb.b_in  # the positions' weights, as given (for their gradient)
         mass = pb.wp.sum(-1) if w_in is None else w_in.to(value.dtype).reshape(pb.wp.shape).sum(-1)
         value = value + pb.shift * mass
         cost = cost + pb.shift * vals.detach().sum((1, 2))
         hp = hp + pb.shift[:, None]
-    # every per-problem number the result and its warning need, in one transfer (a sync on a GPU)
-    conv_h, lines_h, gnorm_h, marg_h, line_err_h, reason_h, n_iter_h = _host.to_host(
-        converged, lines_ok, gnorm, marg, line_err, reason, n_iter)
-    conv_h, lines_h, reason_h, n_iter_h = conv_h > 0, lines_h > 0, reason_h.astype(int), n_iter_h.astype(int)
     if not conv_h.all():
         bad = ~conv_h
         why = sorted({_REASONS[r] + (f": {_stall_advice(pb, hp.dtype)}" if r == 5 else "")
@@ -1017,14 +1024,19 @@ class _GradSpec:
     hp: torch.Tensor
     hl: torch.Tensor
     out: KSparse
+    #: (B,) bool on the host: the problems that converged with their row sums off by more
+    #: than ``tol``, at a kink, where the value's cost gradient mixes the tied supports
+    #: (:mod:`._kink`)
+    kink: np.ndarray
+    tol: float
 
 
-def _attach_gradients(pb: _Problem, hp, hl, out: KSparse, value, cost):
+def _attach_gradients(pb: _Problem, hp, hl, out: KSparse, value, cost, kink, tol):
     """Make ``(value, cost, vals)`` depend on the geometry inputs and on ``a``/``b``."""
     inputs = (*pb.geom.inputs(), *(w for w in (pb.a_in, pb.b_in) if w is not None))
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         return value, cost, out.vals
-    return _SparseOTFunction.apply(_GradSpec(pb, hp, hl, out), value, cost, out.vals, *inputs)
+    return _SparseOTFunction.apply(_GradSpec(pb, hp, hl, out, kink, tol), value, cost, out.vals, *inputs)
 
 
 def plan_on_support(pb: _Problem, hp, hl, csup, wl, idx, support, solve_lines: bool = False):
@@ -1056,7 +1068,8 @@ class _SparseOTFunction(torch.autograd.Function):
     """``(value, cost, vals)`` as functions of (geometry inputs, a, b).
 
     value: envelope theorem, ``dvalue/dC_ij = T_ij``, ``dvalue/d(position weights) = hp``,
-    ``dvalue/d(line weights) = hl``. cost: ``dcost/dC = T`` (plan held fixed).
+    ``dvalue/d(line weights) = hl``; at a kink (``spec.kink``) ``T`` mixed over the tied
+    supports on ``k + _kink.WIDTH`` candidates per line (:func:`._kink.mixed_plan`). cost: ``dcost/dC = T`` (plan held fixed).
     vals: through :func:`plan_on_support`; with ``plan_grad="implicit"`` also through the
     optimal duals: the optimality condition ``R(theta, xi) = 0`` gives
     ``dL/dxi += (dR/dxi)^T w`` with ``K w = (dT/dtheta)^T gT``, ``K = -dR/dtheta`` (PSD),
@@ -1072,6 +1085,9 @@ class _SparseOTFunction(torch.autograd.Function):
         ctx.spec = spec
         ctx.n_geom = len(spec.pb.geom.inputs())
         ctx.save_for_backward(*inputs)  # for autograd's version check only (backward re-reads the inputs)
+        # an output with no gradient comes as None, not zeros: the kink's mixing runs only
+        # where the value has one (a router trains through the plan alone)
+        ctx.set_materialize_grads(False)
         return value.clone(), cost.clone(), vals.clone()
 
     @staticmethod
@@ -1090,9 +1106,22 @@ def _sparse_backward(ctx, gv, gc, gT):
     spec = ctx.spec
     pb, out = spec.pb, spec.out
     dt = out.vals.dtype
-    gv = gv.reshape(-1).to(dt)
-    gc = gc.reshape(-1).to(dt)
-    g_csup = (gv + gc)[:, None, None] * out.vals
+    B = out.vals.shape[0]
+    value_used = gv is not None
+    gv, gc = (torch.zeros(B, dtype=dt, device=out.vals.device) if g is None else g.reshape(-1).to(dt)
+              for g in (gv, gc))
+    # the value's part: the plan, or at a kink the plan mixed over the tied supports, on
+    # its own wider support (the cost's part keeps the returned plan: it is <T, C>'s)
+    mixed = None
+    if value_used and spec.kink.any():  # (no host read otherwise)
+        mixed = _kink.mixed_plan(pb, spec.hp, out, spec.kink, spec.tol)
+    wide = None
+    if mixed is None:
+        g_csup = (gv + gc)[:, None, None] * out.vals
+    else:
+        m_vals, m_idx, m_on = mixed
+        g_csup = (gv * ~m_on + gc)[:, None, None] * out.vals
+        wide = ((gv * m_on)[:, None, None] * m_vals, m_idx)
     g_wp = gv[:, None] * spec.hp
     g_wl = gv[:, None] * spec.hl
     if gT is not None and bool((gT != 0).any()):
@@ -1101,7 +1130,8 @@ def _sparse_backward(ctx, gv, gc, gT):
     need = ctx.needs_input_grad[4:]
     grads = []
     if any(need[: ctx.n_geom]):
-        parts = pb.geom.sparse_cost_grad(g_csup, out.idx, pb.axis, backend=pb.backend)
+        W, idx = (g_csup, out.idx) if wide is None else (torch.cat([g_csup, wide[0]], -1), torch.cat([out.idx, wide[1]], -1))
+        parts = pb.geom.sparse_cost_grad(W, idx, pb.axis, backend=pb.backend)
         for inp, part, want in zip(pb.geom.inputs(), parts, need):
             grads.append(part.reshape(inp.shape).to(inp.dtype) if want else None)
     else:
