@@ -107,3 +107,14 @@ def test_a_smooth_optimum_keeps_the_plan_as_its_gradient():
     G, r = _gradient(C, 2, 0.3)
     assert float(r.grad_norm) <= 1e-5
     assert torch.equal(G, r.to_dense().detach().double())
+
+
+def test_the_kernel_backend_gets_the_same_mixed_gradient():
+    """backend="triton": the candidates' pass is the k-sparse kernel (the interpreter here)
+    with k + 8 slots; the gradient equals the torch twin's."""
+    C = _costs(6, 5, 0)
+    want, _ = _gradient(C, 2, 0.3)
+    got, r = _gradient(C, 2, 0.3, backend="triton")
+    assert r.info["backend"] == "triton"
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert not torch.equal(got, r.to_dense().detach().double())  # mixed, not the returned plan
