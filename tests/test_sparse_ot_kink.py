@@ -118,3 +118,15 @@ def test_the_kernel_backend_gets_the_same_mixed_gradient():
     assert r.info["backend"] == "triton"
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
     assert not torch.equal(got, r.to_dense().detach().double())  # mixed, not the returned plan
+
+
+def test_a_tie_across_whole_lines_reads_them_whole():
+    """Equal costs (20 x 10, k = 2): every position of every column ties, past the first
+    k + 8 candidates read; the pass is read again twice as wide up to the whole column,
+    and the mixed gradient meets both marginals (cut at 10 candidates, rows 10-19 could
+    get none: the row residual stayed 1.0 and the gradient was the returned plan)."""
+    C = torch.zeros(20, 10, dtype=torch.float64)
+    G, r = _gradient(C, 2, 0.1)
+    assert float(r.grad_norm) > 1
+    torch.testing.assert_close(G.sum(1), torch.full((20,), 1 / 20, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(G.sum(0), torch.full((10,), 1 / 10, dtype=torch.float64), atol=1e-12, rtol=0)

@@ -44,7 +44,8 @@ import torch
 
 #: tie tolerances tried, smallest first, relative to each line's score scale
 TIE_LADDER = (1e-9, 1e-7, 1e-5, 1e-4, 1e-3)
-#: candidates read past the ``k``-th place of each line (a wider tie is cut there)
+#: candidates read past the ``k``-th place of each line at first (doubled while a line's
+#: last candidate may still tie with its ``k``-th)
 WIDTH = 8
 #: at most this many plan entries per problem go to the linear program (else no mixing)
 MAX_ENTRIES = 200000
@@ -63,25 +64,33 @@ def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optio
 
     Returns:
         None where no problem's plan changes, else ``(vals, idx, mixed)``: the plan on
-        ``k + WIDTH`` candidates per line, (B, L, k + WIDTH) values and positions, and
+        ``W >= k + WIDTH`` candidates per line, (B, L, W) values and positions, and
         (B,) bool, the problems whose plan it is (the others keep ``out``'s).
     """
     N = pb.wp.shape[1]
     k = pb.k
     if k >= N or not kink.any():
         return None
-    width = min(k + WIDTH, N)
-    wide = pb.geom.ksparse_columns(hp, pb.gamma, width, pb.axis, beta=out.beta, backend=pb.backend,
-                                   precision=pb.precision)
     B, L = out.beta.shape
     dt = out.vals.dtype
-    cost = wide.cost.to(dt)
-    x = hp.to(dt).gather(1, wide.idx.reshape(B, -1)).reshape(B, L, width) - cost
-    xs, order = x.sort(dim=-1, descending=True, stable=True)
+    width = min(k + WIDTH, N)
+    while True:
+        wide = pb.geom.ksparse_columns(hp, pb.gamma, width, pb.axis, beta=out.beta, backend=pb.backend,
+                                       precision=pb.precision)
+        cost = wide.cost.to(dt)
+        x = hp.to(dt).gather(1, wide.idx.reshape(B, -1)).reshape(B, L, width) - cost
+        xs, order = x.sort(dim=-1, descending=True, stable=True)
+        # everything the linear programs read, on the host in float64
+        xs_h = xs.cpu().double().numpy()
+        # a tie that may reach past the last candidate (duplicated points, equal costs: all
+        # of a line can tie) reads twice as many, up to the whole line
+        scale = np.abs(xs_h[..., :k]).max(-1) + np.abs(out.beta.cpu().double().numpy())
+        cut = np.abs(xs_h[..., -1] - xs_h[..., k - 1]) <= TIE_LADDER[-1] * scale
+        if width == N or not cut[kink].any():
+            break
+        width = min(2 * width, N)
     idx, cost = wide.idx.gather(-1, order), cost.gather(-1, order)
-    # everything the linear programs read, on the host in float64
-    xs_h, cost_h, hp_h, beta_h, wp_h, wl_h = (t.detach().cpu().double().numpy()
-                                               for t in (xs, cost, hp, out.beta, pb.wp, pb.wl))
+    cost_h, hp_h, beta_h, wp_h, wl_h = (t.detach().cpu().double().numpy() for t in (cost, hp, out.beta, pb.wp, pb.wl))
     idx_h = idx.cpu().numpy()
     vals_h = np.zeros(xs_h.shape)
     mixed = np.zeros(B, dtype=bool)
