@@ -203,26 +203,31 @@ class _Lines:
             ub.add(ub.n + np.arange(len(ml)), [(P[ml, mc], sign), (o_s + g_of[ml], -sign)])
             ub.rhs(len(ml), delta[ml] + sign * Cst[ml, mc])
         A_eq, b_eq, A_ub, b_ub = (*eq.matrix(), *ub.matrix())
-        free = np.full(o_t, -np.inf)
-        bounds = np.stack([np.concatenate([free, np.zeros(n_t + 2 * N)]), np.full(n_var, np.inf)], 1)
+        # the duals and scores free, t and the residuals >= 0; first the least L1 residual
+        bounds = np.stack([np.concatenate([np.full(o_t, -np.inf), np.zeros(n_t + 2 * N)]), np.full(n_var, np.inf)], 1)
         sol = linprog(np.concatenate([np.zeros(o_r), np.ones(2 * N)]), A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq,
                       bounds=bounds, method="highs")
         if sol.status != 0 or sol.fun > tol:
             return None
-        # at that residual, the duals nearest the returned ones: e >= |(alpha, beta) - returned|
+        # at that residual, the duals nearest the returned ones: n_d more variables
+        # e >= |(alpha, beta) - returned| (alpha and beta are the first n_d variables)
         n_d = N + L
-        dev = np.arange(n_d)
-        ref = np.concatenate([self.alpha, self.beta])
-        widen = sp.coo_matrix((A_ub.shape[0], n_d))
-        A_dev = sp.coo_matrix((np.concatenate([np.ones(n_d), -np.ones(n_d), -np.ones(n_d), -np.ones(n_d)]),
-                               (np.concatenate([dev, dev, n_d + dev, n_d + dev]),
-                                np.concatenate([dev, n_var + dev, dev, n_var + dev]))), shape=(2 * n_d, n_var + n_d))
-        A_res = sp.coo_matrix((np.ones(2 * N), (np.zeros(2 * N, dtype=int), o_r + np.arange(2 * N))), shape=(1, n_var + n_d))
-        sol = linprog(np.concatenate([np.zeros(n_var), np.ones(n_d)]),
-                      A_ub=sp.vstack([sp.hstack([A_ub, widen]), A_dev, A_res]).tocsr(),
-                      b_ub=np.concatenate([b_ub, ref, -ref, [sol.fun * (1 + 1e-6) + 1e-300]]),
-                      A_eq=sp.hstack([A_eq, sp.coo_matrix((A_eq.shape[0], n_d))]).tocsr(), b_eq=b_eq,
-                      bounds=np.concatenate([bounds, np.stack([np.zeros(n_d), np.full(n_d, np.inf)], 1)]), method="highs")
+        dev, ref = np.arange(n_d), np.concatenate([self.alpha, self.beta])
+        near = _Rows(n_var + n_d)
+        near.add(dev, [(dev, 1.0), (n_var + dev, -1.0)])
+        near.rhs(n_d, ref)
+        near.add(n_d + dev, [(dev, -1.0), (n_var + dev, -1.0)])
+        near.rhs(n_d, -ref)
+        near.add(np.full(2 * N, 2 * n_d), [(o_r + np.arange(2 * N), 1.0)])
+        near.rhs(1, sol.fun * (1 + 1e-6))
+        A_near, b_near = near.matrix()
+
+        def pad(A):
+            return sp.hstack([A, sp.csr_matrix((A.shape[0], n_d))]).tocsr()
+
+        bounds = np.concatenate([bounds, np.stack([np.zeros(n_d), np.full(n_d, np.inf)], 1)])
+        sol = linprog(np.concatenate([np.zeros(n_var), np.ones(n_d)]), A_ub=sp.vstack([pad(A_ub), A_near]).tocsr(),
+                      b_ub=np.concatenate([b_ub, b_near]), A_eq=pad(A_eq), b_eq=b_eq, bounds=bounds, method="highs")
         if sol.status != 0:
             return None
         alpha, beta, t = sol.x[:N], sol.x[o_b:o_s], sol.x[o_t:o_r]

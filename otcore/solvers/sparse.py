@@ -1069,7 +1069,8 @@ class _SparseOTFunction(torch.autograd.Function):
 
     value: envelope theorem, ``dvalue/dC_ij = T_ij``, ``dvalue/d(position weights) = hp``,
     ``dvalue/d(line weights) = hl``; at a kink (``spec.kink``) ``T`` mixed over the tied
-    supports on ``k + _kink.WIDTH`` candidates per line (:func:`._kink.mixed_plan`). cost: ``dcost/dC = T`` (plan held fixed).
+    supports, on at least ``k + _kink.WIDTH`` candidates per line (:func:`._kink.mixed_plan`).
+    cost: ``dcost/dC = T`` (plan held fixed).
     vals: through :func:`plan_on_support`; with ``plan_grad="implicit"`` also through the
     optimal duals: the optimality condition ``R(theta, xi) = 0`` gives
     ``dL/dxi += (dR/dxi)^T w`` with ``K w = (dT/dtheta)^T gT``, ``K = -dR/dtheta`` (PSD),
@@ -1130,7 +1131,9 @@ def _sparse_backward(ctx, gv, gc, gT):
     need = ctx.needs_input_grad[4:]
     grads = []
     if any(need[: ctx.n_geom]):
-        W, idx = (g_csup, out.idx) if wide is None else (torch.cat([g_csup, wide[0]], -1), torch.cat([out.idx, wide[1]], -1))
+        W, idx = g_csup, out.idx
+        if wide is not None:
+            W, idx = torch.cat([W, wide[0]], -1), torch.cat([idx, wide[1]], -1)
         parts = pb.geom.sparse_cost_grad(W, idx, pb.axis, backend=pb.backend)
         for inp, part, want in zip(pb.geom.inputs(), parts, need):
             grads.append(part.reshape(inp.shape).to(inp.dtype) if want else None)
