@@ -190,19 +190,28 @@ def to_value(pb, theta0, target: float | None, relaxed: bool, max_iter: int, dev
 
 
 def ours_solve(C: torch.Tensor, k: int, gamma: float, backend: str, target: float | None, max_iter: int):
-    """Our default solve (its own stop), then the time to ``target`` along its path (the
-    relaxed start, then L-BFGS) and along L-BFGS from zero (the default before 2026-12-02),
-    and the time per evaluation in the L-BFGS loop (from zero)."""
+    """Our default solve (its own stop), the value's backward after it (its cost gradient:
+    at a kink the plan mixed over the tied supports, docs/sparse_ot.md#gradients), then the
+    time to ``target`` along its path (the relaxed start, then L-BFGS) and along L-BFGS from
+    zero (the default before 2026-12-02), and the time per evaluation in the L-BFGS loop
+    (from zero)."""
     geom = otcore.CostMatrix(C)
     device = C.device
+    Cg = C.detach().clone().requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         otcore.sparse_ot(geom, k=k, gamma=gamma, max_iter=5, backend=backend)  # warm-up (compilation)
         _sync(device)
         t0 = time.perf_counter()
-        res = otcore.sparse_ot(geom, k=k, gamma=gamma, max_iter=max_iter, backend=backend)
+        res = otcore.sparse_ot(otcore.CostMatrix(Cg), k=k, gamma=gamma, max_iter=max_iter, backend=backend)
         _sync(device)
         full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    (G,) = torch.autograd.grad(res.value, Cg)
+    _sync(device)
+    backward = time.perf_counter() - t0
+    T = res.to_dense().detach()
+    n = C.shape[0]
     pb, theta0, _ = S._make_problem(geom, None, None, k, gamma, "semi-dual", 0, "fixed", backend, "fp32", None, 1e-5)
     if target is None:  # no POT value (sizes past --pot-max): nothing to reach, and a relaxed path
         # and 1000 L-BFGS iterations measured nothing (~10 s at 8192 on the H200, a review); 100
@@ -212,7 +221,9 @@ def ours_solve(C: torch.Tensor, k: int, gamma: float, backend: str, target: floa
     else:
         reached, evals, _, relaxed_s, relaxed_iter = to_value(pb, theta0, target, True, max_iter, device)
         cold, cold_evals, cold_s, _, _ = to_value(pb, theta0, target, False, max_iter, device)
-    return dict(ours_s=full, ours_value=float(res.value), ours_iters=res.n_iter, ours_stop=res.info["stop"],
+    return dict(ours_s=full, ours_value=float(res.value.detach()), ours_iters=res.n_iter, ours_stop=res.info["stop"],
+                value_backward_s=backward, value_grad_mixed=not torch.equal(G, T),
+                value_grad_row_error=float((G.sum(1) - 1 / n).abs().sum()),
                 ours_solver=res.info["solver"], ours_marginal_error=float(res.marginal_error),
                 ours_to_pot_value_s=reached, relaxed_s=relaxed_s, relaxed_iter=relaxed_iter, evals_to_pot=evals,
                 cold_to_pot_value_s=cold, cold_evals_to_pot=cold_evals, eval_ms=1e3 * cold_s / max(cold_evals, 1),
@@ -275,7 +286,9 @@ def _fmt_solver(r):
     s = (f"n={r['n']:6d} ours {r['ours_s']:8.3f}s value {r['ours_value']:.7g} ({r['ours_iters']} it, {r['ours_stop']}, "
          f"marginal err {r['ours_marginal_error']:.1e}) | one evaluation {r['kernel_ms']:.3f} ms = "
          f"{r['floor_fraction']:.1%} of one read of C at {r['copy_Bps'] / 1e12:.3g} TB/s; "
-         f"{r['eval_ms']:.3f} ms per evaluation in the L-BFGS loop")
+         f"{r['eval_ms']:.3f} ms per evaluation in the L-BFGS loop | value backward {r['value_backward_s']:.3f}s "
+         f"({'the plan mixed at a kink' if r['value_grad_mixed'] else 'the plan'}; its row sums off by "
+         f"{r['value_grad_row_error']:.1e})")
     if "value_relerr_vs_f64" in r:
         s += f" | value vs float64 torch {r['value_relerr_vs_f64']:.1e}"
     if "pot_s" in r:

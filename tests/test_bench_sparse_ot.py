@@ -40,6 +40,8 @@ def test_bench_solver_rows(bench, tmp_path):
     assert row["value_relerr_vs_f64"] < 1e-3
     assert row["pot_value"] <= row["ref64_value"] * (1 + 1e-6)
     assert math.isfinite(row["speedup_same_value"]) and row["speedup_same_value"] > 0
+    # the value's backward: its gradient meets the row sums where it mixed the tied supports
+    assert row["value_backward_s"] > 0 and (not row["value_grad_mixed"] or row["value_grad_row_error"] <= 1e-5)
     assert (tmp_path / "rows.json").exists()
 
 
