@@ -31,8 +31,9 @@ Which scores tie: at the returned duals tied scores differ by the solve's error 
 6 x 5 and 30 x 20 random costs), untied ones by the data (down to 2.7e-4 there, and
 less on larger problems). No fixed tolerance separates the two, so the tolerances of
 :data:`TIE_LADDER` (relative to each line's scores) are tried smallest first, and the
-first under which the mixed plan meets the row sums to ``tol`` is kept; if none does, the
-returned plan is kept (the gradient as before).
+first under which the mixed plan meets the row sums to ``tol`` is kept (the ladder stops
+early where the least residual stays above :data:`GIVE_UP` of the returned plan's); if
+none does, the returned plan is kept (the gradient as before).
 """
 
 from __future__ import annotations
