@@ -48,6 +48,8 @@ TIE_LADDER = (1e-9, 1e-7, 1e-5, 1e-4, 1e-3)
 #: candidates read past the ``k``-th place of each line at first (doubled while a line's
 #: last candidate may still tie with its ``k``-th)
 WIDTH = 8
+#: the widest read (a tie past it is cut there: its line's mixing may then miss the row sums)
+WIDTH_MAX = 512
 #: the ladder stops at a tolerance whose least row residual is above this fraction of the
 #: returned plan's: the ties seen are not the kink's (the benchmark's 64-point problem, half
 #: its lines tied, kept 49% at 1e-7, and 500 x 400 random costs from the default solve 27%;
@@ -91,14 +93,16 @@ def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optio
         # everything the linear programs read, on the host in float64
         xs_h = xs.cpu().double().numpy()
         # a tie that may reach past the last candidate (duplicated points, equal costs: all
-        # of a line can tie) reads twice as many, up to the whole line
-        scale = np.abs(xs_h[..., :k]).max(-1) + np.abs(out.beta.cpu().double().numpy())
-        cut = np.abs(xs_h[..., -1] - xs_h[..., k - 1]) <= TIE_LADDER[-1] * scale
-        if width == N or not cut[kink].any():
+        # of a line can tie) reads twice as many, up to the whole line or WIDTH_MAX
+        beta_h = out.beta.cpu().double().numpy()
+        scale = np.abs(xs_h[..., :k]).max(-1) + np.abs(beta_h)
+        cut = ((np.abs(xs_h[..., -1] - xs_h[..., k - 1]) <= TIE_LADDER[-1] * scale)
+               & (xs_h[..., k - 1] + beta_h > 0))  # (only where the k-th entry has mass)
+        if width >= min(N, WIDTH_MAX) or not cut[kink].any():
             break
-        width = min(2 * width, N)
+        width = min(2 * width, N, max(WIDTH_MAX, k + WIDTH))
     idx, cost = wide.idx.gather(-1, order), cost.gather(-1, order)
-    cost_h, hp_h, beta_h, wp_h, wl_h = (t.detach().cpu().double().numpy() for t in (cost, hp, out.beta, pb.wp, pb.wl))
+    cost_h, hp_h, wp_h, wl_h = (t.detach().cpu().double().numpy() for t in (cost, hp, pb.wp, pb.wl))
     idx_h = idx.cpu().numpy()
     vals_h = np.zeros(xs_h.shape)
     mixed = np.zeros(B, dtype=bool)
