@@ -177,6 +177,9 @@ def section_sparse(rows, dev_ref, say):
                  f"{' at %.3g TB/s' % (r['copy_Bps'] / 1e12) if r.get('copy_Bps') else ''}")
             if r.get("value_relerr_vs_f64") is not None:
                 s += f" | vs f64 {r['value_relerr_vs_f64']:.1e}"
+            if r.get("value_backward_s") is not None:  # (rows since 2026-12-04)
+                s += (f" | value backward {r['value_backward_s']:.3f}s"
+                      f" ({'mixed at a kink' if r['value_grad_mixed'] else 'the plan'})")
             if r.get("pot_value") is not None:
                 reached = r.get("ours_to_pot_value_s")
                 key = f"n={r['n']},k={r['k']},gamma={r['gamma']:g},seed=0"
