@@ -95,6 +95,13 @@ def test_finite_rows_flags_each_problem_on_its_own():
     assert _validate.finite_rows(f, g, value).tolist() == [True, False, False, False]
     assert _validate.finite_rows(f[:1], g[:1]).tolist() == [True]
     assert _validate.finite_rows(torch.tensor([1.0, INF, NAN, -2.0])).tolist() == [True, False, False, True]
+    # several per-problem numbers of one dtype are stacked into one reduction; a NaN or inf in
+    # any of them flags its problem alone, as does one of another dtype checked on its own
+    err, cost = torch.tensor([0.0, 0.0, NAN, 0.0]), torch.tensor([0.0, INF, 0.0, 0.0])
+    wide = torch.tensor([1e300, 0.0, 0.0, NAN], dtype=torch.float64)
+    rows = torch.zeros(4, 2)
+    assert _validate.finite_rows(rows, err, cost).tolist() == [True, False, False, True]
+    assert _validate.finite_rows(rows, err, cost, wide).tolist() == [True, False, False, False]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -598,7 +598,9 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
         value = value if for_loss else value.to(f.dtype)
         # what the result holds, all finite (a plan of mass 1.8e19 at eps 1e-10 in float32 had
         # marginal_error inf with converged True under tol=None, a review)
-        finite = _validate.finite_rows(f, g, value, *(() if value_only else (marg_err, resid, cost)))
+        # (resid is marg_err itself where balanced: checked once)
+        finite = _validate.finite_rows(f, g, value, *(() if value_only else
+                                                      (marg_err, cost) + (() if resid is marg_err else (resid,))))
         # The in-loop test ("passed") and these marginals round differently: a problem that
         # passed may sit a rounding step above tol here. Beyond that slack the marginals of
         # the plan the result hands out decide: with eps below what the dtype resolves of
