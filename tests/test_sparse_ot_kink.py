@@ -130,3 +130,18 @@ def test_a_tie_across_whole_lines_reads_them_whole():
     assert float(r.grad_norm) > 1
     torch.testing.assert_close(G.sum(1), torch.full((20,), 1 / 20, dtype=torch.float64), atol=1e-12, rtol=0)
     torch.testing.assert_close(G.sum(0), torch.full((10,), 1 / 10, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_past_the_largest_program_the_gradient_stays_the_plan(monkeypatch):
+    """A problem whose linear program would exceed ``_kink.LP_MAX`` (candidates of all lines
+    plus positions) is not mixed: its gradient is the returned plan, as before the mixing
+    (the 6 x 5 kink above needs 5 lines * 6 candidates + 6 positions = 36)."""
+    from otcore.solvers import _kink
+
+    C = _costs(6, 5, 0)
+    monkeypatch.setattr(_kink, "LP_MAX", 35)
+    G, r = _gradient(C, 2, 0.3)
+    assert torch.equal(G, r.to_dense().detach().double())
+    monkeypatch.setattr(_kink, "LP_MAX", 36)
+    G, r = _gradient(C, 2, 0.3)
+    assert not torch.equal(G, r.to_dense().detach().double())

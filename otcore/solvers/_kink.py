@@ -57,8 +57,11 @@ WIDTH_MAX = 512
 #: mixing that succeeded did so at the first tolerance with a solution or after ones within
 #: 11% (equal costs; 5.6% on 300 x 200 clouds)
 GIVE_UP = 0.25
-#: at most this many plan entries per problem go to the linear program (else no mixing)
-MAX_ENTRIES = 200000
+#: the largest linear program tried: candidates of all lines plus positions (its
+#: inequality rows and row sums); a larger problem keeps the returned plan. One program of
+#: the benchmark's 1024 points (13,312: 4,154 variables, 12,345 inequalities) took 0.97 s of
+#: HiGHS on the development CPU; the size grows with it, and so would its time
+LP_MAX = 16384
 
 
 def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optional[tuple[torch.Tensor, ...]]:
@@ -84,6 +87,8 @@ def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optio
     B, L = out.beta.shape
     dt = out.vals.dtype
     width = min(k + WIDTH, N)
+    if L * width + N > LP_MAX:
+        return None
     while True:
         wide = pb.geom.ksparse_columns(hp, pb.gamma, width, pb.axis, beta=out.beta, backend=pb.backend,
                                        precision=pb.precision)
@@ -98,9 +103,10 @@ def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optio
         scale = np.abs(xs_h[..., :k]).max(-1) + np.abs(beta_h)
         cut = ((np.abs(xs_h[..., -1] - xs_h[..., k - 1]) <= TIE_LADDER[-1] * scale)
                & (xs_h[..., k - 1] + beta_h > 0))  # (only where the k-th entry has mass)
-        if width >= min(N, WIDTH_MAX) or not cut[kink].any():
+        wider = min(2 * width, N, max(WIDTH_MAX, k + WIDTH), (LP_MAX - N) // L)
+        if wider <= width or not cut[kink].any():
             break
-        width = min(2 * width, N, max(WIDTH_MAX, k + WIDTH))
+        width = wider
     idx, cost = wide.idx.gather(-1, order), cost.gather(-1, order)
     cost_h, hp_h, wp_h, wl_h = (t.detach().cpu().double().numpy() for t in (cost, hp, pb.wp, pb.wl))
     idx_h = idx.cpu().numpy()
@@ -139,7 +145,7 @@ class _Lines:
         """The mixed plan at tie tolerance ``rel`` (relative to each line's scores):
         ``(vals (L, W), L1 row residual)``; ``(None, least residual)`` where no duals that
         keep the supports meet the row sums to ``tol``; None where no tie straddles the
-        k-th place, too many entries do, or no duals keep the supports.
+        k-th place or no duals keep the supports.
 
         A linear program over the duals ``(alpha, beta)``, each group's common score ``s``
         and the group entries ``t``, the supports held fixed: the entries are linear in
@@ -171,8 +177,6 @@ class _Lines:
         al, ac = np.nonzero(active)
         tl, tc = np.nonzero(tied)
         n_a, n_t = len(al), len(tl)
-        if n_a + n_t > MAX_ENTRIES:
-            return None
         gl = np.flatnonzero(grouped)
         n_g = len(gl)
         g_of = np.full(L, -1)
