@@ -64,15 +64,15 @@ GIVE_UP = 0.25
 LP_MAX = 16384
 
 
-def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optional[tuple[torch.Tensor, ...]]:
+def mixed_plan(pb, hp: torch.Tensor, out, row_err: np.ndarray, tol: float) -> Optional[tuple[torch.Tensor, ...]]:
     """The supergradient plan of the problems that stopped at a kink.
 
     Args:
         pb: the solver's problem (``pb.geom``, ``k``, ``gamma``, ``axis``, ``wp``, ``wl``).
         hp: (B, N) the positions' duals (``alpha`` for ``axis=0``).
         out: the :class:`~otcore.reference_ksparse.KSparse` pass at the returned duals.
-        kink: (B,) bool numpy array, the problems that converged with a row residual above
-            ``tol`` (and whose value has a gradient to pass on).
+        row_err: (B,) host array, the returned plans' L1 row residuals (0 where a problem did
+            not converge); a problem above ``tol`` stopped at a kink.
         tol: the solve's tolerance: a mixed plan is kept if it meets the row sums to it.
 
     Returns:
@@ -82,6 +82,7 @@ def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optio
     """
     N = pb.wp.shape[1]
     k = pb.k
+    kink = row_err > tol
     if k >= N or not kink.any():
         return None
     B, L = out.beta.shape
@@ -89,6 +90,7 @@ def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optio
     width = min(k + WIDTH, N)
     if L * width + N > LP_MAX:
         return None
+    beta_h = out.beta.cpu().double().numpy()
     while True:
         wide = pb.geom.ksparse_columns(hp, pb.gamma, width, pb.axis, beta=out.beta, backend=pb.backend,
                                        precision=pb.precision)
@@ -99,7 +101,6 @@ def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optio
         xs_h = xs.cpu().double().numpy()
         # a tie that may reach past the last candidate (duplicated points, equal costs: all
         # of a line can tie) reads twice as many, up to the whole line or WIDTH_MAX
-        beta_h = out.beta.cpu().double().numpy()
         scale = np.abs(xs_h[..., :k]).max(-1) + np.abs(beta_h)
         cut = ((np.abs(xs_h[..., -1] - xs_h[..., k - 1]) <= TIE_LADDER[-1] * scale)
                & (xs_h[..., k - 1] + beta_h > 0))  # (only where the k-th entry has mass)
@@ -114,6 +115,7 @@ def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optio
     mixed = np.zeros(B, dtype=bool)
     for b in np.flatnonzero(kink):
         prob = _Lines(xs_h[b], cost_h[b], idx_h[b], hp_h[b], beta_h[b], wp_h[b], wl_h[b], pb.gamma, k, N)
+        base = row_err[b]  # the returned plan's
         for rel in TIE_LADDER:
             got = prob.mix(rel, tol)
             if got is None:
@@ -121,7 +123,7 @@ def mixed_plan(pb, hp: torch.Tensor, out, kink: np.ndarray, tol: float) -> Optio
             if got[0] is not None and got[1] <= tol:
                 vals_h[b], mixed[b] = got[0], True
                 break
-            if got[1] > GIVE_UP * prob.residual:
+            if got[1] > GIVE_UP * base:
                 break  # the supports seen are far from the kink's: wider ties only cost time
     if not mixed.any():
         return None
@@ -138,8 +140,6 @@ class _Lines:
         self.scale = np.abs(xs[:, :k]).max(-1, keepdims=True) + np.abs(beta)[:, None]
         # a tie matters only where the k-th entry has mass
         self.live = (xs[:, k - 1] + beta) > 0
-        top = np.maximum(xs[:, :k] + beta[:, None], 0) / gamma  # the returned plan
-        self.residual = np.abs(wp - np.bincount(idx[:, :k].ravel(), weights=top.ravel(), minlength=N)).sum()
 
     def mix(self, rel: float, tol: float):
         """The mixed plan at tie tolerance ``rel`` (relative to each line's scores):

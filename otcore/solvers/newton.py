@@ -302,8 +302,8 @@ def _closing_updates(pb: Problem, f: torch.Tensor, g: torch.Tensor, r: torch.Ten
     update leaves its side exact and moves the total L1 marginal error down or not at all
     in exact arithmetic (from exact rows, the column update leaves the rows an error of at
     most the columns' before it: ``sum_i |sum_j P_ij (b_j / c_j - 1)| <= |b - c|_1``); a
-    point of tiny weight barely moves the other side's marginals, so both keep theirs. Points without
-    weight or mass keep their potential (zero weights: :func:`settle_zero_weights`), and so
+    point of tiny weight barely moves the other side's marginals, so both keep theirs.
+    Points without weight or mass keep their potential (zero weights: :func:`settle_zero_weights`), and so
     do problems whose plan the dtype does not resolve (:func:`unresolved`: rounded at |f| ~
     1e6 in float32 the row update had raised their true marginal error from 0.66-0.81 to
     1.27-1.41, a review; they are not converged either way)."""

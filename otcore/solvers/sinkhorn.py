@@ -271,8 +271,9 @@ def retry_without_stages(pb: Problem, first: tuple, again: Callable, tol: float,
     test that cannot see the plan's rounding: :func:`unresolved`), solved once more from zero
     at the target eps without stages. ``first = (f, g, n_iter, passed, stalled)`` of the
     solve; ``again(f0, g0, failed, left)`` the same tuple from ``(f0, g0)``, the potentials
-    with the problems ``failed`` set to zero, run on those for at most ``left`` iterations. With ``max_iter`` (Sinkhorn's cap, stages included) only those
-    that failed before it are run again, within the iterations left; without (``left`` None),
+    with the problems ``failed`` set to zero, run on those for at most ``left`` iterations.
+    With ``max_iter`` (Sinkhorn's cap, stages included) only those that failed before it
+    are run again, within the iterations left; without (``left`` None),
     every failed one, on budgets of its own (SNS's, whose caps are per phase). Returns the
     tuple kept per problem (the second where it converged or ends nearer the optimality
     conditions; iterations of both counted), the (B,) mask of the problems solved again (on

@@ -970,7 +970,7 @@ def _result(pb: _Problem, hp, out: KSparse, n_iter, reason, tol, batched, elapse
     # converged with the row sums off (gnorm less the dual's line part): at a kink, where
     # the value's gradient mixes the tied supports
     cross_h = gnorm_h - (0.0 if pb.semi else line_err_h)
-    value, cost, vals = _attach_gradients(pb, hp, hl, out, value, cost, conv_h & (cross_h > tol), tol)
+    value, cost, vals = _attach_gradients(pb, hp, hl, out, value, cost, np.where(conv_h, cross_h, 0.0), tol)
     if pb.shift is not None:  # the offset taken off C (_offset_free): <T, C> = <T, C - c> + c sum(T)
         w_in = pb.a_in if pb.axis == 0 else pb.b_in  # the positions' weights, as given (for their gradient)
         mass = pb.wp.sum(-1) if w_in is None else w_in.to(value.dtype).reshape(pb.wp.shape).sum(-1)
@@ -1024,19 +1024,19 @@ class _GradSpec:
     hp: torch.Tensor
     hl: torch.Tensor
     out: KSparse
-    #: (B,) bool on the host: the problems that converged with their row sums off by more
-    #: than ``tol``, at a kink, where the value's cost gradient mixes the tied supports
-    #: (:mod:`._kink`)
-    kink: np.ndarray
+    #: (B,) on the host: the L1 row residual of the problems that converged (0 for the
+    #: others); above ``tol`` they stopped at a kink, where the value's cost gradient mixes
+    #: the tied supports (:mod:`._kink`)
+    row_err: np.ndarray
     tol: float
 
 
-def _attach_gradients(pb: _Problem, hp, hl, out: KSparse, value, cost, kink, tol):
+def _attach_gradients(pb: _Problem, hp, hl, out: KSparse, value, cost, row_err, tol):
     """Make ``(value, cost, vals)`` depend on the geometry inputs and on ``a``/``b``."""
     inputs = (*pb.geom.inputs(), *(w for w in (pb.a_in, pb.b_in) if w is not None))
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         return value, cost, out.vals
-    return _SparseOTFunction.apply(_GradSpec(pb, hp, hl, out, kink, tol), value, cost, out.vals, *inputs)
+    return _SparseOTFunction.apply(_GradSpec(pb, hp, hl, out, row_err, tol), value, cost, out.vals, *inputs)
 
 
 def plan_on_support(pb: _Problem, hp, hl, csup, wl, idx, support, solve_lines: bool = False):
@@ -1068,7 +1068,7 @@ class _SparseOTFunction(torch.autograd.Function):
     """``(value, cost, vals)`` as functions of (geometry inputs, a, b).
 
     value: envelope theorem, ``dvalue/dC_ij = T_ij``, ``dvalue/d(position weights) = hp``,
-    ``dvalue/d(line weights) = hl``; at a kink (``spec.kink``) ``T`` mixed over the tied
+    ``dvalue/d(line weights) = hl``; at a kink (``spec.row_err > tol``) ``T`` mixed over the tied
     supports, on at least ``k + _kink.WIDTH`` candidates per line (:func:`._kink.mixed_plan`).
     cost: ``dcost/dC = T`` (plan held fixed).
     vals: through :func:`plan_on_support`; with ``plan_grad="implicit"`` also through the
@@ -1114,8 +1114,8 @@ def _sparse_backward(ctx, gv, gc, gT):
     # the value's part: the plan, or at a kink the plan mixed over the tied supports, on
     # its own wider support (the cost's part keeps the returned plan: it is <T, C>'s)
     mixed = None
-    if value_used and spec.kink.any():  # (no host read otherwise)
-        mixed = _kink.mixed_plan(pb, spec.hp, out, spec.kink, spec.tol)
+    if value_used and (spec.row_err > spec.tol).any():  # (no host read otherwise)
+        mixed = _kink.mixed_plan(pb, spec.hp, out, spec.row_err, spec.tol)
     wide = None
     if mixed is None:
         g_csup = (gv + gc)[:, None, None] * out.vals
