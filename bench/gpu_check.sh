@@ -17,9 +17,10 @@
 #         collected is reported and the others run), those the last GPU run did not
 #         reach first: SNS's CG kernels, the fused half-step, the tiled and one-tile
 #         kernels, then the plan kernels, the softmin, the k-sparse pass and CUDA graphs
-#         (a failed capture fails); at most T_MAX_S (150 s: 129 of the 413 tests on the
-#         H200 on 2026-12-04), one line per test, so a cut run still names what passed
-#         and failed                                                                150
+#         (a failed capture fails); at most T_MAX_S (150 s: 129 of the 413 tests in one
+#         process on the H200 on 2026-12-04), on GPU_CHECK_T_WORKERS (8) pytest-xdist
+#         workers where xdist imports, one line per test, so a cut run still names
+#         what passed and failed                                                    150
 #   l     latency-bound workloads (SwAV 3000x4096, MoE 4096x64, B = 16384 of 4x4 and
 #         64x64), plain torch vs otcore eager / per-pass / cuda_graph, fixed iterations
 #         and to a tolerance (bench_latency.py)                                      45
@@ -224,6 +225,7 @@ P=bench/bench_plan_kernels.py
 # k-sparse, CUDA graphs); -v prints a line per test as it ends (under -q a killed run left
 # only dots, no names)
 T_MAX_S=150
+T_WORKERS=${GPU_CHECK_T_WORKERS:-8}
 T_TESTS="$REPO/tests/test_kernels_sparse_cg.py $REPO/tests/test_kernels_softmin_update.py
   $REPO/tests/test_kernels_sinkhorn_tiles.py $REPO/tests/test_kernels_sinkhorn_steps.py
   $REPO/tests/test_kernels_plan.py $REPO/tests/test_kernels_softmin.py $REPO/tests/test_kernels_ksparse.py
@@ -237,8 +239,19 @@ tests_part() {
   fi
   "$PY" -c "import hypothesis" 2>/dev/null ||
     echo "# note: hypothesis not importable: tests/test_kernels_sinkhorn_steps.py is not collected (carry its wheels)"
-  (cd "$WORK" && run_part t "$1" "$PY" -m pytest -v -p no:cacheprovider --continue-on-collection-errors \
-    --rootdir "$REPO" $T_TESTS)
+  # with pytest-xdist (preinstalled on the H200 host of 2026-12-04) the files run on
+  # T_WORKERS processes: the time goes to compiling kernels on the host (129 tests in 150 s
+  # serially there), which parallelises; pinned to the cores the POT background job does
+  # not use, so its reference time is not inflated
+  local par=() pin=()
+  if "$PY" -c "import xdist" 2>/dev/null; then
+    par=(-n "$T_WORKERS")
+    command -v taskset >/dev/null && [ "$(nproc)" -ge 16 ] && pin=(taskset -c "0-$(( $(nproc) - 9 ))")
+  else
+    echo "# note: pytest-xdist not importable: the kernel tests run in one process"
+  fi
+  (cd "$WORK" && run_part t "$1" "${pin[@]}" "$PY" -m pytest -v "${par[@]}" -p no:cacheprovider \
+    --continue-on-collection-errors --rootdir "$REPO" $T_TESTS)
 }
 POT_REF=bench/data/pot_sparse_ref.json
 DEV_POT_REF=$WORK/pot_ref_device.json

@@ -284,13 +284,23 @@ def section_tests(work, say):
             lines = fh.read().splitlines()
     except OSError:
         return
-    outcome = re.compile(r"^(\S+?)::(\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+    results = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+    # "path::name PASSED [ 2%]" in one process; "[gw3] [ 2%] PASSED path::name" under xdist
+    serial = re.compile(rf"^(\S+?)::(\S.*?) ({results})\b")
+    xdist = re.compile(rf"^\[gw\d+\] \[\s*\d+%\] ({results}) (\S+?)::(\S.*?)\s*$")
+
+    def outcome(line):
+        m = serial.match(line)
+        if m:
+            return m.groups()
+        m = xdist.match(line)
+        return m and (m[2], m[3], m[1])
+
     # one outcome per test: a test that passed and then errored in its teardown prints two
     # lines (counted twice, a review); the worse one stands
     worse = {"ERROR": 3, "FAILED": 2, "XPASS": 1}
     seen = {}
-    for m in filter(None, map(outcome.match, lines)):
-        path, name, result = m.groups()
+    for path, name, result in filter(None, map(outcome, lines)):
         if worse.get(result, 0) >= worse.get(seen.get((path, name)), 0):
             seen[(path, name)] = result
     tests = [(path, name, result) for (path, name), result in seen.items()]

@@ -22,3 +22,21 @@ def test_parts_left_out_by_gpu_check_parts_are_listed_apart(tmp_path, capsys):
     gpu_check_summary.main(["--work", str(work), "--out", str(out)])
     parts = next(line for line in (out / "summary.txt").read_text().splitlines() if line.strip().startswith("parts:"))
     assert parts.strip() == "parts: t TIMEOUT 150/150s | d ok 95/300s | not selected (GPU_CHECK_PARTS): a c2"
+
+
+def test_kernel_tests_cut_short_are_counted_in_either_pytest_format(tmp_path):
+    """Part t's log, cut at its budget: per-test lines of one process ("path::name PASSED")
+    and of pytest-xdist workers ("[gw1] [ 5%] FAILED path::name") are both counted by
+    file and outcome, a failure is named, and a test's start line (no outcome) is not counted."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "t").mkdir(parents=True)
+    (work / "t" / "log.txt").write_text(
+        "tests/test_a.py::test_one PASSED [  1%]\n"
+        "tests/test_b.py::test_two[x] \n"
+        "[gw1] [  2%] FAILED tests/test_b.py::test_two[x] \n"
+        "[gw0] [  3%] PASSED tests/test_b.py::test_three \n"
+        "tests/test_b.py::test_four \n")
+    gpu_check_summary.main(["--work", str(work), "--out", str(out)])
+    text = (out / "summary.txt").read_text()
+    assert "cut short after 3 tests: test_a.py: 1 passed; test_b.py: 1 failed, 1 passed" in text
+    assert "  FAILED test_b.py::test_two[x]" in text
