@@ -8,7 +8,9 @@ plan is formed tile by tile as ``2^(s F_i + s G_j - s C_ij)`` with
 - :func:`launch_plan_reduce`: ``sum_j W_ij V_jk`` and/or ``sum_j W_ij`` for the
   weights ``W = P`` (apply_plan, marginals), ``W = P * C`` (``<P, C>``) or
   ``W = P / C``, in one pass; or ``sum_j W_ij (own_ik - oth_jk)`` with the
-  differences formed entry by entry (the point costs' gradient, ``diff=True``).
+  differences formed entry by entry (the point costs' gradient, ``diff=True``); or
+  ``sum_j W_ij C_ij`` beside ``sum_j W_ij`` (``with_cost=True``: a result's column
+  marginals and its transport cost in one pass instead of two).
 - :func:`launch_plan_topk`: the ``k`` largest ``P_ij`` of each own row with their
   column indices, by a running top-k merged tile by tile.
 - :func:`launch_plan_dense`: ``P`` itself (small problems).
@@ -51,7 +53,7 @@ def plan_reduce_kernel(
     D: tl.constexpr, DP: tl.constexpr, COST: tl.constexpr, EUCLID: tl.constexpr, IP: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_V: tl.constexpr, V_MATRIX: tl.constexpr, WITH_SUM: tl.constexpr, WEIGHT: tl.constexpr,
-    VIP: tl.constexpr, DIFF: tl.constexpr,
+    VIP: tl.constexpr, DIFF: tl.constexpr, V_COST: tl.constexpr,
 ):
     """``out_v[i, k] = sum_j W_ij V[j, k]`` and ``out_s[i] = sum_j W_ij`` for own rows i.
 
@@ -81,6 +83,8 @@ def plan_reduce_kernel(
     formed per entry (BLOCK_I x BLOCK_J x BLOCK_K products per tile): where the plan sits on
     near-coincident pairs, ``x_i (W1)_i - (W y)_i`` would cancel two terms much larger than
     the result (for ``W = P / C``, ~``1/C`` times larger).
+    ``V_COST`` (vector form): ``V`` is not read; the values are the cost's own entries,
+    ``out_v[i] = sum_j W_ij C_ij``.
     """
     q = q0 + tl.program_id(1)
     b, offs_i, mask_i, own_ptr, oth_ptr, c_ptr = program_rows(
@@ -124,6 +128,8 @@ def plan_reduce_kernel(
                 V = tl.load(v_ptr + offs_j[:, None].to(tl.int64) * s_vr + offs_k[None, :] * s_vk,
                             mask=mask_j[:, None] & mask_k[None, :], other=0.0)
                 acc_v += tl.dot(W, V, input_precision=VIP).to(dtype)
+            elif V_COST:  # (masked entries: W = 0 and C finite, cost_tile's zeros)
+                acc_v += W * C
             else:
                 v = tl.load(v_ptr + offs_j.to(tl.int64) * s_vr, mask=mask_j, other=0.0)
                 acc_v += W * v[None, :]
@@ -258,7 +264,7 @@ DIFF_BLOCK_K = 4
 
 
 def reduce_block_sizes(op: CostOperand, has_v: bool, matrix: bool, bk: int,
-                       diff: bool = False) -> tuple[int, int, int]:
+                       diff: bool = False, with_cost: bool = False) -> tuple[int, int, int]:
     """``(BLOCK_I, BLOCK_J, num_warps)`` for :func:`plan_reduce_kernel` (``bk``: BLOCK_K).
 
     ``diff`` (``bk`` <= 4): 32 x 32 tiles (16 x 32 in float64) and 8 warps; the sm_90
@@ -271,10 +277,16 @@ def reduce_block_sizes(op: CostOperand, has_v: bool, matrix: bool, bk: int,
     thread for a vector, 200-576 for 16-64 value columns). Without spills with Triton 3.6
     and 3.9, at d = 32 and 64: 64 x 32 tiles, 4 warps for a vector and 8 for a matrix, and
     32 x 32 for 64 value columns (64 x 32 spilled 32 bytes there with Triton 3.6).
+
+    ``with_cost`` (two tile accumulators, the sums and the cost's) in float64: half the
+    rows; 64 x 64 spilled 88 bytes per thread at d = 3 (sm_90, Triton 3.9; 160 registers
+    and no spill at 32 x 64).
     """
     bi, bj, warps = block_sizes(op.n_own, op.n_oth, op.mode, op.d)
     if diff:
         return min(bi, 16 if op.ref.dtype == torch.float64 else 32), min(bj, 32), 8
+    if with_cost and op.ref.dtype == torch.float64:
+        bi = min(bi, 32)
     if has_v and op.mode == COST_DOT and op.d >= 32:
         bj = min(bj, 32)
         if matrix and bk >= 64:
@@ -299,6 +311,7 @@ def launch_plan_reduce(
     with_sum: bool = False,
     weight: int = WEIGHT_P,
     diff: bool = False,
+    with_cost: bool = False,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(W V, W 1)`` over the operand's other side, in one streamed pass.
 
@@ -311,6 +324,7 @@ def launch_plan_reduce(
         weight: ``WEIGHT_P`` / ``WEIGHT_PC`` / ``WEIGHT_P_OVER_C``.
         diff: instead of ``V``, ``WV[i] = sum_j W_ij (own_i - oth_j)`` ``(B, n_own, d)``,
             each difference formed per entry; needs a ``COST_DIRECT`` point operand and ``V=None``.
+        with_cost: instead of ``V``, ``WV[i] = sum_j W_ij C_ij`` ``(B, n_own)``; needs ``V=None``.
 
     Returns:
         ``(WV or None, W1 or None)``; ``WV`` is ``(B, n_own)`` or ``(B, n_own, k)``.
@@ -320,16 +334,19 @@ def launch_plan_reduce(
     B, n_own, n_oth = op.batch, op.n_own, op.n_oth
     F_own = F_own.to(dt).contiguous()
     G_oth = G_oth.to(dt).contiguous()
-    if diff and (V is not None or op.mode != COST_DIRECT):
-        raise ValueError("diff=True needs V=None and a COST_DIRECT point operand")
-    has_v = V is not None or diff
-    matrix = has_v and (diff or V.dim() == 3)
+    if diff and (V is not None or op.mode != COST_DIRECT or with_cost):
+        raise ValueError("diff=True needs V=None, with_cost=False and a COST_DIRECT point operand")
+    if with_cost and V is not None:
+        raise ValueError("with_cost=True needs V=None (the values are the cost)")
+    has_v = V is not None or diff or with_cost
+    matrix = diff or (V is not None and V.dim() == 3)
     n_val = op.d if diff else V.shape[2] if matrix else 1
     bk = min(DIFF_BLOCK_K, next_pow2(n_val)) if diff else value_block(n_val) if matrix else 16
-    bi, bj, warps = reduce_block_sizes(op, has_v, matrix, bk, diff)
+    bi, bj, warps = reduce_block_sizes(op, has_v, matrix, bk, diff, with_cost)
     tiles_own = cdiv(n_own, bi)
     if has_v:
-        V = op.oth if diff else V.to(dt)  # (diff: not read; any tensor for the pointer)
+        # (diff, with_cost: V is not read; any tensor for the pointer)
+        V = op.oth if diff else F_own if with_cost else V.to(dt)
         out_v = torch.empty((B, n_own, n_val) if matrix else (B, n_own), dtype=dt, device=dev)
         vs = (V.stride(0), V.stride(1), V.stride(2) if matrix else 0)
         ovs = (out_v.stride(0), out_v.stride(1))
@@ -346,7 +363,7 @@ def launch_plan_reduce(
             *ovs, n_own, F_own.stride(0), G_oth.stride(0), *vs, *args[3:],
             **op.constexprs(), BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk,
             HAS_V=has_v, V_MATRIX=matrix, WITH_SUM=with_sum, WEIGHT=weight, VIP=_value_precision(op),
-            DIFF=diff, num_warps=warps,
+            DIFF=diff, V_COST=with_cost, num_warps=warps,
         )
     return out_v, out_s
 

@@ -160,6 +160,12 @@ class Geometry:
         self._check_potentials(F, G)
         return self._call("marginals", backend, F, G, _eps(eps), _validate.axis(axis), precision=precision)
 
+    def marginals_and_cost(self, F, G, eps, axis, backend="torch", precision="fp32"):
+        """:meth:`marginals` along ``axis`` and :meth:`plan_cost`, ``((B,n) or (B,m), (B,))``,
+        in one pass over the plan instead of two."""
+        self._check_potentials(F, G)
+        return self._call("marginals_and_cost", backend, F, G, _eps(eps), _validate.axis(axis), precision=precision)
+
     def plan(self, F, G, eps, backend="torch", precision="fp32"):
         """Dense plan (B,n,m)."""
         self._check_potentials(F, G)
@@ -474,7 +480,12 @@ class CostMatrix(Geometry):
         over the entries whose row and column have positive weight (streamed by row blocks;
         ``(n,)``/``(m,)`` weights for an unbatched matrix)."""
         if a is None and b is None:
-            return self.C.amax((1, 2)) - self.C.amin((1, 2))
+            C = self.C
+            if C.is_contiguous():  # both extremes in one read of C (a view, no copy)
+                lo, hi = torch.aminmax(C.view(C.shape[0], -1), dim=1)
+                return hi - lo
+            return C.amax((1, 2)) - C.amin((1, 2))
+
         def live(name, w, size):
             out = self._live(name, w, size)
             return torch.ones(self.batch, size, dtype=torch.bool, device=self.device) if out is None else out

@@ -307,6 +307,20 @@ def marginals(geom, F, G, eps: float, axis: int, precision: str = "fp32") -> tor
     return out
 
 
+def marginals_and_cost(geom, F, G, eps: float, axis: int, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`marginals` along ``axis`` (B,n) or (B,m) and :func:`plan_cost` (B,), from the
+    same blocks of ``P``."""
+    k = _LOG2E / eps
+    Fl, Go = sides(*scaled_potentials(geom, F, G, k), axis)
+    out = torch.empty_like(Fl)
+    total = torch.zeros(geom.batch, dtype=Fl.dtype, device=F.device)
+    for sl, C, Z in _tiles(geom, axis, Fl.dtype, keep_cost=True):
+        P = _log2_plan_(Z, C, Fl[:, sl], Go, k).exp2_()
+        out[:, sl] = P.sum(2)
+        total += P.mul_(C).sum((1, 2))
+    return out, total
+
+
 def plan_dense(geom, F, G, eps: float, precision: str = "fp32") -> torch.Tensor:
     """The dense plan ``P`` (B,n,m). Small problems only: this *is* an n x m buffer."""
     k = _LOG2E / eps

@@ -137,20 +137,23 @@ def _plan_reduce_op(
     own: Optional[torch.Tensor], oth: Optional[torch.Tensor], C: Optional[torch.Tensor],
     transposed: bool, euclidean: bool, mode: int, ip: str, feats: list[Optional[torch.Tensor]],
     F: torch.Tensor, G: torch.Tensor, eps: float,
-    V: Optional[torch.Tensor], with_sum: bool, weight: int, diff: bool,
+    V: Optional[torch.Tensor], with_sum: bool, weight: int, diff: bool, with_cost: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     op = _operand_of(own, oth, C, transposed, euclidean, mode, ip, feats)
-    WV, W1 = _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight, diff=diff)
+    WV, W1 = _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight, diff=diff,
+                                      with_cost=with_cost)
     empty = op.ref.new_empty(0)  # a custom op returns tensors: empty stands for "not asked"
     return (WV if WV is not None else empty), (W1 if W1 is not None else empty)
 
 
 @_plan_reduce_op.register_fake
-def _(own, oth, C, transposed, euclidean, mode, ip, feats, F, G, eps, V, with_sum, weight, diff):
+def _(own, oth, C, transposed, euclidean, mode, ip, feats, F, G, eps, V, with_sum, weight, diff, with_cost):
     ref = C if C is not None else own
     shape = _fake_shape(own, C, transposed)
     if diff:
         WV = ref.new_empty(shape + (own.shape[2],))
+    elif with_cost:
+        WV = ref.new_empty(shape)
     else:
         WV = ref.new_empty(0) if V is None else ref.new_empty(shape + tuple(V.shape[2:]))
     return WV, (ref.new_empty(shape) if with_sum else ref.new_empty(0))
@@ -194,11 +197,12 @@ def _launch_softmin(op, h, eps, hint=None):
     return _softmin.launch_softmin(op, h, eps, hint=hint)
 
 
-def _launch_reduce(op, F, G, eps, V=None, with_sum=False, weight=_plan.WEIGHT_P, diff=False):
+def _launch_reduce(op, F, G, eps, V=None, with_sum=False, weight=_plan.WEIGHT_P, diff=False, with_cost=False):
     if torch.compiler.is_compiling():
-        WV, W1 = _plan_reduce_op(*_fields(op), F, G, eps, V, with_sum, weight, diff)
-        return (WV if V is not None or diff else None), (W1 if with_sum else None)
-    return _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight, diff=diff)
+        WV, W1 = _plan_reduce_op(*_fields(op), F, G, eps, V, with_sum, weight, diff, with_cost)
+        return (WV if V is not None or diff or with_cost else None), (W1 if with_sum else None)
+    return _plan.launch_plan_reduce(op, F, G, eps, V=V, with_sum=with_sum, weight=weight, diff=diff,
+                                    with_cost=with_cost)
 
 
 def _check(precision: str, axis=None) -> None:
@@ -303,6 +307,15 @@ def marginals(geom, F, G, eps: float, axis: int, precision: str = "fp32") -> tor
     own, oth = reference.sides(F, G, axis)
     _, s = _launch_reduce(operand(geom, axis, precision, eps), own, oth, float(eps), with_sum=True)
     return s
+
+
+def marginals_and_cost(geom, F, G, eps: float, axis: int, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`marginals` along ``axis`` and :func:`plan_cost`, in one pass: each output
+    point's ``sum P`` and ``sum P C`` come from the same tile of ``P``."""
+    _check(precision, axis)
+    own, oth = reference.sides(F, G, axis)
+    part, s = _launch_reduce(operand(geom, axis, precision, eps), own, oth, float(eps), with_sum=True, with_cost=True)
+    return s, part.sum(-1)
 
 
 def plan_dense(geom, F, G, eps: float, precision: str = "fp32") -> torch.Tensor:

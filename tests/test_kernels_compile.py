@@ -73,7 +73,19 @@ SCRIPT = textwrap.dedent(
                                                                  BLOCK_J=bj, SHIFT=True), warps,
                           softmin_ints(32768, 2 * dp + 16)))
     tile = dict(D=3, DP=4, COST=1, EUCLID=False, IP="tf32x3", BLOCK_I=64, BLOCK_J=64)
-    reduce = dict(BLOCK_K=16, HAS_V=True, V_MATRIX=True, WITH_SUM=True, WEIGHT=0, VIP="tf32x3", DIFF=False)
+    reduce = dict(BLOCK_K=16, HAS_V=True, V_MATRIX=True, WITH_SUM=True, WEIGHT=0, VIP="tf32x3", DIFF=False,
+                  V_COST=False)
+    # a result's column marginals with <P, C> (V_COST) at the launcher's tiles: dense, the point
+    # costs' direct differences, FMA expansion and dot path, float64
+    for dt, mode, d in ((torch.float32, softmin.COST_DENSE, 1), (torch.float32, softmin.COST_DIRECT, 3),
+                        (torch.float32, softmin.COST_EXPAND, 3), (torch.float32, softmin.COST_DOT, 64),
+                        (torch.float64, softmin.COST_DIRECT, 3)):
+        pts = torch.empty(1, 32768, d, device="meta", dtype=dt)
+        op = softmin.CostOperand(pts, pts, None, False, False, mode, "tf32x3")
+        bi, bj, warps = plan.reduce_block_sizes(op, True, False, 16, with_cost=True)
+        const = dict(reduce, V_MATRIX=False, V_COST=True, D=d, DP=next_pow2(d), COST=mode, EUCLID=False,
+                     IP="tf32x3", BLOCK_I=bi, BLOCK_J=bj)
+        cases.append((plan.plan_reduce_kernel, "fp64" if dt == torch.float64 else "fp32", const, warps))
     cases += [
         (plan.plan_reduce_kernel, "fp32", dict(tile, **reduce), 8),
         (plan.plan_topk_kernel, "fp32", dict(tile, K=5, KP=8, LOWEST=-3.4e38), 8),

@@ -111,6 +111,36 @@ def test_marginals_dense_plan_and_cost(cost):
     assert relerr(cost_val, geom.plan_cost(F, G, EPS, backend="torch")) < 1e-5
 
 
+@pytest.mark.parametrize("case", ["sqeuclidean", "euclidean", "d17", "dense", "float64"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_marginals_and_cost_in_one_pass(case, axis):
+    """The result's pass: one side's marginals and <P, C> from the same tiles, against the
+    two separate primitives (kernel), the twin, and float64; zero weights included (an
+    empty row and column, whose costs the kernel must not read as 0 * garbage)."""
+    dtype = torch.float64 if case == "float64" else torch.float32
+    if case == "dense":
+        g = torch.Generator().manual_seed(21)
+        C = rand(B, N, M, generator=g)
+        F, G = randn(B, N, generator=g) * 0.05 - 0.2, randn(B, M, generator=g) * 0.05 - 0.2
+        F[0, 3], G[1, 5] = -INF, -INF
+        geom = otcore.CostMatrix(C)
+    else:
+        cost = "euclidean" if case == "euclidean" else "sqeuclidean"
+        geom, C, F, G = problem(17 if case == "d17" else 3, cost, seed=20, dtype=dtype)
+    P = plan64(C, F, G, EPS)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    s, cost_val = geom.marginals_and_cost(F, G, EPS, axis, backend="triton")
+    assert s.shape == (B, N if axis == 1 else M) and cost_val.shape == (B,) and s.dtype == cost_val.dtype == dtype
+    assert relerr(s, P.sum(2 if axis == 1 else 1)) < tol
+    assert relerr(cost_val, (P * C.double()).sum((1, 2))) < tol
+    assert (s[0, 3] if axis == 1 else s[1, 5]) == 0
+    ts, tc = geom.marginals_and_cost(F, G, EPS, axis, backend="torch")
+    assert relerr(s, ts) < tol and relerr(cost_val, tc) < tol
+    assert relerr(ts, P.sum(2 if axis == 1 else 1)) < tol and relerr(tc, (P * C.double()).sum((1, 2))) < tol
+    assert torch.equal(s, geom.marginals(F, G, EPS, axis, backend="triton"))  # the same sums, same order
+    assert relerr(cost_val, geom.plan_cost(F, G, EPS, backend="triton")) < tol
+
+
 def test_d17_dot_path_plan_ops():
     """d = 17 takes the tensor-core expansion path in fp32 mode."""
     geom, C, F, G = problem(17, seed=6)
@@ -411,7 +441,8 @@ def test_triton_ops_names_match_reference():
 
     from otcore import reference
 
-    for name in ("softmin", "apply_plan", "marginals", "plan_dense", "plan_cost", "plan_topk", "plan_cost_grad"):
+    for name in ("softmin", "apply_plan", "marginals", "marginals_and_cost", "plan_dense", "plan_cost", "plan_topk",
+                 "plan_cost_grad"):
         assert inspect.signature(getattr(triton_ops, name)) == inspect.signature(getattr(reference, name))
 
 
@@ -426,6 +457,7 @@ def test_primitives_compile_as_custom_ops():
             geom.softmin(G, EPS, 1, backend="triton"),
             geom.apply_plan(F, G, EPS, y, 1, backend="triton"),
             geom.marginals(F, G, EPS, 0, backend="triton"),
+            *geom.marginals_and_cost(F, G, EPS, 0, backend="triton"),
             geom.plan_topk(F, G, EPS, 3, backend="triton")[1],
             geom.plan(F, G, EPS, backend="triton"),
             *geom.plan_cost_grad(F, G, EPS, backend="triton"),  # the per-entry difference mode
@@ -444,9 +476,14 @@ def test_custom_op_registrations_pass_opcheck():
     fields = triton_ops._fields(op)
     torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, G, EPS, None))
     torch.library.opcheck(torch.ops.otcore.softmin.default, (*fields, G, EPS, F))  # with a shift hint
-    torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, geom.y, True, KP.WEIGHT_P, False))
+    torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, geom.y, True, KP.WEIGHT_P, False,
+                                                                   False))
     # the per-entry differences (the point costs' gradient), with no V
-    torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, None, False, KP.WEIGHT_P, True))
+    torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, None, False, KP.WEIGHT_P, True,
+                                                                   False))
+    # the sums with the cost's (the result's pass), with no V
+    torch.library.opcheck(torch.ops.otcore.plan_reduce.default, (*fields, F, G, EPS, None, True, KP.WEIGHT_P, False,
+                                                                   True))
 
 
 @pytest.mark.parametrize("axis", [1, 0])
@@ -465,7 +502,7 @@ def test_cost_matrix_ops_have_their_shapes_under_compile(axis):
     torch.library.opcheck(torch.ops.otcore.plan_topk.default, (*fields, own_pot, oth_pot, EPS, 2))
     torch.library.opcheck(torch.ops.otcore.plan_dense.default, (*fields, own_pot, oth_pot, EPS))
     torch.library.opcheck(torch.ops.otcore.plan_reduce.default,
-                          (*fields, own_pot, oth_pot, EPS, None, True, KP.WEIGHT_P, False))
+                          (*fields, own_pot, oth_pot, EPS, None, True, KP.WEIGHT_P, False, True))
     F, G = (own_pot, oth_pot) if axis == 1 else (oth_pot, own_pot)
     ramp = torch.arange(float(n_own), device=DEVICE)
 

@@ -562,10 +562,10 @@ def value_only_results(geom):
 def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dict, stalled=None) -> OTResult:
     """Build the :class:`OTResult` at potentials ``(f, g)``: exact marginals, cost, value
     (through its dual), convergence (``tol`` None: finiteness only), and envelope
-    gradients. Three streamed passes.
+    gradients. Two streamed passes: the row pass, then the column marginals with the cost.
     ``stalled`` (B,) bool: problems stopped for lack of progress (for the warning's text).
     Within :func:`value_only_results` of this geometry and with ``tol=None`` (a caller that reads only the
-    value and its gradients, as ``SinkhornLoss``): one streamed pass instead of three, the
+    value and its gradients, as ``SinkhornLoss``): one streamed pass instead of two, the
     column marginals and the transport cost being skipped; ``marginal_error``, the residual
     and ``cost`` are then NaN. (A tolerance is tested on the marginals: then all passes run.)
     Within that context (any ``tol``) the value also keeps its computed dtype: float32
@@ -587,11 +587,10 @@ def entropic_result(pb: Problem, f, g, n_iter, passed, tol, name: str, info: dic
             marg_err = resid = cost = torch.full((geom.batch,), math.nan, dtype=f.dtype, device=f.device)
         else:
             r = weighted(pb.A, torch.exp(delta), pb.zeros[0]).to(f.dtype)
-            c = geom.marginals(F, G, eps, 0, **kw)
+            c, cost = geom.marginals_and_cost(F, G, eps, 0, **kw)  # one pass for both
             marg_err = (r - pb.A).abs().sum(-1) + (c - pb.Bw).abs().sum(-1)
             # balanced: the residual is the marginal error
             resid = marg_err if pb.rho_a is None and pb.rho_b is None else optimality_residual(pb, r, c, f, g)
-            cost = geom.plan_cost(F, G, eps, **kw)
         wf, wg = f.to(delta.dtype), g.to(delta.dtype)
         value = (weighted(A, phi(wf, pb.rho_a), pb.zeros[0]).sum(-1)
                  + weighted(Bw, phi(wg, pb.rho_b), pb.zeros[1]).sum(-1) - eps * mass_gap(pb, A, Bw, delta))
