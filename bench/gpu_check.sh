@@ -34,6 +34,9 @@
 #   d     sparse OT (n = 2048) + OT router (bench_sparse_ot.py)                70
 #   e     FlashSinkhorn peer timings (its default blocks, autotuning off: 44 configs
 #         per shape would not fit) + a second otcore measurement                     30
+#   f     where the time goes (bench/gpu_profile.py --only phases): SNS, SwAV, sparse
+#         OT and a router call split by geometry primitive, and the host's time per
+#         softmin launch by function (cProfile)                                      30
 # A part that runs past its budget is killed and the next one starts; each bench writes
 # its results after every size/problem, so a killed part keeps what it finished. In a full
 # run a part's budget is the time left under GPU_CHECK_TOTAL_S (default 560 s) minus the
@@ -270,8 +273,9 @@ if [ $QUICK = 1 ]; then
   run_part d  $B "$PY" $S --sizes 64 --tokens 512 --experts 8 --reps 2 --max-iter 200 --check-max 64 \
     --pot-ref $POT_REF --out "$WORK/d/sparse_ot.json"
   run_part e  $B "$PY" $K --quick --sizes 64x3 --peers flash --skip-dense --skip-loss --out "$WORK/e"
+  run_part f  $B "$PY" bench/gpu_profile.py --quick --only phases --budget 60 --out "$WORK/f"
 else
-  PLANNED="a:60 a2:30 b:35 t:30 l:30 o:15 p:20 c1:30 c2:20 d:60 e:20"
+  PLANNED="a:60 a2:30 b:35 t:30 l:30 o:15 p:20 c1:30 c2:20 d:60 e:20 f:20"
   CAPS="t:$T_MAX_S"
   # POT's sparse-OT reference at n = 2048 runs on the CPU beside the GPU parts
   if selected d && "$PY" -c "import ot" 2>/dev/null; then
@@ -306,6 +310,7 @@ else
   run_part d   70 "$PY" $S --sizes 2048 --pot-max 0 --pot-ref "$REF" --reps 3 --out "$WORK/d/sparse_ot.json"
   run_part e   30 "$PY" $K --sizes 8192x3 32768x3 32768x64 --peers flash --skip-dense --skip-loss --solve-max-n 0 \
     --warm-iters 2 --out "$WORK/e"
+  run_part f   30 "$PY" bench/gpu_profile.py --only phases --budget 25 --out "$WORK/f"
   if [ -n "${POT_PID:-}" ]; then
     kill "$POT_PID" 2>/dev/null && echo "# POT background run stopped unfinished (see raw.tar.gz pot_background.log);" \
       "the sparse-OT >= 100x verdict stays provisional (stored POT reference)"

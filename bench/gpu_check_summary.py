@@ -326,6 +326,20 @@ def section_tests(work, say):
             say("  " + ln)
 
 
+def section_phases(work, say):
+    """Part f: ``gpu_profile.py --only phases``' lines as printed (the split of a solve's time
+    by geometry primitive, and the host's time per softmin launch by function)."""
+    try:
+        with open(os.path.join(work, "f", "log.txt")) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return
+    say("[f] where the time goes, by primitive (each call synchronised) and per launch (cProfile)")
+    for ln in lines:
+        if ln.startswith("  "):
+            say(ln)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True)
@@ -371,6 +385,7 @@ def main(argv=None):
     section_overrelax(args.work, say)
     section_plan(args.work, say)
     section_tests(args.work, say)
+    section_phases(args.work, say)
 
     text = buf.getvalue()
     with open(os.path.join(args.out, "summary.txt"), "w") as fh:

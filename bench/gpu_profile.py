@@ -21,7 +21,16 @@ Written after the first GPU run (docs/benchmarks.md), to explain its misses with
    steps of sinkhorn_newton (500-point random assignment, float64): wall time
    against the summed GPU kernel time (the rest is the host: launches, syncs), kernels
    launched, and the top kernels by GPU time.
-4. ``ncu`` (if on PATH): Nsight Compute's speed-of-light, compute-pipe and warp-stall
+4. ``phases``: where a solve's wall time goes by geometry primitive: every primitive call
+   (each goes through ``otcore._dispatch.primitive``) timed with the device synchronised
+   around it, outermost calls only, and the rest (the solver's own torch operations and
+   host reads) as the remainder; for SNS on the 4096-point cloud at eps 1e-3 (float64, the
+   GPU check's c1 row: 62 ms in 4 Newton steps on the H200, not broken down), the SwAV
+   solve, 20 L-BFGS iterations of sparse_ot (2048) and a router call (4096 x 8, forward +
+   backward). The synchronisations add host waits, so the totals exceed a plain run's
+   wall time (printed beside). Also a cProfile of 200 queued softmin launches: the
+   host's time per launch by function (Triton's launcher, otcore's wrapper, torch).
+5. ``ncu`` (if on PATH): Nsight Compute's speed-of-light, compute-pipe and warp-stall
    sections for the d = 3 and d = 64 softmin passes and the dense column pass.
 
 Every section writes ``profile.json`` when it ends and stops at its share of ``--budget``.
@@ -291,6 +300,141 @@ def traces(device, quick: bool, deadline: float, rec: dict):
                 print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
 
 
+class PrimitiveTimes:
+    """While on: each outermost geometry primitive call's milliseconds (device synchronised
+    before and after) and calls, by name, through a patched ``otcore._dispatch.primitive``."""
+
+    def __init__(self, device):
+        self.device, self.ms, self.calls, self.depth = device, {}, {}, 0
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def __enter__(self):
+        from otcore import _dispatch
+
+        self.module, self.orig = _dispatch, _dispatch.primitive
+
+        def primitive(name, backend):
+            fn = self.orig(name, backend)
+
+            def timed(*args, **kwargs):
+                if self.depth:
+                    return fn(*args, **kwargs)
+                self.sync()
+                t = time.perf_counter()
+                self.depth += 1
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.depth -= 1
+                    self.sync()
+                    self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t) * 1e3
+                    self.calls[name] = self.calls.get(name, 0) + 1
+            return timed
+
+        _dispatch.primitive = primitive
+        return self
+
+    def __exit__(self, *exc):
+        self.module.primitive = self.orig
+
+
+def phase_split(name: str, fn, device, rec: dict):
+    """One ``fn()`` plain (wall ms) and one under :class:`PrimitiveTimes` (after a warm-up)."""
+    fn()
+    timer = PrimitiveTimes(device)
+    timer.sync()
+    t = time.perf_counter()
+    fn()
+    timer.sync()
+    wall = (time.perf_counter() - t) * 1e3
+    t = time.perf_counter()
+    with timer:
+        fn()
+        timer.sync()
+    total = (time.perf_counter() - t) * 1e3
+    inside = sum(timer.ms.values())
+    print(f"  {name}: wall {wall:.2f} ms; with each primitive synchronised {total:.2f} ms, "
+          f"{inside:.2f} in primitives, {total - inside:.2f} outside (the solver's own operations)")
+    for prim, ms in sorted(timer.ms.items(), key=lambda kv: -kv[1]):
+        print(f"      {ms:9.3f} ms in {timer.calls[prim]:5d} x {prim}")
+    rec.setdefault("phases", []).append(dict(name=name, wall_ms=wall, synced_ms=total, primitives_ms=timer.ms,
+                                             calls=timer.calls))
+
+
+def launch_profile(device, rec: dict, top: int = 12):
+    """cProfile of queued softmin launches on a 64 x 64 problem: host microseconds per launch
+    by function (own time), the biggest ``top``."""
+    import cProfile
+    import pstats
+
+    g = torch.Generator().manual_seed(3)
+    op = points_case(64, 3, _softmin.COST_DIRECT, "tf32x3", g, device)[1]
+    h = torch.zeros(1, 64, device=device)
+    reps = 200 if device.type == "cuda" else 3
+    for _ in range(3):
+        _softmin.launch_softmin(op, h, EPS)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        _softmin.launch_softmin(op, h, EPS)
+    prof.disable()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, prim calls, own s, cumulative s, callers)
+    rows = sorted(((v[2], k, v[0]) for k, v in stats.items()), reverse=True)[:top]
+    total = sum(v[2] for v in stats.values()) / reps * 1e6
+    print(f"  softmin launch under cProfile: {total:.1f} us of host time per launch (profiler overhead included); "
+          f"own time by function, us per launch:")
+    out = []
+    for own, (path, line, fn_name), calls in rows:
+        where = f"{os.path.basename(path)}:{line} {fn_name}"
+        print(f"      {own / reps * 1e6:8.2f}  {calls / reps:5.1f} calls  {where}")
+        out.append(dict(where=where, us=own / reps * 1e6, calls=calls / reps))
+    rec["launch_profile"] = dict(total_us=total, top=out)
+
+
+def phases(device, quick: bool, deadline: float, rec: dict):
+    import warnings
+
+    launch_profile(device, rec)
+    g = torch.Generator().manual_seed(4)
+    s = (lambda v: max(8, v // 64)) if quick else (lambda v: v)
+    n = s(4096)
+    cloud = otcore.PointCloud(torch.rand(n, 2, generator=g, dtype=torch.float64).to(device),
+                              torch.rand(n, 2, generator=g, dtype=torch.float64).to(device))
+    feats = torch.nn.functional.normalize(torch.randn(s(3000), 128, generator=g), dim=1).to(device)
+    protos = torch.nn.functional.normalize(torch.randn(s(4096), 128, generator=g), dim=1).to(device)
+    sw = otcore.CostMatrix(-(feats @ protos.T))
+    Cs = torch.rand(s(2048), s(2048), generator=g).to(device)
+    scores = torch.randn(s(4096), 8, generator=g).to(device).requires_grad_(True)
+    router = otcore.SparseOTRouter(n_experts=8)
+    weights = torch.rand(8, 1, generator=g).to(device)
+
+    def route():
+        out = router(scores)
+        torch.autograd.grad((out.combine_weights * weights).sum(), scores)
+
+    jobs = [("sinkhorn_newton cloud 4096 2-D f64 eps 1e-3 tol 1e-6",
+             lambda: otcore.sinkhorn_newton(cloud, eps=1e-3, tol=1e-6, verbose=False)),
+            ("swav 3000x4096 dense, 3 iterations", lambda: otcore.sinkhorn(sw, eps=EPS, tol=None, max_iter=3)),
+            ("sparse_ot 2048 k=4 gamma=10, 20 L-BFGS iterations",
+             lambda: otcore.sparse_ot(otcore.CostMatrix(Cs), k=4, gamma=10.0, max_iter=20, verbose=False)),
+            ("router 4096 x 8 capacity, forward + backward", route)]
+    for name, fn in jobs:
+        if time.time() > deadline:
+            print(f"  phases: out of time before {name}")
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                phase_split(name, fn, device, rec)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+
+
 NCU_SCRIPT = r"""
 import sys, torch
 from otcore.kernels import softmin as sm
@@ -340,7 +484,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="out/gpu_profile")
     ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (interpreter)")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for all sections")
-    ap.add_argument("--only", nargs="*", default=["sweep", "ksparse", "traces", "ncu"])
+    ap.add_argument("--only", nargs="*", default=["sweep", "ksparse", "traces", "phases", "ncu"])
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     global REPS
@@ -349,18 +493,20 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     print(f"# gpu_profile on {name}, torch {torch.__version__}, triton {triton.__version__}, budget {args.budget}s")
     rec: dict = dict(device=name, torch=torch.__version__, triton=triton.__version__)
-    shares = dict(sweep=0.40, ksparse=0.20, traces=0.25, ncu=0.15)
+    shares = dict(sweep=0.35, ksparse=0.15, traces=0.20, phases=0.15, ncu=0.15)
     path = os.path.join(args.out, "profile.json")
-    for part in ("sweep", "ksparse", "traces", "ncu"):
+    for part in ("sweep", "ksparse", "traces", "phases", "ncu"):
         if part not in args.only:
             continue
-        deadline = min(T0 + args.budget, time.time() + shares[part] * args.budget)
+        share = shares[part] / sum(shares[p] for p in args.only if p in shares)  # of the sections run
+        deadline = min(T0 + args.budget, time.time() + share * args.budget)
         if part == "ncu":
             deadline = T0 + args.budget
         print(f"== {part} (at {time.time() - T0:.0f}s, until {deadline - T0:.0f}s)")
         fn = dict(sweep=lambda: sweep(device, args.quick, deadline, rec),
                   ksparse=lambda: ksparse_sweep(device, args.quick, deadline, rec),
                   traces=lambda: traces(device, args.quick, deadline, rec),
+                  phases=lambda: phases(device, args.quick, deadline, rec),
                   ncu=lambda: ncu(device, deadline, args.out, rec))[part]
         try:
             fn()

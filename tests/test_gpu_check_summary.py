@@ -40,3 +40,20 @@ def test_kernel_tests_cut_short_are_counted_in_either_pytest_format(tmp_path):
     text = (out / "summary.txt").read_text()
     assert "cut short after 3 tests: test_a.py: 1 passed; test_b.py: 1 failed, 1 passed" in text
     assert "  FAILED test_b.py::test_two[x]" in text
+
+
+def test_the_phase_split_is_copied_from_part_f_log(tmp_path):
+    """Part f's indented result lines (the split by primitive) reach the summary; its
+    headers ("== phases ...", "# ...") do not."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "f").mkdir(parents=True)
+    (work / "f" / "log.txt").write_text(
+        "# gpu_profile on NVIDIA H200\n== phases (at 0s, until 25s)\n"
+        "  swav 3000x4096 dense, 3 iterations: wall 2.70 ms; with each primitive synchronised 3.10 ms\n"
+        "          0.501 ms in     2 x sinkhorn_steps\n")
+    gpu_check_summary.main(["--work", str(work), "--out", str(out)])
+    lines = (out / "summary.txt").read_text().splitlines()
+    at = lines.index("[f] where the time goes, by primitive (each call synchronised) and per launch (cProfile)")
+    assert lines[at + 1:at + 3] == ["  swav 3000x4096 dense, 3 iterations: wall 2.70 ms; with each primitive "
+                                    "synchronised 3.10 ms", "          0.501 ms in     2 x sinkhorn_steps"]
+    assert not any(ln.startswith("== phases") for ln in lines)
