@@ -287,15 +287,22 @@ def traces(device, quick: bool, deadline: float, rec: dict):
     jobs.append(("sinkhorn_newton random assignment 500 f64 eps 1/1200, 5 Newton steps",
                  lambda: otcore.sinkhorn_newton(otcore.CostMatrix(Ca), eps=1 / 1200, tol=1e-30, max_iter=5,
                                                 verbose=False)))
+    run_jobs("traces", trace, jobs, device, deadline, rec)
+
+
+def run_jobs(section: str, measure, jobs, device, deadline: float, rec: dict):
+    """``measure(name, fn, device, rec)`` for each ``(name, fn)`` of ``jobs`` until the deadline,
+    warnings silenced; a job's failure is printed and the next one runs."""
     import warnings
+
     for name, fn in jobs:
         if time.time() > deadline:
-            print(f"  traces: out of time before {name}")
+            print(f"  {section}: out of time before {name}")
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                trace(name, fn, device, rec)
+                measure(name, fn, device, rec)
             except Exception as e:  # noqa: BLE001
                 print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
 
@@ -397,8 +404,6 @@ def launch_profile(device, rec: dict, top: int = 12):
 
 
 def phases(device, quick: bool, deadline: float, rec: dict):
-    import warnings
-
     launch_profile(device, rec)
     g = torch.Generator().manual_seed(4)
     s = (lambda v: max(8, v // 64)) if quick else (lambda v: v)
@@ -423,16 +428,7 @@ def phases(device, quick: bool, deadline: float, rec: dict):
             ("sparse_ot 2048 k=4 gamma=10, 20 L-BFGS iterations",
              lambda: otcore.sparse_ot(otcore.CostMatrix(Cs), k=4, gamma=10.0, max_iter=20, verbose=False)),
             ("router 4096 x 8 capacity, forward + backward", route)]
-    for name, fn in jobs:
-        if time.time() > deadline:
-            print(f"  phases: out of time before {name}")
-            return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                phase_split(name, fn, device, rec)
-            except Exception as e:  # noqa: BLE001
-                print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+    run_jobs("phases", phase_split, jobs, device, deadline, rec)
 
 
 NCU_SCRIPT = r"""
